@@ -1,0 +1,102 @@
+"""Capabilities: rights-limited file descriptors held by the broker."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+
+from protocol import Rights
+from protocol._wire import KIND_DIR, KIND_FILE, KIND_STREAM
+
+
+class Capability:
+    """An fd plus the rights it carries. Owns the fd; ``close()`` sets it to -1.
+
+    Pass it as an argument to a worker call and the worker receives its own
+    copy of the fd (as a file object whose mode follows the rights). The
+    broker's copy stays open until closed here or garbage-collected.
+    """
+
+    __slots__ = ("__weakref__", "_fd", "kind", "name", "rights")
+
+    def __init__(self, fd: int, rights: Rights, kind: int = KIND_FILE, name: str = ""):
+        self._fd = fd
+        self.rights = Rights(rights)
+        self.kind = kind
+        self.name = name
+
+    @classmethod
+    def from_untrusted_fd(cls, fd: int, name: str = "") -> Capability:
+        """Wrap an fd received from a worker. Rights come from the fd itself
+        (its access mode), never from what the worker claimed."""
+        st = os.fstat(fd)
+
+
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        mode = flags & os.O_ACCMODE
+        rights = Rights.NONE
+        if mode in (os.O_RDONLY, os.O_RDWR):
+            rights |= Rights.READ
+        if mode in (os.O_WRONLY, os.O_RDWR):
+            rights |= Rights.WRITE
+        if stat.S_ISDIR(st.st_mode):
+            kind = KIND_DIR
+        elif stat.S_ISREG(st.st_mode):
+            kind = KIND_FILE
+            rights |= Rights.FSTAT
+        else:
+            kind = KIND_STREAM
+        return cls(fd, rights, kind, name)
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("capability is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up ownership of the fd and return it."""
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def read_all(self, limit: int = 1 << 30) -> bytes:
+        """Read the whole file from offset 0 (for the broker's own use)."""
+        if not self.rights & Rights.READ:
+            raise PermissionError("capability lacks READ")
+        chunks = []
+        pos = 0
+        while pos < limit:
+            chunk = os.pread(self.fileno(), min(1 << 20, limit - pos), pos)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            pos += len(chunk)
+        return b"".join(chunks)
+
+    def __privsep_fd__(self) -> tuple[int, int, Rights]:
+        return self.fileno(), self.kind, self.rights
+
+    def __enter__(self) -> Capability:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"fd={self._fd}"
+        return f"<Capability {self.name!r} {self.rights.describe()} {state}>"

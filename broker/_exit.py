@@ -1,0 +1,49 @@
+"""How a worker ended: one structured value the caller and the log both read."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+from protocol import PolicyViolation, WorkerCrashed, WorkerTimeout
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """The end of a worker.
+
+    ``kind`` is one of ``"ok"`` (stopped when asked), ``"violation"`` (the
+    sandbox stopped it; ``syscall`` and ``args`` say for what), ``"signal"``,
+    ``"timeout"``, ``"oom"``, ``"protocol"`` (it broke the wire rules) and
+    ``"crashed"`` (any other exit).
+    """
+
+    kind: str
+    reason: str
+    exit_code: int | None = None
+    signal: int | None = None
+    syscall: str | None = None
+    args: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_status(cls, status: int, kind: str | None = None, reason: str = "") -> WorkerExit:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            if kind is None:
+                kind = "violation" if sig == signal.SIGSYS else "signal"
+            return cls(kind, reason or f"killed by {name}", signal=sig)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if kind is None:
+            kind = "ok" if code == 0 else "crashed"
+        return cls(kind, reason or f"exited with status {code}", exit_code=code)
+
+    def error(self, who: str) -> WorkerCrashed:
+        """The exception a pending or later call raises."""
+        text = f"worker {who}: {self.reason}"
+        if self.kind == "violation":
+            return PolicyViolation(text, self, syscall=self.syscall or "?", args=self.args)
+        if self.kind == "timeout":
+            return WorkerTimeout(text, self)
+        return WorkerCrashed(text, self)

@@ -1,0 +1,388 @@
+"""The broker's handle on one worker, and the synchronous call driver.
+
+A call runs on the caller's thread: it sends the call, then serves the
+worker's requests (each checked against the policy) until the result comes
+back, the worker dies, breaks the protocol, or the timeout passes. No thread
+per worker, no thread per call. Calls on one worker are serialized.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import itertools
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from protocol import NotCapable, PrivsepError, ProtocolError, WorkerCrashed
+from protocol._messages import check_message
+from protocol._remote import exception_from_wire, exception_to_wire
+from protocol._wire import Channel, ReceivedFd
+
+from ._capability import Capability
+from ._exit import WorkerExit
+from ._outputs import PendingOutput
+
+if TYPE_CHECKING:
+    from ._broker import Broker
+
+log = logging.getLogger("privsep.broker")
+_IN_CALL = frozenset({"ret", "err", "req"})
+_ids = itertools.count(1)
+
+
+def close_fds_in(obj: Any) -> None:
+    """Close every received fd inside a decoded message."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, ReceivedFd):
+            item.close()
+        elif type(item) is list:
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item.values())
+
+
+def import_value(obj: Any) -> Any:
+    """Turn fds in a worker's answer into capabilities (rights from the fd)."""
+    if isinstance(obj, ReceivedFd):
+        fd = obj.detach()
+        try:
+            return Capability.from_untrusted_fd(fd, name="from worker")
+        except BaseException:
+            os.close(fd)
+            raise
+    if type(obj) is list:
+        return [import_value(x) for x in obj]
+    if type(obj) is dict:
+        return {k: import_value(v) for k, v in obj.items()}
+    return obj
+
+
+class WorkerHandle:
+    """Call a worker's ``@rpc`` methods as if they were local.
+
+    ``handle.method(*args, **kwargs)`` runs the call with the handle's
+    default timeout; ``handle.with_timeout(s).method(...)`` sets one for a
+    single call. A dead worker makes every call raise ``WorkerCrashed`` (or
+    ``PolicyViolation`` / ``WorkerTimeout``); ``handle.exit`` says how it ended.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        cls: type,
+        pid: int,
+        chan: Channel,
+        *,
+        timeout: float | None,
+        violation: str = "kill",
+    ):
+        self.id = next(_ids)
+        self._broker = broker
+        self.cls = cls
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._chan = chan
+        self._notify_fd = -1
+        self._lock = threading.Lock()
+        self._call_ids = itertools.count(1)
+        self.timeout = timeout
+        self.violation = violation
+        self.sandbox: dict[str, Any] = {}
+        self.exit: WorkerExit | None = None
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        state = "alive" if self.exit is None else self.exit.kind
+        return f"<WorkerHandle #{self.id} {self.cls.__name__} pid={self.pid} {state}>"
+
+    @property
+    def name(self) -> str:
+        return f"#{self.id} {self.cls.__name__} (pid {self.pid})"
+
+    @property
+    def alive(self) -> bool:
+        return self.exit is None
+
+    # -- calling ----------------------------------------------------------
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_") or name not in getattr(self.cls, "rpc_methods", ()):
+            raise AttributeError(f"{self.cls.__name__} has no @rpc method {name!r}")
+        return lambda *args, **kwargs: self.call(name, *args, **kwargs)
+
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return self._call(method, args, kwargs, self.timeout)
+
+    def with_timeout(self, seconds: float | None) -> _Timed:
+        """A view of this handle whose calls time out after ``seconds``."""
+        if seconds is not None and seconds <= 0:
+            raise ValueError("timeout must be positive")
+        return _Timed(self, seconds)
+
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        if method not in getattr(self.cls, "rpc_methods", ()):
+            raise AttributeError(f"{self.cls.__name__} has no @rpc method {method!r}")
+        with self._lock:
+            if self.exit is not None:
+                raise self.exit.error(self.name)
+            cid = next(self._call_ids)
+            outputs: list[PendingOutput] = []
+            try:
+                return self._run_call(cid, method, args, kwargs, timeout, outputs)
+            finally:
+                for out in outputs:
+                    out.discard()
+
+    def _run_call(
+        self,
+        cid: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        outputs: list[PendingOutput],
+    ) -> Any:
+        try:
+            self._chan.send({"t": "call", "id": cid, "m": method, "a": list(args), "k": kwargs})
+        except ProtocolError as exc:
+            raise self._fail("protocol", f"could not deliver the call: {exc}") from exc
+        except OSError as exc:
+            raise self._fail_from_os(exc) from exc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.calls += 1
+        while True:
+            event = self._wait(deadline)
+            if event == "timeout":
+                raise self._fail("timeout", f"call {method}() ran past its {timeout:g} s timeout")
+            if event == "notify":
+                self._on_notification()
+                continue
+            try:
+                msg = self._chan.recv()
+            except ProtocolError as exc:
+                raise self._fail("protocol", str(exc)) from exc
+            except OSError as exc:
+                raise self._fail_from_os(exc) from exc
+            if msg is None:
+                raise self._died()
+            try:
+                check_message(msg, _IN_CALL)
+                if msg["id"] != cid and msg["t"] != "req":
+                    raise ProtocolError("answer to a call that is not pending")
+            except ProtocolError as exc:
+                close_fds_in(msg)
+                raise self._fail("protocol", str(exc)) from exc
+            tag = msg["t"]
+            if tag == "req":
+                self._answer(msg, outputs)
+            elif tag == "ret":
+                try:
+                    value = import_value(msg["v"])
+                except OSError as exc:
+                    close_fds_in(msg)
+                    raise self._fail("protocol", f"unusable fd in the answer: {exc}") from exc
+                for out in outputs:
+                    out.commit()
+                    self._broker._audit(self, "commit", out.display, None, "granted", "output committed")
+                outputs.clear()
+                return value
+            else:
+                raise exception_from_wire(msg["e"])
+
+    def _answer(self, msg: dict[str, Any], outputs: list[PendingOutput]) -> None:
+        reply: dict[str, Any]
+        keep: Any = None
+        try:
+            value, keep = self._broker._serve_request(self, msg["op"], msg["a"], outputs)
+            reply = {"t": "rep", "id": msg["id"], "v": value}
+        except (PrivsepError, OSError) as exc:
+            reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
+        try:
+            self._chan.send(reply)
+        except ProtocolError as exc:
+            raise self._fail("protocol", f"worker stopped reading: {exc}") from exc
+        except OSError as exc:
+            raise self._fail_from_os(exc) from exc
+        finally:
+            if isinstance(keep, Capability):
+                keep.close()  # the worker has its copy now
+
+    def _wait(self, deadline: float | None) -> str:
+        poller = select.poll()
+        poller.register(self._chan.fileno(), select.POLLIN)
+        if self._notify_fd >= 0:
+            poller.register(self._notify_fd, select.POLLIN)
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return "timeout"
+            events = poller.poll(None if remaining is None else max(1, int(remaining * 1000 + 0.999)))
+            for fd, ev in events:
+                if fd == self._notify_fd and ev & select.POLLIN:
+                    return "notify"
+            if any(fd == self._chan.fileno() for fd, _ in events):
+                return "chan"
+
+    # -- sandbox violations -----------------------------------------------
+    def _on_notification(self) -> None:
+        from . import _notify
+
+        try:
+            note = _notify.receive(self._notify_fd)
+        except OSError:
+            return  # the target died or the notification went away
+        args = tuple(note.args)
+        self._broker._audit(self, "violation", note.name, None, "denied", f"syscall {note.name}{args}")
+        if self.violation == "errno":
+            try:
+                _notify.respond_errno(self._notify_fd, note.id, _errno.EPERM)
+            except OSError:
+                pass
+            return
+        self._kill()
+        status = self._reap(timeout=5.0)
+        self._set_exit(
+            WorkerExit(
+                "violation",
+                f"the sandbox stopped it for syscall {note.name}({', '.join(hex(a) for a in args)})",
+                signal=os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None,
+                syscall=note.name,
+                args=args,
+            )
+        )
+        assert self.exit is not None
+        raise self.exit.error(self.name)
+
+    # -- death ------------------------------------------------------------
+    def _kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self, timeout: float) -> int | None:
+        """Wait for the process to end; SIGKILL it if it does not in time."""
+        if self._pidfd < 0:
+            return None
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        if not poller.poll(int(timeout * 1000)):
+            self._kill()
+            poller.poll(5000)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return None
+        return status
+
+    def _set_exit(self, ex: WorkerExit) -> None:
+        if self.exit is None:
+            self.exit = ex
+            self._release()
+            self._broker._forget(self)
+            level = logging.INFO if ex.kind == "ok" else logging.WARNING
+            log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, ex.reason)
+
+    def _release(self) -> None:
+        self._chan.close()
+        for attr in ("_notify_fd", "_pidfd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+
+    def _fail(self, kind: str, reason: str) -> WorkerCrashed:
+        """Stop a worker that misbehaved or overran; return the error to raise."""
+        self._kill()
+        status = self._reap(timeout=5.0)
+        sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+        self._set_exit(WorkerExit(kind, reason, signal=sig))
+        assert self.exit is not None
+        return self.exit.error(self.name)
+
+    def _fail_from_os(self, exc: OSError) -> WorkerCrashed:
+        if exc.errno in (_errno.EPIPE, _errno.ECONNRESET, _errno.ENOTCONN):
+            return self._died()
+        return self._fail("crashed", f"channel error: {exc}")
+
+    def _died(self) -> WorkerCrashed:
+        """The channel hit EOF: find out how the worker ended."""
+        if self._notify_fd >= 0 and select.select([self._notify_fd], [], [], 0)[0]:
+            try:
+                self._on_notification()
+            except WorkerCrashed as exc:
+                return exc
+        status = self._reap(timeout=1.0)
+        ex = (
+            WorkerExit.from_status(status)
+            if status is not None
+            else WorkerExit("crashed", "channel closed; process already reaped")
+        )
+        if ex.kind == "ok":
+            ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
+        if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._maybe_oom():
+            ex = WorkerExit("oom", "killed by the kernel's OOM killer", signal=ex.signal)
+        self._set_exit(ex)
+        return ex.error(self.name)
+
+    def _maybe_oom(self) -> bool:
+        return False
+
+    # -- lifecycle --------------------------------------------------------
+    def stop(self, timeout: float = 2.0) -> WorkerExit:
+        """Ask the worker to stop; kill it if it has not within ``timeout``."""
+        with self._lock:
+            if self.exit is not None:
+                return self.exit
+            try:
+                self._chan.send({"t": "stop"})
+            except (OSError, ProtocolError):
+                pass
+            status = self._reap(timeout)
+            ex = WorkerExit.from_status(status) if status is not None else WorkerExit("ok", "stopped")
+            if ex.kind != "ok" and ex.signal == signal.SIGKILL:
+                ex = WorkerExit("ok", "stopped (killed after the grace period)", signal=ex.signal)
+            self._set_exit(ex)
+            return ex
+
+    def kill(self) -> WorkerExit:
+        """Kill the worker now."""
+        if self.exit is not None:
+            return self.exit
+        self._kill()
+        status = self._reap(5.0)
+        self._set_exit(
+            WorkerExit.from_status(status, kind="signal", reason="killed by the broker")
+            if status is not None
+            else WorkerExit("signal", "killed by the broker")
+        )
+        assert self.exit is not None
+        return self.exit
+
+    def _adopt_notify(self, fd: int) -> None:
+        self._notify_fd = fd
+
+
+class _Timed:
+    def __init__(self, handle: WorkerHandle, timeout: float | None):
+        self._handle = handle
+        self._timeout = timeout
+
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return self._handle._call(method, args, kwargs, self._timeout)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        handle = self._handle
+        if name.startswith("_") or name not in getattr(handle.cls, "rpc_methods", ()):
+            raise AttributeError(f"{handle.cls.__name__} has no @rpc method {name!r}")
+        return lambda *args, **kwargs: handle._call(name, args, kwargs, self._timeout)
+
+
+__all__ = ["NotCapable", "WorkerHandle"]

@@ -1,0 +1,54 @@
+"""openat2(2) through cffi. Private.
+
+Resolution with ``RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`` never escapes the
+tree rooted at the directory fd: ``..`` past the top, absolute paths,
+symlinks that lead out and ``/proc`` magic links all fail in the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from worker.sandbox._libc import ffi, lib
+
+ffi.cdef("struct open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };")
+
+SYS_OPENAT2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+_MAX_EAGAIN = 16
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) -> int:
+    """Open ``path`` relative to ``dirfd``. Returns a new fd the caller owns.
+
+    Retries the bounded number of ``EAGAIN`` the kernel may give when a
+    rename races a ``..`` walk; raises ``OSError`` otherwise.
+    """
+    how = ffi.new("struct open_how *")
+    how.flags = flags
+    how.mode = mode
+    how.resolve = resolve
+    cpath = ffi.new("char[]", os.fsencode(path))
+    for _ in range(_MAX_EAGAIN):
+        fd = int(lib.syscall(ffi.cast("long", SYS_OPENAT2), ffi.cast("long", dirfd), cpath, how, ffi.cast("long", ffi.sizeof("struct open_how"))))
+        if fd >= 0:
+            return fd
+        err = ffi.errno
+        if err != errno.EAGAIN and err != errno.EINTR:
+            raise OSError(err, os.strerror(err), path)
+    raise OSError(errno.EAGAIN, "openat2 kept racing a rename", path)
+
+
+def available() -> bool:
+    """True when the kernel has openat2 (Linux 5.6+)."""
+    try:
+        fd = openat2(-100, "/", os.O_PATH | os.O_CLOEXEC, resolve=0)
+    except OSError:
+        return False
+    os.close(fd)
+    return True

@@ -1,0 +1,85 @@
+"""Atomic outputs: a worker writes an anonymous temporary file; the broker
+copies it into place with a rename only when the call succeeds.
+
+The worker's fd points at an ``O_TMPFILE`` inode that has no name, so a crash
+of the worker or of the broker leaves nothing on disk. On commit the broker
+copies the content (in the kernel, ``copy_file_range``) into a hidden file of
+its own and renames that over the target, so the worker cannot change an
+output after it was committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+
+from protocol import Rights
+
+from ._capability import Capability
+
+
+class PendingOutput:
+    """One ``create()`` awaiting the end of its call. Owns both fds."""
+
+    def __init__(self, dirfd: int, name: str, tmpfd: int, display: str):
+        self.dirfd = dirfd
+        self.name = name
+        self.tmpfd = tmpfd
+        self.display = display
+
+    def commit(self) -> None:
+        hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
+        out = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644, dir_fd=self.dirfd)
+        try:
+            size = os.fstat(self.tmpfd).st_size
+            offset = 0
+            while offset < size:
+                n = os.copy_file_range(self.tmpfd, out, size - offset, offset, offset)
+                if n == 0:
+                    break
+                offset += n
+            os.rename(hidden, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+        except BaseException:
+            try:
+                os.unlink(hidden, dir_fd=self.dirfd)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(out)
+            self.discard()
+
+    def discard(self) -> None:
+        for attr in ("tmpfd", "dirfd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+
+
+def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[PendingOutput, Capability]:
+    """Create the temporary file for ``name`` in ``dirfd``. Takes ownership of
+    ``dirfd``. Returns the pending output and the capability for the worker."""
+    try:
+        mode = os.O_RDWR if rights & Rights.READ else os.O_WRONLY
+        try:
+            tmp = os.open(".", os.O_TMPFILE | mode | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            # No O_TMPFILE on this filesystem: a hidden name, unlinked at once.
+            hidden = f".{name[:200]}.privsep-{secrets.token_hex(6)}.tmp"
+            tmp = os.open(hidden, os.O_CREAT | os.O_EXCL | mode | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+            os.unlink(hidden, dir_fd=dirfd)
+        # The broker keeps a read-only view of the same inode for the commit;
+        # the worker's fd keeps exactly the access mode its rights allow.
+        try:
+            mine = os.open(f"/proc/self/fd/{tmp}", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(tmp)
+            raise
+    except BaseException:
+        os.close(dirfd)
+        raise
+    return PendingOutput(dirfd, name, mine, display), Capability(tmp, rights, name=display)

@@ -1,0 +1,149 @@
+"""Policies: immutable values that say what workers may ask for.
+
+A policy is a set of grants (a directory, ending in ``/``, or a single file,
+each with rights) plus the sandbox settings every worker runs under. Build
+it with chained calls; each returns a new policy and validates at once,
+raising :class:`PolicyError` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from protocol import NotCapable, PolicyError, Rights
+from protocol._paths import split_relative
+from worker.sandbox import Limits, SandboxSpec
+
+# Rights that only make sense on a directory grant.
+_DIR_ONLY = Rights.CREATE | Rights.UNLINKAT | Rights.MKDIRAT | Rights.RENAMEAT | Rights.LOOKUP
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One entry of a policy: ``path`` (components beneath root) and rights."""
+
+    parts: tuple[str, ...]
+    is_dir: bool
+    rights: Rights
+
+    @property
+    def display(self) -> str:
+        text = "/".join(self.parts)
+        return (text + "/" if text else "./") if self.is_dir else text
+
+
+class Policy:
+    """What workers may ask the broker for, and the sandbox they run in."""
+
+    __slots__ = ("_grants", "_sandbox")
+    _grants: tuple[Grant, ...]
+    _sandbox: SandboxSpec
+
+    def __init__(self, *, sandbox: SandboxSpec | None = None, _grants: tuple[Grant, ...] = ()):
+        object.__setattr__(self, "_grants", _grants)
+        object.__setattr__(self, "_sandbox", sandbox if sandbox is not None else SandboxSpec())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Policy is immutable; allow() returns a new policy")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Policy is immutable")
+
+    # -- building ---------------------------------------------------------
+    def allow(self, path: str, rights: Rights) -> Policy:
+        """Grant ``rights`` on ``path`` (relative to the broker's root).
+
+        A path ending in ``/`` (or ``""``) grants a directory: the rights then
+        apply to what lies beneath it. Any other path grants one file.
+        Granting the same path twice unites the rights.
+        """
+        if not isinstance(rights, Rights):
+            raise PolicyError(f"rights must be a Rights value, not {type(rights).__name__}")
+        if not rights:
+            raise PolicyError(f"allow({path!r}): empty rights grant nothing")
+        if not isinstance(path, str):
+            raise PolicyError("a policy path must be a string")
+        try:
+            parts = split_relative(path, what="policy path")
+        except NotCapable as exc:
+            raise PolicyError(f"allow({path!r}): {exc.strerror}") from None
+        is_dir = path in ("", ".") or path.endswith("/")
+        if not is_dir and rights & _DIR_ONLY:
+            raise PolicyError(
+                f"allow({path!r}): {Rights(rights & _DIR_ONLY).describe()} need a directory grant (end the path with '/')"
+            )
+        grants = list(self._grants)
+        for i, g in enumerate(grants):
+            if g.parts == parts:
+                if g.is_dir != is_dir:
+                    raise PolicyError(f"allow({path!r}): granted both as a file and as a directory")
+                grants[i] = Grant(parts, is_dir, g.rights | rights)
+                break
+        else:
+            grants.append(Grant(parts, is_dir, rights))
+        return Policy(sandbox=self._sandbox, _grants=tuple(grants))
+
+    def with_sandbox(self, **changes: Any) -> Policy:
+        """A copy with sandbox settings changed (see ``SandboxSpec``)."""
+        try:
+            spec = replace(self._sandbox, **changes)
+        except TypeError as exc:
+            raise PolicyError(str(exc)) from None
+        return Policy(sandbox=spec, _grants=self._grants)
+
+    def with_limits(self, **changes: Any) -> Policy:
+        """A copy with resource limits changed (see ``Limits``)."""
+        try:
+            limits = replace(self._sandbox.limits, **changes)
+        except TypeError as exc:
+            raise PolicyError(str(exc)) from None
+        return self.with_sandbox(limits=limits)
+
+    def __or__(self, other: Policy) -> Policy:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        out = self
+        for g in other._grants:
+            out = out.allow(g.display, g.rights)
+        return out
+
+    # -- reading ----------------------------------------------------------
+    @property
+    def grants(self) -> tuple[Grant, ...]:
+        return self._grants
+
+    @property
+    def sandbox(self) -> SandboxSpec:
+        return self._sandbox
+
+    @property
+    def limits(self) -> Limits:
+        return self._sandbox.limits
+
+    def lookup(self, parts: tuple[str, ...]) -> tuple[Grant, tuple[str, ...]]:
+        """The grant covering ``parts`` (longest match) and the rest of the path.
+
+        Raises :class:`NotCapable` when no grant covers it.
+        """
+        best: Grant | None = None
+        for g in self._grants:
+            n = len(g.parts)
+            if g.is_dir:
+                if parts[:n] == g.parts and (best is None or n > len(best.parts)):
+                    best = g
+            elif parts == g.parts and (best is None or n >= len(best.parts)):
+                best = g
+        if best is None:
+            raise NotCapable("no grant in the policy covers this path", filename="/".join(parts))
+        return best, parts[len(best.parts) :] if best.is_dir else ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Policy) and (self._grants, self._sandbox) == (other._grants, other._sandbox)
+
+    def __hash__(self) -> int:
+        return hash((self._grants, self._sandbox))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{g.display!r}: {g.rights.describe()}" for g in self._grants)
+        return f"Policy({{{inner}}})"

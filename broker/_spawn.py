@@ -1,0 +1,43 @@
+"""Starting a worker process by fork.
+
+The child keeps only its channel (and grants), runs ``setup()``, enters the
+sandbox and serves. The parent's objects are frozen out of the child's
+garbage collector so that no broker object is finalized there, which could
+otherwise close an fd number the child has reused.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from worker import Worker
+from worker._serve import child_main, forked_from_main_thread
+
+
+def fork_worker(cls: type[Worker], prepared: Any, grant_fds: Sequence[int] = ()) -> tuple[int, socket.socket]:
+    """Fork a worker. Returns (pid, the broker's end of its channel)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    main = forked_from_main_thread()
+    ppid = os.getpid()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    gc.freeze()
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            try:
+                parent_sock.detach()
+                child_main(cls, child_sock.detach(), prepared, grant_fds, from_main_thread=main, parent_pid=ppid)
+            finally:
+                os._exit(70)
+    finally:
+        if os.getpid() == ppid:
+            gc.unfreeze()
+            if was_enabled:
+                gc.enable()
+    child_sock.close()
+    return pid, parent_sock

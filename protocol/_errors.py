@@ -1,0 +1,85 @@
+"""One exception family for privsep.
+
+Every error privsep raises is a :class:`PrivsepError`. Where an ``OSError``
+caused it, that error is kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any
+
+
+class PrivsepError(Exception):
+    """Root of every privsep error."""
+
+
+class NotCapable(PrivsepError, PermissionError):
+    """A request was denied: the policy or the rights held do not allow it.
+
+    It is a :class:`PermissionError` with an errno (``EACCES`` unless a more
+    precise one applies), on the broker's side and in the worker alike.
+    """
+
+    def __init__(self, message: str = "not capable", errno: int = _errno.EACCES, filename: str | None = None):
+        if filename is None:
+            PermissionError.__init__(self, errno, message)
+        else:
+            PermissionError.__init__(self, errno, message, filename)
+
+    def __str__(self) -> str:
+        base = self.strerror or "not capable"
+        return f"{base}: {self.filename!r}" if self.filename is not None else base
+
+    def __reduce__(self) -> Any:  # never pickled over the wire; only for copy/pytest
+        return (type(self), (self.strerror, self.errno, self.filename))
+
+
+class UnsupportedRights(NotCapable):
+    """A right was asked for that this platform cannot enforce on this grant."""
+
+
+class PolicyError(PrivsepError, ValueError):
+    """A policy is malformed; raised when the policy is built."""
+
+
+class ProtocolError(PrivsepError):
+    """A peer sent something that breaks the wire rules. Costs it its connection."""
+
+
+class SandboxError(PrivsepError):
+    """The sandbox could not be entered as the policy demands (fails closed)."""
+
+
+class RemoteError(PrivsepError):
+    """An exception raised in a worker whose type has no local counterpart."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = ""):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+
+
+class WorkerCrashed(PrivsepError):
+    """The worker died or was stopped. ``exit`` holds the structured reason."""
+
+    def __init__(self, message: str, exit: Any = None):
+        super().__init__(message)
+        self.exit = exit
+
+
+class WorkerTimeout(WorkerCrashed, TimeoutError):
+    """A call ran past its timeout; the worker was killed."""
+
+
+class PolicyViolation(WorkerCrashed):
+    """The sandbox stopped the worker for a forbidden system call.
+
+    ``syscall`` is the syscall's name and ``args`` its six raw arguments.
+    """
+
+    def __init__(self, message: str, exit: Any = None, syscall: str = "?", args: tuple[int, ...] = ()):
+        super().__init__(message, exit)
+        self.syscall = syscall
+        self.args_ = tuple(args)

@@ -1,0 +1,76 @@
+"""Message schema: every message is a map with a type tag ``t``.
+
+Each side checks every message it receives against the set of types the
+peer may send, with exact keys and value types. A message that does not fit
+is a :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import ProtocolError
+
+_ANY = object()
+
+# type tag -> {key: expected python type or _ANY}
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    # broker -> worker
+    "call": {"id": int, "m": str, "a": list, "k": dict},
+    "rep": {"id": int, "v": _ANY},
+    "rerr": {"id": int, "e": dict},
+    "stop": {},
+    # worker -> broker
+    "ready": {"v": int, "pid": int, "sandbox": dict, "notify": _ANY},
+    "fail": {"e": dict},
+    "ret": {"id": int, "v": _ANY},
+    "err": {"id": int, "e": dict},
+    "req": {"id": int, "op": str, "a": dict},
+}
+
+FROM_BROKER = frozenset({"call", "rep", "rerr", "stop"})
+FROM_WORKER = frozenset({"ready", "fail", "ret", "err", "req"})
+
+# worker -> broker requests and their argument schemas
+REQUESTS: dict[str, dict[str, Any]] = {
+    "open": {"path": str, "rights": int},
+    "create": {"path": str, "rights": int},
+    "stat": {"path": str},
+    "listdir": {"path": str},
+    "opendir": {"path": str, "rights": int},
+}
+
+_ERR_KEYS = {"type": str, "msg": str, "errno": (int, type(None)), "filename": (str, type(None)), "tb": str}
+
+
+def _check_fields(obj: dict[str, Any], schema: dict[str, Any], what: str) -> None:
+    if obj.keys() != schema.keys():
+        raise ProtocolError(f"{what}: expected keys {sorted(schema)}, got {sorted(obj)}")
+    for key, expected in schema.items():
+        if expected is _ANY:
+            continue
+        value = obj[key]
+        if isinstance(value, bool) and expected is int:
+            raise ProtocolError(f"{what}: {key} must be an integer")
+        if not isinstance(value, expected):
+            raise ProtocolError(f"{what}: {key} has the wrong type {type(value).__name__}")
+
+
+def check_message(msg: Any, allowed: frozenset[str]) -> dict[str, Any]:
+    """Return ``msg`` if it is a well-formed message of an allowed type."""
+    if type(msg) is not dict:
+        raise ProtocolError(f"message must be a map, not {type(msg).__name__}")
+    tag = msg.get("t")
+    if tag not in allowed:
+        raise ProtocolError(f"unexpected message type {tag!r}")
+    body = dict(msg)
+    del body["t"]
+    _check_fields(body, _SCHEMAS[tag], f"'{tag}' message")
+    if "e" in body:
+        _check_fields(body["e"], _ERR_KEYS, f"error in '{tag}'")
+    if tag == "req":
+        schema = REQUESTS.get(body["op"])
+        if schema is None:
+            raise ProtocolError(f"unknown request {body['op']!r}")
+        _check_fields(body["a"], schema, f"request '{body['op']}'")
+    return msg

@@ -1,0 +1,82 @@
+"""Exceptions across the wire: type name, message, errno and traceback text.
+
+A remote exception maps back onto the real class when it is one of privsep's
+or a builtin (``OSError`` subclasses included); anything else becomes a
+:class:`RemoteError`. The worker's traceback is kept as
+``remote_traceback`` and shown as a note.
+"""
+
+from __future__ import annotations
+
+import builtins
+import traceback
+from typing import Any
+
+from . import _errors
+
+_OURS: dict[str, type[BaseException]] = {
+    name: obj
+    for name, obj in vars(_errors).items()
+    if isinstance(obj, type) and issubclass(obj, _errors.PrivsepError)
+}
+_BUILTIN_OK = {
+    "ValueError", "TypeError", "KeyError", "IndexError", "LookupError", "RuntimeError",
+    "NotImplementedError", "ArithmeticError", "ZeroDivisionError", "OverflowError",
+    "AssertionError", "AttributeError", "UnicodeError", "MemoryError", "RecursionError",
+    "EOFError", "BufferError", "Exception",
+}  # fmt: skip
+
+
+def exception_to_wire(exc: BaseException, with_traceback: bool = True) -> dict[str, Any]:
+    tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    errno = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError):
+        msg = exc.strerror if exc.strerror is not None else str(exc)
+    else:
+        msg = str(exc)
+    return {
+        "type": type(exc).__name__,
+        "msg": msg[:4096],
+        "errno": errno if isinstance(errno, int) and -(1 << 31) <= errno < (1 << 31) else None,
+        "filename": filename if isinstance(filename, str) else None,
+        "tb": tb[-32768:],
+    }
+
+
+def _local_class(name: str) -> type[BaseException] | None:
+    if name in _OURS:
+        return _OURS[name]
+    obj = getattr(builtins, name, None)
+    if isinstance(obj, type) and (issubclass(obj, OSError) or name in _BUILTIN_OK):
+        return obj
+    return None
+
+
+def exception_from_wire(err: dict[str, Any]) -> BaseException:
+    """Rebuild an exception from its wire form. Never evaluates anything."""
+    name, msg, tb = err["type"], err["msg"], err["tb"]
+    cls = _local_class(name)
+    exc: BaseException
+    if cls is None:
+        exc = _errors.RemoteError(name, msg, tb)
+    elif issubclass(cls, _errors.NotCapable):
+        exc = cls(msg, err["errno"] or 13, err["filename"])
+    elif issubclass(cls, OSError):
+        if err["errno"] is not None:
+            exc = cls(err["errno"], msg, *([err["filename"]] if err["filename"] is not None else []))
+        else:
+            exc = cls(msg)
+    elif issubclass(cls, _errors.WorkerCrashed):
+        exc = cls(msg)
+    elif issubclass(cls, _errors.RemoteError):
+        exc = _errors.RemoteError(name, msg, tb)
+    else:
+        try:
+            exc = cls(msg)
+        except Exception:
+            exc = _errors.RemoteError(name, msg, tb)
+    exc.remote_traceback = tb  # type: ignore[attr-defined]
+    if tb:
+        exc.add_note("Traceback in the worker:\n" + tb.rstrip())
+    return exc

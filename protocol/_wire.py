@@ -1,0 +1,379 @@
+"""Framing: one msgpack message per SOCK_SEQPACKET packet, fds as SCM_RIGHTS.
+
+Bounds (packet size, fd count, nesting depth, integer width, blob size) are
+checked on every packet received. Any breach raises :class:`ProtocolError`
+after closing every fd that came with the packet; the caller then drops the
+connection. Nothing here unpickles or evaluates anything.
+
+File descriptors travel as ``ExtType(EXT_FD)`` markers that name their index
+in the packet's SCM_RIGHTS array; every received fd must be named exactly
+once. Byte strings too large for one packet travel in a memfd
+(``ExtType(EXT_BLOB)``) that the receiver reads once, bounded by
+``MAX_BLOB``.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import select
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import msgpack
+
+from ._errors import ProtocolError
+from ._rights import Rights, rights_from_wire
+
+PROTOCOL_VERSION = 1
+MAX_PACKET = 256 * 1024
+INLINE_BYTES = 64 * 1024
+MAX_FDS = 64
+MAX_DEPTH = 32
+MAX_BLOB = 512 * 1024 * 1024
+INT_MIN = -(1 << 63)
+INT_MAX = (1 << 63) - 1
+
+EXT_FD = 1
+EXT_BLOB = 2
+_FD_EXT = struct.Struct("<BBQ")  # index, kind, rights
+_BLOB_EXT = struct.Struct("<BQ")  # index, length
+
+KIND_FILE = 0
+KIND_DIR = 1
+KIND_STREAM = 2  # pipe, socket or other non-seekable object
+KIND_MEMFD = 3
+KINDS = (KIND_FILE, KIND_DIR, KIND_STREAM, KIND_MEMFD)
+
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+
+
+class SendsFd(Protocol):
+    """Anything that can ride a message as a file descriptor."""
+
+    def __privsep_fd__(self) -> tuple[int, int, Rights]:
+        """Return (fd, kind, rights). The fd stays owned by the object."""
+        ...
+
+
+class ReceivedFd:
+    """An fd that arrived in a packet. Owns the fd until :meth:`detach`.
+
+    ``rights`` and ``kind`` are what the *sender* claimed: a broker must not
+    trust them from a worker.
+    """
+
+    __slots__ = ("fd", "kind", "rights")
+
+    def __init__(self, fd: int, kind: int, rights: Rights):
+        self.fd = fd
+        self.kind = kind
+        self.rights = rights
+
+    def detach(self) -> int:
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<ReceivedFd fd={self.fd} kind={self.kind} rights={self.rights.describe()}>"
+
+
+class _Blob:
+    """Marker used while encoding a large byte string."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+def _validate(obj: Any) -> None:
+    """Bound nesting depth and integer width, and allow only plain types."""
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"message nested deeper than {MAX_DEPTH}")
+        t = type(item)
+        if t is int:
+            if not INT_MIN <= item <= INT_MAX:
+                raise ProtocolError("integer wider than 64 bits")
+        elif t is list:
+            stack.extend((x, depth + 1) for x in item)
+        elif t is dict:
+            for k, v in item.items():
+                if type(k) is not str:
+                    raise ProtocolError("map keys must be strings")
+                stack.append((v, depth + 1))
+        elif t in (str, bytes, float, bool, ReceivedFd) or item is None:
+            pass
+        else:
+            raise ProtocolError(f"type {t.__name__} is not allowed on the wire")
+
+
+def _read_blob(fd: int, length: int) -> bytes:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError("blob fd is not a regular file")
+    if length > MAX_BLOB or st.st_size < length:
+        raise ProtocolError("blob length out of bounds")
+    out = bytearray(length)
+    view = memoryview(out)
+    pos = 0
+    while pos < length:
+        n = os.preadv(fd, [view[pos:]], pos)
+        if n <= 0:
+            raise ProtocolError("blob shorter than announced")
+        pos += n
+    return bytes(out)
+
+
+def _make_blob_fd(data: bytes) -> int:
+    fd = os.memfd_create("privsep-blob", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 2))
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def encode(obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None) -> tuple[bytes, list[int], list[int]]:
+    """Encode ``obj``. Returns (payload, fds to send, fds to close after sending).
+
+    Objects with ``__privsep_fd__`` travel as fds; ``fd_hook`` may describe
+    other objects (the worker uses it for plain file objects).
+    """
+    fds: list[int] = []
+    owned: list[int] = []
+
+    def default(o: Any) -> Any:
+        if isinstance(o, _Blob):
+            if len(fds) >= MAX_FDS:
+                raise ProtocolError(f"more than {MAX_FDS} fds in one message")
+            fd = _make_blob_fd(o.data)
+            owned.append(fd)
+            fds.append(fd)
+            return msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(len(fds) - 1, len(o.data)))
+        hook = getattr(o, "__privsep_fd__", None)
+        if hook is not None:
+            fd, kind, rights = hook()
+        elif fd_hook is not None:
+            fd, kind, rights = fd_hook(o)
+        else:
+            raise TypeError(f"cannot send a {type(o).__name__} to the other side")
+        if fd < 0:
+            raise ValueError("cannot send a closed file descriptor")
+        if len(fds) >= MAX_FDS:
+            raise ProtocolError(f"more than {MAX_FDS} fds in one message")
+        fds.append(fd)
+        return msgpack.ExtType(EXT_FD, _FD_EXT.pack(len(fds) - 1, kind, int(rights)))
+
+    payload = msgpack.packb(obj, default=default, use_bin_type=True)
+    if len(payload) > MAX_PACKET:
+        for fd in owned:
+            os.close(fd)
+        fds.clear()
+        owned.clear()
+        payload = msgpack.packb(_outline(obj), default=default, use_bin_type=True)
+        if len(payload) > MAX_PACKET:
+            for fd in owned:
+                os.close(fd)
+            raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_PACKET} even with blobs")
+    return payload, fds, owned
+
+
+def _outline(obj: Any) -> Any:
+    """Copy ``obj`` with large byte strings replaced by blob markers."""
+    if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) > INLINE_BYTES:
+        return _Blob(bytes(obj))
+    if isinstance(obj, (list, tuple)):
+        return [_outline(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _outline(v) for k, v in obj.items()}
+    return obj
+
+
+def decode(payload: bytes | memoryview, fds: list[int]) -> Any:
+    """Decode one packet. Takes ownership of ``fds``: each one is either
+    returned inside the message as a :class:`ReceivedFd` or closed."""
+    slots: list[ReceivedFd | None] = [ReceivedFd(fd, KIND_STREAM, Rights.NONE) for fd in fds]
+    claimed = [False] * len(fds)
+    blobs: list[int] = []
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == EXT_FD and len(data) == _FD_EXT.size:
+            index, kind, rights = _FD_EXT.unpack(data)
+            if index >= len(slots) or claimed[index]:
+                raise ProtocolError("fd reference out of range or repeated")
+            if kind not in KINDS:
+                raise ProtocolError("unknown fd kind")
+            claimed[index] = True
+            rfd = slots[index]
+            assert rfd is not None
+            rfd.kind = kind
+            rfd.rights = rights_from_wire(rights)
+            return rfd
+        if code == EXT_BLOB and len(data) == _BLOB_EXT.size:
+            index, length = _BLOB_EXT.unpack(data)
+            if index >= len(slots) or claimed[index]:
+                raise ProtocolError("blob reference out of range or repeated")
+            claimed[index] = True
+            blobs.append(index)
+            rfd = slots[index]
+            assert rfd is not None
+            return _read_blob(rfd.fd, length)
+        raise ProtocolError(f"unknown extension type {code}")
+
+    try:
+        try:
+            obj = msgpack.unpackb(
+                payload,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                ext_hook=ext_hook,
+            )
+        except ProtocolError:
+            raise
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as exc:
+            raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
+        if not all(claimed):
+            raise ProtocolError("packet carried fds that the message does not name")
+        _validate(obj)
+    except BaseException:
+        for rfd in slots:
+            if rfd is not None:
+                rfd.close()
+        raise
+    for index in blobs:
+        rfd = slots[index]
+        assert rfd is not None
+        rfd.close()
+    return obj
+
+
+class Channel:
+    """One end of a SOCK_SEQPACKET connection. Owns its socket.
+
+    ``send`` never blocks for longer than ``send_timeout`` on a peer that
+    stops reading; ``recv`` enforces every bound above.
+    """
+
+    def __init__(self, sock: socket.socket, *, send_timeout: float | None = 10.0):
+        if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
+            raise ValueError("a Channel needs an AF_UNIX SOCK_SEQPACKET socket")
+        self.sock = sock
+        self.send_timeout = send_timeout
+        self._buf = bytearray(MAX_PACKET + 1)
+        self._view = memoryview(self._buf)
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, Channel]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(a), cls(b)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
+
+    def send(self, obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None) -> None:
+        payload, fds, owned = encode(obj, fd_hook)
+        try:
+            self.send_raw(payload, fds)
+        finally:
+            for fd in owned:
+                os.close(fd)
+
+    def send_raw(self, payload: bytes, fds: Iterable[int] = ()) -> None:
+        """Send one packet as is (tests use this to play a hostile peer)."""
+        fd_list = list(fds)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
+        deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+        while True:
+            try:
+                self.sock.sendmsg([payload], anc, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                return
+            except BlockingIOError:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ProtocolError("peer stopped reading; send timed out") from None
+                poller = select.poll()
+                poller.register(self.sock, select.POLLOUT)
+                poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+
+    def recv_raw(self) -> tuple[memoryview, list[int]] | None:
+        """Receive one packet. None on EOF. Takes care of every bound but the
+        message content; the fds returned are owned by the caller."""
+        while True:
+            try:
+                n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _MSG_CMSG_CLOEXEC)
+                break
+            except InterruptedError:
+                continue
+        fds: list[int] = []
+        bad: str | None = None
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                usable = len(data) - len(data) % arr.itemsize
+                arr.frombytes(data[:usable])
+                fds.extend(arr)
+            else:
+                bad = "unexpected control message"
+        if flags & socket.MSG_CTRUNC:
+            bad = "control data truncated (too many fds)"
+        elif flags & socket.MSG_TRUNC or n > MAX_PACKET:
+            bad = f"packet larger than {MAX_PACKET} bytes"
+        elif len(fds) > MAX_FDS:
+            bad = f"more than {MAX_FDS} fds in one packet"
+        if bad is not None:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(bad)
+        if n == 0 and not fds:
+            return None
+        return self._view[:n], fds
+
+    def recv(self) -> Any:
+        """Receive and decode one message. Returns None on EOF."""
+        got = self.recv_raw()
+        if got is None:
+            return None
+        payload, fds = got
+        return decode(payload, fds)
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))

@@ -1,0 +1,7 @@
+"""The sandboxed side: subclass :class:`Worker`, mark methods with :func:`rpc`."""
+
+from ._client import BrokerClient, StatResult
+from ._files import Directory
+from ._rpc import Worker, rpc
+
+__all__ = ["BrokerClient", "Directory", "StatResult", "Worker", "rpc"]

@@ -1,0 +1,59 @@
+"""The ``Worker`` base class and the ``@rpc`` marker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+if TYPE_CHECKING:
+    from ._client import BrokerClient
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_RPC_ATTR = "__privsep_rpc__"
+
+
+def rpc(fn: F) -> F:
+    """Mark a ``Worker`` method as callable from the broker.
+
+    Arguments and return values travel as msgpack: None, bool, int (64-bit),
+    float, str, bytes, lists/tuples and str-keyed dicts, plus files and
+    capabilities, which travel as file descriptors.
+    """
+    if not callable(fn):
+        raise TypeError("@rpc decorates a method")
+    setattr(fn, _RPC_ATTR, True)
+    return fn
+
+
+def is_rpc(fn: object) -> bool:
+    return bool(getattr(fn, _RPC_ATTR, False))
+
+
+class Worker:
+    """Base class for code that runs in a sandboxed worker process.
+
+    Subclass it, mark the methods the broker may call with :func:`rpc`, and
+    put imports and warm-up in :meth:`setup`, which runs in the child before
+    the sandbox is entered. Inside a call, ``self.broker`` asks the broker for
+    resources; every request is checked against the broker's policy.
+    """
+
+    rpc_methods: ClassVar[frozenset[str]] = frozenset()
+    broker: BrokerClient
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        names = set()
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                if is_rpc(value):
+                    if name.startswith("_"):
+                        raise TypeError(f"@rpc method {cls.__name__}.{name} must not start with '_'")
+                    names.add(name)
+                elif name in names and not is_rpc(value):
+                    names.discard(name)  # overridden without @rpc: no longer callable
+        cls.rpc_methods = frozenset(names)
+
+    def setup(self) -> None:
+        """Runs once in the child, before the sandbox. Import and warm up here."""
