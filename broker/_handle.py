@@ -337,8 +337,17 @@ class WorkerHandle:
 
     # -- lifecycle --------------------------------------------------------
     def stop(self, timeout: float = 2.0) -> WorkerExit:
-        """Ask the worker to stop; kill it if it has not within ``timeout``."""
-        with self._lock:
+        """Ask the worker to stop; kill it if it has not within ``timeout``.
+
+        If a call is in flight on another thread, the worker is killed and
+        that call raises ``WorkerCrashed``.
+        """
+        got = self._lock.acquire(timeout=timeout)
+        if not got:
+            self._kill()  # the in-flight call sees EOF, reaps and records the exit
+            if not self._lock.acquire(timeout=10.0):
+                raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
+        try:
             if self.exit is not None:
                 return self.exit
             try:
@@ -351,6 +360,8 @@ class WorkerHandle:
                 ex = WorkerExit("ok", "stopped (killed after the grace period)", signal=ex.signal)
             self._set_exit(ex)
             return ex
+        finally:
+            self._lock.release()
 
     def kill(self) -> WorkerExit:
         """Kill the worker now."""

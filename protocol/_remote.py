@@ -23,7 +23,7 @@ _BUILTIN_OK = {
     "ValueError", "TypeError", "KeyError", "IndexError", "LookupError", "RuntimeError",
     "NotImplementedError", "ArithmeticError", "ZeroDivisionError", "OverflowError",
     "AssertionError", "AttributeError", "UnicodeError", "MemoryError", "RecursionError",
-    "EOFError", "BufferError", "Exception",
+    "EOFError", "BufferError", "Exception", "ImportError", "ModuleNotFoundError", "TimeoutError",
 }  # fmt: skip
 
 

@@ -1,0 +1,73 @@
+"""Shared fixtures: a file tree with escape bait, and fd accounting."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import UNSANDBOXED, Broker, Policy
+from protocol import Rights
+
+READ = Rights.READ | Rights.FSTAT | Rights.SEEK
+
+
+def open_fds() -> set[int]:
+    """The fds this process holds right now (excluding the listing's own)."""
+    return {int(x) for x in os.listdir("/proc/self/fd")} - {max(int(x) for x in os.listdir("/proc/self/fd"))}
+
+
+def fd_targets() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """root/
+         data/a.txt, data/b.bin, data/sub/c.txt
+         data/link_in -> a.txt            (stays inside: allowed)
+         data/link_abs -> /etc/passwd     (absolute: escapes)
+         data/link_up -> ../secret        (relative: escapes)
+         data/link_proc -> /proc/self/root/etc/passwd (magic link)
+         data/fifo (a FIFO)
+         out/
+         secret
+    """
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("hello")
+    (data / "b.bin").write_bytes(bytes(range(256)) * 4)
+    (data / "sub" / "c.txt").write_text("deep")
+    (data / "link_in").symlink_to("a.txt")
+    (data / "link_abs").symlink_to("/etc/passwd")
+    (data / "link_up").symlink_to("../secret")
+    (data / "link_proc").symlink_to("/proc/self/root/etc/passwd")
+    (data / "link_fd").symlink_to("/proc/self/fd/0")
+    os.mkfifo(data / "fifo")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "secret").write_text("top secret")
+    return tmp_path
+
+
+def default_policy() -> Policy:
+    return Policy().allow("data/", READ).allow("out/", Rights.WRITE | Rights.CREATE)
+
+
+def sandbox_kw() -> dict[str, Any]:
+    # Set only while the sandbox layer is being developed; CI never sets it.
+    return {"sandbox": UNSANDBOXED} if os.environ.get("PRIVSEP_TEST_UNSANDBOXED") == "1" else {}
+
+
+@pytest.fixture
+def broker(tree: Path) -> Iterator[Broker]:
+    with Broker(default_policy(), root=tree, call_timeout=30, **sandbox_kw()) as b:
+        yield b

@@ -1,0 +1,278 @@
+"""The core promise: RPC calls, fd passing both ways, rights to access mode,
+resource requests checked by the broker, remote errors, atomic outputs."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import pytest
+from conftest import READ, default_policy, sandbox_kw
+
+from broker import Broker, Capability, Policy
+from protocol import NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed
+from worker import Worker, rpc
+
+
+class CustomError(Exception):
+    pass
+
+
+class Upper(Worker):
+    def setup(self) -> None:
+        self.ready = True
+
+    @rpc
+    def shout(self, text: str) -> str:
+        return text.upper()
+
+    @rpc
+    def echo(self, *args: object, **kwargs: object) -> dict:
+        return {"args": list(args), "kwargs": kwargs}
+
+    @rpc
+    def was_setup(self) -> bool:
+        return self.ready
+
+    @rpc
+    def count_bytes(self, f: io.BufferedReader) -> int:
+        return len(f.read())
+
+    @rpc
+    def describe(self, f: io.IOBase) -> dict:
+        return {"mode": f.mode, "readable": f.readable(), "writable": f.writable()}
+
+    @rpc
+    def try_write(self, f: io.BufferedIOBase) -> str:
+        try:
+            os.write(f.fileno(), b"x")
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+        return "wrote"
+
+    @rpc
+    def read_named(self, name: str) -> bytes:
+        with self.broker.open(f"data/{name}", Rights.READ) as f:
+            return f.read()
+
+    @rpc
+    def open_mode(self, path: str, rights: int) -> str:
+        with self.broker.open(path, Rights(rights)) as f:
+            return f.mode
+
+    @rpc
+    def stat_it(self, path: str) -> dict:
+        st = self.broker.stat(path)
+        return {"type": st.type, "size": st.size}
+
+    @rpc
+    def ls(self, path: str) -> list:
+        return self.broker.listdir(path)
+
+    @rpc
+    def write_out(self, name: str, data: bytes, fail: bool = False) -> int:
+        with self.broker.create(f"out/{name}") as f:
+            f.write(data)
+        if fail:
+            raise CustomError("failed after writing")
+        return len(data)
+
+    @rpc
+    def write_then_die(self, name: str) -> None:
+        with self.broker.create(f"out/{name}") as f:
+            f.write(b"partial")
+            f.flush()
+        os.kill(os.getpid(), 9)
+
+    @rpc
+    def make_pipe(self) -> object:
+        r, w = os.pipe()
+        os.write(w, b"from the worker")
+        os.close(w)
+        return os.fdopen(r, "rb")
+
+    @rpc
+    def big(self, n: int) -> bytes:
+        return b"z" * n
+
+    @rpc
+    def raise_oserror(self) -> None:
+        raise FileNotFoundError(errno.ENOENT, "no such thing", "missing.txt")
+
+    @rpc
+    def raise_custom(self) -> None:
+        raise CustomError("custom failure")
+
+
+def test_snippet_from_the_issue(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    assert w.shout("hi") == "HI"
+    assert w.count_bytes(broker.open("data/a.txt", Rights.READ)) == 5
+    assert w.read_named("a.txt") == b"hello"
+    with pytest.raises(NotCapable) as info:
+        w.read_named("../secret")
+    assert info.value.errno in (errno.EACCES, errno.EPERM)
+    assert isinstance(info.value, PermissionError)
+
+
+def test_setup_runs_before_calls(broker: Broker) -> None:
+    assert broker.spawn(Upper).was_setup() is True
+
+
+def test_positional_and_keyword_arguments(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    out = w.echo(1, "two", b"three", [4.5, None], {"k": True}, x=1, y=[1, 2])
+    assert out == {"args": [1, "two", b"three", [4.5, None], {"k": True}], "kwargs": {"x": 1, "y": [1, 2]}}
+
+
+def test_unknown_method_is_refused_locally(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    with pytest.raises(AttributeError):
+        w.not_a_method()  # noqa: B018
+    with pytest.raises(AttributeError):
+        w.call("setup")
+
+
+@pytest.mark.parametrize(
+    ("rights", "mode", "readable", "writable"),
+    [
+        (Rights.READ, "rb", True, False),
+        (Rights.WRITE, "wb", False, True),
+        (Rights.READ | Rights.WRITE, "rb+", True, True),
+    ],
+)
+def test_rights_map_to_access_mode(tree: Path, rights: Rights, mode: str, readable: bool, writable: bool) -> None:
+    policy = Policy().allow("data/", Rights.READ | Rights.WRITE)
+    with Broker(policy, root=tree, **sandbox_kw()) as b:
+        w = b.spawn(Upper)
+        cap = b.open("data/a.txt", rights)
+        got = w.describe(cap)
+        assert (got["readable"], got["writable"]) == (readable, writable)
+        # The kernel, not the file object, decides: a raw write on a read-only fd fails.
+        if not writable:
+            assert w.try_write(b.open("data/a.txt", rights)) == "EBADF"
+
+
+def test_worker_opens_with_the_mode_its_rights_allow(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    assert w.open_mode("data/a.txt", int(Rights.READ)) == "rb"
+    with pytest.raises(NotCapable):
+        w.open_mode("data/a.txt", int(Rights.READ | Rights.WRITE))  # policy grants no WRITE in data/
+
+
+def test_rights_never_widen_beyond_policy(broker: Broker) -> None:
+    with pytest.raises(NotCapable):
+        broker.open("data/a.txt", Rights.WRITE)
+    with pytest.raises(NotCapable):
+        broker.open("secret", Rights.READ)
+
+
+def test_stat_and_listdir(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    assert w.stat_it("data/a.txt") == {"type": "file", "size": 5}
+    assert w.stat_it("data/sub") == {"type": "dir", "size": w.stat_it("data/sub")["size"]}
+    names = w.ls("data")
+    assert {"a.txt", "b.bin", "sub", "fifo"} <= set(names)
+    with pytest.raises(NotCapable):
+        w.ls("")  # root itself is not granted
+
+
+def test_fd_passing_worker_to_broker(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    cap = w.make_pipe()
+    assert isinstance(cap, Capability)
+    assert cap.rights & Rights.READ and not cap.rights & Rights.WRITE
+    assert os.read(cap.fileno(), 100) == b"from the worker"
+    cap.close()
+    assert cap.closed
+
+
+def test_large_values_travel_out_of_band(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    assert w.big(3 << 20) == b"z" * (3 << 20)
+    assert w.echo(b"y" * (1 << 20))["args"][0] == b"y" * (1 << 20)
+
+
+def test_remote_exceptions_map_to_real_classes(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    with pytest.raises(FileNotFoundError) as info:
+        w.raise_oserror()
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == "missing.txt"
+    assert "raise_oserror" in info.value.remote_traceback  # type: ignore[attr-defined]
+    with pytest.raises(RemoteError) as rinfo:
+        w.raise_custom()
+    assert rinfo.value.type_name == "CustomError"
+    assert "custom failure" in str(rinfo.value)
+    assert "Traceback" in rinfo.value.remote_traceback
+    assert w.shout("still alive") == "STILL ALIVE"
+
+
+def test_atomic_output_commits_on_success(broker: Broker, tree: Path) -> None:
+    w = broker.spawn(Upper)
+    assert w.write_out("ok.bin", b"payload") == 7
+    assert (tree / "out" / "ok.bin").read_bytes() == b"payload"
+    assert os.listdir(tree / "out") == ["ok.bin"]
+
+
+def test_atomic_output_discarded_on_error(broker: Broker, tree: Path) -> None:
+    w = broker.spawn(Upper)
+    with pytest.raises(RemoteError):
+        w.write_out("bad.bin", b"payload", fail=True)
+    assert os.listdir(tree / "out") == []
+
+
+def test_atomic_output_discarded_on_crash(broker: Broker, tree: Path) -> None:
+    w = broker.spawn(Upper)
+    with pytest.raises(WorkerCrashed):
+        w.write_then_die("crash.bin")
+    assert os.listdir(tree / "out") == []
+
+
+def test_output_replaces_existing_file_atomically(broker: Broker, tree: Path) -> None:
+    (tree / "out" / "x.txt").write_text("old")
+    w = broker.spawn(Upper)
+    w.write_out("x.txt", b"new")
+    assert (tree / "out" / "x.txt").read_text() == "new"
+    with pytest.raises(RemoteError):
+        w.write_out("x.txt", b"newer", fail=True)
+    assert (tree / "out" / "x.txt").read_text() == "new"
+
+
+def test_policy_is_immutable_and_validated() -> None:
+    p = Policy()
+    q = p.allow("data/", Rights.READ)
+    assert p.grants == () and len(q.grants) == 1
+    with pytest.raises(AttributeError):
+        q.foo = 1  # type: ignore[attr-defined]
+    for bad in ("/abs/", "../up/", "a/../b/", "x\x00/"):
+        with pytest.raises(PolicyError):
+            Policy().allow(bad, Rights.READ)
+    with pytest.raises(PolicyError):
+        Policy().allow("data/", Rights.NONE)
+    with pytest.raises(PolicyError):
+        Policy().allow("file.txt", Rights.CREATE)
+    with pytest.raises(PolicyError):
+        Policy().allow("data/", 1)  # type: ignore[arg-type]
+    merged = Policy().allow("d/", Rights.READ).allow("d/", Rights.FSTAT)
+    assert merged.grants[0].rights == Rights.READ | Rights.FSTAT
+    assert (Policy().allow("a/", Rights.READ) | Policy().allow("b/", Rights.WRITE)).grants[1].display == "b/"
+
+
+def test_missing_granted_directory_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="nope/"):
+        Broker(Policy().allow("nope/", READ), root=tmp_path)
+
+
+def test_rights_only_shrink() -> None:
+    held = Rights.READ | Rights.SEEK
+    assert held.limit(Rights.READ) == Rights.READ
+    with pytest.raises(NotCapable):
+        held.limit(Rights.READ | Rights.WRITE)
+    assert Rights.READ in Rights.MMAP_R and Rights.SEEK in Rights.MMAP_R
+
+
+def test_default_policy_helper_matches(tree: Path) -> None:
+    assert [g.display for g in default_policy().grants] == ["data/", "out/"]

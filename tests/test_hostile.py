@@ -1,0 +1,159 @@
+"""A compromised worker sends whatever it likes on its socket. The broker
+drops that worker's connection, keeps serving the others and leaks no fd."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgpack
+import pytest
+from conftest import default_policy, open_fds, sandbox_kw
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import Broker
+from protocol import ProtocolError, WorkerCrashed
+from protocol._wire import MAX_FDS, MAX_PACKET, Channel, decode, encode
+from worker import Worker, rpc
+
+
+class Evil(Worker):
+    @rpc
+    def blast(self, packets: list) -> str:
+        chan = self.broker._chan
+        import socket
+
+        chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)  # room for oversize packets
+        for payload, nfds in packets:
+            fds = []
+            for _ in range(nfds // 2 + nfds % 2):
+                fds.extend(os.pipe())
+            fds = fds[:nfds]
+            try:
+                chan.send_raw(payload, fds)
+            except OSError:
+                pass  # e.g. more than SCM_MAX_FD: the kernel refuses, fine
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return "sent"
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+msg_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+near_valid = st.fixed_dictionaries(
+    {"t": st.sampled_from(["req", "ret", "err", "ready", "call", "rep", "x"]), "id": st.integers(-5, 5)},
+    optional={"op": st.sampled_from(["open", "create", "stat", "listdir", "exec"]), "a": msg_values, "v": msg_values},
+).map(lambda d: msgpack.packb(d))
+ext_packets = st.tuples(st.integers(0, 127), st.binary(max_size=12)).map(
+    lambda t: msgpack.packb({"t": "ret", "id": 1, "v": msgpack.ExtType(*t)})
+)
+payloads = st.one_of(
+    st.binary(min_size=0, max_size=64),
+    msg_values.map(lambda v: msgpack.packb(v)),
+    near_valid,
+    ext_packets,
+    st.just(b"\x91" * 5000 + b"\xc0"),  # deep nesting
+    st.just(b"\xdc\xff\xff"),  # array header promising more than is there
+)
+packets = st.lists(st.tuples(payloads, st.sampled_from([0, 0, 0, 1, 2, 3, MAX_FDS, MAX_FDS + 1, 100, 254])), min_size=1, max_size=4)
+
+
+@pytest.fixture(scope="module")
+def hostile_env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root: Path = tmp_path_factory.mktemp("hostile")
+    (root / "data").mkdir()
+    (root / "out").mkdir()
+    (root / "data" / "a.txt").write_text("hello")
+    with Broker(default_policy(), root=root, call_timeout=20, **sandbox_kw()) as b:
+        good = b.spawn(Evil)
+        yield b, good
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pkts=packets)
+def test_random_packets_cost_only_the_sender(hostile_env, pkts) -> None:  # type: ignore[no-untyped-def]
+    broker, good = hostile_env
+    before = open_fds()
+    evil = broker.spawn(Evil)
+    try:
+        evil.blast([list(p) for p in pkts])
+    except WorkerCrashed as exc:
+        assert exc.exit.kind in ("protocol", "crashed", "signal"), exc.exit
+    except Exception:
+        pass  # a near-valid 'err' answer is a legitimate remote exception
+    evil.kill()
+    assert good.ping() == "pong"
+    assert open_fds() == before
+
+
+def test_garbage_costs_the_connection(hostile_env) -> None:  # type: ignore[no-untyped-def]
+    broker, good = hostile_env
+    before = open_fds()
+    evil = broker.spawn(Evil)
+    with pytest.raises(WorkerCrashed) as info:
+        evil.blast([[b"\xc1garbage", 3]])
+    assert info.value.exit.kind == "protocol"
+    assert evil.exit is not None and evil.exit.kind == "protocol"
+    assert good.ping() == "pong"
+    assert open_fds() == before
+
+
+BOUND_CASES = [
+        (msgpack.packb({"t": "ret", "id": 1, "v": 1}), 1, "fds that the message does not name"),
+        (msgpack.packb({"t": "ret", "id": 1, "v": 1}), MAX_FDS + 1, "control data truncated"),
+        (b"\x00" * (MAX_PACKET + 10), 0, "larger than"),
+        (msgpack.packb({"t": "ret", "id": 1, "v": 1 << 63}), 0, "64 bits"),
+        (msgpack.packb({"t": "ret", "id": 1, "v": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}), 0, "nested"),
+        (msgpack.packb({"t": "ret", "id": 1}), 0, "expected keys"),
+        (msgpack.packb({"t": "ready", "v": 1, "pid": 1, "sandbox": {}, "notify": None}), 0, "unexpected message type"),
+        (msgpack.packb({"t": "req", "id": 1, "op": "exec", "a": {}}), 0, "unknown request"),
+        (msgpack.packb({"t": "ret", "id": 99, "v": 1}), 0, "not pending"),
+        (msgpack.packb({"t": "ret", "id": 1, "v": msgpack.ExtType(1, b"\x00\x00" + b"\x01" + b"\x00" * 7)}), 0, "out of range"),
+        (msgpack.packb([1, 2, 3]), 0, "must be a map"),
+        (b"\xa3ab", 0, "malformed"),
+]
+
+
+@pytest.mark.parametrize(("payload", "nfds", "why"), [pytest.param(*c, id=c[2]) for c in BOUND_CASES])
+def test_each_bound_is_enforced(hostile_env, payload: bytes, nfds: int, why: str) -> None:  # type: ignore[no-untyped-def]
+    broker, good = hostile_env
+    before = open_fds()
+    evil = broker.spawn(Evil)
+    with pytest.raises(WorkerCrashed) as info:
+        evil.blast([[payload, nfds]])
+    assert info.value.exit.kind == "protocol"
+    assert why in info.value.exit.reason
+    assert good.ping() == "pong"
+    assert open_fds() == before
+
+
+def test_channel_round_trip_and_fd_close_on_error() -> None:
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    try:
+        before = open_fds()
+        a.send_raw(msgpack.packb({"x": 1}), [r, w])
+        with pytest.raises(ProtocolError):
+            b.recv()
+        assert open_fds() == before
+        payload, fds, owned = encode({"big": b"q" * (MAX_PACKET * 2)})
+        assert len(fds) == 1 and len(payload) < 200
+        a.send_raw(payload, fds)
+        for fd in owned:
+            os.close(fd)
+        assert b.recv() == {"big": b"q" * (MAX_PACKET * 2)}
+        assert decode(msgpack.packb({"k": "v"}), []) == {"k": "v"}
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()

@@ -1,0 +1,159 @@
+"""Worker deaths, timeouts, broker shutdown and broker death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import open_fds, sandbox_kw
+
+from broker import Broker, Policy
+from protocol import WorkerCrashed, WorkerTimeout
+from worker import Worker, rpc
+
+
+class Sleeper(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+    @rpc
+    def sleep(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "slept"
+
+    @rpc
+    def exit_now(self, code: int) -> None:
+        os._exit(code)
+
+    @rpc
+    def getpid(self) -> int:
+        return os.getpid()
+
+
+class BadSetup(Worker):
+    def setup(self) -> None:
+        raise ImportError("no such module: nonexistent")
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigkill_mid_call_raises_worker_crashed(tree: Path) -> None:
+    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+        w = b.spawn(Sleeper)
+        pid = w.getpid()
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        with pytest.raises(WorkerCrashed) as info:
+            w.sleep(30)
+        assert info.value.exit.kind == "signal"
+        assert info.value.exit.signal == signal.SIGKILL
+        with pytest.raises(WorkerCrashed):
+            w.ping()  # later calls fail the same way
+        assert not alive(pid)
+        assert w not in b.workers
+
+
+def test_exit_mid_call_reports_status(tree: Path) -> None:
+    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+        w = b.spawn(Sleeper)
+        with pytest.raises(WorkerCrashed) as info:
+            w.exit_now(3)
+        assert info.value.exit.exit_code == 3
+
+
+def test_timeout_kills_the_worker(tree: Path) -> None:
+    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+        w = b.spawn(Sleeper)
+        pid = w.getpid()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerTimeout):
+            w.with_timeout(0.3).sleep(30)
+        assert time.monotonic() - t0 < 5
+        assert not alive(pid)
+        assert w.exit is not None and w.exit.kind == "timeout"
+
+
+def test_setup_failure_is_reported(tree: Path) -> None:
+    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+        with pytest.raises(WorkerCrashed, match="nonexistent") as info:
+            b.spawn(BadSetup)
+        assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
+    b = Broker(Policy(), root=tree, **sandbox_kw())
+    workers = [b.spawn(Sleeper) for _ in range(4)]
+    pids = [w.getpid() for w in workers]
+    busy = threading.Thread(target=lambda: pytest.raises(WorkerCrashed, workers[0].sleep, 60), daemon=True)
+    busy.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    b.close(timeout=1.0)
+    assert time.monotonic() - t0 < 5
+    busy.join(5)
+    assert not busy.is_alive()
+    assert not any(alive(p) for p in pids)
+
+
+def test_no_fd_or_process_leak_over_spawn_cycles(tree: Path) -> None:
+    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+        b.spawn(Sleeper).stop()
+        before = open_fds()
+        for i in range(30):
+            w = b.spawn(Sleeper)
+            assert w.ping() == "pong"
+            if i % 2:
+                w.kill()
+            else:
+                w.stop()
+        assert open_fds() == before
+        assert b.workers == []
+    children = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid="], capture_output=True, text=True).stdout
+    assert children.split() == [] or all(not alive(int(p)) for p in children.split())
+
+
+BROKER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from broker import Broker, Policy
+    from test_lifecycle import Sleeper
+    from conftest import sandbox_kw
+    b = Broker(Policy(), root={root!r}, **sandbox_kw())
+    ws = [b.spawn(Sleeper) for _ in range(3)]
+    print(" ".join(str(w.getpid()) for w in ws), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_broker_death_ends_its_workers(tree: Path, how: str) -> None:
+    script = BROKER_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    proc.send_signal(getattr(signal, how))
+    proc.wait(10)
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids), "workers outlived their broker"

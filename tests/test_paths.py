@@ -1,0 +1,128 @@
+"""Path requests from a worker: everything that tries to leave its granted
+tree is refused (NotCapable) and the file is never opened. The broker alone
+enforces this: the worker's own early checks are bypassed here by sending
+raw requests."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from broker import Broker
+from protocol import NotCapable, Rights
+from protocol._remote import exception_from_wire
+from worker import Worker, rpc
+
+
+class Asker(Worker):
+    @rpc
+    def open_raw(self, path: str, rights: int = int(Rights.READ)) -> bytes:
+        # Skip the client's local checks: talk to the broker directly, as a
+        # compromised worker would.
+        value = self.broker._request("open", path=path, rights=rights)
+        from worker._files import wrap_received
+
+        with wrap_received(value) as f:
+            return f.read()
+
+    @rpc
+    def open_checked(self, path: str) -> bytes:
+        with self.broker.open(path, Rights.READ) as f:
+            return f.read()
+
+    @rpc
+    def raw(self, op: str, args: dict) -> object:
+        try:
+            return self.broker._request(op, **args)
+        except Exception as exc:
+            return {"error": type(exc).__name__, "errno": getattr(exc, "errno", None)}
+
+
+ESCAPES = [
+    "../secret",
+    "data/../secret",
+    "data/../../etc/passwd",
+    "/etc/passwd",
+    "data/link_abs",
+    "data/link_up",
+    "data/link_proc",
+    "data/link_fd",
+    "data/a.txt\x00junk",
+    "data/sub/../../secret",
+    "secret",
+    "",
+    "data",
+]
+
+
+@pytest.mark.parametrize("path", ESCAPES)
+def test_escapes_are_refused_by_the_broker(broker: Broker, path: str) -> None:
+    w = broker.spawn(Asker)
+    with pytest.raises(NotCapable) as info:
+        w.open_raw(path)
+    assert info.value.errno in (errno.EACCES, errno.EPERM)
+    assert w.open_raw("data/a.txt") == b"hello"  # still serving
+
+
+@pytest.mark.parametrize("path", ESCAPES)
+def test_escapes_are_refused_for_broker_side_open(broker: Broker, path: str) -> None:
+    with pytest.raises(NotCapable):
+        broker.open(path, Rights.READ)
+
+
+def test_symlink_inside_the_tree_is_followed(broker: Broker) -> None:
+    w = broker.spawn(Asker)
+    assert w.open_raw("data/link_in") == b"hello"
+    assert w.open_raw("data/./sub//c.txt") == b"deep"
+
+
+def test_fifo_is_never_opened(broker: Broker) -> None:
+    w = broker.spawn(Asker)
+    with pytest.raises(NotCapable, match="fifo"):
+        w.open_raw("data/fifo")
+
+
+def test_directory_is_not_a_file(broker: Broker) -> None:
+    w = broker.spawn(Asker)
+    with pytest.raises(NotCapable):
+        w.open_raw("data/sub")
+
+
+def test_missing_file_is_file_not_found(broker: Broker) -> None:
+    w = broker.spawn(Asker)
+    with pytest.raises(FileNotFoundError):
+        w.open_raw("data/nope.txt")
+
+
+def test_rights_beyond_policy_are_refused(broker: Broker) -> None:
+    w = broker.spawn(Asker)
+    with pytest.raises(NotCapable):
+        w.open_raw("data/a.txt", int(Rights.READ | Rights.WRITE))
+    # a rights integer with unknown bits is refused too
+    with pytest.raises(NotCapable):
+        w.open_raw("data/a.txt", 1 << 60)
+
+
+def test_client_checks_early_too(broker: Broker) -> None:
+    w = broker.spawn(Asker)
+    with pytest.raises(NotCapable, match=r"'\.\.'"):
+        w.open_checked("data/../secret")
+
+
+def test_create_cannot_escape_or_clobber_specials(broker: Broker, tree: Path) -> None:
+    w = broker.spawn(Asker)
+    rights = int(Rights.WRITE)
+    for path in ("out/../secret", "/tmp/x", "data/new.txt", "out/", "out/sub/x"):
+        got = w.raw("create", {"path": path, "rights": rights})
+        assert isinstance(got, dict) and got["error"] in ("NotCapable", "FileNotFoundError"), (path, got)
+    (tree / "out" / "link").symlink_to("/etc/passwd")
+    got = w.raw("create", {"path": "out/link", "rights": rights})
+    assert got == {"error": "NotCapable", "errno": errno.EACCES}
+    assert (tree / "secret").read_text() == "top secret"
+
+
+def test_errors_round_trip_unknown_types() -> None:
+    exc = exception_from_wire({"type": "os.system", "msg": "x", "errno": None, "filename": None, "tb": ""})
+    assert type(exc).__name__ == "RemoteError"
