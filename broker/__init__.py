@@ -5,5 +5,6 @@ from ._capability import Capability
 from ._exit import WorkerExit
 from ._handle import WorkerHandle
 from ._policy import Grant, Policy
+from ._pool import PoolBroken, WorkerPool
 
-__all__ = ["UNSANDBOXED", "Broker", "Capability", "Grant", "Policy", "WorkerExit", "WorkerHandle"]
+__all__ = ["UNSANDBOXED", "Broker", "Capability", "Grant", "Policy", "PoolBroken", "WorkerExit", "WorkerHandle", "WorkerPool"]

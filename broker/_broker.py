@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import subprocess
 import threading
 import time
 from typing import Any
@@ -21,8 +22,10 @@ from ._exit import WorkerExit
 from ._handle import WorkerHandle, close_fds_in
 from ._outputs import PendingOutput
 from ._policy import Policy
+from ._pool import WorkerPool
 from ._resolve import Resolver
 from ._spawn import fork_worker
+from ._zygote import SPAWN_METHODS, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
 
@@ -54,12 +57,21 @@ class Broker:
         call_timeout: float | None = None,
         spawn_timeout: float = 30.0,
         sandbox: Any = None,
+        spawn: str = "auto",
+        request_rate: float | None = 2000.0,
+        max_requests_per_call: int = 10_000,
     ):
         if not isinstance(policy, Policy):
             raise TypeError("Broker needs a Policy")
         self.policy = policy
         self.call_timeout = call_timeout
         self.spawn_timeout = spawn_timeout
+        if spawn not in SPAWN_METHODS:
+            raise ValueError(f"spawn must be one of {SPAWN_METHODS}")
+        self.spawn_method = spawn
+        self._zygote: Zygote | None = None
+        self.request_rate = request_rate  # per worker, requests/s (burst = 1 s worth); None = unlimited
+        self.max_requests_per_call = max_requests_per_call
         self._unsandboxed = sandbox is UNSANDBOXED
         if sandbox is not None and not self._unsandboxed:
             raise TypeError("sandbox= takes only UNSANDBOXED; set sandbox options on the Policy")
@@ -67,6 +79,8 @@ class Broker:
         self._workers: dict[int, WorkerHandle] = {}
         self._lock = threading.Lock()
         self._prepared: Any = None
+        self._pools: list[WorkerPool] = []
+        self._spawn_lock = threading.Lock()
         self._closed = False
 
     # -- context ----------------------------------------------------------
@@ -82,6 +96,8 @@ class Broker:
         if self._closed:
             return
         self._closed = True
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())
         deadline = time.monotonic() + timeout
@@ -92,6 +108,8 @@ class Broker:
                 pass
         for w in workers:
             w.stop(max(0.05, deadline - time.monotonic()))
+        if self._zygote is not None:
+            self._zygote.close()
         self._resolver.close()
 
     # -- authority --------------------------------------------------------
@@ -124,11 +142,69 @@ class Broker:
         ``timeout`` is the default per-call timeout (else the broker's).
         Raises ``WorkerCrashed`` if ``setup()`` or sandbox entry fails.
         """
+        handle = self._start(cls, timeout)
+        try:
+            if not handle._chan.wait_readable(self.spawn_timeout):
+                raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
+            self._await_ready(handle)
+        except BaseException:
+            if handle.exit is None:
+                handle.kill()
+            raise
+        return handle
+
+    async def aspawn(self, cls: type[Worker], *, timeout: float | None = None) -> WorkerHandle:
+        """``spawn()`` for asyncio: waits for the worker on the event loop."""
+        handle = self._start(cls, timeout)
+        try:
+            if await handle._event(time.monotonic() + self.spawn_timeout) == "timeout":
+                raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
+            self._await_ready(handle)
+        except BaseException:
+            if handle.exit is None:
+                handle.kill()
+            raise
+        return handle
+
+    def pool(self, cls: type[Worker], size: int | None = None, **options: Any) -> WorkerPool:
+        """A pool of ``size`` workers (default: CPU count) with Executor
+        semantics. Options: ``timeout``, ``recycle_after``, ``max_rss``,
+        ``restart`` ("always"/"never"), ``max_restarts``."""
+        self._check_open()
+        pool = WorkerPool(self, cls, size or os.cpu_count() or 1, **options)
+        self._pools.append(pool)
+        return pool
+
+    async def __aenter__(self) -> Broker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, cls: type[Worker], timeout: float | None) -> WorkerHandle:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
             raise TypeError("spawn() takes a Worker subclass")
-        prepared = self._prepare()
-        pid, sock = fork_worker(cls, prepared)
+        method = self.spawn_method
+        if method == "auto":
+            method = "zygote" if importable(cls) else "fork"
+        elif method in ("zygote", "exec") and not importable(cls):
+            raise TypeError(
+                f"spawn={method!r} needs {cls.__qualname__} importable by module name (not in __main__ or a function)"
+            )
+        spec_wire = None if self._unsandboxed else self.policy.sandbox.to_wire()
+        reaper = None
+        with self._spawn_lock:
+            if method == "zygote":
+                if self._zygote is None:
+                    self._zygote = Zygote()
+                pid, sock = self._zygote.spawn(cls, spec_wire, self.spawn_timeout)
+                reaper = self._zygote.reap
+            elif method == "exec":
+                pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout)
+                reaper = _popen_reaper(proc)
+            else:
+                pid, sock = fork_worker(cls, self._prepare())
         handle = WorkerHandle(
             self,
             cls,
@@ -136,22 +212,16 @@ class Broker:
             Channel(sock),
             timeout=timeout if timeout is not None else self.call_timeout,
             violation=self.policy.sandbox.violation,
+            reaper=reaper,
         )
+        handle.spawn_method = method
         with self._lock:
             self._workers[handle.id] = handle
-        try:
-            self._await_ready(handle)
-        except BaseException:
-            if handle.exit is None:
-                handle.kill()
-            raise
-        self._audit(handle, "spawn", cls.__qualname__, None, "granted", "worker ready")
         return handle
 
     def _await_ready(self, handle: WorkerHandle) -> None:
+        """Read and check the worker's handshake (the channel is readable)."""
         chan = handle._chan
-        if not chan.wait_readable(self.spawn_timeout):
-            raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
         try:
             msg = chan.recv()
         except ProtocolError as exc:
@@ -181,6 +251,7 @@ class Broker:
             raise handle._fail("protocol", "sandbox reported user notification but sent no listener")
         close_fds_in(msg["sandbox"])
         handle.sandbox = msg["sandbox"]
+        self._audit(handle, "spawn", handle.cls.__qualname__, None, "granted", "worker ready")
 
     def _forget(self, handle: WorkerHandle) -> None:
         with self._lock:
@@ -253,6 +324,18 @@ class Broker:
             f" ({reason})" if reason else "",
             extra={"privsep": event},
         )
+
+
+def _popen_reaper(proc: subprocess.Popen[bytes]) -> Any:
+    def reap(pid: int) -> int | None:
+        try:
+            status = os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return None
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return status
+
+    return reap
 
 
 def _is_seccomp_listener(fd: int) -> bool:

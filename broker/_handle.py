@@ -8,6 +8,7 @@ per worker, no thread per call. Calls on one worker are serialized.
 
 from __future__ import annotations
 
+import asyncio
 import errno as _errno
 import itertools
 import logging
@@ -16,7 +17,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from protocol import NotCapable, PrivsepError, ProtocolError, WorkerCrashed
@@ -83,12 +84,14 @@ class WorkerHandle:
         *,
         timeout: float | None,
         violation: str = "kill",
+        reaper: Callable[[int], int | None] | None = None,
     ):
         self.id = next(_ids)
         self._broker = broker
         self.cls = cls
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
+        self._reaper = reaper or _waitpid
         self._chan = chan
         self._notify_fd = -1
         self._lock = threading.Lock()
@@ -96,8 +99,12 @@ class WorkerHandle:
         self.timeout = timeout
         self.violation = violation
         self.sandbox: dict[str, Any] = {}
+        self.spawn_method = "fork"
         self.exit: WorkerExit | None = None
         self.calls = 0
+        self._alock: asyncio.Lock | None = None
+        self._tokens = float(broker.request_rate or 0.0)
+        self._tokens_at = time.monotonic()
 
     def __repr__(self) -> str:
         state = "alive" if self.exit is None else self.exit.kind
@@ -127,79 +134,172 @@ class WorkerHandle:
         return _Timed(self, seconds)
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        self._check_method(method)
+        with self._lock:
+            steps = self._steps(method, args, kwargs, timeout)
+            try:
+                op = next(steps)
+                while True:
+                    kind, when = op
+                    if kind == "sleep":
+                        time.sleep(max(0.0, when - time.monotonic()))
+                        op = steps.send(None)
+                    else:
+                        op = steps.send(self._wait(when))
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                steps.close()
+
+    # -- asyncio ----------------------------------------------------------
+    @property
+    def aio(self) -> _Async:
+        """The async face: ``await handle.aio.method(...)``.
+
+        Runs on the event loop with no thread per call: the loop watches the
+        worker's channel and serves its requests as they come.
+        """
+        return _Async(self, self.timeout)
+
+    async def _acall(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        self._check_method(method)
+        if self._alock is None:
+            self._alock = asyncio.Lock()
+        async with self._alock:
+            if not self._lock.acquire(blocking=False):
+                raise RuntimeError(f"worker {self.name} is busy with a synchronous call")
+            steps = self._steps(method, args, kwargs, timeout)
+            try:
+                op = next(steps)
+                while True:
+                    kind, when = op
+                    if kind == "sleep":
+                        await asyncio.sleep(max(0.0, when - time.monotonic()))
+                        op = steps.send(None)
+                    else:
+                        op = steps.send(await self._event(when))
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                steps.close()
+                self._lock.release()
+
+    async def _event(self, deadline: float | None) -> str:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[str] = loop.create_future()
+
+        def ready(what: str) -> None:
+            if not fut.done():
+                fut.set_result(what)
+
+        fds = [self._chan.fileno()]
+        loop.add_reader(fds[0], ready, "chan")
+        if self._notify_fd >= 0:
+            fds.append(self._notify_fd)
+            loop.add_reader(self._notify_fd, ready, "notify")
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await asyncio.wait_for(fut, remaining)
+        except TimeoutError:
+            return "timeout"
+        finally:
+            for fd in fds:
+                loop.remove_reader(fd)
+
+    def _check_method(self, method: str) -> None:
         if method not in getattr(self.cls, "rpc_methods", ()):
             raise AttributeError(f"{self.cls.__name__} has no @rpc method {method!r}")
-        with self._lock:
-            if self.exit is not None:
-                raise self.exit.error(self.name)
-            cid = next(self._call_ids)
-            outputs: list[PendingOutput] = []
-            try:
-                return self._run_call(cid, method, args, kwargs, timeout, outputs)
-            finally:
-                for out in outputs:
-                    out.discard()
 
-    def _run_call(
-        self,
-        cid: int,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None,
-        outputs: list[PendingOutput],
-    ) -> Any:
+    def _steps(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Generator[tuple[str, float | None], str | None, Any]:
+        """One call as a sans-I/O state machine shared by the sync and async
+        drivers. Yields ("wait", deadline) to get the next event ("chan",
+        "notify" or "timeout") or ("sleep", until) to be throttled."""
+        if self.exit is not None:
+            raise self.exit.error(self.name)
+        cid = next(self._call_ids)
+        outputs: list[PendingOutput] = []
         try:
-            self._chan.send({"t": "call", "id": cid, "m": method, "a": list(args), "k": kwargs})
-        except ProtocolError as exc:
-            raise self._fail("protocol", f"could not deliver the call: {exc}") from exc
-        except OSError as exc:
-            raise self._fail_from_os(exc) from exc
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.calls += 1
-        while True:
-            event = self._wait(deadline)
-            if event == "timeout":
-                raise self._fail("timeout", f"call {method}() ran past its {timeout:g} s timeout")
-            if event == "notify":
-                self._on_notification()
-                continue
             try:
-                msg = self._chan.recv()
+                self._chan.send({"t": "call", "id": cid, "m": method, "a": list(args), "k": kwargs})
             except ProtocolError as exc:
-                raise self._fail("protocol", str(exc)) from exc
+                raise self._fail("protocol", f"could not deliver the call: {exc}") from exc
             except OSError as exc:
                 raise self._fail_from_os(exc) from exc
-            if msg is None:
-                raise self._died()
-            try:
-                check_message(msg, _IN_CALL)
-                if msg["id"] != cid and msg["t"] != "req":
-                    raise ProtocolError("answer to a call that is not pending")
-            except ProtocolError as exc:
-                close_fds_in(msg)
-                raise self._fail("protocol", str(exc)) from exc
-            tag = msg["t"]
-            if tag == "req":
-                self._answer(msg, outputs)
-            elif tag == "ret":
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self.calls += 1
+            requests = 0
+            while True:
+                event = yield ("wait", deadline)
+                if event == "timeout":
+                    raise self._fail("timeout", f"call {method}() ran past its {timeout:g} s timeout")
+                if event == "notify":
+                    self._on_notification()
+                    continue
                 try:
-                    value = import_value(msg["v"])
+                    msg = self._chan.recv()
+                except ProtocolError as exc:
+                    raise self._fail("protocol", str(exc)) from exc
                 except OSError as exc:
+                    raise self._fail_from_os(exc) from exc
+                if msg is None:
+                    raise self._died()
+                try:
+                    check_message(msg, _IN_CALL)
+                    if msg["id"] != cid and msg["t"] != "req":
+                        raise ProtocolError("answer to a call that is not pending")
+                except ProtocolError as exc:
                     close_fds_in(msg)
-                    raise self._fail("protocol", f"unusable fd in the answer: {exc}") from exc
-                for out in outputs:
-                    out.commit()
-                    self._broker._audit(self, "commit", out.display, None, "granted", "output committed")
-                outputs.clear()
-                return value
-            else:
-                raise exception_from_wire(msg["e"])
+                    raise self._fail("protocol", str(exc)) from exc
+                tag = msg["t"]
+                if tag == "req":
+                    requests += 1
+                    until = self._throttle()
+                    if until is not None:
+                        yield ("sleep", until)
+                    self._answer(msg, outputs, over_quota=requests > self._broker.max_requests_per_call)
+                elif tag == "ret":
+                    try:
+                        value = import_value(msg["v"])
+                    except OSError as exc:
+                        close_fds_in(msg)
+                        raise self._fail("protocol", f"unusable fd in the answer: {exc}") from exc
+                    for out in outputs:
+                        out.commit()
+                        self._broker._audit(self, "commit", out.display, None, "granted", "output committed")
+                    outputs.clear()
+                    return value
+                else:
+                    remote = exception_from_wire(msg["e"])
+                    if isinstance(remote, MemoryError):
+                        # Its heap is suspect now: stop it and say why.
+                        raise self._fail("oom", f"call {method}() ran out of memory") from remote
+                    raise remote
+        finally:
+            for out in outputs:
+                out.discard()
 
-    def _answer(self, msg: dict[str, Any], outputs: list[PendingOutput]) -> None:
+    def _throttle(self) -> float | None:
+        """Token bucket on worker requests: returns when to answer, if later."""
+        rate = self._broker.request_rate
+        if rate is None:
+            return None
+        now = time.monotonic()
+        burst = max(1.0, rate)
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        self._tokens -= 1.0
+        if self._tokens >= 0:
+            return None
+        return now + (-self._tokens) / rate
+
+    def _answer(self, msg: dict[str, Any], outputs: list[PendingOutput], over_quota: bool = False) -> None:
         reply: dict[str, Any]
         keep: Any = None
         try:
+            if over_quota:
+                raise NotCapable(f"more than {self._broker.max_requests_per_call} requests in one call")
             value, keep = self._broker._serve_request(self, msg["op"], msg["a"], outputs)
             reply = {"t": "rep", "id": msg["id"], "v": value}
         except (PrivsepError, OSError) as exc:
@@ -276,11 +376,7 @@ class WorkerHandle:
         if not poller.poll(int(timeout * 1000)):
             self._kill()
             poller.poll(5000)
-        try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            return None
-        return status
+        return self._reaper(self.pid)
 
     def _set_exit(self, ex: WorkerExit) -> None:
         if self.exit is None:
@@ -379,6 +475,31 @@ class WorkerHandle:
 
     def _adopt_notify(self, fd: int) -> None:
         self._notify_fd = fd
+
+
+def _waitpid(pid: int) -> int | None:
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
+
+
+class _Async:
+    def __init__(self, handle: WorkerHandle, timeout: float | None):
+        self._handle = handle
+        self._timeout = timeout
+
+    def with_timeout(self, seconds: float | None) -> _Async:
+        return _Async(self._handle, seconds)
+
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return await self._handle._acall(method, args, kwargs, self._timeout)
+
+    def __getattr__(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+        handle = self._handle
+        if name.startswith("_") or name not in getattr(handle.cls, "rpc_methods", ()):
+            raise AttributeError(f"{handle.cls.__name__} has no @rpc method {name!r}")
+        return lambda *args, **kwargs: handle._acall(name, args, kwargs, self._timeout)
 
 
 class _Timed:

@@ -1,0 +1,199 @@
+"""A pool of sandboxed workers with ``concurrent.futures.Executor`` semantics.
+
+Drop it in where ``ProcessPoolExecutor`` was: ``submit``, ``map``,
+``shutdown`` (with ``cancel_futures``), the context manager. Pass the
+unbound ``@rpc`` method (``pool.submit(Thumbnailer.thumbnail, cap, 128)``)
+or its name. Each slot owns one worker and one thread that feeds it; a worker
+that dies is replaced (restart policy), and workers can be recycled after N
+calls or when their memory grows past a bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Any
+
+from protocol import PrivsepError, WorkerCrashed
+from worker import Worker
+from worker._rpc import is_rpc
+
+from ._exit import WorkerExit
+from ._handle import WorkerHandle
+
+if TYPE_CHECKING:
+    from ._broker import Broker
+
+log = logging.getLogger("privsep.pool")
+
+
+class PoolBroken(PrivsepError):
+    """The pool stopped replacing workers (restart policy exhausted)."""
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class WorkerPool(Executor):
+    """``size`` sandboxed workers of one class behind an Executor."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        cls: type[Worker],
+        size: int,
+        *,
+        timeout: float | None = None,
+        recycle_after: int | None = None,
+        max_rss: int | None = None,
+        restart: str = "always",
+        max_restarts: int | None = None,
+    ):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError("pool size must be a positive int")
+        if restart not in ("always", "never"):
+            raise ValueError("restart must be 'always' or 'never'")
+        self._broker = broker
+        self.cls = cls
+        self.size = size
+        self.timeout = timeout
+        self.recycle_after = recycle_after
+        self.max_rss = max_rss
+        self.restart = restart
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.exits: list[WorkerExit] = []
+        self._queue: queue.SimpleQueue[tuple[Future[Any], str, tuple[Any, ...], dict[str, Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._handles: list[WorkerHandle | None] = [None] * size
+        self._shutdown = False
+        self._broken: str | None = None
+        self._threads = [
+            threading.Thread(target=self._slot, args=(i,), name=f"privsep-pool-{cls.__name__}-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- Executor ---------------------------------------------------------
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        method = self._method_name(fn)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a pool that was shut down")
+            if self._broken:
+                raise PoolBroken(self._broken)
+            fut: Future[Any] = Future()
+            self._queue.put((fut, method, args, kwargs))
+            return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if not self._shutdown:
+                self._shutdown = True
+                if cancel_futures:
+                    self._drain(cancel=True)
+                for _ in self._threads:
+                    self._queue.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+    # -- introspection ----------------------------------------------------
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return [h for h in self._handles if h is not None and h.alive]
+
+    # -- internals --------------------------------------------------------
+    def _method_name(self, fn: Callable[..., Any] | str) -> str:
+        name = fn if isinstance(fn, str) else getattr(fn, "__name__", None)
+        if not isinstance(name, str) or name not in self.cls.rpc_methods:
+            raise TypeError(f"{fn!r} is not an @rpc method of {self.cls.__name__}")
+        if not isinstance(fn, str) and not (is_rpc(fn) and getattr(self.cls, name, None) is fn):
+            raise TypeError(f"{fn!r} is not {self.cls.__name__}.{name}")
+        return name
+
+    def _drain(self, cancel: bool, error: BaseException | None = None) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self._queue.put(None)
+                return
+            fut = item[0]
+            if cancel:
+                fut.cancel()
+            elif error is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(error)
+
+    def _handle_for(self, slot: int) -> WorkerHandle:
+        handle = self._handles[slot]
+        if handle is not None and handle.alive:
+            return handle
+        if handle is not None:
+            with self._lock:
+                if self.restart == "never":
+                    self._broken = f"worker in slot {slot} ended and restart='never'"
+                elif self.max_restarts is not None and self.restarts >= self.max_restarts:
+                    self._broken = f"gave up after {self.restarts} restarts"
+                else:
+                    self.restarts += 1
+            if self._broken:
+                raise PoolBroken(self._broken)
+        handle = self._broker.spawn(self.cls, timeout=self.timeout)
+        self._handles[slot] = handle
+        return handle
+
+    def _retire(self, slot: int, handle: WorkerHandle) -> None:
+        assert handle.exit is not None
+        self.exits.append(handle.exit)
+        self._handles[slot] = None
+        log.info("pool %s slot %d: worker %s ended (%s)", self.cls.__name__, slot, handle.name, handle.exit.kind)
+
+    def _slot(self, slot: int) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                fut, method, args, kwargs = item
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    handle = self._handle_for(slot)
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    if isinstance(exc, PoolBroken):
+                        self._drain(cancel=False, error=exc)
+                    continue
+                try:
+                    fut.set_result(handle._call(method, args, kwargs, self.timeout))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                if handle.exit is not None:
+                    self._retire(slot, handle)
+                elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
+                    self.max_rss is not None and rss_bytes(handle.pid) > self.max_rss
+                ):
+                    handle.stop()
+                    self._retire(slot, handle)
+        finally:
+            handle_left = self._handles[slot]
+            if handle_left is not None and handle_left.alive:
+                handle_left.stop()
+
+
+__all__ = ["PoolBroken", "WorkerCrashed", "WorkerPool"]

@@ -1,0 +1,127 @@
+"""The zygote: a clean, single-threaded process started by exec.
+
+It imports worker classes once, prepares each sandbox once (the seccomp
+filter is compiled here, before any fork) and forks a worker per request.
+It holds no grants: its only fds are its control channel and, briefly, each
+new worker's channel end. It reaps its children only when the broker asks,
+so a pid is never reused while the broker still refers to it.
+
+Run as ``python3 -m worker._zygote FD [--exec] [--pdeathsig]``. With
+``--exec`` it serves exactly one spawn request by becoming that worker (the
+"fresh interpreter" spawn method).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from protocol import ProtocolError
+from protocol._remote import exception_to_wire
+from protocol._wire import Channel, ReceivedFd
+
+from ._rpc import Worker
+from ._serve import _close_all_but, child_main
+from .sandbox._libc import PR_SET_PDEATHSIG, prctl
+from .sandbox._spec import SandboxSpec
+
+_classes: dict[tuple[str, str], type[Worker]] = {}
+_prepared: dict[Any, Any] = {}
+
+
+def load_class(module: str, qualname: str) -> type[Worker]:
+    key = (module, qualname)
+    cls = _classes.get(key)
+    if cls is None:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if not (isinstance(obj, type) and issubclass(obj, Worker)):
+            raise TypeError(f"{module}.{qualname} is not a Worker subclass")
+        cls = _classes[key] = obj
+    return cls
+
+
+def prepared_for(spec_wire: Any) -> Any:
+    if spec_wire is None:
+        return None
+    spec = SandboxSpec.from_wire(spec_wire)
+    if spec not in _prepared:
+        from .sandbox import prepare
+
+        _prepared[spec] = prepare(spec)
+    return _prepared[spec]
+
+
+def _check_spawn(msg: Any) -> tuple[str, str, Any, ReceivedFd]:
+    if (
+        type(msg) is not dict
+        or msg.get("t") != "spawn"
+        or set(msg) != {"t", "module", "qualname", "spec", "chan"}
+        or not isinstance(msg["module"], str)
+        or not isinstance(msg["qualname"], str)
+        or not isinstance(msg["chan"], ReceivedFd)
+    ):
+        raise ProtocolError("bad spawn request")
+    return msg["module"], msg["qualname"], msg["spec"], msg["chan"]
+
+
+def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
+    me = os.getpid()
+    while True:
+        msg = chan.recv()
+        if msg is None:
+            return
+        if type(msg) is dict and msg.get("t") == "reap" and isinstance(msg.get("pid"), int):
+            try:
+                _, status = os.waitpid(msg["pid"], 0)
+                chan.send({"t": "status", "pid": msg["pid"], "status": status})
+            except ChildProcessError:
+                chan.send({"t": "status", "pid": msg["pid"], "status": None})
+            continue
+        module, qualname, spec, rfd = _check_spawn(msg)
+        try:
+            cls = load_class(module, qualname)
+            prepared = prepared_for(spec)
+        except Exception as exc:
+            rfd.close()
+            chan.send({"t": "error", "e": exception_to_wire(exc)})
+            continue
+        if once:
+            fd = rfd.detach()
+            chan.send({"t": "spawned", "pid": me})
+            ctl = chan.sock.detach()
+            os.close(ctl)
+            child_main(cls, fd, prepared, (), from_main_thread=pdeathsig, parent_pid=os.getppid())
+        pid = os.fork()
+        if pid == 0:
+            try:
+                fd = rfd.detach()
+                os.close(chan.sock.detach())
+                child_main(cls, fd, prepared, (), from_main_thread=True, parent_pid=me)
+            finally:
+                os._exit(70)
+        rfd.close()
+        chan.send({"t": "spawned", "pid": pid})
+
+
+def main(argv: list[str]) -> None:
+    fd = int(argv[0])
+    if "--pdeathsig" in argv:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _close_all_but([0, 1, 2, fd])
+    chan = Channel(socket.socket(fileno=fd))
+    try:
+        serve(chan, once="--exec" in argv, pdeathsig="--pdeathsig" in argv)
+    finally:
+        # The broker is gone; our workers die with us (their parent-death signal).
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
