@@ -77,6 +77,7 @@ class WorkerPool(Executor):
         )
         self._lock = threading.Lock()
         self._handles: list[WorkerHandle | None] = [None] * size
+        self._crashed = [False] * size
         self._shutdown = False
         self._broken: str | None = None
         self._threads = [
@@ -143,7 +144,8 @@ class WorkerPool(Executor):
         handle = self._handles[slot]
         if handle is not None and handle.alive:
             return handle
-        if handle is not None:
+        if self._crashed[slot]:
+            self._crashed[slot] = False
             with self._lock:
                 if self.restart == "never":
                     self._broken = f"worker in slot {slot} ended and restart='never'"
@@ -157,8 +159,9 @@ class WorkerPool(Executor):
         self._handles[slot] = handle
         return handle
 
-    def _retire(self, slot: int, handle: WorkerHandle) -> None:
+    def _retire(self, slot: int, handle: WorkerHandle, crashed: bool) -> None:
         assert handle.exit is not None
+        self._crashed[slot] = crashed
         self.exits.append(handle.exit)
         self._handles[slot] = None
         log.info("pool %s slot %d: worker %s ended (%s)", self.cls.__name__, slot, handle.name, handle.exit.kind)
@@ -184,12 +187,12 @@ class WorkerPool(Executor):
                 except BaseException as exc:
                     fut.set_exception(exc)
                 if handle.exit is not None:
-                    self._retire(slot, handle)
+                    self._retire(slot, handle, crashed=True)
                 elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
                     self.max_rss is not None and rss_bytes(handle.pid) > self.max_rss
                 ):
                     handle.stop()
-                    self._retire(slot, handle)
+                    self._retire(slot, handle, crashed=False)
         finally:
             handle_left = self._handles[slot]
             if handle_left is not None and handle_left.alive:

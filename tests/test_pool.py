@@ -1,0 +1,150 @@
+"""Pools behave like concurrent.futures executors, and replace dead workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import CancelledError, Executor, wait
+from pathlib import Path
+
+import pytest
+from conftest import sandbox_kw
+
+from broker import Broker, Policy, PoolBroken
+from protocol import RemoteError, WorkerCrashed, WorkerTimeout
+from worker import Worker, rpc
+
+
+class Calc(Worker):
+    @rpc
+    def square(self, x: int) -> int:
+        return x * x
+
+    @rpc
+    def pid(self) -> int:
+        return os.getpid()
+
+    @rpc
+    def fail(self, msg: str) -> None:
+        raise ValueError(msg)
+
+    @rpc
+    def die(self) -> None:
+        os._exit(9)
+
+    @rpc
+    def sleep(self, t: float) -> float:
+        time.sleep(t)
+        return t
+
+    @rpc
+    def grow(self, mib: int) -> int:
+        global _hoard
+        _hoard = bytearray(mib << 20)
+        for i in range(0, len(_hoard), 4096):
+            _hoard[i] = 1
+        return len(_hoard)
+
+
+_hoard = bytearray()
+
+
+@pytest.fixture
+def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with Broker(Policy(), root=tmp_path, **sandbox_kw()) as b:
+        yield b
+
+
+def test_pool_is_an_executor(broker: Broker) -> None:
+    with broker.pool(Calc, size=2) as pool:
+        assert isinstance(pool, Executor)
+        assert pool.submit(Calc.square, 7).result() == 49
+        assert list(pool.map(Calc.square, range(20))) == [x * x for x in range(20)]
+        assert pool.submit("square", 3).result() == 9
+        with pytest.raises(TypeError):
+            pool.submit(print, 1)
+        with pytest.raises(TypeError):
+            pool.submit("not_rpc")
+
+
+def test_exceptions_come_through_the_future(broker: Broker) -> None:
+    with broker.pool(Calc, size=1) as pool:
+        fut = pool.submit(Calc.fail, "bad input")
+        with pytest.raises(ValueError, match="bad input"):
+            fut.result()
+        assert isinstance(fut.exception(), ValueError)
+        assert pool.submit(Calc.square, 2).result() == 4
+
+
+def test_dead_worker_is_replaced(broker: Broker) -> None:
+    with broker.pool(Calc, size=1) as pool:
+        first = pool.submit(Calc.pid).result()
+        with pytest.raises(WorkerCrashed):
+            pool.submit(Calc.die).result()
+        second = pool.submit(Calc.pid).result()
+        assert first != second
+        assert pool.restarts == 1 and pool.exits[0].exit_code == 9
+
+
+def test_timeout_replaces_worker(broker: Broker) -> None:
+    with broker.pool(Calc, size=1, timeout=0.3) as pool:
+        with pytest.raises(WorkerTimeout):
+            pool.submit(Calc.sleep, 10).result()
+        assert pool.submit(Calc.square, 5).result() == 25
+        assert pool.exits[0].kind == "timeout"
+
+
+def test_restart_never_breaks_the_pool(broker: Broker) -> None:
+    pool = broker.pool(Calc, size=1, restart="never")
+    with pytest.raises(WorkerCrashed):
+        pool.submit(Calc.die).result()
+    with pytest.raises(PoolBroken):
+        pool.submit(Calc.square, 1).result()
+    pool.shutdown()
+
+
+def test_cancel_and_shutdown(broker: Broker) -> None:
+    pool = broker.pool(Calc, size=1)
+    running = pool.submit(Calc.sleep, 0.5)
+    queued = [pool.submit(Calc.square, i) for i in range(5)]
+    time.sleep(0.1)
+    assert queued[-1].cancel()
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert running.result() == 0.5
+    assert all(f.cancelled() or f.done() for f in queued)
+    with pytest.raises(CancelledError):
+        queued[-1].result()
+    with pytest.raises(RuntimeError):
+        pool.submit(Calc.square, 1)
+
+
+def test_recycle_after_n_calls(broker: Broker) -> None:
+    with broker.pool(Calc, size=1, recycle_after=3) as pool:
+        pids = [pool.submit(Calc.pid).result() for _ in range(7)]
+        assert len(set(pids)) == 3
+        assert all(e.kind == "ok" for e in pool.exits)
+
+
+def test_recycle_on_memory_growth(broker: Broker) -> None:
+    with broker.pool(Calc, size=1, max_rss=200 << 20) as pool:
+        p1 = pool.submit(Calc.pid).result()
+        pool.submit(Calc.grow, 300).result()
+        assert pool.submit(Calc.pid).result() != p1
+
+
+def test_parallelism(broker: Broker) -> None:
+    with broker.pool(Calc, size=2) as pool:
+        pool.submit(Calc.square, 1).result()
+        [f.result() for f in [pool.submit(Calc.square, 1) for _ in range(2)]]
+        t0 = time.monotonic()
+        futs = [pool.submit(Calc.sleep, 0.3) for _ in range(4)]
+        wait(futs)
+        assert time.monotonic() - t0 < 1.1
+
+
+def test_remote_error_type(broker: Broker) -> None:
+    class Local(Exception):
+        pass
+
+    with broker.pool(Calc, size=1) as pool:
+        assert not isinstance(pool.submit(Calc.fail, "x").exception(), RemoteError)
