@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from broker import UNSANDBOXED, Broker, Policy
+from broker import Broker, Policy
 from protocol import Rights
 
 READ = Rights.READ | Rights.FSTAT | Rights.SEEK
@@ -62,12 +61,7 @@ def default_policy() -> Policy:
     return Policy().allow("data/", READ).allow("out/", Rights.WRITE | Rights.CREATE)
 
 
-def sandbox_kw() -> dict[str, Any]:
-    # Set only while the sandbox layer is being developed; CI never sets it.
-    return {"sandbox": UNSANDBOXED} if os.environ.get("PRIVSEP_TEST_UNSANDBOXED") == "1" else {}
-
-
 @pytest.fixture
 def broker(tree: Path) -> Iterator[Broker]:
-    with Broker(default_policy(), root=tree, call_timeout=30, **sandbox_kw()) as b:
+    with Broker(default_policy(), root=tree, call_timeout=30) as b:
         yield b

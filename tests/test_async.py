@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import READ, sandbox_kw
+from conftest import READ
 
 from broker import Broker, Policy
 from protocol import NotCapable, Rights, WorkerTimeout
@@ -37,7 +37,7 @@ def test_concurrent_calls_without_threads(tree: Path) -> None:
     policy = Policy().allow("data/", READ).allow("out/", Rights.WRITE | Rights.CREATE)
 
     async def main() -> None:
-        async with Broker(policy, root=tree, **sandbox_kw()) as b:
+        async with Broker(policy, root=tree) as b:
             workers = [await b.aspawn(AsyncJob) for _ in range(4)]
             threads_before = threading.active_count()
             t0 = time.monotonic()

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import READ, default_policy, sandbox_kw
+from conftest import READ, default_policy
 
 from broker import Broker, Capability, Policy
 from protocol import NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed
@@ -130,7 +130,7 @@ def test_positional_and_keyword_arguments(broker: Broker) -> None:
 def test_unknown_method_is_refused_locally(broker: Broker) -> None:
     w = broker.spawn(Upper)
     with pytest.raises(AttributeError):
-        w.not_a_method()  # noqa: B018
+        w.not_a_method()
     with pytest.raises(AttributeError):
         w.call("setup")
 
@@ -145,7 +145,7 @@ def test_unknown_method_is_refused_locally(broker: Broker) -> None:
 )
 def test_rights_map_to_access_mode(tree: Path, rights: Rights, mode: str, readable: bool, writable: bool) -> None:
     policy = Policy().allow("data/", Rights.READ | Rights.WRITE)
-    with Broker(policy, root=tree, **sandbox_kw()) as b:
+    with Broker(policy, root=tree) as b:
         w = b.spawn(Upper)
         cap = b.open("data/a.txt", rights)
         got = w.describe(cap)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import default_policy, open_fds, sandbox_kw
+from conftest import default_policy, open_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,12 +19,15 @@ from worker import Worker, rpc
 
 
 class Evil(Worker):
+    def setup(self) -> None:
+        import socket
+
+        # Before the sandbox: room for oversize packets (setsockopt is denied after).
+        self.broker._chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+
     @rpc
     def blast(self, packets: list) -> str:
         chan = self.broker._chan
-        import socket
-
-        chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)  # room for oversize packets
         for payload, nfds in packets:
             fds = []
             for _ in range(nfds // 2 + nfds % 2):
@@ -73,7 +76,7 @@ def hostile_env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     (root / "data").mkdir()
     (root / "out").mkdir()
     (root / "data" / "a.txt").write_text("hello")
-    with Broker(default_policy(), root=root, call_timeout=20, **sandbox_kw()) as b:
+    with Broker(default_policy(), root=root, call_timeout=20) as b:
         good = b.spawn(Evil)
         yield b, good
 

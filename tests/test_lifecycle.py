@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import open_fds, sandbox_kw
+from conftest import open_fds
 
 from broker import Broker, Policy
 from protocol import WorkerCrashed, WorkerTimeout
@@ -56,7 +56,7 @@ def alive(pid: int) -> bool:
 
 
 def test_sigkill_mid_call_raises_worker_crashed(tree: Path) -> None:
-    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+    with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
         pid = w.getpid()
         threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
@@ -71,7 +71,7 @@ def test_sigkill_mid_call_raises_worker_crashed(tree: Path) -> None:
 
 
 def test_exit_mid_call_reports_status(tree: Path) -> None:
-    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+    with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
         with pytest.raises(WorkerCrashed) as info:
             w.exit_now(3)
@@ -79,7 +79,7 @@ def test_exit_mid_call_reports_status(tree: Path) -> None:
 
 
 def test_timeout_kills_the_worker(tree: Path) -> None:
-    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+    with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
         pid = w.getpid()
         t0 = time.monotonic()
@@ -91,14 +91,14 @@ def test_timeout_kills_the_worker(tree: Path) -> None:
 
 
 def test_setup_failure_is_reported(tree: Path) -> None:
-    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+    with Broker(Policy(), root=tree) as b:
         with pytest.raises(WorkerCrashed, match="nonexistent") as info:
             b.spawn(BadSetup)
         assert isinstance(info.value.__cause__, ImportError)
 
 
 def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
-    b = Broker(Policy(), root=tree, **sandbox_kw())
+    b = Broker(Policy(), root=tree)
     workers = [b.spawn(Sleeper) for _ in range(4)]
     pids = [w.getpid() for w in workers]
     busy = threading.Thread(target=lambda: pytest.raises(WorkerCrashed, workers[0].sleep, 60), daemon=True)
@@ -113,7 +113,7 @@ def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
 
 
 def test_no_fd_or_process_leak_over_spawn_cycles(tree: Path) -> None:
-    with Broker(Policy(), root=tree, **sandbox_kw()) as b:
+    with Broker(Policy(), root=tree) as b:
         b.spawn(Sleeper).stop()
         before = open_fds()
         for i in range(30):
@@ -135,8 +135,7 @@ BROKER_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from broker import Broker, Policy
     from test_lifecycle import Sleeper
-    from conftest import sandbox_kw
-    b = Broker(Policy(), root={root!r}, **sandbox_kw())
+    b = Broker(Policy(), root={root!r})
     ws = [b.spawn(Sleeper) for _ in range(3)]
     print(" ".join(str(w.getpid()) for w in ws), flush=True)
     time.sleep(60)

@@ -8,7 +8,6 @@ from concurrent.futures import CancelledError, Executor, wait
 from pathlib import Path
 
 import pytest
-from conftest import sandbox_kw
 
 from broker import Broker, Policy, PoolBroken
 from protocol import RemoteError, WorkerCrashed, WorkerTimeout
@@ -51,7 +50,7 @@ _hoard = bytearray()
 
 @pytest.fixture
 def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
-    with Broker(Policy(), root=tmp_path, **sandbox_kw()) as b:
+    with Broker(Policy(), root=tmp_path) as b:
         yield b
 
 

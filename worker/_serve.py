@@ -129,6 +129,7 @@ def child_main(
         sys.stdout = sys.stderr = io.TextIOWrapper(io.BytesIO())  # never the real fds
         report: dict[str, Any] = {"layers": []}
         notify = None
+        _freeze_linecache(cls)
         if prepared is not None:
             from .sandbox import enter
 
@@ -152,6 +153,28 @@ def child_main(
                 pass
     finally:
         os._exit(code)
+
+
+def _freeze_linecache(cls: type[Worker]) -> None:
+    """Tracebacks must not read source files once the sandbox is on: warm
+    the cache for the worker's own modules, then serve lines from memory."""
+    import inspect
+    import linecache
+
+    for klass in cls.__mro__:
+        try:
+            path = inspect.getsourcefile(klass)
+        except (TypeError, OSError):
+            continue
+        if path:
+            linecache.getlines(path)
+
+    def cached_only(filename: str, module_globals: Any = None) -> list[str]:
+        entry = linecache.cache.get(filename)
+        return list(entry[2]) if entry is not None and len(entry) > 2 else []
+
+    linecache.getlines = cached_only
+    linecache.checkcache = lambda filename=None: None
 
 
 class _Listener:

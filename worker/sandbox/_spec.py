@@ -1,38 +1,55 @@
-"""What a worker's sandbox must be: plain, frozen, wire-safe settings.
-
-(Shared by the broker's Policy and the sandbox entry code; extend here.)
-"""
+"""SandboxSpec and Limits: the sandbox a worker enters, as a value. Private;
+re-exported by ``worker.sandbox``."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from protocol import SandboxError
+from protocol import ProtocolError, SandboxError
+from protocol._rights import rights_from_wire
+
+from ._seccomp_rules import DANGEROUS, GROUPS, GROUPS_NEED_LANDLOCK
 
 VIOLATION_MODES = ("kill", "errno")
+_MAX_FD = 1 << 20
+_MAX_RULES = 64
+_INT64 = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits applied at sandbox entry (``None`` leaves one as is)."""
+    """Resource limits (soft = hard; only ever lowered). None leaves one alone.
 
-    address_space: int | None = 4 << 30  # RLIMIT_AS, bytes
-    open_files: int | None = 256  # RLIMIT_NOFILE
-    processes: int | None = 64  # RLIMIT_NPROC (bites only for non-root / inside a user namespace)
-    file_size: int | None = 1 << 30  # RLIMIT_FSIZE, bytes
-    cpu_seconds: int | None = None  # RLIMIT_CPU
+    ``processes`` (RLIMIT_NPROC) counts threads too, but the kernel exempts
+    uid 0 (kuid 0, even inside a user namespace mapping it): it binds only
+    workers of a non-root broker. Core dumps are always off.
+    """
+
+    address_space: int | None = 4 << 30
+    open_files: int | None = 256
+    processes: int | None = 64
+    file_size: int | None = 1 << 30
+    cpu_seconds: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise SandboxError(f"limit {f.name} must be a non-negative int or None, not {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _INT64):
+                raise SandboxError(f"Limits.{f.name} must be a non-negative int or None, not {v!r}")
 
 
 @dataclass(frozen=True)
 class SandboxSpec:
-    """Every setting of the sandbox a worker enters after ``setup()``."""
+    """What a worker gives up at entry. See ``worker.sandbox`` for each field.
+
+    ``syscall_groups`` names extra allowlist groups (``@fs-at``,
+    ``@fd-metadata``, ``@splice``, ``@memlock``, ``@sched``, ``@flock``);
+    ``dangerous`` names options that loosen what is otherwise always denied
+    (``allow-exec-mappings``, ``allow-fork``). ``@fs-at`` is implied when
+    ``fs_rules`` is non-empty and Landlock is on, since path walks beneath a
+    directory grant are then confined by Landlock.
+    """
 
     landlock: bool = True
     landlock_min_abi: int = 0
@@ -45,40 +62,92 @@ class SandboxSpec:
     fs_rules: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("landlock", "seccomp", "namespaces"):
+            if not isinstance(getattr(self, name), bool):
+                raise SandboxError(f"SandboxSpec.{name} must be a bool")
+        if not isinstance(self.landlock_min_abi, int) or isinstance(self.landlock_min_abi, bool) \
+                or not 0 <= self.landlock_min_abi <= 64:
+            raise SandboxError("landlock_min_abi must be an int in 0..64")
+        if self.landlock_min_abi and not self.landlock:
+            raise SandboxError("landlock_min_abi needs landlock=True")
         if self.violation not in VIOLATION_MODES:
-            raise SandboxError(f"violation must be one of {VIOLATION_MODES}, not {self.violation!r}")
-        if not isinstance(self.landlock_min_abi, int) or not 0 <= self.landlock_min_abi <= 64:
-            raise SandboxError("landlock_min_abi must be a small non-negative int")
-        for name in ("syscall_groups", "dangerous"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
-                raise SandboxError(f"{name} must be a tuple of names")
+            raise SandboxError(f"violation must be 'kill' or 'errno', not {self.violation!r}")
+        object.__setattr__(self, "syscall_groups", tuple(self.syscall_groups))
+        object.__setattr__(self, "dangerous", tuple(self.dangerous))
+        object.__setattr__(self, "fs_rules", tuple((int(fd), int(r)) for fd, r in self.fs_rules))
+        for g in self.syscall_groups:
+            if g not in GROUPS:
+                raise SandboxError(f"unknown syscall group {g!r}; known: {sorted(GROUPS)}")
+            if g in GROUPS_NEED_LANDLOCK and not self.landlock:
+                raise SandboxError(f"syscall group {g} is only safe with Landlock on")
+        for d in self.dangerous:
+            if d not in DANGEROUS:
+                raise SandboxError(f"unknown dangerous option {d!r}; known: {sorted(DANGEROUS)}")
+        if not isinstance(self.limits, Limits):
+            raise SandboxError("limits must be a Limits")
+        if len(self.fs_rules) > _MAX_RULES:
+            raise SandboxError(f"more than {_MAX_RULES} fs rules")
+        for fd, rights in self.fs_rules:
+            if not 0 <= fd < _MAX_FD:
+                raise SandboxError(f"fs rule fd {fd} out of range")
+            try:
+                rights_from_wire(rights)
+            except ProtocolError as exc:
+                raise SandboxError(str(exc)) from None
+
+    def effective_groups(self) -> tuple[str, ...]:
+        groups = list(dict.fromkeys(self.syscall_groups))
+        if self.fs_rules and self.landlock and "@fs-at" not in groups:
+            groups.append("@fs-at")
+        return tuple(sorted(groups))
 
     def to_wire(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["syscall_groups"] = list(self.syscall_groups)
-        d["dangerous"] = list(self.dangerous)
-        d["fs_rules"] = [list(r) for r in self.fs_rules]
-        return d
+        return {
+            "landlock": self.landlock,
+            "landlock_min_abi": self.landlock_min_abi,
+            "seccomp": self.seccomp,
+            "violation": self.violation,
+            "syscall_groups": list(self.syscall_groups),
+            "dangerous": list(self.dangerous),
+            "namespaces": self.namespaces,
+            "limits": {f.name: getattr(self.limits, f.name) for f in fields(Limits)},
+            "fs_rules": [[fd, rights] for fd, rights in self.fs_rules],
+        }
 
     @classmethod
     def from_wire(cls, d: object) -> SandboxSpec:
+        """Strictly validate peer data: exact keys and types, bounded sizes."""
         if not isinstance(d, dict) or set(d) != {f.name for f in fields(cls)}:
-            raise SandboxError("malformed sandbox spec")
-        try:
-            limits = d["limits"]
-            if not isinstance(limits, dict):
-                raise SandboxError("malformed limits")
-            return cls(
-                landlock=bool(d["landlock"]),
-                landlock_min_abi=d["landlock_min_abi"],
-                seccomp=bool(d["seccomp"]),
-                violation=d["violation"],
-                syscall_groups=tuple(d["syscall_groups"]),
-                dangerous=tuple(d["dangerous"]),
-                namespaces=bool(d["namespaces"]),
-                limits=Limits(**limits),
-                fs_rules=tuple((int(a), int(b)) for a, b in d["fs_rules"]),
-            )
-        except (TypeError, ValueError, KeyError) as exc:
-            raise SandboxError(f"malformed sandbox spec: {exc}") from exc
+            raise ProtocolError("sandbox spec: wrong shape or keys")
+        lim = d["limits"]
+        if not isinstance(lim, dict) or set(lim) != {f.name for f in fields(Limits)}:
+            raise ProtocolError("sandbox spec: bad limits")
+        for v in lim.values():
+            if v is not None and (type(v) is not int):
+                raise ProtocolError("sandbox spec: limit values must be int or None")
+        for key in ("syscall_groups", "dangerous"):
+            val = d[key]
+            if not isinstance(val, list) or len(val) > 32 or not all(type(x) is str for x in val):
+                raise ProtocolError(f"sandbox spec: {key} must be a short list of str")
+        rules = d["fs_rules"]
+        if not isinstance(rules, list) or len(rules) > _MAX_RULES:
+            raise ProtocolError("sandbox spec: fs_rules must be a list")
+        for r in rules:
+            if not isinstance(r, list | tuple) or len(r) != 2 or not all(type(x) is int for x in r):
+                raise ProtocolError("sandbox spec: each fs rule is [fd, rights]")
+        for key in ("landlock", "seccomp", "namespaces"):
+            if type(d[key]) is not bool:
+                raise ProtocolError(f"sandbox spec: {key} must be a bool")
+        if type(d["landlock_min_abi"]) is not int or type(d["violation"]) is not str:
+            raise ProtocolError("sandbox spec: bad landlock_min_abi or violation")
+        return cls(
+            landlock=d["landlock"],
+            landlock_min_abi=d["landlock_min_abi"],
+            seccomp=d["seccomp"],
+            violation=d["violation"],
+            syscall_groups=tuple(d["syscall_groups"]),
+            dangerous=tuple(d["dangerous"]),
+            namespaces=d["namespaces"],
+            limits=Limits(**lim),
+            fs_rules=tuple((fd, rights) for fd, rights in rules),
+        )

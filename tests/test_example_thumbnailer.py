@@ -1,0 +1,282 @@
+"""End to end: the thumbnailer example on its bundled samples, hostile ones included.
+
+Runs the real entry point (``python3 -m examples.thumbnailer`` in a
+subprocess, and ``main()`` in-process for the variations), with real
+sandboxed workers, and checks the outputs, the per-file reasons, and that
+nothing partial or out of place is ever left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+from examples.thumbnailer import cli, make_samples  # noqa: E402
+from examples.thumbnailer.progress import Progress  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = make_samples.GOOD
+HOSTILE = make_samples.HOSTILE
+PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def _copy_samples(dst: Path) -> Path:
+    """The bundled samples in a private directory, with the run-time FIFO and symlink made."""
+    shutil.copytree(
+        make_samples.SAMPLES_DIR, dst, symlinks=True, ignore=shutil.ignore_patterns(make_samples.FIFO_NAME)
+    )
+    make_samples.ensure_runtime_specials(dst)
+    return dst
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _output_name(rel: str, fmt: str) -> str:
+    return str(Path(rel).with_suffix(cli.imaging.OUTPUT_FORMATS[fmt][1]))
+
+
+def _check_outputs(out: Path, report: dict[str, Any], fmt: str, size: int) -> None:
+    converted = {item["input"]: item for item in report["converted"]}
+    assert set(converted) == set(GOOD), report["rejected"]
+    expected_files = {_output_name(rel, fmt) for rel in GOOD}
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+    assert files == expected_files  # no temporaries, no partial outputs, nothing else
+    for rel, (_fmt, width, height, _mode) in GOOD.items():
+        path = out / _output_name(rel, fmt)
+        assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o644
+        with Image.open(path) as img:
+            img.load()  # decodable, to the last byte
+            assert img.format == PIL_FORMAT[fmt]
+            assert max(img.size) == size, (rel, img.size)  # fits the box, touching it
+            assert abs(img.width / img.height - width / height) < 0.05  # aspect ratio kept
+            assert list(img.size) == [converted[rel]["width"], converted[rel]["height"]]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One run of the real command line on (a copy of) the bundled samples."""
+    base = tmp_path_factory.mktemp("thumbs")
+    inp = _copy_samples(base / "in")
+    before = _tree(inp)
+    out = base / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.thumbnailer", str(inp), "-o", str(out), "--format", "png", "--size", "64",
+         "--workers", "2", "--json", str(base / "report.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    report = json.loads((base / "report.json").read_text())
+    return {"proc": proc, "report": report, "base": base, "in": inp, "out": out, "before": before}
+
+
+def test_cli_converts_every_real_image(cli_run: dict[str, Any]) -> None:
+    proc = cli_run["proc"]
+    assert proc.returncode == cli.EXIT_REJECTED, proc.stderr  # the hostile samples are rejected, on purpose
+    _check_outputs(cli_run["out"], cli_run["report"], "png", 64)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_cli_rejects_each_hostile_sample_with_a_reason(cli_run: dict[str, Any], name: str) -> None:
+    rejected = {item["input"]: item for item in cli_run["report"]["rejected"]}
+    assert name in rejected, f"{name} was not rejected: {cli_run['report']['converted']}"
+    assert rejected[name]["kind"] == HOSTILE[name], rejected[name]
+    assert rejected[name]["reason"]
+    assert name in cli_run["proc"].stdout  # the human summary names it too
+    assert not (cli_run["out"] / _output_name(name, "png")).exists()
+
+
+def test_cli_reasons_are_specific(cli_run: dict[str, Any]) -> None:
+    reasons = {item["input"]: item["reason"] for item in cli_run["report"]["rejected"]}
+    assert "Mpx" in reasons["bomb.png"] and "limit" in reasons["bomb.png"]
+    assert "50000" in reasons["huge-header.bmp"] or "2,500 Mpx" in reasons["huge-header.bmp"]
+    assert "/etc/passwd" in reasons["passwd.jpg"]
+    assert "FIFO" in reasons["fifo.jpg"] or "fifo" in reasons["fifo.jpg"]
+    assert "0 bytes" in reasons["empty.jpg"]
+    assert "This is not" in reasons["not-really.png"]  # shows what the file really starts with
+
+
+def test_cli_leaves_nothing_behind_or_outside(cli_run: dict[str, Any]) -> None:
+    base: Path = cli_run["base"]
+    assert {p.name for p in base.iterdir()} == {"in", "out", "report.json"}
+    assert _tree(cli_run["in"]) == cli_run["before"]  # the input directory is untouched
+    hidden = [p for p in cli_run["out"].rglob(".*")]
+    assert hidden == []  # no temporaries survive
+    assert cli_run["report"]["workers_replaced"] == 0  # bad input is an error, not a crash
+
+
+def test_cli_reports_the_sandbox_and_the_numbers(cli_run: dict[str, Any]) -> None:
+    report, proc = cli_run["report"], cli_run["proc"]
+    layers = report["sandbox"]["layers"]
+    assert any(layer.startswith("seccomp") for layer in layers), layers
+    assert "no_new_privs" in layers
+    assert report["counts"] == {"converted": len(GOOD), "rejected": len(HOSTILE), "skipped": 0}
+    assert report["seconds"] > 0 and report["images_per_second"] > 0
+    assert "Sandbox layers the workers ran under:" in proc.stdout
+    assert "seccomp" in proc.stdout
+    # not a terminal: plain progress lines on stderr, one per file
+    assert proc.stderr.count("] ok ") == len(GOOD)
+    assert proc.stderr.count("] REJECTED ") == len(HOSTILE)
+    assert "\r" not in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_main_other_formats(tmp_path: Path, fmt: str) -> None:
+    inp = _copy_samples(tmp_path / "in")
+    out = tmp_path / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = cli.main(
+        [str(inp), "-o", str(out), "-f", fmt, "-s", "100", "-q", "70", "--json", "-", "--quiet"],
+        stdout=stdout, stderr=stderr,
+    )  # fmt: skip
+    assert status == cli.EXIT_REJECTED
+    report = json.loads(stdout.getvalue())  # --json - : the report is stdout, alone
+    _check_outputs(out, report, fmt, 100)
+    assert "converted" in stderr.getvalue()  # the human summary moved to stderr
+
+
+def test_main_all_good_exits_zero_and_output_inside_input(tmp_path: Path) -> None:
+    inp = tmp_path / "photos"
+    inp.mkdir()
+    shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", inp / "a.jpg")
+    shutil.copy(make_samples.SAMPLES_DIR / "diagram.png", inp / "a.png")  # same stem: the later keeps its suffix
+    (inp / "notes.txt").write_text("not an image")
+    out = inp / "thumbs"  # inside the input: must not be walked into
+    stdout = io.StringIO()
+    status = cli.main([str(inp), "-o", str(out), "-f", "webp", "--json", str(tmp_path / "r.json")],
+                      stdout=stdout, stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_OK, stdout.getvalue()
+    assert sorted(p.name for p in out.iterdir()) == ["a.png.webp", "a.webp"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["skipped"] == [{"input": "notes.txt", "reason": "not an image file name"}]
+    status = cli.main([str(inp), "-o", str(out), "-f", "webp"], stdout=io.StringIO(), stderr=io.StringIO())
+    assert status == cli.EXIT_OK  # a second run replaces, and does not pick up its own outputs
+    assert sorted(p.name for p in out.iterdir()) == ["a.png.webp", "a.webp"]
+
+
+def test_directory_symlink_out_is_refused_not_followed(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", inp / "ok.jpg")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", secret / "private.jpg")
+    os.symlink(secret, inp / "escape")  # a directory symlink out of the input
+    os.symlink(secret / "private.jpg", inp / "private.jpg")  # a file symlink out
+    out = tmp_path / "out"
+    stdout = io.StringIO()
+    status = cli.main([str(inp), "-o", str(out), "--json", "-"], stdout=stdout, stderr=io.StringIO())
+    report = json.loads(stdout.getvalue())
+    assert status == cli.EXIT_REJECTED
+    assert [c["input"] for c in report["converted"]] == ["ok.jpg"]
+    assert {r["input"]: r["kind"] for r in report["rejected"]} == {"private.jpg": "not-capable"}
+    assert _tree(out) == {"ok.jpg"}
+
+
+def _misbehaving_worker() -> type:
+    """A Thumbnailer that crashes mid-write, hangs, or makes a forbidden syscall, chosen by output name."""
+    from examples.thumbnailer.workers import Thumbnailer
+    from worker import rpc
+
+    class Misbehaving(Thumbnailer):
+        @rpc
+        def thumbnail(self, src: Any, size: int, fmt: str, quality: int, out: str) -> dict[str, Any]:
+            name = out.rsplit("/", 1)[-1]
+            if name.startswith("crash"):
+                dst = self.broker.create(out)
+                dst.write(b"half an image")
+                dst.flush()
+                os._exit(3)  # dies with a partial output open: it must not appear
+            if name.startswith("hang"):
+                time.sleep(60)
+            if name.startswith("syscall"):
+                import socket
+
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no network in the sandbox
+            return super().thumbnail(src, size, fmt, quality, out)
+
+    return Misbehaving
+
+
+def test_dead_and_killed_workers_are_replaced_and_the_run_goes_on(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    names = ["crash.jpg", "hang.jpg", "syscall.jpg", *[f"ok{i}.jpg" for i in range(5)]]
+    for name in names:
+        shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", inp / name)
+    out = tmp_path / "out"
+    stdout = io.StringIO()
+    started = time.monotonic()
+    status = cli.main(
+        [str(inp), "-o", str(out), "--workers", "2", "--timeout", "1", "--json", "-"],
+        worker_cls=_misbehaving_worker(), stdout=stdout, stderr=io.StringIO(),
+    )  # fmt: skip
+    assert time.monotonic() - started < 20
+    report = json.loads(stdout.getvalue())
+    assert status == cli.EXIT_REJECTED
+    kinds = {r["input"]: r["kind"] for r in report["rejected"]}
+    assert kinds["crash.jpg"] == "worker-crashed"
+    assert kinds["hang.jpg"] == "timeout"
+    assert kinds["syscall.jpg"] in ("killed-by-sandbox", "not-capable", "error"), report["rejected"]
+    assert sorted(c["input"] for c in report["converted"]) == [f"ok{i}.jpg" for i in range(5)]
+    assert report["workers_replaced"] >= 2
+    assert _tree(out) == {f"ok{i}.jpg" for i in range(5)}  # no partial crash.jpg, no temporaries
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    for argv in (["--size", "0"], ["--format", "gif"], ["--quality", "101"], [str(tmp_path / "missing")]):
+        proc = subprocess.run([sys.executable, "-m", "examples.thumbnailer", *argv, "-o", str(tmp_path / "o")],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == cli.EXIT_USAGE, (argv, proc.stderr)
+        assert "usage:" in proc.stderr
+
+
+def test_help_explains_itself() -> None:
+    proc = subprocess.run([sys.executable, "-m", "examples.thumbnailer", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0
+    for word in ("sandbox", "--size", "--format", "--quality", "--workers", "--json", "--timeout", "exit status",
+                 "FIFO", "bundled samples"):  # fmt: skip
+        assert word in proc.stdout, word
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, 3, tty=True)
+    progress.update("a.jpg", True, "ok")
+    progress.update("b.jpg", False, "truncated: ...")
+    progress.update("c.jpg", True, "ok")
+    progress.finish()
+    text = stream.getvalue()
+    assert "\r" in text and "3/3" in text and "rejected b.jpg" in text
+
+
+def test_missing_symlink_after_a_clone_is_recreated(tmp_path: Path) -> None:
+    samples = _copy_samples(tmp_path / "s")
+    (samples / make_samples.SYMLINK_NAME).unlink()
+    (samples / make_samples.SYMLINK_NAME).write_text("/etc/passwd")  # what core.symlinks=false checks out
+    (samples / make_samples.FIFO_NAME).unlink()
+    notes = make_samples.ensure_runtime_specials(samples)
+    assert len(notes) == 2
+    assert os.readlink(samples / make_samples.SYMLINK_NAME) == make_samples.SYMLINK_TARGET
+    assert make_samples.ensure_runtime_specials(samples) == []
+
+
+def test_bundled_samples_are_small_and_reproducible(tmp_path: Path) -> None:
+    total = sum(p.lstat().st_size for p in make_samples.SAMPLES_DIR.rglob("*"))
+    assert total < 1_000_000
+    make_samples.generate(tmp_path)
+    for rel in [*GOOD, *(n for n in HOSTILE if n not in (make_samples.FIFO_NAME, make_samples.SYMLINK_NAME))]:
+        assert (tmp_path / rel).read_bytes() == (make_samples.SAMPLES_DIR / rel).read_bytes(), rel

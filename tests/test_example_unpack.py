@@ -1,0 +1,192 @@
+"""End to end: the unpack example on its bundled archives, hostile ones included.
+
+Each archive goes through the real entry point with a real sandboxed
+worker; the test checks what was extracted (byte for byte), each refusal
+and its kind, where the run stopped, and that nothing landed outside the
+output directory or was left half-written inside it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from examples.unpack import cli, make_samples, safety
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = make_samples.SAMPLES_DIR
+EXPECTED = make_samples.EXPECTED
+
+
+def _run(archive: Path, out: Path, *extra: str, **kwargs: Any) -> tuple[int, dict[str, Any], str]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = cli.main([str(archive), str(out), "--json", "-", *extra], stdout=stdout, stderr=stderr, **kwargs)
+    return status, json.loads(stdout.getvalue()), stderr.getvalue()
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bundled_archive(tmp_path: Path, name: str) -> None:
+    expected = EXPECTED[name]
+    out = tmp_path / "out"
+    status, report, stderr = _run(SAMPLES / name, out)
+
+    # nothing outside the output directory, nothing hidden or partial inside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not Path("/tmp/privsep-evil.txt").exists()
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+    assert all(p.is_file() or p.is_dir() for p in out.rglob("*"))  # no devices, no FIFOs
+
+    files = _files(out)
+    assert files == {e["name"] for e in report["extracted"]}
+    if expected["files"] == "some":
+        assert files
+    else:
+        assert files == set(expected["files"]), report
+    if expected["refused"] != "any":
+        assert [(r["name"], r["kind"]) for r in report["refused"]] == list(expected["refused"]), report["refused"]
+    for r in report["refused"]:
+        assert r["reason"] and r["name"] in stderr  # each refusal printed, with its reason
+    stopped = report["stopped"]["kind"] if report["stopped"] else None
+    assert stopped == expected["stopped"], report["stopped"]
+    clean = not report["refused"] and stopped is None
+    assert status == (cli.EXIT_OK if clean else cli.EXIT_REFUSED)
+    if name.startswith("good"):
+        for rel, data in make_samples.GOOD_TREE.items():
+            assert (out / rel).read_bytes() == data
+        assert (out / "empty-dir").is_dir()
+    for rel in files:
+        assert (out / rel).stat().st_mode & 0o7777 == 0o644  # no modes (setuid, exec) from the archive
+
+
+def test_report_names_the_sandbox_layers(tmp_path: Path) -> None:
+    status, report, _ = _run(SAMPLES / "good.zip", tmp_path / "out")
+    assert status == cli.EXIT_OK
+    layers = report["sandbox"]["layers"]
+    assert any(layer.startswith("seccomp") for layer in layers) and "no_new_privs" in layers
+
+
+def test_bombs_stop_while_streaming_not_from_headers(tmp_path: Path) -> None:
+    _, report, _ = _run(SAMPLES / "zip-bomb.zip", tmp_path / "a")
+    assert report["stopped"]["member"] == "zeros.bin"
+    assert ":1" in report["stopped"]["reason"]  # the ratio that was passed
+    assert report["bytes"] < 1 << 20  # the bomb's output never landed
+    # total-size limit: a good archive with a tiny budget
+    status, report, _ = _run(SAMPLES / "good.zip", tmp_path / "b", "--max-total", "1K")
+    assert status == cli.EXIT_REFUSED
+    assert report["stopped"]["kind"] == "bomb" and "total" in report["stopped"]["reason"]
+    assert report["bytes"] <= 1024
+    # member-count limit
+    status, report, _ = _run(SAMPLES / "good.zip", tmp_path / "c", "--max-members", "2")
+    assert report["stopped"]["kind"] == safety.TOO_MANY and status == cli.EXIT_REFUSED
+
+
+def test_a_bomb_is_fine_when_the_user_raises_the_limits(tmp_path: Path) -> None:
+    status, report, _ = _run(SAMPLES / "tar-bomb.tar.gz", tmp_path / "out", "--max-ratio", "10000")
+    assert status == cli.EXIT_OK, report
+    assert (tmp_path / "out" / "zeros.bin").stat().st_size == make_samples.BOMB_BYTES
+
+
+def test_crashed_worker_leaves_no_partial_file(tmp_path: Path) -> None:
+    from examples.unpack.workers import Unpacker
+    from worker import rpc
+
+    class Crashing(Unpacker):
+        @rpc
+        def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
+            if out.endswith("numbers.csv"):
+                dst = self.broker.create(out)
+                dst.write(b"n,sq")
+                dst.flush()
+                os._exit(9)
+            return super().extract_member(out, total_so_far, limits)
+
+    status, report, _ = _run(SAMPLES / "good.zip", tmp_path / "out", worker_cls=Crashing)
+    assert status == cli.EXIT_REFUSED
+    assert report["stopped"]["kind"] == "worker-crashed"
+    assert not (tmp_path / "out" / "data" / "numbers.csv").exists()
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").rglob("*"))
+
+
+def test_unicode_and_unsafe_names(tmp_path: Path) -> None:
+    archive = tmp_path / "names.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("café/naïve.txt", b"ok")
+        zf.writestr("bell\x07.txt", b"control character")
+        zf.writestr("x" * 300, b"component too long")
+        zf.writestr("./a/./b//c.txt", b"normalised")
+    status, report, _ = _run(archive, tmp_path / "out")
+    assert status == cli.EXIT_REFUSED
+    assert _files(tmp_path / "out") == {"café/naïve.txt", "a/b/c.txt"}
+    assert sorted(r["kind"] for r in report["refused"]) == ["unsafe-name", "unsafe-name"]
+
+
+def test_output_symlink_planted_beforehand_is_not_followed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, out / "docs")  # e.g. left by an earlier, different tool
+    status, report, _ = _run(SAMPLES / "good.zip", out, "--overwrite")
+    assert status == cli.EXIT_REFUSED
+    assert list(outside.iterdir()) == []
+    assert {r["kind"] for r in report["refused"]} == {safety.CONFLICT}
+
+
+def test_cli_subprocess_and_usage(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "examples.unpack", str(SAMPLES / "zip-slip.zip"), str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == cli.EXIT_REFUSED, proc.stderr
+    assert "path-traversal" in proc.stdout and "../evil.txt" in proc.stdout
+    assert _files(out) == {"ok.txt"}
+    assert not (tmp_path / "evil.txt").exists()
+    # a non-empty OUTDIR without --overwrite, a missing archive: usage errors
+    for argv in ([str(SAMPLES / "good.zip"), str(out)], [str(tmp_path / "missing.zip"), str(tmp_path / "o")], []):
+        proc = subprocess.run([sys.executable, "-m", "examples.unpack", *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == cli.EXIT_USAGE, (argv, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "examples.unpack", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "zip-slip" in proc.stdout and "exit status" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"../x", safety.PATH_TRAVERSAL), (b"a/../../x", safety.PATH_TRAVERSAL), (b"a/..", safety.PATH_TRAVERSAL),
+        (b"/etc/passwd", safety.ABSOLUTE), (b"C:/x", safety.ABSOLUTE), (b"\\\\host\\share", safety.ABSOLUTE),
+        (b"..\\x", safety.PATH_TRAVERSAL), (b"a\\b", safety.UNSAFE_NAME), (b"a\x00b", safety.UNSAFE_NAME),
+        (b"\xff\xfe", safety.UNSAFE_NAME), ("a\u202eb".encode(), safety.UNSAFE_NAME),
+        (b"a/" * 70 + b"x", safety.UNSAFE_NAME),
+    ],
+)  # fmt: skip
+def test_check_name_refuses(raw: bytes, kind: str) -> None:
+    with pytest.raises(safety.Refused) as info:
+        safety.check_name(raw)
+    assert info.value.kind == kind
+
+
+def test_check_name_accepts() -> None:
+    assert safety.check_name(b"./a//b/./c.txt") == ("a", "b", "c.txt")
+    assert safety.check_name(b"./") == ()
+    assert safety.check_name("日本/語.txt".encode()) == ("日本", "語.txt")
+    assert safety.check_name(b"..foo/bar..") == ("..foo", "bar..")
+
+
+def test_samples_are_reproducible(tmp_path: Path) -> None:
+    for path in make_samples.generate(tmp_path):
+        assert path.read_bytes() == (SAMPLES / path.name).read_bytes(), path.name
+    assert sum(p.stat().st_size for p in SAMPLES.iterdir()) < 500_000

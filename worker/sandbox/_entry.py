@@ -1,0 +1,176 @@
+"""prepare() in the parent, enter() in the forked child. Private."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from protocol import SandboxError
+
+from . import _caps, _landlock, _namespaces, _rlimits, _seccomp
+from ._libc import PR_SET_NO_NEW_PRIVS, ffi, lib, prctl
+from ._probe import seccomp_features
+from ._seccomp_rules import GROUPS_NEED_LANDLOCK
+from ._spec import SandboxSpec
+
+SYS_CLOSE_RANGE = 436
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A spec with its seccomp filter already compiled (done once, before fork)."""
+
+    spec: SandboxSpec
+    groups: tuple[str, ...]
+    compiled: _seccomp.Compiled | None
+    notify: bool  # the kernel can give a listener
+    wait_killable: bool
+
+
+class Report(dict[str, Any]):
+    """What entry applied; msgpack-able as a plain dict.
+
+    Keys: ``layers`` (in order, e.g. ``["rlimits", "namespaces:user,net,...",
+    "capabilities", "no_new_privs", "landlock:abi7", "seccomp:notify"]``), ``landlock_abi``,
+    ``namespaces``, ``rlimits``, ``seccomp`` (``notify``/``kill``/``errno``/
+    ``off``), ``seccomp_insns``, ``groups``, ``dangerous``, ``fs_rules``
+    (``[fd, landlock access]`` added), ``entry_us``, and ``notify_fd``: the
+    listener fd (or None). The caller must send ``notify_fd`` to the broker
+    and close it before running anything untrusted: a worker holding its own
+    listener could answer its own notifications (its ioctls are denied by the
+    filter too, as a second line).
+    """
+
+    @property
+    def listener_fd(self) -> int | None:
+        fd = self.get("notify_fd")
+        return fd if isinstance(fd, int) else None
+
+
+@functools.lru_cache(maxsize=32)
+def prepare(spec: SandboxSpec) -> Prepared:
+    """Compile the seccomp filter for ``spec`` (cached by spec). Call before
+    fork so the child only patches in its pid and loads the program."""
+    if not isinstance(spec, SandboxSpec):
+        raise TypeError("prepare() takes a SandboxSpec")
+    groups = spec.effective_groups()
+    feats = seccomp_features()
+    compiled = _seccomp.compile_filter(groups, spec.dangerous) if spec.seccomp else None
+    if spec.seccomp and not feats["seccomp"]:
+        raise SandboxError("this kernel has no seccomp filter mode")
+    return Prepared(spec, groups, compiled, bool(feats["user_notif"]), bool(feats["wait_killable_recv"]))
+
+
+def _single_thread() -> None:
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError as exc:
+        raise SandboxError(f"cannot prove the process is single-threaded: {exc.strerror}") from exc
+    if len(tasks) != 1:
+        raise SandboxError(f"sandbox entry needs a single-threaded process; {len(tasks)} threads are running")
+
+
+def _close_all_but(keep: Sequence[int]) -> None:
+    want = sorted({fd for fd in keep if fd >= 0})
+    for fd in want:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise SandboxError(f"fd {fd} to keep is not open") from exc
+    lo = 0
+    for fd in [*want, -1]:
+        hi = 0xFFFFFFFF if fd < 0 else fd - 1
+        if hi >= lo and int(lib.syscall(ffi.cast("long", SYS_CLOSE_RANGE), ffi.cast("unsigned int", lo),
+                                         ffi.cast("unsigned int", hi), ffi.cast("unsigned int", 0))) != 0:
+            raise SandboxError(f"close_range: {os.strerror(ffi.errno)}")
+        lo = fd + 1
+    # stdio slots that were closed get /dev/null, so a stray print() can never
+    # land in a channel or grant that later takes fd 0, 1 or 2
+    missing = [fd for fd in (0, 1, 2) if fd not in want]
+    if missing:
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in missing:
+            if fd != null:
+                os.dup2(null, fd, inheritable=False)
+        if null not in missing:
+            os.close(null)
+
+
+def enter(prepared: Prepared, keep_fds: Sequence[int]) -> Report:
+    """Enter the sandbox, for good. Call in a single-threaded forked child.
+
+    Order: close every fd not in ``keep_fds`` -> rlimits -> namespaces ->
+    drop all capabilities -> NO_NEW_PRIVS -> Landlock -> seccomp. Raises SandboxError when a demanded
+    layer cannot be applied; the process is then half-sandboxed and must exit.
+    """
+    t0 = time.perf_counter()
+    spec = prepared.spec
+    _single_thread()
+    missing = [fd for fd, _ in spec.fs_rules if fd not in keep_fds]
+    if missing:
+        raise SandboxError(f"fs rule fds {missing} are not among the fds kept")
+    report = Report(layers=[], landlock_abi=0, namespaces=[], seccomp="off", notify_fd=None,
+                    groups=list(prepared.groups), dangerous=list(spec.dangerous), violation=spec.violation)
+    _close_all_but(keep_fds)
+
+    report["rlimits"] = _rlimits.apply(spec.limits)
+    report["layers"].append("rlimits")
+
+    if spec.namespaces:
+        entered = _namespaces.apply()
+        report["namespaces"] = entered
+        if entered:
+            report["layers"].append("namespaces:" + ",".join(entered))
+
+    try:
+        _caps.drop_all()
+    except OSError as exc:
+        raise SandboxError(str(exc)) from exc
+    report["layers"].append("capabilities")
+
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    report["layers"].append("no_new_privs")
+
+    applied = _landlock.apply(spec.fs_rules, spec.landlock_min_abi) if spec.landlock else None
+    if applied is not None:
+        report["landlock_abi"] = applied.abi
+        report["fs_rules"] = [list(r) for r in applied.rules]
+        report["layers"].append(f"landlock:abi{applied.abi}")
+    elif GROUPS_NEED_LANDLOCK.intersection(prepared.groups):
+        raise SandboxError("syscall group @fs-at needs Landlock, which this kernel lacks")
+
+    if prepared.compiled is not None:
+        mode, fd = _load_seccomp(prepared)
+        report["seccomp"] = mode
+        report["notify_fd"] = fd
+        report["seccomp_insns"] = prepared.compiled.length
+        report["layers"].append(f"seccomp:{mode}")
+    report["entry_us"] = int((time.perf_counter() - t0) * 1e6)
+    return report
+
+
+def _load_seccomp(prepared: Prepared) -> tuple[str, int | None]:
+    assert prepared.compiled is not None
+    pid = os.getpid()
+    violation = prepared.spec.violation
+    if prepared.notify:
+        code = _seccomp.instantiate(prepared.compiled, pid, _seccomp.RET_USER_NOTIF)
+        flags = _seccomp.FLAG_NEW_LISTENER
+        if prepared.wait_killable:
+            flags |= _seccomp.FLAG_WAIT_KILLABLE_RECV
+        try:
+            return "notify", _seccomp.load(code, flags)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:  # EBUSY: an outer filter already has the one listener allowed
+                raise SandboxError(f"seccomp: {exc.strerror}") from exc
+    code = _seccomp.instantiate(prepared.compiled, pid, _seccomp.default_action(violation, notify=False))
+    try:
+        _seccomp.load(code, 0)
+    except OSError as exc:
+        raise SandboxError(f"seccomp: {exc.strerror}") from exc
+    return violation, None

@@ -1,0 +1,99 @@
+"""New namespaces at entry, where the kernel allows them. Private.
+
+One ``unshare(USER|NET|IPC|UTS|NS)`` (each unshare call costs ~0.4 ms here,
+whatever its flags, so they are not split), then the worker's uid/gid are
+mapped to themselves so files it creates through held directory fds keep a
+valid owner, then the filesystem root becomes an empty, read-only, 4 KiB tmpfs
+inside the private mount namespace: absolute paths, including absolute paths
+given to ``openat`` on a held fd, resolve into nothing.
+
+The empty root is entered with ``chroot`` rather than ``pivot_root``: both give
+the same empty "/" to path lookups, and ``pivot_root`` + lazy unmount costs
+~1.4 ms against ~0.1 ms. ``chroot``'s classic escapes need ``chroot``,
+``fchdir`` or ``mount`` again, all denied by seccomp.
+
+Failure of any step is not fatal: the layer is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._libc import ffi, lib
+
+ffi.cdef(
+    """
+    int unshare(int flags);
+    int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data);
+    int chroot(const char *path);
+    int chdir(const char *path);
+    """
+)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+_ORDER = [("user", CLONE_NEWUSER), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS),
+          ("mount", CLONE_NEWNS)]
+ALL = sum(flag for _, flag in _ORDER)
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+_MOUNTPOINTS = (b"/tmp", b"/mnt", b"/dev", b"/proc")
+
+
+def _unshare(flags: int) -> bool:
+    return int(lib.unshare(flags)) == 0
+
+
+def _write(path: str, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def _map_ids(uid: int, gid: int) -> None:
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
+def _empty_root(own_userns: bool) -> bool:
+    # In a new user namespace the copied mounts are already slaves of the
+    # host's; without one (privileged fallback) stop propagation explicitly.
+    if not own_userns and int(lib.mount(ffi.NULL, b"/", ffi.NULL, MS_REC | MS_PRIVATE, ffi.NULL)) != 0:
+        return False
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    for target in _MOUNTPOINTS:
+        if int(lib.mount(b"privsep-empty", target, b"tmpfs", flags, b"size=4k,nr_inodes=2,mode=0555")) == 0:
+            break
+    else:
+        return False
+    return int(lib.chdir(target)) == 0 and int(lib.chroot(b".")) == 0 and int(lib.chdir(b"/")) == 0
+
+
+def apply() -> list[str]:
+    """Enter what namespaces the kernel allows. Returns the names entered
+    (``user``, ``net``, ``ipc``, ``uts``, ``mount``, ``emptyroot``)."""
+    uid, gid = os.geteuid(), os.getegid()
+    entered: list[str] = []
+    if _unshare(ALL):
+        entered = [name for name, _ in _ORDER]
+    elif _unshare(ALL & ~CLONE_NEWUSER):  # privileged without user namespaces
+        entered = [name for name, _ in _ORDER if name != "user"]
+    else:
+        for name, flag in _ORDER:
+            if _unshare(flag):
+                entered.append(name)
+    if "user" in entered:
+        try:
+            _map_ids(uid, gid)
+        except OSError:
+            pass  # unmapped ids: files cannot be created beneath grants, nothing weaker
+    if "mount" in entered and _empty_root("user" in entered):
+        entered.append("emptyroot")
+    return entered

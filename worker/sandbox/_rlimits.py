@@ -1,0 +1,57 @@
+"""Resource limits applied at entry. Private.
+
+Soft and hard limits are set together, and only ever lowered, so the worker
+cannot raise them again (``setrlimit`` is allowed by seccomp for that reason
+only). RLIMIT_NPROC does not bind a root (kuid 0) worker: the kernel exempts
+INIT_USER whatever its capabilities (KERNEL-FACTS §5); threads are then
+bounded by RLIMIT_AS (each thread stack is address space) and fork is denied
+by seccomp anyway.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Protocol
+
+
+class LimitsLike(Protocol):
+    @property
+    def address_space(self) -> int | None: ...
+    @property
+    def open_files(self) -> int | None: ...
+    @property
+    def processes(self) -> int | None: ...
+    @property
+    def file_size(self) -> int | None: ...
+    @property
+    def cpu_seconds(self) -> int | None: ...
+
+
+def _lower(which: int, value: int, hard_extra: int = 0) -> None:
+    _, hard = resource.getrlimit(which)
+    inf = resource.RLIM_INFINITY
+    soft_new = value if hard == inf else min(value, hard)
+    hard_new = soft_new + hard_extra
+    if hard != inf:
+        hard_new = min(hard_new, hard)
+    resource.setrlimit(which, (soft_new, hard_new))
+
+
+def apply(limits: LimitsLike) -> dict[str, int]:
+    """Apply ``limits``; returns what was set, by name (core is always 0)."""
+    applied: dict[str, int] = {}
+    table = [
+        ("address_space", resource.RLIMIT_AS, limits.address_space, 0),
+        ("open_files", resource.RLIMIT_NOFILE, limits.open_files, 0),
+        ("processes", resource.RLIMIT_NPROC, limits.processes, 0),
+        ("file_size", resource.RLIMIT_FSIZE, limits.file_size, 0),
+        # SIGXCPU at the soft limit, SIGKILL one second later at the hard one
+        ("cpu_seconds", resource.RLIMIT_CPU, limits.cpu_seconds, 1),
+        ("core", resource.RLIMIT_CORE, 0, 0),
+    ]
+    for name, which, value, extra in table:
+        if value is None:
+            continue
+        _lower(which, value, extra)
+        applied[name] = resource.getrlimit(which)[0]
+    return applied
