@@ -1,5 +1,7 @@
 """The privileged side: :class:`Broker`, :class:`Policy`, capabilities."""
 
+import logging
+
 from ._broker import UNSANDBOXED, Broker
 from ._capability import Capability
 from ._exit import WorkerExit
@@ -8,3 +10,6 @@ from ._policy import Grant, Policy
 from ._pool import PoolBroken, WorkerPool
 
 __all__ = ["UNSANDBOXED", "Broker", "Capability", "Grant", "Policy", "PoolBroken", "WorkerExit", "WorkerHandle", "WorkerPool"]
+
+# A library never prints on its own: users attach handlers to "privsep".
+logging.getLogger("privsep").addHandler(logging.NullHandler())

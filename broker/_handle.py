@@ -28,6 +28,7 @@ from protocol._wire import Channel, ReceivedFd
 from ._capability import Capability
 from ._exit import WorkerExit
 from ._outputs import PendingOutput
+from ._violation import describe
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -339,7 +340,8 @@ class WorkerHandle:
         except OSError:
             return  # the target died or the notification went away
         args = tuple(note.args)
-        self._broker._audit(self, "violation", note.name, None, "denied", f"syscall {note.name}{args}")
+        call = describe(note.name, args, note.pid or self.pid)  # before answering: the worker is still blocked
+        self._broker._audit(self, "violation", note.name, None, "denied", call)
         if self.violation == "errno":
             try:
                 _notify.respond_errno(self._notify_fd, note.id, _errno.EPERM)
@@ -351,7 +353,7 @@ class WorkerHandle:
         self._set_exit(
             WorkerExit(
                 "violation",
-                f"the sandbox stopped it for syscall {note.name}({', '.join(hex(a) for a in args)})",
+                f"the sandbox stopped it for syscall {call}",
                 signal=os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None,
                 syscall=note.name,
                 args=args,

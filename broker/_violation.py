@@ -1,0 +1,64 @@
+"""Human-readable violation reports: ``openat(AT_FDCWD, "/etc/passwd", ...)``.
+
+String arguments are read from the blocked worker's memory through
+``/proc/PID/mem`` *for the report only*; the decision never depends on them
+(the worker could change them after the read).
+"""
+
+from __future__ import annotations
+
+import os
+
+AT_FDCWD = -100
+_MAX_STR = 200
+
+# syscall -> indexes of its path (C string) arguments
+_STRING_ARGS: dict[str, tuple[int, ...]] = {
+    "open": (0,), "creat": (0,), "stat": (0,), "lstat": (0,), "access": (0,), "truncate": (0,),
+    "chdir": (0,), "chmod": (0,), "chown": (0,), "lchown": (0,), "mkdir": (0,), "rmdir": (0,),
+    "unlink": (0,), "readlink": (0,), "mknod": (0,), "execve": (0,), "uselib": (0,), "chroot": (0,),
+    "rename": (0, 1), "link": (0, 1), "symlink": (0, 1), "openat": (1,), "openat2": (1,),
+    "newfstatat": (1,), "statx": (1,), "faccessat": (1,), "faccessat2": (1,), "mkdirat": (1,),
+    "unlinkat": (1,), "readlinkat": (1,), "fchmodat": (1,), "fchownat": (1,), "mknodat": (1,),
+    "execveat": (1,), "renameat": (1, 3), "renameat2": (1, 3), "linkat": (1, 3), "symlinkat": (0, 2),
+    "utimensat": (1,), "mount": (0, 1, 2), "umount2": (0,), "pivot_root": (0, 1),
+    "setxattr": (0, 1), "getxattr": (0, 1), "name_to_handle_at": (1,),
+}  # fmt: skip
+_DIRFD_ARG0 = {"openat", "openat2", "newfstatat", "statx", "faccessat", "faccessat2", "mkdirat", "unlinkat",
+               "readlinkat", "fchmodat", "fchownat", "mknodat", "execveat", "renameat", "renameat2",
+               "linkat", "utimensat", "name_to_handle_at"}  # fmt: skip
+
+
+def read_c_string(pid: int, addr: int, limit: int = _MAX_STR) -> str | None:
+    if addr == 0:
+        return None
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, limit + 1, addr)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    text = raw.split(b"\0", 1)[0]
+    out = text[:limit].decode("utf-8", "backslashreplace")
+    return out + "..." if len(text) > limit else out
+
+
+def describe(name: str, args: tuple[int, ...], pid: int) -> str:
+    """``name(arg, ...)`` with paths decoded where the syscall takes them."""
+    strings = _STRING_ARGS.get(name, ())
+    shown = []
+    for i, value in enumerate(args):
+        if i in strings:
+            text = read_c_string(pid, value)
+            shown.append(repr(text) if text is not None else hex(value))
+        elif i == 0 and name in _DIRFD_ARG0 and (value & 0xFFFFFFFF) == (AT_FDCWD & 0xFFFFFFFF):
+            shown.append("AT_FDCWD")
+        else:
+            shown.append(hex(value))
+    while len(shown) > 1 and shown[-1] == "0x0" and len(shown) - 1 not in strings:
+        shown.pop()
+    return f"{name}({', '.join(shown)})"
