@@ -24,9 +24,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cffi  # noqa: E402
+import cffi
 
-from worker.sandbox import SandboxSpec, enter, prepare  # noqa: E402
+from worker.sandbox import SandboxSpec, enter, prepare
 
 C_SRC = r"""
 #include <unistd.h>
@@ -34,9 +34,12 @@ C_SRC = r"""
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 long loop_getppid(long n) { long s = 0; for (long i = 0; i < n; i++) s += syscall(SYS_getppid); return s; }
-long loop_fcntl(int fd, long n) { long s = 0; for (long i = 0; i < n; i++) s += syscall(SYS_fcntl, fd, F_GETFD); return s; }
-long loop_ioctl(int fd, long n) { int v; long s = 0; for (long i = 0; i < n; i++) s += syscall(SYS_ioctl, fd, FIONREAD, &v); return s; }
-long loop_read0(int fd, long n) { char c; long s = 0; for (long i = 0; i < n; i++) s += syscall(SYS_read, fd, &c, 0); return s; }
+long loop_fcntl(int fd, long n) {
+    long s = 0; for (long i = 0; i < n; i++) s += syscall(SYS_fcntl, fd, F_GETFD); return s; }
+long loop_ioctl(int fd, long n) {
+    int v; long s = 0; for (long i = 0; i < n; i++) s += syscall(SYS_ioctl, fd, FIONREAD, &v); return s; }
+long loop_read0(int fd, long n) {
+    char c; long s = 0; for (long i = 0; i < n; i++) s += syscall(SYS_read, fd, &c, 0); return s; }
 """
 CDEF = """
 long loop_getppid(long n);
@@ -134,7 +137,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     loops, how = load_loops()
-    pr, pw = os.pipe()
+    pr, _pw = os.pipe()
     prepared = prepare(SandboxSpec(namespaces=False))
     cases: dict[str, Callable[[int], Any]] = {
         "getppid (allowed, cached)": loops.loop_getppid,
@@ -155,7 +158,8 @@ def main() -> None:
     print(f"{'syscall':38} {'none':>9} {'allow-all':>10} {'privsep':>9} {'overhead':>9} {'rules':>8} {'ratio':>6}")
     for k in cases:
         base, floor, sb = best[False][k], best[None][k], best[True][k]
-        print(f"{k:38} {base:7.1f}ns {floor:8.1f}ns {sb:7.1f}ns {sb - base:7.1f}ns {sb - floor:6.1f}ns {sb / base:5.2f}x")
+        print(f"{k:38} {base:7.1f}ns {floor:8.1f}ns {sb:7.1f}ns {sb - base:7.1f}ns {sb - floor:6.1f}ns"
+              f" {sb / base:5.2f}x")
 
 
 if __name__ == "__main__":

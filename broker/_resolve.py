@@ -21,7 +21,7 @@ from protocol._paths import split_relative
 from protocol._wire import KIND_DIR, KIND_FILE
 
 from ._capability import Capability
-from ._openat2 import openat2
+from worker.sandbox._openat2 import openat2
 from ._outputs import PendingOutput, make_output
 from ._policy import Grant, Policy
 

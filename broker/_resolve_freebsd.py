@@ -4,7 +4,7 @@ FreeBSD 13+ refuses, with ``ENOTCAPABLE``, any lookup flagged
 ``O_RESOLVE_BENEATH`` that would leave the tree rooted at the directory fd:
 an absolute path, ``..`` past the top, or a symlink that leads out. This is
 the FreeBSD counterpart of ``openat2(RESOLVE_BENEATH)`` in
-:mod:`broker._openat2`.
+:mod:`worker.sandbox._openat2`.
 
 FreeBSD's ``O_*`` values are its own (``sys/sys/fcntl.h`` @0069e95e9bc6); they
 are spelled out below because they differ from Linux's, and Python's ``os``
@@ -161,7 +161,7 @@ def openat_beneath(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
     if not IS_FREEBSD:
         raise OSError(
             errno.ENOSYS,
-            f"O_RESOLVE_BENEATH is FreeBSD's; this platform is {sys.platform!r} (use broker._openat2)",
+            f"O_RESOLVE_BENEATH is FreeBSD's; this platform is {sys.platform!r} (use worker.sandbox._openat2)",
             path,
         )
     if not isinstance(path, str) or "\0" in path:

@@ -499,7 +499,7 @@ def test_stat_by_path_denied_fstat_allowed() -> None:
 @needs_notify
 def test_tiocsti_with_high_bits_denied() -> None:
     def attempt(ctx: dict[str, Any]) -> Any:
-        r, w = os.pipe()
+        r, _w = os.pipe()
         n = ffi.new("int *")
         assert sys(16, r, (1 << 32) | FIONREAD, n) == 0  # allowed command, junk high bits: same command
         return sys(16, 0, (1 << 32) | TIOCSTI, ffi.new("char *", b"x"))

@@ -13,6 +13,7 @@ import os
 
 from ._libc import ffi, lib
 
+SYS_CAPGET = 125
 SYS_CAPSET = 126
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_CAP_AMBIENT = 47
@@ -27,3 +28,11 @@ def drop_all() -> None:
     if int(lib.syscall(ffi.cast("long", SYS_CAPSET), header, data)) != 0:
         err = ffi.errno
         raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def warm() -> None:
+    """Build cffi's call interface for capset's argument types (via capget,
+    which only reads)."""
+    header = ffi.new("uint32_t[2]", [_LINUX_CAPABILITY_VERSION_3, 0])
+    data = ffi.new("uint32_t[6]")
+    lib.syscall(ffi.cast("long", SYS_CAPGET), header, data)

@@ -186,3 +186,13 @@ def apply(fs_rules: Iterable[tuple[int, int]], min_abi: int = 0) -> Applied | No
     finally:
         os.close(ruleset)
     return Applied(abi, fs_mask(abi), net_mask(abi), scope_mask(abi), added)
+
+
+def warm() -> None:
+    """Exercise every call shape ``apply`` uses, each failing harmlessly."""
+    attr = ffi.new("struct privsep_landlock_ruleset_attr *")
+    rule = ffi.new("struct privsep_landlock_path_beneath_attr *")
+    abi_version()
+    _sys(SYS_CREATE_RULESET, attr, 0, 0)  # size 0: EINVAL
+    _sys(SYS_ADD_RULE, -1, RULE_PATH_BENEATH, rule, 0)  # EBADF
+    _sys(SYS_RESTRICT_SELF, -1, 0)  # EBADF

@@ -97,3 +97,9 @@ def apply() -> list[str]:
     if "mount" in entered and _empty_root("user" in entered):
         entered.append("emptyroot")
     return entered
+
+
+def warm() -> None:
+    """Resolve the libc functions ``apply`` calls (without calling them)."""
+    for name in ("unshare", "mount", "chroot", "chdir"):
+        getattr(lib, name)

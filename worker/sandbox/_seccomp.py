@@ -212,3 +212,11 @@ def notif_sizes() -> tuple[int, int, int] | None:
     if rc != 0:
         return None
     return int(sizes[0]), int(sizes[1]), int(sizes[2])
+
+
+def warm() -> None:
+    """Build the call interface ``load`` uses: an unknown flag is refused
+    (EINVAL) before anything is installed."""
+    prog = ffi.new("struct privsep_sock_fprog *")
+    ffi.new("char[]", b"\0" * 8)
+    lib.syscall(ffi.cast("long", SYS_SECCOMP), ffi.cast("long", SET_MODE_FILTER), ffi.cast("long", 1 << 30), prog)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-from worker.sandbox._libc import ffi, lib
+from ._libc import ffi, lib
 
 ffi.cdef("struct open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };")
 
