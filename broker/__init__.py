@@ -9,7 +9,17 @@ from ._handle import WorkerHandle
 from ._policy import Grant, Policy
 from ._pool import PoolBroken, WorkerPool
 
-__all__ = ["UNSANDBOXED", "Broker", "Capability", "Grant", "Policy", "PoolBroken", "WorkerExit", "WorkerHandle", "WorkerPool"]
+__all__ = [
+    "UNSANDBOXED",
+    "Broker",
+    "Capability",
+    "Grant",
+    "Policy",
+    "PoolBroken",
+    "WorkerExit",
+    "WorkerHandle",
+    "WorkerPool",
+]
 
 # A library never prints on its own: users attach handlers to "privsep".
 logging.getLogger("privsep").addHandler(logging.NullHandler())

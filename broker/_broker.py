@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from protocol import NotCapable, ProtocolError, Rights, WorkerCrashed
+from protocol import NotCapable, ProtocolError, Rights, UnsupportedRights, WorkerCrashed
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire
 from protocol._rights import rights_from_wire
-from protocol._wire import PROTOCOL_VERSION, Channel, ReceivedFd
+from protocol._wire import KIND_DIR, KIND_FILE, PROTOCOL_VERSION, Channel, ReceivedFd
 from worker import Worker
+from worker._files import access_flags
+from worker._serve import grant_slots
+from worker.sandbox import SandboxSpec
+from worker.sandbox._rights_table import DIR_RIGHTS, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
 
 from ._capability import Capability
+from ._deliver import Opener, deliver
 from ._exit import WorkerExit
 from ._handle import WorkerHandle, close_fds_in
 from ._outputs import PendingOutput
@@ -28,6 +36,8 @@ from ._spawn import fork_worker
 from ._zygote import SPAWN_METHODS, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
+_OPEN_BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+MAX_SPAWN_GRANTS = 64
 
 
 class _Unsandboxed:
@@ -58,8 +68,9 @@ class Broker:
         spawn_timeout: float = 30.0,
         sandbox: Any = None,
         spawn: str = "auto",
-        request_rate: float | None = 2000.0,
+        request_rate: float | None = 20_000.0,
         max_requests_per_call: int = 10_000,
+        max_outputs_per_call: int = 256,
     ):
         if not isinstance(policy, Policy):
             raise TypeError("Broker needs a Policy")
@@ -72,13 +83,17 @@ class Broker:
         self._zygote: Zygote | None = None
         self.request_rate = request_rate  # per worker, requests/s (burst = 1 s worth); None = unlimited
         self.max_requests_per_call = max_requests_per_call
+        self.max_outputs_per_call = max_outputs_per_call  # each pending output holds two broker fds
+        self.last_sandbox: dict[str, Any] = {}
         self._unsandboxed = sandbox is UNSANDBOXED
         if sandbox is not None and not self._unsandboxed:
             raise TypeError("sandbox= takes only UNSANDBOXED; set sandbox options on the Policy")
         self._resolver = Resolver(policy, root)
         self._workers: dict[int, WorkerHandle] = {}
         self._lock = threading.Lock()
-        self._prepared: Any = None
+        self._prepared: dict[SandboxSpec, Any] = {}
+        self._opener_proc: Opener | None = None
+        self._abi: int | None = None
         self._pools: list[WorkerPool] = []
         self._spawn_lock = threading.Lock()
         self._closed = False
@@ -110,39 +125,77 @@ class Broker:
             w.stop(max(0.05, deadline - time.monotonic()))
         if self._zygote is not None:
             self._zygote.close()
+        if self._opener_proc is not None:
+            self._opener_proc.close()
         self._resolver.close()
 
     # -- authority --------------------------------------------------------
     def open(self, path: str, rights: Rights = Rights.READ) -> Capability:
         """Open a file the policy grants, as a capability to pass to a worker."""
         self._check_open()
-        return self._resolver.open(path, Rights(rights))
+        rights = Rights(rights)
+        return self._resolver.open(self._resolver.locate(path, rights), rights)
 
     def opendir(self, path: str, rights: Rights = Rights.LOOKUP) -> Capability:
+        """Open a granted directory, as a capability to pass to a worker: at
+        spawn (``grants=``) it becomes a Landlock rule; later, a proxy whose
+        lookups the broker resolves."""
         self._check_open()
-        return self._resolver.opendir(path, Rights(rights))
+        rights = Rights(rights)
+        return self._resolver.opendir(self._resolver.locate(path, rights), rights)
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("broker is closed")
 
     # -- workers ----------------------------------------------------------
-    def _prepare(self) -> Any:
+    def _prepare(self, spec: SandboxSpec) -> Any:
         if self._unsandboxed:
             return None
-        if self._prepared is None:
+        prepared = self._prepared.get(spec)
+        if prepared is None:
             from worker.sandbox import prepare
 
-            self._prepared = prepare(self.policy.sandbox)
-        return self._prepared
+            prepared = self._prepared[spec] = prepare(spec)
+        return prepared
 
-    def spawn(self, cls: type[Worker], *, timeout: float | None = None) -> WorkerHandle:
+    def _spec_for(self, grants: list[tuple[str, Capability]]) -> SandboxSpec:
+        spec = self.policy.sandbox
+        if not grants:
+            return spec
+        slots = grant_slots([(name, cap.fileno(), cap.rights) for name, cap in grants])
+        dirs = tuple(slot for slot, (_, cap) in zip(slots, grants, strict=True) if cap.kind == KIND_DIR)
+        return replace(spec, fs_rules=spec.fs_rules + dirs, fd_rules=spec.fd_rules + slots)
+
+    def _check_spawn_grants(self, grants: Mapping[str, Capability] | None) -> list[tuple[str, Capability]]:
+        out = []
+        for name, cap in (grants or {}).items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"grant names must be identifiers, not {name!r}")
+            if not isinstance(cap, Capability) or cap.closed:
+                raise TypeError(f"grant {name!r} must be an open Capability (broker.open / broker.opendir)")
+            if cap.kind == KIND_DIR:
+                spawn_dir_check(cap.rights, self.policy.weaker)
+            elif cap.rights & (SOCKET_RIGHTS | DIR_RIGHTS):
+                raise UnsupportedRights(f"grant {name!r}: {cap.rights.describe()} cannot be enforced on a file")
+            out.append((name, cap))
+        if len(out) > MAX_SPAWN_GRANTS:
+            raise ValueError(f"at most {MAX_SPAWN_GRANTS} grants at spawn")
+        return out
+
+    def spawn(
+        self, cls: type[Worker], *, timeout: float | None = None, grants: Mapping[str, Capability] | None = None
+    ) -> WorkerHandle:
         """Start one sandboxed worker running ``cls``; return its handle.
 
         ``timeout`` is the default per-call timeout (else the broker's).
-        Raises ``WorkerCrashed`` if ``setup()`` or sandbox entry fails.
+        ``grants`` are capabilities the worker holds from the start, as
+        ``self.grants[name]``; their fds are pinned at sandbox entry, so every
+        right in the rights table is enforced on them (directories become
+        Landlock rules). Raises ``WorkerCrashed`` if ``setup()`` or sandbox
+        entry fails, ``UnsupportedRights`` for a grant that cannot be enforced.
         """
-        handle = self._start(cls, timeout)
+        handle = self._start(cls, timeout, grants)
         try:
             if not handle._chan.wait_readable(self.spawn_timeout):
                 raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
@@ -153,9 +206,11 @@ class Broker:
             raise
         return handle
 
-    async def aspawn(self, cls: type[Worker], *, timeout: float | None = None) -> WorkerHandle:
+    async def aspawn(
+        self, cls: type[Worker], *, timeout: float | None = None, grants: Mapping[str, Capability] | None = None
+    ) -> WorkerHandle:
         """``spawn()`` for asyncio: waits for the worker on the event loop."""
-        handle = self._start(cls, timeout)
+        handle = self._start(cls, timeout, grants)
         try:
             if await handle._event(time.monotonic() + self.spawn_timeout) == "timeout":
                 raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
@@ -181,10 +236,14 @@ class Broker:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    def _start(self, cls: type[Worker], timeout: float | None) -> WorkerHandle:
+    def _start(
+        self, cls: type[Worker], timeout: float | None, grants_in: Mapping[str, Capability] | None = None
+    ) -> WorkerHandle:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
             raise TypeError("spawn() takes a Worker subclass")
+        grants = self._check_spawn_grants(grants_in)
+        spec = self._spec_for(grants)
         method = self.spawn_method
         if method == "auto":
             method = "zygote" if importable(cls) else "fork"
@@ -192,19 +251,20 @@ class Broker:
             raise TypeError(
                 f"spawn={method!r} needs {cls.__qualname__} importable by module name (not in __main__ or a function)"
             )
-        spec_wire = None if self._unsandboxed else self.policy.sandbox.to_wire()
+        spec_wire = None if self._unsandboxed else spec.to_wire()
         reaper = None
         with self._spawn_lock:
             if method == "zygote":
                 if self._zygote is None:
                     self._zygote = Zygote()
-                pid, sock = self._zygote.spawn(cls, spec_wire, self.spawn_timeout)
+                pid, sock = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants)
                 reaper = self._zygote.reap
             elif method == "exec":
-                pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout)
+                pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants)
                 reaper = _popen_reaper(proc)
             else:
-                pid, sock = fork_worker(cls, self._prepare())
+                fork_grants = [(name, cap.fileno(), cap.kind, cap.rights) for name, cap in grants]
+                pid, sock = fork_worker(cls, self._prepare(spec), fork_grants)
         handle = WorkerHandle(
             self,
             cls,
@@ -251,6 +311,7 @@ class Broker:
             raise handle._fail("protocol", "sandbox reported user notification but sent no listener")
         close_fds_in(msg["sandbox"])
         handle.sandbox = msg["sandbox"]
+        self.last_sandbox = handle.sandbox
         self._audit(handle, "spawn", handle.cls.__qualname__, None, "granted", "worker ready")
 
     def _forget(self, handle: WorkerHandle) -> None:
@@ -264,9 +325,10 @@ class Broker:
 
     # -- requests from workers --------------------------------------------
     def _serve_request(
-        self, handle: WorkerHandle, op: str, args: dict[str, Any], outputs: list[PendingOutput]
-    ) -> tuple[Any, Any]:
-        """Answer one request. Returns (reply value, object to close after sending)."""
+        self, handle: WorkerHandle, op: str, args: dict[str, Any], outputs: list[PendingOutput], after: list[Any]
+    ) -> Any:
+        """Answer one request. Returns the reply value; ``after`` collects
+        what to release once it is sent."""
         path = args.get("path")
         rights: Rights | None = None
         try:
@@ -275,25 +337,7 @@ class Broker:
                     rights = rights_from_wire(args["rights"])
                 except ProtocolError as exc:
                     raise NotCapable(str(exc)) from None
-            if op == "open":
-                assert rights is not None
-                cap = self._resolver.open(path, rights)
-                result: tuple[Any, Any] = (cap, cap)
-            elif op == "create":
-                assert rights is not None
-                pending, cap = self._resolver.create(path, rights)
-                outputs.append(pending)
-                result = (cap, cap)
-            elif op == "opendir":
-                assert rights is not None
-                cap = self._resolver.opendir(path, rights)
-                result = (cap, cap)
-            elif op == "stat":
-                result = (self._resolver.stat(path), None)
-            elif op == "listdir":
-                result = (self._resolver.listdir(path), None)
-            else:  # check_message already refused unknown ops
-                raise NotCapable(f"unknown request {op!r}")
+            value = self._dispatch(handle, op, args, rights, outputs, after)
         except NotCapable as exc:
             self._audit(handle, op, path, rights, "denied", exc.strerror or str(exc))
             raise
@@ -301,9 +345,120 @@ class Broker:
             self._audit(handle, op, path, rights, "failed", exc.strerror or str(exc))
             raise
         self._audit(handle, op, path, rights, "granted", "")
-        return result
+        return value
 
-    def _audit(self, handle: WorkerHandle, op: str, path: Any, rights: Rights | None, decision: str, reason: str) -> None:
+    def _dispatch(
+        self,
+        handle: WorkerHandle,
+        op: str,
+        args: dict[str, Any],
+        rights: Rights | None,
+        outputs: list[PendingOutput],
+        after: list[Any],
+    ) -> Any:
+        r = self._resolver
+        path = args["path"]
+        if op.startswith("d"):  # beneath a directory proxy
+            directory = handle._dirs.get(args["dir"])
+            if directory is None:
+                raise NotCapable("no such directory grant", filename=str(path))
+            op = op[1:]
+            need = {
+                "open": rights,
+                "create": rights,
+                "stat": Rights.FSTAT,
+                "list": Rights.READ,
+                "unlink": Rights.UNLINKAT,
+            }
+            wanted = need[op] or Rights.NONE
+            if op == "create":
+                wanted = wanted | Rights.WRITE | Rights.CREATE
+            target = r.locate_in(directory, path, wanted)
+        else:
+            wanted = {"stat": Rights.FSTAT, "listdir": Rights.READ, "mkdir": Rights.MKDIRAT}.get(
+                op, rights or Rights.NONE
+            )
+            if op == "create":
+                wanted = wanted | Rights.WRITE | Rights.CREATE
+            target = r.locate(path, wanted)
+        if op == "open":
+            assert rights is not None
+            cap = r.open(target, rights)
+            after.append(cap)
+            return self._deliver(handle, cap, after)
+        if op == "create":
+            assert rights is not None
+            if len(outputs) >= self.max_outputs_per_call:
+                raise NotCapable(f"more than {self.max_outputs_per_call} outputs in one call")
+            pending, cap = r.create(target, rights | Rights.WRITE)
+            outputs.append(pending)
+            after.append(cap)
+            return self._deliver(handle, cap, after, pending)
+        if op == "opendir":
+            assert rights is not None
+            return handle._register_dir(r.opendir(target, rights))
+        if op == "stat":
+            return r.stat(target)
+        if op in ("listdir", "list"):
+            return r.listdir(target)
+        if op == "unlink":
+            r.unlink(target)
+            return None
+        if op == "mkdir":
+            r.mkdir(target)
+            return None
+        raise NotCapable(f"unknown request {op!r}")
+
+    def sandbox_report(self) -> dict[str, Any]:
+        """What the last worker to start reported about its sandbox (layers
+        applied, Landlock ABI, seccomp mode, limits); ``{}`` before any."""
+        return dict(self.last_sandbox)
+
+    # -- delivering grants after entry ------------------------------------
+    def landlock_abi(self) -> int:
+        if self._abi is None:
+            from worker.sandbox import probe
+
+            self._abi = int(probe().get("landlock_abi", 0))
+        return self._abi
+
+    def _opener(self) -> Opener:
+        with self._spawn_lock:
+            if self._opener_proc is None:
+                self._opener_proc = Opener()
+            return self._opener_proc
+
+    def _deliver(
+        self, handle: WorkerHandle, cap: Capability, after: list[Any], pending: PendingOutput | None = None
+    ) -> Any:
+        """What travels to a worker for ``cap`` after its sandbox entry."""
+        if cap.kind == KIND_DIR:
+            return handle._register_dir(cap, copy=True)
+        if cap.kind != KIND_FILE:
+            return cap  # a stream the broker got from a worker: sent as is
+        plan, rights = _plan(int(cap.rights), self.landlock_abi(), int(self.policy.weaker))
+        out, pump = deliver(cap, plan, rights, self._opener, _flags(int(rights)), self.policy.limits.file_size)
+        after.append(out)
+        if pump is not None:
+            if pending is not None:
+                pending.pump = pump
+            else:
+                handle._track_pump(pump)
+        return out
+
+    def _export(self, handle: WorkerHandle, obj: Any, after: list[Any]) -> Any:
+        """Call arguments with every capability turned into what travels."""
+        if isinstance(obj, Capability):
+            return self._deliver(handle, obj, after)
+        if isinstance(obj, list | tuple):
+            return [self._export(handle, x, after) for x in obj]
+        if isinstance(obj, dict):
+            return {k: self._export(handle, v, after) for k, v in obj.items()}
+        return obj
+
+    def _audit(
+        self, handle: WorkerHandle, op: str, path: Any, rights: Rights | None, decision: str, reason: str
+    ) -> None:
         if not audit_log.isEnabledFor(logging.INFO):
             return
         event = {
@@ -324,6 +479,17 @@ class Broker:
             f" ({reason})" if reason else "",
             extra={"privsep": event},
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(rights: int, abi: int, weaker: int) -> tuple[str, Rights]:
+    # Enum arithmetic is slow; a plan depends only on these three ints.
+    return later_file_plan(Rights(rights), landlock_abi=abi, accept_weaker=Rights(weaker))
+
+
+@functools.lru_cache(maxsize=256)
+def _flags(rights: int) -> int:
+    return access_flags(Rights(rights)) | _OPEN_BASE
 
 
 def _popen_reaper(proc: subprocess.Popen[bytes]) -> Any:

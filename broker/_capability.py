@@ -32,7 +32,6 @@ class Capability:
         (its access mode), never from what the worker claimed."""
         st = os.fstat(fd)
 
-
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         mode = flags & os.O_ACCMODE
         rights = Rights.NONE

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import NotCapable, PrivsepError, ProtocolError, WorkerCrashed
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire, exception_to_wire
-from protocol._wire import Channel, ReceivedFd
+from protocol._wire import Channel, DirRef, ReceivedFd
 
 from ._capability import Capability
 from ._exit import WorkerExit
@@ -104,6 +104,10 @@ class WorkerHandle:
         self.exit: WorkerExit | None = None
         self.calls = 0
         self._alock: asyncio.Lock | None = None
+        self._dirs: dict[int, Capability] = {}
+        self._dir_ids = itertools.count(1)
+        self._pumps: list[Any] = []
+        self._poller: select.poll | None = None
         self._tokens = float(broker.request_rate or 0.0)
         self._tokens_at = time.monotonic()
 
@@ -142,7 +146,7 @@ class WorkerHandle:
                 op = next(steps)
                 while True:
                     kind, when = op
-                    if kind == "sleep":
+                    if kind == "sleep" and when is not None:
                         time.sleep(max(0.0, when - time.monotonic()))
                         op = steps.send(None)
                     else:
@@ -174,7 +178,7 @@ class WorkerHandle:
                 op = next(steps)
                 while True:
                     kind, when = op
-                    if kind == "sleep":
+                    if kind == "sleep" and when is not None:
                         await asyncio.sleep(max(0.0, when - time.monotonic()))
                         op = steps.send(None)
                     else:
@@ -186,18 +190,21 @@ class WorkerHandle:
                 self._lock.release()
 
     async def _event(self, deadline: float | None) -> str:
+        ready = self._ready_now()
+        if ready is not None:
+            return ready
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
 
-        def ready(what: str) -> None:
+        def on_ready(what: str) -> None:
             if not fut.done():
                 fut.set_result(what)
 
         fds = [self._chan.fileno()]
-        loop.add_reader(fds[0], ready, "chan")
+        loop.add_reader(fds[0], on_ready, "chan")
         if self._notify_fd >= 0:
             fds.append(self._notify_fd)
-            loop.add_reader(self._notify_fd, ready, "notify")
+            loop.add_reader(self._notify_fd, on_ready, "notify")
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             return await asyncio.wait_for(fut, remaining)
@@ -206,6 +213,18 @@ class WorkerHandle:
         finally:
             for fd in fds:
                 loop.remove_reader(fd)
+
+    def _ready_now(self) -> str | None:
+        """The event already pending, if any (no waiting, no event loop)."""
+        fds = [self._chan.fileno()] + ([self._notify_fd] if self._notify_fd >= 0 else [])
+        readable = select.select(fds, [], [], 0)[0]
+        if self._notify_fd in readable:
+            return "notify"
+        return "chan" if readable else None
+
+    def _track_pump(self, pump: Any) -> None:
+        self._pumps = [p for p in self._pumps if p.is_alive()]
+        self._pumps.append(pump)
 
     def _check_method(self, method: str) -> None:
         if method not in getattr(self.cls, "rpc_methods", ()):
@@ -222,12 +241,27 @@ class WorkerHandle:
         cid = next(self._call_ids)
         outputs: list[PendingOutput] = []
         try:
+            after: list[Any] = []
             try:
-                self._chan.send({"t": "call", "id": cid, "m": method, "a": list(args), "k": kwargs})
+                # A grant that cannot be delivered fails the call, not the worker.
+                call = {
+                    "t": "call",
+                    "id": cid,
+                    "m": method,
+                    "a": self._broker._export(self, list(args), after),
+                    "k": self._broker._export(self, kwargs, after),
+                }
+            except BaseException:
+                _release(after)
+                raise
+            try:
+                self._chan.send(call)
             except ProtocolError as exc:
                 raise self._fail("protocol", f"could not deliver the call: {exc}") from exc
             except OSError as exc:
                 raise self._fail_from_os(exc) from exc
+            finally:
+                _release(after)
             deadline = None if timeout is None else time.monotonic() + timeout
             self.calls += 1
             requests = 0
@@ -297,29 +331,43 @@ class WorkerHandle:
 
     def _answer(self, msg: dict[str, Any], outputs: list[PendingOutput], over_quota: bool = False) -> None:
         reply: dict[str, Any]
-        keep: Any = None
+        after: list[Any] = []
         try:
-            if over_quota:
-                raise NotCapable(f"more than {self._broker.max_requests_per_call} requests in one call")
-            value, keep = self._broker._serve_request(self, msg["op"], msg["a"], outputs)
-            reply = {"t": "rep", "id": msg["id"], "v": value}
-        except (PrivsepError, OSError) as exc:
-            reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
-        try:
-            self._chan.send(reply)
-        except ProtocolError as exc:
-            raise self._fail("protocol", f"worker stopped reading: {exc}") from exc
-        except OSError as exc:
-            raise self._fail_from_os(exc) from exc
+            try:
+                if over_quota:
+                    raise NotCapable(f"more than {self._broker.max_requests_per_call} requests in one call")
+                value = self._broker._serve_request(self, msg["op"], msg["a"], outputs, after)
+                reply = {"t": "rep", "id": msg["id"], "v": value}
+            except (PrivsepError, OSError) as exc:
+                reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
+            try:
+                self._chan.send(reply)
+            except ProtocolError as exc:
+                raise self._fail("protocol", f"worker stopped reading: {exc}") from exc
+            except OSError as exc:
+                raise self._fail_from_os(exc) from exc
         finally:
-            if isinstance(keep, Capability):
-                keep.close()  # the worker has its copy now
+            _release(after)  # the worker has its copies now
+
+    def _register_dir(self, cap: Capability, copy: bool = False) -> DirRef:
+        """Keep a directory for this worker; it gets only an id to name it.
+        Takes ownership of ``cap`` unless ``copy``."""
+        if len(self._dirs) >= MAX_DIR_GRANTS:
+            raise NotCapable(f"more than {MAX_DIR_GRANTS} directory grants for one worker")
+        if copy:
+            cap = Capability(os.dup(cap.fileno()), cap.rights, cap.kind, cap.name)
+        ident = next(self._dir_ids)
+        self._dirs[ident] = cap
+        return DirRef(ident, cap.rights)
 
     def _wait(self, deadline: float | None) -> str:
-        poller = select.poll()
-        poller.register(self._chan.fileno(), select.POLLIN)
-        if self._notify_fd >= 0:
-            poller.register(self._notify_fd, select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._chan.fileno(), select.POLLIN)
+            if self._notify_fd >= 0:
+                poller.register(self._notify_fd, select.POLLIN)
+        chan_fd = self._chan.fileno()
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -328,8 +376,9 @@ class WorkerHandle:
             for fd, ev in events:
                 if fd == self._notify_fd and ev & select.POLLIN:
                     return "notify"
-            if any(fd == self._chan.fileno() for fd, _ in events):
-                return "chan"
+            for fd, _ in events:
+                if fd == chan_fd:
+                    return "chan"
 
     # -- sandbox violations -----------------------------------------------
     def _on_notification(self) -> None:
@@ -390,6 +439,9 @@ class WorkerHandle:
 
     def _release(self) -> None:
         self._chan.close()
+        for d in self._dirs.values():
+            d.close()
+        self._dirs.clear()
         for attr in ("_notify_fd", "_pidfd"):
             fd = getattr(self, attr)
             if fd >= 0:
@@ -477,6 +529,17 @@ class WorkerHandle:
 
     def _adopt_notify(self, fd: int) -> None:
         self._notify_fd = fd
+        self._poller = None
+
+
+MAX_DIR_GRANTS = 1024
+
+
+def _release(objs: list[Any]) -> None:
+    for obj in objs:
+        release = getattr(obj, "release", None) or getattr(obj, "close", None)
+        if release is not None:
+            release()
 
 
 def _waitpid(pid: int) -> int | None:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from typing import Any
 
 from protocol import Rights
 
 from ._capability import Capability
+
+PUMP_GRACE = 5.0
 
 
 class PendingOutput:
@@ -27,10 +30,37 @@ class PendingOutput:
         self.name = name
         self.tmpfd = tmpfd
         self.display = display
+        self.pump: Any = None  # set when the worker writes through a pipe
+        self.linkable = True  # an O_TMPFILE inode can be linked into place
 
     def commit(self) -> None:
         hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
-        out = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644, dir_fd=self.dirfd)
+        if self.pump is not None:
+            self.pump.join(PUMP_GRACE)
+            if self.pump.is_alive() or self.pump.error is not None:
+                self.discard()
+                why = self.pump.error.strerror if self.pump.error is not None else "still being written"
+                raise OSError(errno.EIO, f"output not committed: {why}", self.display)
+        if self.pump is not None and self.linkable:
+            # The worker only ever held a pipe: once the pump is done nobody
+            # else can write the file, so it is linked into place as it is.
+            try:
+                os.link(f"/proc/self/fd/{self.tmpfd}", hidden, dst_dir_fd=self.dirfd, follow_symlinks=True)
+                os.rename(hidden, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+            except BaseException:
+                try:
+                    os.unlink(hidden, dir_fd=self.dirfd)
+                except OSError:
+                    pass
+                raise
+            finally:
+                self.discard()
+            return
+        # The worker may still hold its fd: copy, so a committed output can
+        # no longer change under it.
+        out = os.open(
+            hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644, dir_fd=self.dirfd
+        )
         try:
             size = os.fstat(self.tmpfd).st_size
             offset = 0
@@ -64,7 +94,8 @@ def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[Pe
     try:
         mode = os.O_RDWR if rights & Rights.READ else os.O_WRONLY
         try:
-            tmp = os.open(".", os.O_TMPFILE | mode | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+            tmp = os.open(".", os.O_TMPFILE | mode | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
+            linkable = True
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
@@ -72,6 +103,7 @@ def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[Pe
             hidden = f".{name[:200]}.privsep-{secrets.token_hex(6)}.tmp"
             tmp = os.open(hidden, os.O_CREAT | os.O_EXCL | mode | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
             os.unlink(hidden, dir_fd=dirfd)
+            linkable = False  # an unlinked ordinary file cannot get a name again
         # The broker keeps a read-only view of the same inode for the commit;
         # the worker's fd keeps exactly the access mode its rights allow.
         try:
@@ -82,4 +114,6 @@ def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[Pe
     except BaseException:
         os.close(dirfd)
         raise
-    return PendingOutput(dirfd, name, mine, display), Capability(tmp, rights, name=display)
+    pending = PendingOutput(dirfd, name, mine, display)
+    pending.linkable = linkable
+    return pending, Capability(tmp, rights, name=display)

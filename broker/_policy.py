@@ -36,13 +36,30 @@ class Grant:
 class Policy:
     """What workers may ask the broker for, and the sandbox they run in."""
 
-    __slots__ = ("_grants", "_sandbox")
+    __slots__ = ("_grants", "_sandbox", "_weaker")
     _grants: tuple[Grant, ...]
     _sandbox: SandboxSpec
+    _weaker: Rights
 
-    def __init__(self, *, sandbox: SandboxSpec | None = None, _grants: tuple[Grant, ...] = ()):
+    def __init__(
+        self, *, sandbox: SandboxSpec | None = None, _grants: tuple[Grant, ...] = (), _weaker: Rights = Rights.NONE
+    ):
         object.__setattr__(self, "_grants", _grants)
         object.__setattr__(self, "_sandbox", sandbox if sandbox is not None else SandboxSpec())
+        object.__setattr__(self, "_weaker", Rights(_weaker))
+
+    def _copy(
+        self,
+        *,
+        sandbox: SandboxSpec | None = None,
+        _grants: tuple[Grant, ...] | None = None,
+        _weaker: Rights | None = None,
+    ) -> Policy:
+        return Policy(
+            sandbox=self._sandbox if sandbox is None else sandbox,
+            _grants=self._grants if _grants is None else _grants,
+            _weaker=self._weaker if _weaker is None else _weaker,
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Policy is immutable; allow() returns a new policy")
@@ -70,9 +87,8 @@ class Policy:
             raise PolicyError(f"allow({path!r}): {exc.strerror}") from None
         is_dir = path in ("", ".") or path.endswith("/")
         if not is_dir and rights & _DIR_ONLY:
-            raise PolicyError(
-                f"allow({path!r}): {Rights(rights & _DIR_ONLY).describe()} need a directory grant (end the path with '/')"
-            )
+            what = Rights(rights & _DIR_ONLY).describe()
+            raise PolicyError(f"allow({path!r}): {what} need a directory grant (end the path with '/')")
         grants = list(self._grants)
         for i, g in enumerate(grants):
             if g.parts == parts:
@@ -82,7 +98,7 @@ class Policy:
                 break
         else:
             grants.append(Grant(parts, is_dir, rights))
-        return Policy(sandbox=self._sandbox, _grants=tuple(grants))
+        return self._copy(_grants=tuple(grants))
 
     def with_sandbox(self, **changes: Any) -> Policy:
         """A copy with sandbox settings changed (see ``SandboxSpec``)."""
@@ -90,7 +106,7 @@ class Policy:
             spec = replace(self._sandbox, **changes)
         except TypeError as exc:
             raise PolicyError(str(exc)) from None
-        return Policy(sandbox=spec, _grants=self._grants)
+        return self._copy(sandbox=spec)
 
     def with_limits(self, **changes: Any) -> Policy:
         """A copy with resource limits changed (see ``Limits``)."""
@@ -100,10 +116,25 @@ class Policy:
             raise PolicyError(str(exc)) from None
         return self.with_sandbox(limits=limits)
 
+    def accept_weaker(self, rights: Rights) -> Policy:
+        """Named acceptance: where Linux cannot enforce one of ``rights`` for
+        a grant exactly (see the rights table), deliver the grant anyway
+        with that right enforced more weakly (dropped when it cannot be
+        granted, unrestricted when its absence cannot be enforced) instead
+        of refusing it with ``UnsupportedRights``."""
+        if not isinstance(rights, Rights) or not rights:
+            raise PolicyError("accept_weaker() takes a non-empty Rights value")
+        return self._copy(_weaker=self._weaker | rights)
+
+    @property
+    def weaker(self) -> Rights:
+        """Rights the policy accepts to see enforced more weakly."""
+        return self._weaker
+
     def __or__(self, other: Policy) -> Policy:
         if not isinstance(other, Policy):
             return NotImplemented
-        out = self
+        out = self._copy(_weaker=self._weaker | other._weaker)
         for g in other._grants:
             out = out.allow(g.display, g.rights)
         return out
@@ -139,10 +170,14 @@ class Policy:
         return best, parts[len(best.parts) :] if best.is_dir else ()
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Policy) and (self._grants, self._sandbox) == (other._grants, other._sandbox)
+        return isinstance(other, Policy) and (self._grants, self._sandbox, self._weaker) == (
+            other._grants,
+            other._sandbox,
+            other._weaker,
+        )
 
     def __hash__(self) -> int:
-        return hash((self._grants, self._sandbox))
+        return hash((self._grants, self._sandbox, self._weaker))
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{g.display!r}: {g.rights.describe()}" for g in self._grants)

@@ -14,16 +14,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass
 from typing import Any
 
 from protocol import NotCapable, PolicyError, Rights
 from protocol._paths import split_relative
 from protocol._wire import KIND_DIR, KIND_FILE
+from worker._files import access_flags
+from worker.sandbox._openat2 import openat2
 
 from ._capability import Capability
-from worker.sandbox._openat2 import openat2
 from ._outputs import PendingOutput, make_output
-from ._policy import Grant, Policy
+from ._policy import Policy
 
 _BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 _MAX_LISTDIR = 100_000
@@ -37,15 +39,7 @@ _TYPES = {
     stat.S_IFBLK: "block",
 }
 
-
-def access_flags(rights: Rights) -> int:
-    """The open(2) access mode that ``rights`` allow (and no more)."""
-    readable = bool(rights & Rights.READ)
-    writable = bool(rights & (Rights.WRITE | Rights.APPEND))
-    flags = os.O_RDWR if readable and writable else os.O_WRONLY if writable else os.O_RDONLY
-    if rights & Rights.APPEND:
-        flags |= os.O_APPEND
-    return flags
+__all__ = ["Resolver", "Target", "access_flags"]
 
 
 def _kernel_denial(exc: OSError, display: str) -> Exception:
@@ -55,6 +49,17 @@ def _kernel_denial(exc: OSError, display: str) -> Exception:
         return NotCapable(os.strerror(exc.errno), errno=exc.errno, filename=display)
     exc.filename = display
     return exc
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked request: resolve ``rest`` beneath ``base``."""
+
+    base: int
+    rest: str  # "." for the granted directory itself
+    display: str
+    in_dir: bool  # beneath a directory grant (else: a single-file grant)
+    granted: Rights
 
 
 class Resolver:
@@ -88,27 +93,39 @@ class Resolver:
             os.close(self._root_fd)
             self._root_fd = -1
 
-    # -- internals --------------------------------------------------------
-    def _locate(self, path: object, rights: Rights) -> tuple[Grant, int, str, str]:
-        """Check a path and rights; return (grant, base fd, rest, display)."""
+    # -- locating ---------------------------------------------------------
+    @staticmethod
+    def _need(granted: Rights, rights: Rights, where: str, display: str) -> None:
+        extra = rights & ~granted
+        if extra:
+            raise NotCapable(
+                f"{where} grants {granted.describe()}, not {Rights(extra).describe()}",
+                filename=display,
+            )
+
+    def locate(self, path: object, rights: Rights) -> Target:
+        """Check a worker path against the policy."""
         parts = split_relative(path)
         display = "/".join(parts)
         grant, rest = self.policy.lookup(parts)
-        extra = rights & ~grant.rights
-        if extra:
-            raise NotCapable(
-                f"the policy grants {grant.rights.describe()} on {grant.display!r}, not {Rights(extra).describe()}",
-                filename=display,
-            )
+        self._need(grant.rights, rights, f"the policy's {grant.display!r}", display)
         if grant.is_dir:
-            return grant, self._dir_fds[grant.parts], "/".join(rest) or ".", display
-        return grant, self._root_fd, display, display
+            return Target(self._dir_fds[grant.parts], "/".join(rest) or ".", display, True, grant.rights)
+        return Target(self._root_fd, display, display, False, grant.rights)
 
-    def _open_path(self, base: int, rest: str, display: str) -> tuple[int, os.stat_result]:
+    def locate_in(self, directory: Capability, path: object, rights: Rights) -> Target:
+        """Check a path beneath a directory capability (a directory proxy)."""
+        parts = split_relative(path)
+        display = "/".join((directory.name, *parts))
+        self._need(directory.rights, rights, f"directory {directory.name!r}", display)
+        return Target(directory.fileno(), "/".join(parts) or ".", display, True, directory.rights)
+
+    # -- internals --------------------------------------------------------
+    def _open_path(self, t: Target) -> tuple[int, os.stat_result]:
         try:
-            fd = openat2(base, rest, os.O_PATH | os.O_CLOEXEC)
+            fd = openat2(t.base, t.rest, os.O_PATH | os.O_CLOEXEC)
         except OSError as exc:
-            raise _kernel_denial(exc, display) from exc
+            raise _kernel_denial(exc, t.display) from exc
         try:
             return fd, os.fstat(fd)
         except BaseException:
@@ -123,34 +140,35 @@ class Resolver:
         except OSError as exc:
             raise _kernel_denial(exc, display) from exc
 
+    def _dir_fd(self, t: Target, flags: int) -> int:
+        pathfd, st = self._open_path(t)
+        try:
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", t.display)
+            return self._reopen(pathfd, flags | os.O_DIRECTORY | os.O_CLOEXEC, t.display)
+        finally:
+            os.close(pathfd)
+
     # -- requests ---------------------------------------------------------
-    def open(self, path: object, rights: Rights) -> Capability:
+    def open(self, t: Target, rights: Rights) -> Capability:
         """A regular file, opened with the access mode ``rights`` allow."""
-        _, base, rest, display = self._locate(path, rights)
-        pathfd, st = self._open_path(base, rest, display)
+        pathfd, st = self._open_path(t)
         try:
             if not stat.S_ISREG(st.st_mode):
                 kind = _TYPES.get(stat.S_IFMT(st.st_mode), "special file")
-                raise NotCapable(f"only regular files are granted, this is a {kind}", filename=display)
-            fd = self._reopen(pathfd, access_flags(rights) | _BASE, display)
+                raise NotCapable(f"only regular files are granted, this is a {kind}", filename=t.display)
+            fd = self._reopen(pathfd, access_flags(rights) | _BASE, t.display)
         finally:
             os.close(pathfd)
-        return Capability(fd, rights, KIND_FILE, display)
+        return Capability(fd, rights, KIND_FILE, t.display)
 
-    def opendir(self, path: object, rights: Rights) -> Capability:
-        _, base, rest, display = self._locate(path, rights)
-        pathfd, st = self._open_path(base, rest, display)
-        try:
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory", display)
-            fd = self._reopen(pathfd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, display)
-        finally:
-            os.close(pathfd)
-        return Capability(fd, rights, KIND_DIR, display)
+    def opendir(self, t: Target, rights: Rights) -> Capability:
+        if not t.in_dir:
+            raise NotCapable("a single-file grant is not a directory", filename=t.display)
+        return Capability(self._dir_fd(t, os.O_RDONLY), rights, KIND_DIR, t.display)
 
-    def stat(self, path: object) -> dict[str, Any]:
-        _, base, rest, display = self._locate(path, Rights.FSTAT)
-        pathfd, st = self._open_path(base, rest, display)
+    def stat(self, t: Target) -> dict[str, Any]:
+        pathfd, st = self._open_path(t)
         os.close(pathfd)
         return {
             "type": _TYPES.get(stat.S_IFMT(st.st_mode), "other"),
@@ -159,15 +177,8 @@ class Resolver:
             "mtime_ns": st.st_mtime_ns,
         }
 
-    def listdir(self, path: object) -> list[str]:
-        _, base, rest, display = self._locate(path, Rights.READ)
-        pathfd, st = self._open_path(base, rest, display)
-        try:
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory", display)
-            fd = self._reopen(pathfd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, display)
-        finally:
-            os.close(pathfd)
+    def listdir(self, t: Target) -> list[str]:
+        fd = self._dir_fd(t, os.O_RDONLY)
         names: list[str] = []
         try:
             with os.scandir(fd) as it:
@@ -178,27 +189,25 @@ class Resolver:
                         continue  # not representable on the wire; never guessed at
                     names.append(entry.name)
                     if len(names) > _MAX_LISTDIR:
-                        raise OSError(errno.E2BIG, f"more than {_MAX_LISTDIR} entries", display)
+                        raise OSError(errno.E2BIG, f"more than {_MAX_LISTDIR} entries", t.display)
         finally:
             os.close(fd)
         return sorted(names)
 
-    def create(self, path: object, rights: Rights) -> tuple[PendingOutput, Capability]:
-        """An output file, written through a temporary and committed later."""
-        parts = split_relative(path)
-        if not parts:
-            raise NotCapable("create() needs a file name", filename="")
-        rights = rights | Rights.WRITE
-        grant, base, rest, display = self._locate(path, rights | Rights.CREATE)
-        if not grant.is_dir:
-            raise NotCapable("create() needs a directory grant with CREATE", filename=display)
-        parent, _, name = rest.rpartition("/")
+    def _parent_and_name(self, t: Target) -> tuple[int, str]:
+        if not t.in_dir:
+            raise NotCapable("needs a directory grant", filename=t.display)
+        parent, _, name = t.rest.rpartition("/")
         if name in (".", ""):
-            raise NotCapable("create() needs a file name", filename=display)
+            raise NotCapable("needs a file name", filename=t.display)
         try:
-            dirfd = openat2(base, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            return openat2(t.base, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), name
         except OSError as exc:
-            raise _kernel_denial(exc, display) from exc
+            raise _kernel_denial(exc, t.display) from exc
+
+    def create(self, t: Target, rights: Rights) -> tuple[PendingOutput, Capability]:
+        """An output file, written through a temporary and committed later."""
+        dirfd, name = self._parent_and_name(t)
         try:
             st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -208,10 +217,27 @@ class Resolver:
             raise
         if st is not None and not stat.S_ISREG(st.st_mode):
             os.close(dirfd)
-            raise NotCapable("an output may only replace a regular file", filename=display)
+            raise NotCapable("an output may only replace a regular file", filename=t.display)
         # O_TMPFILE needs a real directory fd, not O_PATH.
         try:
             realdir = os.open(f"/proc/self/fd/{dirfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         finally:
             os.close(dirfd)
-        return make_output(realdir, name, rights & ~Rights.CREATE, display)
+        return make_output(realdir, name, rights & ~Rights.CREATE, t.display)
+
+    def unlink(self, t: Target) -> None:
+        dirfd, name = self._parent_and_name(t)
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", t.display)
+            os.unlink(name, dir_fd=dirfd)
+        finally:
+            os.close(dirfd)
+
+    def mkdir(self, t: Target) -> None:
+        dirfd, name = self._parent_and_name(t)
+        try:
+            os.mkdir(name, 0o755, dir_fd=dirfd)
+        finally:
+            os.close(dirfd)

@@ -18,7 +18,9 @@ from worker import Worker
 from worker._serve import child_main, forked_from_main_thread
 
 
-def fork_worker(cls: type[Worker], prepared: Any, grant_fds: Sequence[int] = ()) -> tuple[int, socket.socket]:
+def fork_worker(
+    cls: type[Worker], prepared: Any, grants: Sequence[tuple[str, int, int, Any]] = ()
+) -> tuple[int, socket.socket]:
     """Fork a worker. Returns (pid, the broker's end of its channel)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     main = forked_from_main_thread()
@@ -31,7 +33,7 @@ def fork_worker(cls: type[Worker], prepared: Any, grant_fds: Sequence[int] = ())
         if pid == 0:  # child: never returns
             try:
                 parent_sock.detach()
-                child_main(cls, child_sock.detach(), prepared, grant_fds, from_main_thread=main, parent_pid=ppid)
+                child_main(cls, child_sock.detach(), prepared, grants, from_main_thread=main, parent_pid=ppid)
             finally:
                 os._exit(70)
     finally:

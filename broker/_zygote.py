@@ -61,11 +61,20 @@ def _start(extra: list[str]) -> tuple[subprocess.Popen[bytes], Channel, socket.s
     return proc, Channel(ours, send_timeout=30.0), ours
 
 
-def _request_spawn(chan: Channel, cls: type[Worker], spec_wire: Any, timeout: float) -> tuple[int, socket.socket]:
+def _request_spawn(
+    chan: Channel, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]]
+) -> tuple[int, socket.socket]:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         chan.send(
-            {"t": "spawn", "module": cls.__module__, "qualname": cls.__qualname__, "spec": spec_wire, "chan": _SockFd(child)}
+            {
+                "t": "spawn",
+                "module": cls.__module__,
+                "qualname": cls.__qualname__,
+                "spec": spec_wire,
+                "chan": _SockFd(child),
+                "grants": [[name, cap] for name, cap in grants],
+            }
         )
     finally:
         child.close()
@@ -89,9 +98,11 @@ class Zygote:
         self._proc, self._chan, _ = _start([])
         self._lock = threading.Lock()
 
-    def spawn(self, cls: type[Worker], spec_wire: Any, timeout: float) -> tuple[int, socket.socket]:
+    def spawn(
+        self, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]]
+    ) -> tuple[int, socket.socket]:
         with self._lock:
-            return _request_spawn(self._chan, cls, spec_wire, timeout)
+            return _request_spawn(self._chan, cls, spec_wire, timeout, grants)
 
     def reap(self, pid: int) -> int | None:
         """The exit status of a worker that has ended (call after its pidfd fired)."""
@@ -114,11 +125,13 @@ class Zygote:
             self._proc.wait()
 
 
-def exec_worker(cls: type[Worker], spec_wire: Any, timeout: float) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
+def exec_worker(
+    cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]]
+) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
     """Start a fresh interpreter that becomes the worker. It is our child."""
     proc, chan, _ = _start(["--exec"])
     try:
-        pid, sock = _request_spawn(chan, cls, spec_wire, timeout)
+        pid, sock = _request_spawn(chan, cls, spec_wire, timeout, grants)
     except BaseException:
         proc.kill()
         proc.wait()

@@ -37,10 +37,25 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "create": {"path": str, "rights": int},
     "stat": {"path": str},
     "listdir": {"path": str},
+    "mkdir": {"path": str},
     "opendir": {"path": str, "rights": int},
+    # beneath a directory proxy (a directory granted after entry), by its id
+    "dopen": {"dir": int, "path": str, "rights": int},
+    "dcreate": {"dir": int, "path": str, "rights": int},
+    "dstat": {"dir": int, "path": str},
+    "dlist": {"dir": int, "path": str},
+    "dunlink": {"dir": int, "path": str},
+    "dmkdir": {"dir": int, "path": str},
 }
 
-_ERR_KEYS = {"type": str, "msg": str, "errno": (int, type(None)), "filename": (str, type(None)), "tb": str}
+_ERR_KEYS = {
+    "type": str,
+    "msg": str,
+    "errno": (int, type(None)),
+    "filename": (str, type(None)),
+    "tb": str,
+    "base": str,  # nearest ancestor the receiver knows (builtin or privsep's)
+}
 
 
 def _check_fields(obj: dict[str, Any], schema: dict[str, Any], what: str) -> None:
@@ -63,14 +78,22 @@ def check_message(msg: Any, allowed: frozenset[str]) -> dict[str, Any]:
     tag = msg.get("t")
     if tag not in allowed:
         raise ProtocolError(f"unexpected message type {tag!r}")
-    body = dict(msg)
-    del body["t"]
-    _check_fields(body, _SCHEMAS[tag], f"'{tag}' message")
-    if "e" in body:
-        _check_fields(body["e"], _ERR_KEYS, f"error in '{tag}'")
+    schema = _SCHEMAS[tag]
+    if len(msg) != len(schema) + 1:
+        raise ProtocolError(f"'{tag}' message: expected keys {sorted(schema)}, got {sorted(msg)}")
+    for key, expected in schema.items():
+        if key not in msg:
+            raise ProtocolError(f"'{tag}' message: missing {key!r}")
+        if expected is _ANY:
+            continue
+        value = msg[key]
+        if (type(value) is bool and expected is int) or not isinstance(value, expected):
+            raise ProtocolError(f"'{tag}' message: {key} has the wrong type {type(value).__name__}")
+    if "e" in schema:
+        _check_fields(msg["e"], _ERR_KEYS, f"error in '{tag}'")
     if tag == "req":
-        schema = REQUESTS.get(body["op"])
-        if schema is None:
-            raise ProtocolError(f"unknown request {body['op']!r}")
-        _check_fields(body["a"], schema, f"request '{body['op']}'")
+        req = REQUESTS.get(msg["op"])
+        if req is None:
+            raise ProtocolError(f"unknown request {msg['op']!r}")
+        _check_fields(msg["a"], req, f"request '{msg['op']}'")
     return msg

@@ -15,9 +15,7 @@ from typing import Any
 from . import _errors
 
 _OURS: dict[str, type[BaseException]] = {
-    name: obj
-    for name, obj in vars(_errors).items()
-    if isinstance(obj, type) and issubclass(obj, _errors.PrivsepError)
+    name: obj for name, obj in vars(_errors).items() if isinstance(obj, type) and issubclass(obj, _errors.PrivsepError)
 }
 _BUILTIN_OK = {
     "ValueError", "TypeError", "KeyError", "IndexError", "LookupError", "RuntimeError",
@@ -25,6 +23,14 @@ _BUILTIN_OK = {
     "AssertionError", "AttributeError", "UnicodeError", "MemoryError", "RecursionError",
     "EOFError", "BufferError", "Exception", "ImportError", "ModuleNotFoundError", "TimeoutError",
 }  # fmt: skip
+
+
+def _nearest_known(exc: BaseException) -> str:
+    """The closest ancestor class the other side can rebuild."""
+    for klass in type(exc).__mro__:
+        if klass.__name__ in _OURS or _local_class(klass.__name__) is klass:
+            return klass.__name__
+    return "Exception"
 
 
 def exception_to_wire(exc: BaseException, with_traceback: bool = True) -> dict[str, Any]:
@@ -41,6 +47,7 @@ def exception_to_wire(exc: BaseException, with_traceback: bool = True) -> dict[s
         "errno": errno if isinstance(errno, int) and -(1 << 31) <= errno < (1 << 31) else None,
         "filename": filename if isinstance(filename, str) else None,
         "tb": tb[-32768:],
+        "base": _nearest_known(exc),
     }
 
 
@@ -53,13 +60,31 @@ def _local_class(name: str) -> type[BaseException] | None:
     return None
 
 
+_remote_classes: dict[tuple[str, type[BaseException]], type[_errors.RemoteError]] = {}
+
+
+def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.RemoteError]:
+    """``RemoteError`` that is also a ``base``: ``except ValueError`` still
+    catches a worker's ``ValueError`` subclass. Names are only labels."""
+    key = (name, base)
+    cls = _remote_classes.get(key)
+    if cls is None:
+        label = name if name.isidentifier() else "RemoteException"
+        cls = _remote_classes[key] = type(label, (_errors.RemoteError, base), {"__module__": "privsep.remote"})
+    return cls
+
+
 def exception_from_wire(err: dict[str, Any]) -> BaseException:
     """Rebuild an exception from its wire form. Never evaluates anything."""
     name, msg, tb = err["type"], err["msg"], err["tb"]
     cls = _local_class(name)
     exc: BaseException
     if cls is None:
-        exc = _errors.RemoteError(name, msg, tb)
+        base = _local_class(err.get("base") or "")
+        if base is not None and base not in (Exception, BaseException) and not issubclass(base, OSError):
+            exc = _remote_subclass(name, base)(name, msg, tb)
+        else:
+            exc = _errors.RemoteError(name, msg, tb)
     elif issubclass(cls, _errors.NotCapable):
         exc = cls(msg, err["errno"] or 13, err["filename"])
     elif issubclass(cls, OSError):

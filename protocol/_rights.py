@@ -91,9 +91,12 @@ class Rights(enum.IntFlag):
         return wanted
 
 
+_ALL = int(Rights.all())
+
+
 def rights_from_wire(value: object) -> Rights:
     """Validate a rights integer received from a peer."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value & ~int(Rights.all()):
+    if type(value) is not int or value < 0 or value & ~_ALL:
         from ._errors import ProtocolError
 
         raise ProtocolError(f"invalid rights value {value!r}")

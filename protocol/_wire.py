@@ -15,7 +15,7 @@ once. Byte strings too large for one packet travel in a memfd
 from __future__ import annotations
 
 import array
-import errno
+import mmap
 import os
 import select
 import socket
@@ -41,8 +41,10 @@ INT_MAX = (1 << 63) - 1
 
 EXT_FD = 1
 EXT_BLOB = 2
+EXT_DIRREF = 3  # broker -> worker only: a directory the broker resolves for it
 _FD_EXT = struct.Struct("<BBQ")  # index, kind, rights
 _BLOB_EXT = struct.Struct("<BQ")  # index, length
+_DIRREF_EXT = struct.Struct("<IQ")  # id, rights
 
 KIND_FILE = 0
 KIND_DIR = 1
@@ -51,7 +53,13 @@ KIND_MEMFD = 3
 KINDS = (KIND_FILE, KIND_DIR, KIND_STREAM, KIND_MEMFD)
 
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+# Plain ints: enum arithmetic on socket flags costs a microsecond per packet.
+_MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000))
+_SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(socket.MSG_NOSIGNAL)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 class SendsFd(Protocol):
@@ -95,6 +103,20 @@ class ReceivedFd:
         return f"<ReceivedFd fd={self.fd} kind={self.kind} rights={self.rights.describe()}>"
 
 
+class DirRef:
+    """A directory grant made after sandbox entry: no fd, an id the broker
+    resolves requests against (see ``worker.Directory``)."""
+
+    __slots__ = ("id", "rights")
+
+    def __init__(self, id: int, rights: Rights):
+        self.id = id
+        self.rights = rights
+
+    def __repr__(self) -> str:
+        return f"<DirRef {self.id} {self.rights.describe()}>"
+
+
 class _Blob:
     """Marker used while encoding a large byte string."""
 
@@ -122,7 +144,7 @@ def _validate(obj: Any) -> None:
                 if type(k) is not str:
                     raise ProtocolError("map keys must be strings")
                 stack.append((v, depth + 1))
-        elif t in (str, bytes, float, bool, ReceivedFd) or item is None:
+        elif t in (str, bytes, float, bool, ReceivedFd, DirRef) or item is None:
             pass
         else:
             raise ProtocolError(f"type {t.__name__} is not allowed on the wire")
@@ -158,12 +180,20 @@ def _make_blob_fd(data: bytes) -> int:
         raise
 
 
-def encode(obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None) -> tuple[bytes, list[int], list[int]]:
+def encode(
+    obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None
+) -> tuple[bytes, list[int], list[int]]:
     """Encode ``obj``. Returns (payload, fds to send, fds to close after sending).
 
     Objects with ``__privsep_fd__`` travel as fds; ``fd_hook`` may describe
     other objects (the worker uses it for plain file objects).
     """
+    try:  # fast path: plain data, no fds, fits in one packet
+        payload = _packb(obj, use_bin_type=True)
+        if len(payload) <= MAX_PACKET:
+            return payload, [], []
+    except TypeError:
+        pass
     fds: list[int] = []
     owned: list[int] = []
 
@@ -175,6 +205,8 @@ def encode(obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = 
             owned.append(fd)
             fds.append(fd)
             return msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(len(fds) - 1, len(o.data)))
+        if isinstance(o, DirRef):
+            return msgpack.ExtType(EXT_DIRREF, _DIRREF_EXT.pack(o.id, int(o.rights)))
         hook = getattr(o, "__privsep_fd__", None)
         if hook is not None:
             fd, kind, rights = hook()
@@ -214,9 +246,33 @@ def _outline(obj: Any) -> Any:
     return obj
 
 
-def decode(payload: bytes | memoryview, fds: list[int]) -> Any:
+def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = False) -> Any:
     """Decode one packet. Takes ownership of ``fds``: each one is either
-    returned inside the message as a :class:`ReceivedFd` or closed."""
+    returned inside the message as a :class:`ReceivedFd` or closed.
+    Directory references are accepted only where ``allow_dirref`` (from the
+    broker)."""
+    if not fds:
+        try:
+            obj = _unpackb(
+                payload,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                ext_hook=_dirref_hook if allow_dirref else _no_ext_hook,
+            )
+        except ProtocolError:
+            raise
+        except (
+            ValueError,
+            TypeError,
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+            RecursionError,
+        ) as exc:
+            raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
+        _validate(obj)
+        return obj
     slots: list[ReceivedFd | None] = [ReceivedFd(fd, KIND_STREAM, Rights.NONE) for fd in fds]
     claimed = [False] * len(fds)
     blobs: list[int] = []
@@ -243,6 +299,9 @@ def decode(payload: bytes | memoryview, fds: list[int]) -> Any:
             rfd = slots[index]
             assert rfd is not None
             return _read_blob(rfd.fd, length)
+        if code == EXT_DIRREF and allow_dirref and len(data) == _DIRREF_EXT.size:
+            ident, rights = _DIRREF_EXT.unpack(data)
+            return DirRef(ident, rights_from_wire(rights))
         raise ProtocolError(f"unknown extension type {code}")
 
     try:
@@ -256,7 +315,14 @@ def decode(payload: bytes | memoryview, fds: list[int]) -> Any:
             )
         except ProtocolError:
             raise
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+            RecursionError,
+        ) as exc:
             raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
         if not all(claimed):
             raise ProtocolError("packet carried fds that the message does not name")
@@ -273,6 +339,23 @@ def decode(payload: bytes | memoryview, fds: list[int]) -> Any:
     return obj
 
 
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
+
+
+def _no_ext_hook(code: int, data: bytes) -> Any:
+    if code in (EXT_FD, EXT_BLOB):
+        raise ProtocolError("fd reference out of range or repeated")
+    raise ProtocolError(f"unknown extension type {code}")
+
+
+def _dirref_hook(code: int, data: bytes) -> Any:
+    if code == EXT_DIRREF and len(data) == _DIRREF_EXT.size:
+        ident, rights = _DIRREF_EXT.unpack(data)
+        return DirRef(ident, rights_from_wire(rights))
+    return _no_ext_hook(code, data)
+
+
 class Channel:
     """One end of a SOCK_SEQPACKET connection. Owns its socket.
 
@@ -280,12 +363,15 @@ class Channel:
     stops reading; ``recv`` enforces every bound above.
     """
 
-    def __init__(self, sock: socket.socket, *, send_timeout: float | None = 10.0):
+    def __init__(self, sock: socket.socket, *, send_timeout: float | None = 10.0, allow_dirref: bool = False):
         if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
             raise ValueError("a Channel needs an AF_UNIX SOCK_SEQPACKET socket")
         self.sock = sock
         self.send_timeout = send_timeout
-        self._buf = bytearray(MAX_PACKET + 1)
+        self.allow_dirref = allow_dirref
+        # Anonymous mmap: pages are faulted in only as packets reach them, so
+        # a fresh worker does not pay for zero-filling 256 KiB.
+        self._buf = mmap.mmap(-1, MAX_PACKET + 1)
         self._view = memoryview(self._buf)
 
     @classmethod
@@ -298,6 +384,11 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+        try:
+            self._view.release()
+            self._buf.close()
+        except BufferError:
+            pass  # a decoded packet still views the buffer; it is freed with it
 
     @property
     def closed(self) -> bool:
@@ -314,11 +405,19 @@ class Channel:
     def send_raw(self, payload: bytes, fds: Iterable[int] = ()) -> None:
         """Send one packet as is (tests use this to play a hostile peer)."""
         fd_list = list(fds)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fd_list))] if fd_list else []
+        try:
+            self.sock.sendmsg([payload], anc, _SEND_FLAGS)
+            return
+        except BlockingIOError:
+            pass
+        except InterruptedError:
+            pass
+        # The peer is not reading: wait for room, at most send_timeout.
         deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
         while True:
             try:
-                self.sock.sendmsg([payload], anc, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                self.sock.sendmsg([payload], anc, _SEND_FLAGS)
                 return
             except BlockingIOError:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -327,10 +426,8 @@ class Channel:
                 poller = select.poll()
                 poller.register(self.sock, select.POLLOUT)
                 poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
+            except InterruptedError:
+                continue
 
     def recv_raw(self) -> tuple[memoryview, list[int]] | None:
         """Receive one packet. None on EOF. Takes care of every bound but the
@@ -343,17 +440,17 @@ class Channel:
                 continue
         fds: list[int] = []
         bad: str | None = None
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        for level, kind, data in anc or ():
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 arr = array.array("i")
                 usable = len(data) - len(data) % arr.itemsize
                 arr.frombytes(data[:usable])
                 fds.extend(arr)
             else:
                 bad = "unexpected control message"
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             bad = "control data truncated (too many fds)"
-        elif flags & socket.MSG_TRUNC or n > MAX_PACKET:
+        elif flags & _MSG_TRUNC or n > MAX_PACKET:
             bad = f"packet larger than {MAX_PACKET} bytes"
         elif len(fds) > MAX_FDS:
             bad = f"more than {MAX_FDS} fds in one packet"
@@ -371,7 +468,7 @@ class Channel:
         if got is None:
             return None
         payload, fds = got
-        return decode(payload, fds)
+        return decode(payload, fds, allow_dirref=self.allow_dirref)
 
     def wait_readable(self, timeout: float | None) -> bool:
         poller = select.poll()

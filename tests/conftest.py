@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,14 +33,14 @@ def fd_targets() -> dict[int, str]:
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """root/
-         data/a.txt, data/b.bin, data/sub/c.txt
-         data/link_in -> a.txt            (stays inside: allowed)
-         data/link_abs -> /etc/passwd     (absolute: escapes)
-         data/link_up -> ../secret        (relative: escapes)
-         data/link_proc -> /proc/self/root/etc/passwd (magic link)
-         data/fifo (a FIFO)
-         out/
-         secret
+    data/a.txt, data/b.bin, data/sub/c.txt
+    data/link_in -> a.txt            (stays inside: allowed)
+    data/link_abs -> /etc/passwd     (absolute: escapes)
+    data/link_up -> ../secret        (relative: escapes)
+    data/link_proc -> /proc/self/root/etc/passwd (magic link)
+    data/fifo (a FIFO)
+    out/
+    secret
     """
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
@@ -65,3 +66,33 @@ def default_policy() -> Policy:
 def broker(tree: Path) -> Iterator[Broker]:
     with Broker(default_policy(), root=tree, call_timeout=30) as b:
         yield b
+
+
+# Skips must come from probing the kernel or the platform. In CI any other
+# skip fails the run, so a missing dependency cannot pass as "skipped".
+_PROBE_SKIP_PREFIXES = (
+    "FreeBSD",
+    "checks the fallbacks used where Capsicum does not exist",
+    "kernel lacks",
+    "Landlock ABI",
+    "ablation needs Landlock",
+    "no user namespaces",
+    "no seccomp",
+    "needs seccomp",
+)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    if os.environ.get("CI") != "true":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    bad = []
+    for report in reporter.stats.get("skipped", []) if reporter else []:
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if not reason.startswith(_PROBE_SKIP_PREFIXES):
+            bad.append(f"{report.nodeid}: {reason}")
+    if bad:
+        print("\nCI: skips that do not come from a kernel/platform probe:\n  " + "\n  ".join(bad))
+        session.exitstatus = 1

@@ -135,16 +135,21 @@ def test_unknown_method_is_refused_locally(broker: Broker) -> None:
         w.call("setup")
 
 
+SF = Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE
+
+
 @pytest.mark.parametrize(
     ("rights", "mode", "readable", "writable"),
     [
         (Rights.READ, "rb", True, False),
         (Rights.WRITE, "wb", False, True),
-        (Rights.READ | Rights.WRITE, "rb+", True, True),
+        (Rights.READ | SF, "rb", True, False),
+        (Rights.WRITE | SF, "wb", False, True),
+        (Rights.READ | Rights.WRITE | SF, "rb+", True, True),
     ],
 )
 def test_rights_map_to_access_mode(tree: Path, rights: Rights, mode: str, readable: bool, writable: bool) -> None:
-    policy = Policy().allow("data/", Rights.READ | Rights.WRITE)
+    policy = Policy().allow("data/", Rights.READ | Rights.WRITE | SF)
     with Broker(policy, root=tree) as b:
         w = b.spawn(Upper)
         cap = b.open("data/a.txt", rights)

@@ -365,6 +365,8 @@ ATTACKS.update({"openat_dotdot": _openat_dotdot, "openat_inside": _openat_inside
 class Attacker(Worker):
     @rpc
     def attack(self, name: str, arg: Any = None) -> dict[str, Any]:
+        if arg == "@grant":
+            arg = self.grants["d"]  # a directory held since spawn: a real fd and a Landlock rule
         try:
             return {"ok": repr(ATTACKS[name](self, arg))}
         except OSError as exc:
@@ -420,7 +422,8 @@ CASES = [
     Case("statx_abs", "seccomp (statx AT_FDCWD)", V("statx")),
     Case("fstatat_abs_via_fd", "namespaces (empty root; stat is not a Landlock right)",
          ("check", lambda r: r == {"ok": str(-errno.ENOENT)})),
-    Case("openat_dotdot", "seccomp (openat needs @fs-at)", V("openat"), "dir"),
+    Case("openat_dotdot", "Landlock (beneath the spawn-time directory rule)", E("EACCES"), "dir"),
+    Case("openat_inside", "allowed: beneath the directory rule", ("check", lambda r: "ok" in r), "dir"),
     Case("proc_reopen", "seccomp (openat AT_FDCWD) + empty root", V("openat"), "ro_file"),
     Case("write_ro", "access mode at open", E("EBADF"), "ro_file"),
     Case("ftruncate_ro", "access mode at open", E("EINVAL", "EBADF"), "ro_file"),
@@ -489,6 +492,7 @@ def tree_m(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_broker(root: Path, **sandbox: Any) -> Broker:
     policy = Policy().allow("data/", READ | Rights.LOOKUP).allow("out/", Rights.WRITE | Rights.CREATE)
+    # READ here includes SEEK|FSTAT, as a spawn-time directory grant must
     if sandbox:
         policy = policy.with_sandbox(**sandbox)
     return Broker(policy, root=root, call_timeout=30)
@@ -515,7 +519,7 @@ def _arg(kind: str | None, b: Broker, root: Path, abstract: str) -> Any:
     if kind == "ro_file":
         return b.open("data/a.txt", READ)
     if kind == "dir":
-        return b.opendir("data/", Rights.LOOKUP | READ)
+        return b.opendir("data/", Rights.LOOKUP | READ | Rights.SEEK | Rights.FSTAT)
     if kind == "abstract":
         return abstract
     if kind == "victim":
@@ -529,16 +533,18 @@ def run_case(b: Broker, witness: Any, root: Path, case: Case, abstract: str) -> 
     """Run one case in a fresh worker; check the outcome, the broker and fds."""
     before = open_fds()
     arg = _arg(case.arg, b, root, abstract)
-    w = b.spawn(Attacker)
+    grants = {"d": arg} if case.arg == "dir" else None
+    w = b.spawn(Attacker, grants=grants)
+    sent = "@grant" if grants else arg
     kind, want = case.expect
     try:
         if kind == "violation":
             with pytest.raises(PolicyViolation) as info:
-                w.attack(case.attack, arg)
+                w.attack(case.attack, sent)
             assert info.value.syscall in want, f"{case.attack}: stopped for {info.value.syscall}, want {want}"
             got: dict[str, Any] = {"violation": info.value.syscall}
         else:
-            got = w.attack(case.attack, arg)
+            got = w.attack(case.attack, sent)
             if kind == "check":
                 assert want(got), f"{case.attack}: {got}"
             else:

@@ -20,13 +20,18 @@ from typing import Any
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `examples` is not an installed package: import it from the checkout
+    sys.path.insert(0, str(REPO))
+
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from examples.thumbnailer import cli, make_samples  # noqa: E402
 from examples.thumbnailer.progress import Progress  # noqa: E402
+from examples.thumbnailer.workers import Thumbnailer  # noqa: E402
+from worker import rpc  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 GOOD = make_samples.GOOD
 HOSTILE = make_samples.HOSTILE
 PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -34,9 +39,7 @@ PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 def _copy_samples(dst: Path) -> Path:
     """The bundled samples in a private directory, with the run-time FIFO and symlink made."""
-    shutil.copytree(
-        make_samples.SAMPLES_DIR, dst, symlinks=True, ignore=shutil.ignore_patterns(make_samples.FIFO_NAME)
-    )
+    shutil.copytree(make_samples.SAMPLES_DIR, dst, symlinks=True, ignore=shutil.ignore_patterns(make_samples.FIFO_NAME))
     make_samples.ensure_runtime_specials(dst)
     return dst
 
@@ -75,7 +78,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = base / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "examples.thumbnailer", str(inp), "-o", str(out), "--format", "png", "--size", "64",
-         "--workers", "2", "--json", str(base / "report.json")],
+         "--workers", "2", "--json", str(base / "report.json"), "--strict"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     report = json.loads((base / "report.json").read_text())
@@ -138,7 +141,7 @@ def test_main_other_formats(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
     stdout, stderr = io.StringIO(), io.StringIO()
     status = cli.main(
-        [str(inp), "-o", str(out), "-f", fmt, "-s", "100", "-q", "70", "--json", "-", "--quiet"],
+        [str(inp), "-o", str(out), "-f", fmt, "-s", "100", "-q", "70", "--json", "-", "--quiet", "--strict"],
         stdout=stdout, stderr=stderr,
     )  # fmt: skip
     assert status == cli.EXIT_REJECTED
@@ -177,7 +180,7 @@ def test_directory_symlink_out_is_refused_not_followed(tmp_path: Path) -> None:
     os.symlink(secret / "private.jpg", inp / "private.jpg")  # a file symlink out
     out = tmp_path / "out"
     stdout = io.StringIO()
-    status = cli.main([str(inp), "-o", str(out), "--json", "-"], stdout=stdout, stderr=io.StringIO())
+    status = cli.main([str(inp), "-o", str(out), "--json", "-", "--strict"], stdout=stdout, stderr=io.StringIO())
     report = json.loads(stdout.getvalue())
     assert status == cli.EXIT_REJECTED
     assert [c["input"] for c in report["converted"]] == ["ok.jpg"]
@@ -185,29 +188,27 @@ def test_directory_symlink_out_is_refused_not_followed(tmp_path: Path) -> None:
     assert _tree(out) == {"ok.jpg"}
 
 
-def _misbehaving_worker() -> type:
-    """A Thumbnailer that crashes mid-write, hangs, or makes a forbidden syscall, chosen by output name."""
-    from examples.thumbnailer.workers import Thumbnailer
-    from worker import rpc
+class Misbehaving(Thumbnailer):
+    """A Thumbnailer that crashes mid-write, hangs, or makes a forbidden syscall, chosen by output name.
 
-    class Misbehaving(Thumbnailer):
-        @rpc
-        def thumbnail(self, src: Any, size: int, fmt: str, quality: int, out: str) -> dict[str, Any]:
-            name = out.rsplit("/", 1)[-1]
-            if name.startswith("crash"):
-                dst = self.broker.create(out)
-                dst.write(b"half an image")
-                dst.flush()
-                os._exit(3)  # dies with a partial output open: it must not appear
-            if name.startswith("hang"):
-                time.sleep(60)
-            if name.startswith("syscall"):
-                import socket
+    At module level, so that every spawn method (fork, zygote, exec) can import it by name.
+    """
 
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no network in the sandbox
-            return super().thumbnail(src, size, fmt, quality, out)
+    @rpc
+    def thumbnail(self, src: Any, size: int, fmt: str, quality: int, out: str) -> dict[str, Any]:
+        name = out.rsplit("/", 1)[-1]
+        if name.startswith("crash"):
+            dst = self.broker.create(out)
+            dst.write(b"half an image")
+            dst.flush()
+            os._exit(3)  # dies with a partial output open: it must not appear
+        if name.startswith("hang"):
+            time.sleep(60)
+        if name.startswith("syscall"):
+            import socket
 
-    return Misbehaving
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no network in the sandbox
+        return super().thumbnail(src, size, fmt, quality, out)
 
 
 def test_dead_and_killed_workers_are_replaced_and_the_run_goes_on(tmp_path: Path) -> None:
@@ -220,8 +221,8 @@ def test_dead_and_killed_workers_are_replaced_and_the_run_goes_on(tmp_path: Path
     stdout = io.StringIO()
     started = time.monotonic()
     status = cli.main(
-        [str(inp), "-o", str(out), "--workers", "2", "--timeout", "1", "--json", "-"],
-        worker_cls=_misbehaving_worker(), stdout=stdout, stderr=io.StringIO(),
+        [str(inp), "-o", str(out), "--workers", "2", "--timeout", "1", "--json", "-", "--strict"],
+        worker_cls=Misbehaving, stdout=stdout, stderr=io.StringIO(),
     )  # fmt: skip
     assert time.monotonic() - started < 20
     report = json.loads(stdout.getvalue())
@@ -280,3 +281,97 @@ def test_bundled_samples_are_small_and_reproducible(tmp_path: Path) -> None:
     make_samples.generate(tmp_path)
     for rel in [*GOOD, *(n for n in HOSTILE if n not in (make_samples.FIFO_NAME, make_samples.SYMLINK_NAME))]:
         assert (tmp_path / rel).read_bytes() == (make_samples.SAMPLES_DIR / rel).read_bytes(), rel
+
+
+def _exotic_inputs(directory: Path) -> dict[str, str | None]:
+    """Inputs not among the bundled samples: unusual modes (must convert) and more hostile headers.
+
+    Returns name -> expected rejection kind (None: must convert).
+    """
+    import struct
+
+    from PIL import PngImagePlugin
+
+    directory.mkdir()
+    grad = Image.linear_gradient("L").resize((300, 200))
+    grad.convert("LAB").save(directory / "lab.tif")  # LAB -> RGB goes through ImageCms, imported lazily by Pillow
+    grad.convert("F").save(directory / "float.tif")
+    grad.convert("CMYK").save(directory / "cmyk.tif", compression="tiff_adobe_deflate")
+    grad.convert("RGB").save(directory / "progressive.jpg", progressive=True)
+    pal = grad.convert("P")
+    pal.info["transparency"] = 0
+    pal.save(directory / "palette-alpha.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "A" * (8 << 20), zip=True)  # an 8 MiB zTXt chunk: a text-chunk bomb
+    Image.new("RGB", (200, 100), "red").save(directory / "ztxt-bomb.png", pnginfo=info)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "JPEG")
+    jpeg = bytearray(buf.getvalue())
+    sof = jpeg.find(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 65500, 65500)
+    (directory / "sof-huge.jpg").write_bytes(bytes(jpeg))
+    png = bytearray((directory / "palette-alpha.png").read_bytes())
+    png[16:20] = b"\xff\xff\xff\xff"  # IHDR width 4294967295 (and now a bad CRC)
+    (directory / "ihdr-broken.png").write_bytes(bytes(png))
+    (directory / "ghostscript.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    return {"lab.tif": None, "float.tif": None, "cmyk.tif": None, "progressive.jpg": None,
+            "palette-alpha.png": None, "ztxt-bomb.png": "decompression-bomb", "sof-huge.jpg": "decompression-bomb",
+            "ihdr-broken.png": "corrupt", "ghostscript.jpg": "not-an-image"}  # fmt: skip
+
+
+def test_exotic_and_more_hostile_inputs(tmp_path: Path) -> None:
+    expected = _exotic_inputs(tmp_path / "in")
+    stdout = io.StringIO()
+    status = cli.main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-f", "png", "--json", "-", "--strict"],
+                      stdout=stdout, stderr=io.StringIO())  # fmt: skip
+    report = json.loads(stdout.getvalue())
+    assert status == cli.EXIT_REJECTED
+    got = {r["input"]: r["kind"] for r in report["rejected"]} | {c["input"]: None for c in report["converted"]}
+    assert got == expected, report["rejected"]
+    assert report["workers_replaced"] == 0  # no lazy import tripped the sandbox
+    with Image.open(tmp_path / "out" / "palette-alpha.png") as img:
+        assert img.mode == "RGBA"  # transparency kept
+
+
+_NO_LAZY_IMPORTS = """
+import glob, io, os, sys
+sys.path.insert(0, sys.argv[1])
+from examples.thumbnailer import imaging
+imaging.configure_pillow(); imaging.warm_up()
+before = set(sys.modules)
+events = []
+sys.addaudithook(lambda ev, args: events.append(ev) if ev in ("import", "os.listdir", "os.scandir") else None)
+for path in sorted(sys.argv[2:]):
+    for fmt in imaging.OUTPUT_FORMATS:
+        with open(path, "rb") as f:
+            try:
+                imaging.make_thumbnail(f, io.BytesIO(), 64, fmt, 80)
+            except imaging.Rejected:
+                pass
+print(sorted(set(sys.modules) - before), events)
+"""
+
+
+def test_setup_preloads_everything_the_decoders_need(tmp_path: Path) -> None:
+    """After setup, no input (good, hostile, exotic) makes Pillow import anything: in the sandbox it could not."""
+    _exotic_inputs(tmp_path / "exotic")
+    inputs = [p for p in [*make_samples.SAMPLES_DIR.rglob("*"), *(tmp_path / "exotic").iterdir()]
+              if p.is_file() and not p.is_symlink() and p.suffix.lower() in cli.imaging.INPUT_SUFFIXES]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _NO_LAZY_IMPORTS, str(REPO), *map(str, inputs)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[] []"
+
+
+def test_main_job_command_succeeds_on_the_bundled_samples(tmp_path: Path) -> None:
+    """The README's main-job command: the hostile samples are rejected with
+    reasons, and that is the demo working, so the exit status is 0."""
+    out = tmp_path / "thumbnails"
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.thumbnailer", "-o", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == cli.EXIT_OK, proc.stderr
+    assert "converted" in proc.stdout + proc.stderr and "Rejected" in proc.stdout + proc.stderr
+    made = sorted(p.name for p in out.iterdir())
+    assert len(made) == 8 and not any(name.startswith(".") for name in made)

@@ -19,9 +19,14 @@ from typing import Any
 
 import pytest
 
-from examples.unpack import cli, make_samples, safety
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `examples` is not an installed package: import it from the checkout
+    sys.path.insert(0, str(REPO))
+
+from examples.unpack import cli, make_samples, safety  # noqa: E402
+from examples.unpack.workers import Unpacker  # noqa: E402
+from worker import rpc  # noqa: E402
+
 SAMPLES = make_samples.SAMPLES_DIR
 EXPECTED = make_samples.EXPECTED
 
@@ -99,25 +104,47 @@ def test_a_bomb_is_fine_when_the_user_raises_the_limits(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "zeros.bin").stat().st_size == make_samples.BOMB_BYTES
 
 
+class Crashing(Unpacker):
+    """Dies half-way through writing ``numbers.csv`` (module level: importable by every spawn method)."""
+
+    @rpc
+    def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
+        if out.endswith("numbers.csv"):
+            dst = self.broker.create(out)
+            dst.write(b"n,sq")
+            dst.flush()
+            os._exit(9)
+        return super().extract_member(out, total_so_far, limits)
+
+
 def test_crashed_worker_leaves_no_partial_file(tmp_path: Path) -> None:
-    from examples.unpack.workers import Unpacker
-    from worker import rpc
-
-    class Crashing(Unpacker):
-        @rpc
-        def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
-            if out.endswith("numbers.csv"):
-                dst = self.broker.create(out)
-                dst.write(b"n,sq")
-                dst.flush()
-                os._exit(9)
-            return super().extract_member(out, total_so_far, limits)
-
     status, report, _ = _run(SAMPLES / "good.zip", tmp_path / "out", worker_cls=Crashing)
     assert status == cli.EXIT_REFUSED
     assert report["stopped"]["kind"] == "worker-crashed"
     assert not (tmp_path / "out" / "data" / "numbers.csv").exists()
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").rglob("*"))
+
+
+class IgnoresBudget(Unpacker):
+    """A 'compromised' worker: writes 4 MiB whatever the limits say."""
+
+    @rpc
+    def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
+        from examples.unpack.workers import OUTPUT_RIGHTS
+
+        with self.broker.create(out, OUTPUT_RIGHTS) as dst:
+            for _ in range(64):
+                dst.write(bytes(1 << 16))
+        return {"bytes": 4 << 20, "consumed": 0}
+
+
+def test_file_size_limit_holds_even_if_the_worker_ignores_the_budget(tmp_path: Path) -> None:
+    """--max-total also becomes the worker's RLIMIT_FSIZE: the kernel stops the write, not the worker's goodwill."""
+    status, report, _ = _run(SAMPLES / "good.zip", tmp_path / "out", "--max-total", "1M", worker_cls=IgnoresBudget)
+    assert status == cli.EXIT_REFUSED
+    assert report["stopped"]["kind"] == "bomb" and "RLIMIT_FSIZE" in report["stopped"]["reason"], report
+    assert report["extracted"] == []
+    assert all(p.stat().st_size <= (1 << 20) + (1 << 16) for p in (tmp_path / "out").rglob("*") if p.is_file())
 
 
 def test_unicode_and_unsafe_names(tmp_path: Path) -> None:
@@ -190,3 +217,30 @@ def test_samples_are_reproducible(tmp_path: Path) -> None:
     for path in make_samples.generate(tmp_path):
         assert path.read_bytes() == (SAMPLES / path.name).read_bytes(), path.name
     assert sum(p.stat().st_size for p in SAMPLES.iterdir()) < 500_000
+
+
+@pytest.mark.parametrize("kind", ["zip-stored", "zip-deflated", "zip-bzip2", "zip-lzma", "tar", "tar.gz", "tar.bz2",
+                                  "tar.xz"])  # fmt: skip
+def test_every_compression_works_in_the_sandbox(tmp_path: Path, kind: str) -> None:
+    """Each codec must be loaded in setup(): a lazy import after sandbox entry would kill the worker."""
+    import tarfile
+
+    archive = tmp_path / f"a.{kind}"
+    payload = {"dir/é.txt": "héllo".encode(), "big.bin": bytes(range(256)) * 400}
+    if kind.startswith("zip"):
+        method = {"stored": zipfile.ZIP_STORED, "deflated": zipfile.ZIP_DEFLATED, "bzip2": zipfile.ZIP_BZIP2,
+                  "lzma": zipfile.ZIP_LZMA}[kind.split("-")[1]]  # fmt: skip
+        with zipfile.ZipFile(archive, "w", compression=method) as zf:
+            for name, data in payload.items():
+                zf.writestr(name, data)
+    else:
+        mode = "w" if kind == "tar" else "w:" + kind.split(".")[1]
+        with tarfile.open(archive, mode) as tf:  # type: ignore[call-overload]
+            for name, data in payload.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    status, report, _ = _run(archive, tmp_path / "out")
+    assert status == cli.EXIT_OK, report
+    for name, data in payload.items():
+        assert (tmp_path / "out" / name).read_bytes() == data

@@ -67,7 +67,9 @@ payloads = st.one_of(
     st.just(b"\x91" * 5000 + b"\xc0"),  # deep nesting
     st.just(b"\xdc\xff\xff"),  # array header promising more than is there
 )
-packets = st.lists(st.tuples(payloads, st.sampled_from([0, 0, 0, 1, 2, 3, MAX_FDS, MAX_FDS + 1, 100, 254])), min_size=1, max_size=4)
+packets = st.lists(
+    st.tuples(payloads, st.sampled_from([0, 0, 0, 1, 2, 3, MAX_FDS, MAX_FDS + 1, 100, 254])), min_size=1, max_size=4
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +113,28 @@ def test_garbage_costs_the_connection(hostile_env) -> None:  # type: ignore[no-u
 
 
 BOUND_CASES = [
-        (msgpack.packb({"t": "ret", "id": 1, "v": 1}), 1, "fds that the message does not name"),
-        (msgpack.packb({"t": "ret", "id": 1, "v": 1}), MAX_FDS + 1, "control data truncated"),
-        (b"\x00" * (MAX_PACKET + 10), 0, "larger than"),
-        (msgpack.packb({"t": "ret", "id": 1, "v": 1 << 63}), 0, "64 bits"),
-        (msgpack.packb({"t": "ret", "id": 1, "v": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}), 0, "nested"),
-        (msgpack.packb({"t": "ret", "id": 1}), 0, "expected keys"),
-        (msgpack.packb({"t": "ready", "v": 1, "pid": 1, "sandbox": {}, "notify": None}), 0, "unexpected message type"),
-        (msgpack.packb({"t": "req", "id": 1, "op": "exec", "a": {}}), 0, "unknown request"),
-        (msgpack.packb({"t": "ret", "id": 99, "v": 1}), 0, "not pending"),
-        (msgpack.packb({"t": "ret", "id": 1, "v": msgpack.ExtType(1, b"\x00\x00" + b"\x01" + b"\x00" * 7)}), 0, "out of range"),
-        (msgpack.packb([1, 2, 3]), 0, "must be a map"),
-        (b"\xa3ab", 0, "malformed"),
+    (msgpack.packb({"t": "ret", "id": 1, "v": 1}), 1, "fds that the message does not name"),
+    (msgpack.packb({"t": "ret", "id": 1, "v": 1}), MAX_FDS + 1, "control data truncated"),
+    (b"\x00" * (MAX_PACKET + 10), 0, "larger than"),
+    (msgpack.packb({"t": "ret", "id": 1, "v": 1 << 63}), 0, "64 bits"),
+    (
+        msgpack.packb(
+            {"t": "ret", "id": 1, "v": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}
+        ),
+        0,
+        "nested",
+    ),
+    (msgpack.packb({"t": "ret", "id": 1}), 0, "expected keys"),
+    (msgpack.packb({"t": "ready", "v": 1, "pid": 1, "sandbox": {}, "notify": None}), 0, "unexpected message type"),
+    (msgpack.packb({"t": "req", "id": 1, "op": "exec", "a": {}}), 0, "unknown request"),
+    (msgpack.packb({"t": "ret", "id": 99, "v": 1}), 0, "not pending"),
+    (
+        msgpack.packb({"t": "ret", "id": 1, "v": msgpack.ExtType(1, b"\x00\x00" + b"\x01" + b"\x00" * 7)}),
+        0,
+        "out of range",
+    ),
+    (msgpack.packb([1, 2, 3]), 0, "must be a map"),
+    (b"\xa3ab", 0, "malformed"),
 ]
 
 

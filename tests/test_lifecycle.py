@@ -101,7 +101,15 @@ def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
     b = Broker(Policy(), root=tree)
     workers = [b.spawn(Sleeper) for _ in range(4)]
     pids = [w.getpid() for w in workers]
-    busy = threading.Thread(target=lambda: pytest.raises(WorkerCrashed, workers[0].sleep, 60), daemon=True)
+    outcome: list[BaseException] = []
+
+    def call_in_flight() -> None:
+        try:
+            workers[0].sleep(60)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    busy = threading.Thread(target=call_in_flight, daemon=True)
     busy.start()
     time.sleep(0.2)
     t0 = time.monotonic()
@@ -109,6 +117,7 @@ def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
     assert time.monotonic() - t0 < 5
     busy.join(5)
     assert not busy.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed)  # the in-flight call was ended
     assert not any(alive(p) for p in pids)
 
 

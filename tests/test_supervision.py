@@ -13,7 +13,7 @@ import pytest
 from conftest import READ, default_policy, open_fds
 
 from broker import Broker, Policy
-from protocol import NotCapable, PolicyViolation, Rights, WorkerCrashed, WorkerTimeout
+from protocol import NotCapable, PolicyViolation, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
 

@@ -8,6 +8,8 @@ the broker, which checks everything again against its policy. Denials raise
 from __future__ import annotations
 
 import itertools
+import os
+import stat as _stat
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -15,11 +17,13 @@ from protocol import ProtocolError, Rights
 from protocol._messages import check_message
 from protocol._paths import split_relative
 from protocol._remote import exception_from_wire
-from protocol._wire import Channel, ReceivedFd
+from protocol._wire import Channel, DirRef, ReceivedFd
 
-from ._files import Directory, wrap_received
+from ._files import Directory, ProxyDirectory, wrap_received
 
 _REPLIES = frozenset({"rep", "rerr", "stop"})
+_TYPES = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink", _stat.S_IFIFO: "fifo",
+          _stat.S_IFSOCK: "socket", _stat.S_IFCHR: "char", _stat.S_IFBLK: "block"}  # fmt: skip
 
 
 class BrokerGone(SystemExit):
@@ -28,12 +32,16 @@ class BrokerGone(SystemExit):
 
 @dataclass(frozen=True)
 class StatResult:
-    """What ``self.broker.stat()`` returns."""
+    """What ``stat()`` returns: no inode numbers, owners or devices."""
 
-    type: str  # "file", "dir", "symlink", "fifo", "socket", "char", "block"
+    type: str  # "file", "dir", "symlink", "fifo", "socket", "char", "block", "other"
     size: int
     mode: int
     mtime_ns: int
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> StatResult:
+        return cls(_TYPES.get(_stat.S_IFMT(st.st_mode), "other"), st.st_size, _stat.S_IMODE(st.st_mode), st.st_mtime_ns)
 
 
 class BrokerClient:
@@ -42,6 +50,7 @@ class BrokerClient:
     def __init__(self, chan: Channel):
         self._chan = chan
         self._ids = itertools.count(1)
+        self._created: list[IO[bytes]] = []  # outputs of the current call, closed when it ends
 
     def _request(self, op: str, **args: Any) -> Any:
         rid = next(self._ids)
@@ -58,41 +67,71 @@ class BrokerClient:
             raise exception_from_wire(msg["e"])
         return msg["v"]
 
-    def _fd_reply(self, op: str, path: str, rights: Rights) -> Any:
-        split_relative(path)
-        value = self._request(op, path=path, rights=int(Rights(rights)))
+    def _fd_request(self, op: str, args: dict[str, Any]) -> Any:
+        value = self._request(op, **args)
+        if isinstance(value, DirRef):
+            return ProxyDirectory(self, value)
         if not isinstance(value, ReceivedFd):
             raise ProtocolError(f"broker answered '{op}' without a file descriptor")
         return wrap_received(value)
 
+    @staticmethod
+    def _stat(value: Any) -> StatResult:
+        if not isinstance(value, dict):
+            raise ProtocolError("bad stat reply")
+        return StatResult(type=value["type"], size=value["size"], mode=value["mode"], mtime_ns=value["mtime_ns"])
+
+    @staticmethod
+    def _names(value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ProtocolError("bad listdir reply")
+        return value
+
     def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
         """Open a file the policy grants. Returns a binary file object whose
-        mode follows ``rights`` (READ: reader, WRITE: writer, both: r+b)."""
-        return self._fd_reply("open", path, rights)  # type: ignore[no-any-return]
+        mode follows ``rights`` (READ: reader, WRITE: writer, both: r+b).
+        Without SEEK (or FSTAT) it is a pipe the broker fills from the file."""
+        split_relative(path)
+        return self._fd_request("open", {"path": path, "rights": int(Rights(rights))})
 
     def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
         """Create an output file. Returns a writable binary file.
 
         The broker gives a hidden temporary file and moves its content into
         place as ``path`` only when the current call returns normally; if the
-        call raises or the worker dies, nothing is left behind.
+        call raises or the worker dies, nothing is left behind. The file is
+        closed when the call returns.
         """
-        return self._fd_reply("create", path, rights)  # type: ignore[no-any-return]
+        split_relative(path)
+        f = self._fd_request("create", {"path": path, "rights": int(Rights(rights))})
+        self._created.append(f)
+        return f
 
     def opendir(self, path: str, rights: Rights = Rights.LOOKUP) -> Directory:
-        """Open a directory grant, for later lookups beneath it."""
-        return self._fd_reply("opendir", path, rights)  # type: ignore[no-any-return]
+        """A directory beneath a granted one, resolved by the broker."""
+        split_relative(path)
+        d = self._fd_request("opendir", {"path": path, "rights": int(Rights(rights))})
+        if not isinstance(d, Directory):
+            raise ProtocolError("broker answered 'opendir' without a directory")
+        return d
 
     def stat(self, path: str) -> StatResult:
         split_relative(path)
-        value = self._request("stat", path=path)
-        if not isinstance(value, dict):
-            raise ProtocolError("bad stat reply")
-        return StatResult(type=value["type"], size=value["size"], mode=value["mode"], mtime_ns=value["mtime_ns"])
+        return self._stat(self._request("stat", path=path))
 
     def listdir(self, path: str = "") -> list[str]:
         split_relative(path)
-        value = self._request("listdir", path=path)
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise ProtocolError("bad listdir reply")
-        return value
+        return self._names(self._request("listdir", path=path))
+
+    def mkdir(self, path: str) -> None:
+        """Make a directory beneath a grant with MKDIRAT."""
+        split_relative(path)
+        self._request("mkdir", path=path)
+
+    def _end_call(self) -> None:
+        created, self._created = self._created, []
+        for f in created:
+            try:
+                f.close()
+            except OSError:
+                pass

@@ -2,18 +2,28 @@
 
 A file passed to a worker arrives as a binary file object whose access mode
 matches its rights: READ gives a reader, WRITE a writer, both a read/write
-file, APPEND an appending writer. The object owns the fd.
+file, APPEND an appending writer. The object owns the fd. A directory grant
+arrives as a :class:`Directory`: fd-backed when it was granted at spawn
+(Landlock rules were made from it), a proxy resolved by the broker when it
+was granted later.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
-from protocol import Rights
-from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, KIND_STREAM, ReceivedFd
+from protocol import NotCapable, Rights
+from protocol._paths import split_relative
+from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, KIND_STREAM, DirRef, ReceivedFd
+
+if TYPE_CHECKING:
+    from ._client import BrokerClient, StatResult
+
+_BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def mode_for(rights: Rights) -> str:
@@ -28,32 +38,98 @@ def mode_for(rights: Rights) -> str:
     return "rb"
 
 
+def access_flags(rights: Rights) -> int:
+    """The open(2) access mode that ``rights`` allow (and no more)."""
+    readable = bool(rights & Rights.READ)
+    writable = bool(rights & (Rights.WRITE | Rights.APPEND))
+    flags = os.O_RDWR if readable and writable else os.O_WRONLY if writable else os.O_RDONLY
+    if rights & Rights.APPEND:
+        flags |= os.O_APPEND
+    return flags
+
+
+def open_fd(fd: int, rights: Rights, kind: int = KIND_FILE, *, pinned: bool = False) -> IO[bytes]:
+    """Wrap ``fd`` (ownership taken) in a binary file object for ``rights``.
+
+    A ``pinned`` fd (a grant held since spawn) is never closed by the object:
+    the filter forbids closing its slot, so ``with grant:`` or garbage
+    collection must not try."""
+    try:
+        f = os.fdopen(fd, mode_for(rights), closefd=not pinned)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        f.rights = rights  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return f
+
+
 class Directory:
-    """A directory capability held by the worker. Owns its fd."""
+    """A directory capability: open, create, list, stat and unlink beneath
+    it, never above it, with at most its rights."""
 
-    def __init__(self, fd: int, rights: Rights):
-        self._fd = fd
-        self.rights = rights
+    rights: Rights
 
-    def fileno(self) -> int:
-        if self._fd < 0:
-            raise ValueError("I/O operation on closed directory")
-        return self._fd
+    def _check(self, rights: Rights, path: str) -> tuple[str, ...]:
+        parts = split_relative(path)
+        extra = Rights(rights) & ~self.rights
+        if extra:
+            raise NotCapable(f"directory grant lacks {Rights(extra).describe()}", filename=path)
+        return parts
+
+    def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
+        raise NotImplementedError
+
+    def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
+        raise NotImplementedError
+
+    def listdir(self, path: str = "") -> list[str]:
+        raise NotImplementedError
+
+    def stat(self, path: str) -> StatResult:
+        raise NotImplementedError
+
+    def unlink(self, path: str) -> None:
+        raise NotImplementedError
+
+    def mkdir(self, path: str) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
+        pass
 
     def __enter__(self) -> Directory:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FdDirectory(Directory):
+    """A directory held since spawn. Lookups happen here, in the worker, with
+    ``openat2(RESOLVE_BENEATH)``; Landlock enforces the rights in the kernel.
+    Owns its fd."""
+
+    def __init__(self, fd: int, rights: Rights, *, pinned: bool = False):
+        self._fd = fd
+        self.rights = rights
+        self._pinned = pinned  # held since spawn: its slot is never closed
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("I/O operation on closed directory")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        if self._fd >= 0 and not self._pinned:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
     def __del__(self) -> None:
         try:
@@ -64,23 +140,109 @@ class Directory:
     def __privsep_fd__(self) -> tuple[int, int, Rights]:
         return self.fileno(), KIND_DIR, self.rights
 
+    def _openat(self, path: str, flags: int, mode: int = 0) -> int:
+        from .sandbox._openat2 import openat2
+
+        try:
+            return openat2(self.fileno(), path or ".", flags, mode)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ELOOP, errno.EACCES, errno.EPERM):
+                raise NotCapable(os.strerror(exc.errno), errno=exc.errno, filename=path) from exc
+            raise
+
+    def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
+        self._check(rights, path)
+        return open_fd(self._openat(path, access_flags(rights) | _BASE), rights)
+
+    def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
+        self._check(rights | Rights.CREATE, path)
+        flags = access_flags(rights | Rights.WRITE) | os.O_CREAT | os.O_EXCL | _BASE
+        return open_fd(self._openat(path, flags, 0o644), rights | Rights.WRITE)
+
+    def listdir(self, path: str = "") -> list[str]:
+        self._check(Rights.NONE, path)
+        fd = self._openat(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def stat(self, path: str) -> StatResult:
+        from ._client import StatResult
+
+        self._check(Rights.NONE, path)
+        fd = self._openat(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return StatResult.from_stat(st)
+
+    def unlink(self, path: str) -> None:
+        parts = self._check(Rights.UNLINKAT, path)
+        if not parts:
+            raise NotCapable("unlink needs a name", filename=path)
+        parent = self._openat("/".join(parts[:-1]), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.unlink(parts[-1], dir_fd=parent)
+        finally:
+            os.close(parent)
+
+    def mkdir(self, path: str) -> None:
+        parts = self._check(Rights.MKDIRAT, path)
+        if not parts:
+            raise NotCapable("mkdir needs a name", filename=path)
+        parent = self._openat("/".join(parts[:-1]), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.mkdir(parts[-1], 0o755, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+
+class ProxyDirectory(Directory):
+    """A directory granted after entry: every operation is a request that
+    the broker resolves beneath the real directory with openat2."""
+
+    def __init__(self, client: BrokerClient, ref: DirRef):
+        self._client = client
+        self.id = ref.id
+        self.rights = ref.rights
+
+    def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
+        self._check(rights, path)
+        return self._client._fd_request("dopen", {"dir": self.id, "path": path, "rights": int(Rights(rights))})
+
+    def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
+        self._check(rights | Rights.CREATE, path)
+        f = self._client._fd_request("dcreate", {"dir": self.id, "path": path, "rights": int(Rights(rights))})
+        self._client._created.append(f)
+        return f
+
+    def listdir(self, path: str = "") -> list[str]:
+        self._check(Rights.NONE, path)
+        return self._client._names(self._client._request("dlist", dir=self.id, path=path))
+
+    def stat(self, path: str) -> StatResult:
+        self._check(Rights.NONE, path)
+        return self._client._stat(self._client._request("dstat", dir=self.id, path=path))
+
+    def unlink(self, path: str) -> None:
+        self._check(Rights.UNLINKAT, path)
+        self._client._request("dunlink", dir=self.id, path=path)
+
+    def mkdir(self, path: str) -> None:
+        self._check(Rights.MKDIRAT, path)
+        self._client._request("dmkdir", dir=self.id, path=path)
+
+    def __repr__(self) -> str:
+        return f"<ProxyDirectory {self.id} {self.rights.describe()}>"
+
 
 def wrap_received(rfd: ReceivedFd) -> Any:
     """Take ownership of a received fd and return the matching object."""
-    rights = rfd.rights
     if rfd.kind == KIND_DIR:
-        return Directory(rfd.detach(), rights)
-    fd = rfd.detach()
-    try:
-        f = os.fdopen(fd, mode_for(rights), buffering=-1 if rfd.kind != KIND_STREAM else 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        f.rights = rights  # type: ignore[union-attr]
-    except AttributeError:
-        pass
-    return f
+        return FdDirectory(rfd.detach(), rfd.rights)
+    return open_fd(rfd.detach(), rfd.rights, rfd.kind)
 
 
 def fd_of(obj: Any) -> tuple[int, int, Rights]:
@@ -109,4 +271,14 @@ def fd_of(obj: Any) -> tuple[int, int, Rights]:
     raise TypeError(f"cannot send a {type(obj).__name__} to the broker")
 
 
-__all__ = ["KIND_FILE", "KIND_MEMFD", "Directory", "fd_of", "mode_for", "wrap_received"]
+__all__ = [
+    "KIND_MEMFD",
+    "Directory",
+    "FdDirectory",
+    "ProxyDirectory",
+    "access_flags",
+    "fd_of",
+    "mode_for",
+    "open_fd",
+    "wrap_received",
+]

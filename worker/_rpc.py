@@ -41,6 +41,8 @@ class Worker:
 
     rpc_methods: ClassVar[frozenset[str]] = frozenset()
     broker: BrokerClient
+    #: Grants held since spawn, by name: files and ``Directory`` objects.
+    grants: dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -13,14 +13,15 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from protocol import Rights
 from protocol._messages import check_message
 from protocol._remote import exception_to_wire
-from protocol._wire import PROTOCOL_VERSION, Channel, ReceivedFd
+from protocol._wire import KIND_DIR, PROTOCOL_VERSION, Channel, DirRef, ReceivedFd
 
 from ._client import BrokerClient, BrokerGone
-from .sandbox._libc import PR_SET_PDEATHSIG, prctl
-from ._files import fd_of, wrap_received
+from ._files import FdDirectory, ProxyDirectory, fd_of, open_fd, wrap_received
 from ._rpc import Worker
+from .sandbox._libc import PR_SET_PDEATHSIG, prctl
 
 _FROM_BROKER = frozenset({"call", "stop"})
 EXIT_SETUP_FAILED = 70
@@ -40,20 +41,24 @@ def _quiet_stdio() -> list[int]:
     """Point fds 0-2 at /dev/null so stray prints cannot reach a terminal."""
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     for fd in (0, 1, 2):
-        os.dup2(null, fd, inheritable=False)
-    os.close(null)
+        if fd != null:
+            os.dup2(null, fd, inheritable=False)
+    if null > 2:
+        os.close(null)
     return [0, 1, 2]
 
 
-def _unwrap_args(obj: Any, opened: list[Any]) -> Any:
+def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
     if isinstance(obj, ReceivedFd):
         f = wrap_received(obj)
         opened.append(f)
         return f
+    if isinstance(obj, DirRef):
+        return ProxyDirectory(client, obj)
     if type(obj) is list:
-        return [_unwrap_args(x, opened) for x in obj]
+        return [_unwrap_args(x, opened, client) for x in obj]
     if type(obj) is dict:
-        return {k: _unwrap_args(v, opened) for k, v in obj.items()}
+        return {k: _unwrap_args(v, opened, client) for k, v in obj.items()}
     return obj
 
 
@@ -76,9 +81,12 @@ def serve(instance: Worker, chan: Channel) -> None:
         try:
             if name not in methods:
                 raise AttributeError(f"{type(instance).__name__} has no @rpc method {name!r}")
-            args = _unwrap_args(msg["a"], opened)
-            kwargs = _unwrap_args(msg["k"], opened)
-            result = getattr(instance, name)(*args, **kwargs)
+            args = _unwrap_args(msg["a"], opened, instance.broker)
+            kwargs = _unwrap_args(msg["k"], opened, instance.broker)
+            try:
+                result = getattr(instance, name)(*args, **kwargs)
+            finally:
+                instance.broker._end_call()  # outputs are closed (flushed) before the answer
             reply: dict[str, Any] = {"t": "ret", "id": cid, "v": result}
             try:
                 chan.send(reply, _fd_hook)
@@ -96,16 +104,42 @@ def serve(instance: Worker, chan: Channel) -> None:
                     pass
 
 
+CHANNEL_FD = 3
+GRANT_BASE = 10  # grant i lives at fd GRANT_BASE + i (pinned by the filter)
+
+
+def grant_slots(grants: Sequence[tuple[str, int, Rights]]) -> tuple[tuple[int, int], ...]:
+    """(fd number in the worker, rights) for each spawn grant, in order."""
+    return tuple((GRANT_BASE + i, int(rights)) for i, (_, _, rights) in enumerate(grants))
+
+
+def _settle_fds(sock_fd: int, grant_fds: Sequence[int]) -> None:
+    """Move the channel to CHANNEL_FD and grant i to GRANT_BASE + i, and close
+    everything else. Two steps, so that no source is clobbered."""
+    import fcntl
+
+    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in (sock_fd, *grant_fds)]
+    _close_all_but(temps)
+    for target, temp in zip([CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grant_fds)))], temps, strict=True):
+        os.dup2(temp, target, inheritable=False)
+    for temp in temps:
+        os.close(temp)
+
+
 def child_main(
     cls: type[Worker],
     sock_fd: int,
     prepared: Any,
-    grant_fds: Sequence[int],
+    grants: Sequence[tuple[str, int, int, Rights]] = (),
     *,
     from_main_thread: bool,
     parent_pid: int,
 ) -> NoReturn:
-    """Entry point of a freshly forked worker. Never returns."""
+    """Entry point of a freshly forked worker. Never returns.
+
+    ``grants`` are (name, fd, kind, rights) held from spawn; they appear as
+    ``self.grants[name]`` and are pinned to fixed fd numbers.
+    """
     code = 0
     chan: Channel | None = None
     try:
@@ -118,12 +152,18 @@ def child_main(
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(0)
-        keep = [sock_fd, *grant_fds]
-        _close_all_but([0, 1, 2, *keep])
+        _settle_fds(sock_fd, [g[1] for g in grants])
+        keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
         _quiet_stdio()
-        chan = Channel(socket.socket(fileno=sock_fd))
+        chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
         instance = cls()
         instance.broker = BrokerClient(chan)
+        instance.grants = {
+            name: FdDirectory(GRANT_BASE + i, rights, pinned=True)
+            if kind == KIND_DIR
+            else open_fd(GRANT_BASE + i, rights, kind, pinned=True)
+            for i, (name, _, kind, rights) in enumerate(grants)
+        }
         instance.setup()
         _close_all_but([0, 1, 2, *keep])
         sys.stdout = sys.stderr = io.TextIOWrapper(io.BytesIO())  # never the real fds
@@ -150,6 +190,17 @@ def child_main(
             try:
                 chan.send({"t": "fail", "e": exception_to_wire(exc)})
             except BaseException:
+                pass
+        else:  # no channel yet: stderr is still the broker's
+            try:
+                os.write(
+                    2,
+                    (
+                        "privsep worker failed before its channel was up:\n"
+                        + "".join(__import__("traceback").format_exception(exc))
+                    ).encode(),
+                )
+            except OSError:
                 pass
     finally:
         os._exit(code)

@@ -13,6 +13,7 @@ Run as ``python3 -m worker._zygote FD [--exec] [--pdeathsig]``. With
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -20,7 +21,7 @@ import socket
 import sys
 from typing import Any
 
-from protocol import ProtocolError
+from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd
 
@@ -57,17 +58,23 @@ def prepared_for(spec_wire: Any) -> Any:
     return _prepared[spec]
 
 
-def _check_spawn(msg: Any) -> tuple[str, str, Any, ReceivedFd]:
+def _check_spawn(msg: Any) -> tuple[str, str, Any, ReceivedFd, list[tuple[str, ReceivedFd, int, Rights]]]:
     if (
         type(msg) is not dict
         or msg.get("t") != "spawn"
-        or set(msg) != {"t", "module", "qualname", "spec", "chan"}
+        or set(msg) != {"t", "module", "qualname", "spec", "chan", "grants"}
         or not isinstance(msg["module"], str)
         or not isinstance(msg["qualname"], str)
         or not isinstance(msg["chan"], ReceivedFd)
+        or not isinstance(msg["grants"], list)
     ):
         raise ProtocolError("bad spawn request")
-    return msg["module"], msg["qualname"], msg["spec"], msg["chan"]
+    grants = []
+    for g in msg["grants"]:
+        if not (isinstance(g, list) and len(g) == 2 and isinstance(g[0], str) and isinstance(g[1], ReceivedFd)):
+            raise ProtocolError("bad grant in spawn request")
+        grants.append((g[0], g[1], g[1].kind, g[1].rights))
+    return msg["module"], msg["qualname"], msg["spec"], msg["chan"], grants
 
 
 def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
@@ -83,12 +90,15 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
             except ChildProcessError:
                 chan.send({"t": "status", "pid": msg["pid"], "status": None})
             continue
-        module, qualname, spec, rfd = _check_spawn(msg)
+        module, qualname, spec, rfd, grant_fds = _check_spawn(msg)
+        grants = [(name, g.fd, kind, rights) for name, g, kind, rights in grant_fds]
         try:
             cls = load_class(module, qualname)
             prepared = prepared_for(spec)
         except Exception as exc:
             rfd.close()
+            for _, g, _, _ in grant_fds:
+                g.close()
             chan.send({"t": "error", "e": exception_to_wire(exc)})
             continue
         if once:
@@ -96,16 +106,19 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
             chan.send({"t": "spawned", "pid": me})
             ctl = chan.sock.detach()
             os.close(ctl)
-            child_main(cls, fd, prepared, (), from_main_thread=pdeathsig, parent_pid=os.getppid())
+            child_main(cls, fd, prepared, grants, from_main_thread=pdeathsig, parent_pid=os.getppid())
+        gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
         pid = os.fork()
         if pid == 0:
             try:
                 fd = rfd.detach()
                 os.close(chan.sock.detach())
-                child_main(cls, fd, prepared, (), from_main_thread=True, parent_pid=me)
+                child_main(cls, fd, prepared, grants, from_main_thread=True, parent_pid=me)
             finally:
                 os._exit(70)
         rfd.close()
+        for _, g, _, _ in grant_fds:
+            g.close()
         chan.send({"t": "spawned", "pid": pid})
 
 

@@ -3,8 +3,9 @@
 Only the instructions the kernel's seccomp action cache can emulate are used
 on the nr/arch paths (LD|W|ABS, JEQ/JGE/JSET with K, JA, RET|K), so every
 syscall allowed without an argument check is cached and skips BPF entirely
-(KERNEL-FACTS §3.6). Jump offsets in classic BPF are 8 bits; the assembler
-refuses to emit a jump it cannot encode instead of wrapping around.
+(KERNEL-FACTS §3.6). Conditional jump offsets in classic BPF are 8 bits; the
+assembler refuses to emit a jump it cannot encode instead of wrapping around.
+``JA`` carries a 32-bit offset in ``k`` and is the way past a long block.
 """
 
 from __future__ import annotations
@@ -65,6 +66,31 @@ class Asm:
     def jump(self, code: int, k: int, jt: str | None, jf: str | None, mark: str | None = None) -> None:
         self.insns.append((code, jt, jf, k & 0xFFFFFFFF, mark))
 
+    def ja(self, target: str) -> None:
+        """Unconditional forward jump; the offset goes in ``k`` (32 bits)."""
+        self.insns.append((JA, target, None, 0, None))
+
+    def splice(self, other: Asm, prefix: str) -> None:
+        """Append ``other`` (a self-contained piece: every jump in it targets
+        its own labels, or its end), renaming its labels with ``prefix``."""
+        base = len(self.insns)
+
+        def rename(target: str | None) -> str | None:
+            return None if target is None else prefix + target
+
+        for code, jt, jf, k, mark in other.insns:
+            self.insns.append((code, rename(jt), rename(jf), k, mark))
+        for name, at in other.labels.items():
+            self.label_at(prefix + name, base + at)
+
+    def label_at(self, name: str, index: int) -> None:
+        if name in self.labels:
+            raise ValueError(f"duplicate label {name}")
+        self.labels[name] = index
+
+    def __len__(self) -> int:
+        return len(self.insns)
+
     def ret(self, action: int, mark: str | None = None) -> None:
         self.insns.append((RET_K, None, None, action & 0xFFFFFFFF, mark))
 
@@ -72,8 +98,16 @@ class Asm:
         out = bytearray()
         marks: dict[str, list[int]] = {}
         for i, (code, jt, jf, k, mark) in enumerate(self.insns):
-            t = self._offset(i, jt) if code not in (LD_W_ABS, ALU_AND_K, RET_K) else 0
-            f = self._offset(i, jf) if code not in (LD_W_ABS, ALU_AND_K, RET_K) else 0
+            if code == JA:
+                assert jt is not None
+                t = f = 0
+                k = self.labels[jt] - i - 1
+                if k < 0:
+                    raise ValueError(f"BPF jump from {i} to {jt} goes backwards")
+            elif code in (LD_W_ABS, ALU_AND_K, RET_K):
+                t = f = 0
+            else:
+                t, f = self._offset(i, jt), self._offset(i, jf)
             out += _INSN.pack(code, t, f, k)
             if mark is not None:
                 marks.setdefault(mark, []).append(i)

@@ -63,7 +63,7 @@ def prepare(spec: SandboxSpec) -> Prepared:
         raise TypeError("prepare() takes a SandboxSpec")
     groups = spec.effective_groups()
     feats = seccomp_features()
-    compiled = _seccomp.compile_filter(groups, spec.dangerous) if spec.seccomp else None
+    compiled = _seccomp.compile_filter(groups, spec.dangerous, spec.fd_rules) if spec.seccomp else None
     if spec.seccomp and not feats["seccomp"]:
         raise SandboxError("this kernel has no seccomp filter mode")
     _warm()
@@ -139,7 +139,8 @@ def enter(prepared: Prepared, keep_fds: Sequence[int]) -> Report:
     t0 = time.perf_counter()
     spec = prepared.spec
     _single_thread()
-    missing = [fd for fd, _ in spec.fs_rules if fd not in keep_fds]
+    # A pinned number not held at entry could later be filled by a weaker fd.
+    missing = [fd for fd, _ in (*spec.fs_rules, *spec.fd_rules) if fd not in keep_fds]
     if missing:
         raise SandboxError(f"fs rule fds {missing} are not among the fds kept")
     report = Report(layers=[], landlock_abi=0, namespaces=[], seccomp="off", notify_fd=None,

@@ -23,7 +23,9 @@ RESOLVE_IN_ROOT = 0x10
 _MAX_EAGAIN = 16
 
 
-def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) -> int:
+def openat2(
+    dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+) -> int:
     """Open ``path`` relative to ``dirfd``. Returns a new fd the caller owns.
 
     Retries the bounded number of ``EAGAIN`` the kernel may give when a
@@ -35,7 +37,15 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RES
     how.resolve = resolve
     cpath = ffi.new("char[]", os.fsencode(path))
     for _ in range(_MAX_EAGAIN):
-        fd = int(lib.syscall(ffi.cast("long", SYS_OPENAT2), ffi.cast("long", dirfd), cpath, how, ffi.cast("long", ffi.sizeof("struct open_how"))))
+        fd = int(
+            lib.syscall(
+                ffi.cast("long", SYS_OPENAT2),
+                ffi.cast("long", dirfd),
+                cpath,
+                how,
+                ffi.cast("long", ffi.sizeof("struct open_how")),
+            )
+        )
         if fd >= 0:
             return fd
         err = ffi.errno

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from protocol import Rights, UnsupportedRights
 
-from ._capsicum_rights import FREEBSD_RIGHTS
+from ._capsicum_rights import FREEBSD_RIGHTS, cap_names
 
 KERNEL = "kernel"
 LANDLOCK = "kernel (Landlock)"
@@ -32,9 +32,19 @@ class Enforcement:
     later_strength: str
 
     @property
+    def freebsd_short(self) -> str:
+        names = cap_names(self.right)
+        if names == "none":
+            return "O_APPEND at open, F_SETFL withheld"
+        if self.right == "IOCTL":
+            return f"{names} + cap_ioctls_limit"
+        if self.right == "FCNTL":
+            return f"{names} + cap_fcntls_limit"
+        return names
+
+    @property
     def freebsd(self) -> str:
-        value, how = FREEBSD_RIGHTS[self.right]
-        return how
+        return FREEBSD_RIGHTS[self.right][1]
 
 
 _PIN = "fd number pinned at entry; the filter allows the syscall on it only with this right"
@@ -53,7 +63,8 @@ TABLE: tuple[Enforcement, ...] = (
     Enforcement("MMAP_R", f"file-backed mmap: {_PIN}", FILTER,
                 "file-backed mmap denied for every later fd; asking for it is refused", REFUSED),
     Enforcement("MMAP_W", "as MMAP_R, plus MAP_SHARED|PROT_WRITE needs a writable fd", FILTER, "refused", REFUSED),
-    Enforcement("MMAP_X", "PROT_EXEC is denied unless the policy names allow-exec-mappings", FILTER, "refused", REFUSED),
+    Enforcement("MMAP_X", "PROT_EXEC is denied unless the policy names allow-exec-mappings", FILTER, "refused",
+                REFUSED),
     Enforcement("FCHMOD", f"fchmod: {_PIN}", FILTER, "denied for every later fd; asking is refused", REFUSED),
     Enforcement("FCHOWN", f"fchown: {_PIN}", FILTER, "denied for every later fd; asking is refused", REFUSED),
     Enforcement("FLOCK", f"flock: {_PIN}", FILTER, "denied for every later fd; asking is refused", REFUSED),
@@ -63,7 +74,8 @@ TABLE: tuple[Enforcement, ...] = (
     Enforcement("FCNTL", f"F_SETFL (never clearing O_APPEND): {_PIN}", FILTER,
                 "F_SETFL denied for every later fd; asking is refused", REFUSED),
     Enforcement("IOCTL", f"any ioctl but TIOCSTI/TIOCLINUX: {_PIN}; device ioctls also need Landlock IOCTL_DEV",
-                FILTER, "only the harmless allowlist (FIONREAD, FIOCLEX, ...) for every fd; asking is refused", REFUSED),
+                FILTER, "only the harmless allowlist (FIONREAD, FIOCLEX, ...) for every fd; asking is refused",
+                REFUSED),
     Enforcement("LOOKUP", "directory fd held at entry becomes a Landlock rule; openat beneath it (no AT_FDCWD)",
                 LANDLOCK, "directory proxy: every lookup is a request the broker resolves with openat2", BROKER),
     Enforcement("CREATE", "Landlock MAKE_REG on the directory rule", LANDLOCK, "directory proxy (broker)", BROKER),
@@ -143,14 +155,38 @@ def later_file_plan(rights: Rights, *, landlock_abi: int, accept_weaker: Rights 
     return (PIPE_READ if reads else PIPE_WRITE), rights & ~Rights.FSTAT
 
 
+def spawn_dir_check(rights: Rights, accept_weaker: Rights = Rights.NONE) -> None:
+    """A directory granted at spawn becomes a Landlock rule, and the worker
+    opens files beneath it itself. Those files are not pinned, so the
+    filter allows SEEK and FSTAT on them and denies the LATER_UNGRANTABLE
+    set: a directory grant must say so, or be refused."""
+    rights = Rights(rights)
+    if rights & SOCKET_RIGHTS:
+        raise UnsupportedRights(f"{Rights(rights & SOCKET_RIGHTS).describe()} apply to sockets, not directories")
+    weak = Rights(rights & LATER_UNGRANTABLE & ~accept_weaker)
+    if weak:
+        raise UnsupportedRights(
+            f"{weak.describe()} cannot be granted on files opened beneath a directory grant on Linux"
+        )
+    lacking = Rights((Rights.SEEK | Rights.FSTAT) & ~rights & ~accept_weaker)
+    if rights & (Rights.READ | Rights.WRITE) and lacking:
+        raise UnsupportedRights(
+            f"files opened beneath a directory grant always allow {lacking.describe()} on Linux; "
+            "add them to the grant or accept the weaker grant with Policy.accept_weaker"
+        )
+
+
 def render_markdown() -> str:
     """The rights table for the README."""
     lines = [
-        "| right | FreeBSD | Linux, grant held at spawn | strength | Linux, grant made later | strength |",
+        "| right | FreeBSD (cap_rights_limit, kernel) | Linux, grant held at spawn | strength "
+        "| Linux, grant made later | strength |",
         "|---|---|---|---|---|---|",
     ]
     for e in TABLE:
-        lines.append(f"| {e.right} | {e.freebsd} | {e.at_spawn} | {e.at_spawn_strength} | {e.later} | {e.later_strength} |")
+        lines.append(
+            f"| {e.right} | {e.freebsd_short} | {e.at_spawn} | {e.at_spawn_strength} | {e.later} | {e.later_strength} |"
+        )
     return "\n".join(lines)
 
 

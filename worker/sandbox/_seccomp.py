@@ -7,7 +7,13 @@ unconditionally allowed syscall out of BPF altogether (KERNEL-FACTS §3.6):
 1. arch != x86_64 (i386 ``int 0x80``, anything else) -> KILL_PROCESS
 2. nr >= 0x40000000 (x32) -> default action
 3. argument-checked syscalls, hottest first; each a self-contained block that
-   ends in ALLOW or the default action, and only its own nr ever enters it
+   ends in ALLOW or the default action, and only its own nr(s) ever enter it
+   (syscalls with identical tests share one block). With pinned fds
+   (``fd_rules``) a block starts with its per-fd prefix: for each pinned
+   number whose rights change the outcome, ``ld fd; jeq N -> N's rule``
+   (deny, allow, or an argument test), then the rule for every other fd.
+   close_range is tested against each pinned number; syscalls no pin
+   concerns stay unconditional.
 4. fixed errnos (clone3 -> ENOSYS)
 5. unconditional allows as nr ranges (nr/arch tests only: cacheable)
 6. default action
@@ -27,7 +33,22 @@ from dataclasses import dataclass
 
 from . import _bpf
 from ._libc import ffi, lib
-from ._seccomp_rules import BASE, DANGEROUS, ERRNO, GROUPS, PID, Cond, Rule
+from ._seccomp_rules import (
+    BASE,
+    DANGEROUS,
+    ERRNO,
+    GROUPS,
+    GUARDED,
+    LOOPBACK_SYSCALLS,
+    PID,
+    PIN_ARG,
+    Cond,
+    Rule,
+    dup_safe,
+    normalize,
+    pinned_guards,
+    pinned_rule,
+)
 from ._syscalls import NUMBERS, X32_SYSCALL_BIT
 
 ffi.cdef("struct privsep_sock_fprog { unsigned short len; void *filter; };")
@@ -48,7 +69,9 @@ RET_ALLOW = 0x7FFF0000
 AUDIT_ARCH_X86_64 = 0xC000003E
 
 # Hot argument-checked syscalls first: each earlier block costs one JEQ.
-_HOT_ORDER = ["mmap", "newfstatat", "fcntl", "ioctl", "mprotect", "madvise", "futex", "statx", "openat"]
+_HOT_ORDER = ["mmap", "newfstatat", "fcntl", "ioctl", "mprotect", "madvise", "futex", "statx", "openat",
+              # checked only when fds are pinned
+              "close", "pread64", "lseek", "fstat", "pwrite64", "getdents64", "dup", "dup2", "dup3"]
 
 
 @dataclass(frozen=True)
@@ -78,37 +101,181 @@ def collect_rules(groups: Iterable[str], dangerous: Iterable[str]) -> dict[str, 
     return rules
 
 
-def _emit_block(asm: _bpf.Asm, name: str, alts: list[list[Cond]]) -> None:
-    nr = NUMBERS[name]
-    after, deny, allow = f"after_{name}", f"deny_{name}", f"allow_{name}"
-    asm.jump(_bpf.JEQ_K, nr, None, after)
-    a_holds: int | None = None  # offset A holds on entry to this alternative, if known
-    for j, alt in enumerate(alts):
-        fail = f"alt_{name}_{j + 1}" if j + 1 < len(alts) else deny
-        if j:
-            asm.label(f"alt_{name}_{j}")
-        for t, cond in enumerate(alt):
-            ok = allow if t + 1 == len(alt) else None
-            off = _bpf.arg_hi(cond.arg) if cond.hi else _bpf.arg_lo(cond.arg)
-            if a_holds != off or t:
-                asm.ld(off)
-            if cond.mask != 0xFFFFFFFF:
-                asm.and_(cond.mask)
-            mark = "pid" if cond.value == PID else None
-            value = 0 if cond.value == PID else cond.value
-            if cond.op == "eq":
-                asm.jump(_bpf.JEQ_K, value, ok, fail, mark)
-            elif cond.op == "lt":
-                asm.jump(_bpf.JGE_K, value, fail, ok, mark)
+# A rule in hashable form, to find syscalls whose blocks are the same code.
+_Key = tuple[tuple[Cond, ...], ...] | None
+_Chain = tuple[int, tuple[tuple[int, Rule], ...]]  # (fd argument, ((pinned fd, rule), ...)), fds ascending
+
+
+def _key(rule: Rule) -> _Key:
+    return None if rule is None else tuple(tuple(alt) for alt in rule)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything one syscall's block tests, in order: guards (a pinned fd in a secondary argument must
+    pass its rule, else deny), close_range's pinned numbers, the pinned fds of the main fd argument (each
+    with the rule replacing ``base`` for it), then ``base`` for every other fd. ``[]`` denies."""
+
+    base: Rule
+    guards: tuple[_Chain, ...] = ()
+    range_pins: tuple[int, ...] = ()
+    pins: _Chain | None = None
+
+    @property
+    def unconditional(self) -> bool:
+        return self.base is None and not self.guards and not self.range_pins and self.pins is None
+
+    @property
+    def allows_something(self) -> bool:
+        if self.base != []:
+            return True
+        return self.pins is not None and any(rule != [] for _, rule in self.pins[1])
+
+    def key(self) -> tuple[object, ...]:
+        def chain(c: _Chain | None) -> object:
+            return None if c is None else (c[0], tuple((fd, _key(r)) for fd, r in c[1]))
+
+        return (_key(self.base), tuple(chain(g) for g in self.guards), self.range_pins, chain(self.pins))
+
+
+def _plans(rules: dict[str, Rule], groups: tuple[str, ...], dangerous: tuple[str, ...],
+           fd_rules: tuple[tuple[int, int], ...]) -> dict[str, _Plan]:
+    """Per-syscall plans; with no pinned fd, just the collected rules."""
+    base: dict[str, Rule] = {name: normalize(rule) for name, rule in rules.items()}
+    if not fd_rules:
+        return {name: _Plan(rule) for name, rule in base.items()}
+    pinned = sorted(fd_rules)
+    if not all(dup_safe(r, groups) for _, r in pinned):
+        for name in LOOPBACK_SYSCALLS:  # no SCM_RIGHTS loop back to ourselves: it would dup a pinned fd
+            base.pop(name, None)
+    exec_mappings = "allow-exec-mappings" in dangerous
+    plans = {name: _Plan(rule) for name, rule in base.items()}
+    for name in sorted(set(PIN_ARG) | GUARDED | {"close_range"}):
+        rule = base.get(name, [])
+        guards: dict[int, list[tuple[int, Rule]]] = {}
+        for fd, rights in pinned:
+            for arg, test in pinned_guards(name, rights):
+                guards.setdefault(arg, []).append((fd, test))
+        pins: _Chain | None = None
+        if name in PIN_ARG:
+            differ = []
+            for fd, rights in pinned:
+                pin_rule = normalize(pinned_rule(name, rights, rule, groups=groups, exec_mappings=exec_mappings))
+                if _key(pin_rule) != _key(rule):
+                    differ.append((fd, pin_rule))
+            pins = (PIN_ARG[name], tuple(differ)) if differ else None
+        plan = _Plan(rule, tuple((arg, tuple(tests)) for arg, tests in sorted(guards.items())),
+                     tuple(fd for fd, _ in pinned) if name == "close_range" else (), pins)
+        if plan.allows_something:
+            plans[name] = plan
+        else:
+            plans.pop(name, None)
+    return plans
+
+
+class _Block:
+    """Emits one plan as a self-contained piece of BPF (labels local; spliced in by compile_filter)."""
+
+    def __init__(self) -> None:
+        self.asm = _bpf.Asm()
+        self._n = 0
+
+    def _fresh(self) -> str:
+        self._n += 1
+        return f"l{self._n}"
+
+    def alts(self, alts: list[list[Cond]], ok: str, fail: str, a_holds: int | None = None) -> None:
+        """Jump to ``ok`` if some alternative holds, else to ``fail``. ``a_holds``: the offset already
+        loaded in A on entry, if known."""
+        asm = self.asm
+        for j, alt in enumerate(alts):
+            nxt = self._fresh() if j + 1 < len(alts) else fail
+            for t, cond in enumerate(alt):
+                last = t + 1 == len(alt)
+                off = _bpf.arg_hi(cond.arg) if cond.hi else _bpf.arg_lo(cond.arg)
+                if a_holds != off or t:
+                    asm.ld(off)
+                if cond.mask != 0xFFFFFFFF:
+                    asm.and_(cond.mask)
+                mark = "pid" if cond.value == PID else None
+                value = 0 if cond.value == PID else cond.value
+                if cond.op == "eq":
+                    asm.jump(_bpf.JEQ_K, value, ok if last else None, nxt, mark)
+                elif cond.op == "ne":
+                    asm.jump(_bpf.JEQ_K, value, nxt, ok if last else None, mark)
+                elif cond.op == "lt":
+                    asm.jump(_bpf.JGE_K, value, nxt, ok if last else None, mark)
+                else:
+                    raise ValueError(f"unknown op {cond.op}")
+            if j + 1 < len(alts):
+                asm.label(nxt)
+            # a failed single full-word test leaves A as it was: the next alternative may reuse it
+            single = len(alt) == 1 and alt[0].mask == 0xFFFFFFFF
+            a_holds = (_bpf.arg_hi(alt[0].arg) if alt[0].hi else _bpf.arg_lo(alt[0].arg)) if single else None
+
+    def chain(self, chain: _Chain, on_pass: str, nxt: str) -> None:
+        """For each pinned fd in the chain's argument: jump to its rule, which goes to ``on_pass`` or
+        "deny". Any other fd goes on to ``nxt``, placed right after."""
+        arg, pins = chain
+        asm = self.asm
+        targets: dict[_Key, str] = {}
+        bodies: list[tuple[str, list[list[Cond]]]] = []
+        jump_to = []
+        for _, rule in pins:
+            if rule is None:
+                jump_to.append(on_pass)
+            elif not rule:
+                jump_to.append("deny")
             else:
-                raise ValueError(f"unknown op {cond.op}")
-        single = len(alt) == 1 and alt[0].mask == 0xFFFFFFFF
-        a_holds = (_bpf.arg_hi(alt[0].arg) if alt[0].hi else _bpf.arg_lo(alt[0].arg)) if single else None
-    asm.label(deny)
-    asm.ret(0, mark="default")
-    asm.label(allow)
-    asm.ret(RET_ALLOW)
-    asm.label(after)
+                k = _key(rule)
+                if k not in targets:
+                    targets[k] = self._fresh()
+                    bodies.append((targets[k], rule))
+                jump_to.append(targets[k])
+        asm.ld(_bpf.arg_lo(arg))
+        for i, ((fd, _), tgt) in enumerate(zip(pins, jump_to, strict=True)):
+            asm.jump(_bpf.JEQ_K, fd, tgt, nxt if i + 1 == len(pins) and bodies else None)
+        for label, rule in bodies:
+            asm.label(label)
+            self.alts(rule, on_pass, "deny", a_holds=_bpf.arg_lo(arg))
+        asm.label(nxt)
+
+    def close_range(self, pins: tuple[int, ...], nxt: str) -> None:
+        """Deny when first <= p <= last for a pinned p (unsigned int arguments). Find the smallest p >=
+        first with a run of JGTs; the range covers a pin iff it covers that one."""
+        asm = self.asm
+        checks = [self._fresh() for _ in pins]
+        asm.ld(_bpf.arg_lo(0))
+        for i, p in enumerate(pins):
+            asm.jump(_bpf.JGT_K, p, nxt if i + 1 == len(pins) else None, checks[i])
+        for label, p in zip(checks, pins, strict=True):
+            asm.label(label)
+            asm.ld(_bpf.arg_lo(1))
+            asm.jump(_bpf.JGE_K, p, "deny", nxt)
+        asm.label(nxt)
+
+    def plan(self, plan: _Plan) -> _bpf.Asm:
+        for guard in plan.guards:
+            nxt = self._fresh()
+            self.chain(guard, nxt, nxt)  # passing a guard goes on to the next test
+        if plan.range_pins:
+            self.close_range(plan.range_pins, self._fresh())
+        if plan.pins is not None:
+            self.chain(plan.pins, "allow", self._fresh())
+        asm = self.asm
+        if plan.base is None:
+            asm.label("allow")
+            asm.ret(RET_ALLOW)
+            asm.label("deny")
+            asm.ret(0, mark="default")
+        else:
+            if plan.base:
+                self.alts(plan.base, "allow", "deny")
+            asm.label("deny")
+            asm.ret(0, mark="default")
+            asm.label("allow")
+            asm.ret(RET_ALLOW)
+        return asm
 
 
 def _runs(nrs: list[int]) -> list[tuple[int, int]]:
@@ -121,8 +288,16 @@ def _runs(nrs: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def compile_filter(groups: Iterable[str] = (), dangerous: Iterable[str] = ()) -> Compiled:
-    rules = collect_rules(groups, dangerous)
+def _order(name: str) -> tuple[int, int]:
+    return (_HOT_ORDER.index(name) if name in _HOT_ORDER else len(_HOT_ORDER), NUMBERS[name])
+
+
+def compile_filter(groups: Iterable[str] = (), dangerous: Iterable[str] = (),
+                   fd_rules: Iterable[tuple[int, int]] = ()) -> Compiled:
+    """Compile the allowlist. ``fd_rules``: (fd held at entry, protocol.Rights) pinned by number; with
+    none, no per-fd test is emitted at all."""
+    groups, dangerous = tuple(groups), tuple(dangerous)
+    plans = _plans(collect_rules(groups, dangerous), groups, dangerous, tuple(fd_rules))
     asm = _bpf.Asm()
     asm.ld(_bpf.OFF_ARCH)
     asm.jump(_bpf.JEQ_K, AUDIT_ARCH_X86_64, "arch_ok", None)
@@ -132,17 +307,29 @@ def compile_filter(groups: Iterable[str] = (), dangerous: Iterable[str] = ()) ->
     asm.jump(_bpf.JGE_K, X32_SYSCALL_BIT, None, "native")
     asm.ret(0, mark="default")
     asm.label("native")
-    checked = [n for n, r in rules.items() if r is not None]
-    checked.sort(key=lambda n: (_HOT_ORDER.index(n) if n in _HOT_ORDER else len(_HOT_ORDER), NUMBERS[n]))
-    for name in checked:
-        rule = rules[name]
-        assert rule is not None
-        _emit_block(asm, name, rule)
+    # Syscalls with the same plan share one block (kill/tkill/tgkill..., the SEEK family).
+    shared: dict[tuple[object, ...], list[str]] = {}
+    for name, plan in plans.items():
+        if not plan.unconditional:
+            shared.setdefault(plan.key(), []).append(name)
+    for b, names in enumerate(sorted((sorted(ns, key=_order) for ns in shared.values()), key=lambda ns: _order(ns[0]))):
+        body = _Block().plan(plans[names[0]])
+        start, after = f"b{b}_start", f"b{b}_after"
+        for name in names[:-1]:
+            asm.jump(_bpf.JEQ_K, NUMBERS[name], start, None)
+        if len(body) <= 255:
+            asm.jump(_bpf.JEQ_K, NUMBERS[names[-1]], None, after)
+        else:  # too far for an 8-bit offset: JA carries 32 bits
+            asm.jump(_bpf.JEQ_K, NUMBERS[names[-1]], start, None)
+            asm.ja(after)
+        asm.label(start)
+        asm.splice(body, f"b{b}_")
+        asm.label(after)
     for name, err in sorted(ERRNO.items()):
         asm.jump(_bpf.JEQ_K, NUMBERS[name], None, f"not_{name}")
         asm.ret(RET_ERRNO | err)
         asm.label(f"not_{name}")
-    for i, (lo, hi) in enumerate(_runs([NUMBERS[n] for n, r in rules.items() if r is None])):
+    for i, (lo, hi) in enumerate(_runs([NUMBERS[n] for n, p in plans.items() if p.unconditional])):
         nxt = f"run_{i}"
         if lo == hi:
             asm.jump(_bpf.JEQ_K, lo, None, nxt)
@@ -155,7 +342,7 @@ def compile_filter(groups: Iterable[str] = (), dangerous: Iterable[str] = ()) ->
     code, marks = asm.assemble()
     if len(code) // 8 > 4096:
         raise ValueError("seccomp filter longer than BPF_MAXINSNS")
-    return Compiled(code, tuple(marks.get("pid", ())), tuple(marks.get("default", ())), frozenset(rules))
+    return Compiled(code, tuple(marks.get("pid", ())), tuple(marks.get("default", ())), frozenset(plans))
 
 
 def default_action(violation: str, notify: bool) -> int:

@@ -14,6 +14,7 @@ from ._seccomp_rules import DANGEROUS, GROUPS, GROUPS_NEED_LANDLOCK
 VIOLATION_MODES = ("kill", "errno")
 _MAX_FD = 1 << 20
 _MAX_RULES = 64
+_MAX_PINS = 64  # keeps the filter well under BPF_MAXINSNS and every per-fd jump within 8 bits
 _INT64 = (1 << 63) - 1
 
 
@@ -49,6 +50,12 @@ class SandboxSpec:
     (``allow-exec-mappings``, ``allow-fork``). ``@fs-at`` is implied when
     ``fs_rules`` is non-empty and Landlock is on, since path walks beneath a
     directory grant are then confined by Landlock.
+
+    ``fd_rules`` pins rights to fd numbers: ``(fd, protocol.Rights)`` for
+    every grant held at entry (files and directories). The seccomp filter
+    then allows the rights' syscalls on that number only as the rights say,
+    and never lets the slot be closed or replaced. Every pinned fd must be
+    among the fds kept at entry.
     """
 
     landlock: bool = True
@@ -60,6 +67,7 @@ class SandboxSpec:
     namespaces: bool = True
     limits: Limits = field(default_factory=Limits)
     fs_rules: tuple[tuple[int, int], ...] = ()
+    fd_rules: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("landlock", "seccomp", "namespaces"):
@@ -94,6 +102,29 @@ class SandboxSpec:
                 rights_from_wire(rights)
             except ProtocolError as exc:
                 raise SandboxError(str(exc)) from None
+        self._check_fd_rules()
+
+    def _check_fd_rules(self) -> None:
+        try:
+            pins = tuple((fd, rights) for fd, rights in self.fd_rules)
+        except (TypeError, ValueError):
+            raise SandboxError("fd_rules must be (fd, rights) pairs") from None
+        if len(pins) > _MAX_PINS:
+            raise SandboxError(f"more than {_MAX_PINS} pinned fds")
+        for fd, rights in pins:
+            if not isinstance(fd, int) or isinstance(fd, bool) or not 0 <= fd < _MAX_FD:
+                raise SandboxError(f"pinned fd {fd!r} out of range")
+            if not isinstance(rights, int) or isinstance(rights, bool):
+                raise SandboxError(f"pinned fd {fd}: rights must be protocol.Rights or int, not {rights!r}")
+            try:
+                rights_from_wire(int(rights))  # unknown bits refused
+            except ProtocolError as exc:
+                raise SandboxError(f"pinned fd {fd}: {exc}") from None
+        fds = [fd for fd, _ in pins]
+        if len(set(fds)) != len(fds):
+            raise SandboxError("fd_rules name the same fd twice")
+        # sorted and plain ints: equal specs compare and hash equal (prepare() caches by spec)
+        object.__setattr__(self, "fd_rules", tuple(sorted((int(fd), int(r)) for fd, r in pins)))
 
     def effective_groups(self) -> tuple[str, ...]:
         groups = list(dict.fromkeys(self.syscall_groups))
@@ -112,6 +143,7 @@ class SandboxSpec:
             "namespaces": self.namespaces,
             "limits": {f.name: getattr(self.limits, f.name) for f in fields(Limits)},
             "fs_rules": [[fd, rights] for fd, rights in self.fs_rules],
+            "fd_rules": [[fd, rights] for fd, rights in self.fd_rules],
         }
 
     @classmethod
@@ -135,6 +167,12 @@ class SandboxSpec:
         for r in rules:
             if not isinstance(r, list | tuple) or len(r) != 2 or not all(type(x) is int for x in r):
                 raise ProtocolError("sandbox spec: each fs rule is [fd, rights]")
+        pins = d["fd_rules"]
+        if not isinstance(pins, list) or len(pins) > _MAX_PINS:
+            raise ProtocolError("sandbox spec: fd_rules must be a short list")
+        for r in pins:
+            if not isinstance(r, list | tuple) or len(r) != 2 or not all(type(x) is int for x in r):
+                raise ProtocolError("sandbox spec: each fd rule is [fd, rights]")
         for key in ("landlock", "seccomp", "namespaces"):
             if type(d[key]) is not bool:
                 raise ProtocolError(f"sandbox spec: {key} must be a bool")
@@ -150,4 +188,5 @@ class SandboxSpec:
             namespaces=d["namespaces"],
             limits=Limits(**lim),
             fs_rules=tuple((fd, rights) for fd, rights in rules),
+            fd_rules=tuple((fd, rights) for fd, rights in pins),
         )

@@ -1,0 +1,1 @@
+"""Benchmarks for privsep (scripts, not tests). See bench/README.md."""

@@ -1,0 +1,226 @@
+"""Shared helpers for the benchmarks, and the worker classes they spawn.
+
+The worker classes live here, in an importable module (never ``__main__``),
+so that the zygote and exec spawn methods can import them by name. The
+module-level functions are the ``multiprocessing`` /
+``ProcessPoolExecutor`` counterparts of the same work.
+
+Benchmarks are scripts, not tests: run them from the repository root as
+``python3 -m bench.bench_rpc`` (or ``python3 bench/bench_rpc.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # the zygote inherits sys.path as PYTHONPATH
+    sys.path.insert(0, REPO_ROOT)
+
+from protocol import Rights  # noqa: E402
+from worker import Worker, rpc  # noqa: E402
+
+DATA_DIR = "data"
+DATA_FILE = "data/x"
+DATA = bytes(range(256)) * 16  # 4 KiB
+READ_SIZE = 64
+#: Rights of the fd grants. With SEEK and FSTAT a grant made after sandbox
+#: entry travels as the file itself; READ alone travels as a pipe that a
+#: broker thread fills from the file (see worker/sandbox/_rights_table.py).
+GRANT_RIGHTS = Rights.READ | Rights.SEEK | Rights.FSTAT
+PIPE_RIGHTS = Rights.READ
+
+
+# -- the work, in a privsep worker ----------------------------------------
+class BenchWorker(Worker):
+    """Trivial methods: the benchmarks measure the framework, not the work."""
+
+    @rpc
+    def ping(self) -> int:
+        return 1
+
+    @rpc
+    def take(self, f: IO[bytes]) -> int:
+        """Receive an fd and do nothing with it (the framework closes it)."""
+        return 1
+
+    @rpc
+    def read(self, f: IO[bytes]) -> int:
+        """Read a passed file (the fd-grant task of the pool benchmark)."""
+        return len(f.read(READ_SIZE))
+
+    @rpc
+    def grant(self) -> bytes:
+        """Ask the broker for a file and read a few bytes of it."""
+        with self.broker.open(DATA_FILE, GRANT_RIGHTS) as f:
+            return f.read(4)
+
+
+# -- the same work, for multiprocessing / ProcessPoolExecutor ---------------
+def mp_ping() -> int:
+    return 1
+
+
+def mp_answer(conn: Any) -> None:
+    """A ``multiprocessing.Process`` target: answer once over a pipe."""
+    conn.send(1)
+    conn.close()
+
+
+def mp_read(path: str) -> int:
+    """The unsandboxed counterpart of ``BenchWorker.read``: open by path."""
+    with open(path, "rb") as f:
+        return len(f.read(READ_SIZE))
+
+
+# -- fixtures -------------------------------------------------------------
+@contextmanager
+def data_root() -> Iterator[str]:
+    """A temporary broker root holding ``data/x``."""
+    root = tempfile.mkdtemp(prefix="privsep-bench-")
+    try:
+        os.mkdir(os.path.join(root, DATA_DIR))
+        with open(os.path.join(root, DATA_FILE), "wb") as f:
+            f.write(DATA)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def make_broker(root: str, *, sandboxed: bool, spawn: str = "auto", **options: Any) -> Any:
+    """A Broker granting ``GRANT_RIGHTS`` beneath ``data/``; default settings otherwise."""
+    from broker import UNSANDBOXED, Broker, Policy
+
+    policy = Policy().allow(DATA_DIR + "/", GRANT_RIGHTS)
+    if sandboxed:
+        return Broker(policy, root=root, spawn=spawn, **options)
+    return Broker(policy, root=root, spawn=spawn, sandbox=UNSANDBOXED, **options)
+
+
+def sandbox_status(root: str) -> tuple[bool, str]:
+    """Does the default (sandboxed) spawn work here? (ok, what it applied or why not)."""
+    try:
+        with make_broker(root, sandboxed=True) as b:
+            w = b.spawn(BenchWorker)
+            if w.ping() != 1:
+                return False, "ping returned the wrong value"
+            layers = w.sandbox.get("layers", [])
+            return True, " ".join(layers) if layers else "(no layers reported)"
+    except Exception as exc:  # report, then fall back to the unsandboxed numbers
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+# -- CPU placement ----------------------------------------------------------
+ALL_CPUS: frozenset[int] = frozenset(os.sched_getaffinity(0))
+PLACEMENTS = ("pinned", "unpinned", "split")
+PLACEMENT_TEXT = {
+    "pinned": "pinned: every process on CPU 0",
+    "unpinned": "unpinned: every process free to run on any CPU",
+    "split": "split: this process on CPU 0, the peers on CPU 1 (cross-core wakeups every message)",
+}
+
+
+def place(peers: Sequence[int], placement: str) -> None:
+    """Place this process and ``peers`` (pids): all on CPU 0 ("pinned"), all
+    anywhere ("unpinned"), or this process on CPU 0 and the peers on the
+    other CPU ("split", the worst case an unpinned run can fall into)."""
+    cpus = sorted(ALL_CPUS)
+    if placement == "pinned":
+        mine, theirs = {cpus[0]}, {cpus[0]}
+    elif placement == "split" and len(cpus) > 1:
+        mine, theirs = {cpus[0]}, set(cpus[1:])
+    else:
+        mine, theirs = set(cpus), set(cpus)
+    os.sched_setaffinity(0, mine)
+    for pid in peers:
+        os.sched_setaffinity(pid, theirs)
+
+
+# -- measuring ----------------------------------------------------------------
+@dataclass
+class Stats:
+    """Per-operation times in ns."""
+
+    samples: list[int]
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.samples))
+
+    @property
+    def p90(self) -> float:
+        s = sorted(self.samples)
+        return float(s[min(len(s) - 1, int(len(s) * 0.9))])
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+
+def time_calls(fn: Callable[[], object], n: int, warmup: int = 0) -> list[int]:
+    """Time ``n`` calls of ``fn`` one by one (ns each), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    clock = time.perf_counter_ns
+    out = [0] * n
+    for i in range(n):
+        t0 = clock()
+        fn()
+        out[i] = clock() - t0
+    return out
+
+
+def interleave(cases: dict[str, Callable[[], object]], n: int, rounds: int, warmup: int) -> dict[str, Stats]:
+    """Run every case ``rounds`` times in blocks of ``n`` calls, rotating the
+    order each round, so that drift on a shared VM hits all cases alike."""
+    names = list(cases)
+    out: dict[str, list[int]] = {k: [] for k in names}
+    for name in names:
+        time_calls(cases[name], 0, warmup)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            out[name].extend(time_calls(cases[name], n))
+    return {k: Stats(v) for k, v in out.items()}
+
+
+# -- printing -----------------------------------------------------------------
+def us(ns: float) -> str:
+    return f"{ns / 1000:.1f}"
+
+
+def ms(ns: float) -> str:
+    return f"{ns / 1e6:.2f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    print(f"\n{title}")
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    sys.stdout.flush()
+
+
+def machine_line() -> str:
+    return (
+        f"python {sys.version.split()[0]}, {os.uname().sysname} {os.uname().release}, "
+        f"{os.cpu_count()} CPUs (affinity {sorted(ALL_CPUS)})"
+    )

@@ -1,0 +1,308 @@
+"""RPC round trip: privsep against a raw socketpair + msgpack ping-pong.
+
+Cases, each timed call by call (``perf_counter_ns``), median and p90:
+
+* ``ping``   a call with no fd: ``w.ping()`` against the raw ping-pong
+  (a forked child echoing msgpack over a SOCK_SEQPACKET socketpair).
+* ``take``   a call passing one fd grant broker -> worker (a capability
+  opened once, passed each call): ``w.take(cap)`` against the raw ping-pong
+  with the same fd attached by ``sendmsg``/SCM_RIGHTS.
+* ``grant``  a call in which the worker asks the broker for a file, gets
+  the fd back and reads 4 bytes: ``w.grant()`` (``self.broker.open``)
+  against the raw exchange doing the same work (call -> request -> the
+  parent opens the file beneath a directory fd and sends it -> the child
+  reads 4 bytes -> reply): two round trips, one carrying an fd.
+* ``aio``    ``await w.aio.ping()`` against the same raw floor, and against
+  a raw asyncio ping-pong (``loop.sock_recv``) to show asyncio's own cost.
+
+Headline: privsep with the default sandbox (whatever the default spawn and
+sandbox settings are), with the unsandboxed framework (``UNSANDBOXED``)
+alongside. Every case runs pinned (all processes on CPU 0), unpinned, and split
+(this process on CPU 0, the peers on CPU 1: what an unpinned run costs when
+the scheduler puts the two ends on different cores).
+The grant latency is measured with ``request_rate=None``; the default
+per-worker request rate limit is measured on its own at the end. Grants
+carry READ|SEEK|FSTAT (delivered as the file itself); ``take-pipe`` passes
+a READ-only grant, which privsep delivers as a pipe fed by a broker thread.
+
+Run from the repository root:  python3 -m bench.bench_rpc [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import functools
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import msgpack
+
+from bench._common import (
+    DATA_DIR,
+    DATA_FILE,
+    GRANT_RIGHTS,
+    PIPE_RIGHTS,
+    PLACEMENT_TEXT,
+    PLACEMENTS,
+    BenchWorker,
+    Stats,
+    data_root,
+    interleave,
+    machine_line,
+    make_broker,
+    place,
+    print_table,
+    ratio,
+    sandbox_status,
+    us,
+)
+
+BUF = 256 * 1024
+ANC = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _echo(sock: socket.socket) -> NoReturn:
+    """The raw child: answer calls, like a worker would, with nothing else."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    try:
+        while True:
+            data, anc, _, _ = sock.recvmsg(BUF, ANC, CLOEXEC)
+            if not data:
+                break
+            for fd in _fds_of(anc):
+                os.close(fd)
+            msg = unpackb(data, raw=False)
+            if msg["m"] == "grant":
+                sock.sendmsg([packb({"t": "req", "id": 1, "op": "open", "a": {"path": DATA_FILE, "rights": 1}})])
+                rep, anc, _, _ = sock.recvmsg(BUF, ANC, CLOEXEC)
+                unpackb(rep, raw=False)
+                (fd,) = _fds_of(anc)
+                value: Any = os.read(fd, 4)
+                os.close(fd)
+            else:
+                value = 1
+            sock.sendmsg([packb({"t": "ret", "id": msg["id"], "v": value})])
+    finally:
+        os._exit(0)
+
+
+class RawPeer:
+    """The floor: a forked child echoing msgpack over a SEQPACKET socketpair."""
+
+    def __init__(self, root: str):
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            self.sock.close()
+            _echo(child)
+        child.close()
+        self.pid = pid
+        self.dirfd = os.open(os.path.join(root, DATA_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = os.open(os.path.join(root, DATA_FILE), OPEN_FLAGS)
+        self.anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.fd]))]
+        self.ids = 0
+
+    def _call(self, method: str, args: list[Any]) -> bytes:
+        self.ids += 1
+        return msgpack.packb({"t": "call", "id": self.ids, "m": method, "a": args, "k": {}})  # type: ignore[no-any-return]
+
+    def ping(self) -> Any:
+        self.sock.sendmsg([self._call("ping", [])])
+        return msgpack.unpackb(self.sock.recv(BUF), raw=False)["v"]
+
+    def take(self) -> Any:
+        self.sock.sendmsg([self._call("take", [0])], self.anc)
+        return msgpack.unpackb(self.sock.recv(BUF), raw=False)["v"]
+
+    def grant(self) -> Any:
+        self.sock.sendmsg([self._call("grant", [])])
+        req = msgpack.unpackb(self.sock.recv(BUF), raw=False)
+        fd = os.open(os.path.basename(req["a"]["path"]), OPEN_FLAGS, dir_fd=self.dirfd)
+        try:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            self.sock.sendmsg([msgpack.packb({"t": "rep", "id": req["id"], "v": 0})], anc)
+        finally:
+            os.close(fd)
+        return msgpack.unpackb(self.sock.recv(BUF), raw=False)["v"]
+
+    async def aping(self, loop: asyncio.AbstractEventLoop) -> Any:
+        self.sock.send(self._call("ping", []))
+        return msgpack.unpackb(await loop.sock_recv(self.sock, BUF), raw=False)["v"]
+
+    def close(self) -> None:
+        self.sock.close()
+        os.close(self.fd)
+        os.close(self.dirfd)
+        os.waitpid(self.pid, 0)
+
+
+#: (privsep case, raw floor case, what it is)
+KINDS = (
+    ("ping", "ping", "call, no fd"),
+    ("take", "take", "call passing 1 fd"),
+    ("take-pipe", "take", "same, READ-only grant (travels as a pipe fed by a broker thread)"),
+    ("grant", "grant", "worker asks for a file, gets the fd, reads 4 bytes"),
+    ("aio.ping", "ping", "asyncio ping-pong (loop.sock_recv), vs the sync raw ping"),
+)
+
+
+def time_async(make: Callable[[], Any], n: int, rounds: int, warmup: int) -> list[int]:
+    """Time ``await make()`` call by call inside one event loop."""
+
+    async def run() -> list[int]:
+        for _ in range(warmup):
+            await make()
+        clock = time.perf_counter_ns
+        out: list[int] = []
+        for _ in range(n * rounds):
+            t0 = clock()
+            await make()
+            out.append(clock() - t0)
+        return out
+
+    return asyncio.run(run())
+
+
+def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]) -> None:
+    ok, why = sandbox_status(root)
+    print(machine_line())
+    if ok:
+        print(f"sandbox: default spawn works; layers: {why}")
+    else:
+        print(f"sandbox: default spawn FAILS ({why}); showing the unsandboxed framework only")
+
+    raw = RawPeer(root)
+    brokers: list[tuple[str, Any]] = []
+    if ok:
+        brokers.append(("sandboxed", make_broker(root, sandboxed=True, request_rate=None)))
+    brokers.append(("unsandboxed", make_broker(root, sandboxed=False, request_rate=None)))
+    # started now, so that it runs the same code as the others even if the tree changes under a long run
+    limited = make_broker(root, sandboxed=ok)
+    handles: dict[str, Any] = {}
+    caps: list[Any] = []
+    try:
+        limited_worker = limited.spawn(BenchWorker)
+        for label, b in brokers:
+            handles[label] = b.spawn(BenchWorker)
+            caps.append(b.open(DATA_FILE, GRANT_RIGHTS))
+            caps.append(b.open(DATA_FILE, PIPE_RIGHTS))
+        method = handles[brokers[0][0]].spawn_method
+        print(f"privsep spawn method: {method}; {n} calls x {rounds} rounds per case, {warmup} warm-up")
+        assert raw.ping() == raw.take() == 1 and raw.grant() == b"\x00\x01\x02\x03"
+        for h in handles.values():
+            assert h.ping() == 1 and h.grant() == b"\x00\x01\x02\x03"
+        headline = brokers[0][0]
+        peers = [raw.pid, *(h.pid for h in handles.values())]
+        for placement in placements:
+            place(peers, placement)
+            cases: dict[str, Callable[[], object]] = {
+                "raw ping": raw.ping,
+                "raw take": raw.take,
+                "raw grant": raw.grant,
+            }
+            for i, (label, _) in enumerate(brokers):
+                h = handles[label]
+                cases[f"{label} ping"] = h.ping
+                cases[f"{label} take"] = functools.partial(h.take, caps[2 * i])
+                cases[f"{label} take-pipe"] = functools.partial(h.take, caps[2 * i + 1])
+                cases[f"{label} grant"] = h.grant
+            res = interleave(cases, n, rounds, warmup)
+            # asyncio: the raw socket goes non-blocking for this part only
+            raw.sock.setblocking(False)
+            try:
+                araw = time_async(lambda: raw.aping(asyncio.get_running_loop()), n, rounds, warmup)
+                res["raw aio.ping"] = Stats(araw)
+            finally:
+                raw.sock.setblocking(True)
+            for label, _ in brokers:
+                res[f"{label} aio.ping"] = Stats(time_async(handles[label].aio.ping, n, rounds, warmup))
+
+            rows: list[list[str]] = []
+            for kind, floor_kind, what in KINDS:
+                floor = res[f"raw {floor_kind}"]
+                if kind == floor_kind:
+                    rows.append([f"raw {kind}: {what}", us(floor.median), us(floor.p90), "1.00x", ""])
+                elif kind == "aio.ping":
+                    s = res["raw aio.ping"]
+                    rows.append([f"raw {kind}: {what}", us(s.median), us(s.p90), ratio(s.median, floor.median), ""])
+                for label, _ in brokers:
+                    s = res[f"{label} {kind}"]
+                    met = "yes" if s.median <= 1.5 * floor.median else "NO"
+                    rows.append(
+                        [f"privsep {label} {kind}", us(s.median), us(s.p90), ratio(s.median, floor.median), met]
+                    )
+            print_table(
+                f"RPC round trip, {PLACEMENT_TEXT[placement]}\n"
+                f"(headline: privsep {headline}; ratio = median / median of the raw case above it)",
+                ["case", "median us", "p90 us", "vs raw", "<=1.5x"],
+                rows,
+            )
+        place(peers, "unpinned")
+        _rate_limit_note(limited, limited_worker)
+    finally:
+        limited.close()
+        for cap in caps:
+            cap.close()
+        for _, b in brokers:
+            b.close()
+        raw.close()
+
+
+def _rate_limit_note(b: Any, w: Any) -> None:
+    """Sustained grant rate of one worker under the default request_rate."""
+    rate = b.request_rate
+    if rate is None:
+        return
+    window = max(50, int(rate / 4))
+    got = 0.0
+    for _ in range(20):  # windows of calls until the burst (1 s worth) is spent and the rate settles
+        t0 = time.perf_counter_ns()
+        for _ in range(window):
+            w.grant()
+        got = window / ((time.perf_counter_ns() - t0) / 1e9)
+        if got < 1.2 * rate:
+            break
+    print(
+        f"\nDefault request_rate={rate:g}/s per worker: once the burst is spent, back-to-back grant calls run at "
+        f"{got:,.0f}/s ({1e6 / got:.0f} us each); the rows above use request_rate=None."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="about 10 s instead of about a minute")
+    ap.add_argument("-n", type=int, help="calls per block")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds")
+    ap.add_argument("--placement", choices=PLACEMENTS, action="append", help="only these CPU placements")
+    args = ap.parse_args(argv)
+    n = args.n or (300 if args.quick else 1500)
+    rounds = args.rounds or (3 if args.quick else 5)
+    with data_root() as root:
+        bench(root, n, rounds, warmup=min(200, n), placements=args.placement or PLACEMENTS)
+
+
+if __name__ == "__main__":
+    main()

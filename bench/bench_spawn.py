@@ -1,0 +1,241 @@
+"""Worker spawn to first answered call, against the usual ways to start one.
+
+Each sample is the wall time from asking for a new process to holding the
+answer of its first trivial call (``perf_counter_ns``); the process is then
+stopped outside the timed part. Cases:
+
+* privsep ``spawn="zygote"``, ``"fork"`` and ``"exec"``: ``b.spawn(W)`` then
+  ``w.ping()``, with the default sandbox (headline) and ``UNSANDBOXED``.
+  The zygote and the forkserver are started by a warm-up spawn, not timed.
+* ``multiprocessing`` forkserver (preloading the module holding the target,
+  as the zygote preloads the worker's module) and spawn:
+  ``ctx.Process(target=...)`` + ``start()`` until the child's answer
+  arrives over a ``ctx.Pipe``.
+* an exec'd fresh interpreter: ``subprocess`` running ``python -c`` that
+  writes one byte to a pipe; with and without ``-S`` (site import).
+* floors: ``os.fork()`` in this process, the child writing one byte to a
+  pipe; the same after ``enter(prepare(SandboxSpec(namespaces=False)))``
+  (fork + Landlock + a precompiled seccomp filter, plus rlimits, caps and
+  no_new_privs), and after ``enter(prepare(SandboxSpec()))`` (the full
+  default sandbox that privsep's workers enter, namespaces included).
+
+Targets (issue 5): zygote median under 2x the fork + sandbox floor, and at
+least 4x faster than forkserver.
+
+Run from the repository root:  python3 -m bench.bench_spawn [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import (
+    BenchWorker,
+    Stats,
+    data_root,
+    machine_line,
+    make_broker,
+    mp_answer,
+    ms,
+    print_table,
+    ratio,
+    sandbox_status,
+)
+
+clock = time.perf_counter_ns
+
+
+def fork_floor(prepared: Any) -> int:
+    """fork, (enter the sandbox,) write one byte; ns until the parent has it."""
+    r, w = os.pipe()
+    t0 = clock()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if prepared is not None:
+                from worker.sandbox import enter
+
+                report = enter(prepared, [w])
+                nfd = report.get("notify_fd")
+                if isinstance(nfd, int):
+                    os.close(nfd)
+            os.write(w, b"1")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    got = os.read(r, 1)
+    dt = clock() - t0
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if got != b"1":
+        raise RuntimeError(f"floor child failed (status {status:#x})")
+    return dt
+
+
+def mp_start(ctx: Any) -> int:
+    """multiprocessing: Process creation until the child's first answer."""
+    ours, theirs = ctx.Pipe(duplex=False)
+    t0 = clock()
+    p = ctx.Process(target=mp_answer, args=(theirs,))
+    p.start()
+    theirs.close()
+    value = ours.recv()
+    dt = clock() - t0
+    p.join()
+    ours.close()
+    if value != 1:
+        raise RuntimeError("multiprocessing child answered wrongly")
+    return dt
+
+
+def fresh_interpreter(flags: list[str]) -> int:
+    t0 = clock()
+    proc = subprocess.Popen(
+        [sys.executable, *flags, "-c", "import os; os.write(1, b'1')"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    got = proc.stdout.read(1)
+    dt = clock() - t0
+    proc.stdout.close()
+    proc.wait()
+    if got != b"1":
+        raise RuntimeError("fresh interpreter did not answer")
+    return dt
+
+
+class PrivsepCase:
+    """Spawn one worker, call it once, stop it (untimed)."""
+
+    def __init__(self, broker: Any):
+        self.broker = broker
+        self.entry_us: list[int] = []
+
+    def __call__(self) -> int:
+        t0 = clock()
+        w = self.broker.spawn(BenchWorker)
+        w.ping()
+        dt = clock() - t0
+        entry = w.sandbox.get("entry_us")
+        if isinstance(entry, int):
+            self.entry_us.append(entry)
+        w.stop()
+        return dt
+
+
+def bench(root: str, iterations: int, warmup: int) -> None:
+    ok, why = sandbox_status(root)
+    print(machine_line())
+    print(f"sandbox: default spawn {'works; layers: ' + why if ok else 'FAILS (' + why + ')'}")
+    print(f"{iterations} samples per case (interleaved), {warmup} warm-up; times in ms, spawn to first answer")
+
+    brokers: list[Any] = []
+    cases: dict[str, Callable[[], int]] = {}
+    privsep: dict[str, PrivsepCase] = {}
+    labels = (["sandboxed"] if ok else []) + ["unsandboxed"]
+    for label in labels:
+        for method in ("zygote", "fork", "exec"):
+            b = make_broker(root, sandboxed=label == "sandboxed", spawn=method)
+            brokers.append(b)
+            privsep[f"privsep {label} {method}"] = cases[f"privsep {label} {method}"] = PrivsepCase(b)
+
+    forkserver = multiprocessing.get_context("forkserver")
+    forkserver.set_forkserver_preload(["bench._common"])
+    cases["multiprocessing forkserver"] = lambda: mp_start(forkserver)
+    spawn_ctx = multiprocessing.get_context("spawn")
+    cases["multiprocessing spawn"] = lambda: mp_start(spawn_ctx)
+    cases["fresh interpreter (python -c)"] = lambda: fresh_interpreter([])
+    cases["fresh interpreter (python -S -c)"] = lambda: fresh_interpreter(["-S"])
+    cases["floor: fork + write"] = lambda: fork_floor(None)
+    floor_ll = floor_full = None
+    try:
+        from worker.sandbox import SandboxSpec, prepare
+
+        floor_ll = "floor: fork + Landlock + seccomp"
+        floor_full = "floor: fork + default SandboxSpec()"
+        prepared_ll = prepare(SandboxSpec(namespaces=False))
+        prepared_full = prepare(SandboxSpec())
+        cases[floor_ll] = lambda: fork_floor(prepared_ll)
+        cases[floor_full] = lambda: fork_floor(prepared_full)
+        fork_floor(prepared_ll)
+    except Exception as exc:  # the sandbox API is not there (yet)
+        print(f"sandbox floor not measurable: {type(exc).__name__}: {exc}")
+        cases.pop(floor_ll or "", None)
+        cases.pop(floor_full or "", None)
+        floor_ll = floor_full = None
+
+    samples: dict[str, list[int]] = {k: [] for k in cases}
+    try:
+        names = list(cases)
+        for name in names:
+            for _ in range(warmup):
+                cases[name]()
+        for case in privsep.values():
+            case.entry_us.clear()
+        for i in range(iterations):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                samples[name].append(cases[name]())
+    finally:
+        for b in brokers:
+            b.close()
+
+    res = {k: Stats(v) for k, v in samples.items()}
+    base = res[floor_ll] if floor_ll else res["floor: fork + write"]
+    rows = []
+    for name, s in res.items():
+        entry = privsep[name].entry_us if name in privsep else []
+        rows.append(
+            [
+                name,
+                ms(s.median),
+                ms(s.p90),
+                ratio(s.median, base.median),
+                f"{statistics.median(entry) / 1000:.2f}" if entry else "",
+            ]
+        )
+    print_table(
+        f"Spawn to first answered call (ratio vs '{floor_ll or 'floor: fork + write'}')",
+        ["case", "median ms", "p90 ms", "vs floor", "sandbox entry ms (worker's report)"],
+        rows,
+    )
+
+    head = "sandboxed" if ok else "unsandboxed"
+    zyg = res[f"privsep {head} zygote"].median
+    fs = res["multiprocessing forkserver"].median
+    targets = [
+        [f"zygote ({head}) / forkserver", f"{fs / zyg:.2f}x faster", ">= 4x faster", "yes" if fs >= 4 * zyg else "NO"],
+    ]
+    for floor in (floor_ll, floor_full):
+        if floor:
+            f = res[floor].median
+            targets.append(
+                [f"zygote ({head}) / '{floor}'", ratio(zyg, f), "< 2x", "yes" if zyg < 2 * f else "NO"]
+            )
+    print_table("Targets", ["comparison", "got", "target", "met"], targets)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="about 10 s instead of about a minute")
+    ap.add_argument("-n", "--iterations", type=int, help="samples per case")
+    args = ap.parse_args(argv)
+    iterations = args.iterations or (10 if args.quick else 60)
+    with data_root() as root:
+        bench(root, iterations, warmup=2)
+
+
+if __name__ == "__main__":
+    main()

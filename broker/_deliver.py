@@ -1,0 +1,172 @@
+"""Delivering a grant to a worker after its sandbox is entered.
+
+Linux keeps no rights mask per fd, so a later grant is delivered in the form
+whose kernel-visible powers match its rights (see
+``worker.sandbox._rights_table``): the file itself; the file reopened by the
+Landlock-restricted opener (no truncate); or a pipe that a broker thread
+fills from the file or drains into it (no seek, no fstat of the file).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from protocol import NotCapable, Rights
+from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd
+from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, PLAIN, later_file_plan
+
+from ._capability import Capability
+
+_CHUNK = 1 << 16
+_SMALL = 60 * 1024  # below the default 64 KiB pipe buffer: written at once
+
+
+class Pump(threading.Thread):
+    """Copies ``src`` to ``dst`` until EOF or until the far end goes away.
+    Owns both fds. ``pread`` mode reads the source from offset 0."""
+
+    def __init__(self, src: int, dst: int, *, from_start: bool, name: str, limit: int | None = None):
+        super().__init__(name=f"privsep-pump {name}", daemon=True)
+        self.src, self.dst, self.from_start = src, dst, from_start
+        self.limit = limit  # bytes; a worker writing through a pipe is not under its own RLIMIT_FSIZE
+        self.error: OSError | None = None
+        self.copied = 0
+
+    def run(self) -> None:
+        try:
+            while True:
+                chunk = os.pread(self.src, _CHUNK, self.copied) if self.from_start else os.read(self.src, _CHUNK)
+                if not chunk:
+                    break
+                if self.limit is not None and self.copied + len(chunk) > self.limit:
+                    raise OSError(errno.EFBIG, f"output exceeds its {self.limit}-byte limit")
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(self.dst, view)
+                    view = view[n:]
+                self.copied += len(chunk)
+        except BrokenPipeError:
+            pass  # the worker closed its end early: fine
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self.src)
+            os.close(self.dst)
+
+
+class Outgoing:
+    """What actually travels: an fd plus the rights the worker will see.
+    Owns ``fd`` when ``owned`` (closed after sending)."""
+
+    __slots__ = ("fd", "kind", "owned", "rights")
+
+    def __init__(self, fd: int, kind: int, rights: Rights, owned: bool):
+        self.fd, self.kind, self.rights, self.owned = fd, kind, rights, owned
+
+    def __privsep_fd__(self) -> tuple[int, int, Rights]:
+        return self.fd, self.kind, self.rights
+
+    def release(self) -> None:
+        if self.owned and self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class Opener:
+    """The broker's side of the restricted opener process (started lazily)."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-s", "-m", "worker._opener", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        self._chan = Channel(ours, send_timeout=10.0)
+        self._lock = threading.Lock()
+        if not self._chan.wait_readable(30.0) or self._chan.recv() != {"t": "ready"}:
+            self.close()
+            raise NotCapable("the restricted opener failed to start (Landlock ABI 3 needed)")
+
+    def open(self, fd: int, flags: int) -> int:
+        """Reopen ``fd`` (or create an O_TMPFILE in directory ``fd``) inside
+        the opener's domain. Returns a new fd the caller owns."""
+        with self._lock:
+            self._chan.send({"t": "open", "fd": Outgoing(fd, KIND_FILE, Rights.NONE, False), "flags": flags})
+            if not self._chan.wait_readable(10.0):
+                raise OSError(errno.ETIMEDOUT, "restricted opener did not answer")
+            reply = self._chan.recv()
+        if type(reply) is dict and reply.get("t") == "opened" and isinstance(reply.get("fd"), ReceivedFd):
+            return int(reply["fd"].detach())
+        if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("errno"), int):
+            raise OSError(reply["errno"], os.strerror(reply["errno"]))
+        raise OSError(errno.EPROTO, "restricted opener sent a malformed reply")
+
+    def close(self) -> None:
+        self._chan.close()
+        try:
+            self._proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _fill_small(src: int, w: int) -> bool:
+    """Write a file that fits in the pipe buffer at once and close both ends.
+    Returns False (nothing written) for larger files."""
+    try:
+        size = os.fstat(src).st_size
+        if size > _SMALL:
+            return False
+        data = os.pread(src, _SMALL + 1, 0)
+        if len(data) > _SMALL:
+            return False
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view) :]
+    except BlockingIOError:
+        return False
+    os.close(src)
+    os.close(w)
+    return True
+
+
+def deliver(
+    cap: Capability, plan: str, rights: Rights, opener: Any, flags: int, limit: int | None = None
+) -> tuple[Outgoing, Pump | None]:
+    """Make the object that travels for ``cap`` under ``plan``."""
+    if plan == PLAIN:
+        return Outgoing(cap.fileno(), cap.kind, rights, owned=False), None
+    if plan == NO_TRUNCATE:
+        return Outgoing(opener().open(cap.fileno(), flags), KIND_FILE, rights, owned=True), None
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        src = os.dup(cap.fileno())
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    if plan == PIPE_READ:
+        out = Outgoing(r, KIND_STREAM, rights, owned=True)
+        if _fill_small(src, w):
+            return out, None  # it all fit in the pipe: no thread needed
+        pump = Pump(src, w, from_start=True, name=cap.name)
+    elif plan == PIPE_WRITE:
+        pump = Pump(r, src, from_start=False, name=cap.name, limit=limit)
+        out = Outgoing(w, KIND_STREAM, rights, owned=True)
+    else:  # pragma: no cover - plans are a closed set
+        raise AssertionError(plan)
+    pump.start()
+    return out, pump
+
+
+__all__ = ["Opener", "Outgoing", "Pump", "deliver", "later_file_plan"]

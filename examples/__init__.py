@@ -1,0 +1,1 @@
+"""Runnable privsep example programs: ``python3 -m examples.thumbnailer``, ``python3 -m examples.unpack``."""

@@ -1,0 +1,32 @@
+"""Broker-side helper shared by the examples: make directories without following symlinks."""
+
+from __future__ import annotations
+
+import os
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def ensure_subdir(base_fd: int, parts: tuple[str, ...] | list[str], mode: int = 0o755) -> None:
+    """Create ``parts`` (one directory per component) beneath the directory ``base_fd``.
+
+    Each component is made with ``mkdirat`` and entered with ``O_NOFOLLOW``
+    relative to its parent's fd, so an existing symlink (or a file) anywhere
+    on the way raises ``OSError`` (``ELOOP``/``ENOTDIR``) instead of being
+    followed out of ``base_fd``. Components must already be checked names
+    (no ``/``, not ``.`` or ``..``).
+    """
+    fd = os.dup(base_fd)
+    try:
+        for part in parts:
+            if not part or part in (".", "..") or "/" in part or "\x00" in part:
+                raise ValueError(f"unsafe directory name {part!r}")
+            try:
+                os.mkdir(part, mode, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)

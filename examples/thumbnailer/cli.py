@@ -1,0 +1,571 @@
+"""Command line of the thumbnailer: walk, grant, dispatch, report.
+
+This module is the *broker* side. It keeps the process's authority and
+never decodes an image; everything hostile happens in :mod:`.workers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .._safe_fs import ensure_subdir
+from . import imaging
+from .make_samples import SAMPLES_DIR, ensure_runtime_specials
+from .progress import Progress, render_summary
+
+PROG = "python3 -m examples.thumbnailer"
+
+EXIT_OK = 0  # every image file was converted
+EXIT_REJECTED = 1  # the run finished, but some inputs were rejected (see the report)
+EXIT_USAGE = 2  # bad command line (argparse's own convention)
+EXIT_FATAL = 3  # could not run at all: the sandboxed workers could not be started
+EXIT_INTERRUPTED = 130
+
+INPUT_RIGHTS_NAMES = ("READ", "FSTAT", "SEEK")
+MAX_DEPTH = 32  # directory nesting we walk into; deeper trees are reported, not followed
+
+DESCRIPTION = f"""\
+Make thumbnails of untrusted images, decoding each one in a sandboxed worker.
+
+This process is the privsep *broker*. It walks INPUT_DIR and opens each image
+file read-only; the broker refuses symlinks leading out of INPUT_DIR, FIFOs
+and devices (only regular files beneath the directory are granted). Each open
+file goes to a pool of sandboxed workers: a worker decodes it with Pillow,
+shrinks it to fit SIZE x SIZE (keeping the aspect ratio, never enlarging) and
+asks the broker to create the output file. The output appears in OUTPUT_DIR
+only once the conversion finished: a crash, a timeout or an error leaves
+nothing behind. A worker that dies or is killed by the sandbox is replaced
+and the run goes on. Every rejected file is listed with its reason.
+
+Inputs: JPEG, PNG, WebP, GIF, BMP, TIFF, recognised by content (files are
+picked by suffix: {" ".join(sorted(imaging.INPUT_SUFFIXES))}).
+Outputs: JPEG, PNG, WebP. Subdirectories are mirrored; hidden files are
+ignored. Images over {imaging.MAX_PIXELS // 1_000_000} megapixels are refused as decompression bombs.
+
+Without INPUT_DIR, the bundled samples are used: real images plus hostile
+ones (truncated, wrong magic, a decompression bomb, a huge declared size, an
+empty file, a symlink to /etc/passwd, a FIFO). Git cannot store a FIFO, so
+the FIFO (and the symlink, if the checkout dropped it) is created in the
+samples directory on first use:
+  {SAMPLES_DIR}
+"""
+
+EPILOG = f"""\
+exit status:
+  {EXIT_OK}    the run completed: every file was converted or rejected with a reason (the
+       summary and the --json report list each rejection)
+  {EXIT_REJECTED}    with --strict: the run completed but some inputs were rejected (the bundled
+       samples always are, on purpose)
+  {EXIT_USAGE}    usage error (bad option, INPUT_DIR not a directory, ...)
+  {EXIT_FATAL}    the sandboxed workers could not be started (see `privsep check`)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); outputs finished so far are kept, none is partial
+
+examples:
+  {PROG} -o thumbnails                       # the bundled samples
+  {PROG} ~/Pictures -o /tmp/thumbs --size 256 --format webp --workers 4
+  {PROG} photos -o thumbs --json report.json  # machine-readable report too
+"""
+
+
+@dataclass
+class Job:
+    rel: str  # path beneath the input directory
+    out: str  # path beneath the output directory
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)  # refused while walking (bad names, depth)
+
+
+def _positive_int(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 0 < value <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 86400]")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "input", nargs="?", metavar="INPUT_DIR", help="directory of images to convert (default: the bundled samples)"
+    )
+    parser.add_argument(
+        "-o", "--output", metavar="OUTPUT_DIR", default="thumbnails",
+        help="where thumbnails go; created if missing (default: ./%(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-s", "--size", type=_positive_int(1, imaging.MAX_SIZE), default=128, metavar="N",
+        help="fit thumbnails in N x N pixels, keeping the aspect ratio (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-f", "--format", choices=sorted(imaging.OUTPUT_FORMATS), default="jpeg",
+        help="output format (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-q", "--quality", type=_positive_int(1, 100), default=85, metavar="Q",
+        help="JPEG/WebP quality 1-100 (default: %(default)s; PNG is lossless and ignores it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-w", "--workers", type=_positive_int(1, 256), default=max(1, os.cpu_count() or 1), metavar="N",
+        help="number of sandboxed worker processes (default: the CPU count, %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-t", "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+        help="per-image time limit; a worker that runs over is killed and replaced (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json", metavar="FILE",
+        help="also write a machine-readable report to FILE ('-' for stdout; the human summary then goes to stderr)",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit with status {EXIT_REJECTED} if any input was rejected (for scripts)",
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- walking
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def walk(input_dir: str, *, exclude: tuple[int, int] | None = None) -> Iterator[tuple[str, os.DirEntry[str] | None]]:
+    """Yield ``(relative path, entry)`` for every non-directory beneath ``input_dir``, sorted.
+
+    Only real directories are descended into, each opened with
+    ``O_NOFOLLOW`` relative to its parent's fd, so a directory swapped for a
+    symlink mid-walk is not followed. Files are *not* opened or stat'ed
+    through symlinks here: whether a name may be read is decided by
+    ``broker.open``, which resolves beneath the granted directory. Hidden
+    names are skipped; ``exclude`` is the (st_dev, st_ino) of a directory to
+    leave out (the output directory, when it lies inside the input).
+    Too-deep directories yield ``(path, None)``.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    root_fd = os.open(input_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def visit(dir_fd: int, prefix: str, depth: int) -> Iterator[tuple[str, os.DirEntry[str] | None]]:
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = prefix + entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                yield rel, entry
+                continue
+            if exclude is not None:
+                st = entry.stat(follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == exclude:
+                    continue
+            if depth >= MAX_DEPTH:
+                yield rel + "/", None
+                continue
+            try:
+                sub_fd = os.open(entry.name, flags, dir_fd=dir_fd)
+            except OSError:
+                yield rel, entry  # vanished or replaced by a symlink: let broker.open give the verdict
+                continue
+            try:
+                yield from visit(sub_fd, rel + "/", depth + 1)
+            finally:
+                os.close(sub_fd)
+
+    try:
+        yield from visit(root_fd, "", 0)
+    finally:
+        os.close(root_fd)
+
+
+def plan(input_dir: str, fmt: str, *, exclude: tuple[int, int] | None = None) -> Plan:
+    """Decide which files to convert and what each output is called.
+
+    ``a.jpg`` becomes ``a.png``; if two inputs in a directory would make the
+    same output (``a.jpg`` and ``a.gif``), the later one keeps its suffix:
+    ``a.gif.png``.
+    """
+    suffix = imaging.OUTPUT_FORMATS[fmt][1]
+    result = Plan()
+    taken: set[str] = set()
+    for rel, entry in walk(input_dir, exclude=exclude):
+        shown = _printable(rel)
+        if entry is None:
+            result.rejected.append({"input": shown, "kind": "too-deep", "reason": f"nested deeper than {MAX_DEPTH}"})
+            continue
+        if Path(rel).suffix.lower() not in imaging.INPUT_SUFFIXES:
+            result.skipped.append({"input": shown, "reason": "not an image file name"})
+            continue
+        if not _is_utf8(rel):
+            result.rejected.append({"input": shown, "kind": "bad-name", "reason": "the file name is not valid UTF-8"})
+            continue
+        parent, _, name = rel.rpartition("/")
+        stem = name.rsplit(".", 1)[0]
+        out = (parent + "/" if parent else "") + stem + suffix
+        if out in taken:
+            out = (parent + "/" if parent else "") + name + suffix
+        taken.add(out)
+        result.jobs.append(Job(rel, out))
+    return result
+
+
+def explain_refusal(path: str, exc: BaseException) -> str:
+    """A clear reason for a file ``broker.open`` refused.
+
+    The broker already decided; this only looks (lstat, never following) to
+    say *what* the file is, for the report.
+    """
+    what = ""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            what = f"a symlink to {target!r}"
+            if os.path.isabs(target) or target.startswith(".."):
+                what += ", outside the input directory"
+        elif stat.S_ISFIFO(st.st_mode):
+            what = "a FIFO, not a regular file"
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            what = "a device, not a regular file"
+        elif stat.S_ISSOCK(st.st_mode):
+            what = "a socket, not a regular file"
+    except OSError:
+        pass
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__  # without the broker-side path
+    return f"{what}; the broker refused it ({detail})" if what else f"the broker refused it ({detail})"
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def classify(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """Map what a call raised to a (kind, reason) pair for the report."""
+    from protocol import NotCapable, PolicyViolation, RemoteError, WorkerCrashed, WorkerTimeout
+
+    if isinstance(exc, WorkerTimeout):
+        return "timeout", f"took longer than {timeout:g} s; the worker was killed and replaced"
+    if isinstance(exc, PolicyViolation):
+        return "killed-by-sandbox", f"the sandbox killed the worker for calling {exc.syscall}(); it was replaced"
+    if isinstance(exc, WorkerCrashed):
+        return "worker-crashed", f"the worker died ({exc}); it was replaced"
+    if isinstance(exc, NotCapable):
+        return "not-capable", f"the broker refused it ({exc.strerror or exc})"
+    if isinstance(exc, MemoryError):
+        return imaging.TOO_LARGE, "the worker ran out of memory"
+    if isinstance(exc, RemoteError):
+        kind, reason = imaging.split_reason(exc.remote_message)
+        return (kind, reason) if kind != "error" else ("error", f"{exc.type_name}: {exc.remote_message}")
+    if isinstance(exc, ValueError):
+        return imaging.split_reason(str(exc))
+    return "error", f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def sandbox_report(broker: Any, pool: Any) -> dict[str, Any] | None:
+    """What sandbox layers the workers ran under, as each worker reported at sandbox entry.
+
+    ### SANDBOX-REPORT: the one call site to adapt if the broker's API changes.
+    """
+    handles = list(getattr(pool, "workers", []) or []) + list(getattr(broker, "workers", []) or [])
+    for handle in handles:
+        value = getattr(handle, "sandbox", None)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+_RESULT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "width": int, "height": int, "format": str, "bytes": int, "source_format": (str, type(None)),
+    "source_size": list, "animated": bool,
+}  # fmt: skip
+
+
+def accept_result(result: Any, fmt: str, size: int) -> dict[str, Any]:
+    """Check what a worker returned before it goes into the report: the worker may be compromised.
+
+    Only the known keys, with the right types and plausible values, are kept; anything else
+    raises ``ValueError``.
+    """
+    if not isinstance(result, dict):
+        raise ValueError(f"the worker returned a {type(result).__name__}, not a result")
+    clean: dict[str, Any] = {}
+    for key, kinds in _RESULT_TYPES.items():
+        value = result.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool) is not (kinds is bool):
+            raise ValueError(f"the worker's result has a bad {key!r}")
+        clean[key] = value
+    if not (1 <= clean["width"] <= size and 1 <= clean["height"] <= size and clean["format"] == fmt):
+        raise ValueError("the worker's result does not match the request")
+    if clean["source_format"] is not None:
+        clean["source_format"] = clean["source_format"][:16]
+    sizes = clean["source_size"]
+    if len(sizes) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        raise ValueError("the worker's result has a bad 'source_size'")
+    return clean
+
+
+class _Batch:
+    """Feeds the pool with a bounded number of grants in flight and collects the results."""
+
+    def __init__(self, args: argparse.Namespace, broker: Any, pool: Any, worker_cls: Any, report: dict[str, Any],
+                 progress: Progress, input_dir: str, in_rel: str, out_rel: str, out_fd: int):  # fmt: skip
+        from protocol import Rights
+
+        self.args, self.broker, self.pool, self.worker_cls = args, broker, pool, worker_cls
+        self.report, self.progress = report, progress
+        self.input_dir, self.in_rel, self.out_rel, self.out_fd = input_dir, in_rel, out_rel, out_fd
+        self.read_rights = Rights.READ | Rights.FSTAT | Rights.SEEK
+        self.inflight: dict[Future[Any], tuple[Job, Any, float]] = {}
+        self.made_dirs: set[str] = set()
+
+    def reject(self, rel: str, kind: str, reason: str) -> None:
+        self.report["rejected"].append({"input": _printable(rel), "kind": kind, "reason": reason})
+        self.progress.update(_printable(rel), False, f"{kind}: {reason}")
+
+    def run(self, jobs: list[Job]) -> None:
+        pending = iter(jobs)
+        exhausted = False
+        while True:
+            # At most two grants per worker are open at a time: fds stay few however big the input.
+            while not exhausted and len(self.inflight) < 2 * self.args.workers:
+                job = next(pending, None)
+                if job is None:
+                    exhausted = True
+                else:
+                    self.start(job)
+            if not self.inflight:
+                break
+            done, _ = wait(self.inflight, return_when=FIRST_COMPLETED)
+            if self.report.get("sandbox") is None:  # workers start lazily; ask while one is alive
+                self.report["sandbox"] = sandbox_report(self.broker, self.pool)
+            for fut in done:
+                self.finish(fut)
+        self.report["sandbox"] = self.report.get("sandbox") or sandbox_report(self.broker, self.pool)
+
+    def start(self, job: Job) -> None:
+        from protocol import NotCapable
+
+        try:
+            cap = self.broker.open(f"{self.in_rel}/{job.rel}", self.read_rights)
+        except NotCapable as exc:
+            self.reject(job.rel, "not-capable", explain_refusal(os.path.join(self.input_dir, job.rel), exc))
+            return
+        except OSError as exc:
+            self.reject(job.rel, "unreadable", f"{exc.strerror or exc}")
+            return
+        reldir = job.out.rpartition("/")[0]
+        if reldir and reldir not in self.made_dirs:
+            try:
+                ensure_subdir(self.out_fd, reldir.split("/"))
+                self.made_dirs.add(reldir)
+            except OSError as exc:
+                cap.close()
+                self.reject(job.rel, "output-unsafe", f"cannot make {reldir}/ in the output: {exc.strerror}")
+                return
+        a = self.args
+        fut = self.pool.submit(self.worker_cls.thumbnail, cap, a.size, a.format, a.quality, f"{self.out_rel}/{job.out}")
+        self.inflight[fut] = (job, cap, time.monotonic())
+
+    def finish(self, fut: Future[Any]) -> None:
+        job, cap, t0 = self.inflight.pop(fut)
+        cap.close()
+        try:
+            result = accept_result(fut.result(), self.args.format, self.args.size)
+        except Exception as exc:
+            kind, reason = classify(exc, self.args.timeout)
+            if kind in ("timeout", "killed-by-sandbox", "worker-crashed"):
+                self.report["workers_replaced"] += 1
+            self.reject(job.rel, kind, reason)
+            return
+        item: dict[str, Any] = {"input": job.rel, "output": job.out, "seconds": round(time.monotonic() - t0, 4)}
+        item.update(result)
+        self.report["converted"].append(item)
+        self.progress.update(job.rel, True, f"-> {job.out} ({result['width']}x{result['height']})")
+
+
+def _common_root(input_dir: str, output_dir: str) -> str:
+    """The broker's root: the deepest directory holding both (never one of them)."""
+    root = os.path.commonpath([input_dir, output_dir])
+    while root in (input_dir, output_dir) and root != os.path.dirname(root):
+        root = os.path.dirname(root)
+    return root
+
+
+def _rel(root: str, path: str) -> str:
+    rel = os.path.relpath(path, root)
+    return "" if rel == "." else rel
+
+
+def run(
+    args: argparse.Namespace,
+    *,
+    worker_cls: Any = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Convert everything; return the exit status. ``worker_cls`` lets tests substitute a worker."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    notes: list[str] = []
+    # The user names the directories, so resolving *their* symlinks is fine;
+    # nothing beneath them is resolved here.
+    if args.input is None:
+        input_dir = str(SAMPLES_DIR)
+        try:
+            created = ensure_runtime_specials(SAMPLES_DIR)
+            notes.extend(f"bundled samples: {n}" for n in created)
+        except OSError as exc:
+            notes.append(f"could not create the FIFO/symlink samples ({exc}); they are left out")
+    else:
+        input_dir = args.input
+    input_dir = os.path.realpath(input_dir)
+    if not os.path.isdir(input_dir):
+        build_parser().error(f"INPUT_DIR {args.input!r} is not a directory")
+    output_dir = os.path.realpath(args.output)
+    if output_dir == input_dir:
+        build_parser().error("OUTPUT_DIR must not be INPUT_DIR")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        build_parser().error(f"cannot create OUTPUT_DIR {args.output!r}: {exc.strerror}")
+    out_st = os.stat(output_dir)
+
+    the_plan = plan(input_dir, args.format, exclude=(out_st.st_dev, out_st.st_ino))
+    root = _common_root(input_dir, output_dir)
+    in_rel, out_rel = _rel(root, input_dir), _rel(root, output_dir)
+
+    try:
+        from broker import Broker, Policy
+        from protocol import PrivsepError, Rights
+
+        from .workers import Thumbnailer
+    except ImportError as exc:
+        print(f"thumbnailer: privsep is not installed ({exc}); run: pip install -e '.[examples]'", file=stderr)
+        return EXIT_FATAL
+    worker_cls = worker_cls or Thumbnailer
+    read_rights = Rights.READ | Rights.FSTAT | Rights.SEEK
+
+    report: dict[str, Any] = {
+        "input": input_dir,
+        "output": output_dir,
+        "format": args.format,
+        "size": args.size,
+        "quality": args.quality,
+        "workers": args.workers,
+        "timeout": args.timeout,
+        "converted": [],
+        "rejected": list(the_plan.rejected),
+        "skipped": the_plan.skipped,
+        "workers_replaced": 0,
+        "notes": notes,
+    }
+    progress = Progress(stderr, len(the_plan.jobs) + len(the_plan.rejected), enabled=not args.quiet)
+    for item in the_plan.rejected:
+        progress.update(item["input"], False, f"{item['kind']}: {item['reason']}")
+
+    policy = Policy().allow(f"{in_rel}/", read_rights).allow(f"{out_rel}/", Rights.WRITE | Rights.CREATE)
+    started = time.monotonic()
+    out_fd = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with Broker(policy, root=root) as broker:
+            pool = broker.pool(worker_cls, size=args.workers, timeout=args.timeout)
+            batch = _Batch(args, broker, pool, worker_cls, report, progress, input_dir, in_rel, out_rel, out_fd)
+            try:
+                batch.run(the_plan.jobs)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                progress.finish()
+                print("thumbnailer: interrupted", file=stderr)
+                return EXIT_INTERRUPTED
+            finally:
+                pool.shutdown()
+    except PrivsepError as exc:
+        progress.finish()
+        print(f"thumbnailer: cannot run the sandboxed workers: {type(exc).__name__}: {exc}", file=stderr)
+        print("thumbnailer: `privsep check` shows what this kernel supports", file=stderr)
+        return EXIT_FATAL
+    finally:
+        os.close(out_fd)
+    progress.finish()
+
+    elapsed = time.monotonic() - started
+    report["rejected"].sort(key=lambda r: r["input"])
+    report["converted"].sort(key=lambda r: r["input"])
+    report["counts"] = {
+        "converted": len(report["converted"]),
+        "rejected": len(report["rejected"]),
+        "skipped": len(report["skipped"]),
+    }
+    report["seconds"] = round(elapsed, 4)
+    report["images_per_second"] = round(len(report["converted"]) / elapsed, 2) if elapsed > 0 else 0.0
+    status = EXIT_REJECTED if report["rejected"] and args.strict else EXIT_OK
+    report["exit_status"] = status
+
+    summary = render_summary(report)
+    if args.json == "-":
+        stderr.write(summary)
+        json.dump(report, stdout, indent=2, sort_keys=True)
+        stdout.write("\n")
+    else:
+        stdout.write(summary)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+    return status
+
+
+def main(argv: list[str] | None = None, **kwargs: Any) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, **kwargs)
+    except SystemExit as exc:  # parser.error() inside run()
+        return int(exc.code or 0)

@@ -1,0 +1,418 @@
+"""Command line of the unpacker: the broker side.
+
+The broker never parses the archive. It asks the sandboxed worker what the
+next member is, checks the name and type itself (:mod:`.safety`), creates
+directories itself (``mkdirat`` + ``O_NOFOLLOW``, beneath the output
+directory's fd), and for each accepted file tells the worker the output path
+to create; the worker streams the data into a file the broker commits only
+if the member was complete and within the limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from .._safe_fs import ensure_subdir
+from . import safety
+from .safety import Limits, Refused
+
+PROG = "python3 -m examples.unpack"
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_FATAL = 3
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Extract an untrusted zip or tar archive (plain, .gz, .bz2, .xz) into OUTDIR.
+
+The archive is parsed only inside a sandboxed worker, which holds nothing but
+a read-only handle on ARCHIVE. This process (the broker) checks every
+member's name and type, makes the directories, and lets the worker create
+each file beneath OUTDIR; a file appears only once all its data arrived
+within the limits, so a member cut short leaves nothing behind.
+
+Refused, each with a message, and never written:
+  * names with a '..' component (zip-slip), absolute names (/x, C:\\x, \\\\host\\x),
+    names with backslashes, control characters, invalid UTF-8 or over-long parts
+  * every symlink and hardlink member, wherever it points (the simplest rule
+    that is safe: no link is ever created), device, FIFO and socket members
+  * encrypted zip members; duplicate names; a file where a directory is needed
+Zip bombs stop the extraction: the bytes actually coming out of the
+decompressor are counted while streaming (headers are never trusted) against
+--max-total for the whole archive and --max-ratio (output bytes per
+compressed byte, per member and for the archive, checked past the first MiB);
+--max-members caps the member count. Members finished before the stop are kept.
+
+File modes, owners and times from the archive are not applied: files are
+created 0644, directories 0755.
+"""
+
+EPILOG = f"""\
+exit status:
+  {EXIT_OK}    every member was extracted
+  {EXIT_REFUSED}    some members were refused, or the extraction was stopped (bomb, damaged
+       archive, worker crash or timeout), or ARCHIVE is not an archive
+  {EXIT_USAGE}    usage error (missing arguments, OUTDIR not empty without --overwrite, ...)
+  {EXIT_FATAL}    the sandboxed worker could not be started (see `privsep check`)
+  {EXIT_INTERRUPTED}  interrupted
+
+examples:
+  {PROG} download.zip unpacked/
+  {PROG} --max-total 10G --max-ratio 500 dump.tar.xz restore/
+  {PROG} examples/unpack/samples/zip-slip.zip /tmp/out --json -   # a hostile sample
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("archive", metavar="ARCHIVE", help="the zip or tar file to extract")
+    parser.add_argument("outdir", metavar="OUTDIR", help="where to extract; created if missing, must be empty")
+    parser.add_argument(
+        "--max-total", type=_size, default=Limits.max_total, metavar="SIZE",
+        help="stop when the extracted bytes would pass SIZE (K/M/G suffixes; default: 1G)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-ratio", type=_ratio, default=Limits.max_ratio, metavar="N",
+        help="stop when output exceeds N bytes per compressed byte (default: %(default)g)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-members", type=_count, default=Limits.max_members, metavar="N",
+        help="stop after N members (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-t", "--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+        help="time limit for each step of the worker (default: %(default)g)",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="allow a non-empty OUTDIR (files are replaced)")
+    parser.add_argument("--json", metavar="FILE", help="write a machine-readable report to FILE ('-' for stdout)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="list every member as it is extracted")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    return parser
+
+
+def _size(text: str) -> int:
+    try:
+        value = safety.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 1 <= value <= 1e6:
+        raise argparse.ArgumentTypeError("must be between 1 and 1000000")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if not 1 <= value <= 10_000_000:
+        raise argparse.ArgumentTypeError("must be between 1 and 10000000")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("must be in (0, 86400]")
+    return value
+
+
+def _common_root(a: str, b: str) -> str:
+    root = os.path.commonpath([a, b])
+    while root in (a, b) and root != os.path.dirname(root):
+        root = os.path.dirname(root)
+    return root
+
+
+def classify(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """Map what a worker call raised to (kind, reason)."""
+    from protocol import NotCapable, PolicyViolation, RemoteError, WorkerCrashed, WorkerTimeout
+
+    if isinstance(exc, WorkerTimeout):
+        return "timeout", f"the worker took longer than {timeout:g} s and was killed"
+    if isinstance(exc, PolicyViolation):
+        return "killed-by-sandbox", f"the sandbox killed the worker for calling {exc.syscall}()"
+    if isinstance(exc, WorkerCrashed):
+        return "worker-crashed", f"the worker died: {exc}"
+    if isinstance(exc, NotCapable):
+        return "not-capable", f"refused by the broker: {exc}"
+    if isinstance(exc, MemoryError):
+        return "too-large", "the worker ran out of memory"
+    if isinstance(exc, RemoteError):
+        kind, reason = safety.split_reason(exc.remote_message)
+        return (kind, reason) if kind != "error" else ("error", f"{exc.type_name}: {exc.remote_message}")
+    if isinstance(exc, ValueError):
+        return safety.split_reason(str(exc))
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return safety.BOMB, "the kernel's file-size limit (RLIMIT_FSIZE, set from --max-total) stopped a write"
+    if isinstance(exc, OSError):
+        return "error", f"{exc.strerror or exc}"
+    return "error", f"{type(exc).__name__}: {exc}"
+
+
+class Extraction:
+    """The broker's bookkeeping for one archive: what exists, what was refused, the real byte count."""
+
+    def __init__(self, out_fd: int, limits: Limits, archive_size: int):
+        self.out_fd = out_fd
+        self.limits = limits
+        self.archive_size = archive_size
+        self.files: dict[tuple[str, ...], int] = {}
+        self.dirs: set[tuple[str, ...]] = {()}
+        self.refused: list[dict[str, str]] = []
+        self.total = 0
+
+    def refuse(self, name: str, kind: str, reason: str) -> None:
+        self.refused.append({"name": name, "kind": kind, "reason": reason})
+
+    def plan_dir(self, parts: tuple[str, ...]) -> None:
+        """Create directory ``parts`` (and its parents) beneath the output; raise Refused on a conflict."""
+        for i in range(1, len(parts) + 1):
+            if parts[:i] in self.files:
+                raise Refused(safety.CONFLICT, f"{'/'.join(parts[:i])!r} is a file extracted earlier")
+        if parts in self.dirs:
+            return
+        try:
+            ensure_subdir(self.out_fd, parts)
+        except OSError as exc:
+            raise Refused(safety.CONFLICT, f"cannot make directory {'/'.join(parts)!r}: {exc.strerror}") from None
+        for i in range(1, len(parts) + 1):
+            self.dirs.add(parts[:i])
+
+    def plan_file(self, parts: tuple[str, ...]) -> None:
+        if parts in self.files:
+            raise Refused(safety.DUPLICATE, "a member of the same name was extracted earlier; not overwritten")
+        if parts in self.dirs:
+            raise Refused(safety.CONFLICT, "a directory of the same name exists")
+        self.plan_dir(parts[:-1])
+
+    def landed(self, parts: tuple[str, ...]) -> int:
+        """The real size of a committed output, read by the broker (a worker's own count is not trusted)."""
+        path = "/".join(parts)
+        st = os.stat(path, dir_fd=self.out_fd, follow_symlinks=False)
+        self.files[parts] = st.st_size
+        self.total += st.st_size
+        return st.st_size
+
+    def over_budget(self) -> str | None:
+        lim = self.limits
+        if self.total > lim.max_total:
+            return f"{self.total:,} bytes extracted, over the --max-total limit of {lim.max_total:,}"
+        if self.total > lim.ratio_grace and self.total > lim.max_ratio * max(1, self.archive_size):
+            return f"{self.total:,} bytes from a {self.archive_size:,}-byte archive, over --max-ratio {lim.max_ratio:g}"
+        return None
+
+
+def sandbox_report(handle: Any) -> dict[str, Any] | None:
+    """### SANDBOX-REPORT: the sandbox layers the worker entered (the handle's report)."""
+    value = getattr(handle, "sandbox", None)
+    return value if isinstance(value, dict) else None
+
+
+def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: TextIO | None = None,
+        stderr: TextIO | None = None) -> int:  # fmt: skip
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    parser = build_parser()
+    archive = os.path.realpath(args.archive)  # the user's own path: resolving it is fine
+    if not os.path.isfile(archive):
+        parser.error(f"ARCHIVE {args.archive!r} is not a file")
+    outdir = os.path.realpath(args.outdir)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot create OUTDIR {args.outdir!r}: {exc.strerror}")
+    if not os.path.isdir(outdir):
+        parser.error(f"OUTDIR {args.outdir!r} is not a directory")
+    if os.listdir(outdir) and not args.overwrite:
+        parser.error(f"OUTDIR {args.outdir!r} is not empty (use --overwrite to extract into it anyway)")
+    limits = Limits(max_total=args.max_total, max_ratio=args.max_ratio, max_members=args.max_members)
+
+    try:
+        from broker import Broker, Policy
+        from protocol import NotCapable, PrivsepError, Rights
+
+        from .workers import Unpacker
+    except ImportError as exc:
+        print(f"unpack: privsep is not installed ({exc}); run: pip install -e .", file=stderr)
+        return EXIT_FATAL
+    worker_cls = worker_cls or Unpacker
+
+    root = _common_root(os.path.dirname(archive), outdir)
+    archive_rel = os.path.relpath(archive, root)
+    out_rel = os.path.relpath(outdir, root)
+    policy = (
+        Policy()
+        .allow(archive_rel, Rights.READ | Rights.FSTAT | Rights.SEEK)  # one file, not its directory
+        .allow(out_rel + "/", Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.CREATE)
+        # RLIMIT_FSIZE: even a compromised worker cannot write one file past the total budget.
+        .with_limits(file_size=limits.max_total + (1 << 16))
+    )
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(line, file=stderr, flush=True)
+
+    report: dict[str, Any] = {"archive": archive, "outdir": outdir, "limits": limits.to_wire()}
+    stopped: dict[str, str] | None = None
+    started = time.monotonic()
+    out_fd = os.open(outdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    ex = Extraction(out_fd, limits, os.stat(archive).st_size)
+    members = 0
+    try:
+        with Broker(policy, root=root) as broker:
+            worker = broker.spawn(worker_cls)
+            report["sandbox"] = sandbox_report(worker)
+            step = worker.with_timeout(args.timeout)
+            try:
+                broker.open(archive_rel, Rights.READ).close()  # fail early, with the broker's reason, if refused
+                info = step.open_archive(archive_rel)
+                report["format"] = info.get("format")
+            except NotCapable as exc:
+                stopped = {"kind": "not-capable", "reason": f"refused by the broker: {exc}"}
+            except Exception as exc:
+                kind, reason = classify(exc, args.timeout)
+                stopped = {"kind": kind, "reason": reason}
+            while stopped is None:
+                try:
+                    member = step.next_member()
+                except Exception as exc:
+                    kind, reason = classify(exc, args.timeout)
+                    stopped = {"kind": kind, "reason": reason}
+                    break
+                if member is None:
+                    break
+                if not isinstance(member, dict):  # the worker is not trusted to describe members sanely
+                    stopped = {"kind": "error", "reason": "the worker sent a malformed member description"}
+                    break
+                members += 1
+                if members > limits.max_members:
+                    stopped = {"kind": safety.TOO_MANY, "reason": f"more than {limits.max_members:,} members"}
+                    break
+                raw = member.get("name")
+                shown = safety.printable(raw) if isinstance(raw, bytes) else repr(raw)
+                try:
+                    parts = safety.check_name(raw)
+                    kind = safety.check_type(member)
+                    if kind == safety.DIR:
+                        ex.plan_dir(parts)
+                        if args.verbose:
+                            say(f"  dir   {shown}")
+                        continue
+                    if not parts:
+                        raise Refused(safety.UNSAFE_NAME, "a file member with an empty name")
+                    ex.plan_file(parts)
+                except Refused as exc:
+                    ex.refuse(shown, exc.kind, exc.reason)
+                    say(f"  REFUSED {shown}: {exc.kind}: {exc.reason}")
+                    continue
+                try:
+                    step.extract_member(f"{out_rel}/{'/'.join(parts)}", ex.total, limits.to_wire())
+                except Exception as exc:
+                    kind, reason = classify(exc, args.timeout)
+                    if kind in (safety.BOMB, "timeout", "killed-by-sandbox", "worker-crashed", "too-large"):
+                        stopped = {"kind": kind, "reason": reason, "member": shown}
+                        say(f"  STOPPED at {shown}: {kind}: {reason}")
+                        break
+                    ex.refuse(shown, kind, reason)
+                    say(f"  REFUSED {shown}: {kind}: {reason}")
+                    continue
+                size = ex.landed(parts)
+                if args.verbose:
+                    say(f"  file  {shown} ({size:,} bytes)")
+                over = ex.over_budget()  # the broker's own check on the real bytes (defence in depth)
+                if over:
+                    stopped = {"kind": safety.BOMB, "reason": over, "member": shown}
+                    say(f"  STOPPED after {shown}: bomb: {over}")
+                    break
+    except KeyboardInterrupt:
+        print("unpack: interrupted", file=stderr)
+        return EXIT_INTERRUPTED
+    except PrivsepError as exc:
+        print(f"unpack: cannot run the sandboxed worker: {type(exc).__name__}: {exc}", file=stderr)
+        print("unpack: `privsep check` shows what this kernel supports", file=stderr)
+        return EXIT_FATAL
+    finally:
+        os.close(out_fd)
+
+    elapsed = time.monotonic() - started
+    report.update(
+        {
+            "extracted": [{"name": "/".join(p), "bytes": n} for p, n in ex.files.items()],
+            "directories": sorted("/".join(d) for d in ex.dirs if d),
+            "refused": ex.refused,
+            "stopped": stopped,
+            "members_seen": members,
+            "bytes": ex.total,
+            "seconds": round(elapsed, 4),
+        }
+    )
+    status = EXIT_REFUSED if ex.refused or stopped else EXIT_OK
+    report["exit_status"] = status
+    summary = render(report)
+    if args.json == "-":
+        stderr.write(summary)
+        json.dump(report, stdout, indent=2, sort_keys=True)
+        stdout.write("\n")
+    else:
+        stdout.write(summary)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+    return status
+
+
+def render(report: dict[str, Any]) -> str:
+    from ..thumbnailer.progress import describe_sandbox
+
+    name = os.path.basename(report["archive"])
+    lines = [
+        f"{name} ({report.get('format') or 'unrecognised'}): extracted {len(report['extracted'])} files"
+        f" ({report['bytes']:,} bytes) and {len(report['directories'])} directories into {report['outdir']}/"
+        f" in {report['seconds']:.2f} s"
+    ]
+    if report["refused"]:
+        lines.append(f"Refused {len(report['refused'])} members:")
+        width = min(40, max(len(r["name"]) for r in report["refused"]))
+        kind_w = max(len(r["kind"]) for r in report["refused"])
+        for r in report["refused"]:
+            lines.append(f"  {r['name']:<{width}}  {r['kind']:<{kind_w}}  {r['reason']}")
+    if report["stopped"]:
+        s = report["stopped"]
+        where = f" at {s['member']}" if s.get("member") else ""
+        lines.append(f"Stopped{where}: {s['kind']}: {s['reason']}")
+    lines.append("Sandbox layers the worker ran under:")
+    lines.extend("  " + line for line in describe_sandbox(report.get("sandbox")))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None, **kwargs: Any) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, **kwargs)
+    except SystemExit as exc:
+        return int(exc.code or 0)

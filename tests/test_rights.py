@@ -1,0 +1,308 @@
+"""Every right in the rights table, present and absent, for a grant held at
+spawn and for one made later, from inside a fresh worker per case.
+
+Denials by the filter come back as EPERM here (violation mode "errno"), so
+one worker can report its result; the kill mode is covered elsewhere. The
+rights table in the README is generated from the same table these cases
+check (``worker.sandbox._rights_table``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import Broker, Policy
+from protocol import NotCapable, Rights, UnsupportedRights
+from worker import Directory, FdDirectory, Worker, rpc
+from worker.sandbox._rights_table import TABLE, render_markdown
+
+R, W, S, F, T = Rights.READ, Rights.WRITE, Rights.SEEK, Rights.FSTAT, Rights.FTRUNCATE
+RW = R | W | S | F | T
+ALL_FILE = RW | Rights.APPEND | Rights.FSYNC | Rights.MMAP_R | Rights.MMAP_W | Rights.FCHMOD | Rights.FCHOWN \
+    | Rights.FLOCK | Rights.FUTIMES | Rights.FSTATFS | Rights.FCNTL | Rights.IOCTL  # fmt: skip
+FS_IOC_GETFLAGS = 0x80086601
+
+
+def _fd(f: Any) -> int:
+    return int(f.fileno())
+
+
+OPS: dict[str, Callable[[Any], Any]] = {
+    "READ": lambda f: os.read(_fd(f), 1),
+    "WRITE": lambda f: os.write(_fd(f), b"x"),
+    "SEEK": lambda f: os.lseek(_fd(f), 1, os.SEEK_SET),
+    "FSTAT": lambda f: stat.S_ISREG(os.fstat(_fd(f)).st_mode) or "not the file",
+    "FTRUNCATE": lambda f: os.ftruncate(_fd(f), 1),
+    "FSYNC": lambda f: os.fsync(_fd(f)),
+    "MMAP_R": lambda f: len(mmap.mmap(_fd(f), 1, prot=mmap.PROT_READ)),
+    "MMAP_W": lambda f: len(mmap.mmap(_fd(f), 1, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)),
+    "FCHMOD": lambda f: os.fchmod(_fd(f), 0o644),
+    "FCHOWN": lambda f: os.fchown(_fd(f), -1, -1),
+    "FLOCK": lambda f: fcntl.flock(_fd(f), fcntl.LOCK_SH | fcntl.LOCK_NB),
+    "FUTIMES": lambda f: os.utime(_fd(f)),
+    "FSTATFS": lambda f: os.fstatvfs(_fd(f)).f_bsize > 0,
+    "FCNTL": lambda f: fcntl.fcntl(_fd(f), fcntl.F_SETFL, os.O_NONBLOCK),
+    "IOCTL": lambda f: fcntl.ioctl(_fd(f), FS_IOC_GETFLAGS, b"\0" * 8) and True,
+    "APPEND": lambda f: fcntl.fcntl(_fd(f), fcntl.F_SETFL, 0),  # try to clear O_APPEND
+}
+
+
+class Prober(Worker):
+    @rpc
+    def probe(self, op: str, f: Any = None) -> dict[str, Any]:
+        target = self.grants["f"] if f is None else f
+        try:
+            return {"ok": repr(OPS[op](target))}
+        except OSError as exc:
+            return {"errno": errno.errorcode.get(exc.errno or 0, str(exc.errno))}
+
+    @rpc
+    def dir_op(self, op: str, d: Any = None) -> dict[str, Any]:
+        """Directory operations done raw, skipping the worker-side checks, as
+        a compromised worker would: the kernel (spawn: Landlock) or the
+        broker (later: the proxy) must stop them on its own."""
+        directory: Directory = self.grants["d"] if d is None else d
+        fd_backed = isinstance(directory, FdDirectory)
+        client = self.broker
+        rs = int(Rights.READ | Rights.SEEK | Rights.FSTAT)
+        ws = int(Rights.WRITE | Rights.SEEK | Rights.FSTAT)
+        try:
+            if op in ("open", "escape"):
+                name = "a.txt" if op == "open" else "../secret"
+                if fd_backed:
+                    fd = os.open(name, os.O_RDONLY, dir_fd=directory.fileno())
+                    with os.fdopen(fd, "rb") as f:
+                        return {"ok": f.read().decode()}
+                with client._fd_request("dopen", {"dir": directory.id, "path": name, "rights": rs}) as f:
+                    return {"ok": f.read().decode()}
+            if op == "list":
+                return {"ok": directory.listdir()}
+            if op == "create":
+                if fd_backed:
+                    os.close(os.open("new.txt", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=directory.fileno()))
+                else:
+                    client._fd_request("dcreate", {"dir": directory.id, "path": "new.txt", "rights": ws}).close()
+                return {"ok": "created"}
+            if op == "unlink":
+                if fd_backed:
+                    os.unlink("victim.txt", dir_fd=directory.fileno())
+                else:
+                    client._request("dunlink", dir=directory.id, path="victim.txt")
+                return {"ok": "unlinked"}
+        except NotCapable as exc:
+            return {"denied": f"broker {errno.errorcode[exc.errno or 0]}"}
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            return {"denied": f"kernel {name}"} if name in ("EACCES", "EXDEV", "EPERM") else {"errno": name}
+        raise ValueError(op)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f.bin").write_bytes(b"0123456789")
+    (tmp_path / "data" / "a.txt").write_text("inside")
+    (tmp_path / "data" / "victim.txt").write_text("x")
+    (tmp_path / "secret").write_text("outside")
+    return tmp_path
+
+
+def _broker(root: Path) -> Broker:
+    policy = Policy().allow("data/", ALL_FILE | Rights.LOOKUP | Rights.CREATE | Rights.UNLINKAT)
+    return Broker(policy.with_sandbox(violation="errno"), root=root)
+
+
+def _run(root: Path, op: str, rights: Rights, phase: str) -> dict[str, Any]:
+    with _broker(root) as b:
+        cap = b.open("data/f.bin", rights)
+        if phase == "spawn":
+            return b.spawn(Prober, grants={"f": cap}).probe(op)
+        return b.spawn(Prober).probe(op, cap)
+
+
+# (right, base rights the grant always has, expected when present, expected when absent)
+# for a grant held at spawn. "EPERM" is the filter's answer in errno mode.
+SPAWN_CASES = [
+    ("READ", W | S | F | T, "ok", "EBADF"),
+    ("WRITE", R | S | F | T, "ok", "EBADF"),
+    ("SEEK", R | F, "ok", "EPERM"),
+    ("FSTAT", R | S, "ok", "EPERM"),
+    ("FTRUNCATE", R | W | S | F, "ok", "EPERM"),
+    ("FSYNC", R | S | F, "ok", "EPERM"),
+    ("MMAP_R", R | S | F, "ok", "EPERM"),
+    ("MMAP_W", RW, "ok", "EPERM"),
+    ("FCHMOD", R | S | F, "ok", "EPERM"),
+    ("FCHOWN", R | S | F, "ok", "EPERM"),
+    ("FLOCK", R | S | F, "ok", "EPERM"),
+    ("FUTIMES", R | S | F, "ok", "EPERM"),
+    ("FSTATFS", R | S | F, "ok", "EPERM"),
+    ("FCNTL", R | S | F, "ok", "EPERM"),
+    ("IOCTL", R | S | F, "ok-or-ENOTTY", "EPERM"),
+]
+
+
+def _check(got: dict[str, Any], want: str) -> None:
+    if want == "ok":
+        assert "ok" in got, got
+    elif want == "ok-or-ENOTTY":
+        assert "ok" in got or got.get("errno") in ("ENOTTY", "EOPNOTSUPP"), got
+    else:
+        assert got.get("errno") == want, got
+
+
+@pytest.mark.parametrize("present", [True, False], ids=["present", "absent"])
+@pytest.mark.parametrize(("right", "base", "yes", "no"), SPAWN_CASES, ids=[c[0] for c in SPAWN_CASES])
+def test_right_at_spawn(root: Path, right: str, base: Rights, yes: str, no: str, present: bool) -> None:
+    r = Rights[right]
+    own = Rights.MMAP if r in (Rights.MMAP_R, Rights.MMAP_W) else r  # the bit that is only this right's
+    rights = base | r if present else base & ~own
+    _check(_run(root, right, rights, "spawn"), yes if present else no)
+
+
+# Later grants: what Linux can enforce after entry (see the table).
+LATER_CASES = [
+    ("READ", W | S | F | T, "ok", "EBADF"),
+    ("WRITE", R | S | F | T, "ok", "EBADF"),
+    ("SEEK", R, "ok-with-FSTAT", "ESPIPE"),  # without SEEK: a pipe
+    ("FSTAT", R | S, "ok", "refused"),  # SEEK without FSTAT cannot be enforced later
+    ("FTRUNCATE", R | W | S | F, "ok", "EACCES"),  # Landlock no-truncate opener
+]
+
+
+@pytest.mark.parametrize("present", [True, False], ids=["present", "absent"])
+@pytest.mark.parametrize(("right", "base", "yes", "no"), LATER_CASES, ids=[c[0] for c in LATER_CASES])
+def test_right_granted_later(root: Path, right: str, base: Rights, yes: str, no: str, present: bool) -> None:
+    r = Rights[right]
+    rights = base | r if present else base & ~r
+    if yes == "ok-with-FSTAT" and present:
+        rights |= F
+    want = yes if present else no
+    if want == "ok-with-FSTAT":
+        want = "ok"
+    if want == "refused":
+        with pytest.raises(UnsupportedRights):
+            _run(root, right, rights, "later")
+        return
+    _check(_run(root, right, rights, "later"), want)
+
+
+@pytest.mark.parametrize(
+    "right", ["FSYNC", "MMAP_R", "FCHMOD", "FCHOWN", "FLOCK", "FUTIMES", "FSTATFS", "FCNTL", "IOCTL"]
+)
+def test_ungrantable_later_rights_are_refused(root: Path, right: str) -> None:
+    with pytest.raises(UnsupportedRights, match="after sandbox entry"):
+        _run(root, right, R | S | F | Rights[right], "later")
+
+
+@pytest.mark.parametrize("right", ["FSYNC", "FCHMOD", "FSTATFS"])
+def test_absent_later_rights_are_denied(root: Path, right: str) -> None:
+    assert _run(root, right, R | S | F, "later") == {"errno": "EPERM"}
+
+
+def test_accept_weaker_delivers_without_the_right(root: Path) -> None:
+    policy = Policy().allow("data/", ALL_FILE).accept_weaker(Rights.FSYNC).with_sandbox(violation="errno")
+    with Broker(policy, root=root) as b:
+        w = b.spawn(Prober)
+        got = w.probe("FSYNC", b.open("data/f.bin", R | S | F | Rights.FSYNC))
+        assert got == {"errno": "EPERM"}  # granted without FSYNC, as accepted
+
+
+def test_later_read_write_without_seek_is_refused(root: Path) -> None:
+    with pytest.raises(UnsupportedRights, match="one direction"):
+        _run(root, "READ", R | W, "later")
+
+
+def test_append_cannot_be_cleared(root: Path) -> None:
+    for phase in ("spawn", "later"):
+        got = _run(root, "APPEND", Rights.APPEND | S | F | T, phase)
+        assert got == {"errno": "EPERM"}, (phase, got)
+    assert (root / "data" / "f.bin").read_bytes() == b"0123456789"
+
+
+def test_pinned_slot_cannot_be_reused(root: Path) -> None:
+    """Close a pinned read-only grant, land a stronger fd in its slot: denied."""
+    with _broker(root) as b:
+        w = b.spawn(Attacker, grants={"f": b.open("data/f.bin", R | Rights.SEEK | Rights.FSTAT)})
+        assert w.reuse_slot(b.open("data/f.bin", R | W | S | F | T)) == {"close": "EPERM", "dup2": "EPERM"}
+
+
+class Attacker(Prober):
+    @rpc
+    def reuse_slot(self, strong: Any) -> dict[str, str]:
+        slot = self.grants["f"].fileno()
+        out = {}
+        for name, fn in (("close", lambda: os.close(slot)), ("dup2", lambda: os.dup2(strong.fileno(), slot))):
+            try:
+                fn()
+                out[name] = "done"
+            except OSError as exc:
+                out[name] = errno.errorcode[exc.errno or 0]
+        return out
+
+
+@pytest.mark.parametrize("phase", ["spawn", "later"])
+def test_directory_grants(root: Path, phase: str) -> None:
+    with _broker(root) as b:
+        full = b.opendir("data/", R | S | F | Rights.LOOKUP | Rights.CREATE | Rights.UNLINKAT | Rights.WRITE)
+        ro = b.opendir("data/", R | S | F | Rights.LOOKUP)
+        layer = "kernel" if phase == "spawn" else "broker"
+        for d, can_write in ((ro, False), (full, True)):
+            w = b.spawn(Prober, grants={"d": d}) if phase == "spawn" else b.spawn(Prober)
+            arg = None if phase == "spawn" else d
+            assert w.dir_op("open", arg) == {"ok": "inside"}
+            assert "a.txt" in w.dir_op("list", arg)["ok"]
+            esc = w.dir_op("escape", arg)
+            assert esc.get("denied", "").startswith(layer), esc
+            made = w.dir_op("create", arg)
+            gone = w.dir_op("unlink", arg)
+            if can_write:
+                assert made == {"ok": "created"} and gone == {"ok": "unlinked"}
+            else:
+                assert made.get("denied", "").startswith(layer), made
+                assert gone.get("denied", "").startswith(layer), gone
+        assert (root / "secret").read_text() == "outside"
+        assert not (root / "data" / "victim.txt").exists()
+
+
+def test_table_covers_every_right_and_renders() -> None:
+    names = {e.right for e in TABLE}
+    for r in ["READ", "WRITE", "SEEK", "FSTAT", "FTRUNCATE", "FSYNC", "MMAP_R", "MMAP_W", "MMAP_X", "LOOKUP",
+              "CREATE", "UNLINKAT", "FCHMOD", "FCHOWN", "FLOCK", "IOCTL", "APPEND"]:  # fmt: skip
+        assert r in names
+    md = render_markdown()
+    assert md.count("\n") == len(TABLE) + 1
+
+
+def test_readme_carries_the_current_table() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start, end = "<!-- rights-table:start -->\n", "\n<!-- rights-table:end -->"
+    block = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert block == render_markdown(), "README rights table is stale: run python3 -m worker.sandbox._rights_table"
+
+
+class Closer(Prober):
+    @rpc
+    def close_grant_politely(self) -> str:
+        fd = self.grants["f"].fileno()
+        with self.grants["f"] as f:  # closing the Python object must not close the pinned slot
+            f.read(1)
+        del f
+        import gc
+
+        gc.collect()
+        return repr(os.pread(fd, 1, 1))
+
+
+def test_closing_a_grant_object_keeps_the_pinned_slot(root: Path) -> None:
+    with Broker(Policy().allow("data/", R | S | F), root=root) as b:  # kill mode
+        w = b.spawn(Closer, grants={"f": b.open("data/f.bin", R | S | F)})
+        assert w.close_grant_politely() == repr(b"1")
