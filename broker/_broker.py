@@ -9,7 +9,7 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -196,15 +196,7 @@ class Broker:
         entry fails, ``UnsupportedRights`` for a grant that cannot be enforced.
         """
         handle = self._start(cls, timeout, grants)
-        try:
-            if not handle._chan.wait_readable(self.spawn_timeout):
-                raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
-            self._await_ready(handle)
-        except BaseException:
-            if handle.exit is None:
-                handle.kill()
-            raise
-        return handle
+        return self._finish_spawn(handle, lambda: handle._chan.wait_readable(self.spawn_timeout))
 
     async def aspawn(
         self, cls: type[Worker], *, timeout: float | None = None, grants: Mapping[str, Capability] | None = None
@@ -212,7 +204,17 @@ class Broker:
         """``spawn()`` for asyncio: waits for the worker on the event loop."""
         handle = self._start(cls, timeout, grants)
         try:
-            if await handle._event(time.monotonic() + self.spawn_timeout) == "timeout":
+            ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
+        except BaseException:
+            handle.kill()
+            raise
+        return self._finish_spawn(handle, lambda: ready)
+
+    def _finish_spawn(self, handle: WorkerHandle, ready: Callable[[], bool]) -> WorkerHandle:
+        """Wait (``ready``) for the handshake and check it; a worker that does
+        not come up is killed, never left behind."""
+        try:
+            if not ready():
                 raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
             self._await_ready(handle)
         except BaseException:

@@ -255,11 +255,7 @@ class WorkerHandle:
                 _release(after)
                 raise
             try:
-                self._chan.send(call)
-            except ProtocolError as exc:
-                raise self._fail("protocol", f"could not deliver the call: {exc}") from exc
-            except OSError as exc:
-                raise self._fail_from_os(exc) from exc
+                self._send(call, "could not deliver the call")
             finally:
                 _release(after)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -340,14 +336,18 @@ class WorkerHandle:
                 reply = {"t": "rep", "id": msg["id"], "v": value}
             except (PrivsepError, OSError) as exc:
                 reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
-            try:
-                self._chan.send(reply)
-            except ProtocolError as exc:
-                raise self._fail("protocol", f"worker stopped reading: {exc}") from exc
-            except OSError as exc:
-                raise self._fail_from_os(exc) from exc
+            self._send(reply, "worker stopped reading")
         finally:
             _release(after)  # the worker has its copies now
+
+    def _send(self, msg: dict[str, Any], what: str) -> None:
+        """Send to the worker; a worker that cannot be reached is ended."""
+        try:
+            self._chan.send(msg)
+        except ProtocolError as exc:
+            raise self._fail("protocol", f"{what}: {exc}") from exc
+        except OSError as exc:
+            raise self._fail_from_os(exc) from exc
 
     def _register_dir(self, cap: Capability, copy: bool = False) -> DirRef:
         """Keep a directory for this worker; it gets only an id to name it.

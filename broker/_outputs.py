@@ -34,18 +34,24 @@ class PendingOutput:
         self.linkable = True  # an O_TMPFILE inode can be linked into place
 
     def commit(self) -> None:
-        hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
-        if self.pump is not None:
-            self.pump.join(PUMP_GRACE)
-            if self.pump.is_alive() or self.pump.error is not None:
-                self.discard()
-                why = self.pump.error.strerror if self.pump.error is not None else "still being written"
-                raise OSError(errno.EIO, f"output not committed: {why}", self.display)
-        if self.pump is not None and self.linkable:
-            # The worker only ever held a pipe: once the pump is done nobody
-            # else can write the file, so it is linked into place as it is.
+        """Put the output in place with one rename; raise (and leave nothing)
+        if it cannot be."""
+        try:
+            if self.pump is not None:
+                self.pump.join(PUMP_GRACE)
+                if self.pump.is_alive() or self.pump.error is not None:
+                    why = self.pump.error.strerror if self.pump.error is not None else "still being written"
+                    raise OSError(errno.EIO, f"output not committed: {why}", self.display)
+            hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
             try:
-                os.link(f"/proc/self/fd/{self.tmpfd}", hidden, dst_dir_fd=self.dirfd, follow_symlinks=True)
+                if self.pump is not None and self.linkable:
+                    # The worker only ever held a pipe: nobody else can write
+                    # the file, so it is linked into place as it is.
+                    os.link(f"/proc/self/fd/{self.tmpfd}", hidden, dst_dir_fd=self.dirfd, follow_symlinks=True)
+                else:
+                    # The worker may still hold its fd: copy, so a committed
+                    # output can no longer change under it.
+                    self._copy_to(hidden)
                 os.rename(hidden, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
             except BaseException:
                 try:
@@ -53,14 +59,12 @@ class PendingOutput:
                 except OSError:
                     pass
                 raise
-            finally:
-                self.discard()
-            return
-        # The worker may still hold its fd: copy, so a committed output can
-        # no longer change under it.
-        out = os.open(
-            hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644, dir_fd=self.dirfd
-        )
+        finally:
+            self.discard()
+
+    def _copy_to(self, hidden: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        out = os.open(hidden, flags, 0o644, dir_fd=self.dirfd)
         try:
             size = os.fstat(self.tmpfd).st_size
             offset = 0
@@ -69,16 +73,8 @@ class PendingOutput:
                 if n == 0:
                     break
                 offset += n
-            os.rename(hidden, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
-        except BaseException:
-            try:
-                os.unlink(hidden, dir_fd=self.dirfd)
-            except OSError:
-                pass
-            raise
         finally:
             os.close(out)
-            self.discard()
 
     def discard(self) -> None:
         for attr in ("tmpfd", "dirfd"):

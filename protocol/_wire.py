@@ -252,25 +252,7 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
     Directory references are accepted only where ``allow_dirref`` (from the
     broker)."""
     if not fds:
-        try:
-            obj = _unpackb(
-                payload,
-                raw=False,
-                use_list=True,
-                strict_map_key=True,
-                ext_hook=_dirref_hook if allow_dirref else _no_ext_hook,
-            )
-        except ProtocolError:
-            raise
-        except (
-            ValueError,
-            TypeError,
-            msgpack.ExtraData,
-            msgpack.FormatError,
-            msgpack.StackError,
-            RecursionError,
-        ) as exc:
-            raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
+        obj = _unpack(payload, _dirref_hook if allow_dirref else _no_ext_hook)
         _validate(obj)
         return obj
     slots: list[ReceivedFd | None] = [ReceivedFd(fd, KIND_STREAM, Rights.NONE) for fd in fds]
@@ -305,25 +287,7 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
         raise ProtocolError(f"unknown extension type {code}")
 
     try:
-        try:
-            obj = msgpack.unpackb(
-                payload,
-                raw=False,
-                use_list=True,
-                strict_map_key=True,
-                ext_hook=ext_hook,
-            )
-        except ProtocolError:
-            raise
-        except (
-            ValueError,
-            TypeError,
-            msgpack.ExtraData,
-            msgpack.FormatError,
-            msgpack.StackError,
-            RecursionError,
-        ) as exc:
-            raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
+        obj = _unpack(payload, ext_hook)
         if not all(claimed):
             raise ProtocolError("packet carried fds that the message does not name")
         _validate(obj)
@@ -341,6 +305,19 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
+
+
+_MALFORMED = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError)
+
+
+def _unpack(payload: bytes | memoryview, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    """One msgpack object, strictly: UTF-8 strings, str keys, nothing extra."""
+    try:
+        return _unpackb(payload, raw=False, use_list=True, strict_map_key=True, ext_hook=ext_hook)
+    except ProtocolError:
+        raise
+    except _MALFORMED as exc:
+        raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
 
 
 def _no_ext_hook(code: int, data: bytes) -> Any:
