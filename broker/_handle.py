@@ -108,6 +108,7 @@ class WorkerHandle:
         self._dir_ids = itertools.count(1)
         self._pumps: list[Any] = []
         self._poller: select.poll | None = None
+        self._fast_events = 0
         self._tokens = float(broker.request_rate or 0.0)
         self._tokens_at = time.monotonic()
 
@@ -173,6 +174,9 @@ class WorkerHandle:
         async with self._alock:
             if not self._lock.acquire(blocking=False):
                 raise RuntimeError(f"worker {self.name} is busy with a synchronous call")
+            # On the event loop a send must never wait: a worker that does not
+            # read its answers is misbehaving, and is ended rather than waited for.
+            saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
             steps = self._steps(method, args, kwargs, timeout)
             try:
                 op = next(steps)
@@ -187,11 +191,17 @@ class WorkerHandle:
                 return stop.value
             finally:
                 steps.close()
+                self._chan.send_timeout = saved
                 self._lock.release()
 
     async def _event(self, deadline: float | None) -> str:
         ready = self._ready_now()
         if ready is not None:
+            # Fast path, but a worker that keeps the channel full must not
+            # monopolise the loop: let the others run now and then.
+            self._fast_events += 1
+            if self._fast_events % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             return ready
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
@@ -533,6 +543,7 @@ class WorkerHandle:
 
 
 MAX_DIR_GRANTS = 1024
+_YIELD_EVERY = 8
 
 
 def _release(objs: list[Any]) -> None:

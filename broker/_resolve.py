@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from protocol import NotCapable, PolicyError, Rights
 from protocol._paths import split_relative
 from protocol._wire import KIND_DIR, KIND_FILE
 from worker._files import access_flags
-from worker.sandbox._openat2 import openat2
+from worker.sandbox._openat2 import openat2 as _linux_openat2
 
 from ._capability import Capability
 from ._outputs import PendingOutput, make_output
@@ -40,6 +41,19 @@ _TYPES = {
 }
 
 __all__ = ["Resolver", "Target", "access_flags"]
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+    """Open beneath ``dirfd``: openat2(RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS)
+    on Linux, openat(O_RESOLVE_BENEATH) on FreeBSD (untested in CI)."""
+    if _FREEBSD:
+        from ._resolve_freebsd import openat_beneath
+
+        return openat_beneath(dirfd, path, flags, mode)
+    return _linux_openat2(dirfd, path, flags, mode)
+
+
+_FREEBSD = sys.platform.startswith("freebsd")
 
 
 def _kernel_denial(exc: OSError, display: str) -> Exception:

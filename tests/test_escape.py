@@ -490,18 +490,21 @@ def tree_m(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def make_broker(root: Path, **sandbox: Any) -> Broker:
+def make_broker(root: Path, spawn: str = "auto", **sandbox: Any) -> Broker:
     policy = Policy().allow("data/", READ | Rights.LOOKUP).allow("out/", Rights.WRITE | Rights.CREATE)
     # READ here includes SEEK|FSTAT, as a spawn-time directory grant must
     if sandbox:
         policy = policy.with_sandbox(**sandbox)
-    return Broker(policy, root=root, call_timeout=30)
+    return Broker(policy, root=root, call_timeout=30, spawn=spawn)
 
 
-@pytest.fixture(scope="module")
-def broker_m(tree_m: Path) -> Iterator[tuple[Broker, Any]]:
-    with make_broker(tree_m) as b:
+# The whole suite runs against workers from the zygote and from a plain fork:
+# both must give exactly the same sandbox.
+@pytest.fixture(scope="module", params=["zygote", "fork"])
+def broker_m(request: pytest.FixtureRequest, tree_m: Path) -> Iterator[tuple[Broker, Any]]:
+    with make_broker(tree_m, spawn=request.param) as b:
         witness = b.spawn(Attacker)
+        assert witness.spawn_method == request.param
         yield b, witness
 
 

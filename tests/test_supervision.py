@@ -51,6 +51,18 @@ class Hog(Worker):
         return denied
 
     @rpc
+    def flood_pipelined(self, n: int) -> int:
+        """Send n requests without reading any answer, as a hostile worker may."""
+        for i in range(n):
+            self.broker._chan.send({"t": "req", "id": 10_000 + i, "op": "stat", "a": {"path": "data/a.txt"}})
+        got = 0
+        for _ in range(n):
+            if self.broker._chan.recv() is None:
+                break
+            got += 1
+        return got
+
+    @rpc
     def report(self) -> dict:
         return {"pid": os.getpid()}
 
@@ -168,3 +180,68 @@ def _descendants() -> set[int]:
                 seen.add(child)
                 stack.append(child)
     return seen
+
+
+def test_a_flooding_worker_does_not_starve_the_others(tree: Path) -> None:
+    """Sync callers on their own threads, and async calls on one event loop:
+    a worker hammering the broker with requests leaves others their share."""
+    import asyncio
+    import statistics
+    import threading
+
+    with Broker(default_policy(), root=tree, request_rate=None) as b:
+        flooder, quiet = b.spawn(Hog), b.spawn(Hog)
+        quiet.ping()
+
+        def lat(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                quiet.ping()
+                out.append(time.perf_counter() - t0)
+            return out
+
+        alone = statistics.median(lat(200))
+        flood = threading.Thread(target=flooder.flood, args=(20000,))
+        flood.start()
+        during = lat(200)
+        still_flooding = flood.is_alive()
+        flood.join()
+        assert still_flooding, "the flood ended too early to measure anything"
+        assert statistics.median(during) < max(0.005, 20 * alone), (alone, statistics.median(during))
+
+        async def both() -> tuple[float, bool]:
+            task = asyncio.create_task(flooder.aio.flood(20000))
+            await asyncio.sleep(0.05)
+            t0 = time.perf_counter()
+            for _ in range(100):
+                await quiet.aio.ping()
+            spent = time.perf_counter() - t0
+            flooding = not task.done()
+            await task
+            return spent, flooding
+
+        spent, flooding = asyncio.run(both())
+        assert flooding, "the flood ended before the pings did"
+        assert spent < 2.0, spent  # 100 pings on the same loop as the flood
+
+
+def test_a_worker_that_does_not_read_its_answers_cannot_stall_the_loop(tree: Path) -> None:
+    import asyncio
+
+    with Broker(default_policy(), root=tree, request_rate=None) as b:
+        flooder, quiet = b.spawn(Hog), b.spawn(Hog)
+
+        async def both() -> float:
+            task = asyncio.create_task(flooder.aio.flood_pipelined(20000))
+            await asyncio.sleep(0)
+            t0 = time.perf_counter()
+            for _ in range(50):
+                await quiet.aio.ping()
+            spent = time.perf_counter() - t0
+            with pytest.raises(WorkerCrashed) as info:
+                await task
+            assert info.value.exit.kind == "protocol" and "stopped reading" in info.value.exit.reason
+            return spent
+
+        assert asyncio.run(both()) < 2.0

@@ -206,9 +206,15 @@ def child_main(
         os._exit(code)
 
 
-def _freeze_linecache(cls: type[Worker]) -> None:
-    """Tracebacks must not read source files once the sandbox is on: warm
-    the cache for the worker's own modules, then serve lines from memory."""
+_warmed: set[type] = set()
+
+
+def warm_linecache(cls: type[Worker]) -> None:
+    """Read the worker's own source files into the line cache, so tracebacks
+    show them after the sandbox is on. The zygote does this once per class,
+    before forking."""
+    if cls in _warmed:
+        return
     import inspect
     import linecache
 
@@ -219,6 +225,15 @@ def _freeze_linecache(cls: type[Worker]) -> None:
             continue
         if path:
             linecache.getlines(path)
+    _warmed.add(cls)
+
+
+def _freeze_linecache(cls: type[Worker]) -> None:
+    """Tracebacks must not read source files once the sandbox is on: serve
+    lines from memory only."""
+    import linecache
+
+    warm_linecache(cls)
 
     def cached_only(filename: str, module_globals: Any = None) -> list[str]:
         entry = linecache.cache.get(filename)

@@ -26,7 +26,7 @@ from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd
 
 from ._rpc import Worker
-from ._serve import _close_all_but, child_main
+from ._serve import _close_all_but, child_main, warm_linecache
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
 from .sandbox._spec import SandboxSpec
 
@@ -43,6 +43,7 @@ def load_class(module: str, qualname: str) -> type[Worker]:
             obj = getattr(obj, part)
         if not (isinstance(obj, type) and issubclass(obj, Worker)):
             raise TypeError(f"{module}.{qualname} is not a Worker subclass")
+        warm_linecache(obj)
         cls = _classes[key] = obj
     return cls
 

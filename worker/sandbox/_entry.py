@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ def enter(prepared: Prepared, keep_fds: Sequence[int]) -> Report:
     drop all capabilities -> NO_NEW_PRIVS -> Landlock -> seccomp. Raises SandboxError when a demanded
     layer cannot be applied; the process is then half-sandboxed and must exit.
     """
+    if sys.platform.startswith("freebsd"):
+        return _enter_capsicum(prepared, keep_fds)
     t0 = time.perf_counter()
     spec = prepared.spec
     _single_thread()
@@ -204,3 +207,20 @@ def _load_seccomp(prepared: Prepared) -> tuple[str, int | None]:
     except OSError as exc:
         raise SandboxError(f"seccomp: {exc.strerror}") from exc
     return violation, None
+
+
+def _enter_capsicum(prepared: Prepared, keep_fds: Sequence[int]) -> Report:
+    """FreeBSD: limit every pinned fd to its rights, then cap_enter(2).
+    Untested in CI (no FreeBSD runner); see docs/freebsd.md."""
+    from protocol import Rights
+
+    from . import _capsicum
+
+    spec = prepared.spec
+    for fd, rights in spec.fd_rules:
+        if fd not in keep_fds:
+            raise SandboxError(f"pinned fd {fd} is not among the fds kept")
+        _capsicum.limit_fd(fd, Rights(rights))
+    _capsicum.enter_capability_mode()
+    return Report(layers=["capsicum"], landlock_abi=0, namespaces=[], seccomp="off", notify_fd=None,
+                  groups=[], dangerous=list(spec.dangerous), violation=spec.violation)
