@@ -25,7 +25,7 @@ from worker.sandbox import SandboxSpec
 from worker.sandbox._rights_table import DIR_RIGHTS, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
 
 from ._capability import Capability
-from ._deliver import Opener, deliver
+from ._deliver import Drain, Opener, deliver
 from ._exit import WorkerExit
 from ._handle import WorkerHandle, close_fds_in
 from ._outputs import PendingOutput
@@ -96,6 +96,9 @@ class Broker:
         self._abi: int | None = None
         self._pools: list[WorkerPool] = []
         self._spawn_lock = threading.Lock()
+        if spawn in ("zygote", "auto"):
+            # Start it now: its interpreter boots while the caller goes on.
+            self._zygote = Zygote()
         self._closed = False
 
     # -- context ----------------------------------------------------------
@@ -439,13 +442,22 @@ class Broker:
         if cap.kind != KIND_FILE:
             return cap  # a stream the broker got from a worker: sent as is
         plan, rights = _plan(int(cap.rights), self.landlock_abi(), int(self.policy.weaker))
-        out, pump = deliver(cap, plan, rights, self._opener, _flags(int(rights)), self.policy.limits.file_size)
+        out, mover = deliver(
+            cap,
+            plan,
+            rights,
+            self._opener,
+            _flags(int(rights)),
+            self.policy.limits.file_size,
+            drain=pending is not None,
+        )
         after.append(out)
-        if pump is not None:
-            if pending is not None:
-                pending.pump = pump
-            else:
-                handle._track_pump(pump)
+        if isinstance(mover, Drain):
+            assert pending is not None
+            pending.drain = mover
+            handle._drains[mover.src] = mover
+        elif mover is not None:
+            handle._track_pump(mover)
         return out
 
     def _export(self, handle: WorkerHandle, obj: Any, after: list[Any]) -> Any:

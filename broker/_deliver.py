@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from protocol import NotCapable, Rights
@@ -58,6 +59,74 @@ class Pump(threading.Thread):
         finally:
             os.close(self.src)
             os.close(self.dst)
+
+
+class Drain:
+    """An output written by the worker through a pipe, copied into the file
+    by the call's own poll loop (no thread): ``step()`` when the pipe is
+    readable, ``finish()`` when the call has returned. Owns both fds."""
+
+    def __init__(self, src: int, dst: int, limit: int | None):
+        os.set_blocking(src, False)
+        self.src, self.dst, self.limit = src, dst, limit
+        self.copied = 0
+        self.error: OSError | None = None
+        self.done = False
+
+    def step(self) -> bool:
+        """Copy what is there; False once the worker closed its end (or on error)."""
+        if self.done:
+            return False
+        try:
+            while True:
+                try:
+                    chunk = os.read(self.src, _CHUNK)
+                except BlockingIOError:
+                    return True
+                if not chunk:
+                    self.done = True
+                    return False
+                if self.limit is not None and self.copied + len(chunk) > self.limit:
+                    raise OSError(errno.EFBIG, f"output exceeds its {self.limit}-byte limit")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.dst, view) :]
+                self.copied += len(chunk)
+        except OSError as exc:
+            self.error, self.done = exc, True
+            # Close our end now: the worker's next write fails (EPIPE)
+            # instead of blocking on a pipe nobody reads.
+            if self.src >= 0:
+                os.close(self.src)
+                self.src = -1
+            return False
+
+    def finish(self, timeout: float) -> None:
+        """Copy the rest; the worker closed its outputs before answering, so
+        a pipe still open after ``timeout`` means someone kept a copy."""
+        import select
+
+        if self.done:
+            if self.error is not None:
+                raise self.error
+            return
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.src, select.POLLIN)
+        while self.step():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OSError(errno.EIO, "output was still being written when the call returned")
+            poller.poll(max(1, int(remaining * 1000)))
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        for attr in ("src", "dst"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
 
 
 class Outgoing:
@@ -141,9 +210,18 @@ def _fill_small(src: int, w: int) -> bool:
 
 
 def deliver(
-    cap: Capability, plan: str, rights: Rights, opener: Any, flags: int, limit: int | None = None
-) -> tuple[Outgoing, Pump | None]:
-    """Make the object that travels for ``cap`` under ``plan``."""
+    cap: Capability,
+    plan: str,
+    rights: Rights,
+    opener: Any,
+    flags: int,
+    limit: int | None = None,
+    *,
+    drain: bool = False,
+) -> tuple[Outgoing, Pump | Drain | None]:
+    """Make the object that travels for ``cap`` under ``plan``. With
+    ``drain``, a write pipe is emptied by the caller's loop (a ``Drain``)
+    rather than by a thread."""
     if plan == PLAIN:
         return Outgoing(cap.fileno(), cap.kind, rights, owned=False), None
     if plan == NO_TRUNCATE:
@@ -161,6 +239,8 @@ def deliver(
             return out, None  # it all fit in the pipe: no thread needed
         pump = Pump(src, w, from_start=True, name=cap.name)
     elif plan == PIPE_WRITE:
+        if drain:
+            return Outgoing(w, KIND_STREAM, rights, owned=True), Drain(r, src, limit)
         pump = Pump(r, src, from_start=False, name=cap.name, limit=limit)
         out = Outgoing(w, KIND_STREAM, rights, owned=True)
     else:  # pragma: no cover - plans are a closed set
@@ -169,4 +249,4 @@ def deliver(
     return out, pump
 
 
-__all__ = ["Opener", "Outgoing", "Pump", "deliver", "later_file_plan"]
+__all__ = ["Drain", "Opener", "Outgoing", "Pump", "deliver", "later_file_plan"]

@@ -107,6 +107,7 @@ class WorkerHandle:
         self._dirs: dict[int, Capability] = {}
         self._dir_ids = itertools.count(1)
         self._pumps: list[Any] = []
+        self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
         self._fast_events = 0
         self._tokens = float(broker.request_rate or 0.0)
@@ -215,6 +216,9 @@ class WorkerHandle:
         if self._notify_fd >= 0:
             fds.append(self._notify_fd)
             loop.add_reader(self._notify_fd, on_ready, "notify")
+        for fd in list(self._drains):
+            fds.append(fd)
+            loop.add_reader(fd, self._step_drain, fd, loop)
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             return await asyncio.wait_for(fut, remaining)
@@ -223,6 +227,12 @@ class WorkerHandle:
         finally:
             for fd in fds:
                 loop.remove_reader(fd)
+
+    def _step_drain(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        drain = self._drains.get(fd)
+        if drain is not None and not drain.step():
+            del self._drains[fd]
+            loop.remove_reader(fd)
 
     def _ready_now(self) -> str | None:
         """The event already pending, if any (no waiting, no event loop)."""
@@ -318,6 +328,7 @@ class WorkerHandle:
                         raise self._fail("oom", f"call {method}() ran out of memory") from remote
                     raise remote
         finally:
+            self._drains.clear()
             for out in outputs:
                 out.discard()
 
@@ -378,17 +389,31 @@ class WorkerHandle:
             if self._notify_fd >= 0:
                 poller.register(self._notify_fd, select.POLLIN)
         chan_fd = self._chan.fileno()
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return "timeout"
-            events = poller.poll(None if remaining is None else max(1, int(remaining * 1000 + 0.999)))
-            for fd, ev in events:
-                if fd == self._notify_fd and ev & select.POLLIN:
-                    return "notify"
-            for fd, _ in events:
-                if fd == chan_fd:
+        polled = set(self._drains)
+        for fd in polled:
+            poller.register(fd, select.POLLIN)
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return "timeout"
+                events = poller.poll(None if remaining is None else max(1, int(remaining * 1000 + 0.999)))
+                for fd, ev in events:
+                    if fd == self._notify_fd and ev & select.POLLIN:
+                        return "notify"
+                chan = False
+                for fd, _ in events:
+                    if fd == chan_fd:
+                        chan = True
+                    elif fd in self._drains and not self._drains[fd].step():
+                        poller.unregister(fd)
+                        polled.discard(fd)
+                        del self._drains[fd]
+                if chan:
                     return "chan"
+        finally:
+            for fd in polled:
+                poller.unregister(fd)
 
     # -- sandbox violations -----------------------------------------------
     def _on_notification(self) -> None:

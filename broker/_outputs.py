@@ -30,21 +30,21 @@ class PendingOutput:
         self.name = name
         self.tmpfd = tmpfd
         self.display = display
-        self.pump: Any = None  # set when the worker writes through a pipe
+        self.drain: Any = None  # set when the worker writes through a pipe
         self.linkable = True  # an O_TMPFILE inode can be linked into place
 
     def commit(self) -> None:
         """Put the output in place with one rename; raise (and leave nothing)
         if it cannot be."""
         try:
-            if self.pump is not None:
-                self.pump.join(PUMP_GRACE)
-                if self.pump.is_alive() or self.pump.error is not None:
-                    why = self.pump.error.strerror if self.pump.error is not None else "still being written"
-                    raise OSError(errno.EIO, f"output not committed: {why}", self.display)
+            if self.drain is not None:
+                try:
+                    self.drain.finish(PUMP_GRACE)
+                except OSError as exc:
+                    raise OSError(exc.errno or errno.EIO, f"output not committed: {exc.strerror}", self.display) from exc
             hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
             try:
-                if self.pump is not None and self.linkable:
+                if self.drain is not None and self.linkable:
                     # The worker only ever held a pipe: nobody else can write
                     # the file, so it is linked into place as it is.
                     os.link(f"/proc/self/fd/{self.tmpfd}", hidden, dst_dir_fd=self.dirfd, follow_symlinks=True)
@@ -77,6 +77,8 @@ class PendingOutput:
             os.close(out)
 
     def discard(self) -> None:
+        if self.drain is not None:
+            self.drain.close()
         for attr in ("tmpfd", "dirfd"):
             fd = getattr(self, attr)
             if fd >= 0:

@@ -168,6 +168,10 @@ class WorkerPool(Executor):
 
     def _slot(self, slot: int) -> None:
         try:
+            try:
+                self._handle_for(slot)  # start now, not on the first task
+            except Exception:
+                pass  # reported by the first task that needs this worker
             while True:
                 item = self._queue.get()
                 if item is None:

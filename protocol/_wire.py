@@ -35,7 +35,7 @@ MAX_PACKET = 256 * 1024
 INLINE_BYTES = 64 * 1024
 MAX_FDS = 64
 MAX_DEPTH = 32
-MAX_BLOB = 512 * 1024 * 1024
+MAX_BLOB = 64 * 1024 * 1024  # a worker can make the broker hold this much per message
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 63) - 1
 
@@ -238,6 +238,8 @@ def encode(
 def _outline(obj: Any) -> Any:
     """Copy ``obj`` with large byte strings replaced by blob markers."""
     if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) > INLINE_BYTES:
+        if len(obj) > MAX_BLOB:
+            raise ValueError(f"a {len(obj)}-byte value exceeds the {MAX_BLOB}-byte limit; pass a file instead")
         return _Blob(bytes(obj))
     if isinstance(obj, (list, tuple)):
         return [_outline(x) for x in obj]

@@ -200,6 +200,15 @@ def test_large_values_travel_out_of_band(broker: Broker) -> None:
     assert w.echo(b"y" * (1 << 20))["args"][0] == b"y" * (1 << 20)
 
 
+def test_values_over_the_blob_limit_are_an_error_not_a_crash(broker: Broker) -> None:
+    from protocol._wire import MAX_BLOB
+
+    w = broker.spawn(Upper)
+    with pytest.raises(TypeError, match="pass a file instead"):
+        w.big(MAX_BLOB + 1)
+    assert w.shout("alive") == "ALIVE"
+
+
 def test_remote_exceptions_map_to_real_classes(broker: Broker) -> None:
     w = broker.spawn(Upper)
     with pytest.raises(FileNotFoundError) as info:
@@ -281,3 +290,21 @@ def test_rights_only_shrink() -> None:
 
 def test_default_policy_helper_matches(tree: Path) -> None:
     assert [g.display for g in default_policy().grants] == ["data/", "out/"]
+
+
+def test_large_output_through_a_pipe_is_committed_whole(broker: Broker, tree: Path) -> None:
+    w = broker.spawn(Upper)
+    data = bytes(range(256)) * (12 * 1024)  # 3 MiB: far more than a pipe holds
+    assert w.write_out("big.bin", data) == len(data)
+    assert (tree / "out" / "big.bin").read_bytes() == data
+
+
+def test_output_over_the_size_limit_is_not_committed(tree: Path) -> None:
+    policy = default_policy().with_limits(file_size=4096)
+    with Broker(policy, root=tree) as b:
+        w = b.spawn(Upper)
+        with pytest.raises(OSError) as info:
+            w.write_out("huge.bin", b"x" * 2_000_000)  # far past the pipe: must not hang
+        assert info.value.errno in (errno.EFBIG, errno.EPIPE), info.value
+        assert os.listdir(tree / "out") == []
+        assert w.shout("still here") == "STILL HERE"

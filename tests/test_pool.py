@@ -106,7 +106,10 @@ def test_cancel_and_shutdown(broker: Broker) -> None:
     pool = broker.pool(Calc, size=1)
     running = pool.submit(Calc.sleep, 0.5)
     queued = [pool.submit(Calc.square, i) for i in range(5)]
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not running.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running.running()
     assert queued[-1].cancel()
     pool.shutdown(wait=True, cancel_futures=True)
     assert running.result() == 0.5
