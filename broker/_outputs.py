@@ -41,7 +41,8 @@ class PendingOutput:
                 try:
                     self.drain.finish(PUMP_GRACE)
                 except OSError as exc:
-                    raise OSError(exc.errno or errno.EIO, f"output not committed: {exc.strerror}", self.display) from exc
+                    why = f"output not committed: {exc.strerror}"
+                    raise OSError(exc.errno or errno.EIO, why, self.display) from exc
             hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
             try:
                 if self.drain is not None and self.linkable:
