@@ -18,10 +18,11 @@ from worker import Worker, rpc
 
 from . import imaging
 
-# Load Pillow when this module is imported. privsep's zygote imports the worker's
-# module once and forks every worker from it, so they all start with Pillow in
-# memory; setup() then only sets the limits and warms the codecs.
+# Load Pillow and warm every codec when this module is imported. privsep's
+# zygote imports the worker's module once and forks every worker from it, so
+# they all start with Pillow loaded and warmed; setup() only sets the limits.
 imaging.preload()
+imaging.warm_up()
 
 
 class Thumbnailer(Worker):
@@ -29,7 +30,6 @@ class Thumbnailer(Worker):
 
     def setup(self) -> None:
         imaging.configure_pillow()
-        imaging.warm_up()
 
     @rpc
     def thumbnail(self, src: IO[bytes], size: int, fmt: str, quality: int, out: str) -> dict[str, Any]:
