@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from protocol import __version__
@@ -29,20 +30,30 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser("check", help="probe kernel sandbox features")
     check.add_argument("--json", action="store_true", help="print the probe results as JSON")
-    demo = sub.add_parser("demo", help="run the image-converter demo (same options as python3 -m examples.thumbnailer)")
-    demo.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the thumbnailer")
-    ns = parser.parse_args(argv)
+    sub.add_parser(
+        "demo",
+        help="run the image-converter demo (takes the options of python3 -m examples.thumbnailer; see demo --help)",
+        add_help=False,
+    )
+    ns, rest = parser.parse_known_args(argv)
+    if rest and ns.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if ns.command == "check":
         from ._check import run_check
 
         return run_check(json=ns.json)
     if ns.command == "demo":
+        # The examples live in the source tree beside the packages (an
+        # editable install), not in the installed distribution.
+        source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(source_root, "examples")) and source_root not in sys.path:
+            sys.path.insert(0, source_root)
         try:
             from examples.thumbnailer.__main__ import main as demo_main
         except ImportError:
             print("privsep demo: run it from a source checkout (python3 -m examples.thumbnailer)", file=sys.stderr)
             return 2
-        return int(demo_main(ns.args) or 0)
+        return int(demo_main(rest) or 0)
     parser.print_help()
     return 0
 

@@ -1,0 +1,41 @@
+"""The ``privsep`` command line, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from protocol import __version__
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", "import sys; from broker._cli import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_version_and_help() -> None:
+    assert run("--version").stdout.strip() == f"privsep {__version__}"
+    out = run("--help")
+    assert out.returncode == 0 and "check" in out.stdout and "demo" in out.stdout
+
+
+def test_check_reports_this_kernel() -> None:
+    human = run("check")
+    assert human.returncode == 0, human.stdout + human.stderr
+    assert "minimum met" in human.stdout
+    probe = json.loads(run("check", "--json").stdout)
+    assert probe["landlock_abi"] >= 1 and probe["seccomp"] is True
+
+
+def test_unknown_arguments_are_an_error() -> None:
+    assert run("bogus").returncode == 2
+    assert run("check", "--nope").returncode == 2
+
+
+def test_demo_runs_the_thumbnailer_from_anywhere(tmp_path: Path) -> None:
+    out = tmp_path / "thumbs"
+    proc = run("demo", "-o", str(out), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.iterdir())) == 8
