@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import select
 import subprocess
 import threading
 import time
@@ -452,12 +451,11 @@ class Broker:
             drain=pending is not None,
         )
         after.append(out)
-        if isinstance(mover, Drain):
+        if isinstance(mover, Drain):  # an output: drained by the call's own loop
             assert pending is not None
             pending.drain = mover
             handle._drains[mover.src] = mover
-        elif mover is not None:
-            handle._track_pump(mover)
+        # A Pump is a daemon thread that ends when the file or the pipe does.
         return out
 
     def _export(self, handle: WorkerHandle, obj: Any, after: list[Any]) -> Any:
@@ -529,4 +527,4 @@ def _expects_listener(report: Any) -> bool:
     return isinstance(report, dict) and report.get("seccomp") == "notify"
 
 
-__all__ = ["UNSANDBOXED", "Broker", "select"]
+__all__ = ["UNSANDBOXED", "Broker"]

@@ -106,7 +106,6 @@ class WorkerHandle:
         self._alock: asyncio.Lock | None = None
         self._dirs: dict[int, Capability] = {}
         self._dir_ids = itertools.count(1)
-        self._pumps: list[Any] = []
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
         self._fast_events = 0
@@ -241,10 +240,6 @@ class WorkerHandle:
         if self._notify_fd in readable:
             return "notify"
         return "chan" if readable else None
-
-    def _track_pump(self, pump: Any) -> None:
-        self._pumps = [p for p in self._pumps if p.is_alive()]
-        self._pumps.append(pump)
 
     def _check_method(self, method: str) -> None:
         if method not in getattr(self.cls, "rpc_methods", ()):
@@ -618,4 +613,4 @@ class _Timed:
         return lambda *args, **kwargs: handle._call(name, args, kwargs, self._timeout)
 
 
-__all__ = ["NotCapable", "WorkerHandle"]
+__all__ = ["WorkerHandle"]

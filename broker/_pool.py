@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
-from protocol import PrivsepError, WorkerCrashed
+from protocol import PrivsepError
 from worker import Worker
 from worker._rpc import is_rpc
 
@@ -203,4 +203,4 @@ class WorkerPool(Executor):
                 handle_left.stop()
 
 
-__all__ = ["PoolBroken", "WorkerCrashed", "WorkerPool"]
+__all__ = ["PoolBroken", "WorkerPool"]

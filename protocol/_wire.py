@@ -23,7 +23,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
@@ -60,14 +60,6 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
-
-
-class SendsFd(Protocol):
-    """Anything that can ride a message as a file descriptor."""
-
-    def __privsep_fd__(self) -> tuple[int, int, Rights]:
-        """Return (fd, kind, rights). The fd stays owned by the object."""
-        ...
 
 
 class ReceivedFd:
