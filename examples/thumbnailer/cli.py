@@ -7,7 +7,6 @@ never decodes an image; everything hostile happens in :mod:`.workers`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat
 import sys
@@ -17,6 +16,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from examples._report import emit
 
 from .._safe_fs import ensure_subdir
 from . import imaging
@@ -549,17 +550,7 @@ def run(
     status = EXIT_REJECTED if report["rejected"] and args.strict else EXIT_OK
     report["exit_status"] = status
 
-    summary = render_summary(report)
-    if args.json == "-":
-        stderr.write(summary)
-        json.dump(report, stdout, indent=2, sort_keys=True)
-        stdout.write("\n")
-    else:
-        stdout.write(summary)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2, sort_keys=True)
-                fh.write("\n")
+    emit(report, render_summary(report), args.json, stdout, stderr)
     return status
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 import time
 from typing import Any, TextIO
+
+from examples._report import emit
 
 from .._safe_fs import ensure_subdir
 from . import safety
@@ -372,17 +373,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     )
     status = EXIT_REFUSED if ex.refused or stopped else EXIT_OK
     report["exit_status"] = status
-    summary = render(report)
-    if args.json == "-":
-        stderr.write(summary)
-        json.dump(report, stdout, indent=2, sort_keys=True)
-        stdout.write("\n")
-    else:
-        stdout.write(summary)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2, sort_keys=True)
-                fh.write("\n")
+    emit(report, render(report), args.json, stdout, stderr)
     return status
 
 
