@@ -290,6 +290,8 @@ class Broker:
             msg = chan.recv()
         except ProtocolError as exc:
             raise handle._fail("protocol", str(exc)) from exc
+        except OSError as exc:  # ECONNRESET: it died with our spawn request unread
+            raise handle._fail_from_os(exc) from exc
         if msg is None:
             raise handle._died()
         try:

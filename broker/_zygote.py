@@ -16,9 +16,9 @@ import sys
 import threading
 from typing import Any
 
-from protocol import ProtocolError, Rights, WorkerCrashed
+from protocol import ProtocolError, WorkerCrashed
 from protocol._remote import exception_from_wire
-from protocol._wire import KIND_STREAM, Channel
+from protocol._wire import Channel, ReceivedFd, SocketEnd
 from worker import Worker
 from worker._serve import forked_from_main_thread
 
@@ -27,14 +27,6 @@ SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
 
 def importable(cls: type[Worker]) -> bool:
     return cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__
-
-
-class _SockFd:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def __privsep_fd__(self) -> tuple[int, int, Rights]:
-        return self.sock.fileno(), KIND_STREAM, Rights.READ | Rights.WRITE
 
 
 def _env() -> dict[str, str]:
@@ -72,7 +64,7 @@ def _request_spawn(
                 "module": cls.__module__,
                 "qualname": cls.__qualname__,
                 "spec": spec_wire,
-                "chan": _SockFd(child),
+                "chan": SocketEnd(child),
                 "grants": [[name, cap] for name, cap in grants],
             }
         )
@@ -91,32 +83,115 @@ def _request_spawn(
     raise ProtocolError("zygote sent a malformed reply")
 
 
+class _Spare:
+    """A pre-forked child of the zygote, waiting for its spawn request on ``chan``."""
+
+    __slots__ = ("chan", "pid")
+
+    def __init__(self, pid: int, chan: Channel):
+        self.pid = pid
+        self.chan = chan
+
+
 class Zygote:
-    """The broker's side of one zygote process."""
+    """The broker's side of one zygote process.
+
+    It keeps one spare (see ``worker._zygote``) asked for ahead of time: a
+    spawn sends its request straight to the spare, whose socket becomes the
+    worker's channel, then asks the zygote for the next spare without
+    waiting for the answer. The zygote answers in order, so a pending answer
+    is read before anything else is asked.
+    """
 
     def __init__(self) -> None:
         self._proc, self._chan, _ = _start([])
         self._lock = threading.Lock()
+        self._spare: _Spare | None = None
+        self._pending = False  # a spare was asked for and the answer is not read yet
+        self._ask_spare(None)
 
     def spawn(
         self, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]]
     ) -> tuple[int, socket.socket]:
+        expect = (cls.__module__, cls.__qualname__, spec_wire)
         with self._lock:
-            return _request_spawn(self._chan, cls, spec_wire, timeout, grants)
+            self._collect(timeout)
+            spare, self._spare = self._spare, None
+            if spare is not None and self._assign(spare, expect, grants):
+                self._ask_spare(expect)
+                return spare.pid, spare.chan.sock
+            got = _request_spawn(self._chan, cls, spec_wire, timeout, grants)
+            self._ask_spare(expect)
+            return got
+
+    def _assign(self, spare: _Spare, expect: tuple[str, str, Any], grants: list[tuple[str, Any]]) -> bool:
+        module, qualname, spec_wire = expect
+        msg = {"t": "spawn", "module": module, "qualname": qualname, "spec": spec_wire,
+               "grants": [[name, cap] for name, cap in grants]}
+        try:
+            spare.chan.send(msg)
+            return True
+        except (OSError, ProtocolError):  # it died while waiting: let the zygote reap it, fork on demand
+            spare.chan.close()
+            self._reap_locked(spare.pid, 10.0)
+            return False
+
+    def _ask_spare(self, preload: tuple[str, str, Any] | None) -> None:
+        """Ask for the next spare (answer read later). Caller holds the lock or is __init__."""
+        if self._pending:
+            return
+        msg: dict[str, Any] = {"t": "spare"}
+        if preload is not None:
+            msg["preload"] = list(preload)
+        try:
+            self._chan.send(msg)
+        except OSError:
+            return  # the zygote is gone; the next request says so
+        self._pending = True
+
+    def _collect(self, timeout: float) -> None:
+        """Read the answer to a pending spare request, if any."""
+        if not self._pending:
+            return
+        self._pending = False
+        if not self._chan.wait_readable(timeout):
+            raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
+        reply = self._chan.recv()
+        if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
+                and isinstance(reply.get("chan"), ReceivedFd):
+            fd = reply["chan"].detach()
+            self._spare = _Spare(reply["pid"], Channel(socket.socket(fileno=fd), send_timeout=5.0))
+        elif not (type(reply) is dict and reply.get("t") == "error"):
+            raise ProtocolError("zygote sent a malformed reply")
+        # an "error" answer (fork failed) just leaves us without a spare
+
+    def waiting_spare(self) -> tuple[int, int] | None:
+        """(pid, fd) of the spare waiting now, after reading a pending answer.
+        Exactly one process and one fd of the broker's belong to it."""
+        with self._lock:
+            self._collect(10.0)
+            return None if self._spare is None else (self._spare.pid, self._spare.chan.fileno())
 
     def reap(self, pid: int) -> int | None:
         """The exit status of a worker that has ended (call after its pidfd fired)."""
         with self._lock:
-            self._chan.send({"t": "reap", "pid": pid})
-            if not self._chan.wait_readable(10.0):
-                return None
-            reply = self._chan.recv()
+            self._collect(10.0)
+            return self._reap_locked(pid, 10.0)
+
+    def _reap_locked(self, pid: int, timeout: float) -> int | None:
+        self._chan.send({"t": "reap", "pid": pid})
+        if not self._chan.wait_readable(timeout):
+            return None
+        reply = self._chan.recv()
         if type(reply) is dict and reply.get("t") == "status" and reply.get("pid") == pid:
             status = reply.get("status")
             return status if isinstance(status, int) else None
         return None
 
     def close(self) -> None:
+        if self._spare is not None:
+            self._spare.chan.close()  # EOF: the spare exits
+            self._spare = None
         self._chan.close()
         try:
             self._proc.wait(2.0)

@@ -62,6 +62,19 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
+class SocketEnd:
+    """Sends a socket as one end of a channel (KIND_STREAM, READ|WRITE). The
+    sender keeps its socket and closes it when it likes."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def __privsep_fd__(self) -> tuple[int, int, Rights]:
+        return self._sock.fileno(), KIND_STREAM, Rights.READ | Rights.WRITE
+
+
 class ReceivedFd:
     """An fd that arrived in a packet. Owns the fd until :meth:`detach`.
 

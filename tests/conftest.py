@@ -15,9 +15,28 @@ from protocol import Rights
 READ = Rights.READ | Rights.FSTAT | Rights.SEEK
 
 
-def open_fds() -> set[int]:
-    """The fds this process holds right now (excluding the listing's own)."""
-    return {int(x) for x in os.listdir("/proc/self/fd")} - {max(int(x) for x in os.listdir("/proc/self/fd"))}
+def open_fds(broker: Broker | None = None) -> set[int]:
+    """The fds this process holds right now (excluding the listing's own).
+
+    With ``broker``: also excluding the one fd of its zygote's waiting spare,
+    which a spawn replaces by a new one (a leaked old spare still shows)."""
+    spare = spare_of(broker)
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)} - ({spare[1]} if spare else set())
+
+
+def _is_open(fd: int) -> bool:
+    """False for the fd the listing itself used, closed by now."""
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def spare_of(broker: Broker | None) -> tuple[int, int] | None:
+    """(pid, fd) of the broker's waiting spare, if it has a zygote."""
+    zygote = None if broker is None else broker._zygote
+    return None if zygote is None else zygote.waiting_spare()
 
 
 def fd_targets() -> dict[int, str]:

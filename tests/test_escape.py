@@ -534,7 +534,7 @@ def _arg(kind: str | None, b: Broker, root: Path, abstract: str) -> Any:
 
 def run_case(b: Broker, witness: Any, root: Path, case: Case, abstract: str) -> dict[str, Any]:
     """Run one case in a fresh worker; check the outcome, the broker and fds."""
-    before = open_fds()
+    before = open_fds(b)
     arg = _arg(case.arg, b, root, abstract)
     grants = {"d": arg} if case.arg == "dir" else None
     w = b.spawn(Attacker, grants=grants)
@@ -563,7 +563,7 @@ def run_case(b: Broker, witness: Any, root: Path, case: Case, abstract: str) -> 
     assert witness.ping() == "pong"
     assert (root / "secret").read_text() == "top secret"
     assert not (root / "fresh").exists() and not (root / "secret.moved").exists()
-    assert open_fds() == before, f"{case.attack}: fds leaked"
+    assert open_fds(b) == before, f"{case.attack}: fds leaked"
     return got
 
 
@@ -576,14 +576,14 @@ def test_escape(case: Case, broker_m: tuple[Broker, Any], tree_m: Path, abstract
 def test_int80_i386_entry(broker_m: tuple[Broker, Any], tree_m: Path) -> None:
     """Layer: seccomp arch check (AUDIT_ARCH_I386 -> KILL_PROCESS, SIGSYS)."""
     b, witness = broker_m
-    before = open_fds()
+    before = open_fds(b)
     w = b.spawn(Int80Attacker)
     with pytest.raises(WorkerCrashed) as info:
         w.int80()
     assert info.value.exit.signal == signal.SIGSYS
     w.kill()
     assert witness.ping() == "pong"
-    assert open_fds() == before
+    assert open_fds(b) == before
 
 
 def test_suite_is_big_enough() -> None:

@@ -87,7 +87,7 @@ def hostile_env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 @given(pkts=packets)
 def test_random_packets_cost_only_the_sender(hostile_env, pkts) -> None:  # type: ignore[no-untyped-def]
     broker, good = hostile_env
-    before = open_fds()
+    before = open_fds(broker)
     evil = broker.spawn(Evil)
     try:
         evil.blast([list(p) for p in pkts])
@@ -97,19 +97,19 @@ def test_random_packets_cost_only_the_sender(hostile_env, pkts) -> None:  # type
         pass  # a near-valid 'err' answer is a legitimate remote exception
     evil.kill()
     assert good.ping() == "pong"
-    assert open_fds() == before
+    assert open_fds(broker) == before
 
 
 def test_garbage_costs_the_connection(hostile_env) -> None:  # type: ignore[no-untyped-def]
     broker, good = hostile_env
-    before = open_fds()
+    before = open_fds(broker)
     evil = broker.spawn(Evil)
     with pytest.raises(WorkerCrashed) as info:
         evil.blast([[b"\xc1garbage", 3]])
     assert info.value.exit.kind == "protocol"
     assert evil.exit is not None and evil.exit.kind == "protocol"
     assert good.ping() == "pong"
-    assert open_fds() == before
+    assert open_fds(broker) == before
 
 
 BOUND_CASES = [
@@ -141,14 +141,14 @@ BOUND_CASES = [
 @pytest.mark.parametrize(("payload", "nfds", "why"), [pytest.param(*c, id=c[2]) for c in BOUND_CASES])
 def test_each_bound_is_enforced(hostile_env, payload: bytes, nfds: int, why: str) -> None:  # type: ignore[no-untyped-def]
     broker, good = hostile_env
-    before = open_fds()
+    before = open_fds(broker)
     evil = broker.spawn(Evil)
     with pytest.raises(WorkerCrashed) as info:
         evil.blast([[payload, nfds]])
     assert info.value.exit.kind == "protocol"
     assert why in info.value.exit.reason
     assert good.ping() == "pong"
-    assert open_fds() == before
+    assert open_fds(broker) == before
 
 
 def test_channel_round_trip_and_fd_close_on_error() -> None:

@@ -124,7 +124,7 @@ def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
 def test_no_fd_or_process_leak_over_spawn_cycles(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         b.spawn(Sleeper).stop()
-        before = open_fds()
+        before = open_fds(b)
         for i in range(30):
             w = b.spawn(Sleeper)
             assert w.ping() == "pong"
@@ -132,7 +132,7 @@ def test_no_fd_or_process_leak_over_spawn_cycles(tree: Path) -> None:
                 w.kill()
             else:
                 w.stop()
-        assert open_fds() == before
+        assert open_fds(b) == before
         assert b.workers == []
     children = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid="], capture_output=True, text=True).stdout
     assert children.split() == [] or all(not alive(int(p)) for p in children.split())

@@ -6,6 +6,17 @@ It holds no grants: its only fds are its control channel and, briefly, each
 new worker's channel end. It reaps its children only when the broker asks,
 so a pid is never reused while the broker still refers to it.
 
+On request it forks a **spare**: a child that holds nothing but one end of
+a fresh socketpair, whose other end goes to the broker with the spare's
+pid. The broker later sends the spare its spawn request (class, sandbox
+spec, grants) over that socket, which then becomes the worker's channel;
+Android's zygote keeps such "unspecialized app processes" for the same
+reason. The fork, the child's first page faults and one message hop then
+happen between spawns instead of during one. The broker names the class and
+spec it expects next, so the zygote imports and compiles them before the
+fork and the spare inherits them; a spare handed something else loads it
+itself.
+
 Run as ``python3 -m worker._zygote FD [--exec] [--pdeathsig]``. With
 ``--exec`` it serves exactly one spawn request by becoming that worker (the
 "fresh interpreter" spawn method).
@@ -19,14 +30,14 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
-from protocol._wire import Channel, ReceivedFd
+from protocol._wire import Channel, ReceivedFd, SocketEnd
 
 from ._rpc import Worker
-from ._serve import _close_all_but, child_main, warm_linecache
+from ._serve import EXIT_PROTOCOL, EXIT_SETUP_FAILED, _close_all_but, child_main, warm_linecache
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
 from .sandbox._spec import SandboxSpec
 
@@ -59,14 +70,19 @@ def prepared_for(spec_wire: Any) -> Any:
     return _prepared[spec]
 
 
-def _check_spawn(msg: Any) -> tuple[str, str, Any, ReceivedFd, list[tuple[str, ReceivedFd, int, Rights]]]:
+def _check_spawn(
+    msg: Any, *, with_chan: bool = True
+) -> tuple[str, str, Any, ReceivedFd | None, list[tuple[str, ReceivedFd, int, Rights]]]:
+    """A spawn request: from the broker to the zygote (with the worker's channel
+    end) or to a spare (whose own socket is the channel)."""
+    keys = {"t", "module", "qualname", "spec", "grants", *(("chan",) if with_chan else ())}
     if (
         type(msg) is not dict
         or msg.get("t") != "spawn"
-        or set(msg) != {"t", "module", "qualname", "spec", "chan", "grants"}
+        or set(msg) != keys
         or not isinstance(msg["module"], str)
         or not isinstance(msg["qualname"], str)
-        or not isinstance(msg["chan"], ReceivedFd)
+        or (with_chan and not isinstance(msg["chan"], ReceivedFd))
         or not isinstance(msg["grants"], list)
     ):
         raise ProtocolError("bad spawn request")
@@ -75,7 +91,65 @@ def _check_spawn(msg: Any) -> tuple[str, str, Any, ReceivedFd, list[tuple[str, R
         if not (isinstance(g, list) and len(g) == 2 and isinstance(g[0], str) and isinstance(g[1], ReceivedFd)):
             raise ProtocolError("bad grant in spawn request")
         grants.append((g[0], g[1], g[1].kind, g[1].rights))
-    return msg["module"], msg["qualname"], msg["spec"], msg["chan"], grants
+    return msg["module"], msg["qualname"], msg["spec"], msg.get("chan"), grants
+
+
+def _fork_spare(ctl: Channel) -> tuple[int, socket.socket]:
+    """Fork a spare; returns its pid and the broker's end of its socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    me = os.getpid()
+    gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
+    try:
+        pid = os.fork()
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        try:
+            os.close(ctl.sock.detach())
+            ours.close()
+            _spare_main(theirs, me)
+        finally:
+            os._exit(70)
+    theirs.close()
+    return pid, ours
+
+
+def _spare_main(sock: socket.socket, zygote: int) -> NoReturn:
+    """A spare waits, holding nothing, for the one spawn request it will serve;
+    its socket then becomes the worker's channel."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != zygote:
+        os._exit(0)
+    chan = Channel(sock)
+    try:
+        msg = chan.recv()
+    except ProtocolError:
+        os._exit(EXIT_PROTOCOL)
+    if msg is None:  # the broker let it go
+        os._exit(0)
+    try:
+        module, qualname, spec, _, grant_fds = _check_spawn(msg, with_chan=False)
+        cls = load_class(module, qualname)
+        prepared = prepared_for(spec)
+    except BaseException as exc:
+        chan.send({"t": "fail", "e": exception_to_wire(exc)})
+        os._exit(EXIT_SETUP_FAILED)
+    grants = [(name, g.fd, kind, rights) for name, g, kind, rights in grant_fds]
+    child_main(cls, chan.sock.detach(), prepared, grants, from_main_thread=True, parent_pid=zygote)
+
+
+def _preload(msg: dict[str, Any]) -> None:
+    """Import the class and compile the filter the broker expects next, so the
+    spare inherits both. Failure is left for the spare to report when used."""
+    pre = msg.get("preload")
+    if isinstance(pre, list) and len(pre) == 3 and isinstance(pre[0], str) and isinstance(pre[1], str):
+        try:
+            load_class(pre[0], pre[1])
+            prepared_for(pre[2])
+        except Exception:
+            pass
 
 
 def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
@@ -91,7 +165,20 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
             except ChildProcessError:
                 chan.send({"t": "status", "pid": msg["pid"], "status": None})
             continue
+        if type(msg) is dict and msg.get("t") == "spare" and not once:
+            _preload(msg)
+            try:
+                pid, sock = _fork_spare(chan)
+            except OSError as exc:
+                chan.send({"t": "error", "e": exception_to_wire(exc)})
+                continue
+            try:
+                chan.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock)})
+            finally:
+                sock.close()
+            continue
         module, qualname, spec, rfd, grant_fds = _check_spawn(msg)
+        assert rfd is not None
         grants = [(name, g.fd, kind, rights) for name, g, kind, rights in grant_fds]
         try:
             cls = load_class(module, qualname)

@@ -89,12 +89,14 @@ def _warm() -> None:
 
 
 def _single_thread() -> None:
+    # /proc/PID/task links one entry per thread, plus "." and "..": one stat
+    # instead of reading the directory.
     try:
-        tasks = os.listdir("/proc/self/task")
+        threads = os.stat("/proc/self/task").st_nlink - 2
     except OSError as exc:
         raise SandboxError(f"cannot prove the process is single-threaded: {exc.strerror}") from exc
-    if len(tasks) != 1:
-        raise SandboxError(f"sandbox entry needs a single-threaded process; {len(tasks)} threads are running")
+    if threads != 1:
+        raise SandboxError(f"sandbox entry needs a single-threaded process; {threads} threads are running")
 
 
 def _close_all_but(keep: Sequence[int]) -> None:

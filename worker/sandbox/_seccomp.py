@@ -28,8 +28,9 @@ default action are patched into the compiled program at entry, so
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import _bpf
 from ._libc import ffi, lib
@@ -278,18 +279,90 @@ class _Block:
         return asm
 
 
-def _runs(nrs: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for nr in sorted(nrs):
-        if out and out[-1][1] + 1 == nr:
-            out[-1] = (out[-1][0], nr)
+def _order(name: str) -> tuple[int, int]:
+    return (_HOT_ORDER.index(name) if name in _HOT_ORDER else len(_HOT_ORDER), NUMBERS[name])
+
+
+# What the dispatch tree does for one syscall number: ("ret", action), ("ja", block label), or
+# ("default",) for numbers nothing allows. A segment's leaf may also be ("eqs", ((nr, leaf), ...)):
+# a few lone numbers tested one by one, everything else in the segment default.
+_Leaf = tuple[Any, ...]
+_DEFAULT: _Leaf = ("default",)
+_EQS_MAX = 3
+
+
+def _segments(leaf: dict[int, _Leaf]) -> list[tuple[int, _Leaf]]:
+    """Partition [0, X32_SYSCALL_BIT) into runs of numbers with the same leaf: (first number, leaf).
+    Lone numbers between default runs are folded into their neighbours as "eqs" segments: a JEQ
+    costs one instruction where a tree node and two more leaves cost three."""
+    segs: list[tuple[int, _Leaf]] = [(0, leaf.get(0, _DEFAULT))]
+    for nr in sorted({n for n in leaf} | {n + 1 for n in leaf}):
+        if 0 < nr < X32_SYSCALL_BIT and leaf.get(nr, _DEFAULT) != segs[-1][1]:
+            segs.append((nr, leaf.get(nr, _DEFAULT)))
+    out: list[tuple[int, _Leaf]] = []
+    i = 0
+    while i < len(segs):
+        lone: list[tuple[int, _Leaf]] = []
+        j = i
+        while (segs[j][1] == _DEFAULT and j + 2 < len(segs) and segs[j + 2][1] == _DEFAULT
+               and segs[j + 2][0] == segs[j + 1][0] + 1 and len(lone) < _EQS_MAX):
+            lone.append(segs[j + 1])
+            j += 2
+        if lone:
+            out.append((segs[i][0], ("eqs", tuple(lone))))
+            i = j + 1
         else:
-            out.append((nr, nr))
+            out.append(segs[i])
+            i += 1
     return out
 
 
-def _order(name: str) -> tuple[int, int]:
-    return (_HOT_ORDER.index(name) if name in _HOT_ORDER else len(_HOT_ORDER), NUMBERS[name])
+def _leaf_size(leaf: _Leaf) -> int:
+    return 2 * len(leaf[1]) + 1 if leaf[0] == "eqs" else 1
+
+
+def _tree_size(segs: list[tuple[int, _Leaf]]) -> int:
+    """Instructions _dispatch emits for these segments."""
+    if len(segs) == 1:
+        return _leaf_size(segs[0][1])
+    mid = len(segs) // 2
+    left = _tree_size(segs[:mid])
+    return 1 + (left > 255) + left + _tree_size(segs[mid:])
+
+
+def _emit_leaf(asm: _bpf.Asm, leaf: _Leaf) -> None:
+    if leaf[0] == "ja":
+        asm.ja(leaf[1])
+    elif leaf[0] == "ret":
+        asm.ret(leaf[1])
+    elif leaf[0] == "eqs":
+        for nr, inner in leaf[1]:
+            asm.jump(_bpf.JEQ_K, nr, None, f"ne{nr}")
+            _emit_leaf(asm, inner)
+            asm.label(f"ne{nr}")
+        asm.ret(0, mark="default")
+    else:
+        asm.ret(0, mark="default")
+
+
+def _dispatch(asm: _bpf.Asm, segs: list[tuple[int, _Leaf]], ids: Iterator[int]) -> None:
+    """A balanced binary search on the syscall number (in A): a handful of compares for every
+    syscall, so the kernel's per-syscall cache emulation at load and each checked call walk a few
+    instructions, not the whole allowlist."""
+    if len(segs) == 1:
+        _emit_leaf(asm, segs[0][1])
+        return
+    mid = len(segs) // 2
+    right, left = f"t{next(ids)}", f"t{next(ids)}"
+    if _tree_size(segs[:mid]) <= 255:
+        asm.jump(_bpf.JGE_K, segs[mid][0], right, None)
+    else:  # too far for an 8-bit offset: JA carries 32 bits
+        asm.jump(_bpf.JGE_K, segs[mid][0], None, left)
+        asm.ja(right)
+        asm.label(left)
+    _dispatch(asm, segs[:mid], ids)
+    asm.label(right)
+    _dispatch(asm, segs[mid:], ids)
 
 
 def compile_filter(groups: Iterable[str] = (), dangerous: Iterable[str] = (),
@@ -312,33 +385,20 @@ def compile_filter(groups: Iterable[str] = (), dangerous: Iterable[str] = (),
     for name, plan in plans.items():
         if not plan.unconditional:
             shared.setdefault(plan.key(), []).append(name)
-    for b, names in enumerate(sorted((sorted(ns, key=_order) for ns in shared.values()), key=lambda ns: _order(ns[0]))):
-        body = _Block().plan(plans[names[0]])
-        start, after = f"b{b}_start", f"b{b}_after"
-        for name in names[:-1]:
-            asm.jump(_bpf.JEQ_K, NUMBERS[name], start, None)
-        if len(body) <= 255:
-            asm.jump(_bpf.JEQ_K, NUMBERS[names[-1]], None, after)
-        else:  # too far for an 8-bit offset: JA carries 32 bits
-            asm.jump(_bpf.JEQ_K, NUMBERS[names[-1]], start, None)
-            asm.ja(after)
-        asm.label(start)
-        asm.splice(body, f"b{b}_")
-        asm.label(after)
-    for name, err in sorted(ERRNO.items()):
-        asm.jump(_bpf.JEQ_K, NUMBERS[name], None, f"not_{name}")
-        asm.ret(RET_ERRNO | err)
-        asm.label(f"not_{name}")
-    for i, (lo, hi) in enumerate(_runs([NUMBERS[n] for n, p in plans.items() if p.unconditional])):
-        nxt = f"run_{i}"
-        if lo == hi:
-            asm.jump(_bpf.JEQ_K, lo, None, nxt)
-        else:
-            asm.jump(_bpf.JGE_K, lo, None, nxt)
-            asm.jump(_bpf.JGT_K, hi, nxt, None)
-        asm.ret(RET_ALLOW)
-        asm.label(nxt)
-    asm.ret(0, mark="default")
+    blocks = sorted((sorted(ns, key=_order) for ns in shared.values()), key=lambda ns: _order(ns[0]))
+    leaf: dict[int, _Leaf] = {}
+    for b, names in enumerate(blocks):
+        for name in names:
+            leaf[NUMBERS[name]] = ("ja", f"b{b}_start")
+    for name, err in ERRNO.items():
+        leaf.setdefault(NUMBERS[name], ("ret", RET_ERRNO | err))
+    for name, plan in plans.items():
+        if plan.unconditional:  # a checked block or a fixed errno takes precedence, as it always has
+            leaf.setdefault(NUMBERS[name], ("ret", RET_ALLOW))
+    _dispatch(asm, _segments(leaf), iter(range(1 << 30)))
+    for b, names in enumerate(blocks):
+        asm.label(f"b{b}_start")
+        asm.splice(_Block().plan(plans[names[0]]), f"b{b}_")
     code, marks = asm.assemble()
     if len(code) // 8 > 4096:
         raise ValueError("seccomp filter longer than BPF_MAXINSNS")
