@@ -67,11 +67,14 @@ def test_a_spawn_is_served_by_the_waiting_spare_which_holds_nothing(tree: Path) 
         pid, fd = spare
         assert _ppid(pid) == b._zygote._proc.pid  # type: ignore[union-attr]
         deadline = time.monotonic() + 5
-        while len(held := _fd_targets_of(pid)) > 4 and time.monotonic() < deadline:
+        while len(held := _fd_targets_of(pid)) > 5 and time.monotonic() < deadline:
             time.sleep(0.005)  # it is still closing what fork gave it
-        # stdio inherited from the zygote, and its one socket: no grant, no directory, no other channel
-        beyond_stdio = [t for n, t in held.items() if n > 2]
-        assert len(beyond_stdio) == 1 and beyond_stdio[0].startswith("socket:"), held
+        # stdio inherited from the zygote, its one socket and the empty network namespace made for it:
+        # no grant, no directory, no other channel
+        beyond_stdio = sorted(t for n, t in held.items() if n > 2)
+        assert len(beyond_stdio) == 2, held
+        assert beyond_stdio[0].startswith("net:") and beyond_stdio[1].startswith("socket:"), held
+        assert beyond_stdio[0] != os.readlink("/proc/self/ns/net")
         assert fd_targets()[fd].startswith("socket:")
         w = b.spawn(Echo)
         assert w.pid == pid and w.where() == pid  # the spare became this worker
@@ -151,3 +154,25 @@ def test_a_class_the_spare_cannot_load_is_a_clear_error_and_costs_nothing(tree: 
         assert w.ping() == "pong"
         w.kill()
         assert open_fds(b) == before
+
+
+def _netns(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def test_each_worker_gets_a_network_namespace_of_its_own_made_ahead(tree: Path) -> None:
+    """The zygote makes each spare's network namespace before the spawn; the
+    zygote and the waiting spare (where setup() runs) stay in the broker's."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        a, c = b.spawn(Echo), b.spawn(Echo)
+        assert "net" in a.sandbox["namespaces"] and "net" in c.sandbox["namespaces"]
+        mine = _netns(os.getpid())
+        assert len({mine, _netns(a.pid), _netns(c.pid)}) == 3
+        assert _netns(b._zygote._proc.pid) == mine  # type: ignore[union-attr]
+        spare = spare_of(b)
+        assert spare is not None and _netns(spare[0]) == mine
+        with open(f"/proc/{a.pid}/net/dev") as f:
+            devices = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+        assert devices == ["lo"]
+        # what a spare was given stays closed in the worker: no namespace fd survives entry
+        assert all(not t.startswith("net:") for t in _fd_targets_of(a.pid).values())

@@ -105,6 +105,7 @@ def serve(instance: Worker, chan: Channel) -> None:
 
 
 CHANNEL_FD = 3
+NET_FD = 9  # a network namespace made ahead of time, until sandbox entry joins and closes it
 GRANT_BASE = 10  # grant i lives at fd GRANT_BASE + i (pinned by the filter)
 
 
@@ -113,14 +114,17 @@ def grant_slots(grants: Sequence[tuple[str, int, Rights]]) -> tuple[tuple[int, i
     return tuple((GRANT_BASE + i, int(rights)) for i, (_, _, rights) in enumerate(grants))
 
 
-def _settle_fds(sock_fd: int, grant_fds: Sequence[int]) -> None:
-    """Move the channel to CHANNEL_FD and grant i to GRANT_BASE + i, and close
-    everything else. Two steps, so that no source is clobbered."""
+def _settle_fds(sock_fd: int, grant_fds: Sequence[int], net_fd: int | None = None) -> None:
+    """Move the channel to CHANNEL_FD, grant i to GRANT_BASE + i and a network
+    namespace fd to NET_FD, and close everything else. Two steps, so that no
+    source is clobbered."""
     import fcntl
 
-    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in (sock_fd, *grant_fds)]
+    sources = [sock_fd, *grant_fds, *([] if net_fd is None else [net_fd])]
+    targets = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grant_fds))), *([] if net_fd is None else [NET_FD])]
+    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in sources]
     _close_all_but(temps)
-    for target, temp in zip([CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grant_fds)))], temps, strict=True):
+    for target, temp in zip(targets, temps, strict=True):
         os.dup2(temp, target, inheritable=False)
     for temp in temps:
         os.close(temp)
@@ -134,11 +138,13 @@ def child_main(
     *,
     from_main_thread: bool,
     parent_pid: int,
+    net_fd: int | None = None,
 ) -> NoReturn:
     """Entry point of a freshly forked worker. Never returns.
 
     ``grants`` are (name, fd, kind, rights) held from spawn; they appear as
-    ``self.grants[name]`` and are pinned to fixed fd numbers.
+    ``self.grants[name]`` and are pinned to fixed fd numbers. ``net_fd``: a
+    fresh network namespace to join at sandbox entry (taken over).
     """
     code = 0
     chan: Channel | None = None
@@ -152,7 +158,9 @@ def child_main(
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(0)
-        _settle_fds(sock_fd, [g[1] for g in grants])
+        _settle_fds(sock_fd, [g[1] for g in grants], net_fd)
+        if net_fd is not None:
+            net_fd = NET_FD
         keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
         _quiet_stdio()
         chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
@@ -165,7 +173,7 @@ def child_main(
             for i, (name, _, kind, rights) in enumerate(grants)
         }
         instance.setup()
-        _close_all_but([0, 1, 2, *keep])
+        _close_all_but([0, 1, 2, *keep, *([] if net_fd is None else [net_fd])])
         sys.stdout = sys.stderr = io.TextIOWrapper(io.BytesIO())  # never the real fds
         report: dict[str, Any] = {"layers": []}
         notify = None
@@ -173,7 +181,7 @@ def child_main(
         if prepared is not None:
             from .sandbox import enter
 
-            applied = enter(prepared, [0, 1, 2, *keep])
+            applied = enter(prepared, [0, 1, 2, *keep], net_fd=net_fd)
             report = dict(applied)
             nfd = report.pop("notify_fd", None)
             if nfd is not None:

@@ -39,6 +39,7 @@ from protocol._wire import Channel, ReceivedFd, SocketEnd
 from ._rpc import Worker
 from ._serve import EXIT_PROTOCOL, EXIT_SETUP_FAILED, _close_all_but, child_main, warm_linecache
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
+from .sandbox._namespaces import fresh_net
 from .sandbox._spec import SandboxSpec
 
 _classes: dict[tuple[str, str], type[Worker]] = {}
@@ -94,8 +95,11 @@ def _check_spawn(
     return msg["module"], msg["qualname"], msg["spec"], msg.get("chan"), grants
 
 
-def _fork_spare(ctl: Channel) -> tuple[int, socket.socket]:
-    """Fork a spare; returns its pid and the broker's end of its socket."""
+def _fork_spare(ctl: Channel, want_net: bool) -> tuple[int, socket.socket]:
+    """Fork a spare, with a fresh network namespace for it to join at entry
+    if ``want_net`` and we may make one; returns its pid and the broker's end
+    of its socket."""
+    net_fd = fresh_net() if want_net else None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     me = os.getpid()
     gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
@@ -105,18 +109,21 @@ def _fork_spare(ctl: Channel) -> tuple[int, socket.socket]:
         ours.close()
         theirs.close()
         raise
+    finally:
+        if net_fd is not None and os.getpid() == me:
+            os.close(net_fd)
     if pid == 0:
         try:
             os.close(ctl.sock.detach())
             ours.close()
-            _spare_main(theirs, me)
+            _spare_main(theirs, me, net_fd)
         finally:
             os._exit(70)
     theirs.close()
     return pid, ours
 
 
-def _spare_main(sock: socket.socket, zygote: int) -> NoReturn:
+def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None) -> NoReturn:
     """A spare waits, holding nothing, for the one spawn request it will serve;
     its socket then becomes the worker's channel."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -137,19 +144,23 @@ def _spare_main(sock: socket.socket, zygote: int) -> NoReturn:
         chan.send({"t": "fail", "e": exception_to_wire(exc)})
         os._exit(EXIT_SETUP_FAILED)
     grants = [(name, g.fd, kind, rights) for name, g, kind, rights in grant_fds]
-    child_main(cls, chan.sock.detach(), prepared, grants, from_main_thread=True, parent_pid=zygote)
+    child_main(cls, chan.sock.detach(), prepared, grants, from_main_thread=True, parent_pid=zygote, net_fd=net_fd)
 
 
-def _preload(msg: dict[str, Any]) -> None:
+def _preload(msg: dict[str, Any]) -> bool:
     """Import the class and compile the filter the broker expects next, so the
-    spare inherits both. Failure is left for the spare to report when used."""
+    spare inherits both. Failure is left for the spare to report when used.
+    Returns whether the spare will likely want a network namespace (a
+    sandboxed spec with namespaces, or nothing known yet)."""
     pre = msg.get("preload")
-    if isinstance(pre, list) and len(pre) == 3 and isinstance(pre[0], str) and isinstance(pre[1], str):
-        try:
-            load_class(pre[0], pre[1])
-            prepared_for(pre[2])
-        except Exception:
-            pass
+    if not (isinstance(pre, list) and len(pre) == 3 and isinstance(pre[0], str) and isinstance(pre[1], str)):
+        return True
+    try:
+        load_class(pre[0], pre[1])
+        prepared = prepared_for(pre[2])
+    except Exception:
+        return True
+    return prepared is not None and prepared.spec.namespaces
 
 
 def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
@@ -166,9 +177,9 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
                 chan.send({"t": "status", "pid": msg["pid"], "status": None})
             continue
         if type(msg) is dict and msg.get("t") == "spare" and not once:
-            _preload(msg)
+            want_net = _preload(msg)
             try:
-                pid, sock = _fork_spare(chan)
+                pid, sock = _fork_spare(chan, want_net)
             except OSError as exc:
                 chan.send({"t": "error", "e": exception_to_wire(exc)})
                 continue

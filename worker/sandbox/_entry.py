@@ -132,8 +132,12 @@ def _pin_malloc_arenas() -> None:
     lib.mallopt(M_ARENA_MAX, 8 * (os.cpu_count() or 1))
 
 
-def enter(prepared: Prepared, keep_fds: Sequence[int]) -> Report:
+def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = None) -> Report:
     """Enter the sandbox, for good. Call in a single-threaded forked child.
+
+    ``net_fd``: a fresh network namespace made ahead of time
+    (``_namespaces.fresh_net``); entry joins it instead of creating one and
+    closes the fd.
 
     Order: close every fd not in ``keep_fds`` -> rlimits -> namespaces ->
     drop all capabilities -> NO_NEW_PRIVS -> Landlock -> seccomp. Raises SandboxError when a demanded
@@ -150,17 +154,19 @@ def enter(prepared: Prepared, keep_fds: Sequence[int]) -> Report:
         raise SandboxError(f"fs rule fds {missing} are not among the fds kept")
     report = Report(layers=[], landlock_abi=0, namespaces=[], seccomp="off", notify_fd=None,
                     groups=list(prepared.groups), dangerous=list(spec.dangerous), violation=spec.violation)
-    _close_all_but(keep_fds)
+    _close_all_but([*keep_fds, *([] if net_fd is None else [net_fd])])
     _pin_malloc_arenas()
 
     report["rlimits"] = _rlimits.apply(spec.limits)
     report["layers"].append("rlimits")
 
     if spec.namespaces:
-        entered = _namespaces.apply()
+        entered = _namespaces.apply(net_fd)
         report["namespaces"] = entered
         if entered:
             report["layers"].append("namespaces:" + ",".join(entered))
+    elif net_fd is not None:
+        os.close(net_fd)
 
     try:
         _caps.drop_all()
