@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno as _errno
+import functools
 import itertools
 import logging
 import os
@@ -128,7 +129,9 @@ class WorkerHandle:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_") or name not in getattr(self.cls, "rpc_methods", ()):
             raise AttributeError(f"{self.cls.__name__} has no @rpc method {name!r}")
-        return lambda *args, **kwargs: self.call(name, *args, **kwargs)
+        caller = functools.partial(self.call, name)
+        self.__dict__[name] = caller  # found directly from now on
+        return caller
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         return self._call(method, args, kwargs, self.timeout)
@@ -151,7 +154,10 @@ class WorkerHandle:
                         time.sleep(max(0.0, when - time.monotonic()))
                         op = steps.send(None)
                     else:
-                        op = steps.send(self._wait(when))
+                        # Often the answer is already there (the worker ran while we
+                        # sent): take it without a poll. Else wait for an event.
+                        msg = self._receive(nowait=True)
+                        op = steps.send(self._wait(when) if msg is _NOTHING else _Received(msg))
             except StopIteration as stop:
                 return stop.value
             finally:
@@ -247,7 +253,7 @@ class WorkerHandle:
 
     def _steps(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
-    ) -> Generator[tuple[str, float | None], str | None, Any]:
+    ) -> Generator[tuple[str, float | None], str | _Received | None, Any]:
         """One call as a sans-I/O state machine shared by the sync and async
         drivers. Yields ("wait", deadline) to get the next event ("chan",
         "notify" or "timeout") or ("sleep", until) to be throttled."""
@@ -256,39 +262,40 @@ class WorkerHandle:
         cid = next(self._call_ids)
         outputs: list[PendingOutput] = []
         try:
-            after: list[Any] = []
-            try:
-                # A grant that cannot be delivered fails the call, not the worker.
-                call = {
-                    "t": "call",
-                    "id": cid,
-                    "m": method,
-                    "a": self._broker._export(self, list(args), after),
-                    "k": self._broker._export(self, kwargs, after),
-                }
-            except BaseException:
-                _release(after)
-                raise
-            try:
-                self._send(call, "could not deliver the call")
-            finally:
-                _release(after)
+            if args or kwargs:
+                after: list[Any] = []
+                try:
+                    # A grant that cannot be delivered fails the call, not the worker.
+                    call = {
+                        "t": "call",
+                        "id": cid,
+                        "m": method,
+                        "a": self._broker._export(self, list(args), after),
+                        "k": self._broker._export(self, kwargs, after),
+                    }
+                except BaseException:
+                    _release(after)
+                    raise
+                try:
+                    self._send(call, "could not deliver the call")
+                finally:
+                    _release(after)
+            else:
+                self._send({"t": "call", "id": cid, "m": method, "a": [], "k": {}}, "could not deliver the call")
             deadline = None if timeout is None else time.monotonic() + timeout
             self.calls += 1
             requests = 0
             while True:
                 event = yield ("wait", deadline)
-                if event == "timeout":
+                if type(event) is _Received:
+                    msg = event.msg
+                elif event == "timeout":
                     raise self._fail("timeout", f"call {method}() ran past its {timeout:g} s timeout")
-                if event == "notify":
+                elif event == "notify":
                     self._on_notification()
                     continue
-                try:
-                    msg = self._chan.recv()
-                except ProtocolError as exc:
-                    raise self._fail("protocol", str(exc)) from exc
-                except OSError as exc:
-                    raise self._fail_from_os(exc) from exc
+                else:
+                    msg = self._receive()
                 if msg is None:
                     raise self._died()
                 try:
@@ -326,6 +333,18 @@ class WorkerHandle:
             self._drains.clear()
             for out in outputs:
                 out.discard()
+
+    def _receive(self, nowait: bool = False) -> Any:
+        """The next message (None at EOF; _NOTHING if ``nowait`` and none is
+        waiting). A packet that breaks the wire rules ends the worker."""
+        try:
+            return self._chan.recv(nowait)
+        except BlockingIOError:
+            return _NOTHING
+        except ProtocolError as exc:
+            raise self._fail("protocol", str(exc)) from exc
+        except OSError as exc:
+            raise self._fail_from_os(exc) from exc
 
     def _throttle(self) -> float | None:
         """Token bucket on worker requests: returns when to answer, if later."""
@@ -383,6 +402,20 @@ class WorkerHandle:
             poller.register(self._chan.fileno(), select.POLLIN)
             if self._notify_fd >= 0:
                 poller.register(self._notify_fd, select.POLLIN)
+        if not self._drains:  # the common case: no pipe to fill, only the channel and the listener
+            while True:
+                if deadline is None:
+                    events = poller.poll()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return "timeout"
+                    events = poller.poll(max(1, int(left * 1000 + 0.999)))
+                for fd, ev in events:
+                    if fd == self._notify_fd and ev & select.POLLIN:
+                        return "notify"
+                if events:
+                    return "chan"
         chan_fd = self._chan.fileno()
         polled = set(self._drains)
         for fd in polled:
@@ -560,6 +593,18 @@ class WorkerHandle:
     def _adopt_notify(self, fd: int) -> None:
         self._notify_fd = fd
         self._poller = None
+
+
+_NOTHING = object()
+
+
+class _Received:
+    """An event carrying a message the sync driver already received."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Any):
+        self.msg = msg
 
 
 MAX_DIR_GRANTS = 1024

@@ -71,11 +71,29 @@ def _check_fields(obj: dict[str, Any], schema: dict[str, Any], what: str) -> Non
             raise ProtocolError(f"{what}: {key} has the wrong type {type(value).__name__}")
 
 
+# Per type without nested maps to check: (exact key set, (key, exact type) for each typed key). The
+# hot messages (call, ret, rep) pass in one pass; anything else takes the full check below.
+_FAST: dict[str, tuple[frozenset[str], tuple[tuple[str, type], ...]]] = {
+    tag: (frozenset({"t", *schema}), tuple((k, v) for k, v in schema.items() if v is not _ANY))
+    for tag, schema in _SCHEMAS.items()
+    if "e" not in schema and tag != "req"
+}
+
+
 def check_message(msg: Any, allowed: frozenset[str]) -> dict[str, Any]:
     """Return ``msg`` if it is a well-formed message of an allowed type."""
     if type(msg) is not dict:
         raise ProtocolError(f"message must be a map, not {type(msg).__name__}")
     tag = msg.get("t")
+    if type(tag) is not str:
+        raise ProtocolError("message type tag must be a string")
+    fast = _FAST.get(tag)
+    if fast is not None and tag in allowed and msg.keys() == fast[0]:
+        for key, typ in fast[1]:
+            if type(msg[key]) is not typ:
+                break
+        else:
+            return msg
     if tag not in allowed:
         raise ProtocolError(f"unexpected message type {tag!r}")
     schema = _SCHEMAS[tag]

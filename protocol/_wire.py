@@ -56,6 +56,7 @@ _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # Plain ints: enum arithmetic on socket flags costs a microsecond per packet.
 _MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000))
 _SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(socket.MSG_NOSIGNAL)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
@@ -131,8 +132,20 @@ class _Blob:
         self.data = data
 
 
+_FLAT = frozenset({str, bytes, float, bool, type(None)})
+
+
 def _validate(obj: Any) -> None:
     """Bound nesting depth and integer width, and allow only plain types."""
+    if type(obj) is dict:  # most messages: a map of scalars and empty containers, checked in one pass
+        for k, v in obj.items():
+            t = type(v)
+            if type(k) is not str or not (
+                t in _FLAT or (t is int and INT_MIN <= v <= INT_MAX) or ((t is list or t is dict) and not v)
+            ):
+                break
+        else:
+            return
     stack: list[tuple[Any, int]] = [(obj, 0)]
     while stack:
         item, depth = stack.pop()
@@ -413,12 +426,15 @@ class Channel:
             except InterruptedError:
                 continue
 
-    def recv_raw(self) -> tuple[memoryview, list[int]] | None:
+    def recv_raw(self, nowait: bool = False) -> tuple[memoryview, list[int]] | None:
         """Receive one packet. None on EOF. Takes care of every bound but the
-        message content; the fds returned are owned by the caller."""
+        message content; the fds returned are owned by the caller. With
+        ``nowait``, raises BlockingIOError if no packet is waiting."""
         while True:
             try:
-                n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _MSG_CMSG_CLOEXEC)
+                n, anc, flags, _ = self.sock.recvmsg_into(
+                    [self._view], _ANCBUF, _MSG_CMSG_CLOEXEC | (_MSG_DONTWAIT if nowait else 0)
+                )
                 break
             except InterruptedError:
                 continue
@@ -446,9 +462,10 @@ class Channel:
             return None
         return self._view[:n], fds
 
-    def recv(self) -> Any:
-        """Receive and decode one message. Returns None on EOF."""
-        got = self.recv_raw()
+    def recv(self, nowait: bool = False) -> Any:
+        """Receive and decode one message. Returns None on EOF. With
+        ``nowait``, raises BlockingIOError if no packet is waiting."""
+        got = self.recv_raw(nowait)
         if got is None:
             return None
         payload, fds = got

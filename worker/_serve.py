@@ -69,6 +69,7 @@ def _fd_hook(obj: Any) -> tuple[int, int, Any]:
 def serve(instance: Worker, chan: Channel) -> None:
     """Answer calls until the broker says stop or goes away."""
     methods = type(instance).rpc_methods
+    client = instance.broker
     while True:
         msg = chan.recv()
         if msg is None:
@@ -76,20 +77,20 @@ def serve(instance: Worker, chan: Channel) -> None:
         check_message(msg, _FROM_BROKER)
         if msg["t"] == "stop":
             return
-        cid, name = msg["id"], msg["m"]
+        cid, name, a, k = msg["id"], msg["m"], msg["a"], msg["k"]
         opened: list[Any] = []
         try:
             if name not in methods:
                 raise AttributeError(f"{type(instance).__name__} has no @rpc method {name!r}")
-            args = _unwrap_args(msg["a"], opened, instance.broker)
-            kwargs = _unwrap_args(msg["k"], opened, instance.broker)
             try:
-                result = getattr(instance, name)(*args, **kwargs)
+                result = getattr(instance, name)(
+                    *(_unwrap_args(a, opened, client) if a else ()), **(_unwrap_args(k, opened, client) if k else {})
+                )
             finally:
-                instance.broker._end_call()  # outputs are closed (flushed) before the answer
-            reply: dict[str, Any] = {"t": "ret", "id": cid, "v": result}
+                if client._created:
+                    client._end_call()  # outputs are closed (flushed) before the answer
             try:
-                chan.send(reply, _fd_hook)
+                chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"{name}() returned a value that cannot be sent: {exc}") from exc
         except BrokerGone:
