@@ -145,7 +145,19 @@ class WorkerHandle:
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         self._check_method(method)
         with self._lock:
-            steps = self._steps(method, args, kwargs, timeout)
+            cid, deadline = self._begin(method, args, kwargs, timeout)
+            first = None
+            if not self._drains:
+                # Often the answer is already there (the worker ran while we sent):
+                # take it without a poll, and a plain answer without the state machine.
+                msg = self._receive(nowait=True)
+                if msg is not _NOTHING:
+                    if msg is not None:
+                        value = self._plain_return(msg, cid)
+                        if value is not _NOTHING:
+                            return value
+                    first = _Received(msg)
+            steps = self._steps(method, cid, deadline, timeout, first)
             try:
                 op = next(steps)
                 while True:
@@ -183,7 +195,13 @@ class WorkerHandle:
             # On the event loop a send must never wait: a worker that does not
             # read its answers is misbehaving, and is ended rather than waited for.
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
-            steps = self._steps(method, args, kwargs, timeout)
+            try:
+                cid, deadline = self._begin(method, args, kwargs, timeout)
+            except BaseException:
+                self._chan.send_timeout = saved
+                self._lock.release()
+                raise
+            steps = self._steps(method, cid, deadline, timeout)
             try:
                 op = next(steps)
                 while True:
@@ -251,16 +269,12 @@ class WorkerHandle:
         if method not in getattr(self.cls, "rpc_methods", ()):
             raise AttributeError(f"{self.cls.__name__} has no @rpc method {method!r}")
 
-    def _steps(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
-    ) -> Generator[tuple[str, float | None], str | _Received | None, Any]:
-        """One call as a sans-I/O state machine shared by the sync and async
-        drivers. Yields ("wait", deadline) to get the next event ("chan",
-        "notify" or "timeout") or ("sleep", until) to be throttled."""
+    def _begin(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+               ) -> tuple[int, float | None]:
+        """Send the call; returns its id and deadline."""
         if self.exit is not None:
             raise self.exit.error(self.name)
         cid = next(self._call_ids)
-        outputs: list[PendingOutput] = []
         try:
             if args or kwargs:
                 after: list[Any] = []
@@ -282,11 +296,52 @@ class WorkerHandle:
                     _release(after)
             else:
                 self._send({"t": "call", "id": cid, "m": method, "a": [], "k": {}}, "could not deliver the call")
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self.calls += 1
+        except BaseException:
+            self._drains.clear()
+            raise
+        self.calls += 1
+        return cid, None if timeout is None else time.monotonic() + timeout
+
+    def _plain_return(self, msg: Any, cid: int) -> Any:
+        """The value if ``msg`` is the answer to call ``cid`` (the common case,
+        taken without the state machine); _NOTHING for anything else."""
+        if type(msg) is not dict or msg.get("t") != "ret":
+            return _NOTHING
+        self._check_in_call(msg, cid)
+        return self._import_answer(msg)
+
+    def _check_in_call(self, msg: Any, cid: int) -> None:
+        try:
+            check_message(msg, _IN_CALL)
+            if msg["id"] != cid and msg["t"] != "req":
+                raise ProtocolError("answer to a call that is not pending")
+        except ProtocolError as exc:
+            close_fds_in(msg)
+            raise self._fail("protocol", str(exc)) from exc
+
+    def _import_answer(self, msg: dict[str, Any]) -> Any:
+        try:
+            return import_value(msg["v"])
+        except OSError as exc:
+            close_fds_in(msg)
+            raise self._fail("protocol", f"unusable fd in the answer: {exc}") from exc
+
+    def _steps(
+        self, method: str, cid: int, deadline: float | None, timeout: float | None, first: _Received | None = None
+    ) -> Generator[tuple[str, float | None], str | _Received | None, Any]:
+        """The rest of a sent call as a sans-I/O state machine shared by the
+        sync and async drivers. Yields ("wait", deadline) to get the next event
+        ("chan", "notify", "timeout", or a message the driver received) or
+        ("sleep", until) to be throttled. ``first``: a message already received."""
+        outputs: list[PendingOutput] = []
+        try:
             requests = 0
             while True:
-                event = yield ("wait", deadline)
+                if first is not None:
+                    event: str | _Received | None = first
+                    first = None
+                else:
+                    event = yield ("wait", deadline)
                 if type(event) is _Received:
                     msg = event.msg
                 elif event == "timeout":
@@ -298,13 +353,7 @@ class WorkerHandle:
                     msg = self._receive()
                 if msg is None:
                     raise self._died()
-                try:
-                    check_message(msg, _IN_CALL)
-                    if msg["id"] != cid and msg["t"] != "req":
-                        raise ProtocolError("answer to a call that is not pending")
-                except ProtocolError as exc:
-                    close_fds_in(msg)
-                    raise self._fail("protocol", str(exc)) from exc
+                self._check_in_call(msg, cid)
                 tag = msg["t"]
                 if tag == "req":
                     requests += 1
@@ -313,11 +362,7 @@ class WorkerHandle:
                         yield ("sleep", until)
                     self._answer(msg, outputs, over_quota=requests > self._broker.max_requests_per_call)
                 elif tag == "ret":
-                    try:
-                        value = import_value(msg["v"])
-                    except OSError as exc:
-                        close_fds_in(msg)
-                        raise self._fail("protocol", f"unusable fd in the answer: {exc}") from exc
+                    value = self._import_answer(msg)
                     for out in outputs:
                         out.commit()
                         self._broker._audit(self, "commit", out.display, None, "granted", "output committed")

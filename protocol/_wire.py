@@ -59,6 +59,8 @@ _SEND_FLAGS = int(socket.MSG_DONTWAIT) | int(socket.MSG_NOSIGNAL)
 _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
+_BAD_FLAGS = _MSG_CTRUNC | _MSG_TRUNC
+_RECV_FLAGS = (_MSG_CMSG_CLOEXEC, _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)  # by nowait
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
@@ -392,6 +394,18 @@ class Channel:
         return self.sock.fileno() < 0
 
     def send(self, obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None) -> None:
+        try:  # fast path: plain data that fits one packet, sent without ancillary data
+            payload = _packb(obj, use_bin_type=True)
+        except TypeError:
+            pass
+        else:
+            if len(payload) <= MAX_PACKET:
+                try:
+                    self.sock.send(payload, _SEND_FLAGS)
+                    return
+                except (BlockingIOError, InterruptedError):
+                    self.send_raw(payload)  # waits for room, at most send_timeout
+                    return
         payload, fds, owned = encode(obj, fd_hook)
         try:
             self.send_raw(payload, fds)
@@ -432,12 +446,14 @@ class Channel:
         ``nowait``, raises BlockingIOError if no packet is waiting."""
         while True:
             try:
-                n, anc, flags, _ = self.sock.recvmsg_into(
-                    [self._view], _ANCBUF, _MSG_CMSG_CLOEXEC | (_MSG_DONTWAIT if nowait else 0)
-                )
+                n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _RECV_FLAGS[nowait])
                 break
             except InterruptedError:
                 continue
+        return self._checked(n, anc, flags)
+
+    def _checked(self, n: int, anc: list[tuple[int, int, bytes]], flags: int) -> tuple[memoryview, list[int]] | None:
+        """Apply the packet bounds to what recvmsg returned; take the fds."""
         fds: list[int] = []
         bad: str | None = None
         for level, kind, data in anc or ():
@@ -465,7 +481,17 @@ class Channel:
     def recv(self, nowait: bool = False) -> Any:
         """Receive and decode one message. Returns None on EOF. With
         ``nowait``, raises BlockingIOError if no packet is waiting."""
-        got = self.recv_raw(nowait)
+        while True:
+            try:
+                n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _RECV_FLAGS[nowait])
+                break
+            except InterruptedError:
+                continue
+        if not anc and not flags & _BAD_FLAGS and 0 < n <= MAX_PACKET:  # fast path: a packet without fds
+            obj = _unpack(self._view[:n], _dirref_hook if self.allow_dirref else _no_ext_hook)
+            _validate(obj)
+            return obj
+        got = self._checked(n, anc, flags)
         if got is None:
             return None
         payload, fds = got
