@@ -9,6 +9,7 @@ Rights only ever shrink: :meth:`Rights.limit` refuses to widen.
 from __future__ import annotations
 
 import enum
+import functools
 
 from ._errors import NotCapable
 
@@ -100,4 +101,9 @@ def rights_from_wire(value: object) -> Rights:
         from ._errors import ProtocolError
 
         raise ProtocolError(f"invalid rights value {value!r}")
-    return Rights(value)
+    return _rights_of(value)
+
+
+@functools.lru_cache(maxsize=512)
+def _rights_of(value: int) -> Rights:
+    return Rights(value)  # building a flag value costs about a microsecond; the same few recur

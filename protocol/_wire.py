@@ -208,12 +208,6 @@ def encode(
     Objects with ``__privsep_fd__`` travel as fds; ``fd_hook`` may describe
     other objects (the worker uses it for plain file objects).
     """
-    try:  # fast path: plain data, no fds, fits in one packet
-        payload = _packb(obj, use_bin_type=True)
-        if len(payload) <= MAX_PACKET:
-            return payload, [], []
-    except TypeError:
-        pass
     fds: list[int] = []
     owned: list[int] = []
 
@@ -327,6 +321,9 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
 
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
+# One Packer for plain data (no default hook): pack() runs in C without releasing the GIL, so
+# threads may share it; it saves building a Packer per message.
+_plain_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
 
 _MALFORMED = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError)
@@ -395,8 +392,8 @@ class Channel:
 
     def send(self, obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None) -> None:
         try:  # fast path: plain data that fits one packet, sent without ancillary data
-            payload = _packb(obj, use_bin_type=True)
-        except TypeError:
+            payload = _plain_packer.pack(obj)
+        except TypeError:  # something that travels as an fd (or cannot travel at all)
             pass
         else:
             if len(payload) <= MAX_PACKET:

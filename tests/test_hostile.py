@@ -172,3 +172,16 @@ def test_channel_round_trip_and_fd_close_on_error() -> None:
         os.close(w)
         a.close()
         b.close()
+
+
+def test_a_message_that_cannot_be_encoded_leaves_the_channel_intact() -> None:
+    """The shared fast-path packer must drop a half-packed message, not prefix it to the next."""
+    a, b = Channel.pair()
+    try:
+        with pytest.raises(TypeError):
+            a.send({"t": "ret", "id": 1, "v": [1, 2, object()]})
+        a.send({"t": "ret", "id": 2, "v": "fine"})
+        assert b.recv() == {"t": "ret", "id": 2, "v": "fine"}
+    finally:
+        a.close()
+        b.close()

@@ -11,6 +11,7 @@ was granted later.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import stat
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 _BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
+@functools.lru_cache(maxsize=256)
 def mode_for(rights: Rights) -> str:
     readable = bool(rights & Rights.READ)
     writable = bool(rights & (Rights.WRITE | Rights.APPEND))
@@ -38,6 +40,7 @@ def mode_for(rights: Rights) -> str:
     return "rb"
 
 
+@functools.lru_cache(maxsize=256)
 def access_flags(rights: Rights) -> int:
     """The open(2) access mode that ``rights`` allow (and no more)."""
     readable = bool(rights & Rights.READ)
@@ -55,7 +58,8 @@ def open_fd(fd: int, rights: Rights, kind: int = KIND_FILE, *, pinned: bool = Fa
     the filter forbids closing its slot, so ``with grant:`` or garbage
     collection must not try."""
     try:
-        f = os.fdopen(fd, mode_for(rights), closefd=not pinned)
+        # An explicit buffer size: io.open would otherwise ask isatty() (an ioctl) to choose one.
+        f = os.fdopen(fd, mode_for(rights), io.DEFAULT_BUFFER_SIZE, closefd=not pinned)
     except BaseException:
         os.close(fd)
         raise
