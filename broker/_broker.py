@@ -24,6 +24,8 @@ from worker.sandbox import SandboxSpec
 from worker.sandbox._rights_table import DIR_RIGHTS, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
 
 from ._capability import Capability
+from ._cgroup import CgroupSupport, WorkerCgroup
+from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, deliver
 from ._exit import WorkerExit
 from ._handle import WorkerHandle, close_fds_in
@@ -70,6 +72,7 @@ class Broker:
         request_rate: float | None = 20_000.0,
         max_requests_per_call: int = 10_000,
         max_outputs_per_call: int = 256,
+        cgroup_parent: str | None = None,
     ):
         if not isinstance(policy, Policy):
             raise TypeError("Broker needs a Policy")
@@ -95,6 +98,8 @@ class Broker:
         self._abi: int | None = None
         self._pools: list[WorkerPool] = []
         self._spawn_lock = threading.Lock()
+        self._cgroup_parent = cgroup_parent
+        self._cgroups: CgroupSupport | None = None
         if spawn in ("zygote", "auto"):
             # Start it now: its interpreter boots while the caller goes on.
             self._zygote = Zygote()
@@ -257,18 +262,33 @@ class Broker:
             )
         spec_wire = None if self._unsandboxed else spec.to_wire()
         reaper = None
-        with self._spawn_lock:
-            if method == "zygote":
-                if self._zygote is None:
-                    self._zygote = Zygote()
-                pid, sock = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants)
-                reaper = self._zygote.reap
-            elif method == "exec":
-                pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants)
-                reaper = _popen_reaper(proc)
-            else:
-                fork_grants = [(name, cap.fileno(), cap.kind, cap.rights) for name, cap in grants]
-                pid, sock = fork_worker(cls, self._prepare(spec), fork_grants)
+        cgroup, cgroup_report = self._memory_cgroup(spec)
+        placed: list[int] = []
+
+        def place(pid: int) -> None:
+            assert cgroup is not None
+            cgroup.add(pid)
+            placed.append(pid)
+
+        try:
+            with self._spawn_lock:
+                if method == "zygote":
+                    if self._zygote is None:
+                        self._zygote = Zygote()
+                    # a spare goes into the cgroup before it is given its request
+                    pid, sock = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants,
+                                                   before=place if cgroup else None)
+                    reaper = self._zygote.reap
+                elif method == "exec":
+                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants)
+                    reaper = _popen_reaper(proc)
+                else:
+                    fork_grants = [(name, cap.fileno(), cap.kind, cap.rights) for name, cap in grants]
+                    pid, sock = fork_worker(cls, self._prepare(spec), fork_grants)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         handle = WorkerHandle(
             self,
             cls,
@@ -279,6 +299,14 @@ class Broker:
             reaper=reaper,
         )
         handle.spawn_method = method
+        handle._cgroup = cgroup
+        handle._cgroup_report = cgroup_report
+        if cgroup is not None and not placed:
+            try:
+                cgroup.add(pid)  # before its first call; what setup() touched stays charged where it was
+            except BaseException:
+                handle.kill()  # removes the cgroup too
+                raise
         with self._lock:
             self._workers[handle.id] = handle
         return handle
@@ -317,12 +345,38 @@ class Broker:
             raise handle._fail("protocol", "sandbox reported user notification but sent no listener")
         close_fds_in(msg["sandbox"])
         handle.sandbox = msg["sandbox"]
+        if handle._cgroup_report is not None:
+            handle.sandbox["cgroup"] = handle._cgroup_report
         self.last_sandbox = handle.sandbox
         self._audit(handle, "spawn", handle.cls.__qualname__, None, "granted", "worker ready")
 
     def _forget(self, handle: WorkerHandle) -> None:
         with self._lock:
             self._workers.pop(handle.id, None)
+
+    @property
+    def cgroups(self) -> CgroupSupport:
+        """Where this broker can make per-worker memory cgroups (for
+        ``Limits.memory``): version 2 or 1 and the parent, or version 0 and why
+        not. Probed once. ``Broker(cgroup_parent=...)`` names a delegated
+        cgroup v2 directory to use instead of the broker's own cgroup."""
+        if self._cgroups is None:
+            self._cgroups = cgroup_probe(self._cgroup_parent)
+        return self._cgroups
+
+    def _memory_cgroup(self, spec: SandboxSpec) -> tuple[WorkerCgroup | None, dict[str, Any] | None]:
+        """A cgroup for a worker under ``spec``'s memory limit, and what to report."""
+        limit = spec.limits.memory
+        if limit is None or self._unsandboxed:
+            return None, None
+        support = self.cgroups
+        if not support.version:
+            return None, {"memory": limit, "applied": False, "reason": support.reason}
+        try:
+            cg = WorkerCgroup.create(support, limit)
+        except OSError as exc:
+            return None, {"memory": limit, "applied": False, "reason": f"cannot make a cgroup: {exc.strerror}"}
+        return cg, {"memory": limit, "applied": True, "version": support.version}
 
     @property
     def workers(self) -> list[WorkerHandle]:

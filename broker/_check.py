@@ -14,6 +14,8 @@ from typing import Any
 
 from worker.sandbox import probe
 
+from ._cgroup import probe as cgroup_probe
+
 
 def _layers(p: dict[str, Any]) -> list[str]:
     layers = ["rlimits"]
@@ -38,6 +40,8 @@ def run_check(json: bool = False) -> int:
     missing = [name for name, ok in (("seccomp filter", p["seccomp"]), ("no_new_privs", p["no_new_privs"]),
                                      ("openat2", p["openat2"])) if not ok]
     p["missing_minimum"] = missing
+    cg = cgroup_probe()
+    p["memory_cgroup"] = {"version": cg.version, "parent": cg.parent, "reason": cg.reason}
     if json:
         print(_json.dumps(p, indent=2, sort_keys=True))
         return 1 if missing else 0
@@ -57,6 +61,7 @@ def run_check(json: bool = False) -> int:
     lines += [
         f"namespaces            {','.join(p['namespaces']) or 'NONE'}",
         f"openat2               {_yes(p['openat2'])}",
+        f"memory cgroups        {cg.describe()}  (for Limits.memory)",
         "",
         "a worker gets         " + " -> ".join(p["worker_layers"]),
     ]

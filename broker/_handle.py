@@ -27,6 +27,7 @@ from protocol._remote import exception_from_wire, exception_to_wire
 from protocol._wire import Channel, DirRef, ReceivedFd
 
 from ._capability import Capability
+from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
 from ._outputs import PendingOutput
 from ._violation import describe
@@ -93,6 +94,8 @@ class WorkerHandle:
         self.cls = cls
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
+        self._cgroup: WorkerCgroup | None = None  # set by the broker right after
+        self._cgroup_report: dict[str, Any] | None = None
         self._reaper = reaper or _waitpid
         self._chan = chan
         self._notify_fd = -1
@@ -555,6 +558,12 @@ class WorkerHandle:
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            try:
+                cgroup.remove()
+            except OSError as exc:
+                log.warning("worker %s: cannot remove its cgroup %s: %s", self.name, cgroup.path, exc)
 
     def _fail(self, kind: str, reason: str) -> WorkerCrashed:
         """Stop a worker that misbehaved or overran; return the error to raise."""
@@ -586,12 +595,15 @@ class WorkerHandle:
         if ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
         if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._maybe_oom():
-            ex = WorkerExit("oom", "killed by the kernel's OOM killer", signal=ex.signal)
+            assert self._cgroup is not None
+            limit = _size(self._cgroup.limit)
+            ex = WorkerExit("oom", f"killed by the OOM killer at its memory cgroup's limit ({limit})", signal=ex.signal)
         self._set_exit(ex)
         return ex.error(self.name)
 
     def _maybe_oom(self) -> bool:
-        return False
+        """Was a SIGKILL the kernel's OOM killer, acting on the worker's memory cgroup?"""
+        return self._cgroup is not None and self._cgroup.oom_killed()
 
     # -- lifecycle --------------------------------------------------------
     def stop(self, timeout: float = 2.0) -> WorkerExit:
@@ -638,6 +650,14 @@ class WorkerHandle:
     def _adopt_notify(self, fd: int) -> None:
         self._notify_fd = fd
         self._poller = None
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.4g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
 
 
 _NOTHING = object()

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from protocol import ProtocolError, WorkerCrashed
@@ -111,15 +112,30 @@ class Zygote:
         self._ask_spare(None)
 
     def spawn(
-        self, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]]
+        self,
+        cls: type[Worker],
+        spec_wire: Any,
+        timeout: float,
+        grants: list[tuple[str, Any]],
+        before: Callable[[int], None] | None = None,
     ) -> tuple[int, socket.socket]:
+        """A new worker's pid and channel. ``before(pid)`` runs before a spare
+        is given its request (not when the zygote forks one on demand)."""
         expect = (cls.__module__, cls.__qualname__, spec_wire)
         with self._lock:
             self._collect(timeout)
             spare, self._spare = self._spare, None
-            if spare is not None and self._assign(spare, expect, grants):
-                self._ask_spare(expect)
-                return spare.pid, spare.chan.sock
+            if spare is not None:
+                try:
+                    if before is not None:
+                        before(spare.pid)
+                except BaseException:
+                    spare.chan.close()  # EOF: it exits; the zygote reaps it when asked
+                    self._reap_locked(spare.pid, 10.0)
+                    raise
+                if self._assign(spare, expect, grants):
+                    self._ask_spare(expect)
+                    return spare.pid, spare.chan.sock
             got = _request_spawn(self._chan, cls, spec_wire, timeout, grants)
             self._ask_spare(expect)
             return got

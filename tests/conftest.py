@@ -98,6 +98,7 @@ _PROBE_SKIP_PREFIXES = (
     "no user namespaces",
     "no seccomp",
     "needs seccomp",
+    "cgroup probe:",
 )
 
 

@@ -25,6 +25,12 @@ class Limits:
     ``processes`` (RLIMIT_NPROC) counts threads too, but the kernel exempts
     uid 0 (kuid 0, even inside a user namespace mapping it): it binds only
     workers of a non-root broker. Core dumps are always off.
+
+    ``memory`` is not an rlimit: it caps the memory a worker's pages are
+    charged (RSS, page cache, kernel memory) with a cgroup of its own, which
+    the broker makes where it can (cgroup v2, or v1's memory controller; see
+    ``Broker.cgroups``). Where it cannot, the worker starts with the rlimits
+    only and its report says why (``cgroup``).
     """
 
     address_space: int | None = 4 << 30
@@ -32,6 +38,7 @@ class Limits:
     processes: int | None = 64
     file_size: int | None = 1 << 30
     cpu_seconds: int | None = None
+    memory: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
