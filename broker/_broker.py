@@ -260,7 +260,7 @@ class Broker:
             raise TypeError(
                 f"spawn={method!r} needs {cls.__qualname__} importable by module name (not in __main__ or a function)"
             )
-        spec_wire = None if self._unsandboxed else spec.to_wire()
+        spec_wire = None if self._unsandboxed else _wire_of(spec)
         reaper = None
         cgroup, cgroup_report = self._memory_cgroup(spec)
         placed: list[int] = []
@@ -584,3 +584,9 @@ def _expects_listener(report: Any) -> bool:
 
 
 __all__ = ["UNSANDBOXED", "Broker"]
+
+
+@functools.lru_cache(maxsize=64)
+def _wire_of(spec: SandboxSpec) -> dict[str, Any]:
+    """The spec as it travels (built once per spec; treat as read-only)."""
+    return spec.to_wire()

@@ -32,6 +32,8 @@ import socket
 import sys
 from typing import Any, NoReturn
 
+import msgpack
+
 from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd
@@ -60,15 +62,22 @@ def load_class(module: str, qualname: str) -> type[Worker]:
     return cls
 
 
+_prepared_by_wire: dict[bytes, Any] = {}
+
+
 def prepared_for(spec_wire: Any) -> Any:
     if spec_wire is None:
         return None
-    spec = SandboxSpec.from_wire(spec_wire)
-    if spec not in _prepared:
-        from .sandbox import prepare
+    key = msgpack.packb(spec_wire)  # the spec as sent: parsing and checking it again is the slow part
+    got = _prepared_by_wire.get(key)
+    if got is None:
+        spec = SandboxSpec.from_wire(spec_wire)
+        if spec not in _prepared:
+            from .sandbox import prepare
 
-        _prepared[spec] = prepare(spec)
-    return _prepared[spec]
+            _prepared[spec] = prepare(spec)
+        got = _prepared_by_wire[key] = _prepared[spec]
+    return got
 
 
 def _check_spawn(

@@ -27,7 +27,8 @@ class LimitsLike(Protocol):
     def cpu_seconds(self) -> int | None: ...
 
 
-def _lower(which: int, value: int, hard_extra: int = 0) -> None:
+def _lower(which: int, value: int, hard_extra: int = 0) -> int:
+    """Set soft = value (and hard = value + hard_extra), never above the hard limit; returns the soft limit."""
     _, hard = resource.getrlimit(which)
     inf = resource.RLIM_INFINITY
     soft_new = value if hard == inf else min(value, hard)
@@ -35,6 +36,7 @@ def _lower(which: int, value: int, hard_extra: int = 0) -> None:
     if hard != inf:
         hard_new = min(hard_new, hard)
     resource.setrlimit(which, (soft_new, hard_new))
+    return soft_new
 
 
 def apply(limits: LimitsLike) -> dict[str, int]:
@@ -52,6 +54,5 @@ def apply(limits: LimitsLike) -> dict[str, int]:
     for name, which, value, extra in table:
         if value is None:
             continue
-        _lower(which, value, extra)
-        applied[name] = resource.getrlimit(which)[0]
+        applied[name] = _lower(which, value, extra)
     return applied
