@@ -37,6 +37,7 @@ from ._spawn import fork_worker
 from ._zygote import SPAWN_METHODS, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
+log = logging.getLogger("privsep.broker")
 _OPEN_BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 MAX_SPAWN_GRANTS = 64
 
@@ -273,6 +274,10 @@ class Broker:
         try:
             with self._spawn_lock:
                 if method == "zygote":
+                    if self._zygote is not None and not self._zygote.alive():
+                        log.warning("the zygote has exited (%s); starting a new one", self._zygote.exit_reason())
+                        self._zygote.close()
+                        self._zygote = None
                     if self._zygote is None:
                         self._zygote = Zygote()
                     # a spare goes into the cgroup before it is given its request
@@ -583,10 +588,10 @@ def _expects_listener(report: Any) -> bool:
     return isinstance(report, dict) and report.get("seccomp") == "notify"
 
 
-__all__ = ["UNSANDBOXED", "Broker"]
-
-
 @functools.lru_cache(maxsize=64)
 def _wire_of(spec: SandboxSpec) -> dict[str, Any]:
     """The spec as it travels (built once per spec; treat as read-only)."""
     return spec.to_wire()
+
+
+__all__ = ["UNSANDBOXED", "Broker"]

@@ -75,6 +75,9 @@ def _request_spawn(
         parent.close()
         raise WorkerCrashed(f"zygote did not answer a spawn request within {timeout:g} s")
     reply = chan.recv()
+    if reply is None:
+        parent.close()
+        raise WorkerCrashed("the zygote has exited")
     if type(reply) is dict and reply.get("t") == "spawned" and isinstance(reply.get("pid"), int):
         return reply["pid"], parent
     parent.close()
@@ -173,6 +176,8 @@ class Zygote:
         if not self._chan.wait_readable(timeout):
             raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
         reply = self._chan.recv()
+        if reply is None:
+            raise WorkerCrashed("the zygote has exited")
         if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
                 and isinstance(reply.get("chan"), ReceivedFd):
             fd = reply["chan"].detach()
@@ -188,17 +193,34 @@ class Zygote:
             self._collect(10.0)
             return None if self._spare is None else (self._spare.pid, self._spare.chan.fileno())
 
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def exit_reason(self) -> str:
+        code = self._proc.poll()
+        if code is None:
+            return "running"
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
     def reap(self, pid: int) -> int | None:
-        """The exit status of a worker that has ended (call after its pidfd fired)."""
+        """The exit status of a worker that has ended (call after its pidfd
+        fired); None if unknown (the zygote is gone: its children died with it
+        and were reaped by init)."""
         with self._lock:
-            self._collect(10.0)
+            try:
+                self._collect(10.0)
+            except (WorkerCrashed, ProtocolError, OSError):
+                pass
             return self._reap_locked(pid, 10.0)
 
     def _reap_locked(self, pid: int, timeout: float) -> int | None:
-        self._chan.send({"t": "reap", "pid": pid})
-        if not self._chan.wait_readable(timeout):
+        try:
+            self._chan.send({"t": "reap", "pid": pid})
+            if not self._chan.wait_readable(timeout):
+                return None
+            reply = self._chan.recv()
+        except (OSError, ProtocolError):
             return None
-        reply = self._chan.recv()
         if type(reply) is dict and reply.get("t") == "status" and reply.get("pid") == pid:
             status = reply.get("status")
             return status if isinstance(status, int) else None

@@ -189,3 +189,18 @@ def test_each_worker_gets_a_network_namespace_of_its_own_made_ahead(tree: Path) 
         assert devices == ["lo"]
         # what a spare was given stays closed in the worker: no namespace fd survives entry
         assert all(not t.startswith("net:") for t in _fd_targets_of(a.pid).values())
+
+
+def test_a_dead_zygote_is_replaced_and_its_workers_end_cleanly(tree: Path) -> None:
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        w = b.spawn(Echo)
+        assert w.ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        os.kill(zygote._proc.pid, signal.SIGKILL)
+        zygote._proc.wait()
+        with pytest.raises(WorkerCrashed):  # its workers die with it (parent-death signal)
+            w.ping()
+        assert w.exit is not None
+        fresh = b.spawn(Echo)  # a new zygote serves the next spawn
+        assert fresh.ping() == "pong" and b._zygote is not zygote

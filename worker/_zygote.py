@@ -109,25 +109,26 @@ def _fork_spare(ctl: Channel, want_net: bool) -> tuple[int, socket.socket]:
     if ``want_net`` and we may make one; returns its pid and the broker's end
     of its socket."""
     net_fd = fresh_net() if want_net else None
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    me = os.getpid()
-    gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
     try:
-        pid = os.fork()
-    except BaseException:
-        ours.close()
-        theirs.close()
-        raise
-    finally:
-        if net_fd is not None and os.getpid() == me:
-            os.close(net_fd)
-    if pid == 0:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        me = os.getpid()
+        gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
         try:
-            os.close(ctl.sock.detach())
+            pid = os.fork()
+        except BaseException:
             ours.close()
-            _spare_main(theirs, me, net_fd)
-        finally:
-            os._exit(70)
+            theirs.close()
+            raise
+        if pid == 0:
+            try:
+                os.close(ctl.sock.detach())
+                ours.close()
+                _spare_main(theirs, me, net_fd)  # takes over net_fd; never returns
+            finally:
+                os._exit(70)  # ends the child here: the finally below is the parent's
+    finally:
+        if net_fd is not None:
+            os.close(net_fd)  # the spare has its own copy
     theirs.close()
     return pid, ours
 
