@@ -169,9 +169,10 @@ class WorkerHandle:
                         time.sleep(max(0.0, when - time.monotonic()))
                         op = steps.send(None)
                     else:
-                        # Often the answer is already there (the worker ran while we
-                        # sent): take it without a poll. Else wait for an event.
-                        msg = self._receive(nowait=True)
+                        # Often the next message is already there (the worker ran while
+                        # we sent): take it without a poll, unless the deadline has passed
+                        # (a worker that never stops talking must still time out).
+                        msg = self._receive(nowait=True) if when is None or time.monotonic() < when else _NOTHING
                         op = steps.send(self._wait(when) if msg is _NOTHING else _Received(msg))
             except StopIteration as stop:
                 return stop.value
@@ -222,6 +223,8 @@ class WorkerHandle:
                 self._lock.release()
 
     async def _event(self, deadline: float | None) -> str:
+        if deadline is not None and time.monotonic() >= deadline:
+            return "timeout"  # even if the worker keeps a message always waiting
         ready = self._ready_now()
         if ready is not None:
             # Fast path, but a worker that keeps the channel full must not

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,24 @@ class Hog(Worker):
             except NotCapable:
                 denied += 1
         return denied
+
+    @rpc
+    def talk_forever(self) -> None:
+        """Never answer the call; keep requests always waiting for the broker (a thread
+        reads the answers, so the sender never has to pause)."""
+        import threading
+
+        chan = self.broker._chan
+
+        def drain() -> None:
+            while chan.recv() is not None:
+                pass
+
+        threading.Thread(target=drain, daemon=True).start()
+        i = 0
+        while True:
+            i += 1
+            chan.send({"t": "req", "id": 100_000 + i, "op": "stat", "a": {"path": "data/a.txt"}})
 
     @rpc
     def flood_pipelined(self, n: int) -> int:
@@ -248,3 +267,50 @@ def test_a_worker_that_does_not_read_its_answers_cannot_stall_the_loop(tree: Pat
             return spent
 
         assert asyncio.run(both()) < 2.0
+
+
+@pytest.mark.parametrize("rate", [None, 20_000.0])
+def test_a_worker_that_never_stops_requesting_still_times_out(tree: Path, rate: float | None) -> None:
+    """Its requests are always ready to read, so the broker never has to wait for
+    one: the call's deadline must still end it."""
+    with Broker(default_policy(), root=tree, request_rate=rate, max_requests_per_call=10**9) as b:
+        w = b.spawn(Hog)
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                w.with_timeout(0.5).talk_forever()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=call, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        t.join(10)
+        if t.is_alive():
+            w.kill()
+            t.join(10)
+            pytest.fail("the call ran far past its 0.5 s timeout")
+        assert time.monotonic() - t0 < 5
+        assert len(outcome) == 1 and isinstance(outcome[0], WorkerTimeout), outcome
+        assert w.exit is not None and w.exit.kind == "timeout"
+
+
+def test_a_worker_that_never_stops_requesting_still_times_out_async(tree: Path) -> None:
+    import asyncio
+
+    async def main() -> BaseException | None:
+        async with Broker(default_policy(), root=tree, request_rate=None, max_requests_per_call=10**9) as b:
+            w = b.spawn(Hog)
+            try:
+                await asyncio.wait_for(w.aio.with_timeout(0.5).talk_forever(), 10)
+            except WorkerTimeout as exc:
+                assert w.exit is not None and w.exit.kind == "timeout"
+                return exc
+            except TimeoutError:
+                w.kill()
+                pytest.fail("the async call ran far past its 0.5 s timeout")
+            return None
+
+    assert isinstance(asyncio.run(main()), WorkerTimeout)
