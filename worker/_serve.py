@@ -124,7 +124,7 @@ def _settle_fds(sock_fd: int, grant_fds: Sequence[int], net_fd: int | None = Non
     sources = [sock_fd, *grant_fds, *([] if net_fd is None else [net_fd])]
     targets = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grant_fds))), *([] if net_fd is None else [NET_FD])]
     temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in sources]
-    _close_all_but(temps)
+    _close_all_but([0, 1, 2, *temps])  # stdio stays until _quiet_stdio replaces it
     for target, temp in zip(targets, temps, strict=True):
         os.dup2(temp, target, inheritable=False)
     for temp in temps:
@@ -140,12 +140,15 @@ def child_main(
     from_main_thread: bool,
     parent_pid: int,
     net_fd: int | None = None,
+    chan_ready: Channel | None = None,
 ) -> NoReturn:
     """Entry point of a freshly forked worker. Never returns.
 
     ``grants`` are (name, fd, kind, rights) held from spawn; they appear as
     ``self.grants[name]`` and are pinned to fixed fd numbers. ``net_fd``: a
     fresh network namespace to join at sandbox entry (taken over).
+    ``chan_ready``: a Channel already on CHANNEL_FD (a spare made it while it
+    waited).
     """
     code = 0
     chan: Channel | None = None
@@ -164,7 +167,11 @@ def child_main(
             net_fd = NET_FD
         keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
         _quiet_stdio()
-        chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
+        if chan_ready is not None and chan_ready.fileno() == CHANNEL_FD:
+            chan = chan_ready  # settling kept its number (a close and dup2 onto the same slot)
+            chan.allow_dirref = True
+        else:
+            chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
         instance = cls()
         instance.broker = BrokerClient(chan)
         instance.grants = {

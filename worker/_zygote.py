@@ -39,7 +39,16 @@ from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd
 
 from ._rpc import Worker
-from ._serve import EXIT_PROTOCOL, EXIT_SETUP_FAILED, _close_all_but, child_main, warm_linecache
+from ._serve import (
+    CHANNEL_FD,
+    EXIT_PROTOCOL,
+    EXIT_SETUP_FAILED,
+    NET_FD,
+    _close_all_but,
+    _settle_fds,
+    child_main,
+    warm_linecache,
+)
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
 from .sandbox._namespaces import fresh_net
 from .sandbox._spec import SandboxSpec
@@ -139,7 +148,12 @@ def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None) -> NoRetur
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != zygote:
         os._exit(0)
-    chan = Channel(sock)
+    # While waiting, do what does not depend on the request: the socket goes to
+    # the worker's channel slot (and the namespace fd to its own), and the
+    # worker's Channel is made.
+    _settle_fds(sock.detach(), [], net_fd)
+    net_fd = None if net_fd is None else NET_FD
+    chan = Channel(socket.socket(fileno=CHANNEL_FD))
     try:
         msg = chan.recv()
     except ProtocolError:
@@ -154,7 +168,8 @@ def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None) -> NoRetur
         chan.send({"t": "fail", "e": exception_to_wire(exc)})
         os._exit(EXIT_SETUP_FAILED)
     grants = [(name, g.fd, kind, rights) for name, g, kind, rights in grant_fds]
-    child_main(cls, chan.sock.detach(), prepared, grants, from_main_thread=True, parent_pid=zygote, net_fd=net_fd)
+    child_main(cls, CHANNEL_FD, prepared, grants, from_main_thread=True, parent_pid=zygote, net_fd=net_fd,
+               chan_ready=chan)
 
 
 def _preload(msg: dict[str, Any]) -> bool:
