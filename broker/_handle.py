@@ -297,7 +297,7 @@ class WorkerHandle:
                     _release(after)
                     raise
                 try:
-                    self._send(call, "could not deliver the call")
+                    self._send(call, "could not deliver the call", with_fds=bool(after))
                 finally:
                     _release(after)
             else:
@@ -422,14 +422,14 @@ class WorkerHandle:
                 reply = {"t": "rep", "id": msg["id"], "v": value}
             except (PrivsepError, OSError) as exc:
                 reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
-            self._send(reply, "worker stopped reading")
+            self._send(reply, "worker stopped reading", with_fds=bool(after) and reply["t"] == "rep")
         finally:
             _release(after)  # the worker has its copies now
 
-    def _send(self, msg: dict[str, Any], what: str) -> None:
+    def _send(self, msg: dict[str, Any], what: str, with_fds: bool = False) -> None:
         """Send to the worker; a worker that cannot be reached is ended."""
         try:
-            self._chan.send(msg)
+            self._chan.send(msg, with_fds=with_fds)
         except ProtocolError as exc:
             raise self._fail("protocol", f"{what}: {exc}") from exc
         except OSError as exc:

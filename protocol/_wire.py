@@ -137,15 +137,29 @@ class _Blob:
 _FLAT = frozenset({str, bytes, float, bool, type(None)})
 
 
+def _flat(items: Iterable[Any]) -> bool:
+    """All scalars (fds and directory references count)?"""
+    for x in items:
+        t = type(x)
+        if not (t in _FLAT or t is ReceivedFd or t is DirRef or (t is int and INT_MIN <= x <= INT_MAX)):
+            return False
+    return True
+
+
 def _validate(obj: Any) -> None:
     """Bound nesting depth and integer width, and allow only plain types."""
-    if type(obj) is dict:  # most messages: a map of scalars and empty containers, checked in one pass
+    if type(obj) is dict:  # most messages: a map of scalars and flat containers, checked in one pass
         for k, v in obj.items():
             t = type(v)
-            if type(k) is not str or not (
-                t in _FLAT or (t is int and INT_MIN <= v <= INT_MAX) or ((t is list or t is dict) and not v)
-            ):
+            if type(k) is not str:
                 break
+            if t in _FLAT or (t is int and INT_MIN <= v <= INT_MAX):
+                continue
+            if t is list and _flat(v):
+                continue
+            if t is dict and all(type(x) is str for x in v) and _flat(v.values()):
+                continue
+            break
         else:
             return
     stack: list[tuple[Any, int]] = [(obj, 0)]
@@ -390,8 +404,14 @@ class Channel:
     def closed(self) -> bool:
         return self.sock.fileno() < 0
 
-    def send(self, obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None) -> None:
+    def send(
+        self, obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None, *, with_fds: bool = False
+    ) -> None:
+        """Send one message. ``with_fds``: the caller knows it carries fds
+        (skips the attempt to pack it as plain data)."""
         try:  # fast path: plain data that fits one packet, sent without ancillary data
+            if with_fds:
+                raise TypeError
             payload = _plain_packer.pack(obj)
         except TypeError:  # something that travels as an fd (or cannot travel at all)
             pass
