@@ -498,9 +498,9 @@ def make_broker(root: Path, spawn: str = "auto", **sandbox: Any) -> Broker:
     return Broker(policy, root=root, call_timeout=30, spawn=spawn)
 
 
-# The whole suite runs against workers from the zygote and from a plain fork:
-# both must give exactly the same sandbox.
-@pytest.fixture(scope="module", params=["zygote", "fork"])
+# The whole suite runs against workers from the zygote (its pre-forked spare),
+# a plain fork and an exec'd fresh interpreter: all must give the same sandbox.
+@pytest.fixture(scope="module", params=["zygote", "fork", "exec"])
 def broker_m(request: pytest.FixtureRequest, tree_m: Path) -> Iterator[tuple[Broker, Any]]:
     with make_broker(tree_m, spawn=request.param) as b:
         witness = b.spawn(Attacker)
