@@ -201,24 +201,35 @@ class WorkerHandle:
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
             try:
                 cid, deadline = self._begin(method, args, kwargs, timeout)
-            except BaseException:
-                self._chan.send_timeout = saved
-                self._lock.release()
-                raise
-            steps = self._steps(method, cid, deadline, timeout)
-            try:
-                op = next(steps)
-                while True:
-                    kind, when = op
-                    if kind == "sleep" and when is not None:
-                        await asyncio.sleep(max(0.0, when - time.monotonic()))
-                        op = steps.send(None)
-                    else:
-                        op = steps.send(await self._event(when))
-            except StopIteration as stop:
-                return stop.value
+                first = None
+                if not self._drains:
+                    # As in the sync call: an answer already there is taken at once
+                    # (once per call, so the loop is never held for long).
+                    msg = self._receive(nowait=True)
+                    if msg is not _NOTHING:
+                        if msg is not None:
+                            value = self._plain_return(msg, cid)
+                            if value is not _NOTHING:
+                                self._fast_events += 1
+                                if self._fast_events % _YIELD_EVERY == 0:
+                                    await asyncio.sleep(0)  # a caller looping on instant answers still lets others run
+                                return value
+                        first = _Received(msg)
+                steps = self._steps(method, cid, deadline, timeout, first)
+                try:
+                    op = next(steps)
+                    while True:
+                        kind, when = op
+                        if kind == "sleep" and when is not None:
+                            await asyncio.sleep(max(0.0, when - time.monotonic()))
+                            op = steps.send(None)
+                        else:
+                            op = steps.send(await self._event(when))
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    steps.close()
             finally:
-                steps.close()
                 self._chan.send_timeout = saved
                 self._lock.release()
 

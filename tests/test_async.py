@@ -18,6 +18,10 @@ from worker import Worker, rpc
 
 class AsyncJob(Worker):
     @rpc
+    def ping(self) -> str:
+        return "pong"
+
+    @rpc
     def nap(self, t: float) -> int:
         time.sleep(t)
         return os.getpid()
@@ -68,3 +72,41 @@ def test_concurrent_calls_without_threads(tree: Path) -> None:
             assert ticks >= 10
 
     asyncio.run(main())
+
+
+def test_instant_answers_still_let_other_tasks_run(tree: Path) -> None:
+    """Pinned to one CPU the worker answers before the send returns, so a call
+    takes its answer without suspending; a loop of such calls must still yield."""
+    policy = Policy().allow("data/", READ)
+    saved = os.sched_getaffinity(0)
+
+    async def main() -> tuple[int, int]:
+        async with Broker(policy, root=tree) as b:
+            w = b.spawn(AsyncJob)
+            os.sched_setaffinity(0, {min(saved)})
+            os.sched_setaffinity(w.pid, {min(saved)})
+            ticks = 0
+            done = False
+
+            async def other() -> None:
+                nonlocal ticks
+                while not done:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(other())
+            await asyncio.sleep(0)
+            calls = 0
+            for _ in range(400):
+                await w.aio.ping()
+                calls += 1
+            done = True
+            await task
+            return calls, ticks
+
+    try:
+        calls, ticks = asyncio.run(main())
+    finally:
+        os.sched_setaffinity(0, saved)
+    assert calls == 400
+    assert ticks >= 400 // 8 - 1, ticks  # the other task ran at least once every few calls
