@@ -267,9 +267,19 @@ class Broker:
         placed: list[int] = []
 
         def place(pid: int) -> None:
-            assert cgroup is not None
-            cgroup.add(pid)
+            """Move the worker into its cgroup; where the kernel refuses, go on
+            without one and say so in its report (as when none can be made)."""
+            nonlocal cgroup, cgroup_report
             placed.append(pid)
+            if cgroup is None:
+                return
+            try:
+                cgroup.add(pid)
+            except OSError as exc:
+                cgroup.remove()
+                cgroup = None
+                cgroup_report = {"memory": spec.limits.memory, "applied": False,
+                                 "reason": f"cannot move the worker into its cgroup: {exc.strerror}"}
 
         try:
             with self._spawn_lock:
@@ -304,14 +314,10 @@ class Broker:
             reaper=reaper,
         )
         handle.spawn_method = method
+        if not placed:
+            place(pid)  # before its first call; what setup() touched stays charged where it was
         handle._cgroup = cgroup
         handle._cgroup_report = cgroup_report
-        if cgroup is not None and not placed:
-            try:
-                cgroup.add(pid)  # before its first call; what setup() touched stays charged where it was
-            except BaseException:
-                handle.kill()  # removes the cgroup too
-                raise
         with self._lock:
             self._workers[handle.id] = handle
         return handle
