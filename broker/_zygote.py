@@ -38,20 +38,37 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(extra: list[str]) -> tuple[subprocess.Popen[bytes], Channel, socket.socket]:
+def _start(extra: list[str], with_spares: bool = False) -> tuple[subprocess.Popen[bytes], Channel, Channel | None]:
+    """Exec a zygote. With ``with_spares``, a second channel carries the
+    answers to spare requests alone, so they never sit between the broker and
+    the answer to anything else."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     args = [sys.executable, "-s", "-m", "worker._zygote", str(theirs.fileno()), *extra]
+    passed = [theirs]
+    spares = None
+    if with_spares:
+        spares, spares_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        args += ["--spares", str(spares_theirs.fileno())]
+        passed.append(spares_theirs)
     if forked_from_main_thread():
         args.append("--pdeathsig")
-    proc = subprocess.Popen(
-        args,
-        pass_fds=[theirs.fileno()],
-        stdin=subprocess.DEVNULL,
-        env=_env(),
-        close_fds=True,
-    )
-    theirs.close()
-    return proc, Channel(ours, send_timeout=30.0), ours
+    try:
+        proc = subprocess.Popen(
+            args,
+            pass_fds=[s.fileno() for s in passed],
+            stdin=subprocess.DEVNULL,
+            env=_env(),
+            close_fds=True,
+        )
+    except BaseException:
+        ours.close()
+        if spares is not None:
+            spares.close()
+        raise
+    finally:
+        for s in passed:
+            s.close()
+    return proc, Channel(ours, send_timeout=30.0), None if spares is None else Channel(spares, send_timeout=30.0)
 
 
 def _request_spawn(
@@ -103,12 +120,16 @@ class Zygote:
     It keeps one spare (see ``worker._zygote``) asked for ahead of time: a
     spawn sends its request straight to the spare, whose socket becomes the
     worker's channel, then asks the zygote for the next spare without
-    waiting for the answer. The zygote answers in order, so a pending answer
-    is read before anything else is asked.
+    waiting for the answer. That answer comes on a channel of its own and is
+    read by the next spawn only, so between spawns the broker holds no spare
+    fd (it waits in the channel's queue) and its fd count does not depend on
+    whether a spare has arrived yet.
     """
 
     def __init__(self) -> None:
-        self._proc, self._chan, _ = _start([])
+        self._proc, self._chan, spares = _start([], with_spares=True)
+        assert spares is not None
+        self._spares = spares
         self._lock = threading.Lock()
         self._spare: _Spare | None = None
         self._pending = False  # a spare was asked for and the answer is not read yet
@@ -173,9 +194,9 @@ class Zygote:
         if not self._pending:
             return
         self._pending = False
-        if not self._chan.wait_readable(timeout):
+        if not self._spares.wait_readable(timeout):
             raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
-        reply = self._chan.recv()
+        reply = self._spares.recv()
         if reply is None:
             raise WorkerCrashed("the zygote has exited")
         if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
@@ -207,10 +228,6 @@ class Zygote:
         fired); None if unknown (the zygote is gone: its children died with it
         and were reaped by init)."""
         with self._lock:
-            try:
-                self._collect(10.0)
-            except (WorkerCrashed, ProtocolError, OSError):
-                pass
             return self._reap_locked(pid, 10.0)
 
     def _reap_locked(self, pid: int, timeout: float) -> int | None:
@@ -231,6 +248,7 @@ class Zygote:
             self._spare.chan.close()  # EOF: the spare exits
             self._spare = None
         self._chan.close()
+        self._spares.close()
         try:
             self._proc.wait(2.0)
         except subprocess.TimeoutExpired:

@@ -204,3 +204,14 @@ def test_a_dead_zygote_is_replaced_and_its_workers_end_cleanly(tree: Path) -> No
         assert w.exit is not None
         fresh = b.spawn(Echo)  # a new zygote serves the next spawn
         assert fresh.ping() == "pong" and b._zygote is not zygote
+
+
+def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
+    """A spare's answer waits in its own channel's queue until the next spawn
+    takes it, so a plain fd count right after Broker() equals one after any
+    number of spawn/kill cycles (what a soak test outside privsep measures)."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        before = open_fds()
+        for _ in range(30):
+            b.spawn(Echo).kill()
+        assert open_fds() == before

@@ -17,7 +17,7 @@ spec it expects next, so the zygote imports and compiles them before the
 fork and the spare inherits them; a spare handed something else loads it
 itself.
 
-Run as ``python3 -m worker._zygote FD [--exec] [--pdeathsig]``. With
+Run as ``python3 -m worker._zygote FD [--spares FD] [--exec] [--pdeathsig]``. With
 ``--exec`` it serves exactly one spawn request by becoming that worker (the
 "fresh interpreter" spawn method).
 """
@@ -113,7 +113,7 @@ def _check_spawn(
     return msg["module"], msg["qualname"], msg["spec"], msg.get("chan"), grants
 
 
-def _fork_spare(ctl: Channel, want_net: bool) -> tuple[int, socket.socket]:
+def _fork_spare(ctls: list[Channel], want_net: bool) -> tuple[int, socket.socket]:
     """Fork a spare, with a fresh network namespace for it to join at entry
     if ``want_net`` and we may make one; returns its pid and the broker's end
     of its socket."""
@@ -130,7 +130,8 @@ def _fork_spare(ctl: Channel, want_net: bool) -> tuple[int, socket.socket]:
             raise
         if pid == 0:
             try:
-                os.close(ctl.sock.detach())
+                for c in ctls:  # the zygote's channels to the broker
+                    os.close(c.sock.detach())
                 ours.close()
                 _spare_main(theirs, me, net_fd)  # takes over net_fd; never returns
             finally:
@@ -188,7 +189,10 @@ def _preload(msg: dict[str, Any]) -> bool:
     return prepared is not None and prepared.spec.namespaces
 
 
-def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
+def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None = None) -> None:
+    """Answer the broker: spawn and reap requests on ``chan``; spare requests
+    are answered on ``spares`` when given (else on ``chan``)."""
+    spare_out = spares or chan
     me = os.getpid()
     while True:
         msg = chan.recv()
@@ -204,12 +208,12 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
         if type(msg) is dict and msg.get("t") == "spare" and not once:
             want_net = _preload(msg)
             try:
-                pid, sock = _fork_spare(chan, want_net)
+                pid, sock = _fork_spare([chan, *([spares] if spares else [])], want_net)
             except OSError as exc:
-                chan.send({"t": "error", "e": exception_to_wire(exc)})
+                spare_out.send({"t": "error", "e": exception_to_wire(exc)})
                 continue
             try:
-                chan.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock)})
+                spare_out.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock)})
             finally:
                 sock.close()
             continue
@@ -237,6 +241,8 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
             try:
                 fd = rfd.detach()
                 os.close(chan.sock.detach())
+                if spares is not None:
+                    os.close(spares.sock.detach())
                 child_main(cls, fd, prepared, grants, from_main_thread=True, parent_pid=me)
             finally:
                 os._exit(70)
@@ -248,13 +254,15 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool) -> None:
 
 def main(argv: list[str]) -> None:
     fd = int(argv[0])
+    spare_fd = int(argv[argv.index("--spares") + 1]) if "--spares" in argv else None
     if "--pdeathsig" in argv:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _close_all_but([0, 1, 2, fd])
+    _close_all_but([0, 1, 2, fd, *([] if spare_fd is None else [spare_fd])])
     chan = Channel(socket.socket(fileno=fd))
+    spares = None if spare_fd is None else Channel(socket.socket(fileno=spare_fd))
     try:
-        serve(chan, once="--exec" in argv, pdeathsig="--pdeathsig" in argv)
+        serve(chan, once="--exec" in argv, pdeathsig="--pdeathsig" in argv, spares=spares)
     finally:
         # The broker is gone; our workers die with us (their parent-death signal).
         os._exit(0)
