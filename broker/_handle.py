@@ -149,17 +149,9 @@ class WorkerHandle:
         self._check_method(method)
         with self._lock:
             cid, deadline = self._begin(method, args, kwargs, timeout)
-            first = None
-            if not self._drains:
-                # Often the answer is already there (the worker ran while we sent):
-                # take it without a poll, and a plain answer without the state machine.
-                msg = self._receive(nowait=True)
-                if msg is not _NOTHING:
-                    if msg is not None:
-                        value = self._plain_return(msg, cid)
-                        if value is not _NOTHING:
-                            return value
-                    first = _Received(msg)
+            value, first = self._early_answer(cid)
+            if value is not _NOTHING:
+                return value
             steps = self._steps(method, cid, deadline, timeout, first)
             try:
                 op = next(steps)
@@ -201,20 +193,12 @@ class WorkerHandle:
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
             try:
                 cid, deadline = self._begin(method, args, kwargs, timeout)
-                first = None
-                if not self._drains:
-                    # As in the sync call: an answer already there is taken at once
-                    # (once per call, so the loop is never held for long).
-                    msg = self._receive(nowait=True)
-                    if msg is not _NOTHING:
-                        if msg is not None:
-                            value = self._plain_return(msg, cid)
-                            if value is not _NOTHING:
-                                self._fast_events += 1
-                                if self._fast_events % _YIELD_EVERY == 0:
-                                    await asyncio.sleep(0)  # a caller looping on instant answers still lets others run
-                                return value
-                        first = _Received(msg)
+                value, first = self._early_answer(cid)  # once per call: the loop is never held for long
+                if value is not _NOTHING:
+                    self._fast_events += 1
+                    if self._fast_events % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # a caller looping on instant answers still lets others run
+                    return value
                 steps = self._steps(method, cid, deadline, timeout, first)
                 try:
                     op = next(steps)
@@ -318,6 +302,22 @@ class WorkerHandle:
             raise
         self.calls += 1
         return cid, None if timeout is None else time.monotonic() + timeout
+
+    def _early_answer(self, cid: int) -> tuple[Any, _Received | None]:
+        """Right after sending call ``cid``: often the answer is already there
+        (the worker ran while we sent). Returns (its value, None) for a plain
+        answer, taken without a poll or the state machine; else (_NOTHING, the
+        message already received if there was one, for the state machine)."""
+        if self._drains:
+            return _NOTHING, None
+        msg = self._receive(nowait=True)
+        if msg is _NOTHING:
+            return _NOTHING, None
+        if msg is not None:
+            value = self._plain_return(msg, cid)
+            if value is not _NOTHING:
+                return value, None
+        return _NOTHING, _Received(msg)
 
     def _plain_return(self, msg: Any, cid: int) -> Any:
         """The value if ``msg`` is the answer to call ``cid`` (the common case,

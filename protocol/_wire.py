@@ -461,13 +461,15 @@ class Channel:
         """Receive one packet. None on EOF. Takes care of every bound but the
         message content; the fds returned are owned by the caller. With
         ``nowait``, raises BlockingIOError if no packet is waiting."""
+        return self._checked(*self._recvmsg(nowait))
+
+    def _recvmsg(self, nowait: bool) -> tuple[int, list[tuple[int, int, bytes]], int]:
         while True:
             try:
                 n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _RECV_FLAGS[nowait])
-                break
+                return n, anc, flags
             except InterruptedError:
                 continue
-        return self._checked(n, anc, flags)
 
     def _checked(self, n: int, anc: list[tuple[int, int, bytes]], flags: int) -> tuple[memoryview, list[int]] | None:
         """Apply the packet bounds to what recvmsg returned; take the fds."""
@@ -498,12 +500,7 @@ class Channel:
     def recv(self, nowait: bool = False) -> Any:
         """Receive and decode one message. Returns None on EOF. With
         ``nowait``, raises BlockingIOError if no packet is waiting."""
-        while True:
-            try:
-                n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _RECV_FLAGS[nowait])
-                break
-            except InterruptedError:
-                continue
+        n, anc, flags = self._recvmsg(nowait)
         if not anc and not flags & _BAD_FLAGS and 0 < n <= MAX_PACKET:  # fast path: a packet without fds
             obj = _unpack(self._view[:n], _dirref_hook if self.allow_dirref else _no_ext_hook)
             _validate(obj)
