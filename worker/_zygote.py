@@ -1,10 +1,11 @@
 """The zygote: a clean, single-threaded process started by exec.
 
 It imports worker classes once, prepares each sandbox once (the seccomp
-filter is compiled here, before any fork) and forks a worker per request.
-It holds no grants: its only fds are its control channel and, briefly, each
-new worker's channel end. It reaps its children only when the broker asks,
-so a pid is never reused while the broker still refers to it.
+filter is compiled here, before any fork) and forks a worker per request
+(or, usually, a spare ahead of time: below). It holds no grants: its only
+fds are its two channels to the broker and, briefly, each new worker's
+channel end and network namespace. It reaps its children only when the
+broker asks, so a pid is never reused while the broker still refers to it.
 
 On request it forks a **spare**: a child that holds nothing but one end of
 a fresh socketpair, whose other end goes to the broker with the spare's
