@@ -146,7 +146,9 @@ BROKER_SCRIPT = textwrap.dedent(
     from test_lifecycle import Sleeper
     b = Broker(Policy(), root={root!r})
     ws = [b.spawn(Sleeper) for _ in range(3)]
+    helpers = [b._zygote._proc.pid, b._zygote.waiting_spare()[0]]
     print(" ".join(str(w.getpid()) for w in ws), flush=True)
+    print(" ".join(str(p) for p in helpers), flush=True)
     time.sleep(60)
     """
 )
@@ -158,10 +160,13 @@ def test_broker_death_ends_its_workers(tree: Path, how: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
+    helpers = [int(p) for p in proc.stdout.readline().split()]  # the zygote and its waiting spare
     assert len(pids) == 3 and all(alive(p) for p in pids)
+    assert len(helpers) == 2 and all(alive(p) for p in helpers)
     proc.send_signal(getattr(signal, how))
     proc.wait(10)
     deadline = time.monotonic() + 5
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids + helpers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in pids), "workers outlived their broker"
+    assert not any(alive(p) for p in helpers), "the zygote or its spare outlived the broker"
