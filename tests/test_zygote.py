@@ -215,3 +215,13 @@ def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path)
         for _ in range(30):
             b.spawn(Echo).kill()
         assert open_fds() == before
+
+
+def test_an_unsandboxed_worker_from_a_spare_holds_no_namespace_fd(tree: Path) -> None:
+    from broker import UNSANDBOXED
+
+    with Broker(default_policy(), root=tree, spawn="zygote", sandbox=UNSANDBOXED) as b:
+        for _ in range(2):  # the first spare was forked before anything was known; the second after
+            w = b.spawn(Echo)
+            held = _fd_targets_of(w.pid)
+            assert not any(t.startswith("net:") for t in held.values()), held

@@ -162,9 +162,9 @@ def child_main(
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(0)
-        _settle_fds(sock_fd, [g[1] for g in grants], net_fd)
-        if net_fd is not None:
-            net_fd = NET_FD
+        _settle_fds(sock_fd, [g[1] for g in grants], net_fd if prepared is not None else None)
+        # (unsandboxed: settling closed the namespace fd with everything else)
+        net_fd = NET_FD if net_fd is not None and prepared is not None else None
         keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
         _quiet_stdio()
         if chan_ready is not None and chan_ready.fileno() == CHANNEL_FD:
