@@ -291,15 +291,17 @@ class Broker:
                     if self._zygote is None:
                         self._zygote = Zygote()
                     # a spare goes into the cgroup before it is given its request
-                    pid, sock = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants,
+                    pid, chan = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants,
                                                    before=place if cgroup else None)
                     reaper = self._zygote.reap
                 elif method == "exec":
                     pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants)
+                    chan = Channel(sock)
                     reaper = _popen_reaper(proc)
                 else:
                     fork_grants = [(name, cap.fileno(), cap.kind, cap.rights) for name, cap in grants]
                     pid, sock = fork_worker(cls, self._prepare(spec), fork_grants)
+                    chan = Channel(sock)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
@@ -308,7 +310,7 @@ class Broker:
             self,
             cls,
             pid,
-            Channel(sock),
+            chan,
             timeout=timeout if timeout is not None else self.call_timeout,
             violation=self.policy.sandbox.violation,
             reaper=reaper,

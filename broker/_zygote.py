@@ -19,7 +19,7 @@ from typing import Any
 
 from protocol import ProtocolError, WorkerCrashed
 from protocol._remote import exception_from_wire
-from protocol._wire import Channel, ReceivedFd, SocketEnd
+from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd
 from worker import Worker
 from worker._serve import forked_from_main_thread
 
@@ -142,7 +142,7 @@ class Zygote:
         timeout: float,
         grants: list[tuple[str, Any]],
         before: Callable[[int], None] | None = None,
-    ) -> tuple[int, socket.socket]:
+    ) -> tuple[int, Channel]:
         """A new worker's pid and channel. ``before(pid)`` runs before a spare
         is given its request (not when the zygote forks one on demand)."""
         expect = (cls.__module__, cls.__qualname__, spec_wire)
@@ -159,10 +159,11 @@ class Zygote:
                     raise
                 if self._assign(spare, expect, grants):
                     self._ask_spare(expect)
-                    return spare.pid, spare.chan.sock
-            got = _request_spawn(self._chan, cls, spec_wire, timeout, grants)
+                    spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
+                    return spare.pid, spare.chan
+            pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants)
             self._ask_spare(expect)
-            return got
+            return pid, Channel(sock)
 
     def _assign(self, spare: _Spare, expect: tuple[str, str, Any], grants: list[tuple[str, Any]]) -> bool:
         module, qualname, spec_wire = expect

@@ -366,6 +366,9 @@ def _dirref_hook(code: int, data: bytes) -> Any:
     return _no_ext_hook(code, data)
 
 
+DEFAULT_SEND_TIMEOUT = 10.0  # seconds a send may wait for a peer that stopped reading
+
+
 class Channel:
     """One end of a SOCK_SEQPACKET connection. Owns its socket.
 
@@ -373,7 +376,9 @@ class Channel:
     stops reading; ``recv`` enforces every bound above.
     """
 
-    def __init__(self, sock: socket.socket, *, send_timeout: float | None = 10.0, allow_dirref: bool = False):
+    def __init__(
+        self, sock: socket.socket, *, send_timeout: float | None = DEFAULT_SEND_TIMEOUT, allow_dirref: bool = False
+    ):
         if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
             raise ValueError("a Channel needs an AF_UNIX SOCK_SEQPACKET socket")
         self.sock = sock
