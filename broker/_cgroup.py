@@ -30,6 +30,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from worker.sandbox._namespaces import write_file
+
 _ids = itertools.count(1)
 
 
@@ -93,14 +95,6 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
-
-
 def _v2_parent(parent: str) -> CgroupSupport:
     try:
         if "memory" not in _read(os.path.join(parent, "cgroup.controllers")).split():
@@ -108,7 +102,7 @@ def _v2_parent(parent: str) -> CgroupSupport:
         control = os.path.join(parent, "cgroup.subtree_control")
         if "memory" not in _read(control).split():
             try:
-                _write(control, "+memory")
+                write_file(control, "+memory")
             except OSError as exc:
                 why = "it holds processes (run the broker in a delegated cgroup)" if exc.errno == errno.EBUSY \
                     else exc.strerror
@@ -167,10 +161,10 @@ class WorkerCgroup:
         os.mkdir(path, 0o755)
         try:
             if support.version == 2:
-                _write(os.path.join(path, "memory.max"), str(limit))
+                write_file(os.path.join(path, "memory.max"), str(limit))
                 _write_if_there(os.path.join(path, "memory.swap.max"), "0")
             else:
-                _write(os.path.join(path, "memory.limit_in_bytes"), str(limit))
+                write_file(os.path.join(path, "memory.limit_in_bytes"), str(limit))
                 _write_if_there(os.path.join(path, "memory.memsw.limit_in_bytes"), str(limit))
         except BaseException:
             os.rmdir(path)
@@ -178,7 +172,7 @@ class WorkerCgroup:
         return cls(support, path, limit)
 
     def add(self, pid: int) -> None:
-        _write(os.path.join(self.path, "cgroup.procs"), str(pid))
+        write_file(os.path.join(self.path, "cgroup.procs"), str(pid))
 
     def oom_killed(self) -> bool:
         """Did the kernel kill a process here for running out of memory?"""
@@ -227,6 +221,6 @@ class WorkerCgroup:
 
 def _write_if_there(path: str, data: str) -> None:
     try:
-        _write(path, data)
+        write_file(path, data)
     except FileNotFoundError:
         pass

@@ -414,20 +414,17 @@ class Channel:
     ) -> None:
         """Send one message. ``with_fds``: the caller knows it carries fds
         (skips the attempt to pack it as plain data)."""
-        try:  # fast path: plain data that fits one packet, sent without ancillary data
-            if with_fds:
-                raise TypeError
-            payload = _plain_packer.pack(obj)
-        except TypeError:  # something that travels as an fd (or cannot travel at all)
-            pass
-        else:
-            if len(payload) <= MAX_PACKET:
+        if not with_fds:  # fast path: plain data that fits one packet, sent without ancillary data
+            try:
+                plain = _plain_packer.pack(obj)
+            except TypeError:  # something that travels as an fd (or cannot travel at all)
+                plain = None
+            if plain is not None and len(plain) <= MAX_PACKET:
                 try:
-                    self.sock.send(payload, _SEND_FLAGS)
-                    return
+                    self.sock.send(plain, _SEND_FLAGS)
                 except (BlockingIOError, InterruptedError):
-                    self.send_raw(payload)  # waits for room, at most send_timeout
-                    return
+                    self.send_raw(plain)  # waits for room, at most send_timeout
+                return
         payload, fds, owned = encode(obj, fd_hook)
         try:
             self.send_raw(payload, fds)

@@ -50,7 +50,8 @@ def _unshare(flags: int) -> bool:
     return int(lib.unshare(flags)) == 0
 
 
-def _write(path: str, data: str) -> None:
+def write_file(path: str, data: str) -> None:
+    """One write(2) of ``data``: control files (uid_map, cgroup knobs) take a value per write."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, data.encode())
@@ -59,9 +60,9 @@ def _write(path: str, data: str) -> None:
 
 
 def _map_ids(uid: int, gid: int) -> None:
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    write_file("/proc/self/setgroups", "deny")
+    write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+    write_file("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
 def _empty_root(own_userns: bool) -> bool:
