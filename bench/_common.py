@@ -65,6 +65,15 @@ class BenchWorker(Worker):
             return f.read(4)
 
 
+class SetupBenchWorker(BenchWorker):
+    """The same, with a setup() of its own and no ``setup_ahead`` promise: the
+    zygote's spare gets its request before setup() and sandbox entry run, as
+    for any class that does not promise its setup() stays in the process."""
+
+    def setup(self) -> None:
+        self.ready = True
+
+
 # -- the same work, for multiprocessing / ProcessPoolExecutor ---------------
 def mp_ping() -> int:
     return 1

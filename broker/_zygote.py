@@ -23,6 +23,8 @@ from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd
 from worker import Worker
 from worker._serve import forked_from_main_thread
 
+from ._exit import WorkerExit
+
 SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
 
 
@@ -100,18 +102,22 @@ def _request_spawn(
     parent.close()
     if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("e"), dict):
         cause = exception_from_wire(reply["e"])
-        raise WorkerCrashed(f"cannot start {cls.__qualname__}: {cause}") from cause
+        why = f"cannot start {cls.__qualname__}: {cause}"
+        raise WorkerCrashed(why, WorkerExit("crashed", why)) from cause
     raise ProtocolError("zygote sent a malformed reply")
 
 
 class _Spare:
     """A pre-forked child of the zygote, waiting for its spawn request on ``chan``."""
 
-    __slots__ = ("chan", "pid")
+    __slots__ = ("ahead", "chan", "pid")
 
-    def __init__(self, pid: int, chan: Channel):
+    def __init__(self, pid: int, chan: Channel, ahead: tuple[str, str, Any] | None):
         self.pid = pid
         self.chan = chan
+        #: the (module, qualname, spec) it made its worker for while waiting
+        #: (``Worker.setup_ahead``); it serves exactly that, without grants
+        self.ahead = ahead
 
 
 class Zygote:
@@ -133,6 +139,7 @@ class Zygote:
         self._lock = threading.Lock()
         self._spare: _Spare | None = None
         self._pending = False  # a spare was asked for and the answer is not read yet
+        self._asked: tuple[str, str, Any] | None = None  # what the pending spare was asked to preload
         self._ask_spare(None)
 
     def spawn(
@@ -149,13 +156,15 @@ class Zygote:
         with self._lock:
             self._collect(timeout)
             spare, self._spare = self._spare, None
+            if spare is not None and spare.ahead is not None and (spare.ahead != expect or grants):
+                self._discard(spare)  # made for another worker: fork this one on demand
+                spare = None
             if spare is not None:
                 try:
                     if before is not None:
                         before(spare.pid)
                 except BaseException:
-                    spare.chan.close()  # EOF: it exits; the zygote reaps it when asked
-                    self._reap_locked(spare.pid, 10.0)
+                    self._discard(spare)
                     raise
                 if self._assign(spare, expect, grants):
                     self._ask_spare(expect)
@@ -173,9 +182,12 @@ class Zygote:
             spare.chan.send(msg)
             return True
         except (OSError, ProtocolError):  # it died while waiting: let the zygote reap it, fork on demand
-            spare.chan.close()
-            self._reap_locked(spare.pid, 10.0)
+            self._discard(spare)
             return False
+
+    def _discard(self, spare: _Spare) -> None:
+        spare.chan.close()  # EOF: it exits
+        self._reap_locked(spare.pid, 10.0)
 
     def _ask_spare(self, preload: tuple[str, str, Any] | None) -> None:
         """Ask for the next spare (answer read later). Caller holds the lock or is __init__."""
@@ -189,6 +201,7 @@ class Zygote:
         except OSError:
             return  # the zygote is gone; the next request says so
         self._pending = True
+        self._asked = preload
 
     def _collect(self, timeout: float) -> None:
         """Read the answer to a pending spare request, if any."""
@@ -203,7 +216,8 @@ class Zygote:
         if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
                 and isinstance(reply.get("chan"), ReceivedFd):
             fd = reply["chan"].detach()
-            self._spare = _Spare(reply["pid"], Channel(socket.socket(fileno=fd), send_timeout=5.0))
+            ahead = self._asked if reply.get("ahead") is True else None
+            self._spare = _Spare(reply["pid"], Channel(socket.socket(fileno=fd), send_timeout=5.0), ahead)
         elif not (type(reply) is dict and reply.get("t") == "error"):
             raise ProtocolError("zygote sent a malformed reply")
         # an "error" answer (fork failed) just leaves us without a spare

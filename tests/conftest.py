@@ -39,6 +39,14 @@ def spare_of(broker: Broker | None) -> tuple[int, int] | None:
     return None if zygote is None else zygote.waiting_spare()
 
 
+def spare_made_ahead(broker: Broker) -> bool:
+    """Whether the broker's waiting spare has made its worker ahead (``Worker.setup_ahead``)."""
+    zygote = broker._zygote
+    if zygote is None or zygote.waiting_spare() is None:
+        return False
+    return zygote._spare is not None and zygote._spare.ahead is not None
+
+
 def fd_targets() -> dict[int, str]:
     out = {}
     for name in os.listdir("/proc/self/fd"):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import READ, open_fds
+from conftest import READ, open_fds, spare_made_ahead
 
 from broker import Broker, Policy
 from protocol import PolicyViolation, Rights, WorkerCrashed
@@ -379,6 +379,14 @@ class Attacker(Worker):
         return "pong"
 
 
+class SetupAttacker(Attacker):
+    """The same attacker with a setup() of its own, so the zygote never makes it
+    ahead: its spare gets the request first, then sets up and enters."""
+
+    def setup(self) -> None:
+        self.set_up = True
+
+
 class Int80Attacker(Attacker):
     def setup(self) -> None:
         # mapped executable before entry (exec mappings are denied after it)
@@ -498,13 +506,18 @@ def make_broker(root: Path, spawn: str = "auto", **sandbox: Any) -> Broker:
     return Broker(policy, root=root, call_timeout=30, spawn=spawn)
 
 
-# The whole suite runs against workers from the zygote (its pre-forked spare),
-# a plain fork and an exec'd fresh interpreter: all must give the same sandbox.
-@pytest.fixture(scope="module", params=["zygote", "fork", "exec"])
+# The whole suite runs against workers from the zygote (its pre-forked spare,
+# handed the request before setup and entry, and a spare that made the worker
+# and entered its sandbox ahead of the request), a plain fork and an exec'd
+# fresh interpreter: all must give the same sandbox.
+@pytest.fixture(scope="module", params=["zygote", "zygote-ahead", "fork", "exec"])
 def broker_m(request: pytest.FixtureRequest, tree_m: Path) -> Iterator[tuple[Broker, Any]]:
-    with make_broker(tree_m, spawn=request.param) as b:
+    method = request.param.split("-")[0]
+    with make_broker(tree_m, spawn=method) as b:
         witness = b.spawn(Attacker)
-        assert witness.spawn_method == request.param
+        assert witness.spawn_method == method
+        if method == "zygote":
+            b.ahead = request.param == "zygote-ahead"  # type: ignore[attr-defined]
         yield b, witness
 
 
@@ -534,10 +547,16 @@ def _arg(kind: str | None, b: Broker, root: Path, abstract: str) -> Any:
 
 def run_case(b: Broker, witness: Any, root: Path, case: Case, abstract: str) -> dict[str, Any]:
     """Run one case in a fresh worker; check the outcome, the broker and fds."""
+    ahead = getattr(b, "ahead", None)  # zygote only: whether the worker must be made ahead
+    if ahead and case.arg != "dir" and not spare_made_ahead(b):
+        b.spawn(Attacker).kill()  # a spawn with grants came before: this makes the next spare ahead
+        assert spare_made_ahead(b)
     before = open_fds(b)
     arg = _arg(case.arg, b, root, abstract)
     grants = {"d": arg} if case.arg == "dir" else None
-    w = b.spawn(Attacker, grants=grants)
+    w = b.spawn(SetupAttacker if ahead is False else Attacker, grants=grants)
+    if ahead is not None:  # the zygote: the path this parameter is about was taken
+        assert w.sandbox.get("ahead", False) is (ahead and grants is None), w.sandbox
     sent = "@grant" if grants else arg
     kind, want = case.expect
     try:

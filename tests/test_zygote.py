@@ -1,5 +1,6 @@
 """The zygote's pre-forked spare: what it holds, and what happens when it
-dies, is handed a class nobody prepared, or cannot load its class."""
+dies, is handed a class nobody prepared, or cannot load its class; and the
+spare that makes its worker ahead (``Worker.setup_ahead``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import READ, default_policy, fd_targets, open_fds, spare_of
+from conftest import READ, default_policy, fd_targets, open_fds, spare_made_ahead, spare_of
 
 from broker import Broker
 from protocol import WorkerCrashed
@@ -26,6 +27,45 @@ class Echo(Worker):
     @rpc
     def where(self) -> int:
         return os.getpid()
+
+
+class EchoWithSetup(Echo):
+    """A setup() of its own and no promise about it: never made ahead."""
+
+    def setup(self) -> None:
+        self.set_up_in = os.getpid()
+
+
+class Eager(Echo):
+    setup_ahead = True
+
+    def setup(self) -> None:
+        self.set_up_at = time.monotonic()
+
+    @rpc
+    def when_set_up(self) -> float:
+        return self.set_up_at
+
+
+class FailsAhead(Worker):
+    setup_ahead = True
+
+    def setup(self) -> None:
+        raise RuntimeError("the model file is missing")
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _wait_entered(pid: int) -> dict[str, str]:
+    """The spare's status once it is under its seccomp filter (it enters while it waits)."""
+    deadline = time.monotonic() + 10
+    while (st := _status(pid))["Seccomp"] != "2":
+        assert time.monotonic() < deadline, f"spare {pid} did not enter its sandbox: {st}"
+        time.sleep(0.005)
+    return st
 
 
 def _ppid(pid: int) -> int:
@@ -113,7 +153,8 @@ def test_a_dead_spare_is_reaped_and_the_spawn_forks_instead(tree: Path) -> None:
 
 def test_a_spare_loads_a_class_it_was_not_prepared_for(tree: Path) -> None:
     with Broker(default_policy(), root=tree, spawn="zygote") as b:
-        b.spawn(Echo).kill()  # the next spare is prepared for Echo only
+        b.spawn(EchoWithSetup).kill()  # the next spare is prepared for EchoWithSetup only (not made ahead)
+        assert not spare_made_ahead(b)
         spare = spare_of(b)
         assert spare is not None
         from _late_worker import Late  # here, so that the zygote has not imported it with this module
@@ -158,7 +199,8 @@ def test_a_class_the_spare_cannot_load_is_a_clear_error_and_costs_nothing(tree: 
         from _shy_worker import Shy  # here: at the top, it would stop the zygote importing this module
 
         before = open_fds(b)
-        for _ in range(2):  # the spare prepared for Echo, then one the zygote failed to prepare
+        # a fork (the spare made ahead for Echo is let go), then a spare the zygote failed to prepare
+        for _ in range(2):
             with pytest.raises(WorkerCrashed, match="refuses to load in a zygote") as info:
                 b.spawn(Shy)
             assert info.value.exit is not None and info.value.exit.kind == "crashed"
@@ -177,7 +219,7 @@ def test_each_worker_gets_a_network_namespace_of_its_own_made_ahead(tree: Path) 
     """The zygote makes each spare's network namespace before the spawn; the
     zygote and the waiting spare (where setup() runs) stay in the broker's."""
     with Broker(default_policy(), root=tree, spawn="zygote") as b:
-        a, c = b.spawn(Echo), b.spawn(Echo)
+        a, c = b.spawn(EchoWithSetup), b.spawn(EchoWithSetup)
         assert "net" in a.sandbox["namespaces"] and "net" in c.sandbox["namespaces"]
         mine = _netns(os.getpid())
         assert len({mine, _netns(a.pid), _netns(c.pid)}) == 3
@@ -225,3 +267,89 @@ def test_an_unsandboxed_worker_from_a_spare_holds_no_namespace_fd(tree: Path) ->
             w = b.spawn(Echo)
             held = _fd_targets_of(w.pid)
             assert not any(t.startswith("net:") for t in held.values()), held
+
+
+# -- workers made ahead ------------------------------------------------------
+def _layers(report: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in report.items() if k not in ("entry_us", "ahead")}
+
+
+def test_a_spare_makes_a_worker_without_setup_ahead_inside_its_sandbox(tree: Path) -> None:
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        first = b.spawn(Echo)  # the first spare was forked before any class was known
+        assert "ahead" not in first.sandbox
+        first.kill()
+        assert spare_made_ahead(b)
+        spare = spare_of(b)
+        assert spare is not None
+        st = _wait_entered(spare[0])  # in its sandbox before anyone asked for it
+        assert st["NoNewPrivs"] == "1" and int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0
+        assert _netns(spare[0]) not in (_netns(os.getpid()), _netns(b._zygote._proc.pid))  # type: ignore[union-attr]
+        w = b.spawn(Echo)
+        assert w.pid == spare[0] and w.sandbox["ahead"] is True
+        assert _layers(w.sandbox) == _layers(first.sandbox)  # the same sandbox as the spawn-time path
+        assert w.ping() == "pong" and w.where() == spare[0]
+        assert spare_made_ahead(b) and spare_of(b) != spare  # the next one is being made
+
+
+def test_a_spare_made_ahead_is_let_go_for_another_class_or_for_grants(tree: Path) -> None:
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(Echo).kill()
+        spare = spare_of(b)
+        assert spare is not None and spare_made_ahead(b)
+        before = open_fds(b)
+        w = b.spawn(EchoWithSetup)
+        assert w.pid != spare[0] and "ahead" not in w.sandbox and w.ping() == "pong"
+        assert _gone(spare[0]), "the unused spare was left behind"
+        w.kill()
+        b.spawn(Echo).kill()
+        spare = spare_of(b)
+        assert spare is not None and spare_made_ahead(b)
+        with b.opendir("data", READ) as d:
+            g = b.spawn(Echo, grants={"d": d})
+        assert g.pid != spare[0] and "ahead" not in g.sandbox and g.ping() == "pong"
+        assert _gone(spare[0])
+        g.kill()
+        assert open_fds(b) == before
+
+
+def test_a_spare_made_ahead_refuses_any_other_request_itself(tree: Path) -> None:
+    """The broker never sends it one; if it did, the spare alone refuses."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(Echo).kill()
+        zygote = b._zygote
+        assert zygote is not None and spare_made_ahead(b)
+        assert zygote._spare is not None
+        zygote._spare.ahead = None  # the broker forgets what it was made for
+        with pytest.raises(WorkerCrashed, match=r"this spare was made for .*Echo without grants"):
+            b.spawn(EchoWithSetup)
+        assert b.spawn(Echo).ping() == "pong"
+
+
+def test_setup_ahead_runs_setup_before_the_request(tree: Path) -> None:
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(Eager).kill()
+        spare = spare_of(b)
+        assert spare is not None and spare_made_ahead(b)
+        _wait_entered(spare[0])
+        asked = time.monotonic()
+        w = b.spawn(Eager)
+        assert w.pid == spare[0] and w.sandbox["ahead"] is True
+        assert w.when_set_up() < asked
+        b.spawn(EchoWithSetup).kill()  # a setup() without the promise is never run ahead
+        assert not spare_made_ahead(b)
+
+
+def test_a_setup_that_fails_ahead_fails_the_spawn_as_it_would_have(tree: Path) -> None:
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(Echo).kill()
+        before = open_fds(b)
+        ahead = []
+        for _ in range(3):  # a spare made for Echo; then spares that tried FailsAhead while waiting
+            ahead.append(spare_made_ahead(b) and b._zygote._spare.ahead[1] == "FailsAhead")  # type: ignore[union-attr]
+            with pytest.raises(WorkerCrashed, match=r"setup or sandbox entry failed: .*model file is missing") as info:
+                b.spawn(FailsAhead)
+            assert info.value.exit is not None and info.value.exit.kind == "crashed"
+        assert ahead == [False, True, True]
+        assert b.workers == []
+        assert open_fds(b) == before

@@ -40,6 +40,14 @@ class Worker:
     """
 
     rpc_methods: ClassVar[frozenset[str]] = frozenset()
+    #: True promises that ``__init__`` and ``setup()`` only prepare this
+    #: process (imports, warm-up, settings of its own) and touch nothing
+    #: outside it. The zygote may then make the worker ahead of any spawn
+    #: request, in a pre-forked spare that the broker may throw away unused:
+    #: the spare runs ``setup()`` and enters the sandbox while it waits, which
+    #: takes both off the spawn path. A class that overrides neither method
+    #: gets this without asking; spawns with grants never do.
+    setup_ahead: ClassVar[bool] = False
     broker: BrokerClient
     #: Grants held since spawn, by name: files and ``Directory`` objects.
     grants: dict[str, Any]

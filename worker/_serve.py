@@ -165,61 +165,116 @@ def child_main(
         _settle_fds(sock_fd, [g[1] for g in grants], net_fd if prepared is not None else None)
         # (unsandboxed: settling closed the namespace fd with everything else)
         net_fd = NET_FD if net_fd is not None and prepared is not None else None
-        keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
         _quiet_stdio()
         if chan_ready is not None and chan_ready.fileno() == CHANNEL_FD:
             chan = chan_ready  # settling kept its number (a close and dup2 onto the same slot)
             chan.allow_dirref = True
         else:
             chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
-        instance = cls()
-        instance.broker = BrokerClient(chan)
-        instance.grants = {
-            name: FdDirectory(GRANT_BASE + i, rights, pinned=True)
-            if kind == KIND_DIR
-            else open_fd(GRANT_BASE + i, rights, kind, pinned=True)
-            for i, (name, _, kind, rights) in enumerate(grants)
-        }
-        instance.setup()
-        _close_all_but([0, 1, 2, *keep, *([] if net_fd is None else [net_fd])])
-        sys.stdout = sys.stderr = io.TextIOWrapper(io.BytesIO())  # never the real fds
-        report: dict[str, Any] = {"layers": []}
-        notify = None
-        _freeze_linecache(cls)
-        if prepared is not None:
-            from .sandbox import enter
-
-            applied = enter(prepared, [0, 1, 2, *keep], net_fd=net_fd)
-            report = dict(applied)
-            nfd = report.pop("notify_fd", None)
-            if nfd is not None:
-                notify = _Listener(nfd)
-        chan.send({"t": "ready", "v": PROTOCOL_VERSION, "pid": os.getpid(), "sandbox": report, "notify": notify})
-        if notify is not None:
-            notify.close()  # the supervisor's fd must never stay with the supervised
-        serve(instance, chan)
+        _announce_and_serve(chan, *_become(cls, chan, prepared, grants, net_fd))
     except BrokerGone:
         code = 0
     except BaseException as exc:
-        code = EXIT_SETUP_FAILED
-        if chan is not None:
-            try:
-                chan.send({"t": "fail", "e": exception_to_wire(exc)})
-            except BaseException:
-                pass
-        else:  # no channel yet: stderr is still the broker's
-            try:
-                os.write(
-                    2,
-                    (
-                        "privsep worker failed before its channel was up:\n"
-                        + "".join(__import__("traceback").format_exception(exc))
-                    ).encode(),
-                )
-            except OSError:
-                pass
+        code = _failed(chan, exc)
     finally:
         os._exit(code)
+
+
+def _become(
+    cls: type[Worker], chan: Channel, prepared: Any, grants: Sequence[tuple[str, int, int, Rights]],
+    net_fd: int | None,
+) -> tuple[Worker, dict[str, Any], _Listener | None]:
+    """Make the worker: its instance, ``setup()``, then sandbox entry (when
+    ``prepared``). The channel is on CHANNEL_FD and grant i on GRANT_BASE + i."""
+    keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
+    instance = cls()
+    instance.broker = BrokerClient(chan)
+    instance.grants = {
+        name: FdDirectory(GRANT_BASE + i, rights, pinned=True)
+        if kind == KIND_DIR
+        else open_fd(GRANT_BASE + i, rights, kind, pinned=True)
+        for i, (name, _, kind, rights) in enumerate(grants)
+    }
+    instance.setup()
+    _close_all_but([0, 1, 2, *keep, *([] if net_fd is None else [net_fd])])
+    sys.stdout = sys.stderr = io.TextIOWrapper(io.BytesIO())  # never the real fds
+    report: dict[str, Any] = {"layers": []}
+    notify = None
+    _freeze_linecache(cls)
+    if prepared is not None:
+        from .sandbox import enter
+
+        applied = enter(prepared, [0, 1, 2, *keep], net_fd=net_fd)
+        report = dict(applied)
+        nfd = report.pop("notify_fd", None)
+        if nfd is not None:
+            notify = _Listener(nfd)
+    return instance, report, notify
+
+
+def _announce_and_serve(chan: Channel, instance: Worker, report: dict[str, Any], notify: _Listener | None) -> None:
+    chan.send({"t": "ready", "v": PROTOCOL_VERSION, "pid": os.getpid(), "sandbox": report, "notify": notify})
+    if notify is not None:
+        notify.close()  # the supervisor's fd must never stay with the supervised
+    serve(instance, chan)
+
+
+def _failed(chan: Channel | None, exc: BaseException) -> int:
+    """Tell the broker why the worker could not start or went wrong; the exit code."""
+    if chan is not None:
+        try:
+            chan.send({"t": "fail", "e": exception_to_wire(exc)})
+        except BaseException:
+            pass
+    else:  # no channel yet: stderr is still the broker's
+        try:
+            os.write(
+                2,
+                (
+                    "privsep worker failed before its channel was up:\n"
+                    + "".join(__import__("traceback").format_exception(exc))
+                ).encode(),
+            )
+        except OSError:
+            pass
+    return EXIT_SETUP_FAILED
+
+
+class Ahead:
+    """A worker made ahead of its spawn request, in a spare (``Worker.setup_ahead``):
+    set up and, when sandboxed, already in its sandbox. Holds what ``setup()``
+    or entry raised, to report when the request comes."""
+
+    __slots__ = ("chan", "error", "made")
+
+    def __init__(self, cls: type[Worker], chan: Channel, prepared: Any, net_fd: int | None):
+        self.chan = chan
+        self.made: tuple[Worker, dict[str, Any], _Listener | None] | None = None
+        self.error: BaseException | None = None
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        chan.allow_dirref = True
+        try:
+            _quiet_stdio()
+            instance, report, notify = _become(cls, chan, prepared, (), net_fd)
+            report["ahead"] = True
+            self.made = instance, report, notify
+        except BaseException as exc:
+            self.error = exc
+
+    def serve(self) -> NoReturn:
+        """Answer the spawn request it was made for. Never returns."""
+        code = 0
+        try:
+            if self.made is None:
+                assert self.error is not None
+                raise self.error
+            _announce_and_serve(self.chan, *self.made)
+        except BrokerGone:
+            code = 0
+        except BaseException as exc:
+            code = _failed(self.chan, exc)
+        finally:
+            os._exit(code)
 
 
 _warmed: set[type] = set()

@@ -45,6 +45,7 @@ from ._serve import (
     EXIT_PROTOCOL,
     EXIT_SETUP_FAILED,
     NET_FD,
+    Ahead,
     _close_all_but,
     _settle_fds,
     child_main,
@@ -114,10 +115,40 @@ def _check_spawn(
     return msg["module"], msg["qualname"], msg["spec"], msg.get("chan"), grants
 
 
-def _fork_spare(ctls: list[Channel], want_net: bool) -> tuple[int, socket.socket]:
+class _AheadPlan:
+    """What a spare makes ahead of its request: the worker of ``cls`` under
+    ``prepared``, for exactly that request (module, qualname, spec as sent)."""
+
+    __slots__ = ("cls", "module", "prepared", "qualname", "spec_key")
+
+    def __init__(self, cls: type[Worker], prepared: Any, module: str, qualname: str, spec_wire: Any):
+        self.cls, self.prepared = cls, prepared
+        self.module, self.qualname = module, qualname
+        self.spec_key = msgpack.packb(spec_wire)
+
+    def matches(self, module: str, qualname: str, spec_wire: Any, grants: list[Any]) -> bool:
+        return (
+            not grants
+            and (module, qualname) == (self.module, self.qualname)
+            and msgpack.packb(spec_wire) == self.spec_key
+        )
+
+
+def _ahead_allowed(cls: type[Worker], prepared: Any) -> bool:
+    """May a spare make this worker before it is asked for? Only if nothing of
+    the user's runs ahead but what promises to stay in the process, and the
+    sandbox pins no fds (those come with the request)."""
+    if prepared is not None and (prepared.spec.fs_rules or prepared.spec.fd_rules):
+        return False
+    if cls.setup_ahead is True:
+        return True
+    return cls.setup is Worker.setup and cls.__init__ is Worker.__init__
+
+
+def _fork_spare(ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = None) -> tuple[int, socket.socket]:
     """Fork a spare, with a fresh network namespace for it to join at entry
     if ``want_net`` and we may make one; returns its pid and the broker's end
-    of its socket."""
+    of its socket. With ``ahead`` the spare makes that worker while it waits."""
     net_fd = fresh_net() if want_net else None
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -134,7 +165,7 @@ def _fork_spare(ctls: list[Channel], want_net: bool) -> tuple[int, socket.socket
                 for c in ctls:  # the zygote's channels to the broker
                     os.close(c.sock.detach())
                 ours.close()
-                _spare_main(theirs, me, net_fd)  # takes over net_fd; never returns
+                _spare_main(theirs, me, net_fd, ahead)  # takes over net_fd; never returns
             finally:
                 os._exit(70)  # ends the child here: the finally below is the parent's
     finally:
@@ -144,7 +175,7 @@ def _fork_spare(ctls: list[Channel], want_net: bool) -> tuple[int, socket.socket
     return pid, ours
 
 
-def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None) -> NoReturn:
+def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None, ahead: _AheadPlan | None = None) -> NoReturn:
     """A spare waits, holding nothing, for the one spawn request it will serve;
     its socket then becomes the worker's channel."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -152,10 +183,13 @@ def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None) -> NoRetur
         os._exit(0)
     # While waiting, do what does not depend on the request: the socket goes to
     # the worker's channel slot (and the namespace fd to its own), and the
-    # worker's Channel is made.
+    # worker's Channel is made; with a plan, the whole worker is.
     _settle_fds(sock.detach(), [], net_fd)
     net_fd = None if net_fd is None else NET_FD
     chan = Channel(socket.socket(fileno=CHANNEL_FD))
+    made = None
+    if ahead is not None:
+        made = Ahead(ahead.cls, chan, ahead.prepared, net_fd if ahead.prepared is not None else None)
     try:
         msg = chan.recv()
     except ProtocolError:
@@ -164,30 +198,39 @@ def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None) -> NoRetur
         os._exit(0)
     try:
         module, qualname, spec, _, grant_fds = _check_spawn(msg, with_chan=False)
-        cls = load_class(module, qualname)
-        prepared = prepared_for(spec)
+        if made is not None:
+            assert ahead is not None
+            if not ahead.matches(module, qualname, spec, grant_fds):  # the broker checks this too
+                raise ProtocolError(f"this spare was made for {ahead.module}.{ahead.qualname} without grants")
+        else:
+            cls = load_class(module, qualname)
+            prepared = prepared_for(spec)
     except BaseException as exc:
         chan.send({"t": "fail", "e": exception_to_wire(exc)})
         os._exit(EXIT_SETUP_FAILED)
+    if made is not None:
+        made.serve()
     grants = [(name, g.fd, kind, rights) for name, g, kind, rights in grant_fds]
     child_main(cls, CHANNEL_FD, prepared, grants, from_main_thread=True, parent_pid=zygote, net_fd=net_fd,
                chan_ready=chan)
 
 
-def _preload(msg: dict[str, Any]) -> bool:
+def _preload(msg: dict[str, Any]) -> tuple[bool, _AheadPlan | None]:
     """Import the class and compile the filter the broker expects next, so the
     spare inherits both. Failure is left for the spare to report when used.
     Returns whether the spare will likely want a network namespace (a
-    sandboxed spec with namespaces, or nothing known yet)."""
+    sandboxed spec with namespaces, or nothing known yet), and the plan for
+    making the worker ahead, where the class allows it."""
     pre = msg.get("preload")
     if not (isinstance(pre, list) and len(pre) == 3 and isinstance(pre[0], str) and isinstance(pre[1], str)):
-        return True
+        return True, None
     try:
-        load_class(pre[0], pre[1])
+        cls = load_class(pre[0], pre[1])
         prepared = prepared_for(pre[2])
     except Exception:
-        return True
-    return prepared is not None and prepared.spec.namespaces
+        return True, None
+    plan = _AheadPlan(cls, prepared, pre[0], pre[1], pre[2]) if _ahead_allowed(cls, prepared) else None
+    return prepared is not None and prepared.spec.namespaces, plan
 
 
 def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None = None) -> None:
@@ -207,14 +250,14 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
                 chan.send({"t": "status", "pid": msg["pid"], "status": None})
             continue
         if type(msg) is dict and msg.get("t") == "spare" and not once:
-            want_net = _preload(msg)
+            want_net, plan = _preload(msg)
             try:
-                pid, sock = _fork_spare([chan, *([spares] if spares else [])], want_net)
+                pid, sock = _fork_spare([chan, *([spares] if spares else [])], want_net, plan)
             except OSError as exc:
                 spare_out.send({"t": "error", "e": exception_to_wire(exc)})
                 continue
             try:
-                spare_out.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock)})
+                spare_out.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock), "ahead": plan is not None})
             finally:
                 sock.close()
             continue

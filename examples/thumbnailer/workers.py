@@ -28,6 +28,10 @@ imaging.warm_up()
 class Thumbnailer(Worker):
     """Decode one untrusted image, shrink it, encode it into a broker-created file."""
 
+    #: setup() only sets Pillow's limits in this process: the zygote may make
+    #: the worker (and enter its sandbox) before the pool asks for it.
+    setup_ahead = True
+
     def setup(self) -> None:
         imaging.configure_pillow()
 

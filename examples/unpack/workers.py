@@ -79,6 +79,10 @@ class CountingReader:
 class Unpacker(Worker):
     """One archive per worker: ``open_archive``, then ``next_member`` / ``extract_member`` in turn."""
 
+    #: setup() only imports and warms modules in this process: the zygote may
+    #: make the worker (and enter its sandbox) before it is asked for.
+    setup_ahead = True
+
     def setup(self) -> None:
         # The archive modules import their codecs lazily; do it now, before the sandbox.
         import bz2  # noqa: F401
