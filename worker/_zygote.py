@@ -16,7 +16,11 @@ reason. The fork, the child's first page faults and one message hop then
 happen between spawns instead of during one. The broker names the class and
 spec it expects next, so the zygote imports and compiles them before the
 fork and the spare inherits them; a spare handed something else loads it
-itself.
+itself. When that class promises its ``setup()`` stays in the process
+(``Worker.setup_ahead``, or no ``__init__``/``setup`` of its own) and the
+spec pins no fds, the spare makes the whole worker while it waits: instance,
+``setup()``, sandbox entry. It then serves exactly that request (class,
+spec, no grants) and refuses any other; the broker lets it go instead.
 
 Run as ``python3 -m worker._zygote FD [--spares FD] [--exec] [--pdeathsig]``. With
 ``--exec`` it serves exactly one spawn request by becoming that worker (the

@@ -23,6 +23,24 @@ RESOLVE_IN_ROOT = 0x10
 _MAX_EAGAIN = 16
 
 
+_NR = ffi.cast("long", SYS_OPENAT2)
+_HOW_SIZE = ffi.cast("long", ffi.sizeof("struct open_how"))
+_hows: dict[tuple[int, int, int], object] = {}  # read-only once made: shared by every call and thread
+
+
+def _how(flags: int, mode: int, resolve: int) -> object:
+    key = (flags, mode, resolve)
+    how = _hows.get(key)
+    if how is None:
+        how = ffi.new("struct open_how *")
+        how.flags = flags
+        how.mode = mode
+        how.resolve = resolve
+        if len(_hows) < 64:
+            _hows[key] = how
+    return how
+
+
 def openat2(
     dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
 ) -> int:
@@ -31,21 +49,11 @@ def openat2(
     Retries the bounded number of ``EAGAIN`` the kernel may give when a
     rename races a ``..`` walk; raises ``OSError`` otherwise.
     """
-    how = ffi.new("struct open_how *")
-    how.flags = flags
-    how.mode = mode
-    how.resolve = resolve
+    how = _how(flags, mode, resolve)
     cpath = ffi.new("char[]", os.fsencode(path))
+    cdir = ffi.cast("long", dirfd)
     for _ in range(_MAX_EAGAIN):
-        fd = int(
-            lib.syscall(
-                ffi.cast("long", SYS_OPENAT2),
-                ffi.cast("long", dirfd),
-                cpath,
-                how,
-                ffi.cast("long", ffi.sizeof("struct open_how")),
-            )
-        )
+        fd = int(lib.syscall(_NR, cdir, cpath, how, _HOW_SIZE))
         if fd >= 0:
             return fd
         err = ffi.errno
