@@ -353,3 +353,37 @@ def test_a_setup_that_fails_ahead_fails_the_spawn_as_it_would_have(tree: Path) -
         assert ahead == [False, True, True]
         assert b.workers == []
         assert open_fds(b) == before
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(x) for x in f.read().split()}
+
+
+def test_spares_made_ahead_and_let_go_leak_nothing(tree: Path) -> None:
+    """Spawns that take a spare made ahead, let it go for another class or for
+    grants, or find a spare that is not made ahead, in turn: afterwards the
+    broker holds the fds it held, and the zygote has no child but its spare."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(Echo).kill()
+        zygote = b._zygote
+        assert zygote is not None
+        before = open_fds(b)
+        taken = []
+        with b.opendir("data", READ) as d:
+            before_dir = open_fds(b)
+            for i in range(40):
+                for cls, grants in ((Echo, None), (Echo, None), (EchoWithSetup, None), (Echo, {"d": d}), (Eager, None)):
+                    w = b.spawn(cls, grants=grants)
+                    taken.append(w.sandbox.get("ahead", False))
+                    if i % 10 == 0:
+                        assert w.ping() == "pong"
+                    w.kill()
+            assert open_fds(b) == before_dir
+        assert open_fds(b) == before
+        spare = spare_of(b)
+        assert spare is not None and _children(zygote._proc.pid) == {spare[0]}
+        # Each round: Echo (the spare was made for the last round's Eager: let go, except in
+        # round one), Echo (made ahead), EchoWithSetup (let go), Echo with grants and Eager
+        # (their spares were not made ahead: a setup() without the promise, a spec with fd rules).
+        assert taken == [True, True, False, False, False] + [False, True, False, False, False] * 39
