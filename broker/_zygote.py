@@ -186,7 +186,15 @@ class Zygote:
             return False
 
     def _discard(self, spare: _Spare) -> None:
-        spare.chan.close()  # EOF: it exits
+        """End a spare that will not serve: it holds nothing of anyone's yet.
+        Killed, not left to notice EOF, since one made ahead may still be in a
+        long setup(). Its pid cannot have been reused: the zygote reaps it only
+        when asked, below."""
+        spare.chan.close()
+        try:
+            os.kill(spare.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self._reap_locked(spare.pid, 10.0)
 
     def _ask_spare(self, preload: tuple[str, str, Any] | None) -> None:

@@ -47,6 +47,13 @@ class Eager(Echo):
         return self.set_up_at
 
 
+class SlowAhead(Echo):
+    setup_ahead = True
+
+    def setup(self) -> None:
+        time.sleep(1.5)  # a model to load, say
+
+
 class FailsAhead(Worker):
     setup_ahead = True
 
@@ -387,3 +394,17 @@ def test_spares_made_ahead_and_let_go_leak_nothing(tree: Path) -> None:
         # round one), Echo (made ahead), EchoWithSetup (let go), Echo with grants and Eager
         # (their spares were not made ahead: a setup() without the promise, a spec with fd rules).
         assert taken == [True, True, False, False, False] + [False, True, False, False, False] * 39
+
+
+def test_a_spare_let_go_in_the_middle_of_a_long_setup_does_not_hold_up_the_spawn(tree: Path) -> None:
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(SlowAhead).kill()  # its setup() on request: 1.5 s, while the next spare makes one ahead
+        w = b.spawn(SlowAhead)  # that one, at once; the spare after it begins its setup() now
+        assert w.sandbox["ahead"] is True
+        spare = spare_of(b)
+        assert spare is not None and spare_made_ahead(b)
+        assert _status(spare[0])["Seccomp"] == "0"  # still in setup(), not yet in its sandbox
+        t0 = time.monotonic()
+        w = b.spawn(Echo)
+        assert time.monotonic() - t0 < 1.0, "the spawn waited for the unused spare's setup()"
+        assert w.ping() == "pong" and _gone(spare[0])
