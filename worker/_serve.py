@@ -148,7 +148,8 @@ def child_main(
     ``self.grants[name]`` and are pinned to fixed fd numbers. ``net_fd``: a
     fresh network namespace to join at sandbox entry (taken over).
     ``chan_ready``: a Channel already on CHANNEL_FD (a spare made it while it
-    waited).
+    waited, after ``while_waiting()``: with no grants to move, there is
+    nothing left to settle).
     """
     code = 0
     chan: Channel | None = None
@@ -162,15 +163,22 @@ def child_main(
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(0)
-        _settle_fds(sock_fd, [g[1] for g in grants], net_fd if prepared is not None else None)
-        # (unsandboxed: settling closed the namespace fd with everything else)
-        net_fd = NET_FD if net_fd is not None and prepared is not None else None
-        _quiet_stdio()
-        if chan_ready is not None and chan_ready.fileno() == CHANNEL_FD:
-            chan = chan_ready  # settling kept its number (a close and dup2 onto the same slot)
+        if chan_ready is not None and not grants and _waited:
+            chan = chan_ready  # the spare settled its fds and stdio while it waited
             chan.allow_dirref = True
+            if prepared is None and net_fd is not None:
+                os.close(net_fd)  # unsandboxed: no namespace to join
+                net_fd = None
         else:
-            chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
+            _settle_fds(sock_fd, [g[1] for g in grants], net_fd if prepared is not None else None)
+            # (unsandboxed: settling closed the namespace fd with everything else)
+            net_fd = NET_FD if net_fd is not None and prepared is not None else None
+            _quiet_stdio()
+            if chan_ready is not None and chan_ready.fileno() == CHANNEL_FD:
+                chan = chan_ready  # settling kept its number (a close and dup2 onto the same slot)
+                chan.allow_dirref = True
+            else:
+                chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
         _announce_and_serve(chan, *_become(cls, chan, prepared, grants, net_fd))
     except BrokerGone:
         code = 0
@@ -197,7 +205,7 @@ def _become(
     }
     instance.setup()
     _close_all_but([0, 1, 2, *keep, *([] if net_fd is None else [net_fd])])
-    sys.stdout = sys.stderr = io.TextIOWrapper(io.BytesIO())  # never the real fds
+    sys.stdout = sys.stderr = _take_sink()  # never the real fds
     report: dict[str, Any] = {"layers": []}
     notify = None
     _freeze_linecache(cls)
@@ -240,6 +248,32 @@ def _failed(chan: Channel | None, exc: BaseException) -> int:
     return EXIT_SETUP_FAILED
 
 
+_waited = False
+_sink: io.TextIOWrapper | None = None
+
+
+def while_waiting() -> None:
+    """What a spare does for any worker while it waits for its request: stdio
+    goes to /dev/null, and the objects and module entries every worker's start
+    writes are made or touched now (after a fork, each first write to a page
+    costs a copy-on-write fault, about 2 us here)."""
+    global _waited, _sink
+    import linecache
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _quiet_stdio()
+    _sink = io.TextIOWrapper(io.BytesIO())
+    linecache.getlines = linecache.getlines  # the entries _freeze_linecache replaces
+    linecache.checkcache = linecache.checkcache
+    _waited = True
+
+
+def _take_sink() -> io.TextIOWrapper:
+    global _sink
+    sink, _sink = _sink, None
+    return sink if sink is not None else io.TextIOWrapper(io.BytesIO())
+
+
 class Ahead:
     """A worker made ahead of its spawn request, in a spare (``Worker.setup_ahead``):
     set up and, when sandboxed, already in its sandbox. Holds what ``setup()``
@@ -251,10 +285,8 @@ class Ahead:
         self.chan = chan
         self.made: tuple[Worker, dict[str, Any], _Listener | None] | None = None
         self.error: BaseException | None = None
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         chan.allow_dirref = True
         try:
-            _quiet_stdio()
             instance, report, notify = _become(cls, chan, prepared, (), net_fd)
             report["ahead"] = True
             self.made = instance, report, notify
@@ -305,13 +337,19 @@ def _freeze_linecache(cls: type[Worker]) -> None:
     import linecache
 
     warm_linecache(cls)
+    linecache.getlines = _cached_lines
+    linecache.checkcache = _no_check
 
-    def cached_only(filename: str, module_globals: Any = None) -> list[str]:
-        entry = linecache.cache.get(filename)
-        return list(entry[2]) if entry is not None and len(entry) > 2 else []
 
-    linecache.getlines = cached_only
-    linecache.checkcache = lambda filename=None: None
+def _cached_lines(filename: str, module_globals: Any = None) -> list[str]:
+    import linecache
+
+    entry = linecache.cache.get(filename)
+    return list(entry[2]) if entry is not None and len(entry) > 2 else []
+
+
+def _no_check(filename: str | None = None) -> None:
+    return None
 
 
 class _Listener:

@@ -54,6 +54,7 @@ from ._serve import (
     _settle_fds,
     child_main,
     warm_linecache,
+    while_waiting,
 )
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
 from .sandbox._namespaces import fresh_net
@@ -191,6 +192,7 @@ def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None, ahead: _Ah
     _settle_fds(sock.detach(), [], net_fd)
     net_fd = None if net_fd is None else NET_FD
     chan = Channel(socket.socket(fileno=CHANNEL_FD))
+    while_waiting()
     made = None
     if ahead is not None:
         made = Ahead(ahead.cls, chan, ahead.prepared, net_fd if ahead.prepared is not None else None)
