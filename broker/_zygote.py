@@ -26,6 +26,7 @@ from worker._serve import forked_from_main_thread
 from ._exit import WorkerExit
 
 SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
+_BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; one that hangs is found by the first spawn
 
 
 def importable(cls: type[Worker]) -> bool:
@@ -141,6 +142,10 @@ class Zygote:
         self._pending = False  # a spare was asked for and the answer is not read yet
         self._asked: tuple[str, str, Any] | None = None  # what the pending spare was asked to preload
         self._ask_spare(None)
+        # Return once the zygote and its first spare exist (the answer is left
+        # queued), so the broker's processes and fds are the same now as
+        # between any two later spawns: what a soak test counts before and after.
+        self._spares.wait_readable(_BOOT_TIMEOUT)
 
     def spawn(
         self,
@@ -267,9 +272,16 @@ class Zygote:
         return None
 
     def close(self) -> None:
-        if self._spare is not None:
-            self._spare.chan.close()  # EOF: the spare exits
-            self._spare = None
+        """End the spare (killed and reaped by the zygote, so nothing of it
+        outlives this call), then the zygote."""
+        with self._lock:
+            try:
+                self._collect(2.0)
+            except (WorkerCrashed, ProtocolError, OSError):
+                pass  # the zygote is gone: its spare died with it
+            if self._spare is not None:
+                self._discard(self._spare)
+                self._spare = None
         self._chan.close()
         self._spares.close()
         try:

@@ -52,21 +52,28 @@ class Hog(Worker):
         return denied
 
     @rpc
-    def talk_forever(self) -> None:
+    def talk_forever(self, window: int = 0) -> None:
         """Never answer the call; keep requests always waiting for the broker (a thread
-        reads the answers, so the sender never has to pause)."""
+        reads the answers, so the sender never has to pause). With ``window``, at most
+        that many are unanswered at a time, so the answers always fit in this end's
+        socket buffer even when the reader is slow to get the GIL (the async face ends
+        a worker whose buffer is full at once: it never waits on the loop)."""
         import threading
 
         chan = self.broker._chan
+        room = threading.Semaphore(window) if window else None
 
         def drain() -> None:
             while chan.recv() is not None:
-                pass
+                if room is not None:
+                    room.release()
 
         threading.Thread(target=drain, daemon=True).start()
         i = 0
         while True:
             i += 1
+            if room is not None:
+                room.acquire()
             chan.send({"t": "req", "id": 100_000 + i, "op": "stat", "a": {"path": "data/a.txt"}})
 
     @rpc
@@ -304,7 +311,7 @@ def test_a_worker_that_never_stops_requesting_still_times_out_async(tree: Path) 
         async with Broker(default_policy(), root=tree, request_rate=None, max_requests_per_call=10**9) as b:
             w = b.spawn(Hog)
             try:
-                await asyncio.wait_for(w.aio.with_timeout(0.5).talk_forever(), 10)
+                await asyncio.wait_for(w.aio.with_timeout(0.5).talk_forever(128), 10)
             except WorkerTimeout as exc:
                 assert w.exit is not None and w.exit.kind == "timeout"
                 return exc

@@ -408,3 +408,21 @@ def test_a_spare_let_go_in_the_middle_of_a_long_setup_does_not_hold_up_the_spawn
         w = b.spawn(Echo)
         assert time.monotonic() - t0 < 1.0, "the spawn waited for the unused spare's setup()"
         assert w.ping() == "pong" and _gone(spare[0])
+
+
+def test_broker_returns_with_its_zygote_and_first_spare_up_and_keeps_just_those(tree: Path) -> None:
+    """What a soak test counts before and after: right after Broker() the zygote
+    has one child, its first spare; after spawn/kill cycles, one again; after
+    close(), neither is left."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        zygote = b._zygote
+        assert zygote is not None
+        zpid = zygote._proc.pid
+        assert len(_children(zpid)) == 1
+        fds = open_fds(b)
+        for _ in range(20):
+            b.spawn(Echo).kill()
+        assert len(_children(zpid)) == 1 and open_fds(b) == fds
+        spare = spare_of(b)
+        assert spare is not None
+    assert _gone(zpid) and _gone(spare[0])
