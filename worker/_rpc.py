@@ -46,7 +46,8 @@ class Worker:
     #: request, in a pre-forked spare that the broker may throw away unused:
     #: the spare runs ``setup()`` and enters the sandbox while it waits, which
     #: takes both off the spawn path. A class that overrides neither method
-    #: gets this without asking; spawns with grants never do.
+    #: gets this without asking; spawns with grants never do. Inherited like
+    #: any attribute: a subclass whose setup() breaks the promise sets False.
     setup_ahead: ClassVar[bool] = False
     broker: BrokerClient
     #: Grants held since spawn, by name: files and ``Directory`` objects.
