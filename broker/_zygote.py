@@ -108,6 +108,32 @@ def _request_spawn(
     raise ProtocolError("zygote sent a malformed reply")
 
 
+def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
+    """SIGKILL the zygote's child ``pid``, never a stranger that reused the pid.
+    The zygote reaps a child only when the broker asks, so while it lives the
+    pid stays its child's: the pidfd is opened first, and used only if the
+    zygote is still alive after that. A dead zygote's children got the
+    parent-death signal already."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # no pidfd_open here: the liveness check alone
+        if zygote.poll() is None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+    try:
+        if zygote.poll() is None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
 class _Spare:
     """A pre-forked child of the zygote, waiting for its spawn request on ``chan``."""
 
@@ -193,13 +219,9 @@ class Zygote:
     def _discard(self, spare: _Spare) -> None:
         """End a spare that will not serve: it holds nothing of anyone's yet.
         Killed, not left to notice EOF, since one made ahead may still be in a
-        long setup(). Its pid cannot have been reused: the zygote reaps it only
-        when asked, below."""
+        long setup(); then reaped by the zygote."""
         spare.chan.close()
-        try:
-            os.kill(spare.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_child_of(self._proc, spare.pid)
         self._reap_locked(spare.pid, 10.0)
 
     def _ask_spare(self, preload: tuple[str, str, Any] | None) -> None:
