@@ -426,3 +426,32 @@ def test_broker_returns_with_its_zygote_and_first_spare_up_and_keeps_just_those(
         spare = spare_of(b)
         assert spare is not None
     assert _gone(zpid) and _gone(spare[0])
+
+
+def test_a_zygote_that_dies_during_a_spawn_fails_it_and_its_pidfd_is_never_used(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker dies with its zygote and init may reap it, freeing the pid: the
+    broker must not keep (or ever signal through) a pidfd opened on it then."""
+    from broker._zygote import Zygote
+
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(Echo).kill()
+        before = open_fds()
+        real = Zygote.spawn
+
+        def spawn_then_lose_the_zygote(self: Zygote, *args: object, **kwargs: object) -> object:
+            got = real(self, *args, **kwargs)  # type: ignore[arg-type]
+            os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+            return got
+
+        monkeypatch.setattr(Zygote, "spawn", spawn_then_lose_the_zygote)
+        with pytest.raises(WorkerCrashed, match="its zygote died while starting it"):
+            b.spawn(Echo)
+        monkeypatch.undo()
+        assert b.workers == []
+        w = b.spawn(Echo)  # a new zygote
+        assert w.ping() == "pong"
+        w.kill()
+        assert len(open_fds()) == len(before)  # the new zygote's two channels for the old one's
