@@ -323,20 +323,20 @@ class Broker:
             ex = WorkerExit("crashed", "the process was gone when the broker opened its pidfd")
             raise WorkerCrashed(f"{cls.__qualname__} ended before it could be watched", ex) from None
         handle.spawn_method = method
-        handle._cgroup = cgroup
-        handle._cgroup_report = cgroup_report
         zygote = self._zygote
         if method == "zygote" and zygote is not None and not zygote.alive():
             # The zygote's children got the parent-death signal and init may have
             # reaped this one already: the pidfd just opened may not be its own.
             # Closed unused; the worker is dead either way.
+            if cgroup is not None:
+                cgroup.remove()
             handle._set_exit(WorkerExit("crashed", "its zygote died while starting it"))
             assert handle.exit is not None
             raise handle.exit.error(handle.name)
         if not placed:
             place(pid)  # before its first call; what setup() touched stays charged where it was
-            handle._cgroup = cgroup
-            handle._cgroup_report = cgroup_report
+        handle._cgroup = cgroup
+        handle._cgroup_report = cgroup_report
         with self._lock:
             self._workers[handle.id] = handle
         return handle

@@ -151,7 +151,6 @@ def child_main(
     waited, after ``while_waiting()``: with no grants to move, there is
     nothing left to settle).
     """
-    code = 0
     chan: Channel | None = None
     try:
         import socket
@@ -165,7 +164,6 @@ def child_main(
                 os._exit(0)
         if chan_ready is not None and not grants and _waited:
             chan = chan_ready  # the spare settled its fds and stdio while it waited
-            chan.allow_dirref = True
             if prepared is None and net_fd is not None:
                 os.close(net_fd)  # unsandboxed: no namespace to join
                 net_fd = None
@@ -176,16 +174,11 @@ def child_main(
             _quiet_stdio()
             if chan_ready is not None and chan_ready.fileno() == CHANNEL_FD:
                 chan = chan_ready  # settling kept its number (a close and dup2 onto the same slot)
-                chan.allow_dirref = True
             else:
-                chan = Channel(socket.socket(fileno=CHANNEL_FD), allow_dirref=True)
-        _announce_and_serve(chan, *_become(cls, chan, prepared, grants, net_fd))
-    except BrokerGone:
-        code = 0
+                chan = Channel(socket.socket(fileno=CHANNEL_FD))
     except BaseException as exc:
-        code = _failed(chan, exc)
-    finally:
-        os._exit(code)
+        os._exit(_failed(chan, exc))
+    Made(cls, chan, prepared, grants, net_fd).serve()
 
 
 def _become(
@@ -274,27 +267,32 @@ def _take_sink() -> io.TextIOWrapper:
     return sink if sink is not None else io.TextIOWrapper(io.BytesIO())
 
 
-class Ahead:
-    """A worker made ahead of its spawn request, in a spare (``Worker.setup_ahead``):
-    set up and, when sandboxed, already in its sandbox. Holds what ``setup()``
-    or entry raised, to report when the request comes."""
+class Made:
+    """A worker made: set up and, when sandboxed, in its sandbox; or what
+    ``setup()`` or entry raised, to report when it is to serve. A spare makes
+    one ahead of its spawn request (``Worker.setup_ahead``); every other
+    worker right before it serves."""
 
     __slots__ = ("chan", "error", "made")
 
-    def __init__(self, cls: type[Worker], chan: Channel, prepared: Any, net_fd: int | None):
+    def __init__(
+        self, cls: type[Worker], chan: Channel, prepared: Any, grants: Sequence[tuple[str, int, int, Rights]] = (),
+        net_fd: int | None = None, *, ahead: bool = False,
+    ):
         self.chan = chan
         self.made: tuple[Worker, dict[str, Any], _Listener | None] | None = None
         self.error: BaseException | None = None
         chan.allow_dirref = True
         try:
-            instance, report, notify = _become(cls, chan, prepared, (), net_fd)
-            report["ahead"] = True
+            instance, report, notify = _become(cls, chan, prepared, grants, net_fd)
+            if ahead:
+                report["ahead"] = True
             self.made = instance, report, notify
         except BaseException as exc:
             self.error = exc
 
     def serve(self) -> NoReturn:
-        """Answer the spawn request it was made for. Never returns."""
+        """Announce the worker and answer calls; or report why it failed. Never returns."""
         code = 0
         try:
             if self.made is None:

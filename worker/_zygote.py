@@ -49,7 +49,7 @@ from ._serve import (
     EXIT_PROTOCOL,
     EXIT_SETUP_FAILED,
     NET_FD,
-    Ahead,
+    Made,
     _close_all_but,
     _settle_fds,
     child_main,
@@ -195,7 +195,7 @@ def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None, ahead: _Ah
     while_waiting()
     made = None
     if ahead is not None:
-        made = Ahead(ahead.cls, chan, ahead.prepared, net_fd if ahead.prepared is not None else None)
+        made = Made(ahead.cls, chan, ahead.prepared, (), net_fd if ahead.prepared is not None else None, ahead=True)
     try:
         msg = chan.recv()
     except ProtocolError:
