@@ -161,11 +161,10 @@ class WorkerHandle:
                         time.sleep(max(0.0, when - time.monotonic()))
                         op = steps.send(None)
                     else:
-                        # Often the next message is already there (the worker ran while
-                        # we sent): take it without a poll, unless the deadline has passed
-                        # (a worker that never stops talking must still time out).
-                        msg = self._receive(nowait=True) if when is None or time.monotonic() < when else _NOTHING
-                        op = steps.send(self._wait(when) if msg is _NOTHING else _Received(msg))
+                        # Poll, then receive. (Only the first answer is tried without a
+                        # poll, in _early_answer; after a miss, or after answering a
+                        # request, a receive that finds nothing costs more than the poll.)
+                        op = steps.send(self._wait(when))
             except StopIteration as stop:
                 return stop.value
             finally:

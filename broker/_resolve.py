@@ -11,6 +11,7 @@ happens.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -83,8 +84,12 @@ class Resolver:
         self.policy = policy
         self.root = os.fspath(root)
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._fd_dir_fd, self._fd_dir_pid = -1, -1
         self._dir_fds: dict[tuple[str, ...], int] = {}
         try:
+            if not _FREEBSD:
+                with contextlib.suppress(OSError):  # no /proc: grants fail later, saying so
+                    self._fd_dir()  # opened now: a Broker's fds are all there once it is made
             for g in policy.grants:
                 if g.is_dir and g.parts not in self._dir_fds:
                     try:
@@ -106,6 +111,9 @@ class Resolver:
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+        if self._fd_dir_fd >= 0:
+            fd, self._fd_dir_fd = self._fd_dir_fd, -1
+            os.close(fd)
 
     # -- locating ---------------------------------------------------------
     @staticmethod
@@ -146,13 +154,28 @@ class Resolver:
             os.close(fd)
             raise
 
-    @staticmethod
-    def _reopen(pathfd: int, flags: int, display: str) -> int:
+    def _reopen(self, pathfd: int, flags: int, display: str) -> int:
         # Reopening through the O_PATH fd opens exactly the inode we checked.
         try:
-            return os.open(f"/proc/self/fd/{pathfd}", flags)
+            if _FREEBSD:
+                return os.open(f"/proc/self/fd/{pathfd}", flags)
+            return os.open(str(pathfd), flags, dir_fd=self._fd_dir())
         except OSError as exc:
             raise _kernel_denial(exc, display) from exc
+
+    def _fd_dir(self) -> int:
+        """This process's /proc/self/fd, opened once: a lookup of one name
+        beneath it costs less than walking the whole path each time. A forked
+        copy of the broker must not read its parent's fd table, so the
+        directory is reopened when the pid changes."""
+        pid = os.getpid()
+        if self._fd_dir_pid != pid:
+            fresh = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            old, self._fd_dir_fd = self._fd_dir_fd, fresh
+            self._fd_dir_pid = pid
+            if old >= 0:
+                os.close(old)
+        return self._fd_dir_fd
 
     def _dir_fd(self, t: Target, flags: int) -> int:
         pathfd, st = self._open_path(t)
@@ -234,7 +257,7 @@ class Resolver:
             raise NotCapable("an output may only replace a regular file", filename=t.display)
         # O_TMPFILE needs a real directory fd, not O_PATH.
         try:
-            realdir = os.open(f"/proc/self/fd/{dirfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            realdir = self._reopen(dirfd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, t.display)
         finally:
             os.close(dirfd)
         return make_output(realdir, name, rights & ~Rights.CREATE, t.display)

@@ -126,3 +126,41 @@ def test_create_cannot_escape_or_clobber_specials(broker: Broker, tree: Path) ->
 def test_errors_round_trip_unknown_types() -> None:
     exc = exception_from_wire({"type": "os.system", "msg": "x", "errno": None, "filename": None, "tb": ""})
     assert type(exc).__name__ == "RemoteError"
+
+
+def test_a_forked_copy_of_the_broker_reopens_through_its_own_fd_table(broker: Broker, tree: Path) -> None:
+    """The broker reopens a checked O_PATH fd through a cached /proc/self/fd
+    directory. A forked copy must not reopen through its parent's table: here
+    the parent puts another file at the very fd number the child's O_PATH
+    open will get, so a stale directory would hand the child that file."""
+    import os
+
+    with broker.open("data/a.txt") as warm:  # the cached directory exists before the fork
+        assert os.pread(warm.fileno(), 5, 0) == b"hello"
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.read(go_r, 1)  # closes nothing first: its lowest free fd stays the parent's
+            with broker.open("data/a.txt") as cap:
+                os.write(res_w, os.pread(cap.fileno(), 64, 0) or b"(empty)")
+            code = 0
+        except BaseException as exc:
+            os.write(res_w, repr(exc).encode()[:200])
+        finally:
+            os._exit(code)
+    decoy = os.open(tree / "secret", os.O_RDONLY | os.O_CLOEXEC)  # the lowest free fd, as in the child
+    os.close(go_r)
+    os.close(res_w)
+    try:
+        os.write(go_w, b"x")
+        got = os.read(res_r, 256)
+    finally:
+        os.close(decoy)
+        os.close(go_w)
+        os.close(res_r)
+        _, status = os.waitpid(pid, 0)
+    assert got == b"hello", got
+    assert os.waitstatus_to_exitcode(status) == 0
