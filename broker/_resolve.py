@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,7 @@ class Resolver:
         self.root = os.fspath(root)
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._fd_dir_fd, self._fd_dir_pid = -1, -1
+        self._fd_dir_lock = threading.Lock()
         self._dir_fds: dict[tuple[str, ...], int] = {}
         try:
             if not _FREEBSD:
@@ -169,13 +171,16 @@ class Resolver:
         copy of the broker must not read its parent's fd table, so the
         directory is reopened when the pid changes."""
         pid = os.getpid()
-        if self._fd_dir_pid != pid:
-            fresh = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            old, self._fd_dir_fd = self._fd_dir_fd, fresh
-            self._fd_dir_pid = pid
-            if old >= 0:
-                os.close(old)
-        return self._fd_dir_fd
+        if self._fd_dir_pid == pid:
+            return self._fd_dir_fd
+        with self._fd_dir_lock:  # one swap; no thread has used the old fd (it would have come here first)
+            if self._fd_dir_pid != pid:
+                fresh = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                old, self._fd_dir_fd = self._fd_dir_fd, fresh
+                self._fd_dir_pid = pid
+                if old >= 0:
+                    os.close(old)
+            return self._fd_dir_fd
 
     def _dir_fd(self, t: Target, flags: int) -> int:
         pathfd, st = self._open_path(t)
