@@ -64,6 +64,12 @@ class BenchWorker(Worker):
         with self.broker.open(DATA_FILE, GRANT_RIGHTS) as f:
             return f.read(4)
 
+    @rpc
+    def give(self) -> IO[bytes]:
+        """Answer with a file: the one granted at spawn as ``data`` (the
+        broker gets its own copy of the fd, a capability it must close)."""
+        return self.grants["data"]  # type: ignore[no-any-return]
+
 
 class SetupBenchWorker(BenchWorker):
     """The same, with a setup() of its own and no ``setup_ahead`` promise: the

@@ -12,6 +12,9 @@ Cases, each timed call by call (``perf_counter_ns``), median and p90:
   against the raw exchange doing the same work (call -> request -> the
   parent opens the file beneath a directory fd and sends it -> the child
   reads 4 bytes -> reply): two round trips, one carrying an fd.
+* ``give``   a call whose answer carries an fd: the worker returns a file
+  it holds (granted at spawn) and the broker closes the capability it gets:
+  ``w.give()`` against the raw ping-pong answering with that fd attached.
 * ``aio``    ``await w.aio.ping()`` against the same raw floor, and against
   a raw asyncio ping-pong (``loop.sock_recv``) to show asyncio's own cost.
 
@@ -87,10 +90,11 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _echo(sock: socket.socket) -> NoReturn:
+def _echo(sock: socket.socket, held: int) -> NoReturn:
     """The raw child: answer calls, like a worker would, with nothing else."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     packb, unpackb = msgpack.packb, msgpack.unpackb
+    give = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [held]))]
     try:
         while True:
             data, anc, _, _ = sock.recvmsg(BUF, ANC, CLOEXEC)
@@ -106,6 +110,9 @@ def _echo(sock: socket.socket) -> NoReturn:
                 (fd,) = _fds_of(anc)
                 value: Any = os.read(fd, 4)
                 os.close(fd)
+            elif msg["m"] == "give":
+                sock.sendmsg([packb({"t": "ret", "id": msg["id"], "v": 0})], give)
+                continue
             else:
                 value = 1
             sock.sendmsg([packb({"t": "ret", "id": msg["id"], "v": value})])
@@ -118,14 +125,14 @@ class RawPeer:
 
     def __init__(self, root: str):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.fd = os.open(os.path.join(root, DATA_FILE), OPEN_FLAGS)
         pid = os.fork()
         if pid == 0:
             self.sock.close()
-            _echo(child)
+            _echo(child, self.fd)
         child.close()
         self.pid = pid
         self.dirfd = os.open(os.path.join(root, DATA_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.fd = os.open(os.path.join(root, DATA_FILE), OPEN_FLAGS)
         self.anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.fd]))]
         self.ids = 0
 
@@ -140,6 +147,13 @@ class RawPeer:
     def take(self) -> Any:
         self.sock.sendmsg([self._call("take", [0])], self.anc)
         return msgpack.unpackb(self.sock.recv(BUF), raw=False)["v"]
+
+    def give(self) -> Any:
+        self.sock.sendmsg([self._call("give", [])])
+        data, anc, _, _ = self.sock.recvmsg(BUF, ANC, CLOEXEC)
+        for fd in _fds_of(anc):
+            os.close(fd)
+        return msgpack.unpackb(data, raw=False)["v"]
 
     def grant(self) -> Any:
         self.sock.sendmsg([self._call("grant", [])])
@@ -169,8 +183,13 @@ KINDS = (
     ("take", "take", "call passing 1 fd"),
     ("take-pipe", "take", "same, READ-only grant (travels as a pipe fed by a broker thread)"),
     ("grant", "grant", "worker asks for a file, gets the fd, reads 4 bytes"),
+    ("give", "give", "call answered with an fd (the worker returns a file it holds)"),
     ("aio.ping", "ping", "asyncio ping-pong (loop.sock_recv), vs the sync raw ping"),
 )
+
+
+def _give(w: Any) -> None:
+    w.give().close()  # the capability is the caller's to close, as the raw floor closes its fd
 
 
 def time_async(make: Callable[[], Any], n: int, rounds: int, warmup: int) -> list[int]:
@@ -206,6 +225,7 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
     # started now, so that it runs the same code as the others even if the tree changes under a long run
     limited = make_broker(root, sandboxed=ok)
     handles: dict[str, Any] = {}
+    givers: dict[str, Any] = {}  # a worker holding a file from spawn, for `give`
     caps: list[Any] = []
     try:
         limited_worker = limited.spawn(BenchWorker)
@@ -213,19 +233,25 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
             handles[label] = b.spawn(BenchWorker)
             caps.append(b.open(DATA_FILE, GRANT_RIGHTS))
             caps.append(b.open(DATA_FILE, PIPE_RIGHTS))
+            with b.open(DATA_FILE, GRANT_RIGHTS) as held:
+                givers[label] = b.spawn(BenchWorker, grants={"data": held})
         method = handles[brokers[0][0]].spawn_method
         print(f"privsep spawn method: {method}; {n} calls x {rounds} rounds per case, {warmup} warm-up")
-        assert raw.ping() == raw.take() == 1 and raw.grant() == b"\x00\x01\x02\x03"
+        assert raw.ping() == raw.take() == 1 and raw.grant() == b"\x00\x01\x02\x03" and raw.give() == 0
         for h in handles.values():
             assert h.ping() == 1 and h.grant() == b"\x00\x01\x02\x03"
+        for g in givers.values():
+            with g.give() as cap:
+                assert os.pread(cap.fileno(), 4, 0) == b"\x00\x01\x02\x03"
         headline = brokers[0][0]
-        peers = [raw.pid, *(h.pid for h in handles.values())]
+        peers = [raw.pid, *(h.pid for h in handles.values()), *(g.pid for g in givers.values())]
         for placement in placements:
             place(peers, placement)
             cases: dict[str, Callable[[], object]] = {
                 "raw ping": raw.ping,
                 "raw take": raw.take,
                 "raw grant": raw.grant,
+                "raw give": raw.give,
             }
             for i, (label, _) in enumerate(brokers):
                 h = handles[label]
@@ -233,6 +259,7 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
                 cases[f"{label} take"] = functools.partial(h.take, caps[2 * i])
                 cases[f"{label} take-pipe"] = functools.partial(h.take, caps[2 * i + 1])
                 cases[f"{label} grant"] = h.grant
+                cases[f"{label} give"] = functools.partial(_give, givers[label])
             res = interleave(cases, n, rounds, warmup)
             # asyncio: the raw socket goes non-blocking for this part only
             raw.sock.setblocking(False)

@@ -30,7 +30,7 @@ def run_bench(name: str, *args: str) -> str:
 def test_bench_rpc_prints_every_case() -> None:
     out = run_bench("bench_rpc", "-n", "20", "--rounds", "1", "--placement", "pinned")
     assert "sandbox: default spawn works" in out
-    for case in ("ping", "take", "take-pipe", "grant", "aio.ping"):
+    for case in ("ping", "take", "take-pipe", "grant", "give", "aio.ping"):
         assert f"privsep sandboxed {case} " in out, case
         assert f"privsep unsandboxed {case} " in out, case
     assert "Default request_rate=" in out and "the last five at a median" in out

@@ -13,6 +13,7 @@ from conftest import READ, default_policy
 
 from broker import Broker, Capability, Policy
 from protocol import NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed
+from protocol._wire import KIND_DIR, KIND_FILE, KIND_STREAM
 from worker import Worker, rpc
 
 
@@ -308,3 +309,41 @@ def test_output_over_the_size_limit_is_not_committed(tree: Path) -> None:
         assert info.value.errno in (errno.EFBIG, errno.EPIPE), info.value
         assert os.listdir(tree / "out") == []
         assert w.shout("still here") == "STILL HERE"
+
+
+@pytest.mark.parametrize(
+    ("how", "kind", "rights"),
+    [
+        ("file-r", KIND_FILE, Rights.READ | Rights.FSTAT),
+        ("file-w", KIND_FILE, Rights.WRITE | Rights.FSTAT),
+        ("file-rw", KIND_FILE, Rights.READ | Rights.WRITE | Rights.FSTAT),
+        ("dir", KIND_DIR, Rights.READ),
+        ("pipe-r", KIND_STREAM, Rights.READ),
+        ("pipe-w", KIND_STREAM, Rights.WRITE),
+        ("o-path", KIND_FILE, Rights.NONE),
+    ],
+)
+def test_rights_of_an_fd_from_a_worker_come_from_the_fd(tree: Path, how: str, kind: int, rights: Rights) -> None:
+    """What a worker claims about an fd it sends is ignored: the broker reads
+    the access mode and file type from the fd itself."""
+    path = str(tree / "data" / "a.txt")
+    extra: list[int] = []
+    if how.startswith("pipe"):
+        r, w = os.pipe()
+        fd, other = (r, w) if how == "pipe-r" else (w, r)
+        extra.append(other)
+    else:
+        flags = {"file-r": os.O_RDONLY, "file-w": os.O_WRONLY, "file-rw": os.O_RDWR,
+                 "dir": os.O_RDONLY | os.O_DIRECTORY, "o-path": os.O_PATH}[how]
+        fd = os.open(str(tree / "data") if how == "dir" else path, flags | os.O_CLOEXEC)
+    try:
+        cap = Capability.from_untrusted_fd(fd)  # owns fd from here
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        for other in extra:
+            os.close(other)
+    with cap:
+        assert (cap.kind, cap.rights) == (kind, rights)
+        assert type(cap.rights) is Rights

@@ -59,7 +59,7 @@ def open_fd(fd: int, rights: Rights, kind: int = KIND_FILE, *, pinned: bool = Fa
     collection must not try."""
     try:
         # An explicit buffer size: io.open would otherwise ask isatty() (an ioctl) to choose one.
-        f = os.fdopen(fd, mode_for(rights), io.DEFAULT_BUFFER_SIZE, closefd=not pinned)
+        f = open(fd, mode_for(rights), io.DEFAULT_BUFFER_SIZE, closefd=not pinned)  # noqa: SIM115 - the caller's
     except BaseException:
         os.close(fd)
         raise
@@ -256,23 +256,22 @@ def fd_of(obj: Any) -> tuple[int, int, Rights]:
     from the fd itself.
     """
     if isinstance(obj, io.IOBase) and not obj.closed:
-        if isinstance(obj, io.BufferedWriter | io.BufferedRandom):
+        if type(obj) is not io.BufferedReader and isinstance(obj, _FLUSHED):
             obj.flush()
         fd = obj.fileno()
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            kind = KIND_DIR
-        elif stat.S_ISREG(st.st_mode):
-            kind = KIND_FILE
-        else:
-            kind = KIND_STREAM
-        rights = Rights.NONE
-        if obj.readable():
-            rights |= Rights.READ
-        if obj.writable():
-            rights |= Rights.WRITE
-        return fd, kind, rights
+        kind = _KIND_OF.get(stat.S_IFMT(os.fstat(fd).st_mode), KIND_STREAM)
+        return fd, kind, _RIGHTS_OF[bool(obj.readable()), bool(obj.writable())]
     raise TypeError(f"cannot send a {type(obj).__name__} to the broker")
+
+
+_FLUSHED = (io.BufferedWriter, io.BufferedRandom)
+_KIND_OF = {stat.S_IFDIR: KIND_DIR, stat.S_IFREG: KIND_FILE}
+_RIGHTS_OF = {
+    (False, False): Rights.NONE,
+    (True, False): Rights.READ,
+    (False, True): Rights.WRITE,
+    (True, True): Rights.READ | Rights.WRITE,
+}
 
 
 __all__ = [
