@@ -8,6 +8,8 @@ import os
 import subprocess
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -19,6 +21,7 @@ from protocol._rights import rights_from_wire
 from protocol._wire import KIND_DIR, KIND_FILE, PROTOCOL_VERSION, Channel, ReceivedFd
 from worker import Worker
 from worker._files import access_flags
+from worker._mainref import check_not_importing, is_main_ref, module_ref
 from worker._serve import grant_slots
 from worker.sandbox import SandboxSpec
 from worker.sandbox._rights_table import DIR_RIGHTS, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
@@ -75,6 +78,7 @@ class Broker:
         max_outputs_per_call: int = 256,
         cgroup_parent: str | None = None,
     ):
+        check_not_importing()
         if not isinstance(policy, Policy):
             raise TypeError("Broker needs a Policy")
         self.policy = policy
@@ -84,6 +88,8 @@ class Broker:
             raise ValueError(f"spawn must be one of {SPAWN_METHODS}")
         self.spawn_method = spawn
         self._zygote: Zygote | None = None
+        self._zygote_loaded: weakref.WeakSet[type[Worker]] = weakref.WeakSet()  # main-script classes it imported
+        self._fork_only: weakref.WeakSet[type[Worker]] = weakref.WeakSet()  # main-script classes it could not
         self.request_rate = request_rate  # per worker, requests/s (burst = 1 s worth); None = unlimited
         self.max_requests_per_call = max_requests_per_call
         self.max_outputs_per_call = max_outputs_per_call  # each pending output holds two broker fds
@@ -256,10 +262,11 @@ class Broker:
         spec = self._spec_for(grants)
         method = self.spawn_method
         if method == "auto":
-            method = "zygote" if importable(cls) else "fork"
+            method = "zygote" if importable(cls) and cls not in self._fork_only else "fork"
         elif method in ("zygote", "exec") and not importable(cls):
             raise TypeError(
-                f"spawn={method!r} needs {cls.__qualname__} importable by module name (not in __main__ or a function)"
+                f"spawn={method!r} needs {cls.__qualname__} findable by name in another interpreter "
+                "(not defined in a function, or in a main module that is no file)"
             )
         spec_wire = None if self._unsandboxed else _wire_of(spec)
         reaper = None
@@ -290,6 +297,11 @@ class Broker:
                         self._zygote = None
                     if self._zygote is None:
                         self._zygote = Zygote()
+                        self._zygote_loaded.clear()
+                    if cls not in self._zygote_loaded and is_main_ref(module_ref(cls) or ""):
+                        method = self._load_main(cls)
+                if method == "zygote":
+                    assert self._zygote is not None
                     # a spare goes into the cgroup before it is given its request
                     pid, chan = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants,
                                                    before=place if cgroup else None)
@@ -340,6 +352,27 @@ class Broker:
         with self._lock:
             self._workers[handle.id] = handle
         return handle
+
+    def _load_main(self, cls: type[Worker]) -> str:
+        """Before a class from the main script is first spawned by this zygote,
+        have the zygote import the script (its top-level code runs there, as in
+        a multiprocessing child). Where it cannot, ``spawn="auto"`` forks
+        such workers from the broker instead, and says why, once; an explicit
+        ``spawn="zygote"`` fails. Returns the method to use. Holds the spawn lock."""
+        assert self._zygote is not None
+        try:
+            self._zygote.load(cls, self.spawn_timeout)
+        except WorkerCrashed as exc:
+            if self.spawn_method != "auto":
+                raise
+            # A warning, not a log line: the script itself should change, and the
+            # library's loggers stay silent unless the application sets them up.
+            warnings.warn(f"{cls.__qualname__}: {exc}; its workers are forked from the broker instead",
+                          RuntimeWarning, stacklevel=4)
+            self._fork_only.add(cls)
+            return "fork"
+        self._zygote_loaded.add(cls)
+        return "zygote"
 
     def _await_ready(self, handle: WorkerHandle) -> None:
         """Read and check the worker's handshake (the channel is readable)."""

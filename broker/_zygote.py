@@ -1,9 +1,12 @@
 """Spawning workers through a zygote (or a fresh interpreter per worker).
 
 The zygote is started by exec, never forked from the broker, so it starts
-single-threaded and small whatever the broker is running. Worker classes
-must be importable by module name in it (not defined in ``__main__`` or
-inside a function); ``Broker(spawn="auto")`` falls back to fork for those.
+single-threaded and small whatever the broker is running. It must find each
+worker class by name: a class in an importable module, or in the main
+script, which the zygote imports the way ``multiprocessing``'s forkserver
+does (see ``worker._mainref``); not one defined inside a function, or in a
+main module that is no file. ``Broker(spawn="auto")`` forks the broker for
+those, and for a main script the zygote cannot import.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from protocol import ProtocolError, WorkerCrashed
 from protocol._remote import exception_from_wire
 from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd
 from worker import Worker
+from worker._mainref import module_ref
 from worker._serve import forked_from_main_thread
 
 from ._exit import WorkerExit
@@ -30,7 +34,15 @@ _BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; on
 
 
 def importable(cls: type[Worker]) -> bool:
-    return cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__
+    """Can another interpreter find ``cls`` by name (see ``worker._mainref``)?"""
+    return module_ref(cls) is not None
+
+
+def _ref(cls: type[Worker]) -> str:
+    ref = module_ref(cls)
+    if ref is None:
+        raise TypeError(f"{cls.__qualname__} cannot be found by name in another interpreter")
+    return ref
 
 
 def _env() -> dict[str, str]:
@@ -82,7 +94,7 @@ def _request_spawn(
         chan.send(
             {
                 "t": "spawn",
-                "module": cls.__module__,
+                "module": _ref(cls),
                 "qualname": cls.__qualname__,
                 "spec": spec_wire,
                 "chan": SocketEnd(child),
@@ -183,7 +195,7 @@ class Zygote:
     ) -> tuple[int, Channel]:
         """A new worker's pid and channel. ``before(pid)`` runs before a spare
         is given its request (not when the zygote forks one on demand)."""
-        expect = (cls.__module__, cls.__qualname__, spec_wire)
+        expect = (_ref(cls), cls.__qualname__, spec_wire)
         with self._lock:
             self._collect(timeout)
             spare, self._spare = self._spare, None
@@ -272,6 +284,33 @@ class Zygote:
         if code is None:
             return "running"
         return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+    def load(self, cls: type[Worker], timeout: float) -> None:
+        """Have the zygote import ``cls`` now and say whether it could: asked
+        before a class from the main script is first spawned here, since
+        importing a script runs its top-level code. A zygote that does not
+        answer within ``timeout`` is killed (it is stuck in that code)."""
+        with self._lock:
+            self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__})
+            if not self._chan.wait_readable(timeout):
+                self._proc.kill()
+                raise WorkerCrashed(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
+            reply = self._chan.recv()
+        if reply is None:
+            raise WorkerCrashed("the zygote has exited")
+        if type(reply) is dict and reply.get("t") == "loaded":
+            with self._lock:
+                # A spare forked before the import would import the script again (its
+                # top-level code too): let it go; the next spawn forks from the zygote.
+                self._collect(timeout)
+                if self._spare is not None and self._spare.ahead is None:
+                    spare, self._spare = self._spare, None
+                    self._discard(spare)
+            return
+        if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("e"), dict):
+            cause = exception_from_wire(reply["e"])
+            raise WorkerCrashed(f"the zygote cannot import {cls.__qualname__}: {cause}") from cause
+        raise ProtocolError("zygote sent a malformed reply")
 
     def reap(self, pid: int) -> int | None:
         """The exit status of a worker that has ended (call after its pidfd

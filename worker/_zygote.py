@@ -22,6 +22,12 @@ spec pins no fds, the spare makes the whole worker while it waits: instance,
 ``setup()``, sandbox entry. It then serves exactly that request (class,
 spec, no grants) and refuses any other; the broker lets it go instead.
 
+A class from the broker's main script is named by the script's path (or the
+module it was run as) and imported here like ``multiprocessing``'s
+forkserver imports it (``worker._mainref``); the broker first asks for that
+import on its own ("load"), so a script that cannot be imported here is
+found out before any spawn depends on it.
+
 Run as ``python3 -m worker._zygote FD [--spares FD] [--exec] [--pdeathsig]``. With
 ``--exec`` it serves exactly one spawn request by becoming that worker (the
 "fresh interpreter" spawn method).
@@ -30,7 +36,6 @@ Run as ``python3 -m worker._zygote FD [--spares FD] [--exec] [--pdeathsig]``. Wi
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import signal
 import socket
@@ -43,6 +48,7 @@ from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd
 
+from ._mainref import import_ref
 from ._rpc import Worker
 from ._serve import (
     CHANNEL_FD,
@@ -68,7 +74,7 @@ def load_class(module: str, qualname: str) -> type[Worker]:
     key = (module, qualname)
     cls = _classes.get(key)
     if cls is None:
-        obj: Any = importlib.import_module(module)
+        obj: Any = import_ref(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
         if not (isinstance(obj, type) and issubclass(obj, Worker)):
@@ -254,6 +260,14 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
                 chan.send({"t": "status", "pid": msg["pid"], "status": status})
             except ChildProcessError:
                 chan.send({"t": "status", "pid": msg["pid"], "status": None})
+            continue
+        if type(msg) is dict and msg.get("t") == "load" and isinstance(msg.get("module"), str) \
+                and isinstance(msg.get("qualname"), str):
+            try:  # the broker asks before it first relies on a class from its main script
+                load_class(msg["module"], msg["qualname"])
+                chan.send({"t": "loaded"})
+            except Exception as exc:
+                chan.send({"t": "error", "e": exception_to_wire(exc)})
             continue
         if type(msg) is dict and msg.get("t") == "spare" and not once:
             want_net, plan = _preload(msg)

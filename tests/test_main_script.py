@@ -1,0 +1,171 @@
+"""Worker classes defined in the main script, the way users first write them.
+
+Each case runs a script in a fresh interpreter (so ``__main__`` is that
+script). The zygote finds such a class as multiprocessing's forkserver
+does: it imports the script by path (or by module name under ``-m``), so
+code under ``if __name__ == "__main__":`` does not run there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+GUARDED = """
+import json, os, sys
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+with open(os.environ["MARK"], "a") as f:  # top-level code: runs here and once in the zygote
+    f.write(f"{os.getpid()}\\n")
+
+
+class Job(Worker):
+    @rpc
+    def where(self) -> list:
+        return [os.getpid(), os.getppid()]
+
+
+if __name__ == "__main__":
+    with Broker(Policy(), root=os.environ["ROOT"]) as b:
+        out = {"methods": [], "ahead": [], "pids": []}
+        for _ in range(3):
+            w = b.spawn(Job)
+            out["methods"].append(w.spawn_method)
+            out["ahead"].append(bool(w.sandbox.get("ahead")))
+            out["pids"].append(w.where()[0] == w.pid)
+            out["layers"] = w.sandbox["layers"]
+            w.stop()
+    print(json.dumps(out))
+"""
+
+UNGUARDED = """
+import json, os
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+
+class Job(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+b = Broker(Policy(), root=os.environ["ROOT"], spawn=os.environ.get("SPAWN", "auto"))
+out = {}
+try:
+    w = b.spawn(Job)
+    out = {"method": w.spawn_method, "ping": w.ping()}
+    w2 = b.spawn(Job)  # decided once: no second attempt through the zygote
+    out["second"] = w2.spawn_method
+except Exception as exc:
+    out = {"error": type(exc).__name__, "message": str(exc)}
+finally:
+    b.close()
+print(json.dumps(out))
+"""
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full = dict(os.environ, ROOT=str(cwd), **env)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=full)
+
+
+def test_a_class_in_the_main_script_is_spawned_by_the_zygote(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(GUARDED))
+    mark = tmp_path / "mark"
+    proc = run([str(script)], tmp_path, MARK=str(mark))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["methods"] == ["zygote"] * 3
+    assert all(out["pids"])
+    assert "no_new_privs" in out["layers"] and any(x.startswith("seccomp") for x in out["layers"])
+    assert out["ahead"][1:] == [True, True]  # no setup(): later spares make it before they are asked
+    # the script's top-level code ran twice (here, and once in the zygote), its main block once
+    assert len(mark.read_text().split()) == 2
+
+
+def test_a_class_in_a_module_run_with_dash_m_is_spawned_by_the_zygote(tmp_path: Path) -> None:
+    pkg = tmp_path / "jobs"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "job.py").write_text(textwrap.dedent(GUARDED))
+    mark = tmp_path / "mark"
+    proc = run(["-m", "jobs.job"], tmp_path, MARK=str(mark))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["methods"] == ["zygote"] * 3 and all(out["pids"])
+    assert len(mark.read_text().split()) == 2
+
+
+def test_an_unguarded_script_falls_back_to_fork_and_says_why(tmp_path: Path) -> None:
+    """The zygote importing the script would make a Broker there (and so on
+    without end): the import fails, and spawn="auto" forks instead."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(UNGUARDED))
+    proc = run([str(script)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out == {"method": "fork", "ping": "pong", "second": "fork"}
+    assert 'if __name__ == "__main__":' in proc.stderr
+    assert proc.stderr.count("forked from the broker instead") == 1
+
+
+def test_an_unguarded_script_with_spawn_zygote_fails_clearly(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(UNGUARDED))
+    proc = run([str(script)], tmp_path, SPAWN="zygote")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["error"] == "WorkerCrashed"
+    assert "cannot import Job" in out["message"] and 'if __name__ == "__main__":' in out["message"]
+
+
+def test_a_class_from_python_dash_c_is_forked(tmp_path: Path) -> None:
+    code = textwrap.dedent(UNGUARDED)
+    proc = run(["-c", code], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out == {"method": "fork", "ping": "pong", "second": "fork"}
+    assert "forked from the broker instead" not in proc.stderr  # nothing was tried: no file to import
+
+
+STUCK = """
+import json, os, time
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+if __name__ == "__privsep_main__":
+    time.sleep(60)  # top-level code that never finishes when the zygote imports the script
+
+
+class Job(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    with Broker(Policy(), root=os.environ["ROOT"], spawn_timeout=1.0) as b:
+        w = b.spawn(Job)
+        out = {"method": w.spawn_method, "ping": w.ping(), "seconds": time.monotonic() - t0}
+    print(json.dumps(out))
+"""
+
+
+def test_a_script_the_zygote_cannot_finish_importing_is_forked_after_the_spawn_timeout(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(STUCK))
+    proc = run([str(script)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["method"] == "fork" and out["ping"] == "pong"
+    assert out["seconds"] < 20  # the stuck zygote was killed, not waited for
+    assert "did not import Job within 1 s" in proc.stderr

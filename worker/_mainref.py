@@ -1,0 +1,96 @@
+"""Naming a worker class so that a zygote (or an exec'd worker) finds it.
+
+A class is named by its module and qualified name. A class defined in the
+main script (``__main__``) is found the way ``multiprocessing``'s spawn and
+forkserver start methods find it: by the module the script was run as
+(``python -m pkg.mod``), or by the script's path, which the zygote runs as a
+module named ``__privsep_main__``. Either way the script's code under
+``if __name__ == "__main__":`` does not run there; code outside it does, once
+per zygote, as it does in a ``multiprocessing`` child.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+#: Prefix of the module name of a class in the main script: then a path
+#: (starting with "/") or the name of the module the script was run as.
+MAIN_PREFIX = "__main__:"
+MAIN_NAME = "__privsep_main__"
+
+_importing = 0  # > 0 while a zygote imports a worker class's module
+
+
+def module_ref(cls: type) -> str | None:
+    """The module name to send for ``cls``, or None where no other
+    interpreter can find it (defined in a function, or in a main module
+    that is not a file: ``python -c``, an interactive session)."""
+    if "<locals>" in cls.__qualname__:
+        return None
+    module = cls.__module__
+    if module != "__main__":
+        return module
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", None)
+    if isinstance(name, str) and name and name != "__main__":
+        return MAIN_PREFIX + name  # python -m pkg.mod
+    path = getattr(main, "__file__", None)
+    if isinstance(path, str) and path.endswith(".py") and os.path.isfile(path):
+        return MAIN_PREFIX + os.path.abspath(path)
+    return None
+
+
+def is_main_ref(module: str) -> bool:
+    return module.startswith(MAIN_PREFIX)
+
+
+def import_ref(module: str) -> ModuleType:
+    """Import the module a class reference names (see :func:`module_ref`).
+    While it runs, making a ``Broker`` raises (see :func:`check_not_importing`)."""
+    global _importing
+    _importing += 1
+    try:
+        if not is_main_ref(module):
+            return importlib.import_module(module)
+        target = module[len(MAIN_PREFIX):]
+        if not target.startswith("/"):
+            return importlib.import_module(target)
+        return _load_script(target)
+    finally:
+        _importing -= 1
+
+
+def _load_script(path: str) -> ModuleType:
+    loaded = sys.modules.get(MAIN_NAME)
+    if loaded is not None:
+        if getattr(loaded, "__file__", None) != path:
+            raise ImportError(f"another main script ({loaded.__file__}) is loaded here, not {path}")
+        return loaded
+    spec = importlib.util.spec_from_file_location(MAIN_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the main script {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[MAIN_NAME] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[MAIN_NAME]
+        raise
+    return mod
+
+
+def check_not_importing() -> None:
+    """Raise if a zygote is importing a worker's module right now: a module
+    (usually a main script) that makes a Broker when imported would start
+    zygotes without end."""
+    if _importing:
+        raise RuntimeError(
+            "a Broker was made while privsep's zygote imported a worker class's module; "
+            "put the script's main code under `if __name__ == \"__main__\":` (as multiprocessing "
+            "requires), or use Broker(spawn=\"fork\")"
+        )
