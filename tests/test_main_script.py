@@ -169,3 +169,43 @@ def test_a_script_the_zygote_cannot_finish_importing_is_forked_after_the_spawn_t
     assert out["method"] == "fork" and out["ping"] == "pong"
     assert out["seconds"] < 20  # the stuck zygote was killed, not waited for
     assert "did not import Job within 1 s" in proc.stderr
+
+
+EXITS = """
+import json, os, sys
+from broker import Broker, Policy
+from worker import Worker, rpc
+from helper import Helper
+
+if __name__ == "__privsep_main__":
+    sys.exit("this script exits when imported")  # as an unguarded sys.exit(main()) would
+
+
+class Job(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+if __name__ == "__main__":
+    with Broker(Policy(), root=os.environ["ROOT"]) as b:
+        h = b.spawn(Helper)
+        zygote = b._zygote._proc.pid
+        w = b.spawn(Job)
+        out = {"job": w.spawn_method, "ping": w.ping(), "helper": b.spawn(Helper).spawn_method,
+               "same_zygote": b._zygote._proc.pid == zygote and b._zygote.alive()}
+    print(json.dumps(out))
+"""
+
+
+def test_a_script_that_exits_when_imported_leaves_the_zygote_running(tmp_path: Path) -> None:
+    (tmp_path / "helper.py").write_text(
+        "from worker import Worker, rpc\n\nclass Helper(Worker):\n    @rpc\n    def ping(self):\n        return 1\n"
+    )
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(EXITS))
+    proc = run([str(script)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out == {"job": "fork", "ping": "pong", "helper": "zygote", "same_zygote": True}
+    assert "this script exits when imported" in proc.stderr

@@ -266,7 +266,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             try:  # the broker asks before it first relies on a class from its main script
                 load_class(msg["module"], msg["qualname"])
                 chan.send({"t": "loaded"})
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit too: a script's sys.exit() must not end the zygote
                 chan.send({"t": "error", "e": exception_to_wire(exc)})
             continue
         if type(msg) is dict and msg.get("t") == "spare" and not once:
