@@ -239,7 +239,7 @@ def _preload(msg: dict[str, Any]) -> tuple[bool, _AheadPlan | None]:
     try:
         cls = load_class(pre[0], pre[1])
         prepared = prepared_for(pre[2])
-    except Exception:
+    except BaseException:  # a module's sys.exit() at import too: the zygote goes on
         return True, None
     plan = _AheadPlan(cls, prepared, pre[0], pre[1], pre[2]) if _ahead_allowed(cls, prepared) else None
     return prepared is not None and prepared.spec.namespaces, plan
@@ -287,7 +287,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
         try:
             cls = load_class(module, qualname)
             prepared = prepared_for(spec)
-        except Exception as exc:
+        except BaseException as exc:  # a module's sys.exit() at import too: the zygote goes on
             rfd.close()
             for _, g, _, _ in grant_fds:
                 g.close()
