@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -216,6 +217,9 @@ class Broker:
         self, cls: type[Worker], *, timeout: float | None = None, grants: Mapping[str, Capability] | None = None
     ) -> WorkerHandle:
         """``spawn()`` for asyncio: waits for the worker on the event loop."""
+        if self._needs_main_load(cls):
+            # The zygote runs the main script's top-level code (once): not on the loop.
+            await asyncio.to_thread(self._ready_zygote_for, cls)
         handle = self._start(cls, timeout, grants)
         try:
             ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
@@ -291,15 +295,7 @@ class Broker:
         try:
             with self._spawn_lock:
                 if method == "zygote":
-                    if self._zygote is not None and not self._zygote.alive():
-                        log.warning("the zygote has exited (%s); starting a new one", self._zygote.exit_reason())
-                        self._zygote.close()
-                        self._zygote = None
-                    if self._zygote is None:
-                        self._zygote = Zygote()
-                        self._zygote_loaded.clear()
-                    if cls not in self._zygote_loaded and is_main_ref(module_ref(cls) or ""):
-                        method = self._load_main(cls)
+                    method = self._zygote_method(cls)
                 if method == "zygote":
                     assert self._zygote is not None
                     # a spare goes into the cgroup before it is given its request
@@ -353,6 +349,36 @@ class Broker:
             self._workers[handle.id] = handle
         return handle
 
+    def _needs_main_load(self, cls: type[Worker]) -> bool:
+        """Would a spawn of ``cls`` first have the zygote import the main script?"""
+        return (
+            self.spawn_method in ("auto", "zygote")
+            and cls not in self._zygote_loaded
+            and cls not in self._fork_only
+            and is_main_ref(module_ref(cls) or "")
+        )
+
+    def _ready_zygote_for(self, cls: type[Worker]) -> str:
+        with self._spawn_lock:
+            return self._zygote_method(cls)
+
+    def _zygote_method(self, cls: type[Worker]) -> str:
+        """A running zygote that has ``cls`` (starting one if needed): "zygote";
+        or "fork" where ``spawn="auto"`` gives up on the zygote for this class.
+        Holds the spawn lock."""
+        if self._zygote is not None and not self._zygote.alive():
+            log.warning("the zygote has exited (%s); starting a new one", self._zygote.exit_reason())
+            self._zygote.close()
+            self._zygote = None
+        if self._zygote is None:
+            self._zygote = Zygote()
+            self._zygote_loaded.clear()
+        if cls in self._fork_only:
+            return "fork"
+        if cls not in self._zygote_loaded and is_main_ref(module_ref(cls) or ""):
+            return self._load_main(cls)
+        return "zygote"
+
     def _load_main(self, cls: type[Worker]) -> str:
         """Before a class from the main script is first spawned by this zygote,
         have the zygote import the script (its top-level code runs there, as in
@@ -368,7 +394,7 @@ class Broker:
             # A warning, not a log line: the script itself should change, and the
             # library's loggers stay silent unless the application sets them up.
             warnings.warn(f"{cls.__qualname__}: {exc}; its workers are forked from the broker instead",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
             self._fork_only.add(cls)
             return "fork"
         self._zygote_loaded.add(cls)

@@ -209,3 +209,54 @@ def test_a_script_that_exits_when_imported_leaves_the_zygote_running(tmp_path: P
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out == {"job": "fork", "ping": "pong", "helper": "zygote", "same_zygote": True}
     assert "this script exits when imported" in proc.stderr
+
+
+SLOW_ASYNC = """
+import asyncio, json, os, time
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+if __name__ == "__privsep_main__":
+    time.sleep(0.6)  # a slow import in the zygote (heavy top-level imports)
+
+
+class Job(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+async def main() -> dict:
+    gaps = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    with Broker(Policy(), root=os.environ["ROOT"]) as b:
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)
+        w = await b.aspawn(Job)
+        out = {"method": w.spawn_method, "ping": await w.aio.ping()}
+        ticker.cancel()
+    out["longest_gap"] = max(gaps)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_aspawn_of_a_main_script_class_keeps_the_loop_running_while_the_zygote_imports(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(SLOW_ASYNC))
+    proc = run([str(script)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["method"] == "zygote" and out["ping"] == "pong"
+    assert out["longest_gap"] < 0.3, out  # the 0.6 s import ran off the loop
