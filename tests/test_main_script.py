@@ -91,6 +91,17 @@ def test_a_class_in_the_main_script_is_spawned_by_the_zygote(tmp_path: Path) -> 
     assert len(mark.read_text().split()) == 2
 
 
+def test_a_script_without_a_py_suffix_is_found_too(tmp_path: Path) -> None:
+    script = tmp_path / "job-tool"  # run as `python3 job-tool` (or by its #! line)
+    script.write_text(textwrap.dedent(GUARDED))
+    mark = tmp_path / "mark"
+    proc = run([str(script)], tmp_path, MARK=str(mark))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["methods"] == ["zygote"] * 3 and all(out["pids"])
+    assert len(mark.read_text().split()) == 2
+
+
 def test_a_class_in_a_module_run_with_dash_m_is_spawned_by_the_zygote(tmp_path: Path) -> None:
     pkg = tmp_path / "jobs"
     pkg.mkdir()

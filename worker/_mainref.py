@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from importlib.machinery import SourceFileLoader
 from types import ModuleType
 
 #: Prefix of the module name of a class in the main script: then a path
@@ -40,8 +41,8 @@ def module_ref(cls: type) -> str | None:
     if isinstance(name, str) and name and name != "__main__":
         return MAIN_PREFIX + name  # python -m pkg.mod
     path = getattr(main, "__file__", None)
-    if isinstance(path, str) and path.endswith(".py") and os.path.isfile(path):
-        return MAIN_PREFIX + os.path.abspath(path)
+    if isinstance(path, str) and not path.endswith((".pyc", ".pyo")) and os.path.isfile(path):
+        return MAIN_PREFIX + os.path.abspath(path)  # a source file, with or without .py
     return None
 
 
@@ -71,7 +72,8 @@ def _load_script(path: str) -> ModuleType:
         if getattr(loaded, "__file__", None) != path:
             raise ImportError(f"another main script ({loaded.__file__}) is loaded here, not {path}")
         return loaded
-    spec = importlib.util.spec_from_file_location(MAIN_NAME, path)
+    # An explicit source loader: a script need not end in .py (``./tool`` with a #! line).
+    spec = importlib.util.spec_from_file_location(MAIN_NAME, path, loader=SourceFileLoader(MAIN_NAME, path))
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load the main script {path}")
     mod = importlib.util.module_from_spec(spec)
