@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 GUARDED = """
 import json, os, sys
@@ -69,20 +70,25 @@ print(json.dumps(out))
 """
 
 
-def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], cwd: Path, **env: str) -> tuple[dict[str, Any], str]:
+    """Run python with ``args`` in ``cwd``; (the JSON its last line printed, its stderr)."""
     import os
 
     full = dict(os.environ, ROOT=str(cwd), **env)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=full)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=full)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1]), proc.stderr
+
+
+def run_script(tmp_path: Path, source: str, name: str = "job.py", **env: str) -> tuple[dict[str, Any], str]:
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(source))
+    return run([str(script)], tmp_path, **env)
 
 
 def test_a_class_in_the_main_script_is_spawned_by_the_zygote(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(GUARDED))
     mark = tmp_path / "mark"
-    proc = run([str(script)], tmp_path, MARK=str(mark))
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out, _ = run_script(tmp_path, GUARDED, MARK=str(mark))
     assert out["methods"] == ["zygote"] * 3
     assert all(out["pids"])
     assert "no_new_privs" in out["layers"] and any(x.startswith("seccomp") for x in out["layers"])
@@ -92,12 +98,8 @@ def test_a_class_in_the_main_script_is_spawned_by_the_zygote(tmp_path: Path) -> 
 
 
 def test_a_script_without_a_py_suffix_is_found_too(tmp_path: Path) -> None:
-    script = tmp_path / "job-tool"  # run as `python3 job-tool` (or by its #! line)
-    script.write_text(textwrap.dedent(GUARDED))
     mark = tmp_path / "mark"
-    proc = run([str(script)], tmp_path, MARK=str(mark))
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out, _ = run_script(tmp_path, GUARDED, name="job-tool", MARK=str(mark))  # as `python3 job-tool`, or by #!
     assert out["methods"] == ["zygote"] * 3 and all(out["pids"])
     assert len(mark.read_text().split()) == 2
 
@@ -108,9 +110,7 @@ def test_a_class_in_a_module_run_with_dash_m_is_spawned_by_the_zygote(tmp_path: 
     (pkg / "__init__.py").write_text("")
     (pkg / "job.py").write_text(textwrap.dedent(GUARDED))
     mark = tmp_path / "mark"
-    proc = run(["-m", "jobs.job"], tmp_path, MARK=str(mark))
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out, _ = run(["-m", "jobs.job"], tmp_path, MARK=str(mark))
     assert out["methods"] == ["zygote"] * 3 and all(out["pids"])
     assert len(mark.read_text().split()) == 2
 
@@ -118,33 +118,23 @@ def test_a_class_in_a_module_run_with_dash_m_is_spawned_by_the_zygote(tmp_path: 
 def test_an_unguarded_script_falls_back_to_fork_and_says_why(tmp_path: Path) -> None:
     """The zygote importing the script would make a Broker there (and so on
     without end): the import fails, and spawn="auto" forks instead."""
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(UNGUARDED))
-    proc = run([str(script)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out, stderr = run_script(tmp_path, UNGUARDED)
     assert out == {"method": "fork", "ping": "pong", "second": "fork"}
-    assert 'if __name__ == "__main__":' in proc.stderr
-    assert proc.stderr.count("forked from the broker instead") == 1
+    assert 'if __name__ == "__main__":' in stderr
+    assert stderr.count("forked from the broker instead") == 1
 
 
 def test_an_unguarded_script_with_spawn_zygote_fails_clearly(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(UNGUARDED))
-    proc = run([str(script)], tmp_path, SPAWN="zygote")
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out, _ = run_script(tmp_path, UNGUARDED, SPAWN="zygote")
     assert out["error"] == "WorkerCrashed"
     assert "cannot import Job" in out["message"] and 'if __name__ == "__main__":' in out["message"]
 
 
 def test_a_class_from_python_dash_c_is_forked(tmp_path: Path) -> None:
     code = textwrap.dedent(UNGUARDED)
-    proc = run(["-c", code], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out, stderr = run(["-c", code], tmp_path)
     assert out == {"method": "fork", "ping": "pong", "second": "fork"}
-    assert "forked from the broker instead" not in proc.stderr  # nothing was tried: no file to import
+    assert "forked from the broker instead" not in stderr  # nothing was tried: no file to import
 
 
 STUCK = """
@@ -172,14 +162,10 @@ if __name__ == "__main__":
 
 
 def test_a_script_the_zygote_cannot_finish_importing_is_forked_after_the_spawn_timeout(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(STUCK))
-    proc = run([str(script)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out, stderr = run_script(tmp_path, STUCK)
     assert out["method"] == "fork" and out["ping"] == "pong"
     assert out["seconds"] < 20  # the stuck zygote was killed, not waited for
-    assert "did not import Job within 1 s" in proc.stderr
+    assert "did not import Job within 1 s" in stderr
 
 
 EXITS = """
@@ -213,13 +199,9 @@ def test_a_script_that_exits_when_imported_leaves_the_zygote_running(tmp_path: P
     (tmp_path / "helper.py").write_text(
         "from worker import Worker, rpc\n\nclass Helper(Worker):\n    @rpc\n    def ping(self):\n        return 1\n"
     )
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(EXITS))
-    proc = run([str(script)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out, stderr = run_script(tmp_path, EXITS)
     assert out == {"job": "fork", "ping": "pong", "helper": "zygote", "same_zygote": True}
-    assert "this script exits when imported" in proc.stderr
+    assert "this script exits when imported" in stderr
 
 
 SLOW_ASYNC = """
@@ -264,10 +246,6 @@ if __name__ == "__main__":
 
 
 def test_aspawn_of_a_main_script_class_keeps_the_loop_running_while_the_zygote_imports(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(SLOW_ASYNC))
-    proc = run([str(script)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out, _ = run_script(tmp_path, SLOW_ASYNC)
     assert out["method"] == "zygote" and out["ping"] == "pong"
     assert out["longest_gap"] < 0.3, out  # the 0.6 s import ran off the loop
