@@ -9,6 +9,7 @@ code under ``if __name__ == "__main__":`` does not run there.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -72,8 +73,6 @@ print(json.dumps(out))
 
 def run(args: list[str], cwd: Path, **env: str) -> tuple[dict[str, Any], str]:
     """Run python with ``args`` in ``cwd``; (the JSON its last line printed, its stderr)."""
-    import os
-
     full = dict(os.environ, ROOT=str(cwd), **env)
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=full)
     assert proc.returncode == 0, proc.stderr
