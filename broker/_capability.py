@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import stat
 
 from protocol import Rights
-from protocol._wire import KIND_DIR, KIND_FILE, KIND_STREAM
+from protocol._wire import KIND_FILE, kind_of_mode
 
 _O_PATH = getattr(os, "O_PATH", 0)
-_KIND_OF = {stat.S_IFDIR: KIND_DIR, stat.S_IFREG: KIND_FILE}
 # (access mode, regular file) -> rights, made once: enum arithmetic per received fd costs microseconds.
 _RIGHTS_OF = {
     (mode, regular): Rights(
@@ -43,8 +41,7 @@ class Capability:
     def from_untrusted_fd(cls, fd: int, name: str = "") -> Capability:
         """Wrap an fd received from a worker. Rights come from the fd itself
         (its access mode), never from what the worker claimed."""
-        fmt = stat.S_IFMT(os.fstat(fd).st_mode)
-        kind = _KIND_OF.get(fmt, KIND_STREAM)
+        kind = kind_of_mode(os.fstat(fd).st_mode)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         # An O_PATH fd reads as O_RDONLY but can do no I/O at all.
         rights = Rights.NONE if flags & _O_PATH else _RIGHTS_OF[flags & os.O_ACCMODE, kind == KIND_FILE]

@@ -51,6 +51,13 @@ KIND_DIR = 1
 KIND_STREAM = 2  # pipe, socket or other non-seekable object
 KIND_MEMFD = 3
 KINDS = (KIND_FILE, KIND_DIR, KIND_STREAM, KIND_MEMFD)
+_KIND_OF_TYPE = {stat.S_IFDIR: KIND_DIR, stat.S_IFREG: KIND_FILE}
+
+
+def kind_of_mode(st_mode: int) -> int:
+    """The kind an fd travels as, from its ``st_mode``: a directory, a regular
+    file, or a stream (pipe, socket, anything else)."""
+    return _KIND_OF_TYPE.get(stat.S_IFMT(st_mode), KIND_STREAM)
 
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # Plain ints: enum arithmetic on socket flags costs a microsecond per packet.

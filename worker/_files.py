@@ -14,12 +14,11 @@ import errno
 import functools
 import io
 import os
-import stat
 from typing import IO, TYPE_CHECKING, Any
 
 from protocol import NotCapable, Rights
 from protocol._paths import split_relative
-from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, KIND_STREAM, DirRef, ReceivedFd
+from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode
 
 if TYPE_CHECKING:
     from ._client import BrokerClient, StatResult
@@ -259,13 +258,12 @@ def fd_of(obj: Any) -> tuple[int, int, Rights]:
         if type(obj) is not io.BufferedReader and isinstance(obj, _FLUSHED):
             obj.flush()
         fd = obj.fileno()
-        kind = _KIND_OF.get(stat.S_IFMT(os.fstat(fd).st_mode), KIND_STREAM)
+        kind = kind_of_mode(os.fstat(fd).st_mode)
         return fd, kind, _RIGHTS_OF[bool(obj.readable()), bool(obj.writable())]
     raise TypeError(f"cannot send a {type(obj).__name__} to the broker")
 
 
 _FLUSHED = (io.BufferedWriter, io.BufferedRandom)
-_KIND_OF = {stat.S_IFDIR: KIND_DIR, stat.S_IFREG: KIND_FILE}
 _RIGHTS_OF = {
     (False, False): Rights.NONE,
     (True, False): Rights.READ,
