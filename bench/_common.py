@@ -111,11 +111,16 @@ def data_root() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def make_broker(root: str, *, sandboxed: bool, spawn: str = "auto", **options: Any) -> Any:
-    """A Broker granting ``GRANT_RIGHTS`` beneath ``data/``; default settings otherwise."""
+def make_broker(
+    root: str, *, sandboxed: bool, spawn: str = "auto", memory: int | None = None, **options: Any
+) -> Any:
+    """A Broker granting ``GRANT_RIGHTS`` beneath ``data/``; default settings
+    otherwise (``memory``: ``Limits.memory``, a cgroup per worker)."""
     from broker import UNSANDBOXED, Broker, Policy
 
     policy = Policy().allow(DATA_DIR + "/", GRANT_RIGHTS)
+    if memory is not None:
+        policy = policy.with_limits(memory=memory)
     if sandboxed:
         return Broker(policy, root=root, spawn=spawn, **options)
     return Broker(policy, root=root, spawn=spawn, sandbox=UNSANDBOXED, **options)

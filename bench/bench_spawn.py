@@ -29,6 +29,11 @@ Landlock + seccomp floor each run the same number of samples back to back
 refilled between spawns). Both tables are printed, and the targets are
 judged on both.
 
+Two more rows, where the broker can make memory cgroups: the same two zygote
+cases with ``Limits.memory`` set, so each worker gets a cgroup of its own
+(made for the spare, which moves itself in while it waits: a move can wait
+for an RCU grace period, about 10 ms on this VM).
+
 Targets (issue 5): zygote median under 2x the fork + sandbox floor, and at
 least 4x faster than forkserver.
 
@@ -147,6 +152,9 @@ class PrivsepCase:
         return dt
 
 
+MEMORY = 512 << 20  # the Limits.memory rows: a cgroup per worker
+
+
 def bench(root: str, iterations: int, warmup: int) -> None:
     ok, why = sandbox_status(root)
     print(machine_line())
@@ -167,6 +175,18 @@ def bench(root: str, iterations: int, warmup: int) -> None:
     b = make_broker(root, sandboxed=ok, spawn="zygote")
     brokers.append(b)
     privsep[on_request] = cases[on_request] = PrivsepCase(b, SetupBenchWorker)
+    if ok:
+        from broker._cgroup import probe
+
+        support = probe()
+        if support.version:
+            for cls, what in ((BenchWorker, ""), (SetupBenchWorker, ", setup() on request")):
+                b = make_broker(root, sandboxed=True, spawn="zygote", memory=MEMORY)
+                brokers.append(b)
+                name = f"privsep sandboxed zygote{what}, Limits.memory (cgroup v{support.version})"
+                privsep[name] = cases[name] = PrivsepCase(b, cls)
+        else:
+            print(f"no Limits.memory rows: no memory cgroup here ({support.reason})")
 
     forkserver = multiprocessing.get_context("forkserver")
     forkserver.set_forkserver_preload(["bench._common"])

@@ -108,10 +108,10 @@ class Broker:
         self._spawn_lock = threading.Lock()
         self._cgroup_parent = cgroup_parent
         self._cgroups: CgroupSupport | None = None
+        self._closed = False
         if spawn in ("zygote", "auto"):
             # Start it now: its interpreter boots while the caller goes on.
-            self._zygote = Zygote()
-        self._closed = False
+            self._zygote = Zygote(self._spare_cgroup)
 
     # -- context ----------------------------------------------------------
     def __enter__(self) -> Broker:
@@ -274,14 +274,26 @@ class Broker:
             )
         spec_wire = None if self._unsandboxed else _wire_of(spec)
         reaper = None
-        cgroup, cgroup_report = self._memory_cgroup(spec)
+        limit = None if self._unsandboxed else spec.limits.memory
+        cgroup: WorkerCgroup | None = None
+        cgroup_report: dict[str, Any] | None = None
         placed: list[int] = []
 
-        def place(pid: int) -> None:
-            """Move the worker into its cgroup; where the kernel refuses, go on
-            without one and say so in its report (as when none can be made)."""
+        def place(pid: int, ready: WorkerCgroup | None = None) -> None:
+            """Put the worker in its memory cgroup (taking ownership of
+            ``ready``, one a spare moved itself into while it waited, else one
+            made now); where the kernel refuses, go on without one and say so
+            in its report (as when none can be made)."""
             nonlocal cgroup, cgroup_report
             placed.append(pid)
+            if cgroup is not None:  # made for a spare that then could not serve
+                cgroup.discard()
+            if ready is not None:
+                cgroup, cgroup_report = ready, self._cgroup_applied(ready)
+                if ready.holds(pid):
+                    return  # the usual case: no move (and no wait for the kernel's cgroup lock) here
+            else:
+                cgroup, cgroup_report = self._memory_cgroup(spec)
             if cgroup is None:
                 return
             try:
@@ -289,7 +301,7 @@ class Broker:
             except OSError as exc:
                 cgroup.remove()
                 cgroup = None
-                cgroup_report = {"memory": spec.limits.memory, "applied": False,
+                cgroup_report = {"memory": limit, "applied": False,
                                  "reason": f"cannot move the worker into its cgroup: {exc.strerror}"}
 
         try:
@@ -300,7 +312,7 @@ class Broker:
                     assert self._zygote is not None
                     # a spare goes into the cgroup before it is given its request
                     pid, chan = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants,
-                                                   before=place if cgroup else None)
+                                                   before=place if limit is not None else None, memory_limit=limit)
                     reaper = self._zygote.reap
                 elif method == "exec":
                     pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants)
@@ -341,7 +353,7 @@ class Broker:
             handle._set_exit(WorkerExit("crashed", "its zygote died while starting it"))
             assert handle.exit is not None
             raise handle.exit.error(handle.name)
-        if not placed:
+        if pid not in placed:
             place(pid)  # before its first call; what setup() touched stays charged where it was
         handle._cgroup = cgroup
         handle._cgroup_report = cgroup_report
@@ -371,7 +383,7 @@ class Broker:
             self._zygote.close()
             self._zygote = None
         if self._zygote is None:
-            self._zygote = Zygote()
+            self._zygote = Zygote(self._spare_cgroup)
             self._zygote_loaded.clear()
         if cls in self._fork_only:
             return "fork"
@@ -465,7 +477,18 @@ class Broker:
             cg = WorkerCgroup.create(support, limit)
         except OSError as exc:
             return None, {"memory": limit, "applied": False, "reason": f"cannot make a cgroup: {exc.strerror}"}
-        return cg, {"memory": limit, "applied": True, "version": support.version}
+        return cg, self._cgroup_applied(cg)
+
+    @staticmethod
+    def _cgroup_applied(cg: WorkerCgroup) -> dict[str, Any]:
+        return {"memory": cg.limit, "applied": True, "version": cg.support.version}
+
+    def _spare_cgroup(self) -> WorkerCgroup | None:
+        """A memory cgroup for the zygote's next spare to move into while it
+        waits (so no spawn waits for that move); None where workers get none."""
+        if self._closed:
+            return None
+        return self._memory_cgroup(self.policy.sandbox)[0]
 
     @property
     def workers(self) -> list[WorkerHandle]:

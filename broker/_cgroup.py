@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
 
 from worker.sandbox._namespaces import write_file
+
+log = logging.getLogger("privsep.broker")
 
 _ids = itertools.count(1)
 
@@ -171,8 +174,21 @@ class WorkerCgroup:
             raise
         return cls(support, path, limit)
 
+    @property
+    def procs_file(self) -> str:
+        """The file a process writes its pid to in order to move in."""
+        return os.path.join(self.path, "cgroup.procs")
+
     def add(self, pid: int) -> None:
-        write_file(os.path.join(self.path, "cgroup.procs"), str(pid))
+        write_file(self.procs_file, str(pid))
+
+    def holds(self, pid: int) -> bool:
+        """Is ``pid`` in this cgroup now? (A read: unlike a move, it never
+        waits for the kernel's cgroup lock.)"""
+        try:
+            return str(pid) in _read(self.procs_file).split()
+        except OSError:
+            return False
 
     def oom_killed(self) -> bool:
         """Did the kernel kill a process here for running out of memory?"""
@@ -207,9 +223,16 @@ class WorkerCgroup:
                 self._kill_left()
                 time.sleep(0.005)
 
+    def discard(self) -> None:
+        """``remove()`` where a failure must not stop the caller: logged."""
+        try:
+            self.remove()
+        except OSError as exc:
+            log.warning("cannot remove the cgroup %s: %s", self.path, exc)
+
     def _kill_left(self) -> None:
         try:
-            pids = _read(os.path.join(self.path, "cgroup.procs")).split()
+            pids = _read(self.procs_file).split()
         except OSError:
             return
         for pid in pids:

@@ -27,6 +27,7 @@ from worker import Worker
 from worker._mainref import module_ref
 from worker._serve import forked_from_main_thread
 
+from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
 
 SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
@@ -149,14 +150,19 @@ def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
 class _Spare:
     """A pre-forked child of the zygote, waiting for its spawn request on ``chan``."""
 
-    __slots__ = ("ahead", "chan", "pid")
+    __slots__ = ("ahead", "cgroup", "chan", "pid")
 
-    def __init__(self, pid: int, chan: Channel, ahead: tuple[str, str, Any] | None):
+    def __init__(
+        self, pid: int, chan: Channel, ahead: tuple[str, str, Any] | None, cgroup: WorkerCgroup | None = None
+    ):
         self.pid = pid
         self.chan = chan
         #: the (module, qualname, spec) it made its worker for while waiting
         #: (``Worker.setup_ahead``); it serves exactly that, without grants
         self.ahead = ahead
+        #: the memory cgroup made for it, which it moved itself into first thing
+        #: (owned here until the spare is handed out)
+        self.cgroup = cgroup
 
 
 class Zygote:
@@ -169,9 +175,19 @@ class Zygote:
     read by the next spawn only, so between spawns the broker holds no spare
     fd (it waits in the channel's queue) and its fd count does not depend on
     whether a spare has arrived yet.
+
+    Where workers get a memory cgroup (``spare_cgroup``), each spare is asked
+    for with one made for it, and moves itself in while it waits: moving a
+    process into a cgroup can wait for an RCU grace period (about 10 ms on
+    this VM when no other move happened lately), which then delays no spawn.
+    The broker checks at hand-out that the move took, and makes it if not.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spare_cgroup: Callable[[], WorkerCgroup | None] | None = None) -> None:
+        """``spare_cgroup`` makes a memory cgroup for each spare to move into
+        while it waits (None where workers get none)."""
+        self._spare_cgroup = spare_cgroup
+        self._asked_cgroup: WorkerCgroup | None = None  # made for the pending spare
         self._proc, self._chan, spares = _start([], with_spares=True)
         assert spares is not None
         self._spares = spares
@@ -191,21 +207,29 @@ class Zygote:
         spec_wire: Any,
         timeout: float,
         grants: list[tuple[str, Any]],
-        before: Callable[[int], None] | None = None,
+        before: Callable[[int, WorkerCgroup | None], None] | None = None,
+        memory_limit: int | None = None,
     ) -> tuple[int, Channel]:
-        """A new worker's pid and channel. ``before(pid)`` runs before a spare
-        is given its request (not when the zygote forks one on demand)."""
+        """A new worker's pid and channel. ``before(pid, cgroup)`` runs before
+        a spare is given its request (not when the zygote forks one on
+        demand), with the memory cgroup the spare moved into, which the caller
+        then owns. A spare whose cgroup has another limit than
+        ``memory_limit`` is not used."""
         expect = (_ref(cls), cls.__qualname__, spec_wire)
         with self._lock:
             self._collect(timeout)
             spare, self._spare = self._spare, None
-            if spare is not None and spare.ahead is not None and (spare.ahead != expect or grants):
+            if spare is not None and (
+                (spare.ahead is not None and (spare.ahead != expect or grants))
+                or (spare.cgroup is not None and spare.cgroup.limit != memory_limit)
+            ):
                 self._discard(spare)  # made for another worker: fork this one on demand
                 spare = None
             if spare is not None:
                 try:
                     if before is not None:
-                        before(spare.pid)
+                        before(spare.pid, spare.cgroup)
+                    spare.cgroup = None  # the caller's now
                 except BaseException:
                     self._discard(spare)
                     raise
@@ -235,6 +259,8 @@ class Zygote:
         spare.chan.close()
         _kill_child_of(self._proc, spare.pid)
         self._reap_locked(spare.pid, 10.0)
+        if spare.cgroup is not None:
+            spare.cgroup.discard()
 
     def _ask_spare(self, preload: tuple[str, str, Any] | None) -> None:
         """Ask for the next spare (answer read later). Caller holds the lock or is __init__."""
@@ -243,31 +269,43 @@ class Zygote:
         msg: dict[str, Any] = {"t": "spare"}
         if preload is not None:
             msg["preload"] = list(preload)
+        cgroup = self._spare_cgroup() if self._spare_cgroup is not None else None
+        if cgroup is not None:
+            msg["cgroup"] = cgroup.procs_file
         try:
             self._chan.send(msg)
         except OSError:
+            if cgroup is not None:
+                cgroup.discard()
             return  # the zygote is gone; the next request says so
         self._pending = True
         self._asked = preload
+        self._asked_cgroup = cgroup
 
     def _collect(self, timeout: float) -> None:
         """Read the answer to a pending spare request, if any."""
         if not self._pending:
             return
         self._pending = False
-        if not self._spares.wait_readable(timeout):
-            raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
-        reply = self._spares.recv()
-        if reply is None:
-            raise WorkerCrashed("the zygote has exited")
-        if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
-                and isinstance(reply.get("chan"), ReceivedFd):
-            fd = reply["chan"].detach()
-            ahead = self._asked if reply.get("ahead") is True else None
-            self._spare = _Spare(reply["pid"], Channel(socket.socket(fileno=fd), send_timeout=5.0), ahead)
-        elif not (type(reply) is dict and reply.get("t") == "error"):
-            raise ProtocolError("zygote sent a malformed reply")
-        # an "error" answer (fork failed) just leaves us without a spare
+        cgroup, self._asked_cgroup = self._asked_cgroup, None
+        try:
+            if not self._spares.wait_readable(timeout):
+                raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
+            reply = self._spares.recv()
+            if reply is None:
+                raise WorkerCrashed("the zygote has exited")
+            if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
+                    and isinstance(reply.get("chan"), ReceivedFd):
+                fd = reply["chan"].detach()
+                ahead = self._asked if reply.get("ahead") is True else None
+                chan = Channel(socket.socket(fileno=fd), send_timeout=5.0)
+                self._spare, cgroup = _Spare(reply["pid"], chan, ahead, cgroup), None
+            elif not (type(reply) is dict and reply.get("t") == "error"):
+                raise ProtocolError("zygote sent a malformed reply")
+            # an "error" answer (fork failed) just leaves us without a spare
+        finally:
+            if cgroup is not None:  # no spare came to use it
+                cgroup.discard()
 
     def waiting_spare(self) -> tuple[int, int] | None:
         """(pid, fd) of the spare waiting now, after reading a pending answer.

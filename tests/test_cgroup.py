@@ -1,18 +1,21 @@
 """Per-worker memory cgroups (Limits.memory): made where the broker can,
-the worker moved in before its first call, an OOM kill inside reported as
-"oom", the cgroup removed when the worker ends; where the broker cannot,
-the worker still starts and its report says why. Real cgroups, real kernel."""
+the worker moved in before its first call (a zygote spare moves itself in
+while it waits, before setup()), an OOM kill inside reported as "oom", the
+cgroup removed when the worker ends or its spare is let go; where the
+broker cannot, the worker still starts and its report says why. Real
+cgroups, real kernel."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
-from conftest import default_policy
+from conftest import READ, default_policy
 
 from broker import Broker
-from broker._cgroup import probe
+from broker._cgroup import WorkerCgroup, probe
 from protocol import WorkerCrashed
 from worker import Worker, rpc
 
@@ -36,9 +39,140 @@ class Eater(Worker):
         return os.getpid()
 
 
+BALLAST = 24 << 20  # what setup() below writes: well above what a worker's own start touches
+
+
+class Ballast(Eater):
+    """A setup() of its own: its spare gets the request first, then runs it."""
+
+    def setup(self) -> None:
+        self.ballast = b"\x01" * BALLAST
+
+
+class BallastAhead(Ballast):
+    setup_ahead = True  # its spare runs setup() while it waits
+
+
 def _procs(path: str) -> list[int]:
     with open(os.path.join(path, "cgroup.procs")) as f:
         return [int(x) for x in f.read().split()]
+
+
+def _usage(path: str) -> int:
+    name = "memory.current" if SUPPORT.version == 2 else "memory.usage_in_bytes"
+    with open(os.path.join(path, name)) as f:
+        return int(f.read())
+
+
+def _wait_in(path: str, pid: int) -> None:
+    """The spare moves itself, and a move may wait for an RCU grace period."""
+    deadline = time.monotonic() + 10
+    while pid not in _procs(path):
+        assert time.monotonic() < deadline, f"spare {pid} never moved into {path}"
+        time.sleep(0.005)
+
+
+def _ours() -> list[str]:
+    return [n for n in os.listdir(SUPPORT.parent) if n.startswith(f"privsep-{os.getpid()}-")]
+
+
+@pytest.fixture
+def moves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids the broker itself writes into a cgroup."""
+    seen: list[int] = []
+    real_add = WorkerCgroup.add
+
+    def add(self: WorkerCgroup, pid: int) -> None:
+        seen.append(pid)
+        real_add(self, pid)
+
+    monkeypatch.setattr(WorkerCgroup, "add", add)
+    return seen
+
+
+@needs_cgroup
+@pytest.mark.parametrize("cls", [Ballast, BallastAhead])
+def test_a_spare_waits_in_its_workers_cgroup_and_setup_is_charged_there(
+    tree: Path, cls: type[Ballast], moves: list[int]
+) -> None:
+    """A move into a cgroup can wait for the kernel's cgroup lock (an RCU grace
+    period): the zygote's spare moves itself while it waits, so no spawn
+    does, and what setup() touches is the worker's, whenever it runs."""
+    with Broker(default_policy().with_limits(memory=LIMIT), root=tree, spawn="zygote") as b:
+        b.spawn(cls).stop()  # the next spare is asked for this class (made ahead for BallastAhead)
+        assert b._zygote is not None
+        waiting = b._zygote.waiting_spare()
+        assert waiting is not None
+        spare = b._zygote._spare
+        assert spare is not None and spare.cgroup is not None and spare.cgroup.limit == LIMIT
+        cg = spare.cgroup
+        _wait_in(cg.path, waiting[0])
+        moves.clear()
+        w = b.spawn(cls)
+        assert w.pid == waiting[0] and w._cgroup is cg
+        assert moves == []  # the broker moved nothing
+        assert _procs(cg.path) == [w.pid]
+        assert w.sandbox["cgroup"] == {"memory": LIMIT, "applied": True, "version": SUPPORT.version}
+        assert _usage(cg.path) >= BALLAST  # setup()'s memory is charged to the worker's cgroup
+        with pytest.raises(WorkerCrashed) as info:
+            w.eat(64)  # on top of the ballast: over the limit
+        assert info.value.exit is not None and info.value.exit.kind == "oom"
+    assert _ours() == []
+
+
+class _ToldElsewhere(WorkerCgroup):
+    """A real cgroup whose spare is told a path it cannot write (the first
+    use of ``procs_file``, the zygote's message): it cannot move itself."""
+
+    told = False
+
+    @property
+    def procs_file(self) -> str:
+        if not self.told:
+            self.told = True
+            return "/nonexistent-privsep-test/cgroup.procs"
+        return super().procs_file
+
+
+@needs_cgroup
+def test_a_spare_that_did_not_move_is_moved_by_the_broker(tree: Path, moves: list[int]) -> None:
+    with Broker(default_policy().with_limits(memory=LIMIT), root=tree, spawn="zygote") as b:
+        assert b._zygote is not None
+
+        def elsewhere() -> WorkerCgroup:
+            cg = WorkerCgroup.create(SUPPORT, LIMIT)
+            cg.__class__ = _ToldElsewhere
+            return cg
+
+        b._zygote._spare_cgroup = elsewhere
+        b.spawn(Eater).stop()  # uses the first spare; the next one is told the wrong path
+        waiting = b._zygote.waiting_spare()
+        assert waiting is not None
+        moves.clear()
+        w = b.spawn(Eater)
+        assert w.pid == waiting[0] and moves == [w.pid]
+        assert w._cgroup is not None and _procs(w._cgroup.path) == [w.pid]
+        assert w.sandbox["cgroup"]["applied"] is True
+        assert w.ping() == "pong"
+    assert _ours() == []
+
+
+@needs_cgroup
+def test_spares_let_go_leave_no_cgroup_behind(tree: Path) -> None:
+    """Spares made ahead for one class and thrown away for another, or for a
+    spawn with grants, take their cgroups with them."""
+    with Broker(default_policy().with_limits(memory=LIMIT), root=tree, spawn="zygote") as b:
+        live = []
+        for cls in (Eater, Eater, Ballast, Eater, BallastAhead, Ballast):
+            live.append(b.spawn(cls))
+            assert len(_ours()) <= len(live) + 1  # the workers' and the next spare's
+        with b.opendir("data", READ) as d:
+            live.append(b.spawn(Eater, grants={"d": d}))
+        assert all(w.ping() == "pong" for w in live)
+        for w in live[:3]:
+            w.kill()
+        assert len(_ours()) <= len(live) - 3 + 1
+    assert _ours() == []
 
 
 @needs_cgroup

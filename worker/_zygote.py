@@ -21,6 +21,9 @@ itself. When that class promises its ``setup()`` stays in the process
 spec pins no fds, the spare makes the whole worker while it waits: instance,
 ``setup()``, sandbox entry. It then serves exactly that request (class,
 spec, no grants) and refuses any other; the broker lets it go instead.
+Where workers get a memory cgroup, the broker makes one for each spare and
+the spare moves itself in first thing, so what its ``setup()`` touches is
+charged there and no spawn waits for the move.
 
 A class from the broker's main script is named by the script's path (or the
 module it was run as) and imported here like ``multiprocessing``'s
@@ -35,6 +38,7 @@ Run as ``python3 -m worker._zygote FD [--spares FD] [--exec] [--pdeathsig]``. Wi
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -63,7 +67,7 @@ from ._serve import (
     while_waiting,
 )
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
-from .sandbox._namespaces import fresh_net
+from .sandbox._namespaces import fresh_net, write_file
 from .sandbox._spec import SandboxSpec
 
 _classes: dict[tuple[str, str], type[Worker]] = {}
@@ -156,10 +160,13 @@ def _ahead_allowed(cls: type[Worker], prepared: Any) -> bool:
     return cls.setup is Worker.setup and cls.__init__ is Worker.__init__
 
 
-def _fork_spare(ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = None) -> tuple[int, socket.socket]:
+def _fork_spare(
+    ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = None, cgroup_procs: str | None = None
+) -> tuple[int, socket.socket]:
     """Fork a spare, with a fresh network namespace for it to join at entry
     if ``want_net`` and we may make one; returns its pid and the broker's end
-    of its socket. With ``ahead`` the spare makes that worker while it waits."""
+    of its socket. With ``ahead`` the spare makes that worker while it waits.
+    With ``cgroup_procs`` it first moves itself into that cgroup."""
     net_fd = fresh_net() if want_net else None
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -176,7 +183,7 @@ def _fork_spare(ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = 
                 for c in ctls:  # the zygote's channels to the broker
                     os.close(c.sock.detach())
                 ours.close()
-                _spare_main(theirs, me, net_fd, ahead)  # takes over net_fd; never returns
+                _spare_main(theirs, me, net_fd, ahead, cgroup_procs)  # takes over net_fd; never returns
             finally:
                 os._exit(70)  # ends the child here: the finally below is the parent's
     finally:
@@ -186,12 +193,21 @@ def _fork_spare(ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = 
     return pid, ours
 
 
-def _spare_main(sock: socket.socket, zygote: int, net_fd: int | None, ahead: _AheadPlan | None = None) -> NoReturn:
+def _spare_main(
+    sock: socket.socket, zygote: int, net_fd: int | None, ahead: _AheadPlan | None = None,
+    cgroup_procs: str | None = None,
+) -> NoReturn:
     """A spare waits, holding nothing, for the one spawn request it will serve;
     its socket then becomes the worker's channel."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != zygote:
         os._exit(0)
+    if cgroup_procs is not None:
+        # Into the worker's memory cgroup now, before it touches memory: a move
+        # can wait for the kernel's cgroup lock (an RCU grace period, ~10 ms
+        # here), which then delays no spawn. The broker checks it took.
+        with contextlib.suppress(OSError):
+            write_file(cgroup_procs, str(os.getpid()))
     # While waiting, do what does not depend on the request: the socket goes to
     # the worker's channel slot (and the namespace fd to its own), and the
     # worker's Channel is made; with a plan, the whole worker is.
@@ -245,6 +261,14 @@ def _preload(msg: dict[str, Any]) -> tuple[bool, _AheadPlan | None]:
     return prepared is not None and prepared.spec.namespaces, plan
 
 
+def _cgroup_procs(msg: dict[str, Any]) -> str | None:
+    """The cgroup.procs file a spare is to move itself into, if the broker made one."""
+    path = msg.get("cgroup")
+    if isinstance(path, str) and os.path.isabs(path) and os.path.basename(path) == "cgroup.procs":
+        return path
+    return None
+
+
 def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None = None) -> None:
     """Answer the broker: spawn and reap requests on ``chan``; spare requests
     are answered on ``spares`` when given (else on ``chan``)."""
@@ -272,7 +296,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
         if type(msg) is dict and msg.get("t") == "spare" and not once:
             want_net, plan = _preload(msg)
             try:
-                pid, sock = _fork_spare([chan, *([spares] if spares else [])], want_net, plan)
+                pid, sock = _fork_spare([chan, *([spares] if spares else [])], want_net, plan, _cgroup_procs(msg))
             except OSError as exc:
                 spare_out.send({"t": "error", "e": exception_to_wire(exc)})
                 continue
