@@ -299,7 +299,7 @@ class Broker:
             try:
                 cgroup.add(pid)
             except OSError as exc:
-                cgroup.remove()
+                cgroup.discard()
                 cgroup = None
                 cgroup_report = {"memory": limit, "applied": False,
                                  "reason": f"cannot move the worker into its cgroup: {exc.strerror}"}
@@ -324,7 +324,7 @@ class Broker:
                     chan = Channel(sock)
         except BaseException:
             if cgroup is not None:
-                cgroup.remove()
+                cgroup.discard()
             raise
         try:
             handle = WorkerHandle(
@@ -339,7 +339,7 @@ class Broker:
         except ProcessLookupError:  # gone before it could be watched (its zygote died with it)
             chan.close()
             if cgroup is not None:
-                cgroup.remove()
+                cgroup.discard()
             ex = WorkerExit("crashed", "the process was gone when the broker opened its pidfd")
             raise WorkerCrashed(f"{cls.__qualname__} ended before it could be watched", ex) from None
         handle.spawn_method = method
@@ -349,7 +349,7 @@ class Broker:
             # reaped this one already: the pidfd just opened may not be its own.
             # Closed unused; the worker is dead either way.
             if cgroup is not None:
-                cgroup.remove()
+                cgroup.discard()
             handle._set_exit(WorkerExit("crashed", "its zygote died while starting it"))
             assert handle.exit is not None
             raise handle.exit.error(handle.name)
