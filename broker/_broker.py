@@ -289,7 +289,7 @@ class Broker:
             if cgroup is not None:  # made for a spare that then could not serve
                 cgroup.discard()
             if ready is not None:
-                cgroup, cgroup_report = ready, self._cgroup_applied(ready)
+                cgroup, cgroup_report = ready, ready.report()
                 if ready.holds(pid):
                     return  # the usual case: no move (and no wait for the kernel's cgroup lock) here
             else:
@@ -477,11 +477,7 @@ class Broker:
             cg = WorkerCgroup.create(support, limit)
         except OSError as exc:
             return None, {"memory": limit, "applied": False, "reason": f"cannot make a cgroup: {exc.strerror}"}
-        return cg, self._cgroup_applied(cg)
-
-    @staticmethod
-    def _cgroup_applied(cg: WorkerCgroup) -> dict[str, Any]:
-        return {"memory": cg.limit, "applied": True, "version": cg.support.version}
+        return cg, cg.report()
 
     def _spare_cgroup(self) -> WorkerCgroup | None:
         """A memory cgroup for the zygote's next spare to move into while it

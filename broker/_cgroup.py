@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from worker.sandbox._namespaces import write_file
 
@@ -173,6 +174,10 @@ class WorkerCgroup:
             os.rmdir(path)
             raise
         return cls(support, path, limit)
+
+    def report(self) -> dict[str, Any]:
+        """What a worker in this cgroup reports as ``sandbox["cgroup"]``."""
+        return {"memory": self.limit, "applied": True, "version": self.support.version}
 
     @property
     def procs_file(self) -> str:
