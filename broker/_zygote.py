@@ -11,6 +11,7 @@ those, and for a main script the zygote cannot import.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -25,10 +26,13 @@ from protocol._remote import exception_from_wire
 from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd
 from worker import Worker
 from worker._mainref import module_ref
+from worker._priority import may_raise, process_to_foreground, to_background, to_foreground
 from worker._serve import forked_from_main_thread
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
+
+log = logging.getLogger("privsep.broker")
 
 SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
 _BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; one that hangs is found by the first spawn
@@ -88,8 +92,10 @@ def _start(extra: list[str], with_spares: bool = False) -> tuple[subprocess.Pope
 
 
 def _request_spawn(
-    chan: Channel, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]]
+    chan: Channel, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
+    sent: Callable[[], None] | None = None,
 ) -> tuple[int, socket.socket]:
+    """``sent()`` runs once the request is on its way (before the wait)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         chan.send(
@@ -104,6 +110,8 @@ def _request_spawn(
         )
     finally:
         child.close()
+    if sent is not None:
+        sent()
     if not chan.wait_readable(timeout):
         parent.close()
         raise WorkerCrashed(f"zygote did not answer a spawn request within {timeout:g} s")
@@ -181,6 +189,11 @@ class Zygote:
     process into a cgroup can wait for an RCU grace period (about 10 ms on
     this VM when no other move happened lately), which then delays no spawn.
     The broker checks at hand-out that the move took, and makes it if not.
+
+    Where this process may raise a task's priority again (CAP_SYS_NICE),
+    spares are made at SCHED_IDLE (see ``worker._priority``): each is moved
+    back to SCHED_OTHER before it gets its request, and the zygote whenever
+    the broker is to wait for it.
     """
 
     def __init__(self, spare_cgroup: Callable[[], WorkerCgroup | None] | None = None) -> None:
@@ -195,6 +208,9 @@ class Zygote:
         self._spare: _Spare | None = None
         self._pending = False  # a spare was asked for and the answer is not read yet
         self._asked: tuple[str, str, Any] | None = None  # what the pending spare was asked to preload
+        self._idle = may_raise()  # spares made at background priority
+        self._zygote_idles = False  # the zygote said it goes back to normal priority by itself
+        self._asked_idle = False  # the pending spare was asked for at background priority
         self._ask_spare(None)
         # Return once the zygote and its first spare exist (the answer is left
         # queued), so the broker's processes and fds are the same now as
@@ -237,14 +253,47 @@ class Zygote:
                     self._ask_spare(expect)
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
-            pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants)
+            pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry)
             self._ask_spare(expect)
             return pid, Channel(sock)
+
+    def _wake(self, spare: _Spare) -> bool:
+        """Normal priority for a spare about to get its request (it waited at
+        SCHED_IDLE). Before the send, so that the request wakes a normal task:
+        the kernel weighs whether a woken task preempts at the wake-up, and
+        a task raised later, while queued, waits out the running task's slice
+        (1-3 ms here). False (the spare is let go) if it is gone, or if the
+        kernel refuses (never expected), when no later spare is made at
+        background priority either."""
+        if not self._idle:
+            return True
+        try:
+            process_to_foreground(spare.pid)  # with any threads its setup() started
+            return True
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            log.warning("cannot raise a spare's priority (%s); spares are made at normal priority from now on", exc)
+            self._idle = False
+        self._discard(spare)
+        return False
+
+    def _hurry(self) -> None:
+        """The broker is about to wait for the zygote: normal priority for
+        whatever it is doing (a spare it makes at SCHED_IDLE). Only while the
+        zygote is not reaped, so its pid is still its own."""
+        if self._idle and self._proc.returncode is None:
+            try:
+                to_foreground(self._proc.pid)
+            except OSError:
+                pass  # gone: the wait says so
 
     def _assign(self, spare: _Spare, expect: tuple[str, str, Any], grants: list[tuple[str, Any]]) -> bool:
         module, qualname, spec_wire = expect
         msg = {"t": "spawn", "module": module, "qualname": qualname, "spec": spec_wire,
                "grants": [[name, cap] for name, cap in grants]}
+        if not self._wake(spare):
+            return False
         try:
             spare.chan.send(msg)
             return True
@@ -272,6 +321,20 @@ class Zygote:
         cgroup = self._spare_cgroup() if self._spare_cgroup is not None else None
         if cgroup is not None:
             msg["cgroup"] = cgroup.procs_file
+        # Not for a spare with a cgroup: starved of CPU until the next spawn
+        # raises it, it would start its move then, and that spawn would wait
+        # for the kernel's cgroup lock (~10 ms) instead of a fork.
+        idle = self._idle and cgroup is None
+        if idle:
+            msg["idle"] = True
+            if self._zygote_idles and self._proc.returncode is None:
+                # Lowered before the request wakes it, so that it does not
+                # preempt the spare just handed out (the usual wake-up
+                # target: the CPU this spawn ran on). It rises again itself.
+                try:
+                    to_background(self._proc.pid)
+                except OSError:
+                    pass
         try:
             self._chan.send(msg)
         except OSError:
@@ -281,6 +344,7 @@ class Zygote:
         self._pending = True
         self._asked = preload
         self._asked_cgroup = cgroup
+        self._asked_idle = idle
 
     def _collect(self, timeout: float) -> None:
         """Read the answer to a pending spare request, if any."""
@@ -289,6 +353,8 @@ class Zygote:
         self._pending = False
         cgroup, self._asked_cgroup = self._asked_cgroup, None
         try:
+            if self._idle and not self._spares.wait_readable(0):
+                self._hurry()  # still being made, at SCHED_IDLE
             if not self._spares.wait_readable(timeout):
                 raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
             reply = self._spares.recv()
@@ -298,6 +364,8 @@ class Zygote:
                     and isinstance(reply.get("chan"), ReceivedFd):
                 fd = reply["chan"].detach()
                 ahead = self._asked if reply.get("ahead") is True else None
+                if self._asked_idle:
+                    self._zygote_idles = reply.get("idle") is True
                 chan = Channel(socket.socket(fileno=fd), send_timeout=5.0)
                 self._spare, cgroup = _Spare(reply["pid"], chan, ahead, cgroup), None
             elif not (type(reply) is dict and reply.get("t") == "error"):
@@ -330,6 +398,7 @@ class Zygote:
         answer within ``timeout`` is killed (it is stuck in that code)."""
         with self._lock:
             self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__})
+            self._hurry()
             if not self._chan.wait_readable(timeout):
                 self._proc.kill()
                 raise WorkerCrashed(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
@@ -360,6 +429,7 @@ class Zygote:
     def _reap_locked(self, pid: int, timeout: float) -> int | None:
         try:
             self._chan.send({"t": "reap", "pid": pid})
+            self._hurry()
             if not self._chan.wait_readable(timeout):
                 return None
             reply = self._chan.recv()

@@ -107,6 +107,7 @@ _PROBE_SKIP_PREFIXES = (
     "no seccomp",
     "needs seccomp",
     "cgroup probe:",
+    "no CAP_SYS_NICE",
 )
 
 

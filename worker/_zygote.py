@@ -53,6 +53,7 @@ from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd
 
 from ._mainref import import_ref
+from ._priority import Background, may_raise
 from ._rpc import Worker
 from ._serve import (
     CHANNEL_FD,
@@ -161,12 +162,13 @@ def _ahead_allowed(cls: type[Worker], prepared: Any) -> bool:
 
 
 def _fork_spare(
-    ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = None, cgroup_procs: str | None = None
+    ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = None, cgroup_procs: str | None = None,
 ) -> tuple[int, socket.socket]:
     """Fork a spare, with a fresh network namespace for it to join at entry
     if ``want_net`` and we may make one; returns its pid and the broker's end
     of its socket. With ``ahead`` the spare makes that worker while it waits.
-    With ``cgroup_procs`` it first moves itself into that cgroup."""
+    With ``cgroup_procs`` it first moves itself into that cgroup. It inherits
+    our scheduling policy (SCHED_IDLE when the broker lowered us)."""
     net_fd = fresh_net() if want_net else None
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -274,6 +276,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
     are answered on ``spares`` when given (else on ``chan``)."""
     spare_out = spares or chan
     me = os.getpid()
+    may_idle = may_raise()  # else the broker must not lower us: we could not come back
     while True:
         msg = chan.recv()
         if msg is None:
@@ -294,14 +297,21 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
                 chan.send({"t": "error", "e": exception_to_wire(exc)})
             continue
         if type(msg) is dict and msg.get("t") == "spare" and not once:
-            want_net, plan = _preload(msg)
-            try:
-                pid, sock = _fork_spare([chan, *([spares] if spares else [])], want_net, plan, _cgroup_procs(msg))
-            except OSError as exc:
-                spare_out.send({"t": "error", "e": exception_to_wire(exc)})
+            # At background priority where the broker lowered us (see worker._priority).
+            forked: tuple[int, socket.socket] | OSError
+            with Background(may_idle and msg.get("idle") is True) as bg:
+                want_net, plan = _preload(msg)
+                try:
+                    forked = _fork_spare([chan, *([spares] if spares else [])], want_net, plan, _cgroup_procs(msg))
+                except OSError as exc:
+                    forked = exc
+            if isinstance(forked, OSError):
+                spare_out.send({"t": "error", "e": exception_to_wire(forked)})
                 continue
+            pid, sock = forked
             try:
-                spare_out.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock), "ahead": plan is not None})
+                spare_out.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock), "ahead": plan is not None,
+                                "idle": bg.enabled})
             finally:
                 sock.close()
             continue

@@ -1,0 +1,270 @@
+"""Spares are made at background priority (SCHED_IDLE) and every worker
+serves at normal priority: real scheduler policies, read from the kernel."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import READ, default_policy
+
+from broker import Broker
+from broker._cgroup import probe as cgroup_probe
+from worker import Worker, rpc
+from worker._priority import Background, may_raise, to_background
+
+ROOT = Path(__file__).resolve().parent.parent
+OTHER, IDLE = os.SCHED_OTHER, os.SCHED_IDLE
+needs_renice = pytest.mark.skipif(
+    not may_raise(), reason="no CAP_SYS_NICE: spares are made at normal priority here (worker._priority.may_raise)"
+)
+
+
+class Echo(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+class EchoWithSetup(Echo):
+    """A setup() of its own and no promise about it: set up once asked."""
+
+    def setup(self) -> None:
+        self.ready = True
+
+
+def _policy(pid: int) -> int:
+    return os.sched_getscheduler(pid)
+
+
+def _in_child(check: Callable[[], None]) -> None:
+    """Run ``check`` in a forked child (its priority changes stay there);
+    fail with what it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            check()
+            os.write(w, b"ok")
+        except BaseException as exc:  # reported to the parent, whatever it is
+            os.write(w, repr(exc).encode()[:4000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    os.waitpid(pid, 0)
+    assert got == b"ok", got.decode()
+
+
+KINDS = ["made ahead", "setup on request", "grants (forked on demand)", "memory cgroup"]
+
+
+@needs_renice
+@pytest.mark.parametrize("kind", KINDS)
+def test_spares_wait_at_idle_priority_and_every_worker_serves_at_normal(tree: Path, kind: str) -> None:
+    policy = default_policy()
+    if kind == "memory cgroup":
+        support = cgroup_probe()
+        if not support.version:
+            pytest.skip(f"cgroup probe: no memory cgroup here: {support.reason}")
+        policy = policy.with_limits(memory=256 << 20)
+    cls = EchoWithSetup if kind == "setup on request" else Echo
+    with Broker(policy, root=tree, spawn="zygote") as b:
+        zygote = b._zygote
+        assert zygote is not None
+        for _ in range(3):  # the first comes from the spare made at boot, the others from spares made for cls
+            if kind == "grants (forked on demand)":
+                with b.opendir("data", READ) as d:
+                    w = b.spawn(cls, grants={"d": d})
+            else:
+                w = b.spawn(cls)
+            assert w.ping() == "pong"
+            assert _policy(w.pid) == OTHER, f"{kind}: the worker serves at SCHED_IDLE"
+            # Wait for the zygote's answer without asking for it: a broker
+            # that waits for a spare raises the zygote making it.
+            assert zygote._spares.wait_readable(10)
+            spare = zygote.waiting_spare()
+            assert spare is not None
+            # The zygote answered, so it is done making the spare: normal again.
+            assert _policy(zygote._proc.pid) == OTHER
+            # A spare with a memory cgroup is made at normal priority: starved
+            # until the next spawn raised it, it would start its move then, and
+            # that spawn would wait for the kernel's cgroup lock.
+            expected = OTHER if kind == "memory cgroup" else IDLE
+            assert _policy(spare[0]) == expected, f"{kind}: the spare waits at policy {_policy(spare[0])}"
+            w.stop()
+
+
+@needs_renice
+def test_the_zygote_making_a_spare_comes_back_to_normal_priority_by_itself() -> None:
+    def lowered_by_the_broker() -> None:
+        to_background(os.getpid())  # as the broker does right before it asks for a spare
+        with Background(True) as bg:
+            assert _policy(0) == IDLE  # a child forked now inherits this
+            bg.resume()  # e.g. for a spare that must move into its cgroup at once
+            assert _policy(0) == OTHER
+        assert _policy(0) == OTHER
+        to_background(os.getpid())
+        with Background(True):
+            pass
+        assert _policy(0) == OTHER
+
+    def not_lowered() -> None:
+        with Background(False):
+            assert _policy(0) == OTHER
+        assert _policy(0) == OTHER
+
+    _in_child(lowered_by_the_broker)
+    _in_child(not_lowered)
+
+
+@needs_renice
+def test_a_broker_that_waits_for_the_zygote_raises_it_from_background_priority(tree: Path) -> None:
+    from _slow_import_worker import SlowToImport
+
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        zygote = b._zygote
+        assert zygote is not None
+        # The spare made at boot loads the class itself; then the zygote, lowered,
+        # imports it to make the next spare.
+        w = b.spawn(SlowToImport)
+        assert w.ping() == "pong"
+        pid = zygote._proc.pid
+        assert _policy(pid) == IDLE  # lowered by the broker, a second into an import
+        stopped = threading.Thread(target=w.stop)  # its reap waits for the zygote
+        stopped.start()
+        try:
+            deadline = time.monotonic() + 0.5
+            while _policy(pid) != OTHER and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _policy(pid) == OTHER, "the zygote was left at SCHED_IDLE while the broker waited for it"
+            assert stopped.is_alive()  # raised while the import went on, not after it
+        finally:
+            stopped.join()
+
+
+class Threaded(Echo):
+    """Starts a thread in setup(), which runs ahead: only unsandboxed (sandbox
+    entry needs a single thread)."""
+
+    setup_ahead = True
+
+    def setup(self) -> None:
+        self.stop_helper = threading.Event()
+        threading.Thread(target=self.stop_helper.wait, daemon=True).start()
+
+
+def _threads(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+
+@needs_renice
+def test_threads_a_spare_started_while_it_waited_serve_at_normal_priority_too(tree: Path) -> None:
+    from broker import UNSANDBOXED
+
+    with Broker(default_policy(), root=tree, spawn="zygote", sandbox=UNSANDBOXED) as b:
+        zygote = b._zygote
+        assert zygote is not None
+        first = b.spawn(Threaded)  # the next spare makes a Threaded ahead, at SCHED_IDLE
+        assert zygote._spares.wait_readable(10)  # (a stop now would raise the zygote making it)
+        first.stop()
+        spare = zygote.waiting_spare()
+        assert spare is not None
+        deadline = time.monotonic() + 10
+        while len(_threads(spare[0])) < 2:
+            assert time.monotonic() < deadline, "the spare did not run setup() ahead"
+            time.sleep(0.01)
+        assert {_policy(t) for t in _threads(spare[0])} == {IDLE}
+        w = b.spawn(Threaded)
+        assert w.pid == spare[0] and w.ping() == "pong"
+        assert len(_threads(w.pid)) == 2
+        assert {_policy(t) for t in _threads(w.pid)} == {OTHER}
+
+
+# Run with CAP_SYS_NICE gone from the bounding set (so the zygote, exec'd,
+# lacks it too) and from this process: spares must stay at normal priority.
+_WITHOUT_SYS_NICE = r"""
+import os, sys
+from worker.sandbox._libc import ffi, lib
+CAP_SYS_NICE, PR_CAPBSET_DROP, SYS_CAPGET, SYS_CAPSET = 23, 24, 125, 126
+assert lib.prctl(PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0) == 0
+header = ffi.new("uint32_t[2]", [0x20080522, 0])
+data = ffi.new("uint32_t[6]")
+assert lib.syscall(ffi.cast("long", SYS_CAPGET), header, data) == 0
+for i in range(3):
+    data[i] &= ~(1 << CAP_SYS_NICE)
+assert lib.syscall(ffi.cast("long", SYS_CAPSET), header, data) == 0
+from worker._priority import may_raise
+assert not may_raise()
+from broker import Broker, Policy
+from bench._common import BenchWorker
+with Broker(Policy(), root=sys.argv[1], spawn="zygote") as b:
+    for _ in range(3):
+        w = b.spawn(BenchWorker)
+        assert w.ping() == 1
+        spare = b._zygote.waiting_spare()
+        print(os.sched_getscheduler(w.pid), os.sched_getscheduler(spare[0]), os.sched_getscheduler(b._zygote._proc.pid))
+        w.stop()
+"""
+
+
+@needs_renice
+def test_without_cap_sys_nice_spares_are_made_at_normal_priority(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_SYS_NICE, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [list(map(int, line.split())) for line in out.stdout.splitlines()]
+    assert len(rows) == 3
+    assert all(policy == OTHER for row in rows for policy in row), rows
+
+
+def _hogs() -> list[subprocess.Popen[bytes]]:
+    """One busy loop at normal priority per CPU we may run on."""
+    return [
+        subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+        for cpu in sorted(os.sched_getaffinity(0))
+    ]
+
+
+@needs_renice
+@pytest.mark.parametrize("cls", [Echo, EchoWithSetup], ids=["made ahead", "setup on request"])
+def test_busy_cpus_do_not_starve_a_spawn_waiting_for_a_spare(tree: Path, cls: type[Worker]) -> None:
+    """Spares are made at SCHED_IDLE, which gets almost no CPU next to busy
+    normal tasks; a spawn that needs one raises what it waits for (the spare,
+    the zygote) instead of waiting for idle time that never comes."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(cls).stop()
+        hogs = _hogs()
+        try:
+            times = []
+            workers = []
+            for _ in range(4):
+                t0 = time.monotonic()
+                w = b.spawn(cls)  # each right after the last: its spare is still being made
+                assert w.ping() == "pong"
+                times.append(time.monotonic() - t0)
+                assert _policy(w.pid) == OTHER
+                workers.append(w)
+            for w in workers:  # the zygote reaps each: it may still be making the next spare
+                t0 = time.monotonic()
+                w.stop()
+                times.append(time.monotonic() - t0)
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+    # Starved, each would wait for the zygote's fork and namespace at a few
+    # thousandths of a CPU: up to seconds. Raised, it shares the CPUs like any task.
+    print("TIMES", [round(t * 1000, 1) for t in times])
+    assert statistics.median(times) < 0.5, times

@@ -1,0 +1,110 @@
+"""Spares are made at background priority. Private.
+
+Making a spare (the zygote's fork and network namespace, the spare's own
+setup() and sandbox entry when it makes its worker ahead) is work nobody
+waits for, but it starts right as a spawn hands out the previous spare. At
+normal priority it then competes with that spawn's handshake and first
+call: on a 2-CPU machine a woken broker could wait a full scheduler slice
+(1-3 ms) behind it. So the broker lowers the zygote to ``SCHED_IDLE`` (which
+yields to any normal task at once) right before it asks for a spare; the
+zygote comes back by itself when the spare is made, and the spare, forked
+at SCHED_IDLE, waits there. The broker raises each spare back to
+``SCHED_OTHER`` before it sends its request (raised before the wake-up,
+the woken task may preempt; raised after, it would wait out the running
+task's slice), and the zygote whenever it is to wait for it.
+
+Only where the process may move a task out of ``SCHED_IDLE`` again: that
+takes ``CAP_SYS_NICE`` (a root broker), since an unprivileged task may
+lower its priority but never raise it back. Elsewhere nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+CAP_SYS_NICE = 23
+
+
+def may_raise() -> bool:
+    """May this process move a task of its own back from SCHED_IDLE?"""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def to_background(pid: int) -> None:
+    """SCHED_IDLE for another process (one that sleeps, typically: a running
+    task lowered is not descheduled until its slice ends)."""
+    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def to_foreground(pid: int = 0) -> None:
+    """Back to SCHED_OTHER (raises PermissionError without CAP_SYS_NICE,
+    ProcessLookupError for a process that is gone)."""
+    os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+
+
+def process_to_foreground(pid: int) -> None:
+    """Every thread of ``pid`` back to SCHED_OTHER: a thread inherits its
+    creator's policy, so threads a spare's setup() started while it waited
+    are at SCHED_IDLE too (and the scheduler sets policy per thread). Passes
+    until none is left at SCHED_IDLE, for threads made meanwhile by ones
+    not raised yet. ProcessLookupError if the process is gone."""
+    to_foreground(pid)
+    for _ in range(8):
+        raised = False
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except FileNotFoundError:
+            raise ProcessLookupError(pid) from None
+        for tid in tids:
+            try:
+                if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                    to_foreground(tid)
+                    raised = True
+            except ProcessLookupError:
+                pass  # a thread that ended
+        if not raised:
+            return
+
+
+class Background:
+    """The zygote making a spare, which the broker lowered to SCHED_IDLE
+    before it asked (``enabled``: it did): a child forked now inherits that;
+    normal priority again at the end, or at :meth:`resume`.
+
+    Only the broker lowers, and only right before it asks for a spare, when
+    it waits for nothing else; whatever it sends later and waits for, it
+    follows with :func:`to_foreground`. A task never lowers itself: at
+    SCHED_IDLE next to busy CPUs it might not run again for a long while to
+    notice that it is wanted. (Spares with a memory cgroup are made at
+    normal priority: see ``broker._zygote.Zygote._ask_spare``.)"""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._low = enabled
+
+    def __enter__(self) -> Background:
+        return self
+
+    def resume(self) -> None:
+        """Normal priority now."""
+        if self._low:
+            self._low = False
+            to_foreground()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.resume()
+
+
+__all__ = ["Background", "may_raise", "process_to_foreground", "to_background", "to_foreground"]
