@@ -23,7 +23,10 @@ spec pins no fds, the spare makes the whole worker while it waits: instance,
 spec, no grants) and refuses any other; the broker lets it go instead.
 Where workers get a memory cgroup, the broker makes one for each spare and
 the spare moves itself in first thing, so what its ``setup()`` touches is
-charged there and no spawn waits for the move.
+charged there and no spawn waits for the move. Where the broker may raise
+priorities again, it lowers us to SCHED_IDLE before it asks for a spare;
+we come back once it is made, and the spare, forked meanwhile, waits at
+SCHED_IDLE until the broker raises it (``worker._priority``).
 
 A class from the broker's main script is named by the script's path (or the
 module it was run as) and imported here like ``multiprocessing``'s
