@@ -77,9 +77,11 @@ def process_to_foreground(pid: int) -> None:
 
 
 class Background:
-    """The zygote making a spare, which the broker lowered to SCHED_IDLE
-    before it asked (``enabled``: it did): a child forked now inherits that;
-    normal priority again at the end, or at :meth:`resume`.
+    """The zygote making a spare at background priority (``enabled``: the
+    broker asked for it, and we may come back). The broker lowered us to
+    SCHED_IDLE before it asked (from its second request on, once we said we
+    come back by ourselves): a child forked now inherits that. Normal
+    priority again at the end, or at :meth:`resume`.
 
     Only the broker lowers, and only right before it asks for a spare, when
     it waits for nothing else; whatever it sends later and waits for, it
