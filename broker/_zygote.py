@@ -268,7 +268,12 @@ class Zygote:
         if not self._idle:
             return True
         try:
-            process_to_foreground(spare.pid)  # with any threads its setup() started
+            if spare.ahead is not None and spare.ahead[2] is None:
+                # Unsandboxed and made ahead: its setup() may have started threads
+                # (sandbox entry refuses a second thread; other spares ran no user code).
+                process_to_foreground(spare.pid)
+            else:
+                to_foreground(spare.pid)  # one thread: no /proc listing (~40 us cold)
             return True
         except ProcessLookupError:
             pass
