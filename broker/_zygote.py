@@ -358,9 +358,11 @@ class Zygote:
         self._pending = False
         cgroup, self._asked_cgroup = self._asked_cgroup, None
         try:
-            if self._idle and not self._spares.wait_readable(0):
-                self._hurry()  # still being made, at SCHED_IDLE
-            if not self._spares.wait_readable(timeout):
+            ready = self._spares.wait_readable(0)  # usually: the spare was made between spawns
+            if not ready:
+                self._hurry()  # still being made, maybe at SCHED_IDLE
+                ready = self._spares.wait_readable(timeout)
+            if not ready:
                 raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
             reply = self._spares.recv()
             if reply is None:
