@@ -81,7 +81,7 @@ class Background:
     broker asked for it, and we may come back). The broker lowered us to
     SCHED_IDLE before it asked (from its second request on, once we said we
     come back by ourselves): a child forked now inherits that. Normal
-    priority again at the end, or at :meth:`resume`.
+    priority again at the end.
 
     Only the broker lowers, and only right before it asks for a spare, when
     it waits for nothing else; whatever it sends later and waits for, it
@@ -92,21 +92,15 @@ class Background:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self._low = enabled
 
     def __enter__(self) -> Background:
         return self
 
-    def resume(self) -> None:
-        """Normal priority now."""
-        if self._low:
-            self._low = False
-            to_foreground()
-
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.resume()
+        if self.enabled:
+            to_foreground()
 
 
 __all__ = ["Background", "may_raise", "process_to_foreground", "to_background", "to_foreground"]
