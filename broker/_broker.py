@@ -231,14 +231,20 @@ class Broker:
     def _finish_spawn(self, handle: WorkerHandle, ready: Callable[[], bool]) -> WorkerHandle:
         """Wait (``ready``) for the handshake and check it; a worker that does
         not come up is killed, never left behind."""
+        ok = False
         try:
             if not ready():
                 raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
             self._await_ready(handle)
+            ok = True
         except BaseException:
             if handle.exit is None:
                 handle.kill()
             raise
+        finally:
+            zygote = self._zygote
+            if handle.spawn_method == "zygote" and zygote is not None:
+                zygote.started(handle.pid, ok)
         return handle
 
     def pool(self, cls: type[Worker], size: int | None = None, **options: Any) -> WorkerPool:

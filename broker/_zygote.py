@@ -31,10 +31,12 @@ from worker._serve import forked_from_main_thread
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
+from ._pagemap import Snapshot, snapshot, written_between
 
 log = logging.getLogger("privsep.broker")
 
 SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
+_LEARNED_KEEP = 16  # (class, spec) pairs whose start-up pages are kept
 _BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; one that hangs is found by the first spawn
 
 
@@ -158,13 +160,16 @@ def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
 class _Spare:
     """A pre-forked child of the zygote, waiting for its spawn request on ``chan``."""
 
-    __slots__ = ("ahead", "cgroup", "chan", "pid")
+    __slots__ = ("ahead", "cgroup", "chan", "pid", "preload")
 
     def __init__(
-        self, pid: int, chan: Channel, ahead: tuple[str, str, Any] | None, cgroup: WorkerCgroup | None = None
+        self, pid: int, chan: Channel, ahead: tuple[str, str, Any] | None, cgroup: WorkerCgroup | None = None,
+        preload: tuple[str, str, Any] | None = None,
     ):
         self.pid = pid
         self.chan = chan
+        #: the (module, qualname, spec) the zygote was asked to preload for it
+        self.preload = preload
         #: the (module, qualname, spec) it made its worker for while waiting
         #: (``Worker.setup_ahead``); it serves exactly that, without grants
         self.ahead = ahead
@@ -194,6 +199,12 @@ class Zygote:
     spares are made at SCHED_IDLE (see ``worker._priority``): each is moved
     back to SCHED_OTHER before it gets its request, and the zygote whenever
     the broker is to wait for it.
+
+    The first spare handed out for a (class, spec) it was made for teaches
+    which inherited pages such a worker writes as it starts (see
+    ``_pagemap``); later spares for it are told to write them while they
+    wait. That spawn asks for the next spare only once its worker is ready
+    (``started``), so that the zygote's own writes do not blur the lesson.
     """
 
     def __init__(self, spare_cgroup: Callable[[], WorkerCgroup | None] | None = None) -> None:
@@ -211,6 +222,10 @@ class Zygote:
         self._idle = may_raise()  # spares made at background priority
         self._zygote_idles = False  # the zygote said it goes back to normal priority by itself
         self._asked_idle = False  # the pending spare was asked for at background priority
+        self._learned: list[tuple[tuple[str, str, Any], list[tuple[int, int]]]] = []
+        self._learn = True  # pagemaps readable, so far
+        #: (pid, what it was made for, its pages before its request) of the worker being learned from
+        self._learning: tuple[int, tuple[str, str, Any], Snapshot] | None = None
         self._ask_spare(None)
         # Return once the zygote and its first spare exist (the answer is left
         # queued), so the broker's processes and fds are the same now as
@@ -233,6 +248,9 @@ class Zygote:
         ``memory_limit`` is not used."""
         expect = (_ref(cls), cls.__qualname__, spec_wire)
         with self._lock:
+            # Another spawn is still learning: the zygote will not stay idle
+            # for it now. Let it go (this spawn asks for the next spare).
+            self._learning = None
             self._collect(timeout)
             spare, self._spare = self._spare, None
             if spare is not None and (
@@ -249,13 +267,56 @@ class Zygote:
                 except BaseException:
                     self._discard(spare)
                     raise
+                unwritten = self._before_learning(spare, expect)
                 if self._assign(spare, expect, grants):
-                    self._ask_spare(expect)
+                    if unwritten is None:
+                        self._ask_spare(expect)
+                    else:  # the next spare once this worker is ready: see started()
+                        self._learning = (spare.pid, expect, unwritten)
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
             pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry)
             self._ask_spare(expect)
             return pid, Channel(sock)
+
+    def _touched(self, expect: tuple[str, str, Any] | None) -> list[tuple[int, int]] | None:
+        for key, runs in self._learned:
+            if key == expect:
+                return runs
+        return None
+
+    def _before_learning(self, spare: _Spare, expect: tuple[str, str, Any]) -> Snapshot | None:
+        """The spare's pages before its request, if its start is to be learned
+        from: the first spare preloaded for ``expect`` (one that made its
+        worker ahead has nothing left to learn)."""
+        if not self._learn or spare.ahead is not None or spare.preload != expect or self._touched(expect) is not None:
+            return None
+        try:
+            return snapshot(spare.pid)
+        except OSError as exc:
+            self._learn = False
+            log.debug("cannot read a spare's pagemap (%s): spares will not write their start-up pages ahead", exc)
+            return None
+
+    def started(self, pid: int, ok: bool) -> None:
+        """The worker ``pid`` has answered its handshake (``ok``) or failed
+        it. If it is the one being learned from: learn, then ask for the next
+        spare (its spawn did not)."""
+        learning = self._learning
+        if learning is None or learning[0] != pid:
+            return
+        with self._lock:
+            if self._learning is not learning:
+                return  # let go by a later spawn, which asked for the next spare
+            self._learning = None
+            _, expect, before = learning
+            if ok:  # one try per (class, spec): an empty lesson is kept too
+                try:
+                    runs = written_between(before, snapshot(pid, within=before))
+                except OSError:  # it died meanwhile, or made itself undumpable in setup()
+                    runs = None
+                self._learned = [*self._learned[-(_LEARNED_KEEP - 1):], (expect, runs or [])]
+            self._ask_spare(expect)
 
     def _wake(self, spare: _Spare) -> bool:
         """Normal priority for a spare about to get its request (it waited at
@@ -323,6 +384,9 @@ class Zygote:
         msg: dict[str, Any] = {"t": "spare"}
         if preload is not None:
             msg["preload"] = list(preload)
+            runs = self._touched(preload)
+            if runs:
+                msg["touch"] = [list(r) for r in runs]
         cgroup = self._spare_cgroup() if self._spare_cgroup is not None else None
         if cgroup is not None:
             msg["cgroup"] = cgroup.procs_file
@@ -374,7 +438,7 @@ class Zygote:
                 if self._asked_idle:
                     self._zygote_idles = reply.get("idle") is True
                 chan = Channel(socket.socket(fileno=fd), send_timeout=5.0)
-                self._spare, cgroup = _Spare(reply["pid"], chan, ahead, cgroup), None
+                self._spare, cgroup = _Spare(reply["pid"], chan, ahead, cgroup, self._asked), None
             elif not (type(reply) is dict and reply.get("t") == "error"):
                 raise ProtocolError("zygote sent a malformed reply")
             # an "error" answer (fork failed) just leaves us without a spare

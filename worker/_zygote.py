@@ -26,7 +26,10 @@ the spare moves itself in first thing, so what its ``setup()`` touches is
 charged there and no spawn waits for the move. Where the broker may raise
 priorities again, it lowers us to SCHED_IDLE before it asks for a spare;
 we come back once it is made, and the spare, forked meanwhile, waits at
-SCHED_IDLE until the broker raises it (``worker._priority``).
+SCHED_IDLE until the broker raises it (``worker._priority``). Once the
+broker has learned which of our pages a class's workers write as they start
+(``broker._pagemap``), it names them with each spare request for that class,
+and the spare writes them while it waits (``worker._prefault``).
 
 A class from the broker's main script is named by the script's path (or the
 module it was run as) and imported here like ``multiprocessing``'s
@@ -43,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import mmap
 import os
+import select
 import signal
 import socket
 import sys
@@ -56,6 +61,7 @@ from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd
 
 from ._mainref import import_ref
+from ._prefault import populate, ranges_of
 from ._priority import Background, may_raise
 from ._rpc import Worker
 from ._serve import (
@@ -166,12 +172,14 @@ def _ahead_allowed(cls: type[Worker], prepared: Any) -> bool:
 
 def _fork_spare(
     ctls: list[Channel], want_net: bool, ahead: _AheadPlan | None = None, cgroup_procs: str | None = None,
+    touch: list[tuple[int, int]] | None = None,
 ) -> tuple[int, socket.socket]:
     """Fork a spare, with a fresh network namespace for it to join at entry
     if ``want_net`` and we may make one; returns its pid and the broker's end
     of its socket. With ``ahead`` the spare makes that worker while it waits.
-    With ``cgroup_procs`` it first moves itself into that cgroup. It inherits
-    our scheduling policy (SCHED_IDLE when the broker lowered us)."""
+    With ``cgroup_procs`` it first moves itself into that cgroup. ``touch``:
+    the pages its worker will write as it starts (see worker._prefault). It
+    inherits our scheduling policy (SCHED_IDLE when the broker lowered us)."""
     net_fd = fresh_net() if want_net else None
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -188,7 +196,7 @@ def _fork_spare(
                 for c in ctls:  # the zygote's channels to the broker
                     os.close(c.sock.detach())
                 ours.close()
-                _spare_main(theirs, me, net_fd, ahead, cgroup_procs)  # takes over net_fd; never returns
+                _spare_main(theirs, me, net_fd, ahead, cgroup_procs, touch)  # takes over net_fd; never returns
             finally:
                 os._exit(70)  # ends the child here: the finally below is the parent's
     finally:
@@ -200,7 +208,7 @@ def _fork_spare(
 
 def _spare_main(
     sock: socket.socket, zygote: int, net_fd: int | None, ahead: _AheadPlan | None = None,
-    cgroup_procs: str | None = None,
+    cgroup_procs: str | None = None, touch: list[tuple[int, int]] | None = None,
 ) -> NoReturn:
     """A spare waits, holding nothing, for the one spawn request it will serve;
     its socket then becomes the worker's channel."""
@@ -213,6 +221,10 @@ def _spare_main(
         # here), which then delays no spawn. The broker checks it took.
         with contextlib.suppress(OSError):
             write_file(cgroup_procs, str(os.getpid()))
+    if touch:  # after the move: the copies are the worker's memory, charged to its cgroup
+        asked = select.poll()
+        asked.register(sock.fileno(), select.POLLIN)
+        populate(touch, mmap.PAGESIZE, lambda: bool(asked.poll(0)))
     # While waiting, do what does not depend on the request: the socket goes to
     # the worker's channel slot (and the namespace fd to its own), and the
     # worker's Channel is made; with a plan, the whole worker is.
@@ -305,7 +317,8 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             with Background(may_idle and msg.get("idle") is True) as bg:
                 want_net, plan = _preload(msg)
                 try:
-                    forked = _fork_spare([chan, *([spares] if spares else [])], want_net, plan, _cgroup_procs(msg))
+                    forked = _fork_spare([chan, *([spares] if spares else [])], want_net, plan, _cgroup_procs(msg),
+                                         ranges_of(msg.get("touch")))
                 except OSError as exc:
                     forked = exc
             if isinstance(forked, OSError):
