@@ -1,36 +1,37 @@
-"""Which inherited pages a new worker writes as it starts. Private.
+"""Which inherited pages a new worker has made its own once it is ready. Private.
 
 A worker forked from the zygote shares the zygote's memory copy-on-write:
-the first write to each shared page costs a fault and a page copy (~2-3 us
-here, with the cold caches of a process that has just woken). A worker
-whose ``setup()`` runs on request takes about 300 of them between its
-request and its ready answer (refcounts of the objects its start touches,
-pymalloc pools, libpython's globals), on the spawn's critical path. The
-pages are nearly the same for every worker of a class, since every spare is
-forked from the same zygote: 296 of 324 were common to all of 20 workers in
-a row here.
+the first write to each shared page costs a fault (and a page copy), about
+3-4 us each here in a process that has just woken. A worker whose
+``setup()`` runs on request took about 300 of them between its request and
+its ready answer (refcounts of the objects its start touches, pymalloc
+pools, libpython's globals), on the spawn's critical path. The pages are
+nearly the same for every worker of a class, since every spare is forked
+from the same zygote: 296 of 324 were common to all of 20 workers in a row.
 
-So the broker learns them once per (class, spec), from the pagemap of the
-first worker handed out: ``snapshot()`` before its request and again once
-it is ready, the zygote idle between the two (the next spare is asked for
-after the second). A page that only this process maps (bit 56,
-"exclusively mapped", since Linux 4.2) and did not before was written by it
-in between. Later spares for that class are told these pages and write them
-while they wait (``MADV_POPULATE_WRITE``, worker/_prefault.py), off the
-critical path.
+So the broker learns them once per (class, spec), from the first worker
+handed out for it: once that worker is ready and asleep waiting for its
+first call, the pages of its private writable mappings (those it had before
+its request) that only it maps (pagemap bit 56, "exclusively mapped", since
+Linux 4.2) are the ones it wrote since its fork, or that the zygote wrote
+since (those it would then write without a copy). The zygote is kept idle
+until then (the next spare is asked for after), so its own writes do not
+add to the list. Later spares for that class are told these pages and
+write them while they wait (``MADV_POPULATE_WRITE``, worker/_prefault.py),
+off the critical path: pages they would have written anyway, before or
+after their request.
 
 Reading another process's pagemap needs ptrace read access (the same user
 and a dumpable process, or CAP_SYS_PTRACE); where it is refused, nothing is
 learned and spares touch nothing. This is a speed measure only: the pages
-are the zygote's own, which holds no grants, and a spare writes nothing of
-anyone's into them.
+are the zygote's own, which holds no grants, and a spare changes no byte of
+them.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
 
 from worker._prefault import MAX_PAGES, MAX_RANGES  # what a spare request may name
 
@@ -41,29 +42,10 @@ _FLAG = bytes(1 if b & _PRESENT_EXCLUSIVE == _PRESENT_EXCLUSIVE else 0 for b in 
 _RUNS = re.compile(b"\x01+")
 _SKIP = ("[stack", "[vvar", "[vdso", "[vsyscall", "[uprobes")
 
-#: (first page, end page) of a private writable mapping -> one byte per page, 1 where
-#: the page is present and mapped by this process alone
-Snapshot = Mapping[tuple[int, int], bytes]
 
-
-def snapshot(pid: int, within: Iterable[tuple[int, int]] | None = None) -> Snapshot:
-    """Which pages of ``pid``'s private writable mappings it alone maps
-    (``within``: these (first page, end page) ranges instead, as a previous
-    snapshot's keys: reading the maps costs more than the pagemap). Raises
-    OSError where its maps or pagemap cannot be read."""
-    ranges = _writable(pid) if within is None else list(within)
-    out: dict[tuple[int, int], bytes] = {}
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for first, end in ranges:
-            data = os.pread(fd, (end - first) * 8, first * 8)
-            out[(first, end)] = data[7::8].translate(_FLAG)
-    finally:
-        os.close(fd)
-    return out
-
-
-def _writable(pid: int) -> list[tuple[int, int]]:
+def writable(pid: int) -> list[tuple[int, int]]:
+    """(first page, end page) of each private writable mapping of ``pid``
+    but its stack. Raises OSError where its maps cannot be read."""
     with open(f"/proc/{pid}/maps", "rb") as f:
         maps = f.read()
     out = []
@@ -78,22 +60,22 @@ def _writable(pid: int) -> list[tuple[int, int]]:
     return out
 
 
-def written_between(before: Snapshot, after: Snapshot) -> list[tuple[int, int]] | None:
-    """(first page, count) runs that became exclusive between the snapshots,
-    within mappings present in both; None if there are more than
-    ``MAX_PAGES`` pages or ``MAX_RANGES`` runs."""
+def owned(pid: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """(first page, count) runs of the pages within ``ranges`` that ``pid``
+    alone maps; None if there are more than ``MAX_PAGES`` pages or
+    ``MAX_RANGES`` runs (that is no start-up path). Raises OSError where its
+    pagemap cannot be read."""
     runs: list[tuple[int, int]] = []
     total = 0
-    for key, now in after.items():
-        was = before.get(key)
-        if was is None or len(was) != len(now):
-            continue
-        new = int.from_bytes(now, "little") & ~int.from_bytes(was, "little")
-        if not new:
-            continue
-        for m in _RUNS.finditer(new.to_bytes(len(now), "little")):
-            runs.append((key[0] + m.start(), m.end() - m.start()))
-            total += m.end() - m.start()
-            if total > MAX_PAGES or len(runs) > MAX_RANGES:
-                return None
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for first, end in ranges:
+            flags = os.pread(fd, (end - first) * 8, first * 8)[7::8].translate(_FLAG)
+            for m in _RUNS.finditer(flags):
+                runs.append((first + m.start(), m.end() - m.start()))
+                total += m.end() - m.start()
+                if total > MAX_PAGES or len(runs) > MAX_RANGES:
+                    return None
+    finally:
+        os.close(fd)
     return runs

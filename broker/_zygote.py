@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ from worker._serve import forked_from_main_thread
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
-from ._pagemap import Snapshot, snapshot, written_between
+from ._pagemap import owned, writable
 
 log = logging.getLogger("privsep.broker")
 
@@ -157,6 +158,17 @@ def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
         os.close(pidfd)
 
 
+def _asleep(pid: int, timeout: float = 0.05) -> None:
+    """Wait (briefly) until ``pid`` sleeps: a worker that has sent its ready
+    answer goes on to its first receive, writing more pages on the way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rpartition(b")")[2].split(None, 1)[0] == b"S":
+                return
+        time.sleep(0.0002)
+
+
 class _Spare:
     """A pre-forked child of the zygote, waiting for its spawn request on ``chan``."""
 
@@ -201,10 +213,11 @@ class Zygote:
     the broker is to wait for it.
 
     The first spare handed out for a (class, spec) it was made for teaches
-    which inherited pages such a worker writes as it starts (see
-    ``_pagemap``); later spares for it are told to write them while they
-    wait. That spawn asks for the next spare only once its worker is ready
-    (``started``), so that the zygote's own writes do not blur the lesson.
+    which inherited pages such a worker has made its own by the time it is
+    ready (see ``_pagemap``); later spares for it are told to write them
+    while they wait. That spawn asks for the next spare only once its worker
+    is ready (``started``), so that the zygote's own writes do not add to
+    the lesson.
     """
 
     def __init__(self, spare_cgroup: Callable[[], WorkerCgroup | None] | None = None) -> None:
@@ -224,8 +237,8 @@ class Zygote:
         self._asked_idle = False  # the pending spare was asked for at background priority
         self._learned: list[tuple[tuple[str, str, Any], list[tuple[int, int]]]] = []
         self._learn = True  # pagemaps readable, so far
-        #: (pid, what it was made for, its pages before its request) of the worker being learned from
-        self._learning: tuple[int, tuple[str, str, Any], Snapshot] | None = None
+        #: (pid, what it was made for, its writable mappings before its request) of the worker learned from
+        self._learning: tuple[int, tuple[str, str, Any], list[tuple[int, int]]] | None = None
         self._ask_spare(None)
         # Return once the zygote and its first spare exist (the answer is left
         # queued), so the broker's processes and fds are the same now as
@@ -267,12 +280,12 @@ class Zygote:
                 except BaseException:
                     self._discard(spare)
                     raise
-                unwritten = self._before_learning(spare, expect)
+                inherited = self._before_learning(spare, expect)
                 if self._assign(spare, expect, grants):
-                    if unwritten is None:
+                    if inherited is None:
                         self._ask_spare(expect)
                     else:  # the next spare once this worker is ready: see started()
-                        self._learning = (spare.pid, expect, unwritten)
+                        self._learning = (spare.pid, expect, inherited)
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
             pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry)
@@ -285,14 +298,15 @@ class Zygote:
                 return runs
         return None
 
-    def _before_learning(self, spare: _Spare, expect: tuple[str, str, Any]) -> Snapshot | None:
-        """The spare's pages before its request, if its start is to be learned
-        from: the first spare preloaded for ``expect`` (one that made its
-        worker ahead has nothing left to learn)."""
+    def _before_learning(self, spare: _Spare, expect: tuple[str, str, Any]) -> list[tuple[int, int]] | None:
+        """The spare's writable mappings, if its start is to be learned from:
+        the first spare preloaded for ``expect`` (not one that made its worker
+        ahead: it would teach every page of that, to be written again ahead,
+        which made back-to-back spawns slower, not faster)."""
         if not self._learn or spare.ahead is not None or spare.preload != expect or self._touched(expect) is not None:
             return None
         try:
-            return snapshot(spare.pid)
+            return writable(spare.pid)
         except OSError as exc:
             self._learn = False
             log.debug("cannot read a spare's pagemap (%s): spares will not write their start-up pages ahead", exc)
@@ -309,10 +323,11 @@ class Zygote:
             if self._learning is not learning:
                 return  # let go by a later spawn, which asked for the next spare
             self._learning = None
-            _, expect, before = learning
+            _, expect, inherited = learning
             if ok:  # one try per (class, spec): an empty lesson is kept too
                 try:
-                    runs = written_between(before, snapshot(pid, within=before))
+                    _asleep(pid)
+                    runs = owned(pid, inherited)
                 except OSError:  # it died meanwhile, or made itself undumpable in setup()
                     runs = None
                 self._learned = [*self._learned[-(_LEARNED_KEEP - 1):], (expect, runs or [])]

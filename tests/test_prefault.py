@@ -9,6 +9,7 @@ import asyncio
 import ctypes
 import mmap
 import os
+import signal
 import struct
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import Broker
-from broker._pagemap import snapshot, written_between
+from broker._pagemap import owned, writable
 from protocol import WorkerCrashed
 from worker import Worker, rpc
 from worker._prefault import MAX_PAGES, MAX_RANGES, populate, ranges_of
@@ -233,10 +234,10 @@ def test_populate_skips_what_is_not_mapped_and_stops_when_the_request_comes() ->
     _in_child(child)
 
 
-def test_a_snapshot_sees_the_pages_a_child_writes_after_it() -> None:
+def test_the_pages_a_child_owns_are_those_it_wrote_after_its_fork() -> None:
     region = mmap.mmap(-1, 16 * PAGE, flags=mmap.MAP_PRIVATE)
     region[:] = b"y" * (16 * PAGE)
-    addr = _addr(region)
+    first = _addr(region) // PAGE
     r, w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -255,25 +256,31 @@ def test_a_snapshot_sees_the_pages_a_child_writes_after_it() -> None:
     os.close(go_r)
     try:
         os.read(r, 1)
-        before = snapshot(pid)
+        ranges = writable(pid)
+        assert (first, first + 16) in ranges
+        assert owned(pid, [(first, first + 16)]) == []  # all shared with us
         os.write(go_w, b"g")
         os.read(r, 1)
-        after = snapshot(pid, within=before)
-        runs = written_between(before, after)
-        first = addr // PAGE
-        assert runs is not None
-        assert [(a - first, n) for a, n in runs if first <= a < first + 16] == [(3, 2), (9, 1)]
+        assert owned(pid, [(first, first + 16)]) == [(first + 3, 2), (first + 9, 1)]
     finally:
-        os.write(go_w, b"g")
+        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        for fd in (r, go_w):
+            os.close(fd)
 
 
 def test_a_lesson_too_long_is_not_kept() -> None:
-    key = (1000, 1000 + MAX_PAGES + 1)
-    assert written_between({key: bytes(MAX_PAGES + 1)}, {key: b"\x01" * (MAX_PAGES + 1)}) is None
-    many = (2000, 2000 + 2 * (MAX_RANGES + 1))
-    assert written_between({many: bytes(2 * (MAX_RANGES + 1))}, {many: b"\x01\x00" * (MAX_RANGES + 1)}) is None
-    assert written_between({key: b"\x01\x00\x00"}, {key: b"\x01\x01\x00", (5, 6): b"\x01"}) == [(1001, 1)]
+    region = mmap.mmap(-1, (2 * MAX_RANGES + 4) * PAGE, flags=mmap.MAP_PRIVATE)
+    first = _addr(region) // PAGE
+    for i in range(0, 2 * MAX_RANGES + 4, 2):
+        region[i * PAGE] = 1  # every other page: one run each
+    assert owned(os.getpid(), [(first, first + 2 * MAX_RANGES + 4)]) is None
+    assert owned(os.getpid(), [(first, first + 6)]) == [(first, 1), (first + 2, 1), (first + 4, 1)]
+    big = mmap.mmap(-1, (MAX_PAGES + 1) * PAGE, flags=mmap.MAP_PRIVATE)
+    start = _addr(big) // PAGE
+    big[:] = b"z" * ((MAX_PAGES + 1) * PAGE)
+    assert owned(os.getpid(), [(start, start + MAX_PAGES + 1)]) is None
+    assert owned(os.getpid(), [(start, start + MAX_PAGES)]) == [(start, MAX_PAGES)]
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=3),
