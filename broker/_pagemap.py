@@ -25,7 +25,9 @@ Reading another process's pagemap needs ptrace read access (the same user
 and a dumpable process, or CAP_SYS_PTRACE); where it is refused, nothing is
 learned and spares touch nothing. This is a speed measure only: the pages
 are the zygote's own, which holds no grants, and a spare changes no byte of
-them.
+them. The lesson is read before the worker's first call, so no input it
+parses can shape it, and it is bounded (``MAX_PAGES``, ``MAX_RANGES``):
+at worst a spare writes 16 MiB of pages it did not need.
 """
 
 from __future__ import annotations

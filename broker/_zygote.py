@@ -307,10 +307,12 @@ class Zygote:
             return None
         try:
             return writable(spare.pid)
-        except OSError as exc:
+        except PermissionError as exc:
             self._learn = False
-            log.debug("cannot read a spare's pagemap (%s): spares will not write their start-up pages ahead", exc)
-            return None
+            log.debug("cannot read a spare's memory map (%s): spares will not write their start-up pages ahead", exc)
+        except OSError:
+            pass  # gone: the request will say so
+        return None
 
     def started(self, pid: int, ok: bool) -> None:
         """The worker ``pid`` has answered its handshake (``ok``) or failed

@@ -160,6 +160,38 @@ def test_spawns_that_overlap_one_being_learned_from_let_the_lesson_go(tree: Path
         assert w.ping() == "pong"
 
 
+def test_a_worker_gone_before_its_pages_are_read_teaches_nothing_and_spawns_go_on(tree: Path) -> None:
+    """Its pagemap cannot be read (here: it died right after its handshake,
+    so /proc has no entry): an empty lesson is kept (one try per class and
+    spec), the next spare is asked for all the same, and is told nothing."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        zygote = b._zygote
+        assert zygote is not None
+        b.spawn(Starter).kill()
+        expect = _expect(b, Starter)
+        spare = zygote._spare
+        assert spare is not None
+        inherited = zygote._before_learning(spare, expect)
+        assert inherited  # its writable mappings: what the lesson would be read within
+        w = b.spawn(Starter)  # learned from (the zygote's own bookkeeping), replaced below
+        w.kill()
+        assert w.exit is not None and not os.path.exists(f"/proc/{w.pid}")
+        zygote._learned.clear()
+        with zygote._lock:
+            zygote._collect(10.0)  # the spare asked for after that spawn: let it go
+            if zygote._spare is not None:
+                zygote._discard(zygote._spare)
+                zygote._spare = None
+        zygote._learning = (w.pid, expect, inherited)
+        zygote.started(w.pid, True)
+        assert zygote._learning is None and zygote._touched(expect) == []
+        asked = spare_of(b)
+        assert asked is not None and zygote._spare is not None and zygote._spare.preload == expect
+        w = b.spawn(Starter)
+        assert w.pid == asked[0] and w.ping() == "pong"
+        assert zygote._touched(expect) == []  # not tried again
+
+
 # -- the pieces, against the kernel ---------------------------------------------
 def _addr(region: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(region))
