@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 from worker._prefault import MAX_PAGES, MAX_RANGES  # what a spare request may name
 
@@ -60,6 +61,18 @@ def writable(pid: int) -> list[tuple[int, int]]:
         lo, _, hi = fields[0].partition(b"-")
         out.append((int(lo, 16) // PAGE, int(hi, 16) // PAGE))
     return out
+
+
+def asleep(pid: int, timeout: float = 0.05) -> None:
+    """Wait (briefly) until ``pid`` sleeps: a worker that has sent its ready
+    answer goes on to its first receive, writing more pages on the way.
+    Raises OSError if it is gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rpartition(b")")[2].split(None, 1)[0] == b"S":
+                return
+        time.sleep(0.0002)
 
 
 def owned(pid: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]] | None:

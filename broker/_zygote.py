@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ from worker._serve import forked_from_main_thread
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
-from ._pagemap import owned, writable
+from ._pagemap import asleep, owned, writable
 
 log = logging.getLogger("privsep.broker")
 
@@ -156,17 +155,6 @@ def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
         pass
     finally:
         os.close(pidfd)
-
-
-def _asleep(pid: int, timeout: float = 0.05) -> None:
-    """Wait (briefly) until ``pid`` sleeps: a worker that has sent its ready
-    answer goes on to its first receive, writing more pages on the way."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            if f.read().rpartition(b")")[2].split(None, 1)[0] == b"S":
-                return
-        time.sleep(0.0002)
 
 
 class _Spare:
@@ -328,7 +316,7 @@ class Zygote:
             _, expect, inherited = learning
             if ok:  # one try per (class, spec): an empty lesson is kept too
                 try:
-                    _asleep(pid)
+                    asleep(pid)
                     runs = owned(pid, inherited)
                 except OSError:  # it died meanwhile, or made itself undumpable in setup()
                     runs = None

@@ -235,7 +235,7 @@ def test_populate_breaks_copy_on_write_without_changing_a_byte() -> None:
 
     def child() -> None:
         assert _exclusive(addr, 8) == [False] * 8  # shared with the parent after fork
-        done = populate([(first, 2), (first + 4, 3)], PAGE, lambda: False)
+        done = populate([(first, 2), (first + 4, 3)], lambda: False)
         assert done == 5
         assert _exclusive(addr, 8) == [True, True, False, False, True, True, True, False]
         assert region[:] == content
@@ -252,7 +252,7 @@ def test_populate_skips_what_is_not_mapped_and_stops_when_the_request_comes() ->
     hole.close()  # unmapped now
 
     def child() -> None:
-        assert populate([(first, 1), (gone, 1), (first + 1, 1)], PAGE, lambda: False) == 2
+        assert populate([(first, 1), (gone, 1), (first + 1, 1)], lambda: False) == 2
         runs = [(first + i % 4, 1) for i in range(40)]
         calls = []
 
@@ -260,7 +260,7 @@ def test_populate_skips_what_is_not_mapped_and_stops_when_the_request_comes() ->
             calls.append(1)
             return True
 
-        assert populate(runs, PAGE, wanted) == 8  # the first look comes after 8 runs
+        assert populate(runs, wanted) == 8  # the first look comes after 8 runs
         assert len(calls) == 1
 
     _in_child(child)

@@ -10,6 +10,7 @@ the spawn request and the ready answer.
 from __future__ import annotations
 
 import errno
+import mmap
 from collections.abc import Callable
 from typing import Any
 
@@ -48,13 +49,14 @@ def ranges_of(value: Any) -> list[tuple[int, int]] | None:
     return out
 
 
-def populate(runs: list[tuple[int, int]], page: int, wanted: Callable[[], bool]) -> int:
+def populate(runs: list[tuple[int, int]], wanted: Callable[[], bool]) -> int:
     """Write-fault each run of pages without changing them, until
     ``wanted()`` says the spare's request has come: the rest then faults
     as it is written, as it would have (a populated page costs about what
     a fault does). Returns how many pages were done. A run no longer mapped
     as it was (ENOMEM, EFAULT, EINVAL) is skipped; a kernel without
     MADV_POPULATE_WRITE (EINVAL on the first run) ends it."""
+    page = mmap.PAGESIZE
     done = 0
     for i, (first, count) in enumerate(runs):
         if i % _CHECK_EVERY == 0 and i and wanted():

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import mmap
 import os
 import select
 import signal
@@ -224,7 +223,7 @@ def _spare_main(
     if touch:  # after the move: the copies are the worker's memory, charged to its cgroup
         asked = select.poll()
         asked.register(sock.fileno(), select.POLLIN)
-        populate(touch, mmap.PAGESIZE, lambda: bool(asked.poll(0)))
+        populate(touch, lambda: bool(asked.poll(0)))
     # While waiting, do what does not depend on the request: the socket goes to
     # the worker's channel slot (and the namespace fd to its own), and the
     # worker's Channel is made; with a plan, the whole worker is.
