@@ -11,7 +11,13 @@ privsep sandbox (``enter`` with the default spec). The loops are C
 the fallback) so Python's call overhead does not drown the signal. Reports
 the best of several rounds, in ns per call, and the difference.
 
-Run:  python3 bench/bench_seccomp.py [--iterations N] [--rounds R]
+With ``perf`` installed and allowed to sample the kernel (root, or
+``perf_event_paranoid`` <= 1), ``--perf`` also profiles a getppid loop under
+the 1-instruction filter and says where the extra nanoseconds go: the share
+of samples in the kernel's seccomp entry functions, and whether any BPF
+program ran at all (with the action cache it does not).
+
+Run:  python3 bench/bench_seccomp.py [--iterations N] [--rounds R] [--perf]
 """
 
 from __future__ import annotations
@@ -91,6 +97,87 @@ def load_loops() -> tuple[Any, str]:
             return self._loop(n, 0, fd, 0, 0)
 
     return PyLoops(), "cffi lib.syscall loop in Python (no cc found; overhead-dominated)"
+
+
+PERF_SRC = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "allow")) {
+        struct sock_filter f[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+        struct sock_fprog prog = {1, f};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog))
+            return 1;
+    }
+    long n = argc > 2 ? atol(argv[2]) : 20000000, s = 0;
+    for (long i = 0; i < n; i++) s += syscall(SYS_getppid);
+    return s == 42;
+}
+"""
+# Kernel functions an always-allowed syscall runs only because a filter is installed (6.x entry code).
+SECCOMP_ENTRY = ("syscall_trace_enter", "__secure_computing", "__seccomp_filter", "populate_seccomp_data",
+                 "seccomp_run_filters", "seccomp_cache_check_allow")
+
+
+def _perf_profile(mode: str, exe: str, tmp: str, calls: int) -> dict[str, float] | None:
+    """Share of cycles per symbol (percent) for the getppid loop, or None if perf cannot sample."""
+    data = os.path.join(tmp, f"{mode}.data")
+    rec = subprocess.run(["perf", "record", "-q", "-e", "cycles", "-o", data, exe, mode, str(calls)],
+                         capture_output=True, text=True)
+    if rec.returncode != 0 or not os.path.exists(data):
+        return None
+    rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "sym"],
+                         capture_output=True, text=True)
+    shares: dict[str, float] = {}
+    for line in rep.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0].endswith("%") and fields[1] in ("[k]", "[.]"):
+            shares[fields[2]] = shares.get(fields[2], 0.0) + float(fields[0].rstrip("%"))
+    return shares or None
+
+
+def kernel_profile(none_ns: float, allow_ns: float, calls: int) -> None:
+    """Where the 1-instruction filter's extra time goes, from perf samples of the kernel."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if shutil.which("perf") is None or cc is None:
+        print("Kernel profile: skipped (needs perf and a C compiler)")
+        return
+    tmp = tempfile.mkdtemp(prefix="privsep-perf-")
+    try:
+        src, exe = os.path.join(tmp, "loop.c"), os.path.join(tmp, "loop")
+        with open(src, "w") as f:
+            f.write(PERF_SRC)
+        subprocess.run([cc, "-O2", "-o", exe, src], check=True)
+        none, allow = _perf_profile("none", exe, tmp, calls), _perf_profile("allow", exe, tmp, calls)
+    finally:
+        shutil.rmtree(tmp)
+    if none is None or allow is None or not any(k in allow for k in ("do_syscall_64", "x64_sys_call")):
+        print("Kernel profile: skipped (perf cannot sample the kernel here: run as root or lower perf_event_paranoid)")
+        return
+    entry = sum(allow.get(k, 0.0) for k in SECCOMP_ENTRY)
+    bpf = sum(v for k, v in allow.items() if k.startswith(("bpf_prog_", "___bpf_prog_run", "__bpf_prog_run")))
+    dsc = allow.get("do_syscall_64", 0.0) * allow_ns / 100 - none.get("do_syscall_64", 0.0) * none_ns / 100
+    print(f"Kernel profile of getppid under the 1-insn filter (perf, {allow_ns:.1f} ns per call, no filter "
+          f"{none_ns:.1f} ns):")
+    print(f"  seccomp entry functions ({', '.join(k for k in SECCOMP_ENTRY if k in allow)}): "
+          f"{entry:.1f}% of cycles = {entry * allow_ns / 100:.1f} ns per call")
+    print(f"  do_syscall_64 itself: {dsc:+.1f} ns per call against no filter (the slow entry and exit path)")
+    print(f"  BPF program (bpf_prog_*, ___bpf_prog_run): {bpf:.1f}% of cycles"
+          + (" -- the filter never ran: the kernel's action cache answered" if bpf < 0.5 else ""))
+    vulns = "/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow"
+    try:
+        with open(vulns) as f:
+            srso = f.read().strip()
+    except OSError:
+        srso = "unknown"
+    print(f"  CPU: spec_rstack_overflow mitigation: {srso} (each kernel return costs more under 'Safe RET')")
 
 
 def _minimal_filter(check_args: bool) -> bytes:
@@ -182,6 +269,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=2_000_000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--perf", action="store_true", help="also profile the 1-insn filter's cost in the kernel")
+    ap.add_argument("--perf-calls", type=int, default=20_000_000, help="getppid calls per profiled run")
     args = ap.parse_args()
     loops, how = load_loops()
     pr, _pw = os.pipe()
@@ -230,6 +319,10 @@ def main() -> None:
           f" 1-insn filter {load_time_us(_minimal_filter(False), 0):.0f} us,"
           f" privsep {load_time_us(code, 0):.0f} us,"
           f" privsep + notify listener {load_time_us(code, _seccomp.FLAG_NEW_LISTENER):.0f} us")
+    if args.perf:
+        print()
+        key = "getppid (allowed, cached)"
+        kernel_profile(best["none"][key], best["allow"][key], args.perf_calls)
 
 if __name__ == "__main__":
     main()

@@ -25,12 +25,12 @@ from worker._files import access_flags
 from worker._mainref import check_not_importing, is_main_ref, module_ref
 from worker._serve import grant_slots
 from worker.sandbox import SandboxSpec
-from worker.sandbox._rights_table import DIR_RIGHTS, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
+from worker.sandbox._rights_table import DIR_RIGHTS, PLAIN, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
 
 from ._capability import Capability
 from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
-from ._deliver import Drain, Opener, deliver
+from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
 from ._handle import WorkerHandle, close_fds_in
 from ._outputs import PendingOutput
@@ -82,7 +82,8 @@ class Broker:
         check_not_importing()
         if not isinstance(policy, Policy):
             raise TypeError("Broker needs a Policy")
-        self.policy = policy
+        self._policy = policy
+        self._weaker = int(policy.weaker)  # read per delivered file; enum conversion costs
         self.call_timeout = call_timeout
         self.spawn_timeout = spawn_timeout
         if spawn not in SPAWN_METHODS:
@@ -493,6 +494,11 @@ class Broker:
         return self._memory_cgroup(self.policy.sandbox)[0]
 
     @property
+    def policy(self) -> Policy:
+        """The policy this broker enforces, fixed for its lifetime."""
+        return self._policy
+
+    @property
     def workers(self) -> list[WorkerHandle]:
         with self._lock:
             return list(self._workers.values())
@@ -606,11 +612,15 @@ class Broker:
         self, handle: WorkerHandle, cap: Capability, after: list[Any], pending: PendingOutput | None = None
     ) -> Any:
         """What travels to a worker for ``cap`` after its sandbox entry."""
-        if cap.kind == KIND_DIR:
-            return handle._register_dir(cap, copy=True)
         if cap.kind != KIND_FILE:
+            if cap.kind == KIND_DIR:
+                return handle._register_dir(cap, copy=True)
             return cap  # a stream the broker got from a worker: sent as is
-        plan, rights = _plan(int(cap.rights), self.landlock_abi(), int(self.policy.weaker))
+        plan, rights = _plan(int(cap.rights), self._abi or self.landlock_abi(), self._weaker)
+        if plan == PLAIN:  # the common case: the fd itself travels, with rights Landlock enforces
+            out = Outgoing(cap.fileno(), KIND_FILE, rights, False)
+            after.append(out)
+            return out
         out, mover = deliver(
             cap,
             plan,
@@ -630,6 +640,8 @@ class Broker:
 
     def _export(self, handle: WorkerHandle, obj: Any, after: list[Any]) -> Any:
         """Call arguments with every capability turned into what travels."""
+        if type(obj) in _SCALARS:
+            return obj
         if isinstance(obj, Capability):
             return self._deliver(handle, obj, after)
         if isinstance(obj, list | tuple):
@@ -666,6 +678,9 @@ class Broker:
                 extra={"privsep": event},
             )
         )
+
+
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 @functools.lru_cache(maxsize=256)

@@ -278,14 +278,15 @@ class WorkerHandle:
         try:
             if args or kwargs:
                 after: list[Any] = []
+                export = self._broker._export
                 try:
                     # A grant that cannot be delivered fails the call, not the worker.
                     call = {
                         "t": "call",
                         "id": cid,
                         "m": method,
-                        "a": self._broker._export(self, list(args), after),
-                        "k": self._broker._export(self, kwargs, after),
+                        "a": [export(self, x, after) for x in args],
+                        "k": export(self, kwargs, after) if kwargs else {},
                     }
                 except BaseException:
                     _release(after)

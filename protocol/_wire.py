@@ -21,6 +21,7 @@ import select
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -141,14 +142,15 @@ class _Blob:
         self.data = data
 
 
-_FLAT = frozenset({str, bytes, float, bool, type(None)})
+# Leaf types with nothing inside to check (received fds and directory references count).
+_FLAT = frozenset({str, bytes, float, bool, type(None), ReceivedFd, DirRef})
 
 
 def _flat(items: Iterable[Any]) -> bool:
-    """All scalars (fds and directory references count)?"""
+    """All leaves?"""
     for x in items:
         t = type(x)
-        if not (t in _FLAT or t is ReceivedFd or t is DirRef or (t is int and INT_MIN <= x <= INT_MAX)):
+        if not (t in _FLAT or (t is int and INT_MIN <= x <= INT_MAX)):
             return False
     return True
 
@@ -221,32 +223,35 @@ def _make_blob_fd(data: bytes) -> int:
         raise
 
 
-def encode(
-    obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None
-) -> tuple[bytes, list[int], list[int]]:
-    """Encode ``obj``. Returns (payload, fds to send, fds to close after sending).
+class _Encoder:
+    """Packs messages that carry fds or blobs. One per thread (``_encoders``):
+    a Packer built once saves about half a microsecond per message, and its
+    ``default`` runs Python code, so threads must not share it."""
 
-    Objects with ``__privsep_fd__`` travel as fds; ``fd_hook`` may describe
-    other objects (the worker uses it for plain file objects).
-    """
-    fds: list[int] = []
-    owned: list[int] = []
+    __slots__ = ("fd_hook", "fds", "owned", "packer")
 
-    def default(o: Any) -> Any:
-        if isinstance(o, _Blob):
-            if len(fds) >= MAX_FDS:
-                raise ProtocolError(f"more than {MAX_FDS} fds in one message")
-            fd = _make_blob_fd(o.data)
-            owned.append(fd)
-            fds.append(fd)
-            return msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(len(fds) - 1, len(o.data)))
-        if isinstance(o, DirRef):
-            return msgpack.ExtType(EXT_DIRREF, _DIRREF_EXT.pack(o.id, int(o.rights)))
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.owned: list[int] = []
+        self.fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None
+        self.packer = msgpack.Packer(default=self.default, use_bin_type=True, autoreset=True)
+
+    def default(self, o: Any) -> Any:
+        fds = self.fds
         hook = getattr(o, "__privsep_fd__", None)
         if hook is not None:
             fd, kind, rights = hook()
-        elif fd_hook is not None:
-            fd, kind, rights = fd_hook(o)
+        elif type(o) is _Blob:
+            if len(fds) >= MAX_FDS:
+                raise ProtocolError(f"more than {MAX_FDS} fds in one message")
+            fd = _make_blob_fd(o.data)
+            self.owned.append(fd)
+            fds.append(fd)
+            return msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(len(fds) - 1, len(o.data)))
+        elif type(o) is DirRef:
+            return msgpack.ExtType(EXT_DIRREF, _DIRREF_EXT.pack(o.id, int(o.rights)))
+        elif self.fd_hook is not None:
+            fd, kind, rights = self.fd_hook(o)
         else:
             raise TypeError(f"cannot send a {type(o).__name__} to the other side")
         if fd < 0:
@@ -256,18 +261,52 @@ def encode(
         fds.append(fd)
         return msgpack.ExtType(EXT_FD, _FD_EXT.pack(len(fds) - 1, kind, int(rights)))
 
-    payload = msgpack.packb(obj, default=default, use_bin_type=True)
-    if len(payload) > MAX_PACKET:
-        for fd in owned:
+    def pack(self, obj: Any) -> bytes:
+        """Pack ``obj``; on failure close the blob fds made for it."""
+        try:
+            return self.packer.pack(obj)
+        except BaseException:
+            self.packer.reset()  # a failed pack may leave bytes in the buffer
+            self.drop()
+            raise
+
+    def drop(self) -> None:
+        for fd in self.owned:
             os.close(fd)
-        fds.clear()
-        owned.clear()
-        payload = msgpack.packb(_outline(obj), default=default, use_bin_type=True)
+        self.fds = []
+        self.owned = []
+
+
+_encoders = threading.local()
+
+
+def encode(
+    obj: Any, fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None
+) -> tuple[bytes, list[int], list[int]]:
+    """Encode ``obj``. Returns (payload, fds to send, fds to close after sending).
+
+    Objects with ``__privsep_fd__`` travel as fds; ``fd_hook`` may describe
+    other objects (the worker uses it for plain file objects).
+    """
+    enc: _Encoder | None = getattr(_encoders, "enc", None)
+    if enc is None:
+        enc = _encoders.enc = _Encoder()
+    enc.fd_hook = fd_hook
+    enc.fds = []
+    enc.owned = []
+    try:
+        payload = enc.pack(obj)
         if len(payload) > MAX_PACKET:
-            for fd in owned:
-                os.close(fd)
-            raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_PACKET} even with blobs")
-    return payload, fds, owned
+            enc.drop()
+            payload = enc.pack(_outline(obj))
+            if len(payload) > MAX_PACKET:
+                enc.drop()
+                raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_PACKET} even with blobs")
+        return payload, enc.fds, enc.owned
+    finally:
+        enc.fd_hook = None
+        enc.fds = []
+        enc.owned = []
 
 
 def _outline(obj: Any) -> Any:
@@ -292,32 +331,25 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
         obj = _unpack(payload, _dirref_hook if allow_dirref else _no_ext_hook)
         _validate(obj)
         return obj
-    slots: list[ReceivedFd | None] = [ReceivedFd(fd, KIND_STREAM, Rights.NONE) for fd in fds]
-    claimed = [False] * len(fds)
-    blobs: list[int] = []
+    count = len(fds)
+    # What each fd became: a ReceivedFd (which then owns it), or _BLOB (read, then closed here).
+    got: list[Any] = [None] * count
 
     def ext_hook(code: int, data: bytes) -> Any:
-        if code == EXT_FD and len(data) == _FD_EXT.size:
-            index, kind, rights = _FD_EXT.unpack(data)
-            if index >= len(slots) or claimed[index]:
+        if code == EXT_FD and len(data) == _FD_EXT_SIZE:
+            index, kind, rights = _FD_EXT_UNPACK(data)
+            if index >= count or got[index] is not None:
                 raise ProtocolError("fd reference out of range or repeated")
             if kind not in KINDS:
                 raise ProtocolError("unknown fd kind")
-            claimed[index] = True
-            rfd = slots[index]
-            assert rfd is not None
-            rfd.kind = kind
-            rfd.rights = rights_from_wire(rights)
+            rfd = got[index] = ReceivedFd(fds[index], kind, rights_from_wire(rights))
             return rfd
         if code == EXT_BLOB and len(data) == _BLOB_EXT.size:
             index, length = _BLOB_EXT.unpack(data)
-            if index >= len(slots) or claimed[index]:
+            if index >= count or got[index] is not None:
                 raise ProtocolError("blob reference out of range or repeated")
-            claimed[index] = True
-            blobs.append(index)
-            rfd = slots[index]
-            assert rfd is not None
-            return _read_blob(rfd.fd, length)
+            got[index] = _BLOB
+            return _read_blob(fds[index], length)
         if code == EXT_DIRREF and allow_dirref and len(data) == _DIRREF_EXT.size:
             ident, rights = _DIRREF_EXT.unpack(data)
             return DirRef(ident, rights_from_wire(rights))
@@ -325,19 +357,26 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
 
     try:
         obj = _unpack(payload, ext_hook)
-        if not all(claimed):
+        if None in got:
             raise ProtocolError("packet carried fds that the message does not name")
         _validate(obj)
     except BaseException:
-        for rfd in slots:
-            if rfd is not None:
-                rfd.close()
+        for rfd in got:
+            if type(rfd) is ReceivedFd:
+                rfd.detach()  # closed below, once
+        for fd in fds:
+            os.close(fd)
         raise
-    for index in blobs:
-        rfd = slots[index]
-        assert rfd is not None
-        rfd.close()
+    if _BLOB in got:
+        for index, what in enumerate(got):
+            if what is _BLOB:
+                os.close(fds[index])
     return obj
+
+
+_BLOB = object()  # marks an fd that carried a blob
+_FD_EXT_SIZE = _FD_EXT.size
+_FD_EXT_UNPACK = _FD_EXT.unpack
 
 
 _packb = msgpack.packb

@@ -74,3 +74,14 @@ def test_bench_seccomp_prints_every_syscall() -> None:
     for syscall in ("getppid", "read(fd, 0 bytes)", "fcntl(F_GETFD)", "ioctl(FIONREAD)"):
         assert syscall in out, syscall
     assert "Filter load" in out
+
+
+def test_bench_seccomp_profiles_the_kernel_entry() -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the profiled loop is C")
+    if shutil.which("perf") is None:
+        pytest.skip("perf is not installed")
+    out = run_bench("bench_seccomp", "--iterations", "2000", "--rounds", "1", "--perf", "--perf-calls", "300000")
+    assert "Kernel profile" in out
+    if "Kernel profile: skipped" not in out:
+        assert "seccomp entry functions" in out and "BPF program" in out

@@ -185,3 +185,60 @@ def test_a_message_that_cannot_be_encoded_leaves_the_channel_intact() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_bad_packet_closes_each_of_its_fds_exactly_once() -> None:
+    """An fd already wrapped when the check fails is closed once: the dropped
+    wrapper must not close a later fd that reuses the number."""
+    fd_ext = msgpack.ExtType(1, b"\x00\x00" + b"\x01" + b"\x00" * 7)  # index 0, a file, READ
+    payload = msgpack.packb({"t": "ret", "id": 1, "v": [fd_ext, 1 << 63]})  # the int breaks the rules
+    r, w = os.pipe()
+    os.close(w)
+    with pytest.raises(ProtocolError, match="64 bits") as info:
+        decode(payload, [r])
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed
+    again, w2 = os.pipe()  # takes the freed number
+    try:
+        assert again == r
+        del info  # the traceback held decode's wrappers until now
+        import gc
+
+        gc.collect()
+        os.fstat(again)  # still open: nothing closed it a second time
+    finally:
+        os.close(again)
+        os.close(w2)
+
+
+def test_threads_encode_fds_without_mixing_them() -> None:
+    """Each thread packs with its own encoder: the fds of one message never
+    end up in another's list."""
+    import threading
+    import time
+
+    from broker._deliver import Outgoing
+    from protocol import Rights
+    from protocol._wire import KIND_STREAM
+
+    bad: list[str] = []
+
+    class Yielding(Outgoing):
+        def __privsep_fd__(self) -> tuple[int, int, Rights]:
+            time.sleep(0)  # let another thread run in the middle of packing
+            return super().__privsep_fd__()
+
+    def run(base: int) -> None:
+        for i in range(300):
+            fds = [base + i % 7, base + 100 + i % 5]
+            msg = {"t": "call", "id": i, "m": "x", "a": [Yielding(fd, KIND_STREAM, Rights.READ, False) for fd in fds]}
+            payload, got, owned = encode(msg)
+            if got != fds or owned or msgpack.unpackb(payload)["id"] != i:
+                bad.append(f"thread {base}: {got} != {fds}")
+
+    threads = [threading.Thread(target=run, args=(1000 * (k + 1),)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []

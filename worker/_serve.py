@@ -49,7 +49,9 @@ def _quiet_stdio() -> list[int]:
 
 
 def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
-    if isinstance(obj, ReceivedFd):
+    if type(obj) in _SCALARS:
+        return obj
+    if type(obj) is ReceivedFd:
         f = wrap_received(obj)
         opened.append(f)
         return f
@@ -60,6 +62,9 @@ def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
     if type(obj) is dict:
         return {k: _unwrap_args(v, opened, client) for k, v in obj.items()}
     return obj
+
+
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 def _fd_hook(obj: Any) -> tuple[int, int, Any]:
@@ -84,13 +89,16 @@ def serve(instance: Worker, chan: Channel) -> None:
                 raise AttributeError(f"{type(instance).__name__} has no @rpc method {name!r}")
             try:
                 result = getattr(instance, name)(
-                    *(_unwrap_args(a, opened, client) if a else ()), **(_unwrap_args(k, opened, client) if k else {})
+                    *([_unwrap_args(x, opened, client) for x in a] if a else ()),
+                    **(_unwrap_args(k, opened, client) if k else {}),
                 )
             finally:
                 if client._created:
                     client._end_call()  # outputs are closed (flushed) before the answer
+            # A file returned as is travels as an fd: skip the attempt to pack it as plain data.
+            with_fds = type(result) not in _SCALARS and isinstance(result, io.IOBase)
             try:
-                chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook)
+                chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook, with_fds=with_fds)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"{name}() returned a value that cannot be sent: {exc}") from exc
         except BrokerGone:
