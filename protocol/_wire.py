@@ -71,6 +71,7 @@ _BAD_FLAGS = _MSG_CTRUNC | _MSG_TRUNC
 _RECV_FLAGS = (_MSG_CMSG_CLOEXEC, _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)  # by nowait
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_ONE_FD = struct.Struct("i")  # the data of an SCM_RIGHTS message carrying one fd
 
 
 class SocketEnd:
@@ -548,11 +549,25 @@ class Channel:
     def recv(self, nowait: bool = False) -> Any:
         """Receive and decode one message. Returns None on EOF. With
         ``nowait``, raises BlockingIOError if no packet is waiting."""
-        n, anc, flags = self._recvmsg(nowait)
-        if not anc and not flags & _BAD_FLAGS and 0 < n <= MAX_PACKET:  # fast path: a packet without fds
-            obj = _unpack(self._view[:n], _dirref_hook if self.allow_dirref else _no_ext_hook)
-            _validate(obj)
-            return obj
+        # (PEP 475: the call is retried after a signal, InterruptedError is not seen here)
+        n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _RECV_FLAGS[nowait])
+        if not flags & _BAD_FLAGS and 0 < n <= MAX_PACKET:
+            if not anc:  # fast path: a packet without fds
+                try:
+                    obj = _unpackb(
+                        self._view[:n], raw=False, use_list=True, strict_map_key=True,
+                        ext_hook=_dirref_hook if self.allow_dirref else _no_ext_hook,
+                    )
+                except ProtocolError:
+                    raise
+                except _MALFORMED as exc:
+                    raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
+                _validate(obj)
+                return obj
+            if len(anc) == 1:  # fast path: exactly one fd
+                level, kind, data = anc[0]
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(data) == _ONE_FD.size:
+                    return decode(self._view[:n], [_ONE_FD.unpack(data)[0]], allow_dirref=self.allow_dirref)
         got = self._checked(n, anc, flags)
         if got is None:
             return None

@@ -64,6 +64,7 @@ def open_fd(fd: int, rights: Rights, kind: int = KIND_FILE, *, pinned: bool = Fa
         raise
     try:
         f.rights = rights  # type: ignore[attr-defined]
+        f._privsep_kind = kind  # type: ignore[attr-defined]  # what fd_of says when the file goes back
     except AttributeError:
         pass
     return f
@@ -254,11 +255,15 @@ def fd_of(obj: Any) -> tuple[int, int, Rights]:
     The broker does not trust this description; it re-derives the rights
     from the fd itself.
     """
-    if isinstance(obj, io.IOBase) and not obj.closed:
+    if (type(obj) is io.BufferedReader or isinstance(obj, io.IOBase)) and not obj.closed:
         if type(obj) is not io.BufferedReader and isinstance(obj, _FLUSHED):
             obj.flush()
         fd = obj.fileno()
-        kind = kind_of_mode(os.fstat(fd).st_mode)
+        # A file privsep gave this worker knows its kind; any other is asked (a claim either way:
+        # the broker derives kind and rights from the fd itself).
+        kind = getattr(obj, "_privsep_kind", None)
+        if kind is None:
+            kind = kind_of_mode(os.fstat(fd).st_mode)
         return fd, kind, _RIGHTS_OF[bool(obj.readable()), bool(obj.writable())]
     raise TypeError(f"cannot send a {type(obj).__name__} to the broker")
 
