@@ -85,3 +85,4 @@ def test_bench_seccomp_profiles_the_kernel_entry() -> None:
     assert "Kernel profile" in out
     if "Kernel profile: skipped" not in out:
         assert "seccomp entry functions" in out and "BPF program" in out
+        assert "The slow syscall entry without seccomp" in out
