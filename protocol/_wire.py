@@ -229,9 +229,10 @@ class _Encoder:
     a Packer built once saves about half a microsecond per message, and its
     ``default`` runs Python code, so threads must not share it."""
 
-    __slots__ = ("fd_hook", "fds", "owned", "packer")
+    __slots__ = ("busy", "fd_hook", "fds", "owned", "packer")
 
     def __init__(self) -> None:
+        self.busy = False
         self.fds: list[int] = []
         self.owned: list[int] = []
         self.fd_hook: Callable[[Any], tuple[int, int, Rights]] | None = None
@@ -292,6 +293,9 @@ def encode(
     enc: _Encoder | None = getattr(_encoders, "enc", None)
     if enc is None:
         enc = _encoders.enc = _Encoder()
+    elif enc.busy:  # called from a hook while packing another message: not that message's state
+        enc = _Encoder()
+    enc.busy = True
     enc.fd_hook = fd_hook
     enc.fds = []
     enc.owned = []
@@ -305,6 +309,7 @@ def encode(
                 raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_PACKET} even with blobs")
         return payload, enc.fds, enc.owned
     finally:
+        enc.busy = False
         enc.fd_hook = None
         enc.fds = []
         enc.owned = []

@@ -242,3 +242,23 @@ def test_threads_encode_fds_without_mixing_them() -> None:
     for t in threads:
         t.join()
     assert bad == []
+
+
+def test_a_hook_that_encodes_a_message_of_its_own_does_not_mix_the_two() -> None:
+    from broker._deliver import Outgoing
+    from protocol import Rights
+    from protocol._wire import KIND_STREAM
+
+    inner: list[tuple[bytes, list[int]]] = []
+
+    class Chatty(Outgoing):
+        def __privsep_fd__(self) -> tuple[int, int, Rights]:
+            payload, fds, _ = encode({"inner": [Outgoing(77, KIND_STREAM, Rights.READ, False)]})
+            inner.append((payload, fds))
+            return super().__privsep_fd__()
+
+    outer = [Chatty(5, KIND_STREAM, Rights.READ, False), Outgoing(6, KIND_STREAM, Rights.READ, False)]
+    payload, fds, owned = encode({"outer": outer})
+    assert fds == [5, 6] and owned == []
+    assert inner and inner[0][1] == [77]
+    assert list(msgpack.unpackb(payload)) == ["outer"]
