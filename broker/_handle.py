@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 from protocol import NotCapable, PrivsepError, ProtocolError, WorkerCrashed
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire, exception_to_wire
-from protocol._wire import Channel, DirRef, ReceivedFd
+from protocol._wire import Channel, DirRef, ReceivedFd, fd_marker
 
 from ._capability import Capability
 from ._cgroup import WorkerCgroup
+from ._deliver import Outgoing
 from ._exit import WorkerExit
 from ._outputs import PendingOutput
 from ._violation import describe
@@ -294,7 +295,13 @@ class WorkerHandle:
                     _release(after)
                     raise
                 try:
-                    self._send(call, "could not deliver the call", with_fds=bool(after))
+                    arg = call["a"][0] if len(args) == 1 and not kwargs else None
+                    if type(arg) is Outgoing:  # one file, the commonest argument with an fd: no walk for it
+                        fd, kind, rights = arg.__privsep_fd__()
+                        call["a"] = [fd_marker(0, kind, int(rights))]
+                        self._send(call, "could not deliver the call", one_fd=fd)
+                    else:
+                        self._send(call, "could not deliver the call", with_fds=bool(after))
                 finally:
                     _release(after)
             else:
@@ -326,8 +333,9 @@ class WorkerHandle:
         taken without the state machine); _NOTHING for anything else."""
         if type(msg) is not dict or msg.get("t") != "ret":
             return _NOTHING
-        if msg.keys() == _RET_KEYS and msg["id"] == cid and type(msg["id"]) is int and type(msg["v"]) in _SCALARS:
-            return msg["v"]  # the whole check for the commonest answer: nothing to import
+        if msg.keys() == _RET_KEYS and msg["id"] == cid and type(msg["id"]) is int:  # the whole check for 'ret'
+            value = msg["v"]
+            return value if type(value) in _SCALARS else self._import_answer(msg)
         self._check_in_call(msg, cid)
         return self._import_answer(msg)
 
@@ -434,6 +442,11 @@ class WorkerHandle:
                 if over_quota:
                     raise NotCapable(f"more than {self._broker.max_requests_per_call} requests in one call")
                 value = self._broker._serve_request(self, msg["op"], msg["a"], outputs, after)
+                if type(value) is Outgoing:  # a file: the reply's one fd, sent without a walk for fds
+                    fd, kind, rights = value.__privsep_fd__()
+                    marker = fd_marker(0, kind, int(rights))
+                    self._send({"t": "rep", "id": msg["id"], "v": marker}, "worker stopped reading", one_fd=fd)
+                    return
                 reply = {"t": "rep", "id": msg["id"], "v": value}
             except (PrivsepError, OSError) as exc:
                 reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
@@ -441,10 +454,14 @@ class WorkerHandle:
         finally:
             _release(after)  # the worker has its copies now
 
-    def _send(self, msg: dict[str, Any], what: str, with_fds: bool = False) -> None:
-        """Send to the worker; a worker that cannot be reached is ended."""
+    def _send(self, msg: dict[str, Any], what: str, with_fds: bool = False, one_fd: int = -1) -> None:
+        """Send to the worker; a worker that cannot be reached is ended.
+        ``one_fd``: the message's one fd, already named in it by ``fd_marker``."""
         try:
-            self._chan.send(msg, with_fds=with_fds)
+            if one_fd >= 0:
+                self._chan.send_one_fd(msg, one_fd)
+            else:
+                self._chan.send(msg, with_fds=with_fds)
         except ProtocolError as exc:
             raise self._fail("protocol", f"{what}: {exc}") from exc
         except OSError as exc:

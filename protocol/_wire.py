@@ -261,7 +261,7 @@ class _Encoder:
         if len(fds) >= MAX_FDS:
             raise ProtocolError(f"more than {MAX_FDS} fds in one message")
         fds.append(fd)
-        return msgpack.ExtType(EXT_FD, _FD_EXT.pack(len(fds) - 1, kind, int(rights)))
+        return fd_marker(len(fds) - 1, kind, int(rights))
 
     def pack(self, obj: Any) -> bytes:
         """Pack ``obj``; on failure close the blob fds made for it."""
@@ -280,6 +280,20 @@ class _Encoder:
 
 
 _encoders = threading.local()
+_markers: dict[tuple[int, int, int], msgpack.ExtType] = {}
+
+
+def fd_marker(index: int, kind: int, rights: int) -> msgpack.ExtType:
+    """What names fd ``index`` of a packet in its message (kind, the sender's
+    rights claim). Made once per distinct value: building an ExtType costs more
+    than finding it."""
+    key = (index, kind, rights)
+    marker = _markers.get(key)
+    if marker is None:
+        marker = msgpack.ExtType(EXT_FD, _FD_EXT.pack(index, kind, rights))
+        if len(_markers) < 1024:
+            _markers[key] = marker
+    return marker
 
 
 def encode(
@@ -483,6 +497,19 @@ class Channel:
         finally:
             for fd in owned:
                 os.close(fd)
+
+    def send_one_fd(self, obj: Any, fd: int) -> None:
+        """Send a message that carries exactly one fd, already named in it by
+        ``fd_marker(0, ...)`` (the caller knows where it is: no walk for fds)."""
+        if fd < 0:
+            raise ValueError("cannot send a closed file descriptor")
+        payload = _plain_packer.pack(obj)
+        if len(payload) > MAX_PACKET:
+            raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_PACKET}")
+        try:
+            self.sock.sendmsg([payload], [(_SOL_SOCKET, _SCM_RIGHTS, _ONE_FD.pack(fd))], _SEND_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            self.send_raw(payload, (fd,))  # waits for room, at most send_timeout
 
     def send_raw(self, payload: bytes, fds: Iterable[int] = ()) -> None:
         """Send one packet as is (tests use this to play a hostile peer)."""

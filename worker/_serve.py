@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from protocol import Rights
 from protocol._messages import check_message
 from protocol._remote import exception_to_wire
-from protocol._wire import KIND_DIR, PROTOCOL_VERSION, Channel, DirRef, ReceivedFd
+from protocol._wire import KIND_DIR, PROTOCOL_VERSION, Channel, DirRef, ReceivedFd, fd_marker
 
 from ._client import BrokerClient, BrokerGone
 from ._files import FdDirectory, ProxyDirectory, fd_of, open_fd, wrap_received
@@ -95,10 +95,13 @@ def serve(instance: Worker, chan: Channel) -> None:
             finally:
                 if client._created:
                     client._end_call()  # outputs are closed (flushed) before the answer
-            # A file returned as is travels as an fd: skip the attempt to pack it as plain data.
-            with_fds = type(result) not in _SCALARS and isinstance(result, io.IOBase)
             try:
-                chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook, with_fds=with_fds)
+                if type(result) not in _SCALARS and isinstance(result, io.IOBase):
+                    # A file returned as is: it is the message's one fd.
+                    fd, kind, rights = fd_of(result)
+                    chan.send_one_fd({"t": "ret", "id": cid, "v": fd_marker(0, kind, int(rights))}, fd)
+                else:
+                    chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"{name}() returned a value that cannot be sent: {exc}") from exc
         except BrokerGone:
