@@ -95,10 +95,11 @@ class Capability:
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except OSError:
-            pass
+        if self._fd >= 0:  # (checked here first: most are closed already, and this runs for each one)
+            try:
+                self.close()
+            except OSError:
+                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"

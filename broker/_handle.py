@@ -135,12 +135,16 @@ class WorkerHandle:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_") or name not in getattr(self.cls, "rpc_methods", ()):
             raise AttributeError(f"{self.cls.__name__} has no @rpc method {name!r}")
-        caller = functools.partial(self.call, name)
+        caller = functools.partial(self._call_known, name)
         self.__dict__[name] = caller  # found directly from now on
         return caller
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        self._check_method(method)
         return self._call(method, args, kwargs, self.timeout)
+
+    def _call_known(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return self._call(method, args, kwargs, self.timeout)  # (a name __getattr__ checked)
 
     def with_timeout(self, seconds: float | None) -> _Timed:
         """A view of this handle whose calls time out after ``seconds``."""
@@ -149,7 +153,7 @@ class WorkerHandle:
         return _Timed(self, seconds)
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        self._check_method(method)
+        """Run a call. ``method`` is one of the class's @rpc methods: the caller checked."""
         with self._lock:
             cid, deadline = self._begin(method, args, kwargs, timeout)
             value, first = self._early_answer(cid)
@@ -335,7 +339,9 @@ class WorkerHandle:
             return _NOTHING
         if msg.keys() == _RET_KEYS and msg["id"] == cid and type(msg["id"]) is int:  # the whole check for 'ret'
             value = msg["v"]
-            return value if type(value) in _SCALARS else self._import_answer(msg)
+            if type(value) in _SCALARS:
+                return value
+            return self._import_answer(msg)
         self._check_in_call(msg, cid)
         return self._import_answer(msg)
 
@@ -749,6 +755,7 @@ class _Timed:
         self._timeout = timeout
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        self._handle._check_method(method)
         return self._handle._call(method, args, kwargs, self._timeout)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:

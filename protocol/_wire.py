@@ -111,10 +111,11 @@ class ReceivedFd:
             os.close(fd)
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except OSError:
-            pass
+        if self.fd >= 0:  # (checked here first: most were taken over already)
+            try:
+                self.close()
+            except OSError:
+                pass
 
     def __repr__(self) -> str:
         return f"<ReceivedFd fd={self.fd} kind={self.kind} rights={self.rights.describe()}>"

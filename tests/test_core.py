@@ -134,6 +134,9 @@ def test_unknown_method_is_refused_locally(broker: Broker) -> None:
         w.not_a_method()
     with pytest.raises(AttributeError):
         w.call("setup")
+    with pytest.raises(AttributeError):
+        w.with_timeout(5).call("setup")
+    assert w.calls == 0  # never sent: the worker would refuse it too, but it is not asked
 
 
 SF = Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE
