@@ -19,7 +19,7 @@ from protocol import NotCapable, ProtocolError, Rights, UnsupportedRights, Worke
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire
 from protocol._rights import rights_from_wire
-from protocol._wire import KIND_DIR, KIND_FILE, PROTOCOL_VERSION, Channel, ReceivedFd
+from protocol._wire import KIND_DIR, KIND_FILE, PROTOCOL_VERSION, SCALAR_TYPES, Channel, ReceivedFd
 from worker import Worker
 from worker._files import access_flags
 from worker._mainref import check_not_importing, is_main_ref, module_ref
@@ -640,7 +640,7 @@ class Broker:
 
     def _export(self, handle: WorkerHandle, obj: Any, after: list[Any]) -> Any:
         """Call arguments with every capability turned into what travels."""
-        if type(obj) in _SCALARS:
+        if type(obj) in SCALAR_TYPES:
             return obj
         if isinstance(obj, Capability):
             return self._deliver(handle, obj, after)
@@ -678,9 +678,6 @@ class Broker:
                 extra={"privsep": event},
             )
         )
-
-
-_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 @functools.lru_cache(maxsize=256)

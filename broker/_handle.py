@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import NotCapable, PrivsepError, ProtocolError, WorkerCrashed
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire, exception_to_wire
-from protocol._wire import Channel, DirRef, ReceivedFd, fd_marker
+from protocol._wire import SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
 
 from ._capability import Capability
 from ._cgroup import WorkerCgroup
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("privsep.broker")
 _IN_CALL = frozenset({"ret", "err", "req"})
 _RET_KEYS = frozenset({"t", "id", "v"})
-_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 _ids = itertools.count(1)
 
 
@@ -339,7 +338,7 @@ class WorkerHandle:
             return _NOTHING
         if msg.keys() == _RET_KEYS and msg["id"] == cid and type(msg["id"]) is int:  # the whole check for 'ret'
             value = msg["v"]
-            if type(value) in _SCALARS:
+            if type(value) in SCALAR_TYPES:
                 return value
             return self._import_answer(msg)
         self._check_in_call(msg, cid)
@@ -443,20 +442,23 @@ class WorkerHandle:
     def _answer(self, msg: dict[str, Any], outputs: list[PendingOutput], over_quota: bool = False) -> None:
         reply: dict[str, Any]
         after: list[Any] = []
+        one_fd = -1
         try:
             try:
                 if over_quota:
                     raise NotCapable(f"more than {self._broker.max_requests_per_call} requests in one call")
                 value = self._broker._serve_request(self, msg["op"], msg["a"], outputs, after)
                 if type(value) is Outgoing:  # a file: the reply's one fd, sent without a walk for fds
-                    fd, kind, rights = value.__privsep_fd__()
-                    marker = fd_marker(0, kind, int(rights))
-                    self._send({"t": "rep", "id": msg["id"], "v": marker}, "worker stopped reading", one_fd=fd)
-                    return
+                    one_fd, kind, rights = value.__privsep_fd__()
+                    value = fd_marker(0, kind, int(rights))
                 reply = {"t": "rep", "id": msg["id"], "v": value}
             except (PrivsepError, OSError) as exc:
+                one_fd = -1
                 reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
-            self._send(reply, "worker stopped reading", with_fds=bool(after) and reply["t"] == "rep")
+            if one_fd >= 0:
+                self._send(reply, "worker stopped reading", one_fd=one_fd)
+            else:
+                self._send(reply, "worker stopped reading", with_fds=bool(after) and reply["t"] == "rep")
         finally:
             _release(after)  # the worker has its copies now
 

@@ -144,6 +144,8 @@ class _Blob:
         self.data = data
 
 
+#: Plain values that carry no fd and nothing inside: sent and received as they are.
+SCALAR_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 # Leaf types with nothing inside to check (received fds and directory references count).
 _FLAT = frozenset({str, bytes, float, bool, type(None), ReceivedFd, DirRef})
 

@@ -289,7 +289,8 @@ def test_the_pages_a_child_owns_are_those_it_wrote_after_its_fork() -> None:
     try:
         os.read(r, 1)
         ranges = writable(pid)
-        assert (first, first + 16) in ranges
+        # (the kernel may have merged the mapping with a neighbour of the same kind)
+        assert any(lo <= first and first + 16 <= hi for lo, hi in ranges), ranges
         assert owned(pid, [(first, first + 16)]) == []  # all shared with us
         os.write(go_w, b"g")
         os.read(r, 1)

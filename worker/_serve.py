@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from protocol import Rights
 from protocol._messages import check_message
 from protocol._remote import exception_to_wire
-from protocol._wire import KIND_DIR, PROTOCOL_VERSION, Channel, DirRef, ReceivedFd, fd_marker
+from protocol._wire import KIND_DIR, PROTOCOL_VERSION, SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
 
 from ._client import BrokerClient, BrokerGone
 from ._files import FdDirectory, ProxyDirectory, fd_of, open_fd, wrap_received
@@ -49,7 +49,7 @@ def _quiet_stdio() -> list[int]:
 
 
 def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
-    if type(obj) in _SCALARS:
+    if type(obj) in SCALAR_TYPES:
         return obj
     if type(obj) is ReceivedFd:
         f = wrap_received(obj)
@@ -62,9 +62,6 @@ def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
     if type(obj) is dict:
         return {k: _unwrap_args(v, opened, client) for k, v in obj.items()}
     return obj
-
-
-_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 def _fd_hook(obj: Any) -> tuple[int, int, Any]:
@@ -96,7 +93,7 @@ def serve(instance: Worker, chan: Channel) -> None:
                 if client._created:
                     client._end_call()  # outputs are closed (flushed) before the answer
             try:
-                if type(result) not in _SCALARS and isinstance(result, io.IOBase):
+                if type(result) not in SCALAR_TYPES and isinstance(result, io.IOBase):
                     # A file returned as is: it is the message's one fd.
                     fd, kind, rights = fd_of(result)
                     chan.send_one_fd({"t": "ret", "id": cid, "v": fd_marker(0, kind, int(rights))}, fd)
