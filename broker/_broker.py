@@ -616,7 +616,7 @@ class Broker:
             if cap.kind == KIND_DIR:
                 return handle._register_dir(cap, copy=True)
             return cap  # a stream the broker got from a worker: sent as is
-        plan, rights = _plan(int(cap.rights), self._abi or self.landlock_abi(), self._weaker)
+        plan, rights = _plan(int(cap.rights), self.landlock_abi(), self._weaker)
         if plan == PLAIN:  # the common case: the fd itself travels, with rights Landlock enforces
             out = Outgoing(cap.fileno(), KIND_FILE, rights, False)
             after.append(out)

@@ -9,11 +9,6 @@ from protocol import Rights
 from protocol._wire import KIND_FILE, kind_of_mode
 
 _O_PATH = getattr(os, "O_PATH", 0)
-_O_ACCMODE = os.O_ACCMODE
-_F_GETFL = fcntl.F_GETFL
-_fstat = os.fstat
-_fcntl = fcntl.fcntl
-_NO_RIGHTS = Rights.NONE
 # (access mode, regular file) -> rights, made once: enum arithmetic per received fd costs microseconds.
 _RIGHTS_OF = {
     (mode, regular): Rights(
@@ -46,10 +41,10 @@ class Capability:
     def from_untrusted_fd(cls, fd: int, name: str = "") -> Capability:
         """Wrap an fd received from a worker. Rights come from the fd itself
         (its access mode), never from what the worker claimed."""
-        kind = kind_of_mode(_fstat(fd).st_mode)
-        flags = _fcntl(fd, _F_GETFL)
+        kind = kind_of_mode(os.fstat(fd).st_mode)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         # An O_PATH fd reads as O_RDONLY but can do no I/O at all.
-        rights = _NO_RIGHTS if flags & _O_PATH else _RIGHTS_OF[flags & _O_ACCMODE, kind == KIND_FILE]
+        rights = Rights.NONE if flags & _O_PATH else _RIGHTS_OF[flags & os.O_ACCMODE, kind == KIND_FILE]
         return cls(fd, rights, kind, name)
 
     def fileno(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from protocol import NotCapable, Rights
 from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd
-from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, PLAIN, later_file_plan
+from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, later_file_plan
 
 from ._capability import Capability
 
@@ -219,11 +219,13 @@ def deliver(
     *,
     drain: bool = False,
 ) -> tuple[Outgoing, Pump | Drain | None]:
-    """Make the object that travels for ``cap`` under ``plan``. With
+    """Make the object that travels for ``cap`` under a ``plan`` that needs
+    more than the fd itself (a PLAIN file travels as itself: the caller
+    sends ``Outgoing(cap.fileno(), KIND_FILE, rights, False)``). With
     ``drain``, a write pipe is emptied by the caller's loop (a ``Drain``)
     rather than by a thread."""
-    if plan == PLAIN:
-        return Outgoing(cap.fileno(), cap.kind, rights, owned=False), None
+    if plan not in (NO_TRUNCATE, PIPE_READ, PIPE_WRITE):
+        raise ValueError(f"deliver() has nothing to make for plan {plan!r}")
     if plan == NO_TRUNCATE:
         return Outgoing(opener().open(cap.fileno(), flags), KIND_FILE, rights, owned=True), None
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -238,13 +240,11 @@ def deliver(
         if _fill_small(src, w):
             return out, None  # it all fit in the pipe: no thread needed
         pump = Pump(src, w, from_start=True, name=cap.name)
-    elif plan == PIPE_WRITE:
+    else:  # PIPE_WRITE
         if drain:
             return Outgoing(w, KIND_STREAM, rights, owned=True), Drain(r, src, limit)
         pump = Pump(r, src, from_start=False, name=cap.name, limit=limit)
         out = Outgoing(w, KIND_STREAM, rights, owned=True)
-    else:  # pragma: no cover - plans are a closed set
-        raise AssertionError(plan)
     pump.start()
     return out, pump
 

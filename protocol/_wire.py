@@ -588,15 +588,7 @@ class Channel:
         n, anc, flags, _ = self.sock.recvmsg_into([self._view], _ANCBUF, _RECV_FLAGS[nowait])
         if not flags & _BAD_FLAGS and 0 < n <= MAX_PACKET:
             if not anc:  # fast path: a packet without fds
-                try:
-                    obj = _unpackb(
-                        self._view[:n], raw=False, use_list=True, strict_map_key=True,
-                        ext_hook=_dirref_hook if self.allow_dirref else _no_ext_hook,
-                    )
-                except ProtocolError:
-                    raise
-                except _MALFORMED as exc:
-                    raise ProtocolError(f"malformed packet: {exc.__class__.__name__}: {exc}") from exc
+                obj = _unpack(self._view[:n], _dirref_hook if self.allow_dirref else _no_ext_hook)
                 _validate(obj)
                 return obj
             if len(anc) == 1:  # fast path: exactly one fd
