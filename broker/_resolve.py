@@ -17,8 +17,7 @@ import os
 import stat
 import sys
 import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 from protocol import NotCapable, PolicyError, Rights
 from protocol._paths import split_relative
@@ -67,9 +66,9 @@ def _kernel_denial(exc: OSError, display: str) -> Exception:
     return exc
 
 
-@dataclass(frozen=True)
-class Target:
-    """A checked request: resolve ``rest`` beneath ``base``."""
+class Target(NamedTuple):
+    """A checked request: resolve ``rest`` beneath ``base``. (Immutable; a
+    NamedTuple is made in a third of a frozen dataclass's time.)"""
 
     base: int
     rest: str  # "." for the granted directory itself
@@ -119,20 +118,17 @@ class Resolver:
 
     # -- locating ---------------------------------------------------------
     @staticmethod
-    def _need(granted: Rights, rights: Rights, where: str, display: str) -> None:
-        extra = rights & ~granted
-        if extra:
-            raise NotCapable(
-                f"{where} grants {granted.describe()}, not {Rights(extra).describe()}",
-                filename=display,
-            )
+    def _refuse(granted: Rights, rights: Rights, where: str, display: str) -> NoReturn:
+        extra = Rights(int(rights) & ~int(granted))
+        raise NotCapable(f"{where} grants {granted.describe()}, not {extra.describe()}", filename=display)
 
     def locate(self, path: object, rights: Rights) -> Target:
         """Check a worker path against the policy."""
         parts = split_relative(path)
         display = "/".join(parts)
         grant, rest = self.policy.lookup(parts)
-        self._need(grant.rights, rights, f"the policy's {grant.display!r}", display)
+        if int(rights) & ~int(grant.rights):  # (ints: IntFlag's own operators cost ~0.4 us per request)
+            self._refuse(grant.rights, rights, f"the policy's {grant.display!r}", display)
         if grant.is_dir:
             return Target(self._dir_fds[grant.parts], "/".join(rest) or ".", display, True, grant.rights)
         return Target(self._root_fd, display, display, False, grant.rights)
@@ -141,7 +137,8 @@ class Resolver:
         """Check a path beneath a directory capability (a directory proxy)."""
         parts = split_relative(path)
         display = "/".join((directory.name, *parts))
-        self._need(directory.rights, rights, f"directory {directory.name!r}", display)
+        if int(rights) & ~int(directory.rights):
+            self._refuse(directory.rights, rights, f"directory {directory.name!r}", display)
         return Target(directory.fileno(), "/".join(parts) or ".", display, True, directory.rights)
 
     # -- internals --------------------------------------------------------

@@ -164,3 +164,36 @@ def test_a_forked_copy_of_the_broker_reopens_through_its_own_fd_table(broker: Br
         _, status = os.waitpid(pid, 0)
     assert got == b"hello", got
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("call", ["fixed", "variadic"])
+def test_openat2_wrapper_stays_beneath_under_both_call_forms(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """The broker's resolver calls openat2 through a fixed prototype where the
+    ABI allows it, else as variadic syscall(): both resolve beneath the
+    directory fd, refuse what leaves it, and refuse a NUL instead of cutting
+    the path there."""
+    import os
+
+    from worker.sandbox import _openat2
+
+    if call == "variadic":
+        monkeypatch.setattr(_openat2, "_FIXED", None)
+    elif _openat2._FIXED is None:
+        pytest.skip("this platform calls openat2 as variadic only")
+    top = os.open(tree / "data", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _openat2.openat2(top, "sub/../a.txt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            assert os.pread(fd, 5, 0) == b"hello"
+        finally:
+            os.close(fd)
+        for path in ("../secret", "sub/../../secret", "/etc/passwd", "link_abs", "link_up", "link_proc"):
+            with pytest.raises(OSError) as info:
+                os.close(_openat2.openat2(top, path, os.O_RDONLY | os.O_CLOEXEC))
+            assert info.value.errno in (errno.EXDEV, errno.ELOOP), (path, info.value)
+        with pytest.raises(ValueError, match="null byte"):
+            _openat2.openat2(top, "a.txt\x00../../secret", os.O_RDONLY)
+    finally:
+        os.close(top)
