@@ -28,13 +28,15 @@ _MAX_EAGAIN = 16
 _NR = ffi.cast("long", SYS_OPENAT2)
 _HOW_SIZE = ffi.cast("long", ffi.sizeof("struct open_how"))
 _HOW_SIZE_INT = ffi.sizeof("struct open_how")
-# On x86-64 and arm64 Linux, syscall()'s variadic arguments travel in the registers of a
-# fixed-arity call (x86-64 adds only %al, an upper bound the callee may ignore). Called
-# through a fixed prototype, cffi takes ints and bytes as they are and does not build a
-# variadic call each time: about 2.5 us less per open, on every grant the broker resolves.
+# On 64-bit x86-64 and arm64 Linux, syscall()'s variadic integer arguments travel in the
+# registers of a fixed-arity call (x86-64 adds only %al, an upper bound the callee may
+# ignore). Called through a fixed prototype, cffi takes ints and bytes as they are and does
+# not build a variadic call each time: about 2.5 us less per open, on every grant the broker
+# resolves. (platform.machine() names the kernel's CPU: a 32-bit Python there takes the
+# variadic call, as every other platform does.)
 _FIXED = (
     ffi.cast("long (*)(long, long, char *, struct open_how *, long)", lib.syscall)
-    if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") and sys.maxsize > 2**32
     else None
 )
 _hows: dict[tuple[int, int, int], object] = {}  # read-only once made: shared by every call and thread
