@@ -27,7 +27,10 @@ The grant latency is measured with ``request_rate=None``; the default
 per-worker request rate limit is measured on its own at the end (its cost,
 and a low limit holding a worker to its rate), and so is
 the audit log: pinned grant calls (one event each) with the
-``privsep.audit`` logger off, into a NullHandler, and into a FileHandler. Grants
+``privsep.audit`` logger off, into a NullHandler, and into a FileHandler.
+Last, a worker's own ``self.broker.open()`` timed inside the worker (pinned
+and unpinned), against a raw child whose request is answered with the fd
+attached (the parent opening it beneath a directory fd). Grants
 carry READ|SEEK|FSTAT (delivered as the file itself); ``take-pipe`` passes
 a READ-only grant, which privsep delivers as a pipe fed by a broker thread.
 
@@ -294,6 +297,7 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
         place(peers, "unpinned")
         _rate_limit_note(root, ok, limited, limited_worker, handles[brokers[0][0]], n, rounds)
         _audit_note(handles[brokers[0][0]], n, rounds)
+        _worker_open_note(root, handles[brokers[0][0]], n, rounds, placements)
     finally:
         limited.close()
         for cap in caps:
@@ -301,6 +305,78 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
         for _, b in brokers:
             b.close()
         raw.close()
+
+
+def _raw_open_times(root: str, n: int) -> list[int]:
+    """The floor for a worker's own request answered with an fd: a forked
+    child sends ``n`` msgpack requests over a SEQPACKET socketpair; this
+    process opens the file beneath a directory fd and answers each with the
+    fd attached. The child times each request to its fd in hand (closing it
+    outside the timed part) and sends the times back."""
+    ours, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            ours.close()
+            os.close(r)
+            packb, unpackb, clock = msgpack.packb, msgpack.unpackb, time.perf_counter_ns
+            times = []
+            for i in range(n):
+                t0 = clock()
+                child.send(packb({"t": "req", "id": i, "op": "open", "a": {"path": DATA_FILE, "rights": 1}}))
+                data, anc, _, _ = child.recvmsg(BUF, ANC, CLOEXEC)
+                unpackb(data, raw=False)
+                (fd,) = _fds_of(anc)
+                times.append(clock() - t0)
+                os.close(fd)
+            with os.fdopen(w, "wb") as out:
+                out.write(packb(times))
+        finally:
+            os._exit(0)
+    child.close()
+    os.close(w)
+    dirfd = os.open(os.path.join(root, DATA_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _ in range(n):
+            req = msgpack.unpackb(ours.recv(BUF), raw=False)
+            fd = os.open(os.path.basename(req["a"]["path"]), OPEN_FLAGS, dir_fd=dirfd)
+            try:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                ours.sendmsg([msgpack.packb({"t": "rep", "id": req["id"], "v": 0})], anc)
+            finally:
+                os.close(fd)
+        with os.fdopen(r, "rb") as got:
+            times: list[int] = msgpack.unpackb(got.read())
+    finally:
+        os.close(dirfd)
+        ours.close()
+        os.waitpid(pid, 0)
+    return times
+
+
+def _worker_open_note(root: str, w: Any, n: int, rounds: int, placements: Sequence[str]) -> None:
+    """A worker's own ``self.broker.open()`` timed inside the worker, against
+    the raw request answered with an fd, in interleaved blocks."""
+    saved = (os.sched_getaffinity(0), os.sched_getaffinity(w.pid))
+    try:
+        for placement in [p for p in placements if p != "split"]:
+            place([w.pid], placement)  # the raw child inherits this process's CPUs
+            times: dict[str, list[int]] = {"raw": [], "privsep": []}
+            w.opens(min(200, n))
+            for _ in range(rounds):
+                times["raw"] += _raw_open_times(root, n)
+                times["privsep"] += w.opens(n)
+            raw, ours = Stats(times["raw"]), Stats(times["privsep"])
+            print(
+                f"A worker's own open() answered with an fd (self.broker.open(), timed inside the worker), "
+                f"{placement}: median {us(ours.median)} us (p90 {us(ours.p90)}) against {us(raw.median)} us "
+                f"(p90 {us(raw.p90)}) for a raw request answered with one fd, the parent opening beneath a "
+                f"directory fd: {ratio(ours.median, raw.median)}."
+            )
+    finally:
+        os.sched_setaffinity(0, saved[0])
+        os.sched_setaffinity(w.pid, saved[1])
 
 
 def _audit_note(w: Any, n: int, rounds: int) -> None:
