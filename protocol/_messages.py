@@ -78,6 +78,11 @@ _FAST: dict[str, tuple[frozenset[str], tuple[tuple[str, type], ...]]] = {
     for tag, schema in _SCHEMAS.items()
     if "e" not in schema and tag != "req"
 }
+# The same for requests, by op: (exact argument key set, (key, exact type) for each).
+_REQ_KEYS = frozenset({"t", *_SCHEMAS["req"]})
+_FAST_REQ: dict[str, tuple[frozenset[str], tuple[tuple[str, type], ...]]] = {
+    op: (frozenset(schema), tuple(schema.items())) for op, schema in REQUESTS.items()
+}
 
 
 def check_message(msg: Any, allowed: frozenset[str]) -> dict[str, Any]:
@@ -94,6 +99,15 @@ def check_message(msg: Any, allowed: frozenset[str]) -> dict[str, Any]:
                 break
         else:
             return msg
+    elif tag == "req" and tag in allowed and msg.keys() == _REQ_KEYS and type(msg["id"]) is int:
+        op, args = msg["op"], msg["a"]
+        shape = _FAST_REQ.get(op) if type(op) is str else None  # (an op of another type may not even hash)
+        if shape is not None and type(args) is dict and args.keys() == shape[0]:
+            for key, typ in shape[1]:
+                if type(args[key]) is not typ:
+                    break
+            else:
+                return msg
     if tag not in allowed:
         raise ProtocolError(f"unexpected message type {tag!r}")
     schema = _SCHEMAS[tag]

@@ -262,3 +262,68 @@ def test_a_hook_that_encodes_a_message_of_its_own_does_not_mix_the_two() -> None
     assert fds == [5, 6] and owned == []
     assert inner and inner[0][1] == [77]
     assert list(msgpack.unpackb(payload)) == ["outer"]
+
+
+req_messages = st.fixed_dictionaries(
+    {
+        "t": st.just("req"),
+        "id": st.integers(-5, 5) | msg_values,
+        "op": st.sampled_from(["open", "create", "stat", "dopen", "dunlink", "exec"]) | msg_values,
+        "a": st.dictionaries(
+            st.sampled_from(["path", "rights", "dir", "x"]), st.text(max_size=5) | st.integers(-3, 3) | msg_values,
+            max_size=4,
+        )
+        | msg_values,
+    },
+    optional={"x": msg_values},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=req_messages)
+def test_a_request_passes_the_check_exactly_when_it_fits_its_schema(msg: dict) -> None:
+    """The broker checks a worker's request in one pass when it can; any
+    shape at all gets either that message back or ProtocolError (never
+    another exception), and exactly the requests that fit their schema pass."""
+    from protocol._messages import FROM_WORKER, REQUESTS, check_message
+
+    try:
+        check_message(msg, FROM_WORKER)
+        passed = True
+    except ProtocolError:
+        passed = False
+    op, args = msg["op"], msg["a"]
+    schema = REQUESTS.get(op) if type(op) is str else None
+    fits = (
+        msg.keys() == {"t", "id", "op", "a"}
+        and type(msg["id"]) is int
+        and schema is not None
+        and type(args) is dict
+        and args.keys() == schema.keys()
+        and all(type(args[k]) is t for k, t in schema.items())
+    )
+    assert passed == fits, msg
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"t": "req", "id": 3, "op": ["open"], "a": {}},
+        {"t": "req", "id": 3, "op": {"open": 1}, "a": {}},
+        {"t": "req", "id": 3, "op": "open", "a": {"path": "data/a.txt", "rights": True}},
+        {"t": "req", "id": True, "op": "open", "a": {"path": "data/a.txt", "rights": 1}},
+        {"t": "req", "id": 3, "op": "open", "a": {"path": b"data/a.txt", "rights": 1}},
+        {"t": "req", "id": 3, "op": "open", "a": {"path": "data/a.txt"}},
+        {"t": "req", "id": 3, "op": "open", "a": {"path": "data/a.txt", "rights": 1, "x": 0}},
+        {"t": "req", "id": 3, "op": "open", "a": {"path": "data/a.txt", "rights": 1}, "x": 0},
+        {"t": "req", "id": 3, "op": "exec", "a": {}},
+        {"t": "req", "id": 3, "op": "open", "a": [["path", "data/a.txt"]]},
+    ],
+)
+def test_malformed_requests_are_refused(msg: dict) -> None:
+    from protocol._messages import FROM_WORKER, check_message
+
+    with pytest.raises(ProtocolError):
+        check_message(msg, FROM_WORKER)
+    good = {"t": "req", "id": 3, "op": "open", "a": {"path": "data/a.txt", "rights": 1}}
+    assert check_message(good, FROM_WORKER) is good
