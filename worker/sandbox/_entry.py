@@ -125,11 +125,16 @@ def _close_all_but(keep: Sequence[int]) -> None:
             os.close(null)
 
 
+# Counted once, where this module is imported (the zygote, before it forks): os.cpu_count()
+# reads /sys/devices/system/cpu/online, three syscalls on every spawn's path otherwise.
+_CPUS = os.cpu_count() or 1
+
+
 def _pin_malloc_arenas() -> None:
     """Fix glibc's arena limit now. Otherwise the 9th thread that mallocs
     makes glibc read /sys/devices/system/cpu/online (openat AT_FDCWD), which
     the sandbox denies. Same value glibc would compute: 8 per CPU."""
-    lib.mallopt(M_ARENA_MAX, 8 * (os.cpu_count() or 1))
+    lib.mallopt(M_ARENA_MAX, 8 * _CPUS)
 
 
 def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = None) -> Report:
