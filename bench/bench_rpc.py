@@ -336,6 +336,7 @@ def _raw_open_times(root: str, n: int) -> list[int]:
             os._exit(0)
     child.close()
     os.close(w)
+    got = os.fdopen(r, "rb")
     dirfd = os.open(os.path.join(root, DATA_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for _ in range(n):
@@ -346,11 +347,11 @@ def _raw_open_times(root: str, n: int) -> list[int]:
                 ours.sendmsg([msgpack.packb({"t": "rep", "id": req["id"], "v": 0})], anc)
             finally:
                 os.close(fd)
-        with os.fdopen(r, "rb") as got:
-            times: list[int] = msgpack.unpackb(got.read())
+        times: list[int] = msgpack.unpackb(got.read())
     finally:
         os.close(dirfd)
-        ours.close()
+        ours.close()  # (a child still waiting for a reply reads EOF and exits)
+        got.close()
         os.waitpid(pid, 0)
     return times
 
