@@ -350,3 +350,44 @@ def test_rights_of_an_fd_from_a_worker_come_from_the_fd(tree: Path, how: str, ki
     with cap:
         assert (cap.kind, cap.rights) == (kind, rights)
         assert type(cap.rights) is Rights
+
+
+class Returner(Worker):
+    @rpc
+    def held(self) -> io.BufferedReader:
+        return self.grants["data"]  # type: ignore[no-any-return]
+
+    @rpc
+    def close_held(self) -> None:
+        self.grants["data"].close()  # pinned: the object closes, the fd slot stays
+
+    @rpc
+    def writer(self) -> io.BufferedWriter:
+        r, w = os.pipe()
+        os.close(r)
+        f = os.fdopen(w, "wb")
+        self.keep = f  # returned as is: the broker gets its own copy of the fd
+        return f
+
+
+def test_a_file_returned_again_and_again_is_described_each_time(broker: Broker) -> None:
+    """The worker remembers how to name a reader it returned before; the
+    broker still derives each copy's rights from the fd, and a reader closed
+    in between cannot be sent."""
+    with broker.open("data/a.txt", Rights.READ | Rights.SEEK | Rights.FSTAT) as grant:
+        w = broker.spawn(Returner, grants={"data": grant})
+    caps = [w.held() for _ in range(3)]
+    try:
+        for cap in caps:
+            assert isinstance(cap, Capability)
+            assert cap.rights & Rights.READ and not cap.rights & Rights.WRITE
+            assert os.pread(cap.fileno(), 5, 0) == b"hello"
+        assert len({cap.fileno() for cap in caps}) == 3  # three copies, not one fd shared
+    finally:
+        for cap in caps:
+            cap.close()
+    w.close_held()
+    with pytest.raises(TypeError, match="cannot be sent"):
+        w.held()
+    with w.writer() as cap:  # the worker still serves, and a writer is sent as one (flushed first)
+        assert cap.rights & Rights.WRITE and not cap.rights & Rights.READ

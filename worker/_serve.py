@@ -64,6 +64,9 @@ def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
     return obj
 
 
+_NONE_OPENED: list[Any] = []  # a call without arguments opens nothing (never appended to)
+
+
 def _fd_hook(obj: Any) -> tuple[int, int, Any]:
     return fd_of(obj)
 
@@ -80,7 +83,7 @@ def serve(instance: Worker, chan: Channel) -> None:
         if msg["t"] == "stop":
             return
         cid, name, a, k = msg["id"], msg["m"], msg["a"], msg["k"]
-        opened: list[Any] = []
+        opened: list[Any] = [] if a or k else _NONE_OPENED
         try:
             if name not in methods:
                 raise AttributeError(f"{type(instance).__name__} has no @rpc method {name!r}")
@@ -93,10 +96,19 @@ def serve(instance: Worker, chan: Channel) -> None:
                 if client._created:
                     client._end_call()  # outputs are closed (flushed) before the answer
             try:
-                if type(result) not in SCALAR_TYPES and isinstance(result, io.IOBase):
+                rtype = type(result)
+                if rtype in SCALAR_TYPES:
+                    chan.send({"t": "ret", "id": cid, "v": result})
+                elif rtype is io.BufferedReader and not result.closed and "_privsep_ret" in result.__dict__:
+                    # A reader returned before: its marker is known (fd, kind and mode never change).
+                    chan.send_one_fd({"t": "ret", "id": cid, "v": result._privsep_ret}, result.fileno())
+                elif isinstance(result, io.IOBase):
                     # A file returned as is: it is the message's one fd.
                     fd, kind, rights = fd_of(result)
-                    chan.send_one_fd({"t": "ret", "id": cid, "v": fd_marker(0, kind, int(rights))}, fd)
+                    marker = fd_marker(0, kind, int(rights))
+                    if rtype is io.BufferedReader:
+                        result._privsep_ret = marker  # type: ignore[attr-defined]
+                    chan.send_one_fd({"t": "ret", "id": cid, "v": marker}, fd)
                 else:
                     chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook)
             except (TypeError, ValueError) as exc:
