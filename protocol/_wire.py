@@ -397,6 +397,42 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
     return obj
 
 
+class _NotOneFd(Exception):
+    """A packet with one fd that is not named once as a plain fd: decode() takes it."""
+
+
+def _decode_one_fd(payload: memoryview, fd: int, allow_dirref: bool) -> Any:
+    """decode() for the commonest packet with an fd: exactly one, named once
+    as a file descriptor (a file passed, returned, or granted). Takes
+    ownership of ``fd``; any other shape goes to decode(), which then owns it."""
+    rfd: ReceivedFd | None = None
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        nonlocal rfd
+        if code == EXT_FD and rfd is None and len(data) == _FD_EXT_SIZE:
+            index, kind, rights = _FD_EXT_UNPACK(data)
+            if index == 0 and kind in KINDS:
+                rfd = ReceivedFd(fd, kind, rights_from_wire(rights))
+                return rfd
+        raise _NotOneFd
+
+    try:
+        obj = _unpack(payload, ext_hook)
+        if rfd is None:
+            raise ProtocolError("packet carried fds that the message does not name")
+        _validate(obj)
+        return obj
+    except _NotOneFd:
+        if rfd is not None:
+            rfd.detach()  # decode() closes or wraps the fd itself
+        return decode(payload, [fd], allow_dirref=allow_dirref)
+    except BaseException:
+        if rfd is not None:
+            rfd.detach()  # closed below, once
+        os.close(fd)
+        raise
+
+
 _BLOB = object()  # marks an fd that carried a blob
 _FD_EXT_SIZE = _FD_EXT.size
 _FD_EXT_UNPACK = _FD_EXT.unpack
@@ -594,7 +630,7 @@ class Channel:
             if len(anc) == 1:  # fast path: exactly one fd
                 level, kind, data = anc[0]
                 if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(data) == _ONE_FD.size:
-                    return decode(self._view[:n], [_ONE_FD.unpack(data)[0]], allow_dirref=self.allow_dirref)
+                    return _decode_one_fd(self._view[:n], _ONE_FD.unpack(data)[0], self.allow_dirref)
         got = self._checked(n, anc, flags)
         if got is None:
             return None

@@ -327,3 +327,79 @@ def test_malformed_requests_are_refused(msg: dict) -> None:
         check_message(msg, FROM_WORKER)
     good = {"t": "req", "id": 3, "op": "open", "a": {"path": "data/a.txt", "rights": 1}}
     assert check_message(good, FROM_WORKER) is good
+
+
+def _fd_ref(index: int, kind: int = 0, rights: int = 1) -> msgpack.ExtType:
+    from protocol._wire import _FD_EXT, EXT_FD
+
+    return msgpack.ExtType(EXT_FD, _FD_EXT.pack(index, kind, rights))
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ([_fd_ref(0), _fd_ref(0)], "repeated"),
+        (_fd_ref(1), "out of range"),
+        (_fd_ref(0, kind=9), "unknown fd kind"),
+        (_fd_ref(0, rights=1 << 40), "invalid rights"),
+        (msgpack.ExtType(99, b"x"), "unknown extension"),
+        ([_fd_ref(0), 1 << 63], "64 bits"),
+        (1, "does not name"),
+    ],
+)
+def test_a_packet_with_one_fd_that_breaks_a_rule_closes_it_exactly_once(value: object, why: str) -> None:
+    """The one-fd fast path of Channel.recv hands anything unusual to the
+    general decoder or refuses it; either way the fd is closed once, and the
+    channel still reads the next packet."""
+    import gc
+
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        a.send_raw(msgpack.packb({"t": "ret", "id": 1, "v": value}), [r])
+        os.close(r)  # the receiver has its own copy; this number may be reused below
+        before = open_fds()
+        lowest = min(set(range(len(before) + 1)) - before)  # the number the packet's fd gets
+        with pytest.raises(ProtocolError, match=why) as info:
+            b.recv()
+        again, w2 = os.pipe()  # takes the freed number while the failed decode's objects live on
+        try:
+            assert again == lowest
+            del info  # the traceback held them until now
+            gc.collect()
+            os.fstat(again)  # still open: nothing closed the packet's fd a second time
+        finally:
+            os.close(again)
+            os.close(w2)
+        assert open_fds() == before  # the copy the packet brought in, closed
+        a.send({"t": "ret", "id": 2, "v": "next"})
+        assert b.recv() == {"t": "ret", "id": 2, "v": "next"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_packet_with_one_fd_carrying_a_blob_or_a_file_decodes() -> None:
+    payload, fds, owned = encode({"big": b"q" * (MAX_PACKET + 10)})
+    assert len(fds) == 1
+    a, b = Channel.pair()
+    try:
+        a.send_raw(payload, fds)
+        for fd in owned:
+            os.close(fd)
+        assert b.recv() == {"big": b"q" * (MAX_PACKET + 10)}
+        r, w = os.pipe()
+        try:
+            a.send_raw(msgpack.packb({"t": "ret", "id": 1, "v": _fd_ref(0, kind=2)}), [r])
+            got = b.recv()
+            assert got["v"].kind == 2
+            os.write(w, b"ok")
+            assert os.read(got["v"].fd, 2) == b"ok"
+            got["v"].close()
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        a.close()
+        b.close()
