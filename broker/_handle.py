@@ -340,15 +340,6 @@ class WorkerHandle:
             value = msg["v"]
             if type(value) in SCALAR_TYPES:
                 return value
-            if type(value) is ReceivedFd:  # a returned file, the commonest answer with an fd
-                fd = value.detach()
-                try:
-                    return Capability.from_untrusted_fd(fd, name="from worker")
-                except BaseException as exc:
-                    os.close(fd)
-                    if isinstance(exc, OSError):
-                        raise self._fail("protocol", f"unusable fd in the answer: {exc}") from exc
-                    raise
             return self._import_answer(msg)
         self._check_in_call(msg, cid)
         return self._import_answer(msg)
