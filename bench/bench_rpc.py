@@ -30,7 +30,10 @@ the audit log: pinned grant calls (one event each) with the
 ``privsep.audit`` logger off, into a NullHandler, and into a FileHandler.
 Last, a worker's own ``self.broker.open()`` timed inside the worker (pinned
 and unpinned), against a raw child whose request is answered with the fd
-attached (the parent opening it beneath a directory fd). Grants
+attached (the parent opening it beneath a directory fd), and against the
+same raw child answered through privsep's own policy check and secure open
+(``Resolver.locate`` and ``Resolver.open``, no RPC layer): what the security
+work costs, and what the RPC layer adds on top of it. Grants
 carry READ|SEEK|FSTAT (delivered as the file itself); ``take-pipe`` passes
 a READ-only grant, which privsep delivers as a pipe fed by a broker thread.
 
@@ -76,6 +79,8 @@ from bench._common import (
     sandbox_status,
     us,
 )
+from broker import Policy
+from protocol import Rights
 
 BUF = 256 * 1024
 ANC = socket.CMSG_SPACE(4 * array.array("i").itemsize)
@@ -297,7 +302,7 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
         place(peers, "unpinned")
         _rate_limit_note(root, ok, limited, limited_worker, handles[brokers[0][0]], n, rounds)
         _audit_note(handles[brokers[0][0]], n, rounds)
-        _worker_open_note(root, handles[brokers[0][0]], n, rounds, placements)
+        _worker_open_note(root, brokers[0][1].policy, handles[brokers[0][0]], n, rounds, placements)
     finally:
         limited.close()
         for cap in caps:
@@ -307,12 +312,18 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
         raw.close()
 
 
-def _raw_open_times(root: str, n: int) -> list[int]:
+def _raw_open_times(root: str, n: int, secure: Any = None) -> list[int]:
     """The floor for a worker's own request answered with an fd: a forked
     child sends ``n`` msgpack requests over a SEQPACKET socketpair; this
     process opens the file beneath a directory fd and answers each with the
     fd attached. The child times each request to its fd in hand (closing it
-    outside the timed part) and sends the times back."""
+    outside the timed part) and sends the times back.
+
+    With ``secure`` (a ``broker._resolve.Resolver`` for ``root``), the parent
+    answers as privsep's broker decides and opens, with no RPC layer around
+    it: the policy check (``locate``), then the open beneath the grant
+    (openat2 O_PATH with RESOLVE_BENEATH, fstat, reopen through
+    /proc/self/fd)."""
     ours, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     r, w = os.pipe()
     pid = os.fork()
@@ -321,10 +332,11 @@ def _raw_open_times(root: str, n: int) -> list[int]:
             ours.close()
             os.close(r)
             packb, unpackb, clock = msgpack.packb, msgpack.unpackb, time.perf_counter_ns
+            want = int(GRANT_RIGHTS)  # what BenchWorker.opens() asks for
             times = []
             for i in range(n):
                 t0 = clock()
-                child.send(packb({"t": "req", "id": i, "op": "open", "a": {"path": DATA_FILE, "rights": 1}}))
+                child.send(packb({"t": "req", "id": i, "op": "open", "a": {"path": DATA_FILE, "rights": want}}))
                 data, anc, _, _ = child.recvmsg(BUF, ANC, CLOEXEC)
                 unpackb(data, raw=False)
                 (fd,) = _fds_of(anc)
@@ -341,7 +353,11 @@ def _raw_open_times(root: str, n: int) -> list[int]:
     try:
         for _ in range(n):
             req = msgpack.unpackb(ours.recv(BUF), raw=False)
-            fd = os.open(os.path.basename(req["a"]["path"]), OPEN_FLAGS, dir_fd=dirfd)
+            if secure is None:
+                fd = os.open(os.path.basename(req["a"]["path"]), OPEN_FLAGS, dir_fd=dirfd)
+            else:
+                rights = Rights(req["a"]["rights"])
+                fd = secure.open(secure.locate(req["a"]["path"], rights), rights).detach()
             try:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
                 ours.sendmsg([msgpack.packb({"t": "rep", "id": req["id"], "v": 0})], anc)
@@ -356,26 +372,38 @@ def _raw_open_times(root: str, n: int) -> list[int]:
     return times
 
 
-def _worker_open_note(root: str, w: Any, n: int, rounds: int, placements: Sequence[str]) -> None:
+def _worker_open_note(root: str, policy: Policy, w: Any, n: int, rounds: int, placements: Sequence[str]) -> None:
     """A worker's own ``self.broker.open()`` timed inside the worker, against
-    the raw request answered with an fd, in interleaved blocks."""
+    the raw request answered with an fd, in interleaved blocks; and against
+    the same raw request answered through privsep's own policy check and
+    secure open, which splits the gap into what the security work costs and
+    what the RPC layer adds."""
+    from broker._resolve import Resolver
+
     saved = (os.sched_getaffinity(0), os.sched_getaffinity(w.pid))
+    resolver = Resolver(policy, root)
     try:
         for placement in [p for p in placements if p != "split"]:
-            place([w.pid], placement)  # the raw child inherits this process's CPUs
-            times: dict[str, list[int]] = {"raw": [], "privsep": []}
+            place([w.pid], placement)  # the raw children inherit this process's CPUs
+            times: dict[str, list[int]] = {"raw": [], "secure": [], "privsep": []}
             w.opens(min(200, n))
             for _ in range(rounds):
                 times["raw"] += _raw_open_times(root, n)
+                times["secure"] += _raw_open_times(root, n, resolver)
                 times["privsep"] += w.opens(n)
-            raw, ours = Stats(times["raw"]), Stats(times["privsep"])
+            raw, secure, ours = Stats(times["raw"]), Stats(times["secure"]), Stats(times["privsep"])
             print(
                 f"A worker's own open() answered with an fd (self.broker.open(), timed inside the worker), "
                 f"{placement}: median {us(ours.median)} us (p90 {us(ours.p90)}) against {us(raw.median)} us "
                 f"(p90 {us(raw.p90)}) for a raw request answered with one fd, the parent opening beneath a "
-                f"directory fd: {ratio(ours.median, raw.median)}."
+                f"directory fd: {ratio(ours.median, raw.median)}. The same raw request answered through "
+                f"privsep's policy check and secure open (openat2 O_PATH beneath the grant, fstat, reopen "
+                f"through /proc/self/fd), no RPC layer: {us(secure.median)} us (p90 {us(secure.p90)}), "
+                f"{ratio(secure.median, raw.median)} of the raw floor; privsep against it: "
+                f"{ratio(ours.median, secure.median)}."
             )
     finally:
+        resolver.close()
         os.sched_setaffinity(0, saved[0])
         os.sched_setaffinity(w.pid, saved[1])
 

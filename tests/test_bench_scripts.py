@@ -36,6 +36,7 @@ def test_bench_rpc_prints_every_case() -> None:
     assert "Default request_rate=" in out and "the last five at a median" in out
     assert "Audit log, pinned:" in out
     assert "A worker's own open() answered with an fd (self.broker.open(), timed inside the worker), pinned:" in out
+    assert "answered through privsep's policy check and secure open" in out and "privsep against it:" in out
 
 
 def test_bench_spawn_prints_every_case() -> None:
