@@ -6,9 +6,14 @@ raw requests."""
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import READ, default_policy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker import Broker
 from protocol import NotCapable, Rights
@@ -197,3 +202,78 @@ def test_openat2_wrapper_stays_beneath_under_both_call_forms(
             _openat2.openat2(top, "a.txt\x00../../secret", os.O_RDONLY)
     finally:
         os.close(top)
+
+
+def _answer(r: Any, path: object, rights: Rights) -> object:
+    """What a policy check gives: its Target, or the refusal's type and message."""
+    try:
+        return r.locate(path, rights)
+    except NotCapable as exc:
+        return (type(exc), str(exc))
+
+
+def _fresh_answer(r: Any, path: object, rights: Rights) -> object:
+    try:
+        return r._locate(path, rights)
+    except NotCapable as exc:
+        return (type(exc), str(exc))
+
+
+_PIECES = st.sampled_from(["data", "out", "a.txt", "sub", ".", "..", "", "secret", "x" * 300, "y" * 200, "\x00", "é"])
+_RIGHTS = st.sampled_from([READ, Rights.READ, Rights.WRITE, Rights.WRITE | Rights.CREATE, READ | Rights.WRITE])
+
+
+@settings(max_examples=300, deadline=None)
+@given(paths=st.lists(st.lists(_PIECES, max_size=5).map("/".join), min_size=1, max_size=6), rights=_RIGHTS)
+def test_remembered_policy_checks_answer_as_a_fresh_check_does(paths: list[str], rights: Rights) -> None:
+    """The broker remembers accepted policy checks: asked again, in any order,
+    every path gets exactly what an uncached check gives (the same target, or
+    the same refusal), and only short accepted paths are kept."""
+    import tempfile
+
+    from broker._resolve import _LOCATED_PATH_MAX, Resolver
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "data", "sub"))
+        os.makedirs(os.path.join(tmp, "out"))
+        r = Resolver(default_policy(), tmp)
+        try:
+            for _ in range(2):
+                for path in paths:
+                    assert _answer(r, path, rights) == _fresh_answer(r, path, rights), path
+            for (path, want), target in r._located.items():
+                assert len(path) <= _LOCATED_PATH_MAX and want == int(rights)
+                assert target == r._locate(path, Rights(want))
+        finally:
+            r.close()
+
+
+def test_a_remembered_check_grants_no_more_rights_and_forgets_at_close(tree: Path) -> None:
+    """A path checked once for READ is still refused WRITE; a refused path is
+    never remembered; the memory stays bounded; after close() nothing
+    remembered is used (a target's fd numbers may name other files then)."""
+    from broker._resolve import _LOCATED_MAX, Resolver
+
+    r = Resolver(default_policy(), tree)
+    try:
+        first = r.locate("data/a.txt", READ)
+        assert r.locate("data/a.txt", READ) is first  # remembered
+        with pytest.raises(NotCapable):
+            r.locate("data/a.txt", READ | Rights.WRITE)
+        for _ in range(2):
+            with pytest.raises(NotCapable):
+                r.locate("secret", Rights.READ)
+        assert not any(path == "secret" for path, _ in r._located)
+        long = "data/" + "y" * 200 + "/" + "z" * 200  # accepted, but too long to keep
+        assert r.locate(long, READ).rest == "y" * 200 + "/" + "z" * 200
+        assert not any(path == long for path, _ in r._located)
+        for i in range(_LOCATED_MAX + 10):
+            r.locate(f"data/n{i}", Rights.READ)
+            assert len(r._located) <= _LOCATED_MAX
+        stale = r.locate("data/a.txt", READ)
+    finally:
+        r.close()
+    assert r._located == {}
+    r._located[("data/a.txt", int(READ))] = stale  # as a check racing close() in another thread could leave
+    with pytest.raises(NotCapable, match="closed"):
+        r.locate("data/a.txt", READ)
