@@ -121,18 +121,47 @@ def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
     assert not any(alive(p) for p in pids)
 
 
-def test_no_fd_or_process_leak_over_spawn_cycles(tree: Path) -> None:
+def _descendants() -> tuple[int, int]:
+    """(processes below this one, how many of them are zombies), from /proc."""
+    table = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone while listed
+            table.append((int(name), int(fields[1]), fields[0]))
+    below, grew = {os.getpid()}, True
+    while grew:
+        grew = False
+        for pid, ppid, _ in table:
+            if ppid in below and pid not in below:
+                below.add(pid)
+                grew = True
+    below.discard(os.getpid())
+    return len(below), sum(1 for pid, _, state in table if pid in below and state == "Z")
+
+
+def test_no_fd_or_process_leak_over_1000_spawn_kill_cycles(tree: Path) -> None:
+    """The issue's soak: 1000 sandboxed workers spawned, called once and
+    killed (every tenth stopped instead); the broker holds the same fds and
+    the same number of processes (its zygote and one waiting spare) after as
+    before, with no zombie among them."""
     with Broker(Policy(), root=tree) as b:
-        b.spawn(Sleeper).stop()
-        before = open_fds(b)
-        for i in range(30):
+        b.spawn(Sleeper).kill()
+        before_fds, (before_procs, before_zombies) = open_fds(b), _descendants()
+        assert before_procs == 2 and before_zombies == 0, before_procs  # the zygote and its spare
+        for i in range(1000):
             w = b.spawn(Sleeper)
             assert w.ping() == "pong"
-            if i % 2:
-                w.kill()
-            else:
+            if i % 10 == 9:
                 w.stop()
-        assert open_fds(b) == before
+            else:
+                w.kill()
+            assert w.exit is not None
+        assert open_fds(b) == before_fds
+        assert _descendants() == (before_procs, 0)
         assert b.workers == []
     children = subprocess.run(["ps", "--ppid", str(os.getpid()), "-o", "pid="], capture_output=True, text=True).stdout
     assert children.split() == [] or all(not alive(int(p)) for p in children.split())
