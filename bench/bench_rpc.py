@@ -80,6 +80,7 @@ from bench._common import (
     us,
 )
 from broker import Policy
+from broker._resolve import Resolver
 from protocol import Rights
 
 BUF = 256 * 1024
@@ -312,14 +313,14 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
         raw.close()
 
 
-def _raw_open_times(root: str, n: int, secure: Any = None) -> list[int]:
+def _raw_open_times(root: str, n: int, secure: Resolver | None = None) -> list[int]:
     """The floor for a worker's own request answered with an fd: a forked
     child sends ``n`` msgpack requests over a SEQPACKET socketpair; this
     process opens the file beneath a directory fd and answers each with the
     fd attached. The child times each request to its fd in hand (closing it
     outside the timed part) and sends the times back.
 
-    With ``secure`` (a ``broker._resolve.Resolver`` for ``root``), the parent
+    With ``secure`` (privsep's resolver for ``root``), the parent
     answers as privsep's broker decides and opens, with no RPC layer around
     it: the policy check (``locate``), then the open beneath the grant
     (openat2 O_PATH with RESOLVE_BENEATH, fstat, reopen through
@@ -378,8 +379,6 @@ def _worker_open_note(root: str, policy: Policy, w: Any, n: int, rounds: int, pl
     the same raw request answered through privsep's own policy check and
     secure open, which splits the gap into what the security work costs and
     what the RPC layer adds."""
-    from broker._resolve import Resolver
-
     saved = (os.sched_getaffinity(0), os.sched_getaffinity(w.pid))
     resolver = Resolver(policy, root)
     try:
