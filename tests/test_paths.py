@@ -226,7 +226,7 @@ _RIGHTS = st.sampled_from([READ, Rights.READ, Rights.WRITE, Rights.WRITE | Right
 @settings(max_examples=300, deadline=None)
 @given(paths=st.lists(st.lists(_PIECES, max_size=5).map("/".join), min_size=1, max_size=6), rights=_RIGHTS)
 def test_remembered_policy_checks_answer_as_a_fresh_check_does(paths: list[str], rights: Rights) -> None:
-    """The broker remembers accepted policy checks: asked again, in any order,
+    """The broker remembers accepted policy checks: asked once and again,
     every path gets exactly what an uncached check gives (the same target, or
     the same refusal), and only short accepted paths are kept."""
     import tempfile
