@@ -15,8 +15,9 @@ class WorkerExit:
 
     ``kind`` is one of ``"ok"`` (stopped when asked), ``"violation"`` (the
     sandbox stopped it; ``syscall`` and ``args`` say for what), ``"signal"``,
-    ``"timeout"``, ``"oom"``, ``"protocol"`` (it broke the wire rules) and
-    ``"crashed"`` (any other exit).
+    ``"timeout"``, ``"oom"``, ``"protocol"`` (it broke the wire rules),
+    ``"cancelled"`` (its caller stopped waiting for a call: the task was
+    cancelled or the thread interrupted) and ``"crashed"`` (any other exit).
     """
 
     kind: str

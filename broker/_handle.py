@@ -110,6 +110,10 @@ class WorkerHandle:
         self.exit: WorkerExit | None = None
         self.calls = 0
         self._alock: asyncio.Lock | None = None
+        self._pending_call: int | None = None  # sent, its answer not yet taken
+        self._call_thread: int | None = None  # the thread whose call is in flight
+        # An awaited call's wait on the loop: (loop, future, fds watched).
+        self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[str], list[int]] | None = None
         self._dirs: dict[int, Capability] = {}
         self._dir_ids = itertools.count(1)
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
@@ -154,27 +158,35 @@ class WorkerHandle:
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         """Run a call. ``method`` is one of the class's @rpc methods: the caller checked."""
         with self._lock:
-            cid, deadline = self._begin(method, args, kwargs, timeout)
-            value, first = self._early_answer(cid)
-            if value is not _NOTHING:
-                return value
-            steps = self._steps(method, cid, deadline, timeout, first)
+            self._call_thread = threading.get_ident()
             try:
-                op = next(steps)
-                while True:
-                    kind, when = op
-                    if kind == "sleep" and when is not None:
-                        time.sleep(max(0.0, when - time.monotonic()))
-                        op = steps.send(None)
-                    else:
-                        # Poll, then receive. (Only the first answer is tried without a
-                        # poll, in _early_answer; after a miss, or after answering a
-                        # request, a receive that finds nothing costs more than the poll.)
-                        op = steps.send(self._wait(when))
-            except StopIteration as stop:
-                return stop.value
+                cid, deadline = self._begin(method, args, kwargs, timeout)
+                value, first = self._early_answer(cid)
+                if value is not _NOTHING:
+                    return value
+                steps = self._steps(method, cid, deadline, timeout, first)
+                try:
+                    op = next(steps)
+                    while True:
+                        kind, when = op
+                        if kind == "sleep" and when is not None:
+                            time.sleep(max(0.0, when - time.monotonic()))
+                            op = steps.send(None)
+                        else:
+                            # Poll, then receive. (Only the first answer is tried without a
+                            # poll, in _early_answer; after a miss, or after answering a
+                            # request, a receive that finds nothing costs more than the poll.)
+                            op = steps.send(self._wait(when))
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    steps.close()
+            except BaseException as exc:
+                if self._pending_call is not None:
+                    self._abandon(method, exc)
+                raise
             finally:
-                steps.close()
+                self._call_thread = None
 
     # -- asyncio ----------------------------------------------------------
     @property
@@ -193,6 +205,7 @@ class WorkerHandle:
         async with self._alock:
             if not self._lock.acquire(blocking=False):
                 raise RuntimeError(f"worker {self.name} is busy with a synchronous call")
+            self._call_thread = threading.get_ident()
             # On the event loop a send must never wait: a worker that does not
             # read its answers is misbehaving, and is ended rather than waited for.
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
@@ -218,21 +231,36 @@ class WorkerHandle:
                     return stop.value
                 finally:
                     steps.close()
+            except BaseException as exc:
+                if self._pending_call is not None:
+                    self._abandon(method, exc)  # cancelled, typically
+                raise
             finally:
                 self._chan.send_timeout = saved
+                self._call_thread = None
                 self._lock.release()
 
     async def _event(self, deadline: float | None) -> str:
-        if deadline is not None and time.monotonic() >= deadline:
-            return "timeout"  # even if the worker keeps a message always waiting
-        ready = self._ready_now()
-        if ready is not None:
-            # Fast path, but a worker that keeps the channel full must not
-            # monopolise the loop: let the others run now and then.
-            self._fast_events += 1
-            if self._fast_events % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            return ready
+        """The next event for an awaited call: "chan", "notify", "timeout", or
+        "gone" (the worker was ended on this thread while the call waited)."""
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                return "timeout"  # even if the worker keeps a message always waiting
+            ready = self._ready_now()
+            if ready is not None:
+                # Fast path, but a worker that keeps the channel full must not
+                # monopolise the loop: let the others run now and then.
+                self._fast_events += 1
+                if self._fast_events % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                return ready
+            woke = await self._readable(deadline)
+            if woke != "notify":
+                return woke
+            # The listener woke the loop: a notification, or its hang-up once the
+            # worker has exited. _ready_now() tells them apart.
+
+    async def _readable(self, deadline: float | None) -> str:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
 
@@ -248,14 +276,28 @@ class WorkerHandle:
         for fd in list(self._drains):
             fds.append(fd)
             loop.add_reader(fd, self._step_drain, fd, loop)
+        self._waiting = (loop, fut, fds)
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             return await asyncio.wait_for(fut, remaining)
         except TimeoutError:
             return "timeout"
         finally:
+            if self._waiting is not None and self._waiting[1] is fut:  # (else _stop_waiting let go already)
+                self._waiting = None
+                for fd in fds:
+                    loop.remove_reader(fd)
+
+    def _stop_waiting(self) -> None:
+        """Wake an awaited call's wait with "gone", after taking its fds off
+        the loop: they are about to be closed. Runs on the loop's thread."""
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            loop, fut, fds = waiting
             for fd in fds:
                 loop.remove_reader(fd)
+            if not fut.done():
+                fut.set_result("gone")
 
     def _step_drain(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         drain = self._drains.get(fd)
@@ -265,11 +307,36 @@ class WorkerHandle:
 
     def _ready_now(self) -> str | None:
         """The event already pending, if any (no waiting, no event loop)."""
-        fds = [self._chan.fileno()] + ([self._notify_fd] if self._notify_fd >= 0 else [])
-        readable = select.select(fds, [], [], 0)[0]
-        if self._notify_fd in readable:
-            return "notify"
-        return "chan" if readable else None
+        chan_fd = self._chan.fileno()
+        chan = False
+        for fd, ev in self._poll_set().poll(0):
+            if fd == chan_fd:
+                chan = True
+            elif ev & select.POLLIN:
+                return "notify"
+            else:
+                self._drop_notify()
+        return "chan" if chan else None
+
+    def _poll_set(self) -> select.poll:
+        """The channel and the listener, registered once."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._chan.fileno(), select.POLLIN)
+            if self._notify_fd >= 0:
+                poller.register(self._notify_fd, select.POLLIN)
+        return poller
+
+    def _drop_notify(self) -> None:
+        """The listener hung up without a notification: no task of the worker
+        is left (its channel ends too). Stop watching it; a hung-up fd would
+        wake every poll at once."""
+        fd, self._notify_fd = self._notify_fd, -1
+        if fd >= 0:
+            if self._poller is not None:
+                self._poller.unregister(fd)
+            os.close(fd)
 
     def _check_method(self, method: str) -> None:
         if method not in getattr(self.cls, "rpc_methods", ()):
@@ -312,6 +379,7 @@ class WorkerHandle:
         except BaseException:
             self._drains.clear()
             raise
+        self._pending_call = cid
         self.calls += 1
         return cid, None if timeout is None else time.monotonic() + timeout
 
@@ -328,6 +396,7 @@ class WorkerHandle:
         if msg is not None:
             value = self._plain_return(msg, cid)
             if value is not _NOTHING:
+                self._pending_call = None
                 return value, None
         return _NOTHING, _Received(msg)
 
@@ -376,6 +445,8 @@ class WorkerHandle:
                     first = None
                 else:
                     event = yield ("wait", deadline)
+                    if self.exit is not None:  # ended on this thread while the call waited ("gone")
+                        raise self.exit.error(self.name)
                 if type(event) is _Received:
                     msg = event.msg
                 elif event == "timeout":
@@ -394,8 +465,11 @@ class WorkerHandle:
                     until = self._throttle()
                     if until is not None:
                         yield ("sleep", until)
+                        if self.exit is not None:
+                            raise self.exit.error(self.name)
                     self._answer(msg, outputs, over_quota=requests > self._broker.max_requests_per_call)
                 elif tag == "ret":
+                    self._pending_call = None
                     value = self._import_answer(msg)
                     for out in outputs:
                         out.commit()
@@ -403,6 +477,7 @@ class WorkerHandle:
                     outputs.clear()
                     return value
                 else:
+                    self._pending_call = None
                     remote = exception_from_wire(msg["e"])
                     if isinstance(remote, MemoryError):
                         # Its heap is suspect now: stop it and say why.
@@ -487,12 +562,8 @@ class WorkerHandle:
         return DirRef(ident, cap.rights)
 
     def _wait(self, deadline: float | None) -> str:
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self._chan.fileno(), select.POLLIN)
-            if self._notify_fd >= 0:
-                poller.register(self._notify_fd, select.POLLIN)
+        poller = self._poll_set()
+        chan_fd = self._chan.fileno()
         if not self._drains:  # the common case: no pipe to fill, only the channel and the listener
             while True:
                 if deadline is None:
@@ -502,12 +573,16 @@ class WorkerHandle:
                     if left <= 0:
                         return "timeout"
                     events = poller.poll(max(1, int(left * 1000 + 0.999)))
+                chan = False
                 for fd, ev in events:
-                    if fd == self._notify_fd and ev & select.POLLIN:
+                    if fd == chan_fd:
+                        chan = True
+                    elif ev & select.POLLIN:
                         return "notify"
-                if events:
+                    else:
+                        self._drop_notify()
+                if chan:
                     return "chan"
-        chan_fd = self._chan.fileno()
         polled = set(self._drains)
         for fd in polled:
             poller.register(fd, select.POLLIN)
@@ -518,8 +593,10 @@ class WorkerHandle:
                     return "timeout"
                 events = poller.poll(None if remaining is None else max(1, int(remaining * 1000 + 0.999)))
                 for fd, ev in events:
-                    if fd == self._notify_fd and ev & select.POLLIN:
-                        return "notify"
+                    if fd == self._notify_fd:
+                        if ev & select.POLLIN:
+                            return "notify"
+                        self._drop_notify()
                 chan = False
                 for fd, _ in events:
                     if fd == chan_fd:
@@ -566,7 +643,19 @@ class WorkerHandle:
         raise self.exit.error(self.name)
 
     # -- death ------------------------------------------------------------
+    def _abandon(self, method: str, exc: BaseException) -> None:
+        """The caller stopped waiting for a call that was sent (the task was
+        cancelled, the thread interrupted). Its answer would come out of turn,
+        and what it has half done is unknown: end the worker. (Outputs it
+        created were discarded already.)"""
+        self._pending_call = None
+        if self.exit is None:
+            how = "cancelled" if isinstance(exc, asyncio.CancelledError) else f"interrupted ({type(exc).__name__})"
+            self._fail("cancelled", f"call {method}() was {how} before it answered, so the worker was stopped")
+
     def _kill(self) -> None:
+        if self._pidfd < 0:
+            return  # reaped already
         try:
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -592,6 +681,7 @@ class WorkerHandle:
             log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, ex.reason)
 
     def _release(self) -> None:
+        self._stop_waiting()  # before its fds close under the event loop
         self._chan.close()
         for d in self._dirs.values():
             d.close()
@@ -653,8 +743,13 @@ class WorkerHandle:
         """Ask the worker to stop; kill it if it has not within ``timeout``.
 
         If a call is in flight on another thread, the worker is killed and
-        that call raises ``WorkerCrashed``.
+        that call raises ``WorkerCrashed``. So does a call in flight on this
+        thread (awaited on its event loop, or interrupted by a signal handler
+        that stops the worker): it cannot end while this blocks, so the worker
+        is killed at once.
         """
+        if self._call_thread == threading.get_ident():
+            return self._end_during_call("ok", "stopped during a call (killed)")
         got = self._lock.acquire(timeout=timeout)
         if not got:
             self._kill()  # the in-flight call sees EOF, reaps and records the exit
@@ -677,16 +772,38 @@ class WorkerHandle:
             self._lock.release()
 
     def kill(self) -> WorkerExit:
-        """Kill the worker now."""
+        """Kill the worker now. A call in flight raises ``WorkerCrashed``."""
         if self.exit is not None:
             return self.exit
+        if self._call_thread == threading.get_ident():
+            return self._end_during_call("signal", "killed by the broker")
         self._kill()
-        status = self._reap(5.0)
-        self._set_exit(
-            WorkerExit.from_status(status, kind="signal", reason="killed by the broker")
-            if status is not None
-            else WorkerExit("signal", "killed by the broker")
-        )
+        # A call in flight on another thread sees the channel end and records
+        # the exit itself; its fds must not close under it.
+        if not self._lock.acquire(timeout=10.0):
+            raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
+        try:
+            if self.exit is None:
+                status = self._reap(5.0)
+                self._set_exit(
+                    WorkerExit.from_status(status, kind="signal", reason="killed by the broker")
+                    if status is not None
+                    else WorkerExit("signal", "killed by the broker")
+                )
+            assert self.exit is not None
+            return self.exit
+        finally:
+            self._lock.release()
+
+    def _end_during_call(self, kind: str, reason: str) -> WorkerExit:
+        """End the worker while a call of this thread is in flight, holding the
+        call lock: awaited on the event loop (recording the exit wakes it) or
+        interrupted by a signal handler. That call then raises the exit."""
+        if self.exit is None:
+            self._kill()
+            status = self._reap(5.0)
+            sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+            self._set_exit(WorkerExit(kind, reason, signal=sig))
         assert self.exit is not None
         return self.exit
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from conftest import READ
 
 from broker import Broker, Policy
-from protocol import NotCapable, Rights, WorkerTimeout
+from protocol import NotCapable, Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
 
@@ -35,6 +36,17 @@ class AsyncJob(Worker):
     def write(self, name: str, data: bytes) -> None:
         with self.broker.create(f"out/{name}") as f:
             f.write(data)
+
+    @rpc
+    def write_slowly(self, name: str, t: float) -> None:
+        with self.broker.create(f"out/{name}") as f:
+            f.write(b"half")
+            time.sleep(t)
+
+    @rpc
+    def exit_after(self, t: float, code: int) -> None:
+        time.sleep(t)
+        os._exit(code)
 
 
 def test_concurrent_calls_without_threads(tree: Path) -> None:
@@ -110,3 +122,134 @@ def test_instant_answers_still_let_other_tasks_run(tree: Path) -> None:
         os.sched_setaffinity(0, saved)
     assert calls == 400
     assert ticks >= 400 // 8 - 1, ticks  # the other task ran at least once every few calls
+
+
+def _gone(pid: int) -> bool:
+    """The process is reaped (no zombie left either)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_worker_that_exits_during_an_awaited_call_is_reported_at_once(tree: Path) -> None:
+    """Sandboxed, the worker's seccomp listener hangs up when it exits; the
+    awaited call must still find the channel's end and say how it ended."""
+
+    async def main() -> None:
+        async with Broker(Policy().allow("data/", READ), root=tree) as b:
+            for delay in (0.0, 0.2):
+                w = await b.aspawn(AsyncJob)
+                assert w.sandbox["seccomp"] == "notify"  # the listener is there to hang up
+                t0 = time.monotonic()
+                with pytest.raises(WorkerCrashed) as info:
+                    await asyncio.wait_for(w.aio.exit_after(delay, 3), 10)
+                assert time.monotonic() - t0 < delay + 2.0
+                assert w.exit is not None and (w.exit.kind, w.exit.exit_code) == ("crashed", 3)
+                assert "exited with status 3" in str(info.value)
+            w = await b.aspawn(AsyncJob)
+            asyncio.get_running_loop().call_later(0.2, os.kill, w.pid, signal.SIGKILL)
+            with pytest.raises(WorkerCrashed):
+                await asyncio.wait_for(w.aio.nap(5), 10)
+            assert w.exit is not None and (w.exit.kind, w.exit.signal) == ("signal", signal.SIGKILL)
+
+    asyncio.run(main())
+
+
+def test_cancelling_an_awaited_call_stops_its_worker_and_keeps_nothing(tree: Path) -> None:
+    """A cancelled call's answer would come out of turn and its work is half
+    done: the worker is stopped (not blamed for a protocol error), what the call
+    created is discarded, and other workers go on."""
+    policy = Policy().allow("data/", READ).allow("out/", Rights.WRITE | Rights.CREATE)
+
+    async def main() -> None:
+        async with Broker(policy, root=tree) as b:
+            w, other = await b.aspawn(AsyncJob), await b.aspawn(AsyncJob)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(w.aio.write_slowly("half.txt", 5), 0.3)
+            assert w.exit is not None and w.exit.kind == "cancelled"
+            assert "write_slowly() was cancelled" in w.exit.reason
+            assert _gone(w.pid)
+            with pytest.raises(WorkerCrashed, match="cancelled"):
+                await w.aio.ping()
+            assert await other.aio.ping() == "pong"
+
+            task = asyncio.create_task(other.aio.nap(5))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert other.exit is not None and other.exit.kind == "cancelled"
+        assert os.listdir(tree / "out") == []
+
+    asyncio.run(main())
+
+
+def test_a_synchronous_call_interrupted_by_a_signal_handler_ends_its_worker(tree: Path) -> None:
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        saved = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(Interrupted):
+                w.nap(5)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, saved)
+        assert w.exit is not None and w.exit.kind == "cancelled"
+        assert "interrupted (Interrupted)" in w.exit.reason
+        with pytest.raises(WorkerCrashed, match="interrupted"):
+            w.ping()
+
+        # A handler that kills the worker instead: the call it interrupted
+        # holds the call lock, so kill() must not wait for it.
+        w = b.spawn(AsyncJob)
+        saved = signal.signal(signal.SIGALRM, lambda signum, frame: w.kill())
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            t0 = time.monotonic()
+            with pytest.raises(WorkerCrashed, match="killed by the broker"):
+                w.nap(5)
+            assert time.monotonic() - t0 < 2.0
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, saved)
+        assert w.exit is not None and w.exit.kind == "signal" and _gone(w.pid)
+        assert b.spawn(AsyncJob).ping() == "pong"
+
+
+def test_ending_a_worker_from_its_own_loop_ends_the_awaited_call(tree: Path) -> None:
+    """kill(), stop() and closing the broker on the loop that awaits a call:
+    the call cannot end while they block, so they end the worker at once and
+    the call raises."""
+
+    async def main() -> None:
+        b = Broker(Policy().allow("data/", READ), root=tree)
+        try:
+            for end in ("kill", "stop"):
+                w = await b.aspawn(AsyncJob)
+                task = asyncio.create_task(w.aio.nap(30))
+                await asyncio.sleep(0.2)
+                t0 = time.monotonic()
+                ex = w.kill() if end == "kill" else w.stop()
+                assert time.monotonic() - t0 < 2.0
+                assert ex is w.exit and ex.kind == ("signal" if end == "kill" else "ok")
+                with pytest.raises(WorkerCrashed):
+                    await asyncio.wait_for(task, 5)
+                assert _gone(w.pid)
+            w = await b.aspawn(AsyncJob)
+            task = asyncio.create_task(w.aio.nap(30))
+            await asyncio.sleep(0.2)
+        finally:
+            t0 = time.monotonic()
+            b.close()
+            closed_in = time.monotonic() - t0
+        assert closed_in < 2.0, closed_in
+        with pytest.raises(WorkerCrashed, match="stopped during a call"):
+            await asyncio.wait_for(task, 5)
+        assert _gone(w.pid)
+
+    asyncio.run(main())
