@@ -723,7 +723,7 @@ class WorkerHandle:
         ex = (
             WorkerExit.from_status(status)
             if status is not None
-            else WorkerExit("crashed", "channel closed; process already reaped")
+            else WorkerExit("crashed", _UNKNOWN_END[self.spawn_method == "zygote"])
         )
         if ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
@@ -821,6 +821,11 @@ def _size(n: int) -> str:
 
 
 _NOTHING = object()
+_UNKNOWN_END = (
+    "channel closed; exit status unknown (the process was reaped already)",
+    "channel closed; exit status unknown: the zygote that reaps it did not report one"
+    " (a zygote that dies takes its workers with it)",
+)
 
 
 class _Received:
