@@ -221,6 +221,9 @@ class Broker:
         if self._needs_main_load(cls):
             # The zygote runs the main script's top-level code (once): not on the loop.
             await asyncio.to_thread(self._ready_zygote_for, cls)
+        zygote = self._zygote
+        if zygote is not None:
+            await zygote.spare_made(self.spawn_timeout)  # not with the loop blocked
         handle = self._start(cls, timeout, grants)
         try:
             ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
@@ -261,7 +264,20 @@ class Broker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self.aclose()
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """``close()`` for asyncio: the workers are stopped together and their
+        ends awaited on the event loop; a call another task awaits gets
+        ``timeout`` to finish. (Ending the zygote, the last step, is not.)"""
+        if self._closed:
+            return
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            workers = list(self._workers.values())
+        await asyncio.gather(*(w.astop(timeout) for w in workers), return_exceptions=True)
+        self.close(timeout)  # the rest; a worker that would not stop is dealt with here
 
     def _start(
         self, cls: type[Worker], timeout: float | None, grants_in: Mapping[str, Capability] | None = None

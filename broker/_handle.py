@@ -30,6 +30,7 @@ from ._capability import Capability
 from ._cgroup import WorkerCgroup
 from ._deliver import Outgoing
 from ._exit import WorkerExit
+from ._loop import readable
 from ._outputs import PendingOutput
 from ._violation import describe
 
@@ -742,11 +743,11 @@ class WorkerHandle:
     def stop(self, timeout: float = 2.0) -> WorkerExit:
         """Ask the worker to stop; kill it if it has not within ``timeout``.
 
-        If a call is in flight on another thread, the worker is killed and
-        that call raises ``WorkerCrashed``. So does a call in flight on this
-        thread (awaited on its event loop, or interrupted by a signal handler
-        that stops the worker): it cannot end while this blocks, so the worker
-        is killed at once.
+        A call in flight on another thread gets ``timeout`` to finish; then the
+        worker is killed and that call raises ``WorkerCrashed``. A call in
+        flight on this thread (awaited on its event loop, or interrupted by a
+        signal handler that stops the worker) cannot end while this blocks, so
+        the worker is killed at once. On an event loop, ``await astop()``.
         """
         if self._call_thread == threading.get_ident():
             return self._end_during_call("ok", "stopped during a call (killed)")
@@ -762,14 +763,61 @@ class WorkerHandle:
                 self._chan.send({"t": "stop"})
             except (OSError, ProtocolError):
                 pass
-            status = self._reap(timeout)
-            ex = WorkerExit.from_status(status) if status is not None else WorkerExit("ok", "stopped")
-            if ex.kind != "ok" and ex.signal == signal.SIGKILL:
-                ex = WorkerExit("ok", "stopped (killed after the grace period)", signal=ex.signal)
-            self._set_exit(ex)
-            return ex
+            return self._stopped(self._reap(timeout))
         finally:
             self._lock.release()
+
+    def _stopped(self, status: int | None) -> WorkerExit:
+        """Record the end of a worker that was asked to stop."""
+        ex = WorkerExit.from_status(status) if status is not None else WorkerExit("ok", "stopped")
+        if ex.kind != "ok" and ex.signal == signal.SIGKILL:
+            ex = WorkerExit("ok", "stopped (killed after the grace period)", signal=ex.signal)
+        self._set_exit(ex)  # (unless it was recorded meanwhile)
+        assert self.exit is not None
+        return self.exit
+
+    async def astop(self, timeout: float = 2.0) -> WorkerExit:
+        """``stop()`` for asyncio: the worker's end is awaited on the event
+        loop, which is never blocked for it. A call another task awaits gets
+        ``timeout`` to finish; then the worker is killed and that call raises
+        ``WorkerCrashed``."""
+        if self.exit is not None:
+            return self.exit
+        if self._alock is None:
+            self._alock = asyncio.Lock()
+        try:
+            await asyncio.wait_for(self._alock.acquire(), timeout)
+        except TimeoutError:
+            return self._end_during_call("ok", "stopped during a call (killed after the grace period)")
+        try:
+            if self.exit is not None:
+                return self.exit
+            if not self._lock.acquire(blocking=False):  # a synchronous call on another thread
+                return await asyncio.to_thread(self.stop, timeout)
+            try:
+                try:
+                    self._chan.send({"t": "stop"})
+                except (OSError, ProtocolError):
+                    pass
+                if not await self._exited(timeout):
+                    self._kill()
+                    await self._exited(5.0)
+                return self._stopped(self._reap(0.0))
+            finally:
+                self._lock.release()
+        finally:
+            self._alock.release()
+
+    async def akill(self) -> WorkerExit:
+        """``kill()`` for asyncio: the worker's end is awaited on the event loop."""
+        if self.exit is None:
+            self._kill()
+            await self._exited(5.0)
+        return self.kill()  # reaps at once now
+
+    async def _exited(self, timeout: float) -> bool:
+        """Wait on the event loop until the process has ended; False after ``timeout``."""
+        return self._pidfd < 0 or await readable(self._pidfd, timeout)
 
     def kill(self) -> WorkerExit:
         """Kill the worker now. A call in flight raises ``WorkerCrashed``."""

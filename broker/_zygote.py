@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from worker._serve import forked_from_main_thread
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
+from ._loop import readable
 from ._pagemap import asleep, owned, writable
 
 log = logging.getLogger("privsep.broker")
@@ -450,6 +452,25 @@ class Zygote:
         finally:
             if cgroup is not None:  # no spare came to use it
                 cgroup.discard()
+
+    async def spare_made(self, timeout: float) -> None:
+        """Wait on the event loop while the zygote makes the spare that the
+        next spawn takes, so that spawn() finds it made. The lock is not held:
+        spawn() reads the answer, and bounds the wait if it did not come."""
+        deadline = time.monotonic() + timeout
+        hurried = False
+        while self._pending:
+            fd = self._spares.fileno()
+            if fd < 0 or self._spares.wait_readable(0):
+                return
+            if not hurried:
+                self._hurry()  # (the spare may be made at SCHED_IDLE)
+                hurried = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            # Short waits: another thread may take the answer meanwhile.
+            await readable(fd, min(left, 0.05))
 
     def waiting_spare(self) -> tuple[int, int] | None:
         """(pid, fd) of the spare waiting now, after reading a pending answer.

@@ -253,3 +253,102 @@ def test_ending_a_worker_from_its_own_loop_ends_the_awaited_call(tree: Path) -> 
         assert _gone(w.pid)
 
     asyncio.run(main())
+
+
+class _Ticker:
+    """Counts how often the event loop lets another task run."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            self.ticks += 1
+
+    def __enter__(self) -> _Ticker:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def test_astop_and_aclose_wait_for_a_worker_on_the_loop(tree: Path) -> None:
+    """A worker that does not stop when asked (here: SIGSTOPped) is waited for
+    on the event loop, which keeps running, then killed."""
+
+    async def main() -> None:
+        b = Broker(Policy().allow("data/", READ), root=tree)
+        try:
+            w = await b.aspawn(AsyncJob)
+            os.kill(w.pid, signal.SIGSTOP)
+            with _Ticker() as ticker:
+                ex = await w.astop(timeout=0.5)
+            assert ex is w.exit and ex.kind == "ok" and "killed after the grace period" in ex.reason
+            assert ticker.ticks >= 40, ticker.ticks  # ~100 in 0.5 s; a blocked loop: 0 or 1
+            assert _gone(w.pid)
+
+            w = await b.aspawn(AsyncJob)
+            assert (await w.akill()).kind == "signal" and _gone(w.pid)
+
+            # A call another task awaits gets the grace period to finish...
+            w = await b.aspawn(AsyncJob)
+            call = asyncio.create_task(w.aio.nap(0.3))
+            await asyncio.sleep(0.05)
+            assert (await w.astop(timeout=5)).kind == "ok"
+            assert await call == w.pid
+            # ... and no more.
+            w = await b.aspawn(AsyncJob)
+            call = asyncio.create_task(w.aio.nap(30))
+            await asyncio.sleep(0.05)
+            assert "killed after the grace period" in (await w.astop(timeout=0.3)).reason
+            with pytest.raises(WorkerCrashed):
+                await call
+
+            stuck, busy = await b.aspawn(AsyncJob), await b.aspawn(AsyncJob)
+            os.kill(stuck.pid, signal.SIGSTOP)
+            call = asyncio.create_task(busy.aio.nap(0.3))
+            await asyncio.sleep(0.05)
+            with _Ticker() as ticker:
+                await b.aclose(timeout=0.6)
+            assert ticker.ticks >= 40, ticker.ticks
+            assert await call == busy.pid  # finished within the grace period
+            assert stuck.exit is not None and busy.exit is not None and busy.exit.kind == "ok"
+            assert _gone(stuck.pid) and _gone(busy.pid)
+        finally:
+            b.close()
+
+    asyncio.run(main())
+
+
+def test_aspawn_waits_for_the_next_spare_on_the_loop(tree: Path) -> None:
+    """While the zygote is still making the spare a spawn will take, aspawn
+    waits for it without blocking the loop (here the zygote is SIGSTOPped for
+    0.4 s right after it was asked for that spare)."""
+
+    async def main() -> None:
+        async with Broker(Policy().allow("data/", READ), root=tree, spawn="zygote") as b:
+            first = await b.aspawn(AsyncJob)
+            assert await first.aio.ping() == "pong"
+            await asyncio.sleep(0.2)  # the next spare is made and waiting
+            zygote = b._zygote
+            assert zygote is not None
+            os.kill(zygote._proc.pid, signal.SIGSTOP)
+            try:
+                second = await b.aspawn(AsyncJob)  # takes the waiting spare; asks for the next
+                asyncio.get_running_loop().call_later(0.4, os.kill, zygote._proc.pid, signal.SIGCONT)
+                t0 = time.monotonic()
+                with _Ticker() as ticker:
+                    third = await b.aspawn(AsyncJob)
+                waited = time.monotonic() - t0
+            finally:
+                os.kill(zygote._proc.pid, signal.SIGCONT)
+            assert waited >= 0.3, waited  # it did wait for the zygote
+            assert ticker.ticks >= 30, (ticker.ticks, waited)
+            assert await second.aio.ping() == "pong" and await third.aio.ping() == "pong"
+            assert third.spawn_method == "zygote"
+
+    asyncio.run(main())
