@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import READ, default_policy, open_fds, spare_of
+from conftest import READ, default_policy
 
 from broker import Broker, Policy
 from protocol import NotCapable, PolicyViolation, WorkerCrashed, WorkerTimeout
@@ -174,47 +173,6 @@ def test_every_spawn_method_gets_the_same_sandbox(tree: Path, method: str) -> No
         assert "seccomp" in " ".join(w.sandbox["layers"]) and "landlock" in " ".join(w.sandbox["layers"])
         with pytest.raises(PolicyViolation):
             w.forbidden()
-
-
-def test_no_fd_or_process_leak_after_1000_spawn_kill_cycles(tree: Path) -> None:
-    """Counted as a soak outside privsep would: plain fd and process counts right
-    after Broker() and after the cycles; then, by identity, all but the waiting
-    spare (a new one after each spawn)."""
-    with Broker(Policy(), root=tree) as b:
-        fd_count, proc_count = len(open_fds()), len(_descendants(b, but_spare=False))
-        b.spawn(Hog).kill()
-        fds_before = open_fds(b)
-        procs_before = _descendants(b)
-        for i in range(1000):
-            w = b.spawn(Hog)
-            if i % 100 == 0:
-                assert w.ping() == "pong"
-            w.kill()
-        assert len(open_fds()) == fd_count
-        assert len(_descendants(b, but_spare=False)) == proc_count == 2  # the zygote and its spare
-        assert open_fds(b) == fds_before
-        assert _descendants(b) == procs_before
-        assert b.workers == []
-
-
-def _descendants(b: Broker, but_spare: bool = True) -> set[int]:
-    """Processes below this one, but (``but_spare``) for the zygote's one waiting
-    spare (a spawn replaces it with a new one; a spare never reaped still shows)."""
-    spare = spare_of(b) if but_spare else None
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,stat=,comm="], capture_output=True, text=True).stdout
-    tree: dict[int, list[tuple[int, str]]] = {}
-    for line in out.splitlines():
-        pid, ppid, st, comm = line.split()[:4]
-        if comm != "ps":  # the listing's own process
-            tree.setdefault(int(ppid), []).append((int(pid), st))
-    seen: set[int] = set()
-    stack = [os.getpid()]
-    while stack:
-        for child, _st in tree.get(stack.pop(), []):
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return seen - ({spare[0]} if spare else set())
 
 
 def test_a_flooding_worker_does_not_starve_the_others(tree: Path) -> None:
