@@ -19,7 +19,18 @@ from protocol import NotCapable, ProtocolError, Rights, UnsupportedRights, Worke
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire
 from protocol._rights import rights_from_wire
-from protocol._wire import KIND_DIR, KIND_FILE, PROTOCOL_VERSION, SCALAR_TYPES, Channel, ReceivedFd
+from protocol._wire import (
+    INT_MAX,
+    INT_MIN,
+    KIND_DIR,
+    KIND_FILE,
+    MAX_DEPTH,
+    PROTOCOL_VERSION,
+    SCALAR_TYPES,
+    Channel,
+    ReceivedFd,
+    check_sendable,
+)
 from worker import Worker
 from worker._files import access_flags
 from worker._mainref import check_not_importing, is_main_ref, module_ref
@@ -256,7 +267,7 @@ class Broker:
         semantics. Options: ``timeout``, ``recycle_after``, ``max_rss``,
         ``restart`` ("always"/"never"), ``max_restarts``."""
         self._check_open()
-        pool = WorkerPool(self, cls, size or os.cpu_count() or 1, **options)
+        pool = WorkerPool(self, cls, (os.cpu_count() or 1) if size is None else size, **options)
         self._pools.append(pool)
         return pool
 
@@ -654,16 +665,31 @@ class Broker:
         # A Pump is a daemon thread that ends when the file or the pipe does.
         return out
 
-    def _export(self, handle: WorkerHandle, obj: Any, after: list[Any]) -> Any:
-        """Call arguments with every capability turned into what travels."""
-        if type(obj) in SCALAR_TYPES:
+    def _export(self, handle: WorkerHandle, obj: Any, after: list[Any], depth: int = 2) -> Any:
+        """A call argument (``depth``: where it sits in the call message) with
+        every capability turned into what travels. What the worker's wire
+        check would refuse is refused here, with the reason: it would end the
+        worker."""
+        t = type(obj)
+        if t in SCALAR_TYPES:
+            if (t is int and not INT_MIN <= obj <= INT_MAX) or depth > MAX_DEPTH:
+                check_sendable(obj, depth)  # raises, saying why
             return obj
         if isinstance(obj, Capability):
             return self._deliver(handle, obj, after)
+        if depth >= MAX_DEPTH and isinstance(obj, list | tuple | dict):
+            check_sendable(obj, depth)
         if isinstance(obj, list | tuple):
-            return [self._export(handle, x, after) for x in obj]
+            return [self._export(handle, x, after, depth + 1) for x in obj]
         if isinstance(obj, dict):
-            return {k: self._export(handle, v, after) for k, v in obj.items()}
+            out = {}
+            for k, v in obj.items():
+                if type(k) is not str:
+                    raise TypeError(f"map keys must be str, not {type(k).__name__}")
+                out[k] = self._export(handle, v, after, depth + 1)
+            return out
+        if isinstance(obj, int) and not INT_MIN <= obj <= INT_MAX:  # an int subclass (IntEnum...)
+            check_sendable(obj, depth)
         return obj
 
     def _audit(

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ._broker import Broker
 
 log = logging.getLogger("privsep.broker")
-_IN_CALL = frozenset({"ret", "err", "req"})
+_IN_CALL = frozenset({"ret", "err", "req", "fail"})
 _RET_KEYS = frozenset({"t", "id", "v"})
 _ids = itertools.count(1)
 
@@ -360,7 +360,7 @@ class WorkerHandle:
                         "id": cid,
                         "m": method,
                         "a": [export(self, x, after) for x in args],
-                        "k": export(self, kwargs, after) if kwargs else {},
+                        "k": export(self, kwargs, after, 1) if kwargs else {},
                     }
                 except BaseException:
                     _release(after)
@@ -417,6 +417,9 @@ class WorkerHandle:
     def _check_in_call(self, msg: Any, cid: int) -> None:
         try:
             check_message(msg, _IN_CALL)
+            if msg["t"] == "fail":  # it cannot go on, and says why
+                cause = exception_from_wire(msg["e"])
+                raise self._fail("crashed", f"the worker failed: {type(cause).__name__}: {cause}") from cause
             if msg["id"] != cid and msg["t"] != "req":
                 raise ProtocolError("answer to a call that is not pending")
         except ProtocolError as exc:

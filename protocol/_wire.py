@@ -197,6 +197,30 @@ def _validate(obj: Any) -> None:
             raise ProtocolError(f"type {t.__name__} is not allowed on the wire")
 
 
+def check_sendable(obj: Any, depth: int = 0) -> None:
+    """Refuse, as the sender, what the peer's wire check would: map keys
+    other than str, nesting deeper than ``MAX_DEPTH``, integers outside
+    signed 64 bits. An honest sender hears why (``TypeError`` or
+    ``ValueError``) instead of losing its peer. ``depth``: where ``obj`` sits
+    in its message. Other types are leaves here: the packer takes or refuses
+    them."""
+    stack: list[tuple[Any, int]] = [(obj, depth)]
+    while stack:
+        item, d = stack.pop()
+        if d > MAX_DEPTH:
+            raise ValueError(f"nested deeper than the wire allows ({MAX_DEPTH} levels)")
+        if isinstance(item, int):
+            if not INT_MIN <= item <= INT_MAX:
+                raise ValueError("an integer outside signed 64 bits cannot be sent")
+        elif isinstance(item, list | tuple):
+            stack.extend((x, d + 1) for x in item)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if type(k) is not str:
+                    raise TypeError(f"map keys must be str, not {type(k).__name__}")
+                stack.append((v, d + 1))
+
+
 def _read_blob(fd: int, length: int) -> bytes:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):

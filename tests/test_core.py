@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,14 @@ class Upper(Worker):
         os.write(w, b"from the worker")
         os.close(w)
         return os.fdopen(r, "rb")
+
+    @rpc
+    def give_back(self, value: object) -> object:
+        return value
+
+    @rpc
+    def unsendable(self, name: str) -> object:
+        return _UNSENDABLE[name][0]()
 
     @rpc
     def big(self, n: int) -> bytes:
@@ -211,6 +220,51 @@ def test_values_over_the_blob_limit_are_an_error_not_a_crash(broker: Broker) -> 
     with pytest.raises(TypeError, match="pass a file instead"):
         w.big(MAX_BLOB + 1)
     assert w.shout("alive") == "ALIVE"
+
+
+def _nested(n: int) -> list:
+    x: list = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+# What the wire refuses: (make it, the error, what the error says).
+_UNSENDABLE: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
+    "int-key": (lambda: {1: "a"}, TypeError, "map keys must be str, not int"),
+    "tuple-key-deep-inside": (lambda: [{"a": {(1, 2): 3}}], TypeError, "map keys must be str, not tuple"),
+    "2**63": (lambda: 1 << 63, ValueError, "outside signed 64 bits"),
+    "below-int64": (lambda: [-(1 << 63) - 1], ValueError, "outside signed 64 bits"),
+    "nested-600": (lambda: _nested(600), ValueError, "nested deeper than the wire allows"),
+}
+
+
+@pytest.mark.parametrize("name", list(_UNSENDABLE))
+def test_what_the_wire_refuses_is_refused_by_the_sender_not_fatal(broker: Broker, name: str) -> None:
+    """The receiving side ends a peer for these (it is assumed hostile). An
+    honest sender must hear why instead: the broker refuses such an argument
+    before sending it, and a worker such a result (the call raises; the
+    worker lives on)."""
+    make, error, match = _UNSENDABLE[name]
+    w = broker.spawn(Upper)
+    with pytest.raises(error, match=match):
+        w.give_back(make())
+    with pytest.raises(error, match=match):
+        w.echo(key=make())
+    with pytest.raises(TypeError, match=rf"unsendable\(\) returned a value that cannot be sent: .*{match}"):
+        w.unsendable(name)
+    assert w.shout("alive") == "ALIVE"
+    # The limits themselves go through, both ways.
+    edge = [(1 << 63) - 1, -(1 << 63), {"k": _nested(28)}]
+    assert w.give_back(edge) == edge
+
+
+def test_a_worker_that_fails_during_a_call_says_why(broker: Broker) -> None:
+    w = broker.spawn(Upper)
+    w._chan.sock.send(b"\xc1")  # never valid msgpack: as a broker bug would send it
+    with pytest.raises(WorkerCrashed, match="the worker failed: ProtocolError: malformed packet"):
+        w.shout("x")
+    assert w.exit is not None and w.exit.kind == "crashed"
 
 
 def test_remote_exceptions_map_to_real_classes(broker: Broker) -> None:

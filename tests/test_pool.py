@@ -64,6 +64,9 @@ def test_pool_is_an_executor(broker: Broker) -> None:
             pool.submit(print, 1)
         with pytest.raises(TypeError):
             pool.submit("not_rpc")
+    for size in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="pool size must be a positive int"):
+            broker.pool(Calc, size=size)  # type: ignore[arg-type]
 
 
 def test_exceptions_come_through_the_future(broker: Broker) -> None:

@@ -16,7 +16,18 @@ from typing import Any, NoReturn
 from protocol import Rights
 from protocol._messages import check_message
 from protocol._remote import exception_to_wire
-from protocol._wire import KIND_DIR, PROTOCOL_VERSION, SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
+from protocol._wire import (
+    INT_MAX,
+    INT_MIN,
+    KIND_DIR,
+    PROTOCOL_VERSION,
+    SCALAR_TYPES,
+    Channel,
+    DirRef,
+    ReceivedFd,
+    check_sendable,
+    fd_marker,
+)
 
 from ._client import BrokerClient, BrokerGone
 from ._files import FdDirectory, ProxyDirectory, fd_of, open_fd, wrap_received
@@ -98,6 +109,8 @@ def serve(instance: Worker, chan: Channel) -> None:
             try:
                 rtype = type(result)
                 if rtype in SCALAR_TYPES:
+                    if rtype is int and not INT_MIN <= result <= INT_MAX:
+                        check_sendable(result)  # raises, saying why
                     chan.send({"t": "ret", "id": cid, "v": result})
                 elif rtype is io.BufferedReader and not result.closed and "_privsep_ret" in result.__dict__:
                     # A reader returned before: its marker is known (fd, kind and mode never change).
@@ -110,6 +123,7 @@ def serve(instance: Worker, chan: Channel) -> None:
                         result._privsep_ret = marker  # type: ignore[attr-defined]
                     chan.send_one_fd({"t": "ret", "id": cid, "v": marker}, fd)
                 else:
+                    check_sendable(result, 1)  # the broker would end us for it: say why instead
                     chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"{name}() returned a value that cannot be sent: {exc}") from exc
