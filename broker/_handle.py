@@ -9,6 +9,7 @@ per worker, no thread per call. Calls on one worker are serialized.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno as _errno
 import functools
 import itertools
@@ -682,7 +683,9 @@ class WorkerHandle:
             self._release()
             self._broker._forget(self)
             level = logging.INFO if ex.kind == "ok" else logging.WARNING
-            log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, ex.reason)
+            if log.isEnabledFor(level):  # the same end, for a program reading the log (record.privsep)
+                end = {"worker": self.id, "pid": self.pid, "class": self.cls.__qualname__, **dataclasses.asdict(ex)}
+                log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, ex.reason, extra={"privsep": end})
 
     def _release(self) -> None:
         self._stop_waiting()  # before its fds close under the event loop

@@ -3,6 +3,7 @@ the zygote giving exactly the sandbox the other spawn methods give."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -141,6 +142,23 @@ def test_audit_log_records_grants_denials_and_violations(tree: Path, caplog: pyt
     assert ("spawn", "granted") in decisions
     for e in events:
         assert {"worker", "pid", "request", "path", "rights", "decision", "reason"} <= set(e)
+
+
+def test_every_worker_end_is_a_structured_log_record(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.broker")
+    with Broker(default_policy(), root=tree) as b:
+        stopped, killed, stopped_by_filter = b.spawn(Hog), b.spawn(Hog), b.spawn(Hog)
+        stopped.stop()
+        killed.kill()
+        with pytest.raises(PolicyViolation):
+            stopped_by_filter.forbidden()
+    ends = {r.privsep["pid"]: r.privsep for r in caplog.records if r.name == "privsep.broker" and hasattr(r, "privsep")}  # type: ignore[attr-defined]
+    for handle in (stopped, killed, stopped_by_filter):
+        end = ends[handle.pid]
+        assert handle.exit is not None
+        assert end == {"worker": handle.id, "pid": handle.pid, "class": "Hog", **dataclasses.asdict(handle.exit)}
+    assert [ends[h.pid]["kind"] for h in (stopped, killed, stopped_by_filter)] == ["ok", "signal", "violation"]
+    assert ends[stopped_by_filter.pid]["syscall"] == "openat"
 
 
 def test_request_flood_is_throttled(tree: Path) -> None:
