@@ -37,6 +37,11 @@ for an RCU grace period, about 10 ms on this VM).
 Targets (issue 5): zygote median under 2x the fork + sandbox floor, and at
 least 4x faster than forkserver.
 
+Last, for a server on an event loop: how long the loop is kept busy per
+worker it spawns with ``aspawn``, calls once (``aio.ping``) and stops, with
+``await astop()`` against the blocking ``stop()`` (busy = wall time minus
+the time the loop sat waiting in its selector).
+
 Run from the repository root:  python3 -m bench.bench_spawn [--quick]
 """
 
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import selectors
 import statistics
 import subprocess
 import sys
@@ -276,6 +282,70 @@ def bench(root: str, iterations: int, warmup: int) -> None:
                     targets.append([f"{label}: {what} ({head}) / '{floor}'", ratio(zyg, f), "< 2x",
                                     "yes" if zyg < 2 * f else "NO"])
     print_table("Targets", ["comparison", "got", "target", "met"], targets)
+    loop_busy(root, iterations, head == "sandboxed")
+
+
+class _TimedSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """Counts the time the event loop sits waiting in its selector."""
+
+    idle = 0.0
+
+    def select(self, timeout: float | None = None) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return super().select(timeout)
+        finally:
+            self.idle += time.perf_counter() - t0
+
+
+def _loop_cycles(root: str, cycles: int, sandboxed: bool, stop: str) -> tuple[float, float]:
+    """``cycles`` of aspawn + aio.ping + stop on a fresh event loop: (wall,
+    time the loop was busy: wall minus its time in the selector), per cycle."""
+    import asyncio
+
+    selector = _TimedSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+
+    async def run() -> tuple[float, float]:
+        async with make_broker(root, sandboxed=sandboxed) as b:
+            for _ in range(3):  # warm-up: the zygote, its spare, the class
+                w = await b.aspawn(BenchWorker)
+                await w.aio.ping()
+                await w.astop()
+            idle0, t0 = selector.idle, time.perf_counter()
+            for _ in range(cycles):
+                w = await b.aspawn(BenchWorker)
+                await w.aio.ping()
+                if stop == "astop":
+                    await w.astop()
+                else:
+                    w.stop()
+            wall = time.perf_counter() - t0
+            return wall / cycles, (wall - (selector.idle - idle0)) / cycles
+
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
+def loop_busy(root: str, cycles: int, sandboxed: bool) -> None:
+    """How long a server's event loop is kept busy per worker it spawns, calls
+    once and stops: with ``await astop()``, against the same with the
+    synchronous ``stop()`` (which blocks the loop until the worker is gone)."""
+    runs: dict[str, list[tuple[float, float]]] = {"astop": [], "stop": []}
+    for _ in range(3):  # interleaved
+        for how in runs:
+            runs[how].append(_loop_cycles(root, cycles, sandboxed, how))
+    wall = {how: statistics.median(r[0] for r in rs) for how, rs in runs.items()}
+    busy = {how: statistics.median(r[1] for r in rs) for how, rs in runs.items()}
+    print()
+    print(
+        f"asyncio, {cycles} cycles of aspawn + aio.ping + stop (median of 3 runs each): the event loop is busy "
+        f"(wall minus its time waiting in the selector) {busy['astop'] * 1e3:.2f} ms per cycle of "
+        f"{wall['astop'] * 1e3:.2f} ms with await astop(), against {busy['stop'] * 1e3:.2f} ms of "
+        f"{wall['stop'] * 1e3:.2f} ms with the blocking stop(): {ratio(busy['astop'], busy['stop'])}."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,7 @@ def test_bench_spawn_prints_every_case() -> None:
     ):
         assert case in out, case
     assert "Targets" in out and "Back to back" in out
+    assert "with await astop(), against" in out
 
 
 def test_bench_pool_prints_every_case() -> None:
