@@ -69,6 +69,23 @@ class _Unsandboxed:
 UNSANDBOXED = _Unsandboxed()
 
 
+def _forked_reason(parent: int) -> str:
+    return f"process {parent} made it, and this process ({os.getpid()}) is a fork of that one"
+
+
+_brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # multiprocessing's fork start method, a pre-forking server (gunicorn --preload), a bare os.fork():
+    # a copied Broker must not talk to its parent's zygote or workers, nor wait on its locks.
+    for broker in list(_brokers):
+        broker._let_go_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Broker:
     """Keeps the process's authority and hands out what the policy allows.
 
@@ -121,6 +138,8 @@ class Broker:
         self._cgroup_parent = cgroup_parent
         self._cgroups: CgroupSupport | None = None
         self._closed = False
+        self._pid = os.getpid()
+        _brokers.add(self)
         if spawn in ("zygote", "auto"):
             # Start it now: its interpreter boots while the caller goes on.
             self._zygote = Zygote(self._spare_cgroup)
@@ -174,6 +193,34 @@ class Broker:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("broker is closed")
+
+    def _let_go_after_fork(self) -> None:
+        """In a forked child (right after the fork): the zygote, the workers
+        and the pools are the parent's. Close this copy's ends of their
+        channels, with no message and no signal (the processes are not ours;
+        the parent's close() must see them go); their handles and pools
+        refuse use. The copy goes on as the child's own broker (same policy
+        and root): its first spawn starts a zygote of its own."""
+        self._lock = threading.Lock()  # (another thread may have held one at the fork)
+        self._spawn_lock = threading.Lock()
+        self._resolver.after_fork()
+        parent, self._pid = self._pid, os.getpid()
+        if self._closed:
+            return
+        reason = _forked_reason(parent)
+        for pool in self._pools:
+            pool._forked_copy(reason)
+        self._pools = []
+        for handle in self._workers.values():
+            handle._forked_copy(reason)
+        self._workers = {}
+        if self._zygote is not None:
+            self._zygote.forked_copy()
+            self._zygote = None
+        self._zygote_loaded = weakref.WeakSet()
+        if self._opener_proc is not None:
+            self._opener_proc.forked_copy()
+            self._opener_proc = None
 
     # -- workers ----------------------------------------------------------
     def _prepare(self, spec: SandboxSpec) -> Any:

@@ -180,6 +180,11 @@ class Opener:
             raise OSError(reply["errno"], os.strerror(reply["errno"]))
         raise OSError(errno.EPROTO, "restricted opener sent a malformed reply")
 
+    def forked_copy(self) -> None:
+        """In a forked child: close this copy's end of the parent's opener."""
+        self._lock = threading.Lock()
+        self._chan.close()
+
     def close(self) -> None:
         self._chan.close()
         try:

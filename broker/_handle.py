@@ -861,6 +861,24 @@ class WorkerHandle:
         assert self.exit is not None
         return self.exit
 
+    def _forked_copy(self, reason: str) -> None:
+        """In a forked child: close this copy's fds of the parent's worker and
+        refuse calls. Its process, cgroup and end stay the parent's."""
+        self._lock = threading.Lock()  # (a call on another thread may have held it at the fork)
+        self._alock = None
+        self._waiting = None
+        self._cgroup = None  # never removed from here
+        self._chan.close()
+        for d in self._dirs.values():
+            d.close()
+        self._dirs.clear()
+        for attr in ("_notify_fd", "_pidfd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)
+        self.exit = WorkerExit("crashed", f"not this process's worker: {reason} (spawn workers of its own here)")
+
     def _adopt_notify(self, fd: int) -> None:
         self._notify_fd = fd
         self._poller = None

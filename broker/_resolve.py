@@ -197,6 +197,10 @@ class Resolver:
         except OSError as exc:
             raise _kernel_denial(exc, display) from exc
 
+    def after_fork(self) -> None:
+        """In a forked child: a lock another thread held at the fork stays held."""
+        self._fd_dir_lock = threading.Lock()
+
     def _fd_dir(self) -> int:
         """This process's /proc/self/fd, opened once: a lookup of one name
         beneath it costs less than walking the whole path each time. A forked

@@ -472,6 +472,18 @@ class Zygote:
             # Short waits: another thread may take the answer meanwhile.
             await readable(fd, min(left, 0.05))
 
+    def forked_copy(self) -> None:
+        """In a forked child: close this copy's ends of the channels to the
+        parent's zygote and spare, and tell them nothing."""
+        self._lock = threading.Lock()
+        self._chan.close()
+        self._spares.close()
+        if self._spare is not None:
+            self._spare.chan.close()
+            self._spare = None
+        self._pending = False
+        self._asked_cgroup = None  # the parent's
+
     def waiting_spare(self) -> tuple[int, int] | None:
         """(pid, fd) of the spare waiting now, after reading a pending answer.
         Exactly one process and one fd of the broker's belong to it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import open_fds, spare_of
+from conftest import READ, open_fds, spare_of
 
 from broker import Broker, Policy
 from protocol import WorkerCrashed, WorkerTimeout
@@ -211,3 +212,69 @@ def test_broker_death_ends_its_workers(tree: Path, how: str) -> None:
         time.sleep(0.05)
     assert not any(alive(p) for p in pids), "workers outlived their broker"
     assert not any(alive(p) for p in helpers), "the zygote or its spare outlived the broker"
+
+
+def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_intact(tree: Path) -> None:
+    """multiprocessing's fork start method or a pre-forking server copies the
+    Broker into a child. The copy must not talk to the parent's zygote or
+    workers (its spawn took the parent's spare, and the parent's next spawn
+    hung 30 s): their handles and pools refuse, saying why, and it lets go of
+    its copies of their channels, so the parent's close() does not wait for
+    the child. The copy itself works on: it opens files and spawns workers
+    from a zygote of its own."""
+    from broker import PoolBroken
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(Sleeper)
+        assert w.ping() == "pong"
+        pool = b.pool(Sleeper, size=1)
+        assert pool.submit(Sleeper.ping).result(timeout=30) == "pong"
+        busy = b.spawn(Sleeper)  # in a call on another thread at the fork: its lock is held then
+        call = threading.Thread(target=busy.sleep, args=(1.0,))
+        call.start()
+        time.sleep(0.2)
+        zygote = b._zygote
+        assert zygote is not None
+        r, wr = os.pipe()
+        child = os.fork()
+        if child == 0:  # (no pytest machinery from here on: report through the pipe)
+            try:
+                os.close(r)
+                seen = []
+                for attempt in (w.ping, busy.ping, lambda: pool.submit(Sleeper.ping)):
+                    try:
+                        attempt()
+                        seen.append("allowed")
+                    except (WorkerCrashed, PoolBroken) as exc:
+                        seen.append(f"{type(exc).__name__}: {exc}")
+                with b.open("data/a.txt") as cap:
+                    seen.append(os.pread(cap.fileno(), 5, 0).decode())
+                own = b.spawn(Sleeper)
+                seen.append(f"{own.ping()} {own.spawn_method} {b._zygote._proc.pid != zygote._proc.pid}")
+                b.close()
+                os.write(wr, "\n".join(seen).encode())
+                os.close(wr)
+                time.sleep(5)  # still holding whatever it did not let go of while the parent closes
+            finally:
+                os._exit(0)
+        os.close(wr)
+        call.join()
+        try:
+            assert select.select([r], [], [], 20)[0], "the child is stuck (a lock held at the fork?)"
+            with os.fdopen(r, "rb") as f:
+                seen = f.read().decode().split("\n")
+            assert len(seen) == 5, seen
+            for refused in seen[:2]:
+                assert refused.startswith("WorkerCrashed: ") and "not this process's worker: process " in refused
+                assert f"this process ({child}) is a fork of that one" in refused
+            assert seen[2].startswith("PoolBroken: not this process's pool"), seen[2]
+            assert seen[3:] == ["hello", "pong zygote True"]
+            assert w.ping() == "pong" and w.alive  # the parent's worker and zygote are untouched
+            assert b.spawn(Sleeper).ping() == "pong"
+            assert pool.submit(Sleeper.ping).result(timeout=30) == "pong"
+            t0 = time.monotonic()
+            b.close()
+            assert time.monotonic() - t0 < 1.5  # the zygote saw its channel end: the child let go of it
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)

@@ -135,7 +135,7 @@ def test_audit_log_records_grants_denials_and_violations(tree: Path, caplog: pyt
         w.flood(1)
         with pytest.raises(PolicyViolation):
             w.forbidden()
-    events = [r.privsep for r in caplog.records if hasattr(r, "privsep")]  # type: ignore[attr-defined]
+    events = [r.privsep for r in caplog.records if r.name == "privsep.audit"]  # type: ignore[attr-defined]
     decisions = {(e["request"], e["decision"]) for e in events}
     assert ("stat", "granted") in decisions
     assert ("violation", "denied") in decisions
