@@ -278,3 +278,28 @@ def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_int
         finally:
             os.kill(child, signal.SIGKILL)
             os.waitpid(child, 0)
+
+
+LOW_FD_LIMIT_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    sys.path.insert(0, {tests!r})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    from broker import Broker, Policy
+    from test_lifecycle import Sleeper
+    with Broker(Policy(), root={root!r}, spawn={method!r}) as b:
+        ws = [b.spawn(Sleeper) for _ in range(3)]
+        print(" ".join(w.ping() for w in ws), ws[0].spawn_method)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork"])
+def test_workers_start_under_a_low_fd_limit(tree: Path, method: str) -> None:
+    """A worker moves its fds into place through temporaries above its fixed
+    slots; those once sat at 1000, which a limit under that (ulimit -n 256)
+    refused, so that no worker could start."""
+    script = LOW_FD_LIMIT_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree), method=method)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["pong", "pong", "pong", method]

@@ -157,7 +157,8 @@ def _settle_fds(sock_fd: int, grant_fds: Sequence[int], net_fd: int | None = Non
 
     sources = [sock_fd, *grant_fds, *([] if net_fd is None else [net_fd])]
     targets = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grant_fds))), *([] if net_fd is None else [NET_FD])]
-    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in sources]
+    # Above every target, so no dup2 below lands on a temp (and within any fd limit that fits the targets).
+    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, max(targets) + 1) for fd in sources]
     _close_all_but([0, 1, 2, *temps])  # stdio stays until _quiet_stdio replaces it
     for target, temp in zip(targets, temps, strict=True):
         os.dup2(temp, target, inheritable=False)
