@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import io
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -257,6 +260,125 @@ def test_what_the_wire_refuses_is_refused_by_the_sender_not_fatal(broker: Broker
     # The limits themselves go through, both ways.
     edge = [(1 << 63) - 1, -(1 << 63), {"k": _nested(28)}]
     assert w.give_back(edge) == edge
+
+
+class Untidy(Worker):
+    @rpc
+    def thread_raises(self) -> str:
+        def run() -> None:
+            raise ValueError("in a thread")
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        return "survived"
+
+    @rpc
+    def del_raises(self) -> str:
+        class Bad:
+            def __del__(self) -> None:
+                raise ValueError("in __del__")
+
+            def __repr__(self) -> str:
+                raise RuntimeError("and in __repr__")
+
+        Bad()
+        return "survived"
+
+    @rpc
+    def chatty(self, mib: int) -> None:
+        line = "x" * 1023
+        for _ in range(mib * 1024):
+            print(line)
+            print(line, file=sys.stderr)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * 4
+
+
+def test_exceptions_a_worker_cannot_raise_are_printed_without_reading_source_files(broker: Broker) -> None:
+    """Python's own hooks for an exception in a thread or in __del__ print the
+    traceback in C, opening each source file: in the sandbox that is a
+    violation, and the worker was killed for it."""
+    w = broker.spawn(Untidy)
+    assert w.sandbox["seccomp"] == "notify"
+    assert w.thread_raises() == "survived"
+    assert w.del_raises() == "survived"
+    assert w.alive
+
+
+def test_what_a_worker_prints_costs_it_no_memory(broker: Broker) -> None:
+    w = broker.spawn(Untidy)
+    w.chatty(1)
+    before = rss_kib(w.pid)
+    w.chatty(64)  # 128 MiB through stdout and stderr
+    after = rss_kib(w.pid)
+    assert after - before < 8 * 1024, (before, after)  # it used to keep every byte
+
+
+class Threaded(Worker):
+    def setup(self) -> None:
+        self.late: list[str] = []
+
+    @rpc
+    def read_in_threads(self, names: list[str], rounds: int) -> list[int]:
+        """Each thread reads its own file over and over: it must get that one."""
+        wrong = [0] * len(names)
+
+        def run(i: int) -> None:
+            for _ in range(rounds):
+                try:
+                    with self.broker.open(f"data/{names[i]}", READ) as f:
+                        got: bytes | None = f.read()
+                except Exception:  # (a reply taken by another thread, typically)
+                    got = None
+                wrong[i] += got != EXPECTED[names[i]]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(names))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return wrong
+
+    @rpc
+    def ask_after_return(self) -> None:
+        def later() -> None:
+            time.sleep(0.3)  # the call has returned by now
+            try:
+                self.broker.stat("data/a.txt")
+                self.late.append("answered")
+            except RuntimeError as exc:
+                self.late.append(str(exc))
+
+        threading.Thread(target=later).start()
+
+    @rpc
+    def what_happened_later(self) -> list[str]:
+        return self.late
+
+
+EXPECTED = {"a.txt": b"hello", "b.bin": bytes(range(256)) * 4, "sub/c.txt": b"deep"}  # the tree fixture's
+
+
+def test_worker_threads_may_ask_the_broker_at_once(broker: Broker, tree: Path) -> None:
+    """Requests from several threads of a worker each get their own answer
+    (they were not serialized, and threads took each other's replies and
+    files); outside a call a request is refused, not left to race the next
+    call for the channel."""
+    for name, data in EXPECTED.items():
+        assert (tree / "data" / name).read_bytes() == data
+    w = broker.spawn(Threaded)
+    assert w.read_in_threads([*EXPECTED, "a.txt"], 150) == [0, 0, 0, 0]
+    w.ask_after_return()
+    time.sleep(0.6)
+    assert w.what_happened_later() == [
+        "self.broker answers only while an @rpc call runs (in setup() or after the call has returned, "
+        "nobody is listening)"
+    ]
+    assert w.read_in_threads(["a.txt"], 3) == [0]
 
 
 def test_a_worker_that_fails_during_a_call_says_why(broker: Broker) -> None:

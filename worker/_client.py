@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat as _stat
+import threading
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -45,17 +46,29 @@ class StatResult:
 
 
 class BrokerClient:
-    """Requests from a worker to its broker. Valid only inside an RPC call."""
+    """Requests from a worker to its broker, while an ``@rpc`` call runs.
+
+    Any thread of the worker may ask; requests go one at a time (each waits
+    for its answer). Outside a call the broker is not listening: a request
+    then raises ``RuntimeError``, and a call does not answer until a request
+    in flight on another thread has its reply.
+    """
 
     def __init__(self, chan: Channel):
         self._chan = chan
         self._ids = itertools.count(1)
         self._created: list[IO[bytes]] = []  # outputs of the current call, closed when it ends
+        self._lock = threading.Lock()  # one request on the channel at a time
+        self._in_call = False
 
     def _request(self, op: str, **args: Any) -> Any:
-        rid = next(self._ids)
-        self._chan.send({"t": "req", "id": rid, "op": op, "a": args})
-        msg = self._chan.recv()
+        with self._lock:
+            if not self._in_call:
+                raise RuntimeError("self.broker answers only while an @rpc call runs (in setup() or after the "
+                                   "call has returned, nobody is listening)")
+            rid = next(self._ids)
+            self._chan.send({"t": "req", "id": rid, "op": op, "a": args})
+            msg = self._chan.recv()
         if msg is None:
             raise BrokerGone(0)
         check_message(msg, _REPLIES)

@@ -98,12 +98,15 @@ def serve(instance: Worker, chan: Channel) -> None:
         try:
             if name not in methods:
                 raise AttributeError(f"{type(instance).__name__} has no @rpc method {name!r}")
+            client._in_call = True
             try:
                 result = getattr(instance, name)(
                     *([_unwrap_args(x, opened, client) for x in a] if a else ()),
                     **(_unwrap_args(k, opened, client) if k else {}),
                 )
             finally:
+                with client._lock:  # waits for a request another thread has in flight
+                    client._in_call = False
                 if client._created:
                     client._end_call()  # outputs are closed (flushed) before the answer
             try:
@@ -237,6 +240,7 @@ def _become(
     report: dict[str, Any] = {"layers": []}
     notify = None
     _freeze_linecache(cls)
+    _python_hooks()
     if prepared is not None:
         from .sandbox import enter
 
@@ -290,16 +294,68 @@ def while_waiting() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_stdio()
-    _sink = io.TextIOWrapper(io.BytesIO())
+    _sink = _new_sink()
     linecache.getlines = linecache.getlines  # the entries _freeze_linecache replaces
     linecache.checkcache = linecache.checkcache
+    threading.excepthook = threading.excepthook  # and those _python_hooks replaces
+    sys.unraisablehook = sys.unraisablehook
     _waited = True
+
+
+class _Nowhere(io.RawIOBase):
+    """Takes every byte and keeps none."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return memoryview(b).nbytes
+
+
+def _new_sink() -> io.TextIOWrapper:
+    """The worker's sys.stdout and sys.stderr: a text stream that goes
+    nowhere, in bounded memory (a worker may print for as long as it lives)."""
+    return io.TextIOWrapper(io.BufferedWriter(_Nowhere()), encoding="utf-8", errors="backslashreplace")
 
 
 def _take_sink() -> io.TextIOWrapper:
     global _sink
     sink, _sink = _sink, None
-    return sink if sink is not None else io.TextIOWrapper(io.BytesIO())
+    return sink if sink is not None else _new_sink()
+
+
+def _python_hooks() -> None:
+    """Python's default hooks for an exception in a thread and for one it
+    cannot raise (a failing ``__del__``) print tracebacks in C, reading each
+    source file from disk: in the sandbox that open is a violation, and the
+    worker was killed for a thread's exception. These print the same through
+    ``traceback``, whose lines come from the frozen line cache. Hooks the
+    worker set itself are left alone."""
+    if threading.excepthook is threading.__excepthook__:
+        threading.excepthook = _thread_excepthook
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _unraisablehook
+
+
+def _thread_excepthook(args: Any) -> None:
+    import traceback
+
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else threading.get_ident()
+    print(f"Exception in thread {name}:", file=sys.stderr)
+    traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=sys.stderr)
+
+
+def _unraisablehook(unraisable: Any) -> None:
+    import traceback
+
+    try:
+        what = repr(unraisable.object)
+    except Exception:
+        what = f"<{type(unraisable.object).__name__} object>"
+    print(f"{unraisable.err_msg or 'Exception ignored in'}: {what}", file=sys.stderr)
+    traceback.print_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, file=sys.stderr)
 
 
 class Made:
