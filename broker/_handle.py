@@ -33,7 +33,7 @@ from ._deliver import Outgoing
 from ._exit import WorkerExit
 from ._loop import readable
 from ._outputs import PendingOutput
-from ._violation import describe
+from ._violation import report
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -625,7 +625,7 @@ class WorkerHandle:
         except OSError:
             return  # the target died or the notification went away
         args = tuple(note.args)
-        call = describe(note.name, args, note.pid or self.pid)  # before answering: the worker is still blocked
+        call, hint = report(note.name, args, note.pid or self.pid)  # before answering: the worker is still blocked
         self._broker._audit(self, "violation", note.name, None, "denied", call)
         if self.violation == "errno":
             try:
@@ -638,7 +638,7 @@ class WorkerHandle:
         self._set_exit(
             WorkerExit(
                 "violation",
-                f"the sandbox stopped it for syscall {call}",
+                f"the sandbox stopped it for syscall {call}{hint}",
                 signal=os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None,
                 syscall=note.name,
                 args=args,

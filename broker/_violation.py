@@ -8,6 +8,7 @@ String arguments are read from the blocked worker's memory through
 from __future__ import annotations
 
 import os
+import sys
 
 AT_FDCWD = -100
 _MAX_STR = 200
@@ -49,16 +50,41 @@ def read_c_string(pid: int, addr: int, limit: int = _MAX_STR) -> str | None:
 
 def describe(name: str, args: tuple[int, ...], pid: int) -> str:
     """``name(arg, ...)`` with paths decoded where the syscall takes them."""
+    return report(name, args, pid)[0]
+
+
+def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
+    """``describe()``, and a likely cause to add to it ("" if none is known)."""
     strings = _STRING_ARGS.get(name, ())
     shown = []
+    paths = []
     for i, value in enumerate(args):
         if i in strings:
             text = read_c_string(pid, value)
             shown.append(repr(text) if text is not None else hex(value))
+            if text is not None:
+                paths.append(text)
         elif i == 0 and name in _DIRFD_ARG0 and (value & 0xFFFFFFFF) == (AT_FDCWD & 0xFFFFFFFF):
             shown.append("AT_FDCWD")
         else:
             shown.append(hex(value))
     while len(shown) > 1 and shown[-1] == "0x0" and len(shown) - 1 not in strings:
         shown.pop()
-    return f"{name}({', '.join(shown)})"
+    hint = _IMPORT_HINT if any(_looks_imported(p) for p in paths) else ""
+    return f"{name}({', '.join(shown)})", hint
+
+
+_IMPORT_HINT = (
+    ": a path Python's import system looks at. An import after sandbox entry? Import at module level or in "
+    "setup(), which runs before it"
+)
+_MODULE_SUFFIXES = (".py", ".pyc", ".so", ".pth")
+
+
+def _looks_imported(path: str) -> bool:
+    """A source or extension file, a __pycache__, or a directory on sys.path
+    (the broker's: the zygote and its workers get the same)."""
+    if path.endswith(_MODULE_SUFFIXES) or "__pycache__" in path:
+        return True
+    entry = os.path.normpath(path)
+    return any(entry == os.path.normpath(p) for p in sys.path if p)

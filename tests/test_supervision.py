@@ -42,6 +42,10 @@ class Hog(Worker):
         return "opened"
 
     @rpc
+    def late_import(self) -> None:
+        import privsep_no_such_module  # type: ignore[import-not-found]  # noqa: F401 - looked for on sys.path
+
+    @rpc
     def flood(self, n: int) -> int:
         denied = 0
         for _ in range(n):
@@ -118,7 +122,15 @@ def test_violation_names_the_syscall_and_path(tree: Path) -> None:
             w.forbidden()
         assert info.value.syscall in ("openat", "open")
         assert "/etc/hostname" in str(info.value)
+        assert "import" not in str(info.value)  # no hint that does not apply
         assert w.exit is not None and w.exit.kind == "violation"
+
+
+def test_a_late_import_is_named_as_the_likely_cause(tree: Path) -> None:
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Hog)
+        with pytest.raises(PolicyViolation, match="An import after sandbox entry"):
+            w.late_import()
 
 
 def test_errno_mode_returns_eperm_instead_of_killing(tree: Path) -> None:
