@@ -286,6 +286,10 @@ class Untidy(Worker):
         return "survived"
 
     @rpc
+    def cpu_count(self) -> int | None:
+        return os.cpu_count()
+
+    @rpc
     def chatty(self, mib: int) -> None:
         line = "x" * 1023
         for _ in range(mib * 1024):
@@ -296,6 +300,13 @@ class Untidy(Worker):
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * 4
+
+
+def test_os_cpu_count_answers_in_the_sandbox(broker: Broker) -> None:
+    """glibc reads /sys/devices/system/cpu/online for it: a violation there."""
+    w = broker.spawn(Untidy)
+    assert w.sandbox["seccomp"] == "notify"
+    assert w.cpu_count() == os.cpu_count()
 
 
 def test_exceptions_a_worker_cannot_raise_are_printed_without_reading_source_files(broker: Broker) -> None:

@@ -137,6 +137,17 @@ def _pin_malloc_arenas() -> None:
     lib.mallopt(M_ARENA_MAX, 8 * _CPUS)
 
 
+def _pin_cpu_count() -> None:
+    """``os.cpu_count()`` (``ThreadPoolExecutor``'s default size,
+    ``multiprocessing.cpu_count()``) reads the same file, and the worker was
+    killed for it: it answers with the count taken before instead."""
+    os.cpu_count = _cpu_count
+
+
+def _cpu_count() -> int:
+    return _CPUS
+
+
 def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = None) -> Report:
     """Enter the sandbox, for good. Call in a single-threaded forked child.
 
@@ -161,6 +172,7 @@ def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = N
                     groups=list(prepared.groups), dangerous=list(spec.dangerous), violation=spec.violation)
     _close_all_but([*keep_fds, *([] if net_fd is None else [net_fd])])
     _pin_malloc_arenas()
+    _pin_cpu_count()
 
     report["rlimits"] = _rlimits.apply(spec.limits)
     report["layers"].append("rlimits")
