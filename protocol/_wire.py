@@ -31,7 +31,7 @@ import msgpack
 from ._errors import ProtocolError
 from ._rights import Rights, rights_from_wire
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: large strings travel in a memfd too (EXT_TEXT)
 MAX_PACKET = 256 * 1024
 INLINE_BYTES = 64 * 1024
 MAX_FDS = 64
@@ -43,6 +43,7 @@ INT_MAX = (1 << 63) - 1
 EXT_FD = 1
 EXT_BLOB = 2
 EXT_DIRREF = 3  # broker -> worker only: a directory the broker resolves for it
+EXT_TEXT = 4  # a large string: its UTF-8 in a memfd, as EXT_BLOB
 _FD_EXT = struct.Struct("<BBQ")  # index, kind, rights
 _BLOB_EXT = struct.Struct("<BQ")  # index, length
 _DIRREF_EXT = struct.Struct("<IQ")  # id, rights
@@ -136,12 +137,14 @@ class DirRef:
 
 
 class _Blob:
-    """Marker used while encoding a large byte string."""
+    """Marker used while encoding a large byte string (or string: ``text``,
+    then ``data`` is its UTF-8)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "text")
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, text: bool = False):
         self.data = data
+        self.text = text
 
 
 #: Plain values that carry no fd and nothing inside: sent and received as they are.
@@ -276,7 +279,7 @@ class _Encoder:
             fd = _make_blob_fd(o.data)
             self.owned.append(fd)
             fds.append(fd)
-            return msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(len(fds) - 1, len(o.data)))
+            return msgpack.ExtType(EXT_TEXT if o.text else EXT_BLOB, _BLOB_EXT.pack(len(fds) - 1, len(o.data)))
         elif type(o) is DirRef:
             return msgpack.ExtType(EXT_DIRREF, _DIRREF_EXT.pack(o.id, int(o.rights)))
         elif self.fd_hook is not None:
@@ -357,11 +360,16 @@ def encode(
 
 
 def _outline(obj: Any) -> Any:
-    """Copy ``obj`` with large byte strings replaced by blob markers."""
+    """Copy ``obj`` with large byte strings and strings replaced by blob markers."""
     if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) > INLINE_BYTES:
         if len(obj) > MAX_BLOB:
             raise ValueError(f"a {len(obj)}-byte value exceeds the {MAX_BLOB}-byte limit; pass a file instead")
         return _Blob(bytes(obj))
+    if isinstance(obj, str) and len(obj) > INLINE_BYTES // 4:  # (up to 4 bytes a character)
+        data = obj.encode()  # (a string msgpack cannot pack either, lone surrogates, raises here)
+        if len(data) > MAX_BLOB:
+            raise ValueError(f"a string of {len(data)} UTF-8 bytes exceeds the {MAX_BLOB}-byte limit; pass a file")
+        return _Blob(data, text=True) if len(data) > INLINE_BYTES else obj
     if isinstance(obj, (list, tuple)):
         return [_outline(x) for x in obj]
     if isinstance(obj, dict):
@@ -391,12 +399,18 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
                 raise ProtocolError("unknown fd kind")
             rfd = got[index] = ReceivedFd(fds[index], kind, rights_from_wire(rights))
             return rfd
-        if code == EXT_BLOB and len(data) == _BLOB_EXT.size:
+        if code in (EXT_BLOB, EXT_TEXT) and len(data) == _BLOB_EXT.size:
             index, length = _BLOB_EXT.unpack(data)
             if index >= count or got[index] is not None:
                 raise ProtocolError("blob reference out of range or repeated")
             got[index] = _BLOB
-            return _read_blob(fds[index], length)
+            blob = _read_blob(fds[index], length)
+            if code == EXT_BLOB:
+                return blob
+            try:
+                return blob.decode()
+            except UnicodeDecodeError as exc:
+                raise ProtocolError("text blob is not UTF-8") from exc
         if code == EXT_DIRREF and allow_dirref and len(data) == _DIRREF_EXT.size:
             ident, rights = _DIRREF_EXT.unpack(data)
             return DirRef(ident, rights_from_wire(rights))
@@ -483,7 +497,7 @@ def _unpack(payload: bytes | memoryview, ext_hook: Callable[[int, bytes], Any]) 
 
 
 def _no_ext_hook(code: int, data: bytes) -> Any:
-    if code in (EXT_FD, EXT_BLOB):
+    if code in (EXT_FD, EXT_BLOB, EXT_TEXT):
         raise ProtocolError("fd reference out of range or repeated")
     raise ProtocolError(f"unknown extension type {code}")
 

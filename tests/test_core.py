@@ -216,6 +216,16 @@ def test_large_values_travel_out_of_band(broker: Broker) -> None:
     assert w.echo(b"y" * (1 << 20))["args"][0] == b"y" * (1 << 20)
 
 
+def test_large_strings_travel_both_ways(broker: Broker) -> None:
+    """A document parser's text can be large: strings past a packet travel
+    in a memfd as large byte strings do (they used to fail, 'exceeds 262144
+    even with blobs')."""
+    w = broker.spawn(Upper)
+    for text in ("a" * 300_000, "é€😀x" * 70_000, "b" * 16_385, "ü" * 40_000):
+        assert w.echo(text) == {"args": [text], "kwargs": {}}
+        assert w.shout(text) == text.upper()
+
+
 def test_values_over_the_blob_limit_are_an_error_not_a_crash(broker: Broker) -> None:
     from protocol._wire import MAX_BLOB
 

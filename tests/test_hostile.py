@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from broker import Broker
 from protocol import ProtocolError, WorkerCrashed
-from protocol._wire import MAX_FDS, MAX_PACKET, Channel, decode, encode
+from protocol._wire import _BLOB_EXT, EXT_TEXT, MAX_FDS, MAX_PACKET, Channel, decode, encode
 from worker import Worker, rpc
 
 
@@ -403,3 +403,14 @@ def test_a_packet_with_one_fd_carrying_a_blob_or_a_file_decodes() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_text_blob_that_is_not_utf8_is_refused() -> None:
+    data = b"ok \xff\xfe not UTF-8"
+    fd = os.memfd_create("text", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    payload = msgpack.packb({"t": "ret", "id": 1, "v": msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, len(data)))})
+    before = open_fds()
+    with pytest.raises(ProtocolError, match="text blob is not UTF-8"):
+        decode(payload, [fd])
+    assert open_fds() == before - {fd}  # taken, and closed
