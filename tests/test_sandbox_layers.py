@@ -173,6 +173,7 @@ def test_refuses_a_second_thread() -> None:
     out = run(lambda ctx: "entered", setup=setup)
     assert out.report is None
     assert "single-threaded" in out.result["entry_error"]
+    assert "Start threads in an @rpc call" in out.result["entry_error"]  # what to do instead
 
 
 def test_report_lists_layers_in_order() -> None:

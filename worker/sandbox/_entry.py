@@ -96,7 +96,10 @@ def _single_thread() -> None:
     except OSError as exc:
         raise SandboxError(f"cannot prove the process is single-threaded: {exc.strerror}") from exc
     if threads != 1:
-        raise SandboxError(f"sandbox entry needs a single-threaded process; {threads} threads are running")
+        raise SandboxError(
+            f"sandbox entry needs a single-threaded process; {threads} threads are running"
+            " (a thread started in setup()? Start threads in an @rpc call: they may run there)"
+        )
 
 
 def _close_all_but(keep: Sequence[int]) -> None:
