@@ -689,6 +689,16 @@ class WorkerHandle:
 
     def _release(self) -> None:
         self._stop_waiting()  # before its fds close under the event loop
+        self._close_fds()
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            try:
+                cgroup.remove()
+            except OSError as exc:
+                log.warning("worker %s: cannot remove its cgroup %s: %s", self.name, cgroup.path, exc)
+
+    def _close_fds(self) -> None:
+        """The channel, the directories it was given, the listener and the pidfd."""
         self._chan.close()
         for d in self._dirs.values():
             d.close()
@@ -698,12 +708,6 @@ class WorkerHandle:
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
-        cgroup, self._cgroup = self._cgroup, None
-        if cgroup is not None:
-            try:
-                cgroup.remove()
-            except OSError as exc:
-                log.warning("worker %s: cannot remove its cgroup %s: %s", self.name, cgroup.path, exc)
 
     def _fail(self, kind: str, reason: str) -> WorkerCrashed:
         """Stop a worker that misbehaved or overran; return the error to raise."""
@@ -868,15 +872,7 @@ class WorkerHandle:
         self._alock = None
         self._waiting = None
         self._cgroup = None  # never removed from here
-        self._chan.close()
-        for d in self._dirs.values():
-            d.close()
-        self._dirs.clear()
-        for attr in ("_notify_fd", "_pidfd"):
-            fd = getattr(self, attr)
-            if fd >= 0:
-                setattr(self, attr, -1)
-                os.close(fd)
+        self._close_fds()
         self.exit = WorkerExit("crashed", f"not this process's worker: {reason} (spawn workers of its own here)")
 
     def _adopt_notify(self, fd: int) -> None:
