@@ -60,8 +60,15 @@ class BrokerClient:
         self._created: list[IO[bytes]] = []  # outputs of the current call, closed when it ends
         self._lock = threading.Lock()  # one request on the channel at a time
         self._in_call = False
+        # A thread other than the one that made us has asked: from then on a
+        # call's end waits for the lock. (Set before the lock is taken, so a
+        # call that ends after a thread's check of _in_call sees it.)
+        self._threaded = False
+        self._owner = threading.get_ident()
 
     def _request(self, op: str, **args: Any) -> Any:
+        if not self._threaded and threading.get_ident() != self._owner:
+            self._threaded = True
         with self._lock:
             if not self._in_call:
                 raise RuntimeError("self.broker answers only while an @rpc call runs (in setup() or after the "

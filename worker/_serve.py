@@ -105,8 +105,10 @@ def serve(instance: Worker, chan: Channel) -> None:
                     **(_unwrap_args(k, opened, client) if k else {}),
                 )
             finally:
-                with client._lock:  # waits for a request another thread has in flight
-                    client._in_call = False
+                client._in_call = False  # no request from now on...
+                if client._threaded:
+                    with client._lock:  # ...and none of another thread's still in flight
+                        pass
                 if client._created:
                     client._end_call()  # outputs are closed (flushed) before the answer
             try:
