@@ -14,7 +14,19 @@ from hypothesis import strategies as st
 
 from broker import Broker
 from protocol import ProtocolError, WorkerCrashed
-from protocol._wire import _BLOB_EXT, EXT_TEXT, MAX_FDS, MAX_PACKET, Channel, decode, encode
+from protocol._wire import (
+    _BLOB_EXT,
+    EXT_TEXT,
+    MAX_FDS,
+    MAX_PACKET,
+    Channel,
+    _no_ext_hook,
+    _unpack,
+    _validate,
+    check_sendable,
+    decode,
+    encode,
+)
 from worker import Worker, rpc
 
 
@@ -414,3 +426,48 @@ def test_a_text_blob_that_is_not_utf8_is_refused() -> None:
     with pytest.raises(ProtocolError, match="text blob is not UTF-8"):
         decode(payload, [fd])
     assert open_fds() == before - {fd}  # taken, and closed
+
+
+_keys = st.one_of(st.text(max_size=3), st.integers(-3, 3), st.binary(max_size=2), st.booleans())
+_leaves = st.one_of(
+    st.none(), st.booleans(), st.floats(allow_nan=False), st.text(max_size=4), st.binary(max_size=4),
+    st.integers(-(1 << 66), 1 << 66), st.sampled_from([(1 << 63) - 1, 1 << 63, -(1 << 63), -(1 << 63) - 1]),
+)
+
+
+def _deep(leaf: st.SearchStrategy) -> st.SearchStrategy:
+    # Shallow, or around MAX_DEPTH (32) from where this sits in the message.
+    return st.builds(_nest, leaf, st.one_of(st.integers(0, 3), st.integers(28, 35)))
+
+
+def _nest(x: object, n: int) -> object:
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+_values = st.recursive(
+    st.one_of(_leaves, _deep(_leaves)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.tuples(inner), st.dictionaries(_keys, inner, max_size=3)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_values)
+def test_the_sender_refuses_exactly_what_the_receiver_would(value: object) -> None:
+    """check_sendable (the broker's argument walk and a worker's result use
+    it) against the receiving side's unpack + _validate of the same value in
+    an answer: neither may pass what the other refuses."""
+    try:
+        check_sendable(value, 1)
+        sendable = True
+    except (TypeError, ValueError):
+        sendable = False
+    try:
+        packed = msgpack.packb({"t": "ret", "id": 1, "v": value}, use_bin_type=True)
+        _validate(_unpack(packed, _no_ext_hook))
+        received = True
+    except (ProtocolError, OverflowError, TypeError, ValueError):
+        received = False
+    assert sendable == received
