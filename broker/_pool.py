@@ -122,6 +122,7 @@ class WorkerPool(Executor):
         self._lock = threading.Lock()
         self._broken = f"not this process's pool: {reason}, and its threads did not come along (make a pool here)"
         self._handles = [None] * self.size
+
     def _method_name(self, fn: Callable[..., Any] | str) -> str:
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", None)
         if not isinstance(name, str) or name not in self.cls.rpc_methods:
