@@ -8,7 +8,6 @@ import io
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -341,7 +340,11 @@ def test_what_a_worker_prints_costs_it_no_memory(broker: Broker) -> None:
 
 class Threaded(Worker):
     def setup(self) -> None:
-        self.late: list[str] = []
+        try:  # no call runs yet: nobody is listening
+            self.broker.stat("data/a.txt")
+            self.early = "answered"
+        except RuntimeError as exc:
+            self.early = str(exc)
 
     @rpc
     def read_in_threads(self, names: list[str], rounds: int) -> list[int]:
@@ -365,20 +368,8 @@ class Threaded(Worker):
         return wrong
 
     @rpc
-    def ask_after_return(self) -> None:
-        def later() -> None:
-            time.sleep(0.3)  # the call has returned by now
-            try:
-                self.broker.stat("data/a.txt")
-                self.late.append("answered")
-            except RuntimeError as exc:
-                self.late.append(str(exc))
-
-        threading.Thread(target=later).start()
-
-    @rpc
-    def what_happened_later(self) -> list[str]:
-        return self.late
+    def asked_in_setup(self) -> str:
+        return self.early
 
 
 EXPECTED = {"a.txt": b"hello", "b.bin": bytes(range(256)) * 4, "sub/c.txt": b"deep"}  # the tree fixture's
@@ -387,18 +378,16 @@ EXPECTED = {"a.txt": b"hello", "b.bin": bytes(range(256)) * 4, "sub/c.txt": b"de
 def test_worker_threads_may_ask_the_broker_at_once(broker: Broker, tree: Path) -> None:
     """Requests from several threads of a worker each get their own answer
     (they were not serialized, and threads took each other's replies and
-    files); outside a call a request is refused, not left to race the next
-    call for the channel."""
+    files); outside a call (here: in setup()) a request is refused, not left
+    to race the next call for the channel."""
     for name, data in EXPECTED.items():
         assert (tree / "data" / name).read_bytes() == data
     w = broker.spawn(Threaded)
     assert w.read_in_threads([*EXPECTED, "a.txt"], 150) == [0, 0, 0, 0]
-    w.ask_after_return()
-    time.sleep(0.6)
-    assert w.what_happened_later() == [
+    assert w.asked_in_setup() == (
         "self.broker answers only while an @rpc call runs (in setup() or after the call has returned, "
         "nobody is listening)"
-    ]
+    )
     assert w.read_in_threads(["a.txt"], 3) == [0]
 
 
