@@ -15,6 +15,7 @@ once. Byte strings too large for one packet travel in a memfd
 from __future__ import annotations
 
 import array
+import errno
 import mmap
 import os
 import select
@@ -471,6 +472,17 @@ def _decode_one_fd(payload: memoryview, fd: int, allow_dirref: bool) -> Any:
         raise
 
 
+def _out_of_fds() -> bool:
+    """Is this process at its fd limit? (A pipe needs two free slots.)"""
+    try:
+        r, w = os.pipe()
+    except OSError as exc:
+        return exc.errno == errno.EMFILE
+    os.close(r)
+    os.close(w)
+    return False
+
+
 _BLOB = object()  # marks an fd that carried a blob
 _FD_EXT_SIZE = _FD_EXT.size
 _FD_EXT_UNPACK = _FD_EXT.unpack
@@ -642,6 +654,10 @@ class Channel:
             else:
                 bad = "unexpected control message"
         if flags & _MSG_CTRUNC:
+            if _out_of_fds():  # the kernel dropped fds it could not install here: our limit, not the peer
+                for fd in fds:
+                    os.close(fd)
+                raise OSError(errno.EMFILE, "too many open files in this process: fds sent to it were dropped")
             bad = "control data truncated (too many fds)"
         elif flags & _MSG_TRUNC or n > MAX_PACKET:
             bad = f"packet larger than {MAX_PACKET} bytes"

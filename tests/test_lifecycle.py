@@ -303,3 +303,39 @@ def test_workers_start_under_a_low_fd_limit(tree: Path, method: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["pong", "pong", "pong", method]
+
+
+FD_EXHAUSTION_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    sys.path.insert(0, {tests!r})
+    resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
+    from broker import Broker, Policy
+    from test_lifecycle import Sleeper
+    with Broker(Policy(), root={root!r}) as b:
+        ws = []
+        try:
+            while len(ws) < 200:
+                ws.append(b.spawn(Sleeper))
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        for w in ws[:4]:
+            w.stop()
+        print(len(ws), b.spawn(Sleeper).ping(), all(w.ping() == "pong" for w in ws[4:]))
+    """
+)
+
+
+@pytest.mark.parametrize("limit", [32, 48, 64])
+def test_running_out_of_fds_says_so_and_passes(tree: Path, limit: int) -> None:
+    """At the broker's fd limit a spawn fails naming EMFILE (a truncated
+    SCM_RIGHTS message there is our limit, not a misbehaving peer), and
+    spawning works again once fds are freed."""
+    script = FD_EXHAUSTION_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree), limit=limit)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    failure, after = proc.stdout.splitlines()[-2:]
+    assert "too many open files" in failure.lower(), failure
+    assert "control data truncated" not in failure
+    spawned, pong, others = after.split()
+    assert int(spawned) > 4 and pong == "pong" and others == "True", after
