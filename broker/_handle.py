@@ -419,6 +419,7 @@ class WorkerHandle:
         try:
             check_message(msg, _IN_CALL)
             if msg["t"] == "fail":  # it cannot go on, and says why
+                close_fds_in(msg)  # (none belong in it; any sent with it go now, not at collection)
                 cause = exception_from_wire(msg["e"])
                 raise self._fail("crashed", f"the worker failed: {type(cause).__name__}: {cause}") from cause
             if msg["id"] != cid and msg["t"] != "req":
