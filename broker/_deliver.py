@@ -13,7 +13,6 @@ import errno
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd
 from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, later_file_plan
 
 from ._capability import Capability
+from ._interp import child_env, interpreter
 
 _CHUNK = 1 << 16
 _SMALL = 60 * 1024  # below the default 64 KiB pipe buffer: written at once
@@ -152,19 +152,20 @@ class Opener:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
         self._proc = subprocess.Popen(
-            [sys.executable, "-s", "-m", "worker._opener", str(theirs.fileno())],
+            interpreter("worker._opener", str(theirs.fileno())),
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=child_env(),
         )
         theirs.close()
         self._chan = Channel(ours, send_timeout=10.0)
         self._lock = threading.Lock()
-        if not self._chan.wait_readable(30.0) or self._chan.recv() != {"t": "ready"}:
+        answered = self._chan.wait_readable(30.0)
+        if not answered or self._chan.recv() != {"t": "ready"}:
             self.close()
-            raise NotCapable("the restricted opener failed to start (Landlock ABI 3 needed)")
+            why = f"exit status {self._proc.returncode}; its stderr says why" if answered else "no answer in 30 s"
+            raise NotCapable(f"the restricted opener failed to start ({why}): it needs Landlock ABI 3 or later")
 
     def open(self, fd: int, flags: int) -> int:
         """Reopen ``fd`` (or create an O_TMPFILE in directory ``fd``) inside

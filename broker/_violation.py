@@ -8,7 +8,8 @@ String arguments are read from the blocked worker's memory through
 from __future__ import annotations
 
 import os
-import sys
+
+from ._interp import import_path
 
 AT_FDCWD = -100
 _MAX_STR = 200
@@ -83,8 +84,7 @@ _MODULE_SUFFIXES = (".py", ".pyc", ".so", ".pth")
 
 def _looks_imported(path: str) -> bool:
     """A source or extension file, a __pycache__, or a directory on sys.path
-    (the broker's: the zygote and its workers get the same)."""
+    (the broker's, as its zygote and workers get it: see ``_interp``)."""
     if path.endswith(_MODULE_SUFFIXES) or "__pycache__" in path:
         return True
-    entry = os.path.normpath(path)
-    return any(entry == os.path.normpath(p) for p in sys.path if p)
+    return os.path.normpath(path) in import_path().split(os.pathsep)

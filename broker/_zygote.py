@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from worker._serve import forked_from_main_thread
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
+from ._interp import child_env, interpreter
 from ._loop import readable
 from ._pagemap import asleep, owned, writable
 
@@ -54,20 +54,12 @@ def _ref(cls: type[Worker]) -> str:
     return ref
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The zygote must import what the broker imports.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-    env.pop("PYTHONSTARTUP", None)
-    return env
-
-
 def _start(extra: list[str], with_spares: bool = False) -> tuple[subprocess.Popen[bytes], Channel, Channel | None]:
     """Exec a zygote. With ``with_spares``, a second channel carries the
     answers to spare requests alone, so they never sit between the broker and
     the answer to anything else."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    args = [sys.executable, "-s", "-m", "worker._zygote", str(theirs.fileno()), *extra]
+    args = interpreter("worker._zygote", str(theirs.fileno()), *extra)
     passed = [theirs]
     spares = None
     if with_spares:
@@ -81,7 +73,7 @@ def _start(extra: list[str], with_spares: bool = False) -> tuple[subprocess.Pope
             args,
             pass_fds=[s.fileno() for s in passed],
             stdin=subprocess.DEVNULL,
-            env=_env(),
+            env=child_env(),  # it imports what the broker imports
             close_fds=True,
         )
     except BaseException:

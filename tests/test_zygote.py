@@ -9,12 +9,13 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import READ, default_policy, fd_targets, open_fds, spare_made_ahead, spare_of
 
-from broker import Broker
-from protocol import WorkerCrashed
+from broker import Broker, Policy
+from protocol import Rights, WorkerCrashed
 from worker import Worker, rpc
 from worker._serve import CHANNEL_FD, NET_FD
 from worker.sandbox._namespaces import fresh_net
@@ -28,6 +29,12 @@ class Echo(Worker):
     @rpc
     def where(self) -> int:
         return os.getpid()
+
+
+class Appender(Echo):
+    @rpc
+    def append(self, f: Any, data: bytes) -> int:
+        return int(f.write(data))
 
 
 class EchoWithSetup(Echo):
@@ -458,3 +465,32 @@ def test_a_zygote_that_dies_during_a_spawn_fails_it_and_its_pidfd_is_never_used(
         assert w.ping() == "pong"
         w.kill()
         assert len(open_fds()) == len(before)  # the new zygote's two channels for the old one's
+
+
+_PLANTED = "import pathlib\npathlib.Path({marker!r}).write_text(__name__)\nraise ImportError('planted')\n"
+
+
+@pytest.mark.parametrize("method", ["zygote", "exec"])
+def test_nothing_is_imported_from_the_directory_the_broker_runs_in(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """The interpreters the broker execs (zygote, exec'd worker, restricted
+    opener) run with its authority: modules lying in the directory it is run
+    from (a downloads folder of hostile input, say) must not be imported."""
+    planted = tmp_path / "downloads"
+    planted.mkdir()
+    marker = tmp_path / "imported"
+    for name in ("protocol", "worker", "broker", "msgpack", "random", "signal"):
+        (planted / f"{name}.py").write_text(_PLANTED.format(marker=str(marker)))
+    monkeypatch.chdir(planted)
+    policy = Policy().allow("out/", Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.CREATE)
+    with Broker(policy, root=tree, spawn=method) as b:
+        w = b.spawn(Appender)
+        assert (w.ping(), w.spawn_method) == ("pong", method)
+        # Write without FTRUNCATE, granted after entry: reopened by the restricted opener.
+        (tree / "out" / "log").write_bytes(b"")
+        with b.open("out/log", Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT) as cap:
+            assert w.append(cap, b"line") == 4
+        assert b._opener_proc is not None
+    assert (tree / "out" / "log").read_bytes() == b"line"
+    assert not marker.exists(), f"{marker.read_text()} was imported from the broker's directory"

@@ -1,0 +1,48 @@
+"""Command line and environment for the interpreters the broker execs (the
+zygote and the restricted opener): they import what the broker imports,
+and nothing from wherever the broker happens to be run.
+
+``python -m`` puts the current directory first on ``sys.path``: a
+``protocol.py``, ``random.py`` or ``msgpack.py`` lying in the directory a
+user runs the broker from (a downloads folder full of hostile input, say)
+would run with the broker's authority. ``-P`` (3.11) leaves it out, and the
+broker's own ``sys.path`` is passed on, absolute, as ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def interpreter(module: str, *args: str) -> list[str]:
+    """The argv that runs ``module`` in a fresh interpreter: no user site
+    directory, nothing prepended to ``sys.path``."""
+    return [sys.executable, "-s", "-P", "-m", module, *args]
+
+
+def import_path() -> str:
+    """The broker's ``sys.path`` as a ``PYTHONPATH``. Each entry is made
+    absolute; ``''`` (the current directory, for ``python -c`` and the
+    REPL) stays on it as the directory it names now, since the broker
+    imports from it too. Entries that do not exist are left out."""
+    out: list[str] = []
+    for entry in sys.path:
+        try:
+            path = os.path.abspath(entry) if entry else os.getcwd()
+        except OSError:  # the current directory was removed
+            continue
+        if path not in out and os.path.exists(path):
+            out.append(path)
+    return os.pathsep.join(out)
+
+
+def child_env() -> dict[str, str]:
+    """The broker's environment, with its import path and no start-up file."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = import_path()
+    env.pop("PYTHONSTARTUP", None)
+    return env
+
+
+__all__ = ["child_env", "import_path", "interpreter"]
