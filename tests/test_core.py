@@ -8,7 +8,8 @@ import io
 import os
 import sys
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,26 @@ def test_unknown_method_is_refused_locally(broker: Broker) -> None:
     with pytest.raises(AttributeError):
         w.with_timeout(5).call("setup")
     assert w.calls == 0  # never sent: the worker would refuse it too, but it is not asked
+
+
+def test_methods_that_cannot_answer_with_a_value_are_refused_where_they_are_written() -> None:
+    """An async def or a generator returns an object no call can send back:
+    refused at the class, not found at each call (where an unawaited
+    coroutine's warning also cost the worker its life)."""
+
+    async def parse(self: Worker, data: bytes) -> int:
+        return len(data)
+
+    async def pages_async(self: Worker) -> AsyncIterator[int]:
+        yield 1
+
+    def pages(self: Worker) -> Iterator[int]:
+        yield 1
+
+    for fn, what in [(parse, "async def.*asyncio.run"), (pages_async, "async generator"), (pages, "a generator")]:
+        with pytest.raises(TypeError, match=what):
+            rpc(fn)
+        assert not hasattr(fn, "__privsep_rpc__")
 
 
 SF = Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE
@@ -295,6 +316,19 @@ class Untidy(Worker):
         return "survived"
 
     @rpc
+    def forgets_to_await(self) -> str:
+        async def fetch() -> int:
+            return 1
+
+        fetch()  # never awaited: Python warns, and names where the coroutine was made
+        return "survived"
+
+    @rpc
+    def warns_about(self, what: str) -> str:
+        warnings.warn(f"{what} left open", RuntimeWarning, stacklevel=1, source=self)
+        return "survived"
+
+    @rpc
     def cpu_count(self) -> int | None:
         return os.cpu_count()
 
@@ -326,6 +360,18 @@ def test_exceptions_a_worker_cannot_raise_are_printed_without_reading_source_fil
     assert w.sandbox["seccomp"] == "notify"
     assert w.thread_raises() == "survived"
     assert w.del_raises() == "survived"
+    assert w.alive
+
+
+def test_warnings_that_name_their_source_are_printed_without_an_import(broker: Broker) -> None:
+    """Python's warning printer imports tracemalloc for a warning with a
+    source (a coroutine never awaited, an unclosed resource): an import in the
+    sandbox, and the worker was killed for a stat of a sys.path directory."""
+    w = broker.spawn(Untidy)
+    assert w.sandbox["seccomp"] == "notify"
+    assert w.forgets_to_await() == "survived"
+    assert w.warns_about("a socket") == "survived"
+    assert w.warns_about("a pipe") == "survived"  # (a new message: not filtered as seen)
     assert w.alive
 
 

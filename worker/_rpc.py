@@ -22,8 +22,22 @@ def rpc(fn: F) -> F:
     """
     if not callable(fn):
         raise TypeError("@rpc decorates a method")
+    code = getattr(fn, "__code__", None)
+    flags = code.co_flags if code is not None else 0
+    for flag, what, instead in _NOT_ONE_ANSWER:
+        if flags & flag:
+            name = getattr(fn, "__qualname__", repr(fn))
+            raise TypeError(f"@rpc method {name} is {what}: a call is answered with one value; {instead}")
     setattr(fn, _RPC_ATTR, True)
     return fn
+
+
+# Functions whose call returns an object that cannot travel (code flags, as in ``inspect``).
+_NOT_ONE_ANSWER = (
+    (0x80, "an async def", "run the coroutine inside it with asyncio.run()"),
+    (0x200, "an async generator", "collect its items into a list"),
+    (0x20, "a generator", "return a list of its items"),
+)
 
 
 def is_rpc(fn: object) -> bool:

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -301,6 +302,7 @@ def while_waiting() -> None:
     linecache.checkcache = linecache.checkcache
     threading.excepthook = threading.excepthook  # and those _python_hooks replaces
     sys.unraisablehook = sys.unraisablehook
+    warnings.showwarning = warnings.showwarning
     _waited = True
 
 
@@ -331,12 +333,31 @@ def _python_hooks() -> None:
     cannot raise (a failing ``__del__``) print tracebacks in C, reading each
     source file from disk: in the sandbox that open is a violation, and the
     worker was killed for a thread's exception. These print the same through
-    ``traceback``, whose lines come from the frozen line cache. Hooks the
-    worker set itself are left alone."""
+    ``traceback``, whose lines come from the frozen line cache; warnings are
+    printed without the late import of ``tracemalloc``. Hooks the worker set
+    itself are left alone."""
     if threading.excepthook is threading.__excepthook__:
         threading.excepthook = _thread_excepthook
     if sys.unraisablehook is sys.__unraisablehook__:
         sys.unraisablehook = _unraisablehook
+    if getattr(warnings.showwarning, "__module__", None) == "warnings":
+        warnings.showwarning = _showwarning
+
+
+def _showwarning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Python's own printer imports ``tracemalloc`` for a warning that names
+    its source (a coroutine never awaited, an unclosed file): an import in
+    the sandbox, and a violation. This prints the same without it."""
+    out = sys.stderr if file is None else file
+    if out is None:
+        return
+    try:
+        out.write(warnings.formatwarning(message, category, filename, lineno, line))
+    except OSError:
+        pass
 
 
 def _thread_excepthook(args: Any) -> None:
