@@ -44,6 +44,7 @@ from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
 from ._handle import WorkerHandle, close_fds_in
+from ._interp import checked_environ, child_env
 from ._outputs import PendingOutput
 from ._policy import Policy
 from ._pool import WorkerPool
@@ -91,6 +92,12 @@ class Broker:
 
     Use it as a context manager; leaving the block stops every worker within
     a bounded time. Paths in the policy and in requests are beneath ``root``.
+
+    Workers get the broker's environment variables, which a compromised
+    worker can read and say back. ``environ`` replaces them: the whole
+    environment of the zygote, of exec'd workers and of forked ones (whose
+    memory still holds the broker's, as all of its memory), ``setup()``
+    included; ``PYTHONPATH`` is always the broker's import path.
     """
 
     def __init__(
@@ -106,8 +113,10 @@ class Broker:
         max_requests_per_call: int = 10_000,
         max_outputs_per_call: int = 256,
         cgroup_parent: str | None = None,
+        environ: Mapping[str, str] | None = None,
     ):
         check_not_importing()
+        self._environ = checked_environ(environ)
         if not isinstance(policy, Policy):
             raise TypeError("Broker needs a Policy")
         self._policy = policy
@@ -142,7 +151,7 @@ class Broker:
         _brokers.add(self)
         if spawn in ("zygote", "auto"):
             # Start it now: its interpreter boots while the caller goes on.
-            self._zygote = Zygote(self._spare_cgroup)
+            self._zygote = Zygote(self._spare_cgroup, self._environ)
 
     # -- context ----------------------------------------------------------
     def __enter__(self) -> Broker:
@@ -396,12 +405,13 @@ class Broker:
                                                    before=place if limit is not None else None, memory_limit=limit)
                     reaper = self._zygote.reap
                 elif method == "exec":
-                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants)
+                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ)
                     chan = Channel(sock)
                     reaper = _popen_reaper(proc)
                 else:
                     fork_grants = [(name, cap.fileno(), cap.kind, cap.rights) for name, cap in grants]
-                    pid, sock = fork_worker(cls, self._prepare(spec), fork_grants)
+                    environ = None if self._environ is None else child_env(self._environ)  # as zygote workers get it
+                    pid, sock = fork_worker(cls, self._prepare(spec), fork_grants, environ)
                     chan = Channel(sock)
         except BaseException:
             if cgroup is not None:
@@ -464,7 +474,7 @@ class Broker:
             self._zygote.close()
             self._zygote = None
         if self._zygote is None:
-            self._zygote = Zygote(self._spare_cgroup)
+            self._zygote = Zygote(self._spare_cgroup, self._environ)
             self._zygote_loaded.clear()
         if cls in self._fork_only:
             return "fork"
@@ -679,7 +689,7 @@ class Broker:
     def _opener(self) -> Opener:
         with self._spawn_lock:
             if self._opener_proc is None:
-                self._opener_proc = Opener()
+                self._opener_proc = Opener(self._environ)
             return self._opener_proc
 
     def _deliver(

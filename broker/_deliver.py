@@ -150,13 +150,13 @@ class Outgoing:
 class Opener:
     """The broker's side of the restricted opener process (started lazily)."""
 
-    def __init__(self) -> None:
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
             interpreter("worker._opener", str(theirs.fileno())),
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
-            env=child_env(),
+            env=child_env(environ),
         )
         theirs.close()
         self._chan = Channel(ours, send_timeout=10.0)

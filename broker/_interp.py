@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 
 def interpreter(module: str, *args: str) -> list[str]:
@@ -37,12 +38,30 @@ def import_path() -> str:
     return os.pathsep.join(out)
 
 
-def child_env() -> dict[str, str]:
-    """The broker's environment, with its import path and no start-up file."""
-    env = dict(os.environ)
+def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default: the broker's own environment) with the broker's
+    import path as ``PYTHONPATH`` and no start-up file."""
+    env = dict(os.environ if environ is None else environ)
     env["PYTHONPATH"] = import_path()
     env.pop("PYTHONSTARTUP", None)
     return env
 
 
-__all__ = ["child_env", "import_path", "interpreter"]
+def checked_environ(environ: Mapping[str, str] | None) -> dict[str, str] | None:
+    """A copy of a ``Broker(environ=...)`` mapping, refused if it could not
+    be an environment."""
+    if environ is None:
+        return None
+    if not isinstance(environ, Mapping):
+        raise TypeError("environ must be a mapping of str to str, or None")
+    out: dict[str, str] = {}
+    for key, value in environ.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"environ entries must be str to str, not {type(key).__name__} to {type(value).__name__}")
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ValueError(f"environ entry {key!r} cannot be an environment variable")
+        out[key] = value
+    return out
+
+
+__all__ = ["checked_environ", "child_env", "import_path", "interpreter"]

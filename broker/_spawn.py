@@ -19,9 +19,12 @@ from worker._serve import child_main, forked_from_main_thread
 
 
 def fork_worker(
-    cls: type[Worker], prepared: Any, grants: Sequence[tuple[str, int, int, Any]] = ()
+    cls: type[Worker], prepared: Any, grants: Sequence[tuple[str, int, int, Any]] = (),
+    environ: dict[str, str] | None = None,
 ) -> tuple[int, socket.socket]:
-    """Fork a worker. Returns (pid, the broker's end of its channel)."""
+    """Fork a worker. Returns (pid, the broker's end of its channel).
+    ``environ``: its environment, replacing the broker's (in ``os.environ``;
+    the memory it forked with still holds the broker's)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     main = forked_from_main_thread()
     ppid = os.getpid()
@@ -33,6 +36,9 @@ def fork_worker(
         if pid == 0:  # child: never returns
             try:
                 parent_sock.detach()
+                if environ is not None:
+                    os.environ.clear()
+                    os.environ.update(environ)
                 child_main(cls, child_sock.detach(), prepared, grants, from_main_thread=main, parent_pid=ppid)
             finally:
                 os._exit(70)

@@ -54,7 +54,9 @@ def _ref(cls: type[Worker]) -> str:
     return ref
 
 
-def _start(extra: list[str], with_spares: bool = False) -> tuple[subprocess.Popen[bytes], Channel, Channel | None]:
+def _start(
+    extra: list[str], with_spares: bool = False, environ: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Channel, Channel | None]:
     """Exec a zygote. With ``with_spares``, a second channel carries the
     answers to spare requests alone, so they never sit between the broker and
     the answer to anything else."""
@@ -73,7 +75,7 @@ def _start(extra: list[str], with_spares: bool = False) -> tuple[subprocess.Pope
             args,
             pass_fds=[s.fileno() for s in passed],
             stdin=subprocess.DEVNULL,
-            env=child_env(),  # it imports what the broker imports
+            env=child_env(environ),  # it imports what the broker imports
             close_fds=True,
         )
     except BaseException:
@@ -202,12 +204,14 @@ class Zygote:
     the lesson.
     """
 
-    def __init__(self, spare_cgroup: Callable[[], WorkerCgroup | None] | None = None) -> None:
+    def __init__(
+        self, spare_cgroup: Callable[[], WorkerCgroup | None] | None = None, environ: dict[str, str] | None = None
+    ) -> None:
         """``spare_cgroup`` makes a memory cgroup for each spare to move into
         while it waits (None where workers get none)."""
         self._spare_cgroup = spare_cgroup
         self._asked_cgroup: WorkerCgroup | None = None  # made for the pending spare
-        self._proc, self._chan, spares = _start([], with_spares=True)
+        self._proc, self._chan, spares = _start([], with_spares=True, environ=environ)
         assert spares is not None
         self._spares = spares
         self._lock = threading.Lock()
@@ -562,10 +566,11 @@ class Zygote:
 
 
 def exec_worker(
-    cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]]
+    cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
+    environ: dict[str, str] | None = None,
 ) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
     """Start a fresh interpreter that becomes the worker. It is our child."""
-    proc, chan, _ = _start(["--exec"])
+    proc, chan, _ = _start(["--exec"], environ=environ)
     try:
         pid, sock = _request_spawn(chan, cls, spec_wire, timeout, grants)
     except BaseException:

@@ -494,3 +494,44 @@ def test_nothing_is_imported_from_the_directory_the_broker_runs_in(
         assert b._opener_proc is not None
     assert (tree / "out" / "log").read_bytes() == b"line"
     assert not marker.exists(), f"{marker.read_text()} was imported from the broker's directory"
+
+
+class Environ(Echo):
+    def setup(self) -> None:
+        self.at_setup = dict(os.environ)
+
+    @rpc
+    def environ(self) -> dict[str, Any]:
+        return {"setup": self.at_setup, "serving": dict(os.environ)}
+
+
+@pytest.mark.parametrize("method", ["zygote", "exec", "fork"])
+def test_environ_is_all_of_the_environment_workers_get(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """A compromised worker can read its environment and say it back (in a
+    result, in an exception's message): Broker(environ=...) keeps the
+    broker's variables, say an API key, out of the zygote and the workers."""
+    monkeypatch.setenv("PRIVSEP_TEST_SECRET", "hunter2")
+    with Broker(Policy(), root=tree, spawn=method, environ={"LANG": "C.UTF-8", "ONLY": "this"}) as b:
+        w = b.spawn(Environ)
+        got = w.environ()
+        assert w.spawn_method == method
+        for when in ("setup", "serving"):
+            env = got[when]
+            assert env.pop("PYTHONPATH"), when  # the broker's import path, always
+            assert env == {"LANG": "C.UTF-8", "ONLY": "this"}, when
+        if method != "fork":  # (a forked worker's memory is a copy of the broker's: see the README)
+            started = [w.pid] + ([b._zygote._proc.pid] if b._zygote is not None else [])
+            for pid in started:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    assert b"hunter2" not in f.read(), pid
+    with Broker(Policy(), root=tree, spawn=method) as b:
+        assert b.spawn(Environ).environ()["serving"]["PRIVSEP_TEST_SECRET"] == "hunter2"  # the default: inherited
+
+
+def test_an_environ_that_cannot_be_an_environment_is_refused(tree: Path) -> None:
+    for bad, error in [({"A=B": "x"}, ValueError), ({"": "x"}, ValueError), ({"A": "x\0y"}, ValueError),
+                       ({"A": 1}, TypeError), ({1: "x"}, TypeError), (["A"], TypeError)]:
+        with pytest.raises(error):
+            Broker(Policy(), root=tree, environ=bad)  # type: ignore[arg-type]
