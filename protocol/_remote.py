@@ -34,17 +34,23 @@ def _nearest_known(exc: BaseException) -> str:
 
 
 def exception_to_wire(exc: BaseException, with_traceback: bool = True) -> dict[str, Any]:
-    tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    """The wire form of ``exc``. Never raises for the exception's sake: a
+    ``__str__`` that fails is reported as Python's own printer does."""
+    try:
+        tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    except Exception:  # (odd __notes__, a failing repr in a frame's line)
+        tb = ""
     errno = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
     filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
-    if isinstance(exc, OSError):
-        msg = exc.strerror if exc.strerror is not None else str(exc)
-    else:
-        msg = str(exc)
+    strerror = exc.strerror if isinstance(exc, OSError) else None
+    try:
+        msg = str.__str__(str(exc) if strerror is None else str(strerror))  # exact str: no subclass code below
+    except Exception:
+        msg = "<exception str() failed>"
     return {
         "type": type(exc).__name__,
         "msg": msg[:4096],
-        "errno": errno if isinstance(errno, int) and -(1 << 31) <= errno < (1 << 31) else None,
+        "errno": errno if type(errno) is int and -(1 << 31) <= errno < (1 << 31) else None,
         "filename": filename if isinstance(filename, str) else None,
         "tb": tb[-32768:],
         "base": _nearest_known(exc),

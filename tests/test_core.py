@@ -11,6 +11,7 @@ import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import READ, default_policy
@@ -458,6 +459,61 @@ def test_remote_exceptions_map_to_real_classes(broker: Broker) -> None:
     assert "custom failure" in str(rinfo.value)
     assert "Traceback" in rinfo.value.remote_traceback
     assert w.shout("still alive") == "STILL ALIVE"
+
+
+class _StrFails(Exception):
+    def __str__(self) -> str:
+        return f"line {self.line}"  # type: ignore[attr-defined]  # (never set: the bug in a parser's error class)
+
+
+class _Text(str):
+    def __getitem__(self, index: Any) -> str:
+        raise RuntimeError("a str subclass's own code")
+
+
+class _StrSubclass(Exception):
+    def __str__(self) -> str:
+        return _Text("a message")
+
+
+class OddErrors(Worker):
+    @rpc
+    def raise_(self, kind: str) -> None:
+        if kind == "str-fails":
+            raise _StrFails()
+        if kind == "str-subclass":
+            raise _StrSubclass()
+        if kind == "strerror-not-str":
+            raise OSError(errno.EIO, 6)
+        if kind == "notes-not-a-list":
+            exc = ValueError("noted")
+            exc.__notes__ = 5  # type: ignore[attr-defined]
+            raise exc
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "message"),
+    [
+        ("str-fails", RemoteError, "<exception str() failed>"),
+        ("str-subclass", RemoteError, "a message"),
+        ("strerror-not-str", OSError, "6"),
+        ("notes-not-a-list", ValueError, "noted"),
+    ],
+)
+def test_an_exception_that_cannot_describe_itself_is_still_raised_and_costs_nothing(
+    broker: Broker, kind: str, error: type[Exception], message: str
+) -> None:
+    """Python prints "<exception str() failed>" for an exception whose
+    __str__ raises; the worker died of it (``the worker failed``)."""
+    w = broker.spawn(OddErrors)
+    with pytest.raises(error) as info:
+        w.raise_(kind)
+    assert message in str(info.value)
+    assert w.ping() == "pong"
 
 
 def test_atomic_output_commits_on_success(broker: Broker, tree: Path) -> None:
