@@ -688,6 +688,10 @@ class Broker:
 
     def _opener(self) -> Opener:
         with self._spawn_lock:
+            if self._opener_proc is not None and not self._opener_proc.alive():
+                log.warning("the restricted opener has exited; starting a new one")
+                self._opener_proc.close()
+                self._opener_proc = None
             if self._opener_proc is None:
                 self._opener_proc = Opener(self._environ)
             return self._opener_proc

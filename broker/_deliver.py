@@ -181,6 +181,9 @@ class Opener:
             raise OSError(reply["errno"], os.strerror(reply["errno"]))
         raise OSError(errno.EPROTO, "restricted opener sent a malformed reply")
 
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
     def forked_copy(self) -> None:
         """In a forked child: close this copy's end of the parent's opener."""
         self._lock = threading.Lock()

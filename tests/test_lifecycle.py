@@ -11,12 +11,13 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 from conftest import READ, open_fds, spare_of
 
 from broker import Broker, Policy
-from protocol import WorkerCrashed, WorkerTimeout
+from protocol import Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
 
@@ -37,6 +38,13 @@ class Sleeper(Worker):
     @rpc
     def getpid(self) -> int:
         return os.getpid()
+
+
+class Appender(Sleeper):
+    @rpc
+    def append(self, f: IO[bytes], data: bytes) -> int:
+        f.seek(0, os.SEEK_END)
+        return f.write(data)
 
 
 class BadSetup(Worker):
@@ -194,6 +202,74 @@ BROKER_SCRIPT = textwrap.dedent(
     time.sleep(60)
     """
 )
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from broker import Broker, Policy
+    from protocol import Rights
+    from test_lifecycle import Appender, alive
+    R = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no FTRUNCATE: the restricted opener reopens it)
+    with Broker(Policy().allow("out/", R), root={root!r}) as b:
+        w = b.spawn(Appender)
+        with b.open("out/log", R) as f:
+            w.append(f, b"a")
+        helpers = [b._zygote._proc.pid, b._zygote.waiting_spare()[0], b._opener_proc._proc.pid, w.getpid()]
+        print("ready", flush=True)
+        try:
+            time.sleep(30)
+        except KeyboardInterrupt:  # the user pressed Ctrl-C: this program cancels what it did, and goes on
+            pass
+        time.sleep(0.3)
+        print(" ".join(str(int(alive(p))) for p in helpers), flush=True)
+        with b.open("out/log", R) as f:
+            w.append(f, b"b")
+        print(b.spawn(Appender).ping(), flush=True)
+    """
+)
+
+
+def test_a_ctrl_c_is_the_brokers_to_handle(tree: Path) -> None:
+    """A Ctrl-C at the terminal signals the whole process group: the zygote,
+    its spare, the workers and the restricted opener are in it too. The
+    opener died of it, and every later write grant failed with EPIPE."""
+    (tree / "out" / "log").write_bytes(b"")
+    script = CTRL_C_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.stdout.readline().split() == ["1", "1", "1", "1"]  # zygote, spare, opener, worker
+        assert proc.stdout.readline() == "pong\n"
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tree / "out" / "log").read_bytes() == b"ab"
+
+
+def test_a_dead_restricted_opener_is_replaced(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tree / "out" / "log").write_bytes(b"")
+    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        w = b.spawn(Appender)
+        with b.open("out/log", rights) as f:
+            assert w.append(f, b"a") == 1
+        assert b._opener_proc is not None
+        first = b._opener_proc._proc
+        first.kill()
+        first.wait()
+        with b.open("out/log", rights) as f:
+            assert w.append(f, b"b") == 1
+        assert b._opener_proc._proc.pid != first.pid
+    assert (tree / "out" / "log").read_bytes() == b"ab"
+    assert "the restricted opener has exited; starting a new one" in caplog.text
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])

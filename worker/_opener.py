@@ -83,6 +83,7 @@ def handle(msg: Any) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     fd = int(argv[0])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is the broker's to handle
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _close_all_but([0, 1, 2, fd])
     chan = Channel(socket.socket(fileno=fd))
