@@ -67,6 +67,11 @@ def _local_class(name: str) -> type[BaseException] | None:
 
 
 _remote_classes: dict[tuple[str, type[BaseException]], type[_errors.RemoteError]] = {}
+#: Classes kept for reuse. Names come from the worker: a compromised one
+#: raising a new name per call must not grow the broker without bound
+#: (20,000 names cost 35 MB); past this many, each is made afresh and goes
+#: with its exception.
+MAX_REMOTE_CLASSES = 512
 
 
 def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.RemoteError]:
@@ -76,7 +81,9 @@ def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.Remot
     cls = _remote_classes.get(key)
     if cls is None:
         label = name if name.isidentifier() else "RemoteException"
-        cls = _remote_classes[key] = type(label, (_errors.RemoteError, base), {"__module__": "privsep.remote"})
+        cls = type(label, (_errors.RemoteError, base), {"__module__": "privsep.remote"})
+        if len(_remote_classes) < MAX_REMOTE_CLASSES:
+            _remote_classes[key] = cls
     return cls
 
 

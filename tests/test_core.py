@@ -17,7 +17,7 @@ import pytest
 from conftest import READ, default_policy
 
 from broker import Broker, Capability, Policy
-from protocol import NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed
+from protocol import NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed, _remote
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_STREAM
 from worker import Worker, rpc
 
@@ -491,8 +491,29 @@ class OddErrors(Worker):
             raise exc
 
     @rpc
+    def raise_named(self, name: str) -> None:
+        raise type(name, (ValueError,), {})("named")
+
+    @rpc
     def ping(self) -> str:
         return "pong"
+
+
+def test_exception_names_a_worker_makes_up_cost_the_broker_bounded_memory(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each remote class name became a class the broker kept forever: a
+    worker raising a new name per call grew the broker without bound."""
+    monkeypatch.setattr(_remote, "_remote_classes", {})  # (not what earlier tests kept)
+    w = broker.spawn(OddErrors)
+    for i in range(_remote.MAX_REMOTE_CLASSES + 100):
+        with pytest.raises(ValueError, match="named") as info:
+            w.raise_named(f"Made{i}Up")
+        assert isinstance(info.value, RemoteError) and info.value.type_name == f"Made{i}Up"
+    assert len(_remote._remote_classes) <= _remote.MAX_REMOTE_CLASSES
+    with pytest.raises(ValueError) as again:  # a kept name is still the same class
+        w.raise_named("Made0Up")
+    assert type(again.value) is _remote._remote_classes[("Made0Up", ValueError)]
 
 
 @pytest.mark.parametrize(
