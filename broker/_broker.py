@@ -166,7 +166,7 @@ class Broker:
         if self._closed:
             return
         self._closed = True
-        for pool in self._pools:
+        for pool in list(self._pools):  # (each leaves the list as it shuts down)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())
@@ -339,7 +339,7 @@ class Broker:
         ``timeout`` to finish. (Ending the zygote, the last step, is not.)"""
         if self._closed:
             return
-        for pool in self._pools:
+        for pool in list(self._pools):  # (each leaves the list as it shuts down)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())

@@ -10,9 +10,11 @@ calls or when their memory grows past a bound.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,14 @@ def rss_bytes(pid: int) -> int:
 
 
 class WorkerPool(Executor):
-    """``size`` sandboxed workers of one class behind an Executor."""
+    """``size`` sandboxed workers of one class behind an Executor.
+
+    ``exits`` holds how the last ``EXITS_KEPT`` workers it retired ended
+    (oldest first; a long-lived pool of hostile input retires many, and
+    must not keep them all); ``ended`` counts them all.
+    """
+
+    EXITS_KEPT = 1000
 
     def __init__(
         self,
@@ -71,7 +80,8 @@ class WorkerPool(Executor):
         self.restart = restart
         self.max_restarts = max_restarts
         self.restarts = 0
-        self.exits: list[WorkerExit] = []
+        self.exits: deque[WorkerExit] = deque(maxlen=self.EXITS_KEPT)
+        self.ended = 0
         self._queue: queue.SimpleQueue[tuple[Future[Any], str, tuple[Any, ...], dict[str, Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -107,6 +117,8 @@ class WorkerPool(Executor):
                     self._drain(cancel=True)
                 for _ in self._threads:
                     self._queue.put(None)
+                with contextlib.suppress(ValueError):  # the broker need not keep it any more
+                    self._broker._pools.remove(self)
         if wait:
             for t in self._threads:
                 t.join()
@@ -169,6 +181,7 @@ class WorkerPool(Executor):
         assert handle.exit is not None
         self._crashed[slot] = crashed
         self.exits.append(handle.exit)
+        self.ended += 1
         self._handles[slot] = None
         log.info("pool %s slot %d: worker %s ended (%s)", self.cls.__name__, slot, handle.name, handle.exit.kind)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from broker import Broker, Policy, PoolBroken
+from broker._pool import WorkerPool
 from protocol import RemoteError, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
@@ -128,6 +129,21 @@ def test_recycle_after_n_calls(broker: Broker) -> None:
         pids = [pool.submit(Calc.pid).result() for _ in range(7)]
         assert len(set(pids)) == 3
         assert all(e.kind == "ok" for e in pool.exits)
+
+
+def test_a_long_lived_pool_keeps_a_bounded_record_of_ends(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every retired worker's end was kept: a pool that outlives many
+    workers (recycled, or crashed by hostile input) grew without bound."""
+    monkeypatch.setattr(WorkerPool, "EXITS_KEPT", 3)
+    with broker.pool(Calc, size=1, recycle_after=1) as pool:
+        pids = [pool.submit(Calc.pid).result() for _ in range(8)]
+        with pytest.raises(WorkerCrashed):
+            pool.submit(Calc.die).result()
+        assert pool.submit(Calc.square, 3).result() == 9
+    assert len(set(pids)) == 8
+    assert pool.ended == 10  # 8 recycled, 1 crashed, and the last one recycled after its call
+    assert [e.kind for e in pool.exits] == ["ok", "crashed", "ok"]  # the last three, oldest first
+    assert pool not in broker._pools  # nor does the broker keep a pool that was shut down
 
 
 def test_recycle_on_memory_growth(broker: Broker) -> None:
