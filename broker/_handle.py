@@ -458,6 +458,13 @@ class WorkerHandle:
                 elif event == "timeout":
                     raise self._fail("timeout", f"call {method}() ran past its {timeout:g} s timeout")
                 elif event == "notify":
+                    # A violation answered with an errno is work a worker asks of the broker (and an
+                    # audit event): held to the request rate, the worker blocked in its syscall meanwhile.
+                    until = self._throttle() if self.violation == "errno" else None
+                    if until is not None:
+                        yield ("sleep", until)
+                        if self.exit is not None:
+                            raise self.exit.error(self.name)
                     self._on_notification()
                     continue
                 else:
@@ -507,7 +514,8 @@ class WorkerHandle:
             raise self._fail_from_os(exc) from exc
 
     def _throttle(self) -> float | None:
-        """Token bucket on worker requests: returns when to answer, if later."""
+        """Token bucket on worker requests (and violations answered with an
+        errno): returns when to answer, if later."""
         rate = self._broker.request_rate
         if rate is None:
             return None
