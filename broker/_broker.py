@@ -43,7 +43,7 @@ from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
-from ._handle import WorkerHandle, close_fds_in
+from ._handle import HANDLE_NAMES, WorkerHandle, close_fds_in
 from ._interp import checked_environ, child_env
 from ._outputs import PendingOutput
 from ._policy import Policy
@@ -85,6 +85,21 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _warn_hidden(cls: type[Worker]) -> None:
+    """An @rpc method named like an attribute of its handle (``stop``,
+    ``name``, ``call``, ...) is not what ``handle.stop()`` reaches."""
+    hidden = sorted(cls.rpc_methods & HANDLE_NAMES)
+    if hidden:
+        listed = ", ".join(f"{cls.__name__}.{n}" for n in hidden)
+        warnings.warn(
+            f"@rpc method{'s' if len(hidden) > 1 else ''} {listed} share{'' if len(hidden) > 1 else 's'} a name "
+            f"with the worker handle's own attributes: handle.{hidden[0]} is the handle's; call the method "
+            f"with handle.call({hidden[0]!r}, ...), or rename it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class Broker:
@@ -278,6 +293,12 @@ class Broker:
         Landlock rules). Raises ``WorkerCrashed`` if ``setup()`` or sandbox
         entry fails, ``UnsupportedRights`` for a grant that cannot be enforced.
         """
+        _warn_hidden(cls)
+        return self._spawn(cls, timeout, grants)
+
+    def _spawn(self, cls: type[Worker], timeout: float | None, grants: Mapping[str, Capability] | None = None
+               ) -> WorkerHandle:
+        """spawn(), for a caller that calls the worker by method name (a pool)."""
         handle = self._start(cls, timeout, grants)
         return self._finish_spawn(handle, lambda: handle._chan.wait_readable(self.spawn_timeout))
 
@@ -285,6 +306,7 @@ class Broker:
         self, cls: type[Worker], *, timeout: float | None = None, grants: Mapping[str, Capability] | None = None
     ) -> WorkerHandle:
         """``spawn()`` for asyncio: waits for the worker on the event loop."""
+        _warn_hidden(cls)
         if self._needs_main_load(cls):
             # The zygote runs the main script's top-level code (once): not on the loop.
             await asyncio.to_thread(self._ready_zygote_for, cls)

@@ -914,6 +914,11 @@ class _Received:
         self.msg = msg
 
 
+#: What ``handle.<name>`` reaches on the handle itself, never a worker's @rpc method of that name.
+HANDLE_NAMES = frozenset(
+    {n for n in dir(WorkerHandle) if not n.startswith("_")}
+    | {"id", "cls", "pid", "timeout", "violation", "sandbox", "spawn_method", "exit", "calls"}
+)
 MAX_DIR_GRANTS = 1024
 _YIELD_EVERY = 8
 

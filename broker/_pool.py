@@ -173,7 +173,7 @@ class WorkerPool(Executor):
                     self.restarts += 1
             if self._broken:
                 raise PoolBroken(self._broken)
-        handle = self._broker.spawn(self.cls, timeout=self.timeout)
+        handle = self._broker._spawn(self.cls, self.timeout)  # (called by name: no clash with its attributes)
         self._handles[slot] = handle
         return handle
 

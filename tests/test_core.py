@@ -172,6 +172,35 @@ def test_methods_that_cannot_answer_with_a_value_are_refused_where_they_are_writ
         assert not hasattr(fn, "__privsep_rpc__")
 
 
+class Player(Worker):
+    @rpc
+    def stop(self) -> str:  # the worker's own "stop": of the playback, say
+        return "stopped playing"
+
+    @rpc
+    def name(self) -> str:
+        return "player"
+
+
+def test_rpc_methods_named_like_handle_attributes_are_pointed_out(broker: Broker) -> None:
+    """``handle.stop()`` stops the worker, whatever its class calls ``stop``:
+    the spawn says so, and how to reach the method."""
+    with pytest.warns(RuntimeWarning, match=r"Player.name, Player.stop share a name .*handle.call\('name'"):
+        w = broker.spawn(Player)
+    assert (w.call("stop"), w.call("name")) == ("stopped playing", "player")
+    assert w.alive
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pool calls by name: nothing to point out
+        with broker.pool(Player, size=1) as pool:
+            assert pool.submit(Player.stop).result() == "stopped playing"
+
+
+def test_rpc_methods_the_worker_instance_would_hide_are_refused() -> None:
+    for name in ("broker", "grants"):
+        with pytest.raises(TypeError, match=f"hidden by the worker's self.{name}"):
+            type("Shadowed", (Worker,), {name: rpc(lambda self: 1)})
+
+
 SF = Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE
 
 

@@ -44,6 +44,9 @@ def is_rpc(fn: object) -> bool:
     return bool(getattr(fn, _RPC_ATTR, False))
 
 
+_INSTANCE_NAMES = frozenset({"broker", "grants"})  # set on each worker instance
+
+
 class Worker:
     """Base class for code that runs in a sandboxed worker process.
 
@@ -75,6 +78,9 @@ class Worker:
                 if is_rpc(value):
                     if name.startswith("_"):
                         raise TypeError(f"@rpc method {cls.__name__}.{name} must not start with '_'")
+                    if name in _INSTANCE_NAMES:
+                        raise TypeError(f"@rpc method {cls.__name__}.{name} would be hidden by the worker's "
+                                        f"self.{name}: choose another name")
                     names.add(name)
                 elif name in names and not is_rpc(value):
                     names.discard(name)  # overridden without @rpc: no longer callable
