@@ -81,11 +81,13 @@ class Policy:
             raise PolicyError(f"allow({path!r}): empty rights grant nothing")
         if not isinstance(path, str):
             raise PolicyError("a policy path must be a string")
+        if not path:  # (an f-string whose directory came out empty, say: not a grant of everything)
+            raise PolicyError("allow(''): an empty policy path; the whole root is './'")
         try:
             parts = split_relative(path, what="policy path")
         except NotCapable as exc:
             raise PolicyError(f"allow({path!r}): {exc.strerror}") from None
-        is_dir = path in ("", ".") or path.endswith("/")
+        is_dir = path == "." or path.endswith("/")
         if not is_dir and rights & _DIR_ONLY:
             what = Rights(rights & _DIR_ONLY).describe()
             raise PolicyError(f"allow({path!r}): {what} need a directory grant (end the path with '/')")

@@ -603,9 +603,10 @@ def test_policy_is_immutable_and_validated() -> None:
     assert p.grants == () and len(q.grants) == 1
     with pytest.raises(AttributeError):
         q.foo = 1  # type: ignore[attr-defined]
-    for bad in ("/abs/", "../up/", "a/../b/", "x\x00/"):
+    for bad in ("/abs/", "../up/", "a/../b/", "x\x00/", ""):  # ("": a directory that came out empty)
         with pytest.raises(PolicyError):
             Policy().allow(bad, Rights.READ)
+    assert [g.display for g in Policy().allow("./", Rights.READ).allow(".", Rights.FSTAT).grants] == ["./"]
     with pytest.raises(PolicyError):
         Policy().allow("data/", Rights.NONE)
     with pytest.raises(PolicyError):
