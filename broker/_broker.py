@@ -50,6 +50,8 @@ from ._policy import Policy
 from ._pool import WorkerPool
 from ._resolve import Resolver
 from ._spawn import fork_worker
+from ._timeouts import call_timeout as checked_call_timeout
+from ._timeouts import wait_timeout
 from ._zygote import SPAWN_METHODS, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
@@ -136,8 +138,8 @@ class Broker:
             raise TypeError("Broker needs a Policy")
         self._policy = policy
         self._weaker = int(policy.weaker)  # read per delivered file; enum conversion costs
-        self.call_timeout = call_timeout
-        self.spawn_timeout = spawn_timeout
+        self.call_timeout = checked_call_timeout(call_timeout, "call_timeout")
+        self.spawn_timeout = wait_timeout(spawn_timeout, "spawn_timeout")
         if spawn not in SPAWN_METHODS:
             raise ValueError(f"spawn must be one of {SPAWN_METHODS}")
         self.spawn_method = spawn
@@ -178,6 +180,7 @@ class Broker:
     def close(self, timeout: float = 2.0) -> None:
         """Stop every worker (killing those that do not stop within
         ``timeout``) and release the broker's directory fds."""
+        timeout = wait_timeout(timeout, "timeout", zero=True)
         if self._closed:
             return
         self._closed = True
@@ -359,6 +362,7 @@ class Broker:
         """``close()`` for asyncio: the workers are stopped together and their
         ends awaited on the event loop; a call another task awaits gets
         ``timeout`` to finish. (Ending the zygote, the last step, is not.)"""
+        timeout = wait_timeout(timeout, "timeout", zero=True)
         if self._closed:
             return
         for pool in list(self._pools):  # (each leaves the list as it shuts down)
@@ -374,6 +378,8 @@ class Broker:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
             raise TypeError("spawn() takes a Worker subclass")
+        # None: the broker's call_timeout; an infinite one: no limit.
+        call_limit = self.call_timeout if timeout is None else checked_call_timeout(timeout, "timeout")
         grants = self._check_spawn_grants(grants_in)
         spec = self._spec_for(grants)
         method = self.spawn_method
@@ -445,7 +451,7 @@ class Broker:
                 cls,
                 pid,
                 chan,
-                timeout=timeout if timeout is not None else self.call_timeout,
+                timeout=call_limit,
                 violation=self.policy.sandbox.violation,
                 reaper=reaper,
             )

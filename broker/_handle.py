@@ -33,6 +33,7 @@ from ._deliver import Outgoing
 from ._exit import WorkerExit
 from ._loop import readable
 from ._outputs import PendingOutput
+from ._timeouts import call_timeout, wait_timeout
 from ._violation import report
 
 if TYPE_CHECKING:
@@ -152,10 +153,9 @@ class WorkerHandle:
         return self._call(method, args, kwargs, self.timeout)  # (a name __getattr__ checked)
 
     def with_timeout(self, seconds: float | None) -> _Timed:
-        """A view of this handle whose calls time out after ``seconds``."""
-        if seconds is not None and seconds <= 0:
-            raise ValueError("timeout must be positive")
-        return _Timed(self, seconds)
+        """A view of this handle whose calls time out after ``seconds``
+        (positive; None or infinity: no limit)."""
+        return _Timed(self, call_timeout(seconds, "timeout"))
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         """Run a call. ``method`` is one of the class's @rpc methods: the caller checked."""
@@ -768,6 +768,7 @@ class WorkerHandle:
         signal handler that stops the worker) cannot end while this blocks, so
         the worker is killed at once. On an event loop, ``await astop()``.
         """
+        timeout = wait_timeout(timeout, "timeout", zero=True)
         if self._call_thread == threading.get_ident():
             return self._end_during_call("ok", "stopped during a call (killed)")
         got = self._lock.acquire(timeout=timeout)
@@ -800,6 +801,7 @@ class WorkerHandle:
         loop, which is never blocked for it. A call another task awaits gets
         ``timeout`` to finish; then the worker is killed and that call raises
         ``WorkerCrashed``."""
+        timeout = wait_timeout(timeout, "timeout", zero=True)
         if self.exit is not None:
             return self.exit
         if self._alock is None:
@@ -943,7 +945,7 @@ class _Async:
         self._timeout = timeout
 
     def with_timeout(self, seconds: float | None) -> _Async:
-        return _Async(self._handle, seconds)
+        return _Async(self._handle, call_timeout(seconds, "timeout"))
 
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         return await self._handle._acall(method, args, kwargs, self._timeout)

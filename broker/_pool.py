@@ -25,6 +25,7 @@ from worker._rpc import is_rpc
 
 from ._exit import WorkerExit
 from ._handle import WorkerHandle
+from ._timeouts import call_timeout
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -74,7 +75,8 @@ class WorkerPool(Executor):
         self._broker = broker
         self.cls = cls
         self.size = size
-        self.timeout = timeout
+        # Per call; None: the broker's call_timeout (an infinite one: no limit).
+        self.timeout = broker.call_timeout if timeout is None else call_timeout(timeout, "timeout")
         self.recycle_after = recycle_after
         self.max_rss = max_rss
         self.restart = restart

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -97,6 +98,52 @@ def test_timeout_kills_the_worker(tree: Path) -> None:
         assert time.monotonic() - t0 < 5
         assert not alive(pid)
         assert w.exit is not None and w.exit.kind == "timeout"
+
+
+_BAD_TIMEOUTS = [(math.nan, ValueError), (-1, ValueError), (0, ValueError), ("5", TypeError), (True, TypeError)]
+
+
+@pytest.mark.parametrize(("bad", "error"), _BAD_TIMEOUTS, ids=[repr(b) for b, _ in _BAD_TIMEOUTS])
+def test_a_timeout_that_is_no_number_of_seconds_is_refused_where_it_is_given(
+    tree: Path, bad: object, error: type[Exception]
+) -> None:
+    """Timeouts were used as given, long after: a NaN or an infinity found in
+    the middle of a call broke its wait, and the worker was ended for it; a
+    negative one timed every call out at once."""
+    with pytest.raises(error):
+        Broker(Policy(), root=tree, call_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        Broker(Policy(), root=tree, spawn_timeout=bad)  # type: ignore[arg-type]
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Sleeper)
+        with pytest.raises(error):
+            w.with_timeout(bad)  # type: ignore[arg-type]
+        with pytest.raises(error):
+            w.aio.with_timeout(bad)  # type: ignore[arg-type]
+        with pytest.raises(error):
+            b.spawn(Sleeper, timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(error):
+            b.pool(Sleeper, size=1, timeout=bad)  # type: ignore[arg-type]
+        if bad != 0:  # (stopping at once is a fine thing to ask)
+            with pytest.raises(error):
+                w.stop(bad)  # type: ignore[arg-type]
+        assert w.ping() == "pong" and w.calls == 1
+
+
+@pytest.mark.parametrize("endless", [math.inf, 1e308, 10**30])
+def test_an_endless_timeout_is_no_limit(tree: Path, endless: float) -> None:
+    with Broker(Policy(), root=tree, call_timeout=endless) as b:
+        w = b.spawn(Sleeper, timeout=endless)
+        assert w.ping() == "pong"
+        assert w.with_timeout(endless).sleep(0.01) == "slept"
+        assert w.timeout is None and b.call_timeout is None
+
+
+def test_a_pool_without_a_timeout_has_the_brokers(tree: Path) -> None:
+    with Broker(Policy(), root=tree, call_timeout=0.3) as b, b.pool(Sleeper, size=1) as pool:
+        late = pool.submit(Sleeper.sleep, 30)
+        with pytest.raises(WorkerTimeout):
+            late.result(10)
 
 
 def test_setup_failure_is_reported(tree: Path) -> None:
