@@ -45,13 +45,13 @@ from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
 from ._handle import HANDLE_NAMES, WorkerHandle, close_fds_in
 from ._interp import checked_environ, child_env
+from ._options import call_timeout as checked_call_timeout
+from ._options import count, rate, wait_timeout
 from ._outputs import PendingOutput
 from ._policy import Policy
 from ._pool import WorkerPool
 from ._resolve import Resolver
 from ._spawn import fork_worker
-from ._timeouts import call_timeout as checked_call_timeout
-from ._timeouts import wait_timeout
 from ._zygote import SPAWN_METHODS, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
@@ -146,9 +146,11 @@ class Broker:
         self._zygote: Zygote | None = None
         self._zygote_loaded: weakref.WeakSet[type[Worker]] = weakref.WeakSet()  # main-script classes it imported
         self._fork_only: weakref.WeakSet[type[Worker]] = weakref.WeakSet()  # main-script classes it could not
-        self.request_rate = request_rate  # per worker, requests/s (burst = 1 s worth); None = unlimited
-        self.max_requests_per_call = max_requests_per_call
-        self.max_outputs_per_call = max_outputs_per_call  # each pending output holds two broker fds
+        # per worker, requests/s (burst = 1 s worth); None = unlimited
+        self.request_rate = rate(request_rate, "request_rate")
+        self.max_requests_per_call = count(max_requests_per_call, "max_requests_per_call", zero=True)
+        # each pending output holds two broker fds
+        self.max_outputs_per_call = count(max_outputs_per_call, "max_outputs_per_call", zero=True)
         self.last_sandbox: dict[str, Any] = {}
         self._unsandboxed = sandbox is UNSANDBOXED
         if sandbox is not None and not self._unsandboxed:

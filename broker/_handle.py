@@ -32,8 +32,8 @@ from ._cgroup import WorkerCgroup
 from ._deliver import Outgoing
 from ._exit import WorkerExit
 from ._loop import readable
+from ._options import call_timeout, wait_timeout
 from ._outputs import PendingOutput
-from ._timeouts import call_timeout, wait_timeout
 from ._violation import report
 
 if TYPE_CHECKING:

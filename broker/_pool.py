@@ -25,7 +25,7 @@ from worker._rpc import is_rpc
 
 from ._exit import WorkerExit
 from ._handle import WorkerHandle
-from ._timeouts import call_timeout
+from ._options import call_timeout, count, optional_count
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -68,8 +68,10 @@ class WorkerPool(Executor):
         restart: str = "always",
         max_restarts: int | None = None,
     ):
-        if not isinstance(size, int) or size < 1:
-            raise ValueError("pool size must be a positive int")
+        size = count(size, "pool size")
+        recycle_after = optional_count(recycle_after, "recycle_after")
+        max_rss = optional_count(max_rss, "max_rss")
+        max_restarts = optional_count(max_restarts, "max_restarts", zero=True)
         if restart not in ("always", "never"):
             raise ValueError("restart must be 'always' or 'never'")
         self._broker = broker
@@ -218,6 +220,14 @@ class WorkerPool(Executor):
                 ):
                     handle.stop()
                     self._retire(slot, handle, crashed=False)
+        except BaseException as exc:
+            # A bug, not a worker's end: say so to every future still queued
+            # rather than leave them waiting for a thread that is gone.
+            log.exception("pool %s slot %d: its thread failed", self.cls.__name__, slot)
+            with self._lock:
+                self._broken = self._broken or f"the thread of slot {slot} failed: {type(exc).__name__}: {exc}"
+                broken = PoolBroken(self._broken)
+            self._drain(cancel=False, error=broken)  # (the log has the traceback; the thread ends)
         finally:
             handle_left = self._handles[slot]
             if handle_left is not None and handle_left.alive:

@@ -6,10 +6,11 @@ import os
 import time
 from concurrent.futures import CancelledError, Executor, wait
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from broker import Broker, Policy, PoolBroken
+from broker import Broker, Policy, PoolBroken, _pool
 from broker._pool import WorkerPool
 from protocol import RemoteError, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
@@ -65,9 +66,11 @@ def test_pool_is_an_executor(broker: Broker) -> None:
             pool.submit(print, 1)
         with pytest.raises(TypeError):
             pool.submit("not_rpc")
-    for size in (0, -1, 1.5):
-        with pytest.raises(ValueError, match="pool size must be a positive int"):
-            broker.pool(Calc, size=size)  # type: ignore[arg-type]
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="pool size must be positive"):
+            broker.pool(Calc, size=size)
+    with pytest.raises(TypeError, match="pool size must be an int"):
+        broker.pool(Calc, size=1.5)  # type: ignore[arg-type]
 
 
 def test_exceptions_come_through_the_future(broker: Broker) -> None:
@@ -144,6 +147,40 @@ def test_a_long_lived_pool_keeps_a_bounded_record_of_ends(broker: Broker, monkey
     assert pool.ended == 10  # 8 recycled, 1 crashed, and the last one recycled after its call
     assert [e.kind for e in pool.exits] == ["ok", "crashed", "ok"]  # the last three, oldest first
     assert pool not in broker._pools  # nor does the broker keep a pool that was shut down
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"size": 0}, ValueError), ({"size": True}, TypeError), ({"recycle_after": 0}, ValueError),
+        ({"recycle_after": 1.5}, TypeError), ({"max_rss": "1"}, TypeError), ({"max_rss": -1}, ValueError),
+        ({"max_restarts": -1}, ValueError), ({"restart": "sometimes"}, ValueError), ({"timeout": 0}, ValueError),
+    ],
+)
+def test_pool_options_are_checked_where_they_are_given(broker: Broker, options: dict[str, Any], error: type) -> None:
+    """A max_rss of "1" was found by the slot's thread after its first call:
+    the thread died, and every later future waited for ever."""
+    with pytest.raises(error):
+        broker.pool(Calc, **{"size": 1, **options})
+    assert broker._pools == []
+
+
+def test_a_pool_thread_that_fails_fails_the_queued_futures_instead_of_leaving_them(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(pid: int) -> int:
+        raise RuntimeError("a bug in the pool")
+
+    monkeypatch.setattr(_pool, "rss_bytes", broken)
+    pool = broker.pool(Calc, size=1, max_rss=1 << 30)
+    futures = [pool.submit(Calc.square, i) for i in range(3)]
+    assert futures[0].result(10) == 0  # answered before the bug struck
+    for fut in futures[1:]:
+        with pytest.raises(PoolBroken, match="a bug in the pool"):
+            fut.result(10)
+    with pytest.raises(PoolBroken):
+        pool.submit(Calc.square, 3)
+    pool.shutdown()
 
 
 def test_recycle_on_memory_growth(broker: Broker) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import READ, default_policy
@@ -201,6 +203,28 @@ def test_a_flood_of_violations_answered_with_an_errno_is_throttled(tree: Path) -
         assert w.forbidden_times(600) == 600
         assert time.monotonic() - t0 > 1.5  # 600 at 200/s after a burst of 200
         assert w.alive
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"request_rate": 0}, ValueError), ({"request_rate": -5}, ValueError), ({"request_rate": math.nan}, ValueError),
+        ({"request_rate": "20k"}, TypeError), ({"max_requests_per_call": -1}, ValueError),
+        ({"max_requests_per_call": "3"}, TypeError), ({"max_outputs_per_call": 1.5}, TypeError),
+    ],
+)
+def test_broker_limits_are_checked_where_they_are_given(tree: Path, options: dict[str, Any], error: type) -> None:
+    """A request_rate of 0 divided by zero at a worker's first request, and
+    a limit given as a string failed in the middle of a call: either ended
+    the worker."""
+    with pytest.raises(error):
+        Broker(default_policy(), root=tree, **options)
+
+
+def test_limits_of_zero_and_no_limit_are_limits_too(tree: Path) -> None:
+    with Broker(default_policy(), root=tree, max_requests_per_call=0, request_rate=math.inf) as b:
+        assert b.request_rate is None
+        assert b.spawn(Hog).flood(3) == 3  # each request refused, the worker unharmed
 
 
 def test_grant_quota_per_call(tree: Path) -> None:
