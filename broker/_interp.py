@@ -12,14 +12,22 @@ broker's own ``sys.path`` is passed on, absolute, as ``PYTHONPATH``.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 
 
 def interpreter(module: str, *args: str) -> list[str]:
-    """The argv that runs ``module`` in a fresh interpreter: no user site
-    directory, nothing prepended to ``sys.path``."""
-    return [sys.executable, "-s", "-P", "-m", module, *args]
+    """The argv that runs ``module`` in a fresh interpreter with the
+    broker's own flags (``-O``, ``-W ...``, ``-X ...``, as ``multiprocessing``
+    passes them), no user site directory and nothing prepended to
+    ``sys.path``. (``-I`` and ``-E`` are not passed on: the child needs
+    ``PYTHONPATH``.)"""
+    flags = [f for f in subprocess._args_from_interpreter_flags() if f not in _NOT_PASSED]  # type: ignore[attr-defined]
+    return [sys.executable, *flags, "-s", "-P", "-m", module, *args]
+
+
+_NOT_PASSED = frozenset({"-I", "-E", "-s", "-P"})
 
 
 def import_path() -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +37,12 @@ class Appender(Echo):
     @rpc
     def append(self, f: Any, data: bytes) -> int:
         return int(f.write(data))
+
+
+class Flags(Echo):
+    @rpc
+    def flags(self) -> list[Any]:
+        return [sys.flags.optimize, sys.flags.dev_mode, sys.flags.no_user_site, sys.flags.safe_path]
 
 
 class EchoWithSetup(Echo):
@@ -535,3 +543,23 @@ def test_an_environ_that_cannot_be_an_environment_is_refused(tree: Path) -> None
                        ({"A": 1}, TypeError), ({1: "x"}, TypeError), (["A"], TypeError)]:
         with pytest.raises(error):
             Broker(Policy(), root=tree, environ=bad)  # type: ignore[arg-type]
+
+
+_FLAGS_SCRIPT = """
+import sys, tempfile
+sys.path.insert(0, {tests!r})
+from broker import Broker, Policy
+from test_zygote import Flags
+for method in ("zygote", "exec"):
+    with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
+        print(method, *b.spawn(Flags).flags(), flush=True)
+"""
+
+
+def test_workers_run_with_the_brokers_interpreter_flags() -> None:
+    """``python -O`` or ``-X dev`` for the broker holds for its workers, as for
+    multiprocessing's children (the zygote is a fresh interpreter)."""
+    script = _FLAGS_SCRIPT.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-O", "-X", "dev", "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["zygote 1 True 1 True", "exec 1 True 1 True"]
