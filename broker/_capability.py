@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import NoReturn
 
 from protocol import Rights
 from protocol._wire import KIND_FILE, kind_of_mode
@@ -82,6 +83,20 @@ class Capability:
 
     def __privsep_fd__(self) -> tuple[int, int, Rights]:
         return self.fileno(), self.kind, self.rights
+
+    def __copy__(self) -> Capability:
+        """A capability of its own: a dup of the fd, with the same rights (a
+        copy of the number would be a second owner, closing it twice)."""
+        return Capability(os.dup(self.fileno()), self.rights, self.kind, self.name)
+
+    def __deepcopy__(self, memo: object) -> Capability:
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError(
+            "a Capability is an open file descriptor and cannot be pickled: pass it in a worker call "
+            "(it travels by SCM_RIGHTS), or copy.copy() it for a dup"
+        )
 
     def __enter__(self) -> Capability:
         return self

@@ -3,9 +3,11 @@ resource requests checked by the broker, remote errors, atomic outputs."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
 import os
+import pickle
 import sys
 import threading
 import warnings
@@ -629,6 +631,22 @@ def test_rights_only_shrink() -> None:
     with pytest.raises(NotCapable):
         held.limit(Rights.READ | Rights.WRITE)
     assert Rights.READ in Rights.MMAP_R and Rights.SEEK in Rights.MMAP_R
+
+
+def test_a_capability_copies_as_a_dup_and_never_pickles(broker: Broker) -> None:
+    """A copy shared the fd number: two owners, the second close hitting
+    whatever reused the number; a pickle carried a number that means nothing
+    elsewhere."""
+    cap = broker.open("data/a.txt", READ)
+    for twin in (copy.copy(cap), copy.deepcopy(cap)):
+        assert twin.fileno() != cap.fileno() and (twin.rights, twin.kind) == (cap.rights, cap.kind)
+        st, st_twin = os.fstat(cap.fileno()), os.fstat(twin.fileno())
+        assert (st.st_dev, st.st_ino) == (st_twin.st_dev, st_twin.st_ino)
+        twin.close()
+    assert os.pread(cap.fileno(), 5, 0) == b"hello"  # still its own
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(cap)
+    cap.close()
 
 
 def test_default_policy_helper_matches(tree: Path) -> None:
