@@ -264,8 +264,8 @@ CTRL_C_SCRIPT = textwrap.dedent(
         with b.open("out/log", R) as f:
             w.append(f, b"a")
         helpers = [b._zygote._proc.pid, b._zygote.waiting_spare()[0], b._opener_proc._proc.pid, w.getpid()]
-        print("ready", flush=True)
         try:
+            print("ready", flush=True)  # (inside the try: the Ctrl-C may come at once)
             time.sleep(30)
         except KeyboardInterrupt:  # the user pressed Ctrl-C: this program cancels what it did, and goes on
             pass
