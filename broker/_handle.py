@@ -112,7 +112,9 @@ class WorkerHandle:
         self.spawn_method = "fork"
         self.exit: WorkerExit | None = None
         self.calls = 0
-        self._alock: asyncio.Lock | None = None
+        # Orders the awaited calls of one event loop: (that loop, its lock). Another loop (a second
+        # asyncio.run(), a test's own loop) gets a lock of its own; self._lock still excludes the rest.
+        self._alock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._pending_call: int | None = None  # sent, its answer not yet taken
         self._call_thread: int | None = None  # the thread whose call is in flight
         # An awaited call's wait on the loop: (loop, future, fds watched).
@@ -202,11 +204,9 @@ class WorkerHandle:
 
     async def _acall(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         self._check_method(method)
-        if self._alock is None:
-            self._alock = asyncio.Lock()
-        async with self._alock:
+        async with self._loop_lock():
             if not self._lock.acquire(blocking=False):
-                raise RuntimeError(f"worker {self.name} is busy with a synchronous call")
+                raise RuntimeError(f"worker {self.name} is busy with a call on another thread or event loop")
             self._call_thread = threading.get_ident()
             # On the event loop a send must never wait: a worker that does not
             # read its answers is misbehaving, and is ended rather than waited for.
@@ -804,10 +804,9 @@ class WorkerHandle:
         timeout = wait_timeout(timeout, "timeout", zero=True)
         if self.exit is not None:
             return self.exit
-        if self._alock is None:
-            self._alock = asyncio.Lock()
+        alock = self._loop_lock()
         try:
-            await asyncio.wait_for(self._alock.acquire(), timeout)
+            await asyncio.wait_for(alock.acquire(), timeout)
         except TimeoutError:
             return self._end_during_call("ok", "stopped during a call (killed after the grace period)")
         try:
@@ -827,7 +826,15 @@ class WorkerHandle:
             finally:
                 self._lock.release()
         finally:
-            self._alock.release()
+            alock.release()
+
+    def _loop_lock(self) -> asyncio.Lock:
+        """The lock that orders this handle's awaited calls on the running loop."""
+        loop = asyncio.get_running_loop()
+        held = self._alock
+        if held is None or held[0] is not loop:
+            held = self._alock = (loop, asyncio.Lock())
+        return held[1]
 
     async def akill(self) -> WorkerExit:
         """``kill()`` for asyncio: the worker's end is awaited on the event loop."""

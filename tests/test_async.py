@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import READ
 
-from broker import Broker, Policy
+from broker import Broker, Policy, WorkerHandle
 from protocol import NotCapable, Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
@@ -352,3 +352,22 @@ def test_aspawn_waits_for_the_next_spare_on_the_loop(tree: Path) -> None:
             assert third.spawn_method == "zygote"
 
     asyncio.run(main())
+
+
+def test_a_handle_serves_one_event_loop_after_another(tree: Path) -> None:
+    """A second asyncio.run() (or a test framework's loop per test) with the
+    same handle: the lock that orders its awaited calls was bound to the
+    first loop, and every contended call failed with RuntimeError."""
+
+    async def burst(w: WorkerHandle) -> list[str]:
+        return list(await asyncio.gather(*(w.aio.ping() for _ in range(8))))
+
+    async def stop(w: WorkerHandle) -> str:
+        return (await w.astop()).kind
+
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        for _ in range(3):
+            assert asyncio.run(burst(w)) == ["pong"] * 8
+        assert w.ping() == "pong"
+        assert asyncio.run(stop(w)) == "ok"
