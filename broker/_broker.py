@@ -89,6 +89,18 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _listing(names: list[str]) -> list[str] | str:
+    """A directory listing as it travels: a list of names; or, past what one
+    packet holds (a directory of 20,000 files, say), the names joined by NUL
+    (which no name holds) in one string, which travels in a memfd."""
+    if sum(len(n.encode()) + 5 for n in names) < LISTING_INLINE:
+        return names
+    return "\0".join(names)
+
+
+LISTING_INLINE = 64 * 1024
+
+
 def _warn_hidden(cls: type[Worker]) -> None:
     """An @rpc method named like an attribute of its handle (``stop``,
     ``name``, ``call``, ...) is not what ``handle.stop()`` reaches."""
@@ -694,7 +706,7 @@ class Broker:
         if op == "stat":
             return r.stat(target)
         if op in ("listdir", "list"):
-            return r.listdir(target)
+            return _listing(r.listdir(target))
         if op == "unlink":
             r.unlink(target)
             return None

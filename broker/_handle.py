@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
-from protocol import NotCapable, PrivsepError, ProtocolError, WorkerCrashed
+from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, WorkerCrashed
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire, exception_to_wire
 from protocol._wire import SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
@@ -544,10 +544,15 @@ class WorkerHandle:
             except (PrivsepError, OSError) as exc:
                 one_fd = -1
                 reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
-            if one_fd >= 0:
-                self._send(reply, "worker stopped reading", one_fd=one_fd)
-            else:
-                self._send(reply, "worker stopped reading", with_fds=bool(after) and reply["t"] == "rep")
+            try:
+                if one_fd >= 0:
+                    self._send(reply, "worker stopped reading", one_fd=one_fd)
+                else:
+                    self._send(reply, "worker stopped reading", with_fds=bool(after) and reply["t"] == "rep")
+            except MessageTooLarge as exc:  # (a listing of a huge directory, say): nothing was sent
+                too_big = OSError(_errno.E2BIG, f"the answer does not fit in one message: {exc}")
+                self._send({"t": "rerr", "id": msg["id"], "e": exception_to_wire(too_big, with_traceback=False)},
+                           "worker stopped reading")
         finally:
             _release(after)  # the worker has its copies now
 

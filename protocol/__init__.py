@@ -4,6 +4,7 @@ Pure Python; imports nothing from ``worker`` or ``broker``.
 """
 
 from ._errors import (
+    MessageTooLarge,
     NotCapable,
     PolicyError,
     PolicyViolation,
@@ -20,6 +21,7 @@ from ._rights import Rights
 __version__ = "0.1.0"
 
 __all__ = [
+    "MessageTooLarge",
     "NotCapable",
     "PolicyError",
     "PolicyViolation",

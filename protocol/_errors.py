@@ -47,6 +47,13 @@ class ProtocolError(PrivsepError):
     """A peer sent something that breaks the wire rules. Costs it its connection."""
 
 
+class MessageTooLarge(PrivsepError, ValueError):
+    """A message its sender cannot send: past the packet size even with its
+    large strings and byte strings moved to memfds, or with more fds than one
+    message carries. Raised before anything is sent: the peer is unharmed.
+    Pass a file instead, or fewer values."""
+
+
 class SandboxError(PrivsepError):
     """The sandbox could not be entered as the policy demands (fails closed)."""
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from ._errors import ProtocolError
+from ._errors import MessageTooLarge, ProtocolError
 from ._rights import Rights, rights_from_wire
 
 PROTOCOL_VERSION = 2  # 2: large strings travel in a memfd too (EXT_TEXT)
@@ -276,7 +276,7 @@ class _Encoder:
             fd, kind, rights = hook()
         elif type(o) is _Blob:
             if len(fds) >= MAX_FDS:
-                raise ProtocolError(f"more than {MAX_FDS} fds in one message")
+                raise MessageTooLarge(f"more than {MAX_FDS} fds in one message")
             fd = _make_blob_fd(o.data)
             self.owned.append(fd)
             fds.append(fd)
@@ -290,7 +290,7 @@ class _Encoder:
         if fd < 0:
             raise ValueError("cannot send a closed file descriptor")
         if len(fds) >= MAX_FDS:
-            raise ProtocolError(f"more than {MAX_FDS} fds in one message")
+            raise MessageTooLarge(f"more than {MAX_FDS} fds in one message")
         fds.append(fd)
         return fd_marker(len(fds) - 1, kind, int(rights))
 
@@ -351,7 +351,7 @@ def encode(
             payload = enc.pack(_outline(obj))
             if len(payload) > MAX_PACKET:
                 enc.drop()
-                raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_PACKET} even with blobs")
+                raise MessageTooLarge(f"message of {len(payload)} bytes exceeds {MAX_PACKET} even with blobs")
         return payload, enc.fds, enc.owned
     finally:
         enc.busy = False
@@ -594,7 +594,7 @@ class Channel:
             raise ValueError("cannot send a closed file descriptor")
         payload = _plain_packer.pack(obj)
         if len(payload) > MAX_PACKET:
-            raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_PACKET}")
+            raise MessageTooLarge(f"message of {len(payload)} bytes exceeds {MAX_PACKET}")
         try:
             self.sock.sendmsg([payload], [(_SOL_SOCKET, _SCM_RIGHTS, _ONE_FD.pack(fd))], _SEND_FLAGS)
         except (BlockingIOError, InterruptedError):

@@ -19,7 +19,7 @@ import pytest
 from conftest import READ, default_policy
 
 from broker import Broker, Capability, Policy
-from protocol import NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed, _remote
+from protocol import MessageTooLarge, NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed, _remote
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_STREAM
 from worker import Worker, rpc
 
@@ -78,6 +78,22 @@ class Upper(Worker):
     @rpc
     def ls(self, path: str) -> list:
         return self.broker.listdir(path)
+
+    @rpc
+    def ls_joined(self, path: str) -> str:
+        return "\n".join(self.broker.listdir(path))  # (one string: a list of 20,000 would not fit an answer)
+
+    @rpc
+    def ls_in_joined(self, d: Any, path: str) -> str:
+        return "\n".join(d.listdir(path))
+
+    @rpc
+    def count(self, values: list) -> int:
+        return len(values)
+
+    @rpc
+    def numbers(self, n: int) -> list:
+        return list(range(n))
 
     @rpc
     def write_out(self, name: str, data: bytes, fail: bool = False) -> int:
@@ -250,6 +266,32 @@ def test_stat_and_listdir(broker: Broker) -> None:
     assert {"a.txt", "b.bin", "sub", "fifo"} <= set(names)
     with pytest.raises(NotCapable):
         w.ls("")  # root itself is not granted
+
+
+def test_a_directory_of_many_files_lists_whole(broker: Broker, tree: Path) -> None:
+    """A listing past one packet (20,000 names) ended the worker; it now
+    travels in a memfd, through the broker's listdir and a directory proxy."""
+    many = tree / "data" / "many"
+    many.mkdir()
+    names = [f"scan-{i:06d}-of-a-long-day.jpg" for i in range(20_000)]
+    for name in names:
+        (many / name).touch()
+    w = broker.spawn(Upper)
+    assert w.ls_joined("data/many") == "\n".join(names)
+    with broker.opendir("data/", READ) as d:
+        assert w.ls_in_joined(d, "many") == "\n".join(names)
+    assert w.ls("data/sub") == ["c.txt"]  # a short one, as before
+
+
+def test_a_value_too_large_to_send_costs_the_call_not_the_worker(broker: Broker) -> None:
+    """Nothing is sent, so nothing is out of step: an argument that does not
+    fit raised WorkerCrashed and the worker was killed for it."""
+    w = broker.spawn(Upper)
+    with pytest.raises(MessageTooLarge, match="exceeds"):
+        w.count(list(range(100_000)))
+    with pytest.raises(TypeError, match=r"cannot be sent: message of .* exceeds"):
+        w.numbers(100_000)
+    assert w.count(list(range(1000))) == 1000 and w.alive
 
 
 def test_fd_passing_worker_to_broker(broker: Broker) -> None:

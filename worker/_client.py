@@ -103,6 +103,8 @@ class BrokerClient:
 
     @staticmethod
     def _names(value: Any) -> list[str]:
+        if isinstance(value, str):  # a long listing: the names joined by NUL (see broker._listing)
+            return value.split("\0") if value else []
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise ProtocolError("bad listdir reply")
         return value
