@@ -748,7 +748,7 @@ class WorkerHandle:
         ex = (
             WorkerExit.from_status(status)
             if status is not None
-            else WorkerExit("crashed", _UNKNOWN_END[self.spawn_method == "zygote"])
+            else WorkerExit("crashed", _unknown_end(self.spawn_method))
         )
         if ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
@@ -912,11 +912,14 @@ def _size(n: int) -> str:
 
 
 _NOTHING = object()
-_UNKNOWN_END = (
-    "channel closed; exit status unknown (the process was reaped already)",
-    "channel closed; exit status unknown: the zygote that reaps it did not report one"
-    " (a zygote that dies takes its workers with it)",
-)
+def _unknown_end(spawn_method: str) -> str:
+    if spawn_method == "zygote":
+        return ("channel closed; exit status unknown: the zygote that reaps it did not report one"
+                " (a zygote that dies takes its workers with it)")
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+        return ("channel closed; exit status unknown: this process ignores SIGCHLD, so the kernel"
+                " reaped the worker (spawn='zygote' reports it)")
+    return "channel closed; exit status unknown (the process was reaped already)"
 
 
 class _Received:

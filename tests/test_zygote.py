@@ -45,6 +45,12 @@ class Flags(Echo):
         return [sys.flags.optimize, sys.flags.dev_mode, sys.flags.no_user_site, sys.flags.safe_path]
 
 
+class Quitter(Echo):
+    @rpc
+    def quit(self, code: int) -> None:
+        os._exit(code)
+
+
 class EchoWithSetup(Echo):
     """A setup() of its own and no promise about it: never made ahead."""
 
@@ -563,3 +569,33 @@ def test_workers_run_with_the_brokers_interpreter_flags() -> None:
     out = subprocess.run([sys.executable, "-O", "-X", "dev", "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["zygote 1 True 1 True", "exec 1 True 1 True"]
+
+
+_SIGCHLD_SCRIPT = """
+import signal, sys, tempfile
+sys.path.insert(0, {tests!r})
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # a server's way to have its children reaped for it
+from broker import Broker, Policy
+from protocol import WorkerCrashed
+from test_zygote import Quitter
+for method in ("zygote", "fork"):
+    with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
+        w = b.spawn(Quitter)
+        try:
+            w.quit(3)
+        except WorkerCrashed:
+            pass
+        print(method, w.exit.exit_code, w.exit.reason, flush=True)
+"""
+
+
+def test_a_broker_that_ignores_sigchld_still_learns_how_zygote_workers_end() -> None:
+    """An ignored SIGCHLD passes through exec: the zygote's workers were
+    reaped by the kernel and their ends were unknown. (A forked worker's
+    end stays unknown, and the reason says why.)"""
+    script = _SIGCHLD_SCRIPT.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    zygote, fork = out.stdout.splitlines()
+    assert zygote == "zygote 3 exited with status 3"
+    assert fork.startswith("fork None channel closed; exit status unknown: this process ignores SIGCHLD")
