@@ -51,6 +51,19 @@ class Quitter(Echo):
         os._exit(code)
 
 
+class Alarmed(Echo):
+    @rpc
+    def alarm_goes_off(self) -> list[Any]:
+        """A worker bounding its own work with an interval timer (as parsers do)."""
+        fired: list[int] = []
+        signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        deadline = time.monotonic() + 2
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [bool(fired), sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ()))]
+
+
 class EchoWithSetup(Echo):
     """A setup() of its own and no promise about it: never made ahead."""
 
@@ -599,3 +612,24 @@ def test_a_broker_that_ignores_sigchld_still_learns_how_zygote_workers_end() -> 
     zygote, fork = out.stdout.splitlines()
     assert zygote == "zygote 3 exited with status 3"
     assert fork.startswith("fork None channel closed; exit status unknown: this process ignores SIGCHLD")
+
+
+_SIGMASK_SCRIPT = """
+import signal, sys, tempfile
+sys.path.insert(0, {tests!r})
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGALRM, signal.SIGTERM, signal.SIGUSR1}})  # the broker's own affair
+from broker import Broker, Policy
+from test_zygote import Alarmed
+for method in ("zygote", "fork", "exec"):
+    with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
+        print(method, *b.spawn(Alarmed).alarm_goes_off(), flush=True)
+"""
+
+
+def test_signals_the_broker_blocks_are_not_blocked_in_its_workers() -> None:
+    """A signal mask passes through fork and exec: a worker's setitimer()
+    bounding its own parse never went off under a broker that blocks SIGALRM."""
+    script = _SIGMASK_SCRIPT.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["zygote True []", "fork True []", "exec True []"]

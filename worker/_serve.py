@@ -197,6 +197,9 @@ def child_main(
         import socket
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Signals the broker's forking thread blocked stay blocked in a fork (and through exec):
+        # a worker's own signal.alarm() bounding a parse would never go off.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         if from_main_thread:
             # PDEATHSIG follows the forking thread; only the main thread lives
             # as long as the broker does.

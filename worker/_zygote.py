@@ -374,6 +374,7 @@ def main(argv: list[str]) -> None:
     # A broker that ignores SIGCHLD (servers do, to have children reaped for them) passes that on
     # through exec; the zygote must reap its workers itself to report how each one ended.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())  # nor does a signal mask of the broker's thread hold here
     _close_all_but([0, 1, 2, fd, *([] if spare_fd is None else [spare_fd])])
     chan = Channel(socket.socket(fileno=fd))
     spares = None if spare_fd is None else Channel(socket.socket(fileno=spare_fd))
