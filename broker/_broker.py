@@ -184,6 +184,16 @@ class Broker:
             # Start it now: its interpreter boots while the caller goes on.
             self._zygote = Zygote(self._spare_cgroup, self._environ)
 
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+            warnings.warn(
+                f"a Broker was never closed (use 'with Broker(...)' or close()): its {len(self._workers)} "
+                "workers end as their channels close",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+
     # -- context ----------------------------------------------------------
     def __enter__(self) -> Broker:
         return self

@@ -9,6 +9,7 @@ per worker, no thread per call. Calls on one worker are serialized.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno as _errno
 import functools
@@ -20,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, WorkerCrashed
 from protocol._messages import check_message
@@ -722,6 +723,25 @@ class WorkerHandle:
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+
+    def __del__(self) -> None:
+        # Dropped without stop() (its broker dropped unclosed): the fd numbers it owns go with it.
+        # (The channel is a socket object, which closes itself; the worker then sees EOF and ends.)
+        for attr in ("_notify_fd", "_pidfd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError("a worker handle is its worker's one handle: it cannot be copied or pickled")
+
+    def __deepcopy__(self, memo: object) -> NoReturn:
+        self.__copy__()
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        self.__copy__()
 
     def _fail(self, kind: str, reason: str) -> WorkerCrashed:
         """Stop a worker that misbehaved or overran; return the error to raise."""

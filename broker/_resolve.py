@@ -128,6 +128,11 @@ class Resolver:
             fd, self._fd_dir_fd = self._fd_dir_fd, -1
             os.close(fd)
 
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):  # its broker was dropped unclosed: the fds go with it
+            with contextlib.suppress(OSError):
+                self.close()
+
     # -- locating ---------------------------------------------------------
     @staticmethod
     def _refuse(granted: Rights, rights: Rights, where: str, display: str) -> NoReturn:

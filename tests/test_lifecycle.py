@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -276,6 +279,38 @@ CTRL_C_SCRIPT = textwrap.dedent(
         print(b.spawn(Appender).ping(), flush=True)
     """
 )
+
+
+def test_a_broker_dropped_unclosed_warns_and_leaves_no_fd_behind(tree: Path) -> None:
+    """Its directory fds and its workers' pidfds and listeners were ints
+    nobody closed: five fds lost for good per dropped broker of one worker."""
+
+    def use_and_drop() -> int:
+        b = Broker(Policy().allow("data/", READ), root=tree)
+        w = b.spawn(Sleeper)
+        assert w.ping() == "pong"
+        return w.pid
+
+    use_and_drop()  # (this process's first broker opens what every later one shares)
+    gc.collect()
+    before = open_fds()
+    with pytest.warns(ResourceWarning, match="a Broker was never closed"):
+        pids = [use_and_drop() for _ in range(5)]
+        gc.collect()
+    assert open_fds() == before
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(p) for p in pids)  # each ended as its channel closed
+
+
+def test_a_worker_handle_cannot_be_copied(tree: Path) -> None:
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Sleeper)
+        for how in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be copied or pickled"):
+                how(w)
+        assert w.ping() == "pong"
 
 
 def test_a_ctrl_c_is_the_brokers_to_handle(tree: Path) -> None:
