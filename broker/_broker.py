@@ -645,6 +645,9 @@ class Broker:
     ) -> Any:
         """Answer one request. Returns the reply value; ``after`` collects
         what to release once it is sent."""
+        if op == "dclose":  # the worker is done with a directory proxy it asked for
+            handle._release_dir(args["dir"])
+            return None
         path = args.get("path")
         rights: Rights | None = None
         try:
@@ -753,8 +756,8 @@ class Broker:
     ) -> Any:
         """What travels to a worker for ``cap`` after its sandbox entry."""
         if cap.kind != KIND_FILE:
-            if cap.kind == KIND_DIR:
-                return handle._register_dir(cap, copy=True)
+            if cap.kind == KIND_DIR:  # (a call's argument: only _export sends a directory this way)
+                return handle._register_dir(cap, copy=True, for_call=True)
             return cap  # a stream the broker got from a worker: sent as is
         plan, rights = _plan(int(cap.rights), self.landlock_abi(), self._weaker)
         if plan == PLAIN:  # the common case: the fd itself travels, with rights Landlock enforces

@@ -121,6 +121,7 @@ class WorkerHandle:
         # An awaited call's wait on the loop: (loop, future, fds watched).
         self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[str], list[int]] | None = None
         self._dirs: dict[int, Capability] = {}
+        self._call_dirs: list[int] = []  # directories passed as arguments of the call in flight
         self._dir_ids = itertools.count(1)
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
@@ -192,6 +193,8 @@ class WorkerHandle:
                 raise
             finally:
                 self._call_thread = None
+                if self._call_dirs:
+                    self._end_call_dirs()
 
     # -- asyncio ----------------------------------------------------------
     @property
@@ -241,6 +244,8 @@ class WorkerHandle:
             finally:
                 self._chan.send_timeout = saved
                 self._call_thread = None
+                if self._call_dirs:
+                    self._end_call_dirs()
                 self._lock.release()
 
     async def _event(self, deadline: float | None) -> str:
@@ -570,16 +575,32 @@ class WorkerHandle:
         except OSError as exc:
             raise self._fail_from_os(exc) from exc
 
-    def _register_dir(self, cap: Capability, copy: bool = False) -> DirRef:
+    def _register_dir(self, cap: Capability, copy: bool = False, for_call: bool = False) -> DirRef:
         """Keep a directory for this worker; it gets only an id to name it.
-        Takes ownership of ``cap`` unless ``copy``."""
+        Takes ownership of ``cap`` unless ``copy``. ``for_call``: an argument
+        of the call being sent, let go when that call ends (as file arguments
+        are closed in the worker then); else the worker's until it closes the
+        proxy (a ``dclose`` request) or ends."""
         if len(self._dirs) >= MAX_DIR_GRANTS:
             raise NotCapable(f"more than {MAX_DIR_GRANTS} directory grants for one worker")
         if copy:
             cap = Capability(os.dup(cap.fileno()), cap.rights, cap.kind, cap.name)
         ident = next(self._dir_ids)
         self._dirs[ident] = cap
+        if for_call:
+            self._call_dirs.append(ident)
         return DirRef(ident, cap.rights)
+
+    def _release_dir(self, ident: int) -> None:
+        cap = self._dirs.pop(ident, None)
+        if cap is not None:
+            cap.close()
+
+    def _end_call_dirs(self) -> None:
+        """The call is over: its directory arguments go (the worker's proxies of them are closed)."""
+        idents, self._call_dirs = self._call_dirs, []
+        for ident in idents:
+            self._release_dir(ident)
 
     def _wait(self, deadline: float | None) -> str:
         poller = self._poll_set()

@@ -46,6 +46,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "dlist": {"dir": int, "path": str},
     "dunlink": {"dir": int, "path": str},
     "dmkdir": {"dir": int, "path": str},
+    "dclose": {"dir": int},  # the worker is done with a proxy it asked for: the broker lets it go
 }
 
 _ERR_KEYS = {

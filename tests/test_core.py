@@ -10,6 +10,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -86,6 +87,33 @@ class Upper(Worker):
     @rpc
     def ls_in_joined(self, d: Any, path: str) -> str:
         return "\n".join(d.listdir(path))
+
+    @rpc
+    def count_in(self, d: Any) -> int:
+        self.last_arg = d  # (kept past its call: closed when the call ends, as file arguments are)
+        return len(d.listdir(""))
+
+    @rpc
+    def count_in_last_arg(self) -> int:
+        return len(self.last_arg.listdir(""))
+
+    @rpc
+    def ask_dir(self, path: str, keep: bool) -> int:
+        d = self.broker.opendir(path, READ)
+        n = len(d.listdir(""))
+        if keep:
+            self.kept = d
+        else:
+            d.close()
+        return n
+
+    @rpc
+    def close_kept_after_return(self) -> None:
+        def later() -> None:
+            time.sleep(0.2)
+            self.kept.close()  # outside a call: let go with the next request
+
+        threading.Thread(target=later).start()
 
     @rpc
     def count(self, values: list) -> int:
@@ -281,6 +309,28 @@ def test_a_directory_of_many_files_lists_whole(broker: Broker, tree: Path) -> No
     with broker.opendir("data/", READ) as d:
         assert w.ls_in_joined(d, "many") == "\n".join(names)
     assert w.ls("data/sub") == ["c.txt"]  # a short one, as before
+
+
+def test_directory_grants_are_let_go_when_done_with(broker: Broker, tree: Path) -> None:
+    """A directory passed to a call, or asked for by the worker, held a broker
+    fd for the worker's whole life: after 1024 the worker could get no more
+    (NotCapable), and the broker held 1024 fds for it."""
+    before = len(os.listdir("/proc/self/fd"))
+    entries = len(os.listdir(tree / "data"))
+    w = broker.spawn(Upper)
+    for _ in range(1100):  # past the 1024 a worker may hold at once
+        with broker.opendir("data/", READ) as d:
+            assert w.count_in(d) == entries
+        assert w.ask_dir("data/sub", keep=False) == 1
+    assert w._dirs == {}
+    with pytest.raises(ValueError, match="closed directory"):
+        w.count_in_last_arg()  # an argument lives for its call
+    assert w.ask_dir("data/sub", keep=True) == 1 and len(w._dirs) == 1  # the worker's until it closes it
+    w.close_kept_after_return()
+    time.sleep(0.5)
+    assert w.ask_dir("data/sub", keep=False) == 1  # its first request lets the kept one go
+    assert w._dirs == {}
+    assert len(os.listdir("/proc/self/fd")) <= before + 3  # (the worker's channel, pidfd and listener)
 
 
 def test_a_value_too_large_to_send_costs_the_call_not_the_worker(broker: Broker) -> None:

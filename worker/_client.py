@@ -65,6 +65,7 @@ class BrokerClient:
         # call that ends after a thread's check of _in_call sees it.)
         self._threaded = False
         self._owner = threading.get_ident()
+        self._to_release: list[int] = []  # directory proxies closed outside a call: let go at the next request
 
     def _request(self, op: str, **args: Any) -> Any:
         if not self._threaded and threading.get_ident() != self._owner:
@@ -73,6 +74,8 @@ class BrokerClient:
             if not self._in_call:
                 raise RuntimeError("self.broker answers only while an @rpc call runs (in setup() or after the "
                                    "call has returned, nobody is listening)")
+            while self._to_release:
+                self._exchange("dclose", {"dir": self._to_release.pop()})
             rid = next(self._ids)
             self._chan.send({"t": "req", "id": rid, "op": op, "a": args})
             msg = self._chan.recv()
@@ -86,6 +89,27 @@ class BrokerClient:
         if msg["t"] == "rerr":
             raise exception_from_wire(msg["e"])
         return msg["v"]
+
+    def _exchange(self, op: str, args: dict[str, Any]) -> None:
+        """One request whose answer matters to nobody (holding the lock, in a call)."""
+        rid = next(self._ids)
+        self._chan.send({"t": "req", "id": rid, "op": op, "a": args})
+        msg = self._chan.recv()
+        if msg is None:
+            raise BrokerGone(0)
+        check_message(msg, _REPLIES)
+        if msg["t"] == "stop":
+            raise BrokerGone(0)
+        if msg["id"] != rid:
+            raise ProtocolError("reply to a request that was not made")
+
+    def _release_dir(self, ident: int) -> None:
+        """Let the broker go of a directory proxy this worker asked for: now if
+        a call runs, else with the next request."""
+        try:
+            self._request("dclose", dir=ident)
+        except RuntimeError:  # outside a call
+            self._to_release.append(ident)
 
     def _fd_request(self, op: str, args: dict[str, Any]) -> Any:
         value = self._request(op, **args)

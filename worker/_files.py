@@ -205,12 +205,33 @@ class FdDirectory(Directory):
 
 class ProxyDirectory(Directory):
     """A directory granted after entry: every operation is a request that
-    the broker resolves beneath the real directory with openat2."""
+    the broker resolves beneath the real directory with openat2.
 
-    def __init__(self, client: BrokerClient, ref: DirRef):
+    One passed as a call's argument lives for that call, as file arguments
+    do. One the worker asked for (``self.broker.opendir``) is ``owned``: the
+    broker keeps it until ``close()`` (or ``with``) lets it go."""
+
+    def __init__(self, client: BrokerClient, ref: DirRef, *, owned: bool = True):
         self._client = client
         self.id = ref.id
         self.rights = ref.rights
+        self._owned = owned
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._owned:
+                self._client._release_dir(self.id)
+
+    def _check(self, rights: Rights, path: str) -> tuple[str, ...]:
+        if self._closed:
+            raise ValueError("I/O operation on closed directory")
+        return super()._check(rights, path)
 
     def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
         self._check(rights, path)

@@ -68,7 +68,9 @@ def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
         opened.append(f)
         return f
     if isinstance(obj, DirRef):
-        return ProxyDirectory(client, obj)
+        d = ProxyDirectory(client, obj, owned=False)  # the broker lets it go when the call ends
+        opened.append(d)
+        return d
     if type(obj) is list:
         return [_unwrap_args(x, opened, client) for x in obj]
     if type(obj) is dict:
