@@ -44,7 +44,10 @@ def exception_to_wire(exc: BaseException, with_traceback: bool = True) -> dict[s
     filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
     strerror = exc.strerror if isinstance(exc, OSError) else None
     try:
-        msg = str.__str__(str(exc) if strerror is None else str(strerror))  # exact str: no subclass code below
+        if _is_plain_key_error(exc):
+            msg = str.__str__(exc.args[0])  # the key itself: str() would quote it, and the other side again
+        else:
+            msg = str.__str__(str(exc) if strerror is None else str(strerror))  # exact str: no subclass code below
     except Exception:
         msg = "<exception str() failed>"
     return {
@@ -55,6 +58,13 @@ def exception_to_wire(exc: BaseException, with_traceback: bool = True) -> dict[s
         "tb": tb[-32768:],
         "base": _nearest_known(exc),
     }
+
+
+def _is_plain_key_error(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__
+        and len(exc.args) == 1 and isinstance(exc.args[0], str)
+    )
 
 
 def _local_class(name: str) -> type[BaseException] | None:
@@ -111,7 +121,7 @@ def exception_from_wire(err: dict[str, Any]) -> BaseException:
         exc = _errors.RemoteError(name, msg, tb)
     else:
         try:
-            exc = cls(msg)
+            exc = cls(msg) if msg else cls()  # (a bare `raise KeyError` stays bare)
         except Exception:
             exc = _errors.RemoteError(name, msg, tb)
     exc.remote_traceback = tb  # type: ignore[attr-defined]

@@ -608,6 +608,10 @@ class OddErrors(Worker):
             raise _StrSubclass()
         if kind == "strerror-not-str":
             raise OSError(errno.EIO, 6)
+        if kind == "key-error":
+            return {"present": 1}["missing"]  # type: ignore[return-value]
+        if kind == "bare":
+            raise ValueError
         if kind == "notes-not-a-list":
             exc = ValueError("noted")
             exc.__notes__ = 5  # type: ignore[attr-defined]
@@ -620,6 +624,18 @@ class OddErrors(Worker):
     @rpc
     def ping(self) -> str:
         return "pong"
+
+
+def test_a_remote_builtin_exception_keeps_its_args(broker: Broker) -> None:
+    """A KeyError's str() quotes its key: sent as the message, the key came
+    back quoted twice (args[0] == "'missing'"); a bare raise came back with ''."""
+    w = broker.spawn(OddErrors)
+    with pytest.raises(KeyError) as key:
+        w.raise_("key-error")
+    assert key.value.args == ("missing",) and str(key.value) == "'missing'"
+    with pytest.raises(ValueError) as bare:
+        w.raise_("bare")
+    assert bare.value.args == ()
 
 
 def test_exception_names_a_worker_makes_up_cost_the_broker_bounded_memory(
