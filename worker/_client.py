@@ -75,23 +75,14 @@ class BrokerClient:
                 raise RuntimeError("self.broker answers only while an @rpc call runs (in setup() or after the "
                                    "call has returned, nobody is listening)")
             while self._to_release:
-                self._exchange("dclose", {"dir": self._to_release.pop()})
-            rid = next(self._ids)
-            self._chan.send({"t": "req", "id": rid, "op": op, "a": args})
-            msg = self._chan.recv()
-        if msg is None:
-            raise BrokerGone(0)
-        check_message(msg, _REPLIES)
-        if msg["t"] == "stop":
-            raise BrokerGone(0)
-        if msg["id"] != rid:
-            raise ProtocolError("reply to a request that was not made")
+                self._exchange("dclose", {"dir": self._to_release.pop()})  # (its answer matters to nobody)
+            msg = self._exchange(op, args)
         if msg["t"] == "rerr":
             raise exception_from_wire(msg["e"])
         return msg["v"]
 
-    def _exchange(self, op: str, args: dict[str, Any]) -> None:
-        """One request whose answer matters to nobody (holding the lock, in a call)."""
+    def _exchange(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and take its reply (holding the lock, in a call)."""
         rid = next(self._ids)
         self._chan.send({"t": "req", "id": rid, "op": op, "a": args})
         msg = self._chan.recv()
@@ -102,6 +93,7 @@ class BrokerClient:
             raise BrokerGone(0)
         if msg["id"] != rid:
             raise ProtocolError("reply to a request that was not made")
+        return msg
 
     def _release_dir(self, ident: int) -> None:
         """Let the broker go of a directory proxy this worker asked for: now if
