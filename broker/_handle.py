@@ -192,9 +192,7 @@ class WorkerHandle:
                     self._abandon(method, exc)
                 raise
             finally:
-                self._call_thread = None
-                if self._call_dirs:
-                    self._end_call_dirs()
+                self._call_ended()
 
     # -- asyncio ----------------------------------------------------------
     @property
@@ -243,9 +241,7 @@ class WorkerHandle:
                 raise
             finally:
                 self._chan.send_timeout = saved
-                self._call_thread = None
-                if self._call_dirs:
-                    self._end_call_dirs()
+                self._call_ended()
                 self._lock.release()
 
     async def _event(self, deadline: float | None) -> str:
@@ -596,11 +592,14 @@ class WorkerHandle:
         if cap is not None:
             cap.close()
 
-    def _end_call_dirs(self) -> None:
-        """The call is over: its directory arguments go (the worker's proxies of them are closed)."""
-        idents, self._call_dirs = self._call_dirs, []
-        for ident in idents:
-            self._release_dir(ident)
+    def _call_ended(self) -> None:
+        """Either driver, however its call ended: no call of ours is in flight,
+        and the call's directory arguments go (the worker's proxies of them are closed)."""
+        self._call_thread = None
+        if self._call_dirs:
+            idents, self._call_dirs = self._call_dirs, []
+            for ident in idents:
+                self._release_dir(ident)
 
     def _wait(self, deadline: float | None) -> str:
         poller = self._poll_set()
