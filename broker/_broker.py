@@ -17,6 +17,7 @@ from typing import Any
 
 from protocol import NotCapable, ProtocolError, Rights, UnsupportedRights, WorkerCrashed
 from protocol._messages import check_message
+from protocol._paths import local_path
 from protocol._remote import exception_from_wire
 from protocol._rights import rights_from_wire
 from protocol._wire import (
@@ -227,19 +228,20 @@ class Broker:
         self._resolver.close()
 
     # -- authority --------------------------------------------------------
-    def open(self, path: str, rights: Rights = Rights.READ) -> Capability:
-        """Open a file the policy grants, as a capability to pass to a worker."""
+    def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> Capability:
+        """Open a file the policy grants, as a capability to pass to a worker.
+        ``path`` is relative to the broker's root (a str or a ``pathlib`` path)."""
         self._check_open()
         rights = Rights(rights)
-        return self._resolver.open(self._resolver.locate(path, rights), rights)
+        return self._resolver.open(self._resolver.locate(local_path(path), rights), rights)
 
-    def opendir(self, path: str, rights: Rights = Rights.LOOKUP) -> Capability:
+    def opendir(self, path: str | os.PathLike[str], rights: Rights = Rights.LOOKUP) -> Capability:
         """Open a granted directory, as a capability to pass to a worker: at
         spawn (``grants=``) it becomes a Landlock rule; later, a proxy whose
         lookups the broker resolves."""
         self._check_open()
         rights = Rights(rights)
-        return self._resolver.opendir(self._resolver.locate(path, rights), rights)
+        return self._resolver.opendir(self._resolver.locate(local_path(path), rights), rights)
 
     def _check_open(self) -> None:
         if self._closed:

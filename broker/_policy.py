@@ -8,6 +8,7 @@ raising :class:`PolicyError` with the reason.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,7 +81,12 @@ class Policy:
         if not rights:
             raise PolicyError(f"allow({path!r}): empty rights grant nothing")
         if not isinstance(path, str):
-            raise PolicyError("a policy path must be a string")
+            if isinstance(path, os.PathLike):  # a trailing '/' (a directory grant) cannot be told from it
+                raise PolicyError(
+                    f"allow({path!r}): a policy path must be a str, whose trailing '/' says a directory is "
+                    f"granted: write f'{{path}}/' to grant a directory, str(path) to grant one file"
+                )
+            raise PolicyError(f"a policy path must be a str, not {type(path).__name__}")
         if not path:  # (an f-string whose directory came out empty, say: not a grant of everything)
             raise PolicyError("allow(''): an empty policy path; the whole root is './'")
         try:

@@ -20,7 +20,7 @@ import threading
 from typing import Any, NamedTuple, NoReturn
 
 from protocol import NotCapable, PolicyError, Rights
-from protocol._paths import split_relative
+from protocol._paths import is_utf8, split_relative
 from protocol._wire import KIND_DIR, KIND_FILE
 from worker._files import access_flags
 from worker.sandbox._openat2 import openat2 as _linux_openat2
@@ -266,9 +266,7 @@ class Resolver:
         try:
             with os.scandir(fd) as it:
                 for entry in it:
-                    try:
-                        entry.name.encode("utf-8")
-                    except UnicodeEncodeError:
+                    if not is_utf8(entry.name):
                         continue  # not representable on the wire; never guessed at
                     names.append(entry.name)
                     if len(names) > _MAX_LISTDIR:

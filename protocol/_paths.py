@@ -8,10 +8,30 @@ what actually keeps a path inside its tree.
 
 from __future__ import annotations
 
+import os
+
 from ._errors import NotCapable
 
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
+
+
+def local_path(path: object, *, what: str = "path") -> str:
+    """A path given by this process's own code (not read off the wire): a
+    ``str``, or an ``os.PathLike`` such as ``pathlib.Path`` that gives one.
+
+    Anything else is the caller's mistake, a ``TypeError``, not a denial.
+    Only the type is checked here; :func:`split_relative` checks the path."""
+    if type(path) is str:
+        return path
+    if isinstance(path, os.PathLike):
+        given = os.fspath(path)
+        if isinstance(given, str):
+            return given
+        path = given
+    if isinstance(path, (bytes, bytearray)):
+        raise TypeError(f"{what} must be a str or a path-like object giving one, not bytes (os.fsdecode() makes one)")
+    raise TypeError(f"{what} must be a str or a path-like object, not {type(path).__name__}")
 
 
 def split_relative(path: object, *, what: str = "path") -> tuple[str, ...]:
@@ -44,6 +64,17 @@ def split_relative(path: object, *, what: str = "path") -> tuple[str, ...]:
             raise NotCapable(f"a component of the {what} is longer than {MAX_COMPONENT_BYTES} bytes", filename=path)
         parts.append(part)
     return tuple(parts)
+
+
+def is_utf8(name: str) -> bool:
+    """Can ``name`` be asked for? A file name that is not valid UTF-8 (read
+    back with surrogate escapes) cannot travel on the wire, so no path API
+    takes it and no listing shows it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_name(name: object) -> str:

@@ -15,8 +15,8 @@ from conftest import READ, default_policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import Broker
-from protocol import NotCapable, Rights
+from broker import Broker, Policy
+from protocol import NotCapable, PolicyError, Rights
 from protocol._remote import exception_from_wire
 from worker import Worker, rpc
 
@@ -277,3 +277,100 @@ def test_a_remembered_check_grants_no_more_rights_and_forgets_at_close(tree: Pat
     r._located[("data/a.txt", int(READ))] = stale  # as a check racing close() in another thread could leave
     with pytest.raises(NotCapable, match="closed"):
         r.locate("data/a.txt", READ)
+
+
+# -- pathlib paths, and names the wire cannot carry --------------------------
+class PathUser(Worker):
+    """Uses pathlib paths everywhere a path is taken."""
+
+    @rpc
+    def via_broker(self, name: str) -> bytes:
+        from pathlib import PurePosixPath
+
+        with self.broker.open(PurePosixPath("data") / name, Rights.READ) as f:
+            return f.read()
+
+    @rpc
+    def via_directory(self, d: Any, name: str) -> list[object]:
+        from pathlib import PurePosixPath
+
+        with d.open(PurePosixPath(name)) as f:
+            got: list[object] = [f.read()]
+        got.append(d.stat(PurePosixPath(name)).size)
+        got.append(d.listdir(PurePosixPath("sub")))
+        return got
+
+    @rpc
+    def via_spawn_grant(self, name: str) -> list[object]:
+        from pathlib import PurePosixPath
+
+        d = self.grants["data"]
+        with d.open(PurePosixPath(name)) as f:
+            return [f.read(), d.listdir(PurePosixPath("sub"))]
+
+    @rpc
+    def listing(self, d: Any = None) -> list[str]:
+        return (d if d is not None else self.grants["data"]).listdir()
+
+    @rpc
+    def listing_via_broker(self) -> list[str]:
+        return self.broker.listdir("data")
+
+    @rpc
+    def bad_type(self, d: Any = None) -> list[str]:
+        out = []
+        for call in (lambda: self.broker.open(b"data/a.txt"), lambda: (d or self.grants["data"]).open(3)):
+            try:
+                call()
+            except TypeError as exc:
+                out.append(str(exc))
+        return out
+
+
+_LOOKUP = Rights.READ | Rights.SEEK | Rights.FSTAT | Rights.LOOKUP
+
+
+def test_pathlib_paths_are_taken_on_both_sides(tree: Path) -> None:
+    with Broker(Policy().allow("data/", _LOOKUP), root=tree) as b:
+        with b.open(Path("data/a.txt")) as cap:
+            assert os.pread(cap.fileno(), 5, 0) == b"hello"
+        with pytest.raises(NotCapable):  # the same checks as a str: still beneath the root
+            b.open(Path("data/../secret"))
+        for bad in (b"data/a.txt", 3, None):
+            with pytest.raises(TypeError, match="path must be a str or a path-like"):
+                b.open(bad)  # type: ignore[arg-type]
+        w = b.spawn(PathUser)
+        assert w.via_broker("a.txt") == b"hello"
+        assert w.via_directory(b.opendir(Path("data"), _LOOKUP), "a.txt") == [b"hello", 5, ["c.txt"]]
+        assert len(w.bad_type(b.opendir("data", _LOOKUP))) == 2
+
+
+def test_pathlib_paths_in_a_directory_granted_at_spawn(tree: Path) -> None:
+    with Broker(Policy().allow("data/", _LOOKUP), root=tree) as b:
+        w = b.spawn(PathUser, grants={"data": b.opendir("data", _LOOKUP)})
+        assert w.via_spawn_grant("a.txt") == [b"hello", ["c.txt"]]
+        assert len(w.bad_type()) == 2
+
+
+def test_a_policy_path_is_a_str_whose_slash_says_directory() -> None:
+    with pytest.raises(PolicyError, match=r"f'\{path\}/'"):
+        Policy().allow(Path("data"), Rights.READ)  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="not int"):
+        Policy().allow(3, Rights.READ)  # type: ignore[arg-type]
+
+
+def test_names_that_are_not_utf8_are_left_out_of_every_listing(tree: Path) -> None:
+    """The wire carries UTF-8, so no path API can take such a name: the
+    broker's listing, a proxy's and a spawn-time directory's all leave it out
+    the same way, and asking for it is refused."""
+    with open(os.fsencode(tree / "data") + b"/\xff.txt", "wb") as f:
+        f.write(b"x")
+    assert "\udcff.txt" in os.listdir(tree / "data")
+    with Broker(Policy().allow("data/", _LOOKUP), root=tree) as b:
+        w = b.spawn(PathUser, grants={"data": b.opendir("data", _LOOKUP)})
+        expected = sorted(n for n in os.listdir(tree / "data") if n != "\udcff.txt")
+        assert w.listing() == expected  # the fd-backed directory, listed in the worker
+        assert w.listing(b.opendir("data", _LOOKUP)) == expected  # a proxy, listed by the broker
+        assert w.listing_via_broker() == expected
+        with pytest.raises(NotCapable, match="not valid UTF-8"):
+            b.open("data/\udcff.txt")

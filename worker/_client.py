@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from protocol import ProtocolError, Rights
 from protocol._messages import check_message
-from protocol._paths import split_relative
+from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire
 from protocol._wire import Channel, DirRef, ReceivedFd
 
@@ -25,6 +25,13 @@ from ._files import Directory, ProxyDirectory, wrap_received
 _REPLIES = frozenset({"rep", "rerr", "stop"})
 _TYPES = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink", _stat.S_IFIFO: "fifo",
           _stat.S_IFSOCK: "socket", _stat.S_IFCHR: "char", _stat.S_IFBLK: "block"}  # fmt: skip
+
+
+def _checked(path: str | os.PathLike[str]) -> str:
+    """The path as the str sent, checked here for an early, clear error."""
+    path = local_path(path)
+    split_relative(path)
+    return path
 
 
 class BrokerGone(SystemExit):
@@ -125,14 +132,14 @@ class BrokerClient:
             raise ProtocolError("bad listdir reply")
         return value
 
-    def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
+    def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> IO[bytes]:
         """Open a file the policy grants. Returns a binary file object whose
         mode follows ``rights`` (READ: reader, WRITE: writer, both: r+b).
         Without SEEK (or FSTAT) it is a pipe the broker fills from the file."""
-        split_relative(path)
+        path = _checked(path)
         return self._fd_request("open", {"path": path, "rights": int(Rights(rights))})
 
-    def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
+    def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
         """Create an output file. Returns a writable binary file.
 
         The broker gives a hidden temporary file and moves its content into
@@ -140,30 +147,30 @@ class BrokerClient:
         call raises or the worker dies, nothing is left behind. The file is
         closed when the call returns.
         """
-        split_relative(path)
+        path = _checked(path)
         f = self._fd_request("create", {"path": path, "rights": int(Rights(rights))})
         self._created.append(f)
         return f
 
-    def opendir(self, path: str, rights: Rights = Rights.LOOKUP) -> Directory:
+    def opendir(self, path: str | os.PathLike[str], rights: Rights = Rights.LOOKUP) -> Directory:
         """A directory beneath a granted one, resolved by the broker."""
-        split_relative(path)
+        path = _checked(path)
         d = self._fd_request("opendir", {"path": path, "rights": int(Rights(rights))})
         if not isinstance(d, Directory):
             raise ProtocolError("broker answered 'opendir' without a directory")
         return d
 
-    def stat(self, path: str) -> StatResult:
-        split_relative(path)
+    def stat(self, path: str | os.PathLike[str]) -> StatResult:
+        path = _checked(path)
         return self._stat(self._request("stat", path=path))
 
-    def listdir(self, path: str = "") -> list[str]:
-        split_relative(path)
+    def listdir(self, path: str | os.PathLike[str] = "") -> list[str]:
+        path = _checked(path)
         return self._names(self._request("listdir", path=path))
 
-    def mkdir(self, path: str) -> None:
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
         """Make a directory beneath a grant with MKDIRAT."""
-        split_relative(path)
+        path = _checked(path)
         self._request("mkdir", path=path)
 
     def _end_call(self) -> None:

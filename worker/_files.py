@@ -17,7 +17,7 @@ import os
 from typing import IO, TYPE_CHECKING, Any
 
 from protocol import NotCapable, Rights
-from protocol._paths import split_relative
+from protocol._paths import is_utf8, local_path, split_relative
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode
 
 if TYPE_CHECKING:
@@ -76,29 +76,32 @@ class Directory:
 
     rights: Rights
 
-    def _check(self, rights: Rights, path: str) -> tuple[str, ...]:
+    def _check(self, rights: Rights, path: str | os.PathLike[str]) -> tuple[str, tuple[str, ...]]:
+        """(the path as a str, its components), or NotCapable for a path or
+        rights this directory cannot give."""
+        path = local_path(path)
         parts = split_relative(path)
         extra = Rights(rights) & ~self.rights
         if extra:
             raise NotCapable(f"directory grant lacks {Rights(extra).describe()}", filename=path)
-        return parts
+        return path, parts
 
-    def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
+    def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> IO[bytes]:
         raise NotImplementedError
 
-    def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
+    def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
         raise NotImplementedError
 
-    def listdir(self, path: str = "") -> list[str]:
+    def listdir(self, path: str | os.PathLike[str] = "") -> list[str]:
         raise NotImplementedError
 
-    def stat(self, path: str) -> StatResult:
+    def stat(self, path: str | os.PathLike[str]) -> StatResult:
         raise NotImplementedError
 
-    def unlink(self, path: str) -> None:
+    def unlink(self, path: str | os.PathLike[str]) -> None:
         raise NotImplementedError
 
-    def mkdir(self, path: str) -> None:
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -154,27 +157,27 @@ class FdDirectory(Directory):
                 raise NotCapable(os.strerror(exc.errno), errno=exc.errno, filename=path) from exc
             raise
 
-    def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
-        self._check(rights, path)
+    def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> IO[bytes]:
+        path, _ = self._check(rights, path)
         return open_fd(self._openat(path, access_flags(rights) | _BASE), rights)
 
-    def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
-        self._check(rights | Rights.CREATE, path)
+    def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
+        path, _ = self._check(rights | Rights.CREATE, path)
         flags = access_flags(rights | Rights.WRITE) | os.O_CREAT | os.O_EXCL | _BASE
         return open_fd(self._openat(path, flags, 0o644), rights | Rights.WRITE)
 
-    def listdir(self, path: str = "") -> list[str]:
-        self._check(Rights.NONE, path)
+    def listdir(self, path: str | os.PathLike[str] = "") -> list[str]:
+        path, _ = self._check(Rights.NONE, path)
         fd = self._openat(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return sorted(os.listdir(fd))
+            return sorted(name for name in os.listdir(fd) if is_utf8(name))  # as the broker lists
         finally:
             os.close(fd)
 
-    def stat(self, path: str) -> StatResult:
+    def stat(self, path: str | os.PathLike[str]) -> StatResult:
         from ._client import StatResult
 
-        self._check(Rights.NONE, path)
+        path, _ = self._check(Rights.NONE, path)
         fd = self._openat(path, os.O_PATH | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -182,8 +185,8 @@ class FdDirectory(Directory):
             os.close(fd)
         return StatResult.from_stat(st)
 
-    def unlink(self, path: str) -> None:
-        parts = self._check(Rights.UNLINKAT, path)
+    def unlink(self, path: str | os.PathLike[str]) -> None:
+        path, parts = self._check(Rights.UNLINKAT, path)
         if not parts:
             raise NotCapable("unlink needs a name", filename=path)
         parent = self._openat("/".join(parts[:-1]), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -192,8 +195,8 @@ class FdDirectory(Directory):
         finally:
             os.close(parent)
 
-    def mkdir(self, path: str) -> None:
-        parts = self._check(Rights.MKDIRAT, path)
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        path, parts = self._check(Rights.MKDIRAT, path)
         if not parts:
             raise NotCapable("mkdir needs a name", filename=path)
         parent = self._openat("/".join(parts[:-1]), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -228,35 +231,35 @@ class ProxyDirectory(Directory):
             if self._owned:
                 self._client._release_dir(self.id)
 
-    def _check(self, rights: Rights, path: str) -> tuple[str, ...]:
+    def _check(self, rights: Rights, path: str | os.PathLike[str]) -> tuple[str, tuple[str, ...]]:
         if self._closed:
             raise ValueError("I/O operation on closed directory")
         return super()._check(rights, path)
 
-    def open(self, path: str, rights: Rights = Rights.READ) -> IO[bytes]:
-        self._check(rights, path)
+    def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> IO[bytes]:
+        path, _ = self._check(rights, path)
         return self._client._fd_request("dopen", {"dir": self.id, "path": path, "rights": int(Rights(rights))})
 
-    def create(self, path: str, rights: Rights = Rights.WRITE) -> IO[bytes]:
-        self._check(rights | Rights.CREATE, path)
+    def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
+        path, _ = self._check(rights | Rights.CREATE, path)
         f = self._client._fd_request("dcreate", {"dir": self.id, "path": path, "rights": int(Rights(rights))})
         self._client._created.append(f)
         return f
 
-    def listdir(self, path: str = "") -> list[str]:
-        self._check(Rights.NONE, path)
+    def listdir(self, path: str | os.PathLike[str] = "") -> list[str]:
+        path, _ = self._check(Rights.NONE, path)
         return self._client._names(self._client._request("dlist", dir=self.id, path=path))
 
-    def stat(self, path: str) -> StatResult:
-        self._check(Rights.NONE, path)
+    def stat(self, path: str | os.PathLike[str]) -> StatResult:
+        path, _ = self._check(Rights.NONE, path)
         return self._client._stat(self._client._request("dstat", dir=self.id, path=path))
 
-    def unlink(self, path: str) -> None:
-        self._check(Rights.UNLINKAT, path)
+    def unlink(self, path: str | os.PathLike[str]) -> None:
+        path, _ = self._check(Rights.UNLINKAT, path)
         self._client._request("dunlink", dir=self.id, path=path)
 
-    def mkdir(self, path: str) -> None:
-        self._check(Rights.MKDIRAT, path)
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        path, _ = self._check(Rights.MKDIRAT, path)
         self._client._request("dmkdir", dir=self.id, path=path)
 
     def __repr__(self) -> str:
