@@ -42,9 +42,12 @@ class WorkerExit:
             kind = "ok" if code == 0 else "crashed"
         return cls(kind, reason or f"exited with status {code}", exit_code=code)
 
-    def error(self, who: str) -> WorkerCrashed:
-        """The exception a pending or later call raises."""
+    def error(self, who: str, *, later: bool = False) -> WorkerCrashed:
+        """The exception a pending call raises, or (``later``) a call made
+        after the end: the same class, saying the worker is gone."""
         text = f"worker {who}: {self.reason}"
+        if later:
+            text = f"worker {who} has already ended ({self.reason}); a call needs a live worker: spawn another"
         if self.kind == "violation":
             return PolicyViolation(text, self, syscall=self.syscall or "?", args=self.args)
         if self.kind == "timeout":

@@ -350,7 +350,7 @@ class WorkerHandle:
                ) -> tuple[int, float | None]:
         """Send the call; returns its id and deadline."""
         if self.exit is not None:
-            raise self.exit.error(self.name)
+            raise self.exit.error(self.name, later=True)
         cid = next(self._call_ids)
         try:
             if args or kwargs:
@@ -835,6 +835,8 @@ class WorkerHandle:
     def _stopped(self, status: int | None) -> WorkerExit:
         """Record the end of a worker that was asked to stop."""
         ex = WorkerExit.from_status(status) if status is not None else WorkerExit("ok", "stopped")
+        if ex.kind == "ok":
+            ex = WorkerExit("ok", f"stopped, exit status {ex.exit_code}", exit_code=ex.exit_code)
         if ex.kind != "ok" and ex.signal == signal.SIGKILL:
             ex = WorkerExit("ok", "stopped (killed after the grace period)", signal=ex.signal)
         self._set_exit(ex)  # (unless it was recorded meanwhile)

@@ -91,6 +91,28 @@ def test_exit_mid_call_reports_status(tree: Path) -> None:
         assert info.value.exit.exit_code == 3
 
 
+def test_a_call_on_an_ended_worker_says_it_has_ended_and_why(tree: Path) -> None:
+    import asyncio
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        stopped, killed, kept = b.spawn(Sleeper), b.spawn(Sleeper), b.spawn(Sleeper)
+        assert stopped.stop().reason == "stopped, exit status 0"
+        assert killed.kill().reason == "killed by the broker"
+    assert kept.exit is not None and kept.exit.reason == "stopped, exit status 0"  # by the broker's close
+    for w, why in ((stopped, "stopped, exit status 0"), (killed, "killed by the broker"), (kept, "stopped")):
+        with pytest.raises(WorkerCrashed, match=rf"has already ended \({why}.*\); a call needs a live worker"):
+            w.ping()
+        with pytest.raises(WorkerCrashed, match="has already ended"):
+            asyncio.run(w.aio.ping())
+    b2 = Broker(Policy(), root=tree)
+    try:
+        w = b2.spawn(Sleeper)
+        with pytest.raises(WorkerCrashed, match=r"worker #\d+ Sleeper \(pid \d+\): exited with status 7$"):
+            w.exit_now(7)  # the call in flight: no "already"
+    finally:
+        b2.close()
+
+
 def test_timeout_kills_the_worker(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
