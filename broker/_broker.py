@@ -21,6 +21,7 @@ from protocol._paths import local_path
 from protocol._remote import exception_from_wire
 from protocol._rights import rights_from_wire
 from protocol._wire import (
+    CHECK_BLOB_LEN,
     INT_MAX,
     INT_MIN,
     KIND_DIR,
@@ -790,7 +791,11 @@ class Broker:
         worker."""
         t = type(obj)
         if t in SCALAR_TYPES:
-            if (t is int and not INT_MIN <= obj <= INT_MAX) or depth > MAX_DEPTH:
+            if (
+                (t is int and not INT_MIN <= obj <= INT_MAX)
+                or depth > MAX_DEPTH
+                or ((t is bytes or t is str) and len(obj) > CHECK_BLOB_LEN)
+            ):
                 check_sendable(obj, depth)  # raises, saying why
             return obj
         if isinstance(obj, Capability):
@@ -806,7 +811,7 @@ class Broker:
                     raise TypeError(f"map keys must be str, not {type(k).__name__}")
                 out[k] = self._export(handle, v, after, depth + 1)
             return out
-        if isinstance(obj, int) and not INT_MIN <= obj <= INT_MAX:  # an int subclass (IntEnum...)
+        if isinstance(obj, int | bytearray | memoryview | bytes | str):  # IntEnum, a buffer, a str subclass...
             check_sendable(obj, depth)
         return obj
 

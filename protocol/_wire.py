@@ -8,8 +8,8 @@ connection. Nothing here unpickles or evaluates anything.
 File descriptors travel as ``ExtType(EXT_FD)`` markers that name their index
 in the packet's SCM_RIGHTS array; every received fd must be named exactly
 once. Byte strings too large for one packet travel in a memfd
-(``ExtType(EXT_BLOB)``) that the receiver reads once, bounded by
-``MAX_BLOB``.
+(``ExtType(EXT_BLOB)``) that the receiver reads once; the blobs of one
+packet are bounded by ``MAX_BLOB`` in all.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MAX_PACKET = 256 * 1024
 INLINE_BYTES = 64 * 1024
 MAX_FDS = 64
 MAX_DEPTH = 32
-MAX_BLOB = 64 * 1024 * 1024  # a worker can make the broker hold this much per message
+MAX_BLOB = 64 * 1024 * 1024  # a worker can make the broker hold this much per message (all its blobs)
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 63) - 1
 
@@ -204,7 +204,7 @@ def _validate(obj: Any) -> None:
 def check_sendable(obj: Any, depth: int = 0) -> None:
     """Refuse, as the sender, what the peer's wire check would: map keys
     other than str, nesting deeper than ``MAX_DEPTH``, integers outside
-    signed 64 bits. An honest sender hears why (``TypeError`` or
+    signed 64 bits, values over ``MAX_BLOB``. An honest sender hears why (``TypeError`` or
     ``ValueError``) instead of losing its peer. ``depth``: where ``obj`` sits
     in its message. Other types are leaves here: the packer takes or refuses
     them."""
@@ -223,6 +223,28 @@ def check_sendable(obj: Any, depth: int = 0) -> None:
                 if type(k) is not str:
                     raise TypeError(f"map keys must be str, not {type(k).__name__}")
                 stack.append((v, d + 1))
+        elif (isinstance(item, (str, bytes, bytearray)) and len(item) > CHECK_BLOB_LEN) or isinstance(item, memoryview):
+            check_blob_size(item)
+
+
+#: Byte strings and strings longer than this are measured against ``MAX_BLOB``
+#: before they are packed (shorter ones cannot exceed it).
+CHECK_BLOB_LEN = MAX_BLOB // 4
+
+
+def check_blob_size(obj: Any) -> None:
+    """Refuse a byte string or string too large for one blob with
+    :class:`MessageTooLarge`, before packing copies it (which for a value of
+    a gigabyte takes seconds, and may exhaust a worker's address space)."""
+    if isinstance(obj, str):
+        if len(obj) > CHECK_BLOB_LEN:
+            size = len(obj.encode("utf-8", "surrogatepass"))
+            if size > MAX_BLOB:
+                raise MessageTooLarge(f"a string of {size} UTF-8 bytes exceeds the {MAX_BLOB}-byte limit; pass a file")
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        size = obj.nbytes if isinstance(obj, memoryview) else len(obj)
+        if size > MAX_BLOB:
+            raise MessageTooLarge(f"a {size}-byte value exceeds the {MAX_BLOB}-byte limit; pass a file instead")
 
 
 def _read_blob(fd: int, length: int) -> bytes:
@@ -231,15 +253,12 @@ def _read_blob(fd: int, length: int) -> bytes:
         raise ProtocolError("blob fd is not a regular file")
     if length > MAX_BLOB or st.st_size < length:
         raise ProtocolError("blob length out of bounds")
-    out = bytearray(length)
-    view = memoryview(out)
-    pos = 0
-    while pos < length:
-        n = os.preadv(fd, [view[pos:]], pos)
-        if n <= 0:
-            raise ProtocolError("blob shorter than announced")
-        pos += n
-    return bytes(out)
+    # One read into the bytes returned (no second copy): a regular file reads
+    # short only at its end, which a sender that shrank its memfd has moved.
+    data = os.pread(fd, length, 0)
+    if len(data) != length:
+        raise ProtocolError("blob shorter than announced")
+    return data
 
 
 def _make_blob_fd(data: bytes) -> int:
@@ -361,21 +380,33 @@ def encode(
 
 
 def _outline(obj: Any) -> Any:
-    """Copy ``obj`` with large byte strings and strings replaced by blob markers."""
-    if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) > INLINE_BYTES:
-        if len(obj) > MAX_BLOB:
-            raise ValueError(f"a {len(obj)}-byte value exceeds the {MAX_BLOB}-byte limit; pass a file instead")
-        return _Blob(bytes(obj))
-    if isinstance(obj, str) and len(obj) > INLINE_BYTES // 4:  # (up to 4 bytes a character)
-        data = obj.encode()  # (a string msgpack cannot pack either, lone surrogates, raises here)
-        if len(data) > MAX_BLOB:
-            raise ValueError(f"a string of {len(data)} UTF-8 bytes exceeds the {MAX_BLOB}-byte limit; pass a file")
-        return _Blob(data, text=True) if len(data) > INLINE_BYTES else obj
-    if isinstance(obj, (list, tuple)):
-        return [_outline(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _outline(v) for k, v in obj.items()}
-    return obj
+    """Copy ``obj`` with large byte strings and strings replaced by blob
+    markers. The blobs of one message hold at most ``MAX_BLOB`` bytes in all:
+    the receiver refuses more."""
+    left = [MAX_BLOB]
+
+    def blob(data: bytes, text: bool) -> _Blob:
+        left[0] -= len(data)
+        if left[0] < 0:
+            raise MessageTooLarge(f"the large values of one message exceed {MAX_BLOB} bytes in all; pass files")
+        return _Blob(data, text)
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) > INLINE_BYTES:
+            check_blob_size(obj)
+            return blob(bytes(obj), False)
+        if isinstance(obj, str) and len(obj) > INLINE_BYTES // 4:  # (up to 4 bytes a character)
+            data = obj.encode()  # (a string msgpack cannot pack either, lone surrogates, raises here)
+            if len(data) > MAX_BLOB:
+                check_blob_size(obj)
+            return blob(data, True) if len(data) > INLINE_BYTES else obj
+        if isinstance(obj, (list, tuple)):
+            return [walk(x) for x in obj]
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        return obj
+
+    return walk(obj)
 
 
 def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = False) -> Any:
@@ -390,6 +421,7 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
     count = len(fds)
     # What each fd became: a ReceivedFd (which then owns it), or _BLOB (read, then closed here).
     got: list[Any] = [None] * count
+    blob_room = [MAX_BLOB]  # for all the blobs of this packet: 64 of MAX_BLOB each would be 4 GiB
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == EXT_FD and len(data) == _FD_EXT_SIZE:
@@ -405,6 +437,9 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
             if index >= count or got[index] is not None:
                 raise ProtocolError("blob reference out of range or repeated")
             got[index] = _BLOB
+            blob_room[0] -= length
+            if blob_room[0] < 0:
+                raise ProtocolError(f"the blobs of one packet exceed {MAX_BLOB} bytes in all")
             blob = _read_blob(fds[index], length)
             if code == EXT_BLOB:
                 return blob

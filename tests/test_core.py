@@ -339,7 +339,7 @@ def test_a_value_too_large_to_send_costs_the_call_not_the_worker(broker: Broker)
     w = broker.spawn(Upper)
     with pytest.raises(MessageTooLarge, match="exceeds"):
         w.count(list(range(100_000)))
-    with pytest.raises(TypeError, match=r"cannot be sent: message of .* exceeds"):
+    with pytest.raises(MessageTooLarge, match=r"numbers\(\) returned a value too large to send: message of .* exceeds"):
         w.numbers(100_000)
     assert w.count(list(range(1000))) == 1000 and w.alive
 
@@ -374,9 +374,45 @@ def test_values_over_the_blob_limit_are_an_error_not_a_crash(broker: Broker) -> 
     from protocol._wire import MAX_BLOB
 
     w = broker.spawn(Upper)
-    with pytest.raises(TypeError, match="pass a file instead"):
+    with pytest.raises(MessageTooLarge, match=r"big\(\) returned a value too large to send: .*pass a file instead"):
         w.big(MAX_BLOB + 1)
     assert w.shout("alive") == "ALIVE"
+
+
+class Hoard(Worker):
+    @rpc
+    def make(self, n: int, text: bool = False) -> object:
+        return "t" * n if text else [b"b" * n]
+
+    @rpc
+    def length(self, *args: object, **kwargs: object) -> int:
+        return len(args) + len(kwargs)
+
+
+def test_a_value_too_large_is_refused_before_it_is_packed(tree: Path) -> None:
+    """Packing a value first and measuring it after copied it once more: a
+    worker returning 150 MB under a 400 MiB address space ran out of memory
+    in the framework and was stopped for it (exit status 70 under the default
+    4 GiB, for a gigabyte), and sending a gigabyte took seconds before the
+    refusal. Now the size is checked first, either way."""
+    from protocol._wire import MAX_BLOB
+
+    policy = Policy().allow("data/", READ).with_limits(address_space=400 << 20)
+    with Broker(policy, root=tree) as b:
+        w = b.spawn(Hoard)
+        for text in (False, True):
+            with pytest.raises(MessageTooLarge, match="make\\(\\) returned a value too large to send"):
+                w.make(150_000_000, text)
+            assert w.alive and w.length() == 0
+        big = b"x" * (MAX_BLOB + 1)
+        for args, kwargs in (((big,), {}), (([1, {"k": big}],), {}), ((), {"k": big}), ((bytearray(big),), {}),
+                             (("é" * (MAX_BLOB // 2 + 1),), {}), ((memoryview(big),), {})):
+            with pytest.raises(MessageTooLarge, match="exceeds the 67108864-byte limit"):
+                w.length(*args, **kwargs)
+        half = b"h" * (MAX_BLOB // 2 + 1)
+        with pytest.raises(MessageTooLarge, match="in all"):  # the blobs of one message, together
+            w.length(half, half)
+        assert w.length(half) == 1 and w.alive
 
 
 def _nested(n: int) -> list:

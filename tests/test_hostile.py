@@ -16,7 +16,9 @@ from broker import Broker
 from protocol import ProtocolError, WorkerCrashed
 from protocol._wire import (
     _BLOB_EXT,
+    EXT_BLOB,
     EXT_TEXT,
+    MAX_BLOB,
     MAX_FDS,
     MAX_PACKET,
     Channel,
@@ -426,6 +428,26 @@ def test_a_text_blob_that_is_not_utf8_is_refused() -> None:
     with pytest.raises(ProtocolError, match="text blob is not UTF-8"):
         decode(payload, [fd])
     assert open_fds() == before - {fd}  # taken, and closed
+
+
+def test_the_blobs_of_one_packet_are_bounded_together() -> None:
+    """64 blobs of MAX_BLOB each would have the broker read 4 GiB for one
+    message. Announced lengths over the budget are refused before any read
+    (the memfds here are sparse: nothing was written to them)."""
+    fds = []
+    for _ in range(3):
+        fd = os.memfd_create("blob", os.MFD_CLOEXEC)
+        os.ftruncate(fd, MAX_BLOB // 2 + 1)
+        fds.append(fd)
+    ext = [msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(i, MAX_BLOB // 2 + 1)) for i in range(3)]
+    before = open_fds()
+    with pytest.raises(ProtocolError, match="exceed 67108864 bytes in all"):
+        decode(msgpack.packb({"t": "ret", "id": 1, "v": ext}), fds)
+    assert open_fds() == before - set(fds)  # taken, and closed
+    ok = os.memfd_create("blob", os.MFD_CLOEXEC)
+    os.write(ok, b"q" * 100)
+    assert decode(msgpack.packb({"t": "ret", "id": 1, "v": [msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(0, 100))]}),
+                  [ok]) == {"t": "ret", "id": 1, "v": [b"q" * 100]}  # fmt: skip
 
 
 _keys = st.one_of(st.text(max_size=3), st.integers(-3, 3), st.binary(max_size=2), st.booleans())

@@ -14,10 +14,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from protocol import Rights
+from protocol import MessageTooLarge, Rights
 from protocol._messages import check_message
 from protocol._remote import exception_to_wire
 from protocol._wire import (
+    CHECK_BLOB_LEN,
     INT_MAX,
     INT_MIN,
     KIND_DIR,
@@ -117,7 +118,9 @@ def serve(instance: Worker, chan: Channel) -> None:
             try:
                 rtype = type(result)
                 if rtype in SCALAR_TYPES:
-                    if rtype is int and not INT_MIN <= result <= INT_MAX:
+                    if (rtype is int and not INT_MIN <= result <= INT_MAX) or (
+                        (rtype is bytes or rtype is str) and len(result) > CHECK_BLOB_LEN
+                    ):
                         check_sendable(result)  # raises, saying why
                     chan.send({"t": "ret", "id": cid, "v": result})
                 elif rtype is io.BufferedReader and not result.closed and "_privsep_ret" in result.__dict__:
@@ -133,6 +136,8 @@ def serve(instance: Worker, chan: Channel) -> None:
                 else:
                     check_sendable(result, 1)  # the broker would end us for it: say why instead
                     chan.send({"t": "ret", "id": cid, "v": result}, _fd_hook)
+            except MessageTooLarge as exc:
+                raise MessageTooLarge(f"{name}() returned a value too large to send: {exc}") from exc
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"{name}() returned a value that cannot be sent: {exc}") from exc
         except BrokerGone:

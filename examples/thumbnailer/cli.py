@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-o", "--output", metavar="OUTPUT_DIR", default="thumbnails",
-        help="where thumbnails go; created if missing (default: ./%(default)s)",
+        help="where thumbnails go; created if missing, and a thumbnail of the same name from an earlier run "
+             "is replaced (default: ./%(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "-s", "--size", type=_positive_int(1, imaging.MAX_SIZE), default=128, metavar="N",
