@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -45,7 +46,7 @@ from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
-from ._handle import HANDLE_NAMES, WorkerHandle, close_fds_in
+from ._handle import HANDLE_NAMES, WorkerHandle, _size, close_fds_in
 from ._interp import checked_environ, child_env
 from ._options import call_timeout as checked_call_timeout
 from ._options import count, rate, wait_timeout
@@ -558,6 +559,23 @@ class Broker:
         self._zygote_loaded.add(cls)
         return "zygote"
 
+    def _setup_failure(self, cause: BaseException) -> WorkerExit:
+        """How a worker that could not start ended, naming the limit that
+        stopped it when one did (a worker's own fds and the interpreter's
+        memory come under the policy's rlimits at entry)."""
+        limits = self.policy.limits
+        text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        if isinstance(cause, MemoryError):
+            hint = "" if limits.address_space is None else (
+                f"; Limits.address_space ({_size(limits.address_space)}) is too small for this worker"
+            )
+            return WorkerExit("oom", f"setup or sandbox entry ran out of memory ({text}){hint}")
+        emfile = getattr(cause, "errno", None) == errno.EMFILE or os.strerror(errno.EMFILE) in str(cause)
+        if emfile and limits.open_files is not None:  # (a SandboxError carries the errno's text only)
+            return WorkerExit("crashed", f"setup or sandbox entry failed: {text}; Limits.open_files "
+                                         f"({limits.open_files}) leaves the worker no fd to make")
+        return WorkerExit("crashed", f"setup or sandbox entry failed: {text}")
+
     def _await_ready(self, handle: WorkerHandle) -> None:
         """Read and check the worker's handshake (the channel is readable)."""
         chan = handle._chan
@@ -577,8 +595,9 @@ class Broker:
         if msg["t"] == "fail":
             cause = exception_from_wire(msg["e"])
             handle._reap(1.0)
-            handle._set_exit(WorkerExit("crashed", f"setup or sandbox entry failed: {cause}"))
-            raise WorkerCrashed(f"worker {handle.name}: setup or sandbox entry failed: {cause}", handle.exit) from cause
+            handle._set_exit(self._setup_failure(cause))
+            assert handle.exit is not None
+            raise WorkerCrashed(f"worker {handle.name}: {handle.exit.reason}", handle.exit) from cause
         notify = msg["notify"]
         if msg["v"] != PROTOCOL_VERSION or msg["pid"] != handle.pid:
             close_fds_in(msg)

@@ -178,6 +178,30 @@ def test_setup_failure_is_reported(tree: Path) -> None:
         assert isinstance(info.value.__cause__, ImportError)
 
 
+def test_a_limit_too_low_to_start_a_worker_is_named(tree: Path) -> None:
+    """It read 'setup or sandbox entry failed: landlock_create_ruleset: Too
+    many open files' (no class, no limit), and a MemoryError at entry (which
+    'Unable to allocate internal buffer.' was, under a small address space)
+    was a crash, not 'oom'."""
+    with Broker(Policy().with_limits(open_files=2), root=tree) as b:
+        with pytest.raises(WorkerCrashed, match=r"setup or sandbox entry failed: SandboxError: .*Too many open files; "
+                                                r"Limits.open_files \(2\) leaves the worker no fd to make") as info:
+            b.spawn(Sleeper)
+        assert info.value.exit is not None and info.value.exit.kind == "crashed"
+        # Whether entry needs a new mapping under a tiny RLIMIT_AS depends on
+        # the heap the spare inherited: the MemoryError's report is checked as such.
+        ex = b._setup_failure(MemoryError("Unable to allocate internal buffer."))
+        assert ex.kind == "oom" and ex.reason == (
+            "setup or sandbox entry ran out of memory (MemoryError: Unable to allocate internal buffer.); "
+            "Limits.address_space (4 GiB) is too small for this worker"
+        )
+        assert b._setup_failure(ImportError("no module x")).reason == (
+            "setup or sandbox entry failed: ImportError: no module x"
+        )
+    with Broker(Policy().with_limits(open_files=8), root=tree) as ok:  # enough to start
+        assert ok.spawn(Sleeper).ping() == "pong"
+
+
 def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
     b = Broker(Policy(), root=tree)
     workers = [b.spawn(Sleeper) for _ in range(4)]
