@@ -48,6 +48,7 @@ from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
 from ._handle import HANDLE_NAMES, WorkerHandle, _size, close_fds_in
 from ._interp import checked_environ, child_env
+from ._logtext import printable
 from ._options import call_timeout as checked_call_timeout
 from ._options import count, rate, wait_timeout
 from ._outputs import PendingOutput
@@ -839,11 +840,12 @@ class Broker:
     ) -> None:
         if not audit_log.isEnabledFor(logging.INFO):
             return
+        shown = path if isinstance(path, str) else repr(path)
         event = {
             "worker": handle.id,
             "pid": handle.pid,
             "request": op,
-            "path": path if isinstance(path, str) else repr(path),
+            "path": shown,
             "rights": rights.describe() if rights is not None else None,
             "decision": decision,
             "reason": reason,
@@ -857,7 +859,7 @@ class Broker:
                 __file__,
                 0,
                 "%s %s %s %s%s",
-                (handle.name, op, event["path"], decision, f" ({reason})" if reason else ""),
+                (handle.name, op, printable(shown), decision, f" ({printable(reason)})" if reason else ""),
                 None,
                 extra={"privsep": event},
             )

@@ -32,6 +32,7 @@ from ._capability import Capability
 from ._cgroup import WorkerCgroup
 from ._deliver import Outgoing
 from ._exit import WorkerExit
+from ._logtext import printable
 from ._loop import readable
 from ._options import call_timeout, wait_timeout
 from ._outputs import PendingOutput
@@ -720,7 +721,8 @@ class WorkerHandle:
             level = logging.INFO if ex.kind == "ok" else logging.WARNING
             if log.isEnabledFor(level):  # the same end, for a program reading the log (record.privsep)
                 end = {"worker": self.id, "pid": self.pid, "class": self.cls.__qualname__, **dataclasses.asdict(ex)}
-                log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, ex.reason, extra={"privsep": end})
+                log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, printable(ex.reason),
+                        extra={"privsep": end})
 
     def _release(self) -> None:
         self._stop_waiting()  # before its fds close under the event loop

@@ -185,6 +185,56 @@ def test_every_worker_end_is_a_structured_log_record(tree: Path, caplog: pytest.
     assert ends[stopped_by_filter.pid]["syscall"] == "openat"
 
 
+class Forger(Worker):
+    """A compromised worker writing lines of its own into the broker's log."""
+
+    @rpc
+    def forge_audit(self, line: str) -> str:
+        try:
+            self.broker.open(f"data/x\n{line}", READ)
+        except OSError as exc:
+            return type(exc).__name__
+        return "opened"
+
+
+class ForgingSetup(Worker):
+    def setup(self) -> None:
+        raise ValueError("boom\rINFO privsep.broker worker #1 ended: ok (stopped)\u2028\x1b[2K")
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_worker_text_cannot_start_a_log_line_of_its_own(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A path asked for or an exception's message went into the audit and
+    broker log lines as it was: its newline started a line of the worker's
+    making (a forged 'granted'). The line escapes it; record.privsep keeps it."""
+    caplog.set_level(logging.INFO, logger="privsep")
+    forged = "INFO privsep.audit #1 Forger open data/secret granted"
+    with Broker(default_policy(), root=tree) as b:
+        assert b.spawn(Forger).forge_audit(forged) == "FileNotFoundError"
+        with pytest.raises(WorkerCrashed):
+            b.spawn(ForgingSetup)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("privsep")]
+    assert lines and all(line.isprintable() for line in lines), lines
+    asked = [r for r in caplog.records if r.name == "privsep.audit" and r.privsep["request"] == "open"]  # type: ignore[attr-defined]
+    assert [r.privsep["path"] for r in asked] == [f"data/x\n{forged}"]  # type: ignore[attr-defined]
+    assert asked[0].getMessage().endswith(f"open data/x\\n{forged} failed (No such file or directory)")
+    (end,) = [r for r in caplog.records if r.name == "privsep.broker" and "ForgingSetup" in r.getMessage()]
+    assert "boom\\rINFO privsep.broker worker #1 ended: ok (stopped)\\u2028\\x1b[2K" in end.getMessage()
+    assert "boom\rINFO" in end.privsep["reason"]  # type: ignore[attr-defined]
+
+
+def test_log_text_escapes_exactly_what_is_not_printable() -> None:
+    from broker._logtext import printable
+
+    assert printable("data/é€😀 x.png") == "data/é€😀 x.png"  # printable text untouched, backslashes too
+    assert printable("a\\b") == "a\\b"
+    assert printable("a\nb\\n") == "a\\nb\\\\n"  # escaped, and then no escape can be forged
+    assert printable("\u202egnp.exe\x00\t") == "\\u202egnp.exe\\x00\\t"
+
+
 def test_request_flood_is_throttled(tree: Path) -> None:
     with Broker(default_policy(), root=tree, request_rate=200.0) as b:
         w = b.spawn(Hog)

@@ -1,0 +1,19 @@
+"""Worker-supplied text in privsep's own log lines.
+
+A path a worker asks for, or the message of an exception it raises, may
+hold a newline: put in a log line as it is, it would start a line of the
+worker's making (a forged ``granted`` in the audit log, say). Log
+messages carry such text escaped; ``record.privsep`` keeps it as it was.
+"""
+
+from __future__ import annotations
+
+
+def printable(text: str) -> str:
+    """``text`` with every character ``str.isprintable`` refuses (controls,
+    line and paragraph separators, bidirectional overrides, ...) escaped as
+    Python writes it (``\\n``, ``\\x1b``, ``\\u2028``), and backslashes
+    doubled where anything was escaped, so no escape can be forged either."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
