@@ -125,6 +125,27 @@ def test_crashed_worker_leaves_no_partial_file(tmp_path: Path) -> None:
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").rglob("*"))
 
 
+class Shouting(Unpacker):
+    """A 'compromised' worker whose errors carry terminal escapes."""
+
+    @rpc
+    def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
+        if out.endswith("numbers.csv"):
+            raise ValueError("\x1b]0;owned\x07\x1b[2J\rfine\nunpack: all members extracted")
+        return super().extract_member(out, total_so_far, limits)
+
+
+def test_a_workers_text_reaches_the_terminal_escaped(tmp_path: Path) -> None:
+    """A worker's exception message went to the terminal as it was: ANSI
+    escapes (retitle, clear screen) and a forged line of the CLI's own."""
+    status, report, stderr = _run(SAMPLES / "good.zip", tmp_path / "out", worker_cls=Shouting)
+    assert status == cli.EXIT_REFUSED
+    (refused,) = [r for r in report["refused"] if r["name"].endswith("numbers.csv")]
+    assert refused["reason"] == "\\x1b]0;owned\\x07\\x1b[2J\\rfine\\nunpack: all members extracted"
+    assert "\x1b" not in stderr and "\r" not in stderr
+    assert all(line.isprintable() for line in stderr.splitlines()), stderr
+
+
 class IgnoresBudget(Unpacker):
     """A 'compromised' worker: writes 4 MiB whatever the limits say."""
 

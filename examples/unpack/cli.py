@@ -149,7 +149,14 @@ def _common_root(a: str, b: str) -> str:
 
 
 def classify(exc: BaseException, timeout: float) -> tuple[str, str]:
-    """Map what a worker call raised to (kind, reason)."""
+    """Map what a worker call raised to (kind, reason). Both are shown on the
+    terminal and the worker wrote much of them: control characters (ANSI
+    escapes, newlines) come out escaped."""
+    kind, reason = _classify(exc, timeout)
+    return safety.shown(kind), safety.shown(reason)
+
+
+def _classify(exc: BaseException, timeout: float) -> tuple[str, str]:
     from protocol import NotCapable, PolicyViolation, RemoteError, WorkerCrashed, WorkerTimeout
 
     if isinstance(exc, WorkerTimeout):

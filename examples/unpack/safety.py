@@ -59,8 +59,12 @@ def split_reason(message: str) -> tuple[str, str]:
 
 def printable(raw: bytes) -> str:
     """A member name as it may be shown on a terminal (no control characters, invalid UTF-8 escaped)."""
-    text = raw.decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return shown(raw.decode("utf-8", "backslashreplace"))
+
+
+def shown(text: str) -> str:
+    """``text`` as it may be shown on a terminal: control characters escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def check_name(raw: bytes) -> tuple[str, ...]:
