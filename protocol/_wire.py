@@ -304,6 +304,11 @@ class _Encoder:
             return msgpack.ExtType(EXT_DIRREF, _DIRREF_EXT.pack(o.id, int(o.rights)))
         elif self.fd_hook is not None:
             fd, kind, rights = self.fd_hook(o)
+        elif hasattr(o, "fileno"):  # a file or socket of the broker's: its rights would be implicit
+            raise TypeError(
+                f"cannot send a {type(o).__name__} to the other side: pass a capability, whose rights are "
+                "explicit (broker.open(path, rights))"
+            )
         else:
             raise TypeError(f"cannot send a {type(o).__name__} to the other side")
         if fd < 0:

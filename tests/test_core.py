@@ -892,3 +892,13 @@ def test_a_file_returned_again_and_again_is_described_each_time(broker: Broker) 
         w.held()
     with w.writer() as cap:  # the worker still serves, and a writer is sent as one (flushed first)
         assert cap.rights & Rights.WRITE and not cap.rights & Rights.READ
+
+
+def test_a_file_object_of_the_brokers_is_refused_with_the_way_to_pass_it(broker: Broker, tree: Path) -> None:
+    w = broker.spawn(Upper)
+    refused = pytest.raises(TypeError, match=r"cannot send a BufferedReader .*pass a capability.*broker\.open")
+    with open(tree / "data" / "a.txt", "rb") as f, refused:
+        w.count_bytes(f)
+    with pytest.raises(TypeError, match=r"cannot send a set to the other side$"):
+        w.echo({1})
+    assert w.count_bytes(broker.open("data/a.txt")) == 5
