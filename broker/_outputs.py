@@ -21,6 +21,18 @@ from ._capability import Capability
 
 PUMP_GRACE = 5.0
 
+#: Why a request beneath a directory that is no longer there fails.
+REMOVED = ("its directory was removed after the broker opened it (the broker keeps the directory it "
+           "opened, as a capability does: a new one by the same name is not it)")
+
+
+def removed(dirfd: int) -> bool:
+    """Has the directory open as ``dirfd`` been removed (no name links to it)?"""
+    try:
+        return os.fstat(dirfd).st_nlink == 0
+    except OSError:
+        return False
+
 
 class PendingOutput:
     """One ``create()`` awaiting the end of its call. Owns both fds."""
@@ -54,11 +66,14 @@ class PendingOutput:
                     # output can no longer change under it.
                     self._copy_to(hidden)
                 os.rename(hidden, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     os.unlink(hidden, dir_fd=self.dirfd)
                 except OSError:
                     pass
+                if isinstance(exc, OSError):  # (named after the output, not the hidden file or /proc)
+                    why = REMOVED if removed(self.dirfd) else exc.strerror or str(exc)
+                    raise type(exc)(exc.errno or errno.EIO, f"output not committed: {why}", self.display) from exc
                 raise
         finally:
             self.discard()
@@ -96,7 +111,10 @@ def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[Pe
             tmp = os.open(".", os.O_TMPFILE | mode | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
             linkable = True
         except OSError as exc:
+            if removed(dirfd):
+                raise FileNotFoundError(errno.ENOENT, REMOVED, display) from exc
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                exc.filename = display
                 raise
             # No O_TMPFILE on this filesystem: a hidden name, unlinked at once.
             hidden = f".{name[:200]}.privsep-{secrets.token_hex(6)}.tmp"

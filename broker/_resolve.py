@@ -26,7 +26,7 @@ from worker._files import access_flags
 from worker.sandbox._openat2 import openat2 as _linux_openat2
 
 from ._capability import Capability
-from ._outputs import PendingOutput, make_output
+from ._outputs import REMOVED, PendingOutput, make_output, removed
 from ._policy import Policy
 
 _BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
@@ -62,7 +62,9 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
 _FREEBSD = sys.platform.startswith("freebsd")
 
 
-def _kernel_denial(exc: OSError, display: str) -> Exception:
+def _kernel_denial(exc: OSError, display: str, base: int = -1) -> Exception:
+    if exc.errno == errno.ENOENT and base >= 0 and removed(base):
+        return FileNotFoundError(errno.ENOENT, REMOVED, display)
     if exc.errno in (errno.EXDEV, errno.ELOOP):
         return NotCapable("path escapes its granted directory (symlink, magic link or '..')", filename=display)
     if exc.errno == errno.EACCES or exc.errno == errno.EPERM:
@@ -186,7 +188,7 @@ class Resolver:
         try:
             fd = openat2(t.base, t.rest, os.O_PATH | os.O_CLOEXEC)
         except OSError as exc:
-            raise _kernel_denial(exc, t.display) from exc
+            raise _kernel_denial(exc, t.display, t.base) from exc
         try:
             return fd, os.fstat(fd)
         except BaseException:
@@ -284,7 +286,7 @@ class Resolver:
         try:
             return openat2(t.base, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), name
         except OSError as exc:
-            raise _kernel_denial(exc, t.display) from exc
+            raise _kernel_denial(exc, t.display, t.base) from exc
 
     def create(self, t: Target, rights: Rights) -> tuple[PendingOutput, Capability]:
         """An output file, written through a temporary and committed later."""

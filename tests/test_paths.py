@@ -374,3 +374,48 @@ def test_names_that_are_not_utf8_are_left_out_of_every_listing(tree: Path) -> No
         assert w.listing_via_broker() == expected
         with pytest.raises(NotCapable, match="not valid UTF-8"):
             b.open("data/\udcff.txt")
+
+
+class Writer(Worker):
+    @rpc
+    def write(self, name: str, nap: float = 0.0) -> str:
+        import time
+
+        with self.broker.create(f"out/{name}") as f:
+            f.write(b"payload")
+        time.sleep(nap)
+        return "written"
+
+    @rpc
+    def read(self, name: str) -> bytes:
+        with self.broker.open(f"data/{name}") as f:
+            return f.read()
+
+
+def test_a_granted_directory_removed_under_the_broker_is_named_as_such(tree: Path) -> None:
+    """The broker keeps the directories it opened; one removed (and made
+    anew by the same name) is not reached any more. That read 'Operation not
+    permitted: .' for a create and named the broker's /proc/self/fd link for
+    an output whose commit failed; it now says why, naming the output."""
+    import shutil
+    import threading
+
+    policy = Policy().allow("out/", Rights.WRITE | Rights.CREATE).allow("data/", READ)
+    with Broker(policy, root=tree) as b:
+        w = b.spawn(Writer)
+        assert w.write("a") == "written" and (tree / "out" / "a").read_bytes() == b"payload"
+        threading.Timer(0.3, shutil.rmtree, (tree / "out",)).start()
+        with pytest.raises(FileNotFoundError, match="output not committed: its directory was removed") as info:
+            w.write("b", 1.0)
+        assert info.value.filename == "out/b" and "/proc" not in str(info.value)
+        (tree / "out").mkdir()
+        with pytest.raises(FileNotFoundError, match="its directory was removed after the broker opened it") as info:
+            w.write("c")
+        assert info.value.filename == "out/c"
+        assert not any((tree / "out").iterdir()) and w.alive
+        shutil.rmtree(tree / "data")
+        with pytest.raises(FileNotFoundError, match="its directory was removed"):
+            w.read("a.txt")
+        (tree / "data").mkdir()
+    with Broker(policy, root=tree) as b:  # a new broker opens the new directories
+        assert b.spawn(Writer).write("d") == "written" and (tree / "out" / "d").exists()
