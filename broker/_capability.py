@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from protocol import Rights
 from protocol._wire import KIND_FILE, kind_of_mode
@@ -38,15 +38,14 @@ class Capability:
         self.kind = kind
         self.name = name
 
-    @classmethod
-    def from_untrusted_fd(cls, fd: int, name: str = "") -> Capability:
-        """Wrap an fd received from a worker. Rights come from the fd itself
-        (its access mode), never from what the worker claimed."""
-        kind = kind_of_mode(os.fstat(fd).st_mode)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        # An O_PATH fd reads as O_RDONLY but can do no I/O at all.
-        rights = Rights.NONE if flags & _O_PATH else _RIGHTS_OF[flags & os.O_ACCMODE, kind == KIND_FILE]
-        return cls(fd, rights, kind, name)
+    @staticmethod
+    def from_untrusted_fd(fd: int, name: str = "") -> Capability:
+        """Wrap an fd received from a worker (ownership taken). Its kind and
+        rights come from the fd itself (file type, access mode), never from
+        what the worker claimed; they are read when first asked for, as
+        neither can change after open (a call answered with a file the
+        caller only closes costs no syscall for them)."""
+        return _Received(fd, name)
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -114,3 +113,35 @@ class Capability:
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
         return f"<Capability {self.name!r} {self.rights.describe()} {state}>"
+
+
+
+class _Received(Capability):
+    """A capability for an fd a worker sent. Its ``kind`` and ``rights``
+    slots stay unset until first read: the read fails over to
+    ``__getattr__``, which derives both from the fd and sets them."""
+
+    __slots__ = ()
+
+    def __init__(self, fd: int, name: str = ""):  # (kind and rights: left unset)
+        self._fd = fd
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr not in ("kind", "rights"):
+            raise AttributeError(attr)
+        fd = self.fileno()
+        kind = kind_of_mode(os.fstat(fd).st_mode)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        # An O_PATH fd reads as O_RDONLY but can do no I/O at all.
+        self.rights = Rights.NONE if flags & _O_PATH else _RIGHTS_OF[flags & os.O_ACCMODE, kind == KIND_FILE]
+        self.kind = kind
+        return getattr(self, attr)
+
+    def __repr__(self) -> str:
+        if self._fd < 0:
+            try:
+                _ = self.rights
+            except ValueError:  # closed before anyone asked
+                return f"<Capability {self.name!r} closed>"
+        return super().__repr__()

@@ -853,6 +853,27 @@ def test_rights_of_an_fd_from_a_worker_come_from_the_fd(tree: Path, how: str, ki
         assert type(cap.rights) is Rights
 
 
+def test_a_capability_from_a_worker_reads_its_rights_when_first_asked(tree: Path) -> None:
+    """(A call answered with a file the caller only closes costs no fstat or
+    fcntl.) Read after the fd changed hands, the rights are still the fd's own;
+    one closed unread says so instead of guessing."""
+    fd = os.open(tree / "data" / "a.txt", os.O_RDONLY | os.O_CLOEXEC)
+    cap = Capability.from_untrusted_fd(fd, name="from worker")
+    assert repr(cap) == f"<Capability 'from worker' READ|FSTAT fd={fd}>"  # derived here, on first use
+    twin = copy.copy(cap)
+    assert (twin.kind, twin.rights) == (KIND_FILE, Rights.READ | Rights.FSTAT)
+    cap.close()
+    twin.close()
+    assert repr(cap) == "<Capability 'from worker' READ|FSTAT closed>"
+    unread = Capability.from_untrusted_fd(os.open(tree / "data", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    unread.close()
+    assert repr(unread) == "<Capability '' closed>"
+    with pytest.raises(ValueError, match="capability is closed"):
+        unread.rights  # noqa: B018
+    with pytest.raises(AttributeError):
+        unread.no_such_attribute  # type: ignore[attr-defined]  # noqa: B018
+
+
 class Returner(Worker):
     @rpc
     def held(self) -> io.BufferedReader:
