@@ -300,11 +300,14 @@ def measure_in_child(mode: str, cases: dict[str, Callable[[int], Any]], n: int, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iterations", type=int, default=2_000_000)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=2_000_000,
+                    help="syscalls per timed loop (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of every mode, taking turns; the best round is reported (default: %(default)s)")
     ap.add_argument("--perf", action="store_true", help="also profile the 1-insn filter's cost in the kernel")
-    ap.add_argument("--perf-calls", type=int, default=20_000_000, help="getppid calls per profiled run")
+    ap.add_argument("--perf-calls", type=int, default=20_000_000,
+                    help="getppid calls per profiled run (default: %(default)s)")
     args = ap.parse_args()
     loops, how = load_loops()
     pr, _pw = os.pipe()
