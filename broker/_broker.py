@@ -326,6 +326,7 @@ class Broker:
         entry fails, ``UnsupportedRights`` for a grant that cannot be enforced.
         """
         _warn_hidden(cls)
+        self._warn_if_forked(cls)
         return self._spawn(cls, timeout, grants)
 
     def _spawn(self, cls: type[Worker], timeout: float | None, grants: Mapping[str, Capability] | None = None
@@ -339,6 +340,7 @@ class Broker:
     ) -> WorkerHandle:
         """``spawn()`` for asyncio: waits for the worker on the event loop."""
         _warn_hidden(cls)
+        self._warn_if_forked(cls)
         if self._needs_main_load(cls):
             # The zygote runs the main script's top-level code (once): not on the loop.
             await asyncio.to_thread(self._ready_zygote_for, cls)
@@ -377,6 +379,7 @@ class Broker:
         semantics. Options: ``timeout``, ``recycle_after``, ``max_rss``,
         ``restart`` ("always"/"never"), ``max_restarts``."""
         self._check_open()
+        self._warn_if_forked(cls)
         pool = WorkerPool(self, cls, (os.cpu_count() or 1) if size is None else size, **options)
         self._pools.append(pool)
         return pool
@@ -414,6 +417,7 @@ class Broker:
         method = self.spawn_method
         if method == "auto":
             method = "zygote" if importable(cls) and cls not in self._fork_only else "fork"
+
         elif method in ("zygote", "exec") and not importable(cls):
             raise TypeError(
                 f"spawn={method!r} needs {cls.__qualname__} findable by name in another interpreter "
@@ -516,6 +520,25 @@ class Broker:
             and cls not in self._zygote_loaded
             and cls not in self._fork_only
             and is_main_ref(module_ref(cls) or "")
+        )
+
+    def _warn_if_forked(self, cls: type[Worker]) -> None:
+        """Where ``spawn="auto"`` will fork ``cls`` from the broker because no
+        other interpreter can find it, say so once per class (from spawn,
+        aspawn or pool: the warning points at their caller), as for a main
+        script the zygote cannot load: a forked worker holds a copy of the
+        broker's memory, which the default spawn never gives a worker."""
+        if not (isinstance(cls, type) and issubclass(cls, Worker)):
+            return  # (refused where it is spawned)
+        if self.spawn_method != "auto" or cls in self._fork_only or importable(cls):
+            return
+        self._fork_only.add(cls)
+        warnings.warn(
+            f"{cls.__qualname__} cannot be found by name in another interpreter (a class defined in a "
+            "function, or in a main module that is no file), so its workers are forked from the broker and "
+            "hold a copy of its memory; define it at module level, or pass spawn='fork' to say so",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
     def _ready_zygote_for(self, cls: type[Worker]) -> str:

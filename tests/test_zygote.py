@@ -633,3 +633,46 @@ def test_signals_the_broker_blocks_are_not_blocked_in_its_workers() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["zygote True []", "fork True []", "exec True []"]
+
+
+def _local_class() -> type[Worker]:
+    class Local(Worker):
+        @rpc
+        def where(self) -> int:
+            return os.getpid()
+
+    return Local
+
+
+def test_a_class_no_interpreter_can_find_is_forked_and_said_so_once(tree: Path) -> None:
+    """A class defined in a function cannot reach the zygote: spawn="auto"
+    forks its workers from the broker, which gives them a copy of the
+    broker's memory. That happened silently; it now warns, once per class,
+    at the caller's line (spawn, aspawn, pool)."""
+    import asyncio
+    import warnings
+
+    local, other = _local_class(), _local_class()
+    with Broker(Policy(), root=tree) as b:
+        with pytest.warns(RuntimeWarning, match=r"_local_class.<locals>.Local cannot be found by name .* forked from "
+                                                r"the broker and hold a copy of its memory") as got:
+            w = b.spawn(local)
+        assert [Path(r.filename).name for r in got] == ["test_zygote.py"]
+        assert w.spawn_method == "fork" and w.where() == w.pid
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            b.spawn(local).stop()  # said once
+            assert b.spawn(Echo).spawn_method == "zygote"  # a module-level class: silently
+        async def main() -> None:
+            await b.aspawn(other)  # the line the warning names
+
+        with pytest.warns(RuntimeWarning, match="cannot be found by name") as got:
+            asyncio.run(main())
+        assert [Path(r.filename).name for r in got] == ["test_zygote.py"]
+        with pytest.warns(RuntimeWarning, match="cannot be found by name") as got:
+            pool = b.pool(_local_class(), size=1)
+        assert [Path(r.filename).name for r in got] == ["test_zygote.py"]
+        pool.shutdown()
+    with warnings.catch_warnings(), Broker(Policy(), root=tree, spawn="fork") as b:
+        warnings.simplefilter("error")
+        assert b.spawn(_local_class()).spawn_method == "fork"  # asked for: nothing to say
