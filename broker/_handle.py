@@ -1021,6 +1021,14 @@ class _Timed:
         self._handle = handle
         self._timeout = timeout
 
+    @property
+    def aio(self) -> _Async:
+        """The async face with this timeout: ``await handle.with_timeout(5).aio.method()``."""
+        return _Async(self._handle, self._timeout)
+
+    def with_timeout(self, seconds: float | None) -> _Timed:
+        return _Timed(self._handle, call_timeout(seconds, "timeout"))
+
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         self._handle._check_method(method)
         return self._handle._call(method, args, kwargs, self._timeout)

@@ -371,3 +371,23 @@ def test_a_handle_serves_one_event_loop_after_another(tree: Path) -> None:
             assert asyncio.run(burst(w)) == ["pong"] * 8
         assert w.ping() == "pong"
         assert asyncio.run(stop(w)) == "ok"
+
+
+def test_a_timeout_for_one_awaited_call_reads_either_way(tree: Path) -> None:
+    """handle.with_timeout(s).aio.method() was an AttributeError ('no @rpc
+    method aio'); it is the same as handle.aio.with_timeout(s).method()."""
+
+    async def main() -> None:
+        async with Broker(Policy(), root=tree) as b:
+            for way in ("timed-aio", "aio-timed"):
+                w = await b.aspawn(AsyncJob)
+                face = w.with_timeout(0.3).aio if way == "timed-aio" else w.aio.with_timeout(0.3)
+                assert await face.nap(0) == w.pid
+                t0 = time.monotonic()
+                with pytest.raises(WorkerTimeout, match=r"ran past its 0.3 s timeout"):
+                    await face.nap(5)
+                assert time.monotonic() - t0 < 3
+            w = await b.aspawn(AsyncJob)
+            assert w.with_timeout(0.3).with_timeout(None).nap(0.5) == w.pid  # the last one given counts
+
+    asyncio.run(main())
