@@ -69,8 +69,7 @@ def _kernel_denial(exc: OSError, display: str, base: int = -1) -> Exception:
         return NotCapable("path escapes its granted directory (symlink, magic link or '..')", filename=display)
     if exc.errno == errno.EACCES or exc.errno == errno.EPERM:
         return NotCapable(os.strerror(exc.errno), errno=exc.errno, filename=display)
-    exc.filename = display
-    return exc
+    return type(exc)(exc.errno, exc.strerror, display)  # (a new one: raised "from exc", not from itself)
 
 
 class Target(NamedTuple):
@@ -315,6 +314,8 @@ class Resolver:
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a directory", t.display)
             os.unlink(name, dir_fd=dirfd)
+        except OSError as exc:  # (named as the worker asked, not by the last component)
+            raise _kernel_denial(exc, t.display, dirfd) from exc
         finally:
             os.close(dirfd)
 
@@ -322,5 +323,7 @@ class Resolver:
         dirfd, name = self._parent_and_name(t)
         try:
             os.mkdir(name, 0o755, dir_fd=dirfd)
+        except OSError as exc:
+            raise _kernel_denial(exc, t.display, dirfd) from exc
         finally:
             os.close(dirfd)

@@ -419,3 +419,35 @@ def test_a_granted_directory_removed_under_the_broker_is_named_as_such(tree: Pat
         (tree / "data").mkdir()
     with Broker(policy, root=tree) as b:  # a new broker opens the new directories
         assert b.spawn(Writer).write("d") == "written" and (tree / "out" / "d").exists()
+
+
+class Maker(Worker):
+    @rpc
+    def mkdir(self, path: str) -> None:
+        self.broker.mkdir(path)
+
+    @rpc
+    def unlink_in(self, d: Any, name: str) -> None:
+        d.unlink(name)
+
+
+def test_a_failed_mkdir_or_unlink_names_the_path_asked_for(tree: Path) -> None:
+    """They named the last component only ('File exists: sub'), and the
+    error was raised from itself (its __cause__ was the exception)."""
+    policy = Policy().allow("out/", Rights.WRITE | Rights.CREATE | Rights.MKDIRAT | Rights.UNLINKAT | Rights.LOOKUP)
+    with Broker(policy, root=tree) as b:
+        w = b.spawn(Maker)
+        w.mkdir("out/sub")
+        with pytest.raises(FileExistsError) as info:
+            w.mkdir("out/sub")
+        assert info.value.filename == "out/sub"
+        with pytest.raises(FileNotFoundError) as info:
+            w.unlink_in(b.opendir("out", Rights.UNLINKAT | Rights.LOOKUP), "sub/nope")
+        assert info.value.filename == "out/sub/nope"
+    local = Broker(policy, root=tree)
+    try:
+        with pytest.raises(FileExistsError) as info:
+            local._resolver.mkdir(local._resolver.locate("out/sub", Rights.MKDIRAT))
+        assert info.value.__cause__ is not info.value and isinstance(info.value.__cause__, FileExistsError)
+    finally:
+        local.close()
