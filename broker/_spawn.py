@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from worker import Worker
+from worker._preload import preload
 from worker._serve import child_main, forked_from_main_thread
 
 
@@ -25,6 +26,7 @@ def fork_worker(
     """Fork a worker. Returns (pid, the broker's end of its channel).
     ``environ``: its environment, replacing the broker's (in ``os.environ``;
     the memory it forked with still holds the broker's)."""
+    preload()  # (once, here in the broker: the child inherits the modules)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     main = forked_from_main_thread()
     ppid = os.getpid()

@@ -282,6 +282,38 @@ def test_grant_quota_per_call(tree: Path) -> None:
         assert b.spawn(Hog).flood(60) == 10
 
 
+class Decoder(Worker):
+    """What a document parser does without an import statement of its own."""
+
+    @rpc
+    def decode(self) -> list[str]:
+        import datetime
+
+        return [
+            b"caf\xe9".decode("latin-1"),
+            b"\x80".decode("cp1252"),
+            b"\x82".decode("cp437"),  # a ZIP member name without the UTF-8 flag
+            b"\x82\xa0".decode("shift_jis"),
+            "bücher.de".encode("idna").decode(),
+            b"\xff\xfeh\x00i\x00".decode("utf-16"),
+            "ok".encode("utf-32-be").decode("utf_32_be"),
+            time.strftime("%Y", time.strptime("2024-01-02", "%Y-%m-%d")),
+            datetime.datetime.strptime("03:04", "%H:%M").strftime("%H.%M"),
+        ]
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
+def test_codecs_and_strptime_work_in_the_sandbox(tree: Path, method: str) -> None:
+    """Python imports a codec's module the first time its name is looked up,
+    and _strptime on the first strptime(): after sandbox entry that import
+    stopped the worker (a stat of the encodings directory). They are loaded
+    before any worker exists."""
+    with Broker(Policy(), root=tree, spawn=method) as b:
+        assert b.spawn(Decoder).decode() == [
+            "café", "€", "é", "あ", "xn--bcher-kva.de", "hi", "ok", "2024", "03.04",
+        ]
+
+
 @pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
 def test_every_spawn_method_gets_the_same_sandbox(tree: Path, method: str) -> None:
     with Broker(Policy().allow("data/", READ), root=tree, spawn=method) as b:

@@ -61,6 +61,7 @@ from protocol._wire import Channel, ReceivedFd, SocketEnd
 
 from ._mainref import import_ref
 from ._prefault import populate, ranges_of
+from ._preload import preload
 from ._priority import Background, may_raise
 from ._rpc import Worker
 from ._serve import (
@@ -376,6 +377,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())  # nor does a signal mask of the broker's thread hold here
     _close_all_but([0, 1, 2, fd, *([] if spare_fd is None else [spare_fd])])
+    preload()  # before any worker is forked: each inherits what it imported
     chan = Channel(socket.socket(fileno=fd))
     spares = None if spare_fd is None else Channel(socket.socket(fileno=spare_fd))
     try:
