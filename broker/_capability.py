@@ -115,7 +115,6 @@ class Capability:
         return f"<Capability {self.name!r} {self.rights.describe()} {state}>"
 
 
-
 class _Received(Capability):
     """A capability for an fd a worker sent. Its ``kind`` and ``rights``
     slots stay unset until first read: the read fails over to
