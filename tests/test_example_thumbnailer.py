@@ -236,6 +236,54 @@ def test_dead_and_killed_workers_are_replaced_and_the_run_goes_on(tmp_path: Path
     assert _tree(out) == {f"ok{i}.jpg" for i in range(5)}  # no partial crash.jpg, no temporaries
 
 
+class Slow(Thumbnailer):
+    @rpc
+    def thumbnail(self, src: Any, size: int, fmt: str, quality: int, out: str) -> dict[str, Any]:
+        time.sleep(30 if out.rsplit("/", 1)[-1].startswith("h") else 0.2)
+        return super().thumbnail(src, size, fmt, quality, out)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_keeps_the_finished_thumbnails_and_says_how_many(tmp_path: Path, presses: int) -> None:
+    """The count said was taken before the image in progress finished (and
+    was committed): it said 2 with 3 on disk. Once: what is in progress
+    finishes and is counted; twice: it is stopped at once, and discarded."""
+    import signal
+    import threading
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    names = [f"p{i:02}.jpg" for i in range(12)] if presses == 1 else ["a0.jpg", "a1.jpg", "h0.jpg", "h1.jpg"]
+    for name in names:
+        shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", inp / name)
+
+    def interrupt_after_two() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (out.is_dir() and len(list(out.iterdir())) >= 2):
+            time.sleep(0.01)
+        for _ in range(presses):
+            time.sleep(0.3)  # (the second press: while the first waits for the image in progress)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+
+    stderr = io.StringIO()
+    threading.Thread(target=interrupt_after_two, daemon=True).start()
+    started = time.monotonic()
+    status = cli.main([str(inp), "-o", str(out), "--workers", "1", "--quiet"], worker_cls=Slow,
+                      stdout=io.StringIO(), stderr=stderr)  # fmt: skip
+    assert status == cli.EXIT_INTERRUPTED
+    assert time.monotonic() - started < 20  # never the 30 s an "h" image takes
+    done = sorted(p.name for p in out.iterdir())
+    assert 2 <= len(done) < len(names) and all(not n.startswith(".") for n in done)
+    if presses == 2:
+        assert done == ["a0.jpg", "a1.jpg"] and "Ctrl-C again to stop at once" in stderr.getvalue()
+    for name in done:
+        with Image.open(out / name) as im:
+            im.load()  # complete images only
+    assert f"after {len(done)} of {len(names)} images; the {len(done)} thumbnails in {out} are complete" in (
+        stderr.getvalue()
+    )
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     for argv in (["--size", "0"], ["--format", "gif"], ["--quality", "101"], [str(tmp_path / "missing")]):
         proc = subprocess.run([sys.executable, "-m", "examples.thumbnailer", *argv, "-o", str(tmp_path / "o")],

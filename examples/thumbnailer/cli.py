@@ -22,7 +22,7 @@ from examples._report import emit
 from .._safe_fs import ensure_subdir
 from . import imaging
 from .make_samples import SAMPLES_DIR, ensure_runtime_specials
-from .progress import Progress, render_summary
+from .progress import Progress, render_summary, safe
 
 PROG = "python3 -m examples.thumbnailer"
 
@@ -69,7 +69,8 @@ exit status:
        samples always are, on purpose)
   {EXIT_USAGE}    usage error (bad option, INPUT_DIR not a directory, ...)
   {EXIT_FATAL}    the sandboxed workers could not be started (see `privsep check`)
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); outputs finished so far are kept, none is partial
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the images in progress are finished (Ctrl-C again stops
+       them), the thumbnails made so far are kept and counted, none is partial
 
 examples:
   {PROG} -o thumbnails                       # the bundled samples
@@ -392,6 +393,27 @@ class _Batch:
                 self.finish(fut)
         self.report["sandbox"] = self.report.get("sandbox") or sandbox_report(self.broker, self.pool)
 
+    def settle(self, stderr: TextIO) -> None:
+        """After a Ctrl-C (the queued tasks cancelled): let the images being
+        converted finish, so that the count said matches what is on disk; a
+        second Ctrl-C kills their workers instead (what they wrote is then
+        discarded, as for any call that does not return)."""
+        for fut in [f for f in self.inflight if f.cancelled()]:
+            self.inflight.pop(fut)[1].close()
+        if not self.inflight:
+            return
+        n = len(self.inflight)
+        print(f"thumbnailer: interrupted; finishing the {n} image{'s' if n > 1 else ''} in progress "
+              "(Ctrl-C again to stop at once)", file=stderr, flush=True)
+        try:
+            wait(self.inflight)
+        except KeyboardInterrupt:
+            for handle in self.pool.workers:
+                handle.kill()
+            wait(self.inflight)  # (at once now: each call ends with its worker)
+        for fut in list(self.inflight):
+            self.finish(fut)
+
     def start(self, job: Job) -> None:
         from protocol import NotCapable
 
@@ -525,7 +547,10 @@ def run(
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)
                 progress.finish()
-                print("thumbnailer: interrupted", file=stderr)
+                batch.settle(stderr)
+                done = len(report["converted"])
+                print(f"thumbnailer: interrupted after {done} of {len(the_plan.jobs)} images; the {done} "
+                      f"thumbnails in {safe(output_dir)} are complete (none is partial)", file=stderr)
                 return EXIT_INTERRUPTED
             finally:
                 pool.shutdown()
