@@ -146,6 +146,45 @@ def test_a_workers_text_reaches_the_terminal_escaped(tmp_path: Path) -> None:
     assert all(line.isprintable() for line in stderr.splitlines()), stderr
 
 
+class Sleepy(Unpacker):
+    """Takes its time over ``numbers.csv``, its third member, having written half of it."""
+
+    @rpc
+    def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
+        if out.endswith("numbers.csv"):
+            with self.broker.create(out) as dst:
+                dst.write(b"n,sq\n")
+            import time
+
+            time.sleep(30)
+        return super().extract_member(out, total_so_far, limits)
+
+
+def test_ctrl_c_counts_what_was_extracted_and_leaves_nothing_partial(tmp_path: Path) -> None:
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "out"
+
+    def interrupt_after_two_files() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_files(out) if out.is_dir() else ()) < 2:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+
+    threading.Thread(target=interrupt_after_two_files, daemon=True).start()
+    started = time.monotonic()
+    stderr = io.StringIO()
+    status = cli.main([str(SAMPLES / "good.zip"), str(out), "--quiet"], worker_cls=Sleepy,
+                      stdout=io.StringIO(), stderr=stderr)  # fmt: skip
+    assert status == cli.EXIT_INTERRUPTED and time.monotonic() - started < 20
+    assert _files(out) == {"docs/readme.txt", "docs/guide/intro.md"}  # not the half-written numbers.csv
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+    assert f"unpack: interrupted after 2 files; what is in {out} is complete (none is partial)" in stderr.getvalue()
+
+
 class IgnoresBudget(Unpacker):
     """A 'compromised' worker: writes 4 MiB whatever the limits say."""
 

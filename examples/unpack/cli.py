@@ -63,7 +63,7 @@ exit status:
        archive, worker crash or timeout), or ARCHIVE is not an archive
   {EXIT_USAGE}    usage error (missing arguments, OUTDIR not empty without --overwrite, ...)
   {EXIT_FATAL}    the sandboxed worker could not be started (see `privsep check`)
-  {EXIT_INTERRUPTED}  interrupted
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the files extracted so far are kept and counted, none is partial
 
 examples:
   {PROG} download.zip unpacked/
@@ -356,8 +356,10 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
                     stopped = {"kind": safety.BOMB, "reason": over, "member": shown}
                     say(f"  STOPPED after {shown}: bomb: {over}")
                     break
-    except KeyboardInterrupt:
-        print("unpack: interrupted", file=stderr)
+    except KeyboardInterrupt:  # (the broker is closed by now: the member in progress, if any, was discarded)
+        n = len(ex.files)
+        print(f"unpack: interrupted after {n} file{'' if n == 1 else 's'}; what is in {safety.shown(outdir)} "
+              "is complete (none is partial)", file=stderr)
         return EXIT_INTERRUPTED
     except PrivsepError as exc:
         print(f"unpack: cannot run the sandboxed worker: {type(exc).__name__}: {exc}", file=stderr)
