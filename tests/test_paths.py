@@ -112,8 +112,12 @@ def test_rights_beyond_policy_are_refused(broker: Broker) -> None:
 
 def test_client_checks_early_too(broker: Broker) -> None:
     w = broker.spawn(Asker)
-    with pytest.raises(NotCapable, match=r"'\.\.'"):
+    with pytest.raises(NotCapable, match=r"'\.\.'") as info:
         w.open_checked("data/../secret")
+    # The worker's traceback shows privsep's own lines too (they were bare "File ..., line N").
+    tb = info.value.remote_traceback  # type: ignore[attr-defined]
+    assert "with self.broker.open(path, Rights.READ) as f:" in tb
+    assert "path = _checked(path)" in tb and 'raise NotCapable(f"\'..\' is not allowed' in tb
 
 
 def test_create_cannot_escape_or_clobber_specials(broker: Broker, tree: Path) -> None:

@@ -443,6 +443,14 @@ def warm_linecache(cls: type[Worker]) -> None:
     import inspect
     import linecache
 
+    if not _warmed:  # privsep's own lines a worker's traceback passes through (self.broker.open, ...)
+        from protocol import _errors, _paths
+
+        from . import _client, _files
+
+        for module in (_client, _files, sys.modules[__name__], _paths, _errors):
+            if module.__file__:
+                linecache.getlines(module.__file__)
     for klass in cls.__mro__:
         try:
             path = inspect.getsourcefile(klass)
