@@ -417,7 +417,6 @@ class Broker:
         method = self.spawn_method
         if method == "auto":
             method = "zygote" if importable(cls) and cls not in self._fork_only else "fork"
-
         elif method in ("zygote", "exec") and not importable(cls):
             raise TypeError(
                 f"spawn={method!r} needs {cls.__qualname__} findable by name in another interpreter "
