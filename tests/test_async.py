@@ -391,3 +391,23 @@ def test_a_timeout_for_one_awaited_call_reads_either_way(tree: Path) -> None:
             assert w.with_timeout(0.3).with_timeout(None).nap(0.5) == w.pid  # the last one given counts
 
     asyncio.run(main())
+
+
+def test_a_broker_made_in_a_thread_serves_the_loop(tree: Path) -> None:
+    """Broker() waits for its zygote (about 90 ms): made with to_thread, the
+    loop runs on meanwhile, and the broker (its zygote started from a worker
+    thread that is not the main one) serves the loop as any other does."""
+
+    async def main() -> None:
+        with _Ticker() as ticker:
+            t0 = time.monotonic()
+            b = await asyncio.to_thread(Broker, Policy(), root=tree)
+            waited = time.monotonic() - t0
+        try:
+            assert ticker.ticks >= waited / 0.005 / 3, (ticker.ticks, waited)  # a blocked loop: 0 or 1
+            w = await b.aspawn(AsyncJob)
+            assert await w.aio.nap(0) == w.pid
+        finally:
+            await b.aclose()
+
+    asyncio.run(main())
