@@ -131,6 +131,12 @@ class Broker:
     environment of the zygote, of exec'd workers and of forked ones (whose
     memory still holds the broker's, as all of its memory), ``setup()``
     included; ``PYTHONPATH`` is always the broker's import path.
+
+    A worker's ``print()`` goes nowhere, unless ``worker_output``: then each
+    line it writes to ``sys.stdout`` or ``sys.stderr`` while a call runs (and
+    those written before, in ``setup()`` or between calls, up to 64 KiB) is
+    a record on the ``privsep.worker`` logger (INFO for stdout, WARNING for
+    stderr), escaped, and held to ``request_rate`` as requests are.
     """
 
     def __init__(
@@ -147,8 +153,12 @@ class Broker:
         max_outputs_per_call: int = 256,
         cgroup_parent: str | None = None,
         environ: Mapping[str, str] | None = None,
+        worker_output: bool = False,
     ):
         check_not_importing()
+        if not isinstance(worker_output, bool):
+            raise TypeError(f"worker_output must be True or False, not {worker_output!r}")
+        self.worker_output = worker_output
         self._environ = checked_environ(environ)
         if not isinstance(policy, Policy):
             raise TypeError("Broker needs a Policy")
@@ -363,6 +373,8 @@ class Broker:
             if not ready():
                 raise handle._fail("timeout", f"setup did not finish within {self.spawn_timeout:g} s")
             self._await_ready(handle)
+            if self.worker_output:
+                handle._chan.send({"t": "cfg", "out": True})  # before any call: its first lines are wanted
             ok = True
         except BaseException:
             if handle.exit is None:

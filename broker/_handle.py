@@ -27,6 +27,8 @@ from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, W
 from protocol._messages import check_message
 from protocol._remote import exception_from_wire, exception_to_wire
 from protocol._wire import SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
+from worker._output import MAX_LINE
+from worker._output import STREAMS as _STREAMS
 
 from ._capability import Capability
 from ._cgroup import WorkerCgroup
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
     from ._broker import Broker
 
 log = logging.getLogger("privsep.broker")
-_IN_CALL = frozenset({"ret", "err", "req", "fail"})
+output_log = logging.getLogger("privsep.worker")  # what workers print, where the broker asks for it
+_IN_CALL = frozenset({"ret", "err", "req", "fail", "out"})
 _RET_KEYS = frozenset({"t", "id", "v"})
 _ids = itertools.count(1)
 
@@ -425,11 +428,22 @@ class WorkerHandle:
                 close_fds_in(msg)  # (none belong in it; any sent with it go now, not at collection)
                 cause = exception_from_wire(msg["e"])
                 raise self._fail("crashed", f"the worker failed: {type(cause).__name__}: {cause}") from cause
-            if msg["id"] != cid and msg["t"] != "req":
+            if msg["t"] == "out":
+                if not self._broker.worker_output:
+                    raise ProtocolError("output the broker did not ask for")
+                if msg["s"] not in _STREAMS or len(msg["x"]) > MAX_LINE:
+                    raise ProtocolError("output line out of bounds")
+            elif msg["id"] != cid and msg["t"] != "req":
                 raise ProtocolError("answer to a call that is not pending")
         except ProtocolError as exc:
             close_fds_in(msg)
             raise self._fail("protocol", str(exc)) from exc
+
+    def _log_output(self, stream: str, text: str) -> None:
+        level = logging.INFO if stream == "stdout" else logging.WARNING
+        if output_log.isEnabledFor(level):  # escaped in the line; record.privsep keeps it as it was
+            record = {"worker": self.id, "pid": self.pid, "stream": stream, "text": text}
+            output_log.log(level, "worker %s %s: %s", self.name, stream, printable(text), extra={"privsep": record})
 
     def _import_answer(self, msg: dict[str, Any]) -> Any:
         try:
@@ -484,6 +498,13 @@ class WorkerHandle:
                         if self.exit is not None:
                             raise self.exit.error(self.name)
                     self._answer(msg, outputs, over_quota=requests > self._broker.max_requests_per_call)
+                elif tag == "out":  # a line the worker printed (asked for: worker_output)
+                    until = self._throttle()
+                    if until is not None:
+                        yield ("sleep", until)
+                        if self.exit is not None:
+                            raise self.exit.error(self.name)
+                    self._log_output(msg["s"], msg["x"])
                 elif tag == "ret":
                     self._pending_call = None
                     value = self._import_answer(msg)

@@ -20,16 +20,18 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "rep": {"id": int, "v": _ANY},
     "rerr": {"id": int, "e": dict},
     "stop": {},
+    "cfg": {"out": bool},  # right after "ready": forward print() output ("out") or not
     # worker -> broker
     "ready": {"v": int, "pid": int, "sandbox": dict, "notify": _ANY},
     "fail": {"e": dict},
     "ret": {"id": int, "v": _ANY},
     "err": {"id": int, "e": dict},
     "req": {"id": int, "op": str, "a": dict},
+    "out": {"s": str, "x": str},  # a line a worker printed (stream, text), while a call runs
 }
 
-FROM_BROKER = frozenset({"call", "rep", "rerr", "stop"})
-FROM_WORKER = frozenset({"ready", "fail", "ret", "err", "req"})
+FROM_BROKER = frozenset({"call", "rep", "rerr", "stop", "cfg"})
+FROM_WORKER = frozenset({"ready", "fail", "ret", "err", "req", "out"})
 
 # worker -> broker requests and their argument schemas
 REQUESTS: dict[str, dict[str, Any]] = {

@@ -226,6 +226,98 @@ def test_worker_text_cannot_start_a_log_line_of_its_own(tree: Path, caplog: pyte
     assert "boom\rINFO" in end.privsep["reason"]  # type: ignore[attr-defined]
 
 
+class Printer(Worker):
+    def setup(self) -> None:
+        print("from setup()")
+        print("x" * 100_000 if os.environ.get("PRIVSEP_TEST_SETUP_FLOOD") else "second setup line")
+
+    @rpc
+    def talk(self) -> str:
+        import sys
+        import warnings
+
+        print("one", 1)
+        print("\x1b]0;owned\x07 escaped")
+        print("w" * 5000)  # more than one out message
+        print("to stderr", file=sys.stderr)
+        t = threading.Thread(target=print, args=("from a thread",))
+        t.start()
+        t.join()
+        warnings.warn("careful", stacklevel=1)
+        print("no newline", end="")
+        return "done"
+
+    @rpc
+    def lines(self, n: int) -> int:
+        for i in range(n):
+            print(i)
+        return n
+
+    @rpc
+    def raw(self, stream: str, text: str) -> str:  # what a compromised worker may send
+        self.broker._chan.send({"t": "out", "s": stream, "x": text})
+        return "sent"
+
+
+def _printed(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
+    return [(r.levelname, r.privsep["stream"], r.privsep["text"]) for r in caplog.records  # type: ignore[attr-defined]
+            if r.name == "privsep.worker"]
+
+
+def test_worker_output_is_off_unless_asked_for(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Printer)
+        assert w.talk() == "done" and w.lines(100) == 100
+        assert _printed(caplog) == []
+        with pytest.raises(WorkerCrashed, match="output the broker did not ask for") as info:
+            w.raw("stdout", "forged")
+        assert info.value.exit.kind == "protocol"
+
+
+def test_worker_output_becomes_log_records_in_order(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree, worker_output=True) as b:
+        w = b.spawn(Printer)
+        assert w.talk() == "done"
+        got = _printed(caplog)
+        assert got[:4] == [("INFO", "stdout", "from setup()"), ("INFO", "stdout", "second setup line"),
+                           ("INFO", "stdout", "one 1"), ("INFO", "stdout", "\x1b]0;owned\x07 escaped")]
+        assert got[4:6] == [("INFO", "stdout", "w" * 4096), ("INFO", "stdout", "w" * 904)]
+        assert got[6:8] == [("WARNING", "stderr", "to stderr"), ("INFO", "stdout", "from a thread")]
+        assert got[8][:2] == ("WARNING", "stderr") and got[8][2].endswith("UserWarning: careful")
+        assert got[-1] == ("INFO", "stdout", "no newline")  # a line begun goes when the call ends
+        messages = [r.getMessage() for r in caplog.records if r.name == "privsep.worker"]
+        assert messages[3] == f"worker {w.name} stdout: \\x1b]0;owned\\x07 escaped"
+        assert all(m.isprintable() for m in messages)
+        assert w.alive and w.lines(3) == 3 and _printed(caplog)[-3:] == [("INFO", "stdout", str(i)) for i in range(3)]
+        for stream, text in (("stdin", "x"), ("stdout", "y" * 4097)):
+            with pytest.raises(WorkerCrashed, match="output line out of bounds"):
+                b.spawn(Printer).raw(stream, text)
+
+
+def test_worker_output_between_calls_is_bounded(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree, worker_output=True, environ={**os.environ, "PRIVSEP_TEST_SETUP_FLOOD": "1"}) as b:
+        assert b.spawn(Printer).lines(0) == 0
+    got = _printed(caplog)
+    assert got[0] == ("INFO", "stdout", "from setup()")
+    assert sum(len(text) for _, _, text in got[1:-1]) <= 64 * 1024
+    assert got[-1][:2] == ("WARNING", "stderr") and "characters of output dropped while no call ran" in got[-1][2]
+
+
+def test_worker_output_is_held_to_the_request_rate(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree, worker_output=True, request_rate=500.0) as b:
+        w = b.spawn(Printer)
+        t0 = time.monotonic()
+        assert w.lines(1000) == 1000
+        assert time.monotonic() - t0 > 0.8  # 1000 lines at 500/s after a burst of 500
+    assert [text for _, _, text in _printed(caplog)][-1000:] == [str(i) for i in range(1000)]
+    with pytest.raises(TypeError, match="worker_output must be True or False"):
+        Broker(Policy(), root=tree, worker_output="yes")  # type: ignore[arg-type]
+
+
 def test_log_text_escapes_exactly_what_is_not_printable() -> None:
     from broker._logtext import printable
 

@@ -33,10 +33,12 @@ from protocol._wire import (
 
 from ._client import BrokerClient, BrokerGone
 from ._files import FdDirectory, ProxyDirectory, fd_of, open_fd, wrap_received
+from ._output import Output
+from ._output import hub as output
 from ._rpc import Worker
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
 
-_FROM_BROKER = frozenset({"call", "stop"})
+_FROM_BROKER = frozenset({"call", "stop", "cfg"})
 EXIT_SETUP_FAILED = 70
 EXIT_PROTOCOL = 71
 
@@ -95,20 +97,31 @@ def serve(instance: Worker, chan: Channel) -> None:
         if msg is None:
             return
         check_message(msg, _FROM_BROKER)
-        if msg["t"] == "stop":
-            return
+        if msg["t"] != "call":
+            if msg["t"] == "stop":
+                return
+            output.configure(msg["out"])  # "cfg"
+            continue
         cid, name, a, k = msg["id"], msg["m"], msg["a"], msg["k"]
         opened: list[Any] = [] if a or k else _NONE_OPENED
         try:
             if name not in methods:
                 raise AttributeError(f"{type(instance).__name__} has no @rpc method {name!r}")
             client._in_call = True
+            if output.forward is not False:
+                if output.forward is None:
+                    output.configure(False)  # the broker did not ask for the output before a call
+                else:
+                    output.send()  # what was printed since the last call
             try:
                 result = getattr(instance, name)(
                     *([_unwrap_args(x, opened, client) for x in a] if a else ()),
                     **(_unwrap_args(k, opened, client) if k else {}),
                 )
             finally:
+                if output.forward:
+                    output.flush()  # (a line begun and not ended goes as it is)
+                    output.send(block=True)  # (the call's lines before its answer)
                 client._in_call = False  # no request from now on...
                 if client._threaded:
                     with client._lock:  # ...and none of another thread's still in flight
@@ -239,8 +252,9 @@ def _become(
     """Make the worker: its instance, ``setup()``, then sandbox entry (when
     ``prepared``). The channel is on CHANNEL_FD and grant i on GRANT_BASE + i."""
     keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
+    sys.stdout, sys.stderr = _take_streams()  # never the real fds (setup()'s prints included)
     instance = cls()
-    instance.broker = BrokerClient(chan)
+    instance.broker = output.client = BrokerClient(chan)
     instance.grants = {
         name: FdDirectory(GRANT_BASE + i, rights, pinned=True)
         if kind == KIND_DIR
@@ -249,7 +263,6 @@ def _become(
     }
     instance.setup()
     _close_all_but([0, 1, 2, *keep, *([] if net_fd is None else [net_fd])])
-    sys.stdout = sys.stderr = _take_sink()  # never the real fds
     report: dict[str, Any] = {"layers": []}
     notify = None
     _freeze_linecache(cls)
@@ -294,7 +307,7 @@ def _failed(chan: Channel | None, exc: BaseException) -> int:
 
 
 _waited = False
-_sink: io.TextIOWrapper | None = None
+_streams: tuple[Output, Output] | None = None
 
 
 def while_waiting() -> None:
@@ -302,12 +315,12 @@ def while_waiting() -> None:
     goes to /dev/null, and the objects and module entries every worker's start
     writes are made or touched now (after a fork, each first write to a page
     costs a copy-on-write fault, about 2 us here)."""
-    global _waited, _sink
+    global _waited, _streams
     import linecache
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_stdio()
-    _sink = _new_sink()
+    _streams = _new_streams()
     linecache.getlines = linecache.getlines  # the entries _freeze_linecache replaces
     linecache.checkcache = linecache.checkcache
     threading.excepthook = threading.excepthook  # and those _python_hooks replaces
@@ -316,26 +329,15 @@ def while_waiting() -> None:
     _waited = True
 
 
-class _Nowhere(io.RawIOBase):
-    """Takes every byte and keeps none."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        return memoryview(b).nbytes
+def _new_streams() -> tuple[Output, Output]:
+    """The worker's sys.stdout and sys.stderr (see worker._output)."""
+    return Output("stdout"), Output("stderr")
 
 
-def _new_sink() -> io.TextIOWrapper:
-    """The worker's sys.stdout and sys.stderr: a text stream that goes
-    nowhere, in bounded memory (a worker may print for as long as it lives)."""
-    return io.TextIOWrapper(io.BufferedWriter(_Nowhere()), encoding="utf-8", errors="backslashreplace")
-
-
-def _take_sink() -> io.TextIOWrapper:
-    global _sink
-    sink, _sink = _sink, None
-    return sink if sink is not None else _new_sink()
+def _take_streams() -> tuple[Output, Output]:
+    global _streams
+    streams, _streams = _streams, None
+    return streams if streams is not None else _new_streams()
 
 
 def _python_hooks() -> None:
