@@ -32,7 +32,9 @@ class _Hub:
     def __init__(self) -> None:
         self.forward: bool | None = None  # None until the broker says (cfg) or the first call comes
         self.client: BrokerClient | None = None
-        self._lock = threading.Lock()  # this state (sending takes the client's lock instead)
+        # This state (sending takes the client's lock instead). Re-entrant: a finalizer that prints
+        # may run, on collection, in the middle of a write.
+        self._lock = threading.RLock()
         self._lines: deque[tuple[str, str]] = deque()
         self._size = 0
         self._dropped = 0
