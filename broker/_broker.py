@@ -46,7 +46,7 @@ from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
-from ._handle import HANDLE_NAMES, WorkerHandle, _size, close_fds_in
+from ._handle import HANDLE_NAMES, WorkerHandle, _size, close_fds_in, reap_dropped
 from ._interp import checked_environ, child_env
 from ._logtext import printable
 from ._options import call_timeout as checked_call_timeout
@@ -156,6 +156,7 @@ class Broker:
         worker_output: bool = False,
     ):
         check_not_importing()
+        reap_dropped()  # forked workers of brokers dropped unclosed
         if not isinstance(worker_output, bool):
             raise TypeError(f"worker_output must be True or False, not {worker_output!r}")
         self.worker_output = worker_output
@@ -422,6 +423,7 @@ class Broker:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
             raise TypeError("spawn() takes a Worker subclass")
+        reap_dropped()  # forked workers of brokers dropped unclosed
         # None: the broker's call_timeout; an infinite one: no limit.
         call_limit = self.call_timeout if timeout is None else checked_call_timeout(timeout, "timeout")
         grants = self._check_spawn_grants(grants_in)

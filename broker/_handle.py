@@ -770,6 +770,9 @@ class WorkerHandle:
     def __del__(self) -> None:
         # Dropped without stop() (its broker dropped unclosed): the fd numbers it owns go with it.
         # (The channel is a socket object, which closes itself; the worker then sees EOF and ends.)
+        if getattr(self, "exit", 0) is None and getattr(self, "_reaper", None) is _waitpid and self._pidfd >= 0:
+            pidfd, self._pidfd = self._pidfd, -1
+            _unwaited.append(pidfd)  # our own child: waited for later (the pidfd goes with it), no zombie
         for attr in ("_notify_fd", "_pidfd"):
             fd = getattr(self, attr, -1)
             if fd >= 0:
@@ -1017,6 +1020,32 @@ def _waitpid(pid: int) -> int | None:
         return os.waitpid(pid, 0)[1]
     except ChildProcessError:
         return None
+
+
+#: Forked workers (children of this process) whose handle went without their
+#: end being waited for (a Broker dropped unclosed), by pidfd (a pid could be
+#: reused once another waiter took it): each ends on its own when its channel
+#: closes, and is waited for here later, not left a zombie. (An exec'd
+#: worker's Popen is reaped by subprocess itself; a zygote's worker by its
+#: zygote.)
+_unwaited: list[int] = []
+
+
+def reap_dropped() -> None:
+    """Wait for those of ``_unwaited`` that have ended (never blocks)."""
+    for _ in range(len(_unwaited)):
+        try:
+            pidfd = _unwaited.pop(0)
+        except IndexError:  # (another thread took the last one)
+            return
+        try:
+            done = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None
+        except ChildProcessError:
+            done = True
+        if done:
+            os.close(pidfd)
+        else:
+            _unwaited.append(pidfd)
 
 
 class _Async:

@@ -350,6 +350,39 @@ def test_a_broker_dropped_unclosed_warns_and_leaves_no_fd_behind(tree: Path) -> 
     assert not any(alive(p) for p in pids)  # each ended as its channel closed
 
 
+def test_forked_workers_of_a_broker_dropped_unclosed_are_not_left_zombies(tree: Path) -> None:
+    """Their parent is this process, and nobody waited for them: each stayed
+    a zombie for as long as the process lived. They are waited for at the
+    next Broker() or spawn."""
+
+    from broker._handle import _unwaited
+
+    def use_and_drop() -> list[int]:
+        b = Broker(Policy(), root=tree, spawn="fork")
+        ws = [b.spawn(Sleeper) for _ in range(3)]
+        assert all(w.ping() == "pong" for w in ws)
+        return [w.pid for w in ws]
+
+    def state(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return "gone"
+
+    with pytest.warns(ResourceWarning, match="a Broker was never closed"):
+        pids = use_and_drop()
+        gc.collect()
+    deadline = time.monotonic() + 5
+    while any(state(p) not in ("Z", "gone") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert {state(p) for p in pids} <= {"Z", "gone"}  # each ended as its channel closed
+    with Broker(Policy(), root=tree, spawn="fork") as b:
+        assert [state(p) for p in pids] == ["gone"] * 3  # waited for by the next broker
+        assert not _unwaited  # (and the pidfds they were waited for by are closed)
+        assert b.spawn(Sleeper).ping() == "pong"
+
+
 def test_a_worker_handle_cannot_be_copied(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
