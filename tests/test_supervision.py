@@ -244,6 +244,7 @@ class Printer(Worker):
         t.start()
         t.join()
         warnings.warn("careful", stacklevel=1)
+        sys.stdout.buffer.write("bytes é\n".encode() + b"\xff\n")  # (code that writes bytes)
         print("no newline", end="")
         return "done"
 
@@ -286,7 +287,8 @@ def test_worker_output_becomes_log_records_in_order(tree: Path, caplog: pytest.L
         assert got[4:6] == [("INFO", "stdout", "w" * 4096), ("INFO", "stdout", "w" * 904)]
         assert got[6:8] == [("WARNING", "stderr", "to stderr"), ("INFO", "stdout", "from a thread")]
         assert got[8][:2] == ("WARNING", "stderr") and got[8][2].endswith("UserWarning: careful")
-        assert got[-1] == ("INFO", "stdout", "no newline")  # a line begun goes when the call ends
+        assert got[-3:] == [("INFO", "stdout", "bytes é"), ("INFO", "stdout", "\\xff"),
+                            ("INFO", "stdout", "no newline")]  # a line begun goes when the call ends
         messages = [r.getMessage() for r in caplog.records if r.name == "privsep.worker"]
         assert messages[3] == f"worker {w.name} stdout: \\x1b]0;owned\\x07 escaped"
         assert all(m.isprintable() for m in messages)

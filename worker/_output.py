@@ -13,10 +13,11 @@ thread of the worker's own) wait for the next call, at most
 
 from __future__ import annotations
 
+import codecs
 import io
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._client import BrokerClient
@@ -112,12 +113,30 @@ class _Hub:
 hub = _Hub()
 
 
+class _Bytes(io.RawIOBase):
+    """``sys.stdout.buffer``: bytes written there join the same lines (UTF-8)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+        self._decoder = codecs.getincrementaldecoder("utf-8")("backslashreplace")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = memoryview(b).tobytes()
+        hub.write(self._name, self._decoder.decode(data))
+        return len(data)
+
+
 class Output(io.TextIOBase):
     """``sys.stdout`` or ``sys.stderr`` of a worker (see the module's doc)."""
 
     def __init__(self, name: str):
         super().__init__()
         self._name = name
+        self.buffer = _Bytes(name)  # for code that writes bytes; unbuffered, so lines keep their order
 
     @property
     def name(self) -> str:
