@@ -508,6 +508,8 @@ class Broker:
             ex = WorkerExit("crashed", "the process was gone when the broker opened its pidfd")
             raise WorkerCrashed(f"{cls.__qualname__} ended before it could be watched", ex) from None
         handle.spawn_method = method
+        # Processes of its own (the filter lets it fork): they end with it (see WorkerHandle._reap).
+        handle._may_fork = self._unsandboxed or "allow-fork" in spec.dangerous
         zygote = self._zygote
         if method == "zygote" and zygote is not None and not zygote.alive():
             # The zygote's children got the parent-death signal and init may have

@@ -107,6 +107,7 @@ class WorkerHandle:
         self._cgroup: WorkerCgroup | None = None  # set by the broker right after
         self._cgroup_report: dict[str, Any] | None = None
         self._reaper = reaper or _waitpid
+        self._may_fork = False  # it may have processes of its own, in its process group
         self._chan = chan
         self._notify_fd = -1
         self._lock = threading.Lock()
@@ -732,6 +733,12 @@ class WorkerHandle:
         if not poller.poll(int(timeout * 1000)):
             self._kill()
             poller.poll(5000)
+        if self._may_fork:
+            # Its own processes (allow-fork, or no sandbox) are in its process group, which they
+            # cannot leave (setpgid and setsid are not in the filter); until it is reaped, its pid
+            # is still that group's id.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
         return self._reaper(self.pid)
 
     def _set_exit(self, ex: WorkerExit) -> None:

@@ -383,6 +383,51 @@ def test_forked_workers_of_a_broker_dropped_unclosed_are_not_left_zombies(tree: 
         assert b.spawn(Sleeper).ping() == "pong"
 
 
+class Forking(Worker):
+    @rpc
+    def child(self) -> int:
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                time.sleep(0.05)
+        return pid
+
+    @rpc
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("end", ["stop", "kill", "timeout", "close"])
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_processes_a_worker_made_end_with_it(tree: Path, end: str, sandboxed: bool) -> None:
+    """With allow-fork (or no sandbox) a worker's own processes outlived it,
+    its broker too: out of reach, running. They are in its process group,
+    which they cannot leave, and are killed with it."""
+    from broker import UNSANDBOXED
+
+    if sandboxed:
+        b = Broker(Policy().with_sandbox(dangerous=("allow-fork",)), root=tree, call_timeout=30)
+    else:
+        b = Broker(Policy(), root=tree, sandbox=UNSANDBOXED, call_timeout=30)
+    try:
+        w = b.spawn(Forking)
+        child = w.child()
+        assert alive(child)
+        if end == "stop":
+            assert w.stop().kind == "ok"
+        elif end == "kill":
+            w.kill()
+        elif end == "timeout":
+            with pytest.raises(WorkerTimeout):
+                w.with_timeout(0.2).sleep(5)
+    finally:
+        b.close()
+    deadline = time.monotonic() + 5
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(child)
+
+
 def test_a_worker_handle_cannot_be_copied(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)

@@ -5,6 +5,7 @@ Runs in the child only. Never returns: the process ends with ``os._exit``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -217,6 +218,10 @@ def child_main(
         import socket
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A process group of its own: processes it may make (allow-fork, or no sandbox) stay in it,
+        # and the broker ends them with it (killpg). (It ignores SIGINT either way.)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
         # Signals the broker's forking thread blocked stay blocked in a fork (and through exec):
         # a worker's own signal.alarm() bounding a parse would never go off.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
