@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from protocol import NotCapable, ProtocolError, Rights, UnsupportedRights, WorkerCrashed
+from protocol import NotCapable, ProtocolError, RemoteError, Rights, UnsupportedRights, WorkerCrashed
 from protocol._messages import check_message
 from protocol._paths import local_path
 from protocol._remote import exception_from_wire
@@ -603,7 +603,10 @@ class Broker:
         stopped it when one did (a worker's own fds and the interpreter's
         memory come under the policy's rlimits at entry)."""
         limits = self.policy.limits
-        text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        if isinstance(cause, RemoteError):  # (its text names the worker's class already)
+            text = str(cause)
+        else:
+            text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
         if isinstance(cause, MemoryError):
             hint = "" if limits.address_space is None else (
                 f"; Limits.address_space ({_size(limits.address_space)}) is too small for this worker"

@@ -62,7 +62,7 @@ class RemoteError(PrivsepError):
     """An exception raised in a worker whose type has no local counterpart."""
 
     def __init__(self, type_name: str, message: str, remote_traceback: str = ""):
-        super().__init__(f"{type_name}: {message}")
+        super().__init__(f"{type_name}: {message}" if message else type_name)
         self.type_name = type_name
         self.remote_message = message
         self.remote_traceback = remote_traceback

@@ -198,6 +198,11 @@ def test_a_limit_too_low_to_start_a_worker_is_named(tree: Path) -> None:
         assert b._setup_failure(ImportError("no module x")).reason == (
             "setup or sandbox entry failed: ImportError: no module x"
         )
+        from protocol import RemoteError  # a SystemExit or KeyboardInterrupt in setup() comes back as one
+
+        ended = b._setup_failure(RemoteError("SystemExit", "bye"))
+        assert ended.reason == "setup or sandbox entry failed: SystemExit: bye"
+        assert str(RemoteError("KeyboardInterrupt", "")) == "KeyboardInterrupt"  # (not "KeyboardInterrupt: ")
     with Broker(Policy().with_limits(open_files=8), root=tree) as ok:  # enough to start
         assert ok.spawn(Sleeper).ping() == "pong"
 
