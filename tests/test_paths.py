@@ -349,6 +349,20 @@ def test_pathlib_paths_are_taken_on_both_sides(tree: Path) -> None:
         assert len(w.bad_type(b.opendir("data", _LOOKUP))) == 2
 
 
+class ProxyReturner(Worker):
+    @rpc
+    def proxy(self) -> Any:
+        return self.broker.opendir("data", _LOOKUP)
+
+
+def test_a_directory_proxy_cannot_be_sent_back_and_says_why(tree: Path) -> None:
+    with Broker(Policy().allow("data/", _LOOKUP), root=tree) as b:
+        w = b.spawn(ProxyReturner)
+        with pytest.raises(TypeError, match="a directory proxy stands for a directory the broker holds"):
+            w.proxy()
+        assert w.alive
+
+
 def test_pathlib_paths_in_a_directory_granted_at_spawn(tree: Path) -> None:
     with Broker(Policy().allow("data/", _LOOKUP), root=tree) as b:
         w = b.spawn(PathUser, grants={"data": b.opendir("data", _LOOKUP)})

@@ -289,6 +289,9 @@ def fd_of(obj: Any) -> tuple[int, int, Rights]:
         if kind is None:
             kind = kind_of_mode(os.fstat(fd).st_mode)
         return fd, kind, _RIGHTS_OF[bool(obj.readable()), bool(obj.writable())]
+    if isinstance(obj, ProxyDirectory):
+        raise TypeError("a directory proxy stands for a directory the broker holds: it cannot be sent back "
+                        "(send the names beneath it instead)")
     raise TypeError(f"cannot send a {type(obj).__name__} to the broker")
 
 
