@@ -238,13 +238,15 @@ def check_blob_size(obj: Any) -> None:
     a gigabyte takes seconds, and may exhaust a worker's address space)."""
     if isinstance(obj, str):
         if len(obj) > CHECK_BLOB_LEN:
-            size = len(obj.encode("utf-8", "surrogatepass"))
-            if size > MAX_BLOB:
-                raise MessageTooLarge(f"a string of {size} UTF-8 bytes exceeds the {MAX_BLOB}-byte limit; pass a file")
+            _refuse_blob(len(obj.encode("utf-8", "surrogatepass")), text=True)
     elif isinstance(obj, (bytes, bytearray, memoryview)):
-        size = obj.nbytes if isinstance(obj, memoryview) else len(obj)
-        if size > MAX_BLOB:
-            raise MessageTooLarge(f"a {size}-byte value exceeds the {MAX_BLOB}-byte limit; pass a file instead")
+        _refuse_blob(obj.nbytes if isinstance(obj, memoryview) else len(obj), text=False)
+
+
+def _refuse_blob(size: int, *, text: bool) -> None:
+    if size > MAX_BLOB:
+        what = f"a string of {size} UTF-8 bytes" if text else f"a {size}-byte value"
+        raise MessageTooLarge(f"{what} exceeds the {MAX_BLOB}-byte limit; pass a file instead")
 
 
 def _read_blob(fd: int, length: int) -> bytes:
@@ -402,8 +404,7 @@ def _outline(obj: Any) -> Any:
             return blob(bytes(obj), False)
         if isinstance(obj, str) and len(obj) > INLINE_BYTES // 4:  # (up to 4 bytes a character)
             data = obj.encode()  # (a string msgpack cannot pack either, lone surrogates, raises here)
-            if len(data) > MAX_BLOB:
-                check_blob_size(obj)
+            _refuse_blob(len(data), text=True)
             return blob(data, True) if len(data) > INLINE_BYTES else obj
         if isinstance(obj, (list, tuple)):
             return [walk(x) for x in obj]
