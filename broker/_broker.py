@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import functools
 import logging
@@ -91,6 +92,29 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit, once the program's own threads have ended: the
+    work queued on a pool never shut down is finished, as ProcessPoolExecutor
+    finishes it (a Ctrl-C meanwhile gives it up), then every Broker of this
+    process left open is closed, so its workers end and are waited for rather
+    than orphaned."""
+    live = [b for b in list(_brokers) if not b._closed and b._pid == os.getpid()]
+    try:
+        for b in live:
+            for pool in list(b._pools):
+                pool.shutdown(wait=True)
+    except KeyboardInterrupt:
+        log.warning("interrupted at exit: the work still queued on privsep pools is given up")
+    for b in live:
+        try:
+            b.close()
+        except Exception:
+            log.exception("closing a Broker at exit failed")
+
+
+atexit.register(_close_at_exit)
 
 
 def _listing(names: list[str]) -> list[str] | str:

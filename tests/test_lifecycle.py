@@ -388,6 +388,63 @@ def test_forked_workers_of_a_broker_dropped_unclosed_are_not_left_zombies(tree: 
         assert b.spawn(Sleeper).ping() == "pong"
 
 
+class SlowWriter(Worker):
+    @rpc
+    def write(self, name: str, seconds: float) -> None:
+        time.sleep(seconds)
+        with self.broker.create(f"out/{name}") as f:
+            f.write(b"done")
+
+
+LEFT_OPEN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from broker import Broker, Policy
+    from protocol import Rights
+    from test_lifecycle import Sleeper, SlowWriter
+    b = Broker(Policy().allow("out/", Rights.WRITE | Rights.CREATE), root={root!r})
+    assert b.spawn(Sleeper).ping() == "pong"
+    pool = b.pool(SlowWriter, size=2)
+    for i in range(8):
+        pool.submit(SlowWriter.write, f"f{{i}}", 0.05)
+    print("submitted", flush=True)  # and the program ends: no shutdown(), no close()
+    """
+)
+
+# Runs a script as a child subreaper: what the script leaves behind is
+# reparented here, and never waited for (a zombie stays one).
+SUBREAPER = textwrap.dedent(
+    """
+    import ctypes, os, subprocess, sys, time
+    assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    rc = subprocess.run([sys.executable, "-c", sys.argv[1]], timeout=60).returncode
+    time.sleep(0.3)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            left.append(pid + ":" + fields[0])
+    print("rc", rc, "left", *left)
+    """
+)
+
+
+def test_at_exit_queued_pool_work_finishes_and_open_brokers_close(tree: Path) -> None:
+    """A program that ends without shutting its pool down or closing its
+    broker lost the queued work (ProcessPoolExecutor finishes it), and left
+    the zygote and its workers orphaned to init."""
+    script = LEFT_OPEN_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))
+    out = subprocess.run([sys.executable, "-c", SUBREAPER, script], capture_output=True, text=True, timeout=90)
+    assert out.stdout.splitlines() == ["submitted", "rc 0 left"], out.stderr
+    assert sorted(p.name for p in (tree / "out").iterdir()) == [f"f{i}" for i in range(8)]
+    assert all(p.read_bytes() == b"done" for p in (tree / "out").iterdir())
+
+
 class Forking(Worker):
     @rpc
     def child(self) -> int:
