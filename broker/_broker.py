@@ -82,6 +82,7 @@ def _forked_reason(parent: int) -> str:
 
 
 _brokers: weakref.WeakSet[Broker] = weakref.WeakSet()
+_CLOSED_WHILE_STARTING = "broker is closed (it was closed while this worker started)"
 
 
 def _after_fork_in_child() -> None:
@@ -259,10 +260,11 @@ class Broker:
                 pass
         for w in workers:
             w.stop(max(0.05, deadline - time.monotonic()))
-        if self._zygote is not None:
-            self._zygote.close()
-        if self._opener_proc is not None:
-            self._opener_proc.close()
+        with self._spawn_lock:  # after a zygote spawn in progress; later ones see _closed
+            if self._zygote is not None:
+                self._zygote.close()
+            if self._opener_proc is not None:
+                self._opener_proc.close()
         self._resolver.close()
 
     # -- authority --------------------------------------------------------
@@ -400,14 +402,22 @@ class Broker:
             self._await_ready(handle)
             if self.worker_output:
                 handle._chan.send({"t": "cfg", "out": True})  # before any call: its first lines are wanted
-            ok = True
-        except BaseException:
+            with self._lock:  # (close() takes its list of workers under this lock, after setting _closed)
+                if not self._closed:
+                    self._workers[handle.id] = handle
+                    ok = True
+            if not ok:
+                raise RuntimeError(_CLOSED_WHILE_STARTING)
+        except BaseException as exc:
             if handle.exit is None:
                 handle.kill()
+            if self._closed and isinstance(exc, Exception) and exc.args != (_CLOSED_WHILE_STARTING,):
+                # (closing it ends the zygote, and this worker with it, mid-handshake: said as what it is)
+                raise RuntimeError(_CLOSED_WHILE_STARTING) from exc
             raise
         finally:
             zygote = self._zygote
-            if handle.spawn_method == "zygote" and zygote is not None:
+            if handle.spawn_method == "zygote" and zygote is not None and not self._closed:
                 zygote.started(handle.pid, ok)
         return handle
 
@@ -494,6 +504,7 @@ class Broker:
 
         try:
             with self._spawn_lock:
+                self._check_open()  # (close() ends the zygote holding this lock: none is started after)
                 if method == "zygote":
                     method = self._zygote_method(cls)
                 if method == "zygote":
@@ -548,9 +559,7 @@ class Broker:
             place(pid)  # before its first call; what setup() touched stays charged where it was
         handle._cgroup = cgroup
         handle._cgroup_report = cgroup_report
-        with self._lock:
-            self._workers[handle.id] = handle
-        return handle
+        return handle  # (one of the broker's workers once its handshake is done: _finish_spawn)
 
     def _needs_main_load(self, cls: type[Worker]) -> bool:
         """Would a spawn of ``cls`` first have the zygote import the main script?"""

@@ -600,6 +600,7 @@ class Channel:
             self._buf.close()
         except BufferError:
             pass  # a decoded packet still views the buffer; it is freed with it
+        self._view = memoryview(bytearray(0))  # a receive now fails as on any closed socket (EBADF)
 
     @property
     def closed(self) -> bool:

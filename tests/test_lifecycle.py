@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gc
 import math
@@ -20,7 +21,7 @@ from typing import IO
 import pytest
 from conftest import READ, open_fds, spare_of
 
-from broker import Broker, Policy
+from broker import Broker, Policy, WorkerHandle
 from protocol import Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
@@ -443,6 +444,82 @@ def test_at_exit_queued_pool_work_finishes_and_open_brokers_close(tree: Path) ->
     assert out.stdout.splitlines() == ["submitted", "rc 0 left"], out.stderr
     assert sorted(p.name for p in (tree / "out").iterdir()) == [f"f{i}" for i in range(8)]
     assert all(p.read_bytes() == b"done" for p in (tree / "out").iterdir())
+
+
+class SlowSetup(Sleeper):
+    def setup(self) -> None:
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
+def test_a_spawn_the_broker_is_closed_under_says_so_and_leaves_nothing(tree: Path, method: str) -> None:
+    """A worker starting on one thread while another closed the broker was
+    stopped under its handshake: spawn() raised a TypeError from the closed
+    channel's buffer, or returned a dead handle. One whose handshake came
+    after close() had listed the workers ran on, a live worker of a closed broker."""
+    b = Broker(Policy(), root=tree, spawn=method)
+    got: list[object] = []
+
+    def spawn() -> None:
+        try:
+            got.append(b.spawn(SlowSetup))
+        except Exception as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=spawn)
+    t.start()
+    time.sleep(0.2)  # in setup()
+    b.close()
+    t.join(10)
+    (exc,) = got
+    assert isinstance(exc, RuntimeError), exc
+    assert str(exc) == "broker is closed (it was closed while this worker started)"
+    assert not any(alive(p) for p in _descendants()[0])
+    assert b.workers == []
+
+
+def test_an_awaited_spawn_the_broker_is_closed_under_says_so(tree: Path) -> None:
+    async def main() -> BaseException | None:
+        b = await asyncio.to_thread(Broker, Policy(), root=tree)
+        task = asyncio.ensure_future(b.aspawn(SlowSetup))
+        await asyncio.sleep(0.2)
+        await b.aclose()
+        try:
+            await task
+        except RuntimeError as exc:
+            return exc
+        return None
+
+    exc = asyncio.run(main())
+    assert exc is not None and str(exc) == "broker is closed (it was closed while this worker started)"
+    assert not any(alive(p) for p in _descendants()[0])
+
+
+def test_no_worker_outlives_a_close_racing_its_spawn(tree: Path) -> None:
+    """close() at every point of a spawn on another thread: each spawn
+    either returns a worker that close() then stopped or raises
+    RuntimeError; no worker process is left."""
+    for delay in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008):
+        b = Broker(Policy(), root=tree)
+        got: list[object] = []
+        t = threading.Thread(target=_spawn_into, args=(b, got))
+        t.start()
+        time.sleep(delay)
+        b.close()
+        t.join(10)
+        (res,) = got
+        if isinstance(res, BaseException):
+            assert isinstance(res, RuntimeError) and str(res).startswith("broker is closed"), res
+        else:
+            assert isinstance(res, WorkerHandle) and not res.alive, res
+        assert not any(alive(p) for p in _descendants()[0]), delay
+
+
+def _spawn_into(b: Broker, got: list[object]) -> None:
+    try:
+        got.append(b.spawn(Sleeper))
+    except Exception as exc:
+        got.append(exc)
 
 
 class Forking(Worker):
