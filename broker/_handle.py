@@ -35,7 +35,7 @@ from ._cgroup import WorkerCgroup
 from ._deliver import Outgoing
 from ._exit import WorkerExit
 from ._logtext import printable
-from ._loop import readable
+from ._loop import readable, ready_now
 from ._options import call_timeout, wait_timeout
 from ._outputs import PendingOutput
 from ._violation import report
@@ -122,7 +122,7 @@ class WorkerHandle:
         # asyncio.run(), a test's own loop) gets a lock of its own; self._lock still excludes the rest.
         self._alock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._pending_call: int | None = None  # sent, its answer not yet taken
-        self._call_thread: int | None = None  # the thread whose call is in flight
+        self._call_thread: int | None = None  # the thread whose call (or awaited stop) holds _lock
         # An awaited call's wait on the loop: (loop, future, fds watched).
         self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[str], list[int]] | None = None
         self._dirs: dict[int, Capability] = {}
@@ -253,6 +253,8 @@ class WorkerHandle:
         """The next event for an awaited call: "chan", "notify", "timeout", or
         "gone" (the worker was ended on this thread while the call waited)."""
         while True:
+            if self.exit is not None:  # ended by another task while this one was not waiting on its fds
+                return "gone"
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"  # even if the worker keeps a message always waiting
             ready = self._ready_now()
@@ -812,7 +814,7 @@ class WorkerHandle:
 
     def _died(self) -> WorkerCrashed:
         """The channel hit EOF: find out how the worker ended."""
-        if self._notify_fd >= 0 and select.select([self._notify_fd], [], [], 0)[0]:
+        if self._notify_fd >= 0 and ready_now(self._notify_fd):
             try:
                 self._on_notification()
             except WorkerCrashed as exc:
@@ -894,6 +896,10 @@ class WorkerHandle:
                 return self.exit
             if not self._lock.acquire(blocking=False):  # a synchronous call on another thread
                 return await asyncio.to_thread(self.stop, timeout)
+            # Held across awaits: a kill() or stop() of another task on this loop must not
+            # wait for it (the loop would be blocked); as with an awaited call, they end the
+            # worker at once, and the wait below sees it go.
+            self._call_thread = threading.get_ident()
             try:
                 try:
                     self._chan.send({"t": "stop"})
@@ -904,6 +910,7 @@ class WorkerHandle:
                     await self._exited(5.0)
                 return self._stopped(self._reap(0.0))
             finally:
+                self._call_thread = None
                 self._lock.release()
         finally:
             alock.release()

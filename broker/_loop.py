@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import select
+
+
+def ready_now(fd: int) -> bool:
+    """Is ``fd`` readable (or hung up) now? With poll(): select() refuses an
+    fd past 1023, and a broker of a few hundred workers holds such fds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def readable(fd: int, timeout: float) -> bool:
     """Wait until ``fd`` is readable (a pidfd: its process has ended); False
-    after ``timeout`` seconds. The fd must stay open while this waits."""
-    if select.select([fd], [], [], 0)[0]:
+    after ``timeout`` seconds.
+
+    The loop watches a duplicate of ``fd``, owned here, so ``fd`` may be
+    closed meanwhile (another task reaping the process): had the loop watched
+    ``fd`` itself, a new fd given its number would have taken over the stale
+    registration, never to be polled, and lost it again when this wait ended."""
+    if ready_now(fd):
         return True
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
@@ -18,11 +32,15 @@ async def readable(fd: int, timeout: float) -> bool:
         if not fut.done():
             fut.set_result(None)
 
-    loop.add_reader(fd, ready)
+    own = os.dup(fd)
     try:
-        await asyncio.wait_for(fut, timeout)
-        return True
-    except TimeoutError:
-        return False
+        loop.add_reader(own, ready)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(own)
     finally:
-        loop.remove_reader(fd)
+        os.close(own)

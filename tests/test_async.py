@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,100 @@ def test_a_broker_made_in_a_thread_serves_the_loop(tree: Path) -> None:
             await b.aclose()
 
     asyncio.run(main())
+
+
+def test_a_wait_on_the_loop_survives_its_fd_closed_and_the_number_reused() -> None:
+    """akill()/astop() waited on the loop for the handle's pidfd, which an
+    awaited call of another task could close meanwhile (reaping the worker).
+    The fd number went to a new fd, a new worker's channel say: the loop's
+    stale registration took it over without polling it (that spawn waited
+    out its 30 s timeout), and lost it when the old wait ended."""
+    from broker._loop import readable
+
+    async def main() -> tuple[bool, bool]:
+        r, w = os.pipe()
+        old_wait = asyncio.ensure_future(readable(r, 0.3))
+        await asyncio.sleep(0.01)  # registered on the loop
+        os.close(r)  # (the handle reaps and closes its pidfd)
+        held: list[int] = []
+        r2, w2 = os.pipe()
+        while r2 != r and len(held) < 64:  # take the number over, as the next fd made does
+            held += (r2, w2)
+            r2, w2 = os.pipe()
+        assert r2 == r
+        new_wait = asyncio.ensure_future(readable(r2, 2.0))
+        await asyncio.sleep(0.01)
+        assert await old_wait is False  # (its own fd got no data; it times out and lets go)
+        os.write(w2, b"x")
+        start = time.monotonic()
+        got = await new_wait
+        for fd in (w, r2, w2, *held):
+            os.close(fd)
+        return got, time.monotonic() - start < 1.0
+
+    assert asyncio.run(main()) == (True, True)
+
+
+@pytest.fixture
+def fds_past_1023() -> Iterator[None]:
+    """Fds below 1100 taken, so that every new fd is past select()'s 1023,
+    as in a broker of a few hundred workers."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}: no fd past 1023 can be made")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_workers_whose_fds_are_past_1023_end_as_reported(tree: Path, fds_past_1023: None) -> None:
+    """A worker's death was looked into with select(), which refuses an fd
+    past 1023: its call raised ValueError instead of WorkerCrashed, and
+    akill()/astop() failed the same way."""
+
+    async def main() -> None:
+        b = await asyncio.to_thread(Broker, Policy(), root=tree)
+        async with b:
+            w = await b.aspawn(AsyncJob)
+            assert min(w._chan.fileno(), w._pidfd, w._notify_fd) > 1023
+            with pytest.raises(WorkerCrashed, match="exited with status 3"):
+                await w.aio.exit_after(0, 3)
+            w2 = await b.aspawn(AsyncJob)
+            assert await w2.aio.ping() == "pong"
+            assert (await w2.akill()).kind == "signal"
+            w3 = await b.aspawn(AsyncJob)
+            assert (await w3.astop()).kind == "ok"
+
+    asyncio.run(main())
+
+
+def test_akill_while_astop_waits_ends_the_worker_without_blocking_the_loop(tree: Path) -> None:
+    """astop() held the call lock while it awaited the worker's end; an
+    akill() of another task then waited for that lock with the loop blocked:
+    10 s, then RuntimeError('in-flight call did not end after SIGKILL')."""
+
+    async def main() -> tuple[str, str, float]:
+        b = await asyncio.to_thread(Broker, Policy(), root=tree)
+        async with b:
+            w = await b.aspawn(AsyncJob)
+            os.kill(w.pid, signal.SIGSTOP)  # it cannot read the stop message: astop() waits
+            stopping = asyncio.ensure_future(w.astop(timeout=5.0))
+            await asyncio.sleep(0.1)
+            start = time.monotonic()
+            killed = await w.akill()
+            stopped = await stopping
+            return killed.kind, stopped.kind, time.monotonic() - start
+
+    killed, stopped, took = asyncio.run(main())
+    assert (killed, stopped) == ("signal", "signal")
+    assert took < 2.0
