@@ -123,6 +123,9 @@ class WorkerHandle:
         self._alock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._pending_call: int | None = None  # sent, its answer not yet taken
         self._call_thread: int | None = None  # the thread whose call (or awaited stop) holds _lock
+        # Set by kill()/stop() before the SIGKILL that ends a call in flight on another
+        # thread, which records the end: so that it reads as what it was, not as any SIGKILL.
+        self._ending: WorkerExit | None = None
         # An awaited call's wait on the loop: (loop, future, fds watched).
         self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[str], list[int]] | None = None
         self._dirs: dict[int, Capability] = {}
@@ -827,7 +830,9 @@ class WorkerHandle:
         )
         if ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
-        if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._maybe_oom():
+        if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None:
+            ex = self._ending  # (kill() or stop() on another thread, while this call was in flight)
+        elif ex.kind == "signal" and ex.signal == signal.SIGKILL and self._maybe_oom():
             assert self._cgroup is not None
             limit = _size(self._cgroup.limit)
             ex = WorkerExit("oom", f"killed by the OOM killer at its memory cgroup's limit ({limit})", signal=ex.signal)
@@ -853,6 +858,8 @@ class WorkerHandle:
             return self._end_during_call("ok", "stopped during a call (killed)")
         got = self._lock.acquire(timeout=timeout)
         if not got:
+            self._ending = WorkerExit("ok", "stopped during a call (killed after the grace period)",
+                                      signal=signal.SIGKILL)
             self._kill()  # the in-flight call sees EOF, reaps and records the exit
             if not self._lock.acquire(timeout=10.0):
                 raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
@@ -940,6 +947,7 @@ class WorkerHandle:
             return self.exit
         if self._call_thread == threading.get_ident():
             return self._end_during_call("signal", "killed by the broker")
+        self._ending = WorkerExit("signal", "killed by the broker", signal=signal.SIGKILL)
         self._kill()
         # A call in flight on another thread sees the channel end and records
         # the exit itself; its fds must not close under it.

@@ -114,6 +114,39 @@ def test_a_call_on_an_ended_worker_says_it_has_ended_and_why(tree: Path) -> None
         b2.close()
 
 
+@pytest.mark.parametrize(
+    "how, kind, reason",
+    [
+        ("kill", "signal", "killed by the broker"),
+        ("stop", "ok", "stopped during a call (killed after the grace period)"),
+    ],
+)
+def test_ending_a_worker_whose_call_runs_on_another_thread_says_who_ended_it(
+    tree: Path, how: str, kind: str, reason: str
+) -> None:
+    """The call in flight records the end it sees: it read "killed by
+    SIGKILL", as if from the OOM killer or a stranger, and a stop() then
+    returned kind 'signal' (awaited, astop() said 'ok', as documented)."""
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Sleeper)
+        raised: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                w.sleep(5)
+            except BaseException as exc:
+                raised.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.2)
+        ex = w.kill() if how == "kill" else w.stop(timeout=0.2)
+        t.join(10)
+        assert (ex.kind, ex.reason) == (kind, reason)
+        (exc,) = raised
+        assert isinstance(exc, WorkerCrashed) and str(exc).endswith(f"): {reason}")
+
+
 def test_timeout_kills_the_worker(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
