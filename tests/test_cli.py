@@ -39,3 +39,14 @@ def test_demo_runs_the_thumbnailer_from_anywhere(tmp_path: Path) -> None:
     proc = run("demo", "-o", str(out), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(list(out.iterdir())) == 8
+
+
+def test_python_m_broker_is_the_same_command(tmp_path: Path) -> None:
+    """Where pip's script directory is not on PATH (a --user install, a venv
+    not activated), ``python3 -m broker`` is the way in."""
+    out = subprocess.run([sys.executable, "-m", "broker", "--version"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == f"privsep {__version__}", out.stderr
+    check = subprocess.run([sys.executable, "-m", "broker", "check"], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path)
+    assert check.returncode == 0 and "minimum met" in check.stdout
