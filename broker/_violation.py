@@ -83,8 +83,14 @@ _MODULE_SUFFIXES = (".py", ".pyc", ".so", ".pth")
 
 
 def _looks_imported(path: str) -> bool:
-    """A source or extension file, a __pycache__, or a directory on sys.path
-    (the broker's, as its zygote and workers get it: see ``_interp``)."""
+    """A source or extension file, a __pycache__, a directory on sys.path
+    (the broker's, as its zygote and workers get it: see ``_interp``), or a
+    name with no suffix beneath one (a package's directory, as a lazy
+    ``from .thread import ...`` in ``concurrent.futures`` stats it)."""
     if path.endswith(_MODULE_SUFFIXES) or "__pycache__" in path:
         return True
-    return os.path.normpath(path) in import_path().split(os.pathsep)
+    path = os.path.normpath(path)
+    entries = [e for e in import_path().split(os.pathsep) if e not in ("", "/")]
+    if path in entries:
+        return True
+    return "." not in os.path.basename(path) and any(path.startswith(e + "/") for e in entries)

@@ -4,6 +4,7 @@ the zygote giving exactly the sandbox the other spawn methods give."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -56,6 +57,16 @@ class Hog(Worker):
     @rpc
     def late_import(self) -> None:
         import privsep_no_such_module  # type: ignore[import-not-found]  # noqa: F401 - looked for on sys.path
+
+    @rpc
+    def stat_a_package(self) -> None:
+        # What a lazy import of a submodule does first (concurrent.futures.ThreadPoolExecutor
+        # imports .thread on first use): stat the package's directory.
+        os.stat(os.path.dirname(json.__file__))
+
+    @rpc
+    def stat_a_data_file(self) -> None:
+        os.stat(os.path.join(os.path.dirname(json.__file__), "data.json"))
 
     @rpc
     def flood(self, n: int) -> int:
@@ -143,6 +154,12 @@ def test_a_late_import_is_named_as_the_likely_cause(tree: Path) -> None:
         w = b.spawn(Hog)
         with pytest.raises(PolicyViolation, match="An import after sandbox entry"):
             w.late_import()
+        # A package's directory, beneath sys.path: no hint was given for it.
+        with pytest.raises(PolicyViolation, match="An import after sandbox entry"):
+            b.spawn(Hog).stat_a_package()
+        with pytest.raises(PolicyViolation) as info:  # a data file beneath it is no import
+            b.spawn(Hog).stat_a_data_file()
+        assert "import" not in str(info.value)
 
 
 def test_errno_mode_returns_eperm_instead_of_killing(tree: Path) -> None:
