@@ -160,21 +160,28 @@ class Policy:
     def limits(self) -> Limits:
         return self._sandbox.limits
 
-    def lookup(self, parts: tuple[str, ...]) -> tuple[Grant, tuple[str, ...]]:
-        """The grant covering ``parts`` (longest match) and the rest of the path.
+    def lookup(self, parts: tuple[str, ...], rights: Rights = Rights.NONE) -> tuple[Grant, tuple[str, ...]]:
+        """The grant a request for ``rights`` on ``parts`` is resolved beneath,
+        and the rest of the path: the most specific grant covering the path
+        that gives all of ``rights`` (a file grant, else the deepest
+        directory). Grants add up: a narrower grant never takes away what a
+        wider one gives. One request is resolved beneath one grant, so rights
+        split between two grants are not combined.
 
-        Raises :class:`NotCapable` when no grant covers it.
+        Raises :class:`NotCapable` when no grant covers the path, or none
+        covering it gives all of ``rights``.
         """
+        want = int(rights)
         best: Grant | None = None
+        covering: list[Grant] = []
         for g in self._grants:
             n = len(g.parts)
-            if g.is_dir:
-                if parts[:n] == g.parts and (best is None or n > len(best.parts)):
+            if (parts[:n] == g.parts) if g.is_dir else (parts == g.parts):
+                covering.append(g)
+                if not want & ~int(g.rights) and (best is None or _specificity(g) > _specificity(best)):
                     best = g
-            elif parts == g.parts and (best is None or n >= len(best.parts)):
-                best = g
         if best is None:
-            raise NotCapable("no grant in the policy covers this path", filename="/".join(parts))
+            raise NotCapable(_refusal(covering, rights), filename="/".join(parts))
         return best, parts[len(best.parts) :] if best.is_dir else ()
 
     def __eq__(self, other: object) -> bool:
@@ -190,3 +197,18 @@ class Policy:
     def __repr__(self) -> str:
         inner = ", ".join(f"{g.display!r}: {g.rights.describe()}" for g in self._grants)
         return f"Policy({{{inner}}})"
+
+
+def _specificity(g: Grant) -> tuple[int, bool]:
+    return len(g.parts), not g.is_dir  # (a file grant of a path beats a directory grant named the same)
+
+
+def _refusal(covering: list[Grant], rights: Rights) -> str:
+    if not covering:
+        return "no grant in the policy covers this path"
+    covering.sort(key=_specificity, reverse=True)
+    if len(covering) == 1:
+        g = covering[0]
+        return f"the policy's {g.display!r} grants {g.rights.describe()}, not {Rights(rights & ~g.rights).describe()}"
+    each = ", ".join(f"{g.display!r} {g.rights.describe()}" for g in covering)
+    return f"no one grant of the policy covering this path gives {rights.describe()} (it has {each})"

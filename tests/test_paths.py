@@ -469,3 +469,73 @@ def test_a_failed_mkdir_or_unlink_names_the_path_asked_for(tree: Path) -> None:
         assert info.value.__cause__ is not info.value and isinstance(info.value.__cause__, FileExistsError)
     finally:
         local.close()
+
+
+class Nested(Asker):
+    @rpc
+    def write(self, path: str, data: bytes) -> None:
+        with self.broker.create(path) as f:
+            f.write(data)
+
+
+def test_a_narrower_grant_adds_rights_and_takes_none_away(tree: Path) -> None:
+    """Policy().allow("data/", READ).allow("data/sub/", WRITE) refused a READ
+    of data/sub/c.txt: the deepest grant alone decided, so adding a grant
+    took away what the wider one gave."""
+    base = Policy().allow("data/", READ)
+    with Broker(base.allow("data/sub/", Rights.WRITE | Rights.CREATE), root=tree) as b:
+        w = b.spawn(Nested)
+        assert w.open_raw("data/sub/c.txt", int(READ)) == (tree / "data" / "sub" / "c.txt").read_bytes()
+        w.write("data/sub/new", b"made")
+        assert (tree / "data" / "sub" / "new").read_bytes() == b"made"
+        # One request is resolved beneath one grant: rights split between two are not combined.
+        with pytest.raises(NotCapable) as info:
+            w.open_raw("data/sub/c.txt", int(Rights.READ | Rights.WRITE))
+        assert "no one grant of the policy covering this path gives READ|WRITE" in str(info.value)
+        assert "'data/sub/' WRITE|CREATE, 'data/' READ" in str(info.value)
+        with pytest.raises(NotCapable, match=r"the policy's 'data/' grants READ.*, not WRITE"):
+            w.open_raw("data/a.txt", int(Rights.WRITE))
+
+
+_GRANT_PATHS = st.sampled_from(["./", "data/", "data/sub/", "data/sub/c.txt", "data/a.txt", "out/", "data/sub/deep/"])
+_SOME_RIGHTS = st.sampled_from(
+    [Rights.READ, Rights.WRITE, Rights.READ | Rights.SEEK, Rights.FSTAT, Rights.WRITE | Rights.SEEK]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    grants=st.lists(st.tuples(_GRANT_PATHS, _SOME_RIGHTS), max_size=5),
+    extra=st.tuples(_GRANT_PATHS, _SOME_RIGHTS),
+    path=st.sampled_from(["data/a.txt", "data/sub/c.txt", "data/sub/deep/x", "out/y", "secret", "data/b.bin"]),
+    rights=_SOME_RIGHTS,
+)
+def test_allow_only_adds(
+    grants: list[tuple[str, Rights]], extra: tuple[str, Rights], path: str, rights: Rights
+) -> None:
+    """Whatever a policy grants, the same policy with one more grant grants
+    too; and a request is answered beneath a grant covering the path that
+    gives every right asked for."""
+    policy = Policy()
+    for where, r in grants:
+        if not where.endswith("/") and r & (Rights.CREATE | Rights.LOOKUP):
+            continue
+        policy = policy.allow(where, r)
+    parts = tuple(path.split("/"))
+
+    def answer(p: Policy) -> Any:
+        try:
+            return p.lookup(parts, rights)
+        except NotCapable:
+            return None
+
+    before = answer(policy)
+    after = answer(policy.allow(*extra))
+    if before is not None:
+        assert after is not None
+    for got in (before, after):
+        if got is not None:
+            grant, rest = got
+            assert not (rights & ~grant.rights)
+            assert (parts[: len(grant.parts)] == grant.parts and rest == parts[len(grant.parts):]) if grant.is_dir \
+                else (parts == grant.parts and rest == ())
