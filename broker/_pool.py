@@ -143,7 +143,8 @@ class WorkerPool(Executor):
         name = fn if isinstance(fn, str) else getattr(fn, "__name__", None)
         if not isinstance(name, str) or name not in self.cls.rpc_methods:
             raise TypeError(f"{fn!r} is not an @rpc method of {self.cls.__name__}")
-        if not isinstance(fn, str) and not (is_rpc(fn) and getattr(self.cls, name, None) is fn):
+        # (== : a classmethod is a new bound method at each attribute access)
+        if not isinstance(fn, str) and not (is_rpc(fn) and getattr(self.cls, name, None) == fn):
             raise TypeError(f"{fn!r} is not {self.cls.__name__}.{name}")
         return name
 

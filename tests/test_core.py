@@ -218,6 +218,42 @@ def test_methods_that_cannot_answer_with_a_value_are_refused_where_they_are_writ
         assert not hasattr(fn, "__privsep_rpc__")
 
 
+class Statics(Worker):
+    @staticmethod
+    @rpc
+    def double(x: int) -> int:
+        return 2 * x
+
+    @classmethod
+    @rpc
+    def kind(cls) -> str:
+        return cls.__name__
+
+    @rpc
+    @staticmethod
+    def triple(x: int) -> int:
+        return 3 * x
+
+
+def test_rpc_with_staticmethod_or_classmethod_in_either_order(broker: Broker) -> None:
+    """@staticmethod or @classmethod above @rpc hid the mark: the method was
+    silently no @rpc method ("has no @rpc method 'double'"); with @rpc above,
+    pool.submit(Cls.method) refused the function the class attribute gives."""
+    assert Statics.rpc_methods == {"double", "kind", "triple"}
+    w = broker.spawn(Statics)
+    assert (w.double(2), w.kind(), w.triple(2)) == (4, "Statics", 6)
+    with broker.pool(Statics, size=1) as pool:
+        assert [pool.submit(m, *a).result() for m, a in [(Statics.double, (1,)), (Statics.kind, ()),
+                                                          (Statics.triple, (1,))]] == [2, "Statics", 3]
+    with pytest.raises(TypeError, match="is a property: a call needs a method"):
+
+        class Prop(Worker):
+            @property
+            @rpc
+            def value(self) -> int:
+                return 1
+
+
 class Player(Worker):
     @rpc
     def stop(self) -> str:  # the worker's own "stop": of the playback, say

@@ -20,15 +20,16 @@ def rpc(fn: F) -> F:
     float, str, bytes, lists/tuples and str-keyed dicts, plus files and
     capabilities, which travel as file descriptors.
     """
-    if not callable(fn):
+    inner = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn  # (@rpc above one of them)
+    if not callable(inner):
         raise TypeError("@rpc decorates a method")
-    code = getattr(fn, "__code__", None)
+    code = getattr(inner, "__code__", None)
     flags = code.co_flags if code is not None else 0
     for flag, what, instead in _NOT_ONE_ANSWER:
         if flags & flag:
-            name = getattr(fn, "__qualname__", repr(fn))
+            name = getattr(inner, "__qualname__", repr(inner))
             raise TypeError(f"@rpc method {name} is {what}: a call is answered with one value; {instead}")
-    setattr(fn, _RPC_ATTR, True)
+    setattr(inner, _RPC_ATTR, True)  # (what the class attribute gives: pool.submit(Cls.method) finds it)
     return fn
 
 
@@ -75,6 +76,10 @@ class Worker:
         names = set()
         for klass in reversed(cls.__mro__):
             for name, value in vars(klass).items():
+                if isinstance(value, (staticmethod, classmethod)) and is_rpc(value.__func__):
+                    value = value.__func__  # (@rpc beneath @staticmethod or @classmethod)
+                elif isinstance(value, property) and is_rpc(value.fget):
+                    raise TypeError(f"@rpc method {cls.__name__}.{name} is a property: a call needs a method")
                 if is_rpc(value):
                     if name.startswith("_"):
                         raise TypeError(f"@rpc method {cls.__name__}.{name} must not start with '_'")
