@@ -16,7 +16,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import TYPE_CHECKING, Any
 
 from protocol import PrivsepError
@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("privsep.pool")
 
 
-class PoolBroken(PrivsepError):
-    """The pool stopped replacing workers (restart policy exhausted)."""
+class PoolBroken(PrivsepError, BrokenExecutor):
+    """The pool stopped replacing workers (restart policy exhausted). Also a
+    ``concurrent.futures.BrokenExecutor``, as ``BrokenProcessPool`` is, so
+    code written for ``ProcessPoolExecutor`` catches it as it was."""
 
 
 def rss_bytes(pid: int) -> int:

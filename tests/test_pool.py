@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from concurrent.futures import CancelledError, Executor, wait
@@ -106,6 +107,9 @@ def test_restart_never_breaks_the_pool(broker: Broker) -> None:
         pool.submit(Calc.die).result()
     with pytest.raises(PoolBroken):
         pool.submit(Calc.square, 1).result()
+    # Code written for ProcessPoolExecutor catches it as BrokenProcessPool's base.
+    with pytest.raises(concurrent.futures.BrokenExecutor):
+        pool.submit(Calc.square, 1)
     pool.shutdown()
 
 
