@@ -248,7 +248,7 @@ class Broker:
         if self._closed:
             return
         self._closed = True
-        for pool in list(self._pools):  # (each leaves the list as it shuts down)
+        for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())
@@ -428,6 +428,7 @@ class Broker:
         self._check_open()
         self._warn_if_forked(cls)
         pool = WorkerPool(self, cls, (os.cpu_count() or 1) if size is None else size, **options)
+        self._pools = [p for p in self._pools if not p._finished()]  # (kept until their threads end)
         self._pools.append(pool)
         return pool
 
@@ -444,7 +445,7 @@ class Broker:
         timeout = wait_timeout(timeout, "timeout", zero=True)
         if self._closed:
             return
-        for pool in list(self._pools):  # (each leaves the list as it shuts down)
+        for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())

@@ -10,7 +10,6 @@ calls or when their memory grows past a bound.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -116,18 +115,24 @@ class WorkerPool(Executor):
             return fut
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As ``Executor.shutdown``: no more submits; the queued work runs
+        unless ``cancel_futures`` (which a later call may still ask for, as the
+        broker's ``close()`` does). The broker keeps the pool until its
+        threads end, so that what is queued still runs at interpreter exit."""
         with self._lock:
+            if cancel_futures:
+                self._drain(cancel=True)
             if not self._shutdown:
                 self._shutdown = True
-                if cancel_futures:
-                    self._drain(cancel=True)
                 for _ in self._threads:
                     self._queue.put(None)
-                with contextlib.suppress(ValueError):  # the broker need not keep it any more
-                    self._broker._pools.remove(self)
         if wait:
             for t in self._threads:
                 t.join()
+
+    def _finished(self) -> bool:
+        """Shut down, and every slot's thread has ended."""
+        return self._shutdown and not any(t.is_alive() for t in self._threads)
 
     # -- introspection ----------------------------------------------------
     @property

@@ -442,7 +442,8 @@ LEFT_OPEN_SCRIPT = textwrap.dedent(
     pool = b.pool(SlowWriter, size=2)
     for i in range(8):
         pool.submit(SlowWriter.write, f"f{{i}}", 0.05)
-    print("submitted", flush=True)  # and the program ends: no shutdown(), no close()
+    {shutdown}
+    print("submitted", flush=True)  # and the program ends: no close()
     """
 )
 
@@ -468,11 +469,13 @@ SUBREAPER = textwrap.dedent(
 )
 
 
-def test_at_exit_queued_pool_work_finishes_and_open_brokers_close(tree: Path) -> None:
-    """A program that ends without shutting its pool down or closing its
-    broker lost the queued work (ProcessPoolExecutor finishes it), and left
-    the zygote and its workers orphaned to init."""
-    script = LEFT_OPEN_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))
+@pytest.mark.parametrize("shutdown", ["", "pool.shutdown(wait=False)"])
+def test_at_exit_queued_pool_work_finishes_and_open_brokers_close(tree: Path, shutdown: str) -> None:
+    """A program that ends without shutting its pool down (or after a
+    shutdown(wait=False)) and without closing its broker lost the queued
+    work (ProcessPoolExecutor finishes it), and left the zygote and its
+    workers orphaned to init."""
+    script = LEFT_OPEN_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree), shutdown=shutdown)
     out = subprocess.run([sys.executable, "-c", SUBREAPER, script], capture_output=True, text=True, timeout=90)
     assert out.stdout.splitlines() == ["submitted", "rc 0 left"], out.stderr
     assert sorted(p.name for p in (tree / "out").iterdir()) == [f"f{i}" for i in range(8)]
