@@ -96,6 +96,45 @@ def test_a_class_in_the_main_script_is_spawned_by_the_zygote(tmp_path: Path) -> 
     assert len(mark.read_text().split()) == 2
 
 
+MP_CHILD = """
+import json, multiprocessing, os, sys
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+
+class Job(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def child(q) -> None:
+    with Broker(Policy(), root=os.environ["ROOT"]) as b:
+        w = b.spawn(Job)
+        q.put([w.ping(), w.spawn_method, Job.__module__])
+
+
+if __name__ == "__main__":
+    out = {}
+    for method in ("spawn", "forkserver"):
+        ctx = multiprocessing.get_context(method)
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        out[method] = q.get(timeout=60)
+        p.join()
+    print(json.dumps(out))
+"""
+
+
+def test_a_class_of_the_main_script_in_a_multiprocessing_child_is_found(tmp_path: Path) -> None:
+    """A multiprocessing child started by spawn or forkserver runs the
+    parent's script as __mp_main__: a broker made there sent that name to the
+    zygote, whose workers failed ("No module named '__mp_main__'")."""
+    out, _ = run_script(tmp_path, MP_CHILD)
+    assert out == {m: ["pong", "zygote", "__mp_main__"] for m in ("spawn", "forkserver")}
+
+
 def test_a_script_without_a_py_suffix_is_found_too(tmp_path: Path) -> None:
     mark = tmp_path / "mark"
     out, _ = run_script(tmp_path, GUARDED, name="job-tool", MARK=str(mark))  # as `python3 job-tool`, or by #!

@@ -24,6 +24,9 @@ MAIN_PREFIX = "__main__:"
 MAIN_NAME = "__privsep_main__"
 
 _importing = 0  # > 0 while a zygote imports a worker class's module
+# The main script's module: "__mp_main__" in a multiprocessing child started by spawn or
+# forkserver, which runs the parent's script under that name (and as __main__ too).
+_MAIN_MODULES = frozenset({"__main__", "__mp_main__"})
 
 
 def module_ref(cls: type) -> str | None:
@@ -33,9 +36,9 @@ def module_ref(cls: type) -> str | None:
     if "<locals>" in cls.__qualname__:
         return None
     module = cls.__module__
-    if module != "__main__":
+    if module not in _MAIN_MODULES:
         return module
-    main = sys.modules.get("__main__")
+    main = sys.modules.get(module)
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None)
     if isinstance(name, str) and name and name != "__main__":
