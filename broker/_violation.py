@@ -8,6 +8,8 @@ String arguments are read from the blocked worker's memory through
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 from ._interp import import_path
 
@@ -31,19 +33,49 @@ _DIRFD_ARG0 = {"openat", "openat2", "newfstatat", "statx", "faccessat", "faccess
                "linkat", "utimensat", "name_to_handle_at"}  # fmt: skip
 
 
-def read_c_string(pid: int, addr: int, limit: int = _MAX_STR) -> str | None:
-    if addr == 0:
+# syscall -> (index of its struct sockaddr argument, index of that struct's length, argument count)
+_SOCKADDR_ARGS: dict[str, tuple[int, int, int]] = {"connect": (1, 2, 3), "bind": (1, 2, 3), "sendto": (4, 5, 6)}
+_MAX_SOCKADDR = 128  # sizeof(struct sockaddr_storage)
+
+
+def read_memory(pid: int, addr: int, size: int) -> bytes | None:
+    """Up to ``size`` bytes at ``addr`` in the worker (for a report only)."""
+    if addr == 0 or size <= 0:
         return None
     try:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        raw = os.pread(fd, limit + 1, addr)
+        return os.pread(fd, size, addr)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def sockaddr_text(raw: bytes) -> str | None:
+    """A socket address as strace shows it: {AF_UNIX, "/run/x"},
+    {AF_INET, 10.0.0.1:53}, {AF_INET6, [::1]:53}; None if unreadable."""
+    if len(raw) < 2:
+        return None
+    family = int.from_bytes(raw[:2], sys.byteorder)
+    if family == socket.AF_UNIX:
+        path = raw[2:]
+        if path[:1] == b"\0":  # abstract: the name is the rest, NULs included
+            return "{AF_UNIX, @" + repr(path[1:].decode("utf-8", "backslashreplace")) + "}"
+        return "{AF_UNIX, " + repr(path.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")) + "}"
+    if family == socket.AF_INET and len(raw) >= 8:
+        return f"{{AF_INET, {socket.inet_ntop(socket.AF_INET, raw[4:8])}:{int.from_bytes(raw[2:4], 'big')}}}"
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return f"{{AF_INET6, [{socket.inet_ntop(socket.AF_INET6, raw[8:24])}]:{int.from_bytes(raw[2:4], 'big')}}}"
+    return f"{{family {family}}}"
+
+
+def read_c_string(pid: int, addr: int, limit: int = _MAX_STR) -> str | None:
+    raw = read_memory(pid, addr, limit + 1)
+    if raw is None:
+        return None
     text = raw.split(b"\0", 1)[0]
     out = text[:limit].decode("utf-8", "backslashreplace")
     return out + "..." if len(text) > limit else out
@@ -57,10 +89,15 @@ def describe(name: str, args: tuple[int, ...], pid: int) -> str:
 def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
     """``describe()``, and a likely cause to add to it ("" if none is known)."""
     strings = _STRING_ARGS.get(name, ())
+    addr_at, len_at, arity = _SOCKADDR_ARGS.get(name, (-1, -1, len(args)))
     shown = []
     paths = []
-    for i, value in enumerate(args):
-        if i in strings:
+    for i, value in enumerate(args[:arity]):
+        if i == addr_at and len_at < len(args):
+            raw = read_memory(pid, value, min(args[len_at] & 0xFFFFFFFF, _MAX_SOCKADDR))
+            text = sockaddr_text(raw) if raw is not None else None
+            shown.append(text if text is not None else hex(value))
+        elif i in strings:
             text = read_c_string(pid, value)
             shown.append(repr(text) if text is not None else hex(value))
             if text is not None:

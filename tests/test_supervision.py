@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -57,6 +58,12 @@ class Hog(Worker):
     @rpc
     def late_import(self) -> None:
         import privsep_no_such_module  # type: ignore[import-not-found]  # noqa: F401 - looked for on sys.path
+
+    @rpc
+    def connect_unix(self, path: str) -> None:
+        import socket
+
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(path)
 
     @rpc
     def stat_a_package(self) -> None:
@@ -147,6 +154,32 @@ def test_violation_names_the_syscall_and_path(tree: Path) -> None:
         assert "/etc/hostname" in str(info.value)
         assert "import" not in str(info.value)  # no hint that does not apply
         assert w.exit is not None and w.exit.kind == "violation"
+
+
+def test_a_socket_address_is_shown_in_the_report(tree: Path) -> None:
+    """uuid.uuid1() asks uuidd over a Unix socket: the report read
+    'connect(0x4, 0x7fff0cfed670, 0x6e, 0x558c..., 0x7f2e...)'."""
+    with Broker(Policy(), root=tree) as b, pytest.raises(PolicyViolation) as info:
+        b.spawn(Hog).connect_unix("/run/privsep-test/nowhere")
+    assert info.value.syscall == "connect"
+    assert re.search(r"syscall connect\(0x[0-9a-f]+, \{AF_UNIX, '/run/privsep-test/nowhere'\}, 0x1c\)$",
+                     str(info.value)), str(info.value)
+
+
+def test_socket_addresses_read_as_strace_shows_them() -> None:
+    import socket
+    import struct
+
+    from broker._violation import sockaddr_text
+
+    unix = struct.pack("=H", socket.AF_UNIX) + b"/run/x\0junk"
+    abstract = struct.pack("=H", socket.AF_UNIX) + b"\0name"
+    inet = struct.pack("=H", socket.AF_INET) + struct.pack(">H", 53) + socket.inet_aton("10.0.0.1") + bytes(8)
+    inet6 = struct.pack("=H", socket.AF_INET6) + struct.pack(">H", 443) + bytes(4) + socket.inet_pton(
+        socket.AF_INET6, "::1") + bytes(4)
+    assert [sockaddr_text(x) for x in (unix, abstract, inet, inet6, b"\x01")] == [
+        "{AF_UNIX, '/run/x'}", "{AF_UNIX, @'name'}", "{AF_INET, 10.0.0.1:53}", "{AF_INET6, [::1]:443}", None
+    ]
 
 
 def test_a_late_import_is_named_as_the_likely_cause(tree: Path) -> None:
