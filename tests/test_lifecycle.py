@@ -495,14 +495,7 @@ def test_a_spawn_the_broker_is_closed_under_says_so_and_leaves_nothing(tree: Pat
     after close() had listed the workers ran on, a live worker of a closed broker."""
     b = Broker(Policy(), root=tree, spawn=method)
     got: list[object] = []
-
-    def spawn() -> None:
-        try:
-            got.append(b.spawn(SlowSetup))
-        except Exception as exc:
-            got.append(exc)
-
-    t = threading.Thread(target=spawn)
+    t = threading.Thread(target=_spawn_into, args=(b, got, SlowSetup))
     t.start()
     time.sleep(0.2)  # in setup()
     b.close()
@@ -551,9 +544,9 @@ def test_no_worker_outlives_a_close_racing_its_spawn(tree: Path) -> None:
         assert not any(alive(p) for p in _descendants()[0]), delay
 
 
-def _spawn_into(b: Broker, got: list[object]) -> None:
+def _spawn_into(b: Broker, got: list[object], cls: type[Worker] = Sleeper) -> None:
     try:
-        got.append(b.spawn(Sleeper))
+        got.append(b.spawn(cls))
     except Exception as exc:
         got.append(exc)
 
