@@ -11,10 +11,12 @@ the ends a caller is told to expect; no fd or worker is left afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import open_fds
@@ -45,24 +47,46 @@ class Chaos(Worker):
         raise ValueError("as asked")
 
 
+class Tally:
+    """The slowest operation, the ends seen, and anything else raised."""
+
+    def __init__(self) -> None:
+        self.slowest = 0.0
+        self.ends: Counter[str] = Counter()
+        self.unexpected: list[BaseException] = []
+
+    @contextlib.contextmanager
+    def op(self) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        except EXPECTED as exc:
+            self.ends[type(exc).__name__] += 1
+        except BaseException as exc:
+            self.unexpected.append(exc)
+        finally:
+            self.slowest = max(self.slowest, time.monotonic() - start)
+
+    def check(self) -> None:
+        assert self.unexpected == []
+        assert self.slowest < BOUND, f"one operation took {self.slowest:.1f} s"
+        assert self.ends["WorkerCrashed"] > 0 and self.ends["WorkerTimeout"] > 0  # (workers did end under calls)
+
+
 def test_threads_ending_workers_under_one_another(tree: Path) -> None:
     before = open_fds()
-    slowest = 0.0
-    ends: Counter[str] = Counter()
-    unexpected: list[BaseException] = []
+    tally = Tally()
     with Broker(Policy(), root=tree) as b:
         handles = [b.spawn(Chaos) for _ in range(4)]
         swap = threading.Lock()
         stop_at = time.monotonic() + SECONDS
 
         def run(seed: int) -> None:
-            nonlocal slowest
             rnd = random.Random(seed)
             while time.monotonic() < stop_at:
                 i = rnd.randrange(len(handles))
                 h, act = handles[i], rnd.random()
-                start = time.monotonic()
-                try:
+                with tally.op():
                     if act < 0.6:
                         assert h.square(7) == 49
                     elif act < 0.75:
@@ -74,16 +98,9 @@ def test_threads_ending_workers_under_one_another(tree: Path) -> None:
                     elif act < 0.95:
                         h.stop()
                     else:
-                        try:
+                        with contextlib.suppress(ValueError):
                             h.fail()
-                        except ValueError:
-                            pass
-                except EXPECTED as exc:
-                    ends[type(exc).__name__] += 1
-                except BaseException as exc:
-                    unexpected.append(exc)
-                slowest = max(slowest, time.monotonic() - start)
-                with swap:
+                with swap, tally.op():
                     if handles[i] is h and not h.alive:
                         handles[i] = b.spawn(Chaos)
 
@@ -93,21 +110,16 @@ def test_threads_ending_workers_under_one_another(tree: Path) -> None:
         for t in threads:
             t.join(SECONDS + 60)
         assert not any(t.is_alive() for t in threads)
-    assert unexpected == []
-    assert slowest < BOUND, f"one operation took {slowest:.1f} s"
-    assert ends["WorkerCrashed"] > 0 and ends["WorkerTimeout"] > 0  # (the run did end workers under calls)
+    tally.check()
     assert b.workers == []
     assert open_fds() == before
 
 
 def test_tasks_ending_workers_under_one_another(tree: Path) -> None:
     before = open_fds()
-    slowest = 0.0
-    ends: Counter[str] = Counter()
-    unexpected: list[BaseException] = []
+    tally = Tally()
 
     async def main() -> Broker:
-        nonlocal slowest
         b = await asyncio.to_thread(Broker, Policy(), root=tree)
         async with b:
             handles = [await b.aspawn(Chaos) for _ in range(4)]
@@ -115,13 +127,11 @@ def test_tasks_ending_workers_under_one_another(tree: Path) -> None:
             stop_at = time.monotonic() + SECONDS
 
             async def run(seed: int) -> None:
-                nonlocal slowest
                 rnd = random.Random(seed)
                 while time.monotonic() < stop_at:
                     i = rnd.randrange(len(handles))
                     h, act = handles[i], rnd.random()
-                    start = time.monotonic()
-                    try:
+                    with tally.op():
                         if act < 0.55:
                             assert await h.aio.square(7) == 49
                         elif act < 0.7:
@@ -132,30 +142,20 @@ def test_tasks_ending_workers_under_one_another(tree: Path) -> None:
                             task = asyncio.ensure_future(h.aio.nap(0.01))
                             await asyncio.sleep(0)
                             task.cancel()
-                            try:
+                            with contextlib.suppress(asyncio.CancelledError):
                                 await task
-                            except asyncio.CancelledError:
-                                pass
                         elif act < 0.9:
                             await h.akill()
                         elif act < 0.95:
                             await h.astop()
                         else:
-                            try:
+                            with contextlib.suppress(ValueError):
                                 await h.aio.fail()
-                            except ValueError:
-                                pass
-                    except EXPECTED as exc:
-                        ends[type(exc).__name__] += 1
-                    except BaseException as exc:
-                        unexpected.append(exc)
-                    slowest = max(slowest, time.monotonic() - start)
                     if handles[i] is h and not h.alive and i not in respawning:
                         respawning.add(i)
                         try:
-                            start = time.monotonic()
-                            handles[i] = await b.aspawn(Chaos)
-                            slowest = max(slowest, time.monotonic() - start)
+                            with tally.op():
+                                handles[i] = await b.aspawn(Chaos)
                         finally:
                             respawning.discard(i)
 
@@ -163,8 +163,6 @@ def test_tasks_ending_workers_under_one_another(tree: Path) -> None:
         return b
 
     b = asyncio.run(main())
-    assert unexpected == []
-    assert slowest < BOUND, f"one operation took {slowest:.1f} s"
-    assert ends["WorkerCrashed"] > 0 and ends["WorkerTimeout"] > 0
+    tally.check()
     assert b.workers == []
     assert open_fds() == before
