@@ -21,7 +21,7 @@ from protocol import NotCapable, ProtocolError, RemoteError, Rights, Unsupported
 from protocol._messages import check_message
 from protocol._paths import local_path
 from protocol._remote import exception_from_wire
-from protocol._rights import rights_from_wire
+from protocol._rights import rights_arg, rights_from_wire
 from protocol._wire import (
     CHECK_BLOB_LEN,
     INT_MAX,
@@ -272,7 +272,7 @@ class Broker:
         """Open a file the policy grants, as a capability to pass to a worker.
         ``path`` is relative to the broker's root (a str or a ``pathlib`` path)."""
         self._check_open()
-        rights = Rights(rights)
+        rights = rights_arg(rights)
         return self._resolver.open(self._resolver.locate(local_path(path), rights), rights)
 
     def opendir(self, path: str | os.PathLike[str], rights: Rights = Rights.LOOKUP) -> Capability:
@@ -280,7 +280,7 @@ class Broker:
         spawn (``grants=``) it becomes a Landlock rule; later, a proxy whose
         lookups the broker resolves."""
         self._check_open()
-        rights = Rights(rights)
+        rights = rights_arg(rights)
         return self._resolver.opendir(self._resolver.locate(local_path(path), rights), rights)
 
     def _check_open(self) -> None:

@@ -279,7 +279,8 @@ class Resolver:
             raise NotCapable("needs a directory grant", filename=t.display)
         parent, _, name = t.rest.rpartition("/")
         if name in (".", ""):
-            raise NotCapable("needs a file name", filename=t.display)
+            raise NotCapable("needs a name beneath the granted directory, not the directory itself",
+                             filename=t.display)
         try:
             return openat2(t.base, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), name
         except OSError as exc:

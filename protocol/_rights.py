@@ -101,6 +101,16 @@ def _describe(value: int) -> str:
     return "|".join(Rights(value).names()) or "NONE"
 
 
+def rights_arg(value: object) -> Rights:
+    """``rights`` as a caller passed them: Rights flags, or their int."""
+    if type(value) is Rights:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Rights(value)
+    hint = " (a mode string is open()'s: ask for Rights.READ, Rights.WRITE, ...)" if isinstance(value, str) else ""
+    raise TypeError(f"rights must be Rights flags, such as Rights.READ | Rights.SEEK, not {value!r}{hint}")
+
+
 def rights_from_wire(value: object) -> Rights:
     """Validate a rights integer received from a peer."""
     if type(value) is not int or value < 0 or value & ~_ALL:

@@ -539,3 +539,38 @@ def test_allow_only_adds(
             assert not (rights & ~grant.rights)
             assert (parts[: len(grant.parts)] == grant.parts and rest == parts[len(grant.parts):]) if grant.is_dir \
                 else (parts == grant.parts and rest == ())
+
+
+class ModeString(Worker):
+    @rpc
+    def open_with(self, rights: object) -> str:
+        try:
+            self.broker.open("data/a.txt", rights)  # type: ignore[arg-type]
+        except TypeError as exc:
+            return str(exc)
+        return "opened"
+
+    @rpc
+    def mkdir_grant(self) -> str:
+        try:
+            self.broker.mkdir("out")
+        except NotCapable as exc:
+            return str(exc)
+        return "made"
+
+
+def test_rights_given_as_a_mode_string_say_what_rights_are(tree: Path) -> None:
+    """open(path, "rb") is habit: it read "ValueError: 'rb' is not a valid Rights"."""
+    policy = Policy().allow("data/", READ).allow("out/", Rights.WRITE | Rights.CREATE | Rights.MKDIRAT)
+    with Broker(policy, root=tree) as b:
+        w = b.spawn(ModeString)
+        assert w.open_with("rb") == (
+            "rights must be Rights flags, such as Rights.READ | Rights.SEEK, not 'rb' "
+            "(a mode string is open()'s: ask for Rights.READ, Rights.WRITE, ...)"
+        )
+        assert w.open_with(None).endswith("not None")
+        assert w.open_with(int(Rights.READ)) == "opened"
+        with pytest.raises(TypeError, match="not 'r' \\(a mode string is open"):
+            b.open("data/a.txt", "r")  # type: ignore[arg-type]
+        # mkdir of the granted directory itself said "needs a file name"
+        assert w.mkdir_grant() == "needs a name beneath the granted directory, not the directory itself: 'out'"

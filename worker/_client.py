@@ -18,6 +18,7 @@ from protocol import ProtocolError, Rights
 from protocol._messages import check_message
 from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire
+from protocol._rights import rights_arg
 from protocol._wire import Channel, DirRef, ReceivedFd
 
 from ._files import Directory, ProxyDirectory, wrap_received
@@ -137,7 +138,7 @@ class BrokerClient:
         mode follows ``rights`` (READ: reader, WRITE: writer, both: r+b).
         Without SEEK (or FSTAT) it is a pipe the broker fills from the file."""
         path = _checked(path)
-        return self._fd_request("open", {"path": path, "rights": int(Rights(rights))})
+        return self._fd_request("open", {"path": path, "rights": int(rights_arg(rights))})
 
     def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
         """Create an output file. Returns a writable binary file.
@@ -148,14 +149,14 @@ class BrokerClient:
         closed when the call returns.
         """
         path = _checked(path)
-        f = self._fd_request("create", {"path": path, "rights": int(Rights(rights))})
+        f = self._fd_request("create", {"path": path, "rights": int(rights_arg(rights))})
         self._created.append(f)
         return f
 
     def opendir(self, path: str | os.PathLike[str], rights: Rights = Rights.LOOKUP) -> Directory:
         """A directory beneath a granted one, resolved by the broker."""
         path = _checked(path)
-        d = self._fd_request("opendir", {"path": path, "rights": int(Rights(rights))})
+        d = self._fd_request("opendir", {"path": path, "rights": int(rights_arg(rights))})
         if not isinstance(d, Directory):
             raise ProtocolError("broker answered 'opendir' without a directory")
         return d

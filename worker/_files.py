@@ -18,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from protocol import NotCapable, Rights
 from protocol._paths import is_utf8, local_path, split_relative
+from protocol._rights import rights_arg
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class Directory:
         rights this directory cannot give."""
         path = local_path(path)
         parts = split_relative(path)
-        extra = Rights(rights) & ~self.rights
+        extra = rights_arg(rights) & ~self.rights
         if extra:
             raise NotCapable(f"directory grant lacks {Rights(extra).describe()}", filename=path)
         return path, parts
@@ -238,11 +239,11 @@ class ProxyDirectory(Directory):
 
     def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> IO[bytes]:
         path, _ = self._check(rights, path)
-        return self._client._fd_request("dopen", {"dir": self.id, "path": path, "rights": int(Rights(rights))})
+        return self._client._fd_request("dopen", {"dir": self.id, "path": path, "rights": int(rights_arg(rights))})
 
     def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
         path, _ = self._check(rights | Rights.CREATE, path)
-        f = self._client._fd_request("dcreate", {"dir": self.id, "path": path, "rights": int(Rights(rights))})
+        f = self._client._fd_request("dcreate", {"dir": self.id, "path": path, "rights": int(rights_arg(rights))})
         self._client._created.append(f)
         return f
 
