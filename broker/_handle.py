@@ -216,7 +216,7 @@ class WorkerHandle:
         self._check_method(method)
         async with self._loop_lock():
             if not self._lock.acquire(blocking=False):
-                raise RuntimeError(f"worker {self.name} is busy with a call on another thread or event loop")
+                await self._lock_from_loop()  # a call of another thread, or of another event loop
             self._call_thread = threading.get_ident()
             # On the event loop a send must never wait: a worker that does not
             # read its answers is misbehaving, and is ended rather than waited for.
@@ -251,6 +251,15 @@ class WorkerHandle:
                 self._chan.send_timeout = saved
                 self._call_ended()
                 self._lock.release()
+
+    async def _lock_from_loop(self) -> None:
+        """Take the call lock, which a call of another thread or event loop
+        holds, without blocking this loop: polled, a few ms apart at most
+        (no helper thread, whose acquire a cancellation could not undo)."""
+        pause = 0.0005
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
     async def _event(self, deadline: float | None) -> str:
         """The next event for an awaited call: "chan", "notify", "timeout", or

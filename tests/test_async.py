@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -509,3 +510,35 @@ def test_akill_while_astop_waits_ends_the_worker_without_blocking_the_loop(tree:
     killed, stopped, took = asyncio.run(main())
     assert (killed, stopped) == ("signal", "signal")
     assert took < 2.0
+
+
+def test_an_awaited_call_waits_for_a_call_of_another_thread(tree: Path) -> None:
+    """An awaited call on a handle another thread was calling raised
+    RuntimeError("busy with a call on another thread"), where a second
+    synchronous call waits its turn. It now waits too, without blocking the loop."""
+
+    async def main(w: WorkerHandle) -> tuple[int, str, int, float]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        t = asyncio.ensure_future(ticker())
+        start = time.monotonic()
+        got = await w.aio.ping()
+        waited = time.monotonic() - start
+        t.cancel()
+        return busy.result(), got, ticks, waited
+
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        with ThreadPoolExecutor(1) as ex:
+            busy = ex.submit(w.nap, 0.4)
+            time.sleep(0.1)  # the thread's call holds the worker
+            pid, got, ticks, waited = asyncio.run(main(w))
+    assert (pid, got) == (w.pid, "pong")
+    assert 0.2 < waited < 2.0
+    assert ticks >= 10  # the loop ran on meanwhile
