@@ -171,6 +171,13 @@ class WorkerHandle:
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         """Run a call. ``method`` is one of the class's @rpc methods: the caller checked."""
+        if self._call_thread == threading.get_ident():
+            # Awaited on this thread's event loop (or a signal handler's call within a call):
+            # the lock's holder cannot go on while this thread waits for it.
+            raise RuntimeError(
+                f"worker {self.name} has a call of this thread in flight (awaited on its event loop): a "
+                f"synchronous call here would wait for it for ever; await handle.aio.{method}(...) instead"
+            )
         with self._lock:
             self._call_thread = threading.get_ident()
             try:

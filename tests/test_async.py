@@ -542,3 +542,27 @@ def test_an_awaited_call_waits_for_a_call_of_another_thread(tree: Path) -> None:
     assert (pid, got) == (w.pid, "pong")
     assert 0.2 < waited < 2.0
     assert ticks >= 10  # the loop ran on meanwhile
+
+
+def test_a_synchronous_call_under_an_awaited_one_of_the_same_loop_is_refused(tree: Path) -> None:
+    """A blocking call made on the loop's thread (in a coroutine, by mistake)
+    while another task awaited a call on the same handle waited for a lock
+    that task held: the loop never ran again."""
+
+    async def main(w: WorkerHandle) -> tuple[str, int]:
+        awaited = asyncio.ensure_future(w.aio.nap(0.3))
+        await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeError, match=r"await handle.aio.ping\(...\) instead"):
+            w.ping()
+        return "refused", await awaited
+
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        result: list[tuple[str, int]] = []
+        # On a thread of its own: a loop that deadlocks must fail this test, not hang the run.
+        loop_thread = threading.Thread(target=lambda: result.append(asyncio.run(main(w))), daemon=True)
+        loop_thread.start()
+        loop_thread.join(10)
+        assert not loop_thread.is_alive(), "the loop's thread is stuck in the synchronous call"
+        assert result == [("refused", w.pid)]
+        assert w.ping() == "pong"  # and the handle serves on
