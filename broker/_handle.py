@@ -79,6 +79,12 @@ def import_value(obj: Any) -> Any:
     return obj
 
 
+# How long a worker whose channel hit EOF gets to end before it is killed; on an
+# event loop, for the paths that cannot wait without blocking it.
+_EXIT_GRACE = 1.0
+_LOOP_EXIT_GRACE = 0.05
+
+
 class WorkerHandle:
     """Call a worker's ``@rpc`` methods as if they were local.
 
@@ -126,6 +132,7 @@ class WorkerHandle:
         # Set by kill()/stop() before the SIGKILL that ends a call in flight on another
         # thread, which records the end: so that it reads as what it was, not as any SIGKILL.
         self._ending: WorkerExit | None = None
+        self._awaited = False  # a call of it is awaited on an event loop now
         # An awaited call's wait on the loop: (loop, future, fds watched).
         self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[str], list[int]] | None = None
         self._dirs: dict[int, Capability] = {}
@@ -193,6 +200,9 @@ class WorkerHandle:
                         if kind == "sleep" and when is not None:
                             time.sleep(max(0.0, when - time.monotonic()))
                             op = steps.send(None)
+                        elif kind == "exit" and when is not None:
+                            self._wait_exit(when - time.monotonic())
+                            op = steps.send(None)
                         else:
                             # Poll, then receive. (Only the first answer is tried without a
                             # poll, in _early_answer; after a miss, or after answering a
@@ -225,6 +235,7 @@ class WorkerHandle:
             if not self._lock.acquire(blocking=False):
                 await self._lock_from_loop()  # a call of another thread, or of another event loop
             self._call_thread = threading.get_ident()
+            self._awaited = True
             # On the event loop a send must never wait: a worker that does not
             # read its answers is misbehaving, and is ended rather than waited for.
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
@@ -244,6 +255,9 @@ class WorkerHandle:
                         if kind == "sleep" and when is not None:
                             await asyncio.sleep(max(0.0, when - time.monotonic()))
                             op = steps.send(None)
+                        elif kind == "exit" and when is not None:
+                            await self._exited(max(0.0, when - time.monotonic()))
+                            op = steps.send(None)
                         else:
                             op = steps.send(await self._event(when))
                 except StopIteration as stop:
@@ -256,6 +270,7 @@ class WorkerHandle:
                 raise
             finally:
                 self._chan.send_timeout = saved
+                self._awaited = False
                 self._call_ended()
                 self._lock.release()
 
@@ -509,7 +524,12 @@ class WorkerHandle:
                 else:
                     msg = self._receive()
                 if msg is None:
-                    raise self._died()
+                    # EOF: the worker is ending, or closed its channel and runs on. It gets a
+                    # moment to end, which the driver waits for (an event loop runs on).
+                    yield ("exit", time.monotonic() + _EXIT_GRACE)
+                    if self.exit is not None:
+                        raise self.exit.error(self.name)
+                    raise self._died(grace=0.0)
                 self._check_in_call(msg, cid)
                 tag = msg["t"]
                 if tag == "req":
@@ -828,23 +848,37 @@ class WorkerHandle:
 
     def _fail_from_os(self, exc: OSError) -> WorkerCrashed:
         if exc.errno in (_errno.EPIPE, _errno.ECONNRESET, _errno.ENOTCONN):
-            return self._died()
+            # (a short grace on an event loop, which waits with it)
+            return self._died(grace=_LOOP_EXIT_GRACE if self._awaited else _EXIT_GRACE)
         return self._fail("crashed", f"channel error: {exc}")
 
-    def _died(self) -> WorkerCrashed:
-        """The channel hit EOF: find out how the worker ended."""
+    def _wait_exit(self, timeout: float) -> None:
+        """Block until the process has ended, or ``timeout`` seconds."""
+        if self._pidfd >= 0 and timeout > 0:
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            poller.poll(int(timeout * 1000))
+
+    def _died(self, grace: float = _EXIT_GRACE) -> WorkerCrashed:
+        """The channel hit EOF: find out how the worker ended (waiting up to
+        ``grace`` seconds for it to; one still running then is killed)."""
         if self._notify_fd >= 0 and ready_now(self._notify_fd):
             try:
                 self._on_notification()
             except WorkerCrashed as exc:
                 return exc
-        status = self._reap(timeout=1.0)
+        self._wait_exit(grace)
+        ran_on = self._pidfd >= 0 and not ready_now(self._pidfd)
+        status = self._reap(timeout=0.0)
         ex = (
             WorkerExit.from_status(status)
             if status is not None
             else WorkerExit("crashed", _unknown_end(self.spawn_method))
         )
-        if ex.kind == "ok":
+        if ran_on and self._ending is None:
+            ex = WorkerExit("crashed", "worker closed its channel during a call and ran on (killed)",
+                            signal=ex.signal)
+        elif ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
         if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None:
             ex = self._ending  # (kill() or stop() on another thread, while this call was in flight)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -566,3 +567,42 @@ def test_a_synchronous_call_under_an_awaited_one_of_the_same_loop_is_refused(tre
         assert not loop_thread.is_alive(), "the loop's thread is stuck in the synchronous call"
         assert result == [("refused", w.pid)]
         assert w.ping() == "pong"  # and the handle serves on
+
+
+class RunsOn(Worker):
+    @rpc
+    def hang_up_and_run_on(self) -> None:
+        self.broker._chan.sock.shutdown(socket.SHUT_RDWR)  # the broker sees EOF mid-call
+        time.sleep(30)
+
+
+def test_a_worker_that_hangs_up_and_runs_on_does_not_block_the_loop(tree: Path) -> None:
+    """At EOF the broker waited up to 1 s for the worker to end, on the
+    loop's thread: a hostile worker stalled every other task that long,
+    and its end then read as 'killed by SIGKILL'."""
+
+    async def main(b: Broker) -> tuple[WorkerCrashed, int, float]:
+        w = await b.aspawn(RunsOn)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        t = asyncio.ensure_future(ticker())
+        start = time.monotonic()
+        with pytest.raises(WorkerCrashed) as info:
+            await w.aio.hang_up_and_run_on()
+        took = time.monotonic() - start
+        t.cancel()
+        return info.value, ticks, took
+
+    with Broker(Policy(), root=tree) as b:
+        exc, ticks, took = asyncio.run(main(b))
+        assert exc.exit.reason == "worker closed its channel during a call and ran on (killed)"
+        assert 0.9 < took < 5 and ticks >= 40  # the grace went by with the loop running
+        w = b.spawn(RunsOn)
+        with pytest.raises(WorkerCrashed, match="closed its channel during a call and ran on"):
+            w.hang_up_and_run_on()
