@@ -42,6 +42,7 @@ from worker._serve import grant_slots
 from worker.sandbox import SandboxSpec
 from worker.sandbox._rights_table import DIR_RIGHTS, PLAIN, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
 
+from ._background import Background
 from ._capability import Capability
 from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
@@ -214,6 +215,7 @@ class Broker:
         self._opener_proc: Opener | None = None
         self._abi: int | None = None
         self._pools: list[WorkerPool] = []
+        self._background = Background()  # reaping that an event loop must not wait for
         self._spawn_lock = threading.Lock()
         self._cgroup_parent = cgroup_parent
         self._cgroups: CgroupSupport | None = None
@@ -260,6 +262,7 @@ class Broker:
                 pass
         for w in workers:
             w.stop(max(0.05, deadline - time.monotonic()))
+        self._background.wait_idle(5.0)  # (workers killed during awaited calls: reaped before their zygote ends)
         with self._spawn_lock:  # after a zygote spawn in progress; later ones see _closed
             if self._zygote is not None:
                 self._zygote.close()
@@ -296,6 +299,7 @@ class Broker:
         and root): its first spawn starts a zygote of its own."""
         self._lock = threading.Lock()  # (another thread may have held one at the fork)
         self._spawn_lock = threading.Lock()
+        self._background.forked_copy()
         self._resolver.after_fork()
         parent, self._pid = self._pid, os.getpid()
         if self._closed:
@@ -450,6 +454,7 @@ class Broker:
         with self._lock:
             workers = list(self._workers.values())
         await asyncio.gather(*(w.astop(timeout) for w in workers), return_exceptions=True)
+        await asyncio.to_thread(self._background.wait_idle, 5.0)  # (workers still being reaped)
         self.close(timeout)  # the rest; a worker that would not stop is dealt with here
 
     def _start(

@@ -83,6 +83,10 @@ def import_value(obj: Any) -> Any:
 # event loop, for the paths that cannot wait without blocking it.
 _EXIT_GRACE = 1.0
 _LOOP_EXIT_GRACE = 0.05
+_KILLED = signal.SIGKILL  # the wait status of a process killed by SIGKILL
+# On an event loop, how long a SIGKILLed worker is waited for before its reaping goes to
+# the background: a small one is gone by then, a big one takes ~70 ms a GiB.
+_LOOP_KILL_WAIT_MS = 5
 
 
 class WorkerHandle:
@@ -766,21 +770,49 @@ class WorkerHandle:
             pass
 
     def _reap(self, timeout: float) -> int | None:
-        """Wait for the process to end; SIGKILL it if it does not in time."""
+        """Wait for the process to end; SIGKILL it if it does not in time.
+
+        During an awaited call nothing is waited for (callers await what they
+        grant first) but a few ms after the SIGKILL: a process still being torn
+        down then (a big one takes a few hundred ms) is reaped in the
+        background, and its end is that SIGKILL."""
         if self._pidfd < 0:
             return None
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
-        if not poller.poll(int(timeout * 1000)):
+        if self._awaited:
+            if not poller.poll(0):
+                self._kill()
+                if not poller.poll(_LOOP_KILL_WAIT_MS):
+                    self._kill_group()
+                    self._reap_in_background()
+                    return _KILLED
+        elif not poller.poll(int(timeout * 1000)):
             self._kill()
             poller.poll(5000)
+        self._kill_group()
+        return self._reaper(self.pid)
+
+    def _kill_group(self) -> None:
         if self._may_fork:
             # Its own processes (allow-fork, or no sandbox) are in its process group, which they
             # cannot leave (setpgid and setsid are not in the filter); until it is reaped, its pid
             # is still that group's id.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-        return self._reaper(self.pid)
+
+    def _reap_in_background(self) -> None:
+        """Hand the pidfd, the reaping and the cgroup to the broker's thread."""
+        pidfd, self._pidfd = self._pidfd, -1
+        cgroup, self._cgroup = self._cgroup, None
+        reaper, pid = self._reaper, self.pid
+
+        def reap() -> None:
+            reaper(pid)
+            if cgroup is not None:
+                cgroup.discard()
+
+        self._broker._background.after_exit(pidfd, reap)
 
     def _set_exit(self, ex: WorkerExit) -> None:
         if self.exit is None:
@@ -797,7 +829,9 @@ class WorkerHandle:
         self._stop_waiting()  # before its fds close under the event loop
         self._close_fds()
         cgroup, self._cgroup = self._cgroup, None
-        if cgroup is not None:
+        if cgroup is not None and self._awaited:
+            self._broker._background.soon(cgroup.discard)  # (it may wait for the kernel: not on the loop)
+        elif cgroup is not None:
             try:
                 cgroup.remove()
             except OSError as exc:

@@ -1,0 +1,118 @@
+"""Work a call on an event loop must not wait for, done on a thread.
+
+The kernel takes a while to tear a big process down (about 70 ms a GiB
+here), and a memory cgroup can be removed only once its process has gone.
+A worker killed during an awaited call is recorded at once; waiting for it,
+reaping it and removing its cgroup happen here, so that the loop runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("privsep.broker")
+
+
+class Background:
+    """One thread, started when there is work and ending when there is none."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._after_exit: dict[int, Callable[[], None]] = {}  # pidfd -> what to do once its process ended
+        self._soon: list[Callable[[], None]] = []
+        self._wake_r = self._wake_w = -1  # (open while the thread runs)
+        self._thread: threading.Thread | None = None
+
+    def after_exit(self, pidfd: int, then: Callable[[], None]) -> None:
+        """Run ``then`` once the process of ``pidfd`` has ended. Takes
+        ownership of ``pidfd`` (closed after ``then``)."""
+        with self._lock:
+            self._after_exit[pidfd] = then
+            self._start()
+
+    def soon(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the thread."""
+        with self._lock:
+            self._soon.append(work)
+            self._start()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is left to do; False after ``timeout`` seconds."""
+        with self._lock:
+            return self._done.wait_for(lambda: self._thread is None, timeout)
+
+    def forked_copy(self) -> None:
+        """In a forked child: the thread did not come along, and the processes
+        are the parent's. Forget them (their pidfds are this copy's to close)."""
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        for pidfd in self._after_exit:
+            os.close(pidfd)
+        self._after_exit.clear()
+        self._soon.clear()
+        self._thread = None
+        self._close_wake()
+
+    def _start(self) -> None:  # (holding the lock)
+        if self._thread is None:
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._thread = threading.Thread(target=self._run, name="privsep-background", daemon=True)
+            self._thread.start()
+        else:
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # (woken already)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                soon, self._soon = self._soon, []
+                waiting = list(self._after_exit)
+                if not soon and not waiting:
+                    self._thread = None
+                    self._close_wake()
+                    self._done.notify_all()
+                    return
+            for work in soon:
+                self._do(work)
+            if not waiting:
+                continue
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for pidfd in waiting:
+                poller.register(pidfd, select.POLLIN)
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    while True:
+                        try:
+                            if not os.read(self._wake_r, 64):
+                                break
+                        except BlockingIOError:
+                            break
+                    continue
+                with self._lock:
+                    then = self._after_exit.pop(fd, None)
+                if then is not None:
+                    try:
+                        self._do(then)
+                    finally:
+                        os.close(fd)
+
+    def _close_wake(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    @staticmethod
+    def _do(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:  # (a bug: said, and the thread goes on with the rest)
+            log.exception("privsep background work failed")
