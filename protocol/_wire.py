@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import errno
+import io
 import mmap
 import os
 import select
@@ -306,6 +307,11 @@ class _Encoder:
             return msgpack.ExtType(EXT_DIRREF, _DIRREF_EXT.pack(o.id, int(o.rights)))
         elif self.fd_hook is not None:
             fd, kind, rights = self.fd_hook(o)
+        elif isinstance(o, (io.BytesIO, io.StringIO)):
+            raise TypeError(
+                f"cannot send a {type(o).__name__} to the other side: it is no file descriptor (send its "
+                "contents, getvalue(), instead)"
+            )
         elif hasattr(o, "fileno"):  # a file or socket of the broker's: its rights would be implicit
             raise TypeError(
                 f"cannot send a {type(o).__name__} to the other side: pass a capability, whose rights are "

@@ -920,6 +920,10 @@ class Returner(Worker):
         self.grants["data"].close()  # pinned: the object closes, the fd slot stays
 
     @rpc
+    def in_memory(self) -> io.BytesIO:
+        return io.BytesIO(b"made here")
+
+    @rpc
     def writer(self) -> io.BufferedWriter:
         r, w = os.pipe()
         os.close(r)
@@ -947,6 +951,8 @@ def test_a_file_returned_again_and_again_is_described_each_time(broker: Broker) 
     w.close_held()
     with pytest.raises(TypeError, match="cannot be sent"):
         w.held()
+    with pytest.raises(TypeError, match=r"cannot send a BytesIO to the broker: it is no file descriptor"):
+        w.in_memory()  # (it read "cannot be sent: fileno")
     with w.writer() as cap:  # the worker still serves, and a writer is sent as one (flushed first)
         assert cap.rights & Rights.WRITE and not cap.rights & Rights.READ
 
@@ -958,4 +964,7 @@ def test_a_file_object_of_the_brokers_is_refused_with_the_way_to_pass_it(broker:
         w.count_bytes(f)
     with pytest.raises(TypeError, match=r"cannot send a set to the other side$"):
         w.echo({1})
+    # An in-memory file was told to be passed as a capability (broker.open), which it cannot be.
+    with pytest.raises(TypeError, match=r"cannot send a BytesIO to the other side: it is no file descriptor"):
+        w.echo(io.BytesIO(b"x"))
     assert w.count_bytes(broker.open("data/a.txt")) == 5

@@ -283,7 +283,13 @@ def fd_of(obj: Any) -> tuple[int, int, Rights]:
     if (type(obj) is io.BufferedReader or isinstance(obj, io.IOBase)) and not obj.closed:
         if type(obj) is not io.BufferedReader and isinstance(obj, _FLUSHED):
             obj.flush()
-        fd = obj.fileno()
+        try:
+            fd = obj.fileno()
+        except (io.UnsupportedOperation, ValueError):  # io.BytesIO, io.StringIO, a wrapped stream
+            raise TypeError(
+                f"cannot send a {type(obj).__name__} to the broker: it is no file descriptor (send its "
+                "contents, getvalue() or read(), instead)"
+            ) from None
         # A file privsep gave this worker knows its kind; any other is asked (a claim either way:
         # the broker derives kind and rights from the fd itself).
         kind = getattr(obj, "_privsep_kind", None)
