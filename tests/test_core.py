@@ -968,3 +968,27 @@ def test_a_file_object_of_the_brokers_is_refused_with_the_way_to_pass_it(broker:
     with pytest.raises(TypeError, match=r"cannot send a BytesIO to the other side: it is no file descriptor"):
         w.echo(io.BytesIO(b"x"))
     assert w.count_bytes(broker.open("data/a.txt")) == 5
+
+
+class Exits(Worker):
+    @rpc
+    def quit(self, code: int) -> None:
+        raise SystemExit(code)  # a library calling sys.exit()
+
+    @rpc
+    def interrupt(self) -> None:
+        raise KeyboardInterrupt
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_sys_exit_in_a_method_comes_back_as_an_error_that_cannot_end_the_broker(broker: Broker) -> None:
+    w = broker.spawn(Exits)
+    for call, name in ((lambda: w.quit(4), "SystemExit"), (w.interrupt, "KeyboardInterrupt")):
+        with pytest.raises(RemoteError) as info:
+            call()
+        assert not isinstance(info.value, (SystemExit, KeyboardInterrupt))
+        assert str(info.value).startswith(name)
+    assert w.ping() == "pong"  # it serves on
