@@ -51,6 +51,7 @@ from ._exit import WorkerExit
 from ._handle import HANDLE_NAMES, WorkerHandle, _size, close_fds_in, reap_dropped
 from ._interp import checked_environ, child_env
 from ._logtext import printable
+from ._loop import PerLoopLock
 from ._options import call_timeout as checked_call_timeout
 from ._options import count, rate, wait_timeout
 from ._outputs import PendingOutput
@@ -216,7 +217,7 @@ class Broker:
         self._abi: int | None = None
         self._pools: list[WorkerPool] = []
         self._background = Background()  # reaping that an event loop must not wait for
-        self._aspawn_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._aspawn_lock = PerLoopLock()  # orders this broker's awaited spawns, per loop
         self._spawn_lock = threading.Lock()
         self._cgroup_parent = cgroup_parent
         self._cgroups: CgroupSupport | None = None
@@ -403,11 +404,7 @@ class Broker:
 
     def _aspawn_turn(self) -> asyncio.Lock:
         """The running loop's lock that orders its spawns."""
-        loop = asyncio.get_running_loop()
-        held = self._aspawn_lock
-        if held is None or held[0] is not loop:
-            held = self._aspawn_lock = (loop, asyncio.Lock())
-        return held[1]
+        return self._aspawn_lock.get()
 
     def _finish_spawn(self, handle: WorkerHandle, ready: Callable[[], bool]) -> WorkerHandle:
         """Wait (``ready``) for the handshake and check it; a worker that does

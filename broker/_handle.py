@@ -35,7 +35,7 @@ from ._cgroup import WorkerCgroup
 from ._deliver import Outgoing
 from ._exit import WorkerExit
 from ._logtext import printable
-from ._loop import readable, ready_now
+from ._loop import PerLoopLock, readable, ready_now
 from ._options import call_timeout, wait_timeout
 from ._outputs import PendingOutput
 from ._violation import report
@@ -128,9 +128,9 @@ class WorkerHandle:
         self.spawn_method = "fork"
         self.exit: WorkerExit | None = None
         self.calls = 0
-        # Orders the awaited calls of one event loop: (that loop, its lock). Another loop (a second
-        # asyncio.run(), a test's own loop) gets a lock of its own; self._lock still excludes the rest.
-        self._alock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # Orders the awaited calls of one event loop. Another loop (a second asyncio.run(), a
+        # test's own loop) gets a lock of its own; self._lock still excludes the rest.
+        self._alock = PerLoopLock()
         self._pending_call: int | None = None  # sent, its answer not yet taken
         self._call_thread: int | None = None  # the thread whose call (or awaited stop) holds _lock
         # Set by kill()/stop() before the SIGKILL that ends a call in flight on another
@@ -1008,11 +1008,7 @@ class WorkerHandle:
 
     def _loop_lock(self) -> asyncio.Lock:
         """The lock that orders this handle's awaited calls on the running loop."""
-        loop = asyncio.get_running_loop()
-        held = self._alock
-        if held is None or held[0] is not loop:
-            held = self._alock = (loop, asyncio.Lock())
-        return held[1]
+        return self._alock.get()
 
     async def akill(self) -> WorkerExit:
         """``kill()`` for asyncio: the worker's end is awaited on the event loop."""
@@ -1066,7 +1062,7 @@ class WorkerHandle:
         """In a forked child: close this copy's fds of the parent's worker and
         refuse calls. Its process, cgroup and end stay the parent's."""
         self._lock = threading.Lock()  # (a call on another thread may have held it at the fork)
-        self._alock = None
+        self._alock = PerLoopLock()
         self._waiting = None
         self._cgroup = None  # never removed from here
         self._close_fds()

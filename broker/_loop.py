@@ -44,3 +44,21 @@ async def readable(fd: int, timeout: float) -> bool:
             loop.remove_reader(own)
     finally:
         os.close(own)
+
+
+class PerLoopLock:
+    """An ``asyncio.Lock`` of the running loop's: made anew when the loop
+    changes (a second ``asyncio.run()``, a test framework's loop per test),
+    since a lock bound to another loop refuses to be waited on."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    def get(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        held = self._held
+        if held is None or held[0] is not loop:
+            held = self._held = (loop, asyncio.Lock())
+        return held[1]

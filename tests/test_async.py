@@ -264,16 +264,22 @@ def test_ending_a_worker_from_its_own_loop_ends_the_awaited_call(tree: Path) -> 
 
 
 class _Ticker:
-    """Counts how often the event loop lets another task run."""
+    """Counts how often the event loop lets another task run, and the
+    longest it went without."""
 
     def __init__(self) -> None:
         self.ticks = 0
+        self.longest = 0.0
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(0.005)
+            now = time.monotonic()
             self.ticks += 1
+            self.longest = max(self.longest, now - last)
+            last = now
 
     def __enter__(self) -> _Ticker:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -524,20 +530,11 @@ def test_an_awaited_call_waits_for_a_call_of_another_thread(tree: Path) -> None:
     synchronous call waits its turn. It now waits too, without blocking the loop."""
 
     async def main(w: WorkerHandle) -> tuple[int, str, int, float]:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        t = asyncio.ensure_future(ticker())
-        start = time.monotonic()
-        got = await w.aio.ping()
-        waited = time.monotonic() - start
-        t.cancel()
-        return busy.result(), got, ticks, waited
+        with _Ticker() as ticker:
+            start = time.monotonic()
+            got = await w.aio.ping()
+            waited = time.monotonic() - start
+        return busy.result(), got, ticker.ticks, waited
 
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(AsyncJob)
@@ -588,21 +585,10 @@ def test_a_worker_that_hangs_up_and_runs_on_does_not_block_the_loop(tree: Path) 
 
     async def main(b: Broker) -> tuple[WorkerCrashed, int, float]:
         w = await b.aspawn(RunsOn)
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        t = asyncio.ensure_future(ticker())
-        start = time.monotonic()
-        with pytest.raises(WorkerCrashed) as info:
+        with _Ticker() as ticker, pytest.raises(WorkerCrashed) as info:
+            start = time.monotonic()
             await w.aio.hang_up_and_run_on()
-        took = time.monotonic() - start
-        t.cancel()
-        return info.value, ticks, took
+        return info.value, ticker.ticks, time.monotonic() - start
 
     with Broker(Policy(), root=tree) as b:
         exc, ticks, took = asyncio.run(main(b))
@@ -634,22 +620,11 @@ def test_killing_a_big_worker_during_an_awaited_call_does_not_stall_the_loop(
     async def main(b: Broker) -> tuple[WorkerHandle, float, str | None]:
         w = await b.aspawn(Holder)
         cgroup = w._cgroup.path if w._cgroup is not None else None
-        gaps: list[float] = []
-
-        async def ticker() -> None:
-            last = time.monotonic()
-            while True:
-                await asyncio.sleep(0.005)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
-        t = asyncio.ensure_future(ticker())
-        with pytest.raises(WorkerTimeout):
-            await w.aio.with_timeout(3.0).hold(2048, 30)
-        await asyncio.sleep(0.05)
-        t.cancel()
-        return w, max(gaps), cgroup
+        with _Ticker() as ticker:
+            with pytest.raises(WorkerTimeout):
+                await w.aio.with_timeout(3.0).hold(2048, 30)
+            await asyncio.sleep(0.05)
+        return w, ticker.longest, cgroup
 
     with Broker(policy, root=tree) as b:
         w, stall, cgroup = asyncio.run(main(b))
