@@ -211,6 +211,8 @@ class Broker:
             raise TypeError("sandbox= takes only UNSANDBOXED; set sandbox options on the Policy")
         self._resolver = Resolver(policy, root)
         self._workers: dict[int, WorkerHandle] = {}
+        # Started, handshake not done: not yet workers of the broker, but a fork must let go of them too.
+        self._starting: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._prepared: dict[SandboxSpec, Any] = {}
         self._opener_proc: Opener | None = None
@@ -310,9 +312,10 @@ class Broker:
         for pool in self._pools:
             pool._forked_copy(reason)
         self._pools = []
-        for handle in self._workers.values():
+        for handle in [*self._workers.values(), *self._starting]:
             handle._forked_copy(reason)
         self._workers = {}
+        self._starting = weakref.WeakSet()
         if self._zygote is not None:
             self._zygote.forked_copy()
             self._zygote = None
@@ -398,6 +401,8 @@ class Broker:
         try:
             ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
         except BaseException:
+            with self._lock:
+                self._starting.discard(handle)
             handle.kill()
             raise
         return self._finish_spawn(handle, lambda: ready)
@@ -417,12 +422,15 @@ class Broker:
             if self.worker_output:
                 handle._chan.send({"t": "cfg", "out": True})  # before any call: its first lines are wanted
             with self._lock:  # (close() takes its list of workers under this lock, after setting _closed)
+                self._starting.discard(handle)
                 if not self._closed:
                     self._workers[handle.id] = handle
                     ok = True
             if not ok:
                 raise RuntimeError(_CLOSED_WHILE_STARTING)
         except BaseException as exc:
+            with self._lock:
+                self._starting.discard(handle)
             if handle.exit is None:
                 handle.kill()
             if self._closed and isinstance(exc, Exception) and exc.args != (_CLOSED_WHILE_STARTING,):
@@ -575,7 +583,9 @@ class Broker:
             place(pid)  # before its first call; what setup() touched stays charged where it was
         handle._cgroup = cgroup
         handle._cgroup_report = cgroup_report
-        return handle  # (one of the broker's workers once its handshake is done: _finish_spawn)
+        with self._lock:
+            self._starting.add(handle)  # (one of the broker's workers once its handshake is done: _finish_spawn)
+        return handle
 
     def _needs_main_load(self, cls: type[Worker]) -> bool:
         """Would a spawn of ``cls`` first have the zygote import the main script?"""

@@ -664,6 +664,28 @@ def test_broker_death_ends_its_workers(tree: Path, how: str) -> None:
     assert not any(alive(p) for p in helpers), "the zygote or its spare outlived the broker"
 
 
+def test_a_fork_during_a_spawn_lets_go_of_the_worker_still_starting(tree: Path) -> None:
+    """A worker is the broker's once its handshake is done; one still
+    starting when the process forked (another thread spawning, a pre-forking
+    server) kept its channel open in the child, so the worker would not see
+    its broker's end there."""
+    with Broker(Policy(), root=tree) as b:
+        got: list[object] = []
+        t = threading.Thread(target=_spawn_into, args=(b, got, SlowSetup))
+        t.start()
+        time.sleep(0.2)  # in setup()
+        (starting,) = list(b._starting)
+        pid = os.fork()
+        if pid == 0:
+            ok = starting.exit is not None and starting._chan.fileno() < 0 and not list(b._starting)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        t.join(10)
+        assert os.waitstatus_to_exitcode(status) == 0
+        (w,) = got
+        assert isinstance(w, WorkerHandle) and w.ping() == "pong"  # the parent's spawn went on
+
+
 def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_intact(tree: Path) -> None:
     """multiprocessing's fork start method or a pre-forking server copies the
     Broker into a child. The copy must not talk to the parent's zygote or
