@@ -304,3 +304,25 @@ def test_every_compression_works_in_the_sandbox(tmp_path: Path, kind: str) -> No
     assert status == cli.EXIT_OK, report
     for name, data in payload.items():
         assert (tmp_path / "out" / name).read_bytes() == data
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_long_extraction_shows_its_progress_on_a_terminal(tmp_path: Path) -> None:
+    """5,000 members took 4-10 s with nothing on the screen until the end."""
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(40):
+            z.writestr(f"d/f{i}.txt", b"x" * 100)
+    err, out = _Terminal(), io.StringIO()
+    assert cli.main([str(archive), str(tmp_path / "out")], stdout=out, stderr=err) == cli.EXIT_OK
+    text = err.getvalue()
+    assert text.startswith("\r\x1b[2K  extracting: 1 file, 100 B")
+    assert text.endswith("\r\x1b[2K")  # cleared before the summary
+    assert "extracted 40 files" in out.getvalue()
+    plain = io.StringIO()  # not a terminal (a log, CI): no progress line
+    assert cli.main([str(archive), str(tmp_path / "out2")], stdout=io.StringIO(), stderr=plain) == cli.EXIT_OK
+    assert "extracting:" not in plain.getvalue()

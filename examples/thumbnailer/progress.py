@@ -88,7 +88,7 @@ class Progress:
             self.stream.flush()
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -112,7 +112,7 @@ def describe_sandbox(sandbox: dict[str, Any] | None) -> list[str]:
         if name == "rlimits" and isinstance(sandbox.get("rlimits"), dict):
             limits = sandbox["rlimits"]
             parts = [
-                f"{key.replace('_', ' ')} {_fmt_bytes(v) if key in ('address_space', 'file_size') and v else v}"
+                f"{key.replace('_', ' ')} {fmt_bytes(v) if key in ('address_space', 'file_size') and v else v}"
                 for key, v in limits.items()
                 if v is not None
             ]
@@ -161,7 +161,7 @@ def render_summary(report: dict[str, Any]) -> str:
     total_bytes = sum(item.get("bytes", 0) for item in report["converted"])
     out.append(
         f"Output: {report['output']}/ ({report['format']}, fitting {report['size']}x{report['size']}, "
-        f"{_fmt_bytes(total_bytes)} written)"
+        f"{fmt_bytes(total_bytes)} written)"
     )
     if report["rejected"]:
         out.append("Rejected:")

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from examples._report import emit
 
 from .._safe_fs import ensure_subdir
+from ..thumbnailer.progress import fmt_bytes
 from . import safety
 from .safety import Limits, Refused
 
@@ -96,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty OUTDIR (files are replaced)")
     parser.add_argument("--json", metavar="FILE", help="write a machine-readable report to FILE ('-' for stdout)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="list every member as it is extracted")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="list every member as it is extracted (else, on a terminal, a line counts them)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary (no progress line)")
     return parser
 
 
@@ -240,6 +242,33 @@ def sandbox_report(handle: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+class _Counter:
+    """On a terminal, one line of progress, redrawn in place at most ten
+    times a second (members are not counted up front: the archive is parsed
+    only in the worker). Elsewhere, nothing: logs stay one line per event."""
+
+    def __init__(self, stream: TextIO, enabled: bool):
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self._last = 0.0
+        self._drawn = False
+
+    def update(self, files: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last < 0.1:
+            return
+        self._last = now
+        self.stream.write(f"\r\x1b[2K  extracting: {files:,} file{'' if files == 1 else 's'}, {fmt_bytes(nbytes)}")
+        self.stream.flush()
+        self._drawn = True
+
+    def clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self._drawn = False
+
+
 def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:  # fmt: skip
     stdout = stdout or sys.stdout
@@ -280,8 +309,11 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         .with_limits(file_size=limits.max_total + (1 << 16))
     )
 
+    counter = _Counter(stderr, enabled=not args.quiet and not args.verbose)
+
     def say(line: str) -> None:
         if not args.quiet:
+            counter.clear()
             print(line, file=stderr, flush=True)
 
     report: dict[str, Any] = {"archive": archive, "outdir": outdir, "limits": limits.to_wire()}
@@ -351,12 +383,14 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
                 size = ex.landed(parts)
                 if args.verbose:
                     say(f"  file  {shown} ({size:,} bytes)")
+                counter.update(len(ex.files), ex.total)
                 over = ex.over_budget()  # the broker's own check on the real bytes (defence in depth)
                 if over:
                     stopped = {"kind": safety.BOMB, "reason": over, "member": shown}
                     say(f"  STOPPED after {shown}: bomb: {over}")
                     break
     except KeyboardInterrupt:  # (the broker is closed by now: the member in progress, if any, was discarded)
+        counter.clear()
         n = len(ex.files)
         print(f"unpack: interrupted after {n} file{'' if n == 1 else 's'}; what is in {safety.shown(outdir)} "
               "is complete (none is partial)", file=stderr)
@@ -366,6 +400,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         print("unpack: `privsep check` shows what this kernel supports", file=stderr)
         return EXIT_FATAL
     finally:
+        counter.clear()
         os.close(out_fd)
 
     elapsed = time.monotonic() - started
