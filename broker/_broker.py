@@ -134,7 +134,10 @@ LISTING_INLINE = 64 * 1024
 
 def _warn_hidden(cls: type[Worker]) -> None:
     """An @rpc method named like an attribute of its handle (``stop``,
-    ``name``, ``call``, ...) is not what ``handle.stop()`` reaches."""
+    ``name``, ``call``, ...) is not what ``handle.stop()`` reaches. (Checks
+    first that ``cls`` is a Worker class at all.)"""
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise TypeError(f"spawn() takes a Worker subclass, not {cls!r}")
     hidden = sorted(cls.rpc_methods & HANDLE_NAMES)
     if hidden:
         listed = ", ".join(f"{cls.__name__}.{n}" for n in hidden)
@@ -345,6 +348,9 @@ class Broker:
 
     def _check_spawn_grants(self, grants: Mapping[str, Capability] | None) -> list[tuple[str, Capability]]:
         out = []
+        if grants is not None and not isinstance(grants, Mapping):
+            raise TypeError(f"grants must map names to capabilities ({{'src': broker.opendir(...)}}), "
+                            f"not {type(grants).__name__}")
         for name, cap in (grants or {}).items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ValueError(f"grant names must be identifiers, not {name!r}")
@@ -448,6 +454,8 @@ class Broker:
         semantics. Options: ``timeout``, ``recycle_after``, ``max_rss``,
         ``restart`` ("always"/"never"), ``max_restarts``."""
         self._check_open()
+        if not (isinstance(cls, type) and issubclass(cls, Worker)):
+            raise TypeError(f"pool() takes a Worker subclass, not {cls!r}")
         self._warn_if_forked(cls)
         pool = WorkerPool(self, cls, (os.cpu_count() or 1) if size is None else size, **options)
         self._pools = [p for p in self._pools if not p._finished()]  # (kept until their threads end)

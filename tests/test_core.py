@@ -3,6 +3,7 @@ resource requests checked by the broker, remote errors, atomic outputs."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import errno
 import io
@@ -992,3 +993,21 @@ def test_sys_exit_in_a_method_comes_back_as_an_error_that_cannot_end_the_broker(
         assert not isinstance(info.value, (SystemExit, KeyboardInterrupt))
         assert str(info.value).startswith(name)
     assert w.ping() == "pong"  # it serves on
+
+
+def test_what_spawn_and_pool_take_is_checked_where_it_is_given(broker: Broker) -> None:
+    """spawn(int) read "type object 'int' has no attribute 'rpc_methods'",
+    grants="x" read "'str' object has no attribute 'items'", and pool(int)
+    failed only in each future."""
+    with pytest.raises(TypeError, match="spawn\\(\\) takes a Worker subclass, not <class 'int'>"):
+        broker.spawn(int)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="grants must map names to capabilities"):
+        broker.spawn(Exits, grants="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pool\\(\\) takes a Worker subclass"):
+        broker.pool(int)  # type: ignore[arg-type]
+
+    async def aspawn() -> None:
+        await broker.aspawn(int)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match="spawn\\(\\) takes a Worker subclass"):
+        asyncio.run(aspawn())
