@@ -683,6 +683,8 @@ class Broker:
         if emfile and limits.open_files is not None:  # (a SandboxError carries the errno's text only)
             return WorkerExit("crashed", f"setup or sandbox entry failed: {text}; Limits.open_files "
                                          f"({limits.open_files}) leaves the worker no fd to make")
+        if isinstance(cause, TypeError) and "__init__() missing" in str(cause):
+            text += " (a worker is made with no arguments: give it settings as class attributes or in a call)"
         return WorkerExit("crashed", f"setup or sandbox entry failed: {text}")
 
     def _await_ready(self, handle: WorkerHandle) -> None:

@@ -212,6 +212,25 @@ def test_setup_failure_is_reported(tree: Path) -> None:
         assert isinstance(info.value.__cause__, ImportError)
 
 
+class NeedsArgs(Worker):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_worker_whose_init_wants_arguments_is_told_there_are_none(tree: Path) -> None:
+    with Broker(Policy(), root=tree) as b, pytest.raises(WorkerCrashed) as info:
+        b.spawn(NeedsArgs)
+    assert str(info.value).endswith(
+        "missing 1 required positional argument: 'size' (a worker is made with no arguments: give it "
+        "settings as class attributes or in a call)"
+    )
+
+
 def test_a_limit_too_low_to_start_a_worker_is_named(tree: Path) -> None:
     """It read 'setup or sandbox entry failed: landlock_create_ruleset: Too
     many open files' (no class, no limit), and a MemoryError at entry (which
