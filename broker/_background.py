@@ -70,6 +70,16 @@ class Background:
                 pass  # (woken already)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # (a bug: said; the next piece of work starts a new thread)
+            log.exception("privsep background thread failed")
+            with self._lock:
+                self._thread = None
+                self._close_wake()
+                self._done.notify_all()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 soon, self._soon = self._soon, []
