@@ -199,6 +199,11 @@ class Policy:
         return f"Policy({{{inner}}})"
 
 
+def lacks(where: str, granted: Rights, rights: Rights) -> str:
+    """Why ``rights`` are refused where only ``granted`` are: the text of a denial."""
+    return f"{where} grants {granted.describe()}, not {Rights(int(rights) & ~int(granted)).describe()}"
+
+
 def _specificity(g: Grant) -> tuple[int, bool]:
     return len(g.parts), not g.is_dir  # (a file grant of a path beats a directory grant named the same)
 
@@ -209,6 +214,6 @@ def _refusal(covering: list[Grant], rights: Rights) -> str:
     covering.sort(key=_specificity, reverse=True)
     if len(covering) == 1:
         g = covering[0]
-        return f"the policy's {g.display!r} grants {g.rights.describe()}, not {Rights(rights & ~g.rights).describe()}"
+        return lacks(f"the policy's {g.display!r}", g.rights, rights)
     each = ", ".join(f"{g.display!r} {g.rights.describe()}" for g in covering)
     return f"no one grant of the policy covering this path gives {rights.describe()} (it has {each})"

@@ -17,7 +17,7 @@ import os
 import stat
 import sys
 import threading
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 from protocol import NotCapable, PolicyError, Rights
 from protocol._paths import is_utf8, split_relative
@@ -27,7 +27,7 @@ from worker.sandbox._openat2 import openat2 as _linux_openat2
 
 from ._capability import Capability
 from ._outputs import REMOVED, PendingOutput, make_output, removed
-from ._policy import Policy
+from ._policy import Policy, lacks
 
 _BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 _MAX_LISTDIR = 100_000
@@ -135,11 +135,6 @@ class Resolver:
                 self.close()
 
     # -- locating ---------------------------------------------------------
-    @staticmethod
-    def _refuse(granted: Rights, rights: Rights, where: str, display: str) -> NoReturn:
-        extra = Rights(int(rights) & ~int(granted))
-        raise NotCapable(f"{where} grants {granted.describe()}, not {extra.describe()}", filename=display)
-
     def locate(self, path: object, rights: Rights) -> Target:
         """Check a worker path against the policy.
 
@@ -177,7 +172,7 @@ class Resolver:
         parts = split_relative(path)
         display = "/".join((directory.name, *parts))
         if int(rights) & ~int(directory.rights):
-            self._refuse(directory.rights, rights, f"directory {directory.name!r}", display)
+            raise NotCapable(lacks(f"directory {directory.name!r}", directory.rights, rights), filename=display)
         return Target(directory.fileno(), "/".join(parts) or ".", display, True, directory.rights)
 
     # -- internals --------------------------------------------------------
