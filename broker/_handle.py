@@ -170,10 +170,20 @@ class WorkerHandle:
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         self._check_method(method)
-        return self._call(method, args, kwargs, self.timeout)
+        try:
+            return self._call(method, args, kwargs, self.timeout)
+        except BaseException:
+            del args, kwargs  # see _call_known
+            raise
 
     def _call_known(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
-        return self._call(method, args, kwargs, self.timeout)  # (a name __getattr__ checked)
+        try:
+            return self._call(method, args, kwargs, self.timeout)  # (a name __getattr__ checked)
+        except BaseException:
+            # The traceback keeps this frame: a caller keeping the exception
+            # must not keep the call's arguments (a capability's fd) with it.
+            del args, kwargs
+            raise
 
     def with_timeout(self, seconds: float | None) -> _Timed:
         """A view of this handle whose calls time out after ``seconds``
@@ -217,6 +227,7 @@ class WorkerHandle:
                 finally:
                     steps.close()
             except BaseException as exc:
+                del args, kwargs  # (kept by the traceback otherwise: see _call_known)
                 if self._pending_call is not None:
                     self._abandon(method, exc)
                 raise
@@ -269,6 +280,7 @@ class WorkerHandle:
                 finally:
                     steps.close()
             except BaseException as exc:
+                del args, kwargs  # (kept by the traceback otherwise: see _call_known)
                 if self._pending_call is not None:
                     self._abandon(method, exc)  # cancelled, typically
                 raise
@@ -426,6 +438,7 @@ class WorkerHandle:
             else:
                 self._send({"t": "call", "id": cid, "m": method, "a": [], "k": {}}, "could not deliver the call")
         except BaseException:
+            args, kwargs, call, arg = (), {}, {}, None  # (kept by the traceback otherwise: see _call_known)
             self._drains.clear()
             raise
         self._pending_call = cid
@@ -1159,7 +1172,11 @@ class _Async:
         return _Async(self._handle, call_timeout(seconds, "timeout"))
 
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
-        return await self._handle._acall(method, args, kwargs, self._timeout)
+        try:
+            return await self._handle._acall(method, args, kwargs, self._timeout)
+        except BaseException:
+            del args, kwargs  # (kept by the traceback otherwise: see WorkerHandle._call_known)
+            raise
 
     def __getattr__(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
         handle = self._handle
@@ -1183,13 +1200,24 @@ class _Timed:
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         self._handle._check_method(method)
-        return self._handle._call(method, args, kwargs, self._timeout)
+        try:
+            return self._handle._call(method, args, kwargs, self._timeout)
+        except BaseException:
+            del args, kwargs  # (kept by the traceback otherwise: see WorkerHandle._call_known)
+            raise
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         handle = self._handle
         if name.startswith("_") or name not in getattr(handle.cls, "rpc_methods", ()):
             raise AttributeError(f"{handle.cls.__name__} has no @rpc method {name!r}")
-        return lambda *args, **kwargs: handle._call(name, args, kwargs, self._timeout)
+        return functools.partial(self._call_named, name)
+
+    def _call_named(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._handle._call(method, args, kwargs, self._timeout)
+        except BaseException:
+            del args, kwargs  # (kept by the traceback otherwise: see WorkerHandle._call_known)
+            raise
 
 
 __all__ = ["WorkerHandle"]

@@ -208,11 +208,16 @@ class WorkerPool(Executor):
                 if item is None:
                     break
                 fut, method, args, kwargs = item
+                # Each path lets the task's arguments go at once (del): this
+                # frame is in a failed future's traceback, and waits for the
+                # next task.
                 if not fut.set_running_or_notify_cancel():
+                    del item, args, kwargs
                     continue
                 try:
                     handle = self._handle_for(slot)
                 except BaseException as exc:
+                    del item, args, kwargs
                     fut.set_exception(exc)
                     if isinstance(exc, PoolBroken):
                         self._drain(cancel=False, error=exc)
@@ -220,7 +225,10 @@ class WorkerPool(Executor):
                 try:
                     fut.set_result(handle._call(method, args, kwargs, self.timeout))
                 except BaseException as exc:
+                    del item, args, kwargs
                     fut.set_exception(exc)
+                else:
+                    del item, args, kwargs
                 if handle.exit is not None:
                     self._retire(slot, handle, crashed=True)
                 elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (

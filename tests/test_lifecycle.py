@@ -830,3 +830,60 @@ def test_running_out_of_fds_says_so_and_passes(tree: Path, limit: int) -> None:
     assert "control data truncated" not in failure
     spawned, pong, others = after.split()
     assert int(spawned) > 4 and pong == "pong" and others == "True", after
+
+
+class Refuser(Worker):
+    @rpc
+    def refuse(self, f: IO[bytes]) -> None:
+        raise ValueError("not this one")
+
+
+def test_a_kept_exception_does_not_keep_its_calls_arguments_open(tree: Path) -> None:
+    """A batch job keeping each failure's exception for a final report must not
+    keep the capability it passed inline: the traceback holds privsep's own
+    frames, which held the call's arguments (one broker fd per failure)."""
+    n = 20
+    with Broker(Policy().allow("data/", READ), root=str(tree)) as b:
+        h = b.spawn(Refuser)
+        kept: list[BaseException] = []
+
+        def fails(how: str) -> None:
+            for _ in range(n):
+                try:
+                    if how == "attr":
+                        h.refuse(b.open("data/a.txt", READ))
+                    elif how == "call":
+                        h.call("refuse", b.open("data/a.txt", READ))
+                    elif how == "timed":
+                        h.with_timeout(30).refuse(b.open("data/a.txt", READ))
+                    else:
+                        h.with_timeout(30).call("refuse", b.open("data/a.txt", READ))
+                except ValueError as exc:
+                    kept.append(exc)
+
+        async def afails(timed: bool) -> None:
+            view = h.with_timeout(30).aio if timed else h.aio
+            for _ in range(n):
+                try:
+                    await view.refuse(b.open("data/a.txt", READ))
+                except ValueError as exc:
+                    kept.append(exc)
+                try:
+                    await view.call("refuse", b.open("data/a.txt", READ))
+                except ValueError as exc:
+                    kept.append(exc)
+
+        before = len(open_fds())
+        for how in ("attr", "call", "timed", "timed-call"):
+            fails(how)
+        asyncio.run(afails(False))
+        asyncio.run(afails(True))
+        with b.pool(Refuser, size=2) as pool:
+            futures = [pool.submit(Refuser.refuse, b.open("data/a.txt", READ)) for _ in range(n)]
+            kept.extend(f.exception() for f in futures)  # type: ignore[misc]
+            pool_fds = len(open_fds())
+        assert len(kept) == 9 * n and all(isinstance(e, ValueError) for e in kept)
+        assert all(e.__traceback__ is not None for e in kept)
+        # (the pool's own two workers' fds are there while it is open)
+        assert pool_fds - before <= 8, f"{pool_fds - before} fds held by {len(kept)} kept exceptions"
+        assert len(open_fds()) - before <= 1, f"{len(open_fds()) - before} fds held by {len(kept)} kept exceptions"
