@@ -23,6 +23,7 @@ from protocol import NotCapable, PolicyError, Rights
 from protocol._paths import is_utf8, split_relative
 from protocol._wire import KIND_DIR, KIND_FILE
 from worker._files import access_flags
+from worker.sandbox._openat2 import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS
 from worker.sandbox._openat2 import openat2 as _linux_openat2
 
 from ._capability import Capability
@@ -49,27 +50,70 @@ _TYPES = {
 __all__ = ["Resolver", "Target", "access_flags"]
 
 
-def openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0, *, no_symlinks: bool = False) -> int:
     """Open beneath ``dirfd``: openat2(RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS)
-    on Linux, openat(O_RESOLVE_BENEATH) on FreeBSD (untested in CI)."""
+    on Linux, openat(O_RESOLVE_BENEATH) on FreeBSD (untested in CI).
+    ``no_symlinks``: a symlink anywhere on the path fails (ELOOP)."""
     if _FREEBSD:
         from ._resolve_freebsd import openat_beneath
 
+        if no_symlinks:
+            return _walk_no_symlinks(dirfd, path, flags, mode, openat_beneath)
         return openat_beneath(dirfd, path, flags, mode)
+    if no_symlinks:
+        return _linux_openat2(dirfd, path, flags, mode, _NO_SYMLINKS)
     return _linux_openat2(dirfd, path, flags, mode)
+
+
+_NO_SYMLINKS = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS
+
+
+def _walk_no_symlinks(dirfd: int, path: str, flags: int, mode: int, opener: Any) -> int:
+    """RESOLVE_NO_SYMLINKS by hand, where the kernel has no such flag: each
+    component opened O_PATH|O_NOFOLLOW (a symlink opens as itself) and
+    checked, the last one then opened with ``flags`` beneath its parent."""
+    parts = path.split("/")
+    cur = dirfd
+    try:
+        for i, part in enumerate(parts):
+            fd = opener(cur, part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                link = stat.S_ISLNK(os.fstat(fd).st_mode)
+            except BaseException:
+                os.close(fd)
+                raise
+            if link or i == len(parts) - 1:
+                os.close(fd)
+                if link:
+                    raise OSError(errno.ELOOP, "a symlink on the path", path)
+                return int(opener(cur, part, flags | os.O_NOFOLLOW, mode))
+            if cur != dirfd:
+                os.close(cur)
+            cur = fd
+    finally:
+        if cur != dirfd:
+            os.close(cur)
+    raise OSError(errno.ENOENT, "empty path", path)
 
 
 _FREEBSD = sys.platform.startswith("freebsd")
 
 
-def _kernel_denial(exc: OSError, display: str, base: int = -1) -> Exception:
+def _kernel_denial(exc: OSError, display: str, base: int = -1, in_dir: bool = True) -> Exception:
     if exc.errno == errno.ENOENT and base >= 0 and removed(base):
         return FileNotFoundError(errno.ENOENT, REMOVED, display)
+    if exc.errno == errno.ELOOP and not in_dir:
+        return NotCapable(_FILE_GRANT_SYMLINK, filename=display)
     if exc.errno in (errno.EXDEV, errno.ELOOP):
         return NotCapable("path escapes its granted directory (symlink, magic link or '..')", filename=display)
     if exc.errno == errno.EACCES or exc.errno == errno.EPERM:
         return NotCapable(os.strerror(exc.errno), errno=exc.errno, filename=display)
     return type(exc)(exc.errno, exc.strerror, display)  # (a new one: raised "from exc", not from itself)
+
+
+# The policy named this very path: no symlink on it is followed, not even one staying beneath the root
+# (a symlink planted there would hand out a file the policy never named).
+_FILE_GRANT_SYMLINK = "a single-file grant follows no symlink: the path must name the file itself"
 
 
 class Target(NamedTuple):
@@ -178,9 +222,9 @@ class Resolver:
     # -- internals --------------------------------------------------------
     def _open_path(self, t: Target) -> tuple[int, os.stat_result]:
         try:
-            fd = openat2(t.base, t.rest, os.O_PATH | os.O_CLOEXEC)
+            fd = openat2(t.base, t.rest, os.O_PATH | os.O_CLOEXEC, no_symlinks=not t.in_dir)
         except OSError as exc:
-            raise _kernel_denial(exc, t.display, t.base) from exc
+            raise _kernel_denial(exc, t.display, t.base, t.in_dir) from exc
         try:
             return fd, os.fstat(fd)
         except BaseException:

@@ -574,3 +574,57 @@ def test_rights_given_as_a_mode_string_say_what_rights_are(tree: Path) -> None:
             b.open("data/a.txt", "r")  # type: ignore[arg-type]
         # mkdir of the granted directory itself said "needs a file name"
         assert w.mkdir_grant() == "needs a name beneath the granted directory, not the directory itself: 'out'"
+
+
+def test_a_single_file_grant_follows_no_symlink_on_its_path(tree: Path) -> None:
+    """allow("inbox/upload.txt") names that file. A symlink planted as the file
+    (to a file elsewhere beneath the root) or as a directory on its path must
+    not hand out what the policy never named, even staying beneath the root."""
+    (tree / "private").mkdir()
+    (tree / "private" / "keys.txt").write_text("KEYS")
+    (tree / "inbox").mkdir()
+    (tree / "inbox" / "upload.txt").symlink_to("../private/keys.txt")
+    (tree / "pub").symlink_to("private")
+    (tree / "real").mkdir()
+    (tree / "real" / "r.txt").write_text("plain")
+    policy = (Policy().allow("inbox/upload.txt", READ).allow("pub/keys.txt", READ)
+              .allow("real/r.txt", READ))
+    with Broker(policy, root=str(tree)) as b:
+        h = b.spawn(Asker)
+        assert h.open_raw("real/r.txt") == b"plain"  # a plain path still works
+        for path in ("inbox/upload.txt", "pub/keys.txt"):
+            with pytest.raises(NotCapable, match="follows no symlink") as info:
+                h.open_raw(path)
+            assert info.value.errno == errno.EACCES and info.value.filename == path
+            # the broker alone decides: the raw request skipped the worker's checks
+            assert h.raw("stat", {"path": path}) == {"error": "NotCapable", "errno": errno.EACCES}
+            with pytest.raises(NotCapable, match="follows no symlink"):
+                b.open(path, READ)
+        assert h.raw("stat", {"path": "real/r.txt"})["size"] == 5
+
+
+def test_the_walk_without_symlinks_refuses_any_symlink_component(tmp_path: Path) -> None:
+    """The by-hand RESOLVE_NO_SYMLINKS (for kernels without openat2's flag),
+    run here with Linux's openat2 as its opener."""
+    from broker._resolve import _walk_no_symlinks
+    from worker.sandbox._openat2 import openat2
+
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "e" / "f").write_text("F")
+    (tmp_path / "ln").symlink_to("d")
+    (tmp_path / "d" / "e" / "lf").symlink_to("f")
+    top = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        fd = _walk_no_symlinks(top, "d/e/f", os.O_RDONLY | os.O_CLOEXEC, 0, openat2)
+        assert os.read(fd, 5) == b"F"
+        os.close(fd)
+        for path in ("ln/e/f", "d/e/lf"):
+            with pytest.raises(OSError) as info:
+                _walk_no_symlinks(top, path, os.O_RDONLY | os.O_CLOEXEC, 0, openat2)
+            assert info.value.errno == errno.ELOOP
+        with pytest.raises(FileNotFoundError):
+            _walk_no_symlinks(top, "d/nope/f", os.O_RDONLY | os.O_CLOEXEC, 0, openat2)
+        assert len(os.listdir("/proc/self/fd")) == before  # nothing left open on any path
+    finally:
+        os.close(top)
