@@ -821,6 +821,7 @@ class Broker:
                 "stat": Rights.FSTAT,
                 "list": Rights.READ,
                 "unlink": Rights.UNLINKAT,
+                "mkdir": Rights.MKDIRAT,
             }
             wanted = need[op] or Rights.NONE
             if op == "create":

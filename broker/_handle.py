@@ -627,6 +627,13 @@ class WorkerHandle:
             except (PrivsepError, OSError) as exc:
                 one_fd = -1
                 reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
+            except Exception as exc:
+                # A fault of the broker's own: the request fails and says so; the
+                # call and the worker go on (the log has the traceback).
+                log.exception("worker %s: serving its %s request failed", self.name, printable(str(msg["op"])))
+                one_fd = -1
+                fault = RuntimeError(f"the broker failed to serve this request ({type(exc).__name__}); see its log")
+                reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(fault, with_traceback=False)}
             try:
                 if one_fd >= 0:
                     self._send(reply, "worker stopped reading", one_fd=one_fd)

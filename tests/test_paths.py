@@ -628,3 +628,46 @@ def test_the_walk_without_symlinks_refuses_any_symlink_component(tmp_path: Path)
         assert len(os.listdir("/proc/self/fd")) == before  # nothing left open on any path
     finally:
         os.close(top)
+
+
+class ProxyMaker(Worker):
+    @rpc
+    def mkdir_via_proxy(self, where: str, rights: int, name: str) -> None:
+        with self.broker.opendir(where, Rights(rights)) as d:
+            d.mkdir(name)
+
+    @rpc
+    def stat_size(self, path: str) -> int:
+        return self.broker.stat(path).size
+
+
+def test_mkdir_beneath_a_directory_the_worker_asked_for(tree: Path) -> None:
+    """A proxy's mkdir() reached the broker as 'dmkdir', which had no rights
+    entry: a KeyError in the broker, raised into the caller's call."""
+    policy = Policy().allow("out/", Rights.LOOKUP | Rights.MKDIRAT | Rights.CREATE)
+    with Broker(policy, root=tree) as b:
+        w = b.spawn(ProxyMaker)
+        w.mkdir_via_proxy("out", int(Rights.LOOKUP | Rights.MKDIRAT), "made")
+        assert (tree / "out" / "made").is_dir()
+        with pytest.raises(NotCapable, match="MKDIRAT"):
+            w.mkdir_via_proxy("out", int(Rights.LOOKUP), "not-made")
+        assert not (tree / "out" / "not-made").exists()
+        assert w.alive
+
+
+def test_a_fault_of_the_broker_fails_the_request_not_the_call(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in serving one request (here injected into the broker's own
+    resolver) answers that request with an error naming it; the worker and
+    its call go on, and the log has the traceback."""
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(ProxyMaker)
+        assert w.stat_size("data/a.txt") == 5
+
+        def broken(target: object) -> None:
+            raise ZeroDivisionError("a bug")
+
+        monkeypatch.setattr(b._resolver, "stat", broken)
+        with pytest.raises(RuntimeError, match=r"broker failed to serve this request \(ZeroDivisionError\)"):
+            w.stat_size("data/a.txt")
+        monkeypatch.undo()
+        assert w.alive and w.stat_size("data/a.txt") == 5
