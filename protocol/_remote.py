@@ -14,8 +14,13 @@ from typing import Any
 
 from . import _errors
 
+# WorkerCrashed and its kind (PolicyViolation, WorkerTimeout) say how a worker
+# ended, as the broker saw it: nothing sends them, so a worker naming one (to
+# make a live worker's call read as a violation or a timeout) gets a RemoteError.
 _OURS: dict[str, type[BaseException]] = {
-    name: obj for name, obj in vars(_errors).items() if isinstance(obj, type) and issubclass(obj, _errors.PrivsepError)
+    name: obj
+    for name, obj in vars(_errors).items()
+    if isinstance(obj, type) and issubclass(obj, _errors.PrivsepError) and not issubclass(obj, _errors.WorkerCrashed)
 }
 _BUILTIN_OK = {
     "ValueError", "TypeError", "KeyError", "IndexError", "LookupError", "RuntimeError",
@@ -115,8 +120,6 @@ def exception_from_wire(err: dict[str, Any]) -> BaseException:
             exc = cls(err["errno"], msg, *([err["filename"]] if err["filename"] is not None else []))
         else:
             exc = cls(msg)
-    elif issubclass(cls, _errors.WorkerCrashed):
-        exc = cls(msg)
     elif issubclass(cls, _errors.RemoteError):
         exc = _errors.RemoteError(name, msg, tb)
     else:

@@ -21,7 +21,16 @@ import pytest
 from conftest import READ, default_policy
 
 from broker import Broker, Capability, Policy
-from protocol import MessageTooLarge, NotCapable, PolicyError, RemoteError, Rights, WorkerCrashed, _remote
+from protocol import (
+    MessageTooLarge,
+    NotCapable,
+    PolicyError,
+    RemoteError,
+    Rights,
+    WorkerCrashed,
+    WorkerTimeout,
+    _remote,
+)
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_STREAM
 from worker import Worker, rpc
 
@@ -655,6 +664,34 @@ def test_remote_exceptions_map_to_real_classes(broker: Broker) -> None:
     assert "custom failure" in str(rinfo.value)
     assert "Traceback" in rinfo.value.remote_traceback
     assert w.shout("still alive") == "STILL ALIVE"
+
+
+class Liar(Worker):
+    @rpc
+    def lie(self, kind: str) -> None:
+        from protocol import PolicyViolation
+
+        cls = {"violation": PolicyViolation, "timeout": WorkerTimeout, "crashed": WorkerCrashed}[kind]
+        raise cls("worker #1 Liar (pid 1) was stopped by the sandbox for syscall execve('/bin/sh')")
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+@pytest.mark.parametrize("kind", ["violation", "timeout", "crashed"])
+def test_a_worker_cannot_make_its_call_read_as_its_own_end(broker: Broker, kind: str) -> None:
+    """WorkerCrashed, WorkerTimeout and PolicyViolation say how a worker
+    ended, as the broker saw it. A live worker raising one by name was
+    rebuilt as the real class: a caller would count a violation or a timeout
+    (and perhaps replace the worker) that never happened."""
+    w = broker.spawn(Liar)
+    with pytest.raises(RemoteError) as info:
+        w.lie(kind)
+    assert not isinstance(info.value, WorkerCrashed)
+    names = {"violation": "PolicyViolation", "timeout": "WorkerTimeout", "crashed": "WorkerCrashed"}
+    assert info.value.type_name == names[kind]
+    assert w.exit is None and w.ping() == "pong"
 
 
 class _StrFails(Exception):
