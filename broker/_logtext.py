@@ -8,12 +8,26 @@ messages carry such text escaped; ``record.privsep`` keeps it as it was.
 
 from __future__ import annotations
 
+#: Worker text longer than this is cut in log lines and log records: a
+#: message may carry 64 MiB of it, which escaping and every handler would
+#: otherwise pay for (a path is refused past 4096 bytes anyway).
+MAX_LOGGED = 4096
+
+
+def bounded(text: str, limit: int = MAX_LOGGED) -> str:
+    """``text``, cut to ``limit`` characters and saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters]"
+
 
 def printable(text: str) -> str:
-    """``text`` with every character ``str.isprintable`` refuses (controls,
-    line and paragraph separators, bidirectional overrides, ...) escaped as
-    Python writes it (``\\n``, ``\\x1b``, ``\\u2028``), and backslashes
-    doubled where anything was escaped, so no escape can be forged either."""
+    """``text`` (cut by :func:`bounded`) with every character
+    ``str.isprintable`` refuses (controls, line and paragraph separators,
+    bidirectional overrides, ...) escaped as Python writes it (``\\n``,
+    ``\\x1b``, ``\\u2028``), and backslashes doubled where anything was
+    escaped, so no escape can be forged either."""
+    text = bounded(text)
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -81,6 +81,7 @@ def _local_class(name: str) -> type[BaseException] | None:
     return None
 
 
+_MAX_NAME = 256
 _remote_classes: dict[tuple[str, type[BaseException]], type[_errors.RemoteError]] = {}
 #: Classes kept for reuse. Names come from the worker: a compromised one
 #: raising a new name per call must not grow the broker without bound
@@ -103,8 +104,10 @@ def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.Remot
 
 
 def exception_from_wire(err: dict[str, Any]) -> BaseException:
-    """Rebuild an exception from its wire form. Never evaluates anything."""
-    name, msg, tb = err["type"], err["msg"], err["tb"]
+    """Rebuild an exception from its wire form. Never evaluates anything.
+    Its text is held to the bounds an honest sender keeps (a worker's may be
+    64 MiB, and a name is kept with its class)."""
+    name, msg, tb = err["type"][:_MAX_NAME], err["msg"][:4096], err["tb"][-32768:]
     cls = _local_class(name)
     exc: BaseException
     if cls is None:

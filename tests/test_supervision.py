@@ -276,6 +276,55 @@ def test_worker_text_cannot_start_a_log_line_of_its_own(tree: Path, caplog: pyte
     assert "boom\rINFO" in end.privsep["reason"]  # type: ignore[attr-defined]
 
 
+class Flooder(Worker):
+    """A compromised worker sending requests whose path is 16 MiB of control
+    characters (as a text blob: the message bounds allow 64 MiB), and an
+    error whose name and message are as long."""
+
+    @rpc
+    def flood_audit(self, n: int) -> int:
+        refused = 0
+        for _ in range(n):
+            try:
+                self.broker._request("open", path="\x01" * (16 << 20), rights=int(READ))
+            except OSError:
+                refused += 1
+        return refused
+
+
+def test_worker_text_in_log_lines_and_records_is_bounded(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 16 MiB path went whole into the audit record and, escaped character
+    by character, into its line: 5 s of the broker's time and 64 MiB of log
+    per request (found by a red-team run). Both are cut to a few KiB now."""
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(default_policy(), root=tree, request_rate=None) as b:
+        w = b.spawn(Flooder)
+        started = time.monotonic()
+        assert w.flood_audit(4) == 4
+        took = time.monotonic() - started
+    asked = [r for r in caplog.records if r.name == "privsep.audit" and r.privsep["request"] == "open"]  # type: ignore[attr-defined]
+    assert len(asked) == 4
+    for r in asked:
+        assert len(r.getMessage()) < 20_000 and len(r.privsep["path"]) < 5000  # type: ignore[attr-defined]
+        assert r.privsep["path"].endswith(f"...[{(16 << 20) - 4096} more characters]")  # type: ignore[attr-defined]
+    assert took < 2.0, f"4 refused requests took {took:.1f} s"
+
+
+def test_an_error_from_the_wire_is_held_to_the_senders_bounds() -> None:
+    """A worker's error may name a class of 8 MiB (kept with the class it
+    makes, 512 of them), with a message and traceback as long."""
+    from protocol import RemoteError
+    from protocol._remote import exception_from_wire
+
+    huge = 8 << 20
+    exc = exception_from_wire(
+        {"type": "N" * huge, "msg": "m" * huge, "errno": None, "filename": None, "tb": "t" * huge, "base": "ValueError"}
+    )
+    assert isinstance(exc, RemoteError) and isinstance(exc, ValueError)
+    assert len(exc.type_name) <= 256 and len(str(exc)) < 5000
+    assert len(exc.remote_traceback) <= 32768  # type: ignore[attr-defined]
+
+
 class Printer(Worker):
     def setup(self) -> None:
         print("from setup()")
