@@ -41,9 +41,18 @@ from worker._files import access_flags
 from worker._mainref import check_not_importing, is_main_ref, module_ref
 from worker._serve import grant_slots
 from worker.sandbox import SandboxSpec
-from worker.sandbox._rights_table import DIR_RIGHTS, PLAIN, SOCKET_RIGHTS, later_file_plan, spawn_dir_check
+from worker.sandbox._rights_table import (
+    DIR_RIGHTS,
+    PIPE_READ,
+    PIPE_WRITE,
+    PLAIN,
+    SOCKET_RIGHTS,
+    later_file_plan,
+    spawn_dir_check,
+)
 
 from ._background import Background
+from ._budget import FdBudget
 from ._capability import Capability
 from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
@@ -223,6 +232,7 @@ class Broker:
         self._abi: int | None = None
         self._pools: list[WorkerPool] = []
         self._background = Background()  # reaping that an event loop must not wait for
+        self._fds = FdBudget(policy.limits.open_files)  # broker fds held for workers' requests
         self._aspawn_lock = PerLoopLock()  # orders this broker's awaited spawns, per loop
         self._spawn_lock = threading.Lock()
         self._cgroup_parent = cgroup_parent
@@ -839,18 +849,30 @@ class Broker:
             assert rights is not None
             cap = r.open(target, rights)
             after.append(cap)
-            return self._deliver(handle, cap, after)
+            return self._deliver(handle, cap, after, request=True)
         if op == "create":
             assert rights is not None
             if len(outputs) >= self.max_outputs_per_call:
                 raise NotCapable(f"more than {self.max_outputs_per_call} outputs in one call")
-            pending, cap = r.create(target, rights | Rights.WRITE)
+            live = len(self._workers)
+            self._fds.take(handle, 2, "an output", live)  # its directory and its file, until the call ends
+            try:
+                pending, cap = r.create(target, rights | Rights.WRITE)
+            except BaseException:
+                self._fds.give_back(handle, 2)
+                raise
+            handle._held_call += 2
             outputs.append(pending)
             after.append(cap)
-            return self._deliver(handle, cap, after, pending)
+            return self._deliver(handle, cap, after, pending, request=True)
         if op == "opendir":
             assert rights is not None
-            return handle._register_dir(r.opendir(target, rights))
+            self._fds.take(handle, 1, "a directory", len(self._workers))
+            try:
+                return handle._register_dir(r.opendir(target, rights), held=True)
+            except BaseException:
+                self._fds.give_back(handle, 1)
+                raise
         if op == "stat":
             return r.stat(target)
         if op in ("listdir", "list"):
@@ -887,7 +909,13 @@ class Broker:
             return self._opener_proc
 
     def _deliver(
-        self, handle: WorkerHandle, cap: Capability, after: list[Any], pending: PendingOutput | None = None
+        self,
+        handle: WorkerHandle,
+        cap: Capability,
+        after: list[Any],
+        pending: PendingOutput | None = None,
+        *,
+        request: bool = False,
     ) -> Any:
         """What travels to a worker for ``cap`` after its sandbox entry."""
         if cap.kind != KIND_FILE:
@@ -899,21 +927,37 @@ class Broker:
             out = Outgoing(cap.fileno(), KIND_FILE, rights, False)
             after.append(out)
             return out
-        out, mover = deliver(
-            cap,
-            plan,
-            rights,
-            self._opener,
-            _flags(int(rights)),
-            self.policy.limits.file_size,
-            drain=pending is not None,
-        )
+        # A pipe holds two broker fds while a pump thread or the call's loop
+        # moves its data: counted for a worker's own request (see _budget).
+        piped = request and plan in (PIPE_READ, PIPE_WRITE)
+        if piped:
+            self._fds.take(handle, 2, "a file delivered as a pipe", len(self._workers))
+        fds = self._fds
+        try:
+            out, mover = deliver(
+                cap,
+                plan,
+                rights,
+                self._opener,
+                _flags(int(rights)),
+                self.policy.limits.file_size,
+                drain=pending is not None,
+                on_end=(lambda: fds.give_back(handle, 2)) if piped and pending is None else None,
+            )
+        except BaseException:
+            if piped:
+                fds.give_back(handle, 2)
+            raise
         after.append(out)
         if isinstance(mover, Drain):  # an output: drained by the call's own loop
             assert pending is not None
             pending.drain = mover
             handle._drains[mover.src] = mover
-        # A Pump is a daemon thread that ends when the file or the pipe does.
+            if piped:
+                handle._held_call += 2  # given back when the call ends
+        elif mover is None and piped:
+            fds.give_back(handle, 2)  # it all fit in the pipe at once
+        # A Pump is a daemon thread that ends when the file or the pipe does (and gives its fds back).
         return out
 
     def _export(self, handle: WorkerHandle, obj: Any, after: list[Any], depth: int = 2) -> Any:

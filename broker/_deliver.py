@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from protocol import NotCapable, Rights
@@ -32,9 +33,19 @@ class Pump(threading.Thread):
     """Copies ``src`` to ``dst`` until EOF or until the far end goes away.
     Owns both fds. ``pread`` mode reads the source from offset 0."""
 
-    def __init__(self, src: int, dst: int, *, from_start: bool, name: str, limit: int | None = None):
+    def __init__(
+        self,
+        src: int,
+        dst: int,
+        *,
+        from_start: bool,
+        name: str,
+        limit: int | None = None,
+        on_end: Callable[[], None] | None = None,
+    ):
         super().__init__(name=f"privsep-pump {name}", daemon=True)
         self.src, self.dst, self.from_start = src, dst, from_start
+        self.on_end = on_end  # called once both fds are closed
         self.limit = limit  # bytes; a worker writing through a pipe is not under its own RLIMIT_FSIZE
         self.error: OSError | None = None
         self.copied = 0
@@ -59,6 +70,8 @@ class Pump(threading.Thread):
         finally:
             os.close(self.src)
             os.close(self.dst)
+            if self.on_end is not None:
+                self.on_end()
 
 
 class Drain:
@@ -227,12 +240,13 @@ def deliver(
     limit: int | None = None,
     *,
     drain: bool = False,
+    on_end: Callable[[], None] | None = None,
 ) -> tuple[Outgoing, Pump | Drain | None]:
     """Make the object that travels for ``cap`` under a ``plan`` that needs
     more than the fd itself (a PLAIN file travels as itself: the caller
     sends ``Outgoing(cap.fileno(), KIND_FILE, rights, False)``). With
     ``drain``, a write pipe is emptied by the caller's loop (a ``Drain``)
-    rather than by a thread."""
+    rather than by a thread. ``on_end``: called when a pump made here ends."""
     if plan not in (NO_TRUNCATE, PIPE_READ, PIPE_WRITE):
         raise ValueError(f"deliver() has nothing to make for plan {plan!r}")
     if plan == NO_TRUNCATE:
@@ -248,11 +262,11 @@ def deliver(
         out = Outgoing(r, KIND_STREAM, rights, owned=True)
         if _fill_small(src, w):
             return out, None  # it all fit in the pipe: no thread needed
-        pump = Pump(src, w, from_start=True, name=cap.name)
+        pump = Pump(src, w, from_start=True, name=cap.name, on_end=on_end)
     else:  # PIPE_WRITE
         if drain:
             return Outgoing(w, KIND_STREAM, rights, owned=True), Drain(r, src, limit)
-        pump = Pump(r, src, from_start=False, name=cap.name, limit=limit)
+        pump = Pump(r, src, from_start=False, name=cap.name, limit=limit, on_end=on_end)
         out = Outgoing(w, KIND_STREAM, rights, owned=True)
     pump.start()
     return out, pump

@@ -141,6 +141,11 @@ class WorkerHandle:
         self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[str], list[int]] | None = None
         self._dirs: dict[int, Capability] = {}
         self._call_dirs: list[int] = []  # directories passed as arguments of the call in flight
+        # Broker fds held for this worker's requests (see _budget): all of them, the
+        # directories it asked for among them, and the outputs of the call in flight.
+        self._held = 0
+        self._held_dirs: set[int] = set()
+        self._held_call = 0
         self._dir_ids = itertools.count(1)
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
@@ -659,12 +664,15 @@ class WorkerHandle:
         except OSError as exc:
             raise self._fail_from_os(exc) from exc
 
-    def _register_dir(self, cap: Capability, copy: bool = False, for_call: bool = False) -> DirRef:
+    def _register_dir(
+        self, cap: Capability, copy: bool = False, for_call: bool = False, held: bool = False
+    ) -> DirRef:
         """Keep a directory for this worker; it gets only an id to name it.
         Takes ownership of ``cap`` unless ``copy``. ``for_call``: an argument
         of the call being sent, let go when that call ends (as file arguments
         are closed in the worker then); else the worker's until it closes the
-        proxy (a ``dclose`` request) or ends."""
+        proxy (a ``dclose`` request) or ends. ``held``: counted in the fd
+        budget (one the worker asked for), given back when let go."""
         if len(self._dirs) >= MAX_DIR_GRANTS:
             raise NotCapable(f"more than {MAX_DIR_GRANTS} directory grants for one worker")
         if copy:
@@ -673,17 +681,25 @@ class WorkerHandle:
         self._dirs[ident] = cap
         if for_call:
             self._call_dirs.append(ident)
+        if held:
+            self._held_dirs.add(ident)
         return DirRef(ident, cap.rights)
 
     def _release_dir(self, ident: int) -> None:
         cap = self._dirs.pop(ident, None)
         if cap is not None:
             cap.close()
+        if ident in self._held_dirs:
+            self._held_dirs.discard(ident)
+            self._broker._fds.give_back(self, 1)
 
     def _call_ended(self) -> None:
         """Either driver, however its call ended: no call of ours is in flight,
         and the call's directory arguments go (the worker's proxies of them are closed)."""
         self._call_thread = None
+        if self._held_call:  # its outputs are committed or discarded by now
+            held, self._held_call = self._held_call, 0
+            self._broker._fds.give_back(self, held)
         if self._call_dirs:
             idents, self._call_dirs = self._call_dirs, []
             for ident in idents:
@@ -863,6 +879,9 @@ class WorkerHandle:
         for d in self._dirs.values():
             d.close()
         self._dirs.clear()
+        if self._held_dirs:
+            self._broker._fds.give_back(self, len(self._held_dirs))
+            self._held_dirs.clear()
         for attr in ("_notify_fd", "_pidfd"):
             fd = getattr(self, attr)
             if fd >= 0:
