@@ -30,7 +30,7 @@ from test_sandbox_layers import Outcome, assert_notified, needs_landlock, needs_
 from test_sandbox_layers import sys as raw
 
 from protocol import ProtocolError, Rights, SandboxError
-from worker.sandbox import SandboxSpec, _bpf, _seccomp, prepare, probe
+from worker.sandbox import Limits, SandboxSpec, _bpf, _seccomp, prepare, probe
 from worker.sandbox._libc import ffi
 from worker.sandbox._seccomp_rules import (
     GROUPS,
@@ -53,6 +53,7 @@ MAP_SHARED, MAP_PRIVATE = 1, 2
 FIGETBSZ = 2  # a harmless ioctl on regular files, not in the base allowlist
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 RWF_NOAPPEND = 0x20
+FALLOC_FL_KEEP_SIZE = 0x01
 CONTENT = b"0123456789"
 
 
@@ -578,6 +579,81 @@ def test_unpinned_fd_keeps_seek_fstat_truncate_and_anonymous_memory(tmp_path: Pa
     assert ok(out) == [2, "01", 10, 0, "ok"]
 
 
+# fallocate(FALLOC_FL_KEEP_SIZE) allocates blocks past EOF without changing the size, and the kernel checks
+# RLIMIT_FSIZE only against a new size: on a later fd it would fill the disk past Limits.file_size.
+FSIZE = 64 << 10  # Limits.file_size in these cases
+PAST = 1 << 20  # an allocation past it
+
+
+def later_grant(tmp: Path, attempt: Callable[[int], Any], *, with_pins: bool, answer: str = "kill") -> Outcome:
+    """Run ``attempt(fd)`` on a writable file that reaches the sandboxed child by SCM_RIGHTS after entry, as
+    a grant made later does (never pinned), under ``Limits(file_size=FSIZE)``. ``with_pins`` pins another
+    grant as well, so that the per-fd part of the filter is compiled in."""
+    later = tmp / "later"
+    later.write_bytes(CONTENT)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = os.open(later, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        socket.send_fds(a, [b"grant"], [fd])  # queued on b: the child receives it once in the sandbox
+    finally:
+        os.close(fd)
+        a.close()
+    pins: list[int] = []
+    try:
+        if with_pins:
+            (tmp / "f").write_bytes(CONTENT)
+            pins.append(os.open(tmp / "f", os.O_RDWR | os.O_CLOEXEC))
+        spec = SandboxSpec(namespaces=False, limits=Limits(file_size=FSIZE),
+                           fd_rules=tuple((p, int(R.READ | R.WRITE | R.SEEK | R.FSTAT | R.FTRUNCATE)) for p in pins))
+
+        def received(ctx: dict[str, Any]) -> Any:
+            _, fds, _, _ = socket.recv_fds(ctx["chan"], 16, 1)
+            assert len(fds) == 1 and fds[0] not in pins
+            return attempt(fds[0])
+
+        return run(received, prepared=prepared_for(spec), setup=lambda: {"chan": b, "keep": [b.fileno(), *pins]},
+                   answer=answer)
+    finally:
+        b.close()
+        for p in pins:
+            os.close(p)
+
+
+@needs_notify
+@pytest.mark.parametrize("with_pins", [False, True], ids=["no-pins", "pins"])
+def test_keep_size_fallocate_on_a_later_fd_denied(tmp_path: Path, with_pins: bool) -> None:
+    out = later_grant(tmp_path, lambda fd: raw(285, fd, FALLOC_FL_KEEP_SIZE, 0, PAST), with_pins=with_pins)
+    note = assert_notified(out, "fallocate")
+    assert note.args[1] & 0xFFFFFFFF == FALLOC_FL_KEEP_SIZE
+    st = (tmp_path / "later").stat()
+    assert (st.st_size, st.st_blocks * 512 < PAST) == (len(CONTENT), True)  # nothing was allocated
+
+
+@needs_notify
+@pytest.mark.parametrize("with_pins", [False, True], ids=["no-pins", "pins"])
+def test_later_fd_keeps_plain_preallocation_under_file_size(tmp_path: Path, with_pins: bool) -> None:
+    """Answered EPERM (the notify supervisor's errno answer), the worker goes on: mode 0 still preallocates,
+    and the kernel holds it to RLIMIT_FSIZE."""
+    def attempt(fd: int) -> Any:
+        return [raw(285, fd, FALLOC_FL_KEEP_SIZE, 0, PAST), raw(285, fd, 0, 0, 8192), raw(285, fd, 0, 0, PAST),
+                os.fstat(fd).st_size]
+
+    out = later_grant(tmp_path, attempt, with_pins=with_pins, answer="errno")
+    assert [n.name for n in out.notes] == ["fallocate"]
+    assert out.result == {"ok": [-errno.EPERM, 0, -errno.EFBIG, 8192]}
+
+
+def test_keep_size_fallocate_on_a_pin_with_ftruncate(tmp_path: Path) -> None:
+    """A grant held at spawn with FTRUNCATE keeps every mode, KEEP_SIZE past Limits.file_size included."""
+    def attempt(ctx: dict[str, Any]) -> Any:
+        fd = ctx["fd"]
+        return [raw(285, fd, FALLOC_FL_KEEP_SIZE, 0, PAST), os.fstat(fd).st_size]
+
+    grant: Grant = ("f", RW, R.READ | R.WRITE | R.SEEK | R.FSTAT | R.FTRUNCATE)
+    assert ok(pinned(tmp_path, [grant], attempt, limits=Limits(file_size=FSIZE))) == [0, len(CONTENT)]
+    assert (tmp_path / "f").stat().st_blocks * 512 >= PAST
+
+
 # -------------------------------------------------------- the compiler ----
 
 def _emulate(code: bytes, nr: int, args: Sequence[int] = (), arch: int = 0xC000003E) -> tuple[int, bool]:
@@ -666,6 +742,11 @@ def test_emulated_verdicts() -> None:
     assert _verdict(c, "fsync", 7) == ALLOW
     assert _verdict(c, "fsync", 5) == DEFAULT
     assert _verdict(c, "fsync", 9) == DEFAULT
+    assert _verdict(c, "fallocate", 9, 0, 0, 8192) == ALLOW  # plain preallocation on an unpinned fd
+    assert _verdict(c, "fallocate", 9, FALLOC_FL_KEEP_SIZE, 0, 8192) == DEFAULT  # past RLIMIT_FSIZE
+    assert _verdict(c, "fallocate", 9, (1 << 32) | FALLOC_FL_KEEP_SIZE, 0, 8192) == DEFAULT  # mode is an int
+    assert _verdict(c, "fallocate", 7, 0, 0, 8192) == DEFAULT  # pinned without FTRUNCATE
+    assert _verdict(_seccomp.compile_filter(), "fallocate", 9, FALLOC_FL_KEEP_SIZE, 0, 8192) == DEFAULT
     assert _verdict(c, "mmap", 0, 4096, PROT_READ, MAP_SHARED | 0x20, 0xFFFFFFFF, 0) == ALLOW
     assert _verdict(c, "mmap", 0, 4096, PROT_READ, MAP_SHARED, 7, 0) == ALLOW
     assert _verdict(c, "mmap", 0, 4096, PROT_READ, MAP_SHARED, (1 << 32) | 7, 0) == ALLOW  # fget: low word

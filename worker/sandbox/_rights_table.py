@@ -57,7 +57,9 @@ TABLE: tuple[Enforcement, ...] = (
     Enforcement("FSTAT", f"fstat/statx(AT_EMPTY_PATH): {_PIN}", FILTER,
                 "without FSTAT the worker gets a pipe (fstat shows a pipe, not the file)", SUBSTITUTE),
     Enforcement("FTRUNCATE", f"ftruncate/fallocate: {_PIN}", FILTER,
-                "writable files are opened by a Landlock-restricted opener without TRUNCATE (EACCES)", LANDLOCK),
+                "writable files are opened by a Landlock-restricted opener without TRUNCATE (EACCES); fallocate "
+                "on every later fd: plain preallocation only (mode 0, held to Limits.file_size; the filter)",
+                LANDLOCK),
     Enforcement("FSYNC", f"fsync/fdatasync: {_PIN}", FILTER, "denied for every later fd; asking for it is refused",
                 REFUSED),
     Enforcement("MMAP_R", f"file-backed mmap: {_PIN}", FILTER,

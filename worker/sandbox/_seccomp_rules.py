@@ -49,7 +49,6 @@ PROT_WRITE = 0x2
 MAP_SHARED = 0x01  # bit 0 is set in MAP_SHARED and MAP_SHARED_VALIDATE (0x03): both write through to the file
 MAP_ANONYMOUS = 0x20
 RWF_NOAPPEND = 0x20  # pwritev2 flag (6.9+): write at the given offset even on an O_APPEND fd
-FALLOC_FL_KEEP_SIZE = 0x01
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 F_DUPFD, F_DUPFD_CLOEXEC = 0, 1030
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
@@ -147,9 +146,11 @@ BASE: dict[str, Rule] = {
                      "epoll_wait", "epoll_pwait", "epoll_pwait2"]),
     # RWF_NOAPPEND would write at any offset of an O_APPEND fd (verified on 6.18)
     "pwritev2": [[Cond(5, 0, mask=RWF_NOAPPEND)]],
-    # plain preallocation only; punch/collapse/zero/insert ranges rewrite or shrink the file (Landlock's
-    # TRUNCATE right does not cover fallocate), so they need a pinned fd holding FTRUNCATE
-    "fallocate": [[Cond(1, 0, mask=~FALLOC_FL_KEEP_SIZE & 0xFFFFFFFF)]],
+    # plain preallocation (mode 0) only, which the kernel holds to RLIMIT_FSIZE. FALLOC_FL_KEEP_SIZE allocates
+    # blocks past EOF without changing the size, so the kernel skips that check (a worker could fill the disk
+    # past Limits.file_size); punch/collapse/zero/insert ranges rewrite or shrink the file (Landlock's TRUNCATE
+    # right does not cover fallocate). Every mode but 0 needs a pinned fd holding FTRUNCATE (PINNED_EXTRA).
+    "fallocate": [[Cond(1, 0)]],
     # fstat() in glibc is newfstatat(fd, "", AT_EMPTY_PATH); relative path walks need @fs-at
     "newfstatat": [[_FD_NONNEG, Cond(3, AT_EMPTY_PATH, mask=AT_EMPTY_PATH)]],
     "statx": [[_FD_NONNEG, Cond(2, AT_EMPTY_PATH, mask=AT_EMPTY_PATH)]],
@@ -263,7 +264,7 @@ PINNED_NEEDS: dict[str, tuple[int, Rights]] = {
 # What a pinned fd holding the right may do beyond the base rule (most of these are denied on unpinned fds).
 PINNED_EXTRA: dict[str, Rule] = {
     **dict.fromkeys(["fsync", "fdatasync", "sync_file_range", "fstatfs", "fchmod", "fchown", "flock"]),
-    "fallocate": None,  # every mode
+    "fallocate": None,  # every mode, KEEP_SIZE (not bounded by RLIMIT_FSIZE) included
     "utimensat": [_NULL_ARG1],  # the fd itself, not a path beneath it
 }
 # Never free or replace a pinned slot (a weaker fd could then take its number): fd argument per syscall.
