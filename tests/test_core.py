@@ -522,6 +522,43 @@ class Untidy(Worker):
         return "survived"
 
     @rpc
+    def hooks_fail(self, where: str) -> str:
+        """A hook that fails itself, as near RLIMIT_AS a MemoryError makes it
+        (here: the first write to stderr raises)."""
+        real = sys.stderr
+
+        class Flaky:
+            failed = False
+
+            def write(self, text: str) -> int:
+                if not Flaky.failed:
+                    Flaky.failed = True
+                    raise KeyboardInterrupt
+                return real.write(text)
+
+            def flush(self) -> None:
+                real.flush()
+
+        class Bad:
+            def __del__(self) -> None:
+                raise ValueError("in __del__")
+
+        def run() -> None:
+            raise ValueError("in a thread")
+
+        sys.stderr = Flaky()  # type: ignore[assignment]
+        try:
+            if where == "del":
+                Bad()
+            else:
+                t = threading.Thread(target=run)
+                t.start()
+                t.join()
+        finally:
+            sys.stderr = real
+        return "survived"
+
+    @rpc
     def forgets_to_await(self) -> str:
         async def fetch() -> int:
             return 1
@@ -566,6 +603,11 @@ def test_exceptions_a_worker_cannot_raise_are_printed_without_reading_source_fil
     assert w.sandbox["seccomp"] == "notify"
     assert w.thread_raises() == "survived"
     assert w.del_raises() == "survived"
+    assert w.alive
+    # A hook that fails is reported by Python's default printer, which reads
+    # source files (a thread bomb near RLIMIT_AS was killed so): ours never fail.
+    assert w.hooks_fail("del") == "survived"
+    assert w.hooks_fail("thread") == "survived"
     assert w.alive
 
 

@@ -12,7 +12,7 @@ import mmap
 import os
 import signal
 import socket
-import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,20 +164,38 @@ def _vfork_raw(w: Worker, arg: Any) -> Any:
 
 
 def _thread_bomb(w: Worker, arg: Any) -> Any:
-    stop = threading.Event()
-    threads = []
+    # Raw threads: threading.Thread.start() waits for its thread to say it
+    # started, and one that dies of MemoryError first (its stack fitted under
+    # RLIMIT_AS, its bootstrap did not) never says so: CPython 3.11 waits for
+    # ever, whether sandboxed or not, at a few pages of address space.
+    import _thread
+
+    gate = _thread.allocate_lock()
+    gate.acquire()
+    count = _thread.allocate_lock()
+    running = [0]
+
+    def hold() -> None:
+        with count:
+            running[0] += 1
+        gate.acquire()
+        gate.release()
+        with count:
+            running[0] -= 1
+
+    started = 0
     try:
-        while len(threads) < 100_000:
-            t = threading.Thread(target=stop.wait, daemon=True)
-            t.start()
-            threads.append(t)
-    except RuntimeError:
+        while started < 100_000:
+            _thread.start_new_thread(hold, ())
+            started += 1
+    except (RuntimeError, MemoryError):
         pass
     finally:
-        stop.set()
-    for t in threads:
-        t.join()
-    return {"started": len(threads)}
+        gate.release()
+    deadline = time.monotonic() + 10
+    while running[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"started": started, "running": running[0]}
 
 
 def _huge_alloc(w: Worker, arg: Any) -> Any:

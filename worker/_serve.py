@@ -377,25 +377,35 @@ def _showwarning(
         pass
 
 
+# Neither hook may raise: Python reports a hook's own failure (a MemoryError
+# near RLIMIT_AS, say) with its default printer, which reads source files,
+# and in the sandbox that read is a violation.
 def _thread_excepthook(args: Any) -> None:
     import traceback
 
     if args.exc_type is SystemExit:
         return
-    name = args.thread.name if args.thread is not None else threading.get_ident()
-    print(f"Exception in thread {name}:", file=sys.stderr)
-    traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=sys.stderr)
+    try:
+        name = args.thread.name if args.thread is not None else threading.get_ident()
+        print(f"Exception in thread {name}:", file=sys.stderr)
+        traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=sys.stderr)
+    except BaseException:
+        pass
 
 
 def _unraisablehook(unraisable: Any) -> None:
     import traceback
 
     try:
-        what = repr(unraisable.object)
-    except Exception:
-        what = f"<{type(unraisable.object).__name__} object>"
-    print(f"{unraisable.err_msg or 'Exception ignored in'}: {what}", file=sys.stderr)
-    traceback.print_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, file=sys.stderr)
+        try:
+            what = repr(unraisable.object)
+        except Exception:
+            what = f"<{type(unraisable.object).__name__} object>"
+        print(f"{unraisable.err_msg or 'Exception ignored in'}: {what}", file=sys.stderr)
+        traceback.print_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback,
+                                  file=sys.stderr)
+    except BaseException:
+        pass
 
 
 class Made:
