@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -114,23 +114,22 @@ class Drain:
                 self.src = -1
             return False
 
-    def finish(self, timeout: float) -> None:
-        """Copy the rest; the worker closed its outputs before answering, so
-        a pipe still open after ``timeout`` means someone kept a copy."""
-        import select
-
-        if self.done:
-            if self.error is not None:
-                raise self.error
-            return
-        deadline = time.monotonic() + timeout
+    def closed(self) -> bool:
+        """Is every write end of the pipe closed (the worker's and any copy of
+        it)? Data may still wait in the pipe: ``finish()`` copies it."""
+        if self.done or self.src < 0:
+            return True
         poller = select.poll()
-        poller.register(self.src, select.POLLIN)
-        while self.step():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise OSError(errno.EIO, "output was still being written when the call returned")
-            poller.poll(max(1, int(remaining * 1000)))
+        poller.register(self.src, select.POLLIN)  # (POLLHUP is always reported)
+        return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+
+    def finish(self) -> None:
+        """Copy what is left once the call has answered. The worker closed its
+        outputs before answering, so no write end may be left: then what the
+        pipe still holds is all there is, read at once. A write end still
+        open was kept by the worker, and is not waited for."""
+        if not self.done and (not self.closed() or self.step()):
+            raise OSError(errno.EIO, "still open in the worker after the call returned (a copy of it was kept)")
         if self.error is not None:
             raise self.error
 

@@ -37,7 +37,7 @@ from ._exit import WorkerExit
 from ._logtext import printable
 from ._loop import PerLoopLock, readable, ready_now
 from ._options import call_timeout, wait_timeout
-from ._outputs import PendingOutput
+from ._outputs import KEPT_GRACE, PendingOutput, all_closed
 from ._violation import report
 
 if TYPE_CHECKING:
@@ -572,6 +572,18 @@ class WorkerHandle:
                 elif tag == "ret":
                     self._pending_call = None
                     value = self._import_answer(msg)
+                    if not all_closed(outputs):
+                        # Its outputs should be closed by now: a moment for a close racing the
+                        # answer (the caller's loop runs meanwhile), then the outputs are committed
+                        # or the call fails; never past the call's deadline.
+                        until = time.monotonic() + KEPT_GRACE
+                        until = until if deadline is None else min(until, deadline)
+                        pause = 0.001
+                        while not all_closed(outputs) and time.monotonic() < until:
+                            yield ("sleep", min(until, time.monotonic() + pause))
+                            if self.exit is not None:
+                                raise self.exit.error(self.name)
+                            pause = min(2 * pause, 0.02)
                     for out in outputs:
                         out.commit()
                         self._broker._audit(self, "commit", out.display, None, "granted", "output committed")

@@ -19,7 +19,12 @@ from protocol import Rights
 
 from ._capability import Capability
 
-PUMP_GRACE = 5.0
+#: How long the write pipes of a call's outputs may stay open once it has
+#: answered (never past the call's own deadline). An honest worker closed
+#: them all before its answer, so they are closed already; this moment is only
+#: for a close that races the answer. A pipe still open after it was kept by
+#: the worker: the call fails.
+KEPT_GRACE = 0.1
 
 #: Why a request beneath a directory that is no longer there fails.
 REMOVED = ("its directory was removed after the broker opened it (the broker keeps the directory it "
@@ -51,7 +56,7 @@ class PendingOutput:
         try:
             if self.drain is not None:
                 try:
-                    self.drain.finish(PUMP_GRACE)
+                    self.drain.finish()
                 except OSError as exc:
                     why = f"output not committed: {exc.strerror}"
                     raise OSError(exc.errno or errno.EIO, why, self.display) from exc
@@ -100,6 +105,11 @@ class PendingOutput:
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+
+
+def all_closed(outputs: list[PendingOutput]) -> bool:
+    """Has the worker closed every output it writes through a pipe?"""
+    return all(out.drain is None or out.drain.closed() for out in outputs)
 
 
 def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[PendingOutput, Capability]:

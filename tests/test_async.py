@@ -640,6 +640,55 @@ def test_killing_a_big_worker_during_an_awaited_call_does_not_stall_the_loop(
             assert not os.path.exists(cgroup)
 
 
+class KeepsOutputs(Worker):
+    @rpc
+    def keep(self, n: int, close_after: float) -> str:
+        """Outputs through a pipe (WRITE alone), each with a copy of its write
+        end kept past the answer, closed ``close_after`` s later."""
+        kept = []
+        for i in range(n):
+            f = self.broker.create(f"out/kept{i}.txt", Rights.WRITE)
+            f.write(b"data")
+            f.flush()
+            kept.append(os.dup(f.fileno()))
+
+        def close_later() -> None:
+            time.sleep(close_after)
+            for fd in kept:
+                os.close(fd)
+
+        threading.Thread(target=close_later, daemon=True).start()
+        return "returned"
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_an_output_kept_open_after_an_awaited_call_fails_it_without_blocking_the_loop(tree: Path) -> None:
+    """The commit waited up to 5 s for each output pipe to reach EOF, on the
+    loop's thread and past the call's timeout: a worker that kept a copy of
+    its write end stalled every other task that long per output."""
+    policy = Policy().allow("out/", Rights.WRITE | Rights.CREATE)
+
+    async def main(b: Broker) -> tuple[OSError, float, float, str]:
+        w, good = await b.aspawn(KeepsOutputs), await b.aspawn(KeepsOutputs)
+        with _Ticker() as ticker:
+            start = time.monotonic()
+            with pytest.raises(OSError) as info:
+                await w.aio.with_timeout(10).keep(3, 1.5)
+            took = time.monotonic() - start
+        return info.value, took, ticker.longest, await good.aio.ping()
+
+    with Broker(policy, root=tree) as b:
+        exc, took, stall, pong = asyncio.run(main(b))
+    assert "still open in the worker after the call returned" in str(exc), exc
+    assert exc.filename is not None and exc.filename.startswith("out/kept"), exc.filename
+    assert took < 0.8, f"the call took {took:.2f} s"
+    assert stall < 0.3, f"the loop stalled {stall * 1000:.0f} ms"
+    assert pong == "pong"
+
+
 def test_awaited_spawns_take_spares_in_the_order_they_came(tree: Path) -> None:
     """Spawns awaited at once each waited for the zygote's next spare, and
     whichever ran first when one was made took it: under load (300

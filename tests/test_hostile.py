@@ -4,6 +4,8 @@ drops that worker's connection, keeps serving the others and leaks no fd."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -12,8 +14,8 @@ from conftest import default_policy, open_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import Broker
-from protocol import ProtocolError, WorkerCrashed
+from broker import Broker, Policy
+from protocol import ProtocolError, Rights, WorkerCrashed
 from protocol._wire import (
     _BLOB_EXT,
     EXT_BLOB,
@@ -493,3 +495,43 @@ def test_the_sender_refuses_exactly_what_the_receiver_would(value: object) -> No
     except (ProtocolError, OverflowError, TypeError, ValueError):
         received = False
     assert sendable == received
+
+
+class KeepsOutputs(Worker):
+    """Writes outputs and keeps a copy of a pipe's write end past its answer."""
+
+    @rpc
+    def outputs(self, names: list, kept: list, close_after: float) -> str:
+        copies = []
+        for name in names:
+            f = self.broker.create(f"out/{name}", Rights.WRITE)  # WRITE alone: a pipe the broker drains
+            f.write(name.encode())
+            f.flush()
+            if name in kept:
+                copies.append(os.dup(f.fileno()))
+
+        def close_later() -> None:
+            time.sleep(close_after)
+            for fd in copies:
+                os.close(fd)
+
+        threading.Thread(target=close_later, daemon=True).start()
+        return "returned"
+
+
+def test_an_output_kept_open_past_the_answer_fails_the_call_at_once(tmp_path: Path) -> None:
+    """The commit waited up to 5 s for each output pipe to reach EOF, past the
+    call's timeout (256 outputs: over 20 minutes), then committed what came."""
+    (tmp_path / "out").mkdir()
+    with Broker(Policy().allow("out/", Rights.WRITE | Rights.CREATE), root=tmp_path) as b:
+        w = b.spawn(KeepsOutputs)
+        start = time.monotonic()
+        with pytest.raises(OSError, match="still open in the worker after the call returned") as info:
+            w.with_timeout(10).outputs(["k1.txt", "k2.txt", "k3.txt"], ["k1.txt", "k2.txt", "k3.txt"], 1.5)
+        took = time.monotonic() - start
+        assert took < 0.8, f"the call took {took:.2f} s"
+        assert info.value.filename == "out/k1.txt"
+        assert os.listdir(tmp_path / "out") == []
+        # The worker serves on, and an honest call's outputs are committed, data in the pipe and all.
+        assert w.outputs(["fine.txt"], [], 0.0) == "returned"
+        assert (tmp_path / "out" / "fine.txt").read_bytes() == b"fine.txt"
