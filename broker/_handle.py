@@ -37,7 +37,7 @@ from ._exit import WorkerExit
 from ._logtext import printable
 from ._loop import PerLoopLock, readable, ready_now
 from ._options import call_timeout, wait_timeout
-from ._outputs import KEPT_GRACE, PendingOutput, all_closed
+from ._outputs import KEPT_GRACE, PendingOutput, all_closed, commit_all
 from ._violation import report
 
 if TYPE_CHECKING:
@@ -584,8 +584,8 @@ class WorkerHandle:
                             if self.exit is not None:
                                 raise self.exit.error(self.name)
                             pause = min(2 * pause, 0.02)
+                    commit_all(outputs)  # all or none
                     for out in outputs:
-                        out.commit()
                         self._broker._audit(self, "commit", out.display, None, "granted", "output committed")
                     outputs.clear()
                     return value

@@ -5,7 +5,9 @@ The worker's fd points at an ``O_TMPFILE`` inode that has no name, so a crash
 of the worker or of the broker leaves nothing on disk. On commit the broker
 copies the content (in the kernel, ``copy_file_range``) into a hidden file of
 its own and renames that over the target, so the worker cannot change an
-output after it was committed.
+output after it was committed. A call's outputs are all staged under hidden
+names before the first is renamed (``commit_all``): one the worker makes
+fail costs them all.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from typing import Any
 
 from protocol import Rights
@@ -23,7 +26,7 @@ from ._capability import Capability
 #: answered (never past the call's own deadline). An honest worker closed
 #: them all before its answer, so they are closed already; this moment is only
 #: for a close that races the answer. A pipe still open after it was kept by
-#: the worker: the call fails.
+#: the worker: the call fails, and none of its outputs is committed.
 KEPT_GRACE = 0.1
 
 #: Why a request beneath a directory that is no longer there fails.
@@ -50,38 +53,59 @@ class PendingOutput:
         self.drain: Any = None  # set when the worker writes through a pipe
         self.linkable = True  # an O_TMPFILE inode can be linked into place
 
-    def commit(self) -> None:
-        """Put the output in place with one rename; raise (and leave nothing)
-        if it cannot be."""
-        try:
-            if self.drain is not None:
-                try:
-                    self.drain.finish()
-                except OSError as exc:
-                    why = f"output not committed: {exc.strerror}"
-                    raise OSError(exc.errno or errno.EIO, why, self.display) from exc
-            hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
+    def stage(self) -> str:
+        """Everything of the commit that the worker can make fail: the rest of
+        the pipe, then the content under a hidden name of the broker's own,
+        which is returned. Raises (leaving no hidden file) if it cannot be."""
+        if self.drain is not None:
             try:
-                if self.drain is not None and self.linkable:
-                    # The worker only ever held a pipe: nobody else can write
-                    # the file, so it is linked into place as it is.
-                    os.link(f"/proc/self/fd/{self.tmpfd}", hidden, dst_dir_fd=self.dirfd, follow_symlinks=True)
-                else:
-                    # The worker may still hold its fd: copy, so a committed
-                    # output can no longer change under it.
-                    self._copy_to(hidden)
-                os.rename(hidden, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
-            except BaseException as exc:
-                try:
-                    os.unlink(hidden, dir_fd=self.dirfd)
-                except OSError:
-                    pass
-                if isinstance(exc, OSError):  # (named after the output, not the hidden file or /proc)
-                    why = REMOVED if removed(self.dirfd) else exc.strerror or str(exc)
-                    raise type(exc)(exc.errno or errno.EIO, f"output not committed: {why}", self.display) from exc
-                raise
-        finally:
-            self.discard()
+                self.drain.finish()
+            except OSError as exc:
+                why = f"output not committed: {exc.strerror}"
+                raise OSError(exc.errno or errno.EIO, why, self.display) from exc
+        hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
+        try:
+            if self.drain is not None and self.linkable:
+                # The worker only ever held a pipe: nobody else can write
+                # the file, so it is linked into place as it is.
+                os.link(f"/proc/self/fd/{self.tmpfd}", hidden, dst_dir_fd=self.dirfd, follow_symlinks=True)
+            else:
+                # The worker may still hold its fd: copy, so a committed
+                # output can no longer change under it.
+                self._copy_to(hidden)
+            if self._name_is_a_directory():  # (the rename would fail: found now, before any rename)
+                raise IsADirectoryError(errno.EISDIR, "a directory has its name")
+        except OSError as exc:
+            self.unstage(hidden)
+            raise self._failed(exc) from exc
+        except BaseException:
+            self.unstage(hidden)
+            raise
+        return hidden
+
+    def place(self, hidden: str) -> None:
+        """Rename the staged ``hidden`` file over the output's name."""
+        try:
+            os.rename(hidden, self.name, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+
+    def unstage(self, hidden: str) -> None:
+        try:
+            os.unlink(hidden, dir_fd=self.dirfd)
+        except OSError:
+            pass
+
+    def _name_is_a_directory(self) -> bool:
+        try:
+            return stat.S_ISDIR(os.stat(self.name, dir_fd=self.dirfd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def _failed(self, exc: OSError) -> OSError:
+        """``exc`` named after the output, not the hidden file or /proc."""
+        why = REMOVED if removed(self.dirfd) else exc.strerror or str(exc)
+        return type(exc)(exc.errno or errno.EIO, f"output not committed: {why}", self.display)
 
     def _copy_to(self, hidden: str) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -105,6 +129,31 @@ class PendingOutput:
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+
+
+def commit_all(outputs: list[PendingOutput]) -> None:
+    """Put a call's outputs in place: all of them, or none if the worker can
+    make one fail. First each output's content is staged under a hidden name
+    (the rest of its pipe read, the file linked or copied): only what the
+    worker can make fail. Only if every one was staged are they renamed into
+    place, one rename each; otherwise every hidden file is removed and the
+    first failure raised. (The renames are not one atomic step: a failure of
+    the filesystem between two of them leaves the earlier ones in place.)
+    Every output is discarded at the end, whatever happened."""
+    hidden: list[str | None] = []
+    try:
+        for out in outputs:
+            hidden.append(out.stage())
+        for i, out in enumerate(outputs):
+            name, hidden[i] = hidden[i], None
+            assert name is not None
+            out.place(name)
+    finally:
+        for out, name in zip(outputs, hidden, strict=False):  # (hidden: those staged, None once renamed)
+            if name is not None:
+                out.unstage(name)
+        for out in outputs:
+            out.discard()
 
 
 def all_closed(outputs: list[PendingOutput]) -> bool:

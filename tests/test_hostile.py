@@ -497,6 +497,9 @@ def test_the_sender_refuses_exactly_what_the_receiver_would(value: object) -> No
     assert sendable == received
 
 
+FILE_OUTPUT = Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE
+
+
 class KeepsOutputs(Worker):
     """Writes outputs and keeps a copy of a pipe's write end past its answer."""
 
@@ -504,7 +507,8 @@ class KeepsOutputs(Worker):
     def outputs(self, names: list, kept: list, close_after: float) -> str:
         copies = []
         for name in names:
-            f = self.broker.create(f"out/{name}", Rights.WRITE)  # WRITE alone: a pipe the broker drains
+            # WRITE alone: a pipe the broker drains; with SEEK|FSTAT|FTRUNCATE (.bin): the file itself.
+            f = self.broker.create(f"out/{name}", FILE_OUTPUT if name.endswith(".bin") else Rights.WRITE)
             f.write(name.encode())
             f.flush()
             if name in kept:
@@ -516,6 +520,14 @@ class KeepsOutputs(Worker):
                 os.close(fd)
 
         threading.Thread(target=close_later, daemon=True).start()
+        return "returned"
+
+    @rpc
+    def output_then_directory(self, name: str) -> str:
+        for n in ("a.txt", name):
+            with self.broker.create(f"out/{n}", Rights.WRITE) as f:
+                f.write(n.encode())
+        self.broker.mkdir(f"out/{name}")  # the second output's name is a directory's now
         return "returned"
 
 
@@ -535,3 +547,34 @@ def test_an_output_kept_open_past_the_answer_fails_the_call_at_once(tmp_path: Pa
         # The worker serves on, and an honest call's outputs are committed, data in the pipe and all.
         assert w.outputs(["fine.txt"], [], 0.0) == "returned"
         assert (tmp_path / "out" / "fine.txt").read_bytes() == b"fine.txt"
+
+
+def test_a_call_that_fails_to_commit_one_output_commits_none(tmp_path: Path) -> None:
+    """Outputs were renamed into place one by one: one that failed after
+    others (a pipe kept open) left those others committed by a failed call."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("before")
+    with Broker(Policy().allow("out/", FILE_OUTPUT | Rights.CREATE), root=tmp_path) as b:
+        w = b.spawn(KeepsOutputs)
+        with pytest.raises(OSError, match="still open in the worker after the call returned") as info:
+            w.outputs(["a.txt", "b.bin", "old.txt", "kept.txt"], ["kept.txt"], 2.0)
+        assert info.value.filename == "out/kept.txt"
+        assert os.listdir(tmp_path / "out") == ["old.txt"]  # no output, no hidden file
+        assert (tmp_path / "out" / "old.txt").read_text() == "before"
+        assert w.outputs(["a.txt", "b.bin", "old.txt"], [], 0.0) == "returned"  # all of them, when all can be
+        assert sorted(os.listdir(tmp_path / "out")) == ["a.txt", "b.bin", "old.txt"]
+        assert [(tmp_path / "out" / n).read_bytes() for n in ("a.txt", "b.bin", "old.txt")] == [
+            b"a.txt", b"b.bin", b"old.txt"]
+
+
+def test_a_directory_at_an_outputs_name_fails_the_call_before_any_rename(tmp_path: Path) -> None:
+    """The rename over a directory failed only after the earlier outputs
+    were renamed into place."""
+    (tmp_path / "out").mkdir()
+    with Broker(Policy().allow("out/", Rights.WRITE | Rights.CREATE | Rights.MKDIRAT), root=tmp_path) as b:
+        w = b.spawn(KeepsOutputs)
+        with pytest.raises(IsADirectoryError) as info:
+            w.output_then_directory("d")
+        assert os.listdir(tmp_path / "out") == ["d"]  # not a.txt, nor a hidden file
+        assert os.listdir(tmp_path / "out" / "d") == []
+        assert info.value.filename == "out/d" and "a directory has its name" in str(info.value)
