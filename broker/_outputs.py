@@ -112,12 +112,8 @@ class PendingOutput:
         out = os.open(hidden, flags, 0o644, dir_fd=self.dirfd)
         try:
             size = os.fstat(self.tmpfd).st_size
-            offset = 0
-            while offset < size:
-                n = os.copy_file_range(self.tmpfd, out, size - offset, offset, offset)
-                if n == 0:
-                    break
-                offset += n
+            copy_data(self.tmpfd, out, size)
+            os.ftruncate(out, size)  # (the holes after the last data: still holes)
         finally:
             os.close(out)
 
@@ -129,6 +125,31 @@ class PendingOutput:
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src`` to the same offsets of
+    ``dst``, data segments only: a hole (a sparse file's 1 byte written at
+    its end, say) is skipped, not written out as zeros, and stays a hole
+    once ``dst`` is truncated to ``size``. Where the filesystem cannot say
+    where data is, all of it is copied."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+            end = min(size, os.lseek(src, start, os.SEEK_HOLE))
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # no data at or after offset: the rest is a hole
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            start, end = offset, size  # no SEEK_DATA here: everything is data
+        while start < end:
+            n = os.copy_file_range(src, dst, end - start, start, start)
+            if n == 0:
+                return  # (the file shrank under us: the worker may still hold it)
+            start += n
+        offset = end
 
 
 def commit_all(outputs: list[PendingOutput]) -> None:

@@ -149,6 +149,15 @@ class Upper(Worker):
         os.kill(os.getpid(), 9)
 
     @rpc
+    def write_sparse(self, name: str, size: int, pieces: list) -> None:
+        """An output of ``size`` bytes with only ``pieces`` (offset, data) written: the rest holes."""
+        rights = Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE  # the file itself, not a pipe
+        f = self.broker.create(f"out/{name}", rights)
+        os.ftruncate(f.fileno(), size)
+        for offset, data in pieces:
+            os.pwrite(f.fileno(), data, offset)
+
+    @rpc
     def make_pipe(self) -> object:
         r, w = os.pipe()
         os.write(w, b"from the worker")
@@ -857,6 +866,66 @@ def test_output_replaces_existing_file_atomically(broker: Broker, tree: Path) ->
     with pytest.raises(RemoteError):
         w.write_out("x.txt", b"newer", fail=True)
     assert (tree / "out" / "x.txt").read_text() == "new"
+
+
+SPARSE_SIZE = 16 << 20
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [(SPARSE_SIZE - 1, b"x")],  # one byte at the end: all but one block a hole
+        [(0, b"head" * 1024), (SPARSE_SIZE // 2, b"middle"), (SPARSE_SIZE - 3, b"end")],
+        [],  # no data at all
+    ],
+    ids=["last-byte", "three-pieces", "all-hole"],
+)
+def test_a_sparse_output_is_committed_sparse(tree: Path, pieces: list) -> None:
+    """The commit copied every byte of the output's apparent size: a worker
+    that wrote one byte at the end of a file made the broker write the
+    whole size out as zeros, real disk blocks."""
+    policy = Policy().allow("out/", Rights.WRITE | Rights.CREATE | Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE)
+    with Broker(policy, root=tree) as b:
+        b.spawn(Upper).write_sparse("sparse.bin", SPARSE_SIZE, pieces)
+    path = tree / "out" / "sparse.bin"
+    st = path.stat()
+    assert st.st_size == SPARSE_SIZE
+    assert st.st_blocks * 512 <= 256 << 10, f"{st.st_blocks * 512} bytes on disk"
+    expected = bytearray(SPARSE_SIZE)
+    for offset, data in pieces:
+        expected[offset : offset + len(data)] = data
+    assert path.read_bytes() == expected
+    assert os.listdir(tree / "out") == ["sparse.bin"]
+
+
+@pytest.mark.parametrize("errno_", [errno.EINVAL, errno.EOPNOTSUPP])
+def test_a_sparse_copy_where_seek_data_is_missing_copies_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
+    """Where lseek() knows no SEEK_DATA, the whole apparent size is copied
+    (holes written as zeros): the content is the same."""
+    from broker._outputs import copy_data
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with open(src, "wb") as f:
+        f.truncate(1 << 20)
+        os.pwrite(f.fileno(), b"data", 4096)
+        os.pwrite(f.fileno(), b"tail", (1 << 20) - 4)
+    real_lseek = os.lseek
+
+    def lseek(fd: int, pos: int, how: int) -> int:
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno_, os.strerror(errno_))
+        return real_lseek(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    fs, fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        copy_data(fs, fd, 1 << 20)
+    finally:
+        os.close(fs)
+        os.close(fd)
+    assert dst.read_bytes() == src.read_bytes()
 
 
 def test_policy_is_immutable_and_validated() -> None:
