@@ -34,6 +34,28 @@ REMOVED = ("its directory was removed after the broker opened it (the broker kee
            "opened, as a capability does: a new one by the same name is not it)")
 
 
+def hidden_name(name: str, suffix: str = "") -> str:
+    """A fresh hidden name beside ``name``: ``.{name}.privsep-{12 hex}``,
+    within NAME_MAX (255 bytes) whatever ``name`` is."""
+    return f".{cut(name, _KEPT)}.privsep-{secrets.token_hex(6)}{suffix}"
+
+
+_KEPT = 200  # bytes of the name kept in a hidden name: 1 + 200 + 21 + 4 (".tmp") <= 255
+
+
+def cut(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes as the filesystem gets it
+    (``os.fsencode``), never inside a character."""
+    if len(name) * 4 <= limit or len(os.fsencode(name)) <= limit:
+        return name
+    size = 0
+    for i, ch in enumerate(name):
+        size += len(os.fsencode(ch))
+        if size > limit:
+            return name[:i]
+    return name
+
+
 def removed(dirfd: int) -> bool:
     """Has the directory open as ``dirfd`` been removed (no name links to it)?"""
     try:
@@ -63,7 +85,7 @@ class PendingOutput:
             except OSError as exc:
                 why = f"output not committed: {exc.strerror}"
                 raise OSError(exc.errno or errno.EIO, why, self.display) from exc
-        hidden = f".{self.name[:200]}.privsep-{secrets.token_hex(6)}"
+        hidden = hidden_name(self.name)
         try:
             if self.drain is not None and self.linkable:
                 # The worker only ever held a pipe: nobody else can write
@@ -197,7 +219,7 @@ def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[Pe
                 exc.filename = display
                 raise
             # No O_TMPFILE on this filesystem: a hidden name, unlinked at once.
-            hidden = f".{name[:200]}.privsep-{secrets.token_hex(6)}.tmp"
+            hidden = hidden_name(name, ".tmp")
             tmp = os.open(hidden, os.O_CREAT | os.O_EXCL | mode | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
             os.unlink(hidden, dir_fd=dirfd)
             linkable = False  # an unlinked ordinary file cannot get a name again

@@ -132,6 +132,50 @@ def test_create_cannot_escape_or_clobber_specials(broker: Broker, tree: Path) ->
     assert (tree / "secret").read_text() == "top secret"
 
 
+class Namer(Worker):
+    @rpc
+    def write_each(self, names: list, rights: int) -> int:
+        for name in names:
+            with self.broker.create(f"out/{name}", Rights(rights)) as f:
+                f.write(name.encode())
+        return len(names)
+
+
+LONG_NAMES = [
+    "\u00e9" * 117,  # 234 bytes: 2-byte characters
+    "\u00e9" * 127 + "a",  # 255 bytes, NAME_MAX
+    "\u20ac" * 85,  # 255 bytes of 3-byte characters
+    "a" + "\U0001f600" * 63,  # 253 bytes: byte 200 falls inside a 4-byte character
+]
+
+
+@pytest.mark.parametrize("rights", [Rights.WRITE, Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE],
+                         ids=["pipe", "file"])
+def test_an_output_with_a_long_non_ascii_name_is_committed(tree: Path, rights: Rights) -> None:
+    """The hidden name kept the first 200 characters of the output's name,
+    not 200 bytes: a name of 234 to 255 bytes with characters beyond ASCII
+    made it longer than NAME_MAX, and the output could not be committed."""
+    policy = Policy().allow("out/", Rights.WRITE | Rights.CREATE | Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE)
+    with Broker(policy, root=tree) as b:
+        assert b.spawn(Namer).write_each(LONG_NAMES, int(rights)) == len(LONG_NAMES)
+    assert sorted(os.listdir(tree / "out")) == sorted(LONG_NAMES)
+    for name in LONG_NAMES:
+        assert (tree / "out" / name).read_bytes() == name.encode()
+
+
+def test_a_hidden_name_fits_name_max_and_cuts_no_character() -> None:
+    """Also the fallback's (no O_TMPFILE), which ends in ".tmp"."""
+    from broker._outputs import hidden_name
+
+    for name in [*LONG_NAMES, "a" * 255, os.fsdecode(b"\xff" * 255), "short"]:
+        for suffix in ("", ".tmp"):
+            hidden = hidden_name(name, suffix)
+            assert len(os.fsencode(hidden)) <= 255, (name, hidden)
+            kept = hidden[1:].rsplit(".privsep-", 1)[0]
+            assert name.startswith(kept), (name, kept)
+            assert kept == name or 196 < len(os.fsencode(kept)) <= 200, (name, kept)  # (less a character at most)
+
+
 def test_errors_round_trip_unknown_types() -> None:
     exc = exception_from_wire({"type": "os.system", "msg": "x", "errno": None, "filename": None, "tb": ""})
     assert type(exc).__name__ == "RemoteError"
