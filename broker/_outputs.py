@@ -188,9 +188,10 @@ def commit_all(outputs: list[PendingOutput]) -> None:
         for out in outputs:
             hidden.append(out.stage())
         for i, out in enumerate(outputs):
-            name, hidden[i] = hidden[i], None
+            name = hidden[i]
             assert name is not None
             out.place(name)
+            hidden[i] = None  # (after the rename: a failed one leaves its hidden file to unstage)
     finally:
         for out, name in zip(outputs, hidden, strict=False):  # (hidden: those staged, None once renamed)
             if name is not None:

@@ -3,6 +3,7 @@ drops that worker's connection, keeps serving the others and leaks no fd."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -578,3 +579,27 @@ def test_a_directory_at_an_outputs_name_fails_the_call_before_any_rename(tmp_pat
         assert os.listdir(tmp_path / "out") == ["d"]  # not a.txt, nor a hidden file
         assert os.listdir(tmp_path / "out" / "d") == []
         assert info.value.filename == "out/d" and "a directory has its name" in str(info.value)
+
+
+def test_a_rename_that_fails_leaves_no_hidden_file(tmp_path: Path) -> None:
+    """The second phase of commit_all: a rename failing (a filesystem error,
+    or a directory made at the name between the phases) left its staged
+    hidden file behind, and the outputs after it too."""
+    from broker._outputs import commit_all, make_output
+    from protocol import Rights as R
+
+    made = []
+    for name in ("a", "b", "c"):
+        pending, cap = make_output(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY), name, R.WRITE, name)
+        os.write(cap.fileno(), name.encode())
+        cap.close()
+        made.append(pending)
+
+    def fails(hidden: str) -> None:
+        raise OSError(errno.EIO, "the disk went away")
+
+    made[1].place = fails  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="the disk went away"):
+        commit_all(made)
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # renamed before the failure; nothing hidden is left
+    assert all(p.tmpfd == -1 and p.dirfd == -1 for p in made)  # every one discarded
