@@ -20,7 +20,7 @@ import threading
 from typing import Any, NamedTuple
 
 from protocol import NotCapable, PolicyError, Rights
-from protocol._paths import is_utf8, split_relative
+from protocol._paths import ESCAPES, is_utf8, split_relative
 from protocol._wire import KIND_DIR, KIND_FILE
 from worker._files import access_flags
 from worker.sandbox._openat2 import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS
@@ -105,7 +105,7 @@ def _kernel_denial(exc: OSError, display: str, base: int = -1, in_dir: bool = Tr
     if exc.errno == errno.ELOOP and not in_dir:
         return NotCapable(_FILE_GRANT_SYMLINK, filename=display)
     if exc.errno in (errno.EXDEV, errno.ELOOP):
-        return NotCapable("path escapes its granted directory (symlink, magic link or '..')", filename=display)
+        return NotCapable(ESCAPES, filename=display)
     if exc.errno == errno.EACCES or exc.errno == errno.EPERM:
         return NotCapable(os.strerror(exc.errno), errno=exc.errno, filename=display)
     return type(exc)(exc.errno, exc.strerror, display)  # (a new one: raised "from exc", not from itself)

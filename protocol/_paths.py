@@ -13,6 +13,8 @@ import os
 from ._errors import NotCapable
 
 MAX_PATH_BYTES = 4096
+#: What a resolution that would leave its directory says, on either side.
+ESCAPES = "path escapes its granted directory (symlink, magic link or '..')"
 MAX_COMPONENT_BYTES = 255
 
 

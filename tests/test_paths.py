@@ -715,3 +715,35 @@ def test_a_fault_of_the_broker_fails_the_request_not_the_call(tree: Path, monkey
             w.stat_size("data/a.txt")
         monkeypatch.undo()
         assert w.alive and w.stat_size("data/a.txt") == 5
+
+
+class SpawnGrantOpener(Worker):
+    @rpc
+    def open_in(self, name: str) -> object:
+        try:
+            with self.grants["data"].open(name) as f:
+                return f.read()
+        except NotCapable as exc:
+            return {"errno": exc.errno, "msg": exc.strerror, "filename": exc.filename}
+
+
+def test_a_directory_granted_at_spawn_refuses_as_the_broker_does(tree: Path) -> None:
+    """Beneath a directory held since spawn the worker resolves paths itself.
+    A symlink out read 'Invalid cross-device link' with errno EXDEV (the
+    broker says it escapes, with EACCES); a FIFO opened and read b''; a
+    directory failed in Python's open(). All three now say what the broker
+    says of them."""
+    with Broker(Policy().allow("data/", _LOOKUP), root=tree) as b:
+        w = b.spawn(SpawnGrantOpener, grants={"data": b.opendir("data", _LOOKUP)})
+        assert w.open_in("a.txt") == b"hello"
+        for name in ("link_abs", "link_up", "link_proc"):
+            assert w.open_in(name) == {
+                "errno": errno.EACCES,
+                "msg": "path escapes its granted directory (symlink, magic link or '..')",
+                "filename": name,
+            }
+        fifo = w.open_in("fifo")
+        assert isinstance(fifo, dict) and fifo["msg"] == "only regular files are opened, this is a FIFO"
+        sub = w.open_in("sub")
+        assert isinstance(sub, dict) and sub["msg"] == "only regular files are opened, this is a directory"
+        assert w.open_in("link_in") == b"hello"  # a symlink that stays inside is followed, as the broker does

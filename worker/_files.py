@@ -14,10 +14,11 @@ import errno
 import functools
 import io
 import os
+import stat
 from typing import IO, TYPE_CHECKING, Any
 
 from protocol import NotCapable, Rights
-from protocol._paths import is_utf8, local_path, split_relative
+from protocol._paths import ESCAPES, is_utf8, local_path, split_relative
 from protocol._rights import rights_arg
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode
 
@@ -154,13 +155,27 @@ class FdDirectory(Directory):
         try:
             return openat2(self.fileno(), path or ".", flags, mode)
         except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.ELOOP, errno.EACCES, errno.EPERM):
+            if exc.errno in (errno.EXDEV, errno.ELOOP):  # as the broker says it
+                raise NotCapable(ESCAPES, filename=path) from exc
+            if exc.errno in (errno.EACCES, errno.EPERM):
                 raise NotCapable(os.strerror(exc.errno), errno=exc.errno, filename=path) from exc
             raise
 
     def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> IO[bytes]:
         path, _ = self._check(rights, path)
-        return open_fd(self._openat(path, access_flags(rights) | _BASE), rights)
+        fd = self._openat(path, access_flags(rights) | _BASE)
+        try:
+            mode = os.fstat(fd).st_mode
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(mode):
+            # As the broker refuses one. (Only this client's rule: the open has been
+            # made, and a compromised worker may make it too, within Landlock's rights.)
+            os.close(fd)
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise NotCapable(f"only regular files are opened, this is a {kind}", filename=path)
+        return open_fd(fd, rights)
 
     def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
         path, _ = self._check(rights | Rights.CREATE, path)
