@@ -200,6 +200,17 @@ def commit_all(outputs: list[PendingOutput]) -> None:
             out.discard()
 
 
+def over_limit(outputs: list[PendingOutput]) -> OSError | None:
+    """Why a call whose output went past ``Limits.file_size`` failed: the
+    broker stopped reading that pipe, so the worker saw only a broken pipe."""
+    for out in outputs:
+        error = out.drain.error if out.drain is not None else None
+        if error is not None and error.errno == errno.EFBIG:
+            why = f"output not committed: it went past Limits.file_size ({out.drain.limit:,} bytes)"
+            return OSError(errno.EFBIG, why, out.display)
+    return None
+
+
 def all_closed(outputs: list[PendingOutput]) -> bool:
     """Has the worker closed every output it writes through a pipe?"""
     return all(out.drain is None or out.drain.closed() for out in outputs)
