@@ -27,6 +27,11 @@ class WorkerExit:
     syscall: str | None = None
     args: tuple[int, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        # One type whichever way the end was learnt: a wait status gives an int.
+        if self.signal is not None and self.signal in signal.Signals._value2member_map_:
+            object.__setattr__(self, "signal", signal.Signals(self.signal))
+
     @classmethod
     def from_status(cls, status: int, kind: str | None = None, reason: str = "") -> WorkerExit:
         if os.WIFSIGNALED(status):

@@ -1067,6 +1067,8 @@ class WorkerHandle:
     async def akill(self) -> WorkerExit:
         """``kill()`` for asyncio: the worker's end is awaited on the event loop."""
         if self.exit is None:
+            if self._ending is None:  # (an awaited call in flight records its end as this)
+                self._ending = WorkerExit("signal", "killed by the broker", signal=signal.SIGKILL)
             self._kill()
             await self._exited(5.0)
         return self.kill()  # reaps at once now

@@ -705,3 +705,28 @@ def test_awaited_spawns_take_spares_in_the_order_they_came(tree: Path) -> None:
 
     order = asyncio.run(main())
     assert order == sorted(order), order
+
+
+@pytest.mark.parametrize(
+    "how, kind, reason",
+    [("akill", "signal", "killed by the broker"),
+     ("astop", "ok", "stopped during a call (killed after the grace period)")],
+)
+def test_ending_a_worker_whose_call_is_awaited_says_who_ended_it(tree: Path, how: str, kind: str, reason: str) -> None:
+    """As for a call on another thread: akill() of a worker whose call a task
+    awaited read "killed by SIGKILL" (kill() says "killed by the broker"), and
+    the signal was a plain int there, a signal.Signals elsewhere."""
+
+    async def main() -> None:
+        async with Broker(Policy(), root=str(tree)) as b:
+            w = await b.aspawn(AsyncJob)
+            task = asyncio.create_task(w.aio.nap(5))
+            await asyncio.sleep(0.2)
+            ex = await (w.akill() if how == "akill" else w.astop(timeout=0.2))
+            with pytest.raises(WorkerCrashed) as info:
+                await task
+            assert (ex.kind, ex.reason) == (kind, reason)
+            assert ex.signal is signal.SIGKILL  # the enum member, whichever way the end was learnt
+            assert str(info.value).endswith(f"): {reason}")
+
+    asyncio.run(main())
