@@ -318,7 +318,7 @@ class _Encoder:
                 "explicit (broker.open(path, rights))"
             )
         else:
-            raise TypeError(f"cannot send a {type(o).__name__} to the other side")
+            raise unsendable(o, "the other side")
         if fd < 0:
             raise ValueError("cannot send a closed file descriptor")
         if len(fds) >= MAX_FDS:
@@ -344,6 +344,16 @@ class _Encoder:
 
 _encoders = threading.local()
 _markers: dict[tuple[int, int, int], msgpack.ExtType] = {}
+
+
+def unsendable(obj: object, to: str) -> TypeError:
+    """Why ``obj`` cannot travel, saying what can."""
+    name = type(obj).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return TypeError(
+        f"cannot send {article} {name} to {to}: only None, bool, int, float, str, bytes, lists, tuples, "
+        "dicts with str keys, files and directories travel (a dataclass or a named tuple: send its fields)"
+    )
 
 
 def fd_marker(index: int, kind: int, rights: int) -> msgpack.ExtType:

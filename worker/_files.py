@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from protocol import NotCapable, Rights
 from protocol._paths import ESCAPES, is_utf8, local_path, split_relative
 from protocol._rights import rights_arg
-from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode
+from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode, unsendable
 
 if TYPE_CHECKING:
     from ._client import BrokerClient, StatResult
@@ -314,7 +314,7 @@ def fd_of(obj: Any) -> tuple[int, int, Rights]:
     if isinstance(obj, ProxyDirectory):
         raise TypeError("a directory proxy stands for a directory the broker holds: it cannot be sent back "
                         "(send the names beneath it instead)")
-    raise TypeError(f"cannot send a {type(obj).__name__} to the broker")
+    raise unsendable(obj, "the broker")
 
 
 _FLUSHED = (io.BufferedWriter, io.BufferedRandom)
