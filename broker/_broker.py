@@ -10,6 +10,7 @@ import logging
 import os
 import reprlib
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -142,6 +143,26 @@ def _listing(names: list[str]) -> list[str] | str:
 LISTING_INLINE = 64 * 1024
 
 
+_TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN_DIRS = tuple(os.path.join(_TOP, d) + os.sep for d in ("broker", "worker", "protocol"))
+# What runs the caller's code on a thread or a loop: not the caller either.
+_STDLIB = os.path.dirname(os.__file__)
+_RUNNERS = (os.path.join(_STDLIB, "asyncio") + os.sep, os.path.join(_STDLIB, "concurrent") + os.sep, threading.__file__)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's own line:
+    past every frame of privsep's packages (and of asyncio, concurrent.futures
+    and threading running them), whatever path led here. (The caller of this
+    function is frame 1.)"""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OWN_DIRS + _RUNNERS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def _warn_hidden(cls: type[Worker]) -> None:
     """An @rpc method named like an attribute of its handle (``stop``,
     ``name``, ``call``, ...) is not what ``handle.stop()`` reaches. (Checks
@@ -156,7 +177,7 @@ def _warn_hidden(cls: type[Worker]) -> None:
             f"with the worker handle's own attributes: handle.{hidden[0]} is the handle's; call the method "
             f"with handle.call({hidden[0]!r}, ...), or rename it",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -246,9 +267,10 @@ class Broker:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and getattr(self, "_pid", None) == os.getpid():
+            n = len(self._workers)
+            how = "1 worker ends as its channel closes" if n == 1 else f"{n} workers end as their channels close"
             warnings.warn(
-                f"a Broker was never closed (use 'with Broker(...)' or close()): its {len(self._workers)} "
-                "workers end as their channels close",
+                f"a Broker was never closed (use 'with Broker(...)' or close()): its {how}",
                 ResourceWarning,
                 stacklevel=1,
                 source=self,
@@ -631,7 +653,7 @@ class Broker:
             "function, or in a main module that is no file), so its workers are forked from the broker and "
             "hold a copy of its memory; define it at module level, or pass spawn='fork' to say so",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
     def _ready_zygote_for(self, cls: type[Worker]) -> str:
@@ -670,7 +692,7 @@ class Broker:
             # A warning, not a log line: the script itself should change, and the
             # library's loggers stay silent unless the application sets them up.
             warnings.warn(f"{cls.__qualname__}: {exc}; its workers are forked from the broker instead",
-                          RuntimeWarning, stacklevel=5)
+                          RuntimeWarning, stacklevel=user_stacklevel())
             self._fork_only.add(cls)
             return "fork"
         self._zygote_loaded.add(cls)

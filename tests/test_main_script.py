@@ -160,6 +160,8 @@ def test_an_unguarded_script_falls_back_to_fork_and_says_why(tmp_path: Path) -> 
     assert out == {"method": "fork", "ping": "pong", "second": "fork"}
     assert 'if __name__ == "__main__":' in stderr
     assert stderr.count("forked from the broker instead") == 1
+    # at the script's own line (w = b.spawn(Job)), not inside privsep
+    assert "job.py:16: RuntimeWarning: Job: the zygote cannot import Job" in stderr, stderr
 
 
 def test_an_unguarded_script_with_spawn_zygote_fails_clearly(tmp_path: Path) -> None:
