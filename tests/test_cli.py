@@ -32,6 +32,8 @@ def test_check_reports_this_kernel() -> None:
 def test_unknown_arguments_are_an_error() -> None:
     assert run("bogus").returncode == 2
     assert run("check", "--nope").returncode == 2
+    bare = run()  # no command: the help, on stderr, and the usage error's status
+    assert bare.returncode == 2 and "commands:" in bare.stderr and bare.stdout == ""
 
 
 def test_demo_runs_the_thumbnailer_from_anywhere(tmp_path: Path) -> None:
