@@ -90,6 +90,10 @@ _remote_classes: dict[tuple[str, type[BaseException]], type[_errors.RemoteError]
 MAX_REMOTE_CLASSES = 512
 
 
+def _message_only(self: _errors.RemoteError) -> str:
+    return self.remote_message
+
+
 def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.RemoteError]:
     """``RemoteError`` that is also a ``base``: ``except ValueError`` still
     catches a worker's ``ValueError`` subclass. Names are only labels."""
@@ -97,7 +101,9 @@ def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.Remot
     cls = _remote_classes.get(key)
     if cls is None:
         label = name if name.isidentifier() else "RemoteException"
-        cls = type(label, (_errors.RemoteError, base), {"__module__": "privsep.remote"})
+        # Named as the worker's class, so its str() is the message alone, as the
+        # original's was: "JSONDecodeError: JSONDecodeError: ..." said the name twice.
+        cls = type(label, (_errors.RemoteError, base), {"__module__": "privsep.remote", "__str__": _message_only})
         if len(_remote_classes) < MAX_REMOTE_CLASSES:
             _remote_classes[key] = cls
     return cls

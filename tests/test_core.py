@@ -12,6 +12,7 @@ import pickle
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -814,6 +815,10 @@ def test_exception_names_a_worker_makes_up_cost_the_broker_bounded_memory(
     with pytest.raises(ValueError) as again:  # a kept name is still the same class
         w.raise_named("Made0Up")
     assert type(again.value) is _remote._remote_classes[("Made0Up", ValueError)]
+    # Named as the worker's class: its str() is the message alone, as the original's
+    # was ("Made0Up: named" printed the name twice after the class's own).
+    assert str(again.value) == "named" and type(again.value).__name__ == "Made0Up"
+    assert traceback.format_exception_only(again.value)[0] == "privsep.remote.Made0Up: named\n"
 
 
 @pytest.mark.parametrize(
