@@ -146,6 +146,7 @@ class WorkerHandle:
         self._held = 0
         self._held_dirs: set[int] = set()
         self._held_call = 0
+        self._to_commit: list[PendingOutput] = []  # a call's outputs, while its driver commits them
         self._dir_ids = itertools.count(1)
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
@@ -222,6 +223,8 @@ class WorkerHandle:
                         elif kind == "exit" and when is not None:
                             self._wait_exit(when - time.monotonic())
                             op = steps.send(None)
+                        elif kind == "commit":
+                            op = steps.send(_commit(self._to_commit))
                         else:
                             # Poll, then receive. (Only the first answer is tried without a
                             # poll, in _early_answer; after a miss, or after answering a
@@ -278,6 +281,8 @@ class WorkerHandle:
                         elif kind == "exit" and when is not None:
                             await self._exited(max(0.0, when - time.monotonic()))
                             op = steps.send(None)
+                        elif kind == "commit":
+                            op = steps.send(await _commit_off_loop(self._to_commit))
                         else:
                             op = steps.send(await self._event(when))
                 except StopIteration as stop:
@@ -513,17 +518,19 @@ class WorkerHandle:
 
     def _steps(
         self, method: str, cid: int, deadline: float | None, timeout: float | None, first: _Received | None = None
-    ) -> Generator[tuple[str, float | None], str | _Received | None, Any]:
+    ) -> Generator[tuple[str, float | None], str | _Received | Exception | None, Any]:
         """The rest of a sent call as a sans-I/O state machine shared by the
         sync and async drivers. Yields ("wait", deadline) to get the next event
-        ("chan", "notify", "timeout", or a message the driver received) or
-        ("sleep", until) to be throttled. ``first``: a message already received."""
+        ("chan", "notify", "timeout", or a message the driver received),
+        ("sleep", until) to be throttled, or ("commit", None) to have the
+        driver commit ``self._to_commit`` (sent back: the error, or None).
+        ``first``: a message already received."""
         outputs: list[PendingOutput] = []
         try:
             requests = 0
             while True:
                 if first is not None:
-                    event: str | _Received | None = first
+                    event: str | _Received | Exception | None = first
                     first = None
                 else:
                     event = yield ("wait", deadline)
@@ -584,7 +591,14 @@ class WorkerHandle:
                             if self.exit is not None:
                                 raise self.exit.error(self.name)
                             pause = min(2 * pause, 0.02)
-                    commit_all(outputs)  # all or none
+                    if outputs:
+                        # All or none, by the driver: an awaited call's copies of big outputs
+                        # are made off the event loop's thread.
+                        self._to_commit = outputs
+                        failed = yield ("commit", None)
+                        self._to_commit = []
+                        if isinstance(failed, Exception):
+                            raise failed
                     for out in outputs:
                         self._broker._audit(self, "commit", out.display, None, "granted", "output committed")
                     outputs.clear()
@@ -1164,6 +1178,33 @@ HANDLE_NAMES = frozenset(
 )
 MAX_DIR_GRANTS = 1024
 _YIELD_EVERY = 8
+
+
+def _commit(outputs: list[PendingOutput]) -> Exception | None:
+    """Commit a call's outputs (all or none); the error, or None."""
+    try:
+        commit_all(outputs)
+    except Exception as exc:
+        return exc
+    return None
+
+
+async def _commit_off_loop(outputs: list[PendingOutput]) -> Exception | None:
+    """``_commit`` for an awaited call: an output that must be copied (up to
+    Limits.file_size of data) is copied on a thread, so the loop runs on. A
+    cancel meanwhile waits for the commit, which is all or none, to end."""
+    if all(out.drain is not None and out.linkable for out in outputs):
+        return _commit(outputs)  # links only: at once
+    done = asyncio.get_running_loop().run_in_executor(None, _commit, outputs)
+    cancelled = False
+    while not done.done():
+        try:
+            await asyncio.wait({done})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return done.result()
 
 
 def _release(objs: list[Any]) -> None:

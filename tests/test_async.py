@@ -730,3 +730,50 @@ def test_ending_a_worker_whose_call_is_awaited_says_who_ended_it(tree: Path, how
             assert str(info.value).endswith(f"): {reason}")
 
     asyncio.run(main())
+
+
+class BigWriter(Worker):
+    @rpc
+    def write_big(self, name: str, mib: int) -> int:
+        chunk = b"\x5a" * (1 << 20)
+        with self.broker.create(f"out/{name}", Rights.WRITE | Rights.SEEK | Rights.FSTAT) as f:
+            for _ in range(mib):
+                f.write(chunk)
+        return mib
+
+
+def test_an_awaited_calls_big_output_is_copied_off_the_loop(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output delivered as the file itself is copied at commit (so the
+    worker can no longer change it): up to Limits.file_size of data, which
+    was copied on the event loop, stalling every other task meanwhile."""
+    import broker._handle as handle_module
+
+    mib = 512  # (copying it stalled the loop 0.4-2 s here, when the copy waits for writeback)
+    committed_on: list[int] = []
+    real_commit = handle_module.commit_all
+
+    def commit_all(outputs: list[object]) -> None:
+        committed_on.append(threading.get_ident())
+        real_commit(outputs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(handle_module, "commit_all", commit_all)
+
+    async def main() -> float:
+        async with Broker(Policy().allow("out/", Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.CREATE),
+                          root=str(tree)) as b:
+            w = await b.aspawn(BigWriter)
+            assert await w.aio.write_big("warm.bin", 1) == 1  # (the restricted opener is started once)
+            with _Ticker() as ticker:
+                assert await w.aio.write_big("big.bin", mib) == mib
+                await asyncio.sleep(0.02)  # (the ticker notes a stall when it runs next)
+                longest = ticker.longest
+            return longest
+
+    started = time.monotonic()
+    longest = asyncio.run(main())
+    assert len(committed_on) == 2 and threading.get_ident() not in committed_on  # (the loop ran on this thread)
+    assert (tree / "out" / "big.bin").stat().st_size == mib << 20
+    with open(tree / "out" / "big.bin", "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        assert f.read() == b"\x5a" * 4
+    assert longest < 0.2, f"the loop stalled {longest * 1000:.0f} ms (the run took {time.monotonic() - started:.1f} s)"
