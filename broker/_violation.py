@@ -109,6 +109,8 @@ def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
     while len(shown) > 1 and shown[-1] == "0x0" and len(shown) - 1 not in strings:
         shown.pop()
     hint = _IMPORT_HINT if any(_looks_imported(p) for p in paths) else ""
+    if hint and any(p.endswith(".py") for p in paths):
+        hint += _SOURCE_HINT
     return f"{name}({', '.join(shown)})", hint
 
 
@@ -116,6 +118,9 @@ _IMPORT_HINT = (
     ": a path Python's import system looks at. An import after sandbox entry? Import at module level or in "
     "setup(), which runs before it"
 )
+# A source file is also what Python's own traceback printer reads (a hook of the program's that
+# replaced privsep's and failed, an exception printed by C code): privsep's hooks never read it.
+_SOURCE_HINT = "; or a traceback printed with its source lines by a hook of your own"
 _MODULE_SUFFIXES = (".py", ".pyc", ".so", ".pth")
 
 

@@ -76,6 +76,11 @@ class Hog(Worker):
         os.stat(os.path.join(os.path.dirname(json.__file__), "data.json"))
 
     @rpc
+    def read_a_source_file(self) -> None:
+        with open(json.__file__, "rb"):  # as Python's own traceback printer reads one
+            pass
+
+    @rpc
     def flood(self, n: int) -> int:
         denied = 0
         for _ in range(n):
@@ -193,6 +198,10 @@ def test_a_late_import_is_named_as_the_likely_cause(tree: Path) -> None:
         with pytest.raises(PolicyViolation) as info:  # a data file beneath it is no import
             b.spawn(Hog).stat_a_data_file()
         assert "import" not in str(info.value)
+        # A source file: an import, or Python's own printer of a traceback's lines.
+        with pytest.raises(PolicyViolation, match=r"An import after sandbox entry.*; or a traceback printed with "
+                                                  r"its source lines by a hook of your own$"):
+            b.spawn(Hog).read_a_source_file()
 
 
 def test_errno_mode_returns_eperm_instead_of_killing(tree: Path) -> None:
