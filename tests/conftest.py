@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,15 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     if bad:
         print("\nCI: skips that do not come from a kernel/platform probe:\n  " + "\n  ".join(bad))
         session.exitstatus = 1
+
+
+def close_later(fds: list[int], seconds: float) -> None:
+    """Close ``fds`` from a thread ``seconds`` from now (a worker keeping
+    copies of its outputs' write ends past its answer)."""
+
+    def run() -> None:
+        time.sleep(seconds)
+        for fd in fds:
+            os.close(fd)
+
+    threading.Thread(target=run, daemon=True).start()

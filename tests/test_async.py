@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import READ
+from conftest import READ, close_later
 
 from broker import Broker, Policy, WorkerHandle
 from protocol import NotCapable, Rights, WorkerCrashed, WorkerTimeout
@@ -651,13 +651,7 @@ class KeepsOutputs(Worker):
             f.write(b"data")
             f.flush()
             kept.append(os.dup(f.fileno()))
-
-        def close_later() -> None:
-            time.sleep(close_after)
-            for fd in kept:
-                os.close(fd)
-
-        threading.Thread(target=close_later, daemon=True).start()
+        close_later(kept, close_after)
         return "returned"
 
     @rpc

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import default_policy, open_fds
+from conftest import close_later, default_policy, open_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -231,7 +231,6 @@ def test_a_bad_packet_closes_each_of_its_fds_exactly_once() -> None:
 def test_threads_encode_fds_without_mixing_them() -> None:
     """Each thread packs with its own encoder: the fds of one message never
     end up in another's list."""
-    import threading
     import time
 
     from broker._deliver import Outgoing
@@ -514,13 +513,7 @@ class KeepsOutputs(Worker):
             f.flush()
             if name in kept:
                 copies.append(os.dup(f.fileno()))
-
-        def close_later() -> None:
-            time.sleep(close_after)
-            for fd in copies:
-                os.close(fd)
-
-        threading.Thread(target=close_later, daemon=True).start()
+        close_later(copies, close_after)
         return "returned"
 
     @rpc
