@@ -15,6 +15,7 @@ packet are bounded by ``MAX_BLOB`` in all.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import io
 import mmap
@@ -23,6 +24,7 @@ import select
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -346,6 +348,10 @@ _encoders = threading.local()
 _markers: dict[tuple[int, int, int], msgpack.ExtType] = {}
 
 
+# Linux 4.14+ (asm-generic mman-common.h: 18 on every architecture); Python 3.11's mmap lacks the name.
+_WIPEONFORK: int | None = getattr(mmap, "MADV_WIPEONFORK", 18 if sys.platform == "linux" else None)
+
+
 def unsendable(obj: object, to: str) -> TypeError:
     """Why ``obj`` cannot travel, saying what can."""
     name = type(obj).__name__
@@ -597,8 +603,15 @@ class Channel:
         self.send_timeout = send_timeout
         self.allow_dirref = allow_dirref
         # Anonymous mmap: pages are faulted in only as packets reach them, so
-        # a fresh worker does not pay for zero-filling 256 KiB.
-        self._buf = mmap.mmap(-1, MAX_PACKET + 1)
+        # a fresh worker does not pay for zero-filling 256 KiB. PRIVATE, never
+        # Python's default MAP_SHARED: a shared one stays shared across fork(),
+        # and every worker the zygote forked could read, and rewrite, what the
+        # broker sent the zygote (a worker made it run code of its own). Wiped
+        # on fork: a child does not even see the last message.
+        self._buf = mmap.mmap(-1, MAX_PACKET + 1, flags=mmap.MAP_PRIVATE)
+        if _WIPEONFORK is not None:
+            with contextlib.suppress(OSError):  # (an older kernel: private is what matters)
+                self._buf.madvise(_WIPEONFORK)
         self._view = memoryview(self._buf)
 
     @classmethod

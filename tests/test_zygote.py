@@ -676,3 +676,89 @@ def test_a_class_no_interpreter_can_find_is_forked_and_said_so_once(tree: Path) 
     with warnings.catch_warnings(), Broker(Policy(), root=tree, spawn="fork") as b:
         warnings.simplefilter("error")
         assert b.spawn(_local_class()).spawn_method == "fork"  # asked for: nothing to say
+
+
+class Snoop(Worker):
+    """A compromised worker looking for the buffers in which the zygote it
+    was forked from receives the broker's messages."""
+
+    @rpc
+    def snoop(self) -> dict[str, int]:
+        import gc
+
+        from protocol._wire import Channel
+
+        # The zygote's loop that forked this process is still on its stack (and
+        # its objects are frozen out of gc.get_objects()): look there too.
+        candidates: list[object] = list(gc.get_objects())
+        frame = sys._getframe()
+        while frame is not None:
+            for value in frame.f_locals.values():
+                candidates.append(value)
+                if isinstance(value, (list, tuple)):
+                    candidates.extend(value)
+            frame = frame.f_back  # type: ignore[assignment]
+        channels = {id(c): c for c in candidates if type(c) is Channel and c.fileno() != CHANNEL_FD}
+        found = readable = nonzero = 0
+        for obj in channels.values():
+            found += 1
+            try:
+                buf = obj._buf
+                data = buf[:]
+            except ValueError:  # unmapped
+                continue
+            readable += 1
+            nonzero += len(data) - data.count(0)
+            buf[:] = b"\xc1" * len(buf)  # never a msgpack first byte: a zygote reading it would die
+        return {"found": found, "readable": readable, "nonzero": nonzero}
+
+
+def test_a_worker_shares_no_buffer_with_its_zygote(tree: Path) -> None:
+    """Receive buffers were MAP_SHARED (Python's default for an anonymous
+    mmap), which fork() keeps shared: a worker could read every message the
+    broker sent its zygote and rewrite the next one, to kill the zygote and
+    every worker with it, or have it run a file of the worker's own as the
+    main script, outside the sandbox (found by a red-team run). A forked
+    child now gets the zygote's buffers unmapped, and if not, private and
+    wiped."""
+    with Broker(Policy(), root=tree) as b:
+        honest = b.spawn(Echo)
+        w = b.spawn(Snoop)
+        assert w.spawn_method == "zygote"
+        seen = w.snoop()
+        assert seen["nonzero"] == 0, seen  # nothing of the broker's messages to read
+        assert seen["found"] >= 1  # the zygote's channels were there to find
+        # What the worker wrote reached no zygote: it still serves spawns, its workers live.
+        for _ in range(3):
+            assert b.spawn(Echo).ping() == "pong"
+        assert honest.ping() == "pong" and w.alive
+
+
+def test_a_channels_buffer_is_private_and_wiped_in_a_forked_child() -> None:
+    """Beneath the unmapping: a child that still has a Channel's buffer
+    (any fork, any path) sees zeros there, and what it writes stays its own."""
+    from protocol._wire import Channel
+
+    a, b = Channel.pair()
+    try:
+        a.send({"t": "secret", "v": "the broker's message"})
+        assert b.recv() == {"t": "secret", "v": "the broker's message"}
+        before = bytes(b._buf[:64])
+        assert before.count(0) < 64
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                seen = bytes(b._buf[:64])
+                b._buf[:64] = b"\xc1" * 64
+                os.write(w, b"zero" if seen == bytes(64) else b"seen")
+            finally:
+                os._exit(0)
+        os.close(w)
+        assert os.read(r, 4) == b"zero"
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert bytes(b._buf[:64]) == before  # the child's write did not reach the parent
+    finally:
+        a.close()
+        b.close()

@@ -193,8 +193,8 @@ def _fork_spare(
             raise
         if pid == 0:
             try:
-                for c in ctls:  # the zygote's channels to the broker
-                    os.close(c.sock.detach())
+                for c in ctls:  # the zygote's channels to the broker, and their buffers
+                    c.close()
                 ours.close()
                 _spare_main(theirs, me, net_fd, ahead, cgroup_procs, touch)  # takes over net_fd; never returns
             finally:
@@ -354,9 +354,9 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
         if pid == 0:
             try:
                 fd = rfd.detach()
-                os.close(chan.sock.detach())
+                chan.close()  # (its buffer too)
                 if spares is not None:
-                    os.close(spares.sock.detach())
+                    spares.close()
                 child_main(cls, fd, prepared, grants, from_main_thread=True, parent_pid=me)
             finally:
                 os._exit(70)
