@@ -83,6 +83,7 @@ def import_value(obj: Any) -> Any:
 # event loop, for the paths that cannot wait without blocking it.
 _EXIT_GRACE = 1.0
 _LOOP_EXIT_GRACE = 0.05
+_BLOB_TAGS = frozenset({"ret", "err", "fail", "ready"})
 _KILLED = signal.SIGKILL  # the wait status of a process killed by SIGKILL
 # On an event loop, how long a SIGKILLed worker is waited for before its reaping goes to
 # the background: a small one is gone by then, a big one takes ~70 ms a GiB.
@@ -119,6 +120,10 @@ class WorkerHandle:
         self._reaper = reaper or _waitpid
         self._may_fork = False  # it may have processes of its own, in its process group
         self._chan = chan
+        # Out-of-band values (memfd blobs) only in what ends a call or a start: a request or
+        # a printed line never needs one, and each would cost the broker a read of up to 64 MiB
+        # before its refusal, at the request rate.
+        chan.blob_tags = _BLOB_TAGS
         self._notify_fd = -1
         self._lock = threading.Lock()
         self._call_ids = itertools.count(1)

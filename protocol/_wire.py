@@ -437,11 +437,57 @@ def _outline(obj: Any) -> Any:
     return walk(obj)
 
 
-def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = False) -> Any:
+class _LaterBlob:
+    """A blob named in a packet, read only once the message's tag allows one."""
+
+    __slots__ = ("index", "length", "text")
+
+    def __init__(self, index: int, length: int, text: bool):
+        self.index, self.length, self.text = index, length, text
+
+
+def _read_later(blob: _LaterBlob, fds: list[int]) -> bytes | str:
+    data = _read_blob(fds[blob.index], blob.length)
+    if not blob.text:
+        return data
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("text blob is not UTF-8") from exc
+
+
+def _read_blobs(obj: Any, fds: list[int]) -> Any:
+    """``obj`` with each _LaterBlob in it read (in place, depth-bounded)."""
+    if type(obj) is _LaterBlob:
+        return _read_later(obj, fds)
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"message nested deeper than {MAX_DEPTH}")
+        pairs = enumerate(item) if type(item) is list else item.items() if type(item) is dict else ()
+        for key, value in list(pairs):
+            if type(value) is _LaterBlob:
+                item[key] = _read_later(value, fds)
+            elif type(value) is list or type(value) is dict:
+                stack.append((value, depth + 1))
+    return obj
+
+
+def decode(
+    payload: bytes | memoryview,
+    fds: list[int],
+    *,
+    allow_dirref: bool = False,
+    blob_tags: frozenset[str] | None = None,
+) -> Any:
     """Decode one packet. Takes ownership of ``fds``: each one is either
     returned inside the message as a :class:`ReceivedFd` or closed.
     Directory references are accepted only where ``allow_dirref`` (from the
-    broker)."""
+    broker). ``blob_tags``: the message tags that may carry blobs (None:
+    any); a blob is read only once the tag is known to allow it, so a
+    request that may carry none costs no read of 64 MiB before its refusal."""
+    later = blob_tags is not None
     if not fds:
         obj = _unpack(payload, _dirref_hook if allow_dirref else _no_ext_hook)
         _validate(obj)
@@ -468,6 +514,8 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
             blob_room[0] -= length
             if blob_room[0] < 0:
                 raise ProtocolError(f"the blobs of one packet exceed {MAX_BLOB} bytes in all")
+            if later:
+                return _LaterBlob(index, length, code == EXT_TEXT)
             blob = _read_blob(fds[index], length)
             if code == EXT_BLOB:
                 return blob
@@ -484,6 +532,11 @@ def decode(payload: bytes | memoryview, fds: list[int], *, allow_dirref: bool = 
         obj = _unpack(payload, ext_hook)
         if None in got:
             raise ProtocolError("packet carried fds that the message does not name")
+        if later and _BLOB in got:
+            tag = obj.get("t") if type(obj) is dict else None
+            if blob_tags is not None and tag not in blob_tags:
+                raise ProtocolError(f"a {tag!r} message carries no out-of-band value")
+            obj = _read_blobs(obj, fds)
         _validate(obj)
     except BaseException:
         for rfd in got:
@@ -503,7 +556,7 @@ class _NotOneFd(Exception):
     """A packet with one fd that is not named once as a plain fd: decode() takes it."""
 
 
-def _decode_one_fd(payload: memoryview, fd: int, allow_dirref: bool) -> Any:
+def _decode_one_fd(payload: memoryview, fd: int, allow_dirref: bool, blob_tags: frozenset[str] | None = None) -> Any:
     """decode() for the commonest packet with an fd: exactly one, named once
     as a file descriptor (a file passed, returned, or granted). Takes
     ownership of ``fd``; any other shape goes to decode(), which then owns it."""
@@ -527,7 +580,7 @@ def _decode_one_fd(payload: memoryview, fd: int, allow_dirref: bool) -> Any:
     except _NotOneFd:
         if rfd is not None:
             rfd.detach()  # decode() closes or wraps the fd itself
-        return decode(payload, [fd], allow_dirref=allow_dirref)
+        return decode(payload, [fd], allow_dirref=allow_dirref, blob_tags=blob_tags)
     except BaseException:
         if rfd is not None:
             rfd.detach()  # closed below, once
@@ -602,6 +655,8 @@ class Channel:
         self.sock = sock
         self.send_timeout = send_timeout
         self.allow_dirref = allow_dirref
+        # The message tags that may carry out-of-band values (blobs); None: any.
+        self.blob_tags: frozenset[str] | None = None
         # Anonymous mmap: pages are faulted in only as packets reach them, so
         # a fresh worker does not pay for zero-filling 256 KiB. PRIVATE, never
         # Python's default MAP_SHARED: a shared one stays shared across fork(),
@@ -755,12 +810,12 @@ class Channel:
             if len(anc) == 1:  # fast path: exactly one fd
                 level, kind, data = anc[0]
                 if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(data) == _ONE_FD.size:
-                    return _decode_one_fd(self._view[:n], _ONE_FD.unpack(data)[0], self.allow_dirref)
+                    return _decode_one_fd(self._view[:n], _ONE_FD.unpack(data)[0], self.allow_dirref, self.blob_tags)
         got = self._checked(n, anc, flags)
         if got is None:
             return None
         payload, fds = got
-        return decode(payload, fds, allow_dirref=self.allow_dirref)
+        return decode(payload, fds, allow_dirref=self.allow_dirref, blob_tags=self.blob_tags)
 
     def wait_readable(self, timeout: float | None) -> bool:
         poller = select.poll()

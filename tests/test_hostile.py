@@ -452,6 +452,55 @@ def test_the_blobs_of_one_packet_are_bounded_together() -> None:
                   [ok]) == {"t": "ret", "id": 1, "v": [b"q" * 100]}  # fmt: skip
 
 
+def test_a_blob_is_read_only_in_a_message_that_may_carry_one() -> None:
+    """A request's path sent as a 64 MiB text blob (one memfd, reused) cost
+    the broker a read and a UTF-8 decode of it before the path was refused
+    for its length: about 115 ms of broker time for one sendmsg, at the
+    request rate, stalling every worker on its loop (found by a red-team
+    run). Where ``blob_tags`` says which tags may carry one, a blob in any
+    other is refused before anything is read (the memfd here is sparse and
+    short of its announced length: a read would fail otherwise)."""
+    tags = frozenset({"ret"})
+
+    def packet(tag: str, value: object, n: int) -> tuple[bytes, list[int]]:
+        fds = []
+        for _ in range(n):
+            fd = os.memfd_create("blob", os.MFD_CLOEXEC)
+            os.write(fd, "é".encode() * 50)
+            fds.append(fd)
+        return msgpack.packb({"t": tag, "id": 1, "v": value}), fds
+
+    text = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, MAX_BLOB // 2))  # announced past what the memfd holds
+    before = open_fds()
+    for fds_n in (1, 2):  # (one fd takes the one-fd fast path first)
+        payload, fds = packet("req", [text] + [msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(1, 10))] * (fds_n - 1),
+                              fds_n)
+        with pytest.raises(ProtocolError, match="a 'req' message carries no out-of-band value"):
+            decode(payload, fds, blob_tags=tags)
+        assert open_fds() == before  # taken, and closed
+    # Where a blob may come, it is read, wherever it sits.
+    nested = {"a": [1, {"b": msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 100))}],
+              "c": msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(1, 4))}
+    payload, fds = packet("ret", nested, 2)
+    assert decode(payload, fds, blob_tags=tags)["v"] == {"a": [1, {"b": "é" * 50}], "c": "é".encode() * 2}
+    payload, fds = packet("ret", msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 100)), 1)
+    assert decode(payload, fds, blob_tags=tags)["v"] == "é" * 50
+    assert open_fds() == before
+    # And through a channel, as the broker receives a worker's messages.
+    a, b = Channel.pair()
+    b.blob_tags = tags
+    try:
+        payload, fds = packet("req", text, 1)
+        a.send_raw(payload, fds)
+        for fd in fds:
+            os.close(fd)
+        with pytest.raises(ProtocolError, match="carries no out-of-band value"):
+            b.recv()
+    finally:
+        a.close()
+        b.close()
+
+
 _keys = st.one_of(st.text(max_size=3), st.integers(-3, 3), st.binary(max_size=2), st.booleans())
 _leaves = st.one_of(
     st.none(), st.booleans(), st.floats(allow_nan=False), st.text(max_size=4), st.binary(max_size=4),
@@ -596,3 +645,28 @@ def test_a_rename_that_fails_leaves_no_hidden_file(tmp_path: Path) -> None:
         commit_all(made)
     assert sorted(os.listdir(tmp_path)) == ["a"]  # renamed before the failure; nothing hidden is left
     assert all(p.tmpfd == -1 and p.dirfd == -1 for p in made)  # every one discarded
+
+
+class BlobRequester(Worker):
+    @rpc
+    def ask_with_a_blob(self) -> None:
+        """A request whose path travels as a 16 MiB text blob."""
+        fd = os.memfd_create("path", os.MFD_CLOEXEC)
+        os.write(fd, b"a" * (16 << 20))
+        req = {"t": "req", "id": 1, "op": "stat", "a": {"path": msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 16 << 20))}}
+        self.broker._chan.send_raw(msgpack.packb(req), [fd])
+        time.sleep(10)  # (the broker ends it first)
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_request_carrying_a_blob_ends_the_worker_unread(tmp_path: Path) -> None:
+    with Broker(Policy(), root=tmp_path) as b:
+        honest = b.spawn(BlobRequester)
+        w = b.spawn(BlobRequester)
+        with pytest.raises(WorkerCrashed, match="a 'req' message carries no out-of-band value"):
+            w.ask_with_a_blob()
+        assert w.exit is not None and w.exit.kind == "protocol"
+        assert honest.ping() == "pong"

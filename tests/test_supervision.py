@@ -286,25 +286,32 @@ def test_worker_text_cannot_start_a_log_line_of_its_own(tree: Path, caplog: pyte
 
 
 class Flooder(Worker):
-    """A compromised worker sending requests whose path is 16 MiB of control
-    characters (as a text blob: the message bounds allow 64 MiB), and an
-    error whose name and message are as long."""
+    """A compromised worker sending requests whose path is as long as a packet
+    holds (inline: a blob in a request ends the worker), control characters."""
 
     @rpc
     def flood_audit(self, n: int) -> int:
+        import msgpack
+
+        chan = self.broker._chan
         refused = 0
-        for _ in range(n):
-            try:
-                self.broker._request("open", path="\x01" * (16 << 20), rights=int(READ))
-            except OSError:
-                refused += 1
+        for i in range(n):
+            req = {"t": "req", "id": 1000 + i, "op": "open", "a": {"path": "\x01" * _FLOOD, "rights": int(READ)}}
+            chan.send_raw(msgpack.packb(req))
+            reply = chan.recv()
+            refused += reply["t"] == "rerr"
         return refused
 
 
+_FLOOD = 200_000  # characters: about as many as one 256 KiB packet holds
+
+
 def test_worker_text_in_log_lines_and_records_is_bounded(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A 16 MiB path went whole into the audit record and, escaped character
-    by character, into its line: 5 s of the broker's time and 64 MiB of log
-    per request (found by a red-team run). Both are cut to a few KiB now."""
+    """A 16 MiB path (a text blob) went whole into the audit record and,
+    escaped character by character, into its line: 5 s of the broker's time
+    and 64 MiB of log per request (found by a red-team run). A blob in a
+    request now ends the worker unread; a path as long as a packet holds is
+    cut to a few KiB in both."""
     caplog.set_level(logging.INFO, logger="privsep.audit")
     with Broker(default_policy(), root=tree, request_rate=None) as b:
         w = b.spawn(Flooder)
@@ -315,7 +322,7 @@ def test_worker_text_in_log_lines_and_records_is_bounded(tree: Path, caplog: pyt
     assert len(asked) == 4
     for r in asked:
         assert len(r.getMessage()) < 20_000 and len(r.privsep["path"]) < 5000  # type: ignore[attr-defined]
-        assert r.privsep["path"].endswith(f"...[{(16 << 20) - 4096} more characters]")  # type: ignore[attr-defined]
+        assert r.privsep["path"].endswith(f"...[{_FLOOD - 4096} more characters]")  # type: ignore[attr-defined]
     assert took < 2.0, f"4 refused requests took {took:.1f} s"
 
 
