@@ -106,6 +106,9 @@ def _request_spawn(
                 "grants": [[name, cap] for name, cap in grants],
             }
         )
+    except (BrokenPipeError, ConnectionResetError) as exc:  # it died since it was last seen alive
+        parent.close()
+        raise WorkerCrashed("the zygote has exited (the next spawn starts a new one)") from exc
     finally:
         child.close()
     if sent is not None:

@@ -762,3 +762,19 @@ def test_a_channels_buffer_is_private_and_wiped_in_a_forked_child() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_spawn_request_to_a_zygote_that_died_says_so(tree: Path) -> None:
+    """A zygote that died since it was last seen alive: the request's send
+    raised a bare BrokenPipeError (seen in a red-team run)."""
+    from broker._zygote import _request_spawn
+
+    with Broker(Policy(), root=tree) as b:
+        assert b.spawn(Echo).ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        zygote._proc.kill()
+        zygote._proc.wait()
+        with pytest.raises(WorkerCrashed, match="the zygote has exited"):
+            _request_spawn(zygote._chan, Echo, None, 5.0, [])
+        assert b.spawn(Echo).ping() == "pong"  # the next spawn starts a new one
