@@ -25,7 +25,7 @@ from protocol import ProtocolError, WorkerCrashed
 from protocol._remote import exception_from_wire
 from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd
 from worker import Worker
-from worker._mainref import module_ref
+from worker._mainref import main_refs, module_ref
 from worker._priority import may_raise, process_to_foreground, to_background, to_foreground
 from worker._serve import forked_from_main_thread
 
@@ -61,7 +61,7 @@ def _start(
     answers to spare requests alone, so they never sit between the broker and
     the answer to anything else."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    args = interpreter("worker._zygote", str(theirs.fileno()), *extra)
+    args = interpreter("worker._zygote", str(theirs.fileno()), *extra, "--main-refs", *main_refs(), "--")
     passed = [theirs]
     spares = None
     if with_spares:

@@ -778,3 +778,22 @@ def test_a_spawn_request_to_a_zygote_that_died_says_so(tree: Path) -> None:
         with pytest.raises(WorkerCrashed, match="the zygote has exited"):
             _request_spawn(zygote._chan, Echo, None, 5.0, [])
         assert b.spawn(Echo).ping() == "pong"  # the next spawn starts a new one
+
+
+def test_a_zygote_runs_no_main_script_but_its_brokers(tree: Path) -> None:
+    """Beneath the private buffers: whatever a request names, the zygote
+    loads no file as a main script but its broker's own (a forged request
+    once named a worker's memfd, run as Python with the zygote's authority)."""
+    mark = tree / "ran"
+    script = tree / "other.py"
+    script.write_text(f"open({str(mark)!r}, 'w').close()\nclass X: pass\n")
+    with Broker(Policy(), root=tree) as b:
+        assert b.spawn(Echo).ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        zygote._chan.send({"t": "load", "module": f"__main__:{script}", "qualname": "X"})
+        assert zygote._chan.wait_readable(10)
+        reply = zygote._chan.recv()
+        assert reply["t"] == "error" and "is not its broker's main script" in reply["e"]["msg"], reply
+        assert not mark.exists()
+        assert b.spawn(Echo).ping() == "pong"

@@ -38,6 +38,10 @@ def module_ref(cls: type) -> str | None:
     module = cls.__module__
     if module not in _MAIN_MODULES:
         return module
+    return _main_ref(module)
+
+
+def _main_ref(module: str) -> str | None:
     main = sys.modules.get(module)
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None)
@@ -53,6 +57,22 @@ def is_main_ref(module: str) -> bool:
     return module.startswith(MAIN_PREFIX)
 
 
+def main_refs() -> list[str]:
+    """The references of this process's main script (see module_ref)."""
+    return sorted({ref for name in _MAIN_MODULES if (ref := _main_ref(name)) is not None})
+
+
+# The main scripts this interpreter may run (None: any). A zygote gets its
+# broker's own at start: whatever a request names, it runs no other file as
+# a main script (a forged request once named a worker's memfd).
+_allowed_main: frozenset[str] | None = None
+
+
+def allow_main_only(refs: list[str]) -> None:
+    global _allowed_main
+    _allowed_main = frozenset(refs)
+
+
 def import_ref(module: str) -> ModuleType:
     """Import the module a class reference names (see :func:`module_ref`).
     While it runs, making a ``Broker`` raises (see :func:`check_not_importing`)."""
@@ -61,6 +81,8 @@ def import_ref(module: str) -> ModuleType:
     try:
         if not is_main_ref(module):
             return importlib.import_module(module)
+        if _allowed_main is not None and module not in _allowed_main:
+            raise ImportError(f"{module[len(MAIN_PREFIX):]} is not its broker's main script: not loaded")
         target = module[len(MAIN_PREFIX):]
         if not target.startswith("/"):
             return importlib.import_module(target)

@@ -59,7 +59,7 @@ from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd
 
-from ._mainref import import_ref
+from ._mainref import allow_main_only, import_ref
 from ._prefault import populate, ranges_of
 from ._preload import preload
 from ._priority import Background, may_raise
@@ -368,6 +368,9 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
 
 def main(argv: list[str]) -> None:
     fd = int(argv[0])
+    if "--main-refs" in argv:  # the broker's main script, the only one this zygote may load
+        start = argv.index("--main-refs") + 1
+        allow_main_only(argv[start:argv.index("--", start)])
     spare_fd = int(argv[argv.index("--spares") + 1]) if "--spares" in argv else None
     if "--pdeathsig" in argv:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
