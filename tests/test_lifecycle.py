@@ -887,3 +887,27 @@ def test_a_kept_exception_does_not_keep_its_calls_arguments_open(tree: Path) -> 
         # (the pool's own two workers' fds are there while it is open)
         assert pool_fds - before <= 8, f"{pool_fds - before} fds held by {len(kept)} kept exceptions"
         assert len(open_fds()) - before <= 1, f"{len(open_fds()) - before} fds held by {len(kept)} kept exceptions"
+
+
+def test_a_worker_made_ahead_leads_its_own_process_group_too(tree: Path) -> None:
+    """A spare that made its worker ahead (no setup() of its own) never passed
+    through the code that makes the group: such a worker stayed in the
+    broker's group, killpg missed, and what it forked ran on after it and the
+    broker (found by a red-team run)."""
+    b = Broker(Policy().with_sandbox(dangerous=("allow-fork",)), root=tree)
+    children = []
+    try:
+        ahead_seen = False
+        for _ in range(3):
+            w = b.spawn(Forking)
+            assert os.getpgid(w.pid) == w.pid, w.sandbox
+            ahead_seen = ahead_seen or bool(w.sandbox.get("ahead"))
+            children.append(w.child())
+            w.kill()
+        assert ahead_seen  # (the path this is about was taken)
+    finally:
+        b.close()
+    deadline = time.monotonic() + 5
+    while any(alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(alive(c) for c in children)

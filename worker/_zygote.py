@@ -212,6 +212,11 @@ def _spare_main(
 ) -> NoReturn:
     """A spare waits, holding nothing, for the one spawn request it will serve;
     its socket then becomes the worker's channel."""
+    # A process group of its own now, as child_main makes one: a worker made
+    # ahead here never passes through child_main, and what it forks must die
+    # with it (the broker kills the group).
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != zygote:
         os._exit(0)
