@@ -92,8 +92,10 @@ def _start(
 def _request_spawn(
     chan: Channel, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
     sent: Callable[[], None] | None = None,
+    on_timeout: Callable[[], None] | None = None,
 ) -> tuple[int, socket.socket]:
-    """``sent()`` runs once the request is on its way (before the wait)."""
+    """``sent()`` runs once the request is on its way (before the wait);
+    ``on_timeout()`` if no answer came in time (the zygote is then ended)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         chan.send(
@@ -115,6 +117,8 @@ def _request_spawn(
         sent()
     if not chan.wait_readable(timeout):
         parent.close()
+        if on_timeout is not None:
+            on_timeout()  # its late answer would be read as the next request's
         raise WorkerCrashed(f"zygote did not answer a spawn request within {timeout:g} s")
     reply = chan.recv()
     if reply is None:
@@ -277,7 +281,8 @@ class Zygote:
                         self._learning = (spare.pid, expect, inherited)
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
-            pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry)
+            pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry,
+                                       on_timeout=self._proc.kill)
             self._ask_spare(expect)
             return pid, Channel(sock)
 
@@ -433,6 +438,7 @@ class Zygote:
                 self._hurry()  # still being made, maybe at SCHED_IDLE
                 ready = self._spares.wait_readable(timeout)
             if not ready:
+                self._proc.kill()  # its late answer would be taken for the next request's: start anew
                 raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
             reply = self._spares.recv()
             if reply is None:
@@ -539,6 +545,7 @@ class Zygote:
             self._chan.send({"t": "reap", "pid": pid})
             self._hurry()
             if not self._chan.wait_readable(timeout):
+                self._proc.kill()  # its late answer would be read as the next request's: start anew
                 return None
             reply = self._chan.recv()
         except (OSError, ProtocolError):

@@ -797,3 +797,27 @@ def test_a_zygote_runs_no_main_script_but_its_brokers(tree: Path) -> None:
         assert reply["t"] == "error" and "is not its broker's main script" in reply["e"]["msg"], reply
         assert not mark.exists()
         assert b.spawn(Echo).ping() == "pong"
+
+
+def test_a_zygote_that_answers_late_is_replaced_not_read_out_of_turn(tree: Path) -> None:
+    """A reap or spawn request that timed out left its answer queued: every
+    later exchange read the answer to the one before (spawns failed with
+    'malformed reply', a handle got another process's pid, ends were lost;
+    a red-team run stopped the zygote for 11 s). A zygote that does not
+    answer in time is now ended; the next spawn starts a new one."""
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Echo)
+        zygote = b._zygote
+        assert zygote is not None
+        os.kill(zygote._proc.pid, signal.SIGSTOP)
+        try:
+            with zygote._lock:
+                assert zygote._reap_locked(w.pid, 0.2) is None  # no answer in time
+        finally:
+            os.kill(zygote._proc.pid, signal.SIGCONT)
+        zygote._proc.wait(5)  # ended, not left to answer late
+        for _ in range(3):  # exchanges after it read their own answers
+            other = b.spawn(EchoWithSetup)
+            assert other.ping() == "pong" and other.where() == other.pid
+            assert other.stop().kind == "ok"
+        assert b._zygote is not zygote
