@@ -289,3 +289,44 @@ def test_aspawn_of_a_main_script_class_keeps_the_loop_running_while_the_zygote_i
     out, _ = run_script(tmp_path, SLOW_ASYNC)
     assert out["method"] == "zygote" and out["ping"] == "pong"
     assert out["longest_gap"] < 0.3, out  # the 0.6 s import ran off the loop
+
+
+SECRET_BLOCK = """
+import json, linecache, os, traceback
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+
+class Reader(Worker):
+    @rpc
+    def cached(self) -> list:
+        return linecache.getlines(__file__)
+
+    @rpc
+    def fails(self) -> str:
+        try:
+            raise ValueError("shown with its line")
+        except ValueError as exc:
+            return "".join(traceback.format_exception(exc))
+
+
+if __name__ == "__main__":
+    DB_PASSWORD = "hunter2-only-in-the-main-block"
+    with Broker(Policy(), root=os.environ["ROOT"]) as b:
+        w = b.spawn(Reader)
+        out = {"cached": "".join(w.cached()), "tb": w.fails(), "method": w.spawn_method}
+    print(json.dumps(out))
+"""
+
+
+def test_a_worker_reads_no_line_of_the_main_block_from_its_line_cache(tmp_path: Path) -> None:
+    """The zygote read each worker class's source files whole into the line
+    cache (for tracebacks after sandbox entry), and every worker inherited
+    it: the main script's `if __name__ == "__main__":` block, which the
+    zygote never runs, with whatever it holds (found by a red-team run).
+    Only the lines of functions and classes are kept."""
+    out, _ = run_script(tmp_path, SECRET_BLOCK)
+    assert out["method"] == "zygote"
+    assert "hunter2" not in out["cached"] and "__main__" not in out["cached"]
+    assert "def fails(self) -> str:" in out["cached"]  # its own code is there
+    assert 'raise ValueError("shown with its line")' in out["tb"]  # and tracebacks still show it

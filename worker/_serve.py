@@ -473,9 +473,41 @@ def warm_linecache(cls: type[Worker]) -> None:
             path = inspect.getsourcefile(klass)
         except (TypeError, OSError):
             continue
-        if path:
+        if path and path not in _redacted:
             linecache.getlines(path)
+            _redact(path)
     _warmed.add(cls)
+
+
+_redacted: set[str] = set()
+
+
+def _redact(path: str) -> None:
+    """Keep in the cache only the lines of the file's functions and classes
+    (what a traceback in a worker can point at): every worker forked later
+    inherits the cache, and a main script's ``if __name__ == "__main__":``
+    block, which the zygote never runs, is no business of theirs."""
+    import ast
+    import linecache
+
+    _redacted.add(path)
+    entry = linecache.cache.get(path)
+    if entry is None or len(entry) != 4:
+        return
+    size, mtime, lines, fullname = entry
+    try:
+        tree = ast.parse("".join(lines))
+    except (SyntaxError, ValueError):
+        linecache.cache.pop(path, None)  # nothing known to keep
+        return
+    keep = [False] * (len(lines) + 1)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.end_lineno:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            for n in range(first, node.end_lineno + 1):
+                keep[n] = True
+    kept = [line if keep[i] else "\n" for i, line in enumerate(lines, 1)]
+    linecache.cache[path] = (size, mtime, kept, fullname)
 
 
 def _freeze_linecache(cls: type[Worker]) -> None:
