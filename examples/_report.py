@@ -10,25 +10,86 @@ import tempfile
 from typing import Any, TextIO
 
 
-def emit(report: dict[str, Any], summary: str, json_target: str | None, stdout: TextIO, stderr: TextIO) -> None:
+def writable_dir_problem(directory: str) -> str | None:
+    """Why a file cannot be created in ``directory`` (the strerror), or None if it can.
+
+    Tries it: makes and removes a temporary file there. Permission bits do not
+    tell everything (root passes them, yet not an immutable directory or a
+    read-only mount).
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    return None
+
+
+def json_target_problem(json_target: str | None) -> str | None:
+    """What is wrong with ``--json FILE`` (a message for ``parser.error``), or None.
+
+    Checked before any work, so that a report that cannot be written stops
+    the run at its start, not after it (the report is written only at the end).
+    """
+    if not json_target or json_target == "-":
+        return None
+    if os.path.isdir(json_target):
+        return f"--json {json_target!r} is a directory"
+    directory = os.path.dirname(os.path.abspath(json_target))
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.lexists(directory) else "does not exist"
+        return f"--json {json_target!r}: the directory {directory!r} {what}"
+    problem = writable_dir_problem(directory)
+    if problem:
+        return f"--json {json_target!r}: cannot write in {directory!r}: {problem}"
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def emit(report: dict[str, Any], summary: str, json_target: str | None, stdout: TextIO, stderr: TextIO,
+         prog: str = "report") -> bool:  # fmt: skip
+    """Print ``summary`` and write ``report``; False (having said why, in one line) if the report file failed."""
     if json_target == "-":
         stderr.write(summary)
         json.dump(report, stdout, indent=2, sort_keys=True)
         stdout.write("\n")
-        return
+        return True
     stdout.write(summary)
-    if json_target:
-        # A temporary beside the target, renamed into place: never half a report.
-        directory = os.path.dirname(os.path.abspath(json_target))
+    if not json_target:
+        return True
+    # A temporary beside the target, renamed into place: never half a report.
+    directory = os.path.dirname(os.path.abspath(json_target))
+    tmp = None
+    try:
         fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-            os.replace(tmp, json_target)
-        except BaseException:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode any new file gets
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, json_target)
+    except OSError as exc:
+        if tmp is not None:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise
+        stdout.flush()
+        print(f"{prog}: cannot write the --json report to {json_target!r}: {exc.strerror or exc}", file=stderr)
+        return False
+    except BaseException:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise
+    return True

@@ -30,3 +30,12 @@ def ensure_subdir(base_fd: int, parts: tuple[str, ...] | list[str], mode: int = 
             fd = nxt
     finally:
         os.close(fd)
+
+
+def rmdir_if_empty(path: str) -> bool:
+    """Remove ``path`` if it is an empty directory (one a run made and left unused); True if removed."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True

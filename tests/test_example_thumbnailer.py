@@ -423,3 +423,70 @@ def test_main_job_command_succeeds_on_the_bundled_samples(tmp_path: Path) -> Non
     assert "converted" in proc.stdout + proc.stderr and "Rejected" in proc.stdout + proc.stderr
     made = sorted(p.name for p in out.iterdir())
     assert len(made) == 8 and not any(name.startswith(".") for name in made)
+
+
+def _photos(directory: Path, *names: str) -> Path:
+    directory.mkdir()
+    for name in names:
+        shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", directory / name)
+    return directory
+
+
+def test_a_json_target_that_cannot_be_written_is_a_usage_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json FILE was opened only after the whole run: a missing directory, or
+    a directory as FILE, crashed at the end with a traceback naming a temporary."""
+    inp, out = _photos(tmp_path / "in", "a.jpg"), tmp_path / "out"
+    (tmp_path / "adir").mkdir()
+    cases = {
+        str(tmp_path / "nodir" / "r.json"): f"the directory '{tmp_path / 'nodir'}' does not exist",
+        str(tmp_path / "adir"): f"--json '{tmp_path / 'adir'}' is a directory",
+    }
+    for target, message in cases.items():
+        status = cli.main([str(inp), "-o", str(out), "--json", target], stdout=io.StringIO(), stderr=io.StringIO())
+        assert status == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"{cli.PROG}: error: --json ") and message in err, err
+        assert not out.exists()  # no work done, nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "in"]
+
+
+def test_a_report_that_fails_at_the_end_says_so_in_one_line(tmp_path: Path) -> None:
+    """The report's directory vanishes during the run: one line naming the user's path, exit 2, no traceback."""
+    import threading
+
+    inp, out = _photos(tmp_path / "in", "a.jpg", "b.jpg", "c.jpg"), tmp_path / "out"
+    (tmp_path / "reports").mkdir()
+    target = tmp_path / "reports" / "r.json"
+
+    def remove_the_reports_directory() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (out.is_dir() and any(out.iterdir())):
+            time.sleep(0.01)
+        (tmp_path / "reports").rmdir()
+
+    thread = threading.Thread(target=remove_the_reports_directory, daemon=True)
+    thread.start()
+    stderr = io.StringIO()
+    status = cli.main([str(inp), "-o", str(out), "--workers", "1", "--quiet", "--json", str(target)],
+                      worker_cls=Slow, stdout=io.StringIO(), stderr=stderr)  # fmt: skip
+    thread.join()
+    assert status == cli.EXIT_USAGE
+    said = stderr.getvalue()
+    assert said == f"thumbnailer: cannot write the --json report to '{target}': No such file or directory\n"
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_the_report_file_gets_the_usual_mode(tmp_path: Path) -> None:
+    """mkstemp made the report 0600 whatever the umask."""
+    inp = _photos(tmp_path / "in", "a.jpg")
+    old = os.umask(0o027)
+    try:
+        status = cli.main([str(inp), "-o", str(tmp_path / "out"), "--quiet", "--json", str(tmp_path / "r.json")],
+                          stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    finally:
+        os.umask(old)
+    assert status == cli.EXIT_OK
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+    assert json.loads((tmp_path / "r.json").read_text())["counts"]["converted"] == 1

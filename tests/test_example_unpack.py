@@ -326,3 +326,29 @@ def test_a_long_extraction_shows_its_progress_on_a_terminal(tmp_path: Path) -> N
     plain = io.StringIO()  # not a terminal (a log, CI): no progress line
     assert cli.main([str(archive), str(tmp_path / "out2")], stdout=io.StringIO(), stderr=plain) == cli.EXIT_OK
     assert "extracting:" not in plain.getvalue()
+
+
+def test_a_json_target_that_cannot_be_written_is_a_usage_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json FILE was opened only after the extraction: a missing directory, or a
+    directory as FILE, crashed at the end with a traceback naming a temporary."""
+    out = tmp_path / "out"
+    (tmp_path / "adir").mkdir()
+    cases = {
+        str(tmp_path / "nodir" / "r.json"): f"the directory '{tmp_path / 'nodir'}' does not exist",
+        str(tmp_path / "adir"): f"--json '{tmp_path / 'adir'}' is a directory",
+    }
+    for target, message in cases.items():
+        status = cli.main([str(SAMPLES / "good.zip"), str(out), "--json", target],
+                          stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+        assert status == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"{cli.PROG}: error: --json ") and message in err, err
+        assert not out.exists()  # nothing extracted, no OUTDIR left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
+    # the report may go in OUTDIR, which does not exist yet
+    status = cli.main([str(SAMPLES / "good.zip"), str(out), "--json", str(out / "r.json")],
+                      stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_OK
+    assert json.loads((out / "r.json").read_text())["exit_status"] == cli.EXIT_OK

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from examples._report import emit
+from examples._report import emit, json_target_problem
 
-from .._safe_fs import ensure_subdir
+from .._safe_fs import ensure_subdir, rmdir_if_empty
 from . import imaging
 from .make_samples import SAMPLES_DIR, ensure_runtime_specials
 from .progress import Progress, render_summary, safe
@@ -496,10 +496,16 @@ def run(
     output_dir = os.path.realpath(args.output)
     if output_dir == input_dir:
         build_parser().error("OUTPUT_DIR must not be INPUT_DIR")
+    created_output = not os.path.lexists(output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
         build_parser().error(f"cannot create OUTPUT_DIR {args.output!r}: {exc.strerror}")
+    problem = json_target_problem(args.json)  # (after OUTPUT_DIR is made: the report may go in it)
+    if problem:
+        if created_output:
+            rmdir_if_empty(output_dir)
+        build_parser().error(problem)
     out_st = os.stat(output_dir)
 
     the_plan = plan(input_dir, args.format, exclude=(out_st.st_dev, out_st.st_ino))
@@ -576,7 +582,8 @@ def run(
     status = EXIT_REJECTED if report["rejected"] and args.strict else EXIT_OK
     report["exit_status"] = status
 
-    emit(report, render_summary(report), args.json, stdout, stderr)
+    if not emit(report, render_summary(report), args.json, stdout, stderr, prog="thumbnailer"):
+        return EXIT_USAGE
     return status
 
 

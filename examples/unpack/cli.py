@@ -17,9 +17,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from examples._report import emit
+from examples._report import emit, json_target_problem
 
-from .._safe_fs import ensure_subdir
+from .._safe_fs import ensure_subdir, rmdir_if_empty
 from ..thumbnailer.progress import fmt_bytes
 from . import safety
 from .safety import Limits, Refused
@@ -278,6 +278,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     if not os.path.isfile(archive):
         parser.error(f"ARCHIVE {args.archive!r} is not a file")
     outdir = os.path.realpath(args.outdir)
+    created_outdir = not os.path.lexists(outdir)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
@@ -286,6 +287,11 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         parser.error(f"OUTDIR {args.outdir!r} is not a directory")
     if os.listdir(outdir) and not args.overwrite:
         parser.error(f"OUTDIR {args.outdir!r} is not empty (use --overwrite to extract into it anyway)")
+    problem = json_target_problem(args.json)  # (after OUTDIR is made: the report may go in it)
+    if problem:
+        if created_outdir:
+            rmdir_if_empty(outdir)
+        parser.error(problem)
     limits = Limits(max_total=args.max_total, max_ratio=args.max_ratio, max_members=args.max_members)
 
     try:
@@ -417,7 +423,8 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     )
     status = EXIT_REFUSED if ex.refused or stopped else EXIT_OK
     report["exit_status"] = status
-    emit(report, render(report), args.json, stdout, stderr)
+    if not emit(report, render(report), args.json, stdout, stderr, prog="unpack"):
+        return EXIT_USAGE
     return status
 
 
