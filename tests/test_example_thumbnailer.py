@@ -265,11 +265,11 @@ def test_ctrl_c_keeps_the_finished_thumbnails_and_says_how_many(tmp_path: Path, 
             time.sleep(0.3)  # (the second press: while the first waits for the image in progress)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
 
-    stderr = io.StringIO()
+    stdout, stderr = io.StringIO(), io.StringIO()
     threading.Thread(target=interrupt_after_two, daemon=True).start()
     started = time.monotonic()
-    status = cli.main([str(inp), "-o", str(out), "--workers", "1", "--quiet"], worker_cls=Slow,
-                      stdout=io.StringIO(), stderr=stderr)  # fmt: skip
+    status = cli.main([str(inp), "-o", str(out), "--workers", "1", "--quiet", "--json", str(tmp_path / "r.json")],
+                      worker_cls=Slow, stdout=stdout, stderr=stderr)  # fmt: skip
     assert status == cli.EXIT_INTERRUPTED
     assert time.monotonic() - started < 20  # never the 30 s an "h" image takes
     done = sorted(p.name for p in out.iterdir())
@@ -282,6 +282,14 @@ def test_ctrl_c_keeps_the_finished_thumbnails_and_says_how_many(tmp_path: Path, 
     assert f"after {len(done)} of {len(names)} images; the {len(done)} thumbnails in {out} are complete" in (
         stderr.getvalue()
     )
+    # the report and the summary too (there were none after a Ctrl-C)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["interrupted"] is True and report["exit_status"] == cli.EXIT_INTERRUPTED
+    assert [c["input"] for c in report["converted"]] == done
+    rejected = len(report["rejected"])  # (twice: the images in progress, their workers killed)
+    assert report["counts"] == {"converted": len(done), "rejected": rejected, "skipped": 0}
+    assert rejected == (0 if presses == 1 else 1), report["rejected"]
+    assert stdout.getvalue().startswith(f"Interrupted: {len(done)} converted, {rejected} rejected in ")
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
@@ -490,3 +498,80 @@ def test_the_report_file_gets_the_usual_mode(tmp_path: Path) -> None:
     assert status == cli.EXIT_OK
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
     assert json.loads((tmp_path / "r.json").read_text())["counts"]["converted"] == 1
+
+
+def _ctrl_c_when_the_broker_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGINT to this process as the broker starts (its zygote boots then, for about 0.3 s)."""
+    import signal
+
+    import broker
+
+    class Interrupted(broker.Broker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            signal.raise_signal(signal.SIGINT)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "Broker", Interrupted)
+
+
+def test_ctrl_c_while_the_broker_starts_is_one_line_and_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the first ~0.3 s printed a traceback (and wrote no report)."""
+    inp, out = _photos(tmp_path / "in", "a.jpg"), tmp_path / "out"
+    _ctrl_c_when_the_broker_starts(monkeypatch)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        status = cli.main([str(inp), "-o", str(out), "--quiet", "--json", str(tmp_path / "r.json")],
+                          stdout=stdout, stderr=stderr)  # fmt: skip
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped main(): a traceback")
+    assert status == cli.EXIT_INTERRUPTED
+    said = stderr.getvalue()
+    assert said == "thumbnailer: interrupted while starting the sandboxed workers; no image was converted\n"
+    assert stdout.getvalue() == ""
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["interrupted"] is True and report["exit_status"] == cli.EXIT_INTERRUPTED
+    assert report["counts"] == {"converted": 0, "rejected": 0, "skipped": 0}
+    assert list(out.iterdir()) == []
+
+
+_CTRL_C_ON_IMPORT = """
+import runpy, signal, sys
+at = sys.argv[1]
+class CtrlC:
+    def find_spec(self, name, path, target=None):
+        if name == at:
+            signal.raise_signal(signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+module = sys.argv[2]
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_the_program_loads_or_walks_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inp = _photos(tmp_path / "in", "a.jpg")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_ON_IMPORT, "examples.thumbnailer.imaging", "examples.thumbnailer", str(inp),
+         "-o", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == cli.EXIT_INTERRUPTED
+    assert (proc.stderr, proc.stdout) == ("thumbnailer: interrupted (Ctrl-C)\n", "")
+
+    def walking(*args: Any, **kwargs: Any) -> None:
+        import signal
+
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(cli, "plan", walking)
+    stderr = io.StringIO()
+    try:
+        status = cli.main([str(inp), "-o", str(tmp_path / "out")], stdout=io.StringIO(), stderr=stderr)
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped main(): a traceback")
+    assert (status, stderr.getvalue()) == (cli.EXIT_INTERRUPTED, "thumbnailer: interrupted (Ctrl-C)\n")

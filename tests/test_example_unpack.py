@@ -176,13 +176,18 @@ def test_ctrl_c_counts_what_was_extracted_and_leaves_nothing_partial(tmp_path: P
 
     threading.Thread(target=interrupt_after_two_files, daemon=True).start()
     started = time.monotonic()
-    stderr = io.StringIO()
-    status = cli.main([str(SAMPLES / "good.zip"), str(out), "--quiet"], worker_cls=Sleepy,
-                      stdout=io.StringIO(), stderr=stderr)  # fmt: skip
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = cli.main([str(SAMPLES / "good.zip"), str(out), "--quiet", "--json", "-"], worker_cls=Sleepy,
+                      stdout=stdout, stderr=stderr)  # fmt: skip
     assert status == cli.EXIT_INTERRUPTED and time.monotonic() - started < 20
     assert _files(out) == {"docs/readme.txt", "docs/guide/intro.md"}  # not the half-written numbers.csv
     assert not any(p.name.startswith(".") for p in out.rglob("*"))
-    assert f"unpack: interrupted after 2 files; what is in {out} is complete (none is partial)" in stderr.getvalue()
+    said = f"unpack: interrupted after 2 files; what is in {out} is complete (none is partial)\n"
+    # the report and the summary too (there were none after a Ctrl-C); the summary after that line
+    assert stderr.getvalue().startswith(said + "Interrupted: good.zip (zip): extracted 2 files "), stderr.getvalue()
+    report = json.loads(stdout.getvalue())
+    assert report["interrupted"] is True and report["exit_status"] == cli.EXIT_INTERRUPTED
+    assert sorted(e["name"] for e in report["extracted"]) == ["docs/guide/intro.md", "docs/readme.txt"]
 
 
 class IgnoresBudget(Unpacker):
@@ -352,3 +357,47 @@ def test_a_json_target_that_cannot_be_written_is_a_usage_error_before_any_work(
                       stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
     assert status == cli.EXIT_OK
     assert json.loads((out / "r.json").read_text())["exit_status"] == cli.EXIT_OK
+
+
+def test_ctrl_c_while_the_broker_starts_is_one_line_and_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the first ~0.3 s (the broker's zygote booting) printed a traceback."""
+    import signal
+
+    import broker
+
+    class Interrupted(broker.Broker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            signal.raise_signal(signal.SIGINT)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "Broker", Interrupted)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        status = cli.main([str(SAMPLES / "good.zip"), str(tmp_path / "out"), "--json", "-"],
+                          stdout=stdout, stderr=stderr)  # fmt: skip
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped main(): a traceback")
+    assert status == cli.EXIT_INTERRUPTED
+    assert stderr.getvalue() == "unpack: interrupted while starting the sandboxed worker; nothing was extracted\n"
+    report = json.loads(stdout.getvalue())
+    assert report["interrupted"] is True and report["exit_status"] == cli.EXIT_INTERRUPTED
+    assert report["extracted"] == []
+
+
+def test_ctrl_c_while_the_program_loads_is_one_line(tmp_path: Path) -> None:
+    code = """
+import runpy, signal, sys
+class CtrlC:
+    def find_spec(self, name, path, target=None):
+        if name == "examples.unpack.safety":
+            signal.raise_signal(signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["unpack", *sys.argv[1:]]
+runpy.run_module("examples.unpack", run_name="__main__", alter_sys=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(SAMPLES / "good.zip"), str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (proc.returncode, proc.stderr, proc.stdout) == (cli.EXIT_INTERRUPTED, "unpack: interrupted (Ctrl-C)\n", "")

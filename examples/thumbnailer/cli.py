@@ -70,7 +70,8 @@ exit status:
   {EXIT_USAGE}    usage error (bad option, INPUT_DIR not a directory, ...)
   {EXIT_FATAL}    the sandboxed workers could not be started (see `privsep check`)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the images in progress are finished (Ctrl-C again stops
-       them), the thumbnails made so far are kept and counted, none is partial
+       them), the thumbnails made so far are kept and counted, none is partial; the
+       summary and the --json report ("interrupted": true) are still given
 
 examples:
   {PROG} -o thumbnails                       # the bundled samples
@@ -512,17 +513,6 @@ def run(
     root = _common_root(input_dir, output_dir)
     in_rel, out_rel = _rel(root, input_dir), _rel(root, output_dir)
 
-    try:
-        from broker import Broker, Policy
-        from protocol import PrivsepError, Rights
-
-        from .workers import Thumbnailer
-    except ImportError as exc:
-        print(f"thumbnailer: privsep is not installed ({exc}); run: pip install -e '.[examples]'", file=stderr)
-        return EXIT_FATAL
-    worker_cls = worker_cls or Thumbnailer
-    read_rights = Rights.READ | Rights.FSTAT | Rights.SEEK
-
     report: dict[str, Any] = {
         "input": input_dir,
         "output": output_dir,
@@ -536,35 +526,48 @@ def run(
         "skipped": the_plan.skipped,
         "workers_replaced": 0,
         "notes": notes,
+        "interrupted": False,
     }
     progress = Progress(stderr, len(the_plan.jobs) + len(the_plan.rejected), enabled=not args.quiet)
     for item in the_plan.rejected:
         progress.update(item["input"], False, f"{item['kind']}: {item['reason']}")
 
-    policy = Policy().allow(f"{in_rel}/", read_rights).allow(f"{out_rel}/", Rights.WRITE | Rights.CREATE)
     started = time.monotonic()
+    batch: _Batch | None = None
     out_fd = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with Broker(policy, root=root) as broker:
-            pool = broker.pool(worker_cls, size=args.workers, timeout=args.timeout)
-            batch = _Batch(args, broker, pool, worker_cls, report, progress, input_dir, in_rel, out_rel, out_fd)
-            try:
-                batch.run(the_plan.jobs)
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-                progress.finish()
-                batch.settle(stderr)
-                done = len(report["converted"])
-                print(f"thumbnailer: interrupted after {done} of {len(the_plan.jobs)} images; the {done} "
-                      f"thumbnails in {safe(output_dir)} are complete (none is partial)", file=stderr)
-                return EXIT_INTERRUPTED
-            finally:
-                pool.shutdown()
-    except PrivsepError as exc:
-        progress.finish()
-        print(f"thumbnailer: cannot run the sandboxed workers: {type(exc).__name__}: {exc}", file=stderr)
-        print("thumbnailer: `privsep check` shows what this kernel supports", file=stderr)
-        return EXIT_FATAL
+        try:
+            from broker import Broker, Policy
+            from protocol import PrivsepError, Rights
+
+            from .workers import Thumbnailer
+        except ImportError as exc:
+            progress.finish()
+            print(f"thumbnailer: privsep is not installed ({exc}); run: pip install -e '.[examples]'", file=stderr)
+            return EXIT_FATAL
+        worker_cls = worker_cls or Thumbnailer
+        read_rights = Rights.READ | Rights.FSTAT | Rights.SEEK
+        policy = Policy().allow(f"{in_rel}/", read_rights).allow(f"{out_rel}/", Rights.WRITE | Rights.CREATE)
+        try:
+            with Broker(policy, root=root) as broker:
+                pool = broker.pool(worker_cls, size=args.workers, timeout=args.timeout)
+                batch = _Batch(args, broker, pool, worker_cls, report, progress, input_dir, in_rel, out_rel, out_fd)
+                try:
+                    batch.run(the_plan.jobs)
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    progress.finish()
+                    batch.settle(stderr)
+                    report["interrupted"] = True
+                finally:
+                    pool.shutdown()
+        except PrivsepError as exc:
+            progress.finish()
+            print(f"thumbnailer: cannot run the sandboxed workers: {type(exc).__name__}: {exc}", file=stderr)
+            print("thumbnailer: `privsep check` shows what this kernel supports", file=stderr)
+            return EXIT_FATAL
+    except KeyboardInterrupt:  # while loading privsep or starting the broker (or stopping it)
+        report["interrupted"] = True
     finally:
         os.close(out_fd)
     progress.finish()
@@ -579,11 +582,24 @@ def run(
     }
     report["seconds"] = round(elapsed, 4)
     report["images_per_second"] = round(len(report["converted"]) / elapsed, 2) if elapsed > 0 else 0.0
-    status = EXIT_REJECTED if report["rejected"] and args.strict else EXIT_OK
+    summary = render_summary(report)
+    if report["interrupted"]:
+        status = EXIT_INTERRUPTED
+        done = len(report["converted"])
+        if batch is None:  # the sandboxed workers were not running yet: nothing to sum up
+            print("thumbnailer: interrupted while starting the sandboxed workers; no image was converted",
+                  file=stderr)  # fmt: skip
+            summary = ""
+        else:
+            print(f"thumbnailer: interrupted after {done} of {len(the_plan.jobs)} images; the {done} "
+                  f"thumbnails in {safe(output_dir)} are complete (none is partial)", file=stderr)  # fmt: skip
+        stderr.flush()
+    else:
+        status = EXIT_REJECTED if report["rejected"] and args.strict else EXIT_OK
     report["exit_status"] = status
 
-    if not emit(report, render_summary(report), args.json, stdout, stderr, prog="thumbnailer"):
-        return EXIT_USAGE
+    if not emit(report, summary, args.json, stdout, stderr, prog="thumbnailer"):
+        return EXIT_USAGE if status != EXIT_INTERRUPTED else status
     return status
 
 
@@ -593,3 +609,6 @@ def main(argv: list[str] | None = None, **kwargs: Any) -> int:
         return run(args, **kwargs)
     except SystemExit as exc:  # parser.error() inside run()
         return int(exc.code or 0)
+    except KeyboardInterrupt:  # before the run started (walking INPUT_DIR) or after it (printing the summary)
+        print("thumbnailer: interrupted (Ctrl-C)", file=kwargs.get("stderr") or sys.stderr)
+        return EXIT_INTERRUPTED

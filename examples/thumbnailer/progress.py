@@ -153,7 +153,8 @@ def render_summary(report: dict[str, Any]) -> str:
     out = []
     seconds = report["seconds"]
     out.append(
-        f"{counts['converted']} converted, {counts['rejected']} rejected"
+        ("Interrupted: " if report.get("interrupted") else "")
+        + f"{counts['converted']} converted, {counts['rejected']} rejected"
         + (f", {counts['skipped']} skipped (not image files)" if counts["skipped"] else "")
         + f" in {seconds:.2f} s ({report['images_per_second']:.1f} images/s"
         + f", {report['workers']} sandboxed worker{'s' if report['workers'] != 1 else ''})"

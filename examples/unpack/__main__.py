@@ -2,7 +2,11 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while the program loads: a line, not a traceback
+    print("unpack: interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -64,7 +64,8 @@ exit status:
        archive, worker crash or timeout), or ARCHIVE is not an archive
   {EXIT_USAGE}    usage error (missing arguments, OUTDIR not empty without --overwrite, ...)
   {EXIT_FATAL}    the sandboxed worker could not be started (see `privsep check`)
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the files extracted so far are kept and counted, none is partial
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the files extracted so far are kept and counted, none is partial;
+       the summary and the --json report ("interrupted": true) are still given
 
 examples:
   {PROG} download.zip unpacked/
@@ -294,27 +295,6 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         parser.error(problem)
     limits = Limits(max_total=args.max_total, max_ratio=args.max_ratio, max_members=args.max_members)
 
-    try:
-        from broker import Broker, Policy
-        from protocol import NotCapable, PrivsepError, Rights
-
-        from .workers import Unpacker
-    except ImportError as exc:
-        print(f"unpack: privsep is not installed ({exc}); run: pip install -e .", file=stderr)
-        return EXIT_FATAL
-    worker_cls = worker_cls or Unpacker
-
-    root = _common_root(os.path.dirname(archive), outdir)
-    archive_rel = os.path.relpath(archive, root)
-    out_rel = os.path.relpath(outdir, root)
-    policy = (
-        Policy()
-        .allow(archive_rel, Rights.READ | Rights.FSTAT | Rights.SEEK)  # one file, not its directory
-        .allow(out_rel + "/", Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.CREATE)
-        # RLIMIT_FSIZE: even a compromised worker cannot write one file past the total budget.
-        .with_limits(file_size=limits.max_total + (1 << 16))
-    )
-
     counter = _Counter(stderr, enabled=not args.quiet and not args.verbose)
 
     def say(line: str) -> None:
@@ -322,93 +302,122 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
             counter.clear()
             print(line, file=stderr, flush=True)
 
-    report: dict[str, Any] = {"archive": archive, "outdir": outdir, "limits": limits.to_wire()}
+    report: dict[str, Any] = {"archive": archive, "outdir": outdir, "limits": limits.to_wire(), "interrupted": False}
     stopped: dict[str, str] | None = None
     started = time.monotonic()
     out_fd = os.open(outdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     ex = Extraction(out_fd, limits, os.stat(archive).st_size)
     members = 0
+    extracting = False  # the sandboxed worker is up
     try:
-        with Broker(policy, root=root) as broker:
-            worker = broker.spawn(worker_cls)
-            report["sandbox"] = sandbox_report(worker)
-            step = worker.with_timeout(args.timeout)
-            try:
-                broker.open(archive_rel, Rights.READ).close()  # fail early, with the broker's reason, if refused
-                info = step.open_archive(archive_rel)
-                report["format"] = info.get("format")
-            except NotCapable as exc:
-                stopped = {"kind": "not-capable", "reason": f"refused by the broker: {exc}"}
-            except Exception as exc:
-                kind, reason = classify(exc, args.timeout)
-                stopped = {"kind": kind, "reason": reason}
-            while stopped is None:
+        try:
+            from broker import Broker, Policy
+            from protocol import NotCapable, PrivsepError, Rights
+
+            from .workers import Unpacker
+        except ImportError as exc:
+            print(f"unpack: privsep is not installed ({exc}); run: pip install -e .", file=stderr)
+            return EXIT_FATAL
+        worker_cls = worker_cls or Unpacker
+
+        root = _common_root(os.path.dirname(archive), outdir)
+        archive_rel = os.path.relpath(archive, root)
+        out_rel = os.path.relpath(outdir, root)
+        policy = (
+            Policy()
+            .allow(archive_rel, Rights.READ | Rights.FSTAT | Rights.SEEK)  # one file, not its directory
+            .allow(out_rel + "/", Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.CREATE)
+            # RLIMIT_FSIZE: even a compromised worker cannot write one file past the total budget.
+            .with_limits(file_size=limits.max_total + (1 << 16))
+        )
+        try:
+            with Broker(policy, root=root) as broker:
+                worker = broker.spawn(worker_cls)
+                extracting = True
+                report["sandbox"] = sandbox_report(worker)
+                step = worker.with_timeout(args.timeout)
                 try:
-                    member = step.next_member()
+                    broker.open(archive_rel, Rights.READ).close()  # fail early, with the broker's reason, if refused
+                    info = step.open_archive(archive_rel)
+                    report["format"] = info.get("format")
+                except NotCapable as exc:
+                    stopped = {"kind": "not-capable", "reason": f"refused by the broker: {exc}"}
                 except Exception as exc:
                     kind, reason = classify(exc, args.timeout)
                     stopped = {"kind": kind, "reason": reason}
-                    break
-                if member is None:
-                    break
-                if not isinstance(member, dict):  # the worker is not trusted to describe members sanely
-                    stopped = {"kind": "error", "reason": "the worker sent a malformed member description"}
-                    break
-                members += 1
-                if members > limits.max_members:
-                    stopped = {"kind": safety.TOO_MANY, "reason": f"more than {limits.max_members:,} members"}
-                    break
-                raw = member.get("name")
-                shown = safety.printable(raw) if isinstance(raw, bytes) else repr(raw)
-                try:
-                    parts = safety.check_name(raw)
-                    kind = safety.check_type(member)
-                    if kind == safety.DIR:
-                        ex.plan_dir(parts)
-                        if args.verbose:
-                            say(f"  dir   {shown}")
-                        continue
-                    if not parts:
-                        raise Refused(safety.UNSAFE_NAME, "a file member with an empty name")
-                    ex.plan_file(parts)
-                except Refused as exc:
-                    ex.refuse(shown, exc.kind, exc.reason)
-                    say(f"  REFUSED {shown}: {exc.kind}: {exc.reason}")
-                    continue
-                try:
-                    step.extract_member(f"{out_rel}/{'/'.join(parts)}", ex.total, limits.to_wire())
-                except Exception as exc:
-                    kind, reason = classify(exc, args.timeout)
-                    if kind in (safety.BOMB, "timeout", "killed-by-sandbox", "worker-crashed", "too-large"):
-                        stopped = {"kind": kind, "reason": reason, "member": shown}
-                        say(f"  STOPPED at {shown}: {kind}: {reason}")
+                while stopped is None:
+                    try:
+                        member = step.next_member()
+                    except Exception as exc:
+                        kind, reason = classify(exc, args.timeout)
+                        stopped = {"kind": kind, "reason": reason}
                         break
-                    ex.refuse(shown, kind, reason)
-                    say(f"  REFUSED {shown}: {kind}: {reason}")
-                    continue
-                size = ex.landed(parts)
-                if args.verbose:
-                    say(f"  file  {shown} ({size:,} bytes)")
-                counter.update(len(ex.files), ex.total)
-                over = ex.over_budget()  # the broker's own check on the real bytes (defence in depth)
-                if over:
-                    stopped = {"kind": safety.BOMB, "reason": over, "member": shown}
-                    say(f"  STOPPED after {shown}: bomb: {over}")
-                    break
+                    if member is None:
+                        break
+                    if not isinstance(member, dict):  # the worker is not trusted to describe members sanely
+                        stopped = {"kind": "error", "reason": "the worker sent a malformed member description"}
+                        break
+                    members += 1
+                    if members > limits.max_members:
+                        stopped = {"kind": safety.TOO_MANY, "reason": f"more than {limits.max_members:,} members"}
+                        break
+                    raw = member.get("name")
+                    shown = safety.printable(raw) if isinstance(raw, bytes) else repr(raw)
+                    try:
+                        parts = safety.check_name(raw)
+                        kind = safety.check_type(member)
+                        if kind == safety.DIR:
+                            ex.plan_dir(parts)
+                            if args.verbose:
+                                say(f"  dir   {shown}")
+                            continue
+                        if not parts:
+                            raise Refused(safety.UNSAFE_NAME, "a file member with an empty name")
+                        ex.plan_file(parts)
+                    except Refused as exc:
+                        ex.refuse(shown, exc.kind, exc.reason)
+                        say(f"  REFUSED {shown}: {exc.kind}: {exc.reason}")
+                        continue
+                    try:
+                        step.extract_member(f"{out_rel}/{'/'.join(parts)}", ex.total, limits.to_wire())
+                    except Exception as exc:
+                        kind, reason = classify(exc, args.timeout)
+                        if kind in (safety.BOMB, "timeout", "killed-by-sandbox", "worker-crashed", "too-large"):
+                            stopped = {"kind": kind, "reason": reason, "member": shown}
+                            say(f"  STOPPED at {shown}: {kind}: {reason}")
+                            break
+                        ex.refuse(shown, kind, reason)
+                        say(f"  REFUSED {shown}: {kind}: {reason}")
+                        continue
+                    size = ex.landed(parts)
+                    if args.verbose:
+                        say(f"  file  {shown} ({size:,} bytes)")
+                    counter.update(len(ex.files), ex.total)
+                    over = ex.over_budget()  # the broker's own check on the real bytes (defence in depth)
+                    if over:
+                        stopped = {"kind": safety.BOMB, "reason": over, "member": shown}
+                        say(f"  STOPPED after {shown}: bomb: {over}")
+                        break
+        except PrivsepError as exc:
+            print(f"unpack: cannot run the sandboxed worker: {type(exc).__name__}: {exc}", file=stderr)
+            print("unpack: `privsep check` shows what this kernel supports", file=stderr)
+            return EXIT_FATAL
     except KeyboardInterrupt:  # (the broker is closed by now: the member in progress, if any, was discarded)
-        counter.clear()
-        n = len(ex.files)
-        print(f"unpack: interrupted after {n} file{'' if n == 1 else 's'}; what is in {safety.shown(outdir)} "
-              "is complete (none is partial)", file=stderr)
-        return EXIT_INTERRUPTED
-    except PrivsepError as exc:
-        print(f"unpack: cannot run the sandboxed worker: {type(exc).__name__}: {exc}", file=stderr)
-        print("unpack: `privsep check` shows what this kernel supports", file=stderr)
-        return EXIT_FATAL
+        report["interrupted"] = True
     finally:
         counter.clear()
         os.close(out_fd)
 
+    summary_wanted = True
+    if report["interrupted"]:
+        n = len(ex.files)
+        if extracting:
+            print(f"unpack: interrupted after {n} file{'' if n == 1 else 's'}; what is in {safety.shown(outdir)} "
+                  "is complete (none is partial)", file=stderr)  # fmt: skip
+        else:  # the sandboxed worker was not running yet: nothing to sum up
+            print("unpack: interrupted while starting the sandboxed worker; nothing was extracted", file=stderr)
+            summary_wanted = False
+        stderr.flush()
     elapsed = time.monotonic() - started
     report.update(
         {
@@ -421,10 +430,13 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
             "seconds": round(elapsed, 4),
         }
     )
-    status = EXIT_REFUSED if ex.refused or stopped else EXIT_OK
+    if report["interrupted"]:
+        status = EXIT_INTERRUPTED
+    else:
+        status = EXIT_REFUSED if ex.refused or stopped else EXIT_OK
     report["exit_status"] = status
-    if not emit(report, render(report), args.json, stdout, stderr, prog="unpack"):
-        return EXIT_USAGE
+    if not emit(report, render(report) if summary_wanted else "", args.json, stdout, stderr, prog="unpack"):
+        return EXIT_USAGE if status != EXIT_INTERRUPTED else status
     return status
 
 
@@ -433,7 +445,8 @@ def render(report: dict[str, Any]) -> str:
 
     name = os.path.basename(report["archive"])
     lines = [
-        f"{name} ({report.get('format') or 'unrecognised'}): extracted {len(report['extracted'])} files"
+        ("Interrupted: " if report.get("interrupted") else "")
+        + f"{name} ({report.get('format') or 'unrecognised'}): extracted {len(report['extracted'])} files"
         f" ({report['bytes']:,} bytes) and {len(report['directories'])} directories into {report['outdir']}/"
         f" in {report['seconds']:.2f} s"
     ]
@@ -458,3 +471,6 @@ def main(argv: list[str] | None = None, **kwargs: Any) -> int:
         return run(args, **kwargs)
     except SystemExit as exc:
         return int(exc.code or 0)
+    except KeyboardInterrupt:  # before the extraction started or while printing the summary
+        print("unpack: interrupted (Ctrl-C)", file=kwargs.get("stderr") or sys.stderr)
+        return EXIT_INTERRUPTED
