@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ if str(REPO) not in sys.path:  # `examples` is not an installed package: import 
     sys.path.insert(0, str(REPO))
 
 PIL = pytest.importorskip("PIL")
+from _unwritable import unwritable_dir  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from examples.thumbnailer import cli, make_samples  # noqa: E402
@@ -575,3 +577,28 @@ def test_ctrl_c_while_the_program_loads_or_walks_is_one_line(
     except KeyboardInterrupt:
         pytest.fail("the Ctrl-C escaped main(): a traceback")
     assert (status, stderr.getvalue()) == (cli.EXIT_INTERRUPTED, "thumbnailer: interrupted (Ctrl-C)\n")
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Iterator[Path]:
+    yield from unwritable_dir(tmp_path / "locked")
+
+
+def test_an_output_dir_that_cannot_be_written_is_a_usage_error(
+    tmp_path: Path, unwritable: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every input was "rejected" (kind error, one by one) and the run exited 0."""
+    inp = _photos(tmp_path / "in", "a.jpg", "b.jpg")
+    stdout = io.StringIO()
+    status = cli.main([str(inp), "-o", str(unwritable)], stdout=stdout, stderr=io.StringIO())
+    assert status == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"{cli.PROG}: error: cannot write in OUTPUT_DIR '{unwritable}': "), err
+    assert stdout.getvalue() == ""  # no run, no summary
+    # and a --json FILE in such a directory
+    status = cli.main([str(inp), "-o", str(tmp_path / "out"), "--json", str(unwritable / "r.json")],
+                      stdout=stdout, stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"error: --json '{unwritable / 'r.json'}': cannot write in '{unwritable}': " in err, err
+    assert not (tmp_path / "out").exists() and list(unwritable.iterdir()) == []

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `examples` is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
+
+from _unwritable import unwritable_dir  # noqa: E402
 
 from examples.unpack import cli, make_samples, safety  # noqa: E402
 from examples.unpack.workers import Unpacker  # noqa: E402
@@ -401,3 +404,20 @@ runpy.run_module("examples.unpack", run_name="__main__", alter_sys=True)
     proc = subprocess.run([sys.executable, "-c", code, str(SAMPLES / "good.zip"), str(tmp_path / "out")], cwd=REPO,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert (proc.returncode, proc.stderr, proc.stdout) == (cli.EXIT_INTERRUPTED, "unpack: interrupted (Ctrl-C)\n", "")
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Iterator[Path]:
+    yield from unwritable_dir(tmp_path / "locked")
+
+
+def test_an_outdir_that_cannot_be_written_is_a_usage_error(
+    tmp_path: Path, unwritable: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every member was refused, one by one, instead of one clear usage error."""
+    stdout = io.StringIO()
+    status = cli.main([str(SAMPLES / "good.zip"), str(unwritable)], stdout=stdout, stderr=io.StringIO())
+    assert status == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"{cli.PROG}: error: cannot write in OUTDIR '{unwritable}': "), err
+    assert stdout.getvalue() == ""

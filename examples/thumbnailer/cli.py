@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from examples._report import emit, json_target_problem
+from examples._report import emit, json_target_problem, writable_dir_problem
 
 from .._safe_fs import ensure_subdir, rmdir_if_empty
 from . import imaging
@@ -502,6 +502,9 @@ def run(
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
         build_parser().error(f"cannot create OUTPUT_DIR {args.output!r}: {exc.strerror}")
+    problem = writable_dir_problem(output_dir)  # (else every image would be "rejected", one by one)
+    if problem:
+        build_parser().error(f"cannot write in OUTPUT_DIR {args.output!r}: {problem}")
     problem = json_target_problem(args.json)  # (after OUTPUT_DIR is made: the report may go in it)
     if problem:
         if created_output:

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from examples._report import emit, json_target_problem
+from examples._report import emit, json_target_problem, writable_dir_problem
 
 from .._safe_fs import ensure_subdir, rmdir_if_empty
 from ..thumbnailer.progress import fmt_bytes
@@ -288,6 +288,9 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         parser.error(f"OUTDIR {args.outdir!r} is not a directory")
     if os.listdir(outdir) and not args.overwrite:
         parser.error(f"OUTDIR {args.outdir!r} is not empty (use --overwrite to extract into it anyway)")
+    problem = writable_dir_problem(outdir)  # (else every member would be refused, one by one)
+    if problem:
+        parser.error(f"cannot write in OUTDIR {args.outdir!r}: {problem}")
     problem = json_target_problem(args.json)  # (after OUTDIR is made: the report may go in it)
     if problem:
         if created_outdir:
