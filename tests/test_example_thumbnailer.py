@@ -307,7 +307,7 @@ def test_help_explains_itself() -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0
     for word in ("sandbox", "--size", "--format", "--quality", "--workers", "--json", "--timeout", "exit status",
-                 "FIFO", "bundled samples"):  # fmt: skip
+                 "FIFO", "bundled samples", "one\nalready named so keeps it (b.jpg)", "b.gif~2.jpg"):  # fmt: skip
         assert word in proc.stdout, word
 
 
@@ -602,3 +602,36 @@ def test_an_output_dir_that_cannot_be_written_is_a_usage_error(
     err = capsys.readouterr().err
     assert f"error: --json '{unwritable / 'r.json'}': cannot write in '{unwritable}': " in err, err
     assert not (tmp_path / "out").exists() and list(unwritable.iterdir()) == []
+
+
+def test_an_input_already_named_as_its_output_keeps_the_name(tmp_path: Path) -> None:
+    """By name order b.gif took b.jpg, and the JPEG b.jpg got b.jpg.jpg."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(make_samples.SAMPLES_DIR / "spinner.gif", inp / "b.gif")
+    shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", inp / "b.jpg")
+    shutil.copy(make_samples.SAMPLES_DIR / "diagram.png", inp / "b.gif.jpg")  # (content decides, not the name)
+    stdout = io.StringIO()
+    status = cli.main([str(inp), "-o", str(tmp_path / "out"), "-f", "jpeg", "--json", "-"],
+                      stdout=stdout, stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_OK
+    report = json.loads(stdout.getvalue())
+    made = {c["input"]: (c["output"], c["source_format"]) for c in report["converted"]}
+    assert made == {"b.jpg": ("b.jpg", "JPEG"), "b.gif.jpg": ("b.gif.jpg", "PNG"), "b.gif": ("b.gif~2.jpg", "GIF")}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.gif.jpg", "b.gif~2.jpg", "b.jpg"]
+
+
+def test_an_output_name_over_255_bytes_is_refused_up_front(tmp_path: Path) -> None:
+    """It reached the broker, which refused the create: reported as `not-capable`."""
+    name = "é" * 125 + "x.jpg"  # 255 bytes (131 characters); as .webp, 256
+    inp = _photos(tmp_path / "in", name, "ok.jpg")
+    stdout = io.StringIO()
+    status = cli.main([str(inp), "-o", str(tmp_path / "out"), "-f", "webp", "--json", "-", "--strict"],
+                      stdout=stdout, stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_REJECTED
+    report = json.loads(stdout.getvalue())
+    assert report["rejected"] == [
+        {"input": name, "kind": "name-too-long", "reason": "its thumbnail's name would be longer than 255 bytes"}
+    ]
+    assert [c["output"] for c in report["converted"]] == ["ok.webp"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.webp"]

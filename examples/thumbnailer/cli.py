@@ -51,7 +51,12 @@ and the run goes on. Every rejected file is listed with its reason.
 Inputs: JPEG, PNG, WebP, GIF, BMP, TIFF, recognised by content (files are
 picked by suffix: {" ".join(sorted(imaging.INPUT_SUFFIXES))}).
 Outputs: JPEG, PNG, WebP. Subdirectories are mirrored; hidden files are
-ignored. Images over {imaging.MAX_PIXELS // 1_000_000} megapixels are refused as decompression bombs.
+ignored. Each output takes its input's name with the format's suffix
+(a.png -> a.jpg). When two inputs in a directory would get the same name, one
+already named so keeps it (b.jpg) and the others keep their own suffix too
+(b.gif -> b.gif.jpg, or b.gif~2.jpg if that is taken as well); an output
+name longer than 255 bytes is refused.
+Images over {imaging.MAX_PIXELS // 1_000_000} megapixels are refused as decompression bombs.
 
 Without INPUT_DIR, the bundled samples are used: real images plus hostile
 ones (truncated, wrong magic, a decompression bomb, a huge declared size, an
@@ -228,16 +233,23 @@ def walk(input_dir: str, *, exclude: tuple[int, int] | None = None) -> Iterator[
         os.close(root_fd)
 
 
+MAX_NAME_BYTES = 255  # NAME_MAX: the longest file name (one path component) Linux file systems take
+
+
 def plan(input_dir: str, fmt: str, *, exclude: tuple[int, int] | None = None) -> Plan:
     """Decide which files to convert and what each output is called.
 
-    ``a.jpg`` becomes ``a.png``; if two inputs in a directory would make the
-    same output (``a.jpg`` and ``a.gif``), the later one keeps its suffix:
-    ``a.gif.png``.
+    ``a.jpg`` becomes ``a.png``. If two inputs in a directory would make the
+    same output, an input whose own name already is that output name keeps it
+    (``b.jpg`` with ``--format jpeg``); the others keep their suffix too
+    (``b.gif`` -> ``b.gif.jpg``; by name order when none is such an input:
+    ``a.jpg`` -> ``a.png``, ``a.tif`` -> ``a.tif.png``), then ``~2``, ``~3`` ...
+    go before the suffix (``b.gif~2.jpg``) if even that is taken. An output
+    name longer than 255 bytes is refused here.
     """
     suffix = imaging.OUTPUT_FORMATS[fmt][1]
     result = Plan()
-    taken: set[str] = set()
+    wanted: list[tuple[str, str, str]] = []  # (rel, parent/, name), in walk order
     for rel, entry in walk(input_dir, exclude=exclude):
         shown = _printable(rel)
         if entry is None:
@@ -250,10 +262,23 @@ def plan(input_dir: str, fmt: str, *, exclude: tuple[int, int] | None = None) ->
             result.rejected.append({"input": shown, "kind": "bad-name", "reason": "the file name is not valid UTF-8"})
             continue
         parent, _, name = rel.rpartition("/")
+        wanted.append((rel, parent + "/" if parent else "", name))
+    # Inputs already named as their output (b.jpg -> b.jpg) have that name first.
+    own = {prefix + name for _, prefix, name in wanted if name.rsplit(".", 1)[0] + suffix == name}
+    taken: set[str] = set()
+    for rel, prefix, name in wanted:
         stem = name.rsplit(".", 1)[0]
-        out = (parent + "/" if parent else "") + stem + suffix
-        if out in taken:
-            out = (parent + "/" if parent else "") + name + suffix
+        out = prefix + stem + suffix
+        if out in taken or (out in own and stem + suffix != name):
+            out = prefix + name + suffix
+            n = 2
+            while out in taken or out in own:
+                out = f"{prefix}{name}~{n}{suffix}"
+                n += 1
+        if len(out.rpartition("/")[2].encode("utf-8")) > MAX_NAME_BYTES:
+            reason = f"its thumbnail's name would be longer than {MAX_NAME_BYTES} bytes"
+            result.rejected.append({"input": _printable(rel), "kind": "name-too-long", "reason": reason})
+            continue
         taken.add(out)
         result.jobs.append(Job(rel, out))
     return result
