@@ -635,3 +635,18 @@ def test_an_output_name_over_255_bytes_is_refused_up_front(tmp_path: Path) -> No
     ]
     assert [c["output"] for c in report["converted"]] == ["ok.webp"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.webp"]
+
+
+def test_the_readme_says_what_help_says() -> None:
+    """The README said the samples run exits 1 and "1 the run finished but some
+    inputs were rejected"; --help (and the code) say 1 only with --strict."""
+    readme = " ".join((REPO / "examples" / "thumbnailer" / "README.md").read_text().split())
+    assert "**exit status 1**" not in readme and "the exit status is 0 (with `--strict` it would be 1)" in readme
+    exit_status = readme[readme.index("Exit status: ") :].split(" Progress is")[0]
+    assert "1 only with `--strict`:" in exit_status and "130 interrupted" in exit_status, exit_status
+    assert "| `--strict` | exit with status 1 if any input was rejected" in readme
+    assert "64 MiB per input file" in readme  # the limit --help gives too
+    helptext = " ".join(cli.build_parser().format_help().split())
+    assert "with --strict: the run completed but some inputs were rejected" in helptext
+    assert f"files over {cli.imaging.MAX_INPUT_BYTES >> 20} MiB as too large" in helptext
+    assert f"Images over {cli.imaging.MAX_PIXELS // 1_000_000} megapixels are refused" in helptext

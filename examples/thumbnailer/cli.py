@@ -56,7 +56,8 @@ ignored. Each output takes its input's name with the format's suffix
 already named so keeps it (b.jpg) and the others keep their own suffix too
 (b.gif -> b.gif.jpg, or b.gif~2.jpg if that is taken as well); an output
 name longer than 255 bytes is refused.
-Images over {imaging.MAX_PIXELS // 1_000_000} megapixels are refused as decompression bombs.
+Images over {imaging.MAX_PIXELS // 1_000_000} megapixels are refused as decompression bombs, and files
+over {imaging.MAX_INPUT_BYTES >> 20} MiB as too large.
 
 Without INPUT_DIR, the bundled samples are used: real images plus hostile
 ones (truncated, wrong magic, a decompression bomb, a huge declared size, an
