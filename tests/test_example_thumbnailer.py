@@ -188,6 +188,16 @@ def test_directory_symlink_out_is_refused_not_followed(tmp_path: Path) -> None:
     assert [c["input"] for c in report["converted"]] == ["ok.jpg"]
     assert {r["input"]: r["kind"] for r in report["rejected"]} == {"private.jpg": "not-capable"}
     assert _tree(out) == {"ok.jpg"}
+    # it was skipped as "not an image file name"; one inside the input directory too, and one named like an image
+    os.symlink(inp / "sub", inp / "within")
+    (inp / "sub").mkdir()
+    os.symlink(secret, inp / "album.jpg")
+    stdout = io.StringIO()
+    cli.main([str(inp), "-o", str(out), "--json", "-"], stdout=stdout, stderr=io.StringIO())
+    reason = "a symlink to a directory (not followed)"
+    assert json.loads(stdout.getvalue())["skipped"] == [
+        {"input": name, "reason": reason} for name in ("album.jpg", "escape", "within")
+    ]
 
 
 class Misbehaving(Thumbnailer):

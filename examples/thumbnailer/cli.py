@@ -234,6 +234,15 @@ def walk(input_dir: str, *, exclude: tuple[int, int] | None = None) -> Iterator[
         os.close(root_fd)
 
 
+def _is_symlink_to_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a symlink to a directory: the walk never follows it;
+    following it here only picks the words for the report."""
+    try:
+        return entry.is_symlink() and entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
 MAX_NAME_BYTES = 255  # NAME_MAX: the longest file name (one path component) Linux file systems take
 
 
@@ -255,6 +264,9 @@ def plan(input_dir: str, fmt: str, *, exclude: tuple[int, int] | None = None) ->
         shown = _printable(rel)
         if entry is None:
             result.rejected.append({"input": shown, "kind": "too-deep", "reason": f"nested deeper than {MAX_DEPTH}"})
+            continue
+        if _is_symlink_to_dir(entry):
+            result.skipped.append({"input": shown, "reason": "a symlink to a directory (not followed)"})
             continue
         if Path(rel).suffix.lower() not in imaging.INPUT_SUFFIXES:
             result.skipped.append({"input": shown, "reason": "not an image file name"})
