@@ -51,7 +51,9 @@ def test_bundled_archive(tmp_path: Path, name: str) -> None:
     status, report, stderr = _run(SAMPLES / name, out)
 
     # nothing outside the output directory, nothing hidden or partial inside it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    made_something = bool(report["extracted"] or report["directories"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if made_something else [])  # (no empty OUTDIR)
+    assert report["outdir_removed"] is not made_something
     assert not Path("/tmp/privsep-evil.txt").exists()
     assert not any(p.name.startswith(".") for p in out.rglob("*"))
     assert not any(p.is_symlink() for p in out.rglob("*"))
@@ -421,3 +423,34 @@ def test_an_outdir_that_cannot_be_written_is_a_usage_error(
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith(f"{cli.PROG}: error: cannot write in OUTDIR '{unwritable}': "), err
     assert stdout.getvalue() == ""
+
+
+def test_counts_in_the_singular_and_no_empty_outdir_left(tmp_path: Path) -> None:
+    """It said "extracted 1 files ... and 1 directories", "Refused 1 members:"; and an OUTDIR
+    the run made stayed behind, empty, when nothing was extracted."""
+    archive = tmp_path / "one.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("d/a.txt", b"x")
+        zf.writestr("../evil.txt", b"no")
+    stdout = io.StringIO()
+    assert cli.main([str(archive), str(tmp_path / "out")], stdout=stdout, stderr=io.StringIO()) == cli.EXIT_REFUSED
+    lines = stdout.getvalue().splitlines()
+    assert lines[0].startswith(f"one.zip (zip): extracted 1 file (1 byte) and 1 directory into {tmp_path / 'out'}/ ")
+    assert lines[1] == "Refused 1 member:"
+    # not an archive: the OUTDIR this run made is removed, one that was there is kept
+    stdout = io.StringIO()
+    status = cli.main([str(SAMPLES / "not-an-archive.zip"), str(tmp_path / "new")], stdout=stdout,
+                      stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_REFUSED and not (tmp_path / "new").exists()
+    assert stdout.getvalue().splitlines()[1] == (
+        f"Nothing was extracted: the empty {tmp_path / 'new'}/ this run made was removed."
+    )
+    (tmp_path / "there").mkdir()
+    status = cli.main([str(SAMPLES / "not-an-archive.zip"), str(tmp_path / "there"), "--json", "-"],
+                      stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_REFUSED and (tmp_path / "there").is_dir()
+    # nor when the report goes in it
+    status = cli.main([str(SAMPLES / "not-an-archive.zip"), str(tmp_path / "new"), "--json",
+                       str(tmp_path / "new" / "r.json")], stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_REFUSED
+    assert json.loads((tmp_path / "new" / "r.json").read_text())["outdir_removed"] is False

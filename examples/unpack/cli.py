@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("archive", metavar="ARCHIVE", help="the zip or tar file to extract")
-    parser.add_argument("outdir", metavar="OUTDIR", help="where to extract; created if missing, must be empty")
+    parser.add_argument(
+        "outdir", metavar="OUTDIR",
+        help="where to extract; created if missing (and removed if nothing was extracted), must be empty",
+    )  # fmt: skip
     parser.add_argument(
         "--max-total", type=_size, default=Limits.max_total, metavar="SIZE",
         help="stop when the extracted bytes would pass SIZE (K/M/G suffixes; default: 1G)",
@@ -394,7 +397,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
                         continue
                     size = ex.landed(parts)
                     if args.verbose:
-                        say(f"  file  {shown} ({size:,} bytes)")
+                        say(f"  file  {shown} ({_count_of(size, 'byte')})")
                     counter.update(len(ex.files), ex.total)
                     over = ex.over_budget()  # the broker's own check on the real bytes (defence in depth)
                     if over:
@@ -410,6 +413,8 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     finally:
         counter.clear()
         os.close(out_fd)
+        # An OUTDIR this run made and left empty (not an archive, all refused, interrupted...) is not left behind.
+        outdir_removed = created_outdir and not _report_goes_in(outdir, args.json) and rmdir_if_empty(outdir)
 
     summary_wanted = True
     if report["interrupted"]:
@@ -431,6 +436,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
             "members_seen": members,
             "bytes": ex.total,
             "seconds": round(elapsed, 4),
+            "outdir_removed": outdir_removed,
         }
     )
     if report["interrupted"]:
@@ -443,18 +449,35 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     return status
 
 
+def _count_of(n: int, noun: str) -> str:
+    """``1 file``, ``2 files``, ``0 directories``, ``1,024 bytes``."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n:,} " + (noun[:-1] + "ies" if noun.endswith("y") else noun + "s")
+
+
+def _report_goes_in(directory: str, json_target: str | None) -> bool:
+    """Whether the --json FILE is to be written in ``directory`` (or beneath it)."""
+    if not json_target or json_target == "-":
+        return False
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(json_target)))
+    return parent == directory or parent.startswith(directory.rstrip("/") + "/")
+
+
 def render(report: dict[str, Any]) -> str:
     from ..thumbnailer.progress import describe_sandbox
 
     name = os.path.basename(report["archive"])
     lines = [
         ("Interrupted: " if report.get("interrupted") else "")
-        + f"{name} ({report.get('format') or 'unrecognised'}): extracted {len(report['extracted'])} files"
-        f" ({report['bytes']:,} bytes) and {len(report['directories'])} directories into {report['outdir']}/"
-        f" in {report['seconds']:.2f} s"
+        + f"{name} ({report.get('format') or 'unrecognised'}): extracted {_count_of(len(report['extracted']), 'file')}"
+        f" ({_count_of(report['bytes'], 'byte')}) and {_count_of(len(report['directories']), 'directory')}"
+        f" into {report['outdir']}/ in {report['seconds']:.2f} s"
     ]
+    if report.get("outdir_removed"):
+        lines.append(f"Nothing was extracted: the empty {report['outdir']}/ this run made was removed.")
     if report["refused"]:
-        lines.append(f"Refused {len(report['refused'])} members:")
+        lines.append(f"Refused {_count_of(len(report['refused']), 'member')}:")
         width = min(40, max(len(r["name"]) for r in report["refused"]))
         kind_w = max(len(r["kind"]) for r in report["refused"])
         for r in report["refused"]:
