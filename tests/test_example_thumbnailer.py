@@ -660,3 +660,19 @@ def test_the_readme_says_what_help_says() -> None:
     assert "with --strict: the run completed but some inputs were rejected" in helptext
     assert f"files over {cli.imaging.MAX_INPUT_BYTES >> 20} MiB as too large" in helptext
     assert f"Images over {cli.imaging.MAX_PIXELS // 1_000_000} megapixels are refused" in helptext
+
+
+def test_usage_errors_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-o naming a file said "cannot create OUTPUT_DIR '...': File exists"; a
+    missing INPUT_DIR "is not a directory"."""
+    inp = _photos(tmp_path / "in", "a.jpg")
+    (tmp_path / "file").write_text("")
+    cases = {
+        (str(inp), "-o", str(tmp_path / "file")): f"OUTPUT_DIR '{tmp_path / 'file'}' exists and is not a directory",
+        (str(tmp_path / "missing"), "-o", str(tmp_path / "o")): f"INPUT_DIR '{tmp_path / 'missing'}' does not exist",
+        (str(tmp_path / "file"), "-o", str(tmp_path / "o")): f"INPUT_DIR '{tmp_path / 'file'}' is not a directory",
+    }
+    for argv, message in cases.items():
+        assert cli.main(list(argv), stdout=io.StringIO(), stderr=io.StringIO()) == cli.EXIT_USAGE
+        assert capsys.readouterr().err.splitlines()[-1] == f"{cli.PROG}: error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in"]

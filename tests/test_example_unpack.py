@@ -454,3 +454,18 @@ def test_counts_in_the_singular_and_no_empty_outdir_left(tmp_path: Path) -> None
                        str(tmp_path / "new" / "r.json")], stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
     assert status == cli.EXIT_REFUSED
     assert json.loads((tmp_path / "new" / "r.json").read_text())["outdir_removed"] is False
+
+
+def test_usage_errors_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """OUTDIR naming a file said "cannot create OUTDIR '...': File exists"."""
+    file = tmp_path / "file"
+    file.write_text("")
+    cases = {
+        (str(SAMPLES / "good.zip"), str(file)): f"OUTDIR '{file}' exists and is not a directory",
+        (str(tmp_path / "missing.zip"), str(tmp_path / "o")): f"ARCHIVE '{tmp_path / 'missing.zip'}' does not exist",
+        (str(tmp_path), str(tmp_path / "o")): f"ARCHIVE '{tmp_path}' is not a file",
+    }
+    for argv, message in cases.items():
+        assert cli.main(list(argv), stdout=io.StringIO(), stderr=io.StringIO()) == cli.EXIT_USAGE
+        assert capsys.readouterr().err.splitlines()[-1] == f"{cli.PROG}: error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

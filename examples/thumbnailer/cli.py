@@ -531,10 +531,13 @@ def run(
         input_dir = args.input
     input_dir = os.path.realpath(input_dir)
     if not os.path.isdir(input_dir):
-        build_parser().error(f"INPUT_DIR {args.input!r} is not a directory")
+        what = "is not a directory" if os.path.exists(input_dir) else "does not exist"
+        build_parser().error(f"INPUT_DIR {args.input!r} {what}")
     output_dir = os.path.realpath(args.output)
     if output_dir == input_dir:
         build_parser().error("OUTPUT_DIR must not be INPUT_DIR")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        build_parser().error(f"OUTPUT_DIR {args.output!r} exists and is not a directory")
     created_output = not os.path.lexists(output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)

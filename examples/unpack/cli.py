@@ -280,8 +280,10 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     parser = build_parser()
     archive = os.path.realpath(args.archive)  # the user's own path: resolving it is fine
     if not os.path.isfile(archive):
-        parser.error(f"ARCHIVE {args.archive!r} is not a file")
+        parser.error(f"ARCHIVE {args.archive!r} {'is not a file' if os.path.exists(archive) else 'does not exist'}")
     outdir = os.path.realpath(args.outdir)
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        parser.error(f"OUTDIR {args.outdir!r} exists and is not a directory")
     created_outdir = not os.path.lexists(outdir)
     try:
         os.makedirs(outdir, exist_ok=True)
