@@ -876,6 +876,14 @@ class Broker:
             assert rights is not None
             if len(outputs) >= self.max_outputs_per_call:
                 raise NotCapable(f"more than {self.max_outputs_per_call} outputs in one call")
+            named = handle._outputs_allowed
+            if named is not None:  # the caller named this call's outputs (with_outputs)
+                if target.display not in named:
+                    shown = ", ".join(sorted(named)) or "none"
+                    raise NotCapable(f"this call may create only the outputs its caller named ({shown})",
+                                     filename=target.display)
+                if any(out.display == target.display for out in outputs):
+                    raise NotCapable("this call has created that output already", filename=target.display)
             live = len(self._workers)
             self._fds.take(handle, 2, "an output", live)  # its directory and its file, until the call ends
             try:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, WorkerCrashed
 from protocol._messages import check_message
+from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire, exception_to_wire
 from protocol._wire import SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
 from worker._output import MAX_LINE
@@ -152,6 +153,7 @@ class WorkerHandle:
         self._held_dirs: set[int] = set()
         self._held_call = 0
         self._to_commit: list[PendingOutput] = []  # a call's outputs, while its driver commits them
+        self._outputs_allowed: frozenset[str] | None = None  # the call's outputs, named ahead (with_outputs)
         self._dir_ids = itertools.count(1)
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
@@ -201,8 +203,23 @@ class WorkerHandle:
         (positive; None or infinity: no limit)."""
         return _Timed(self, call_timeout(seconds, "timeout"))
 
-    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        """Run a call. ``method`` is one of the class's @rpc methods: the caller checked."""
+    def with_outputs(self, *paths: str | os.PathLike[str]) -> _Timed:
+        """A view of this handle whose calls may create these outputs and no
+        others (each once), whatever else the policy would let the worker
+        create: ``handle.with_outputs("out/a.txt").extract(...)``. With no
+        path, a call may create none."""
+        return _Timed(self, self.timeout, output_paths(paths))
+
+    def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        outputs: frozenset[str] | None = None,
+    ) -> Any:
+        """Run a call. ``method`` is one of the class's @rpc methods: the caller checked.
+        ``outputs``: the only outputs it may create (None: any the policy allows)."""
         if self._call_thread == threading.get_ident():
             # Awaited on this thread's event loop (or a signal handler's call within a call):
             # the lock's holder cannot go on while this thread waits for it.
@@ -212,6 +229,7 @@ class WorkerHandle:
             )
         with self._lock:
             self._call_thread = threading.get_ident()
+            self._outputs_allowed = outputs
             try:
                 cid, deadline = self._begin(method, args, kwargs, timeout)
                 value, first = self._early_answer(cid)
@@ -257,12 +275,20 @@ class WorkerHandle:
         """
         return _Async(self, self.timeout)
 
-    async def _acall(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+    async def _acall(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        outputs: frozenset[str] | None = None,
+    ) -> Any:
         self._check_method(method)
         async with self._loop_lock():
             if not self._lock.acquire(blocking=False):
                 await self._lock_from_loop()  # a call of another thread, or of another event loop
             self._call_thread = threading.get_ident()
+            self._outputs_allowed = outputs
             self._awaited = True
             # On the event loop a send must never wait: a worker that does not
             # read its answers is misbehaving, and is ended rather than waited for.
@@ -731,6 +757,7 @@ class WorkerHandle:
         """Either driver, however its call ended: no call of ours is in flight,
         and the call's directory arguments go (the worker's proxies of them are closed)."""
         self._call_thread = None
+        self._outputs_allowed = None
         if self._held_call:  # its outputs are committed or discarded by now
             held, self._held_call = self._held_call, 0
             self._broker._fds.give_back(self, held)
@@ -1253,16 +1280,20 @@ def reap_dropped() -> None:
 
 
 class _Async:
-    def __init__(self, handle: WorkerHandle, timeout: float | None):
+    def __init__(self, handle: WorkerHandle, timeout: float | None, outputs: frozenset[str] | None = None):
         self._handle = handle
         self._timeout = timeout
+        self._outputs = outputs
 
     def with_timeout(self, seconds: float | None) -> _Async:
-        return _Async(self._handle, call_timeout(seconds, "timeout"))
+        return _Async(self._handle, call_timeout(seconds, "timeout"), self._outputs)
+
+    def with_outputs(self, *paths: str | os.PathLike[str]) -> _Async:
+        return _Async(self._handle, self._timeout, output_paths(paths))
 
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await self._handle._acall(method, args, kwargs, self._timeout)
+            return await self._handle._acall(method, args, kwargs, self._timeout, self._outputs)
         except BaseException:
             del args, kwargs  # (kept by the traceback otherwise: see WorkerHandle._call_known)
             raise
@@ -1271,26 +1302,32 @@ class _Async:
         handle = self._handle
         if name.startswith("_") or name not in getattr(handle.cls, "rpc_methods", ()):
             raise AttributeError(f"{handle.cls.__name__} has no @rpc method {name!r}")
-        return lambda *args, **kwargs: handle._acall(name, args, kwargs, self._timeout)
+        return lambda *args, **kwargs: handle._acall(name, args, kwargs, self._timeout, self._outputs)
 
 
 class _Timed:
-    def __init__(self, handle: WorkerHandle, timeout: float | None):
+    """A view of a handle whose calls have a timeout, or outputs named ahead, of their own."""
+
+    def __init__(self, handle: WorkerHandle, timeout: float | None, outputs: frozenset[str] | None = None):
         self._handle = handle
         self._timeout = timeout
+        self._outputs = outputs
 
     @property
     def aio(self) -> _Async:
-        """The async face with this timeout: ``await handle.with_timeout(5).aio.method()``."""
-        return _Async(self._handle, self._timeout)
+        """The async face with this view's settings: ``await handle.with_timeout(5).aio.method()``."""
+        return _Async(self._handle, self._timeout, self._outputs)
 
     def with_timeout(self, seconds: float | None) -> _Timed:
-        return _Timed(self._handle, call_timeout(seconds, "timeout"))
+        return _Timed(self._handle, call_timeout(seconds, "timeout"), self._outputs)
+
+    def with_outputs(self, *paths: str | os.PathLike[str]) -> _Timed:
+        return _Timed(self._handle, self._timeout, output_paths(paths))
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         self._handle._check_method(method)
         try:
-            return self._handle._call(method, args, kwargs, self._timeout)
+            return self._handle._call(method, args, kwargs, self._timeout, self._outputs)
         except BaseException:
             del args, kwargs  # (kept by the traceback otherwise: see WorkerHandle._call_known)
             raise
@@ -1303,10 +1340,15 @@ class _Timed:
 
     def _call_named(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._handle._call(method, args, kwargs, self._timeout)
+            return self._handle._call(method, args, kwargs, self._timeout, self._outputs)
         except BaseException:
             del args, kwargs  # (kept by the traceback otherwise: see WorkerHandle._call_known)
             raise
+
+
+def output_paths(paths: tuple[str | os.PathLike[str], ...]) -> frozenset[str]:
+    """The outputs a call may create, as the broker names a request's path."""
+    return frozenset("/".join(split_relative(local_path(p, what="output path"))) for p in paths)
 
 
 __all__ = ["WorkerHandle"]

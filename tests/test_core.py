@@ -1169,3 +1169,41 @@ def test_what_spawn_and_pool_take_is_checked_where_it_is_given(broker: Broker) -
 
     with pytest.raises(TypeError, match="spawn\\(\\) takes a Worker subclass"):
         asyncio.run(aspawn())
+
+
+class Sprayer(Worker):
+    @rpc
+    def write(self, names: list[str]) -> list[str]:
+        """Create each output it can; say which were refused (as a compromised
+        worker would try, past the one it was asked for)."""
+        refused = []
+        for name in names:
+            try:
+                with self.broker.create(f"out/{name}") as f:
+                    f.write(name.encode())
+            except NotCapable as exc:
+                refused.append(f"{name}: {exc.strerror}")
+        return refused
+
+
+def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None:
+    """The output grant covers the whole directory: one call could create or
+    replace any file there (a red-team run had unpack's worker spray 120
+    files and overwrite one of the user's). with_outputs() names a call's
+    outputs; the broker refuses any other, and a second create of one."""
+    (tree / "out" / "keep.txt").write_text("the user's")
+    with Broker(default_policy(), root=tree) as b:
+        w = b.spawn(Sprayer)
+        refused = w.with_outputs("out/a.txt").write(["a.txt", "keep.txt", "a.txt", "b.txt"])
+        assert [r.split(":")[0] for r in refused] == ["keep.txt", "a.txt", "b.txt"]
+        assert "may create only the outputs its caller named (out/a.txt)" in refused[0]
+        assert "created that output already" in refused[1]
+        assert sorted(os.listdir(tree / "out")) == ["a.txt", "keep.txt"]
+        assert (tree / "out" / "keep.txt").read_text() == "the user's"
+        # composed with a timeout, awaited, and with none named
+        assert w.with_timeout(10).with_outputs(Path("out/c.txt")).write(["c.txt"]) == []
+        assert asyncio.run(w.aio.with_outputs("out/d.txt").write(["d.txt", "e.txt"]))[0].startswith("e.txt")
+        assert w.with_outputs().write(["f.txt"])[0].startswith("f.txt: this call may create only")
+        # a plain call after them: the policy's own bounds again
+        assert w.write(["g.txt"]) == []
+        assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "d.txt", "g.txt", "keep.txt"]
