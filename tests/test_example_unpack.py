@@ -469,3 +469,56 @@ def test_usage_errors_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFi
         assert cli.main(list(argv), stdout=io.StringIO(), stderr=io.StringIO()) == cli.EXIT_USAGE
         assert capsys.readouterr().err.splitlines()[-1] == f"{cli.PROG}: error: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+class Sprayer(Unpacker):
+    """A compromised worker: besides the output it is asked for, it writes
+    files of its own choosing beneath OUTDIR, one of them over a user's."""
+
+    @rpc
+    def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
+        from examples.unpack.workers import OUTPUT_RIGHTS
+        from protocol import NotCapable
+
+        base = os.path.dirname(out)
+        refused = 0
+        for extra in ("keep.txt", f"hidden-{total_so_far}.bin"):
+            try:
+                with self.broker.create(f"{base}/{extra}", OUTPUT_RIGHTS) as f:
+                    f.write(b"OVERWRITTEN BY THE WORKER")
+            except NotCapable:
+                refused += 1
+        if refused != 2:
+            raise ValueError(f"corrupt: only {refused} of 2 extra outputs were refused")
+        return super().extract_member(out, total_so_far, limits)
+
+
+class Silent(Unpacker):
+    """A compromised worker that says it extracted a member and wrote nothing."""
+
+    @rpc
+    def extract_member(self, out: str, total_so_far: int, limits: dict[str, Any]) -> dict[str, int]:
+        return {"bytes": 0, "consumed": 0}
+
+
+def test_a_compromised_worker_writes_no_file_but_the_member_it_is_asked_for(tmp_path: Path) -> None:
+    """The worker holds CREATE on all of OUTDIR: each call could create or
+    replace any file there, past --max-total and the report (a red-team run
+    wrote 43 files, 160 MiB, over a user's file, with exit 0). Each call may
+    now create only the output the broker named."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's own")
+    status, report, _ = _run(SAMPLES / "good.zip", out, "--overwrite", worker_cls=Sprayer)
+    assert status == 0, report
+    assert (out / "keep.txt").read_text() == "the user's own"
+    assert not any(name.startswith("hidden-") for name in os.listdir(out))
+    assert _files(out) == {"keep.txt"} | {e["name"] for e in report["extracted"]}
+
+
+def test_a_worker_that_writes_nothing_is_reported_not_a_crash(tmp_path: Path) -> None:
+    """landed() stat'ed the named file and the error escaped: no summary, no report."""
+    out = tmp_path / "out"
+    status, report, _ = _run(SAMPLES / "good.zip", out, worker_cls=Silent)
+    assert status == 1 and report["extracted"] == []
+    assert report["refused"] and all(r["reason"] == "the worker did not produce the file" for r in report["refused"])

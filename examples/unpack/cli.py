@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 import sys
 import time
 from typing import Any, TextIO
@@ -223,10 +224,17 @@ class Extraction:
             raise Refused(safety.CONFLICT, "a directory of the same name exists")
         self.plan_dir(parts[:-1])
 
-    def landed(self, parts: tuple[str, ...]) -> int:
-        """The real size of a committed output, read by the broker (a worker's own count is not trusted)."""
+    def landed(self, parts: tuple[str, ...]) -> int | None:
+        """The real size of a committed output, read by the broker (a worker's own count is not
+        trusted); None if no regular file of that name is there (a worker that said it wrote
+        one and did not)."""
         path = "/".join(parts)
-        st = os.stat(path, dir_fd=self.out_fd, follow_symlinks=False)
+        try:
+            st = os.stat(path, dir_fd=self.out_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
         self.files[parts] = st.st_size
         self.total += st.st_size
         return st.st_size
@@ -343,7 +351,9 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
                 worker = broker.spawn(worker_cls)
                 extracting = True
                 report["sandbox"] = sandbox_report(worker)
-                step = worker.with_timeout(args.timeout)
+                # No call may create an output but the one it is asked for (the grant covers all
+                # of OUTDIR): even a compromised worker writes no other file, and replaces none.
+                step = worker.with_timeout(args.timeout).with_outputs()
                 try:
                     broker.open(archive_rel, Rights.READ).close()  # fail early, with the broker's reason, if refused
                     info = step.open_archive(archive_rel)
@@ -386,8 +396,9 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
                         ex.refuse(shown, exc.kind, exc.reason)
                         say(f"  REFUSED {shown}: {exc.kind}: {exc.reason}")
                         continue
+                    out = f"{out_rel}/{'/'.join(parts)}"
                     try:
-                        step.extract_member(f"{out_rel}/{'/'.join(parts)}", ex.total, limits.to_wire())
+                        step.with_outputs(out).extract_member(out, ex.total, limits.to_wire())
                     except Exception as exc:
                         kind, reason = classify(exc, args.timeout)
                         if kind in (safety.BOMB, "timeout", "killed-by-sandbox", "worker-crashed", "too-large"):
@@ -398,6 +409,10 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
                         say(f"  REFUSED {shown}: {kind}: {reason}")
                         continue
                     size = ex.landed(parts)
+                    if size is None:  # the call returned, yet no file of that name is there
+                        ex.refuse(shown, "error", "the worker did not produce the file")
+                        say(f"  REFUSED {shown}: error: the worker did not produce the file")
+                        continue
                     if args.verbose:
                         say(f"  file  {shown} ({_count_of(size, 'byte')})")
                     counter.update(len(ex.files), ex.total)
