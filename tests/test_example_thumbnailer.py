@@ -8,6 +8,7 @@ nothing partial or out of place is ever left behind.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -676,3 +677,19 @@ def test_usage_errors_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFi
         assert cli.main(list(argv), stdout=io.StringIO(), stderr=io.StringIO()) == cli.EXIT_USAGE
         assert capsys.readouterr().err.splitlines()[-1] == f"{cli.PROG}: error: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in"]
+
+
+def test_an_output_dir_that_contains_the_input_is_refused(tmp_path: Path) -> None:
+    """Thumbnails mirror the input tree beneath OUTPUT_DIR: with `photos -o .`,
+    photos/photos/holiday.png became ./photos/holiday.jpg, over the user's
+    original (a red-team run), and the output grant covered every input."""
+    inp = tmp_path / "photos"
+    (inp / "photos").mkdir(parents=True)
+    shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", inp / "holiday.jpg")
+    shutil.copy(make_samples.SAMPLES_DIR / "diagram.png", inp / "photos" / "holiday.png")
+    before = (inp / "holiday.jpg").read_bytes()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = cli.main([str(inp), "-o", str(tmp_path)], stdout=io.StringIO(), stderr=io.StringIO())
+    assert status == 2 and "must not contain INPUT_DIR" in stderr.getvalue()
+    assert (inp / "holiday.jpg").read_bytes() == before

@@ -536,6 +536,10 @@ def run(
     output_dir = os.path.realpath(args.output)
     if output_dir == input_dir:
         build_parser().error("OUTPUT_DIR must not be INPUT_DIR")
+    if os.path.commonpath([output_dir, input_dir]) == output_dir:
+        # Thumbnails mirror the input tree beneath OUTPUT_DIR: one could land on an input
+        # (photos/photos/a.png -> ./photos/a.jpg), and the output grant would cover the inputs.
+        build_parser().error(f"OUTPUT_DIR {args.output!r} must not contain INPUT_DIR {args.input!r}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         build_parser().error(f"OUTPUT_DIR {args.output!r} exists and is not a directory")
     created_output = not os.path.lexists(output_dir)
