@@ -522,3 +522,27 @@ def test_a_worker_that_writes_nothing_is_reported_not_a_crash(tmp_path: Path) ->
     status, report, _ = _run(SAMPLES / "good.zip", out, worker_cls=Silent)
     assert status == 1 and report["extracted"] == []
     assert report["refused"] and all(r["reason"] == "the worker did not produce the file" for r in report["refused"])
+
+
+def test_the_data_of_a_refused_tar_member_counts_against_the_ratio(tmp_path: Path) -> None:
+    """Skipping a member the broker refused decompresses its data to reach the
+    next header, and those bytes were not counted: a 2.7 KB .tar.bz2 kept the
+    run busy for seconds per member, up to hours for a larger one (a
+    red-team run), and nothing stopped it."""
+    import tarfile
+
+    archive = tmp_path / "skip.tar.gz"
+    size = 64 << 20
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tf:
+        evil = tarfile.TarInfo("../refused-and-skipped")
+        evil.size = size
+        tf.addfile(evil, io.BytesIO(bytes(size)))
+        ok = tarfile.TarInfo("ok.txt")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"ok"))
+    assert archive.stat().st_size * 100 < size  # far past --max-ratio 100
+    status, report, _ = _run(archive, tmp_path / "out")
+    assert status == 1
+    assert report["stopped"] is not None and report["stopped"]["kind"] == "bomb", report
+    assert "the next member starts 64.0 MiB into the data" in report["stopped"]["reason"]
+    assert [r["kind"] for r in report["refused"]] == ["path-traversal"], report

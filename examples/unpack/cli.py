@@ -51,7 +51,8 @@ Refused, each with a message, and never written:
 Zip bombs stop the extraction: the bytes actually coming out of the
 decompressor are counted while streaming (headers are never trusted) against
 --max-total for the whole archive and --max-ratio (output bytes per
-compressed byte, per member and for the archive, checked past the first MiB);
+compressed byte, per member and for the archive, checked past the first MiB;
+the data a compressed tar decompresses to skip a refused member counts too);
 --max-members caps the member count. Members finished before the stop are kept.
 
 File modes, owners and times from the archive are not applied: files are
@@ -365,7 +366,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
                     stopped = {"kind": kind, "reason": reason}
                 while stopped is None:
                     try:
-                        member = step.next_member()
+                        member = step.next_member(limits.to_wire())
                     except Exception as exc:
                         kind, reason = classify(exc, args.timeout)
                         stopped = {"kind": kind, "reason": reason}

@@ -204,6 +204,18 @@ class Budget:
                 f" {_human(self.archive_size)} archive; --max-ratio); stopped",
             )
 
+    def check_skip(self, position: int) -> None:
+        """Reading on to ``position`` of the decompressed stream (the next
+        header, past members refused and not extracted): within --max-ratio of
+        the archive too, or a tiny archive makes the decompressor run for hours."""
+        lim = self.limits
+        if position > lim.ratio_grace and position > lim.max_ratio * self.archive_size:
+            raise Refused(
+                BOMB,
+                f"archive expands more than {lim.max_ratio:g}:1 (the next member starts {_human(position)} into"
+                f" the data of a {_human(self.archive_size)} archive; --max-ratio); stopped",
+            )
+
     def add(self, out: int) -> None:
         self.total_out += out
 

@@ -140,12 +140,20 @@ class Unpacker(Worker):
             ) from None
 
     @rpc
-    def next_member(self) -> dict[str, Any] | None:
+    def next_member(self, limits: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Advance to the next member and describe it; ``None`` at the end.
 
         ``name`` and ``target`` are raw UTF-8 bytes exactly as the archive
         spells them; the broker, not this worker, decides whether they are safe.
+        In a compressed tar, getting to the next header decompresses the data
+        of the member before it, extracted or not: ``limits`` bound that too.
         """
+        # (The first member was read when the archive was opened: next() returns it without a seek.)
+        if self._tar is not None and limits is not None and self._tar.firstmember is None:
+            try:
+                Budget(Limits.from_wire(limits), self._size).check_skip(self._tar.offset)
+            except Refused as exc:
+                raise ValueError(str(exc)) from None
         try:
             if self._zip is not None:
                 self._index += 1
