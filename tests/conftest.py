@@ -139,3 +139,11 @@ def close_later(fds: list[int], seconds: float) -> None:
             os.close(fd)
 
     threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory nobody can create files in (see _unwritable)."""
+    from _unwritable import unwritable_dir
+
+    yield from unwritable_dir(tmp_path / "locked")

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ if str(REPO) not in sys.path:  # `examples` is not an installed package: import 
     sys.path.insert(0, str(REPO))
 
 PIL = pytest.importorskip("PIL")
-from _unwritable import unwritable_dir  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from examples.thumbnailer import cli, make_samples  # noqa: E402
@@ -588,11 +586,6 @@ def test_ctrl_c_while_the_program_loads_or_walks_is_one_line(
     except KeyboardInterrupt:
         pytest.fail("the Ctrl-C escaped main(): a traceback")
     assert (status, stderr.getvalue()) == (cli.EXIT_INTERRUPTED, "thumbnailer: interrupted (Ctrl-C)\n")
-
-
-@pytest.fixture
-def unwritable(tmp_path: Path) -> Iterator[Path]:
-    yield from unwritable_dir(tmp_path / "locked")
 
 
 def test_an_output_dir_that_cannot_be_written_is_a_usage_error(

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `examples` is not an installed package: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from _unwritable import unwritable_dir  # noqa: E402
 
 from examples.unpack import cli, make_samples, safety  # noqa: E402
 from examples.unpack.workers import Unpacker  # noqa: E402
@@ -406,11 +404,6 @@ runpy.run_module("examples.unpack", run_name="__main__", alter_sys=True)
     proc = subprocess.run([sys.executable, "-c", code, str(SAMPLES / "good.zip"), str(tmp_path / "out")], cwd=REPO,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert (proc.returncode, proc.stderr, proc.stdout) == (cli.EXIT_INTERRUPTED, "unpack: interrupted (Ctrl-C)\n", "")
-
-
-@pytest.fixture
-def unwritable(tmp_path: Path) -> Iterator[Path]:
-    yield from unwritable_dir(tmp_path / "locked")
 
 
 def test_an_outdir_that_cannot_be_written_is_a_usage_error(
