@@ -73,6 +73,7 @@ from ._spawn import fork_worker
 from ._zygote import SPAWN_METHODS, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
+_WRITES = Rights.WRITE | Rights.APPEND | Rights.FTRUNCATE  # what an open may not ask for in a with_outputs() call
 log = logging.getLogger("privsep.broker")
 _OPEN_BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 MAX_SPAWN_GRANTS = 64
@@ -867,6 +868,10 @@ class Broker:
             if op == "create":
                 wanted = wanted | Rights.WRITE | Rights.CREATE
             target = r.locate(path, wanted)
+        if handle._outputs_allowed is not None and (
+            op in ("unlink", "mkdir") or (op == "open" and rights is not None and rights & _WRITES)
+        ):  # the caller named this call's outputs: they are all it may write
+            raise NotCapable("this call may write nothing but the outputs its caller named", filename=target.display)
         if op == "open":
             assert rights is not None
             cap = r.open(target, rights)

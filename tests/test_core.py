@@ -1173,6 +1173,22 @@ def test_what_spawn_and_pool_take_is_checked_where_it_is_given(broker: Broker) -
 
 class Sprayer(Worker):
     @rpc
+    def other_writes(self) -> list[str]:
+        """Writes that are no create(): each refused in a with_outputs() call."""
+        refused = []
+        for what, ask in (
+            ("open", lambda: self.broker.open("out/keep.txt", Rights.WRITE).write(b"X")),
+            ("append", lambda: self.broker.open("out/keep.txt", Rights.APPEND).write(b"X")),
+            ("unlink", lambda: self.broker.opendir("out", Rights.UNLINKAT | Rights.LOOKUP).unlink("keep.txt")),
+            ("mkdir", lambda: self.broker.mkdir("out/newdir")),
+        ):
+            try:
+                ask()
+            except NotCapable as exc:
+                refused.append(f"{what}: {exc.strerror}")
+        return refused
+
+    @rpc
     def write(self, names: list[str]) -> list[str]:
         """Create each output it can; say which were refused (as a compromised
         worker would try, past the one it was asked for)."""
@@ -1192,7 +1208,9 @@ def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None
     files and overwrite one of the user's). with_outputs() names a call's
     outputs; the broker refuses any other, and a second create of one."""
     (tree / "out" / "keep.txt").write_text("the user's")
-    with Broker(default_policy(), root=tree) as b:
+    policy = Policy().allow("out/", Rights.WRITE | Rights.APPEND | Rights.CREATE | Rights.UNLINKAT | Rights.MKDIRAT
+                            | Rights.LOOKUP | Rights.SEEK | Rights.FSTAT)
+    with Broker(policy, root=tree) as b:
         w = b.spawn(Sprayer)
         refused = w.with_outputs("out/a.txt").write(["a.txt", "keep.txt", "a.txt", "b.txt"])
         assert [r.split(":")[0] for r in refused] == ["keep.txt", "a.txt", "b.txt"]
@@ -1204,6 +1222,11 @@ def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None
         assert w.with_timeout(10).with_outputs(Path("out/c.txt")).write(["c.txt"]) == []
         assert asyncio.run(w.aio.with_outputs("out/d.txt").write(["d.txt", "e.txt"]))[0].startswith("e.txt")
         assert w.with_outputs().write(["f.txt"])[0].startswith("f.txt: this call may create only")
+        # Nor any other write: opening a file to write, unlinking, making a directory.
+        refused = w.with_outputs("out/a.txt").other_writes()
+        assert [r.split(":")[0] for r in refused] == ["open", "append", "unlink", "mkdir"], refused
+        assert all("may write nothing but the outputs its caller named" in r for r in refused), refused
+        assert (tree / "out" / "keep.txt").read_text() == "the user's"
         # a plain call after them: the policy's own bounds again
         assert w.write(["g.txt"]) == []
         assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "d.txt", "g.txt", "keep.txt"]
