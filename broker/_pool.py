@@ -11,6 +11,7 @@ calls or when their memory grows past a bound.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -23,11 +24,14 @@ from worker import Worker
 from worker._rpc import is_rpc
 
 from ._exit import WorkerExit
-from ._handle import WorkerHandle
+from ._handle import WorkerHandle, output_paths
 from ._options import call_timeout, count, optional_count
 
 if TYPE_CHECKING:
     from ._broker import Broker
+
+_Task = tuple[Future[Any], str, tuple[Any, ...], dict[str, Any], "frozenset[str] | None"]
+
 
 log = logging.getLogger("privsep.pool")
 
@@ -87,9 +91,8 @@ class WorkerPool(Executor):
         self.restarts = 0
         self.exits: deque[WorkerExit] = deque(maxlen=self.EXITS_KEPT)
         self.ended = 0
-        self._queue: queue.SimpleQueue[tuple[Future[Any], str, tuple[Any, ...], dict[str, Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        # (future, method, args, kwargs, the outputs it may write or None); None: the slot ends
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._handles: list[WorkerHandle | None] = [None] * size
         self._crashed = [False] * size
@@ -104,6 +107,18 @@ class WorkerPool(Executor):
 
     # -- Executor ---------------------------------------------------------
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(fn, args, kwargs, None)
+
+    def with_outputs(self, *paths: str | os.PathLike[str]) -> _PoolOutputs:
+        """A view whose ``submit()`` runs its task under
+        ``handle.with_outputs(*paths)``: those outputs are all the task may
+        write (``pool.with_outputs("out/a.jpg").submit(Cls.convert, ...)``)."""
+        return _PoolOutputs(self, output_paths(paths))
+
+    def _submit(
+        self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any],
+        outputs: frozenset[str] | None,
+    ) -> Future[Any]:
         method = self._method_name(fn)
         with self._lock:
             if self._shutdown:
@@ -111,7 +126,7 @@ class WorkerPool(Executor):
             if self._broken:
                 raise PoolBroken(self._broken)
             fut: Future[Any] = Future()
-            self._queue.put((fut, method, args, kwargs))
+            self._queue.put((fut, method, args, kwargs, outputs))
             return fut
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -207,7 +222,7 @@ class WorkerPool(Executor):
                 item = self._queue.get()
                 if item is None:
                     break
-                fut, method, args, kwargs = item
+                fut, method, args, kwargs, outputs = item
                 # Each path lets the task's arguments go at once (del): this
                 # frame is in a failed future's traceback, and waits for the
                 # next task.
@@ -223,7 +238,7 @@ class WorkerPool(Executor):
                         self._drain(cancel=False, error=exc)
                     continue
                 try:
-                    fut.set_result(handle._call(method, args, kwargs, self.timeout))
+                    fut.set_result(handle._call(method, args, kwargs, self.timeout, outputs))
                 except BaseException as exc:
                     del item, args, kwargs
                     fut.set_exception(exc)
@@ -248,6 +263,17 @@ class WorkerPool(Executor):
             handle_left = self._handles[slot]
             if handle_left is not None and handle_left.alive:
                 handle_left.stop()
+
+
+class _PoolOutputs:
+    """A pool whose submitted tasks may write the named outputs and nothing else."""
+
+    def __init__(self, pool: WorkerPool, outputs: frozenset[str]):
+        self._pool = pool
+        self._outputs = outputs
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._pool._submit(fn, args, kwargs, self._outputs)
 
 
 __all__ = ["PoolBroken", "WorkerPool"]

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import default_policy
 
 from broker import Broker, Policy, PoolBroken, _pool
 from broker._pool import WorkerPool
-from protocol import RemoteError, WorkerCrashed, WorkerTimeout
+from protocol import NotCapable, RemoteError, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
 
@@ -230,3 +231,26 @@ def test_remote_error_type(broker: Broker) -> None:
 
     with broker.pool(Calc, size=1) as pool:
         assert not isinstance(pool.submit(Calc.fail, "x").exception(), RemoteError)
+
+
+class Creator(Worker):
+    @rpc
+    def create(self, names: list[str]) -> list[str]:
+        refused = []
+        for name in names:
+            try:
+                with self.broker.create(f"out/{name}") as f:
+                    f.write(b"x")
+            except NotCapable:
+                refused.append(name)
+        return refused
+
+
+def test_a_pools_task_may_write_only_the_outputs_named_for_it(tree: Path) -> None:
+    with Broker(default_policy(), root=tree) as b, b.pool(Creator, size=2) as pool:
+        named = pool.with_outputs("out/a.txt")
+        assert named.submit(Creator.create, ["a.txt", "b.txt"]).result() == ["b.txt"]
+        assert pool.submit(Creator.create, ["c.txt"]).result() == []  # a plain submit: the policy's bounds
+        futures = [pool.with_outputs(f"out/n{i}.txt").submit(Creator.create, [f"n{i}.txt", "x.txt"]) for i in range(4)]
+        assert [f.result() for f in futures] == [["x.txt"]] * 4
+    assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "n0.txt", "n1.txt", "n2.txt", "n3.txt"]
