@@ -31,6 +31,7 @@ from PIL import Image  # noqa: E402
 from examples.thumbnailer import cli, make_samples  # noqa: E402
 from examples.thumbnailer.progress import Progress  # noqa: E402
 from examples.thumbnailer.workers import Thumbnailer  # noqa: E402
+from protocol import Rights  # noqa: E402
 from worker import rpc  # noqa: E402
 
 GOOD = make_samples.GOOD
@@ -686,3 +687,48 @@ def test_an_output_dir_that_contains_the_input_is_refused(tmp_path: Path) -> Non
         status = cli.main([str(inp), "-o", str(tmp_path)], stdout=io.StringIO(), stderr=io.StringIO())
     assert status == 2 and "must not contain INPUT_DIR" in stderr.getvalue()
     assert (inp / "holiday.jpg").read_bytes() == before
+
+
+class Overreaching(Thumbnailer):
+    """A compromised worker: for its image it writes over another thumbnail,
+    plants a file and rewrites a user's, then claims a result for an output
+    it never made (a red-team run got all of it through, exit 0)."""
+
+    @rpc
+    def thumbnail(self, src: Any, size: int, fmt: str, quality: int, out: str) -> dict[str, Any]:
+        from protocol import NotCapable
+
+        base = out.rsplit("/", 1)[0]
+        if out.endswith("/b.jpg"):
+            for what in (lambda: self.broker.create(f"{base}/a.jpg"),
+                         lambda: self.broker.create(f"{base}/planted.html"),
+                         lambda: self.broker.open(f"{base}/notes.txt", Rights.WRITE)):
+                try:
+                    what().write(b"<script>from the worker</script>")
+                except NotCapable:
+                    pass
+            return {"width": 10, "height": 10, "format": fmt, "bytes": 999_999, "source_format": "PNG",
+                    "source_size": [20, 20], "animated": False}
+        return super().thumbnail(src, size, fmt, quality, out)
+
+
+def test_a_compromised_worker_writes_nothing_but_its_own_thumbnail(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(make_samples.SAMPLES_DIR / "diagram.png", inp / "a.png")
+    shutil.copy(make_samples.SAMPLES_DIR / "diagram.png", inp / "b.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own notes")
+    stdout = io.StringIO()
+    status = cli.main([str(inp), "-o", str(out), "--json", "-", "-w", "1"], worker_cls=Overreaching, stdout=stdout,
+                      stderr=io.StringIO())
+    report = json.loads(stdout.getvalue())
+    assert status == cli.EXIT_OK
+    assert sorted(os.listdir(out)) == ["a.jpg", "notes.txt"]  # no b.jpg (never made), nothing planted
+    assert (out / "notes.txt").read_text() == "the user's own notes"
+    assert Image.open(out / "a.jpg").format == "JPEG"  # a's own thumbnail, not the worker's script
+    assert [c["input"] for c in report["converted"]] == ["a.png"]
+    assert report["converted"][0]["bytes"] == (out / "a.jpg").stat().st_size  # the real size, not a claim
+    assert [(r["input"], r["reason"]) for r in report["rejected"]] == [
+        ("b.png", "the worker said it wrote the thumbnail, and did not")]

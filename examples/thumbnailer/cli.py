@@ -474,7 +474,10 @@ class _Batch:
                 self.reject(job.rel, "output-unsafe", f"cannot make {reldir}/ in the output: {exc.strerror}")
                 return
         a = self.args
-        fut = self.pool.submit(self.worker_cls.thumbnail, cap, a.size, a.format, a.quality, f"{self.out_rel}/{job.out}")
+        out = f"{self.out_rel}/{job.out}"
+        # The output grant covers all of OUTPUT_DIR: this task may write its own thumbnail and
+        # nothing else there, even if the image made its worker run code of its own.
+        fut = self.pool.with_outputs(out).submit(self.worker_cls.thumbnail, cap, a.size, a.format, a.quality, out)
         self.inflight[fut] = (job, cap, time.monotonic())
 
     def finish(self, fut: Future[Any]) -> None:
@@ -488,6 +491,15 @@ class _Batch:
                 self.report["workers_replaced"] += 1
             self.reject(job.rel, kind, reason)
             return
+        # What is on disk, not what the worker says: the file must be there, and its size is the real one.
+        try:
+            st = os.stat(job.out, dir_fd=self.out_fd, follow_symlinks=False)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            self.reject(job.rel, "error", "the worker said it wrote the thumbnail, and did not")
+            return
+        result["bytes"] = st.st_size
         item: dict[str, Any] = {"input": job.rel, "output": job.out, "seconds": round(time.monotonic() - t0, 4)}
         item.update(result)
         self.report["converted"].append(item)
