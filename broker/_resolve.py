@@ -214,7 +214,7 @@ class Resolver:
     def locate_in(self, directory: Capability, path: object, rights: Rights) -> Target:
         """Check a path beneath a directory capability (a directory proxy)."""
         parts = split_relative(path)
-        display = "/".join((directory.name, *parts))
+        display = "/".join(p for p in (directory.name, *parts) if p)  # (the root's own name is "")
         if int(rights) & ~int(directory.rights):
             raise NotCapable(lacks(f"directory {directory.name!r}", directory.rights, rights), filename=display)
         return Target(directory.fileno(), "/".join(parts) or ".", display, True, directory.rights)

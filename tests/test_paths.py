@@ -747,3 +747,15 @@ def test_a_directory_granted_at_spawn_refuses_as_the_broker_does(tree: Path) -> 
         sub = w.open_in("sub")
         assert isinstance(sub, dict) and sub["msg"] == "only regular files are opened, this is a directory"
         assert w.open_in("link_in") == b"hello"  # a symlink that stays inside is followed, as the broker does
+
+
+def test_a_path_beneath_a_proxy_of_the_root_is_named_as_beneath_the_root(tree: Path) -> None:
+    """A proxy of the policy's root is named "": paths beneath it read
+    '/out/a.txt' in errors and the audit, and never matched an output named
+    'out/a.txt' (with_outputs refused it; a red-team run)."""
+    with Broker(Policy().allow("./", _LOOKUP | Rights.CREATE | Rights.WRITE), root=tree) as b:
+        root = b.opendir(".", _LOOKUP | Rights.CREATE | Rights.WRITE)
+        assert root.name == ""
+        target = b._resolver.locate_in(root, "out/a.txt", Rights.WRITE)
+        assert target.display == "out/a.txt"
+        root.close()
