@@ -962,11 +962,13 @@ class Broker:
             out = Outgoing(cap.fileno(), KIND_FILE, rights, False)
             after.append(out)
             return out
-        # A pipe holds two broker fds while a pump thread or the call's loop
-        # moves its data: counted for a worker's own request (see _budget).
-        piped = request and plan in (PIPE_READ, PIPE_WRITE)
+        # A pipe holds two broker fds while a pump thread or the call's loop moves its
+        # data: counted against the worker's share (see _budget), for a file it asked for
+        # and for one passed to it alike (a worker that keeps the pipe unread keeps both).
+        piped = plan in (PIPE_READ, PIPE_WRITE)
         if piped:
-            self._fds.take(handle, 2, "a file delivered as a pipe", len(self._workers))
+            what = "a file delivered as a pipe" if request else "a file argument delivered as a pipe"
+            self._fds.take(handle, 2, what, len(self._workers))
         fds = self._fds
         try:
             out, mover = deliver(

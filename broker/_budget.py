@@ -55,7 +55,8 @@ class FdBudget:
             if owner._held + n > share:
                 raise NotCapable(
                     f"{what} would hold more broker fds for this worker than its share of {share} "
-                    f"(it holds {owner._held}: close directories and files it asked for)"
+                    f"(it holds {owner._held}, for pipes not read to their end, directories it asked for and "
+                    "its call's outputs)"
                 )
             if self.held + n > self.total:
                 raise NotCapable(

@@ -58,6 +58,11 @@ class Hog(Worker):
         return f"{len(made)}"
 
     @rpc
+    def keep(self, f: Any) -> None:
+        """Keep a copy of a file argument's pipe, unread, past the call."""
+        self.held.append(os.dup(f.fileno()))
+
+    @rpc
     def let_go(self) -> int:
         n = len(self.held)
         for h in self.held:
@@ -142,3 +147,27 @@ def test_all_workers_together_hold_at_most_the_brokers_budget(root: Path) -> Non
         spare = b.spawn(Hog)  # four now: a share of 10, and one fd of the budget left
         assert spare.dirs(5).startswith("1: ") and "more than 40 broker fds" in spare.dirs(1)
         assert spare.read() == b"hello"
+
+
+def test_a_worker_that_keeps_its_argument_pipes_holds_no_more_than_its_share(root: Path) -> None:
+    """A READ-only file argument travels as a pipe a broker thread fills: a
+    worker keeping each one unread kept 2 broker fds and a thread per call,
+    counted nowhere (a red-team run filled the broker's fd table through a
+    pool, as the quick-start's own pattern does). They count now: past its
+    share a call with such an argument is refused, and others go on."""
+    with Broker(_policy(16), root=root, request_rate=None) as b:
+        hoarder = b.spawn(Hog)
+        other = b.spawn(Hog)
+        kept = 0
+        with pytest.raises(NotCapable, match="a file argument delivered as a pipe would hold more broker fds"):
+            for _ in range(50):
+                cap = b.open("data/big", Rights.READ)
+                try:
+                    hoarder.keep(cap)
+                finally:
+                    cap.close()
+                kept += 1
+        assert kept == 8 and b._fds.held == 16
+        assert other.read() == b"hello" and b.spawn(Hog).read() == b"hello"
+        hoarder.kill()
+        assert _settled(b) == 0  # the pumps end with the worker, and give their fds back
