@@ -732,3 +732,31 @@ def test_a_compromised_worker_writes_nothing_but_its_own_thumbnail(tmp_path: Pat
     assert report["converted"][0]["bytes"] == (out / "a.jpg").stat().st_size  # the real size, not a claim
     assert [(r["input"], r["reason"]) for r in report["rejected"]] == [
         ("b.png", "the worker said it wrote the thumbnail, and did not")]
+
+
+class Lazy(Thumbnailer):
+    """A compromised worker that writes nothing and claims a plausible result."""
+
+    @rpc
+    def thumbnail(self, src: Any, size: int, fmt: str, quality: int, out: str) -> dict[str, Any]:
+        return {"width": 64, "height": 48, "format": fmt, "bytes": 694, "source_format": "PNG",
+                "source_size": [200, 150], "animated": False}
+
+
+def test_a_thumbnail_left_by_an_earlier_run_is_not_counted_as_this_runs(tmp_path: Path) -> None:
+    """The check after each task looked only for a file at the output's name:
+    one an earlier run left there passed, and a worker that wrote nothing had
+    the new image counted as converted, with the old thumbnail (a red-team run)."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(make_samples.SAMPLES_DIR / "diagram.png", inp / "a.png")
+    out = tmp_path / "out"
+    assert cli.main([str(inp), "-o", str(out), "--quiet"], stdout=io.StringIO(), stderr=io.StringIO()) == cli.EXIT_OK
+    before = (out / "a.jpg").stat()
+    stdout = io.StringIO()
+    status = cli.main([str(inp), "-o", str(out), "--json", "-"], worker_cls=Lazy, stdout=stdout, stderr=io.StringIO())
+    report = json.loads(stdout.getvalue())
+    assert status == cli.EXIT_OK and report["converted"] == []
+    assert [(r["input"], r["reason"]) for r in report["rejected"]] == [
+        ("a.png", "the worker said it wrote the thumbnail, and did not")]
+    assert (out / "a.jpg").stat().st_ino == before.st_ino  # the earlier run's, untouched

@@ -405,7 +405,8 @@ class _Batch:
         self.report, self.progress = report, progress
         self.input_dir, self.in_rel, self.out_rel, self.out_fd = input_dir, in_rel, out_rel, out_fd
         self.read_rights = Rights.READ | Rights.FSTAT | Rights.SEEK
-        self.inflight: dict[Future[Any], tuple[Job, Any, float]] = {}
+        # task -> (job, its capability, when it started, what was at its output's name before)
+        self.inflight: dict[Future[Any], tuple[Job, Any, float, tuple[int, int] | None]] = {}
         self.made_dirs: set[str] = set()
 
     def reject(self, rel: str, kind: str, reason: str) -> None:
@@ -474,14 +475,25 @@ class _Batch:
                 self.reject(job.rel, "output-unsafe", f"cannot make {reldir}/ in the output: {exc.strerror}")
                 return
         a = self.args
+        before = self._identity(job.out)  # a thumbnail from an earlier run is there, maybe
         out = f"{self.out_rel}/{job.out}"
         # The output grant covers all of OUTPUT_DIR: this task may write its own thumbnail and
         # nothing else there, even if the image made its worker run code of its own.
         fut = self.pool.with_outputs(out).submit(self.worker_cls.thumbnail, cap, a.size, a.format, a.quality, out)
-        self.inflight[fut] = (job, cap, time.monotonic())
+        self.inflight[fut] = (job, cap, time.monotonic(), before)
+
+    def _stat(self, rel: str) -> os.stat_result | None:
+        try:
+            return os.stat(rel, dir_fd=self.out_fd, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _identity(self, rel: str) -> tuple[int, int] | None:
+        st = self._stat(rel)
+        return None if st is None else (st.st_dev, st.st_ino)
 
     def finish(self, fut: Future[Any]) -> None:
-        job, cap, t0 = self.inflight.pop(fut)
+        job, cap, t0, before = self.inflight.pop(fut)
         cap.close()
         try:
             result = accept_result(fut.result(), self.args.format, self.args.size)
@@ -491,12 +503,10 @@ class _Batch:
                 self.report["workers_replaced"] += 1
             self.reject(job.rel, kind, reason)
             return
-        # What is on disk, not what the worker says: the file must be there, and its size is the real one.
-        try:
-            st = os.stat(job.out, dir_fd=self.out_fd, follow_symlinks=False)
-        except OSError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
+        # What is on disk, not what the worker says: a file this task committed (a commit renames a
+        # new file into place: not the one an earlier run left), and its real size.
+        st = self._stat(job.out)
+        if st is None or not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) == before:
             self.reject(job.rel, "error", "the worker said it wrote the thumbnail, and did not")
             return
         result["bytes"] = st.st_size
