@@ -6,7 +6,10 @@ has read it), an output (until its call ends). A worker pays nothing for
 them, so without a bound one worker could fill the broker's fd table and
 every other worker's requests, and every spawn, would fail with EMFILE.
 Each worker may hold its share, and all of them together half the broker's
-``RLIMIT_NOFILE``: the other half stays free for the broker's own work.
+``RLIMIT_NOFILE``: the other half stays free for the broker's own work. A
+quarter of the budget is kept for workers' first ``MIN_SHARE`` fds: shares
+are counted when fds are taken, so workers that took theirs while few others
+ran keep them, and a worker that starts later still gets a first few.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ class FdBudget:
                 raise NotCapable(
                     f"{what} would hold more than {self.total} broker fds for its workers (half the "
                     f"broker's open-files limit; they hold {self.held})"
+                )
+            if owner._held + n > MIN_SHARE and self.held + n > self.total - self.total // 4:
+                raise NotCapable(
+                    f"{what} would take from the broker fds kept for other workers' first {MIN_SHARE} "
+                    f"(its workers hold {self.held} of {self.total})"
                 )
             owner._held += n
             self.held += n

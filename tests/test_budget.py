@@ -136,17 +136,34 @@ def test_a_worker_that_ends_gives_back_what_it_held(root: Path) -> None:
 
 def test_all_workers_together_hold_at_most_the_brokers_budget(root: Path) -> None:
     """However many workers ask, the broker keeps the rest of its fd table
-    (here a budget of 40, as if its limit were 80): each gets a fair share
-    of it, and past the whole budget a request is refused even within one."""
+    (here a budget of 40, as if its limit were 80): each gets a share of it,
+    a quarter of it (10) is kept for workers' first 8, and past the whole
+    budget a request is refused even within one's share."""
     with Broker(_policy(256), root=root, request_rate=None) as b:
         b._fds.total = 40
         hogs = [b.spawn(Hog) for _ in range(3)]
-        answers = [h.dirs(100) for h in hogs]  # each: a share of 40 // 3 = 13 while three run
-        assert [a.split(":")[0] for a in answers] == ["13", "13", "13"], answers
-        assert b._fds.held == 39
-        spare = b.spawn(Hog)  # four now: a share of 10, and one fd of the budget left
-        assert spare.dirs(5).startswith("1: ") and "more than 40 broker fds" in spare.dirs(1)
+        answers = [h.dirs(100) for h in hogs]  # shares of 40 // 3 = 13 while three run
+        assert [a.split(":")[0] for a in answers] == ["13", "13", "8"], answers
+        assert "kept for other workers' first 8" in answers[2]  # 13 + 13 + 8: 34, past the 30 not kept
+        spare = b.spawn(Hog)  # four now: within its first 8, from what is kept
+        assert spare.dirs(5) == "5"
+        assert "more than 40 broker fds" in spare.dirs(5)  # 39 held: one left
         assert spare.read() == b"hello"
+
+
+def test_workers_that_took_fds_first_leave_a_later_one_its_first_few(root: Path) -> None:
+    """Shares are counted when fds are taken: two workers that took theirs
+    while fewer ran kept half the budget each, and a worker started after
+    them had every request refused, holding nothing (a red-team run). A
+    quarter of the budget is kept for workers' first 8 fds."""
+    with Broker(_policy(256), root=root, request_rate=None) as b:
+        b._fds.total = 64
+        first = b.spawn(Hog)
+        assert first.dirs(100).split(":")[0] == "48"  # alone: up to the 48 not kept
+        second = b.spawn(Hog)
+        assert second.dirs(100).split(":")[0] == "8"  # within its first 8, from what is kept
+        later = b.spawn(Hog)
+        assert later.dirs(8) == "8" and later.read() == b"hello"
 
 
 def test_a_worker_that_keeps_its_argument_pipes_holds_no_more_than_its_share(root: Path) -> None:
