@@ -8,7 +8,6 @@ import errno
 import functools
 import logging
 import os
-import reprlib
 import subprocess
 import sys
 import threading
@@ -61,7 +60,7 @@ from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
 from ._handle import HANDLE_NAMES, WorkerHandle, _size, close_fds_in, reap_dropped
 from ._interp import checked_environ, child_env
-from ._logtext import MAX_LOGGED, bounded, printable
+from ._logtext import bounded, printable, short_repr
 from ._loop import PerLoopLock
 from ._options import call_timeout as checked_call_timeout
 from ._options import count, rate, wait_timeout
@@ -1033,7 +1032,7 @@ class Broker:
     ) -> None:
         if not audit_log.isEnabledFor(logging.INFO):
             return
-        shown = bounded(path if isinstance(path, str) else _short_repr(path))
+        shown = bounded(path if isinstance(path, str) else short_repr(path))
         reason = bounded(reason)
         event = {
             "worker": handle.id,
@@ -1058,24 +1057,6 @@ class Broker:
                 extra={"privsep": event},
             )
         )
-
-
-class _ShortRepr(reprlib.Repr):
-    """Reprs of what a worker sent as a path, made from at most a few KiB of
-    it at any depth (a bytes or list of 64 MiB would be repr'd whole first)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxstring = self.maxother = MAX_LOGGED
-        self.maxlist = self.maxtuple = self.maxdict = 16
-
-    def repr_bytes(self, value: bytes, level: int) -> str:
-        if len(value) <= MAX_LOGGED:
-            return repr(value)
-        return f"{value[:MAX_LOGGED]!r}...[bytes of {len(value)}]"
-
-
-_short_repr = _ShortRepr().repr
 
 
 @functools.lru_cache(maxsize=256)

@@ -8,6 +8,8 @@ messages carry such text escaped; ``record.privsep`` keeps it as it was.
 
 from __future__ import annotations
 
+import reprlib
+
 #: Worker text longer than this is cut in log lines and log records: a
 #: message may carry 64 MiB of it, which escaping and every handler would
 #: otherwise pay for (a path is refused past 4096 bytes anyway).
@@ -31,3 +33,22 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class _ShortRepr(reprlib.Repr):
+    """Reprs of what a worker sent as a path, made from at most a few KiB of
+    it at any depth (a bytes or list of 64 MiB would be repr'd whole first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = MAX_LOGGED
+        self.maxlist = self.maxtuple = self.maxdict = 16
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        if len(value) <= MAX_LOGGED:
+            return repr(value)
+        return f"{value[:MAX_LOGGED]!r}...[bytes of {len(value)}]"
+
+
+#: A repr of any value a worker sent, built from a few KiB of it.
+short_repr = _ShortRepr().repr

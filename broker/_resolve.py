@@ -17,11 +17,12 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from protocol import NotCapable, PolicyError, Rights
 from protocol._paths import ESCAPES, is_utf8, split_relative
-from protocol._wire import KIND_DIR, KIND_FILE
+from protocol._wire import KIND_DIR, KIND_FILE, type_name
 from worker._files import access_flags
 from worker.sandbox._openat2 import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS
 from worker.sandbox._openat2 import openat2 as _linux_openat2
@@ -37,15 +38,6 @@ _MAX_LISTDIR = 100_000
 # (measured with tracemalloc, every path 256 four-byte characters).
 _LOCATED_MAX = 512
 _LOCATED_PATH_MAX = 256
-_TYPES = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "char",
-    stat.S_IFBLK: "block",
-}
 
 __all__ = ["Resolver", "Target", "access_flags"]
 
@@ -68,7 +60,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, *, no_symlinks: bo
 _NO_SYMLINKS = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS
 
 
-def _walk_no_symlinks(dirfd: int, path: str, flags: int, mode: int, opener: Any) -> int:
+def _walk_no_symlinks(dirfd: int, path: str, flags: int, mode: int, opener: Callable[..., int]) -> int:
     """RESOLVE_NO_SYMLINKS by hand, where the kernel has no such flag: each
     component opened O_PATH|O_NOFOLLOW (a symlink opens as itself) and
     checked, the last one then opened with ``flags`` beneath its parent."""
@@ -276,7 +268,7 @@ class Resolver:
         pathfd, st = self._open_path(t)
         try:
             if not stat.S_ISREG(st.st_mode):
-                kind = _TYPES.get(stat.S_IFMT(st.st_mode), "special file")
+                kind = type_name(st.st_mode, "special file")
                 raise NotCapable(f"only regular files are granted, this is a {kind}", filename=t.display)
             fd = self._reopen(pathfd, access_flags(rights) | _BASE, t.display)
         finally:
@@ -292,7 +284,7 @@ class Resolver:
         pathfd, st = self._open_path(t)
         os.close(pathfd)
         return {
-            "type": _TYPES.get(stat.S_IFMT(st.st_mode), "other"),
+            "type": type_name(st.st_mode),
             "size": st.st_size,
             "mode": stat.S_IMODE(st.st_mode),
             "mtime_ns": st.st_mtime_ns,

@@ -60,6 +60,17 @@ KINDS = (KIND_FILE, KIND_DIR, KIND_STREAM, KIND_MEMFD)
 _KIND_OF_TYPE = {stat.S_IFDIR: KIND_DIR, stat.S_IFREG: KIND_FILE}
 
 
+_TYPE_NAMES = {
+    stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket", stat.S_IFCHR: "char", stat.S_IFBLK: "block",
+}  # fmt: skip
+
+
+def type_name(st_mode: int, unknown: str = "other") -> str:
+    """What a ``stat()`` says a file is, in a word (as StatResult.type and refusals name it)."""
+    return _TYPE_NAMES.get(stat.S_IFMT(st_mode), unknown)
+
+
 def kind_of_mode(st_mode: int) -> int:
     """The kind an fd travels as, from its ``st_mode``: a directory, a regular
     file, or a stream (pipe, socket, anything else)."""

@@ -743,9 +743,9 @@ def test_a_directory_granted_at_spawn_refuses_as_the_broker_does(tree: Path) -> 
                 "filename": name,
             }
         fifo = w.open_in("fifo")
-        assert isinstance(fifo, dict) and fifo["msg"] == "only regular files are opened, this is a FIFO"
+        assert isinstance(fifo, dict) and fifo["msg"] == "only regular files are granted, this is a fifo"
         sub = w.open_in("sub")
-        assert isinstance(sub, dict) and sub["msg"] == "only regular files are opened, this is a directory"
+        assert isinstance(sub, dict) and sub["msg"] == "only regular files are granted, this is a dir"
         assert w.open_in("link_in") == b"hello"  # a symlink that stays inside is followed, as the broker does
 
 

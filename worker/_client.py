@@ -19,13 +19,11 @@ from protocol._messages import check_message
 from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire
 from protocol._rights import rights_arg
-from protocol._wire import Channel, DirRef, ReceivedFd
+from protocol._wire import Channel, DirRef, ReceivedFd, type_name
 
 from ._files import Directory, ProxyDirectory, wrap_received
 
 _REPLIES = frozenset({"rep", "rerr", "stop"})
-_TYPES = {_stat.S_IFREG: "file", _stat.S_IFDIR: "dir", _stat.S_IFLNK: "symlink", _stat.S_IFIFO: "fifo",
-          _stat.S_IFSOCK: "socket", _stat.S_IFCHR: "char", _stat.S_IFBLK: "block"}  # fmt: skip
 
 
 def _checked(path: str | os.PathLike[str]) -> str:
@@ -50,7 +48,7 @@ class StatResult:
 
     @classmethod
     def from_stat(cls, st: os.stat_result) -> StatResult:
-        return cls(_TYPES.get(_stat.S_IFMT(st.st_mode), "other"), st.st_size, _stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+        return cls(type_name(st.st_mode), st.st_size, _stat.S_IMODE(st.st_mode), st.st_mtime_ns)
 
 
 class BrokerClient:

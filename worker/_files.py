@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from protocol import NotCapable, Rights
 from protocol._paths import ESCAPES, is_utf8, local_path, split_relative
 from protocol._rights import rights_arg
-from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode, unsendable
+from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode, type_name, unsendable
 
 if TYPE_CHECKING:
     from ._client import BrokerClient, StatResult
@@ -170,11 +170,11 @@ class FdDirectory(Directory):
             os.close(fd)
             raise
         if not stat.S_ISREG(mode):
-            # As the broker refuses one. (Only this client's rule: the open has been
-            # made, and a compromised worker may make it too, within Landlock's rights.)
+            # As the broker refuses one, in its words. (Only this client's rule: the open has
+            # been made, and a compromised worker may make it too, within Landlock's rights.)
             os.close(fd)
-            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
-            raise NotCapable(f"only regular files are opened, this is a {kind}", filename=path)
+            raise NotCapable(f"only regular files are granted, this is a {type_name(mode, 'special file')}",
+                             filename=path)
         return open_fd(fd, rights)
 
     def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
