@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any, TextIO
 
@@ -39,7 +40,9 @@ def json_target_problem(json_target: str | None) -> str | None:
         return None
     if os.path.isdir(json_target):
         return f"--json {json_target!r} is a directory"
-    directory = os.path.dirname(os.path.abspath(json_target))
+    if _written_in_place(json_target):
+        return None if os.access(json_target, os.W_OK) else f"--json {json_target!r}: not writable"
+    directory = os.path.dirname(_replaced_path(json_target))
     if not os.path.isdir(directory):
         what = "is not a directory" if os.path.lexists(directory) else "does not exist"
         return f"--json {json_target!r}: the directory {directory!r} {what}"
@@ -47,6 +50,23 @@ def json_target_problem(json_target: str | None) -> str | None:
     if problem:
         return f"--json {json_target!r}: cannot write in {directory!r}: {problem}"
     return None
+
+
+def _written_in_place(json_target: str) -> bool:
+    """An existing target that is no regular file (``/dev/null``, a FIFO, a
+    terminal) is written into, as a shell's ``>`` would: there is no file to
+    replace, and replacing it would put a regular file where a device was."""
+    try:
+        mode = os.stat(json_target).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def _replaced_path(json_target: str) -> str:
+    """The file the report replaces: through a symlink, the file it names
+    (the link is kept), else the target itself."""
+    return os.path.realpath(json_target) if os.path.islink(json_target) else os.path.abspath(json_target)
 
 
 def _umask() -> int:
@@ -66,8 +86,19 @@ def emit(report: dict[str, Any], summary: str, json_target: str | None, stdout: 
     stdout.write(summary)
     if not json_target:
         return True
+    if _written_in_place(json_target):
+        try:
+            with open(json_target, "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+        except OSError as exc:
+            stdout.flush()
+            print(f"{prog}: cannot write the --json report to {json_target!r}: {exc.strerror or exc}", file=stderr)
+            return False
+        return True
     # A temporary beside the target, renamed into place: never half a report.
-    directory = os.path.dirname(os.path.abspath(json_target))
+    path = _replaced_path(json_target)
+    directory = os.path.dirname(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=directory)
@@ -75,7 +106,7 @@ def emit(report: dict[str, Any], summary: str, json_target: str | None, stdout: 
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2, sort_keys=True)
             fh.write("\n")
-        os.replace(tmp, json_target)
+        os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
             try:

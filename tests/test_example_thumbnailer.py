@@ -143,7 +143,7 @@ def test_main_other_formats(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
     stdout, stderr = io.StringIO(), io.StringIO()
     status = cli.main(
-        [str(inp), "-o", str(out), "-f", fmt, "-s", "100", "-q", "70", "--json", "-", "--quiet", "--strict"],
+        [str(inp), "-o", str(out), "-f", fmt, "-s", "100", "--quality", "70", "--json", "-", "-q", "--strict"],
         stdout=stdout, stderr=stderr,
     )  # fmt: skip
     assert status == cli.EXIT_REJECTED
@@ -510,6 +510,41 @@ def test_the_report_file_gets_the_usual_mode(tmp_path: Path) -> None:
     assert status == cli.EXIT_OK
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
     assert json.loads((tmp_path / "r.json").read_text())["counts"]["converted"] == 1
+
+
+def test_a_report_to_a_fifo_is_written_into_it_not_over_it(tmp_path: Path) -> None:
+    """An existing target that is no regular file (a FIFO here; /dev/null as root is the same case) is
+    written into, as a shell's > would: replacing it would put a regular file where the device was."""
+    import threading
+
+    inp, fifo = _photos(tmp_path / "in", "a.jpg"), tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    status = cli.main([str(inp), "-o", str(tmp_path / "out"), "-q", "--json", str(fifo)],
+                      stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    reader.join(30)
+    assert status == cli.EXIT_OK
+    assert fifo.is_fifo()  # still the FIFO, not a file put in its place
+    assert json.loads(got[0])["counts"]["converted"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out", "report.fifo"]  # no temporary left
+
+
+def test_a_report_through_a_symlink_replaces_the_file_it_names(tmp_path: Path) -> None:
+    """--json LINK writes the file the link names, atomically beside it, and keeps the link."""
+    inp = _photos(tmp_path / "in", "a.jpg")
+    (tmp_path / "shared").mkdir()
+    real = tmp_path / "shared" / "report.json"
+    real.write_text("old")
+    link = tmp_path / "report.json"
+    link.symlink_to(real)
+    status = cli.main([str(inp), "-o", str(tmp_path / "out"), "-q", "--json", str(link)],
+                      stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_OK
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert json.loads(real.read_text())["counts"]["converted"] == 1
+    assert sorted(p.name for p in real.parent.iterdir()) == ["report.json"]  # no temporary left
 
 
 def _ctrl_c_when_the_broker_starts(monkeypatch: pytest.MonkeyPatch) -> None:

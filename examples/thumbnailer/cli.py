@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "-q", "--quality", type=_positive_int(1, 100), default=85, metavar="Q",
+        "--quality", type=_positive_int(1, 100), default=85, metavar="Q",
         help="JPEG/WebP quality 1-100 (default: %(default)s; PNG is lossless and ignores it)",
     )  # fmt: skip
     parser.add_argument(
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="FILE",
         help="also write a machine-readable report to FILE ('-' for stdout; the human summary then goes to stderr)",
     )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display, only the summary")
     parser.add_argument(
         "--strict",
         action="store_true",
