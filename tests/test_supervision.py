@@ -435,6 +435,74 @@ def test_worker_output_is_held_to_the_request_rate(tree: Path, caplog: pytest.Lo
         Broker(Policy(), root=tree, worker_output="yes")  # type: ignore[arg-type]
 
 
+class FdWriter(Worker):
+    """Writes to fds 1 and 2 themselves, as C code does (os.write, and faulthandler's own C writes)."""
+
+    def setup(self) -> None:
+        os.write(1, b"fd 1 in setup()\n")
+
+    @rpc
+    def mixed(self) -> str:
+        import faulthandler
+        import sys
+
+        os.write(1, b"fd 1 first\n")
+        print("then print()")
+        os.write(2, "fd 2 \u00e9 \x1b[31m\n".encode())
+        print("then stderr", file=sys.stderr)
+        faulthandler.dump_traceback(2, all_threads=False)  # C writing to fd 2
+        os.write(1, b"no newline at the end")
+        return "done"
+
+    @rpc
+    def flood(self, n: int) -> list[Any]:
+        """Write ``n`` bytes to fd 2 in 4 KiB pieces; what the pipe took, and how the rest failed."""
+        taken, failed = 0, ""
+        while taken < n:
+            try:
+                taken += os.write(2, b"e" * 4095 + b"\n")
+            except OSError as exc:
+                failed = type(exc).__name__
+                break
+        return [taken, failed]
+
+
+@pytest.mark.parametrize("spawn", ["zygote", "exec"])
+def test_what_code_writes_to_fds_1_and_2_joins_the_worker_output(
+    tree: Path, caplog: pytest.LogCaptureFixture, spawn: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree, worker_output=True, spawn=spawn) as b:
+        w = b.spawn(FdWriter)
+        assert "seccomp" in " ".join(w.sandbox["layers"])  # in the sandbox, as every worker
+        assert w.mixed() == "done"
+        got = _printed(caplog)
+        assert got[:5] == [("INFO", "stdout", "fd 1 in setup()"), ("INFO", "stdout", "fd 1 first"),
+                           ("INFO", "stdout", "then print()"), ("WARNING", "stderr", "fd 2 \u00e9 \x1b[31m"),
+                           ("WARNING", "stderr", "then stderr")]
+        assert got[5] == ("WARNING", "stderr", "Stack (most recent call first):")
+        assert "in mixed" in got[6][2] and got[-1] == ("INFO", "stdout", "no newline at the end")
+        messages = [r.getMessage() for r in caplog.records if r.name == "privsep.worker"]
+        assert all(m.isprintable() for m in messages)  # the escape sequence is escaped in the log line
+        # A flood past the pipe fails the write (EAGAIN), never blocks the worker; what the pipe took is logged.
+        caplog.clear()
+        taken, failed = w.flood(1 << 20)
+        assert failed == "BlockingIOError" and 0 < taken < 1 << 20  # (a list: msgpack has no tuples)
+        assert sum(len(text) + 1 for _, _, text in _printed(caplog)) == taken
+        assert w.mixed() == "done"  # and the pipe works on
+
+
+def test_what_code_writes_to_fds_1_and_2_goes_nowhere_unless_asked_for(
+    tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(FdWriter)
+        for _ in range(3):  # from the first call, fds 1 and 2 are /dev/null: every write succeeds
+            assert w.mixed() == "done" and w.flood(1 << 20) == [1 << 20, ""]
+        assert _printed(caplog) == [] and w.alive
+
+
 def test_log_text_escapes_exactly_what_is_not_printable() -> None:
     from broker._logtext import printable
 

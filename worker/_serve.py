@@ -34,7 +34,7 @@ from protocol._wire import (
 
 from ._client import BrokerClient, BrokerGone
 from ._files import FdDirectory, ProxyDirectory, fd_of, open_fd, wrap_received
-from ._output import Output
+from ._output import Output, capture_stdio, captured_fds
 from ._output import hub as output
 from ._rpc import Worker
 from .sandbox._libc import PR_SET_PDEATHSIG, prctl
@@ -53,15 +53,17 @@ def _close_all_but(keep: Sequence[int]) -> None:
     os.closerange(lo, 1 << 20)
 
 
-def _quiet_stdio() -> list[int]:
-    """Point fds 0-2 at /dev/null so stray prints cannot reach a terminal."""
+def _quiet_stdio() -> None:
+    """Point fd 0 at /dev/null, and fds 1 and 2 at pipes this worker reads
+    back (worker._output): no write reaches a terminal, and what C code
+    writes can reach the broker's log."""
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     for fd in (0, 1, 2):
         if fd != null:
             os.dup2(null, fd, inheritable=False)
     if null > 2:
         os.close(null)
-    return [0, 1, 2]
+    capture_stdio()
 
 
 def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
@@ -113,7 +115,7 @@ def serve(instance: Worker, chan: Channel) -> None:
                 if output.forward is None:
                     output.configure(False)  # the broker did not ask for the output before a call
                 else:
-                    output.send()  # what was printed since the last call
+                    output.collect()  # what was printed since the last call
             try:
                 result = getattr(instance, name)(
                     *([_unwrap_args(x, opened, client) for x in a] if a else ()),
@@ -256,7 +258,7 @@ def _become(
 ) -> tuple[Worker, dict[str, Any], _Listener | None]:
     """Make the worker: its instance, ``setup()``, then sandbox entry (when
     ``prepared``). The channel is on CHANNEL_FD and grant i on GRANT_BASE + i."""
-    keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants)))]
+    keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants))), *captured_fds()]
     sys.stdout, sys.stderr = _take_streams()  # never the real fds (setup()'s prints included)
     instance = cls()
     instance.broker = output.client = BrokerClient(chan)
