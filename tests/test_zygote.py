@@ -159,12 +159,21 @@ def test_a_spawn_is_served_by_the_waiting_spare_which_holds_nothing(tree: Path) 
         pid, fd = spare
         assert _ppid(pid) == b._zygote._proc.pid  # type: ignore[union-attr]
         settled = {0, 1, 2, CHANNEL_FD, *([NET_FD] if _may_make_netns() else [])}
+
+        def fds_and_reads(held: dict[int, str]) -> tuple[set[int], list[str]]:
+            """The fds it holds but the read ends of the pipes on its fds 1 and 2, and those read ends."""
+            reads = [n for n, t in held.items() if n > 2 and t in (held.get(1), held.get(2))]
+            return set(held) - set(reads), sorted(held[n] for n in reads)
+
         deadline = time.monotonic() + 5
-        while set(held := _fd_targets_of(pid)) != settled and time.monotonic() < deadline:
+        while fds_and_reads(held := _fd_targets_of(pid))[0] != settled and time.monotonic() < deadline:
             time.sleep(0.005)  # it is still moving what fork gave it to its slots, and closing the rest
-        # stdio inherited from the zygote, its one socket and (where the zygote may make one: a root
-        # broker) the empty network namespace made for it: no grant, no directory, no other channel
-        beyond_stdio = sorted(t for n, t in held.items() if n > 2)
+        # fd 0 /dev/null, fds 1 and 2 pipes whose read ends it holds (worker._output), its one socket
+        # and (where the zygote may make one: a root broker) the empty network namespace made for it:
+        # no grant, no directory, no other channel
+        assert held[0] == "/dev/null" and held[1].startswith("pipe:") and held[2].startswith("pipe:")
+        assert held[1] != held[2] and fds_and_reads(held)[1] == sorted([held[1], held[2]]), held
+        beyond_stdio = sorted(t for n, t in held.items() if n > 2 and not t.startswith("pipe:"))
         if _may_make_netns():
             assert len(beyond_stdio) == 2, held
             assert beyond_stdio[0].startswith("net:") and beyond_stdio[0] != os.readlink("/proc/self/ns/net")
