@@ -131,16 +131,23 @@ def _close_at_exit() -> None:
 atexit.register(_close_at_exit)
 
 
-def _listing(names: list[str]) -> list[str] | str:
-    """A directory listing as it travels: a list of names; or, past what one
-    packet holds (a directory of 20,000 files, say), the names joined by NUL
-    (which no name holds) in one string, which travels in a memfd."""
-    if sum(len(n.encode()) + 5 for n in names) < LISTING_INLINE:
-        return names
-    return "\0".join(names)
+def _page(names: list[str], at: int) -> tuple[list[str], int]:
+    """The names from ``at`` that fit one packet, and where the next page
+    starts (0: none). Never a memfd: a worker could keep one unread, holding
+    pages the broker wrote and its own limits do not count."""
+    page: list[str] = []
+    size, i = 0, at
+    while i < len(names):
+        size += len(names[i].encode()) + 5
+        if page and size > LISTING_PAGE:
+            break
+        page.append(names[i])
+        i += 1
+    return page, (i if i < len(names) else 0)
 
 
-LISTING_INLINE = 64 * 1024
+LISTING_PAGE = 60 * 1024  # bytes of names in one reply (a packet holds 64 KiB)
+MAX_LISTINGS = 2  # listings of one worker the broker keeps between its pages, during a call
 
 
 _TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -910,7 +917,7 @@ class Broker:
         if op == "stat":
             return r.stat(target)
         if op in ("listdir", "list"):
-            return _listing(r.listdir(target))
+            return self._list(handle, (args.get("dir", -1), path), target, args["at"])
         if op == "unlink":
             r.unlink(target)
             return None
@@ -918,6 +925,26 @@ class Broker:
             r.mkdir(target)
             return None
         raise NotCapable(f"unknown request {op!r}")
+
+    def _list(self, handle: WorkerHandle, key: tuple[int, str], target: Any, at: int) -> dict[str, Any]:
+        """One page of a listing. The first (``at`` 0) lists the directory; the
+        broker keeps the names for the next pages until the last is sent or
+        the call ends, at most MAX_LISTINGS of them per worker (a page whose
+        listing was let go lists it again)."""
+        listings = handle._listings
+        names = listings.get(key) if at else None
+        if names is None:
+            names = self._resolver.listdir(target)
+            listings.pop(key, None)
+            while len(listings) >= MAX_LISTINGS:
+                del listings[next(iter(listings))]
+            listings[key] = names
+        if not 0 <= at <= len(names):
+            raise NotCapable(f"no page at {at} in a listing of {len(names)} names", filename=target.display)
+        page, after = _page(names, at)
+        if not after:
+            listings.pop(key, None)
+        return {"names": page, "next": after}
 
     def sandbox_report(self) -> dict[str, Any]:
         """What the last worker to start reported about its sandbox (layers

@@ -147,6 +147,7 @@ class WorkerHandle:
         self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[str], list[int]] | None = None
         self._dirs: dict[int, Capability] = {}
         self._call_dirs: list[int] = []  # directories passed as arguments of the call in flight
+        self._listings: dict[tuple[int, str], list[str]] = {}  # listings being paged, until the call ends
         # Broker fds held for this worker's requests (see _budget): all of them, the
         # directories it asked for among them, and the outputs of the call in flight.
         self._held = 0
@@ -158,6 +159,7 @@ class WorkerHandle:
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
         self._fast_events = 0
+        self._resumed = 0.0  # when the awaited call's task last came back from the loop
         self._tokens = float(broker.request_rate or 0.0)
         self._tokens_at = time.monotonic()
 
@@ -290,6 +292,7 @@ class WorkerHandle:
             self._call_thread = threading.get_ident()
             self._outputs_allowed = outputs
             self._awaited = True
+            self._resumed = time.monotonic()
             # On the event loop a send must never wait: a worker that does not
             # read its answers is misbehaving, and is ended rather than waited for.
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
@@ -351,12 +354,16 @@ class WorkerHandle:
             ready = self._ready_now()
             if ready is not None:
                 # Fast path, but a worker that keeps the channel full must not
-                # monopolise the loop: let the others run now and then.
+                # monopolise the loop: let the others run now and then, and at
+                # once after costly requests (a listing of 100,000 names takes
+                # a fifth of a second).
                 self._fast_events += 1
-                if self._fast_events % _YIELD_EVERY == 0:
+                if self._fast_events % _YIELD_EVERY == 0 or time.monotonic() - self._resumed > _TURN:
                     await asyncio.sleep(0)
+                    self._resumed = time.monotonic()
                 return ready
             woke = await self._readable(deadline)
+            self._resumed = time.monotonic()
             if woke != "notify":
                 return woke
             # The listener woke the loop: a notification, or its hang-up once the
@@ -758,6 +765,7 @@ class WorkerHandle:
         and the call's directory arguments go (the worker's proxies of them are closed)."""
         self._call_thread = None
         self._outputs_allowed = None
+        self._listings.clear()
         if self._held_call:  # its outputs are committed or discarded by now
             held, self._held_call = self._held_call, 0
             self._broker._fds.give_back(self, held)
@@ -1210,6 +1218,7 @@ HANDLE_NAMES = frozenset(
 )
 MAX_DIR_GRANTS = 1024
 _YIELD_EVERY = 8
+_TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 
 
 def _commit(outputs: list[PendingOutput]) -> Exception | None:

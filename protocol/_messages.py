@@ -38,14 +38,14 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "open": {"path": str, "rights": int},
     "create": {"path": str, "rights": int},
     "stat": {"path": str},
-    "listdir": {"path": str},
+    "listdir": {"path": str, "at": int},  # at: where the page starts (0: a new listing)
     "mkdir": {"path": str},
     "opendir": {"path": str, "rights": int},
     # beneath a directory proxy (a directory granted after entry), by its id
     "dopen": {"dir": int, "path": str, "rights": int},
     "dcreate": {"dir": int, "path": str, "rights": int},
     "dstat": {"dir": int, "path": str},
-    "dlist": {"dir": int, "path": str},
+    "dlist": {"dir": int, "path": str, "at": int},
     "dunlink": {"dir": int, "path": str},
     "dmkdir": {"dir": int, "path": str},
     "dclose": {"dir": int},  # the worker is done with a proxy it asked for: the broker lets it go

@@ -771,3 +771,50 @@ def test_an_awaited_calls_big_output_is_copied_off_the_loop(tree: Path, monkeypa
         f.seek(-4, os.SEEK_END)
         assert f.read() == b"\x5a" * 4
     assert longest < 0.2, f"the loop stalled {longest * 1000:.0f} ms (the run took {time.monotonic() - started:.1f} s)"
+
+
+class PipelinedLister(Worker):
+    @rpc
+    def flood(self, path: str, depth: int) -> int:
+        """As a compromised worker may: send ``depth`` listing requests before reading any answer,
+        so that the broker finds the next one waiting each time."""
+        chan = self.broker._chan
+        for i in range(depth):
+            chan.send({"t": "req", "id": 1 << 30 | i, "op": "listdir", "a": {"path": path, "at": 0}})
+        for _ in range(depth):
+            chan.recv()
+        return depth
+
+
+def test_costly_requests_in_a_row_do_not_hold_the_loop(tree: Path) -> None:
+    """The awaited-call driver served up to 8 waiting requests before it let other tasks run: 16
+    pipelined listings of a big directory stalled the loop for about 8 listings' time. It now
+    lets the others run after any 2 ms of its own."""
+    big = tree / "data" / "big"
+    big.mkdir()
+    for i in range(10_000):
+        (big / f"{i:06d}-{'x' * 200}").touch()
+
+    async def run(w: WorkerHandle) -> tuple[float, float]:
+        lags: list[float] = []
+        stop = False
+
+        async def beat() -> None:
+            while not stop:
+                t = time.monotonic()
+                await asyncio.sleep(0.001)
+                lags.append(time.monotonic() - t - 0.001)
+
+        beating = asyncio.create_task(beat())
+        t0 = time.monotonic()
+        assert await w.aio.flood("data/big", 16) == 16
+        each = (time.monotonic() - t0) / 16
+        stop = True
+        await beating
+        return max(lags), each
+
+    with Broker(Policy().allow("data/", READ), root=tree, request_rate=None) as b:
+        w = b.spawn(PipelinedLister)
+        asyncio.run(run(w))  # (warm)
+        lag, each = asyncio.run(run(w))
+    assert lag < 4 * each + 0.01, f"the loop was held {lag * 1e3:.0f} ms; one listing takes {each * 1e3:.1f} ms"

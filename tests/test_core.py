@@ -100,6 +100,24 @@ class Upper(Worker):
         return "\n".join(d.listdir(path))
 
     @rpc
+    def ls_raw(self, path: str, times: int) -> list:
+        """As a compromised worker may: ask for a listing's first page ``times`` over, taking each
+        answer with recvmsg and keeping any fd it carries. What came: [bytes, fds] per answer."""
+        import array
+        import socket
+
+        chan, got = self.broker._chan, []
+        for i in range(times):
+            chan.send({"t": "req", "id": 1 << 30 | i, "op": "listdir", "a": {"path": path, "at": 0}})
+            data, anc, _, _ = chan.sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
+            fds = array.array("i")
+            for _, _, cdata in anc:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % 4])
+            self.kept_fds = [*getattr(self, "kept_fds", []), *fds]
+            got.append([len(data), len(fds)])
+        return got
+
+    @rpc
     def count_in(self, d: Any) -> int:
         self.last_arg = d  # (kept past its call: closed when the call ends, as file arguments are)
         return len(d.listdir(""))
@@ -353,8 +371,8 @@ def test_stat_and_listdir(broker: Broker) -> None:
 
 
 def test_a_directory_of_many_files_lists_whole(broker: Broker, tree: Path) -> None:
-    """A listing past one packet (20,000 names) ended the worker; it now
-    travels in a memfd, through the broker's listdir and a directory proxy."""
+    """A listing past one packet (20,000 names) travels in pages, through the
+    broker's listdir and a directory proxy."""
     many = tree / "data" / "many"
     many.mkdir()
     names = [f"scan-{i:06d}-of-a-long-day.jpg" for i in range(20_000)]
@@ -365,6 +383,21 @@ def test_a_directory_of_many_files_lists_whole(broker: Broker, tree: Path) -> No
     with broker.opendir("data/", READ) as d:
         assert w.ls_in_joined(d, "many") == "\n".join(names)
     assert w.ls("data/sub") == ["c.txt"]  # a short one, as before
+
+
+def test_a_long_listing_is_never_a_memfd_a_worker_could_keep(broker: Broker, tree: Path) -> None:
+    """A listing past one packet travelled as a memfd the broker filled: a worker keeping them unread
+    held gigabytes of pages charged to the broker, counted by none of its own limits. Each answer is
+    now one packet with no fd, and the broker keeps at most two listings of a worker, for one call."""
+    many = tree / "data" / "many"
+    many.mkdir()
+    for i in range(20_000):
+        (many / f"{'n' * 200}-{i:06d}").touch()  # 4 MiB of names
+    w = broker.spawn(Upper)
+    got = w.ls_raw("data/many", 20)
+    assert all(fds == 0 and size <= 64 * 1024 for size, fds in got), got
+    assert w._listings == {}  # let go when the call ended
+    assert len(w.ls_joined("data/many").split("\n")) == 20_000  # and the honest worker pages through it all
 
 
 def test_directory_grants_are_let_go_when_done_with(broker: Broker, tree: Path) -> None:

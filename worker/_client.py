@@ -123,13 +123,25 @@ class BrokerClient:
             raise ProtocolError("bad stat reply")
         return StatResult(type=value["type"], size=value["size"], mode=value["mode"], mtime_ns=value["mtime_ns"])
 
-    @staticmethod
-    def _names(value: Any) -> list[str]:
-        if isinstance(value, str):  # a long listing: the names joined by NUL (see broker._listing)
-            return value.split("\0") if value else []
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise ProtocolError("bad listdir reply")
-        return value
+    def _listing(self, op: str, **args: Any) -> list[str]:
+        """A listing, page by page (one packet each; see broker._page)."""
+        names: list[str] = []
+        at = 0
+        while True:
+            value = self._request(op, at=at, **args)
+            if (
+                not isinstance(value, dict)
+                or value.keys() != {"names", "next"}
+                or not isinstance(value["names"], list)
+                or not all(isinstance(x, str) for x in value["names"])
+                or type(value["next"]) is not int
+                or not (value["next"] == 0 or value["next"] > at)
+            ):
+                raise ProtocolError("bad listdir reply")
+            names += value["names"]
+            if not value["next"]:
+                return names
+            at = value["next"]
 
     def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> IO[bytes]:
         """Open a file the policy grants. Returns a binary file object whose
@@ -165,7 +177,7 @@ class BrokerClient:
 
     def listdir(self, path: str | os.PathLike[str] = "") -> list[str]:
         path = _checked(path)
-        return self._names(self._request("listdir", path=path))
+        return self._listing("listdir", path=path)
 
     def mkdir(self, path: str | os.PathLike[str]) -> None:
         """Make a directory beneath a grant with MKDIRAT."""

@@ -264,7 +264,7 @@ class ProxyDirectory(Directory):
 
     def listdir(self, path: str | os.PathLike[str] = "") -> list[str]:
         path, _ = self._check(Rights.NONE, path)
-        return self._client._names(self._client._request("dlist", dir=self.id, path=path))
+        return self._client._listing("dlist", dir=self.id, path=path)
 
     def stat(self, path: str | os.PathLike[str]) -> StatResult:
         path, _ = self._check(Rights.NONE, path)
