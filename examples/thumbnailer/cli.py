@@ -76,7 +76,7 @@ exit status:
   {EXIT_USAGE}    usage error (bad option, INPUT_DIR not a directory, ...)
   {EXIT_FATAL}    the sandboxed workers could not be started (see `privsep check`)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the images in progress are finished (Ctrl-C again stops
-       them), the thumbnails made so far are kept and counted, none is partial; the
+       them: neither converted nor rejected), the thumbnails made so far are kept and counted, none is partial; the
        summary and the --json report ("interrupted": true) are still given
 
 examples:
@@ -437,7 +437,8 @@ class _Batch:
         """After a Ctrl-C (the queued tasks cancelled): let the images being
         converted finish, so that the count said matches what is on disk; a
         second Ctrl-C kills their workers instead (what they wrote is then
-        discarded, as for any call that does not return)."""
+        discarded, as for any call that does not return, and they are not
+        counted: the user stopped them, not their images)."""
         for fut in [f for f in self.inflight if f.cancelled()]:
             self.inflight.pop(fut)[1].close()
         if not self.inflight:
@@ -448,9 +449,13 @@ class _Batch:
         try:
             wait(self.inflight)
         except KeyboardInterrupt:
-            for handle in self.pool.workers:
+            killed = self.pool.workers
+            for handle in killed:
                 handle.kill()
             wait(self.inflight)  # (at once now: each call ends with its worker)
+            for fut in list(self.inflight):
+                if _killed_by_us(fut):  # stopped by the user, not by the image: neither converted nor rejected
+                    self.inflight.pop(fut)[1].close()
         for fut in list(self.inflight):
             self.finish(fut)
 
@@ -514,6 +519,14 @@ class _Batch:
         item.update(result)
         self.report["converted"].append(item)
         self.progress.update(job.rel, True, f"-> {job.out} ({result['width']}x{result['height']})")
+
+
+def _killed_by_us(fut: Future[Any]) -> bool:
+    """Did the call end because settle() killed its worker (a second Ctrl-C)?"""
+    from protocol import WorkerCrashed
+
+    exc = fut.exception()
+    return isinstance(exc, WorkerCrashed) and exc.exit is not None and exc.exit.reason == "killed by the broker"
 
 
 def _common_root(input_dir: str, output_dir: str) -> str:
