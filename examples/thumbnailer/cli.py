@@ -76,8 +76,9 @@ exit status:
   {EXIT_USAGE}    usage error (bad option, INPUT_DIR not a directory, ...)
   {EXIT_FATAL}    the sandboxed workers could not be started (see `privsep check`)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the images in progress are finished (Ctrl-C again stops
-       them: neither converted nor rejected), the thumbnails made so far are kept and counted, none is partial; the
-       summary and the --json report ("interrupted": true) are still given
+       them, counted neither converted nor rejected), the thumbnails made so far are kept
+       and counted, none is partial; the summary and the --json report ("interrupted":
+       true) are still given
 
 examples:
   {PROG} -o thumbnails                       # the bundled samples
