@@ -12,11 +12,6 @@ DESCRIPTION = """\
 privsep runs hostile-input parsers in sandboxed workers. A privileged broker
 keeps the authority and hands workers rights-limited file descriptors.
 
-commands:
-  check      probe this kernel and say which sandbox layers workers get
-             (exit status 1 if the minimum is not met)
-  demo       run the image-converter demo on the bundled samples
-
 Library use: see README.md (from broker import Broker, Policy; from worker
 import Worker, rpc).
 """
@@ -27,12 +22,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="privsep", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"privsep {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = sub.add_parser("check", help="probe kernel sandbox features")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    check = sub.add_parser(
+        "check", help="probe this kernel and say which sandbox layers workers get (exit status 1 if the "
+        "minimum is not met)"
+    )
     check.add_argument("--json", action="store_true", help="print the probe results as JSON")
     sub.add_parser(
         "demo",
-        help="run the image-converter demo (takes the options of python3 -m examples.thumbnailer; see demo --help)",
+        help="run the image-converter demo on the bundled samples (takes the options of python3 -m "
+        "examples.thumbnailer; see privsep demo --help)",
         add_help=False,
     )
     ns, rest = parser.parse_known_args(argv)

@@ -19,6 +19,7 @@ def test_version_and_help() -> None:
     assert run("--version").stdout.strip() == f"privsep {__version__}"
     out = run("--help")
     assert out.returncode == 0 and "check" in out.stdout and "demo" in out.stdout
+    assert out.stdout.count("image-converter demo") == 1  # each command said once
 
 
 def test_check_reports_this_kernel() -> None:

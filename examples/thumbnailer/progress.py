@@ -128,6 +128,10 @@ def describe_sandbox(sandbox: dict[str, Any] | None) -> list[str]:
             lines.append(f"seccomp: {what}, mode {detail or '?'}" + (f", violations: {violation}" if violation else ""))
         elif name == "capsicum":
             lines.append("Capsicum capability mode")
+        elif name == "capabilities" and not detail:
+            lines.append("capabilities: all dropped (a root broker's workers keep none)")
+        elif name == "no_new_privs" and not detail:
+            lines.append("no_new_privs (no exec can gain privileges)")
         else:
             lines.append(str(layer).replace(":", ": ", 1) if detail else str(layer))
     if isinstance(sandbox.get("entry_us"), int | float):
