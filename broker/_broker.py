@@ -146,6 +146,14 @@ def _page(names: list[str], at: int) -> tuple[list[str], int]:
     return page, (i if i < len(names) else 0)
 
 
+_EXECUTOR_OPTIONS = {
+    "max_workers": "the pool's size is size= (pool(Cls, size=n))",
+    "initializer": "the worker class's setup() runs in each worker before its first task",
+    "initargs": "the worker class's setup() runs in each worker before its first task",
+    "mp_context": "workers are started by privsep's zygote (Broker(spawn=...) chooses how)",
+    "max_tasks_per_child": "recycle_after=N replaces a worker after N calls",
+    "grants": "pool workers take no spawn-time grants: pass a capability with each task",
+}
 LISTING_PAGE = 60 * 1024  # bytes of names in one reply (a packet holds 64 KiB)
 MAX_LISTINGS = 2  # listings of one worker the broker keeps between its pages, during a call
 
@@ -491,11 +499,14 @@ class Broker:
 
     def pool(self, cls: type[Worker], size: int | None = None, **options: Any) -> WorkerPool:
         """A pool of ``size`` workers (default: CPU count) with Executor
-        semantics. Options: ``timeout``, ``recycle_after``, ``max_rss``,
-        ``restart`` ("always"/"never"), ``max_restarts``."""
+        semantics. Options: ``timeout`` (seconds, every task), ``recycle_after``
+        (calls), ``max_rss`` (bytes), ``restart`` ("always"/"never"),
+        ``max_restarts``."""
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
             raise TypeError(f"pool() takes a Worker subclass, not {cls!r}")
+        for name in options.keys() & _EXECUTOR_OPTIONS:
+            raise TypeError(f"pool() takes no {name}= (ProcessPoolExecutor's): {_EXECUTOR_OPTIONS[name]}")
         self._warn_if_forked(cls)
         pool = WorkerPool(self, cls, (os.cpu_count() or 1) if size is None else size, **options)
         self._pools = [p for p in self._pools if not p._finished()]  # (kept until their threads end)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import time
 from concurrent.futures import CancelledError, Executor, wait
 from pathlib import Path
@@ -254,3 +255,14 @@ def test_a_pools_task_may_write_only_the_outputs_named_for_it(tree: Path) -> Non
         futures = [pool.with_outputs(f"out/n{i}.txt").submit(Creator.create, [f"n{i}.txt", "x.txt"]) for i in range(4)]
         assert [f.result() for f in futures] == [["x.txt"]] * 4
     assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "n0.txt", "n1.txt", "n2.txt", "n3.txt"]
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [("max_workers", "size="), ("initializer", "setup()"), ("max_tasks_per_child", "recycle_after="),
+     ("grants", "capability with each task")],
+)
+def test_process_pool_executor_options_say_what_to_use_instead(broker: Broker, name: str, hint: str) -> None:
+    with pytest.raises(TypeError, match=rf"takes no {name}= .*{re.escape(hint)}"):
+        broker.pool(Calc, **{name: 2})
+    assert broker._pools == []
