@@ -2,6 +2,8 @@
 
 import logging
 
+from worker.sandbox._spec import Limits
+
 from ._broker import UNSANDBOXED, Broker
 from ._capability import Capability
 from ._exit import WorkerExit
@@ -14,6 +16,7 @@ __all__ = [
     "Broker",
     "Capability",
     "Grant",
+    "Limits",
     "Policy",
     "PoolBroken",
     "WorkerExit",

@@ -1356,8 +1356,15 @@ class _Timed:
 
 
 def output_paths(paths: tuple[str | os.PathLike[str], ...]) -> frozenset[str]:
-    """The outputs a call may create, as the broker names a request's path."""
-    return frozenset("/".join(split_relative(local_path(p, what="output path"))) for p in paths)
+    """The outputs a call may create, as the broker names a request's path.
+    An output is a file: a path ending in ``/`` (a directory's) is refused."""
+    named = []
+    for p in paths:
+        text = local_path(p, what="output path")
+        if text.endswith("/"):
+            raise ValueError(f"an output is a file, not a directory: {text!r} (name each file the call may create)")
+        named.append("/".join(split_relative(text)))
+    return frozenset(named)
 
 
 __all__ = ["WorkerHandle"]

@@ -1260,6 +1260,10 @@ def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None
         assert [r.split(":")[0] for r in refused] == ["open", "append", "unlink", "mkdir"], refused
         assert all("may write nothing but the outputs its caller named" in r for r in refused), refused
         assert (tree / "out" / "keep.txt").read_text() == "the user's"
+        # An output is a file: a directory's path (it said nothing, and let nothing be made) is a mistake.
+        for named in ("out/", "out/sub/"):
+            with pytest.raises(ValueError, match="an output is a file, not a directory"):
+                w.with_outputs("out/a.txt", named)
         # a plain call after them: the policy's own bounds again
         assert w.write(["g.txt"]) == []
         assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "d.txt", "g.txt", "keep.txt"]

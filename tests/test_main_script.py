@@ -330,3 +330,19 @@ def test_a_worker_reads_no_line_of_the_main_block_from_its_line_cache(tmp_path: 
     assert "hunter2" not in out["cached"] and "__main__" not in out["cached"]
     assert "def fails(self) -> str:" in out["cached"]  # its own code is there
     assert 'raise ValueError("shown with its line")' in out["tb"]  # and tracebacks still show it
+
+
+def test_the_readmes_quickstart_runs_as_pasted(tmp_path: Path) -> None:
+    """The Quickstart needed a data/a.txt of the user's and ended in a NotCapable traceback."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    said = section.split("it prints ", 1)[1].split(".\n", 1)[0]
+    (tmp_path / "quick.py").write_text(code)
+    proc = subprocess.run([sys.executable, "quick.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines == ["HI", "5", "b'hello'", "refused: '..' is not allowed in a path: 'data/../secret'"]
+    claimed = " ".join(said.split()).replace(" and ", ", ").split(", ")  # what the README says it prints
+    assert [f"`{line}`" for line in lines] == claimed

@@ -720,3 +720,12 @@ def test_a_worker_that_never_stops_requesting_still_times_out_async(tree: Path) 
             return None
 
     assert isinstance(asyncio.run(main()), WorkerTimeout)
+
+
+def test_limits_are_importable_where_the_policy_is() -> None:
+    """The README speaks of Limits.memory; Limits could be imported only from a private module."""
+    from broker import Limits
+
+    limits = Policy().with_limits(memory=256 << 20, cpu_seconds=5).limits
+    assert isinstance(limits, Limits) and limits.memory == 256 << 20 and limits.cpu_seconds == 5
+    assert limits.open_files == Limits().open_files  # the defaults, but for what was changed
