@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, Executor, Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from protocol import PrivsepError
 from worker import Worker
@@ -30,7 +30,9 @@ from ._options import call_timeout, count, optional_count
 if TYPE_CHECKING:
     from ._broker import Broker
 
-_Task = tuple[Future[Any], str, tuple[Any, ...], dict[str, Any], "frozenset[str] | None"]
+# (future, method, args, kwargs, the outputs it may write or None, its timeout or _POOLS)
+_Task = tuple[Future[Any], str, tuple[Any, ...], dict[str, Any], "frozenset[str] | None", object]
+_POOLS = object()  # a task's timeout: the pool's own
 
 
 log = logging.getLogger("privsep.pool")
@@ -107,17 +109,23 @@ class WorkerPool(Executor):
 
     # -- Executor ---------------------------------------------------------
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._submit(fn, args, kwargs, None)
+        return self._submit(fn, args, kwargs, None, _POOLS)
 
-    def with_outputs(self, *paths: str | os.PathLike[str]) -> _PoolOutputs:
-        """A view whose ``submit()`` runs its task under
-        ``handle.with_outputs(*paths)``: those outputs are all the task may
-        write (``pool.with_outputs("out/a.jpg").submit(Cls.convert, ...)``)."""
-        return _PoolOutputs(self, output_paths(paths))
+    def with_outputs(self, *paths: str | os.PathLike[str]) -> PoolView:
+        """A view whose tasks run under ``handle.with_outputs(*paths)``: those
+        outputs are all a task may write
+        (``pool.with_outputs("out/a.jpg").submit(Cls.convert, ...)``)."""
+        return PoolView(self, output_paths(paths), _POOLS)
+
+    def with_timeout(self, seconds: float | None) -> PoolView:
+        """A view whose tasks time out after ``seconds`` (positive; None or
+        infinity: no limit) instead of the pool's ``timeout``:
+        ``pool.with_timeout(5).map(Cls.parse, caps)``."""
+        return PoolView(self, None, call_timeout(seconds, "timeout"))
 
     def _submit(
         self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any],
-        outputs: frozenset[str] | None,
+        outputs: frozenset[str] | None, timeout: object,
     ) -> Future[Any]:
         method = self._method_name(fn)
         with self._lock:
@@ -126,7 +134,7 @@ class WorkerPool(Executor):
             if self._broken:
                 raise PoolBroken(self._broken)
             fut: Future[Any] = Future()
-            self._queue.put((fut, method, args, kwargs, outputs))
+            self._queue.put((fut, method, args, kwargs, outputs, timeout))
             return fut
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -222,7 +230,7 @@ class WorkerPool(Executor):
                 item = self._queue.get()
                 if item is None:
                     break
-                fut, method, args, kwargs, outputs = item
+                fut, method, args, kwargs, outputs, timeout = item
                 # Each path lets the task's arguments go at once (del): this
                 # frame is in a failed future's traceback, and waits for the
                 # next task.
@@ -238,7 +246,8 @@ class WorkerPool(Executor):
                         self._drain(cancel=False, error=exc)
                     continue
                 try:
-                    fut.set_result(handle._call(method, args, kwargs, self.timeout, outputs))
+                    seconds = self.timeout if timeout is _POOLS else cast("float | None", timeout)
+                    fut.set_result(handle._call(method, args, kwargs, seconds, outputs))
                 except BaseException as exc:
                     del item, args, kwargs
                     fut.set_exception(exc)
@@ -265,15 +274,28 @@ class WorkerPool(Executor):
                 handle_left.stop()
 
 
-class _PoolOutputs:
-    """A pool whose submitted tasks may write the named outputs and nothing else."""
+class PoolView(Executor):
+    """A pool's tasks with a timeout of their own (``pool.with_timeout``), or
+    named outputs (``pool.with_outputs``), or both (the two chain). It has
+    ``submit`` and ``map``; shutting it down (or leaving a ``with`` block)
+    does nothing: the pool is its owner's to shut down."""
 
-    def __init__(self, pool: WorkerPool, outputs: frozenset[str]):
+    def __init__(self, pool: WorkerPool, outputs: frozenset[str] | None, timeout: object):
         self._pool = pool
         self._outputs = outputs
+        self._timeout = timeout
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        return self._pool._submit(fn, args, kwargs, self._outputs)
+        return self._pool._submit(fn, args, kwargs, self._outputs, self._timeout)
+
+    def with_outputs(self, *paths: str | os.PathLike[str]) -> PoolView:
+        return PoolView(self._pool, output_paths(paths), self._timeout)
+
+    def with_timeout(self, seconds: float | None) -> PoolView:
+        return PoolView(self._pool, self._outputs, call_timeout(seconds, "timeout"))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
 
 
-__all__ = ["PoolBroken", "WorkerPool"]
+__all__ = ["PoolBroken", "PoolView", "WorkerPool"]

@@ -266,3 +266,26 @@ def test_process_pool_executor_options_say_what_to_use_instead(broker: Broker, n
     with pytest.raises(TypeError, match=rf"takes no {name}= .*{re.escape(hint)}"):
         broker.pool(Calc, **{name: 2})
     assert broker._pools == []
+
+
+def test_a_pools_tasks_may_have_a_timeout_of_their_own(tree: Path) -> None:
+    """A pool had one timeout for every task: no with_timeout, and its with_outputs view had no map."""
+    with Broker(default_policy(), root=tree) as b, b.pool(Calc, size=2, timeout=30) as pool:
+        quick = pool.with_timeout(0.5)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerTimeout):
+            quick.submit(Calc.sleep, 10).result()
+        assert time.monotonic() - t0 < 5  # its own 0.5 s, not the pool's 30 s
+        assert list(quick.map(Calc.square, range(5))) == [0, 1, 4, 9, 16]  # a view maps as the pool does
+        assert pool.with_timeout(None).submit(Calc.sleep, 0.1).result() == 0.1  # None: no limit
+        with pytest.raises(ValueError, match="timeout must be positive"):
+            pool.with_timeout(0)
+        with quick:
+            pass  # leaving a view's `with` does not shut the pool down
+        assert pool.submit(Calc.square, 3).result() == 9 and pool.timeout == 30
+    with Broker(default_policy(), root=tree) as b, b.pool(Creator, size=1) as pool:
+        both = pool.with_timeout(5).with_outputs("out/t.txt")  # the two chain, either way round
+        assert both.submit(Creator.create, ["t.txt", "u.txt"]).result() == ["u.txt"]
+        assert pool.with_outputs("out/v.txt").with_timeout(5).submit(Creator.create, ["v.txt"]).result() == []
+        assert list(pool.with_outputs().map(Creator.create, [["w.txt"]])) == [["w.txt"]]
+    assert sorted(os.listdir(tree / "out")) == ["t.txt", "v.txt"]
