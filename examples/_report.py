@@ -4,11 +4,52 @@ the JSON report written atomically to a file when asked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import tempfile
+import threading
+from collections.abc import Iterator
 from typing import Any, TextIO
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a service manager's stop
+_terminated = False
+
+
+@contextlib.contextmanager
+def sigterm_stops_as_ctrl_c() -> Iterator[None]:
+    """While the run lasts, SIGTERM stops it as a first Ctrl-C does (the work
+    in progress finishes, the summary and the report are still given), and
+    the exit status says which it was (:func:`interrupted_status`). Only on
+    the main thread, where signal handlers run."""
+    global _terminated
+    _terminated = False
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        global _terminated
+        _terminated = True
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interrupted_status() -> int:
+    """The exit status of a run that was stopped: 143 after SIGTERM, 130 after Ctrl-C."""
+    return EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED
+
+
+def interrupted_by() -> str:
+    return "SIGTERM" if _terminated else "Ctrl-C"
 
 
 def writable_dir_problem(directory: str) -> str | None:

@@ -255,13 +255,17 @@ class Slow(Thumbnailer):
         return super().thumbnail(src, size, fmt, quality, out)
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_keeps_the_finished_thumbnails_and_says_how_many(tmp_path: Path, presses: int) -> None:
+@pytest.mark.parametrize(("presses", "signame"), [(1, "SIGINT"), (2, "SIGINT"), (1, "SIGTERM"), (2, "SIGTERM")])
+def test_ctrl_c_keeps_the_finished_thumbnails_and_says_how_many(tmp_path: Path, presses: int, signame: str) -> None:
     """The count said was taken before the image in progress finished (and
     was committed): it said 2 with 3 on disk. Once: what is in progress
-    finishes and is counted; twice: it is stopped at once, and discarded."""
+    finishes and is counted; twice: it is stopped at once, and discarded.
+    SIGTERM (which ended the run with no summary and no report) does the same,
+    with exit status 143."""
     import signal
     import threading
+
+    sig = getattr(signal, signame)
 
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
@@ -275,14 +279,16 @@ def test_ctrl_c_keeps_the_finished_thumbnails_and_says_how_many(tmp_path: Path, 
             time.sleep(0.01)
         for _ in range(presses):
             time.sleep(0.3)  # (the second press: while the first waits for the image in progress)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+            signal.pthread_kill(threading.main_thread().ident, sig)  # type: ignore[arg-type]
 
     stdout, stderr = io.StringIO(), io.StringIO()
     threading.Thread(target=interrupt_after_two, daemon=True).start()
     started = time.monotonic()
     status = cli.main([str(inp), "-o", str(out), "--workers", "1", "--quiet", "--json", str(tmp_path / "r.json")],
                       worker_cls=Slow, stdout=stdout, stderr=stderr)  # fmt: skip
-    assert status == cli.EXIT_INTERRUPTED
+    expected = cli.EXIT_INTERRUPTED if sig == signal.SIGINT else cli.EXIT_TERMINATED
+    assert status == expected
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
     assert time.monotonic() - started < 20  # never the 30 s an "h" image takes
     done = sorted(p.name for p in out.iterdir())
     assert 2 <= len(done) < len(names) and all(not n.startswith(".") for n in done)
@@ -296,7 +302,7 @@ def test_ctrl_c_keeps_the_finished_thumbnails_and_says_how_many(tmp_path: Path, 
     )
     # the report and the summary too (there were none after a Ctrl-C)
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["interrupted"] is True and report["exit_status"] == cli.EXIT_INTERRUPTED
+    assert report["interrupted"] is True and report["exit_status"] == expected
     assert [c["input"] for c in report["converted"]] == done
     # an image the second Ctrl-C stopped is neither converted nor rejected: the user stopped it, not the image
     assert report["rejected"] == [] and report["workers_replaced"] == 0, report

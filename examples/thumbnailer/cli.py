@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from examples._report import emit, json_target_problem, writable_dir_problem
+from examples._report import (
+    emit,
+    interrupted_by,
+    interrupted_status,
+    json_target_problem,
+    sigterm_stops_as_ctrl_c,
+    writable_dir_problem,
+)
 
 from .._safe_fs import ensure_subdir, rmdir_if_empty
 from . import imaging
@@ -31,6 +38,7 @@ EXIT_REJECTED = 1  # the run finished, but some inputs were rejected (see the re
 EXIT_USAGE = 2  # bad command line (argparse's own convention)
 EXIT_FATAL = 3  # could not run at all: the sandboxed workers could not be started
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 INPUT_RIGHTS_NAMES = ("READ", "FSTAT", "SEEK")
 MAX_DEPTH = 32  # directory nesting we walk into; deeper trees are reported, not followed
@@ -79,6 +87,7 @@ exit status:
        them, counted neither converted nor rejected), the thumbnails made so far are kept
        and counted, none is partial; the summary and the --json report ("interrupted":
        true) are still given
+  {EXIT_TERMINATED}  stopped by SIGTERM (kill, a service manager): the same as Ctrl-C
 
 examples:
   {PROG} -o thumbnails                       # the bundled samples
@@ -668,7 +677,7 @@ def run(
     report["images_per_second"] = round(len(report["converted"]) / elapsed, 2) if elapsed > 0 else 0.0
     summary = render_summary(report)
     if report["interrupted"]:
-        status = EXIT_INTERRUPTED
+        status = interrupted_status()
         done = len(report["converted"])
         if batch is None:  # the sandboxed workers were not running yet: nothing to sum up
             print("thumbnailer: interrupted while starting the sandboxed workers; no image was converted",
@@ -683,16 +692,17 @@ def run(
     report["exit_status"] = status
 
     if not emit(report, summary, args.json, stdout, stderr, prog="thumbnailer"):
-        return EXIT_USAGE if status != EXIT_INTERRUPTED else status
+        return EXIT_USAGE if status not in (EXIT_INTERRUPTED, EXIT_TERMINATED) else status
     return status
 
 
 def main(argv: list[str] | None = None, **kwargs: Any) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args, **kwargs)
+        with sigterm_stops_as_ctrl_c():
+            return run(args, **kwargs)
     except SystemExit as exc:  # parser.error() inside run()
         return int(exc.code or 0)
     except KeyboardInterrupt:  # before the run started (walking INPUT_DIR) or after it (printing the summary)
-        print("thumbnailer: interrupted (Ctrl-C)", file=kwargs.get("stderr") or sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"thumbnailer: interrupted ({interrupted_by()})", file=kwargs.get("stderr") or sys.stderr)
+        return interrupted_status()

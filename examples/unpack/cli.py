@@ -18,7 +18,14 @@ import sys
 import time
 from typing import Any, TextIO
 
-from examples._report import emit, json_target_problem, writable_dir_problem
+from examples._report import (
+    emit,
+    interrupted_by,
+    interrupted_status,
+    json_target_problem,
+    sigterm_stops_as_ctrl_c,
+    writable_dir_problem,
+)
 
 from .._safe_fs import ensure_subdir, rmdir_if_empty
 from ..thumbnailer.progress import fmt_bytes
@@ -32,6 +39,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_FATAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 DESCRIPTION = """\
 Extract an untrusted zip or tar archive (plain, .gz, .bz2, .xz) into OUTDIR.
@@ -68,6 +76,7 @@ exit status:
   {EXIT_FATAL}    the sandboxed worker could not be started (see `privsep check`)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C): the files extracted so far are kept and counted, none is partial;
        the summary and the --json report ("interrupted": true) are still given
+  {EXIT_TERMINATED}  stopped by SIGTERM (kill, a service manager): the same as Ctrl-C
 
 examples:
   {PROG} download.zip unpacked/
@@ -458,12 +467,12 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         }
     )
     if report["interrupted"]:
-        status = EXIT_INTERRUPTED
+        status = interrupted_status()
     else:
         status = EXIT_REFUSED if ex.refused or stopped else EXIT_OK
     report["exit_status"] = status
     if not emit(report, render(report) if summary_wanted else "", args.json, stdout, stderr, prog="unpack"):
-        return EXIT_USAGE if status != EXIT_INTERRUPTED else status
+        return EXIT_USAGE if status not in (EXIT_INTERRUPTED, EXIT_TERMINATED) else status
     return status
 
 
@@ -512,9 +521,10 @@ def render(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None, **kwargs: Any) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args, **kwargs)
+        with sigterm_stops_as_ctrl_c():
+            return run(args, **kwargs)
     except SystemExit as exc:
         return int(exc.code or 0)
     except KeyboardInterrupt:  # before the extraction started or while printing the summary
-        print("unpack: interrupted (Ctrl-C)", file=kwargs.get("stderr") or sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"unpack: interrupted ({interrupted_by()})", file=kwargs.get("stderr") or sys.stderr)
+        return interrupted_status()
