@@ -427,6 +427,23 @@ def test_a_broker_made_in_a_thread_serves_the_loop(tree: Path) -> None:
     asyncio.run(main())
 
 
+def test_astart_makes_a_broker_without_holding_the_loop(tree: Path) -> None:
+    """`async with Broker(...)` held the loop for its zygote's start; Broker.astart() is the async face."""
+
+    async def main() -> None:
+        with _Ticker() as ticker:
+            t0 = time.monotonic()
+            b = await Broker.astart(Policy(), root=tree)
+            waited = time.monotonic() - t0
+        async with b:
+            assert ticker.ticks >= waited / 0.005 / 3, (ticker.ticks, waited)  # a blocked loop: 0 or 1
+            w = await b.aspawn(AsyncJob)
+            assert await w.aio.nap(0) == w.pid
+        assert b._closed
+
+    asyncio.run(main())
+
+
 def test_a_wait_on_the_loop_survives_its_fd_closed_and_the_number_reused() -> None:
     """akill()/astop() waited on the loop for the handle's pidfd, which an
     awaited call of another task could close meanwhile (reaping the worker).
