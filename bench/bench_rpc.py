@@ -147,7 +147,7 @@ class RawPeer:
 
     def _call(self, method: str, args: list[Any]) -> bytes:
         self.ids += 1
-        return msgpack.packb({"t": "call", "id": self.ids, "m": method, "a": args, "k": {}})  # type: ignore[no-any-return]
+        return msgpack.packb({"t": "call", "id": self.ids, "m": method, "a": args, "k": {}})
 
     def ping(self) -> Any:
         self.sock.sendmsg([self._call("ping", [])])
@@ -360,11 +360,11 @@ def _raw_open_times(root: str, n: int, secure: Resolver | None = None) -> list[i
                 rights = Rights(req["a"]["rights"])
                 fd = secure.open(secure.locate(req["a"]["path"], rights), rights).detach()
             try:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
                 ours.sendmsg([msgpack.packb({"t": "rep", "id": req["id"], "v": 0})], anc)
             finally:
                 os.close(fd)
-        times: list[int] = msgpack.unpackb(got.read())
+        times = msgpack.unpackb(got.read())
     finally:
         os.close(dirfd)
         ours.close()  # (a child still waiting for a reply reads EOF and exits)

@@ -271,8 +271,8 @@ def bench(root: str, iterations: int, warmup: int) -> None:
 
     targets = []
     for label, table in (("interleaved", res), ("back to back", bres)):
-        for case, what in ((f"privsep {head} zygote", "zygote"), (on_request, "zygote, setup() on request")):
-            zyg = table[case].median
+        for case_name, what in ((f"privsep {head} zygote", "zygote"), (on_request, "zygote, setup() on request")):
+            zyg = table[case_name].median
             fs = table["multiprocessing forkserver"].median
             targets.append([f"{label}: {what} ({head}) / forkserver", f"{fs / zyg:.2f}x faster", ">= 4x faster",
                             "yes" if fs >= 4 * zyg else "NO"])
@@ -285,7 +285,7 @@ def bench(root: str, iterations: int, warmup: int) -> None:
     loop_busy(root, iterations, head == "sandboxed")
 
 
-class _TimedSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _TimedSelector(selectors.DefaultSelector):
     """Counts the time the event loop sits waiting in its selector."""
 
     idle = 0.0

@@ -172,15 +172,15 @@ def _run_privsep(paths: list[Path], out: Path, workers: int, *, sandboxed: bool,
 
 
 def run_privsep(paths: list[Path], out: Path, workers: int) -> int:
-    return _run_privsep(paths, out, workers, sandboxed=True)  # type: ignore[no-any-return]
+    return _run_privsep(paths, out, workers, sandboxed=True)
 
 
 def run_privsep_unsandboxed(paths: list[Path], out: Path, workers: int) -> int:
-    return _run_privsep(paths, out, workers, sandboxed=False)  # type: ignore[no-any-return]
+    return _run_privsep(paths, out, workers, sandboxed=False)
 
 
 def run_privsep_warm(paths: list[Path], out: Path, workers: int) -> tuple[int, float]:
-    return _run_privsep(paths, out, workers, sandboxed=True, warm=True)  # type: ignore[no-any-return]
+    return _run_privsep(paths, out, workers, sandboxed=True, warm=True)
 
 
 def run_mp_pool_warm(paths: list[Path], out: Path, workers: int) -> tuple[int, float]:

@@ -67,7 +67,7 @@ def shown(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def check_name(raw: bytes) -> tuple[str, ...]:
+def check_name(raw: object) -> tuple[str, ...]:
     """Check a member name; return its components (empty for the archive's root, ``./``).
 
     Raises :class:`Refused`. Never touches the file system: the broker's
