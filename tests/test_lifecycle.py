@@ -911,3 +911,31 @@ def test_a_worker_made_ahead_leads_its_own_process_group_too(tree: Path) -> None
     while any(alive(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not any(alive(c) for c in children)
+
+
+def test_the_restricted_opener_leaves_quietly_when_its_broker_goes(tmp_path: Path) -> None:
+    """A broker ended by a signal while its opener answered: the opener wrote a ConnectionResetError
+    (or BrokenPipeError) traceback on the terminal they share."""
+    import socket
+
+    from broker._deliver import Outgoing
+    from broker._interp import interpreter
+    from protocol import Rights
+    from protocol._wire import KIND_FILE, Channel
+
+    (tmp_path / "f").write_bytes(b"x")
+    ends = []
+    for _ in range(10):  # the broker's end lands before, during or after the opener's answer
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = subprocess.Popen(interpreter("worker._opener", str(theirs.fileno())), pass_fds=[theirs.fileno()],
+                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        theirs.close()
+        chan = Channel(ours)
+        assert chan.wait_readable(30) and chan.recv() == {"t": "ready"}
+        with open(tmp_path / "f", "rb") as f:
+            for _ in range(3):  # requests it answers; the broker reads none of the answers, and goes
+                chan.send({"t": "open", "fd": Outgoing(f.fileno(), KIND_FILE, Rights.NONE, False), "flags": 0})
+        chan.close()
+        _, err = proc.communicate(timeout=10)
+        ends.append((proc.returncode, err))
+    assert ends == [(0, "")] * 10, ends

@@ -88,15 +88,18 @@ def main(argv: list[str]) -> None:
     _close_all_but([0, 1, 2, fd])
     chan = Channel(socket.socket(fileno=fd))
     restrict()
-    chan.send({"t": "ready"})
-    while True:
-        msg = chan.recv()
-        if msg is None:
-            os._exit(0)
-        reply = handle(msg)
-        chan.send(reply)
-        if reply["t"] == "opened":
-            os.close(reply["fd"].fd)
+    try:
+        chan.send({"t": "ready"})
+        while True:
+            msg = chan.recv()
+            if msg is None:
+                os._exit(0)
+            reply = handle(msg)
+            chan.send(reply)
+            if reply["t"] == "opened":
+                os.close(reply["fd"].fd)
+    except ConnectionError:  # the broker went away (ended by a signal, say): nothing to say on its stderr
+        os._exit(0)
 
 
 if __name__ == "__main__":
