@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, WorkerCrashed
 from protocol._messages import check_message
@@ -160,6 +160,7 @@ class WorkerHandle:
         self._poller: select.poll | None = None
         self._fast_events = 0
         self._resumed = 0.0  # when the awaited call's task last came back from the loop
+        self._to_answer: tuple[dict[str, Any], list[PendingOutput], bool] | None = None
         self._tokens = float(broker.request_rate or 0.0)
         self._tokens_at = time.monotonic()
 
@@ -250,6 +251,8 @@ class WorkerHandle:
                             op = steps.send(None)
                         elif kind == "commit":
                             op = steps.send(_commit(self._to_commit))
+                        elif kind == "answer":
+                            op = steps.send(self._answer_waiting())
                         else:
                             # Poll, then receive. (Only the first answer is tried without a
                             # poll, in _early_answer; after a miss, or after answering a
@@ -317,6 +320,10 @@ class WorkerHandle:
                             op = steps.send(None)
                         elif kind == "commit":
                             op = steps.send(await _commit_off_loop(self._to_commit))
+                        elif kind == "answer":
+                            failed = await _off_loop(self._answer_waiting)
+                            self._resumed = time.monotonic()
+                            op = steps.send(failed)
                         else:
                             op = steps.send(await self._event(when))
                 except StopIteration as stop:
@@ -358,7 +365,13 @@ class WorkerHandle:
                 # once after costly requests (a listing of 100,000 names takes
                 # a fifth of a second).
                 self._fast_events += 1
-                if self._fast_events % _YIELD_EVERY == 0 or time.monotonic() - self._resumed > _TURN:
+                held = time.monotonic() - self._resumed
+                if held > _TURN:
+                    # sleep(0) would let the others take one step, not run: a pause as
+                    # long as the loop was held (at most 50 ms) lets timers and fds be served.
+                    await asyncio.sleep(min(held, 0.05))
+                    self._resumed = time.monotonic()
+                elif self._fast_events % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
                     self._resumed = time.monotonic()
                 return ready
@@ -556,19 +569,20 @@ class WorkerHandle:
 
     def _steps(
         self, method: str, cid: int, deadline: float | None, timeout: float | None, first: _Received | None = None
-    ) -> Generator[tuple[str, float | None], str | _Received | Exception | None, Any]:
+    ) -> Generator[tuple[str, float | None], str | _Received | BaseException | None, Any]:
         """The rest of a sent call as a sans-I/O state machine shared by the
         sync and async drivers. Yields ("wait", deadline) to get the next event
         ("chan", "notify", "timeout", or a message the driver received),
-        ("sleep", until) to be throttled, or ("commit", None) to have the
-        driver commit ``self._to_commit`` (sent back: the error, or None).
+        ("sleep", until) to be throttled, ("commit", None) to have the
+        driver commit ``self._to_commit`` (sent back: the error, or None), or
+        ("answer", None) to have it call ``_answer_waiting`` (the same).
         ``first``: a message already received."""
         outputs: list[PendingOutput] = []
         try:
             requests = 0
             while True:
                 if first is not None:
-                    event: str | _Received | Exception | None = first
+                    event: str | _Received | BaseException | None = first
                     first = None
                 else:
                     event = yield ("wait", deadline)
@@ -606,7 +620,17 @@ class WorkerHandle:
                         yield ("sleep", until)
                         if self.exit is not None:
                             raise self.exit.error(self.name)
-                    self._answer(msg, outputs, over_quota=requests > self._broker.max_requests_per_call)
+                    over_quota = requests > self._broker.max_requests_per_call
+                    if self._awaited and msg.get("op") in _SCANS:
+                        # A listing may read 100,000 entries (a fifth of a second): an awaited
+                        # call has it answered on a thread, so the loop runs on.
+                        self._to_answer = (msg, outputs, over_quota)
+                        failed = yield ("answer", None)
+                        self._to_answer = None
+                        if isinstance(failed, BaseException):
+                            raise failed
+                    else:
+                        self._answer(msg, outputs, over_quota=over_quota)
                 elif tag == "out":  # a line the worker printed (asked for: worker_output)
                     until = self._throttle()
                     if until is not None:
@@ -717,6 +741,17 @@ class WorkerHandle:
                            "worker stopped reading")
         finally:
             _release(after)  # the worker has its copies now
+
+    def _answer_waiting(self) -> BaseException | None:
+        """``_answer`` the request ``_steps`` left in ``_to_answer`` (on the
+        loop's executor, for an awaited call); what it raised, or None."""
+        assert self._to_answer is not None
+        msg, outputs, over = self._to_answer
+        try:
+            self._answer(msg, outputs, over_quota=over)
+        except BaseException as exc:
+            return exc
+        return None
 
     def _send(self, msg: dict[str, Any], what: str, with_fds: bool = False, one_fd: int = -1) -> None:
         """Send to the worker; a worker that cannot be reached is ended.
@@ -1218,6 +1253,7 @@ HANDLE_NAMES = frozenset(
 )
 MAX_DIR_GRANTS = 1024
 _YIELD_EVERY = 8
+_SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole directory
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 
 
@@ -1236,7 +1272,16 @@ async def _commit_off_loop(outputs: list[PendingOutput]) -> Exception | None:
     cancel meanwhile waits for the commit, which is all or none, to end."""
     if all(out.drain is not None and out.linkable for out in outputs):
         return _commit(outputs)  # links only: at once
-    done = asyncio.get_running_loop().run_in_executor(None, _commit, outputs)
+    return await _off_loop(functools.partial(_commit, outputs))
+
+
+_T = TypeVar("_T")
+
+
+async def _off_loop(work: Callable[[], _T]) -> _T:
+    """``work()`` on the loop's executor. A cancel meanwhile waits for it to
+    end (it is not interruptible), then is raised."""
+    done = asyncio.get_running_loop().run_in_executor(None, work)
     cancelled = False
     while not done.done():
         try:

@@ -293,14 +293,16 @@ class Resolver:
     def listdir(self, t: Target) -> list[str]:
         fd = self._dir_fd(t, os.O_RDONLY)
         names: list[str] = []
+        seen = 0
         try:
             with os.scandir(fd) as it:
                 for entry in it:
-                    if not is_utf8(entry.name):
-                        continue  # not representable on the wire; never guessed at
-                    names.append(entry.name)
-                    if len(names) > _MAX_LISTDIR:
+                    # Every entry read counts, those left out too: the bound is on the work
+                    seen += 1
+                    if seen > _MAX_LISTDIR:
                         raise OSError(errno.E2BIG, f"more than {_MAX_LISTDIR} entries", t.display)
+                    if is_utf8(entry.name):  # (a name that is not cannot travel; never guessed at)
+                        names.append(entry.name)
         finally:
             os.close(fd)
         return sorted(names)

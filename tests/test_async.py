@@ -805,8 +805,9 @@ class PipelinedLister(Worker):
 
 def test_costly_requests_in_a_row_do_not_hold_the_loop(tree: Path) -> None:
     """The awaited-call driver served up to 8 waiting requests before it let other tasks run: 16
-    pipelined listings of a big directory stalled the loop for about 8 listings' time. It now
-    lets the others run after any 2 ms of its own."""
+    pipelined listings of a big directory stalled the loop for about 8 listings' time. A listing
+    is now read on the loop's executor (the loop waits for the GIL at most, never for a listing),
+    and the driver pauses after any 2 ms of its own."""
     big = tree / "data" / "big"
     big.mkdir()
     for i in range(10_000):
@@ -834,4 +835,4 @@ def test_costly_requests_in_a_row_do_not_hold_the_loop(tree: Path) -> None:
         w = b.spawn(PipelinedLister)
         asyncio.run(run(w))  # (warm)
         lag, each = asyncio.run(run(w))
-    assert lag < 4 * each + 0.01, f"the loop was held {lag * 1e3:.0f} ms; one listing takes {each * 1e3:.1f} ms"
+    assert lag < each + 0.01, f"the loop was held {lag * 1e3:.0f} ms; one listing takes {each * 1e3:.1f} ms"

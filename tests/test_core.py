@@ -400,6 +400,27 @@ def test_a_long_listing_is_never_a_memfd_a_worker_could_keep(broker: Broker, tre
     assert len(w.ls_joined("data/many").split("\n")) == 20_000  # and the honest worker pages through it all
 
 
+def test_entries_left_out_of_a_listing_count_against_its_bound(
+    broker: Broker, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names that are not UTF-8 were skipped before they were counted: a worker that made millions
+    of them had the broker read them all (seconds per request) for an empty answer."""
+    import broker._resolve as resolve
+
+    monkeypatch.setattr(resolve, "_MAX_LISTDIR", 100)
+    odd = tree / "data" / "odd"
+    odd.mkdir()
+    for i in range(150):
+        os.close(os.open(bytes(odd) + b"/\xff" + str(i).encode(), os.O_CREAT | os.O_WRONLY, 0o600))
+    for i in range(10):
+        (odd / f"ok{i}").touch()
+    w = broker.spawn(Upper)
+    with pytest.raises(OSError, match="more than 100 entries") as info:
+        w.ls("data/odd")
+    assert info.value.errno == errno.E2BIG
+    assert len(w.ls("data/sub")) == 1  # a small one, as before
+
+
 def test_directory_grants_are_let_go_when_done_with(broker: Broker, tree: Path) -> None:
     """A directory passed to a call, or asked for by the worker, held a broker
     fd for the worker's whole life: after 1024 the worker could get no more
