@@ -439,7 +439,12 @@ class FdWriter(Worker):
     """Writes to fds 1 and 2 themselves, as C code does (os.write, and faulthandler's own C writes)."""
 
     def setup(self) -> None:
+        import faulthandler
+        import sys
+
+        faulthandler.enable()  # (it asks sys.stderr for its fileno(): setup() failed with UnsupportedOperation)
         os.write(1, b"fd 1 in setup()\n")
+        assert sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
 
     @rpc
     def mixed(self) -> str:

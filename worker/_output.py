@@ -13,7 +13,8 @@ ready), each line travels to the broker as an ``out`` message while a call
 runs; the broker logs it on the ``privsep.worker`` logger. The pipes are read
 into the same lines when a call starts and ends and before each line Python
 writes, so the two keep their order; between reads each holds 64 KiB (the
-kernel's pipe size), and a write past that fails with EAGAIN and is lost.
+kernel's pipe size), and a write past that is cut short (or fails with
+EAGAIN): the rest is lost.
 What a worker writes as it dies (a fatal error) is lost. Lines written between
 calls (in ``setup()``, by a thread of the worker's own) wait for the next
 call, at most ``MAX_PENDING`` characters; the rest is dropped and counted.
@@ -222,6 +223,11 @@ class Output(io.TextIOBase):
 
     def isatty(self) -> bool:
         return False
+
+    def fileno(self) -> int:
+        """The fd under the stream (1 or 2): what code writes there itself
+        (``faulthandler.enable()`` asks for it) is read back as the stream's."""
+        return _STDIO_FDS[self._name]
 
     def write(self, s: str) -> int:
         if not isinstance(s, str):
