@@ -111,6 +111,10 @@ def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
     hint = _IMPORT_HINT if any(_looks_imported(p) for p in paths) else ""
     if hint and any(p.endswith(".py") for p in paths):
         hint += _SOURCE_HINT
+    elif not hint and name == "getcwd":
+        hint = _CWD_HINT
+    elif not hint and name in _OPENS and paths and (paths[0].startswith("/") or shown[0] == "AT_FDCWD"):
+        hint = _PATH_HINT
     return f"{name}({', '.join(shown)})", hint
 
 
@@ -122,6 +126,16 @@ _IMPORT_HINT = (
 # replaced privsep's and failed, an exception printed by C code): privsep's hooks never read it.
 _SOURCE_HINT = "; or a traceback printed with its source lines by a hook of your own"
 _MODULE_SUFFIXES = (".py", ".pyc", ".so", ".pth")
+_OPENS = frozenset({"open", "openat", "openat2", "creat", "stat", "lstat", "newfstatat", "statx", "access",
+                    "faccessat", "faccessat2", "readlink", "readlinkat"})
+_CWD_HINT = (
+    ": a worker has no working directory. os.getcwd(), os.path.abspath() and tempfile ask for it: keep "
+    "scratch data in memory (io.BytesIO), or ask the broker for a file (self.broker.create())"
+)
+_PATH_HINT = (
+    ": a worker opens nothing by path on its own. Take the file as a call's argument, or ask the broker "
+    "(self.broker.open('relative/path')), or read it in setup(), which runs before sandbox entry"
+)
 
 
 def _looks_imported(path: str) -> bool:

@@ -24,6 +24,12 @@ from worker import Worker, rpc
 
 class Hog(Worker):
     @rpc
+    def tempfile(self) -> None:
+        import tempfile
+
+        tempfile.TemporaryFile()
+
+    @rpc
     def ping(self) -> str:
         return "pong"
 
@@ -158,7 +164,20 @@ def test_violation_names_the_syscall_and_path(tree: Path) -> None:
         assert info.value.syscall in ("openat", "open")
         assert "/etc/hostname" in str(info.value)
         assert "import" not in str(info.value)  # no hint that does not apply
+        assert str(info.value).endswith("a worker opens nothing by path on its own. Take the file as a call's "
+                                        "argument, or ask the broker (self.broker.open('relative/path')), or read "
+                                        "it in setup(), which runs before sandbox entry")
         assert w.exit is not None and w.exit.kind == "violation"
+
+
+def test_a_working_directory_asked_for_is_named_as_the_cause(tree: Path) -> None:
+    """tempfile and os.path.abspath() ask for the working directory: the report named getcwd() alone."""
+    with Broker(Policy(), root=tree) as b, pytest.raises(PolicyViolation) as info:
+        b.spawn(Hog).tempfile()
+    assert info.value.syscall == "getcwd"
+    assert str(info.value).endswith(": a worker has no working directory. os.getcwd(), os.path.abspath() and "
+                                    "tempfile ask for it: keep scratch data in memory (io.BytesIO), or ask the "
+                                    "broker for a file (self.broker.create())")
 
 
 def test_a_socket_address_is_shown_in_the_report(tree: Path) -> None:
