@@ -27,7 +27,8 @@ class Hog(Worker):
     def tempfile(self) -> None:
         import tempfile
 
-        tempfile.TemporaryFile()
+        with tempfile.TemporaryFile():
+            pass
 
     @rpc
     def ping(self) -> str:
