@@ -1408,7 +1408,13 @@ def output_paths(paths: tuple[str | os.PathLike[str], ...]) -> frozenset[str]:
         text = local_path(p, what="output path")
         if text.endswith("/"):
             raise ValueError(f"an output is a file, not a directory: {text!r} (name each file the call may create)")
-        named.append("/".join(split_relative(text)))
+        try:
+            parts = split_relative(text)
+        except NotCapable as exc:  # (the caller's own mistake, said where it is made, not at the call)
+            raise ValueError(f"output {text!r}: {exc.strerror}") from None
+        if not parts:
+            raise ValueError(f"an output path names a file beneath the broker's root, not {text!r}")
+        named.append("/".join(parts))
     return frozenset(named)
 
 

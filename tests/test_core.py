@@ -9,6 +9,7 @@ import errno
 import io
 import os
 import pickle
+import re
 import sys
 import threading
 import time
@@ -1285,6 +1286,11 @@ def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None
         for named in ("out/", "out/sub/"):
             with pytest.raises(ValueError, match="an output is a file, not a directory"):
                 w.with_outputs("out/a.txt", named)
+        # Nor may it be absolute, go up, or name no file: said where the view is made, not at the call.
+        for named, why in (("/tmp/abs.txt", "absolute paths are not allowed"), ("out/../x", "'..' is not allowed"),
+                           (".", "names a file beneath the broker's root")):  # fmt: skip
+            with pytest.raises(ValueError, match=re.escape(why)):
+                w.with_outputs(named)
         # a plain call after them: the policy's own bounds again
         assert w.write(["g.txt"]) == []
         assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "d.txt", "g.txt", "keep.txt"]
