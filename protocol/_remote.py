@@ -26,7 +26,8 @@ _BUILTIN_OK = {
     "ValueError", "TypeError", "KeyError", "IndexError", "LookupError", "RuntimeError",
     "NotImplementedError", "ArithmeticError", "ZeroDivisionError", "OverflowError",
     "AssertionError", "AttributeError", "UnicodeError", "MemoryError", "RecursionError",
-    "EOFError", "BufferError", "Exception", "ImportError", "ModuleNotFoundError", "TimeoutError",
+    "EOFError", "BufferError", "Exception", "ImportError", "ModuleNotFoundError", "TimeoutError", "NameError",
+    "SyntaxError",  # (xml.etree.ElementTree.ParseError is one)
 }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 import warnings
+import xml.etree.ElementTree as ElementTree
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -829,6 +830,10 @@ class OddErrors(Worker):
             return {"present": 1}["missing"]  # type: ignore[return-value]
         if kind == "bare":
             raise ValueError
+        if kind == "xml":
+            ElementTree.fromstring("<a>")  # ParseError, a SyntaxError (the module: imported at the top)
+        if kind == "name":
+            return undefined_name  # type: ignore[name-defined,no-any-return] # noqa: F821
         if kind == "notes-not-a-list":
             exc = ValueError("noted")
             exc.__notes__ = 5  # type: ignore[attr-defined]
@@ -853,6 +858,13 @@ def test_a_remote_builtin_exception_keeps_its_args(broker: Broker) -> None:
     with pytest.raises(ValueError) as bare:
         w.raise_("bare")
     assert bare.value.args == ()
+    # SyntaxError and NameError were not among the builtins rebuilt: xml's ParseError came back a bare RemoteError
+    with pytest.raises(SyntaxError) as syntax:
+        w.raise_("xml")
+    assert isinstance(syntax.value, RemoteError) and syntax.value.type_name == "ParseError"
+    assert str(syntax.value) == "no element found: line 1, column 3"
+    with pytest.raises(NameError, match="name 'undefined_name' is not defined"):
+        w.raise_("name")
 
 
 def test_exception_names_a_worker_makes_up_cost_the_broker_bounded_memory(
