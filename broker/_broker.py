@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -129,6 +130,13 @@ def _close_at_exit() -> None:
 
 
 atexit.register(_close_at_exit)
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _page(names: list[str], at: int) -> tuple[list[str], int]:
@@ -779,6 +787,15 @@ class Broker:
             handle._adopt_notify(notify.detach())
         elif not self._unsandboxed and self.policy.sandbox.seccomp and _expects_listener(msg["sandbox"]):
             raise handle._fail("protocol", "sandbox reported user notification but sent no listener")
+        err = msg["err"]
+        if err is not None:
+            if not isinstance(err, ReceivedFd) or not _is_pipe(err.fd):
+                close_fds_in(msg)
+                raise handle._fail("protocol", "handshake carried something other than a pipe for stderr")
+            if self.worker_output:  # (else the worker makes its stderr /dev/null at its first call)
+                handle._stderr_fd = err.detach()
+            else:
+                err.close()
         close_fds_in(msg["sandbox"])
         handle.sandbox = msg["sandbox"]
         if handle._cgroup_report is not None:

@@ -18,6 +18,9 @@ class WorkerExit:
     ``"timeout"``, ``"oom"``, ``"protocol"`` (it broke the wire rules),
     ``"cancelled"`` (its caller stopped waiting for a call: the task was
     cancelled or the thread interrupted) and ``"crashed"`` (any other exit).
+    ``last_output``: with ``Broker(worker_output=True)``, what a worker that
+    did not stop cleanly had written to its stderr and not yet sent (a fatal
+    error's report, faulthandler's traceback), at most 4096 characters.
     """
 
     kind: str
@@ -26,6 +29,7 @@ class WorkerExit:
     signal: int | None = None
     syscall: str | None = None
     args: tuple[int, ...] = field(default_factory=tuple)
+    last_output: str = ""
 
     def __post_init__(self) -> None:
         # One type whichever way the end was learnt: a wait status gives an int.

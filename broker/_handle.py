@@ -126,6 +126,7 @@ class WorkerHandle:
         # before its refusal, at the request rate.
         chan.blob_tags = _BLOB_TAGS
         self._notify_fd = -1
+        self._stderr_fd = -1  # the read end of its stderr pipe (worker_output), read when it ends
         self._lock = threading.Lock()
         self._call_ids = itertools.count(1)
         self.timeout = timeout
@@ -954,8 +955,14 @@ class WorkerHandle:
 
         self._broker._background.after_exit(pidfd, reap)
 
-    def _set_exit(self, ex: WorkerExit) -> None:
+    def _set_exit(self, ex: WorkerExit) -> WorkerExit:
+        """Record how the worker ended (unless an end is recorded already).
+        Returns ``ex``, with the worker's last words when they were read."""
         if self.exit is None:
+            if ex.kind != "ok" and self._stderr_fd >= 0:
+                words = self._last_words()
+                if words:
+                    ex = dataclasses.replace(ex, last_output=words)
             self.exit = ex
             self._release()
             self._broker._forget(self)
@@ -964,6 +971,27 @@ class WorkerHandle:
                 end = {"worker": self.id, "pid": self.pid, "class": self.cls.__qualname__, **dataclasses.asdict(ex)}
                 log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, printable(ex.reason),
                         extra={"privsep": end})
+        return ex
+
+    def _last_words(self) -> str:
+        """What the worker wrote to its stderr and did not read back before
+        it ended (a fatal error's report, faulthandler's traceback), at most
+        LAST_WORDS characters; each line is logged as its output is. Never
+        blocks: one read of what is there (the worker may have made the pipe
+        blocking, or sent another pipe)."""
+        poller = select.poll()
+        poller.register(self._stderr_fd, select.POLLIN)
+        try:
+            if not poller.poll(0):
+                return ""
+            data = os.read(self._stderr_fd, 64 * 1024)
+        except OSError:
+            return ""
+        text = data.decode("utf-8", "backslashreplace")[-LAST_WORDS:]
+        for line in text.splitlines():
+            for start in range(0, max(1, len(line)), MAX_LINE):
+                self._log_output("stderr", line[start:start + MAX_LINE])
+        return text
 
     def _release(self) -> None:
         self._stop_waiting()  # before its fds close under the event loop
@@ -986,7 +1014,7 @@ class WorkerHandle:
         if self._held_dirs:
             self._broker._fds.give_back(self, len(self._held_dirs))
             self._held_dirs.clear()
-        for attr in ("_notify_fd", "_pidfd"):
+        for attr in ("_notify_fd", "_pidfd", "_stderr_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 setattr(self, attr, -1)
@@ -1063,8 +1091,7 @@ class WorkerHandle:
             assert self._cgroup is not None
             limit = _size(self._cgroup.limit)
             ex = WorkerExit("oom", f"killed by the OOM killer at its memory cgroup's limit ({limit})", signal=ex.signal)
-        self._set_exit(ex)
-        return ex.error(self.name)
+        return self._set_exit(ex).error(self.name)
 
     def _maybe_oom(self) -> bool:
         """Was a SIGKILL the kernel's OOM killer, acting on the worker's memory cgroup?"""
@@ -1253,6 +1280,7 @@ HANDLE_NAMES = frozenset(
 )
 MAX_DIR_GRANTS = 1024
 _YIELD_EVERY = 8
+LAST_WORDS = 4096  # characters of a dead worker's stderr kept (WorkerExit.last_output)
 _SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole directory
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 

@@ -22,7 +22,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "stop": {},
     "cfg": {"out": bool},  # right after "ready": forward print() output ("out") or not
     # worker -> broker
-    "ready": {"v": int, "pid": int, "sandbox": dict, "notify": _ANY},
+    "ready": {"v": int, "pid": int, "sandbox": dict, "notify": _ANY, "err": _ANY},  # err: its stderr pipe
     "fail": {"e": dict},
     "ret": {"id": int, "v": _ANY},
     "err": {"id": int, "e": dict},

@@ -35,7 +35,9 @@ import msgpack
 from ._errors import MessageTooLarge, ProtocolError
 from ._rights import Rights, rights_from_wire
 
-PROTOCOL_VERSION = 4  # 2: large strings travel in a memfd too (EXT_TEXT); 3: cfg and out messages; 4: listings in pages
+# 2: large strings travel in a memfd too (EXT_TEXT); 3: cfg and out messages; 4: listings in pages, the
+# stderr pipe in ready
+PROTOCOL_VERSION = 4
 MAX_PACKET = 256 * 1024
 INLINE_BYTES = 64 * 1024
 MAX_FDS = 64

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -515,6 +516,50 @@ def test_what_code_writes_to_fds_1_and_2_joins_the_worker_output(
         assert failed == "BlockingIOError" and 0 < taken < 1 << 20  # (a list: msgpack has no tuples)
         assert sum(len(text) + 1 for _, _, text in _printed(caplog)) == taken
         assert w.mixed() == "done"  # and the pipe works on
+
+
+class Segfaults(Worker):
+    def setup(self) -> None:
+        import ctypes
+        import faulthandler
+
+        faulthandler.enable()
+        self.ctypes = ctypes  # (imported before sandbox entry)
+
+    @rpc
+    def die(self) -> None:
+        os.write(2, b"dying words\n")
+        self.ctypes.string_at(0)  # SIGSEGV: faulthandler writes its report to fd 2, and the worker dies of it
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_what_a_dying_worker_wrote_to_its_stderr_is_kept_and_logged(
+    tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's last words (faulthandler's report of a crash) were lost: the worker that reads
+    its stderr pipe back is the one that died. The broker holds the pipe too, and reads what is left."""
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree, worker_output=True) as b:
+        w = b.spawn(Segfaults)
+        assert w.ping() == "pong"
+        with pytest.raises(WorkerCrashed) as info:
+            w.die()
+        ex = info.value.exit
+        assert ex.kind == "signal" and ex.signal == signal.SIGSEGV
+        assert ex.last_output.startswith("dying words\nFatal Python error: Segmentation fault"), ex.last_output
+        assert "in die" in ex.last_output and len(ex.last_output) <= 4096
+        logged = [text for _, stream, text in _printed(caplog) if stream == "stderr"]
+        assert logged[:2] == ["dying words", "Fatal Python error: Segmentation fault"], logged
+        assert w._stderr_fd == -1  # let go with its other fds
+    with Broker(Policy(), root=tree) as b:  # without worker_output: no pipe kept, nothing read
+        w = b.spawn(Segfaults)
+        assert w._stderr_fd == -1
+        with pytest.raises(WorkerCrashed) as info:
+            w.die()
+        assert info.value.exit.last_output == ""
 
 
 def test_what_code_writes_to_fds_1_and_2_goes_nowhere_unless_asked_for(

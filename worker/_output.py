@@ -15,7 +15,8 @@ into the same lines when a call starts and ends and before each line Python
 writes, so the two keep their order; between reads each holds 64 KiB (the
 kernel's pipe size), and a write past that is cut short (or fails with
 EAGAIN): the rest is lost.
-What a worker writes as it dies (a fatal error) is lost. Lines written between
+What a worker writes as it dies (a fatal error) the broker reads from its
+own copy of the stderr pipe's read end (sent in ``ready``). Lines written between
 calls (in ``setup()``, by a thread of the worker's own) wait for the next
 call, at most ``MAX_PENDING`` characters; the rest is dropped and counted.
 """

@@ -286,7 +286,11 @@ def _become(
 
 
 def _announce_and_serve(chan: Channel, instance: Worker, report: dict[str, Any], notify: _Listener | None) -> None:
-    chan.send({"t": "ready", "v": PROTOCOL_VERSION, "pid": os.getpid(), "sandbox": report, "notify": notify})
+    err = output.captured.get("stderr")
+    # The read end of its stderr pipe goes to the broker too, which reads what is left in it when the
+    # worker dies (a fatal error's report, faulthandler's traceback): this process can no longer.
+    chan.send({"t": "ready", "v": PROTOCOL_VERSION, "pid": os.getpid(), "sandbox": report, "notify": notify,
+               "err": None if err is None else _StderrEnd(err)})
     if notify is not None:
         notify.close()  # the supervisor's fd must never stay with the supervised
     serve(instance, chan)
@@ -531,6 +535,19 @@ def _cached_lines(filename: str, module_globals: Any = None) -> list[str]:
 
 def _no_check(filename: str | None = None) -> None:
     return None
+
+
+class _StderrEnd:
+    """A copy of the stderr pipe's read end, for the broker (this process keeps its own)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __privsep_fd__(self) -> tuple[int, int, Any]:
+        from protocol import Rights
+        from protocol._wire import KIND_STREAM
+
+        return self.fd, KIND_STREAM, Rights.READ
 
 
 class _Listener:
