@@ -32,6 +32,29 @@ def ensure_subdir(base_fd: int, parts: tuple[str, ...] | list[str], mode: int = 
         os.close(fd)
 
 
+def missing_dirs(path: str) -> list[str]:
+    """The directories ``os.makedirs(path)`` would make, deepest first."""
+    made = []
+    while not os.path.lexists(path):
+        made.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return made
+
+
+def remove_made_dirs(made: list[str]) -> int:
+    """Remove the directories a run made (deepest first), as long as each is
+    empty; how many were removed."""
+    removed = 0
+    for path in made:
+        if not rmdir_if_empty(path):
+            break
+        removed += 1
+    return removed
+
+
 def rmdir_if_empty(path: str) -> bool:
     """Remove ``path`` if it is an empty directory (one a run made and left unused); True if removed."""
     try:

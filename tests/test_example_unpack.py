@@ -442,6 +442,15 @@ def test_counts_in_the_singular_and_no_empty_outdir_left(tmp_path: Path) -> None
     assert stdout.getvalue().splitlines()[1] == (
         f"Nothing was extracted: the empty {tmp_path / 'new'}/ this run made was removed."
     )
+    # and so are the parents it made for it (they stayed), never one that was there
+    stdout = io.StringIO()
+    status = cli.main([str(SAMPLES / "not-an-archive.zip"), str(tmp_path / "p1" / "p2" / "new")], stdout=stdout,
+                      stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_REFUSED and not (tmp_path / "p1").exists() and tmp_path.is_dir()
+    assert stdout.getvalue().splitlines()[1] == (
+        f"Nothing was extracted: the empty {tmp_path / 'p1' / 'p2' / 'new'}/ this run made was removed, with the "
+        "2 directories above it made for it."
+    )
     (tmp_path / "there").mkdir()
     status = cli.main([str(SAMPLES / "not-an-archive.zip"), str(tmp_path / "there"), "--json", "-"],
                       stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
@@ -461,9 +470,16 @@ def test_usage_errors_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFi
         (str(SAMPLES / "good.zip"), str(file)): f"OUTDIR '{file}' exists and is not a directory",
         (str(tmp_path / "missing.zip"), str(tmp_path / "o")): f"ARCHIVE '{tmp_path / 'missing.zip'}' does not exist",
         (str(tmp_path), str(tmp_path / "o")): f"ARCHIVE '{tmp_path}' is not a file",
+        # -q with -v: -v was ignored
+        (str(SAMPLES / "good.zip"), str(tmp_path / "o"), "-q", "-v"): "argument -v/--verbose: not allowed with "
+                                                                       "argument -q/--quiet",
     }
     for argv, message in cases.items():
-        assert cli.main(list(argv), stdout=io.StringIO(), stderr=io.StringIO()) == cli.EXIT_USAGE
+        try:
+            status = cli.main(list(argv), stdout=io.StringIO(), stderr=io.StringIO())
+        except SystemExit as exc:  # (argparse's own errors exit, as `python3 -m` would)
+            status = exc.code
+        assert status == cli.EXIT_USAGE
         assert capsys.readouterr().err.splitlines()[-1] == f"{cli.PROG}: error: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 

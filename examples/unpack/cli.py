@@ -27,7 +27,7 @@ from examples._report import (
     writable_dir_problem,
 )
 
-from .._safe_fs import ensure_subdir, rmdir_if_empty
+from .._safe_fs import ensure_subdir, missing_dirs, remove_made_dirs
 from ..thumbnailer.progress import fmt_bytes
 from . import safety
 from .safety import Limits, Refused
@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty OUTDIR (files are replaced)")
     parser.add_argument("--json", metavar="FILE", help="write a machine-readable report to FILE ('-' for stdout)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="list every member as it is extracted (else, on a terminal, a line counts them)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary (no progress line)")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", action="store_true",
+                      help="list every member as it is extracted (else, on a terminal, a line counts them)")
+    talk.add_argument("-q", "--quiet", action="store_true", help="print only the summary (no progress line)")
     return parser
 
 
@@ -302,7 +303,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     outdir = os.path.realpath(args.outdir)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         parser.error(f"OUTDIR {args.outdir!r} exists and is not a directory")
-    created_outdir = not os.path.lexists(outdir)
+    made_dirs = missing_dirs(outdir)  # OUTDIR and the parents this run makes for it, deepest first
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
@@ -316,8 +317,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         parser.error(f"cannot write in OUTDIR {args.outdir!r}: {problem}")
     problem = json_target_problem(args.json)  # (after OUTDIR is made: the report may go in it)
     if problem:
-        if created_outdir:
-            rmdir_if_empty(outdir)
+        remove_made_dirs(made_dirs)
         parser.error(problem)
     limits = Limits(max_total=args.max_total, max_ratio=args.max_ratio, max_members=args.max_members)
 
@@ -441,7 +441,8 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
         counter.clear()
         os.close(out_fd)
         # An OUTDIR this run made and left empty (not an archive, all refused, interrupted...) is not left behind.
-        outdir_removed = created_outdir and not _report_goes_in(outdir, args.json) and rmdir_if_empty(outdir)
+        removed = 0 if _report_goes_in(outdir, args.json) else remove_made_dirs(made_dirs)
+        outdir_removed = removed > 0
 
     summary_wanted = True
     if report["interrupted"]:
@@ -464,6 +465,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
             "bytes": ex.total,
             "seconds": round(elapsed, 4),
             "outdir_removed": outdir_removed,
+            "parents_removed": max(0, removed - 1),  # directories made above OUTDIR for it, removed with it
         }
     )
     if report["interrupted"]:
@@ -502,7 +504,9 @@ def render(report: dict[str, Any]) -> str:
         f" into {report['outdir']}/ in {report['seconds']:.2f} s"
     ]
     if report.get("outdir_removed"):
-        lines.append(f"Nothing was extracted: the empty {report['outdir']}/ this run made was removed.")
+        parents = report.get("parents_removed") or 0
+        above = f", with the {_count_of(parents, 'directory')} above it made for it" if parents else ""
+        lines.append(f"Nothing was extracted: the empty {report['outdir']}/ this run made was removed{above}.")
     if report["refused"]:
         lines.append(f"Refused {_count_of(len(report['refused']), 'member')}:")
         width = min(40, max(len(r["name"]) for r in report["refused"]))
