@@ -162,6 +162,9 @@ class WorkerHandle:
         self._fast_events = 0
         self._resumed = 0.0  # when the awaited call's task last came back from the loop
         self._to_answer: tuple[dict[str, Any], list[PendingOutput], bool] | None = None
+        # Held while a request is answered on the loop's executor: the worker's fds (its channel, its
+        # directories) close only after, never under that thread (re-entrant: it may end the worker).
+        self._answering = threading.RLock()
         self._tokens = float(broker.request_rate or 0.0)
         self._tokens_at = time.monotonic()
 
@@ -748,10 +751,13 @@ class WorkerHandle:
         loop's executor, for an awaited call); what it raised, or None."""
         assert self._to_answer is not None
         msg, outputs, over = self._to_answer
-        try:
-            self._answer(msg, outputs, over_quota=over)
-        except BaseException as exc:
-            return exc
+        with self._answering:
+            if self.exit is not None:  # ended meanwhile (akill from another task): its fds are closed
+                return self.exit.error(self.name)
+            try:
+                self._answer(msg, outputs, over_quota=over)
+            except BaseException as exc:
+                return exc
         return None
 
     def _send(self, msg: dict[str, Any], what: str, with_fds: bool = False, one_fd: int = -1) -> None:
@@ -988,9 +994,8 @@ class WorkerHandle:
         except OSError:
             return ""
         text = data.decode("utf-8", "backslashreplace")[-LAST_WORDS:]
-        for line in text.splitlines():
-            for start in range(0, max(1, len(line)), MAX_LINE):
-                self._log_output("stderr", line[start:start + MAX_LINE])
+        for line in text.splitlines()[-_LAST_LINES:]:  # (4096 newlines would be 4096 records)
+            self._log_output("stderr", line)
         return text
 
     def _release(self) -> None:
@@ -1006,7 +1011,12 @@ class WorkerHandle:
                 log.warning("worker %s: cannot remove its cgroup %s: %s", self.name, cgroup.path, exc)
 
     def _close_fds(self) -> None:
-        """The channel, the directories it was given, the listener and the pidfd."""
+        """The channel, the directories it was given, the listener and the pidfd
+        (after a request being answered on the loop's executor, if any)."""
+        with self._answering:
+            self._close_fds_now()
+
+    def _close_fds_now(self) -> None:
         self._chan.close()
         for d in self._dirs.values():
             d.close()
@@ -1026,7 +1036,7 @@ class WorkerHandle:
         if getattr(self, "exit", 0) is None and getattr(self, "_reaper", None) is _waitpid and self._pidfd >= 0:
             pidfd, self._pidfd = self._pidfd, -1
             _unwaited.append(pidfd)  # our own child: waited for later (the pidfd goes with it), no zombie
-        for attr in ("_notify_fd", "_pidfd"):
+        for attr in ("_notify_fd", "_pidfd", "_stderr_fd"):
             fd = getattr(self, attr, -1)
             if fd >= 0:
                 setattr(self, attr, -1)
@@ -1234,6 +1244,7 @@ class WorkerHandle:
         """In a forked child: close this copy's fds of the parent's worker and
         refuse calls. Its process, cgroup and end stay the parent's."""
         self._lock = threading.Lock()  # (a call on another thread may have held it at the fork)
+        self._answering = threading.RLock()  # (and an executor thread this one)
         self._alock = PerLoopLock()
         self._waiting = None
         self._cgroup = None  # never removed from here
@@ -1281,6 +1292,7 @@ HANDLE_NAMES = frozenset(
 MAX_DIR_GRANTS = 1024
 _YIELD_EVERY = 8
 LAST_WORDS = 4096  # characters of a dead worker's stderr kept (WorkerExit.last_output)
+_LAST_LINES = 64  # of them, the lines logged
 _SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole directory
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 

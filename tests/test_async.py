@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import READ, close_later
@@ -836,3 +837,47 @@ def test_costly_requests_in_a_row_do_not_hold_the_loop(tree: Path) -> None:
         asyncio.run(run(w))  # (warm)
         lag, each = asyncio.run(run(w))
     assert lag < each + 0.01, f"the loop was held {lag * 1e3:.0f} ms; one listing takes {each * 1e3:.1f} ms"
+
+
+class Lister(Worker):
+    @rpc
+    def ls(self, path: str) -> int:
+        return len(self.broker.listdir(path))
+
+
+def test_a_worker_killed_while_its_listing_is_read_off_the_loop_keeps_its_fds_until_then(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An awaited call's listing is read on the loop's executor. akill() from another task closed the
+    worker's channel and directories under that thread (their numbers free for any new fd); it now
+    waits for the answer to end first."""
+    import broker._resolve as resolve
+
+    entered, release = threading.Event(), threading.Event()
+    seen: list[bool] = []
+    handles: list[WorkerHandle] = []
+    listdir = resolve.Resolver.listdir
+
+    def slow_listdir(self: Any, t: Any) -> list[str]:
+        entered.set()
+        release.wait(10)
+        seen.append(not handles[0]._chan.closed)  # its channel, as the answer goes out
+        return listdir(self, t)
+
+    monkeypatch.setattr(resolve.Resolver, "listdir", slow_listdir)
+
+    async def main() -> None:
+        async with await Broker.astart(Policy().allow("data/", READ), root=tree) as b:
+            w = await b.aspawn(Lister)
+            handles.append(w)
+            call = asyncio.ensure_future(w.aio.ls("data"))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            threading.Timer(0.2, release.set).start()  # (akill may wait on the loop's thread for it)
+            ended = await w.akill()
+            assert ended.kind == "signal"
+            with pytest.raises(WorkerCrashed):
+                await call
+
+    asyncio.run(main())
+    assert seen == [True]
