@@ -165,6 +165,7 @@ class WorkerHandle:
         # Held while a request is answered on the loop's executor: the worker's fds (its channel, its
         # directories) close only after, never under that thread (re-entrant: it may end the worker).
         self._answering = threading.RLock()
+        self._exit_lock = threading.Lock()  # (see _set_exit)
         self._tokens = float(broker.request_rate or 0.0)
         self._tokens_at = time.monotonic()
 
@@ -316,18 +317,23 @@ class WorkerHandle:
                     op = next(steps)
                     while True:
                         kind, when = op
+                        # (after each await the loop has run others: the driver's turn starts anew)
                         if kind == "sleep" and when is not None:
                             await asyncio.sleep(max(0.0, when - time.monotonic()))
+                            self._resumed = time.monotonic()
                             op = steps.send(None)
                         elif kind == "exit" and when is not None:
                             await self._exited(max(0.0, when - time.monotonic()))
+                            self._resumed = time.monotonic()
                             op = steps.send(None)
                         elif kind == "commit":
-                            op = steps.send(await _commit_off_loop(self._to_commit))
-                        elif kind == "answer":
-                            failed = await _off_loop(self._answer_waiting)
+                            committed = await _commit_off_loop(self._to_commit)
                             self._resumed = time.monotonic()
-                            op = steps.send(failed)
+                            op = steps.send(committed)
+                        elif kind == "answer":
+                            answered = await _off_loop(self._answer_waiting)
+                            self._resumed = time.monotonic()
+                            op = steps.send(answered)
                         else:
                             op = steps.send(await self._event(when))
                 except StopIteration as stop:
@@ -962,21 +968,26 @@ class WorkerHandle:
         self._broker._background.after_exit(pidfd, reap)
 
     def _set_exit(self, ex: WorkerExit) -> WorkerExit:
-        """Record how the worker ended (unless an end is recorded already).
-        Returns ``ex``, with the worker's last words when they were read."""
-        if self.exit is None:
+        """Record how the worker ended, once: the loop's thread (akill) and
+        the executor thread answering a request for an awaited call may both
+        learn of it. Returns the end recorded (``ex``, with the worker's last
+        words when they were read, or the end recorded before)."""
+        with self._exit_lock:
+            if self.exit is not None:
+                return self.exit
             if ex.kind != "ok" and self._stderr_fd >= 0:
                 words = self._last_words()
                 if words:
                     ex = dataclasses.replace(ex, last_output=words)
             self.exit = ex
-            self._release()
-            self._broker._forget(self)
-            level = logging.INFO if ex.kind == "ok" else logging.WARNING
-            if log.isEnabledFor(level):  # the same end, for a program reading the log (record.privsep)
-                end = {"worker": self.id, "pid": self.pid, "class": self.cls.__qualname__, **dataclasses.asdict(ex)}
-                log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, printable(ex.reason),
-                        extra={"privsep": end})
+        # (only the thread that recorded the end gets here)
+        self._release()
+        self._broker._forget(self)
+        level = logging.INFO if ex.kind == "ok" else logging.WARNING
+        if log.isEnabledFor(level):  # the same end, for a program reading the log (record.privsep)
+            end = {"worker": self.id, "pid": self.pid, "class": self.cls.__qualname__, **dataclasses.asdict(ex)}
+            log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, printable(ex.reason),
+                    extra={"privsep": end})
         return ex
 
     def _last_words(self) -> str:
@@ -994,7 +1005,8 @@ class WorkerHandle:
         except OSError:
             return ""
         text = data.decode("utf-8", "backslashreplace")[-LAST_WORDS:]
-        for line in text.splitlines()[-_LAST_LINES:]:  # (4096 newlines would be 4096 records)
+        lines = [line for line in text.splitlines() if line.strip()]
+        for line in lines[-_LAST_LINES:]:  # (4096 newlines would be 4096 records)
             self._log_output("stderr", line)
         return text
 
@@ -1244,7 +1256,8 @@ class WorkerHandle:
         """In a forked child: close this copy's fds of the parent's worker and
         refuse calls. Its process, cgroup and end stay the parent's."""
         self._lock = threading.Lock()  # (a call on another thread may have held it at the fork)
-        self._answering = threading.RLock()  # (and an executor thread this one)
+        self._answering = threading.RLock()  # (and an executor thread these)
+        self._exit_lock = threading.Lock()
         self._alock = PerLoopLock()
         self._waiting = None
         self._cgroup = None  # never removed from here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -846,11 +847,12 @@ class Lister(Worker):
 
 
 def test_a_worker_killed_while_its_listing_is_read_off_the_loop_keeps_its_fds_until_then(
-    tree: Path, monkeypatch: pytest.MonkeyPatch
+    tree: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An awaited call's listing is read on the loop's executor. akill() from another task closed the
     worker's channel and directories under that thread (their numbers free for any new fd); it now
-    waits for the answer to end first."""
+    waits for the answer to end first. Both threads learnt the end, and both recorded it: two "ended"
+    records, and a call that raised another end than the one its handle kept."""
     import broker._resolve as resolve
 
     entered, release = threading.Event(), threading.Event()
@@ -876,8 +878,41 @@ def test_a_worker_killed_while_its_listing_is_read_off_the_loop_keeps_its_fds_un
             threading.Timer(0.2, release.set).start()  # (akill may wait on the loop's thread for it)
             ended = await w.akill()
             assert ended.kind == "signal"
-            with pytest.raises(WorkerCrashed):
+            with pytest.raises(WorkerCrashed) as info:
                 await call
+            assert info.value.exit is w.exit  # the one end recorded
 
+    caplog.set_level(logging.INFO, logger="privsep.broker")
     asyncio.run(main())
     assert seen == [True]
+    assert len([r for r in caplog.records if r.getMessage().endswith("ended: signal (killed by the broker)")]) == 1
+    assert not [r for r in caplog.records if " ended: " in r.getMessage() and "killed by the broker" not in
+                r.getMessage()]
+
+
+class Asker(Worker):
+    @rpc
+    def ask(self, n: int) -> int:
+        for _ in range(n):
+            self.broker.stat("data/a.txt")
+        return n
+
+
+def test_an_awaited_call_held_to_the_request_rate_runs_at_the_rate(tree: Path) -> None:
+    """The awaited driver's pauses (after 2 ms of its own, or 8 events) must not slow a call that the
+    request rate already spaces out: it runs as fast as a plain call does."""
+
+    async def awaited(w: WorkerHandle, n: int) -> float:
+        t0 = time.monotonic()
+        assert await w.aio.ask(n) == n
+        return time.monotonic() - t0
+
+    with Broker(Policy().allow("data/", READ), root=tree, request_rate=200.0) as b:
+        w = b.spawn(Asker)
+        w.ask(240)  # (the burst spent: every request from here waits its 5 ms)
+        t0 = time.monotonic()
+        w.ask(100)
+        sync = time.monotonic() - t0
+        took = asyncio.run(awaited(w, 100))
+    assert 0.4 < sync < 0.7, sync
+    assert took < 1.25 * sync, f"awaited {took:.2f} s against {sync:.2f} s in a plain call"

@@ -532,8 +532,22 @@ class Segfaults(Worker):
         self.ctypes.string_at(0)  # SIGSEGV: faulthandler writes its report to fd 2, and the worker dies of it
 
     @rpc
+    def flood_and_die(self) -> None:
+        os.write(2, b"\n" * 20000 + b"line\n" * 5000)
+        os._exit(3)
+
+    @rpc
     def ping(self) -> str:
         return "pong"
+
+
+def test_a_dying_workers_last_words_are_bounded(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """64 KiB of newlines at its death made 4096 log records at once, past the request rate."""
+    caplog.set_level(logging.INFO, logger="privsep.worker")
+    with Broker(Policy(), root=tree, worker_output=True) as b, pytest.raises(WorkerCrashed) as info:
+        b.spawn(Segfaults).flood_and_die()
+    assert info.value.exit.exit_code == 3 and len(info.value.exit.last_output) == 4096
+    assert [text for _, _, text in _printed(caplog)] == ["line"] * 64
 
 
 def test_what_a_dying_worker_wrote_to_its_stderr_is_kept_and_logged(
