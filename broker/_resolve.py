@@ -106,6 +106,7 @@ def _kernel_denial(exc: OSError, display: str, base: int = -1, in_dir: bool = Tr
 # The policy named this very path: no symlink on it is followed, not even one staying beneath the root
 # (a symlink planted there would hand out a file the policy never named).
 _FILE_GRANT_SYMLINK = "a single-file grant follows no symlink: the path must name the file itself"
+_WRITE_SYMLINK = "a file is created, unlinked or made a directory through no symlink: a directory on the path is one"
 
 
 class Target(NamedTuple):
@@ -315,8 +316,13 @@ class Resolver:
             raise NotCapable("needs a name beneath the granted directory, not the directory itself",
                              filename=t.display)
         try:
-            return openat2(t.base, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), name
+            # No symlink on the way, not even one staying beneath the root: a worker that may write in
+            # one part of a shared tree would redirect into another part the writes of a worker (or a
+            # caller) that may write there.
+            return openat2(t.base, parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, no_symlinks=True), name
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotCapable(_WRITE_SYMLINK, filename=t.display) from exc
             raise _kernel_denial(exc, t.display, t.base) from exc
 
     def create(self, t: Target, rights: Rights) -> tuple[PendingOutput, Capability]:

@@ -1306,3 +1306,45 @@ def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None
         # a plain call after them: the policy's own bounds again
         assert w.write(["g.txt"]) == []
         assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "d.txt", "g.txt", "keep.txt"]
+
+
+class PathWriter(Worker):
+    @rpc
+    def attempt(self, op: str, path: str) -> str:
+        try:
+            if op == "create":
+                with self.broker.create(path) as f:
+                    f.write(b"x")
+            elif op == "mkdir":
+                self.broker.mkdir(path)
+            else:  # unlink, beneath a directory the worker asks for
+                where, _, name = path.partition("/")
+                with self.broker.opendir(where, Rights.LOOKUP | Rights.UNLINKAT) as d:
+                    d.unlink(name)
+        except NotCapable as exc:
+            return str(exc)
+        return "ok"
+
+
+def test_writes_go_through_no_symlink_beneath_the_grant(tree: Path) -> None:
+    """A symlink beneath the root was followed on the way to an output: a worker that may write only
+    in out/h/ planted out/h/sub -> .., and the output another worker (or a caller's with_outputs)
+    named out/h/sub/x.txt landed in out/, where the first could not write."""
+    rights = Rights.LOOKUP | Rights.WRITE | Rights.CREATE | Rights.MKDIRAT | Rights.UNLINKAT
+    (tree / "out" / "h").mkdir()
+    (tree / "out" / "h" / "sub").symlink_to("..")
+    (tree / "out" / "real").mkdir()
+    (tree / "out" / "real" / "old.txt").write_text("kept")
+    (tree / "out" / "h" / "real").symlink_to("../real")
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        w = b.spawn(PathWriter)
+        said = w.with_outputs("out/h/sub/x.txt").attempt("create", "out/h/sub/x.txt")
+        assert said.endswith("through no symlink: a directory on the path is one: 'out/h/sub/x.txt'"), said
+        said = w.attempt("mkdir", "out/h/sub/d")
+        assert said.endswith("through no symlink: a directory on the path is one: 'out/h/sub/d'"), said
+        said = w.attempt("unlink", "out/h/real/old.txt")
+        assert "through no symlink: a directory on the path is one" in said, said
+        assert w.attempt("create", "out/real/new.txt") == "ok"  # a real directory, as before
+        assert w.attempt("mkdir", "out/real/d") == "ok" and w.attempt("unlink", "out/real/new.txt") == "ok"
+    assert sorted(os.listdir(tree / "out")) == ["h", "real"]
+    assert sorted(os.listdir(tree / "out" / "real")) == ["d", "old.txt"]
