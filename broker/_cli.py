@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("privsep demo: run it from a source checkout (python3 -m examples.thumbnailer)", file=sys.stderr)
             return 2
-        return int(demo_main(rest) or 0)
+        return int(demo_main(rest, prog="privsep demo") or 0)
     # No command: a usage error (exit status 2, as argparse gives), with the help to say what to type.
     parser.print_help(sys.stderr)
     return 2

@@ -42,6 +42,11 @@ def test_demo_runs_the_thumbnailer_from_anywhere(tmp_path: Path) -> None:
     proc = run("demo", "-o", str(out), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(list(out.iterdir())) == 8
+    # its usage says what was typed (it said "python3 -m examples.thumbnailer")
+    helped = run("demo", "--help", cwd=tmp_path)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: privsep demo ")
+    wrong = run("demo", str(tmp_path / "missing"), cwd=tmp_path)
+    assert wrong.returncode == 2 and wrong.stderr.splitlines()[-1].startswith("privsep demo: error: INPUT_DIR ")
 
 
 def test_python_m_broker_is_the_same_command(tmp_path: Path) -> None:

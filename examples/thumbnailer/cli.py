@@ -132,9 +132,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "input", nargs="?", metavar="INPUT_DIR", help="directory of images to convert (default: the bundled samples)"
@@ -562,6 +562,7 @@ def run(
     """Convert everything; return the exit status. ``worker_cls`` lets tests substitute a worker."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    prog = getattr(args, "prog", PROG)  # (the name main() was given: `privsep demo`, say)
     notes: list[str] = []
     # The user names the directories, so resolving *their* symlinks is fine;
     # nothing beneath them is resolved here.
@@ -577,29 +578,29 @@ def run(
     input_dir = os.path.realpath(input_dir)
     if not os.path.isdir(input_dir):
         what = "is not a directory" if os.path.exists(input_dir) else "does not exist"
-        build_parser().error(f"INPUT_DIR {args.input!r} {what}")
+        build_parser(prog).error(f"INPUT_DIR {args.input!r} {what}")
     output_dir = os.path.realpath(args.output)
     if output_dir == input_dir:
-        build_parser().error("OUTPUT_DIR must not be INPUT_DIR")
+        build_parser(prog).error("OUTPUT_DIR must not be INPUT_DIR")
     if os.path.commonpath([output_dir, input_dir]) == output_dir:
         # Thumbnails mirror the input tree beneath OUTPUT_DIR: one could land on an input
         # (photos/photos/a.png -> ./photos/a.jpg), and the output grant would cover the inputs.
-        build_parser().error(f"OUTPUT_DIR {args.output!r} must not contain INPUT_DIR {args.input!r}")
+        build_parser(prog).error(f"OUTPUT_DIR {args.output!r} must not contain INPUT_DIR {args.input!r}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        build_parser().error(f"OUTPUT_DIR {args.output!r} exists and is not a directory")
+        build_parser(prog).error(f"OUTPUT_DIR {args.output!r} exists and is not a directory")
     created_output = not os.path.lexists(output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
-        build_parser().error(f"cannot create OUTPUT_DIR {args.output!r}: {exc.strerror}")
+        build_parser(prog).error(f"cannot create OUTPUT_DIR {args.output!r}: {exc.strerror}")
     problem = writable_dir_problem(output_dir)  # (else every image would be "rejected", one by one)
     if problem:
-        build_parser().error(f"cannot write in OUTPUT_DIR {args.output!r}: {problem}")
+        build_parser(prog).error(f"cannot write in OUTPUT_DIR {args.output!r}: {problem}")
     problem = json_target_problem(args.json)  # (after OUTPUT_DIR is made: the report may go in it)
     if problem:
         if created_output:
             rmdir_if_empty(output_dir)
-        build_parser().error(problem)
+        build_parser(prog).error(problem)
     out_st = os.stat(output_dir)
 
     the_plan = plan(input_dir, args.format, exclude=(out_st.st_dev, out_st.st_ino))
@@ -696,8 +697,10 @@ def run(
     return status
 
 
-def main(argv: list[str] | None = None, **kwargs: Any) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = PROG, **kwargs: Any) -> int:
+    """The command line; ``prog``: the name it goes by in usage messages (``privsep demo``)."""
+    args = build_parser(prog).parse_args(argv)
+    args.prog = prog
     try:
         with sigterm_stops_as_ctrl_c():
             return run(args, **kwargs)
