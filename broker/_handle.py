@@ -411,7 +411,9 @@ class WorkerHandle:
         self._waiting = (loop, fut, fds)
         try:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return await asyncio.wait_for(fut, remaining)
+            # (not wait_for: on Python 3.11 it drops a cancel that lands as the future is done, gh-86296)
+            async with asyncio.timeout(remaining):
+                return await fut
         except TimeoutError:
             return "timeout"
         finally:
@@ -1171,7 +1173,8 @@ class WorkerHandle:
             return self.exit
         alock = self._loop_lock()
         try:
-            await asyncio.wait_for(alock.acquire(), timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: see _readable)
+                await alock.acquire()
         except TimeoutError:
             return self._end_during_call("ok", "stopped during a call (killed after the grace period)")
         try:

@@ -36,7 +36,9 @@ async def readable(fd: int, timeout: float) -> bool:
     try:
         loop.add_reader(own, ready)
         try:
-            await asyncio.wait_for(fut, timeout)
+            # (not wait_for: on Python 3.11 it drops a cancel that lands as the future is done, gh-86296)
+            async with asyncio.timeout(timeout):
+                await fut
             return True
         except TimeoutError:
             return False
