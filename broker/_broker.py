@@ -70,7 +70,7 @@ from ._policy import Policy
 from ._pool import WorkerPool
 from ._resolve import Resolver
 from ._spawn import fork_worker
-from ._zygote import SPAWN_METHODS, Zygote, exec_worker, importable
+from ._zygote import SPAWN_METHODS, CannotImport, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
 _WRITES = Rights.WRITE | Rights.APPEND | Rights.FTRUNCATE  # what an open may not ask for in a with_outputs() call
@@ -720,9 +720,9 @@ class Broker:
         assert self._zygote is not None
         try:
             self._zygote.load(cls, self.spawn_timeout)
-        except WorkerCrashed as exc:
+        except CannotImport as exc:  # (a zygote that died raises WorkerCrashed: the next spawn starts anew)
             if self.spawn_method != "auto":
-                raise
+                raise WorkerCrashed(str(exc)) from exc.__cause__
             # A warning, not a log line: the script itself should change, and the
             # library's loggers stay silent unless the application sets them up.
             warnings.warn(f"{cls.__qualname__}: {exc}; its workers are forked from the broker instead",

@@ -181,6 +181,12 @@ class _Spare:
         self.cgroup = cgroup
 
 
+class CannotImport(WorkerCrashed):
+    """The zygote could not import a class's module (an error in it, or its
+    top-level code ran past the spawn timeout): a fault of the script, not of
+    the zygote."""
+
+
 class Zygote:
     """The broker's side of one zygote process.
 
@@ -438,7 +444,7 @@ class Zygote:
                 self._hurry()  # still being made, maybe at SCHED_IDLE
                 ready = self._spares.wait_readable(timeout)
             if not ready:
-                self._proc.kill()  # its late answer would be taken for the next request's: start anew
+                self._kill_now()  # its late answer would be taken for the next request's: start anew
                 raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
             reply = self._spares.recv()
             if reply is None:
@@ -499,6 +505,14 @@ class Zygote:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    def _kill_now(self) -> None:
+        """Kill the zygote and wait for it, so that ``alive()`` says so at once."""
+        self._proc.kill()
+        try:
+            self._proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            pass
+
     def exit_reason(self) -> str:
         code = self._proc.poll()
         if code is None:
@@ -511,14 +525,19 @@ class Zygote:
         importing a script runs its top-level code. A zygote that does not
         answer within ``timeout`` is killed (it is stuck in that code)."""
         with self._lock:
-            self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__})
-            self._hurry()
-            if not self._chan.wait_readable(timeout):
-                self._proc.kill()
-                raise WorkerCrashed(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
-            reply = self._chan.recv()
+            try:
+                self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__})
+                self._hurry()
+                if not self._chan.wait_readable(timeout):
+                    self._kill_now()  # (stuck in the script's top-level code)
+                    raise CannotImport(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
+                reply = self._chan.recv()
+            except OSError as exc:  # (ECONNRESET, EPIPE: it died)
+                raise WorkerCrashed(f"the zygote has exited while importing {cls.__qualname__} ({exc})") from exc
         if reply is None:
-            raise WorkerCrashed("the zygote has exited")
+            # Killed from outside (the OOM killer, an admin), not the script's fault: the next spawn
+            # starts a new zygote, which imports the script again.
+            raise WorkerCrashed(f"the zygote has exited while importing {cls.__qualname__}")
         if type(reply) is dict and reply.get("t") == "loaded":
             with self._lock:
                 # A spare forked before the import would import the script again (its
@@ -530,7 +549,7 @@ class Zygote:
             return
         if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("e"), dict):
             cause = exception_from_wire(reply["e"])
-            raise WorkerCrashed(f"the zygote cannot import {cls.__qualname__}: {cause}") from cause
+            raise CannotImport(f"the zygote cannot import {cls.__qualname__}: {cause}") from cause
         raise ProtocolError("zygote sent a malformed reply")
 
     def reap(self, pid: int) -> int | None:
@@ -545,7 +564,7 @@ class Zygote:
             self._chan.send({"t": "reap", "pid": pid})
             self._hurry()
             if not self._chan.wait_readable(timeout):
-                self._proc.kill()  # its late answer would be read as the next request's: start anew
+                self._kill_now()  # its late answer would be read as the next request's: start anew
                 return None
             reply = self._chan.recv()
         except (OSError, ProtocolError):

@@ -346,3 +346,43 @@ def test_the_readmes_quickstart_runs_as_pasted(tmp_path: Path) -> None:
     assert lines == ["HI", "5", "b'hello'", "refused: '..' is not allowed in a path: 'data/../secret'"]
     claimed = " ".join(said.split()).replace(" and ", ", ").split(", ")  # what the README says it prints
     assert [f"`{line}`" for line in lines] == claimed
+
+
+ZYGOTE_KILLED_WHILE_IMPORTING = """
+import json, os, signal, threading, time
+if __name__ != "__main__":
+    time.sleep(1.0)  # the zygote importing this script: slow top-level code (big imports, say)
+from broker import Broker, Policy
+from worker import Worker, rpc
+from protocol import WorkerCrashed
+
+
+class Job(Worker):
+    @rpc
+    def parent(self) -> int:
+        return os.getppid()
+
+
+if __name__ == "__main__":
+    out = {}
+    with Broker(Policy(), root=os.environ["ROOT"]) as b:
+        zygote = b._zygote._proc.pid
+        threading.Timer(0.4, os.kill, (zygote, signal.SIGKILL)).start()  # the OOM killer, an admin
+        try:
+            b.spawn(Job)
+            out["first"] = "spawned"
+        except WorkerCrashed as exc:
+            out["first"] = str(exc)
+        w = b.spawn(Job)
+        out["then"] = [w.spawn_method, w.parent() != os.getpid()]
+    print(json.dumps(out))
+"""
+
+
+def test_a_zygote_killed_while_importing_the_script_is_no_reason_to_fork_from_the_broker(tmp_path: Path) -> None:
+    """A zygote killed from outside while it imported the main script made every later worker of that
+    class a fork of the broker (its memory, secrets included), for the broker's life."""
+    out, err = run_script(tmp_path, ZYGOTE_KILLED_WHILE_IMPORTING)
+    assert out["first"].endswith("the zygote has exited while importing Job"), out
+    assert out["then"] == ["zygote", True], out  # a new zygote, which imported the script again
+    assert "forked from the broker" not in err, err

@@ -4,6 +4,7 @@ spare that makes its worker ahead (``Worker.setup_ahead``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -165,8 +166,11 @@ def test_a_spawn_is_served_by_the_waiting_spare_which_holds_nothing(tree: Path) 
             reads = [n for n, t in held.items() if n > 2 and t in (held.get(1), held.get(2))]
             return set(held) - set(reads), sorted(held[n] for n in reads)
 
+        def settled_yet(held: dict[int, str]) -> bool:
+            return fds_and_reads(held)[0] == settled and held.get(2, "").startswith("pipe:")
+
         deadline = time.monotonic() + 5
-        while fds_and_reads(held := _fd_targets_of(pid))[0] != settled and time.monotonic() < deadline:
+        while not settled_yet(held := _fd_targets_of(pid)) and time.monotonic() < deadline:
             time.sleep(0.005)  # it is still moving what fork gave it to its slots, and closing the rest
         # fd 0 /dev/null, fds 1 and 2 pipes whose read ends it holds (worker._output), its one socket
         # and (where the zygote may make one: a root broker) the empty network namespace made for it:
@@ -823,7 +827,9 @@ def test_a_zygote_that_answers_late_is_replaced_not_read_out_of_turn(tree: Path)
             with zygote._lock:
                 assert zygote._reap_locked(w.pid, 0.2) is None  # no answer in time
         finally:
-            os.kill(zygote._proc.pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # (killed and reaped by now: alive() says so at once)
+                os.kill(zygote._proc.pid, signal.SIGCONT)
+        assert not zygote.alive()
         zygote._proc.wait(5)  # ended, not left to answer late
         for _ in range(3):  # exchanges after it read their own answers
             other = b.spawn(EchoWithSetup)
