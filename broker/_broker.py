@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import errno
 import functools
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -59,7 +61,7 @@ from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
-from ._handle import HANDLE_NAMES, WorkerHandle, _size, close_fds_in, reap_dropped
+from ._handle import HANDLE_NAMES, WorkerHandle, _size, _waitpid, close_fds_in, reap_dropped
 from ._interp import checked_environ, child_env
 from ._logtext import bounded, printable, short_repr
 from ._loop import PerLoopLock
@@ -641,6 +643,17 @@ class Broker:
                 cgroup.discard()
             ex = WorkerExit("crashed", "the process was gone when the broker opened its pidfd")
             raise WorkerCrashed(f"{cls.__qualname__} ended before it could be watched", ex) from None
+        except OSError as exc:  # EMFILE at its pidfd (the broker's fd limit): ended and reaped, no zombie left
+            chan.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # (not reaped yet: the pid is still this worker's)
+            (reaper or _waitpid)(pid)
+            if cgroup is not None:
+                cgroup.discard()
+            why = exc.strerror or str(exc)
+            ex = WorkerExit("crashed", f"the broker could not open its pidfd ({why}); it was killed")
+            raise WorkerCrashed(f"{cls.__qualname__} could not be watched: {why} in the broker (its open-file "
+                                "limit?); the worker was killed", ex) from exc
         handle.spawn_method = method
         # Processes of its own (the filter lets it fork): they end with it (see WorkerHandle._reap).
         handle._may_fork = self._unsandboxed or "allow-fork" in spec.dangerous

@@ -386,3 +386,57 @@ def test_a_zygote_killed_while_importing_the_script_is_no_reason_to_fork_from_th
     assert out["first"].endswith("the zygote has exited while importing Job"), out
     assert out["then"] == ["zygote", True], out  # a new zygote, which imported the script again
     assert "forked from the broker" not in err, err
+
+
+FD_LIMIT_AT_SPAWN = """
+import collections, json, os, resource, time
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+
+class Job(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def zombies_of(parent: int) -> int:
+    n = 0
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                state, ppid = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            n += state == "Z" and int(ppid) == parent
+    return n
+
+
+if __name__ == "__main__":
+    out = {"errors": collections.Counter()}
+    with Broker(Policy(), root=os.environ["ROOT"]) as b:
+        b.spawn(Job).stop()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 12, hard))
+        live = []
+        for _ in range(30):
+            try:
+                live.append(b.spawn(Job))
+            except Exception as exc:
+                out["errors"][type(exc).__name__] += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for w in live:
+            w.stop()
+        time.sleep(0.5)
+        out["zombies"] = zombies_of(b._zygote._proc.pid)
+        out["then"] = b.spawn(Job).ping()
+    print(json.dumps(out))
+"""
+
+
+def test_a_spawn_past_the_brokers_fd_limit_leaves_no_zombie(tmp_path: Path) -> None:
+    """EMFILE at the worker's pidfd raised a bare OSError and left the worker a zombie of its
+    zygote until the broker closed: a server near its fd limit piled them up."""
+    out, err = run_script(tmp_path, FD_LIMIT_AT_SPAWN)
+    assert out["errors"] and set(out["errors"]) == {"WorkerCrashed"}, out
+    assert out["zombies"] == 0 and out["then"] == "pong", out
