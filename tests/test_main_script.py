@@ -437,6 +437,6 @@ if __name__ == "__main__":
 def test_a_spawn_past_the_brokers_fd_limit_leaves_no_zombie(tmp_path: Path) -> None:
     """EMFILE at the worker's pidfd raised a bare OSError and left the worker a zombie of its
     zygote until the broker closed: a server near its fd limit piled them up."""
-    out, err = run_script(tmp_path, FD_LIMIT_AT_SPAWN)
+    out, _ = run_script(tmp_path, FD_LIMIT_AT_SPAWN)
     assert out["errors"] and set(out["errors"]) == {"WorkerCrashed"}, out
     assert out["zombies"] == 0 and out["then"] == "pong", out
