@@ -38,7 +38,7 @@ from ._exit import WorkerExit
 from ._logtext import printable
 from ._loop import PerLoopLock, readable, ready_now
 from ._options import call_timeout, wait_timeout
-from ._outputs import KEPT_GRACE, PendingOutput, all_closed, commit_all, over_limit
+from ._outputs import KEPT_GRACE, PendingOutput, all_closed, commit_all, drain_failed
 from ._violation import report
 
 if TYPE_CHECKING:
@@ -683,9 +683,9 @@ class WorkerHandle:
                     if isinstance(remote, MemoryError):
                         # Its heap is suspect now: stop it and say why.
                         raise self._fail("oom", f"call {method}() ran out of memory") from remote
-                    over = over_limit(outputs)
-                    if over is not None:  # its write failed (EPIPE) because the broker stopped reading
-                        raise over from remote
+                    failed_drain = drain_failed(outputs)
+                    if failed_drain is not None:  # its write failed (EPIPE) because the broker stopped reading
+                        raise failed_drain from remote
                     raise remote
         finally:
             self._drains.clear()

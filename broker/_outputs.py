@@ -200,14 +200,19 @@ def commit_all(outputs: list[PendingOutput]) -> None:
             out.discard()
 
 
-def over_limit(outputs: list[PendingOutput]) -> OSError | None:
-    """Why a call whose output went past ``Limits.file_size`` failed: the
-    broker stopped reading that pipe, so the worker saw only a broken pipe."""
+def drain_failed(outputs: list[PendingOutput]) -> OSError | None:
+    """Why a call failed whose output the broker stopped reading, when it
+    did (the worker saw only a broken pipe): past ``Limits.file_size``, or
+    the broker's write failed (a full disk, a quota, a read-only remount)."""
     for out in outputs:
         error = out.drain.error if out.drain is not None else None
-        if error is not None and error.errno == errno.EFBIG:
+        if error is None:
+            continue
+        if error.errno == errno.EFBIG:
             why = f"output not committed: it went past Limits.file_size ({out.drain.limit:,} bytes)"
-            return OSError(errno.EFBIG, why, out.display)
+        else:
+            why = f"output not committed: {error.strerror or error}"
+        return OSError(error.errno, why, out.display)
     return None
 
 

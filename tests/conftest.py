@@ -110,6 +110,7 @@ _PROBE_SKIP_PREFIXES = (
     "needs seccomp",
     "cgroup probe:",
     "no CAP_SYS_NICE",
+    "cannot mount a tmpfs here",
 )
 
 

@@ -1061,6 +1061,34 @@ def test_large_output_through_a_pipe_is_committed_whole(broker: Broker, tree: Pa
     assert (tree / "out" / "big.bin").read_bytes() == data
 
 
+def test_a_full_disk_under_a_piped_output_says_so(tmp_path: Path) -> None:
+    """The broker's write into a full filesystem failed (ENOSPC) and it stopped reading the pipe: the
+    call raised the worker's BrokenPipeError, not why. Nothing is committed, and the next call works."""
+    import subprocess
+
+    out = tmp_path / "root" / "out"
+    out.mkdir(parents=True)
+    (tmp_path / "root" / "data").mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "privsep-test", str(out)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with Broker(default_policy(), root=tmp_path / "root") as b:
+            w = b.spawn(Upper)
+            with pytest.raises(OSError) as info:
+                w.write_out("big.bin", b"x" * (1 << 20))  # WRITE alone: a pipe the broker drains
+            assert info.value.errno == errno.ENOSPC, info.value
+            assert str(info.value) == f"[Errno {errno.ENOSPC}] output not committed: No space left on device: " \
+                                      "'out/big.bin'"
+            assert isinstance(info.value.__cause__, BrokenPipeError)  # (what the worker saw)
+            assert os.listdir(out) == []  # nothing committed, no hidden file
+            assert w.write_out("small.bin", b"y" * 1000) == 1000  # and the next call works
+        assert os.listdir(out) == ["small.bin"]
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
 def test_output_over_the_size_limit_is_not_committed(tree: Path) -> None:
     policy = default_policy().with_limits(file_size=4096)
     with Broker(policy, root=tree) as b:
