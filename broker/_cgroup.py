@@ -149,6 +149,35 @@ def probe(parent: str | None = None) -> CgroupSupport:
     return CgroupSupport(0, "", "; ".join(reasons) or "no cgroup hierarchy with a memory controller")
 
 
+_swept: set[str] = set()  # parents swept by this process
+
+
+def sweep_stale(parent: str) -> int:
+    """Remove the empty cgroups a broker that is gone left in ``parent``
+    (``privsep-<pid>-<n>``, its pid no longer running: ended by SIGTERM or
+    SIGKILL before it could remove them). A cgroup still holding a process,
+    or of a broker still running, is left. Returns how many were removed."""
+    removed = 0
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return 0
+    for name in names:
+        kind, _, rest = name.partition("-")
+        pid_text, _, n = rest.partition("-")
+        if kind != "privsep" or not pid_text.isdigit() or not n.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            os.rmdir(os.path.join(parent, name))  # (fails on one that still holds a process)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 class WorkerCgroup:
     """One worker's memory cgroup. Made by :meth:`create`; ``remove()`` after
     the worker is reaped."""
@@ -161,6 +190,9 @@ class WorkerCgroup:
     @classmethod
     def create(cls, support: CgroupSupport, limit: int) -> WorkerCgroup:
         """Make a cgroup capped at ``limit`` bytes (raises OSError)."""
+        if support.parent not in _swept:
+            _swept.add(support.parent)
+            sweep_stale(support.parent)
         path = os.path.join(support.parent, f"privsep-{os.getpid()}-{next(_ids)}")
         os.mkdir(path, 0o755)
         try:

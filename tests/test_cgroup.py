@@ -256,3 +256,31 @@ def test_no_memory_limit_no_cgroup(tree: Path) -> None:
     with Broker(default_policy(), root=tree) as b:
         w = b.spawn(Eater)
         assert "cgroup" not in w.sandbox and w._cgroup is None
+
+
+@needs_cgroup
+def test_cgroups_a_killed_broker_left_are_removed_by_the_next(tree: Path) -> None:
+    """A broker ended by SIGTERM or SIGKILL left its workers' memory cgroups, empty, for good (cgroup
+    v1 allows 65,535): a service restarted by its manager leaked some at every restart. The next
+    broker to make one in the same parent removes them: empty, of a pid no longer running."""
+    import subprocess
+    import sys
+
+    import broker._cgroup as cgroup
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    stale = [os.path.join(SUPPORT.parent, f"privsep-{dead_pid}-{n}") for n in (1, 2)]
+    live = os.path.join(SUPPORT.parent, f"privsep-{os.getppid()}-1")  # a broker still running: its own
+    for path in [*stale, live]:
+        os.mkdir(path)
+    try:
+        getattr(cgroup, "_swept", set()).discard(SUPPORT.parent)  # (this process may have swept already)
+        with Broker(default_policy().with_limits(memory=LIMIT), root=tree) as b:
+            assert b.spawn(Eater).ping() == "pong"
+            assert not any(os.path.exists(p) for p in stale)
+            assert os.path.exists(live)
+    finally:
+        for path in [*stale, live]:
+            if os.path.exists(path):
+                os.rmdir(path)
