@@ -10,13 +10,14 @@ calls or when their memory grows past a bound.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from typing import TYPE_CHECKING, Any, cast
 
 from protocol import PrivsepError
@@ -96,6 +97,8 @@ class WorkerPool(Executor):
         # (future, method, args, kwargs, the outputs it may write or None); None: the slot ends
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._running: dict[Future[Any], WorkerHandle] = {}  # task -> the worker running it (see .aio)
+        self._abandoned: set[Future[Any]] = set()  # cancelled as it started, before it was in _running
         self._handles: list[WorkerHandle | None] = [None] * size
         self._crashed = [False] * size
         self._shutdown = False
@@ -122,6 +125,27 @@ class WorkerPool(Executor):
         infinity: no limit) instead of the pool's ``timeout``:
         ``pool.with_timeout(5).map(Cls.parse, caps)``."""
         return PoolView(self, None, call_timeout(seconds, "timeout"))
+
+    @property
+    def aio(self) -> AsyncPool:
+        """The pool's tasks awaited on an event loop: ``await
+        pool.aio.submit(Cls.method, ...)`` is the task's result."""
+        return AsyncPool(self, None, _POOLS)
+
+    def _cancel(self, fut: Future[Any]) -> None:
+        """An awaited task's caller stopped waiting: not started, it never
+        will; running, its worker is killed (its end: ``cancelled``), as an
+        awaited call's is, and replaced without counting as a restart."""
+        if fut.cancel():
+            return
+        with self._lock:
+            handle = self._running.get(fut)
+            if handle is None and not fut.done():
+                self._abandoned.add(fut)  # (its slot sees it before the call)
+        if handle is not None and handle.exit is None:
+            if handle._ending is None:
+                handle._ending = WorkerExit("cancelled", "its caller stopped waiting for the task (cancelled)")
+            handle._kill()
 
     def _submit(
         self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -245,6 +269,16 @@ class WorkerPool(Executor):
                     if isinstance(exc, PoolBroken):
                         self._drain(cancel=False, error=exc)
                     continue
+                with self._lock:
+                    abandoned = fut in self._abandoned
+                    if abandoned:
+                        self._abandoned.discard(fut)
+                    else:
+                        self._running[fut] = handle
+                if abandoned:
+                    del item, args, kwargs
+                    fut.set_exception(CancelledError())
+                    continue
                 try:
                     seconds = self.timeout if timeout is _POOLS else cast("float | None", timeout)
                     fut.set_result(handle._call(method, args, kwargs, seconds, outputs))
@@ -253,8 +287,11 @@ class WorkerPool(Executor):
                     fut.set_exception(exc)
                 else:
                     del item, args, kwargs
+                finally:
+                    with self._lock:
+                        self._running.pop(fut, None)
                 if handle.exit is not None:
-                    self._retire(slot, handle, crashed=True)
+                    self._retire(slot, handle, crashed=handle.exit.kind != "cancelled")
                 elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
                     self.max_rss is not None and rss_bytes(handle.pid) > self.max_rss
                 ):
@@ -294,8 +331,52 @@ class PoolView(Executor):
     def with_timeout(self, seconds: float | None) -> PoolView:
         return PoolView(self._pool, self._outputs, call_timeout(seconds, "timeout"))
 
+    @property
+    def aio(self) -> AsyncPool:
+        return AsyncPool(self._pool, self._outputs, self._timeout)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass
 
 
-__all__ = ["PoolBroken", "PoolView", "WorkerPool"]
+class AsyncPool:
+    """``pool.aio`` (or a view's): its tasks awaited on an event loop, the
+    loop never blocked (each runs on its slot's thread, as ``submit`` does).
+    Cancelling an awaited task (``task.cancel()``, ``asyncio.wait_for``, a
+    client that went away) takes it off the queue, or, once it runs, kills
+    its worker, as an awaited call on a handle does; the pool replaces it."""
+
+    def __init__(self, pool: WorkerPool, outputs: frozenset[str] | None, timeout: object):
+        self._pool = pool
+        self._outputs = outputs
+        self._timeout = timeout
+
+    async def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """The task's result (or its exception)."""
+        fut = self._pool._submit(fn, args, kwargs, self._outputs, self._timeout)
+        del args, kwargs
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            self._pool._cancel(fut)
+            raise
+
+    async def map(self, fn: Callable[..., Any] | str, *iterables: Any) -> list[Any]:
+        """The results of ``fn`` over ``iterables``, in order; the first
+        exception is raised once every task has ended (cancelling the map
+        cancels the tasks)."""
+        tasks = [asyncio.ensure_future(self.submit(fn, *args)) for args in zip(*iterables, strict=False)]
+        try:
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+        return done
+
+
+__all__ = ["AsyncPool", "PoolBroken", "PoolView", "WorkerPool"]

@@ -289,3 +289,57 @@ def test_a_pools_tasks_may_have_a_timeout_of_their_own(tree: Path) -> None:
         assert pool.with_outputs("out/v.txt").with_timeout(5).submit(Creator.create, ["v.txt"]).result() == []
         assert list(pool.with_outputs().map(Creator.create, [["w.txt"]])) == [["w.txt"]]
     assert sorted(os.listdir(tree / "out")) == ["t.txt", "v.txt"]
+
+
+def test_a_pools_tasks_can_be_awaited(tree: Path) -> None:
+    """A pool had no asyncio face: a service wrapped its futures itself, and cancelling one that ran
+    left the task running to its timeout."""
+    import asyncio
+
+    async def main(pool: Any) -> None:
+        lags: list[float] = []
+        stop = False
+
+        async def beat() -> None:
+            while not stop:
+                t = time.monotonic()
+                await asyncio.sleep(0.005)
+                lags.append(time.monotonic() - t - 0.005)
+
+        beating = asyncio.ensure_future(beat())
+        assert await pool.aio.submit(Calc.square, 7) == 49
+        assert await pool.aio.map(Calc.square, range(6)) == [0, 1, 4, 9, 16, 25]
+        assert await pool.with_timeout(10).aio.submit(Calc.sleep, 0.2) == 0.2  # (the loop runs meanwhile)
+        with pytest.raises(ValueError, match="nope"):
+            await pool.aio.submit(Calc.fail, "nope")
+        stop = True
+        await beating
+        assert max(lags) < 0.1, max(lags)
+        # Cancelled while it runs: its worker is killed at once, and the pool replaces it (no restart counted).
+        restarts = pool.restarts
+        running = asyncio.ensure_future(pool.aio.submit(Calc.sleep, 30))
+        while not pool._running:
+            await asyncio.sleep(0.01)
+        (handle,) = pool._running.values()
+        t0 = time.monotonic()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        while handle.exit is None and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - t0 < 2 and handle.exit.kind == "cancelled"
+        assert await pool.aio.submit(Calc.square, 3) == 9 and pool.restarts == restarts
+        # Cancelled while queued: it never runs.
+        blockers = [asyncio.ensure_future(pool.aio.submit(Calc.sleep, 0.5)) for _ in range(2)]
+        queued = asyncio.ensure_future(pool.aio.submit(Calc.pid))
+        await asyncio.sleep(0.1)
+        queued.cancel()
+        assert await asyncio.gather(*blockers) == [0.5, 0.5]
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        with pytest.raises(WorkerTimeout):  # (a timeout is a restart, unlike a cancel)
+            await pool.with_timeout(0.3).aio.submit(Calc.sleep, 10)
+
+    with Broker(default_policy(), root=tree) as b, b.pool(Calc, size=2) as pool:
+        asyncio.run(main(pool))
+        assert pool.submit(Calc.square, 2).result() == 4
