@@ -265,6 +265,8 @@ class WorkerPool(Executor):
                     handle = self._handle_for(slot)
                 except BaseException as exc:
                     del item, args, kwargs
+                    with self._lock:
+                        self._abandoned.discard(fut)
                     fut.set_exception(exc)
                     if isinstance(exc, PoolBroken):
                         self._drain(cancel=False, error=exc)
@@ -281,17 +283,23 @@ class WorkerPool(Executor):
                     continue
                 try:
                     seconds = self.timeout if timeout is _POOLS else cast("float | None", timeout)
-                    fut.set_result(handle._call(method, args, kwargs, seconds, outputs))
+                    result = handle._call(method, args, kwargs, seconds, outputs)
                 except BaseException as exc:
                     del item, args, kwargs
+                    with self._lock:
+                        self._running.pop(fut, None)
                     fut.set_exception(exc)
                 else:
                     del item, args, kwargs
-                finally:
                     with self._lock:
                         self._running.pop(fut, None)
+                    fut.set_result(result)
+                    del result
+                cancelled = handle._ending is not None and handle._ending.kind == "cancelled"
+                if cancelled and handle.exit is None:
+                    handle.kill()  # (a cancel that came as its call ended: it may be dying; ended here, not reused)
                 if handle.exit is not None:
-                    self._retire(slot, handle, crashed=handle.exit.kind != "cancelled")
+                    self._retire(slot, handle, crashed=not cancelled)
                 elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
                     self.max_rss is not None and rss_bytes(handle.pid) > self.max_rss
                 ):
