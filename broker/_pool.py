@@ -135,17 +135,21 @@ class WorkerPool(Executor):
     def _cancel(self, fut: Future[Any]) -> None:
         """An awaited task's caller stopped waiting: not started, it never
         will; running, its worker is killed (its end: ``cancelled``), as an
-        awaited call's is, and replaced without counting as a restart."""
+        awaited call's is, and replaced (a restart, as for any worker it
+        replaces). Under the lock the slot takes the task off ``_running``
+        with: a cancel never reaches the worker of a later task."""
         if fut.cancel():
             return
         with self._lock:
             handle = self._running.get(fut)
-            if handle is None and not fut.done():
-                self._abandoned.add(fut)  # (its slot sees it before the call)
-        if handle is not None and handle.exit is None:
-            if handle._ending is None:
-                handle._ending = WorkerExit("cancelled", "its caller stopped waiting for the task (cancelled)")
-            handle._kill()
+            if handle is None:
+                if not fut.done():
+                    self._abandoned.add(fut)  # (its slot sees it before the call, or lets it go after)
+                return
+            if handle.exit is None:
+                if handle._ending is None:
+                    handle._ending = WorkerExit("cancelled", "its caller stopped waiting for the task (cancelled)")
+                handle._kill()
 
     def _submit(
         self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -217,6 +221,13 @@ class WorkerPool(Executor):
             elif error is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(error)
 
+    def _ran(self, fut: Future[Any], handle: WorkerHandle) -> bool:
+        """Take a task that ran off ``_running``; was its worker cancelled?"""
+        with self._lock:
+            self._running.pop(fut, None)
+            ending = handle._ending
+            return ending is not None and ending.kind == "cancelled"
+
     def _handle_for(self, slot: int) -> WorkerHandle:
         handle = self._handles[slot]
         if handle is not None and handle.alive:
@@ -286,20 +297,25 @@ class WorkerPool(Executor):
                     result = handle._call(method, args, kwargs, seconds, outputs)
                 except BaseException as exc:
                     del item, args, kwargs
-                    with self._lock:
-                        self._running.pop(fut, None)
+                    cancelled = self._ran(fut, handle)
                     fut.set_exception(exc)
                 else:
                     del item, args, kwargs
-                    with self._lock:
-                        self._running.pop(fut, None)
+                    cancelled = self._ran(fut, handle)
                     fut.set_result(result)
                     del result
-                cancelled = handle._ending is not None and handle._ending.kind == "cancelled"
+                with self._lock:
+                    self._abandoned.discard(fut)  # (a cancel between the two steps above)
                 if cancelled and handle.exit is None:
-                    handle.kill()  # (a cancel that came as its call ended: it may be dying; ended here, not reused)
+                    # A cancel that came as its call ended: it may be dying; ended here, not reused.
+                    with handle._lock:
+                        if handle.exit is None:
+                            handle._kill()
+                            handle._reap(5.0)
+                            assert handle._ending is not None
+                            handle._set_exit(handle._ending)
                 if handle.exit is not None:
-                    self._retire(slot, handle, crashed=not cancelled)
+                    self._retire(slot, handle, crashed=True)
                 elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
                     self.max_rss is not None and rss_bytes(handle.pid) > self.max_rss
                 ):
@@ -350,9 +366,10 @@ class PoolView(Executor):
 class AsyncPool:
     """``pool.aio`` (or a view's): its tasks awaited on an event loop, the
     loop never blocked (each runs on its slot's thread, as ``submit`` does).
-    Cancelling an awaited task (``task.cancel()``, ``asyncio.wait_for``, a
+    Cancelling an awaited task (``task.cancel()``, ``asyncio.timeout``, a
     client that went away) takes it off the queue, or, once it runs, kills
-    its worker, as an awaited call on a handle does; the pool replaces it."""
+    its worker, as an awaited call on a handle does; the pool replaces it
+    (a restart). For a deadline on the task itself, ``pool.with_timeout``."""
 
     def __init__(self, pool: WorkerPool, outputs: frozenset[str] | None, timeout: object):
         self._pool = pool

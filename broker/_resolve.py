@@ -106,6 +106,7 @@ def _kernel_denial(exc: OSError, display: str, base: int = -1, in_dir: bool = Tr
 # The policy named this very path: no symlink on it is followed, not even one staying beneath the root
 # (a symlink planted there would hand out a file the policy never named).
 _FILE_GRANT_SYMLINK = "a single-file grant follows no symlink: the path must name the file itself"
+_DIR_WRITES = Rights.CREATE | Rights.MKDIRAT | Rights.UNLINKAT | Rights.WRITE | Rights.APPEND | Rights.RENAMEAT
 _WRITE_SYMLINK = "a file is created, unlinked or made a directory through no symlink: a directory on the path is one"
 
 
@@ -213,10 +214,12 @@ class Resolver:
         return Target(directory.fileno(), "/".join(parts) or ".", display, True, directory.rights)
 
     # -- internals --------------------------------------------------------
-    def _open_path(self, t: Target) -> tuple[int, os.stat_result]:
+    def _open_path(self, t: Target, *, no_symlinks: bool = False) -> tuple[int, os.stat_result]:
         try:
-            fd = openat2(t.base, t.rest, os.O_PATH | os.O_CLOEXEC, no_symlinks=not t.in_dir)
+            fd = openat2(t.base, t.rest, os.O_PATH | os.O_CLOEXEC, no_symlinks=no_symlinks or not t.in_dir)
         except OSError as exc:
+            if no_symlinks and t.in_dir and exc.errno == errno.ELOOP:
+                raise NotCapable(_WRITE_SYMLINK, filename=t.display) from exc
             raise _kernel_denial(exc, t.display, t.base, t.in_dir) from exc
         try:
             return fd, os.fstat(fd)
@@ -254,8 +257,8 @@ class Resolver:
                     os.close(old)
             return self._fd_dir_fd
 
-    def _dir_fd(self, t: Target, flags: int) -> int:
-        pathfd, st = self._open_path(t)
+    def _dir_fd(self, t: Target, flags: int, *, no_symlinks: bool = False) -> int:
+        pathfd, st = self._open_path(t, no_symlinks=no_symlinks)
         try:
             if not stat.S_ISDIR(st.st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", t.display)
@@ -277,9 +280,14 @@ class Resolver:
         return Capability(fd, rights, KIND_FILE, t.display)
 
     def opendir(self, t: Target, rights: Rights) -> Capability:
+        """A directory capability. One that may be written in (create, make a
+        directory, unlink) is reached through no symlink, as a write's path
+        is (``_parent_and_name``): a proxy of ``out/h/sub -> ..`` would
+        otherwise create in ``out/`` what it names ``out/h/sub/x``."""
         if not t.in_dir:
             raise NotCapable("a single-file grant is not a directory", filename=t.display)
-        return Capability(self._dir_fd(t, os.O_RDONLY), rights, KIND_DIR, t.display)
+        writes = bool(rights & _DIR_WRITES)
+        return Capability(self._dir_fd(t, os.O_RDONLY, no_symlinks=writes), rights, KIND_DIR, t.display)
 
     def stat(self, t: Target) -> dict[str, Any]:
         pathfd, st = self._open_path(t)

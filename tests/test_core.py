@@ -1345,10 +1345,21 @@ class PathWriter(Worker):
                     f.write(b"x")
             elif op == "mkdir":
                 self.broker.mkdir(path)
-            else:  # unlink, beneath a directory the worker asks for
+            elif op == "unlink":  # beneath a directory the worker asks for
                 where, _, name = path.partition("/")
                 with self.broker.opendir(where, Rights.LOOKUP | Rights.UNLINKAT) as d:
                     d.unlink(name)
+            else:  # "proxy-create", "proxy-mkdir", "proxy-unlink": the directory itself asked for
+                where, _, name = path.rpartition("/")
+                rights = Rights.LOOKUP | Rights.WRITE | Rights.CREATE | Rights.MKDIRAT | Rights.UNLINKAT
+                with self.broker.opendir(where, rights) as d:
+                    if op == "proxy-create":
+                        with d.create(name) as f:
+                            f.write(b"x")
+                    elif op == "proxy-mkdir":
+                        d.mkdir(name)
+                    else:
+                        d.unlink(name)
         except NotCapable as exc:
             return str(exc)
         return "ok"
@@ -1372,6 +1383,11 @@ def test_writes_go_through_no_symlink_beneath_the_grant(tree: Path) -> None:
         assert said.endswith("through no symlink: a directory on the path is one: 'out/h/sub/d'"), said
         said = w.attempt("unlink", "out/h/real/old.txt")
         assert "through no symlink: a directory on the path is one" in said, said
+        # Nor through a directory asked for: out/h/sub itself (a red-team run created out/x.txt so)
+        for op, path in (("proxy-create", "out/h/sub/x.txt"), ("proxy-mkdir", "out/h/sub/d"),
+                         ("proxy-unlink", "out/h/real/old.txt")):  # fmt: skip
+            said = w.with_outputs(path).attempt(op, path) if op == "proxy-create" else w.attempt(op, path)
+            assert "through no symlink: a directory on the path is one" in said, (op, said)
         assert w.attempt("create", "out/real/new.txt") == "ok"  # a real directory, as before
         assert w.attempt("mkdir", "out/real/d") == "ok" and w.attempt("unlink", "out/real/new.txt") == "ok"
     assert sorted(os.listdir(tree / "out")) == ["h", "real"]

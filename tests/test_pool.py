@@ -315,8 +315,8 @@ def test_a_pools_tasks_can_be_awaited(tree: Path) -> None:
         stop = True
         await beating
         assert max(lags) < 0.1, max(lags)
-        # Cancelled while it runs: its worker is killed at once, and the pool replaces it (no restart counted).
-        restarts = pool.restarts
+        # Cancelled while it runs: its worker is killed at once, and the pool replaces it.
+        ended = pool.ended
         running = asyncio.ensure_future(pool.aio.submit(Calc.sleep, 30))
         while not pool._running:
             await asyncio.sleep(0.01)
@@ -328,7 +328,8 @@ def test_a_pools_tasks_can_be_awaited(tree: Path) -> None:
         while handle.exit is None and time.monotonic() - t0 < 5:
             await asyncio.sleep(0.01)
         assert time.monotonic() - t0 < 2 and handle.exit.kind == "cancelled"
-        assert await pool.aio.submit(Calc.square, 3) == 9 and pool.restarts == restarts
+        assert await pool.aio.submit(Calc.square, 3) == 9
+        assert pool.ended == ended + 1 and pool.exits[-1].kind == "cancelled"
         # Cancelled while queued: it never runs.
         blockers = [asyncio.ensure_future(pool.aio.submit(Calc.sleep, 0.5)) for _ in range(2)]
         queued = asyncio.ensure_future(pool.aio.submit(Calc.pid))
@@ -337,9 +338,44 @@ def test_a_pools_tasks_can_be_awaited(tree: Path) -> None:
         assert await asyncio.gather(*blockers) == [0.5, 0.5]
         with pytest.raises(asyncio.CancelledError):
             await queued
-        with pytest.raises(WorkerTimeout):  # (a timeout is a restart, unlike a cancel)
+        with pytest.raises(WorkerTimeout):
             await pool.with_timeout(0.3).aio.submit(Calc.sleep, 10)
 
     with Broker(default_policy(), root=tree) as b, b.pool(Calc, size=2) as pool:
         asyncio.run(main(pool))
         assert pool.submit(Calc.square, 2).result() == 4
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_cancel_landing_as_a_task_ends_touches_no_other_task(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A cancel that landed as its task's call ended killed the worker after the slot had moved on:
+    the next task, which nobody cancelled, failed as cancelled; one that landed between the slot's
+    two last steps left its future in the pool for good. Here the cancel lands exactly there."""
+    from broker._pool import WorkerPool
+
+    ran = WorkerPool._ran
+    landed: list[bool] = []
+
+    def ran_with_a_cancel(self: WorkerPool, fut: Any, handle: Any) -> bool:
+        if when == "before" and not landed:
+            landed.append(True)
+            self._cancel(fut)  # the call has ended; the task is still the slot's
+        cancelled = ran(self, fut, handle)
+        if when == "after" and not landed:
+            landed.append(True)
+            self._cancel(fut)  # taken off _running, its result not yet set
+        return cancelled
+
+    monkeypatch.setattr(WorkerPool, "_ran", ran_with_a_cancel)
+    with Broker(default_policy(), root=tree) as b, b.pool(Calc, size=1) as pool:
+        first = pool.submit(Calc.pid)
+        second = pool.submit(Calc.square, 5)  # queued behind it, on the same slot
+        assert second.result(timeout=30) == 25  # never killed by the other task's cancel
+        first.exception(timeout=30)
+        assert landed == [True] and pool._abandoned == set() and pool._running == {}
+        if when == "before":  # the worker that ran the cancelled task went with it
+            assert pool.exits[-1].kind == "cancelled"
+        else:  # the cancel came too late for anything: nothing was killed
+            assert pool.ended == 0
