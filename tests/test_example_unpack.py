@@ -559,3 +559,29 @@ def test_the_data_of_a_refused_tar_member_counts_against_the_ratio(tmp_path: Pat
     assert report["stopped"] is not None and report["stopped"]["kind"] == "bomb", report
     assert "the next member starts 64.0 MiB into the data" in report["stopped"]["reason"]
     assert [r["kind"] for r in report["refused"]] == ["path-traversal"], report
+
+
+def test_another_spelling_of_an_extracted_name_is_not_overwritten(tmp_path: Path) -> None:
+    """On a filesystem that folds case, ``A.txt`` then ``a.txt`` name one
+    file, and the second member's commit replaced the first with no word
+    (the duplicate check compared the names). This kernel has no casefolding
+    (no CONFIG_UNICODE: tmpfs refuses ``-o casefold``), so a hard link stands
+    in for the folded name: two names, one file. A file that was there before
+    the run (``--overwrite``) is still replaced, as that option says."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "before.txt").write_text("there before the run")
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ex = cli.Extraction(fd, safety.Limits(), 1000)
+        (out / "A.txt").write_text("first member")
+        assert ex.landed(("A.txt",)) == len("first member")
+        os.link(out / "A.txt", out / "a.txt")  # what a casefolded lookup of "a.txt" finds
+        with pytest.raises(safety.Refused) as info:
+            ex.plan_file(("a.txt",))
+        assert info.value.kind == safety.DUPLICATE and "folds case" in info.value.reason
+        ex.plan_file(("b.txt",))  # a new name
+        ex.plan_file(("before.txt",))  # not extracted by this run: --overwrite replaces it
+    finally:
+        os.close(fd)
+    assert (out / "A.txt").read_text() == "first member"

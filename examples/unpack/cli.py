@@ -207,6 +207,7 @@ class Extraction:
         self.limits = limits
         self.archive_size = archive_size
         self.files: dict[tuple[str, ...], int] = {}
+        self.inodes: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every file landed
         self.dirs: set[tuple[str, ...]] = {()}
         self.refused: list[dict[str, str]] = []
         self.total = 0
@@ -234,6 +235,18 @@ class Extraction:
         if parts in self.dirs:
             raise Refused(safety.CONFLICT, "a directory of the same name exists")
         self.plan_dir(parts[:-1])
+        if self._lands_on_earlier(parts):
+            # Another spelling of a name extracted earlier, on a filesystem that folds case
+            # (or otherwise maps two names to one file): the commit would replace that file.
+            raise Refused(safety.DUPLICATE, "a member extracted earlier has this name on this "
+                          "filesystem (it folds case); not overwritten")
+
+    def _lands_on_earlier(self, parts: tuple[str, ...]) -> bool:
+        try:
+            st = os.stat("/".join(parts), dir_fd=self.out_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in self.inodes
 
     def landed(self, parts: tuple[str, ...]) -> int | None:
         """The real size of a committed output, read by the broker (a worker's own count is not
@@ -247,6 +260,7 @@ class Extraction:
         if not stat.S_ISREG(st.st_mode):
             return None
         self.files[parts] = st.st_size
+        self.inodes.add((st.st_dev, st.st_ino))
         self.total += st.st_size
         return st.st_size
 
