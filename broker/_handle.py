@@ -156,6 +156,7 @@ class WorkerHandle:
         self._held_call = 0
         self._to_commit: list[PendingOutput] = []  # a call's outputs, while its driver commits them
         self._outputs_allowed: frozenset[str] | None = None  # the call's outputs, named ahead (with_outputs)
+        self._call_what: tuple[str, float | None] = ("", None)  # the timed call in flight: (method, timeout)
         self._dir_ids = itertools.count(1)
         self._drains: dict[int, Any] = {}  # output pipes of the current call, by read fd
         self._poller: select.poll | None = None
@@ -243,6 +244,9 @@ class WorkerHandle:
                 value, first = self._early_answer(cid)
                 if value is not _NOTHING:
                     return value
+                if deadline is not None:  # an answer to its requests waits for room no longer than the call may last
+                    self._chan.send_deadline = deadline
+                    self._call_what = (method, timeout)
                 steps = self._steps(method, cid, deadline, timeout, first)
                 try:
                     op = next(steps)
@@ -777,6 +781,11 @@ class WorkerHandle:
             else:
                 self._chan.send(msg, with_fds=with_fds)
         except ProtocolError as exc:
+            deadline = self._chan.send_deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                method, timeout = self._call_what
+                raise self._fail("timeout", f"call {method}() ran past its {timeout:g} s timeout "
+                                            "(with answers to its requests left unread)") from exc
             raise self._fail("protocol", f"{what}: {exc}") from exc
         except OSError as exc:
             raise self._fail_from_os(exc) from exc
@@ -815,6 +824,7 @@ class WorkerHandle:
         and the call's directory arguments go (the worker's proxies of them are closed)."""
         self._call_thread = None
         self._outputs_allowed = None
+        self._chan.send_deadline = None
         self._listings.clear()
         if self._held_call:  # its outputs are committed or discarded by now
             held, self._held_call = self._held_call, 0

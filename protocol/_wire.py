@@ -667,6 +667,9 @@ class Channel:
             raise ValueError("a Channel needs an AF_UNIX SOCK_SEQPACKET socket")
         self.sock = sock
         self.send_timeout = send_timeout
+        # A time.monotonic() by which a send that waits for room gives up, whatever
+        # send_timeout says (the deadline of the call it answers); None: none.
+        self.send_deadline: float | None = None
         self.allow_dirref = allow_dirref
         # The message tags that may carry out-of-band values (blobs); None: any.
         self.blob_tags: frozenset[str] | None = None
@@ -750,8 +753,10 @@ class Channel:
             pass
         except InterruptedError:
             pass
-        # The peer is not reading: wait for room, at most send_timeout.
+        # The peer is not reading: wait for room, at most send_timeout (and never past send_deadline).
         deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+        if self.send_deadline is not None and (deadline is None or self.send_deadline < deadline):
+            deadline = self.send_deadline
         while True:
             try:
                 self.sock.sendmsg([payload], anc, _SEND_FLAGS)

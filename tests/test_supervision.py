@@ -327,6 +327,35 @@ class Flooder(Worker):
 _FLOOD = 200_000  # characters: about as many as one 256 KiB packet holds
 
 
+class Deaf(Worker):
+    """A compromised worker that sends requests back to back and never reads
+    the answers: the broker's answers fill its socket, and the broker's send waits."""
+
+    @rpc
+    def pipeline(self, n: int) -> None:
+        import msgpack
+
+        chan = self.broker._chan
+        for i in range(n):
+            chan.send_raw(msgpack.packb({"t": "req", "id": 1000 + i, "op": "stat", "a": {"path": "data/x"}}))
+        time.sleep(60)
+
+
+def test_a_call_timeout_holds_while_the_broker_waits_to_answer_a_deaf_worker(tree: Path) -> None:
+    """The broker's answer to a request waited for room for the channel's own
+    send timeout (10 s), whatever the call's timeout said: a worker that never
+    read its answers made a 0.5 s call last 10 s (a red-team run). The wait now
+    ends at the call's deadline, and the call raises WorkerTimeout."""
+    with Broker(default_policy(), root=tree, request_rate=None) as b:
+        w = b.spawn(Deaf)
+        started = time.monotonic()
+        with pytest.raises(WorkerTimeout, match="answers to its requests left unread"):
+            w.with_timeout(0.5).pipeline(5000)
+        took = time.monotonic() - started
+        assert w.exit is not None and w.exit.kind == "timeout"
+    assert took < 3.0, f"a 0.5 s call took {took:.1f} s"
+
+
 def test_worker_text_in_log_lines_and_records_is_bounded(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A 16 MiB path (a text blob) went whole into the audit record and,
     escaped character by character, into its line: 5 s of the broker's time
