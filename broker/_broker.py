@@ -983,7 +983,7 @@ class Broker:
         listings = handle._listings
         names = listings.get(key) if at else None
         if names is None:
-            names = self._resolver.listdir(target)
+            names = self._resolver.listdir(target, handle._charge_entries)
             listings.pop(key, None)
             while len(listings) >= MAX_LISTINGS:
                 del listings[next(iter(listings))]

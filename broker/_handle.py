@@ -82,6 +82,9 @@ def import_value(obj: Any) -> Any:
 
 # How long a worker whose channel hit EOF gets to end before it is killed; on an
 # event loop, for the paths that cannot wait without blocking it.
+#: Directory entries a listing may read for the broker's time one request costs
+#: (about 0.9 us an entry against 25-30 us a request, measured here).
+ENTRIES_PER_REQUEST = 32
 _EXIT_GRACE = 1.0
 _LOOP_EXIT_GRACE = 0.05
 _BLOB_TAGS = frozenset({"ret", "err", "fail", "ready"})
@@ -722,6 +725,13 @@ class WorkerHandle:
         if self._tokens >= 0:
             return None
         return now + (-self._tokens) / rate
+
+    def _charge_entries(self, entries: int) -> None:
+        """A listing read ``entries`` directory entries for this worker: held to
+        ``request_rate`` as the requests that cost the broker as much would
+        be (a relisting flood cost the broker 200 times the worker's CPU)."""
+        if self._broker.request_rate is not None:
+            self._tokens -= entries / ENTRIES_PER_REQUEST
 
     def _answer(self, msg: dict[str, Any], outputs: list[PendingOutput], over_quota: bool = False) -> None:
         reply: dict[str, Any]

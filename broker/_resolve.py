@@ -299,7 +299,9 @@ class Resolver:
             "mtime_ns": st.st_mtime_ns,
         }
 
-    def listdir(self, t: Target) -> list[str]:
+    def listdir(self, t: Target, charge: Callable[[int], None] | None = None) -> list[str]:
+        """The sorted names beneath ``t``. ``charge`` is told how many entries
+        were read (those left out, and those of a listing cut short, too)."""
         fd = self._dir_fd(t, os.O_RDONLY)
         names: list[str] = []
         seen = 0
@@ -314,6 +316,8 @@ class Resolver:
                         names.append(entry.name)
         finally:
             os.close(fd)
+            if charge is not None:
+                charge(seen)
         return sorted(names)
 
     def _parent_and_name(self, t: Target) -> tuple[int, str]:

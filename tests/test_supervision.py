@@ -341,6 +341,43 @@ class Deaf(Worker):
         time.sleep(60)
 
 
+class Relister(Worker):
+    """A compromised worker asking for the first page of one listing again and again."""
+
+    @rpc
+    def relist(self, path: str, n: int) -> int:
+        chan = self.broker._chan
+        names = 0
+        for i in range(n):
+            chan.send({"t": "req", "id": 1000 + i, "op": "listdir", "a": {"path": path, "at": 0}})
+            names += len(chan.recv()["v"]["names"])
+        return names
+
+
+def test_a_listing_costs_the_request_rate_what_it_costs_the_broker(tree: Path) -> None:
+    """Each first page lists the directory again: a worker asking for it in a
+    loop made the broker read, check and sort 100,000 entries per request,
+    200 times the worker's own CPU and a slowdown of the other workers, for
+    one request's share of the rate (a red-team run). A listing now counts as
+    one request more per ENTRIES_PER_REQUEST entries read."""
+    from broker._handle import ENTRIES_PER_REQUEST
+
+    many = tree / "data" / "many"
+    many.mkdir()
+    for i in range(100 * ENTRIES_PER_REQUEST):
+        (many / f"f{i:05d}").touch()
+    rate = 500.0  # a burst of 500 requests, then 500 a second
+    with Broker(default_policy(), root=tree, request_rate=rate) as b:
+        w = b.spawn(Relister)
+        started = time.monotonic()
+        assert w.relist("data/many", 12) == 12 * 100 * ENTRIES_PER_REQUEST
+        took = time.monotonic() - started
+    # 12 listings of 3200 entries, 101 requests' worth each, 500 of them in the burst; a listing's
+    # entries are charged once it is read, so the last one's delay only the request after it.
+    expected = (11 * 101 + 1 - rate) / rate
+    assert expected * 0.9 <= took < expected + 5.0, f"12 listings took {took:.2f} s, expected {expected:.2f} s"
+
+
 def test_a_call_timeout_holds_while_the_broker_waits_to_answer_a_deaf_worker(tree: Path) -> None:
     """The broker's answer to a request waited for room for the channel's own
     send timeout (10 s), whatever the call's timeout said: a worker that never
