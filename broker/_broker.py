@@ -305,8 +305,10 @@ class Broker:
     def __enter__(self) -> Broker:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Left by Ctrl-C: the user wants out now, and a Ctrl-C at the terminal never reaches the
+        # workers (each leads its own process group), so busy ones would be waited for.
+        self.close(0.0 if exc_type is KeyboardInterrupt else 2.0)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop every worker (killing those that do not stop within
@@ -534,8 +536,8 @@ class Broker:
     async def __aenter__(self) -> Broker:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        await self.aclose(0.0 if exc_type is KeyboardInterrupt else 2.0)  # (see __exit__)
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """``close()`` for asyncio: the workers are stopped together and their
