@@ -169,6 +169,7 @@ class Opener:
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=child_env(environ),
+            process_group=0,  # a Ctrl-C at the terminal is the broker's to handle, as for the zygote
         )
         theirs.close()
         self._chan = Channel(ours, send_timeout=10.0)

@@ -77,6 +77,9 @@ def _start(
             stdin=subprocess.DEVNULL,
             env=child_env(environ),  # it imports what the broker imports
             close_fds=True,
+            # Out of the broker's process group: a Ctrl-C at the terminal is the broker's to
+            # handle (it ends the zygote); reaching a zygote still importing, it printed a traceback.
+            process_group=0,
         )
     except BaseException:
         ours.close()

@@ -979,3 +979,29 @@ def test_a_broker_left_by_ctrl_c_does_not_wait_for_busy_workers(tree: Path, face
         assert [type(e) for e in ended] == [WorkerCrashed, WorkerCrashed]
     took = time.monotonic() - started
     assert took < 1.0, f"leaving the broker by Ctrl-C took {took:.2f} s"
+
+
+def test_ctrl_c_while_the_broker_starts_reaches_the_broker_alone(tmp_path: Path) -> None:
+    """A Ctrl-C at the terminal goes to the whole foreground process group.
+    The zygote was in it, and one that was still importing printed a
+    KeyboardInterrupt traceback under the user's own clean "interrupted"
+    (a user trial). The zygote now has a process group of its own."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    code = textwrap.dedent("""
+        import sys, time
+        from broker import Broker, Policy
+        print("imported", file=sys.stderr, flush=True)
+        try:
+            with Broker(Policy(), root="."):
+                time.sleep(30)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr, flush=True)
+    """)
+    for delay in (0.02, 0.05, 0.1):  # while the zygote boots (about 0.1-0.3 s here)
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": repo})
+        assert proc.stderr is not None and proc.stderr.readline() == "imported\n"
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
+        _, err = proc.communicate(timeout=60)
+        assert err == "interrupted\n", f"after {delay} s: {err[-2000:]}"
