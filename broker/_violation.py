@@ -120,7 +120,8 @@ def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
 
 _IMPORT_HINT = (
     ": a path Python's import system looks at. An import after sandbox entry? Import at module level or in "
-    "setup(), which runs before it"
+    "setup(), which runs before it (to find which import: with Policy().with_sandbox(violation=\"errno\"), it "
+    "fails in the worker with an exception, often naming the module, and the worker lives)"
 )
 # A source file is also what Python's own traceback printer reads (a hook of the program's that
 # replaced privsep's and failed, an exception printed by C code): privsep's hooks never read it.

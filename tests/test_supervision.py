@@ -211,8 +211,9 @@ def test_socket_addresses_read_as_strace_shows_them() -> None:
 def test_a_late_import_is_named_as_the_likely_cause(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Hog)
-        with pytest.raises(PolicyViolation, match="An import after sandbox entry"):
+        with pytest.raises(PolicyViolation, match="An import after sandbox entry") as late:
             w.late_import()
+        assert 'to find which import: with Policy().with_sandbox(violation="errno")' in str(late.value)
         # A package's directory, beneath sys.path: no hint was given for it.
         with pytest.raises(PolicyViolation, match="An import after sandbox entry"):
             b.spawn(Hog).stat_a_package()
