@@ -27,7 +27,10 @@ class Capability:
 
     Pass it as an argument to a worker call and the worker receives its own
     copy of the fd (as a file object whose mode follows the rights). The
-    broker's copy stays open until closed here or garbage-collected.
+    broker's copy stays open until closed here or garbage-collected; it
+    must be open when the call is sent: given to ``pool.submit()``, keep it
+    open until the future is done (a task sent after it was closed fails
+    with ``ValueError: capability is closed``).
     """
 
     __slots__ = ("__weakref__", "_fd", "kind", "name", "rights")

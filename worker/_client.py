@@ -153,10 +153,12 @@ class BrokerClient:
     def create(self, path: str | os.PathLike[str], rights: Rights = Rights.WRITE) -> IO[bytes]:
         """Create an output file. Returns a writable binary file.
 
-        The broker gives a hidden temporary file and moves its content into
-        place as ``path`` only when the current call returns normally; if the
-        call raises or the worker dies, nothing is left behind. The file is
-        closed when the call returns.
+        With the default rights the file is a pipe the broker drains into a
+        hidden temporary file of its own (with ``SEEK|FSTAT`` too, that
+        temporary file itself); the broker moves its content into place as
+        ``path`` only when the current call returns normally; if the call
+        raises or the worker dies, nothing is left behind. The file is closed
+        when the call returns.
         """
         path = _checked(path)
         f = self._fd_request("create", {"path": path, "rights": int(rights_arg(rights))})
