@@ -38,15 +38,6 @@ class Eater(Worker):
     def where(self) -> int:
         return os.getpid()
 
-    @rpc
-    def hoard(self, mib: int) -> int:
-        """Write ``mib`` MiB into memfds it never maps: no address space, no RSS."""
-        self.kept = [os.memfd_create("hoard", 0) for _ in range((mib + 15) // 16)]
-        chunk = b"\x01" * (1 << 20)
-        for i in range(mib):
-            os.write(self.kept[i // 16], chunk)
-        return mib
-
 
 BALLAST = 24 << 20  # what setup() below writes: well above what a worker's own start touches
 
@@ -204,21 +195,6 @@ def test_a_memory_hog_is_killed_by_its_own_cgroup_and_reported(tree: Path, metho
         # the broker goes on: a fresh worker, a fresh cgroup
         w2 = b.spawn(Eater)
         assert w2.ping() == "pong" and w2._cgroup is not None and w2._cgroup.path != cg.path
-
-
-@needs_cgroup
-def test_memory_held_in_memfds_is_bounded_by_the_cgroup_not_rlimit_as(tree: Path) -> None:
-    """RLIMIT_AS bounds mappings only: a red-team worker held 8 GiB in memfds it
-    never mapped, under a 1 GiB RLIMIT_AS, with an RSS of 26 MiB. Its cgroup
-    is charged those pages, and stops it."""
-    policy = default_policy().with_limits(memory=LIMIT, address_space=1 << 30)
-    with Broker(policy, root=tree) as b:
-        w = b.spawn(Eater)
-        assert w.hoard(16) == 16  # under the limit: fine
-        with pytest.raises(WorkerCrashed) as info:
-            w.hoard(256)  # 4x the cgroup's limit, a quarter of RLIMIT_AS
-        ex = info.value.exit
-        assert ex is not None and ex.kind == "oom", ex
 
 
 @needs_cgroup

@@ -482,6 +482,18 @@ def test_large_strings_travel_both_ways(broker: Broker) -> None:
         assert w.shout(text) == text.upper()
 
 
+
+def test_a_sandboxed_workers_large_values_go_through_its_own_two_memfds(broker: Broker) -> None:
+    """memfd_create is denied after entry (each memfd was memory outside
+    RLIMIT_AS): the values go into the two memfds made before it, the
+    messages taking turns, at offsets for a message carrying several."""
+    w = broker.spawn(Upper)
+    parts = [bytes([i]) * ((1 << 20) + i) for i in range(3)]  # three values in one message
+    for _ in range(3):  # both memfds, twice over
+        got = w.echo(*parts, text="t" * 300_000)
+        assert got == {"args": parts, "kwargs": {"text": "t" * 300_000}}
+        assert w.big(5 << 20) == b"z" * (5 << 20)
+
 def test_values_over_the_blob_limit_are_an_error_not_a_crash(broker: Broker) -> None:
     from protocol._wire import MAX_BLOB
 

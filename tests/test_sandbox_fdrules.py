@@ -116,6 +116,16 @@ def ok(out: Outcome) -> Any:
     return out.result["ok"]
 
 
+
+def scratch() -> int:
+    """A new unpinned fd in the sandboxed child. memfd_create is denied there: a dup
+    of one of the wire's two memfds, made before entry (regular files, sealed at
+    their size)."""
+    from protocol._wire import _region
+
+    assert _region is not None
+    return os.dup(_region.fds[1])
+
 # ------------------------------------------------- every right, both ways ----
 
 def _mmap_shared_read(fd: int) -> Any:
@@ -250,7 +260,7 @@ def test_close_with_junk_high_bits_denied(tmp_path: Path) -> None:
 def test_dup_weak_fd_onto_pinned_slot_denied(tmp_path: Path, inheritable: bool) -> None:
     """The pinned-slot attack: put a weaker fd under a pinned number, then use the number's rights."""
     def attempt(ctx: dict[str, Any]) -> Any:
-        weak = os.memfd_create("weak")
+        weak = scratch()
         os.dup2(weak, ctx["fd"], inheritable=inheritable)
         return os.fsync(ctx["fd"])
 
@@ -262,7 +272,7 @@ def test_dup_weak_fd_onto_pinned_slot_denied(tmp_path: Path, inheritable: bool) 
 @needs_notify
 def test_dup2_onto_unpinned_slot_allowed(tmp_path: Path) -> None:
     def attempt(ctx: dict[str, Any]) -> Any:
-        a, b = os.memfd_create("a"), os.memfd_create("b")
+        a, b = scratch(), scratch()
         os.dup2(a, b)
         os.dup2(a, b, inheritable=False)
         return "ok"
@@ -302,7 +312,7 @@ def test_close_range_around_pins_allowed(tmp_path: Path) -> None:
         top = 180  # clear of the pins and of the test's channel; below RLIMIT_NOFILE (256)
         assert max(ctx["fds"]) < 100
         for spare in (top, top + 50):
-            os.dup2(os.memfd_create("x"), spare)
+            os.dup2(scratch(), spare)
         return [raw(436, top, top, 0), raw(436, top + 10, top + 100, 0)]
 
     assert ok(pinned(tmp_path, grants, attempt)) == [0, 0]
@@ -394,7 +404,7 @@ def test_pwritev2_noappend_denied_on_every_fd(tmp_path: Path) -> None:
 
     note = assert_notified(pinned(tmp_path, [("f", os.O_WRONLY | os.O_APPEND, APPEND_W)], attempt), "pwritev2")
     assert note.args[5] == RWF_NOAPPEND
-    assert_notified(run(lambda ctx: os.pwritev(os.memfd_create("m"), [b"x"], 0, RWF_NOAPPEND)), "pwritev2")
+    assert_notified(run(lambda ctx: os.pwritev(scratch(), [b"x"], 0, RWF_NOAPPEND)), "pwritev2")
     assert (tmp_path / "f").read_bytes() == CONTENT
 
 
@@ -517,7 +527,7 @@ def test_fd_metadata_group_opens_unpinned_fds_only(tmp_path: Path) -> None:
     assert GROUPS_WEAKEN["@fd-metadata"] == int(R.FCHMOD | R.FCHOWN | R.FUTIMES)
 
     def unpinned(ctx: dict[str, Any]) -> Any:
-        fd = os.memfd_create("m")
+        fd = scratch()
         os.fchmod(fd, 0o600)
         os.utime(fd)
         return "changed"
@@ -547,7 +557,7 @@ def test_fd_metadata_group_opens_unpinned_fds_only(tmp_path: Path) -> None:
 ])
 def test_unpinned_fd_denied(tmp_path: Path, with_pins: bool, name: str, op: Callable[[int], Any]) -> None:
     def attempt(ctx: dict[str, Any]) -> Any:
-        fd = os.memfd_create("later")
+        fd = scratch()
         os.write(fd, CONTENT * 500)
         return op(fd)
 
@@ -561,9 +571,7 @@ def test_unpinned_fd_denied(tmp_path: Path, with_pins: bool, name: str, op: Call
 
 @pytest.mark.parametrize("with_pins", [False, True], ids=["no-pins", "pins"])
 def test_unpinned_fd_keeps_seek_fstat_truncate_and_anonymous_memory(tmp_path: Path, with_pins: bool) -> None:
-    def attempt(ctx: dict[str, Any]) -> Any:
-        fd = os.memfd_create("later")
-        os.write(fd, CONTENT)
+    def attempt(fd: int) -> Any:  # a file that reached the child after entry, as a later grant does
         got = [os.lseek(fd, 2, os.SEEK_SET), os.pread(fd, 2, 0).decode(), os.fstat(fd).st_size]
         os.ftruncate(fd, 4)
         got.append(raw(285, fd, 0, 0, 8192))  # plain preallocation (mode 0)
@@ -575,8 +583,7 @@ def test_unpinned_fd_keeps_seek_fstat_truncate_and_anonymous_memory(tmp_path: Pa
         os.close(fd)
         return got
 
-    out = pinned(tmp_path, [("f", RO, R.READ)], attempt) if with_pins else run(attempt, SandboxSpec(namespaces=False))
-    assert ok(out) == [2, "01", 10, 0, "ok"]
+    assert ok(later_grant(tmp_path, attempt, with_pins=with_pins)) == [2, "01", 10, 0, "ok"]
 
 
 # fallocate(FALLOC_FL_KEEP_SIZE) allocates blocks past EOF without changing the size, and the kernel checks

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol import SandboxError
+from protocol._wire import use_blob_region
 
 from . import _caps, _landlock, _namespaces, _rlimits, _seccomp
 from ._libc import PR_SET_NO_NEW_PRIVS, ffi, lib, prctl
@@ -176,6 +177,10 @@ def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = N
     _close_all_but([*keep_fds, *([] if net_fd is None else [net_fd])])
     _pin_malloc_arenas()
     _pin_cpu_count()
+    if prepared.compiled is not None:
+        # The filter denies memfd_create: the wire's large values go into memfds made now (before
+        # RLIMIT_FSIZE, which their size may exceed; the values written later are held to it as before).
+        use_blob_region()
 
     report["rlimits"] = _rlimits.apply(spec.limits)
     report["layers"].append("rlimits")
