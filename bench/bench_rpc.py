@@ -520,7 +520,7 @@ def _rate_limit_note(root: str, sandboxed: bool, b: Any, w: Any, free: Any, n: i
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="about 10 s instead of about a minute")
+    ap.add_argument("--quick", action="store_true", help="about 15 s instead of about a minute")
     ap.add_argument("-n", type=int, help="calls per block")
     ap.add_argument("--rounds", type=int, help="interleaved rounds")
     ap.add_argument("--placement", choices=PLACEMENTS, action="append", help="only these CPU placements")

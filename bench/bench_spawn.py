@@ -350,7 +350,7 @@ def loop_busy(root: str, cycles: int, sandboxed: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="about 10 s instead of about a minute")
+    ap.add_argument("--quick", action="store_true", help="about 10 s instead of about 45 s")
     ap.add_argument("-n", "--iterations", type=int, help="samples per case")
     args = ap.parse_args(argv)
     iterations = args.iterations or (10 if args.quick else 60)

@@ -860,11 +860,11 @@ def test_a_worker_killed_while_its_listing_is_read_off_the_loop_keeps_its_fds_un
     handles: list[WorkerHandle] = []
     listdir = resolve.Resolver.listdir
 
-    def slow_listdir(self: Any, t: Any) -> list[str]:
+    def slow_listdir(self: Any, t: Any, charge: Any = None) -> list[str]:
         entered.set()
         release.wait(10)
         seen.append(not handles[0]._chan.closed)  # its channel, as the answer goes out
-        return listdir(self, t)
+        return listdir(self, t, charge)
 
     monkeypatch.setattr(resolve.Resolver, "listdir", slow_listdir)
 
@@ -873,8 +873,11 @@ def test_a_worker_killed_while_its_listing_is_read_off_the_loop_keeps_its_fds_un
             w = await b.aspawn(Lister)
             handles.append(w)
             call = asyncio.ensure_future(w.aio.ls("data"))
-            while not entered.is_set():
+            for _ in range(2000):
+                if entered.is_set() or call.done():
+                    break
                 await asyncio.sleep(0.005)
+            assert entered.is_set(), call.exception() if call.done() else "the listing never began"
             threading.Timer(0.2, release.set).start()  # (akill may wait on the loop's thread for it)
             ended = await w.akill()
             assert ended.kind == "signal"
