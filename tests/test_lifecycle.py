@@ -256,7 +256,9 @@ def test_a_limit_too_low_to_start_a_worker_is_named(tree: Path) -> None:
         ended = b._setup_failure(RemoteError("SystemExit", "bye"))
         assert ended.reason == "setup or sandbox entry failed: SystemExit: bye"
         assert str(RemoteError("KeyboardInterrupt", "")) == "KeyboardInterrupt"  # (not "KeyboardInterrupt: ")
-    with Broker(Policy().with_limits(open_files=8), root=tree) as ok:  # enough to start
+    # Enough to start: 0-2, the channel, the two output pipes, the two wire memfds, and one for
+    # entry's Landlock ruleset.
+    with Broker(Policy().with_limits(open_files=9), root=tree) as ok:
         assert ok.spawn(Sleeper).ping() == "pong"
 
 
