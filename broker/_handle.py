@@ -80,11 +80,11 @@ def import_value(obj: Any) -> Any:
     return obj
 
 
-# How long a worker whose channel hit EOF gets to end before it is killed; on an
-# event loop, for the paths that cannot wait without blocking it.
 #: Directory entries a listing may read for the broker's time one request costs
 #: (about 0.9 us an entry against 25-30 us a request, measured here).
 ENTRIES_PER_REQUEST = 32
+# How long a worker whose channel hit EOF gets to end before it is killed; on an
+# event loop, for the paths that cannot wait without blocking it.
 _EXIT_GRACE = 1.0
 _LOOP_EXIT_GRACE = 0.05
 _BLOB_TAGS = frozenset({"ret", "err", "fail", "ready"})

@@ -10,7 +10,7 @@ in the packet's SCM_RIGHTS array; every received fd must be named exactly
 once. Byte strings too large for one packet travel in a memfd
 (``ExtType(EXT_BLOB)``, at an offset) that the receiver reads once; the
 blobs of one packet are bounded by ``MAX_BLOB`` in all. A sandboxed worker,
-whose filter denies ``memfd_create``, writes them into the one memfd it made
+whose filter denies ``memfd_create``, writes them into the two memfds it made
 before entry (``BlobRegion``), of a fixed size.
 """
 
@@ -38,7 +38,7 @@ from ._errors import MessageTooLarge, ProtocolError
 from ._rights import Rights, rights_from_wire
 
 # 2: large strings travel in a memfd too (EXT_TEXT); 3: cfg and out messages; 4: listings in pages, the
-# stderr pipe in ready; 5: a blob is at an offset of its memfd (a worker's one BlobRegion)
+# stderr pipe in ready; 5: a blob is at an offset of its memfd (a worker's BlobRegion)
 PROTOCOL_VERSION = 5
 MAX_PACKET = 256 * 1024
 INLINE_BYTES = 64 * 1024
@@ -327,7 +327,7 @@ _region: BlobRegion | None = None
 
 
 def use_blob_region() -> BlobRegion:
-    """From now on, this process's large values go into one ``BlobRegion``
+    """From now on, this process's large values go into its ``BlobRegion``
     (made now: call it before a filter that denies ``memfd_create``)."""
     global _region
     if _region is None:
