@@ -6,15 +6,23 @@ and nothing from wherever the broker happens to be run.
 ``protocol.py``, ``random.py`` or ``msgpack.py`` lying in the directory a
 user runs the broker from (a downloads folder full of hostile input, say)
 would run with the broker's authority. ``-P`` (3.11) leaves it out, and the
-broker's own ``sys.path`` is passed on, absolute, as ``PYTHONPATH``.
+broker's own ``sys.path`` is passed on, absolute, as ``PYTHONPATH``. An
+entry holding ``os.pathsep`` cannot be written there (``/srv/proj:x`` would
+read as ``/srv/proj`` and a relative ``x``, found in the current directory):
+such entries stay out of it, and the whole path travels as JSON in
+``PRIVSEP_IMPORT_PATH``, which the child puts in place before it imports
+anything of the program's (``worker._importpath``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Mapping
+
+from worker._importpath import PATH_VAR
 
 
 def interpreter(module: str, *args: str) -> list[str]:
@@ -30,11 +38,11 @@ def interpreter(module: str, *args: str) -> list[str]:
 _NOT_PASSED = frozenset({"-I", "-E", "-s", "-P"})
 
 
-def import_path() -> str:
-    """The broker's ``sys.path`` as a ``PYTHONPATH``. Each entry is made
-    absolute; ``''`` (the current directory, for ``python -c`` and the
-    REPL) stays on it as the directory it names now, since the broker
-    imports from it too. Entries that do not exist are left out."""
+def import_entries() -> list[str]:
+    """The broker's ``sys.path``, each entry made absolute; ``''`` (the
+    current directory, for ``python -c`` and the REPL) stays on it as the
+    directory it names now, since the broker imports from it too. Entries
+    that do not exist are left out."""
     out: list[str] = []
     for entry in sys.path:
         try:
@@ -43,14 +51,19 @@ def import_path() -> str:
             continue
         if path not in out and os.path.exists(path):
             out.append(path)
-    return os.pathsep.join(out)
+    return out
 
 
 def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """``environ`` (default: the broker's own environment) with the broker's
-    import path as ``PYTHONPATH`` and no start-up file."""
+    import path as ``PYTHONPATH`` (and, if an entry holds ``os.pathsep``,
+    whole in ``PRIVSEP_IMPORT_PATH``) and no start-up file."""
     env = dict(os.environ if environ is None else environ)
-    env["PYTHONPATH"] = import_path()
+    entries = import_entries()
+    env["PYTHONPATH"] = os.pathsep.join(e for e in entries if os.pathsep not in e)
+    env.pop(PATH_VAR, None)
+    if any(os.pathsep in e for e in entries):
+        env[PATH_VAR] = json.dumps(entries)
     env.pop("PYTHONSTARTUP", None)
     return env
 
@@ -72,4 +85,4 @@ def checked_environ(environ: Mapping[str, str] | None) -> dict[str, str] | None:
     return out
 
 
-__all__ = ["checked_environ", "child_env", "import_path", "interpreter"]
+__all__ = ["PATH_VAR", "checked_environ", "child_env", "import_entries", "interpreter"]

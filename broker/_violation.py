@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 
-from ._interp import import_path
+from ._interp import import_entries
 
 AT_FDCWD = -100
 _MAX_STR = 200
@@ -147,7 +147,7 @@ def _looks_imported(path: str) -> bool:
     if path.endswith(_MODULE_SUFFIXES) or "__pycache__" in path:
         return True
     path = os.path.normpath(path)
-    entries = [e for e in import_path().split(os.pathsep) if e not in ("", "/")]
+    entries = [e for e in import_entries() if e not in ("", "/")]
     if path in entries:
         return True
     return "." not in os.path.basename(path) and any(path.startswith(e + "/") for e in entries)

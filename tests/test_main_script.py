@@ -440,3 +440,39 @@ def test_a_spawn_past_the_brokers_fd_limit_leaves_no_zombie(tmp_path: Path) -> N
     out, _ = run_script(tmp_path, FD_LIMIT_AT_SPAWN)
     assert out["errors"] and set(out["errors"]) == {"WorkerCrashed"}, out
     assert out["zombies"] == 0 and out["then"] == "pong", out
+
+
+def test_a_path_entry_holding_a_colon_reaches_the_zygote_whole(tmp_path: Path) -> None:
+    """The broker's sys.path went to the zygote as PYTHONPATH, joined with ':'
+    and not escaped: a script in ``proj:evil/`` gave the zygote ``proj`` and a
+    relative ``evil``, found in the directory the broker was run from, whose
+    ``msgpack.py`` then ran in the zygote (a packaging trial), and the
+    script's own sibling module was not found at all."""
+    project = tmp_path / "proj:evil"
+    project.mkdir()
+    (project / "jobs.py").write_text(textwrap.dedent("""
+        import os
+        from worker import Worker, rpc
+
+        class Job(Worker):
+            @rpc
+            def ping(self) -> str:
+                return "pong"
+    """))
+    (project / "main.py").write_text(textwrap.dedent("""
+        import json, os
+        from broker import Broker, Policy
+        from jobs import Job
+
+        if __name__ == "__main__":
+            with Broker(Policy(), root=os.environ["ROOT"]) as b:
+                w = b.spawn(Job)
+                print(json.dumps({"method": w.spawn_method, "ping": w.ping()}))
+    """))
+    runhere = tmp_path / "runhere"
+    (runhere / "evil").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (runhere / "evil" / "msgpack.py").write_text(f"open({str(marker)!r}, 'a').write('x')\nraise SystemExit(1)\n")
+    out, _ = run([str(project / "main.py")], runhere)
+    assert out == {"method": "zygote", "ping": "pong"}
+    assert not marker.exists()

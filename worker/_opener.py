@@ -22,6 +22,7 @@ from typing import Any
 from protocol import Rights
 from protocol._wire import KIND_FILE, Channel, ReceivedFd
 
+from ._importpath import adopt_import_path
 from ._serve import _close_all_but
 from .sandbox import _landlock
 from .sandbox._libc import PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, prctl
@@ -82,6 +83,7 @@ def handle(msg: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
+    adopt_import_path()
     fd = int(argv[0])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is the broker's to handle
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

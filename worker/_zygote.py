@@ -59,6 +59,7 @@ from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd
 
+from ._importpath import adopt_import_path
 from ._mainref import allow_main_only, import_ref
 from ._prefault import populate, ranges_of
 from ._preload import preload
@@ -372,6 +373,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
 
 
 def main(argv: list[str]) -> None:
+    adopt_import_path()  # (before the program's modules: the main script's, the classes')
     fd = int(argv[0])
     if "--main-refs" in argv:  # the broker's main script, the only one this zygote may load
         start = argv.index("--main-refs") + 1
