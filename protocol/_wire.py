@@ -275,7 +275,10 @@ def _read_blob(fd: int, offset: int, length: int) -> bytes:
         raise ProtocolError("blob length out of bounds")
     # One read into the bytes returned (no second copy): a regular file reads
     # short only at its end, which a sender that shrank its memfd has moved.
-    data = os.pread(fd, length, offset)
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:  # (a file open for writing only: EBADF)
+        raise ProtocolError(f"blob fd cannot be read: {exc.strerror}") from exc
     if len(data) != length:
         raise ProtocolError("blob shorter than announced")
     return data

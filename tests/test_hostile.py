@@ -452,6 +452,30 @@ def test_the_blobs_of_one_packet_are_bounded_together() -> None:
                   [ok]) == {"t": "ret", "id": 1, "v": [b"q" * 100]}  # fmt: skip
 
 
+def test_a_blob_at_an_offset_is_read_there_and_bounded_by_its_file(tmp_path: Path) -> None:
+    """A blob names an offset in its memfd (a worker's two are made before
+    entry). Past the file's end, or in a file open for writing only (which
+    failed as a channel error, 'crashed', in a red-team run), it is a wire
+    fault: ProtocolError, every fd closed."""
+    fd = os.memfd_create("blob", os.MFD_CLOEXEC)
+    os.write(fd, b"a" * 10 + b"b" * 20)
+
+    def blob(offset: int, length: int) -> bytes:
+        return msgpack.packb({"t": "ret", "id": 1, "v": msgpack.ExtType(EXT_BLOB, _BLOB_EXT.pack(0, offset, length))})
+
+    assert decode(blob(10, 20), [os.dup(fd)]) == {"t": "ret", "id": 1, "v": b"b" * 20}
+    for offset, length in ((11, 20), ((1 << 64) - 1, 1), (30, 1)):
+        with pytest.raises(ProtocolError, match="blob length out of bounds"):
+            decode(blob(offset, length), [os.dup(fd)])
+    os.close(fd)
+    write_only = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC)
+    os.write(write_only, b"c" * 10)
+    before = open_fds()
+    with pytest.raises(ProtocolError, match="blob fd cannot be read"):
+        decode(blob(0, 10), [write_only])
+    assert open_fds() == before - {write_only}
+
+
 def test_a_blob_is_read_only_in_a_message_that_may_carry_one() -> None:
     """A request's path sent as a 64 MiB text blob (one memfd, reused) cost
     the broker a read and a UTF-8 decode of it before the path was refused

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -387,11 +388,94 @@ def test_a_call_timeout_holds_while_the_broker_waits_to_answer_a_deaf_worker(tre
     with Broker(default_policy(), root=tree, request_rate=None) as b:
         w = b.spawn(Deaf)
         started = time.monotonic()
-        with pytest.raises(WorkerTimeout, match="answers to its requests left unread"):
+        with pytest.raises(WorkerTimeout, match="the worker left what the broker sent it unread"):
             w.with_timeout(0.5).pipeline(5000)
         took = time.monotonic() - started
         assert w.exit is not None and w.exit.kind == "timeout"
     assert took < 3.0, f"a 0.5 s call took {took:.1f} s"
+
+
+class Asker(Worker):
+    """A compromised worker: requests sent raw, answers read raw."""
+
+    @rpc
+    def ask(self, path: str, n: int) -> int:
+        chan = self.broker._chan
+        for i in range(n):
+            chan.send({"t": "req", "id": 1000 + i, "op": "stat", "a": {"path": path}})
+            chan.recv()
+        return n
+
+    @rpc
+    def list_then_ask(self, path: str) -> int:
+        chan = self.broker._chan
+        chan.send({"t": "req", "id": 1, "op": "listdir", "a": {"path": path, "at": 0}})
+        names = len(chan.recv()["v"]["names"])
+        chan.send({"t": "req", "id": 2, "op": "stat", "a": {"path": path}})
+        chan.recv()
+        return names
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_calls_timeout_holds_when_the_call_itself_cannot_be_sent(tree: Path) -> None:
+    """The send of the call waited for room for the channel's 10 s, whatever
+    the call's timeout said, and the end was recorded as a protocol error
+    (a red-team run: a worker that left its answers unread filled the queue)."""
+    with Broker(default_policy(), root=tree, request_rate=None) as b:
+        w = b.spawn(Asker)
+        assert w.ping() == "pong"
+        os.kill(w.pid, signal.SIGSTOP)  # it reads nothing from now on
+        chan = w._chan.sock
+        with pytest.raises(BlockingIOError):
+            for _ in range(100_000):  # what a worker leaves unread: the queue to it is full
+                chan.send(b"\x90", socket.MSG_DONTWAIT)
+        started = time.monotonic()
+        with pytest.raises(WorkerTimeout, match="left what the broker sent it unread"):
+            w.with_timeout(0.5).ping()
+        took = time.monotonic() - started
+        assert w.exit is not None and w.exit.kind == "timeout"
+    assert took < 3.0, f"a 0.5 s call took {took:.1f} s"
+
+
+def test_the_request_rate_never_holds_a_call_past_its_timeout(tree: Path) -> None:
+    """A listing's entries are charged to the rate, and the wait they cost
+    slept past the call's deadline: with request_rate=50, a 0.5 s call took
+    11.5 s (a red-team run). The wait now ends at the deadline, as a timeout."""
+    from broker._handle import ENTRIES_PER_REQUEST
+
+    many = tree / "data" / "many"
+    many.mkdir()
+    for i in range(40 * ENTRIES_PER_REQUEST):
+        (many / f"f{i:04d}").touch()
+    with Broker(default_policy(), root=tree, request_rate=10.0) as b:
+        w = b.spawn(Asker)
+        started = time.monotonic()
+        with pytest.raises(WorkerTimeout, match=r"ran past its 0.5 s timeout"):
+            w.with_timeout(0.5).list_then_ask("data/many")  # owes about 3 s after its listing
+        took = time.monotonic() - started
+        assert w.exit is not None and w.exit.kind == "timeout"
+    assert took < 2.0, f"a 0.5 s call took {took:.1f} s"
+
+
+def test_a_long_path_costs_the_request_rate_what_it_costs_the_broker(tree: Path) -> None:
+    """Checking a 4 KiB path of 2,044 parts cost the broker 7 times a short
+    request, for one request's share of the rate (a red-team run). A path
+    counts one request more per PATH_CHARS_PER_REQUEST characters."""
+    from broker._handle import PATH_CHARS_PER_REQUEST
+
+    path = ("d/" * 2048)[: 8 * PATH_CHARS_PER_REQUEST - 1] + "d"  # 2,048 parts: 9 requests' worth each
+    assert len(path) == 8 * PATH_CHARS_PER_REQUEST
+    rate = 100.0
+    with Broker(default_policy(), root=tree, request_rate=rate) as b:
+        w = b.spawn(Asker)
+        started = time.monotonic()
+        assert w.ask(path, 20) == 20  # each refused (no such grant), and each charged
+        took = time.monotonic() - started
+    expected = (19 * 9 + 1 - rate) / rate  # the last one's charge delays only what comes after it
+    assert expected * 0.9 <= took < expected + 5.0, f"took {took:.2f} s, expected {expected:.2f} s"
 
 
 def test_worker_text_in_log_lines_and_records_is_bounded(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
