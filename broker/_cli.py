@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from examples.thumbnailer.__main__ import main as demo_main
         except ImportError:
-            print("privsep demo: run it from a source checkout (python3 -m examples.thumbnailer)", file=sys.stderr)
+            print("privsep demo: the examples are not installed (a non-editable install leaves them out); in a "
+                  "source checkout run python3 -m examples.thumbnailer, or install it with "
+                  "pip install -e '.[examples]' and privsep demo works from anywhere", file=sys.stderr)
             return 2
         return int(demo_main(rest, prog="privsep demo") or 0)
     # No command: a usage error (exit status 2, as argparse gives), with the help to say what to type.

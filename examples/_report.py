@@ -52,6 +52,16 @@ def interrupted_by() -> str:
     return "SIGTERM" if _terminated else "Ctrl-C"
 
 
+def missing_module(exc: ImportError, extra: str) -> str:
+    """What an ImportError at start means, and what to install (``extra``: the
+    pip extra that brings this example's dependencies)."""
+    name = (exc.name or "").split(".")[0]
+    if name in ("broker", "protocol", "worker"):
+        return f"privsep is not installed ({exc}); from a source checkout run: pip install -e '.[{extra}]'"
+    if name == "PIL":
+        return f"Pillow is not installed ({exc}); run: pip install Pillow (or pip install -e '.[{extra}]')"
+    return f"a module it needs cannot be imported: {exc}"
+
 def writable_dir_problem(directory: str) -> str | None:
     """Why a file cannot be created in ``directory`` (the strerror), or None if it can.
 

@@ -801,3 +801,14 @@ def test_a_thumbnail_left_by_an_earlier_run_is_not_counted_as_this_runs(tmp_path
     assert [(r["input"], r["reason"]) for r in report["rejected"]] == [
         ("a.png", "the worker said it wrote the thumbnail, and did not")]
     assert (out / "a.jpg").stat().st_ino == before.st_ino  # the earlier run's, untouched
+
+
+def test_a_missing_dependency_is_named_for_what_it_is() -> None:
+    """A missing Pillow was reported as "privsep is not installed" (a packaging trial)."""
+    from examples._report import missing_module
+
+    assert missing_module(ImportError("No module named 'PIL'", name="PIL"), "examples").startswith(
+        "Pillow is not installed (No module named 'PIL'); run: pip install Pillow")
+    assert missing_module(ImportError("No module named 'broker'", name="broker"), "examples").startswith(
+        "privsep is not installed")
+    assert missing_module(ImportError("nope", name="lzma"), "examples") == "a module it needs cannot be imported: nope"

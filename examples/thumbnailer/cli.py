@@ -22,6 +22,7 @@ from examples._report import (
     interrupted_by,
     interrupted_status,
     json_target_problem,
+    missing_module,
     sigterm_stops_as_ctrl_c,
     writable_dir_problem,
 )
@@ -637,7 +638,7 @@ def run(
             from .workers import Thumbnailer
         except ImportError as exc:
             progress.finish()
-            print(f"thumbnailer: privsep is not installed ({exc}); run: pip install -e '.[examples]'", file=stderr)
+            print(f"thumbnailer: {missing_module(exc, 'examples')}", file=stderr)
             return EXIT_FATAL
         worker_cls = worker_cls or Thumbnailer
         read_rights = Rights.READ | Rights.FSTAT | Rights.SEEK

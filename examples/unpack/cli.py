@@ -23,6 +23,7 @@ from examples._report import (
     interrupted_by,
     interrupted_status,
     json_target_problem,
+    missing_module,
     sigterm_stops_as_ctrl_c,
     writable_dir_problem,
 )
@@ -356,7 +357,7 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
 
             from .workers import Unpacker
         except ImportError as exc:
-            print(f"unpack: privsep is not installed ({exc}); run: pip install -e .", file=stderr)
+            print(f"unpack: {missing_module(exc, 'examples')}", file=stderr)
             return EXIT_FATAL
         worker_cls = worker_cls or Unpacker
 
