@@ -111,6 +111,7 @@ _PROBE_SKIP_PREFIXES = (
     "cgroup probe:",
     "no CAP_SYS_NICE",
     "cannot mount a tmpfs here",
+    "not root:",
 )
 
 

@@ -697,3 +697,85 @@ def test_a_request_carrying_a_blob_ends_the_worker_unread(tmp_path: Path) -> Non
             w.ask_with_a_blob()
         assert w.exit is not None and w.exit.kind == "protocol"
         assert honest.ping() == "pong"
+
+
+class InFlightHog(Worker):
+    """A compromised worker parking fds in flight (sent, never received) on a socketpair of its own."""
+
+    @rpc
+    def park(self) -> int:
+        import array
+        import socket
+
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.kept = (a, b)
+        sent = 0
+        for _ in range(100):
+            try:
+                a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [a.fileno()] * 250))])
+            except OSError as exc:
+                if exc.errno != errno.ETOOMANYREFS:
+                    raise
+                break
+            sent += 250
+        return sent
+
+    @rpc
+    def big(self, n: int) -> bytes:
+        return b"z" * n
+
+    @rpc
+    def ids(self) -> list[int]:
+        return [os.getuid(), os.geteuid()]
+
+    @rpc
+    def threads(self, n: int) -> int:
+        """Start up to ``n`` threads that wait; how many started."""
+        import threading
+
+        stop = threading.Event()
+        started = []
+        try:
+            for _ in range(n):
+                t = threading.Thread(target=stop.wait)
+                t.start()
+                started.append(t)
+        except RuntimeError:  # can't start new thread: RLIMIT_NPROC
+            pass
+        stop.set()
+        for t in started:
+            t.join()
+        return len(started)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="not root: workers share the broker's uid (documented)")
+
+
+@needs_root
+def test_fds_a_worker_parks_in_flight_never_stop_another_worker(tmp_path: Path) -> None:
+    """Linux bounds the fds in flight per user, against each sender's
+    RLIMIT_NOFILE. Every worker was one uid, so a worker parking 500 made
+    every other worker's sending of an fd fail (ETOOMANYREFS): its large
+    values, and every spawn (a red-team run). Each worker now has a real
+    uid of its own (its effective and filesystem uid, and so what it may
+    open, unchanged), and is held to its own share."""
+    with Broker(Policy(), root=tmp_path) as b:
+        honest = b.spawn(InFlightHog)
+        hog = b.spawn(InFlightHog)
+        assert honest.sandbox["real_uid"] != hog.sandbox["real_uid"]
+        assert hog.ids()[1] == 0  # effective uid (in its namespace) as before
+        assert 256 <= hog.park() < 1000  # held to its own RLIMIT_NOFILE, then ETOOMANYREFS
+        assert honest.big(1 << 20) == b"z" * (1 << 20)  # travels in a memfd, by SCM_RIGHTS
+        assert b.spawn(InFlightHog).big(1 << 20) == b"z" * (1 << 20)  # a spawn's handshake carries an fd
+
+
+@needs_root
+def test_rlimit_nproc_binds_each_worker_alone(tmp_path: Path) -> None:
+    """RLIMIT_NPROC never bound a root worker (the kernel exempts kuid 0);
+    with a real uid of its own it bounds each worker's threads, and one
+    worker at its limit takes nothing from another."""
+    with Broker(Policy().with_limits(processes=8), root=tmp_path) as b:
+        first, second = b.spawn(InFlightHog), b.spawn(InFlightHog)
+        assert 4 <= first.threads(50) < 8  # the process itself (and any thread it keeps) counts
+        assert second.threads(3) == 3
+        assert first.threads(3) == 3  # the threads it ended gave their places back

@@ -44,7 +44,8 @@ class Report(dict[str, Any]):
     "capabilities", "no_new_privs", "landlock:abi7", "seccomp:notify"]``), ``landlock_abi``,
     ``namespaces``, ``rlimits``, ``seccomp`` (``notify``/``kill``/``errno``/
     ``off``), ``seccomp_insns``, ``groups``, ``dangerous``, ``fs_rules``
-    (``[fd, landlock access]`` added), ``entry_us``, and ``notify_fd``: the
+    (``[fd, landlock access]`` added), ``entry_us``, ``real_uid`` (the real
+    uid of its own, or None: ``_namespaces.own_real_uid``), and ``notify_fd``: the
     listener fd (or None). The caller must send ``notify_fd`` to the broker
     and close it before running anything untrusted: a worker holding its own
     listener could answer its own notifications (its ioctls are denied by the
@@ -159,7 +160,8 @@ def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = N
     (``_namespaces.fresh_net``); entry joins it instead of creating one and
     closes the fd.
 
-    Order: close every fd not in ``keep_fds`` -> rlimits -> namespaces ->
+    Order: close every fd not in ``keep_fds`` -> rlimits (RLIMIT_NPROC
+    after the namespaces) -> a real uid of its own (root) -> namespaces ->
     drop all capabilities -> NO_NEW_PRIVS -> Landlock -> seccomp. Raises SandboxError when a demanded
     layer cannot be applied; the process is then half-sandboxed and must exit.
     """
@@ -182,8 +184,9 @@ def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = N
         # RLIMIT_FSIZE, which their size may exceed; the values written later are held to it as before).
         use_blob_region()
 
-    report["rlimits"] = _rlimits.apply(spec.limits)
+    report["rlimits"] = _rlimits.apply(spec.limits)  # RLIMIT_NPROC after the namespaces (_rlimits)
     report["layers"].append("rlimits")
+    report["real_uid"] = _namespaces.own_real_uid()
 
     if spec.namespaces:
         entered = _namespaces.apply(net_fd)
@@ -192,6 +195,7 @@ def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = N
             report["layers"].append("namespaces:" + ",".join(entered))
     elif net_fd is not None:
         os.close(net_fd)
+    report["rlimits"].update(_rlimits.apply_processes(spec.limits))
 
     try:
         _caps.drop_all()

@@ -50,6 +50,31 @@ def _unshare(flags: int) -> bool:
     return int(lib.unshare(flags)) == 0
 
 
+#: A worker's real uid is REAL_UID_BASE + its pid (unique among live processes), far above the
+#: ranges that systems and containers hand out (subuids, systemd's dynamic users).
+REAL_UID_BASE = 0xFF000000
+
+
+def own_real_uid() -> int | None:
+    """Give this process a real uid of its own, keeping its effective,
+    saved and filesystem uid (so its capabilities until they are dropped, and
+    the files it may open, are unchanged). The kernel counts some things per
+    real uid: the fds sent over Unix sockets and not yet received (each sender
+    is held to its RLIMIT_NOFILE against that count), and the processes that
+    RLIMIT_NPROC bounds. With every worker the broker's uid, one worker that
+    parked ~500 fds in flight made every other worker's sending of an fd fail
+    (ETOOMANYREFS), spawns included; and RLIMIT_NPROC never bound a root
+    worker. Needs root (CAP_SETUID); returns the uid, or None where it cannot."""
+    if os.geteuid() != 0:
+        return None
+    uid = REAL_UID_BASE + os.getpid()
+    try:
+        os.setresuid(uid, -1, -1)
+    except OSError:
+        return None
+    return uid
+
+
 def write_file(path: str, data: str) -> None:
     """One write(2) of ``data``: control files (uid_map, cgroup knobs) take a value per write."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

@@ -2,10 +2,13 @@
 
 Soft and hard limits are set together, and only ever lowered, so the worker
 cannot raise them again (``setrlimit`` is allowed by seccomp for that reason
-only). RLIMIT_NPROC does not bind a root (kuid 0) worker: the kernel exempts
-INIT_USER whatever its capabilities (KERNEL-FACTS §5); threads are then
-bounded by RLIMIT_AS (each thread stack is address space) and fork is denied
-by seccomp anyway.
+only). RLIMIT_NPROC counts the processes (threads) of the worker's real uid:
+a worker of a root broker gets a real uid of its own first
+(``_namespaces.own_real_uid``), so it binds each worker alone; the kernel
+exempts kuid 0 (INIT_USER), which such workers were before. It is set after
+the user namespace is made (``apply_processes``): the kernel caps the
+namespace's owner, all of that uid's processes, at the RLIMIT_NPROC its
+creator had, and 64 there stopped every thread of a worker.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ def apply(limits: LimitsLike) -> dict[str, int]:
     table = [
         ("address_space", resource.RLIMIT_AS, limits.address_space, 0),
         ("open_files", resource.RLIMIT_NOFILE, limits.open_files, 0),
-        ("processes", resource.RLIMIT_NPROC, limits.processes, 0),
         ("file_size", resource.RLIMIT_FSIZE, limits.file_size, 0),
         # SIGXCPU at the soft limit, SIGKILL one second later at the hard one
         ("cpu_seconds", resource.RLIMIT_CPU, limits.cpu_seconds, 1),
@@ -56,3 +58,10 @@ def apply(limits: LimitsLike) -> dict[str, int]:
             continue
         applied[name] = _lower(which, value, extra)
     return applied
+
+
+def apply_processes(limits: LimitsLike) -> dict[str, int]:
+    """RLIMIT_NPROC, once the user namespace is made (see above)."""
+    if limits.processes is None:
+        return {}
+    return {"processes": _lower(resource.RLIMIT_NPROC, limits.processes)}

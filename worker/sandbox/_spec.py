@@ -22,9 +22,10 @@ _INT64 = (1 << 63) - 1
 class Limits:
     """Resource limits (soft = hard; only ever lowered). None leaves one alone.
 
-    ``processes`` (RLIMIT_NPROC) counts threads too, but the kernel exempts
-    uid 0 (kuid 0, even inside a user namespace mapping it): it binds only
-    workers of a non-root broker. Core dumps are always off.
+    ``processes`` (RLIMIT_NPROC) counts threads too, per real uid: a worker
+    of a root broker has a real uid of its own, so it binds each such worker
+    alone; a non-root broker's workers share its uid and count together with
+    all of that user's processes. Core dumps are always off.
 
     ``memory`` is not an rlimit: it caps the memory a worker's pages are
     charged (RSS, page cache, kernel memory) with a cgroup of its own, which
