@@ -779,3 +779,80 @@ def test_rlimit_nproc_binds_each_worker_alone(tmp_path: Path) -> None:
         assert 4 <= first.threads(50) < 8  # the process itself (and any thread it keeps) counts
         assert second.threads(3) == 3
         assert first.threads(3) == 3  # the threads it ended gave their places back
+
+
+class TimerHog(Worker):
+    """POSIX timers by the raw syscall (each holds a queued-signal slot)."""
+
+    @rpc
+    def timers(self, most: int) -> int:
+        from worker.sandbox._libc import ffi, lib
+
+        tid = ffi.new("int *")
+        made = 0
+        while made < most:
+            if lib.syscall(ffi.cast("long", 222), ffi.cast("long", 1), ffi.NULL, tid) != 0:  # timer_create
+                break
+            made += 1
+        return made
+
+
+def test_a_worker_cannot_take_the_hosts_queued_signal_slots(tmp_path: Path) -> None:
+    """A worker inherited the broker's RLIMIT_SIGPENDING (96,365 here), and
+    one that made that many timers left every root process on the host unable
+    to make a timer or queue a signal (a red-team run). In a user namespace of
+    its own it is held to 256."""
+    with Broker(Policy(), root=tmp_path) as b:
+        hog, other = b.spawn(TimerHog), b.spawn(TimerHog)
+        if "user" not in hog.sandbox["namespaces"]:
+            pytest.skip("no user namespaces: RLIMIT_SIGPENDING is left as the broker's")
+        assert hog.sandbox["rlimits"]["pending_signals"] == 256
+        assert hog.timers(100_000) == 256
+        assert other.timers(10) == 10
+    # and here, outside (the broker's own count is untouched)
+    from worker.sandbox._libc import ffi, lib
+
+    tid = ffi.new("int *")
+    assert lib.syscall(ffi.cast("long", 222), ffi.cast("long", 1), ffi.NULL, tid) == 0
+    lib.syscall(ffi.cast("long", 226), ffi.cast("long", tid[0]))  # timer_delete
+
+
+NPROC_SCRIPT = """
+import json, os, resource, sys
+resource.setrlimit(resource.RLIMIT_NPROC, (20, 20))  # a root service's LimitNPROC=20, below root's task count
+from concurrent.futures import ThreadPoolExecutor
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+
+class T(Worker):
+    @rpc
+    def pool(self, n: int) -> int:
+        with ThreadPoolExecutor(max_workers=n) as ex:
+            return sum(ex.map(lambda x: x, [1] * n))
+
+
+if __name__ == "__main__":
+    with Broker(Policy(), root=sys.argv[1]) as b:
+        w = b.spawn(T)
+        print(json.dumps({"threads": w.pool(8), "real_uid": w.sandbox["real_uid"]}))
+"""
+
+
+@needs_root
+def test_workers_start_threads_under_a_low_rlimit_nproc(tmp_path: Path) -> None:
+    """A worker with a real uid of its own loses root's exemption from
+    RLIMIT_NPROC, and its user namespace capped all of root's tasks at the
+    broker's limit: under LimitNPROC=110 no worker could start a thread (a
+    red-team run). Where the limit is that low it keeps the broker's uid."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "nproc.py"
+    script.write_text(NPROC_SCRIPT)
+    repo = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": repo})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == {"threads": 8, "real_uid": None}

@@ -195,7 +195,7 @@ def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = N
             report["layers"].append("namespaces:" + ",".join(entered))
     elif net_fd is not None:
         os.close(net_fd)
-    report["rlimits"].update(_rlimits.apply_processes(spec.limits))
+    report["rlimits"].update(_rlimits.apply_processes(spec.limits, "user" in report["namespaces"]))
 
     try:
         _caps.drop_all()

@@ -19,6 +19,7 @@ Failure of any step is not fatal: the layer is skipped and reported.
 from __future__ import annotations
 
 import os
+import resource
 
 from ._libc import ffi, lib
 
@@ -53,6 +54,10 @@ def _unshare(flags: int) -> bool:
 #: A worker's real uid is REAL_UID_BASE + its pid (unique among live processes), far above the
 #: ranges that systems and containers hand out (subuids, systemd's dynamic users).
 REAL_UID_BASE = 0xFF000000
+#: The RLIMIT_NPROC a worker needs when it makes its user namespace with a real uid of its own:
+#: the kernel then caps all of root's tasks at that value (below). Default limits are
+#: max_threads / 2, tens of thousands; a service's LimitNPROC= may be far lower.
+NPROC_NEEDED = 10_000
 
 
 def own_real_uid() -> int | None:
@@ -64,9 +69,21 @@ def own_real_uid() -> int | None:
     RLIMIT_NPROC bounds. With every worker the broker's uid, one worker that
     parked ~500 fds in flight made every other worker's sending of an fd fail
     (ETOOMANYREFS), spawns included; and RLIMIT_NPROC never bound a root
-    worker. Needs root (CAP_SETUID); returns the uid, or None where it cannot."""
+    worker. Needs root (CAP_SETUID); returns the uid, or None where it cannot.
+
+    Without uid 0 the worker also loses the kernel's exemption of root from
+    RLIMIT_NPROC, and the user namespace it makes next caps its owner, all of
+    root's tasks on the host, at the RLIMIT_NPROC it has then: its soft limit
+    is raised to the hard one first (entry lowers it to ``Limits.processes``
+    once the namespace is made), and where even that is below NPROC_NEEDED
+    the worker keeps the broker's uid (a round-14 red-team run: under
+    ``LimitNPROC=110`` no worker could start a thread)."""
     if os.geteuid() != 0:
         return None
+    _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if hard != resource.RLIM_INFINITY and hard < NPROC_NEEDED:
+        return None
+    resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))
     uid = REAL_UID_BASE + os.getpid()
     try:
         os.setresuid(uid, -1, -1)

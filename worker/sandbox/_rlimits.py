@@ -8,7 +8,8 @@ a worker of a root broker gets a real uid of its own first
 exempts kuid 0 (INIT_USER), which such workers were before. It is set after
 the user namespace is made (``apply_processes``): the kernel caps the
 namespace's owner, all of that uid's processes, at the RLIMIT_NPROC its
-creator had, and 64 there stopped every thread of a worker.
+creator had, and 64 there stopped every thread of a worker. RLIMIT_SIGPENDING
+(queued signals, one per POSIX timer) likewise, to ``PENDING_SIGNALS``.
 """
 
 from __future__ import annotations
@@ -60,8 +61,21 @@ def apply(limits: LimitsLike) -> dict[str, int]:
     return applied
 
 
-def apply_processes(limits: LimitsLike) -> dict[str, int]:
-    """RLIMIT_NPROC, once the user namespace is made (see above)."""
-    if limits.processes is None:
-        return {}
-    return {"processes": _lower(resource.RLIMIT_NPROC, limits.processes)}
+#: Signals a worker may have queued, POSIX timers included (each holds one): by default it
+#: inherited the broker's RLIMIT_SIGPENDING (96,365 here), and one worker that made that many
+#: timers left every root process on the host unable to make one or to queue a signal.
+PENDING_SIGNALS = 256
+
+
+def apply_processes(limits: LimitsLike, own_namespace: bool) -> dict[str, int]:
+    """RLIMIT_NPROC, and RLIMIT_SIGPENDING, once the user namespace is made
+    (see above; the kernel counts both per user namespace level, so a limit
+    set before would cap the namespace's owner too). RLIMIT_SIGPENDING only
+    in a namespace of its own: outside one, the count it meets is its user's
+    on the whole host."""
+    applied: dict[str, int] = {}
+    if limits.processes is not None:
+        applied["processes"] = _lower(resource.RLIMIT_NPROC, limits.processes)
+    if own_namespace:
+        applied["pending_signals"] = _lower(resource.RLIMIT_SIGPENDING, PENDING_SIGNALS)
+    return applied
