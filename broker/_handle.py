@@ -628,7 +628,9 @@ class WorkerHandle:
                     # A violation answered with an errno is work a worker asks of the broker (and an
                     # audit event): held to the request rate, the worker blocked in its syscall meanwhile.
                     if self.violation == "errno":
-                        yield from self._throttled(1.0, method, deadline, timeout)
+                        until = self._throttle(1.0)
+                        if until is not None:
+                            yield from self._wait_turn(until, method, deadline, timeout)
                     self._on_notification()
                     continue
                 else:
@@ -644,7 +646,9 @@ class WorkerHandle:
                 tag = msg["t"]
                 if tag == "req":
                     requests += 1
-                    yield from self._throttled(_request_cost(msg), method, deadline, timeout)
+                    until = self._throttle(_request_cost(msg))
+                    if until is not None:  # (a generator only when it must wait: every request comes here)
+                        yield from self._wait_turn(until, method, deadline, timeout)
                     over_quota = requests > self._broker.max_requests_per_call
                     if self._awaited and msg.get("op") in _SCANS:
                         # A listing may read 100,000 entries (a fifth of a second): an awaited
@@ -657,7 +661,9 @@ class WorkerHandle:
                     else:
                         self._answer(msg, outputs, over_quota=over_quota)
                 elif tag == "out":  # a line the worker printed (asked for: worker_output)
-                    yield from self._throttled(1.0, method, deadline, timeout)
+                    until = self._throttle(1.0)
+                    if until is not None:
+                        yield from self._wait_turn(until, method, deadline, timeout)
                     self._log_output(msg["s"], msg["x"])
                 elif tag == "ret":
                     self._pending_call = None
@@ -728,14 +734,11 @@ class WorkerHandle:
             return None
         return now + (-self._tokens) / rate
 
-    def _throttled(
-        self, cost: float, method: str, deadline: float | None, timeout: float | None
+    def _wait_turn(
+        self, until: float, method: str, deadline: float | None, timeout: float | None
     ) -> Generator[tuple[str, float | None], Any, None]:
-        """The state machine's wait for the worker's turn (``yield from``): never
-        past the call's deadline, which ends the call as its timeout does."""
-        until = self._throttle(cost)
-        if until is None:
-            return
+        """The state machine's wait for the worker's turn, ``until`` (``yield from``):
+        never past the call's deadline, which ends the call as its timeout does."""
         late = deadline is not None and until >= deadline
         yield ("sleep", deadline if late else until)
         if self.exit is not None:
