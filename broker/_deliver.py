@@ -20,6 +20,7 @@ from typing import Any
 
 from protocol import NotCapable, Rights
 from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd
+from worker._serve import forked_from_main_thread
 from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, later_file_plan
 
 from ._capability import Capability
@@ -164,8 +165,11 @@ class Opener:
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The kernel sends the parent-death signal when the starting thread ends: from a
+        # pool's thread, it killed the opener (mid-request for another thread) at shutdown.
+        pdeathsig = ["--pdeathsig"] if forked_from_main_thread() else []
         self._proc = subprocess.Popen(
-            interpreter("worker._opener", str(theirs.fileno())),
+            interpreter("worker._opener", str(theirs.fileno()), *pdeathsig),
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=child_env(environ),

@@ -667,6 +667,74 @@ def test_a_dead_restricted_opener_is_replaced(tree: Path, caplog: pytest.LogCapt
     assert "the restricted opener has exited; starting a new one" in caplog.text
 
 
+def test_the_restricted_opener_outlives_the_thread_that_started_it(tree: Path, caplog: pytest.LogCaptureFixture
+                                                                   ) -> None:  # fmt: skip
+    """The kernel sends the parent-death signal when the *thread* that
+    started a process ends: an opener first needed on a pool's thread was
+    killed when that pool shut down (a warning, a 90 ms restart, and a grant
+    another thread had in flight failed)."""
+    (tree / "out" / "log").write_bytes(b"")
+    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        with b.pool(Appender, size=1) as pool, b.open("out/log", rights) as f:
+            assert pool.submit(Appender.append, f, b"a").result(timeout=30) == 1
+        assert b._opener_proc is not None
+        first = b._opener_proc._proc.pid
+        time.sleep(0.2)  # (the signal, had it come, had come)
+        assert alive(first)
+        w = b.spawn(Appender)
+        with b.open("out/log", rights) as f:
+            assert w.append(f, b"b") == 1
+        assert b._opener_proc._proc.pid == first
+    assert (tree / "out" / "log").read_bytes() == b"ab"
+    assert "restricted opener" not in caplog.text
+
+
+OPENER_ON_A_THREAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    sys.path.insert(0, {tests!r})
+    from broker import Broker, Policy
+    from protocol import Rights
+    from test_lifecycle import Appender
+    R = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT
+    b = Broker(Policy().allow("out/", R), root={root!r})
+    w = b.spawn(Appender)
+    def first() -> None:
+        with b.open("out/log", R) as f:
+            w.append(f, b"a")
+    t = threading.Thread(target=first)
+    t.start()
+    t.join()
+    print(b._opener_proc._proc.pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_an_opener_started_on_a_thread_ends_with_its_broker(tree: Path) -> None:
+    """Without the parent-death signal (not sent for a process started from
+    a thread other than the main one), EOF on its channel ends the opener
+    when the broker dies."""
+    (tree / "out" / "log").write_bytes(b"")
+    script = OPENER_ON_A_THREAD_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        opener = int(proc.stdout.readline())
+        assert alive(opener)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while alive(opener) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(opener)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_broker_death_ends_its_workers(tree: Path, how: str) -> None:
     script = BROKER_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))

@@ -8,7 +8,10 @@ later: that is how a worker can get a writable fd without FTRUNCATE after
 its own sandbox was entered. The opener holds nothing but its channel and
 the fds the broker sends for one request at a time.
 
-Run as ``python3 -m worker._opener FD``.
+Run as ``python3 -m worker._opener FD [--pdeathsig]``: the parent-death
+signal only when the broker started it from its main thread, since the
+kernel sends it when the starting *thread* ends (a pool's thread, say).
+Without it, EOF on the channel ends the opener when the broker dies.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def main(argv: list[str]) -> None:
     adopt_import_path()
     fd = int(argv[0])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is the broker's to handle
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if "--pdeathsig" in argv[1:]:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # (a broker dead before this: EOF below)
     _close_all_but([0, 1, 2, fd])
     chan = Channel(socket.socket(fileno=fd))
     restrict()
