@@ -61,7 +61,7 @@ from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
-from ._handle import HANDLE_NAMES, WorkerHandle, _size, _waitpid, close_fds_in, reap_dropped
+from ._handle import HANDLE_NAMES, STOP_MESSAGE, WorkerHandle, _size, _waitpid, close_fds_in, reap_dropped
 from ._interp import checked_environ, child_env
 from ._logtext import bounded, printable, short_repr
 from ._loop import PerLoopLock
@@ -323,10 +323,7 @@ class Broker:
             workers = list(self._workers.values())
         deadline = time.monotonic() + timeout
         for w in workers:
-            try:
-                w._chan.send({"t": "stop"})
-            except (OSError, ProtocolError):
-                pass
+            w._chan.try_send(STOP_MESSAGE)
         for w in workers:
             w.stop(max(0.05, deadline - time.monotonic()))
         self._background.wait_idle(5.0)  # (workers killed during awaited calls: reaped before their zygote ends)

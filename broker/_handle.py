@@ -100,6 +100,9 @@ _EXIT_GRACE = 1.0
 _LOOP_EXIT_GRACE = 0.05
 _BLOB_TAGS = frozenset({"ret", "err", "fail", "ready"})
 _KILLED = signal.SIGKILL  # the wait status of a process killed by SIGKILL
+# Asked of a worker at stop, without waiting for room: one that keeps its queue full of
+# answers it never reads held stop() 10 s past its grace, and astop() the loop with it.
+STOP_MESSAGE = {"t": "stop"}
 # On an event loop, how long a SIGKILLed worker is waited for before its reaping goes to
 # the background: a small one is gone by then, a big one takes ~70 ms a GiB.
 _LOOP_KILL_WAIT_MS = 5
@@ -1184,10 +1187,7 @@ class WorkerHandle:
         try:
             if self.exit is not None:
                 return self.exit
-            try:
-                self._chan.send({"t": "stop"})
-            except (OSError, ProtocolError):
-                pass
+            self._chan.try_send(STOP_MESSAGE)
             return self._stopped(self._reap(timeout))
         finally:
             self._lock.release()
@@ -1227,10 +1227,7 @@ class WorkerHandle:
             # worker at once, and the wait below sees it go.
             self._call_thread = threading.get_ident()
             try:
-                try:
-                    self._chan.send({"t": "stop"})
-                except (OSError, ProtocolError):
-                    pass
+                self._chan.try_send(STOP_MESSAGE)
                 if not await self._exited(timeout):
                     self._kill()
                     await self._exited(5.0)

@@ -809,6 +809,16 @@ class Channel:
             for fd in owned:
                 os.close(fd)
 
+    def try_send(self, obj: Any) -> bool:
+        """Send one plain message if the peer's queue has room now; never wait.
+        False if it had none (or the peer is gone). For a courtesy such as
+        "stop": a worker that keeps its queue full must not hold the broker."""
+        try:
+            self.sock.send(_plain_packer.pack(obj), _SEND_FLAGS)
+            return True
+        except OSError:  # (BlockingIOError: full; EPIPE/ECONNRESET: gone; EBADF: closed)
+            return False
+
     def send_one_fd(self, obj: Any, fd: int) -> None:
         """Send a message that carries exactly one fd, already named in it by
         ``fd_marker(0, ...)`` (the caller knows where it is: no walk for fds)."""

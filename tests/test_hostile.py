@@ -15,7 +15,7 @@ from conftest import close_later, default_policy, open_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import Broker, Policy
+from broker import Broker, Policy, WorkerHandle
 from protocol import ProtocolError, Rights, WorkerCrashed
 from protocol._wire import (
     _BLOB_EXT,
@@ -821,7 +821,7 @@ NPROC_SCRIPT = """
 import json, os, resource, sys
 resource.setrlimit(resource.RLIMIT_NPROC, (20, 20))  # a root service's LimitNPROC=20, below root's task count
 from concurrent.futures import ThreadPoolExecutor
-from broker import Broker, Policy
+from broker import Broker, Policy, WorkerHandle
 from worker import Worker, rpc
 
 
@@ -856,3 +856,81 @@ def test_workers_start_threads_under_a_low_rlimit_nproc(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": repo})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == {"threads": 8, "real_uid": None}
+
+
+class QueueStuffer(Worker):
+    @rpc
+    def answer_and_stop_reading(self) -> None:
+        """Answers this call (the handle's first) itself, then never reads its
+        channel again, as a worker that keeps its queue full would."""
+        self.broker._chan.sock.send(msgpack.packb({"t": "ret", "id": 1, "v": None}))
+        while True:
+            time.sleep(3600)
+
+
+def _stuffed(b: Broker) -> WorkerHandle:
+    """A worker whose channel queue from the broker is full, no call in flight.
+    (The red team filled it with the answers to its own requests, counted with
+    FIONREAD; the test fills it directly: the same state.)"""
+    import socket
+
+    w = b.spawn(QueueStuffer)
+    assert w.answer_and_stop_reading() is None
+    sock = w._chan.sock
+    with pytest.raises(BlockingIOError):
+        for _ in range(100_000):
+            sock.send(msgpack.packb({"t": "x"}), socket.MSG_DONTWAIT)
+    return w
+
+
+def test_a_full_queue_does_not_hold_stop_past_its_grace(tree: Path) -> None:
+    """The "stop" sent to a worker waited for room in its queue for the
+    channel's 10 s send timeout: stop(timeout=2) took 12 s, close() 20 s per
+    such worker, one after another (red-team round 15)."""
+    with Broker(default_policy(), root=tree) as b:
+        w = _stuffed(b)
+        start = time.monotonic()
+        ex = w.stop(timeout=0.5)
+        assert time.monotonic() - start < 2.0
+        assert (ex.kind, ex.reason) == ("ok", "stopped (killed after the grace period)")
+        stuffed = [_stuffed(b), _stuffed(b)]
+        start = time.monotonic()
+        b.close(timeout=0.5)
+        assert time.monotonic() - start < 3.0
+        assert all(s.exit is not None for s in stuffed)
+
+
+def test_a_full_queue_does_not_block_the_loop_in_astop(tree: Path) -> None:
+    """astop() sent its "stop" with the 10 s send timeout on the loop's
+    thread: a worker with a full queue stalled the event loop 10 s."""
+    import asyncio
+
+    async def main(b: Broker) -> float:
+        w = _stuffed(b)
+        worst = 0.0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal worst
+            last = time.monotonic()
+            while not done:
+                await asyncio.sleep(0.005)
+                now = time.monotonic()
+                worst, last = max(worst, now - last), now
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0.02)
+        ex = await w.astop(timeout=0.5)
+        assert ex.reason == "stopped (killed after the grace period)"
+        others = [_stuffed(b)]
+        await b.aclose(timeout=0.5)
+        assert others[0].exit is not None
+        done = True
+        await tick
+        return worst
+
+    b = Broker(default_policy(), root=tree)
+    try:
+        assert asyncio.run(main(b)) < 0.5
+    finally:
+        b.close()
