@@ -870,6 +870,10 @@ class Broker:
             handle._release_dir(args["dir"])
             return None
         path = args.get("path")
+        if op[0] == "d" and type(path) is str:  # beneath a directory proxy: audited from the root, as
+            directory = handle._dirs.get(args.get("dir"))  # all paths are (else two proxies' x.txt read alike)
+            if directory is not None and directory.name:
+                path = f"{directory.name}/{path}"
         rights: Rights | None = None
         try:
             if "rights" in args:

@@ -20,7 +20,7 @@ import pytest
 from conftest import READ, default_policy
 
 from broker import Broker, Policy
-from protocol import NotCapable, PolicyViolation, WorkerCrashed, WorkerTimeout
+from protocol import NotCapable, PolicyViolation, Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
 
@@ -248,6 +248,50 @@ def test_audit_log_records_grants_denials_and_violations(tree: Path, caplog: pyt
     assert ("spawn", "granted") in decisions
     for e in events:
         assert {"worker", "pid", "request", "path", "rights", "decision", "reason"} <= set(e)
+
+
+class ProxyReader(Worker):
+    @rpc
+    def read_both(self) -> list[bytes]:
+        out = []
+        for name in ("data/public", "data/secret"):
+            d = self.broker.opendir(name, Rights.LOOKUP | Rights.READ | Rights.FSTAT)
+            with d.open("x.txt") as f:
+                out.append(f.read())
+            with pytest.raises(FileNotFoundError):
+                d.open("missing.txt")
+        return out
+
+    @rpc
+    def stat_in(self, d: Any) -> int:
+        return d.stat("x.txt").size
+
+
+def test_audit_events_beneath_a_directory_proxy_name_the_file(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A request beneath a directory proxy was audited with the path as the
+    worker wrote it, relative to the proxy: reading data/secret/x.txt and
+    data/public/x.txt made the same event (red-team round 15). Every event's
+    path is from the broker's root."""
+    for name in ("public", "secret"):
+        (tree / "data" / name).mkdir()
+        (tree / "data" / name / "x.txt").write_text(name)
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(Policy().allow("data/", Rights.LOOKUP | Rights.READ | Rights.FSTAT), root=tree) as b:
+        w = b.spawn(ProxyReader)
+        assert w.read_both() == [b"public", b"secret"]
+        assert w.stat_in(b.opendir("data/secret", Rights.LOOKUP | Rights.FSTAT)) == 6
+    events = [(e["request"], e["path"], e["decision"]) for e in
+              (r.privsep for r in caplog.records if r.name == "privsep.audit") if e["request"] != "spawn"]  # type: ignore[attr-defined]  # fmt: skip
+    assert events == [
+        ("opendir", "data/public", "granted"),
+        ("dopen", "data/public/x.txt", "granted"),
+        ("dopen", "data/public/missing.txt", "failed"),
+        ("opendir", "data/secret", "granted"),
+        ("dopen", "data/secret/x.txt", "granted"),
+        ("dopen", "data/secret/missing.txt", "failed"),
+        ("dstat", "data/secret/x.txt", "granted"),
+    ]
+    assert "dopen data/secret/x.txt granted" in caplog.text
 
 
 def test_every_worker_end_is_a_structured_log_record(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
