@@ -871,7 +871,7 @@ class Broker:
             return None
         path = args.get("path")
         if op[0] == "d" and type(path) is str:  # beneath a directory proxy: audited from the root, as
-            directory = handle._dirs.get(args.get("dir"))  # all paths are (else two proxies' x.txt read alike)
+            directory = handle._dirs.get(args["dir"])  # all paths are (else two proxies' x.txt read alike)
             if directory is not None and directory.name:
                 path = f"{directory.name}/{path}"
         rights: Rights | None = None
