@@ -9,6 +9,7 @@ or a builtin (``OSError`` subclasses included); anything else becomes a
 from __future__ import annotations
 
 import builtins
+import io
 import traceback
 from typing import Any
 
@@ -73,9 +74,16 @@ def _is_plain_key_error(exc: BaseException) -> bool:
     )
 
 
+# Not a builtin, but what a file without SEEK or WRITE raises in a worker: an
+# OSError and a ValueError at once, which no one builtin base would say.
+_STDLIB_OK: dict[str, type[BaseException]] = {"UnsupportedOperation": io.UnsupportedOperation}
+
+
 def _local_class(name: str) -> type[BaseException] | None:
     if name in _OURS:
         return _OURS[name]
+    if name in _STDLIB_OK:
+        return _STDLIB_OK[name]
     obj = getattr(builtins, name, None)
     if isinstance(obj, type) and (issubclass(obj, OSError) or name in _BUILTIN_OK):
         return obj
@@ -96,8 +104,9 @@ def _message_only(self: _errors.RemoteError) -> str:
 
 
 def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.RemoteError]:
-    """``RemoteError`` that is also a ``base``: ``except ValueError`` still
-    catches a worker's ``ValueError`` subclass. Names are only labels."""
+    """``RemoteError`` that is also a ``base``: ``except ValueError`` (or
+    ``except OSError``) still catches a worker's subclass of it. Names are
+    only labels."""
     key = (name, base)
     cls = _remote_classes.get(key)
     if cls is None:
@@ -110,6 +119,19 @@ def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.Remot
     return cls
 
 
+def _remote_os_error(cls: type[_errors.RemoteError], name: str, msg: str, tb: str, errno: int | None,
+                     filename: str | None) -> _errors.RemoteError:
+    """A ``RemoteError`` that is also an ``OSError`` subclass (a worker's own
+    ``io.UnsupportedOperation``, say), with its errno and filename.
+    OSError's constructor reads its arguments as (errno, strerror, filename):
+    the instance is made with those, and RemoteError's fields set after."""
+    args: tuple[Any, ...] = (msg,) if errno is None else (errno, msg, *(() if filename is None else (filename,)))
+    exc = cls.__new__(cls, *args)
+    OSError.__init__(exc, *args)
+    exc.type_name, exc.remote_message, exc.remote_traceback = name, msg, tb
+    return exc
+
+
 def exception_from_wire(err: dict[str, Any]) -> BaseException:
     """Rebuild an exception from its wire form. Never evaluates anything.
     Its text is held to the bounds an honest sender keeps (a worker's may be
@@ -119,10 +141,12 @@ def exception_from_wire(err: dict[str, Any]) -> BaseException:
     exc: BaseException
     if cls is None:
         base = _local_class(err.get("base") or "")
-        if base is not None and base not in (Exception, BaseException) and not issubclass(base, OSError):
-            exc = _remote_subclass(name, base)(name, msg, tb)
-        else:
+        if base is None or base in (Exception, BaseException) or issubclass(base, _errors.PrivsepError):
             exc = _errors.RemoteError(name, msg, tb)
+        elif issubclass(base, OSError):
+            exc = _remote_os_error(_remote_subclass(name, base), name, msg, tb, err["errno"], err["filename"])
+        else:
+            exc = _remote_subclass(name, base)(name, msg, tb)
     elif issubclass(cls, _errors.NotCapable):
         exc = cls(msg, err["errno"] or 13, err["filename"])
     elif issubclass(cls, OSError):

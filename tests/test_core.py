@@ -879,6 +879,58 @@ def test_a_remote_builtin_exception_keeps_its_args(broker: Broker) -> None:
         w.raise_("name")
 
 
+class _OwnIOError(OSError):
+    pass
+
+
+class _OwnNotFound(FileNotFoundError):
+    pass
+
+
+class OsErrors(Worker):
+    @rpc
+    def raise_(self, kind: str, f: Any = None) -> None:
+        if kind == "unsupported":
+            f.write(b"x")  # a read-only file: io.UnsupportedOperation
+        if kind == "own":
+            raise _OwnIOError(errno.EIO, "disk trouble", "data/a.txt")
+        if kind == "own-not-found":
+            raise _OwnNotFound(errno.ENOENT, "gone", "data/b.txt")
+        if kind == "own-bare":
+            raise _OwnIOError("no errno")
+
+
+def test_a_workers_own_oserror_comes_back_as_one(broker: Broker) -> None:
+    """A worker's own OSError subclass (or io.UnsupportedOperation, both an
+    OSError and a ValueError) came back as a bare RemoteError that neither
+    ``except OSError`` nor ``except ValueError`` caught, its errno lost (a
+    user trial)."""
+    w = broker.spawn(OsErrors)
+    with pytest.raises(io.UnsupportedOperation) as unsupported:
+        w.raise_("unsupported", broker.open("data/a.txt", READ))
+    assert isinstance(unsupported.value, ValueError) and "write" in str(unsupported.value)
+    with pytest.raises(OSError) as own:
+        w.raise_("own")
+    assert isinstance(own.value, RemoteError) and own.value.type_name == "_OwnIOError"
+    assert (own.value.errno, own.value.strerror, own.value.filename) == (errno.EIO, "disk trouble", "data/a.txt")
+    assert str(own.value) == "disk trouble" and "raise_" in own.value.remote_traceback
+    with pytest.raises(FileNotFoundError) as not_found:
+        w.raise_("own-not-found")
+    assert isinstance(not_found.value, RemoteError) and not_found.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as bare:
+        w.raise_("own-bare")
+    assert isinstance(bare.value, RemoteError) and bare.value.errno is None and str(bare.value) == "no errno"
+    assert not isinstance(own.value, NotCapable) and not isinstance(bare.value, NotCapable)
+
+
+def test_a_remote_oserror_never_reads_as_privseps_own() -> None:
+    """A worker naming NotCapable as the base of a class of its own gets a
+    plain RemoteError: only the broker says a request was refused."""
+    exc = _remote.exception_from_wire({"type": "Sly", "msg": "refused", "errno": 13, "filename": "x", "tb": "",
+                               "base": "NotCapable"})  # fmt: skip
+    assert type(exc) is RemoteError
+
+
 def test_exception_names_a_worker_makes_up_cost_the_broker_bounded_memory(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
