@@ -670,6 +670,7 @@ class Broker:
             place(pid)  # before its first call; what setup() touched stays charged where it was
         handle._cgroup = cgroup
         handle._cgroup_report = cgroup_report
+        handle._spawn_grants = tuple((name, cap.name, cap.rights) for name, cap in grants)
         with self._lock:
             self._starting.add(handle)  # (one of the broker's workers once its handshake is done: _finish_spawn)
         return handle
@@ -814,6 +815,8 @@ class Broker:
             handle.sandbox["cgroup"] = handle._cgroup_report
         self.last_sandbox = handle.sandbox
         self._audit(handle, "spawn", handle.cls.__qualname__, None, "granted", "worker ready")
+        for name, path, rights in handle._spawn_grants:
+            self._audit(handle, "grant", path, rights, "granted", f"held from spawn as grants[{name!r}]")
 
     def _forget(self, handle: WorkerHandle) -> None:
         with self._lock:
@@ -1090,7 +1093,9 @@ class Broker:
                 check_sendable(obj, depth)  # raises, saying why
             return obj
         if isinstance(obj, Capability):
-            return self._deliver(handle, obj, after)
+            out = self._deliver(handle, obj, after)
+            self._audit(handle, "pass", obj.name, obj.rights, "granted", f"an argument of {handle._call_what[0]}()")
+            return out
         if depth >= MAX_DEPTH and isinstance(obj, list | tuple | dict):
             check_sendable(obj, depth)
         if isinstance(obj, list | tuple):

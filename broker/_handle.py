@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, WorkerCrashed
+from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, Rights, WorkerCrashed
 from protocol._messages import check_message
 from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire, exception_to_wire
@@ -135,6 +135,7 @@ class WorkerHandle:
         self._pidfd = os.pidfd_open(pid)
         self._cgroup: WorkerCgroup | None = None  # set by the broker right after
         self._cgroup_report: dict[str, Any] | None = None
+        self._spawn_grants: tuple[tuple[str, str, Rights], ...] = ()  # (name, path, rights): audited when ready
         self._reaper = reaper or _waitpid
         self._may_fork = False  # it may have processes of its own, in its process group
         self._chan = chan
