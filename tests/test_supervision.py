@@ -308,7 +308,8 @@ def test_capabilities_passed_in_calls_and_at_spawn_are_audited(tree: Path, caplo
         w = b.spawn(ProxyReader, grants={"src": b.opendir("data/public", rights)})
         assert w.stat_in(b.opendir("data/public", Rights.LOOKUP | Rights.FSTAT)) == 6
         with b.pool(ProxyReader, size=1) as pool:
-            assert pool.submit(ProxyReader.stat_in, b.opendir("data/public/", Rights.LOOKUP | Rights.FSTAT)).result() == 6
+            public = b.opendir("data/public/", Rights.LOOKUP | Rights.FSTAT)
+            assert pool.submit(ProxyReader.stat_in, public).result() == 6
     events = [(e["worker"], e["request"], e["path"], e["rights"], e["reason"]) for e in
               (r.privsep for r in caplog.records if r.name == "privsep.audit")]  # type: ignore[attr-defined]  # fmt: skip
     first = events[0][0]
