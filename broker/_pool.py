@@ -59,7 +59,9 @@ class WorkerPool(Executor):
 
     ``exits`` holds how the last ``EXITS_KEPT`` workers it retired ended
     (oldest first; a long-lived pool of hostile input retires many, and
-    must not keep them all); ``ended`` counts them all.
+    must not keep them all); ``ended`` counts them all. ``restarts`` counts
+    the workers started to replace a crashed one, when its slot's next task
+    comes (a recycled worker's successor is no restart).
     """
 
     EXITS_KEPT = 1000
