@@ -181,8 +181,16 @@ class Policy:
                 if not want & ~int(g.rights) and (best is None or _specificity(g) > _specificity(best)):
                     best = g
         if best is None:
-            raise NotCapable(_refusal(covering, rights), filename="/".join(parts))
+            raise NotCapable(_refusal(covering, rights, self._file_grant_above(parts)), filename="/".join(parts))
         return best, parts[len(best.parts) :] if best.is_dir else ()
+
+    def _file_grant_above(self, parts: tuple[str, ...]) -> Grant | None:
+        """A file grant naming a directory above ``parts`` (``allow("data")``
+        meant as ``allow("data/")``): said in the refusal, which is all a user sees."""
+        for g in self._grants:
+            if not g.is_dir and len(g.parts) < len(parts) and parts[: len(g.parts)] == g.parts:
+                return g
+        return None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Policy) and (self._grants, self._sandbox, self._weaker) == (
@@ -208,8 +216,12 @@ def _specificity(g: Grant) -> tuple[int, bool]:
     return len(g.parts), not g.is_dir  # (a file grant of a path beats a directory grant named the same)
 
 
-def _refusal(covering: list[Grant], rights: Rights) -> str:
+def _refusal(covering: list[Grant], rights: Rights, file_above: Grant | None = None) -> str:
     if not covering:
+        if file_above is not None:
+            name = file_above.display
+            return (f"no grant in the policy covers this path: {name!r} is granted as a single file "
+                    f"(a directory grant ends in '/': {name + '/'!r})")
         return "no grant in the policy covers this path"
     covering.sort(key=_specificity, reverse=True)
     if len(covering) == 1:

@@ -1090,6 +1090,19 @@ def test_missing_granted_directory_is_a_policy_error(tmp_path: Path) -> None:
         Broker(Policy().allow("nope/", READ), root=tmp_path)
 
 
+def test_a_file_grant_naming_a_directory_says_so_when_it_refuses(tree: Path) -> None:
+    """``allow("data")`` grants a file named data; a request beneath it was
+    refused with "no grant in the policy covers this path" alone, which
+    left a user guessing (a user trial)."""
+    with Broker(Policy().allow("data", READ), root=tree) as b:
+        with pytest.raises(NotCapable, match=r"'data' is granted as a single file .*'data/'") as info:
+            b.open("data/a.txt", READ)
+        assert info.value.filename == "data/a.txt"
+        with pytest.raises(NotCapable) as other:
+            b.open("out/x", READ)
+        assert other.value.strerror == "no grant in the policy covers this path"
+
+
 def test_rights_only_shrink() -> None:
     held = Rights.READ | Rights.SEEK
     assert held.limit(Rights.READ) == Rights.READ
