@@ -456,7 +456,9 @@ class Broker:
         async with self._aspawn_turn():
             if self._needs_main_load(cls):
                 # The zygote runs the main script's top-level code (once): not on the loop.
-                await asyncio.to_thread(self._ready_zygote_for, cls)
+                for text in await asyncio.to_thread(self._ready_zygote_for, cls):
+                    # Given here, not on the executor's thread: there its line was threading.py's.
+                    warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
             zygote = self._zygote
             if zygote is not None:
                 await zygote.spare_made(self.spawn_timeout)  # not with the loop blocked
@@ -703,11 +705,15 @@ class Broker:
             stacklevel=user_stacklevel(),
         )
 
-    def _ready_zygote_for(self, cls: type[Worker]) -> str:
+    def _ready_zygote_for(self, cls: type[Worker]) -> list[str]:
+        """Have the zygote ready for ``cls`` (on a thread of aspawn's): the
+        warnings to give, for the caller to give them on its own thread."""
+        warn_later: list[str] = []
         with self._spawn_lock:
-            return self._zygote_method(cls)
+            self._zygote_method(cls, warn_later)
+        return warn_later
 
-    def _zygote_method(self, cls: type[Worker]) -> str:
+    def _zygote_method(self, cls: type[Worker], warn_later: list[str] | None = None) -> str:
         """A running zygote that has ``cls`` (starting one if needed): "zygote";
         or "fork" where ``spawn="auto"`` gives up on the zygote for this class.
         Holds the spawn lock."""
@@ -721,10 +727,10 @@ class Broker:
         if cls in self._fork_only:
             return "fork"
         if cls not in self._zygote_loaded and is_main_ref(module_ref(cls) or ""):
-            return self._load_main(cls)
+            return self._load_main(cls, warn_later)
         return "zygote"
 
-    def _load_main(self, cls: type[Worker]) -> str:
+    def _load_main(self, cls: type[Worker], warn_later: list[str] | None = None) -> str:
         """Before a class from the main script is first spawned by this zygote,
         have the zygote import the script (its top-level code runs there, as in
         a multiprocessing child). Where it cannot, ``spawn="auto"`` forks
@@ -738,8 +744,11 @@ class Broker:
                 raise WorkerCrashed(str(exc)) from exc.__cause__
             # A warning, not a log line: the script itself should change, and the
             # library's loggers stay silent unless the application sets them up.
-            warnings.warn(f"{cls.__qualname__}: {exc}; its workers are forked from the broker instead",
-                          RuntimeWarning, stacklevel=user_stacklevel())
+            text = f"{cls.__qualname__}: {exc}; its workers are forked from the broker instead"
+            if warn_later is not None:
+                warn_later.append(text)
+            else:
+                warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
             self._fork_only.add(cls)
             return "fork"
         self._zygote_loaded.add(cls)

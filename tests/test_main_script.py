@@ -164,6 +164,39 @@ def test_an_unguarded_script_falls_back_to_fork_and_says_why(tmp_path: Path) -> 
     assert "job.py:16: RuntimeWarning: Job: the zygote cannot import Job" in stderr, stderr
 
 
+UNGUARDED_ASYNC = """
+import asyncio, json, os
+from broker import Broker, Policy
+from worker import Worker, rpc
+
+
+class Job(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+async def main() -> dict:
+    b = Broker(Policy(), root=os.environ["ROOT"])
+    try:
+        w = await b.aspawn(Job)
+        return {"method": w.spawn_method, "ping": await w.aio.ping()}
+    finally:
+        await b.aclose()
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_an_unguarded_script_spawned_by_aspawn_is_warned_of_at_its_line(tmp_path: Path) -> None:
+    """aspawn has the zygote load the script on an executor thread: the
+    warning came from there, and pointed at threading.py (a user trial)."""
+    out, stderr = run_script(tmp_path, UNGUARDED_ASYNC)
+    assert out == {"method": "fork", "ping": "pong"}
+    assert stderr.count("forked from the broker instead") == 1
+    assert "job.py:16: RuntimeWarning: Job: the zygote cannot import Job" in stderr, stderr
+
+
 def test_an_unguarded_script_with_spawn_zygote_fails_clearly(tmp_path: Path) -> None:
     out, _ = run_script(tmp_path, UNGUARDED, SPAWN="zygote")
     assert out["error"] == "WorkerCrashed"
