@@ -8,6 +8,7 @@ String arguments are read from the blocked worker's memory through
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 
@@ -36,6 +37,42 @@ _DIRFD_ARG0 = {"openat", "openat2", "newfstatat", "statx", "faccessat", "faccess
 # syscall -> (index of its struct sockaddr argument, index of that struct's length, argument count)
 _SOCKADDR_ARGS: dict[str, tuple[int, int, int]] = {"connect": (1, 2, 3), "bind": (1, 2, 3), "sendto": (4, 5, 6)}
 _MAX_SOCKADDR = 128  # sizeof(struct sockaddr_storage)
+
+
+# Constants shown by name, as strace does: socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, ...), kill(..., SIGKILL).
+_FAMILIES = {int(f): f.name for f in socket.AddressFamily if f.name in {
+    "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_VSOCK", "AF_BLUETOOTH", "AF_ALG"}}
+_SOCK_TYPES = {int(socket.SOCK_STREAM): "SOCK_STREAM", int(socket.SOCK_DGRAM): "SOCK_DGRAM",
+               int(socket.SOCK_RAW): "SOCK_RAW", int(socket.SOCK_SEQPACKET): "SOCK_SEQPACKET"}  # fmt: skip
+_SOCK_FLAGS = ((int(socket.SOCK_NONBLOCK), "SOCK_NONBLOCK"), (int(socket.SOCK_CLOEXEC), "SOCK_CLOEXEC"))
+_ARITY = {"socket": 3, "socketpair": 4, "kill": 2, "tkill": 2, "tgkill": 3, "rt_sigqueueinfo": 3,
+          "rt_tgsigqueueinfo": 4, "pidfd_send_signal": 4}  # (the registers past them hold what was left there)
+_SIGNAL_ARG = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1, "rt_tgsigqueueinfo": 2, "pidfd_send_signal": 1}
+
+
+def _named(name: str, i: int, value: int) -> str | None:
+    """Argument ``i`` of ``name`` by its constant's name, where one is known."""
+    if name in ("socket", "socketpair"):
+        if i == 0:
+            return _FAMILIES.get(value)
+        if i == 1:
+            kind = _SOCK_TYPES.get(value & 0xF)
+            rest = value & ~0xF
+            if kind is None:
+                return None
+            for bit, flag in _SOCK_FLAGS:
+                if rest & bit:
+                    kind, rest = f"{kind}|{flag}", rest & ~bit
+            return kind if not rest else None
+    at = _SIGNAL_ARG.get(name)
+    if at == i:
+        try:
+            return signal.Signals(value).name
+        except ValueError:
+            return None
+    if at is not None and i < at:  # a pid or tid, as the kernel reads it (an int)
+        return str(value - (1 << 32) if value & 0x80000000 and value < (1 << 32) else value)
+    return None
 
 
 def read_memory(pid: int, addr: int, size: int) -> bytes | None:
@@ -89,7 +126,7 @@ def describe(name: str, args: tuple[int, ...], pid: int) -> str:
 def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
     """``describe()``, and a likely cause to add to it ("" if none is known)."""
     strings = _STRING_ARGS.get(name, ())
-    addr_at, len_at, arity = _SOCKADDR_ARGS.get(name, (-1, -1, len(args)))
+    addr_at, len_at, arity = _SOCKADDR_ARGS.get(name, (-1, -1, _ARITY.get(name, len(args))))
     shown = []
     paths = []
     for i, value in enumerate(args[:arity]):
@@ -105,7 +142,7 @@ def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
         elif i == 0 and name in _DIRFD_ARG0 and (value & 0xFFFFFFFF) == (AT_FDCWD & 0xFFFFFFFF):
             shown.append("AT_FDCWD")
         else:
-            shown.append(hex(value))
+            shown.append(_named(name, i, value) or hex(value))
     while len(shown) > 1 and shown[-1] == "0x0" and len(shown) - 1 not in strings:
         shown.pop()
     hint = _IMPORT_HINT if any(_looks_imported(p) for p in paths) else ""

@@ -193,6 +193,28 @@ def test_a_socket_address_is_shown_in_the_report(tree: Path) -> None:
                      str(info.value)), str(info.value)
 
 
+class Dialer(Worker):
+    @rpc
+    def tcp_socket(self) -> None:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    @rpc
+    def kill_init(self) -> None:
+        os.kill(1, signal.SIGKILL)
+
+
+def test_socket_and_signal_arguments_are_shown_by_name(tree: Path) -> None:
+    """The report read 'socket(0x2, 0x80001)' and 'kill(0x1b7b, 0x9)' (a
+    user trial): constants by name, pids in decimal, as strace shows them."""
+    with Broker(Policy(), root=tree) as b:
+        with pytest.raises(PolicyViolation) as sock:
+            b.spawn(Dialer).tcp_socket()
+        assert str(sock.value).split("for syscall ")[1].startswith("socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC)")
+        with pytest.raises(PolicyViolation) as kill:
+            b.spawn(Dialer).kill_init()
+        assert str(kill.value).split("for syscall ")[1].startswith("kill(1, SIGKILL)")
+
+
 def test_socket_addresses_read_as_strace_shows_them() -> None:
     import socket
     import struct
