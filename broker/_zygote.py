@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -506,7 +507,16 @@ class Zygote:
             return None if self._spare is None else (self._spare.pid, self._spare.chan.fileno())
 
     def alive(self) -> bool:
-        return self._proc.poll() is None
+        if self._proc.poll() is not None:
+            return False
+        # A killed zygote closes its sockets before it can be waited for: for a moment poll()
+        # said "running" after a spawn had seen it gone, and the next spawn used the dead one.
+        hup = select.poll()
+        hup.register(self._chan.sock, select.POLLHUP)
+        if hup.poll(0):
+            self._kill_now()
+            return False
+        return True
 
     def _kill_now(self) -> None:
         """Kill the zygote and wait for it, so that ``alive()`` says so at once."""
@@ -536,10 +546,14 @@ class Zygote:
                     raise CannotImport(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
                 reply = self._chan.recv()
             except OSError as exc:  # (ECONNRESET, EPIPE: it died)
-                raise WorkerCrashed(f"the zygote has exited while importing {cls.__qualname__} ({exc})") from exc
+                self._kill_now()  # (see below)
+                raise WorkerCrashed(f"the zygote has exited while importing {cls.__qualname__}") from exc
         if reply is None:
             # Killed from outside (the OOM killer, an admin), not the script's fault: the next spawn
-            # starts a new zygote, which imports the script again.
+            # starts a new zygote, which imports the script again. Reaped first: a killed process
+            # closes its sockets before it can be waited for, and alive() (poll) said "running"
+            # for a moment, so the next spawn used the dead zygote.
+            self._kill_now()
             raise WorkerCrashed(f"the zygote has exited while importing {cls.__qualname__}")
         if type(reply) is dict and reply.get("t") == "loaded":
             with self._lock:
