@@ -12,6 +12,7 @@ import mmap
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -231,6 +232,32 @@ def _kill_all(w: Worker, arg: Any) -> Any:
 
 def _tgkill_broker(w: Worker, arg: Any) -> Any:
     return sc(234, os.getppid(), os.getppid(), signal.SIGTERM)
+
+
+def _cpu_clock(pid: int, thread: bool = False) -> int:
+    """A CPU clock id as the kernel encodes it: (~pid << 3) | which (2, SCHED), bit 2 for a thread."""
+    return (~pid << 3) | (4 if thread else 0) | 2
+
+
+def _cpu_clock_of_init(w: Worker, arg: Any) -> Any:
+    return sc(228, _cpu_clock(1), ffi.new("long[2]"))  # clock_gettime: init's CPU time, to the ns
+
+
+def _timer_on_init_clock(w: Worker, arg: Any) -> Any:
+    return sc(222, _cpu_clock(1), ffi.NULL, ffi.new("int *"))  # timer_create
+
+
+def _own_cpu_clocks(w: Worker, arg: Any) -> Any:
+    """What a worker may read: static ids (process_time, thread_time), its own process's and thread's
+    CPU clocks, as the pid field 0 or its threads' tids name them."""
+    ts = ffi.new("long[2]")
+    ids = [2, 3, _cpu_clock(0), _cpu_clock(0, thread=True), _cpu_clock(threading.get_native_id(), thread=True)]
+    return [sc(228, c, ts) for c in ids] + [sc(229, c, ts) for c in ids] + [time.process_time() >= 0]
+
+
+def _futex_lock_pi(w: Worker, arg: Any) -> Any:
+    word = ffi.new("uint32_t *", 1)  # "owned by tid 1": the answer said whether that task exists
+    return sc(202, word, 6 | 128, 0, ffi.new("long[2]", [0, 1000]))  # FUTEX_LOCK_PI | FUTEX_PRIVATE_FLAG
 
 
 def _pidfd_open(w: Worker, arg: Any) -> Any:
@@ -473,6 +500,10 @@ CASES = [
     Case("kill_all", "seccomp (kill pinned to own pid)", V("kill")),
     Case("tgkill_broker", "seccomp (tgkill pinned to own pid)", V("tgkill")),
     Case("pidfd_open", "seccomp", V("pidfd_open")),
+    Case("cpu_clock_of_init", "seccomp (clock ids: own clocks only)", V("clock_gettime")),
+    Case("timer_on_init_clock", "seccomp (clock ids: own clocks only)", V("timer_create")),
+    Case("own_cpu_clocks", "allowed: its own clocks", ("check", lambda r: r == {"ok": repr([0] * 10 + [True])})),
+    Case("futex_lock_pi", "seccomp (futex: no PI operations)", V("futex")),
     Case("io_uring", "seccomp", V("io_uring_setup")),
     Case("bpf", "seccomp", V("bpf")),
     Case("userfaultfd", "seccomp", V("userfaultfd")),

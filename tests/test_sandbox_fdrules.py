@@ -719,12 +719,31 @@ def test_no_pins_no_per_fd_code() -> None:
 def test_pins_leave_unconcerned_syscalls_cacheable() -> None:
     compiled = _seccomp.compile_filter(fd_rules=_mixed_pins(32))
     code = _seccomp.instantiate(compiled, 1, DEFAULT)
-    for name in ("read", "write", "readv", "writev", "getpid", "futex", "brk", "munmap", "poll", "recvmsg",
-                 "sendmsg", "clock_gettime", "epoll_wait", "pipe2", "fadvise64"):
+    for name in ("read", "write", "readv", "writev", "getpid", "gettimeofday", "brk", "munmap", "poll", "recvmsg",
+                 "sendmsg", "sched_yield", "epoll_wait", "pipe2", "fadvise64"):
         action, loaded = _emulate(code, NUMBERS[name])
         assert action == ALLOW and not loaded, name
     for name in ("close", "dup2", "close_range"):  # every pin concerns these
         assert _emulate(code, NUMBERS[name])[1], name
+
+
+def test_futex_and_clock_ids_are_checked_by_argument() -> None:
+    """futex and the clock syscalls were allowed whatever their arguments
+    (so the kernel's action cache answered them): FUTEX_LOCK_PI said which
+    tasks exist on the host, and a process CPU clock id read any process's
+    CPU time (red-team round 16). Their first arguments are checked now."""
+    c = _seccomp.compile_filter()
+    for op in (0, 1, 3, 4, 5, 9, 10):  # WAIT WAKE REQUEUE CMP_REQUEUE WAKE_OP WAIT_BITSET WAKE_BITSET
+        for flags in (0, 128, 256, 384):  # FUTEX_PRIVATE_FLAG, FUTEX_CLOCK_REALTIME
+            assert _verdict(c, "futex", 0x1000, op | flags) == ALLOW, (op, flags)
+    for op in (2, 6, 7, 8, 11, 12, 13, 14):  # FD (gone), the PI operations, and past them
+        assert _verdict(c, "futex", 0x1000, op | 128) == DEFAULT, op
+    cpu = lambda pid, thread=False: (~pid << 3) | (4 if thread else 0) | 2  # noqa: E731
+    for name in ("clock_gettime", "clock_getres", "clock_nanosleep", "timer_create"):
+        for clock in (*range(12), cpu(0), cpu(0, True), cpu(4242, True), -8, -1):
+            assert _verdict(c, name, clock) == ALLOW, (name, clock)
+        for clock in (12, 64, cpu(1), cpu(4242), (~3 << 3) | 3, (1 << 32) | cpu(1)):  # another pid's; a CLOCKFD
+            assert _verdict(c, name, clock) == DEFAULT, (name, clock)
 
 
 def test_pins_with_every_right_need_fewer_checks() -> None:

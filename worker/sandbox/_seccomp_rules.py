@@ -99,6 +99,21 @@ _ANON = Cond(3, MAP_ANONYMOUS, mask=MAP_ANONYMOUS)
 _NULL_ARG1 = [Cond(1, 0), Cond(1, 0, hi=True)]  # a pointer: both words
 _FD_NONNEG = Cond(0, 0, mask=0x80000000)  # dirfd >= 0 as an int: AT_FDCWD (-100) and other negatives denied
 _SELF = [[Cond(0, PID)]]
+# Clocks: the static ids (0..11), this process's and its threads' CPU clocks. A process CPU clock id
+# names any pid ((~pid << 3) | which, negative), and the kernel reads any process's CPU time through
+# it with no permission check (a red team read the broker's and a sibling worker's to the ns). The
+# pid field 0 (-8..-1) means this process; a per-thread clock (bit 2) the kernel holds to this
+# thread group itself. (CLOCKFD ids, for PTP devices a worker never holds, are denied with the rest.)
+MAX_STATIC_CLOCK = 12
+_OWN_CLOCKS = [[Cond(0, MAX_STATIC_CLOCK, op="lt")], [Cond(0, 0xFFFFFFF8, mask=0xFFFFFFF8)],
+               [Cond(0, 0x80000004, mask=0x80000004)]]
+# futex operations (the low 7 bits of its op; PRIVATE and CLOCK_REALTIME are flags above them) but the
+# PI ones: FUTEX_LOCK_PI on a word holding any tid said whether that task exists on the host (ESRCH,
+# ETIMEDOUT, EPERM), the broker's threads and other workers' included. glibc and CPython use no PI
+# futex unless asked for PTHREAD_PRIO_INHERIT.
+FUTEX_CMD_MASK = 0x7F
+FUTEX_OPS = {"FUTEX_WAIT": 0, "FUTEX_WAKE": 1, "FUTEX_REQUEUE": 3, "FUTEX_CMP_REQUEUE": 4, "FUTEX_WAKE_OP": 5,
+             "FUTEX_WAIT_BITSET": 9, "FUTEX_WAKE_BITSET": 10}
 _UNIX_SOCK = [[Cond(0, AF_UNIX), Cond(1, SOCK_STREAM, mask=0xF)], [Cond(0, AF_UNIX), Cond(1, SOCK_SEQPACKET, mask=0xF)]]
 
 BASE: dict[str, Rule] = {
@@ -112,14 +127,16 @@ BASE: dict[str, Rule] = {
     "madvise": [[Cond(2, MADV_LIMIT, op="lt")]],
     # threads: clone only with the thread flags glibc uses; clone3 -> ENOSYS (see ERRNO)
     "clone": [[Cond(0, THREAD_FLAGS, mask=0xFFFFFFFF & ~THREAD_OPTIONAL)]],
-    **dict.fromkeys(["futex", "set_robust_list", "set_tid_address", "rseq", "sched_yield", "exit", "exit_group",
+    "futex": [[Cond(1, v, mask=FUTEX_CMD_MASK)] for v in FUTEX_OPS.values()],
+    **dict.fromkeys(["set_robust_list", "set_tid_address", "rseq", "sched_yield", "exit", "exit_group",
                      "restart_syscall"]),
     "arch_prctl": _one_of(0, ARCH_PRCTLS),
     "prctl": [*_one_of(0, PRCTLS), [Cond(0, PR_SET_DUMPABLE), Cond(1, 0), Cond(1, 0, hi=True)]],
     "sched_getaffinity": [[Cond(0, 0)]],
     # time
-    **dict.fromkeys(["clock_gettime", "clock_getres", "gettimeofday", "time", "nanosleep", "clock_nanosleep",
-                     "getitimer", "setitimer", "alarm", "timer_create", "timer_settime", "timer_gettime",
+    **dict.fromkeys(["clock_gettime", "clock_getres", "clock_nanosleep", "timer_create"], _OWN_CLOCKS),
+    **dict.fromkeys(["gettimeofday", "time", "nanosleep", "getitimer", "setitimer", "alarm", "timer_settime",
+                     "timer_gettime",
                      "timer_getoverrun", "timer_delete", "timerfd_create", "timerfd_settime", "timerfd_gettime",
                      "times", "getrusage"]),
     # signals: handlers and masks freely, delivery only to this process
