@@ -45,12 +45,28 @@ class PoolBroken(PrivsepError, BrokenExecutor):
     code written for ``ProcessPoolExecutor`` catches it as it was."""
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc (0 if gone)."""
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process, from /proc; None if it cannot be read.
+
+    Read through a live thread when the leader's reads 0: a worker whose main
+    thread ended by itself (``SYS_exit``, another thread serving on) has a
+    zombie leader with no memory of its own to show, and grew to 620 MiB under
+    a 100 MiB ``max_rss`` that read 0 (red-team round 16)."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * 4096
+        rss = _statm_rss(f"/proc/{pid}/statm")
+        if rss:
+            return rss
+        return max((_statm_rss(f"/proc/{pid}/task/{tid}/statm") for tid in os.listdir(f"/proc/{pid}/task")),
+                   default=0) or None  # fmt: skip
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _statm_rss(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[1]) * 4096
+    except FileNotFoundError:  # (a thread that ended meanwhile)
         return 0
 
 
@@ -319,8 +335,8 @@ class WorkerPool(Executor):
                 if handle.exit is not None:
                     self._retire(slot, handle, crashed=True)
                 elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
-                    self.max_rss is not None and rss_bytes(handle.pid) > self.max_rss
-                ):
+                    self.max_rss is not None and (rss_bytes(handle.pid) or self.max_rss + 1) > self.max_rss
+                ):  # (a live worker whose memory cannot be read is past any bound)
                     handle.stop()
                     self._retire(slot, handle, crashed=False)
         except BaseException as exc:

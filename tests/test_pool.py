@@ -209,6 +209,50 @@ def test_a_pool_thread_that_fails_fails_the_queued_futures_instead_of_leaving_th
     pool.shutdown()
 
 
+LEADER_EXITS = """
+import ctypes, sys, threading, time
+def hold() -> None:
+    data = bytearray(64 << 20)
+    data[::4096] = b"x" * len(data[::4096])  # resident
+    print("ready", flush=True)
+    time.sleep(60)
+threading.Thread(target=hold).start()
+time.sleep(0.1)
+ctypes.CDLL(None).syscall(60, 0)  # SYS_exit: the main thread alone; the other lives on
+"""
+
+
+def test_rss_is_read_through_a_live_thread_when_the_leader_is_gone() -> None:
+    """A worker whose main thread ended by itself (another thread serving on)
+    has a zombie leader whose statm reads 0: max_rss never recycled it, at
+    620 MiB under a 100 MiB bound (red-team round 16)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", LEADER_EXITS], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert Path(f"/proc/{proc.pid}/statm").read_text().split()[1] == "0"  # what was read before
+        rss = _pool.rss_bytes(proc.pid)
+        assert rss is not None and rss >= 64 << 20
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _pool.rss_bytes(proc.pid) is None  # gone
+
+
+def test_a_worker_whose_memory_cannot_be_read_is_recycled(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_pool, "rss_bytes", lambda pid: None)
+    with broker.pool(Calc, size=1, max_rss=1 << 30) as pool:
+        first = pool.submit(Calc.pid).result()
+        assert pool.submit(Calc.pid).result() != first
+        assert pool.ended == 1 and pool.exits[0].kind == "ok"
+
+
 def test_recycle_on_memory_growth(broker: Broker) -> None:
     with broker.pool(Calc, size=1, max_rss=200 << 20) as pool:
         p1 = pool.submit(Calc.pid).result()
