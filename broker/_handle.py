@@ -38,7 +38,7 @@ from ._exit import WorkerExit
 from ._logtext import printable
 from ._loop import PerLoopLock, readable, ready_now
 from ._options import call_timeout, wait_timeout
-from ._outputs import KEPT_GRACE, PendingOutput, all_closed, commit_all, drain_failed
+from ._outputs import KEPT_GRACE, PendingOutput, all_closed, commit_all, drain_failed, kept
 from ._violation import report
 
 if TYPE_CHECKING:
@@ -684,6 +684,14 @@ class WorkerHandle:
                             if self.exit is not None:
                                 raise self.exit.error(self.name)
                             pause = min(2 * pause, 0.02)
+                        held = kept(outputs)
+                        if held is not None:
+                            # An fd cannot be taken back, and the file's blocks are freed only when
+                            # its last fd goes: one worker kept (dup) each output's file and filled
+                            # it after the commit, open_files x file_size of disk under no name.
+                            raise self._fail("protocol", f"call {method}() kept the file of its output "
+                                             f"{held.display!r} open past its answer (the disk that file holds "
+                                             "is freed only when the worker ends)")
                     if outputs:
                         # All or none, by the driver: an awaited call's copies of big outputs
                         # are made off the event loop's thread.

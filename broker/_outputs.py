@@ -13,6 +13,7 @@ fail costs them all.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
@@ -28,6 +29,9 @@ from ._capability import Capability
 #: for a close that races the answer. A pipe still open after it was kept by
 #: the worker: the call fails, and none of its outputs is committed.
 KEPT_GRACE = 0.1
+
+# fcntl(2): a read lease, taken only on a file nobody has open for writing (not in Python's fcntl module).
+F_SETLEASE, F_RDLCK, F_UNLCK = 1024, 0, 2
 
 #: Why a request beneath a directory that is no longer there fails.
 REMOVED = ("its directory was removed after the broker opened it (the broker keeps the directory it "
@@ -139,6 +143,23 @@ class PendingOutput:
         finally:
             os.close(out)
 
+    def kept_open(self) -> bool:
+        """Does anyone still hold this output's file open for writing? For a
+        file delivered as itself, once its call has answered: the broker
+        holds only a read-only fd of it by then, so a writer is the worker's.
+        The kernel grants a read lease only on a file nobody has open for
+        writing (F_SETLEASE, EAGAIN otherwise); where it grants none at all
+        (fs.leases-enable=0, a filesystem without leases) it is not known, and
+        this says False."""
+        if self.drain is not None or self.tmpfd < 0:
+            return False
+        try:
+            fcntl.fcntl(self.tmpfd, F_SETLEASE, F_RDLCK)
+        except OSError as exc:
+            return exc.errno == errno.EAGAIN
+        fcntl.fcntl(self.tmpfd, F_SETLEASE, F_UNLCK)
+        return False
+
     def discard(self) -> None:
         if self.drain is not None:
             self.drain.close()
@@ -217,8 +238,14 @@ def drain_failed(outputs: list[PendingOutput]) -> OSError | None:
 
 
 def all_closed(outputs: list[PendingOutput]) -> bool:
-    """Has the worker closed every output it writes through a pipe?"""
-    return all(out.drain is None or out.drain.closed() for out in outputs)
+    """Has the worker closed every output: the pipes it writes through, and
+    the files delivered as themselves?"""
+    return all(out.drain.closed() if out.drain is not None else not out.kept_open() for out in outputs)
+
+
+def kept(outputs: list[PendingOutput]) -> PendingOutput | None:
+    """A file delivered as itself that the worker still holds open for writing."""
+    return next((out for out in outputs if out.drain is None and out.kept_open()), None)
 
 
 def make_output(dirfd: int, name: str, rights: Rights, display: str) -> tuple[PendingOutput, Capability]:

@@ -616,6 +616,25 @@ def test_an_output_kept_open_past_the_answer_fails_the_call_at_once(tmp_path: Pa
         assert (tmp_path / "out" / "fine.txt").read_bytes() == b"fine.txt"
 
 
+def test_an_outputs_file_kept_past_the_answer_ends_the_worker(tmp_path: Path) -> None:
+    """An output delivered as the file itself (SEEK, FSTAT) was copied at the
+    commit, but the worker could keep (dup) its fd, and fill that nameless
+    file after the commit: open_files x file_size of disk, freed only when
+    the worker ended (red-team round 16, 256 MiB of tmpfs from one worker).
+    Its commit now sees the file still open for writing (no read lease) and
+    ends the worker, committing nothing."""
+    (tmp_path / "out").mkdir()
+    with Broker(Policy().allow("out/", FILE_OUTPUT | Rights.CREATE), root=tmp_path) as b:
+        w = b.spawn(KeepsOutputs)
+        # A copy closed a moment after the answer (a close racing it) is no keeping.
+        assert w.outputs(["racing.bin"], ["racing.bin"], 0.02) == "returned"
+        assert (tmp_path / "out" / "racing.bin").read_bytes() == b"racing.bin"
+        with pytest.raises(WorkerCrashed, match=r"kept the file of its output 'out/k\.bin' open past its answer"):
+            w.outputs(["a.txt", "k.bin"], ["k.bin"], 30.0)
+        assert w.exit is not None and w.exit.kind == "protocol"
+        assert sorted(os.listdir(tmp_path / "out")) == ["racing.bin"]  # neither output of that call
+
+
 def test_a_call_that_fails_to_commit_one_output_commits_none(tmp_path: Path) -> None:
     """Outputs were renamed into place one by one: one that failed after
     others (a pipe kept open) left those others committed by a failed call."""
