@@ -672,26 +672,7 @@ class WorkerHandle:
                 elif tag == "ret":
                     self._pending_call = None
                     value = self._import_answer(msg)
-                    if not all_closed(outputs):
-                        # Its outputs should be closed by now: a moment for a close racing the
-                        # answer (the caller's loop runs meanwhile), then the outputs are committed
-                        # or the call fails; never past the call's deadline.
-                        until = time.monotonic() + KEPT_GRACE
-                        until = until if deadline is None else min(until, deadline)
-                        pause = 0.001
-                        while not all_closed(outputs) and time.monotonic() < until:
-                            yield ("sleep", min(until, time.monotonic() + pause))
-                            if self.exit is not None:
-                                raise self.exit.error(self.name)
-                            pause = min(2 * pause, 0.02)
-                        held = kept(outputs)
-                        if held is not None:
-                            # An fd cannot be taken back, and the file's blocks are freed only when
-                            # its last fd goes: one worker kept (dup) each output's file and filled
-                            # it after the commit, open_files x file_size of disk under no name.
-                            raise self._fail("protocol", f"call {method}() kept the file of its output "
-                                             f"{held.display!r} open past its answer (the disk that file holds "
-                                             "is freed only when the worker ends)")
+                    yield from self._outputs_closed(outputs, method, deadline)
                     if outputs:
                         # All or none, by the driver: an awaited call's copies of big outputs
                         # are made off the event loop's thread.
@@ -707,6 +688,8 @@ class WorkerHandle:
                 else:
                     self._pending_call = None
                     remote = exception_from_wire(msg["e"])
+                    if not isinstance(remote, MemoryError):  # (an oom ends it anyway; pipes are let go)
+                        yield from self._outputs_closed([o for o in outputs if o.drain is None], method, deadline)
                     if isinstance(remote, MemoryError):
                         # Its heap is suspect now: stop it and say why.
                         raise self._fail("oom", f"call {method}() ran out of memory") from remote
@@ -718,6 +701,31 @@ class WorkerHandle:
             self._drains.clear()
             for out in outputs:
                 out.discard()
+
+    def _outputs_closed(self, outputs: list[PendingOutput], method: str, deadline: float | None
+                        ) -> Generator[tuple[str, float | None], Any, None]:
+        """Once a call has answered (a value or an error), its outputs should
+        be closed: a moment for a close racing the answer (the caller's loop
+        runs meanwhile, and never past the call's deadline). A pipe still
+        open then fails the commit; a file delivered as itself still open
+        ends the worker: an fd cannot be taken back, and the file's blocks are
+        freed only when its last fd goes (one worker kept (dup) each output's
+        file and filled it after the commit, open_files x file_size of disk
+        under no name)."""
+        if all_closed(outputs):
+            return
+        until = time.monotonic() + KEPT_GRACE
+        until = until if deadline is None else min(until, deadline)
+        pause = 0.001
+        while not all_closed(outputs) and time.monotonic() < until:
+            yield ("sleep", min(until, time.monotonic() + pause))
+            if self.exit is not None:
+                raise self.exit.error(self.name)
+            pause = min(2 * pause, 0.02)
+        held = kept(outputs)
+        if held is not None:
+            raise self._fail("protocol", f"call {method}() kept the file of its output {held.display!r} open past "
+                             "its answer (the disk that file holds is freed only when the worker ends)")
 
     def _receive(self, nowait: bool = False) -> Any:
         """The next message (None at EOF; _NOTHING if ``nowait`` and none is

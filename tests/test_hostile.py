@@ -590,6 +590,19 @@ class KeepsOutputs(Worker):
         return "returned"
 
     @rpc
+    def keep_and_fail(self, name: str) -> None:
+        f = self.broker.create(f"out/{name}", FILE_OUTPUT)
+        close_later([os.dup(f.fileno())], 30.0)
+        f.close()
+        raise ValueError("failed, its output's file kept")
+
+    @rpc
+    def fail_with_output_open(self, name: str) -> None:
+        f = self.broker.create(f"out/{name}", FILE_OUTPUT)  # (closed as the traceback goes, after the answer)
+        f.write(b"partial")
+        raise ValueError("failed while writing")
+
+    @rpc
     def output_then_directory(self, name: str) -> str:
         for n in ("a.txt", name):
             with self.broker.create(f"out/{n}", Rights.WRITE) as f:
@@ -633,6 +646,15 @@ def test_an_outputs_file_kept_past_the_answer_ends_the_worker(tmp_path: Path) ->
             w.outputs(["a.txt", "k.bin"], ["k.bin"], 30.0)
         assert w.exit is not None and w.exit.kind == "protocol"
         assert sorted(os.listdir(tmp_path / "out")) == ["racing.bin"]  # neither output of that call
+        # A call that fails keeps nothing either; an honest failure leaves the worker serving.
+        w = b.spawn(KeepsOutputs)
+        for _ in range(3):
+            with pytest.raises(ValueError, match="failed while writing"):
+                w.fail_with_output_open("partial.bin")
+        assert w.outputs(["after.bin"], [], 0.0) == "returned"
+        with pytest.raises(WorkerCrashed, match=r"kept the file of its output 'out/failed\.bin'"):
+            w.keep_and_fail("failed.bin")
+        assert sorted(os.listdir(tmp_path / "out")) == ["after.bin", "racing.bin"]
 
 
 def test_a_call_that_fails_to_commit_one_output_commits_none(tmp_path: Path) -> None:
