@@ -12,14 +12,13 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
 import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from protocol import NotCapable, Rights
-from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd
+from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd, seqpacket_pair
 from worker._serve import forked_from_main_thread
 from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, later_file_plan
 
@@ -164,7 +163,7 @@ class Opener:
     """The broker's side of the restricted opener process (started lazily)."""
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = seqpacket_pair()
         # The kernel sends the parent-death signal when the starting thread ends: from a
         # pool's thread, it killed the opener (mid-request for another thread) at shutdown.
         pdeathsig = ["--pdeathsig"] if forked_from_main_thread() else []

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from protocol._wire import seqpacket_pair
 from worker import Worker
 from worker._preload import preload
 from worker._serve import child_main, forked_from_main_thread
@@ -27,7 +28,7 @@ def fork_worker(
     ``environ``: its environment, replacing the broker's (in ``os.environ``;
     the memory it forked with still holds the broker's)."""
     preload()  # (once, here in the broker: the child inherits the modules)
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent_sock, child_sock = seqpacket_pair()
     main = forked_from_main_thread()
     ppid = os.getpid()
     was_enabled = gc.isenabled()

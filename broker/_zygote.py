@@ -24,7 +24,7 @@ from typing import Any
 
 from protocol import ProtocolError, WorkerCrashed
 from protocol._remote import exception_from_wire
-from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd
+from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd, seqpacket_pair
 from worker import Worker
 from worker._mainref import main_refs, module_ref
 from worker._priority import may_raise, process_to_foreground, to_background, to_foreground
@@ -61,12 +61,12 @@ def _start(
     """Exec a zygote. With ``with_spares``, a second channel carries the
     answers to spare requests alone, so they never sit between the broker and
     the answer to anything else."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = seqpacket_pair()
     args = interpreter("worker._zygote", str(theirs.fileno()), *extra, "--main-refs", *main_refs(), "--")
     passed = [theirs]
     spares = None
     if with_spares:
-        spares, spares_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spares, spares_theirs = seqpacket_pair()
         args += ["--spares", str(spares_theirs.fileno())]
         passed.append(spares_theirs)
     if forked_from_main_thread():
@@ -100,7 +100,7 @@ def _request_spawn(
 ) -> tuple[int, socket.socket]:
     """``sent()`` runs once the request is on its way (before the wait);
     ``on_timeout()`` if no answer came in time (the zygote is then ended)."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent, child = seqpacket_pair()
     try:
         chan.send(
             {

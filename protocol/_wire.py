@@ -733,6 +733,36 @@ def _dirref_hook(code: int, data: bytes) -> Any:
 DEFAULT_SEND_TIMEOUT = 10.0  # seconds a send may wait for a peer that stopped reading
 
 
+# A SEQPACKET send fails with EMSGSIZE past the sender's buffer (sk_sndbuf - 32), which is
+# net.core.wmem_default (212,992 bytes) unless set: packets between that and MAX_PACKET failed, a
+# call's argument ending the worker it was sent to (a user trial). Both ends get room for one.
+_SNDBUF = MAX_PACKET + 4096
+
+
+def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    """A channel's socket pair, each end able to send a MAX_PACKET packet:
+    SO_SNDBUF (the kernel doubles it, up to net.core.wmem_max), else
+    SO_SNDBUFFORCE (privileged), else as it is (a larger send raises
+    MessageTooLarge, see Channel.send_raw)."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for sock in pair:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < MAX_PACKET + 64:
+            with contextlib.suppress(OSError):  # (no CAP_NET_ADMIN: what wmem_max allows)
+                sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _SNDBUF)
+    return pair
+
+
+_SO_SNDBUFFORCE = 32
+
+
+def _emsgsize(exc: OSError, size: int) -> None:
+    """EMSGSIZE (a socket made elsewhere, or a buffer no larger than
+    wmem_max allows) raised as what it is: nothing was sent."""
+    if exc.errno == errno.EMSGSIZE:
+        raise MessageTooLarge(f"a packet of {size:,} bytes is larger than this socket can send") from exc
+
+
 class Channel:
     """One end of a SOCK_SEQPACKET connection. Owns its socket.
 
@@ -767,7 +797,7 @@ class Channel:
 
     @classmethod
     def pair(cls) -> tuple[Channel, Channel]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a, b = seqpacket_pair()
         return cls(a), cls(b)
 
     def fileno(self) -> int:
@@ -801,6 +831,9 @@ class Channel:
                     self.sock.send(plain, _SEND_FLAGS)
                 except (BlockingIOError, InterruptedError):
                     self.send_raw(plain)  # waits for room, at most send_timeout
+                except OSError as exc:
+                    _emsgsize(exc, len(plain))
+                    raise
                 return
         payload, fds, owned = encode(obj, fd_hook)
         try:
@@ -831,6 +864,9 @@ class Channel:
             self.sock.sendmsg([payload], [(_SOL_SOCKET, _SCM_RIGHTS, _ONE_FD.pack(fd))], _SEND_FLAGS)
         except (BlockingIOError, InterruptedError):
             self.send_raw(payload, (fd,))  # waits for room, at most send_timeout
+        except OSError as exc:
+            _emsgsize(exc, len(payload))
+            raise
 
     def send_raw(self, payload: bytes, fds: Iterable[int] = ()) -> None:
         """Send one packet as is (tests use this to play a hostile peer)."""
@@ -843,6 +879,9 @@ class Channel:
             pass
         except InterruptedError:
             pass
+        except OSError as exc:
+            _emsgsize(exc, len(payload))
+            raise
         # The peer is not reading: wait for room, at most send_timeout (and never past send_deadline).
         deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
         if self.send_deadline is not None and (deadline is None or self.send_deadline < deadline):

@@ -539,6 +539,64 @@ def test_a_value_too_large_is_refused_before_it_is_packed(tree: Path) -> None:
         assert w.length(half) == 1 and w.alive
 
 
+class Sizes(Worker):
+    @rpc
+    def make(self, n: int) -> bytes:
+        return b"m" * n
+
+    @rpc
+    def dicts(self, n: int) -> list:
+        return [{"k": i} for i in range(n)]
+
+    @rpc
+    def length(self, value: object) -> int:
+        return len(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spawn", ["zygote", "fork", "exec"])
+def test_packets_up_to_max_packet_travel_whatever_the_default_socket_buffer(tree: Path, spawn: str) -> None:
+    """A SEQPACKET send fails with EMSGSIZE past the sender's buffer, which is
+    net.core.wmem_default (212,992 bytes) unless set: values between that and
+    MAX_PACKET (256 KiB), which are not moved out of band, failed: a call's
+    argument ended the worker, a result was a bare OSError (a user trial)."""
+    from protocol._wire import MAX_PACKET
+
+    with Broker(Policy(), root=tree, spawn=spawn) as b:
+        w = b.spawn(Sizes)
+        for n in (215_000, 250_000, MAX_PACKET - 64):
+            assert w.length(b"a" * n) == n
+            assert w.make(n) == b"m" * n
+        assert len(w.dicts(24_000)) == 24_000  # about 215 KB of small maps: never out of band
+        assert w.length(list(range(24_000))) == 24_000
+        with pytest.raises(MessageTooLarge):
+            w.dicts(60_000)  # (past MAX_PACKET: refused, as before)
+        assert w.alive
+
+
+def test_a_packet_larger_than_the_socket_can_send_is_message_too_large() -> None:
+    """A socket made elsewhere (or a buffer that net.core.wmem_max keeps
+    small): the send's EMSGSIZE was a bare OSError, and a call's send ended
+    the worker as a channel error. It is MessageTooLarge: nothing was sent."""
+    import socket
+
+    from protocol._wire import Channel
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    chan, peer = Channel(a), Channel(b)
+    try:
+        for send in (lambda: chan.send({"v": b"x" * 100_000}), lambda: chan.send_raw(b"y" * 100_000)):
+            with pytest.raises(MessageTooLarge, match="larger than this socket can send"):
+                send()
+        chan.send({"v": 1})
+        assert peer.recv() == {"v": 1}  # nothing else was sent
+        with pytest.raises(BlockingIOError):
+            peer.recv(nowait=True)
+    finally:
+        chan.close()
+        peer.close()
+
+
 def _nested(n: int) -> list:
     x: list = []
     for _ in range(n):

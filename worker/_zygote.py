@@ -57,7 +57,7 @@ import msgpack
 
 from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
-from protocol._wire import Channel, ReceivedFd, SocketEnd
+from protocol._wire import Channel, ReceivedFd, SocketEnd, seqpacket_pair
 
 from ._importpath import adopt_import_path
 from ._mainref import allow_main_only, import_ref
@@ -183,7 +183,7 @@ def _fork_spare(
     inherits our scheduling policy (SCHED_IDLE when the broker lowered us)."""
     net_fd = fresh_net() if want_net else None
     try:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = seqpacket_pair()
         me = os.getpid()
         gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
         try:
