@@ -520,6 +520,34 @@ def test_positional_copy_from_pin_without_seek_denied(tmp_path: Path) -> None:
     assert ok(out) == [4, 4]
 
 
+# ------------------------------------------------------------- @sched ----
+
+@needs_notify
+@pytest.mark.parametrize("which, who, call", [
+    (0, 0, "get"), (0, 0, "set"),  # PRIO_PROCESS of itself: allowed
+    (2, 0, "set"),  # PRIO_USER, who 0: every process of the caller's uid (the broker, its siblings)
+    (1, 0, "set"),  # PRIO_PGRP
+    (0, 1, "get"),  # another pid: whether it exists, and its nice
+    (2, 0, "get"),
+])
+def test_sched_group_reaches_this_process_alone(tmp_path: Path, which: int, who: int, call: str) -> None:
+    """setpriority(PRIO_USER, 0, 19) reniced every process of the worker's
+    uid, the broker included; getpriority of any pid said whether it exists
+    (red-team round 17)."""
+    def attempt(ctx: dict[str, Any]) -> Any:
+        if call == "get":
+            return raw(140, which, who)  # getpriority: 20 - nice
+        # setpriority: nice 1 on itself; 0 elsewhere, so that a filter that let it through changes nothing
+        return raw(141, which, who, 1 if (which, who) == (0, 0) else 0)
+
+    out = pinned(tmp_path, [("f", RO, R.READ)], attempt, syscall_groups=("@sched",))
+    if (which, who) == (0, 0):
+        assert ok(out) == (20 if call == "get" else 0)
+    else:
+        note = assert_notified(out, "getpriority" if call == "get" else "setpriority")
+        assert note.args[:2] == (which, who)
+
+
 # ------------------------------------------------------- group weakening ----
 
 @needs_notify

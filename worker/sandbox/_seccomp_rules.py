@@ -86,6 +86,7 @@ PRCTLS = {"PR_GET_PDEATHSIG": 2, "PR_GET_DUMPABLE": 3, "PR_GET_KEEPCAPS": 7, "PR
           "PR_GET_THP_DISABLE": 42, "PR_SET_VMA": 0x53564D41}
 PR_SET_DUMPABLE = 4
 ARCH_PRCTLS = {"ARCH_SET_GS": 0x1001, "ARCH_SET_FS": 0x1002, "ARCH_GET_FS": 0x1003, "ARCH_GET_GS": 0x1004}
+PRIO_PROCESS = 0
 MADV_LIMIT = 26  # MADV_NORMAL..MADV_COLLAPSE; keeps out MADV_HWPOISON (100) / SOFT_OFFLINE (101)
 
 
@@ -205,8 +206,12 @@ GROUPS: dict[str, dict[str, Rule]] = {
     },
     "@splice": dict.fromkeys(["splice", "tee", "vmsplice", "sendfile", "copy_file_range"]),
     "@memlock": dict.fromkeys(["mlock", "mlock2", "munlock", "mlockall", "munlockall"]),  # RLIMIT_MEMLOCK bounds it
+    # getpriority/setpriority on this process alone (PRIO_PROCESS 0): with who == 0 PRIO_USER means
+    # every process of the caller's uid (a red-team worker reniced the broker, the zygote and every
+    # sibling to 19), and any pid or uid read back said whether it exists (a host-wide pid oracle).
     "@sched": {"sched_setaffinity": [[Cond(0, 0)]], "sched_getparam": [[Cond(0, 0)]],
-               "sched_getscheduler": [[Cond(0, 0)]], "getpriority": None, "setpriority": [[Cond(1, 0)]]},
+               "sched_getscheduler": [[Cond(0, 0)]], "getpriority": [[Cond(0, PRIO_PROCESS), Cond(1, 0)]],
+               "setpriority": [[Cond(0, PRIO_PROCESS), Cond(1, 0)]]},
     "@flock": dict.fromkeys(["flock"]),  # every unpinned fd: FLOCK no longer enforced per fd (GROUPS_WEAKEN)
 }
 GROUPS_NEED_LANDLOCK = frozenset({"@fs-at"})
