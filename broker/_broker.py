@@ -672,6 +672,7 @@ class Broker:
             place(pid)  # before its first call; what setup() touched stays charged where it was
         handle._cgroup = cgroup
         handle._cgroup_report = cgroup_report
+        handle._cpu_limited = not self._unsandboxed and spec.limits.cpu_seconds is not None
         handle._spawn_grants = tuple((name, cap.name, cap.rights) for name, cap in grants)
         with self._lock:
             self._starting.add(handle)  # (one of the broker's workers once its handshake is done: _finish_spawn)

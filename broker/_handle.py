@@ -144,6 +144,7 @@ class WorkerHandle:
         # before its refusal, at the request rate.
         chan.blob_tags = _BLOB_TAGS
         self._notify_fd = -1
+        self._cpu_limited = False  # set by the broker: its RLIMIT_CPU is set (SIGXCPU can be the limit's)
         self._stderr_fd = -1  # the read end of its stderr pipe (worker_output), read when it ends
         self._lock = threading.Lock()
         self._call_ids = itertools.count(1)
@@ -1160,7 +1161,7 @@ class WorkerHandle:
         ran_on = self._pidfd >= 0 and not ready_now(self._pidfd)
         status = self._reap(timeout=0.0)
         ex = (
-            WorkerExit.from_status(status)
+            self._exit_of(status)
             if status is not None
             else WorkerExit("crashed", _unknown_end(self.spawn_method))
         )
@@ -1211,7 +1212,7 @@ class WorkerHandle:
 
     def _stopped(self, status: int | None) -> WorkerExit:
         """Record the end of a worker that was asked to stop."""
-        ex = WorkerExit.from_status(status) if status is not None else WorkerExit("ok", "stopped")
+        ex = self._exit_of(status) if status is not None else WorkerExit("ok", "stopped")
         if ex.kind == "ok":
             ex = WorkerExit("ok", f"stopped, exit status {ex.exit_code}", exit_code=ex.exit_code)
         if ex.kind != "ok" and ex.signal == signal.SIGKILL:
@@ -1324,6 +1325,19 @@ class WorkerHandle:
     def _adopt_notify(self, fd: int) -> None:
         self._notify_fd = fd
         self._poller = None
+
+    def _exit_of(self, status: int) -> WorkerExit:
+        """How a worker that ended by ``status`` ended, by what the broker knows
+        of it. SIGXCPU is a CPU time limit's only where one was set: a worker
+        can send it itself (a red-team worker made its end read as a timeout
+        under no limit). (SIGSYS stays a violation: the filter's architecture
+        check kills with it, unreported; a worker sending it itself gains
+        nothing over making a forbidden call.)"""
+        ex = WorkerExit.from_status(status)
+        if ex.kind == "timeout" and not self._cpu_limited:
+            name = signal.Signals(ex.signal or 0).name
+            return WorkerExit("signal", f"killed by {name}, which it can send itself", signal=ex.signal)
+        return ex
 
 
 def _size(n: int) -> str:

@@ -159,6 +159,31 @@ def test_cpu_limit_ends_a_spinning_worker(tree: Path) -> None:
         assert "CPU time" in info.value.exit.reason
 
 
+class SelfSignaller(Worker):
+    @rpc
+    def die_of(self, sig: int) -> None:
+        os.kill(os.getpid(), sig)
+        time.sleep(10)
+
+
+def test_a_sigxcpu_it_sent_itself_is_no_timeout(tree: Path) -> None:
+    """SIGXCPU was read as "CPU time limit reached" (a timeout) whoever sent
+    it: a worker with no CPU limit made its end read as one (red-team round
+    17). It is the limit's only where one was set."""
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(SelfSignaller)
+        with pytest.raises(WorkerCrashed) as info:
+            w.die_of(signal.SIGXCPU)
+        assert not isinstance(info.value, WorkerTimeout)
+        assert w.exit is not None and (w.exit.kind, w.exit.signal) == ("signal", signal.SIGXCPU)
+        assert w.exit.reason == "killed by SIGXCPU, which it can send itself"
+    with Broker(Policy().with_limits(cpu_seconds=30), root=tree) as b:
+        w = b.spawn(SelfSignaller)
+        with pytest.raises(WorkerTimeout):
+            w.die_of(signal.SIGXCPU)
+        assert w.exit is not None and w.exit.kind == "timeout"
+
+
 def test_violation_names_the_syscall_and_path(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Hog)
