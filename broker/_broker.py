@@ -23,7 +23,7 @@ from typing import Any
 
 from protocol import NotCapable, ProtocolError, RemoteError, Rights, UnsupportedRights, WorkerCrashed
 from protocol._messages import check_message
-from protocol._paths import local_path
+from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire
 from protocol._rights import rights_arg, rights_from_wire
 from protocol._wire import (
@@ -70,7 +70,7 @@ from ._options import count, rate, wait_timeout
 from ._outputs import PendingOutput
 from ._policy import Policy
 from ._pool import WorkerPool
-from ._resolve import Resolver
+from ._resolve import Resolver, Target
 from ._spawn import fork_worker
 from ._zygote import SPAWN_METHODS, CannotImport, Zygote, exec_worker, importable
 
@@ -882,37 +882,28 @@ class Broker:
         if op == "dclose":  # the worker is done with a directory proxy it asked for
             handle._release_dir(args["dir"])
             return None
-        path = args.get("path")
-        if op[0] == "d" and type(path) is str:  # beneath a directory proxy: audited from the root, as
-            directory = handle._dirs.get(args["dir"])  # all paths are (else two proxies' x.txt read alike)
-            if directory is not None and directory.name:
-                path = f"{directory.name}/{path}"
         rights: Rights | None = None
+        target: Target | None = None
         try:
             if "rights" in args:
                 try:
                     rights = rights_from_wire(args["rights"])
                 except ProtocolError as exc:
                     raise NotCapable(str(exc)) from None
-            value = self._dispatch(handle, op, args, rights, outputs, after)
+            target = self._locate_request(handle, op, args, rights)
+            value = self._dispatch(handle, op, args, rights, target, outputs, after)
         except NotCapable as exc:
-            self._audit(handle, op, path, rights, "denied", exc.strerror or str(exc))
+            self._audit(handle, op, _audited(handle, op, args, target), rights, "denied", exc.strerror or str(exc))
             raise
         except OSError as exc:
-            self._audit(handle, op, path, rights, "failed", exc.strerror or str(exc))
+            self._audit(handle, op, _audited(handle, op, args, target), rights, "failed", exc.strerror or str(exc))
             raise
-        self._audit(handle, op, path, rights, "granted", "")
+        self._audit(handle, op, target.display, rights, "granted", "")
         return value
 
-    def _dispatch(
-        self,
-        handle: WorkerHandle,
-        op: str,
-        args: dict[str, Any],
-        rights: Rights | None,
-        outputs: list[PendingOutput],
-        after: list[Any],
-    ) -> Any:
+    def _locate_request(self, handle: WorkerHandle, op: str, args: dict[str, Any], rights: Rights | None) -> Target:
+        """Where a request's path leads, checked against the policy (or the
+        directory proxy it names) for the rights it needs."""
         r = self._resolver
         path = args["path"]
         if op.startswith("d"):  # beneath a directory proxy
@@ -931,14 +922,26 @@ class Broker:
             wanted = need[op] or Rights.NONE
             if op == "create":
                 wanted = wanted | Rights.WRITE | Rights.CREATE
-            target = r.locate_in(directory, path, wanted)
-        else:
-            wanted = {"stat": Rights.FSTAT, "listdir": Rights.READ, "mkdir": Rights.MKDIRAT}.get(
-                op, rights or Rights.NONE
-            )
-            if op == "create":
-                wanted = wanted | Rights.WRITE | Rights.CREATE
-            target = r.locate(path, wanted)
+            return r.locate_in(directory, path, wanted)
+        wanted = {"stat": Rights.FSTAT, "listdir": Rights.READ, "mkdir": Rights.MKDIRAT}.get(op, rights or Rights.NONE)
+        if op == "create":
+            wanted = wanted | Rights.WRITE | Rights.CREATE
+        return r.locate(path, wanted)
+
+    def _dispatch(
+        self,
+        handle: WorkerHandle,
+        op: str,
+        args: dict[str, Any],
+        rights: Rights | None,
+        target: Target,
+        outputs: list[PendingOutput],
+        after: list[Any],
+    ) -> Any:
+        r = self._resolver
+        path = args["path"]
+        if op.startswith("d"):
+            op = op[1:]
         if handle._outputs_allowed is not None and (
             op in ("unlink", "mkdir") or (op == "open" and rights is not None and rights & _WRITES)
         ):  # the caller named this call's outputs: they are all it may write
@@ -1151,6 +1154,27 @@ class Broker:
                 extra={"privsep": event},
             )
         )
+
+
+def _audited(handle: WorkerHandle, op: str, args: dict[str, Any], target: Target | None) -> Any:
+    """The path an audit event names: from the broker's root, as it was
+    located, so that one file reads the same however a worker spells it
+    (``ad//secret/./x.txt``) or through whichever proxy; a path refused
+    before it was located, the same way where it can be read as one."""
+    if target is not None:
+        return target.display
+    path = args.get("path")
+    if type(path) is not str:
+        return path
+    try:
+        shown = "/".join(split_relative(path))
+    except NotCapable:
+        shown = path
+    if op[0] == "d":  # beneath a directory proxy: else two proxies' x.txt read alike
+        directory = handle._dirs.get(args["dir"])
+        if directory is not None and directory.name:
+            shown = f"{directory.name}/{shown}" if shown else directory.name
+    return shown
 
 
 @functools.lru_cache(maxsize=256)

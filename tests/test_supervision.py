@@ -342,6 +342,35 @@ def test_audit_events_beneath_a_directory_proxy_name_the_file(tree: Path, caplog
     assert "dopen data/secret/x.txt granted" in caplog.text
 
 
+class Speller(Worker):
+    @rpc
+    def spellings(self) -> list[str]:
+        """Raw requests (the client would tidy the path): the broker's check alone."""
+        got = []
+        for i, path in enumerate(["data/public/x.txt", "data//public/./x.txt", "./data/public/x.txt/",
+                                  "data//public/./missing.txt", "data//public/../x.txt"]):
+            self.broker._chan.send({"t": "req", "id": 1000 + i, "op": "stat", "a": {"path": path}})
+            got.append(self.broker._chan.recv()["t"])
+        return got
+
+
+def test_audit_events_name_one_file_one_way(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The event named the path as the worker spelled it: one file read as
+    data/public/x.txt, data//public/./x.txt or ./data/public/x.txt/, and a
+    consumer matching on paths could be dodged (red-team round 17)."""
+    (tree / "data" / "public").mkdir()
+    (tree / "data" / "public" / "x.txt").write_text("public")
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(Policy().allow("data/", Rights.LOOKUP | Rights.READ | Rights.FSTAT), root=tree) as b:
+        assert b.spawn(Speller).spellings() == ["rep", "rep", "rep", "rerr", "rerr"]
+    events = [(e["request"], e["path"], e["decision"]) for e in
+              (r.privsep for r in caplog.records if r.name == "privsep.audit") if e["request"] == "stat"]  # type: ignore[attr-defined]  # fmt: skip
+    assert events == [("stat", "data/public/x.txt", "granted")] * 3 + [
+        ("stat", "data/public/missing.txt", "failed"),
+        ("stat", "data//public/../x.txt", "denied"),  # refused before it was a path at all: as written
+    ]
+
+
 def test_capabilities_passed_in_calls_and_at_spawn_are_audited(tree: Path, caplog: pytest.LogCaptureFixture
                                                                 ) -> None:  # fmt: skip
     """A file passed to a worker in a call, or held from its spawn, is a
