@@ -956,13 +956,12 @@ class Broker:
             if len(outputs) >= self.max_outputs_per_call:
                 raise NotCapable(f"more than {self.max_outputs_per_call} outputs in one call")
             named = handle._outputs_allowed
-            if named is not None:  # the caller named this call's outputs (with_outputs)
-                if target.display not in named:
-                    shown = ", ".join(sorted(named)) or "none"
-                    raise NotCapable(f"this call may create only the outputs its caller named ({shown})",
-                                     filename=target.display)
-                if any(out.display == target.display for out in outputs):
-                    raise NotCapable("this call has created that output already", filename=target.display)
+            if named is not None and target.display not in named:  # the caller named them (with_outputs)
+                shown = ", ".join(sorted(named)) or "none"
+                raise NotCapable(f"this call may create only the outputs its caller named ({shown})",
+                                 filename=target.display)
+            if any(out.display == target.display for out in outputs):  # (the last would win, silently)
+                raise NotCapable("this call has created that output already", filename=target.display)
             live = len(self._workers)
             self._fds.take(handle, 2, "an output", live)  # its directory and its file, until the call ends
             try:

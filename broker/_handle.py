@@ -700,8 +700,9 @@ class WorkerHandle:
                     raise remote
         finally:
             self._drains.clear()
-            for out in outputs:
+            for out in outputs:  # (those committed were cleared from the list)
                 out.discard()
+                self._broker._audit(self, "commit", out.display, None, "failed", "discarded: its call failed")
 
     def _outputs_closed(self, outputs: list[PendingOutput], method: str, deadline: float | None
                         ) -> Generator[tuple[str, float | None], Any, None]:

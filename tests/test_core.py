@@ -7,6 +7,7 @@ import asyncio
 import copy
 import errno
 import io
+import logging
 import os
 import pickle
 import re
@@ -1419,6 +1420,12 @@ class Sprayer(Worker):
         return refused
 
     @rpc
+    def fail_after_creating(self, name: str) -> None:
+        with self.broker.create(f"out/{name}") as f:
+            f.write(b"half")
+        raise ValueError("failed after creating an output")
+
+    @rpc
     def write(self, names: list[str]) -> list[str]:
         """Create each output it can; say which were refused (as a compromised
         worker would try, past the one it was asked for)."""
@@ -1469,6 +1476,33 @@ def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None
         # a plain call after them: the policy's own bounds again
         assert w.write(["g.txt"]) == []
         assert sorted(os.listdir(tree / "out")) == ["a.txt", "c.txt", "d.txt", "g.txt", "keep.txt"]
+
+
+def test_one_call_creates_an_output_once_and_discarded_ones_are_audited(
+    tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without with_outputs a call could create the same output twice: the
+    last write won, silently, and the audit log said "commit granted" twice
+    for one path; a failed call's outputs left no event at all (a user
+    trial)."""
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(Policy().allow("out/", Rights.WRITE | Rights.CREATE), root=tree) as b:
+        w = b.spawn(Sprayer)
+        refused = w.write(["twice.txt", "twice.txt", "once.txt"])
+        assert refused == ["twice.txt: this call has created that output already"]
+        assert (tree / "out" / "twice.txt").read_text() == "twice.txt"
+        assert w.write(["twice.txt"]) == []  # a later call: a new output
+        with pytest.raises(ValueError):
+            w.fail_after_creating("lost.txt")
+    commits = [(e["path"], e["decision"], e["reason"]) for e in
+               (r.privsep for r in caplog.records if r.name == "privsep.audit") if e["request"] == "commit"]  # type: ignore[attr-defined]  # fmt: skip
+    assert commits == [
+        ("out/twice.txt", "granted", "output committed"),
+        ("out/once.txt", "granted", "output committed"),
+        ("out/twice.txt", "granted", "output committed"),
+        ("out/lost.txt", "failed", "discarded: its call failed"),
+    ]
+    assert not (tree / "out" / "lost.txt").exists()
 
 
 class PathWriter(Worker):

@@ -158,7 +158,8 @@ class BrokerClient:
         temporary file itself); the broker moves its content into place as
         ``path`` only when the current call returns normally; if the call
         raises or the worker dies, nothing is left behind. The file is closed
-        when the call returns.
+        when the call returns. One call creates ``path`` once. Without
+        ``FTRUNCATE`` in ``rights`` the file cannot be truncated (``EACCES``).
         """
         path = _checked(path)
         f = self._fd_request("create", {"path": path, "rights": int(rights_arg(rights))})
