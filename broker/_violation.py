@@ -152,6 +152,8 @@ def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
         hint = _CWD_HINT
     elif not hint and name in _OPENS and paths and (paths[0].startswith("/") or shown[0] == "AT_FDCWD"):
         hint = _PATH_HINT
+    elif name == "mmap" and len(args) > 4 and not args[3] & _MAP_ANONYMOUS and args[4] & 0xFFFFFFFF != 0xFFFFFFFF:
+        hint = _MAP_HINT.format(fd=args[4] & 0xFFFFFFFF)
     return f"{name}({', '.join(shown)})", hint
 
 
@@ -169,6 +171,14 @@ _OPENS = frozenset({"open", "openat", "openat2", "creat", "stat", "lstat", "newf
 _CWD_HINT = (
     ": a worker has no working directory. os.getcwd(), os.path.abspath() and tempfile ask for it: keep "
     "scratch data in memory (io.BytesIO), or ask the broker for a file (self.broker.create())"
+)
+_MAP_ANONYMOUS = 0x20
+# (Pillow's PDF writer maps its output to read it back: a pipe output killed the worker, which read
+# the report as a bug of its own; a user trial.)
+_MAP_HINT = (
+    ": a mapping of the file at fd {fd}. A worker maps a file only when it holds it from its spawn with "
+    "MMAP_R (grants=); a file it got later (a call's argument, self.broker.open(), an output) cannot be "
+    "mapped: read it, or give an output SEEK|FSTAT so that a library can read it back"
 )
 _PATH_HINT = (
     ": a worker opens nothing by path on its own. Take the file as a call's argument, or ask the broker "

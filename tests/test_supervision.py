@@ -198,6 +198,24 @@ def test_violation_names_the_syscall_and_path(tree: Path) -> None:
         assert w.exit is not None and w.exit.kind == "violation"
 
 
+class Mapper(Worker):
+    @rpc
+    def map_it(self, f: Any) -> int:
+        import mmap
+
+        return len(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+
+
+def test_a_file_mapping_is_named_as_the_cause(tree: Path) -> None:
+    """Pillow's PDF writer maps its output: the report said 'mmap(0x0, 0x0,
+    0x1, 0x1, 0x4)' and the user read it as a bug of their own (a user trial)."""
+    with Broker(default_policy(), root=tree) as b, pytest.raises(PolicyViolation) as info:
+        b.spawn(Mapper).map_it(b.open("data/a.txt", READ | Rights.SEEK | Rights.FSTAT))
+    assert info.value.syscall == "mmap"
+    assert re.search(r"for syscall mmap\(0x0, 0x5, 0x1, 0x1, (0x[0-9a-f]+)\): a mapping of the file at fd "
+                     r"(\d+)\. A worker maps a file only when it holds it from its spawn with MMAP_R", str(info.value))
+
+
 def test_a_working_directory_asked_for_is_named_as_the_cause(tree: Path) -> None:
     """tempfile and os.path.abspath() ask for the working directory: the report named getcwd() alone."""
     with Broker(Policy(), root=tree) as b, pytest.raises(PolicyViolation) as info:
