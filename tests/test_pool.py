@@ -271,11 +271,15 @@ def test_parallelism(broker: Broker) -> None:
 
 
 def test_remote_error_type(broker: Broker) -> None:
-    class Local(Exception):
-        pass
-
+    """A builtin exception raised in a pool's worker comes back as that builtin
+    (not a RemoteError), with its message and the worker's traceback."""
     with broker.pool(Calc, size=1) as pool:
-        assert not isinstance(pool.submit(Calc.fail, "x").exception(), RemoteError)
+        exc = pool.submit(Calc.fail, "x").exception()
+    assert type(exc) is ValueError and not isinstance(exc, RemoteError)
+    assert str(exc) == "x"
+    tb = exc.remote_traceback  # type: ignore[attr-defined]
+    assert tb.startswith("Traceback (most recent call last):"), tb
+    assert ", in fail\n    raise ValueError(msg)\n" in tb and tb.endswith("ValueError: x\n"), tb
 
 
 class Creator(Worker):
