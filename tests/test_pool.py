@@ -256,8 +256,12 @@ def test_a_worker_whose_memory_cannot_be_read_is_recycled(broker: Broker, monkey
 def test_recycle_on_memory_growth(broker: Broker) -> None:
     with broker.pool(Calc, size=1, max_rss=200 << 20) as pool:
         p1 = pool.submit(Calc.pid).result()
-        pool.submit(Calc.grow, 300).result()
+        assert pool.submit(Calc.grow, 300).result() == 300 << 20
         assert pool.submit(Calc.pid).result() != p1
+        # The old worker was stopped by the pool (no recycle_after: its RSS), not lost to a crash
+        # or the OOM killer; its successor is no restart.
+        assert [(e.kind, e.reason) for e in pool.exits] == [("ok", "stopped, exit status 0")]
+        assert (pool.ended, pool.restarts) == (1, 0)
 
 
 def test_parallelism(broker: Broker) -> None:
