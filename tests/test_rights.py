@@ -14,13 +14,15 @@ import fcntl
 import mmap
 import os
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import open_fds
 
-from broker import Broker, Policy
+from broker import Broker, Policy, WorkerHandle
 from protocol import NotCapable, Rights, UnsupportedRights
 from worker import Directory, FdDirectory, Worker, rpc
 from worker.sandbox._rights_table import TABLE, render_markdown
@@ -106,14 +108,18 @@ class Prober(Worker):
         raise ValueError(op)
 
 
+def _make_root(path: Path) -> Path:
+    (path / "data").mkdir()
+    (path / "data" / "f.bin").write_bytes(b"0123456789")
+    (path / "data" / "a.txt").write_text("inside")
+    (path / "data" / "victim.txt").write_text("x")
+    (path / "secret").write_text("outside")
+    return path
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "f.bin").write_bytes(b"0123456789")
-    (tmp_path / "data" / "a.txt").write_text("inside")
-    (tmp_path / "data" / "victim.txt").write_text("x")
-    (tmp_path / "secret").write_text("outside")
-    return tmp_path
+    return _make_root(tmp_path)
 
 
 def _broker(root: Path) -> Broker:
@@ -127,6 +133,61 @@ def _run(root: Path, op: str, rights: Rights, phase: str) -> dict[str, Any]:
         if phase == "spawn":
             return b.spawn(Prober, grants={"f": cap}).probe(op)
         return b.spawn(Prober).probe(op, cap)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Path, WorkerHandle]]:
+    """One broker (and tree) for the cases that change nothing in the tree;
+    each case still runs in a fresh worker (see ``run``). The witness, a
+    worker that lives through them all, is made first (so is the zygote)."""
+    root = _make_root(tmp_path_factory.mktemp("rights"))
+    with _broker(root) as b:
+        yield b, root, b.spawn(Prober, grants={"f": b.open("data/f.bin", R | S | F)})
+
+
+# The ops that change the file when they succeed (its bytes, mode or times): their cases, right
+# present or absent, get a broker and a tree of their own, as every case did.
+_CHANGES_THE_TREE = frozenset({"WRITE", "FTRUNCATE", "FCHMOD", "FUTIMES"})
+
+Runner = Callable[[str, Rights, str], dict[str, Any]]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Each file's bytes, mode and mtime (not atime: a read changes it)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.fixture
+def run(shared: tuple[Broker, Path, WorkerHandle], tmp_path: Path) -> Iterator[Runner]:
+    """``run(op, rights, phase)``: ``op`` on data/f.bin opened with ``rights``, in a
+    fresh worker that holds it from spawn or is passed it later. After the case
+    the shared broker still answers, the tree is as it was and no fd is left."""
+    b, root, witness = shared
+    before, snapshot = open_fds(b), _snapshot(root)
+    workers: list[WorkerHandle] = []
+    caps: list[Any] = []
+
+    def run_(op: str, rights: Rights, phase: str) -> dict[str, Any]:
+        if op in _CHANGES_THE_TREE:
+            return _run(_make_root(tmp_path), op, rights, phase)
+        caps.append(b.open("data/f.bin", rights))
+        workers.append(b.spawn(Prober, grants={"f": caps[-1]}) if phase == "spawn" else b.spawn(Prober))
+        return workers[-1].probe(op) if phase == "spawn" else workers[-1].probe(op, caps[-1])
+
+    yield run_
+    for w in workers:
+        w.kill()
+    for cap in caps:
+        cap.close()
+    with b.open("data/a.txt", R) as f:
+        assert f.read_all() == b"inside"
+    assert witness.probe("FSTAT") == {"ok": "True"}  # another worker is still served
+    assert _snapshot(root) == snapshot
+    deadline = time.monotonic() + 5  # a pipe's pump thread ends when the killed worker's end is closed
+    while open_fds(b) != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert open_fds(b) == before, "fds leaked"
 
 
 # (right, base rights the grant always has, expected when present, expected when absent)
@@ -161,11 +222,11 @@ def _check(got: dict[str, Any], want: str) -> None:
 
 @pytest.mark.parametrize("present", [True, False], ids=["present", "absent"])
 @pytest.mark.parametrize(("right", "base", "yes", "no"), SPAWN_CASES, ids=[c[0] for c in SPAWN_CASES])
-def test_right_at_spawn(root: Path, right: str, base: Rights, yes: str, no: str, present: bool) -> None:
+def test_right_at_spawn(run: Runner, right: str, base: Rights, yes: str, no: str, present: bool) -> None:
     r = Rights[right]
     own = Rights.MMAP if r in (Rights.MMAP_R, Rights.MMAP_W) else r  # the bit that is only this right's
     rights = base | r if present else base & ~own
-    _check(_run(root, right, rights, "spawn"), yes if present else no)
+    _check(run(right, rights, "spawn"), yes if present else no)
 
 
 # Later grants: what Linux can enforce after entry (see the table).
@@ -180,7 +241,7 @@ LATER_CASES = [
 
 @pytest.mark.parametrize("present", [True, False], ids=["present", "absent"])
 @pytest.mark.parametrize(("right", "base", "yes", "no"), LATER_CASES, ids=[c[0] for c in LATER_CASES])
-def test_right_granted_later(root: Path, right: str, base: Rights, yes: str, no: str, present: bool) -> None:
+def test_right_granted_later(run: Runner, right: str, base: Rights, yes: str, no: str, present: bool) -> None:
     r = Rights[right]
     rights = base | r if present else base & ~r
     if yes == "ok-with-FSTAT" and present:
@@ -190,22 +251,22 @@ def test_right_granted_later(root: Path, right: str, base: Rights, yes: str, no:
         want = "ok"
     if want == "refused":
         with pytest.raises(UnsupportedRights):
-            _run(root, right, rights, "later")
+            run(right, rights, "later")
         return
-    _check(_run(root, right, rights, "later"), want)
+    _check(run(right, rights, "later"), want)
 
 
 @pytest.mark.parametrize(
     "right", ["FSYNC", "MMAP_R", "FCHMOD", "FCHOWN", "FLOCK", "FUTIMES", "FSTATFS", "FCNTL", "IOCTL"]
 )
-def test_ungrantable_later_rights_are_refused(root: Path, right: str) -> None:
+def test_ungrantable_later_rights_are_refused(run: Runner, right: str) -> None:
     with pytest.raises(UnsupportedRights, match="after sandbox entry"):
-        _run(root, right, R | S | F | Rights[right], "later")
+        run(right, R | S | F | Rights[right], "later")
 
 
 @pytest.mark.parametrize("right", ["FSYNC", "FCHMOD", "FSTATFS"])
-def test_absent_later_rights_are_denied(root: Path, right: str) -> None:
-    assert _run(root, right, R | S | F, "later") == {"errno": "EPERM"}
+def test_absent_later_rights_are_denied(run: Runner, right: str) -> None:
+    assert run(right, R | S | F, "later") == {"errno": "EPERM"}
 
 
 def test_accept_weaker_delivers_without_the_right(root: Path) -> None:
@@ -216,16 +277,16 @@ def test_accept_weaker_delivers_without_the_right(root: Path) -> None:
         assert got == {"errno": "EPERM"}  # granted without FSYNC, as accepted
 
 
-def test_later_read_write_without_seek_is_refused(root: Path) -> None:
+def test_later_read_write_without_seek_is_refused(run: Runner) -> None:
     with pytest.raises(UnsupportedRights, match="one direction"):
-        _run(root, "READ", R | W, "later")
+        run("READ", R | W, "later")
 
 
-def test_append_cannot_be_cleared(root: Path) -> None:
+def test_append_cannot_be_cleared(run: Runner, shared: tuple[Broker, Path, WorkerHandle]) -> None:
     for phase in ("spawn", "later"):
-        got = _run(root, "APPEND", Rights.APPEND | S | F | T, phase)
+        got = run("APPEND", Rights.APPEND | S | F | T, phase)
         assert got == {"errno": "EPERM"}, (phase, got)
-    assert (root / "data" / "f.bin").read_bytes() == b"0123456789"
+    assert (shared[1] / "data" / "f.bin").read_bytes() == b"0123456789"
 
 
 def test_pinned_slot_cannot_be_reused(root: Path) -> None:
