@@ -681,17 +681,23 @@ ABLATION = [
 ]
 
 
-@needs_landlock
-@pytest.mark.parametrize("row", ABLATION, ids=[r[0] for r in ABLATION])
-@pytest.mark.parametrize("alone", ["landlock", "seccomp"])
-def test_ablation(row: tuple[Any, ...], alone: str, tree_m: Path, abstract_server: str) -> None:
-    attack, arg, landlock_only, seccomp_only = row
-    if alone == "landlock":
+@pytest.fixture(scope="module", params=["landlock", "seccomp"])
+def ablated_m(request: pytest.FixtureRequest, tree_m: Path) -> Iterator[tuple[str, Broker, Any]]:
+    """One broker per layer left alone (each case still runs in a fresh
+    worker, and run_case checks the broker, the tree and its fds after it)."""
+    if request.param == "landlock":
         sandbox = {"seccomp": False, "namespaces": False}
-        expect = landlock_only
     else:
         sandbox = {"landlock": False, "namespaces": False}
-        expect = seccomp_only
     with make_broker(tree_m, **sandbox) as b:
-        witness = b.spawn(Attacker)
-        run_case(b, witness, tree_m, Case(attack, alone, expect, arg), abstract_server)
+        yield request.param, b, b.spawn(Attacker)
+
+
+@needs_landlock
+@pytest.mark.parametrize("row", ABLATION, ids=[r[0] for r in ABLATION])
+def test_ablation(row: tuple[Any, ...], ablated_m: tuple[str, Broker, Any], tree_m: Path,
+                  abstract_server: str) -> None:
+    attack, arg, landlock_only, seccomp_only = row
+    alone, b, witness = ablated_m
+    expect = landlock_only if alone == "landlock" else seccomp_only
+    run_case(b, witness, tree_m, Case(attack, alone, expect, arg), abstract_server)
