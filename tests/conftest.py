@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 
 from broker import Broker, Policy
 from protocol import Rights
+from worker import Worker, rpc
 
 READ = Rights.READ | Rights.FSTAT | Rights.SEEK
 
@@ -61,6 +63,10 @@ def fd_targets() -> dict[int, str]:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path)
+
+
+def make_tree(tmp_path: Path) -> Path:
     """root/
     data/a.txt, data/b.bin, data/sub/c.txt
     data/link_in -> a.txt            (stays inside: allowed)
@@ -95,6 +101,53 @@ def default_policy() -> Policy:
 def broker(tree: Path) -> Iterator[Broker]:
     with Broker(default_policy(), root=tree, call_timeout=30) as b:
         yield b
+
+
+class _Witness(Worker):
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
+    """Every entry beneath ``root``: its mode, mtime and bytes (a symlink: its
+    target; a FIFO: nothing, it is never opened)."""
+    out: dict[str, tuple[int, int, bytes | str | None]] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        body = os.readlink(p) if p.is_symlink() else p.read_bytes() if stat.S_ISREG(st.st_mode) else None
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_mtime_ns, body)
+    return out
+
+
+@pytest.fixture(scope="module")
+def _shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Path, Any]]:
+    root = make_tree(tmp_path_factory.mktemp("shared"))
+    with Broker(default_policy(), root=root, call_timeout=30) as b:
+        yield b, root, b.spawn(_Witness)  # (made first: the zygote is up before a case counts fds)
+
+
+@pytest.fixture
+def ro_broker(_shared: tuple[Broker, Path, Any]) -> Iterator[Broker]:
+    """The ``broker`` fixture's configuration, shared by a module's cases that
+    change nothing in the tree and do not depend on the broker's state; each
+    spawns workers of its own. After a case its workers are killed, and the
+    broker must still answer a request of its own and a witness worker's call,
+    with the tree as it was and no fd left."""
+    b, root, witness = _shared
+    before, tree_before, workers_before = open_fds(b), _snapshot(root), set(b._workers)
+    yield b
+    for wid, handle in list(b._workers.items()):
+        if wid not in workers_before:
+            handle.kill()
+    with b.open("data/a.txt", READ) as f:
+        assert f.read_all() == b"hello"
+    assert witness.ping() == "pong"
+    assert _snapshot(root) == tree_before, "the case changed the shared tree"
+    deadline = time.monotonic() + 5  # (a pipe's pump thread ends once the worker's end is closed)
+    while open_fds(b) != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert open_fds(b) == before, "the case left fds open in the shared broker"
 
 
 # Skips must come from probing the kernel or the platform. In CI any other

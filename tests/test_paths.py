@@ -67,8 +67,8 @@ ESCAPES: dict[str, tuple[int, str]] = {
 
 
 @pytest.mark.parametrize("path", ESCAPES)
-def test_escapes_are_refused_by_the_broker(broker: Broker, path: str) -> None:
-    w = broker.spawn(Asker)
+def test_escapes_are_refused_by_the_broker(ro_broker: Broker, path: str) -> None:
+    w = ro_broker.spawn(Asker)
     with pytest.raises(NotCapable) as info:
         w.open_raw(path)
     assert (info.value.errno, info.value.strerror) == ESCAPES[path]
@@ -76,37 +76,37 @@ def test_escapes_are_refused_by_the_broker(broker: Broker, path: str) -> None:
 
 
 @pytest.mark.parametrize("path", ESCAPES)
-def test_escapes_are_refused_for_broker_side_open(broker: Broker, path: str) -> None:
+def test_escapes_are_refused_for_broker_side_open(ro_broker: Broker, path: str) -> None:
     with pytest.raises(NotCapable):
-        broker.open(path, Rights.READ)
+        ro_broker.open(path, Rights.READ)
 
 
-def test_symlink_inside_the_tree_is_followed(broker: Broker) -> None:
-    w = broker.spawn(Asker)
+def test_symlink_inside_the_tree_is_followed(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Asker)
     assert w.open_raw("data/link_in") == b"hello"
     assert w.open_raw("data/./sub//c.txt") == b"deep"
 
 
-def test_fifo_is_never_opened(broker: Broker) -> None:
-    w = broker.spawn(Asker)
+def test_fifo_is_never_opened(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Asker)
     with pytest.raises(NotCapable, match="fifo"):
         w.open_raw("data/fifo")
 
 
-def test_directory_is_not_a_file(broker: Broker) -> None:
-    w = broker.spawn(Asker)
+def test_directory_is_not_a_file(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Asker)
     with pytest.raises(NotCapable):
         w.open_raw("data/sub")
 
 
-def test_missing_file_is_file_not_found(broker: Broker) -> None:
-    w = broker.spawn(Asker)
+def test_missing_file_is_file_not_found(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Asker)
     with pytest.raises(FileNotFoundError):
         w.open_raw("data/nope.txt")
 
 
-def test_rights_beyond_policy_are_refused(broker: Broker) -> None:
-    w = broker.spawn(Asker)
+def test_rights_beyond_policy_are_refused(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Asker)
     with pytest.raises(NotCapable):
         w.open_raw("data/a.txt", int(Rights.READ | Rights.WRITE))
     # a rights integer with unknown bits is refused too
@@ -114,8 +114,8 @@ def test_rights_beyond_policy_are_refused(broker: Broker) -> None:
         w.open_raw("data/a.txt", 1 << 60)
 
 
-def test_client_checks_early_too(broker: Broker) -> None:
-    w = broker.spawn(Asker)
+def test_client_checks_early_too(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Asker)
     with pytest.raises(NotCapable, match=r"'\.\.'") as info:
         w.open_checked("data/../secret")
     # The worker's traceback shows privsep's own lines too (they were bare "File ..., line N").
