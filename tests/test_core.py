@@ -207,10 +207,10 @@ class Upper(Worker):
         raise CustomError("custom failure")
 
 
-def test_snippet_from_the_issue(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_snippet_from_the_issue(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     assert w.shout("hi") == "HI"
-    assert w.count_bytes(broker.open("data/a.txt", Rights.READ)) == 5
+    assert w.count_bytes(ro_broker.open("data/a.txt", Rights.READ)) == 5
     assert w.read_named("a.txt") == b"hello"
     with pytest.raises(NotCapable) as info:
         w.read_named("../secret")
@@ -218,18 +218,18 @@ def test_snippet_from_the_issue(broker: Broker) -> None:
     assert isinstance(info.value, PermissionError)
 
 
-def test_setup_runs_before_calls(broker: Broker) -> None:
-    assert broker.spawn(Upper).was_setup() is True
+def test_setup_runs_before_calls(ro_broker: Broker) -> None:
+    assert ro_broker.spawn(Upper).was_setup() is True
 
 
-def test_positional_and_keyword_arguments(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_positional_and_keyword_arguments(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     out = w.echo(1, "two", b"three", [4.5, None], {"k": True}, x=1, y=[1, 2])
     assert out == {"args": [1, "two", b"three", [4.5, None], {"k": True}], "kwargs": {"x": 1, "y": [1, 2]}}
 
 
-def test_unknown_method_is_refused_locally(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_unknown_method_is_refused_locally(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     with pytest.raises(AttributeError):
         w.not_a_method()
     with pytest.raises(AttributeError):
@@ -349,22 +349,22 @@ def test_rights_map_to_access_mode(tree: Path, rights: Rights, mode: str, readab
             assert w.try_write(b.open("data/a.txt", rights)) == "EBADF"
 
 
-def test_worker_opens_with_the_mode_its_rights_allow(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_worker_opens_with_the_mode_its_rights_allow(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     assert w.open_mode("data/a.txt", int(Rights.READ)) == "rb"
     with pytest.raises(NotCapable):
         w.open_mode("data/a.txt", int(Rights.READ | Rights.WRITE))  # policy grants no WRITE in data/
 
 
-def test_rights_never_widen_beyond_policy(broker: Broker) -> None:
+def test_rights_never_widen_beyond_policy(ro_broker: Broker) -> None:
     with pytest.raises(NotCapable):
-        broker.open("data/a.txt", Rights.WRITE)
+        ro_broker.open("data/a.txt", Rights.WRITE)
     with pytest.raises(NotCapable):
-        broker.open("secret", Rights.READ)
+        ro_broker.open("secret", Rights.READ)
 
 
-def test_stat_and_listdir(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_stat_and_listdir(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     assert w.stat_it("data/a.txt") == {"type": "file", "size": 5}
     assert w.stat_it("data/sub") == {"type": "dir", "size": w.stat_it("data/sub")["size"]}
     names = w.ls("data")
@@ -446,10 +446,10 @@ def test_directory_grants_are_let_go_when_done_with(broker: Broker, tree: Path) 
     assert len(os.listdir("/proc/self/fd")) <= before + 3  # (the worker's channel, pidfd and listener)
 
 
-def test_a_value_too_large_to_send_costs_the_call_not_the_worker(broker: Broker) -> None:
+def test_a_value_too_large_to_send_costs_the_call_not_the_worker(ro_broker: Broker) -> None:
     """Nothing is sent, so nothing is out of step: an argument that does not
     fit raised WorkerCrashed and the worker was killed for it."""
-    w = broker.spawn(Upper)
+    w = ro_broker.spawn(Upper)
     with pytest.raises(MessageTooLarge, match="exceeds"):
         w.count(list(range(100_000)))
     with pytest.raises(MessageTooLarge, match=r"numbers\(\) returned a value too large to send: message of .* exceeds"):
@@ -457,8 +457,8 @@ def test_a_value_too_large_to_send_costs_the_call_not_the_worker(broker: Broker)
     assert w.count(list(range(1000))) == 1000 and w.alive
 
 
-def test_fd_passing_worker_to_broker(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_fd_passing_worker_to_broker(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     cap = w.make_pipe()
     assert isinstance(cap, Capability)
     assert cap.rights & Rights.READ and not cap.rights & Rights.WRITE
@@ -467,38 +467,38 @@ def test_fd_passing_worker_to_broker(broker: Broker) -> None:
     assert cap.closed
 
 
-def test_large_values_travel_out_of_band(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_large_values_travel_out_of_band(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     assert w.big(3 << 20) == b"z" * (3 << 20)
     assert w.echo(b"y" * (1 << 20))["args"][0] == b"y" * (1 << 20)
 
 
-def test_large_strings_travel_both_ways(broker: Broker) -> None:
+def test_large_strings_travel_both_ways(ro_broker: Broker) -> None:
     """A document parser's text can be large: strings past a packet travel
     in a memfd as large byte strings do (they used to fail, 'exceeds 262144
     even with blobs')."""
-    w = broker.spawn(Upper)
+    w = ro_broker.spawn(Upper)
     for text in ("a" * 300_000, "é€😀x" * 70_000, "b" * 16_385, "ü" * 40_000):
         assert w.echo(text) == {"args": [text], "kwargs": {}}
         assert w.shout(text) == text.upper()
 
 
 
-def test_a_sandboxed_workers_large_values_go_through_its_own_two_memfds(broker: Broker) -> None:
+def test_a_sandboxed_workers_large_values_go_through_its_own_two_memfds(ro_broker: Broker) -> None:
     """memfd_create is denied after entry (each memfd was memory outside
     RLIMIT_AS): the values go into the two memfds made before it, the
     messages taking turns, at offsets for a message carrying several."""
-    w = broker.spawn(Upper)
+    w = ro_broker.spawn(Upper)
     parts = [bytes([i]) * ((1 << 20) + i) for i in range(3)]  # three values in one message
     for _ in range(3):  # both memfds, twice over
         got = w.echo(*parts, text="t" * 300_000)
         assert got == {"args": parts, "kwargs": {"text": "t" * 300_000}}
         assert w.big(5 << 20) == b"z" * (5 << 20)
 
-def test_values_over_the_blob_limit_are_an_error_not_a_crash(broker: Broker) -> None:
+def test_values_over_the_blob_limit_are_an_error_not_a_crash(ro_broker: Broker) -> None:
     from protocol._wire import MAX_BLOB
 
-    w = broker.spawn(Upper)
+    w = ro_broker.spawn(Upper)
     with pytest.raises(MessageTooLarge, match=r"big\(\) returned a value too large to send: .*pass a file instead"):
         w.big(MAX_BLOB + 1)
     assert w.shout("alive") == "ALIVE"
@@ -616,13 +616,13 @@ _UNSENDABLE: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
 
 
 @pytest.mark.parametrize("name", list(_UNSENDABLE))
-def test_what_the_wire_refuses_is_refused_by_the_sender_not_fatal(broker: Broker, name: str) -> None:
+def test_what_the_wire_refuses_is_refused_by_the_sender_not_fatal(ro_broker: Broker, name: str) -> None:
     """The receiving side ends a peer for these (it is assumed hostile). An
     honest sender must hear why instead: the broker refuses such an argument
     before sending it, and a worker such a result (the call raises; the
     worker lives on)."""
     make, error, match = _UNSENDABLE[name]
-    w = broker.spawn(Upper)
+    w = ro_broker.spawn(Upper)
     with pytest.raises(error, match=match):
         w.give_back(make())
     with pytest.raises(error, match=match):
@@ -725,18 +725,18 @@ def rss_kib(pid: int) -> int:
         return int(f.read().split()[1]) * 4
 
 
-def test_os_cpu_count_answers_in_the_sandbox(broker: Broker) -> None:
+def test_os_cpu_count_answers_in_the_sandbox(ro_broker: Broker) -> None:
     """glibc reads /sys/devices/system/cpu/online for it: a violation there."""
-    w = broker.spawn(Untidy)
+    w = ro_broker.spawn(Untidy)
     assert w.sandbox["seccomp"] == "notify"
     assert w.cpu_count() == os.cpu_count()
 
 
-def test_exceptions_a_worker_cannot_raise_are_printed_without_reading_source_files(broker: Broker) -> None:
+def test_exceptions_a_worker_cannot_raise_are_printed_without_reading_source_files(ro_broker: Broker) -> None:
     """Python's own hooks for an exception in a thread or in __del__ print the
     traceback in C, opening each source file: in the sandbox that is a
     violation, and the worker was killed for it."""
-    w = broker.spawn(Untidy)
+    w = ro_broker.spawn(Untidy)
     assert w.sandbox["seccomp"] == "notify"
     assert w.thread_raises() == "survived"
     assert w.del_raises() == "survived"
@@ -748,11 +748,11 @@ def test_exceptions_a_worker_cannot_raise_are_printed_without_reading_source_fil
     assert w.alive
 
 
-def test_warnings_that_name_their_source_are_printed_without_an_import(broker: Broker) -> None:
+def test_warnings_that_name_their_source_are_printed_without_an_import(ro_broker: Broker) -> None:
     """Python's warning printer imports tracemalloc for a warning with a
     source (a coroutine never awaited, an unclosed resource): an import in the
     sandbox, and the worker was killed for a stat of a sys.path directory."""
-    w = broker.spawn(Untidy)
+    w = ro_broker.spawn(Untidy)
     assert w.sandbox["seccomp"] == "notify"
     assert w.forgets_to_await() == "survived"
     assert w.warns_about("a socket") == "survived"
@@ -760,8 +760,8 @@ def test_warnings_that_name_their_source_are_printed_without_an_import(broker: B
     assert w.alive
 
 
-def test_what_a_worker_prints_costs_it_no_memory(broker: Broker) -> None:
-    w = broker.spawn(Untidy)
+def test_what_a_worker_prints_costs_it_no_memory(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Untidy)
     w.chatty(1)
     before = rss_kib(w.pid)
     w.chatty(64)  # 128 MiB through stdout and stderr
@@ -822,16 +822,16 @@ def test_worker_threads_may_ask_the_broker_at_once(broker: Broker, tree: Path) -
     assert w.read_in_threads(["a.txt"], 3) == [0]
 
 
-def test_a_worker_that_fails_during_a_call_says_why(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_a_worker_that_fails_during_a_call_says_why(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     w._chan.sock.send(b"\xc1")  # never valid msgpack: as a broker bug would send it
     with pytest.raises(WorkerCrashed, match="the worker failed: ProtocolError: malformed packet"):
         w.shout("x")
     assert w.exit is not None and w.exit.kind == "crashed"
 
 
-def test_remote_exceptions_map_to_real_classes(broker: Broker) -> None:
-    w = broker.spawn(Upper)
+def test_remote_exceptions_map_to_real_classes(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Upper)
     with pytest.raises(FileNotFoundError) as info:
         w.raise_oserror()
     assert info.value.errno == errno.ENOENT
@@ -859,12 +859,12 @@ class Liar(Worker):
 
 
 @pytest.mark.parametrize("kind", ["violation", "timeout", "crashed"])
-def test_a_worker_cannot_make_its_call_read_as_its_own_end(broker: Broker, kind: str) -> None:
+def test_a_worker_cannot_make_its_call_read_as_its_own_end(ro_broker: Broker, kind: str) -> None:
     """WorkerCrashed, WorkerTimeout and PolicyViolation say how a worker
     ended, as the broker saw it. A live worker raising one by name was
     rebuilt as the real class: a caller would count a violation or a timeout
     (and perhaps replace the worker) that never happened."""
-    w = broker.spawn(Liar)
+    w = ro_broker.spawn(Liar)
     with pytest.raises(RemoteError) as info:
         w.lie(kind)
     assert not isinstance(info.value, WorkerCrashed)
@@ -919,10 +919,10 @@ class OddErrors(Worker):
         return "pong"
 
 
-def test_a_remote_builtin_exception_keeps_its_args(broker: Broker) -> None:
+def test_a_remote_builtin_exception_keeps_its_args(ro_broker: Broker) -> None:
     """A KeyError's str() quotes its key: sent as the message, the key came
     back quoted twice (args[0] == "'missing'"); a bare raise came back with ''."""
-    w = broker.spawn(OddErrors)
+    w = ro_broker.spawn(OddErrors)
     with pytest.raises(KeyError) as key:
         w.raise_("key-error")
     assert key.value.args == ("missing",) and str(key.value) == "'missing'"
@@ -959,14 +959,14 @@ class OsErrors(Worker):
             raise _OwnIOError("no errno")
 
 
-def test_a_workers_own_oserror_comes_back_as_one(broker: Broker) -> None:
+def test_a_workers_own_oserror_comes_back_as_one(ro_broker: Broker) -> None:
     """A worker's own OSError subclass (or io.UnsupportedOperation, both an
     OSError and a ValueError) came back as a bare RemoteError that neither
     ``except OSError`` nor ``except ValueError`` caught, its errno lost (a
     user trial)."""
-    w = broker.spawn(OsErrors)
+    w = ro_broker.spawn(OsErrors)
     with pytest.raises(io.UnsupportedOperation) as unsupported:
-        w.raise_("unsupported", broker.open("data/a.txt", READ))
+        w.raise_("unsupported", ro_broker.open("data/a.txt", READ))
     assert isinstance(unsupported.value, ValueError) and "write" in str(unsupported.value)
     with pytest.raises(OSError) as own:
         w.raise_("own")
@@ -1170,11 +1170,11 @@ def test_rights_only_shrink() -> None:
     assert Rights.READ in Rights.MMAP_R and Rights.SEEK in Rights.MMAP_R
 
 
-def test_a_capability_copies_as_a_dup_and_never_pickles(broker: Broker) -> None:
+def test_a_capability_copies_as_a_dup_and_never_pickles(ro_broker: Broker) -> None:
     """A copy shared the fd number: two owners, the second close hitting
     whatever reused the number; a pickle carried a number that means nothing
     elsewhere."""
-    cap = broker.open("data/a.txt", READ)
+    cap = ro_broker.open("data/a.txt", READ)
     for twin in (copy.copy(cap), copy.deepcopy(cap)):
         assert twin.fileno() != cap.fileno() and (twin.rights, twin.kind) == (cap.rights, cap.kind)
         st, st_twin = os.fstat(cap.fileno()), os.fstat(twin.fileno())
@@ -1320,12 +1320,12 @@ class Returner(Worker):
         return f
 
 
-def test_a_file_returned_again_and_again_is_described_each_time(broker: Broker) -> None:
+def test_a_file_returned_again_and_again_is_described_each_time(ro_broker: Broker) -> None:
     """The worker remembers how to name a reader it returned before; the
     broker still derives each copy's rights from the fd, and a reader closed
     in between cannot be sent."""
-    with broker.open("data/a.txt", Rights.READ | Rights.SEEK | Rights.FSTAT) as grant:
-        w = broker.spawn(Returner, grants={"data": grant})
+    with ro_broker.open("data/a.txt", Rights.READ | Rights.SEEK | Rights.FSTAT) as grant:
+        w = ro_broker.spawn(Returner, grants={"data": grant})
     caps = [w.held() for _ in range(3)]
     try:
         for cap in caps:
@@ -1374,8 +1374,8 @@ class Exits(Worker):
         return "pong"
 
 
-def test_sys_exit_in_a_method_comes_back_as_an_error_that_cannot_end_the_broker(broker: Broker) -> None:
-    w = broker.spawn(Exits)
+def test_sys_exit_in_a_method_comes_back_as_an_error_that_cannot_end_the_broker(ro_broker: Broker) -> None:
+    w = ro_broker.spawn(Exits)
     for call, name in ((lambda: w.quit(4), "SystemExit"), (w.interrupt, "KeyboardInterrupt")):
         with pytest.raises(RemoteError) as info:
             call()
