@@ -649,7 +649,9 @@ def test_killing_a_big_worker_during_an_awaited_call_does_not_stall_the_loop(
         w, stall, cgroup = asyncio.run(main(b))
         if memory is not None and cgroup is None:
             pytest.skip(f"no memory cgroup here: {w.sandbox.get('cgroup')}")
-        assert stall < 0.06, f"the loop stalled {stall * 1000:.0f} ms"
+        # The kill waited for on the loop's thread stalled it ~140 ms (2 GiB at ~70 ms a GiB); the bound
+        # leaves a loaded 2-core machine room for ordinary scheduling gaps and still fails that.
+        assert stall < 0.1, f"the loop stalled {stall * 1000:.0f} ms"
         assert w.exit is not None and w.exit.kind == "timeout" and w.exit.signal == signal.SIGKILL
         assert _gone(w.pid)  # reaped in the background
         if cgroup is not None:
