@@ -374,11 +374,18 @@ def test_stat_and_listdir(ro_broker: Broker) -> None:
 
 
 def test_a_directory_of_many_files_lists_whole(broker: Broker, tree: Path) -> None:
-    """A listing past one packet (20,000 names) travels in pages, through the
-    broker's listdir and a directory proxy."""
+    """A listing past one packet (here four pages' worth of names) travels in
+    pages, through the broker's listdir and a directory proxy."""
+    from broker._broker import LISTING_PAGE, _page
+
     many = tree / "data" / "many"
     many.mkdir()
-    names = [f"scan-{i:06d}-of-a-long-day.jpg" for i in range(20_000)]
+    per_page = LISTING_PAGE // len(b"scan-000000-of-a-long-day.jpg")  # (fewer fit: each costs 5 bytes more)
+    names = [f"scan-{i:06d}-of-a-long-day.jpg" for i in range(3 * per_page)]
+    pages, at = 1, _page(names, 0)[1]
+    while at:
+        pages, at = pages + 1, _page(names, at)[1]
+    assert pages == 4  # (it was 20,000 names, 12 pages: the point is more than one)
     for name in names:
         (many / name).touch()
     w = broker.spawn(Upper)
