@@ -839,7 +839,9 @@ def test_costly_requests_in_a_row_do_not_hold_the_loop(tree: Path) -> None:
         w = b.spawn(PipelinedLister)
         asyncio.run(run(w))  # (warm)
         lag, each = asyncio.run(run(w))
-    assert lag < each + 0.01, f"the loop was held {lag * 1e3:.0f} ms; one listing takes {each * 1e3:.1f} ms"
+    # The fault held the loop for about 8 listings; a loaded 2-core machine (other processes taking the
+    # CPU) has been seen to hold a healthy loop for about 2 (33 ms against 18 ms a listing).
+    assert lag < 3 * each + 0.02, f"the loop was held {lag * 1e3:.0f} ms; one listing takes {each * 1e3:.1f} ms"
 
 
 class Lister(Worker):
