@@ -853,6 +853,24 @@ def test_remote_exceptions_map_to_real_classes(ro_broker: Broker) -> None:
     assert w.shout("still alive") == "STILL ALIVE"
 
 
+class Forger(Worker):
+    @rpc
+    def refuse(self) -> None:
+        raise NotCapable("no grant in the policy covers this path", filename="data/a.txt")
+
+
+def test_a_refusal_the_worker_made_up_is_told_from_the_brokers_own(broker: Broker) -> None:
+    """A worker can raise NotCapable as though the broker had refused it (a
+    red-team finding, documented): what came from the worker carries
+    remote_traceback, what the broker raised itself does not."""
+    with pytest.raises(NotCapable) as forged:
+        broker.spawn(Forger).refuse()
+    assert "raise NotCapable" in forged.value.remote_traceback  # type: ignore[attr-defined]
+    with pytest.raises(NotCapable) as own:
+        broker.open("secret/x", READ)
+    assert not hasattr(own.value, "remote_traceback")
+
+
 class Liar(Worker):
     @rpc
     def lie(self, kind: str) -> None:
