@@ -56,8 +56,11 @@ def rss_bytes(pid: int) -> int | None:
         rss = _statm_rss(f"/proc/{pid}/statm")
         if rss:
             return rss
-        return max((_statm_rss(f"/proc/{pid}/task/{tid}/statm") for tid in os.listdir(f"/proc/{pid}/task")),
-                   default=0) or None  # fmt: skip
+        for tid in os.listdir(f"/proc/{pid}/task"):  # (threads share one memory: the first that shows it)
+            rss = _statm_rss(f"/proc/{pid}/task/{tid}/statm")
+            if rss:
+                return rss
+        return None
     except (OSError, ValueError, IndexError):
         return None
 
