@@ -763,3 +763,41 @@ def test_a_path_beneath_a_proxy_of_the_root_is_named_as_beneath_the_root(tree: P
         target = b._resolver.locate_in(root, "out/a.txt", Rights.WRITE)
         assert target.display == "out/a.txt"
         root.close()
+
+
+class DirMaker(Worker):
+    @rpc
+    def make(self, how: str, path: str, parents: bool, exist_ok: bool) -> str:
+        if how == "broker":
+            mkdir = self.broker.mkdir
+        elif how == "proxy":
+            mkdir = self.broker.opendir("out", Rights.LOOKUP | Rights.MKDIRAT | Rights.FSTAT).mkdir
+            path = path.removeprefix("out/")
+        else:
+            mkdir = self.grants["out"].mkdir
+            path = path.removeprefix("out/")
+        try:
+            mkdir(path, parents=parents, exist_ok=exist_ok)
+        except OSError as exc:
+            return type(exc).__name__
+        return "made"
+
+
+@pytest.mark.parametrize("how", ["broker", "proxy", "spawn-grant"])
+def test_mkdir_takes_parents_and_exist_ok_as_pathlib_does(tree: Path, how: str) -> None:
+    """A worker could make one level at a time, and an existing directory was
+    an error it had to catch (and an audit event) every time (a user trial)."""
+    (tree / "out" / "file").write_text("a file")
+    rights = Rights.LOOKUP | Rights.MKDIRAT | Rights.FSTAT | Rights.SEEK | Rights.READ
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        grants = {"out": b.opendir("out", rights)} if how == "spawn-grant" else None
+        w = b.spawn(DirMaker, grants=grants)
+        assert w.make(how, "out/a/b/c", False, False) == "FileNotFoundError"
+        assert w.make(how, "out/a/b/c", True, False) == "made"
+        assert (tree / "out" / "a" / "b" / "c").is_dir()
+        assert w.make(how, "out/a/b/c", True, False) == "FileExistsError"
+        assert w.make(how, "out/a/b/c", False, True) == "made"
+        assert w.make(how, "out/a/b/d/e", True, True) == "made"
+        assert w.make(how, "out/file", True, True) == "FileExistsError"  # a file, not a directory
+        assert w.make(how, "out/file/x", True, True) == "NotADirectoryError"
+    assert (tree / "out" / "file").read_text() == "a file"

@@ -21,7 +21,7 @@ from protocol._remote import exception_from_wire
 from protocol._rights import rights_arg
 from protocol._wire import Channel, DirRef, ReceivedFd, type_name
 
-from ._files import Directory, ProxyDirectory, wrap_received
+from ._files import Directory, ProxyDirectory, make_dirs, wrap_received
 
 _REPLIES = frozenset({"rep", "rerr", "stop"})
 
@@ -182,10 +182,12 @@ class BrokerClient:
         path = _checked(path)
         return self._listing("listdir", path=path)
 
-    def mkdir(self, path: str | os.PathLike[str]) -> None:
-        """Make a directory beneath a grant with MKDIRAT."""
+    def mkdir(self, path: str | os.PathLike[str], *, parents: bool = False, exist_ok: bool = False) -> None:
+        """Make a directory beneath a grant with MKDIRAT. ``parents`` and
+        ``exist_ok`` as ``pathlib.Path.mkdir`` has them (one request a level;
+        ``exist_ok`` needs FSTAT to see that what exists is a directory)."""
         path = _checked(path)
-        self._request("mkdir", path=path)
+        make_dirs(lambda p: self._request("mkdir", path=p), self.stat, path.rstrip("/"), parents, exist_ok)
 
     def _end_call(self) -> None:
         created, self._created = self._created, []

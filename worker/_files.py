@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import stat
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from protocol import NotCapable, Rights
@@ -103,7 +104,7 @@ class Directory:
     def unlink(self, path: str | os.PathLike[str]) -> None:
         raise NotImplementedError
 
-    def mkdir(self, path: str | os.PathLike[str]) -> None:
+    def mkdir(self, path: str | os.PathLike[str], *, parents: bool = False, exist_ok: bool = False) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -211,10 +212,14 @@ class FdDirectory(Directory):
         finally:
             os.close(parent)
 
-    def mkdir(self, path: str | os.PathLike[str]) -> None:
+    def mkdir(self, path: str | os.PathLike[str], *, parents: bool = False, exist_ok: bool = False) -> None:
         path, parts = self._check(Rights.MKDIRAT, path)
         if not parts:
             raise NotCapable("mkdir needs a name", filename=path)
+        make_dirs(self._mkdir_one, self.stat, "/".join(parts), parents, exist_ok)
+
+    def _mkdir_one(self, path: str) -> None:
+        parts = path.split("/")
         parent = self._openat("/".join(parts[:-1]), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.mkdir(parts[-1], 0o755, dir_fd=parent)
@@ -274,12 +279,38 @@ class ProxyDirectory(Directory):
         path, _ = self._check(Rights.UNLINKAT, path)
         self._client._request("dunlink", dir=self.id, path=path)
 
-    def mkdir(self, path: str | os.PathLike[str]) -> None:
-        path, _ = self._check(Rights.MKDIRAT, path)
-        self._client._request("dmkdir", dir=self.id, path=path)
+    def mkdir(self, path: str | os.PathLike[str], *, parents: bool = False, exist_ok: bool = False) -> None:
+        path, parts = self._check(Rights.MKDIRAT, path)
+        make_dirs(lambda p: self._client._request("dmkdir", dir=self.id, path=p), self.stat, "/".join(parts) or path,
+                  parents, exist_ok)  # fmt: skip
 
     def __repr__(self) -> str:
         return f"<ProxyDirectory {self.id} {self.rights.describe()}>"
+
+
+def make_dirs(mkdir: Callable[[str], Any], stat: Callable[[str], Any], path: str, parents: bool, exist_ok: bool
+              ) -> None:  # fmt: skip
+    """``pathlib.Path.mkdir(parents=, exist_ok=)`` made of one-level
+    ``mkdir`` requests (each checked, and audited, as any other). ``exist_ok``
+    holds for a directory only: a file of that name still raises."""
+    try:
+        mkdir(path)
+    except FileNotFoundError:
+        above = path.rsplit("/", 1)[0] if "/" in path else ""
+        if not parents or not above:
+            raise
+        make_dirs(mkdir, stat, above, parents, True)
+        make_dirs(mkdir, stat, path, False, exist_ok)
+    except FileExistsError:
+        if not exist_ok or _type_of(stat, path) != "dir":
+            raise
+
+
+def _type_of(stat: Callable[[str], Any], path: str) -> str | None:
+    try:
+        return str(stat(path).type)
+    except OSError:  # (NotCapable: no FSTAT to look with)
+        return None
 
 
 def wrap_received(rfd: ReceivedFd) -> Any:
