@@ -681,6 +681,18 @@ class WorkerHandle:
                         failed = yield ("commit", None)
                         self._to_commit = []
                         if isinstance(failed, Exception):
+                            # The renames are one per output: a failure between two leaves the earlier
+                            # in place (a directory made at a later one's name meanwhile). Said as it is,
+                            # in the audit and to the caller, not as though nothing were committed.
+                            placed = [out for out in outputs if out.placed]
+                            for out in placed:
+                                self._broker._audit(self, "commit", out.display, None, "granted",
+                                                    "output committed (a later output of its call failed)")
+                                outputs.remove(out)
+                            failed.committed = [out.display for out in placed]  # type: ignore[attr-defined]
+                            if placed:
+                                failed.add_note("committed before the failure: "
+                                                + ", ".join(repr(d) for d in failed.committed))  # type: ignore[attr-defined]
                             raise failed
                     for out in outputs:
                         self._broker._audit(self, "commit", out.display, None, "granted", "output committed")

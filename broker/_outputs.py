@@ -78,6 +78,7 @@ class PendingOutput:
         self.display = display
         self.drain: Any = None  # set when the worker writes through a pipe
         self.linkable = True  # an O_TMPFILE inode can be linked into place
+        self.placed = False  # renamed into place by commit_all
 
     def stage(self) -> str:
         """Everything of the commit that the worker can make fail: the rest of
@@ -212,6 +213,7 @@ def commit_all(outputs: list[PendingOutput]) -> None:
             name = hidden[i]
             assert name is not None
             out.place(name)
+            out.placed = True
             hidden[i] = None  # (after the rename: a failed one leaves its hidden file to unstage)
     finally:
         for out, name in zip(outputs, hidden, strict=False):  # (hidden: those staged, None once renamed)

@@ -718,6 +718,42 @@ def test_a_directory_at_an_outputs_name_fails_the_call_before_any_rename(tmp_pat
         assert info.value.filename == "out/d" and "a directory has its name" in str(info.value)
 
 
+def test_a_commit_that_fails_between_renames_says_what_it_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A directory made at a later output's name between the two phases of a
+    commit (a worker racing it with MKDIRAT) fails that rename after the
+    earlier ones: the audit then said every output was discarded, with one
+    on disk, and the caller was not told (red-team round 18)."""
+    import logging
+
+    from broker import _outputs
+
+    place = _outputs.PendingOutput.place
+
+    def racing(self: _outputs.PendingOutput, hidden: str) -> None:
+        if self.name == "b.txt":  # (made here, between the phases, as the race makes it)
+            os.mkdir(self.name, dir_fd=self.dirfd)
+        place(self, hidden)
+
+    monkeypatch.setattr(_outputs.PendingOutput, "place", racing)
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    (tmp_path / "out").mkdir()
+    with Broker(Policy().allow("out/", Rights.WRITE | Rights.CREATE), root=tmp_path) as b:
+        w = b.spawn(KeepsOutputs)
+        with pytest.raises(IsADirectoryError) as info:
+            w.outputs(["a.txt", "b.txt", "c.txt"], [], 0.0)
+    assert info.value.committed == ["out/a.txt"]  # type: ignore[attr-defined]
+    assert "committed before the failure: 'out/a.txt'" in info.value.__notes__
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.txt", "b.txt"]  # b.txt: the directory
+    assert (tmp_path / "out" / "a.txt").read_bytes() == b"a.txt"
+    commits = [(e["path"], e["decision"], e["reason"]) for e in
+               (r.privsep for r in caplog.records if r.name == "privsep.audit") if e["request"] == "commit"]  # type: ignore[attr-defined]  # fmt: skip
+    assert commits == [("out/a.txt", "granted", "output committed (a later output of its call failed)"),
+                       ("out/b.txt", "failed", "discarded: its call failed"),
+                       ("out/c.txt", "failed", "discarded: its call failed")]
+
+
 def test_a_rename_that_fails_leaves_no_hidden_file(tmp_path: Path) -> None:
     """The second phase of commit_all: a rename failing (a filesystem error,
     or a directory made at the name between the phases) left its staged
