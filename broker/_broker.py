@@ -216,7 +216,8 @@ class Broker:
     worker can read and say back. ``environ`` replaces them: the whole
     environment of the zygote, of exec'd workers and of forked ones (whose
     memory still holds the broker's, as all of its memory), ``setup()``
-    included; ``PYTHONPATH`` is always the broker's import path.
+    included; ``PYTHONPATH`` is always the broker's import path (and
+    ``LC_CTYPE=C.UTF-8`` where none of them sets a locale, PEP 538).
 
     A worker's ``print()`` goes nowhere, unless ``worker_output``: then each
     line it writes to ``sys.stdout`` or ``sys.stderr`` while a call runs (and

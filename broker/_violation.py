@@ -46,7 +46,10 @@ _SOCK_TYPES = {int(socket.SOCK_STREAM): "SOCK_STREAM", int(socket.SOCK_DGRAM): "
                int(socket.SOCK_RAW): "SOCK_RAW", int(socket.SOCK_SEQPACKET): "SOCK_SEQPACKET"}  # fmt: skip
 _SOCK_FLAGS = ((int(socket.SOCK_NONBLOCK), "SOCK_NONBLOCK"), (int(socket.SOCK_CLOEXEC), "SOCK_CLOEXEC"))
 _ARITY = {"socket": 3, "socketpair": 4, "kill": 2, "tkill": 2, "tgkill": 3, "rt_sigqueueinfo": 3,
-          "rt_tgsigqueueinfo": 4, "pidfd_send_signal": 4}  # (the registers past them hold what was left there)
+          "rt_tgsigqueueinfo": 4, "pidfd_send_signal": 4, "clock_gettime": 2, "clock_getres": 2,
+          "clock_nanosleep": 4, "timer_create": 3}
+_CLOCK_CALLS = frozenset({"clock_gettime", "clock_getres", "clock_nanosleep", "timer_create"})
+_CPU_CLOCKS = ("PROF", "VIRT", "SCHED", "FD")  # (the registers past them hold what was left there)
 _SIGNAL_ARG = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1, "rt_tgsigqueueinfo": 2, "pidfd_send_signal": 1}
 
 
@@ -64,6 +67,10 @@ def _named(name: str, i: int, value: int) -> str | None:
                 if rest & bit:
                     kind, rest = f"{kind}|{flag}", rest & ~bit
             return kind if not rest else None
+    if name in _CLOCK_CALLS and i == 0 and value & 0x80000000:  # (~pid << 3) | which, as an int
+        clock = value - (1 << 32) if value < (1 << 32) else value - (1 << 64)
+        whose = "thread" if clock & 4 else "process"
+        return f"<{_CPU_CLOCKS[clock & 3]} CPU clock of {whose} {~(clock >> 3)}>"
     at = _SIGNAL_ARG.get(name)
     if at == i:
         try:
@@ -152,6 +159,8 @@ def report(name: str, args: tuple[int, ...], pid: int) -> tuple[str, str]:
         hint = _CWD_HINT
     elif not hint and name in _OPENS and paths and (paths[0].startswith("/") or shown[0] == "AT_FDCWD"):
         hint = _PATH_HINT
+    elif name in _CLOCK_CALLS and args and args[0] & 0x80000000:
+        hint = _CLOCK_HINT
     elif name == "mmap" and len(args) > 4 and not args[3] & _MAP_ANONYMOUS and args[4] & 0xFFFFFFFF != 0xFFFFFFFF:
         hint = _MAP_HINT.format(fd=args[4] & 0xFFFFFFFF)
     return f"{name}({', '.join(shown)})", hint
@@ -171,6 +180,11 @@ _OPENS = frozenset({"open", "openat", "openat2", "creat", "stat", "lstat", "newf
 _CWD_HINT = (
     ": a worker has no working directory. os.getcwd(), os.path.abspath() and tempfile ask for it: keep "
     "scratch data in memory (io.BytesIO), or ask the broker for a file (self.broker.create())"
+)
+_CLOCK_HINT = (
+    ": a process's CPU clock named by its pid. A worker reads its own as pid 0 (CLOCK_PROCESS_CPUTIME_ID, "
+    "time.process_time()) and its threads', never another process's, nor its own by its pid "
+    "(glibc's clock_getcpuclockid(getpid()))"
 )
 _MAP_ANONYMOUS = 0x20
 # (Pillow's PDF writer maps its output to read it back: a pipe output killed the worker, which read

@@ -44,7 +44,8 @@ class PolicyError(PrivsepError, ValueError):
 
 
 class ProtocolError(PrivsepError):
-    """A peer sent something that breaks the wire rules. Costs it its connection."""
+    """A peer sent something that breaks the wire rules. Costs it its connection.
+    (One that carries ``remote_traceback`` was raised in a worker, which serves on.)"""
 
 
 class MessageTooLarge(PrivsepError, ValueError):
@@ -59,7 +60,9 @@ class SandboxError(PrivsepError):
 
 
 class RemoteError(PrivsepError):
-    """An exception raised in a worker whose type has no local counterpart."""
+    """An exception a worker raised that does not come back as itself: a
+    class of the worker's own (then also its nearest builtin parent), or one
+    only the broker may raise (``WorkerCrashed``, ``SystemExit``, ...)."""
 
     def __init__(self, type_name: str, message: str, remote_traceback: str = ""):
         super().__init__(f"{type_name}: {message}" if message else type_name)

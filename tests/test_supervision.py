@@ -166,6 +166,24 @@ class SelfSignaller(Worker):
         time.sleep(10)
 
 
+class ClockReader(Worker):
+    @rpc
+    def cpu_time_of(self, pid: int) -> float:
+        return time.clock_gettime((~pid << 3) | 2)  # that process's CPU clock (CPUCLOCK_SCHED)
+
+
+def test_a_cpu_clock_named_by_a_pid_is_reported_as_one(tree: Path) -> None:
+    """The report read 'clock_getres(0xfffd33fa, 0x0, ...)' for glibc's
+    clock_getcpuclockid(getpid()), which the filter refuses as it refuses any
+    process's CPU clock named by its pid (a README audit)."""
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(ClockReader)
+        with pytest.raises(PolicyViolation) as info:
+            w.cpu_time_of(w.pid)
+    assert f"for syscall clock_gettime(<SCHED CPU clock of process {w.pid}>, 0x" in str(info.value)
+    assert "A worker reads its own as pid 0 (CLOCK_PROCESS_CPUTIME_ID" in str(info.value)
+
+
 def test_a_sigxcpu_it_sent_itself_is_no_timeout(tree: Path) -> None:
     """SIGXCPU was read as "CPU time limit reached" (a timeout) whoever sent
     it: a worker with no CPU limit made its end read as one (red-team round

@@ -159,7 +159,8 @@ class BrokerClient:
         ``path`` only when the current call returns normally; if the call
         raises or the worker dies, nothing is left behind. The file is closed
         when the call returns. One call creates ``path`` once. Without
-        ``FTRUNCATE`` in ``rights`` the file cannot be truncated (``EACCES``).
+        ``FTRUNCATE`` in ``rights`` the file cannot be truncated (``EACCES``
+        on the file itself, ``EINVAL`` on the default pipe).
         """
         path = _checked(path)
         f = self._fd_request("create", {"path": path, "rights": int(rights_arg(rights))})

@@ -74,7 +74,7 @@ def open_fd(fd: int, rights: Rights, kind: int = KIND_FILE, *, pinned: bool = Fa
 
 
 class Directory:
-    """A directory capability: open, create, list, stat and unlink beneath
+    """A directory capability: open, create, list, stat, unlink and mkdir beneath
     it, never above it, with at most its rights."""
 
     rights: Rights

@@ -17,8 +17,8 @@ def rpc(fn: F) -> F:
     """Mark a ``Worker`` method as callable from the broker.
 
     Arguments and return values travel as msgpack: None, bool, int (64-bit),
-    float, str, bytes, lists/tuples and str-keyed dicts, plus files and
-    capabilities, which travel as file descriptors.
+    float, str, bytes, lists/tuples and str-keyed dicts, plus files,
+    directories and capabilities, which travel as file descriptors.
     """
     inner = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn  # (@rpc above one of them)
     if not callable(inner):
