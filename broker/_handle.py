@@ -1247,7 +1247,10 @@ class WorkerHandle:
             async with asyncio.timeout(timeout):  # (not wait_for: see _readable)
                 await alock.acquire()
         except TimeoutError:
-            return self._end_during_call("ok", "stopped during a call (killed after the grace period)")
+            # The loop's lock is held by a task of this loop: its awaited call (the call lock this
+            # thread's), or one waiting for the call lock that another thread's or loop's call holds.
+            return await self._aend(WorkerExit("ok", "stopped during a call (killed after the grace period)",
+                                               signal=signal.SIGKILL))
         try:
             if self.exit is not None:
                 return self.exit
@@ -1275,12 +1278,38 @@ class WorkerHandle:
 
     async def akill(self) -> WorkerExit:
         """``kill()`` for asyncio: the worker's end is awaited on the event loop."""
-        if self.exit is None:
-            if self._ending is None:  # (an awaited call in flight records its end as this)
-                self._ending = WorkerExit("signal", "killed by the broker", signal=signal.SIGKILL)
-            self._kill()
-            await self._exited(5.0)
-        return self.kill()  # reaps at once now
+        return await self._aend(WorkerExit("signal", "killed by the broker", signal=signal.SIGKILL))
+
+    async def _aend(self, ending: WorkerExit) -> WorkerExit:
+        """End the worker from the event loop as ``kill()`` does, recorded as
+        ``ending``, never blocking the loop: a call in flight on this thread
+        (awaited) raises it at once; one of another thread or loop records
+        the end itself, and closes the fds it uses, before this takes the
+        call lock (astop()'s grace, run out, ended a worker under another
+        thread's call: its fds closed under that call, the end recorded as an
+        outside SIGKILL; red-team round 19)."""
+        if self.exit is not None:
+            return self.exit
+        if self._call_thread == threading.get_ident():
+            return self._end_during_call(ending.kind, ending.reason)
+        if self._ending is None:  # (a call in flight records its end as this)
+            self._ending = ending
+        self._kill()
+        await self._exited(5.0)
+        try:
+            async with asyncio.timeout(10.0):
+                await self._lock_from_loop()
+        except TimeoutError:
+            raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL") from None
+        try:
+            if self.exit is None:
+                status = self._reap(5.0)
+                sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+                self._set_exit(dataclasses.replace(self._ending or ending, signal=sig))
+            assert self.exit is not None
+            return self.exit
+        finally:
+            self._lock.release()
 
     async def _exited(self, timeout: float) -> bool:
         """Wait on the event loop until the process has ended; False after ``timeout``."""

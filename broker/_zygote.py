@@ -114,20 +114,25 @@ def _request_spawn(
         )
     except (BrokenPipeError, ConnectionResetError) as exc:  # it died since it was last seen alive
         parent.close()
-        raise WorkerCrashed("the zygote has exited (the next spawn starts a new one)") from exc
+        raise _zygote_gone() from exc
     finally:
         child.close()
     if sent is not None:
         sent()
-    if not chan.wait_readable(timeout):
+    try:
+        if not chan.wait_readable(timeout):
+            parent.close()
+            if on_timeout is not None:
+                on_timeout()  # its late answer would be read as the next request's
+            why = f"zygote did not answer a spawn request within {timeout:g} s"
+            raise WorkerCrashed(why, WorkerExit("crashed", why))
+        reply = chan.recv()
+    except OSError as exc:  # ECONNRESET: it died with the request unread (a red team: 2 spawns in 100)
         parent.close()
-        if on_timeout is not None:
-            on_timeout()  # its late answer would be read as the next request's
-        raise WorkerCrashed(f"zygote did not answer a spawn request within {timeout:g} s")
-    reply = chan.recv()
+        raise _zygote_gone() from exc
     if reply is None:
         parent.close()
-        raise WorkerCrashed("the zygote has exited")
+        raise _zygote_gone()
     if type(reply) is dict and reply.get("t") == "spawned" and isinstance(reply.get("pid"), int):
         return reply["pid"], parent
     parent.close()
@@ -136,6 +141,11 @@ def _request_spawn(
         why = f"cannot start {cls.__qualname__}: {cause}"
         raise WorkerCrashed(why, WorkerExit("crashed", why)) from cause
     raise ProtocolError("zygote sent a malformed reply")
+
+
+def _zygote_gone() -> WorkerCrashed:
+    why = "the zygote has exited (the next spawn starts a new one)"
+    return WorkerCrashed(why, WorkerExit("crashed", why))
 
 
 def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
@@ -449,10 +459,16 @@ class Zygote:
                 ready = self._spares.wait_readable(timeout)
             if not ready:
                 self._kill_now()  # its late answer would be taken for the next request's: start anew
-                raise WorkerCrashed(f"zygote did not answer within {timeout:g} s")
-            reply = self._spares.recv()
+                why = f"zygote did not answer within {timeout:g} s"
+                raise WorkerCrashed(why, WorkerExit("crashed", why))
+            try:
+                reply = self._spares.recv()
+            except OSError as exc:  # (ECONNRESET: it died with the request unread)
+                self._kill_now()
+                raise _zygote_gone() from exc
             if reply is None:
-                raise WorkerCrashed("the zygote has exited")
+                self._kill_now()
+                raise _zygote_gone()
             if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
                     and isinstance(reply.get("chan"), ReceivedFd):
                 fd = reply["chan"].detach()
@@ -547,14 +563,16 @@ class Zygote:
                 reply = self._chan.recv()
             except OSError as exc:  # (ECONNRESET, EPIPE: it died)
                 self._kill_now()  # (see below)
-                raise WorkerCrashed(f"the zygote has exited while importing {cls.__qualname__}") from exc
+                why = f"the zygote has exited while importing {cls.__qualname__}"
+                raise WorkerCrashed(why, WorkerExit("crashed", why)) from exc
         if reply is None:
             # Killed from outside (the OOM killer, an admin), not the script's fault: the next spawn
             # starts a new zygote, which imports the script again. Reaped first: a killed process
             # closes its sockets before it can be waited for, and alive() (poll) said "running"
             # for a moment, so the next spawn used the dead zygote.
             self._kill_now()
-            raise WorkerCrashed(f"the zygote has exited while importing {cls.__qualname__}")
+            why = f"the zygote has exited while importing {cls.__qualname__}"
+            raise WorkerCrashed(why, WorkerExit("crashed", why))
         if type(reply) is dict and reply.get("t") == "loaded":
             with self._lock:
                 # A spare forked before the import would import the script again (its
