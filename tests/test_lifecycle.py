@@ -1141,3 +1141,35 @@ def test_astop_whose_grace_runs_out_under_another_threads_call_records_the_stop(
         assert ex is w.exit
         assert len(sync) == 1 and isinstance(sync[0], WorkerCrashed) and "killed after the grace period" in str(sync[0])
         assert isinstance(waited, WorkerCrashed)
+
+
+def test_a_cancelled_astop_still_ends_the_worker(tree: Path) -> None:
+    """A task cancelled while it awaited astop() (a client gone, a wait_for
+    during cleanup) left the handle unended: its fds and its place among the
+    broker's workers kept (50 cancels: 150 fds; a user trial)."""
+
+    async def main(b: Broker) -> list[WorkerHandle]:
+        handles = []
+        for _ in range(10):
+            w = await b.aspawn(Sleeper)
+            assert await w.aio.ping() == "pong"
+            task = asyncio.ensure_future(w.astop())
+            await asyncio.sleep(0)  # (it sent its stop, and waits for the end)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            handles.append(w)
+        return handles
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        assert b.spawn(Sleeper).ping() == "pong"  # (what the broker opens once)
+        before = open_fds(b)
+        handles = asyncio.run(main(b))
+        assert all(w.exit is not None and w.exit.kind == "ok" for w in handles)
+        assert not any(w in b.workers for w in handles)
+        deadline = time.monotonic() + 10
+        while any(alive(w.pid) for w in handles) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(alive(w.pid) for w in handles)
+        assert b._background.wait_idle(10)
+        assert open_fds(b) == before
