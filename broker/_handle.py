@@ -1307,12 +1307,21 @@ class WorkerHandle:
         if self._ending is None:  # (a call in flight records its end as this)
             self._ending = ending
         self._kill()
-        await self._exited(5.0)
         try:
+            await self._exited(5.0)
             async with asyncio.timeout(10.0):
                 await self._lock_from_loop()
         except TimeoutError:
             raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL") from None
+        except BaseException:  # cancelled: with no call to record it, the end is recorded here
+            if self.exit is None and self._lock.acquire(blocking=False):
+                try:
+                    self._kill_group()
+                    self._reap_in_background()
+                    self._set_exit(self._ending or ending)
+                finally:
+                    self._lock.release()
+            raise
         try:
             if self.exit is None:
                 status = self._reap(5.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import math
@@ -1171,5 +1172,31 @@ def test_a_cancelled_astop_still_ends_the_worker(tree: Path) -> None:
         while any(alive(w.pid) for w in handles) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not any(alive(w.pid) for w in handles)
+        assert b._background.wait_idle(10)
+        assert open_fds(b) == before
+
+
+def test_a_cancelled_akill_still_records_the_end(tree: Path) -> None:
+    """The same for akill(): cancelled while it waited for the end, with no
+    call in flight to record it, the handle stayed unended."""
+
+    async def main(b: Broker) -> list[WorkerHandle]:
+        handles = []
+        for _ in range(5):
+            w = await b.aspawn(Sleeper)
+            task = asyncio.ensure_future(w.akill())
+            await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            handles.append(w)
+        return handles
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        assert b.spawn(Sleeper).ping() == "pong"
+        before = open_fds(b)
+        handles = asyncio.run(main(b))
+        assert all(w.exit is not None and (w.exit.kind, w.exit.reason) == ("signal", "killed by the broker")
+                   for w in handles)
         assert b._background.wait_idle(10)
         assert open_fds(b) == before
