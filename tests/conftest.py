@@ -28,6 +28,17 @@ def open_fds(broker: Broker | None = None) -> set[int]:
     return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)} - ({spare[1]} if spare else set())
 
 
+def assert_no_fd_left(broker: Broker, before: set[int], what: str) -> None:
+    """No fd opened since ``before`` is still open (waiting up to 5 s: a
+    pipe's pump thread ends once a killed worker's end is closed). An fd of
+    ``before`` may have closed meanwhile: another broker's background thread
+    (of an earlier module's closed broker, still reaping) letting a pidfd go."""
+    deadline = time.monotonic() + 5
+    while open_fds(broker) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not open_fds(broker) - before, f"{what}: fds left open"
+
+
 def _is_open(fd: int) -> bool:
     """False for the fd the listing itself used, closed by now."""
     try:
@@ -144,10 +155,7 @@ def ro_broker(_shared: tuple[Broker, Path, Any]) -> Iterator[Broker]:
         assert f.read_all() == b"hello"
     assert witness.ping() == "pong"
     assert _snapshot(root) == tree_before, "the case changed the shared tree"
-    deadline = time.monotonic() + 5  # (a pipe's pump thread ends once the worker's end is closed)
-    while open_fds(b) != before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert open_fds(b) == before, "the case left fds open in the shared broker"
+    assert_no_fd_left(b, before, "the case, in the shared broker")
 
 
 # Skips must come from probing the kernel or the platform. In CI any other

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import READ, open_fds, spare_made_ahead
+from conftest import READ, assert_no_fd_left, open_fds, spare_made_ahead
 
 from broker import Broker, Policy
 from protocol import PolicyViolation, Rights, WorkerCrashed
@@ -634,7 +634,7 @@ def run_case(b: Broker, witness: Any, root: Path, case: Case, abstract: str) -> 
     assert witness.ping() == "pong"
     assert (root / "secret").read_text() == "top secret"
     assert not (root / "fresh").exists() and not (root / "secret.moved").exists()
-    assert open_fds(b) == before, f"{case.attack}: fds leaked"
+    assert_no_fd_left(b, before, case.attack)
     return got
 
 

@@ -14,13 +14,12 @@ import fcntl
 import mmap
 import os
 import stat
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import open_fds
+from conftest import assert_no_fd_left, open_fds
 
 from broker import Broker, Policy, WorkerHandle
 from protocol import NotCapable, Rights, UnsupportedRights
@@ -184,10 +183,7 @@ def run(shared: tuple[Broker, Path, WorkerHandle], tmp_path: Path) -> Iterator[R
         assert f.read_all() == b"inside"
     assert witness.probe("FSTAT") == {"ok": "True"}  # another worker is still served
     assert _snapshot(root) == snapshot
-    deadline = time.monotonic() + 5  # a pipe's pump thread ends when the killed worker's end is closed
-    while open_fds(b) != before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert open_fds(b) == before, "fds leaked"
+    assert_no_fd_left(b, before, "the case")
 
 
 # (right, base rights the grant always has, expected when present, expected when absent)
