@@ -36,6 +36,11 @@ class WorkerExit:
         if self.signal is not None and self.signal in signal.Signals._value2member_map_:
             object.__setattr__(self, "signal", signal.Signals(self.signal))
 
+    def __str__(self) -> str:
+        """``kind: reason``, as a log line or a message shows it (the repr
+        keeps every field): ``print(handle.exit)`` printed the dataclass."""
+        return f"{self.kind}: {self.reason}"
+
     @classmethod
     def from_status(cls, status: int, kind: str | None = None, reason: str = "") -> WorkerExit:
         if os.WIFSIGNALED(status):

@@ -438,6 +438,15 @@ def test_capabilities_passed_in_calls_and_at_spawn_are_audited(tree: Path, caplo
     ]
 
 
+def test_a_workers_end_reads_as_kind_and_reason(tree: Path) -> None:
+    """print(handle.exit) printed the dataclass's repr (a user trial)."""
+    with Broker(default_policy(), root=tree) as b:
+        w = b.spawn(Hog)
+        w.kill()
+        assert str(w.exit) == "signal: killed by the broker"
+        assert repr(w.exit).startswith("WorkerExit(kind='signal', reason='killed by the broker'")
+
+
 def test_every_worker_end_is_a_structured_log_record(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="privsep.broker")
     with Broker(default_policy(), root=tree) as b:
