@@ -485,7 +485,10 @@ def test_a_report_that_fails_at_the_end_says_so_in_one_line(tmp_path: Path) -> N
     """The report's directory vanishes during the run: one line naming the user's path, exit 2, no traceback."""
     import threading
 
-    inp, out = _photos(tmp_path / "in", "a.jpg", "b.jpg", "c.jpg"), tmp_path / "out"
+    # (five images at 0.2 s each: the directory goes while four are still to come, even on a loaded
+    # machine, where three once left too little time for the thread that removes it)
+    names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+    inp, out = _photos(tmp_path / "in", *names), tmp_path / "out"
     (tmp_path / "reports").mkdir()
     target = tmp_path / "reports" / "r.json"
 
@@ -504,7 +507,7 @@ def test_a_report_that_fails_at_the_end_says_so_in_one_line(tmp_path: Path) -> N
     assert status == cli.EXIT_USAGE
     said = stderr.getvalue()
     assert said == f"thumbnailer: cannot write the --json report to '{target}': No such file or directory\n"
-    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "b.jpg", "c.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == names
 
 
 def test_the_report_file_gets_the_usual_mode(tmp_path: Path) -> None:
