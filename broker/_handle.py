@@ -103,9 +103,6 @@ _KILLED = signal.SIGKILL  # the wait status of a process killed by SIGKILL
 # Asked of a worker at stop, without waiting for room: one that keeps its queue full of
 # answers it never reads held stop() 10 s past its grace, and astop() the loop with it.
 STOP_MESSAGE = {"t": "stop"}
-# On an event loop, how long a SIGKILLed worker is waited for before its reaping goes to
-# the background: a small one is gone by then, a big one takes ~70 ms a GiB.
-_LOOP_KILL_WAIT_MS = 5
 
 
 class WorkerHandle:
@@ -1011,11 +1008,13 @@ class WorkerHandle:
         poller.register(self._pidfd, select.POLLIN)
         if self._awaited:
             if not poller.poll(0):
+                # Killed here: its end is that SIGKILL, and nothing of it is waited for on the loop
+                # (the process's teardown, its zygote's answer): 32 awaited calls cancelled at once,
+                # each waited for a few ms, held the loop about 100 ms (a user trial).
                 self._kill()
-                if not poller.poll(_LOOP_KILL_WAIT_MS):
-                    self._kill_group()
-                    self._reap_in_background()
-                    return _KILLED
+                self._kill_group()
+                self._reap_in_background()
+                return _KILLED
         elif not poller.poll(int(timeout * 1000)):
             self._kill()
             poller.poll(5000)

@@ -975,3 +975,37 @@ def test_a_cancel_that_lands_as_the_answer_comes_stops_the_awaited_call(tree: Pa
         w = b.spawn(AsyncJob)
         assert asyncio.run(main(w)) == "cancelled"
         assert w.exit is not None and w.exit.kind == "cancelled"
+
+
+def test_awaited_calls_cancelled_together_wait_for_nothing_on_the_loop(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each cancelled awaited call waited on the loop up to 5 ms for its
+    killed worker, then for its zygote's answer to the reap: 32 cancelled
+    together held the loop 60-100 ms (a user trial). The killed worker's end
+    is that SIGKILL, and it is reaped on the broker's background thread."""
+    from broker import _zygote
+
+    reaped_on: list[int] = []
+    reap = _zygote.Zygote.reap
+
+    def recording(self: _zygote.Zygote, pid: int) -> int | None:
+        reaped_on.append(threading.get_ident())
+        return reap(self, pid)
+
+    monkeypatch.setattr(_zygote.Zygote, "reap", recording)
+
+    async def main(b: Broker) -> tuple[int, list[WorkerHandle]]:
+        handles = [await b.aspawn(AsyncJob) for _ in range(8)]
+        tasks = [asyncio.ensure_future(w.aio.nap(30)) for w in handles]
+        await asyncio.sleep(0.3)  # (all in flight)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return threading.get_ident(), handles
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        loop_thread, handles = asyncio.run(main(b))
+        assert all(w.exit is not None and w.exit.kind == "cancelled" for w in handles)
+        assert b._background.wait_idle(10)
+    assert len(reaped_on) >= 8 and loop_thread not in reaped_on
