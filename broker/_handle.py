@@ -1250,6 +1250,19 @@ class WorkerHandle:
             # thread's), or one waiting for the call lock that another thread's or loop's call holds.
             return await self._aend(WorkerExit("ok", "stopped during a call (killed after the grace period)",
                                                signal=signal.SIGKILL))
+        except BaseException:
+            # Cancelled during the grace it gave a call in flight: the worker still ends (left
+            # running, it kept its fds and its place among the broker's workers; red-team round 20).
+            # The call's owner records the end, as after kill() from another task.
+            cancelled = WorkerExit("ok", "stopped (killed: its astop() was cancelled)", signal=signal.SIGKILL)
+            if self.exit is None:
+                if self._call_thread == threading.get_ident():
+                    self._end_during_call(cancelled.kind, cancelled.reason)
+                else:
+                    if self._ending is None:
+                        self._ending = cancelled
+                    self._kill()
+            raise
         try:
             if self.exit is not None:
                 return self.exit

@@ -1200,3 +1200,58 @@ def test_a_cancelled_akill_still_records_the_end(tree: Path) -> None:
                    for w in handles)
         assert b._background.wait_idle(10)
         assert open_fds(b) == before
+
+
+@pytest.mark.parametrize("where", ["a task of its loop", "another thread"])
+def test_an_astop_cancelled_in_its_grace_still_ends_the_worker(tree: Path, where: str) -> None:
+    """Cancelled while it gave a call in flight its grace, astop() left the
+    worker running, with its fds and its place among the broker's workers
+    (20 runs of 20, for an awaited call of its loop; red-team round 20). A
+    synchronous call's stop() goes on on its thread: that worker is stopped
+    once the call ends."""
+    stopped = "stopped (killed: its astop() was cancelled)"
+    slept: list[str] = []
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        assert b.spawn(Sleeper).ping() == "pong"
+        before = open_fds(b)
+        w = b.spawn(Sleeper)
+        raised: list[BaseException] = []
+
+        def on_a_thread() -> None:
+            try:
+                slept.append(w.sleep(0.5))
+            except BaseException as exc:
+                raised.append(exc)
+
+        async def main() -> None:
+            if where == "another thread":
+                t = threading.Thread(target=on_a_thread)
+                t.start()
+            else:
+                call = asyncio.ensure_future(w.aio.sleep(5))
+            await asyncio.sleep(0.2)  # (the call in flight)
+            stop = asyncio.ensure_future(w.astop(10))
+            await asyncio.sleep(0.05)  # (in its grace)
+            stop.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stop
+            if where == "another thread":
+                await asyncio.to_thread(t.join, 10)
+            else:
+                with pytest.raises(WorkerCrashed) as info:
+                    await call
+                raised.append(info.value)
+
+        asyncio.run(main())
+        if where == "another thread":
+            deadline = time.monotonic() + 10  # (its stop() on the executor's thread, after the call)
+            while w.exit is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert slept == ["slept"] and not raised
+            assert w.exit is not None and (w.exit.kind, w.exit.reason) == ("ok", "stopped, exit status 0")
+        else:
+            assert w.exit is not None and (w.exit.kind, w.exit.reason) == ("ok", stopped)
+            assert len(raised) == 1 and isinstance(raised[0], WorkerCrashed) and stopped in str(raised[0])
+        assert w not in b.workers
+        assert b._background.wait_idle(10)
+        assert open_fds(b) == before
