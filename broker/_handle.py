@@ -1011,9 +1011,7 @@ class WorkerHandle:
                 # Killed here: its end is that SIGKILL, and nothing of it is waited for on the loop
                 # (the process's teardown, its zygote's answer): 32 awaited calls cancelled at once,
                 # each waited for a few ms, held the loop about 100 ms (a user trial).
-                self._kill()
-                self._kill_group()
-                self._reap_in_background()
+                self._kill_now_reap_later()
                 return _KILLED
         elif not poller.poll(int(timeout * 1000)):
             self._kill()
@@ -1028,6 +1026,13 @@ class WorkerHandle:
             # is still that group's id.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+
+    def _kill_now_reap_later(self) -> None:
+        """SIGKILL the worker (and its own processes) and let the broker's
+        thread reap it: nothing of its end is waited for here."""
+        self._kill()
+        self._kill_group()
+        self._reap_in_background()
 
     def _reap_in_background(self) -> None:
         """Hand the pidfd, the reaping and the cgroup to the broker's thread."""
@@ -1283,9 +1288,7 @@ class WorkerHandle:
                     # in the background, never left with its fds and its place among the broker's
                     # workers (a user trial: 50 cancelled astop()s, 150 fds and 50 handles kept).
                     if self.exit is None:
-                        self._kill()
-                        self._kill_group()
-                        self._reap_in_background()
+                        self._kill_now_reap_later()
                         self._set_exit(WorkerExit("ok", "stopped (killed: its astop() was cancelled)",
                                                   signal=signal.SIGKILL))
                     raise
@@ -1328,8 +1331,7 @@ class WorkerHandle:
         except BaseException:  # cancelled: with no call to record it, the end is recorded here
             if self.exit is None and self._lock.acquire(blocking=False):
                 try:
-                    self._kill_group()
-                    self._reap_in_background()
+                    self._kill_now_reap_later()
                     self._set_exit(self._ending or ending)
                 finally:
                     self._lock.release()

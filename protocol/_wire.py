@@ -737,6 +737,7 @@ DEFAULT_SEND_TIMEOUT = 10.0  # seconds a send may wait for a peer that stopped r
 # net.core.wmem_default (212,992 bytes) unless set: packets between that and MAX_PACKET failed, a
 # call's argument ending the worker it was sent to (a user trial). Both ends get room for one.
 _SNDBUF = MAX_PACKET + 4096
+_SO_SNDBUFFORCE = 32  # (socket(7); not in Python's socket module)
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
@@ -751,9 +752,6 @@ def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
             with contextlib.suppress(OSError):  # (no CAP_NET_ADMIN: what wmem_max allows)
                 sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _SNDBUF)
     return pair
-
-
-_SO_SNDBUFFORCE = 32
 
 
 def _emsgsize(exc: OSError, size: int) -> None:

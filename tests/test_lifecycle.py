@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -60,6 +61,21 @@ class BadSetup(Worker):
     @rpc
     def ping(self) -> str:
         return "pong"
+
+
+def in_flight(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Start ``call`` on a thread of its own; what it returns, or raises, lands in the list."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, outcome
 
 
 def alive(pid: int) -> bool:
@@ -130,16 +146,7 @@ def test_ending_a_worker_whose_call_runs_on_another_thread_says_who_ended_it(
     returned kind 'signal' (awaited, astop() said 'ok', as documented)."""
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
-        raised: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                w.sleep(5)
-            except BaseException as exc:
-                raised.append(exc)
-
-        t = threading.Thread(target=call)
-        t.start()
+        t, raised = in_flight(lambda: w.sleep(5))
         time.sleep(0.2)
         ex = w.kill() if how == "kill" else w.stop(timeout=0.2)
         t.join(10)
@@ -1113,16 +1120,7 @@ def test_astop_whose_grace_runs_out_under_another_threads_call_records_the_stop(
     (red-team round 19)."""
     with Broker(Policy().allow("data/", READ), root=tree) as b:
         w = b.spawn(Sleeper)
-        sync: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                w.sleep(10)
-            except BaseException as exc:
-                sync.append(exc)
-
-        t = threading.Thread(target=call)
-        t.start()
+        t, sync = in_flight(lambda: w.sleep(10))
         time.sleep(0.2)  # (its call in flight)
 
         async def main() -> tuple[object, BaseException | None]:
@@ -1210,23 +1208,15 @@ def test_an_astop_cancelled_in_its_grace_still_ends_the_worker(tree: Path, where
     synchronous call's stop() goes on on its thread: that worker is stopped
     once the call ends."""
     stopped = "stopped (killed: its astop() was cancelled)"
-    slept: list[str] = []
     with Broker(Policy().allow("data/", READ), root=tree) as b:
         assert b.spawn(Sleeper).ping() == "pong"
         before = open_fds(b)
         w = b.spawn(Sleeper)
-        raised: list[BaseException] = []
-
-        def on_a_thread() -> None:
-            try:
-                slept.append(w.sleep(0.5))
-            except BaseException as exc:
-                raised.append(exc)
+        outcome: list[object] = []
 
         async def main() -> None:
             if where == "another thread":
-                t = threading.Thread(target=on_a_thread)
-                t.start()
+                t, on_thread = in_flight(lambda: w.sleep(0.5))
             else:
                 call = asyncio.ensure_future(w.aio.sleep(5))
             await asyncio.sleep(0.2)  # (the call in flight)
@@ -1237,21 +1227,22 @@ def test_an_astop_cancelled_in_its_grace_still_ends_the_worker(tree: Path, where
                 await stop
             if where == "another thread":
                 await asyncio.to_thread(t.join, 10)
+                outcome.extend(on_thread)
             else:
                 with pytest.raises(WorkerCrashed) as info:
                     await call
-                raised.append(info.value)
+                outcome.append(info.value)
 
         asyncio.run(main())
         if where == "another thread":
             deadline = time.monotonic() + 10  # (its stop() on the executor's thread, after the call)
             while w.exit is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert slept == ["slept"] and not raised
+            assert outcome == ["slept"]
             assert w.exit is not None and (w.exit.kind, w.exit.reason) == ("ok", "stopped, exit status 0")
         else:
             assert w.exit is not None and (w.exit.kind, w.exit.reason) == ("ok", stopped)
-            assert len(raised) == 1 and isinstance(raised[0], WorkerCrashed) and stopped in str(raised[0])
+            assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed) and stopped in str(outcome[0])
         assert w not in b.workers
         assert b._background.wait_idle(10)
         assert open_fds(b) == before
