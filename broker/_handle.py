@@ -94,10 +94,9 @@ def _request_cost(msg: dict[str, Any]) -> float:
     args = msg.get("a")
     path = args.get("path") if type(args) is dict else None
     return 1.0 + (len(path) // PATH_CHARS_PER_REQUEST if type(path) is str else 0)
-# How long a worker whose channel hit EOF gets to end before it is killed; on an
-# event loop, for the paths that cannot wait without blocking it.
+# How long a worker whose channel hit EOF gets to end before it is killed (an awaited
+# call's driver waits for it on the loop).
 _EXIT_GRACE = 1.0
-_LOOP_EXIT_GRACE = 0.05
 _BLOB_TAGS = frozenset({"ret", "err", "fail", "ready"})
 _KILLED = signal.SIGKILL  # the wait status of a process killed by SIGKILL
 # Asked of a worker at stop, without waiting for room: one that keeps its queue full of
@@ -134,6 +133,11 @@ class WorkerHandle:
         self._cgroup_report: dict[str, Any] | None = None
         self._spawn_grants: tuple[tuple[str, str, Rights], ...] = ()  # (name, path, rights): audited when ready
         self._reaper = reaper or _waitpid
+        # The reaper is asked once: a second ask could name a process given the pid since
+        # (the zygote would wait for it). Its answer is kept here.
+        self._reap_lock = threading.Lock()
+        self._status: Any = _NOTHING
+        self._undelivered = False  # the call's send found the channel's end
         self._may_fork = False  # it may have processes of its own, in its process group
         self._chan = chan
         # Out-of-band values (memfd blobs) only in what ends a call or a start: a request or
@@ -340,7 +344,7 @@ class WorkerHandle:
                             self._resumed = time.monotonic()
                             op = steps.send(None)
                         elif kind == "exit" and when is not None:
-                            await self._exited(max(0.0, when - time.monotonic()))
+                            await self._aended(max(0.0, when - time.monotonic()))
                             self._resumed = time.monotonic()
                             op = steps.send(None)
                         elif kind == "commit":
@@ -532,6 +536,8 @@ class WorkerHandle:
                     _release(after)
             else:
                 self._send({"t": "call", "id": cid, "m": method, "a": [], "k": {}}, "could not deliver the call")
+        except _ChannelGone:
+            self._undelivered = True  # the channel's end: the worker's, as at EOF (_early_answer)
         except BaseException:
             args, kwargs, call, arg = (), {}, {}, None  # (kept by the traceback otherwise: see _call_known)
             self._drains.clear()
@@ -545,6 +551,9 @@ class WorkerHandle:
         (the worker ran while we sent). Returns (its value, None) for a plain
         answer, taken without a poll or the state machine; else (_NOTHING, the
         message already received if there was one, for the state machine)."""
+        if self._undelivered:
+            self._undelivered = False
+            return _NOTHING, _Received(None)
         if self._drains:
             return _NOTHING, None
         msg = self._receive(nowait=True)
@@ -638,12 +647,7 @@ class WorkerHandle:
                 else:
                     msg = self._receive()
                 if msg is None:
-                    # EOF: the worker is ending, or closed its channel and runs on. It gets a
-                    # moment to end, which the driver waits for (an event loop runs on).
-                    yield ("exit", time.monotonic() + _EXIT_GRACE)
-                    if self.exit is not None:
-                        raise self.exit.error(self.name)
-                    raise self._died(grace=0.0)
+                    yield from self._ended()
                 self._check_in_call(msg, cid)
                 tag = msg["t"]
                 if tag == "req":
@@ -658,10 +662,12 @@ class WorkerHandle:
                         self._to_answer = (msg, outputs, over_quota)
                         failed = yield ("answer", None)
                         self._to_answer = None
-                        if isinstance(failed, BaseException):
-                            raise failed
                     else:
-                        self._answer(msg, outputs, over_quota=over_quota)
+                        failed = self._answer_here(msg, outputs, over_quota)
+                    if isinstance(failed, _ChannelGone):
+                        yield from self._ended()
+                    if isinstance(failed, BaseException):
+                        raise failed
                 elif tag == "out":  # a line the worker printed (asked for: worker_output)
                     until = self._throttle(1.0)
                     if until is not None:
@@ -713,6 +719,25 @@ class WorkerHandle:
                 out.discard()
                 self._broker._audit(self, "commit", out.display, None, "failed", "discarded: its call failed")
 
+    def _ended(self) -> Generator[tuple[str, float | None], Any, NoReturn]:
+        """The channel's end (EOF, or a send found it closed): the worker is
+        ending, or closed its channel and runs on. It gets a moment to end,
+        which the driver waits for (an event loop runs on, and has its exit
+        status asked for off the loop)."""
+        yield ("exit", time.monotonic() + _EXIT_GRACE)
+        if self.exit is not None:
+            raise self.exit.error(self.name)
+        raise self._died(grace=0.0)
+
+    def _answer_here(self, msg: dict[str, Any], outputs: list[PendingOutput], over_quota: bool
+                     ) -> _ChannelGone | None:
+        """``_answer`` on this thread; the channel's end, if the answer found it."""
+        try:
+            self._answer(msg, outputs, over_quota=over_quota)
+        except _ChannelGone as gone:
+            return gone
+        return None
+
     def _outputs_closed(self, outputs: list[PendingOutput], method: str, deadline: float | None
                         ) -> Generator[tuple[str, float | None], Any, None]:
         """Once a call has answered (a value or an error), its outputs should
@@ -748,7 +773,9 @@ class WorkerHandle:
         except ProtocolError as exc:
             raise self._fail("protocol", str(exc)) from exc
         except OSError as exc:
-            raise self._fail_from_os(exc) from exc
+            if exc.errno in _GONE:  # (ECONNRESET: it closed its end with our last message unread)
+                return None
+            raise self._fail("crashed", f"channel error: {exc}") from exc
 
     def _throttle(self, cost: float = 1.0) -> float | None:
         """Token bucket on worker requests (and violations answered with an
@@ -849,7 +876,9 @@ class WorkerHandle:
                                             "(the worker left what the broker sent it unread)") from exc
             raise self._fail("protocol", f"{what}: {exc}") from exc
         except OSError as exc:
-            raise self._fail_from_os(exc) from exc
+            if exc.errno in _GONE:
+                raise _ChannelGone from exc
+            raise self._fail("crashed", f"channel error: {exc}") from exc
 
     def _register_dir(
         self, cap: Capability, copy: bool = False, for_call: bool = False, held: bool = False
@@ -998,10 +1027,10 @@ class WorkerHandle:
     def _reap(self, timeout: float) -> int | None:
         """Wait for the process to end; SIGKILL it if it does not in time.
 
-        During an awaited call nothing is waited for (callers await what they
-        grant first) but a few ms after the SIGKILL: a process still being torn
-        down then (a big one takes a few hundred ms) is reaped in the
-        background, and its end is that SIGKILL."""
+        During an awaited call nothing is waited for: a process still running
+        is killed and reaped in the background (its end is that SIGKILL), and
+        a zygote is not asked for a status that the driver did not ask for
+        first, off the loop (``_aended``)."""
         if self._pidfd < 0:
             return None
         poller = select.poll()
@@ -1013,11 +1042,39 @@ class WorkerHandle:
                 # each waited for a few ms, held the loop about 100 ms (a user trial).
                 self._kill_now_reap_later()
                 return _KILLED
+            if self._status is _NOTHING and self._slow_reaper():
+                # Ended by itself, its status not asked for off the loop first (the drivers do,
+                # where they wait for an end: _aended): unknown, rather than a wait on the loop.
+                self._kill_now_reap_later()
+                return None
         elif not poller.poll(int(timeout * 1000)):
             self._kill()
             poller.poll(5000)
         self._kill_group()
-        return self._reaper(self.pid)
+        return self._reaped()
+
+    def _reaped(self) -> int | None:
+        """The exit status of the ended process, asked of the reaper once."""
+        with self._reap_lock:
+            if self._status is _NOTHING:
+                self._status = self._reaper(self.pid)
+            status: int | None = self._status
+            return status
+
+    def _slow_reaper(self) -> bool:
+        """Is the status a round trip to the zygote (up to ~100 ms on a busy
+        machine), not a wait for our own ended child (at once)?"""
+        return self.spawn_method == "zygote"
+
+    async def _aended(self, timeout: float) -> None:
+        """Wait on the loop up to ``timeout`` for the process to end and, if it
+        has, ask for its exit status off the loop (its zygote's answer took up
+        to 130 ms with both CPUs busy): the synchronous code that records the
+        end then finds both at once."""
+        if self._pidfd < 0 or not await self._exited(timeout):
+            return
+        if self._status is _NOTHING and self._slow_reaper():
+            await _off_loop(self._reaped)
 
     def _kill_group(self) -> None:
         if self._may_fork:
@@ -1038,10 +1095,9 @@ class WorkerHandle:
         """Hand the pidfd, the reaping and the cgroup to the broker's thread."""
         pidfd, self._pidfd = self._pidfd, -1
         cgroup, self._cgroup = self._cgroup, None
-        reaper, pid = self._reaper, self.pid
 
         def reap() -> None:
-            reaper(pid)
+            self._reaped()
             if cgroup is not None:
                 cgroup.discard()
 
@@ -1154,9 +1210,9 @@ class WorkerHandle:
         return self.exit.error(self.name)
 
     def _fail_from_os(self, exc: OSError) -> WorkerCrashed:
-        if exc.errno in (_errno.EPIPE, _errno.ECONNRESET, _errno.ENOTCONN):
-            # (a short grace on an event loop, which waits with it)
-            return self._died(grace=_LOOP_EXIT_GRACE if self._awaited else _EXIT_GRACE)
+        """The handshake's receive failed (a call's sees the channel's end as EOF)."""
+        if exc.errno in _GONE:
+            return self._died()
         return self._fail("crashed", f"channel error: {exc}")
 
     def _wait_exit(self, timeout: float) -> None:
@@ -1282,7 +1338,7 @@ class WorkerHandle:
                 try:
                     if not await self._exited(timeout):
                         self._kill()
-                        await self._exited(5.0)
+                    await self._aended(5.0)
                 except BaseException:
                     # Cancelled (a client gone, a wait_for): the worker still ends, killed and reaped
                     # in the background, never left with its fds and its place among the broker's
@@ -1323,7 +1379,7 @@ class WorkerHandle:
             self._ending = ending
         self._kill()
         try:
-            await self._exited(5.0)
+            await self._aended(5.0)
             async with asyncio.timeout(10.0):
                 await self._lock_from_loop()
         except TimeoutError:
@@ -1393,6 +1449,7 @@ class WorkerHandle:
         self._lock = threading.Lock()  # (a call on another thread may have held it at the fork)
         self._answering = threading.RLock()  # (and an executor thread these)
         self._exit_lock = threading.Lock()
+        self._reap_lock = threading.Lock()
         self._alock = PerLoopLock()
         self._waiting = None
         self._cgroup = None  # never removed from here
@@ -1426,6 +1483,12 @@ def _size(n: int) -> str:
 
 
 _NOTHING = object()
+_GONE = (_errno.EPIPE, _errno.ECONNRESET, _errno.ENOTCONN)  # the worker closed its end
+
+
+class _ChannelGone(Exception):
+    """A send found the worker's end of the channel closed: the worker is
+    ending, and is treated as at EOF (see ``_ended``)."""
 def _unknown_end(spawn_method: str) -> str:
     if spawn_method == "zygote":
         return ("channel closed; exit status unknown: the zygote that reaps it did not report one"

@@ -18,6 +18,7 @@ import pytest
 from conftest import READ, close_later
 
 from broker import Broker, Policy, WorkerHandle
+from broker._loop import readable
 from protocol import NotCapable, Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
@@ -50,6 +51,19 @@ class AsyncJob(Worker):
 
     @rpc
     def exit_after(self, t: float, code: int) -> None:
+        time.sleep(t)
+        os._exit(code)
+
+    @rpc
+    def exit_later(self, t: float, code: int) -> None:
+        """Answer, then end on a thread ``t`` seconds later, between calls."""
+        threading.Thread(target=lambda: (time.sleep(t), os._exit(code)), daemon=True).start()
+
+    @rpc
+    def ask_and_exit(self, t: float, code: int, n: int = 1) -> None:
+        """Send ``n`` requests and end ``t`` seconds later without reading their answers."""
+        for i in range(n):
+            self.broker._chan.send({"t": "req", "id": i + 1, "op": "stat", "a": {"path": "data/a.txt"}})
         time.sleep(t)
         os._exit(code)
 
@@ -1009,3 +1023,97 @@ def test_awaited_calls_cancelled_together_wait_for_nothing_on_the_loop(
         assert all(w.exit is not None and w.exit.kind == "cancelled" for w in handles)
         assert b._background.wait_idle(10)
     assert len(reaped_on) >= 8 and loop_thread not in reaped_on
+
+
+@pytest.fixture
+def zygote_reaps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The threads on which a zygote was asked for a worker's exit status."""
+    from broker import _zygote
+
+    threads: list[int] = []
+    reap = _zygote.Zygote.reap
+
+    def recording(self: _zygote.Zygote, pid: int) -> int | None:
+        threads.append(threading.get_ident())
+        return reap(self, pid)
+
+    monkeypatch.setattr(_zygote.Zygote, "reap", recording)
+    return threads
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("exit_after", (0.05, 3)),  # EOF: it exits during the call
+        ("ask_and_exit", (0.3, 3)),  # ECONNRESET: it exits with the answer to its request unread
+        # EPIPE: it has exited before the broker answers its third request, held back 0.5 s
+        # by the request rate
+        ("ask_and_exit", (0.0, 3, 3)),
+    ],
+)
+def test_an_awaited_call_whose_worker_ends_by_itself_has_its_zygote_asked_off_the_loop(
+    tree: Path, zygote_reaps: list[int], method: str, args: tuple[Any, ...]
+) -> None:
+    """Asking the zygote for the exit status of a worker that ended by
+    itself was a round trip on the loop: 1-2 ms, and up to about 130 ms
+    with both CPUs busy. It is made on the loop's executor; the end is
+    recorded with the true status."""
+
+    async def main(b: Broker) -> tuple[int, WorkerHandle]:
+        w = await b.aspawn(AsyncJob)
+        with pytest.raises(WorkerCrashed):
+            await w.aio.call(method, *args)
+        return threading.get_ident(), w
+
+    with Broker(Policy().allow("data/", READ), root=tree, request_rate=2.0) as b:
+        loop_thread, w = asyncio.run(main(b))
+    assert w.exit is not None
+    assert (w.exit.kind, w.exit.reason, w.exit.exit_code) == ("crashed", "exited with status 3", 3)
+    assert len(zygote_reaps) == 1 and zygote_reaps[0] != loop_thread
+
+
+def test_an_awaited_call_to_a_worker_that_ended_between_calls_has_its_zygote_asked_off_the_loop(
+    tree: Path, zygote_reaps: list[int]
+) -> None:
+    """The call's own send finds the channel's end (EPIPE): read as at EOF,
+    the status asked for off the loop (it was a wait of up to 50 ms on the
+    loop for the process, then the zygote's round trip there)."""
+
+    async def main(b: Broker) -> tuple[int, WorkerHandle]:
+        w = await b.aspawn(AsyncJob)
+        await w.aio.exit_later(0.05, 5)
+        pidfd = os.pidfd_open(w.pid)
+        try:
+            await readable(pidfd, 5.0)  # (gone, its channel closed)
+        finally:
+            os.close(pidfd)
+        with pytest.raises(WorkerCrashed):
+            await w.aio.ping()
+        return threading.get_ident(), w
+
+    with Broker(Policy(), root=tree) as b:
+        loop_thread, w = asyncio.run(main(b))
+    assert w.exit is not None
+    assert (w.exit.kind, w.exit.exit_code) == ("crashed", 5)
+    assert len(zygote_reaps) == 1 and zygote_reaps[0] != loop_thread
+
+
+@pytest.mark.parametrize("end", ["astop", "akill"])
+def test_astop_and_akill_ask_the_zygote_off_the_loop(tree: Path, zygote_reaps: list[int], end: str) -> None:
+    """The exit status of a worker that astop() or akill() ended is asked of
+    its zygote on the loop's executor, as an awaited call's is."""
+
+    async def main(b: Broker) -> tuple[int, WorkerHandle]:
+        w = await b.aspawn(AsyncJob)
+        assert await w.aio.ping() == "pong"
+        await getattr(w, end)()
+        return threading.get_ident(), w
+
+    with Broker(Policy(), root=tree) as b:
+        loop_thread, w = asyncio.run(main(b))
+    assert w.exit is not None
+    if end == "astop":
+        assert (w.exit.kind, w.exit.reason, w.exit.exit_code) == ("ok", "stopped, exit status 0", 0)
+    else:
+        assert (w.exit.kind, w.exit.signal) == ("signal", signal.SIGKILL)
+    assert len(zygote_reaps) == 1 and zygote_reaps[0] != loop_thread
