@@ -551,9 +551,10 @@ class WorkerHandle:
         (the worker ran while we sent). Returns (its value, None) for a plain
         answer, taken without a poll or the state machine; else (_NOTHING, the
         message already received if there was one, for the state machine)."""
-        if self._undelivered:
+        if self._undelivered:  # the call's send found the channel's end: what came before it, then EOF
             self._undelivered = False
-            return _NOTHING, _Received(None)
+            msg = self._receive(nowait=True)
+            return _NOTHING, _Received(None if msg is _NOTHING else msg)
         if self._drains:
             return _NOTHING, None
         msg = self._receive(nowait=True)
