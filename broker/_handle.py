@@ -27,7 +27,7 @@ from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, R
 from protocol._messages import check_message
 from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire, exception_to_wire
-from protocol._wire import SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
+from protocol._wire import KIND_FILE, SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
 from worker._output import MAX_LINE
 from worker._output import STREAMS as _STREAMS
 
@@ -326,7 +326,10 @@ class WorkerHandle:
             # read its answers is misbehaving, and is ended rather than waited for.
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
             try:
-                cid, deadline = self._begin(method, args, kwargs, timeout)
+                if self._heavy(args, kwargs):
+                    cid, deadline = await _off_loop(functools.partial(self._begin, method, args, kwargs, timeout))
+                else:
+                    cid, deadline = self._begin(method, args, kwargs, timeout)
                 value, first = self._early_answer(cid)  # once per call: the loop is never held for long
                 if value is not _NOTHING:
                     self._fast_events += 1
@@ -371,6 +374,23 @@ class WorkerHandle:
                 self._awaited = False
                 self._call_ended()
                 self._lock.release()
+
+    def _heavy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Would sending these arguments hold the loop? A big buffer (packed and
+        copied into the wire's memfd: 60 MiB took 140 ms), or a file that
+        starts the restricted opener (90 ms). Arguments themselves are
+        looked at, not what they hold."""
+        for x in (*args, *kwargs.values()) if kwargs else args:
+            t = type(x)
+            if t is bytes or t is str or t is bytearray:
+                if len(x) > _HEAVY_ARG:
+                    return True
+            elif t is memoryview:
+                if x.nbytes > _HEAVY_ARG:
+                    return True
+            elif t is Capability and x.kind == KIND_FILE and self._broker._starts_opener(int(x.rights)):
+                return True
+        return False
 
     async def _lock_from_loop(self) -> None:
         """Take the call lock, which a call of another thread or event loop
@@ -657,9 +677,11 @@ class WorkerHandle:
                     if until is not None:  # (a generator only when it must wait: every request comes here)
                         yield from self._wait_turn(until, method, deadline, timeout)
                     over_quota = requests > self._broker.max_requests_per_call
-                    if self._awaited and msg.get("op") in _SCANS:
-                        # A listing may read 100,000 entries (a fifth of a second): an awaited
-                        # call has it answered on a thread, so the loop runs on.
+                    if self._awaited and (msg.get("op") in _SCANS or (
+                            self._broker._opener_proc is None and self._broker._request_starts_opener(msg))):
+                        # A listing may read 100,000 entries (a fifth of a second), and the first
+                        # file that needs the restricted opener starts it (about 90 ms): an
+                        # awaited call has them answered on a thread, so the loop runs on.
                         self._to_answer = (msg, outputs, over_quota)
                         failed = yield ("answer", None)
                         self._to_answer = None
@@ -1519,6 +1541,7 @@ _YIELD_EVERY = 8
 LAST_WORDS = 4096  # characters of a dead worker's stderr kept (WorkerExit.last_output)
 _LAST_LINES = 64  # of them, the lines logged
 _SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole directory
+_HEAVY_ARG = 1 << 20  # bytes of one argument that an awaited call packs on the loop's executor
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 
 
