@@ -62,7 +62,16 @@ from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
 from ._exit import WorkerExit
-from ._handle import HANDLE_NAMES, STOP_MESSAGE, WorkerHandle, _size, _waitpid, close_fds_in, reap_dropped
+from ._handle import (
+    _EXIT_GRACE,
+    HANDLE_NAMES,
+    STOP_MESSAGE,
+    WorkerHandle,
+    _size,
+    _waitpid,
+    close_fds_in,
+    reap_dropped,
+)
 from ._interp import checked_environ, child_env
 from ._logtext import bounded, printable, short_repr
 from ._loop import PerLoopLock
@@ -467,12 +476,19 @@ class Broker:
             handle = self._start(cls, timeout, grants)
         try:
             ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
+            if ready and handle._chan_ended():
+                await handle._aended(_EXIT_GRACE)  # (its exit status asked for off the loop)
         except BaseException:
             with self._lock:
                 self._starting.discard(handle)
             handle.kill()
             raise
-        return self._finish_spawn(handle, lambda: ready)
+        # A worker that fails now is ended as during an awaited call: nothing of it waited for here.
+        handle._awaited = True
+        try:
+            return self._finish_spawn(handle, lambda: ready)
+        finally:
+            handle._awaited = False
 
     def _aspawn_turn(self) -> asyncio.Lock:
         """The running loop's lock that orders its spawns."""
@@ -789,7 +805,7 @@ class Broker:
         except OSError as exc:  # ECONNRESET: it died with our spawn request unread
             raise handle._fail_from_os(exc) from exc
         if msg is None:
-            raise handle._died()
+            raise handle._died(grace=handle._handshake_grace())
         try:
             check_message(msg, frozenset({"ready", "fail"}))
         except ProtocolError as exc:

@@ -18,6 +18,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
@@ -1235,8 +1236,13 @@ class WorkerHandle:
     def _fail_from_os(self, exc: OSError) -> WorkerCrashed:
         """The handshake's receive failed (a call's sees the channel's end as EOF)."""
         if exc.errno in _GONE:
-            return self._died()
+            return self._died(grace=self._handshake_grace())
         return self._fail("crashed", f"channel error: {exc}")
+
+    def _handshake_grace(self) -> float:
+        """How long an ended handshake waits for the worker to end: aspawn()
+        waited on the loop already (``_aended``)."""
+        return 0.0 if self._awaited else _EXIT_GRACE
 
     def _wait_exit(self, timeout: float) -> None:
         """Block until the process has ended, or ``timeout`` seconds."""
@@ -1424,6 +1430,15 @@ class WorkerHandle:
             return self.exit
         finally:
             self._lock.release()
+
+    def _chan_ended(self) -> bool:
+        """Is the channel at its end (EOF, or reset), the worker ending? Never waits."""
+        try:
+            return not self._chan.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            return exc.errno in _GONE
 
     async def _exited(self, timeout: float) -> bool:
         """Wait on the event loop until the process has ended; False after ``timeout``."""

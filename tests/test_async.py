@@ -83,6 +83,24 @@ class AsyncJob(Worker):
         os._exit(code)
 
 
+class FailingSetup(Worker):
+    def setup(self) -> None:
+        raise ValueError("no config")
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+class ExitingSetup(Worker):
+    def setup(self) -> None:
+        os._exit(4)
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
 def test_concurrent_calls_without_threads(tree: Path) -> None:
     policy = Policy().allow("data/", READ).allow("out/", Rights.WRITE | Rights.CREATE)
 
@@ -1203,3 +1221,31 @@ def test_an_awaited_call_starts_the_restricted_opener_off_the_loop(
         assert b._opener_proc is not None
     assert len(opener_starts) == 1 and opener_starts[0] != loop_thread
     assert (tree / "out" / "log").read_bytes() == b"ab"
+
+
+@pytest.mark.parametrize(
+    ("cls", "reason", "code"),
+    [
+        (FailingSetup, "setup or sandbox entry failed: ValueError: no config", None),
+        (ExitingSetup, "exited with status 4", 4),
+    ],
+)
+def test_a_worker_whose_setup_fails_in_aspawn_is_reaped_off_the_loop(
+    tree: Path, zygote_reaps: list[int], cls: type[Worker], reason: str, code: int | None
+) -> None:
+    """A worker that said its setup failed was waited for on the loop (up to
+    1 s) and then its zygote asked for its status there; one that ended
+    without a word, the same. Its end is awaited, its status asked for (or
+    its reaping done) on another thread."""
+
+    async def main(b: Broker) -> tuple[int, WorkerCrashed]:
+        with pytest.raises(WorkerCrashed) as caught:
+            await b.aspawn(cls)
+        return threading.get_ident(), caught.value
+
+    with Broker(Policy(), root=tree) as b:
+        loop_thread, exc = asyncio.run(main(b))
+        assert b._background.wait_idle(10)
+    assert exc.exit is not None
+    assert (exc.exit.kind, exc.exit.reason, exc.exit.exit_code) == ("crashed", reason, code)
+    assert len(zygote_reaps) == 1 and zygote_reaps[0] != loop_thread
