@@ -13,8 +13,10 @@ import os
 import select
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("privsep.broker")
+_OFFLOAD_THREADS = 4
 
 
 class Background:
@@ -27,6 +29,7 @@ class Background:
         self._soon: list[Callable[[], None]] = []
         self._wake_r = self._wake_w = -1  # (open while the thread runs)
         self._thread: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def after_exit(self, pidfd: int, then: Callable[[], None]) -> None:
         """Run ``then`` once the process of ``pidfd`` has ended. Takes
@@ -40,6 +43,23 @@ class Background:
         with self._lock:
             self._soon.append(work)
             self._start()
+
+    def executor(self) -> ThreadPoolExecutor:
+        """Threads for the work an awaited call waits for (a zygote's answer,
+        a commit's copy, a listing, a big argument): the broker's own, never
+        the loop's default executor, which the program may fill (a kill() run
+        there waits for the call, which would wait for a free thread)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(_OFFLOAD_THREADS, thread_name_prefix="privsep-offload")
+            return self._executor
+
+    def shutdown(self) -> None:
+        """Let the executor's threads go once their work is done."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is left to do; False after ``timeout`` seconds."""
@@ -56,6 +76,7 @@ class Background:
         self._after_exit.clear()
         self._soon.clear()
         self._thread = None
+        self._executor = None  # (its threads did not come along)
         self._close_wake()
 
     def _start(self) -> None:  # (holding the lock)

@@ -338,6 +338,7 @@ class Broker:
         for w in workers:
             w.stop(max(0.05, deadline - time.monotonic()))
         self._background.wait_idle(5.0)  # (workers killed during awaited calls: reaped before their zygote ends)
+        self._background.shutdown()
         with self._spawn_lock:  # after a zygote spawn in progress; later ones see _closed
             if self._zygote is not None:
                 self._zygote.close()
@@ -474,18 +475,19 @@ class Broker:
             if zygote is not None:
                 await zygote.spare_made(self.spawn_timeout)  # not with the loop blocked
             handle = self._start(cls, timeout, grants)
-        try:
-            ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
-            if ready and handle._chan_ended():
-                await handle._aended(_EXIT_GRACE)  # (its exit status asked for off the loop)
-        except BaseException:
-            with self._lock:
-                self._starting.discard(handle)
-            handle.kill()
-            raise
-        # A worker that fails now is ended as during an awaited call: nothing of it waited for here.
+        # A worker that does not come up is ended as during an awaited call: nothing of it
+        # waited for on the loop.
         handle._awaited = True
         try:
+            try:
+                ready = await handle._event(time.monotonic() + self.spawn_timeout) != "timeout"
+                if ready and handle._chan_ended():
+                    await handle._aended(_EXIT_GRACE)  # (its exit status asked for off the loop)
+            except BaseException:
+                with self._lock:
+                    self._starting.discard(handle)
+                handle.kill()
+                raise
             return self._finish_spawn(handle, lambda: ready)
         finally:
             handle._awaited = False
@@ -1048,10 +1050,13 @@ class Broker:
         """Would a file with ``rights``, delivered after sandbox entry, start
         the restricted opener now (about 90 ms: an awaited call has it done
         off the loop)?"""
-        if self._opener_proc is not None:
+        opener = self._opener_proc
+        if opener is not None and opener.alive():
             return False
+        if self._abi is None:
+            return True  # (not known yet: the probe takes about 8 ms, off the loop too)
         try:
-            return _plan(rights, self.landlock_abi(), self._weaker)[0] == NO_TRUNCATE
+            return _plan(rights, self._abi, self._weaker)[0] == NO_TRUNCATE
         except UnsupportedRights:
             return False  # (refused when it is served)
 

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, Rights, WorkerCrashed
@@ -328,7 +329,7 @@ class WorkerHandle:
             saved, self._chan.send_timeout = self._chan.send_timeout, 0.0
             try:
                 if self._heavy(args, kwargs):
-                    cid, deadline = await _off_loop(functools.partial(self._begin, method, args, kwargs, timeout))
+                    cid, deadline = await self._off_loop(functools.partial(self._begin, method, args, kwargs, timeout))
                 else:
                     cid, deadline = self._begin(method, args, kwargs, timeout)
                 value, first = self._early_answer(cid)  # once per call: the loop is never held for long
@@ -352,11 +353,11 @@ class WorkerHandle:
                             self._resumed = time.monotonic()
                             op = steps.send(None)
                         elif kind == "commit":
-                            committed = await _commit_off_loop(self._to_commit)
+                            committed = await self._commit_off_loop(self._to_commit)
                             self._resumed = time.monotonic()
                             op = steps.send(committed)
                         elif kind == "answer":
-                            answered = await _off_loop(self._answer_waiting)
+                            answered = await self._off_loop(self._answer_waiting)
                             self._resumed = time.monotonic()
                             op = steps.send(answered)
                         else:
@@ -375,6 +376,18 @@ class WorkerHandle:
                 self._awaited = False
                 self._call_ended()
                 self._lock.release()
+
+    async def _off_loop(self, work: Callable[[], _T]) -> _T:
+        """``work()`` on the broker's threads; a cancel meanwhile waits for it."""
+        return await _off_loop(work, self._broker._background.executor())
+
+    async def _commit_off_loop(self, outputs: list[PendingOutput]) -> Exception | None:
+        """``_commit`` for an awaited call: an output that must be copied (up to
+        Limits.file_size of data) is copied on a thread, so the loop runs on. A
+        cancel meanwhile waits for the commit, which is all or none, to end."""
+        if all(out.drain is not None and out.linkable for out in outputs):
+            return _commit(outputs)  # links only: at once
+        return await self._off_loop(functools.partial(_commit, outputs))
 
     def _heavy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Would sending these arguments hold the loop? A big buffer (packed and
@@ -669,7 +682,7 @@ class WorkerHandle:
                 else:
                     msg = self._receive()
                 if msg is None:
-                    yield from self._ended()
+                    yield from self._ended(deadline)
                 self._check_in_call(msg, cid)
                 tag = msg["t"]
                 if tag == "req":
@@ -678,8 +691,7 @@ class WorkerHandle:
                     if until is not None:  # (a generator only when it must wait: every request comes here)
                         yield from self._wait_turn(until, method, deadline, timeout)
                     over_quota = requests > self._broker.max_requests_per_call
-                    if self._awaited and (msg.get("op") in _SCANS or (
-                            self._broker._opener_proc is None and self._broker._request_starts_opener(msg))):
+                    if self._awaited and (msg.get("op") in _SCANS or self._broker._request_starts_opener(msg)):
                         # A listing may read 100,000 entries (a fifth of a second), and the first
                         # file that needs the restricted opener starts it (about 90 ms): an
                         # awaited call has them answered on a thread, so the loop runs on.
@@ -689,7 +701,7 @@ class WorkerHandle:
                     else:
                         failed = self._answer_here(msg, outputs, over_quota)
                     if isinstance(failed, _ChannelGone):
-                        yield from self._ended()
+                        yield from self._ended(deadline)
                     if isinstance(failed, BaseException):
                         raise failed
                 elif tag == "out":  # a line the worker printed (asked for: worker_output)
@@ -743,12 +755,13 @@ class WorkerHandle:
                 out.discard()
                 self._broker._audit(self, "commit", out.display, None, "failed", "discarded: its call failed")
 
-    def _ended(self) -> Generator[tuple[str, float | None], Any, NoReturn]:
+    def _ended(self, deadline: float | None) -> Generator[tuple[str, float | None], Any, NoReturn]:
         """The channel's end (EOF, or a send found it closed): the worker is
         ending, or closed its channel and runs on. It gets a moment to end,
-        which the driver waits for (an event loop runs on, and has its exit
-        status asked for off the loop)."""
-        yield ("exit", time.monotonic() + _EXIT_GRACE)
+        never past the call's ``deadline``, which the driver waits for (an
+        event loop runs on, and has its exit status asked for off the loop)."""
+        until = time.monotonic() + _EXIT_GRACE
+        yield ("exit", until if deadline is None else min(until, deadline))
         if self.exit is not None:
             raise self.exit.error(self.name)
         raise self._died(grace=0.0)
@@ -1098,7 +1111,10 @@ class WorkerHandle:
         if self._pidfd < 0 or not await self._exited(timeout):
             return
         if self._status is _NOTHING and self._slow_reaper():
-            await _off_loop(self._reaped)
+            self._kill_group()  # (before it is reaped: until then its pid is its group's id)
+            # Not waited for if cancelled: whoever records the end then finds the status, or
+            # has the worker reaped in the background (each asks once: _reaped).
+            await asyncio.get_running_loop().run_in_executor(self._broker._background.executor(), self._reaped)
 
     def _kill_group(self) -> None:
         if self._may_fork:
@@ -1360,8 +1376,9 @@ class WorkerHandle:
                 return await asyncio.to_thread(self.stop, timeout)
             # Held across awaits: a kill() or stop() of another task on this loop must not
             # wait for it (the loop would be blocked); as with an awaited call, they end the
-            # worker at once, and the wait below sees it go.
+            # worker at once, waiting for nothing of it on the loop, and the wait below sees it go.
             self._call_thread = threading.get_ident()
+            self._awaited = True
             try:
                 self._chan.try_send(STOP_MESSAGE)
                 try:
@@ -1379,6 +1396,7 @@ class WorkerHandle:
                     raise
                 return self._stopped(self._reap(0.0))
             finally:
+                self._awaited = False
                 self._call_thread = None
                 self._lock.release()
         finally:
@@ -1423,7 +1441,11 @@ class WorkerHandle:
             raise
         try:
             if self.exit is None:
-                status = self._reap(5.0)
+                self._awaited = True  # (one not gone yet is reaped in the background)
+                try:
+                    status = self._reap(5.0)
+                finally:
+                    self._awaited = False
                 sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
                 self._set_exit(dataclasses.replace(self._ending or ending, signal=sig))
             assert self.exit is not None
@@ -1569,22 +1591,13 @@ def _commit(outputs: list[PendingOutput]) -> Exception | None:
     return None
 
 
-async def _commit_off_loop(outputs: list[PendingOutput]) -> Exception | None:
-    """``_commit`` for an awaited call: an output that must be copied (up to
-    Limits.file_size of data) is copied on a thread, so the loop runs on. A
-    cancel meanwhile waits for the commit, which is all or none, to end."""
-    if all(out.drain is not None and out.linkable for out in outputs):
-        return _commit(outputs)  # links only: at once
-    return await _off_loop(functools.partial(_commit, outputs))
-
-
 _T = TypeVar("_T")
 
 
-async def _off_loop(work: Callable[[], _T]) -> _T:
-    """``work()`` on the loop's executor. A cancel meanwhile waits for it to
+async def _off_loop(work: Callable[[], _T], threads: Executor) -> _T:
+    """``work()`` on one of ``threads``. A cancel meanwhile waits for it to
     end (it is not interruptible), then is raised."""
-    done = asyncio.get_running_loop().run_in_executor(None, work)
+    done = asyncio.get_running_loop().run_in_executor(threads, work)
     cancelled = False
     while not done.done():
         try:

@@ -70,6 +70,21 @@ class AsyncJob(Worker):
         return int(f.write(data))
 
     @rpc
+    def half_close(self, how: int) -> None:
+        """Shut one direction of its channel down and run on (SHUT_RD: a request
+        sent after it, whose answer the broker cannot send)."""
+        self.broker._chan.sock.shutdown(how)
+        if how == socket.SHUT_RD:
+            self.broker._chan.send({"t": "req", "id": 1, "op": "stat", "a": {"path": "data/a.txt"}})
+        time.sleep(30)
+
+    @rpc
+    def hold_the_gil(self) -> None:
+        """Answer, then keep the main thread from reading its next message (a
+        stop): a thread runs C code that never lets the GIL go."""
+        threading.Thread(target=lambda: (time.sleep(0.1), sum(range(10**12))), daemon=True).start()
+
+    @rpc
     def exit_later(self, t: float, code: int) -> None:
         """Answer, then end on a thread ``t`` seconds later, between calls."""
         threading.Thread(target=lambda: (time.sleep(t), os._exit(code)), daemon=True).start()
@@ -1248,4 +1263,100 @@ def test_a_worker_whose_setup_fails_in_aspawn_is_reaped_off_the_loop(
         assert b._background.wait_idle(10)
     assert exc.exit is not None
     assert (exc.exit.kind, exc.exit.reason, exc.exit.exit_code) == ("crashed", reason, code)
+    assert len(zygote_reaps) == 1 and zygote_reaps[0] != loop_thread
+
+
+def test_ending_a_worker_needs_no_thread_of_the_loops_default_executor(
+    tree: Path, zygote_reaps: list[int]
+) -> None:
+    """The work an awaited call waits for runs on the broker's own threads:
+    with the loop's default executor full (the program's own work there),
+    a crash, akill() and astop() were held until a thread came free (5 s
+    here), and a kill() run there waited 10 s for a call that waited for a
+    thread, then raised RuntimeError (red-team round 21)."""
+
+    async def main(b: Broker) -> list[float]:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(2)
+        loop.set_default_executor(executor)
+        hold = [loop.run_in_executor(None, time.sleep, 3) for _ in range(2)]  # (the program's own)
+        times = []
+        w1, w2, w3, w4 = [await b.aspawn(AsyncJob) for _ in range(4)]
+        t0 = time.monotonic()
+        with pytest.raises(WorkerCrashed):
+            await w1.aio.exit_after(0.0, 3)
+        times.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        await w2.akill()
+        times.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        await w3.astop()
+        times.append(time.monotonic() - t0)
+        await asyncio.gather(*hold)
+        # kill() on the executor's one free thread, the other busy: the call it ends waited for
+        # a thread to ask for the exit status, and kill() for the call.
+        hold = [loop.run_in_executor(None, time.sleep, 3)]
+        call = asyncio.ensure_future(w4.aio.nap(30))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        killing = loop.run_in_executor(None, w4.kill)
+        with pytest.raises(WorkerCrashed):
+            await call
+        await killing
+        times.append(time.monotonic() - t0)
+        await asyncio.gather(*hold)
+        executor.shutdown()
+        for w, end in ((w1, ("crashed", 3, None)), (w2, ("signal", None, signal.SIGKILL)),
+                       (w3, ("ok", 0, None)), (w4, ("signal", None, signal.SIGKILL))):
+            assert w.exit is not None and (w.exit.kind, w.exit.exit_code, w.exit.signal) == end, w.exit
+        return times
+
+    with Broker(Policy(), root=tree) as b:
+        times = asyncio.run(main(b))
+    assert max(times) < 2.0, times
+    assert len(zygote_reaps) == 4
+
+
+@pytest.mark.parametrize("how", [socket.SHUT_RD, socket.SHUT_WR])
+@pytest.mark.parametrize("awaited", [False, True])
+def test_a_half_closed_channel_ends_the_call_by_its_timeout(tree: Path, how: int, awaited: bool) -> None:
+    """A worker that shuts one direction of its channel down and runs on is
+    given a moment to end, never past its call's timeout (an awaited call
+    gave it the whole second)."""
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        h = b.spawn(AsyncJob)
+        w = h.with_timeout(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerCrashed):
+            if awaited:
+                asyncio.run(w.aio.half_close(how))
+            else:
+                w.half_close(how)
+        elapsed = time.monotonic() - t0
+    w = h
+    assert w.exit is not None and w.exit.kind == "crashed" and "ran on (killed)" in w.exit.reason, w.exit
+    assert elapsed < 0.7, elapsed
+
+
+def test_akill_during_astops_wait_asks_nothing_of_the_zygote_on_the_loop(
+    tree: Path, zygote_reaps: list[int]
+) -> None:
+    """akill() while astop() waits for a worker that does not read its stop
+    ended it with a wait on the loop for its teardown (about 70 ms a GiB)
+    and for its zygote's answer (red-team round 21)."""
+
+    async def main(b: Broker) -> tuple[int, WorkerHandle]:
+        w = await b.aspawn(AsyncJob)
+        await w.aio.hold_the_gil()
+        await asyncio.sleep(0.2)  # (it holds the GIL now)
+        stopping = asyncio.ensure_future(w.astop(10))
+        await asyncio.sleep(0.3)
+        await w.akill()
+        await stopping
+        return threading.get_ident(), w
+
+    with Broker(Policy(), root=tree) as b:
+        loop_thread, w = asyncio.run(main(b))
+        assert b._background.wait_idle(10)
+    assert w.exit is not None and (w.exit.kind, w.exit.signal) == ("signal", signal.SIGKILL), w.exit
     assert len(zygote_reaps) == 1 and zygote_reaps[0] != loop_thread
