@@ -1249,3 +1249,61 @@ def test_an_astop_cancelled_in_its_grace_still_ends_the_worker(tree: Path, where
         assert w not in b.workers
         assert b._background.wait_idle(10)
         assert open_fds(b) == before
+
+
+class Ender(Sleeper):
+    @rpc
+    def exit_after(self, t: float, code: int) -> None:
+        time.sleep(t)
+        os._exit(code)
+
+
+def test_no_fd_process_or_thread_leak_over_500_awaited_cycles(tree: Path) -> None:
+    """The soak's asyncio counterpart: 500 workers spawned and called on an
+    event loop, then ended in turn by akill(), astop(), a crash the awaited
+    call sees, a cancelled call and a timed-out one; their ends are asked
+    for, or reaped, on the broker's threads. Afterwards: the same fds and
+    processes, no zombie, and once the broker is closed, no thread of its."""
+    threads_before = threading.active_count()
+
+    async def cycles(b: Broker) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for i in range(500):
+            w = await b.aspawn(Ender)
+            assert await w.aio.ping() == "pong"
+            how = i % 5
+            if how == 0:
+                await w.akill()
+            elif how == 1:
+                await w.astop()
+            elif how == 2:
+                with pytest.raises(WorkerCrashed):
+                    await w.aio.exit_after(0.0, 3)
+            elif how == 3:
+                task = asyncio.ensure_future(w.aio.sleep(30))
+                await asyncio.sleep(0.005)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(WorkerTimeout):
+                    await w.with_timeout(0.005).aio.sleep(30)
+            assert w.exit is not None
+            kinds[w.exit.kind] = kinds.get(w.exit.kind, 0) + 1
+        return kinds
+
+    with Broker(Policy(), root=tree) as b:
+        b.spawn(Sleeper).kill()
+        before_fds, before_procs = open_fds(b), _descendants()[0] - {_spare_pid(b)}
+        kinds = asyncio.run(cycles(b))
+        assert kinds == {"signal": 100, "ok": 100, "crashed": 100, "cancelled": 100, "timeout": 100}
+        assert b._background.wait_idle(10)
+        procs, zombies = _descendants()
+        assert len(procs) == 2 and zombies == 0, procs
+        assert open_fds(b) == before_fds
+        assert procs - {_spare_pid(b)} == before_procs  # the same zygote
+        assert b.workers == []
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == threads_before, threading.enumerate()
