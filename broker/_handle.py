@@ -585,10 +585,9 @@ class WorkerHandle:
         (the worker ran while we sent). Returns (its value, None) for a plain
         answer, taken without a poll or the state machine; else (_NOTHING, the
         message already received if there was one, for the state machine)."""
-        if self._undelivered:  # the call's send found the channel's end: what came before it, then EOF
+        if self._undelivered:  # the call's send found the channel's end
             self._undelivered = False
-            msg = self._receive(nowait=True)
-            return _NOTHING, _Received(None if msg is _NOTHING else msg)
+            return _NOTHING, _Received(self._queued())
         if self._drains:
             return _NOTHING, None
         msg = self._receive(nowait=True)
@@ -701,7 +700,8 @@ class WorkerHandle:
                     else:
                         failed = self._answer_here(msg, outputs, over_quota)
                     if isinstance(failed, _ChannelGone):
-                        yield from self._ended(deadline)
+                        first = _Received(self._queued())
+                        continue
                     if isinstance(failed, BaseException):
                         raise failed
                 elif tag == "out":  # a line the worker printed (asked for: worker_output)
@@ -810,9 +810,28 @@ class WorkerHandle:
         except ProtocolError as exc:
             raise self._fail("protocol", str(exc)) from exc
         except OSError as exc:
-            if exc.errno in _GONE:  # (ECONNRESET: it closed its end with our last message unread)
-                return None
+            if exc.errno in _GONE:
+                # ECONNRESET: it closed its end with a message of ours unread. The kernel says so
+                # before giving what the worker sent before it closed, which is still read.
+                return self._queued()
             raise self._fail("crashed", f"channel error: {exc}") from exc
+
+    def _queued(self) -> Any:
+        """Once the channel's end was found (a send failed, a receive was
+        reset): the next message the worker sent before it, never waited for;
+        None when there is none (read as EOF: its reason for failing, a call's
+        answer, come first)."""
+        for _ in range(2):  # (a reset is said once, before what was queued)
+            try:
+                return self._chan.recv(True)
+            except BlockingIOError:
+                return None  # (its end shut for reading only, say: nothing more is waited for)
+            except ProtocolError as exc:
+                raise self._fail("protocol", str(exc)) from exc
+            except OSError as exc:
+                if exc.errno != _errno.ECONNRESET:
+                    return None
+        return None
 
     def _throttle(self, cost: float = 1.0) -> float | None:
         """Token bucket on worker requests (and violations answered with an

@@ -1307,3 +1307,42 @@ def test_no_fd_process_or_thread_leak_over_500_awaited_cycles(tree: Path) -> Non
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == threads_before, threading.enumerate()
+
+
+class Farewell(Worker):
+    @rpc
+    def fail_unread(self, lines: bool) -> None:
+        """Leave answers of the broker's unread, say why it fails (as its serve
+        loop would) and exit, while the broker is held back by the request
+        rate (2/s: the third request or line waits half a second)."""
+        from protocol._remote import exception_to_wire
+
+        chan = self.broker._chan
+        req = {"t": "req", "op": "stat", "a": {"path": "data/a.txt"}}
+        if lines:  # the broker next receives (its answer to the request unread): a reset
+            chan.send({**req, "id": 1})
+            chan.send({"t": "out", "s": "stdout", "x": "one"})
+            chan.send({"t": "out", "s": "stdout", "x": "two"})
+        else:  # the broker next sends (the third answer): that fails
+            for i in (1, 2, 3):
+                chan.send({**req, "id": i})
+        chan.send({"t": "fail", "e": exception_to_wire(RuntimeError("out of luck"))})
+        os._exit(70)
+
+
+@pytest.mark.parametrize("awaited", [False, True])
+@pytest.mark.parametrize("lines", [False, True], ids=["send-fails", "receive-reset"])
+def test_what_a_worker_said_before_its_channel_ended_is_read(tree: Path, lines: bool, awaited: bool) -> None:
+    """A worker that closes its channel with a message of the broker's unread
+    makes the broker's next send fail (EPIPE, ECONNRESET) or its next receive
+    reset (ECONNRESET, said before what is queued). What the worker sent
+    before it closed is still read: here, why it failed. (It was lost: the
+    end read "exited with status 70", as the CI saw once in a race.)"""
+    with Broker(Policy().allow("data/", READ), root=tree, request_rate=2.0, worker_output=True) as b:
+        w = b.spawn(Farewell)
+        with pytest.raises(WorkerCrashed, match="the worker failed: RuntimeError: out of luck"):
+            if awaited:
+                asyncio.run(w.aio.fail_unread(lines))
+            else:
+                w.fail_unread(lines)
+    assert w.exit is not None and w.exit.kind == "crashed"
