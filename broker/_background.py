@@ -30,6 +30,7 @@ class Background:
         self._wake_r = self._wake_w = -1  # (open while the thread runs)
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._status: ThreadPoolExecutor | None = None
 
     def after_exit(self, pidfd: int, then: Callable[[], None]) -> None:
         """Run ``then`` once the process of ``pidfd`` has ended. Takes
@@ -54,12 +55,23 @@ class Background:
                 self._executor = ThreadPoolExecutor(_OFFLOAD_THREADS, thread_name_prefix="privsep-offload")
             return self._executor
 
-    def shutdown(self) -> None:
-        """Let the executor's threads go once their work is done."""
+    def status_lane(self) -> ThreadPoolExecutor:
+        """One thread for asking a zygote for exit statuses (one at a time
+        anyway), apart from ``executor()``: a commit copying gigabytes there
+        held an astop() a second (red-team round 22)."""
         with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False)
+            if self._status is None:
+                self._status = ThreadPoolExecutor(1, thread_name_prefix="privsep-status")
+            return self._status
+
+    def shutdown(self) -> None:
+        """Let the executors' threads go once their work is done."""
+        with self._lock:
+            executors = (self._executor, self._status)
+            self._executor = self._status = None
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=False)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is left to do; False after ``timeout`` seconds."""
@@ -76,7 +88,7 @@ class Background:
         self._after_exit.clear()
         self._soon.clear()
         self._thread = None
-        self._executor = None  # (its threads did not come along)
+        self._executor = self._status = None  # (their threads did not come along)
         self._close_wake()
 
     def _start(self) -> None:  # (holding the lock)

@@ -334,6 +334,8 @@ class Broker:
             workers = list(self._workers.values())
         deadline = time.monotonic() + timeout
         for w in workers:
+            if w._ending is None:  # (a worker mid-call that reads the stop in a request's place ends then)
+                w._ending = WorkerExit("ok", "stopped by the broker's close() during a call")
             w._chan.try_send(STOP_MESSAGE)
         for w in workers:
             w.stop(max(0.05, deadline - time.monotonic()))

@@ -657,6 +657,7 @@ class WorkerHandle:
         outputs: list[PendingOutput] = []
         try:
             requests = 0
+            unsent = 0  # answers that found the channel's end
             while True:
                 if first is not None:
                     event: str | _Received | BaseException | None = first
@@ -700,6 +701,12 @@ class WorkerHandle:
                     else:
                         failed = self._answer_here(msg, outputs, over_quota)
                     if isinstance(failed, _ChannelGone):
+                        # What the worker queued before its end is read (its reason for failing, its
+                        # answer): a socket's queue, not a worker that goes on sending with its
+                        # read side shut (a flood held the call, and the loop, as long as it lasted).
+                        unsent += 1
+                        if unsent > _QUEUED_AT_END:
+                            yield from self._ended(deadline)
                         first = _Received(self._queued())
                         continue
                     if isinstance(failed, BaseException):
@@ -1106,7 +1113,8 @@ class WorkerHandle:
         elif not poller.poll(int(timeout * 1000)):
             self._kill()
             poller.poll(5000)
-        self._kill_group()
+        if self._status is _NOTHING:  # (once reaped, its pid may be another's: _aended killed it before)
+            self._kill_group()
         return self._reaped()
 
     def _reaped(self) -> int | None:
@@ -1133,7 +1141,7 @@ class WorkerHandle:
             self._kill_group()  # (before it is reaped: until then its pid is its group's id)
             # Not waited for if cancelled: whoever records the end then finds the status, or
             # has the worker reaped in the background (each asks once: _reaped).
-            await asyncio.get_running_loop().run_in_executor(self._broker._background.executor(), self._reaped)
+            await asyncio.get_running_loop().run_in_executor(self._broker._background.status_lane(), self._reaped)
 
     def _kill_group(self) -> None:
         if self._may_fork:
@@ -1305,6 +1313,8 @@ class WorkerHandle:
         if ran_on and self._ending is None:
             ex = WorkerExit("crashed", "worker closed its channel during a call and ran on (killed)",
                             signal=ex.signal)
+        elif ex.kind == "ok" and self._ending is not None and self._ending.kind == "ok":
+            ex = dataclasses.replace(self._ending, exit_code=ex.exit_code)  # (stopped by the broker's close())
         elif ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
         if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None:
@@ -1597,6 +1607,7 @@ _YIELD_EVERY = 8
 LAST_WORDS = 4096  # characters of a dead worker's stderr kept (WorkerExit.last_output)
 _LAST_LINES = 64  # of them, the lines logged
 _SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole directory
+_QUEUED_AT_END = 16  # messages read once the channel's end is found (a queue holds 10 by default)
 _HEAVY_ARG = 1 << 20  # bytes of one argument that an awaited call packs on the loop's executor
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 

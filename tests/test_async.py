@@ -79,6 +79,18 @@ class AsyncJob(Worker):
         time.sleep(30)
 
     @rpc
+    def flood(self, seconds: float) -> None:
+        """Shut its read side down, then keep requests coming for ``seconds``."""
+        chan = self.broker._chan
+        chan.sock.shutdown(socket.SHUT_RD)
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            chan.send({"t": "req", "id": i, "op": "stat", "a": {"path": "data/a.txt"}})
+        time.sleep(30)
+
+    @rpc
     def hold_the_gil(self) -> None:
         """Answer, then keep the main thread from reading its next message (a
         stop): a thread runs C code that never lets the GIL go."""
@@ -1360,3 +1372,80 @@ def test_akill_during_astops_wait_asks_nothing_of_the_zygote_on_the_loop(
         assert b._background.wait_idle(10)
     assert w.exit is not None and (w.exit.kind, w.exit.signal) == ("signal", signal.SIGKILL), w.exit
     assert len(zygote_reaps) == 1 and zygote_reaps[0] != loop_thread
+
+
+@pytest.mark.parametrize("awaited", [False, True])
+def test_a_worker_flooding_requests_with_its_read_side_shut_is_ended_by_the_timeout(
+    tree: Path, awaited: bool
+) -> None:
+    """Once an answer finds the channel's end, only what the worker had
+    queued is read: a worker that shut its read side and went on sending
+    requests held its call (0.3 s timeout) for as long as it flooded (3 s),
+    and an awaited call held the loop as long (red-team round 22)."""
+    gaps: list[float] = []
+
+    async def ticking(call: Any) -> None:
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.ensure_future(ticker())
+        try:
+            await call
+        finally:
+            tick.cancel()
+
+    with Broker(Policy().allow("data/", READ), root=tree, request_rate=None) as b:
+        h = b.spawn(AsyncJob)
+        w = h.with_timeout(0.3)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerCrashed):
+            if awaited:
+                asyncio.run(ticking(w.aio.flood(3.0)))
+            else:
+                w.flood(3.0)
+        elapsed = time.monotonic() - t0
+    assert elapsed < 1.5, elapsed
+    assert h.exit is not None and h.exit.kind == "crashed" and "ran on (killed)" in h.exit.reason, h.exit
+    assert max(gaps, default=0.0) < 0.25, max(gaps)
+
+
+def test_a_status_is_asked_for_apart_from_the_other_work_of_awaited_calls(
+    tree: Path, zygote_reaps: list[int]
+) -> None:
+    """The zygote is asked for exit statuses on a thread of their own: with
+    the broker's four threads for awaited calls' work busy (commits copying
+    gigabytes held an astop() 1.2 s; red-team round 22), a crash's end and
+    astop() come at once."""
+    release = threading.Event()
+
+    async def main(b: Broker) -> list[float]:
+        busy = b._background.executor()
+        held = [busy.submit(release.wait, 10) for _ in range(4)]
+        w1, w2 = await b.aspawn(AsyncJob), await b.aspawn(AsyncJob)
+        times = []
+        t0 = time.monotonic()
+        with pytest.raises(WorkerCrashed):
+            await w1.aio.exit_after(0.0, 3)
+        times.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        await w2.astop()
+        times.append(time.monotonic() - t0)
+        release.set()
+        for f in held:
+            f.result(10)
+        assert w1.exit is not None and (w1.exit.kind, w1.exit.exit_code) == ("crashed", 3)
+        assert w2.exit is not None and (w2.exit.kind, w2.exit.exit_code) == ("ok", 0)
+        return times
+
+    try:
+        with Broker(Policy(), root=tree) as b:
+            times = asyncio.run(main(b))
+    finally:
+        release.set()
+    assert max(times) < 2.0, times
+    assert len(zygote_reaps) == 2

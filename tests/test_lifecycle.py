@@ -1346,3 +1346,26 @@ def test_what_a_worker_said_before_its_channel_ended_is_read(tree: Path, lines: 
             else:
                 w.fail_unread(lines)
     assert w.exit is not None and w.exit.kind == "crashed"
+
+
+
+class Asker(Sleeper):
+    @rpc
+    def ask_forever(self) -> None:
+        while True:
+            self.broker.stat("data/a.txt")
+
+
+def test_a_worker_stopped_by_close_during_a_call_reads_as_stopped(tree: Path) -> None:
+    """close() sends each worker its stop: one in a call reads it in place of
+    a request's answer and exits. That end read as the worker's own fault
+    ("crashed: worker closed its channel during a call"; red-team round 22)."""
+    b = Broker(Policy().allow("data/", READ), root=tree)
+    w = b.spawn(Asker)
+    t, outcome = in_flight(w.ask_forever)
+    time.sleep(0.3)  # (asking)
+    b.close()
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed), outcome
+    assert w.exit is not None
+    assert (w.exit.kind, w.exit.reason, w.exit.exit_code) == ("ok", "stopped by the broker's close() during a call", 0)
