@@ -185,7 +185,7 @@ class WorkerHandle:
         self._fast_events = 0
         self._resumed = 0.0  # when the awaited call's task last came back from the loop
         self._to_answer: tuple[dict[str, Any], list[PendingOutput], bool] | None = None
-        # Held while a request is answered on the loop's executor: the worker's fds (its channel, its
+        # Held while a request is answered on one of the broker's threads: the worker's fds (its channel, its
         # directories) close only after, never under that thread (re-entrant: it may end the worker).
         self._answering = threading.RLock()
         self._exit_lock = threading.Lock()  # (see _set_exit)
@@ -911,7 +911,7 @@ class WorkerHandle:
 
     def _answer_waiting(self) -> BaseException | None:
         """``_answer`` the request ``_steps`` left in ``_to_answer`` (on the
-        loop's executor, for an awaited call); what it raised, or None."""
+        broker's threads, for an awaited call); what it raised, or None."""
         assert self._to_answer is not None
         msg, outputs, over = self._to_answer
         with self._answering:
@@ -1227,7 +1227,7 @@ class WorkerHandle:
 
     def _close_fds(self) -> None:
         """The channel, the directories it was given, the listener and the pidfd
-        (after a request being answered on the loop's executor, if any)."""
+        (after a request being answered on one of the broker's threads, if any)."""
         with self._answering:
             self._close_fds_now()
 
@@ -1608,7 +1608,7 @@ LAST_WORDS = 4096  # characters of a dead worker's stderr kept (WorkerExit.last_
 _LAST_LINES = 64  # of them, the lines logged
 _SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole directory
 _QUEUED_AT_END = 16  # messages read once the channel's end is found (a queue holds 10 by default)
-_HEAVY_ARG = 1 << 20  # bytes of one argument that an awaited call packs on the loop's executor
+_HEAVY_ARG = 1 << 20  # bytes of one argument that an awaited call packs on one of the broker's threads
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 
 
