@@ -473,10 +473,11 @@ class Broker:
                 for text in await asyncio.to_thread(self._ready_zygote_for, cls):
                     # Given here, not on the executor's thread: there its line was threading.py's.
                     warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
-            zygote = self._zygote
-            if zygote is not None:
-                await zygote.spare_made(self.spawn_timeout)  # not with the loop blocked
-            handle = self._start(cls, timeout, grants)
+            await self._spawn_turn_from_loop()
+            try:
+                handle = self._start(cls, timeout, grants, spawn_lock_held=True)
+            finally:
+                self._spawn_lock.release()
         # A worker that does not come up is ended as during an awaited call: nothing of it
         # waited for on the loop.
         handle._awaited = True
@@ -493,6 +494,31 @@ class Broker:
             return self._finish_spawn(handle, lambda: ready)
         finally:
             handle._awaited = False
+
+    async def _spawn_turn_from_loop(self) -> None:
+        """Take the spawn lock once the zygote has a spare made and nothing
+        else in flight, without blocking the loop: a pool's thread holds the
+        lock while it waits for its own spare (an aspawn() beside a pool that
+        was starting held the loop 50-95 ms; user trial 10), and a status
+        being asked for holds the zygote. Polled, a few ms apart at most; past
+        ``spawn_timeout`` the spawn waits as spawn() does."""
+        deadline = time.monotonic() + self.spawn_timeout
+        pause = 0.0005
+        while True:
+            zygote = self._zygote
+            if zygote is not None:
+                await zygote.spare_made(max(0.0, deadline - time.monotonic()))  # not with the loop blocked
+            if self._spawn_lock.acquire(blocking=False):
+                if zygote is None or zygote is not self._zygote or zygote.ready_now():
+                    return
+                if time.monotonic() >= deadline:
+                    return
+                self._spawn_lock.release()
+            elif time.monotonic() >= deadline:
+                self._spawn_lock.acquire()
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
     def _aspawn_turn(self) -> asyncio.Lock:
         """The running loop's lock that orders its spawns."""
@@ -576,7 +602,12 @@ class Broker:
         self.close(timeout)  # the rest; a worker that would not stop is dealt with here
 
     def _start(
-        self, cls: type[Worker], timeout: float | None, grants_in: Mapping[str, Capability] | None = None
+        self,
+        cls: type[Worker],
+        timeout: float | None,
+        grants_in: Mapping[str, Capability] | None = None,
+        *,
+        spawn_lock_held: bool = False,
     ) -> WorkerHandle:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
@@ -627,7 +658,7 @@ class Broker:
                                  "reason": f"cannot move the worker into its cgroup: {exc.strerror}"}
 
         try:
-            with self._spawn_lock:
+            with contextlib.nullcontext() if spawn_lock_held else self._spawn_lock:
                 self._check_open()  # (close() ends the zygote holding this lock: none is started after)
                 if method == "zygote":
                     method = self._zygote_method(cls)

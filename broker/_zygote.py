@@ -515,6 +515,14 @@ class Zygote:
         self._pending = False
         self._asked_cgroup = None  # the parent's
 
+    def ready_now(self) -> bool:
+        """Would a spawn now find its spare made and no other request of the
+        zygote's in flight (a status being asked for)? A hint: read without
+        the lock, for a spawn made from an event loop, which must not wait."""
+        if self._lock.locked():
+            return False
+        return self._spare is not None or (self._pending and self._spares.wait_readable(0))
+
     def waiting_spare(self) -> tuple[int, int] | None:
         """(pid, fd) of the spare waiting now, after reading a pending answer.
         Exactly one process and one fd of the broker's belong to it."""
