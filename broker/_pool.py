@@ -404,6 +404,12 @@ class AsyncPool:
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if fut.cancelled() and task is not None and not task.cancelling():
+                # The pool cancelled it (shut down with the task queued), not this task's
+                # owner: said as Executor says it, an Exception, never as this task's own
+                # cancellation, which asyncio would take for the caller's (user trial 10).
+                raise CancelledError("the pool was shut down before this task ran") from None
             self._pool._cancel(fut)
             raise
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import re
@@ -435,3 +436,33 @@ def test_a_cancel_landing_as_a_task_ends_touches_no_other_task(
             assert pool.exits[-1].kind == "cancelled"
         else:  # the cancel came too late for anything: nothing was killed
             assert pool.ended == 0
+
+
+def test_an_awaited_task_the_pool_cancels_raises_the_executors_cancelled_error(tmp_path: Path) -> None:
+    """Queued tasks that the pool's shutdown cancels raise what the Executor
+    says (concurrent.futures.CancelledError, an Exception) to those awaiting
+    them: a bare asyncio.CancelledError reached tasks nobody had cancelled,
+    which asyncio takes for the task's own cancellation (user trial 10). A
+    task its caller cancels still raises asyncio.CancelledError."""
+
+    async def main(b: Broker) -> tuple[list[BaseException | float], BaseException | None]:
+        pool = b.pool(Calc, size=1)
+        running = asyncio.ensure_future(pool.aio.submit(Calc.sleep, 0.5))
+        await asyncio.sleep(0.2)  # (running)
+        queued = [asyncio.ensure_future(pool.aio.submit(Calc.square, i)) for i in range(3)]
+        mine = asyncio.ensure_future(pool.aio.submit(Calc.square, 9))
+        await asyncio.sleep(0.05)
+        mine.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+        outcomes = await asyncio.gather(running, *queued, return_exceptions=True)
+        try:
+            await mine
+        except BaseException as exc:
+            return outcomes, exc
+        return outcomes, None
+
+    with Broker(Policy(), root=tmp_path) as b:
+        outcomes, mine = asyncio.run(main(b))
+    assert outcomes[0] == 0.5
+    assert all(type(o) is CancelledError and "shut down before this task ran" in str(o) for o in outcomes[1:]), outcomes
+    assert type(mine) is asyncio.CancelledError
