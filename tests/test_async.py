@@ -1085,6 +1085,16 @@ def test_awaited_calls_cancelled_together_wait_for_nothing_on_the_loop(
     assert len(reaped_on) >= 8 and loop_thread not in reaped_on
 
 
+async def _ticker(gaps: list[float], period: float) -> None:
+    """Record how long each sleep of ``period`` on the loop really took."""
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(period)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+
+
 @pytest.fixture
 def zygote_reaps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The threads on which a zygote was asked for a worker's exit status."""
@@ -1385,15 +1395,7 @@ def test_a_worker_flooding_requests_with_its_read_side_shut_is_ended_by_the_time
     gaps: list[float] = []
 
     async def ticking(call: Any) -> None:
-        async def ticker() -> None:
-            last = time.monotonic()
-            while True:
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
-        tick = asyncio.ensure_future(ticker())
+        tick = asyncio.ensure_future(_ticker(gaps, 0.01))
         try:
             await call
         finally:
@@ -1460,15 +1462,7 @@ def test_aspawn_waits_for_another_threads_spawn_without_blocking_the_loop(tree: 
     gaps: list[float] = []
 
     async def main(b: Broker, lock: Any) -> WorkerHandle:
-        async def ticker() -> None:
-            last = time.monotonic()
-            while True:
-                await asyncio.sleep(0.005)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
-        tick = asyncio.ensure_future(ticker())
+        tick = asyncio.ensure_future(_ticker(gaps, 0.005))
         holder = threading.Thread(target=lambda: (lock.acquire(), time.sleep(0.5), lock.release()))
         try:
             holder.start()
