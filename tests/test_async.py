@@ -1051,50 +1051,6 @@ def test_a_cancel_that_lands_as_the_answer_comes_stops_the_awaited_call(tree: Pa
         assert w.exit is not None and w.exit.kind == "cancelled"
 
 
-def test_awaited_calls_cancelled_together_wait_for_nothing_on_the_loop(
-    tree: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each cancelled awaited call waited on the loop up to 5 ms for its
-    killed worker, then for its zygote's answer to the reap: 32 cancelled
-    together held the loop 60-100 ms (a user trial). The killed worker's end
-    is that SIGKILL, and it is reaped on the broker's background thread."""
-    from broker import _zygote
-
-    reaped_on: list[int] = []
-    reap = _zygote.Zygote.reap
-
-    def recording(self: _zygote.Zygote, pid: int) -> int | None:
-        reaped_on.append(threading.get_ident())
-        return reap(self, pid)
-
-    monkeypatch.setattr(_zygote.Zygote, "reap", recording)
-
-    async def main(b: Broker) -> tuple[int, list[WorkerHandle]]:
-        handles = [await b.aspawn(AsyncJob) for _ in range(8)]
-        tasks = [asyncio.ensure_future(w.aio.nap(30)) for w in handles]
-        await asyncio.sleep(0.3)  # (all in flight)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return threading.get_ident(), handles
-
-    with Broker(Policy().allow("data/", READ), root=tree) as b:
-        loop_thread, handles = asyncio.run(main(b))
-        assert all(w.exit is not None and w.exit.kind == "cancelled" for w in handles)
-        assert b._background.wait_idle(10)
-    assert len(reaped_on) >= 8 and loop_thread not in reaped_on
-
-
-async def _ticker(gaps: list[float], period: float) -> None:
-    """Record how long each sleep of ``period`` on the loop really took."""
-    last = time.monotonic()
-    while True:
-        await asyncio.sleep(period)
-        now = time.monotonic()
-        gaps.append(now - last)
-        last = now
-
-
 @pytest.fixture
 def zygote_reaps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The threads on which a zygote was asked for a worker's exit status."""
@@ -1109,6 +1065,40 @@ def zygote_reaps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(_zygote.Zygote, "reap", recording)
     return threads
+
+
+def test_awaited_calls_cancelled_together_wait_for_nothing_on_the_loop(
+    tree: Path, zygote_reaps: list[int]
+) -> None:
+    """Each cancelled awaited call waited on the loop up to 5 ms for its
+    killed worker, then for its zygote's answer to the reap: 32 cancelled
+    together held the loop 60-100 ms (a user trial). The killed worker's end
+    is that SIGKILL, and it is reaped on the broker's background thread."""
+
+    async def main(b: Broker) -> tuple[int, list[WorkerHandle]]:
+        handles = [await b.aspawn(AsyncJob) for _ in range(8)]
+        tasks = [asyncio.ensure_future(w.aio.nap(30)) for w in handles]
+        await asyncio.sleep(0.3)  # (all in flight)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return threading.get_ident(), handles
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        loop_thread, handles = asyncio.run(main(b))
+        assert all(w.exit is not None and w.exit.kind == "cancelled" for w in handles)
+        assert b._background.wait_idle(10)
+    assert len(zygote_reaps) >= 8 and loop_thread not in zygote_reaps
+
+
+async def _ticker(gaps: list[float], period: float) -> None:
+    """Record how long each sleep of ``period`` on the loop really took."""
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(period)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
 
 
 @pytest.mark.parametrize(
