@@ -67,6 +67,7 @@ from ._handle import (
     HANDLE_NAMES,
     STOP_MESSAGE,
     WorkerHandle,
+    _off_loop,
     _size,
     _waitpid,
     close_fds_in,
@@ -474,10 +475,19 @@ class Broker:
                     # Given here, not on the executor's thread: there its line was threading.py's.
                     warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
             await self._spawn_turn_from_loop()
+            start = functools.partial(self._start, cls, timeout, grants, spawn_lock_held=True)
+            unwanted: list[WorkerHandle] = []  # started by a thread for a task cancelled meanwhile
             try:
-                handle = self._start(cls, timeout, grants, spawn_lock_held=True)
+                if self._zygote_start_waits(cls, grants):
+                    handle = await _off_loop(start, self._background.executor(), undo=unwanted.append)
+                else:
+                    handle = start()
             finally:
                 self._spawn_lock.release()
+                for started in unwanted:
+                    with self._lock:
+                        self._starting.discard(started)
+                    started.kill()
         # A worker that does not come up is ended as during an awaited call: nothing of it
         # waited for on the loop.
         handle._awaited = True
@@ -494,6 +504,21 @@ class Broker:
             return self._finish_spawn(handle, lambda: ready)
         finally:
             handle._awaited = False
+
+    def _zygote_start_waits(self, cls: type[Worker], grants: Mapping[str, Capability] | None) -> bool:
+        """Would ``_start`` wait for the zygote: to fork a worker given grants
+        on request (1-4 ms, when its spare was made ahead for a start without
+        them), or to be started again (about 90 ms) after it died? For
+        ``aspawn()``, which has such a start made on the broker's threads.
+        (An exec'd or forked worker is started where it is asked for: from
+        the main thread, it gets PDEATHSIG.)"""
+        method = self._auto_method(cls) if self.spawn_method == "auto" else self.spawn_method
+        zygote = self._zygote
+        return method == "zygote" and (bool(grants) or zygote is None or not zygote.alive())
+
+    def _auto_method(self, cls: type[Worker]) -> str:
+        """What ``spawn="auto"`` starts ``cls`` with."""
+        return "zygote" if importable(cls) and cls not in self._fork_only else "fork"
 
     async def _spawn_turn_from_loop(self) -> None:
         """Take the spawn lock once the zygote has a spare made and nothing
@@ -619,7 +644,7 @@ class Broker:
         spec = self._spec_for(grants)
         method = self.spawn_method
         if method == "auto":
-            method = "zygote" if importable(cls) and cls not in self._fork_only else "fork"
+            method = self._auto_method(cls)
         elif method in ("zygote", "exec") and not importable(cls):
             raise TypeError(
                 f"spawn={method!r} needs {cls.__qualname__} findable by name in another interpreter "

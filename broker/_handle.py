@@ -390,19 +390,34 @@ class WorkerHandle:
         return await self._off_loop(functools.partial(_commit, outputs))
 
     def _heavy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Would sending these arguments hold the loop? A big buffer (packed and
-        copied into the wire's memfd: 60 MiB took 140 ms), or a file that
-        starts the restricted opener (90 ms). Arguments themselves are
-        looked at, not what they hold."""
-        for x in (*args, *kwargs.values()) if kwargs else args:
+        """Would sending these arguments hold the loop? Big buffers (packed
+        and copied into the wire's memfd: 60 MiB took 140 ms), at the top or
+        nested, or a file that starts the restricted opener (90 ms). The
+        walk is bounded: past ``_WALK`` items of lists, tuples and dicts the
+        arguments count as heavy, since the walk would cost what packing does."""
+        pending: list[Any] = [*args, *kwargs.values()] if kwargs else list(args)
+        size = items = 0
+        while pending:
+            x = pending.pop()
             t = type(x)
-            if t is bytes or t is str or t is bytearray:
-                if len(x) > _HEAVY_ARG:
+            if t is int or t is float or t is bool or x is None:
+                continue
+            if isinstance(x, _TEXTS):
+                size += len(x)
+            elif isinstance(x, memoryview):
+                size += x.nbytes
+            elif isinstance(x, _CONTAINERS):
+                items += len(x)
+                if items > _WALK:
                     return True
-            elif t is memoryview:
-                if x.nbytes > _HEAVY_ARG:
-                    return True
+                if isinstance(x, dict):
+                    pending.extend(x.keys())
+                    pending.extend(x.values())
+                else:
+                    pending.extend(x)
             elif t is Capability and x.kind == KIND_FILE and self._broker._starts_opener(int(x.rights)):
+                return True
+            if size > _HEAVY_ARG:
                 return True
         return False
 
@@ -1608,7 +1623,10 @@ LAST_WORDS = 4096  # characters of a dead worker's stderr kept (WorkerExit.last_
 _LAST_LINES = 64  # of them, the lines logged
 _SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole directory
 _QUEUED_AT_END = 16  # messages read once the channel's end is found (a queue holds 10 by default)
-_HEAVY_ARG = 1 << 20  # bytes of one argument that an awaited call packs on one of the broker's threads
+_HEAVY_ARG = 1 << 20  # bytes of arguments that an awaited call packs on one of the broker's threads
+_WALK = 256  # items of nested arguments looked at on the loop, at most (about 60 us)
+_TEXTS = (bytes, str, bytearray)
+_CONTAINERS = (list, tuple, dict)
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 
 
@@ -1624,9 +1642,12 @@ def _commit(outputs: list[PendingOutput]) -> Exception | None:
 _T = TypeVar("_T")
 
 
-async def _off_loop(work: Callable[[], _T], threads: Executor) -> _T:
+async def _off_loop(
+    work: Callable[[], _T], threads: Executor, *, undo: Callable[[_T], object] | None = None
+) -> _T:
     """``work()`` on one of ``threads``. A cancel meanwhile waits for it to
-    end (it is not interruptible), then is raised."""
+    end (it is not interruptible), then is raised, after ``undo(result)``
+    when the work succeeded (what it made is the caller's, who is not told)."""
     done = asyncio.get_running_loop().run_in_executor(threads, work)
     cancelled = False
     while not done.done():
@@ -1635,6 +1656,8 @@ async def _off_loop(work: Callable[[], _T], threads: Executor) -> _T:
         except asyncio.CancelledError:
             cancelled = True
     if cancelled:
+        if undo is not None and done.exception() is None:
+            undo(done.result())
         raise asyncio.CancelledError
     return done.result()
 

@@ -59,6 +59,12 @@ class AsyncJob(Worker):
         return len(data)
 
     @rpc
+    def weigh(self, *values: Any) -> int:
+        """The bytes of every buffer in ``values``, however nested."""
+        return sum(len(v) if isinstance(v, bytes) else self.weigh(*v) if isinstance(v, list) else
+                   self.weigh(*v.values()) if isinstance(v, dict) else 0 for v in values)
+
+    @rpc
     def append(self, name: str, data: bytes) -> int:
         with self.broker.open(f"out/{name}", Rights.WRITE | Rights.SEEK | Rights.FSTAT) as f:
             f.seek(0, os.SEEK_END)
@@ -1204,6 +1210,147 @@ def test_an_awaited_calls_big_argument_is_packed_off_the_loop(tree: Path, monkey
         loop_thread = asyncio.run(main(b))
     assert [n for n, _ in sent_on] == [len(big), len(big), 5]
     assert [on == loop_thread for _, on in sent_on] == [False, False, True]
+
+
+def test_an_awaited_calls_nested_big_data_is_packed_off_the_loop(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big data nested in an argument (a list of buffers), buffers that are
+    big together, and long lists (past 256 items: looking through them would
+    cost what packing them does) are packed on the broker's threads; small
+    nested data from the loop."""
+    sent_on: list[int] = []
+    begin = WorkerHandle._begin
+
+    def recording(self: WorkerHandle, *args: Any) -> Any:
+        sent_on.append(threading.get_ident())
+        return begin(self, *args)
+
+    monkeypatch.setattr(WorkerHandle, "_begin", recording)
+    big, half = os.urandom(2 << 20), os.urandom(600 << 10)
+    calls: list[tuple[tuple[Any, ...], int, bool]] = [  # (arguments, their weight, packed off the loop)
+        (([big],), len(big), True),
+        (({"a": [b"x", {"b": big}]},), len(big) + 1, True),
+        ((half, [half]), 2 * len(half), True),
+        (([b"x"] * 300,), 300, True),
+        (([b"x"] * 200, {"k": [half]}), 200 + len(half), False),
+    ]
+
+    async def main(b: Broker) -> int:
+        w = await b.aspawn(AsyncJob)
+        for args, weight, _ in calls:
+            assert await w.aio.weigh(*args) == weight
+        return threading.get_ident()
+
+    with Broker(Policy(), root=tree) as b:
+        loop_thread = asyncio.run(main(b))
+    assert [on != loop_thread for on in sent_on] == [off for _, _, off in calls]
+
+
+@pytest.fixture
+def zygote_starts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """What a zygote was asked to start, and on which thread: ``spawn`` (a
+    worker: from a spare or forked on request), ``fork`` (a worker forked on
+    request), ``zygote`` (a zygote itself)."""
+    from broker import _zygote
+
+    calls: list[tuple[str, int]] = []
+    spawn, request, init = _zygote.Zygote.spawn, _zygote._request_spawn, _zygote.Zygote.__init__
+
+    def spawning(self: _zygote.Zygote, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("spawn", threading.get_ident()))
+        return spawn(self, *args, **kwargs)
+
+    def forking(*args: Any, **kwargs: Any) -> Any:
+        calls.append(("fork", threading.get_ident()))
+        return request(*args, **kwargs)
+
+    def starting(self: _zygote.Zygote, *args: Any, **kwargs: Any) -> None:
+        calls.append(("zygote", threading.get_ident()))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(_zygote.Zygote, "spawn", spawning)
+    monkeypatch.setattr(_zygote, "_request_spawn", forking)
+    monkeypatch.setattr(_zygote.Zygote, "__init__", starting)
+    return calls
+
+
+def test_aspawn_has_the_zygote_fork_a_worker_with_grants_off_the_loop(
+    tree: Path, zygote_starts: list[tuple[str, int]]
+) -> None:
+    """A worker given grants whose zygote made its spare ahead for a start
+    without them is forked on request: 1-4 ms that aspawn() waited on the
+    loop. A spawn with grants is made on the broker's threads; one without,
+    which takes the spare, from the loop."""
+
+    async def main(b: Broker) -> int:
+        for i in range(6):
+            if i % 2:
+                with b.open("data/a.txt", READ) as cap:
+                    w = await b.aspawn(AsyncJob, grants={"a": cap})
+            else:
+                w = await b.aspawn(AsyncJob)
+            assert await w.aio.ping() == "pong"
+            await w.astop()
+        return threading.get_ident()
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        del zygote_starts[:]  # (the broker's own zygote, started in Broker())
+        loop_thread = asyncio.run(main(b))
+    spawns = [(what, on != loop_thread) for what, on in zygote_starts if what == "spawn"]
+    assert spawns == [("spawn", False), ("spawn", True)] * 3
+    forks = [on for what, on in zygote_starts if what == "fork"]
+    assert forks and loop_thread not in forks  # (at least the first spawn with grants: the spare was made ahead)
+
+
+def test_aspawn_starts_a_zygote_that_died_off_the_loop(tree: Path, zygote_starts: list[tuple[str, int]]) -> None:
+    """A zygote that died is started again at the next spawn (about 90 ms,
+    with its first spare): aspawn() has that done on the broker's threads."""
+
+    async def main(b: Broker) -> int:
+        w = await b.aspawn(AsyncJob)
+        assert await w.aio.ping() == "pong"
+        return threading.get_ident()
+
+    with Broker(Policy(), root=tree) as b:
+        assert b._zygote is not None
+        b._zygote._proc.kill()
+        b._zygote._proc.wait()
+        loop_thread = asyncio.run(main(b))
+    assert [what for what, _ in zygote_starts] == ["zygote", "zygote", "spawn"]
+    assert zygote_starts[1][1] != loop_thread and zygote_starts[2][1] != loop_thread
+
+
+def test_an_aspawn_cancelled_while_its_start_runs_on_a_thread_leaves_no_worker(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel waits for the start the broker's thread makes, then ends
+    the worker it made: never left running, nor counted among the broker's."""
+    from broker import _zygote
+
+    spawned: list[int] = []
+    spawn = _zygote.Zygote.spawn
+
+    def slow(self: _zygote.Zygote, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        pid, chan = spawn(self, *args, **kwargs)
+        spawned.append(pid)
+        return pid, chan
+
+    monkeypatch.setattr(_zygote.Zygote, "spawn", slow)
+
+    async def main(b: Broker) -> None:
+        with b.open("data/a.txt", READ) as cap:
+            task = asyncio.create_task(b.aspawn(AsyncJob, grants={"a": cap}))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert len(spawned) == 1 and not os.path.exists(f"/proc/{spawned[0]}")
+        assert not b._workers and not list(b._starting)
+        w = await b.aspawn(AsyncJob)  # (the spawn lock was let go)
+        assert await w.aio.ping() == "pong"
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        asyncio.run(main(b))
 
 
 @pytest.fixture
