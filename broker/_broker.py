@@ -38,6 +38,7 @@ from protocol._wire import (
     Channel,
     ReceivedFd,
     check_sendable,
+    plain,
 )
 from worker import Worker
 from worker._files import access_flags
@@ -1211,8 +1212,12 @@ class Broker:
             out = self._deliver(handle, obj, after)
             self._audit(handle, "pass", obj.name, obj.rights, "granted", f"an argument of {handle._call_what[0]}()")
             return out
-        if depth >= MAX_DEPTH and isinstance(obj, list | tuple | dict):
-            check_sendable(obj, depth)
+        if isinstance(obj, list | tuple | dict):
+            if plain(obj.values() if isinstance(obj, dict) else obj):
+                check_sendable(obj, depth)  # nothing to turn into what travels: sent as it is
+                return obj
+            if depth >= MAX_DEPTH:
+                check_sendable(obj, depth)
         if isinstance(obj, list | tuple):
             return [self._export(handle, x, after, depth + 1) for x in obj]
         if isinstance(obj, dict):

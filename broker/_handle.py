@@ -29,7 +29,7 @@ from protocol import MessageTooLarge, NotCapable, PrivsepError, ProtocolError, R
 from protocol._messages import check_message
 from protocol._paths import local_path, split_relative
 from protocol._remote import exception_from_wire, exception_to_wire
-from protocol._wire import KIND_FILE, SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker
+from protocol._wire import KIND_FILE, SCALAR_TYPES, Channel, DirRef, ReceivedFd, fd_marker, plain
 from worker._output import MAX_LINE
 from worker._output import STREAMS as _STREAMS
 
@@ -68,17 +68,16 @@ def close_fds_in(obj: Any) -> None:
 
 def import_value(obj: Any) -> Any:
     """Turn fds in a worker's answer into capabilities (rights from the fd)."""
-    if isinstance(obj, ReceivedFd):
+    t = type(obj)
+    if t is ReceivedFd:
         fd = obj.detach()
         try:
             return Capability.from_untrusted_fd(fd, name="from worker")
         except BaseException:
             os.close(fd)
             raise
-    if type(obj) is list:
-        return [import_value(x) for x in obj]
-    if type(obj) is dict:
-        return {k: import_value(v) for k, v in obj.items()}
+    if (t is list or t is dict) and not plain(obj.values() if t is dict else obj):
+        return [import_value(x) for x in obj] if t is list else {k: import_value(v) for k, v in obj.items()}
     return obj
 
 

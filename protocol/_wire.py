@@ -29,7 +29,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import msgpack
@@ -172,8 +172,37 @@ SCALAR_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
 _FLAT = frozenset({str, bytes, float, bool, type(None), ReceivedFd, DirRef})
 
 
-def _flat(items: Iterable[Any]) -> bool:
-    """All leaves?"""
+_FLAT_OR_INT = _FLAT | {int}
+_NESTED = frozenset({list, dict})
+_STR_KEYS = frozenset({str})
+# Plain values a sender checks no further than this: ints for their width, str and bytes for their length.
+_SIMPLE = SCALAR_TYPES
+_TEXT_KINDS = frozenset({str, bytes})
+_CONTAINER_TYPES = (list, tuple, dict)
+#: Items up to which a loop over a container costs less than taking the set of their types in C.
+FEW_ITEMS = 16
+
+
+def plain(items: Iterable[Any]) -> bool:
+    """Are ``items`` all of SCALAR_TYPES: no fd, no reference, nothing
+    inside to look at? (The set of their types, taken in C.)"""
+    return set(map(type, items)) <= SCALAR_TYPES
+
+
+def _ints_fit(items: Iterable[Any], kinds: set[type]) -> bool:
+    """Do the ints among ``items`` (whose types are ``kinds``) fit in signed 64 bits?"""
+    ints = items if len(kinds) == 1 else [x for x in items if type(x) is int]
+    return min(ints) >= INT_MIN and max(ints) <= INT_MAX
+
+
+def _flat(items: Collection[Any]) -> bool:
+    """All leaves? A long run of items is looked at in C: the set of their
+    types, then the range of their ints."""
+    if len(items) > FEW_ITEMS:
+        kinds = set(map(type, items))
+        if kinds <= _FLAT:
+            return True
+        return int in kinds and kinds <= _FLAT_OR_INT and _ints_fit(items, kinds)
     for x in items:
         t = type(x)
         if not (t in _FLAT or (t is int and INT_MIN <= x <= INT_MAX)):
@@ -182,7 +211,9 @@ def _flat(items: Iterable[Any]) -> bool:
 
 
 def _validate(obj: Any) -> None:
-    """Bound nesting depth and integer width, and allow only plain types."""
+    """Bound nesting depth and integer width, and allow only plain types.
+    Container by container: the types of a container's items are taken in C
+    (a set of them), so a list of 2,000 ints costs about what a few items do."""
     if type(obj) is dict:  # most messages: a map of scalars and flat containers, checked in one pass
         for k, v in obj.items():
             t = type(v)
@@ -197,26 +228,35 @@ def _validate(obj: Any) -> None:
             break
         else:
             return
-    stack: list[tuple[Any, int]] = [(obj, 0)]
-    while stack:
-        item, depth = stack.pop()
+    pending: list[tuple[Collection[Any], int]] = [((obj,), 0)]  # (items, the depth at which they sit)
+    while pending:
+        items, depth = pending.pop()
+        if not items:
+            continue
         if depth > MAX_DEPTH:
             raise ProtocolError(f"message nested deeper than {MAX_DEPTH}")
-        t = type(item)
-        if t is int:
-            if not INT_MIN <= item <= INT_MAX:
+        if len(items) > FEW_ITEMS:
+            kinds = set(map(type, items))
+            if int in kinds and not _ints_fit(items, kinds):
                 raise ProtocolError("integer wider than 64 bits")
-        elif t is list:
-            stack.extend((x, depth + 1) for x in item)
-        elif t is dict:
-            for k, v in item.items():
-                if type(k) is not str:
-                    raise ProtocolError("map keys must be strings")
-                stack.append((v, depth + 1))
-        elif t in (str, bytes, float, bool, ReceivedFd, DirRef) or item is None:
-            pass
-        else:
-            raise ProtocolError(f"type {t.__name__} is not allowed on the wire")
+            if kinds <= _FLAT_OR_INT:
+                continue
+        for x in items:
+            t = type(x)
+            if t in _FLAT:
+                continue
+            if t is int:
+                if not INT_MIN <= x <= INT_MAX:
+                    raise ProtocolError("integer wider than 64 bits")
+            elif t is list:
+                pending.append((x, depth + 1))
+            elif t is dict:
+                for k in x:
+                    if type(k) is not str:
+                        raise ProtocolError("map keys must be strings")
+                pending.append((x.values(), depth + 1))
+            else:
+                raise ProtocolError(f"type {t.__name__} is not allowed on the wire")
 
 
 def check_sendable(obj: Any, depth: int = 0) -> None:
@@ -225,7 +265,9 @@ def check_sendable(obj: Any, depth: int = 0) -> None:
     signed 64 bits, values over ``MAX_BLOB``. An honest sender hears why (``TypeError`` or
     ``ValueError``) instead of losing its peer. ``depth``: where ``obj`` sits
     in its message. Other types are leaves here: the packer takes or refuses
-    them."""
+    them. A long container of plain values only (str, bytes, int, float,
+    bool, None) is checked in C: the set of their types, the range of the
+    ints, the longest str or bytes."""
     stack: list[tuple[Any, int]] = [(obj, depth)]
     while stack:
         item, d = stack.pop()
@@ -234,15 +276,50 @@ def check_sendable(obj: Any, depth: int = 0) -> None:
         if isinstance(item, int):
             if not INT_MIN <= item <= INT_MAX:
                 raise ValueError("an integer outside signed 64 bits cannot be sent")
-        elif isinstance(item, list | tuple):
-            stack.extend((x, d + 1) for x in item)
-        elif isinstance(item, dict):
-            for k, v in item.items():
-                if type(k) is not str:
-                    raise TypeError(f"map keys must be str, not {type(k).__name__}")
-                stack.append((v, d + 1))
+        elif isinstance(item, _CONTAINER_TYPES):
+            values: Collection[Any] = item
+            if isinstance(item, dict):
+                for k in item:
+                    if type(k) is not str:
+                        raise TypeError(f"map keys must be str, not {type(k).__name__}")
+                values = item.values()
+            d += 1
+            if d > MAX_DEPTH:
+                stack.extend((x, d) for x in values)  # (refused below, the way that says why)
+                continue
+            if len(values) > FEW_ITEMS:
+                kinds = set(map(type, values))
+                if kinds <= _SIMPLE and _plain_fits(values, kinds):
+                    continue
+            for x in values:
+                t = type(x)
+                if t is str or t is bytes:
+                    if len(x) <= CHECK_BLOB_LEN:
+                        continue
+                elif t is int:
+                    if INT_MIN <= x <= INT_MAX:
+                        continue
+                elif t is float or t is bool or x is None:
+                    continue
+                stack.append((x, d))
         elif (isinstance(item, (str, bytes, bytearray)) and len(item) > CHECK_BLOB_LEN) or isinstance(item, memoryview):
             check_blob_size(item)
+
+
+def _plain_fits(items: Iterable[Any], kinds: set[type]) -> bool:
+    """Do plain items (of ``kinds``, all in ``_SIMPLE``) need no further
+    check: ints within signed 64 bits, no str or bytes long enough to be
+    measured against MAX_BLOB?"""
+    if int in kinds and not _ints_fit(items, kinds):
+        return False
+    return not kinds & _TEXT_KINDS or _longest(items, kinds) <= CHECK_BLOB_LEN
+
+
+def _longest(items: Iterable[Any], kinds: set[type]) -> int:
+    """The length of the longest str or bytes among ``items`` (whose types are ``kinds``)."""
+    if kinds <= _TEXT_KINDS:
+        return max(map(len, items))
+    return max((len(x) for x in items if type(x) is str or type(x) is bytes), default=0)
 
 
 #: Byte strings and strings longer than this are measured against ``MAX_BLOB``

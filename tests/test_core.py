@@ -1587,3 +1587,63 @@ def test_writes_go_through_no_symlink_beneath_the_grant(tree: Path) -> None:
         assert w.attempt("mkdir", "out/real/d") == "ok" and w.attempt("unlink", "out/real/new.txt") == "ok"
     assert sorted(os.listdir(tree / "out")) == ["h", "real"]
     assert sorted(os.listdir(tree / "out" / "real")) == ["d", "old.txt"]
+
+
+class NestedFiles(Worker):
+    @rpc
+    def kinds(self, value: Any) -> list[str]:
+        """What each file in ``value`` is here, however it was nested: the
+        file itself ("file") or a pipe a broker thread fills ("pipe")."""
+        import stat as st
+
+        found: list[str] = []
+        pending = [value]
+        while pending:
+            x = pending.pop(0)
+            if isinstance(x, list):
+                pending[:0] = x
+            elif isinstance(x, dict):
+                pending[:0] = x.values()
+            elif hasattr(x, "fileno"):
+                found.append("pipe" if st.S_ISFIFO(os.fstat(x.fileno()).st_mode) else "file")
+        return found
+
+    @rpc
+    def files_back(self, n: int) -> dict[str, Any]:
+        files = [self.broker.open("data/a.txt", READ) for _ in range(n)]
+        return {"files": [*files, 7], "one": {"f": self.broker.open("data/a.txt", READ)}}
+
+
+@pytest.mark.parametrize("n", [2, 20])
+def test_files_nested_in_arguments_and_answers_travel_with_their_rights(
+    tree: Path, caplog: pytest.LogCaptureFixture, n: int
+) -> None:
+    """A capability inside a list or a dict, short or long (20 items are
+    looked at in C), is delivered as its rights say (READ alone: a pipe) and
+    audited like one passed alone; files a worker answers with, nested, come
+    back as capabilities. Plain values beside them travel unchanged."""
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(default_policy(), root=tree) as b:
+        w = b.spawn(NestedFiles)
+        pipes = [b.open("data/a.txt", Rights.READ) for _ in range(n)]
+        whole = b.open("data/a.txt", READ)
+        try:
+            got = w.kinds({"pipes": [*pipes, 1, "x"], "whole": [whole], "plain": list(range(30))})
+            assert got == ["pipe"] * n + ["file"]
+        finally:
+            for cap in [*pipes, whole]:
+                cap.close()
+        back = w.files_back(n)
+        try:
+            assert back["files"][-1] == 7
+            files = [*back["files"][:-1], back["one"]["f"]]
+            assert len(files) == n + 1 and all(isinstance(f, Capability) for f in files)
+            assert [os.pread(f.fileno(), 5, 0) for f in files] == [b"hello"] * (n + 1)
+        finally:
+            for f in back["files"][:-1]:
+                f.close()
+            back["one"]["f"].close()
+    passes = [e for e in (r.privsep for r in caplog.records if r.name == "privsep.audit")  # type: ignore[attr-defined]
+              if e["request"] == "pass"]
+    assert [(e["path"], e["rights"]) for e in passes] == [("data/a.txt", "READ")] * n + [
+        ("data/a.txt", "READ|SEEK|FSTAT")]

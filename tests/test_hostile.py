@@ -21,7 +21,11 @@ from protocol._wire import (
     _BLOB_EXT,
     EXT_BLOB,
     EXT_TEXT,
+    FEW_ITEMS,
+    INT_MAX,
+    INT_MIN,
     MAX_BLOB,
+    MAX_DEPTH,
     MAX_FDS,
     MAX_PACKET,
     Channel,
@@ -598,6 +602,102 @@ def test_the_sender_refuses_exactly_what_the_receiver_would(value: object) -> No
     except (ProtocolError, OverflowError, TypeError, ValueError):
         received = False
     assert sendable == received
+
+
+def _wire_ok(value: object, depth: int) -> bool:
+    """The wire's rules, item by item: what a receiver must accept."""
+    if depth > MAX_DEPTH:
+        return False
+    t = type(value)
+    if t is int:
+        return INT_MIN <= value <= INT_MAX  # type: ignore[operator]
+    if t is list:
+        return all(_wire_ok(x, depth + 1) for x in value)  # type: ignore[attr-defined]
+    if t is dict:
+        return all(type(k) is str for k in value) and all(  # type: ignore[attr-defined]
+            _wire_ok(v, depth + 1) for v in value.values())  # type: ignore[attr-defined]
+    return t in (str, bytes, float, bool, type(None))
+
+
+def _sendable_ok(value: object, depth: int, max_blob: int = MAX_BLOB) -> bool:
+    """The same rules as a sender sees them (tuples, subclasses), with
+    values up to ``max_blob`` bytes."""
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(value, int):
+        return INT_MIN <= value <= INT_MAX
+    if isinstance(value, list | tuple):
+        return all(_sendable_ok(x, depth + 1, max_blob) for x in value)
+    if isinstance(value, dict):
+        return all(type(k) is str for k in value) and all(
+            _sendable_ok(v, depth + 1, max_blob) for v in value.values())
+    if isinstance(value, str):
+        return len(value.encode()) <= max_blob
+    if isinstance(value, bytes):
+        return len(value) <= max_blob
+    return True
+
+
+_edge_ints = st.sampled_from([INT_MAX, INT_MAX + 1, INT_MIN, INT_MIN - 1, 0, -1])
+_plain_leaves = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.text(max_size=5),
+                          st.binary(max_size=5), st.integers(-5, 5), _edge_ints)
+# Runs longer than FEW_ITEMS, of one kind or mixed, at the top or nested near MAX_DEPTH: the
+# containers the checks look at in C.
+_long = st.one_of(
+    st.lists(_plain_leaves, min_size=FEW_ITEMS + 1, max_size=40),
+    st.lists(st.one_of(st.integers(-5, 5), _edge_ints), min_size=FEW_ITEMS + 1, max_size=40),
+    st.lists(st.text(max_size=6), min_size=FEW_ITEMS + 1, max_size=40),
+    st.lists(st.binary(max_size=6), min_size=FEW_ITEMS + 1, max_size=40),
+    st.dictionaries(st.text(max_size=4), _plain_leaves, min_size=FEW_ITEMS + 1, max_size=30),
+)
+_bulk = st.recursive(
+    st.one_of(_plain_leaves, _long, st.builds(_nest, _long, st.integers(27, 33))),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, min_size=FEW_ITEMS + 1, max_size=24),
+        st.dictionaries(_keys, inner, max_size=3),
+        st.tuples(inner),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_bulk, st.booleans())
+def test_long_containers_are_checked_as_each_item_would_be(value: object, tiny_blobs: bool) -> None:
+    """The wire checks look at a long container in C (the set of its items'
+    types, the range of its ints, its longest str or bytes): they accept and
+    refuse exactly what the rules, applied item by item, do. With
+    ``tiny_blobs`` the sender's limit on one value is 4 bytes (and the
+    length past which it measures a str 1 character, as MAX_BLOB / 4 is)."""
+    import protocol._wire as wire
+
+    saved = wire.CHECK_BLOB_LEN, wire.MAX_BLOB
+    if tiny_blobs:
+        wire.CHECK_BLOB_LEN, wire.MAX_BLOB = 1, 4
+    try:
+        try:
+            check_sendable(value, 1)
+            sendable = True
+        except (TypeError, ValueError):
+            sendable = False
+    finally:
+        wire.CHECK_BLOB_LEN, wire.MAX_BLOB = saved
+    assert sendable == _sendable_ok(value, 1, 4 if tiny_blobs else MAX_BLOB)
+    try:
+        packed = msgpack.packb({"t": "ret", "id": 1, "v": value}, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError):
+        return  # (msgpack itself refuses it: ints past 64 bits unsigned, keys it cannot pack)
+    try:
+        received = _unpack(packed, _no_ext_hook)
+    except ProtocolError:
+        return  # (keys msgpack packs but the strict unpacker refuses)
+    try:
+        _validate(received)
+        accepted = True
+    except ProtocolError:
+        accepted = False
+    assert accepted == _wire_ok(received, 0)
 
 
 FILE_OUTPUT = Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE

@@ -30,6 +30,7 @@ from protocol._wire import (
     ReceivedFd,
     check_sendable,
     fd_marker,
+    plain,
 )
 
 from ._client import BrokerClient, BrokerGone
@@ -78,9 +79,9 @@ def _unwrap_args(obj: Any, opened: list[Any], client: BrokerClient) -> Any:
         opened.append(d)
         return d
     if type(obj) is list:
-        return [_unwrap_args(x, opened, client) for x in obj]
+        return obj if plain(obj) else [_unwrap_args(x, opened, client) for x in obj]
     if type(obj) is dict:
-        return {k: _unwrap_args(v, opened, client) for k, v in obj.items()}
+        return obj if plain(obj.values()) else {k: _unwrap_args(v, opened, client) for k, v in obj.items()}
     return obj
 
 
