@@ -54,6 +54,11 @@ class BenchWorker(Worker):
         return 1
 
     @rpc
+    def echo(self, value: Any) -> Any:
+        """Answer with what was sent (the bulk case: a list of ints)."""
+        return value
+
+    @rpc
     def read(self, f: IO[bytes]) -> int:
         """Read a passed file (the fd-grant task of the pool benchmark)."""
         return len(f.read(READ_SIZE))

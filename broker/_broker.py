@@ -37,8 +37,8 @@ from protocol._wire import (
     SCALAR_TYPES,
     Channel,
     ReceivedFd,
+    check_plain,
     check_sendable,
-    plain,
 )
 from worker import Worker
 from worker._files import access_flags
@@ -472,23 +472,27 @@ class Broker:
         async with self._aspawn_turn():
             if self._needs_main_load(cls):
                 # The zygote runs the main script's top-level code (once): not on the loop.
-                for text in await asyncio.to_thread(self._ready_zygote_for, cls):
+                for text in await _off_loop(functools.partial(self._ready_zygote_for, cls),
+                                            self._background.executor()):
                     # Given here, not on the executor's thread: there its line was threading.py's.
                     warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
-            await self._spawn_turn_from_loop()
-            start = functools.partial(self._start, cls, timeout, grants, spawn_lock_held=True)
-            unwanted: list[WorkerHandle] = []  # started by a thread for a task cancelled meanwhile
-            try:
-                if self._zygote_start_waits(cls, grants):
-                    handle = await _off_loop(start, self._background.executor(), undo=unwanted.append)
-                else:
-                    handle = start()
-            finally:
-                self._spawn_lock.release()
-                for started in unwanted:
-                    with self._lock:
-                        self._starting.discard(started)
-                    started.kill()
+            if self._zygote_start_waits(cls, grants):
+                # Made on one of the broker's threads, which takes the spawn lock itself: held
+                # across an await of this loop, it deadlocked a close() or an opener start made
+                # on the loop meanwhile (red-team round 23).
+                unwanted: list[WorkerHandle] = []
+                try:
+                    handle = await _off_loop(functools.partial(self._start, cls, timeout, grants),
+                                             self._background.executor(), undo=unwanted.append)
+                finally:
+                    for started in unwanted:  # (made for a task cancelled meanwhile)
+                        self._drop_unready(started)
+            else:
+                await self._spawn_turn_from_loop()
+                try:
+                    handle = self._start(cls, timeout, grants, spawn_lock_held=True)
+                finally:
+                    self._spawn_lock.release()
         # A worker that does not come up is ended as during an awaited call: nothing of it
         # waited for on the loop.
         handle._awaited = True
@@ -498,24 +502,38 @@ class Broker:
                 if ready and handle._chan_ended():
                     await handle._aended(_EXIT_GRACE)  # (its exit status asked for off the loop)
             except BaseException:
-                with self._lock:
-                    self._starting.discard(handle)
-                handle.kill()
+                self._drop_unready(handle)
                 raise
             return self._finish_spawn(handle, lambda: ready)
         finally:
             handle._awaited = False
 
+    def _drop_unready(self, handle: WorkerHandle) -> None:
+        """End a worker whose aspawn() was cancelled before its handshake was
+        done: killed, reaped in the background (nothing waited for on the
+        loop), and never left as the zygote's worker being learned from (the
+        zygote would make no next spare, and the next aspawn() waited for
+        one until spawn_timeout; red-team round 23)."""
+        with self._lock:
+            self._starting.discard(handle)
+        handle._awaited = True
+        handle.kill()
+        zygote = self._zygote
+        if handle.spawn_method == "zygote" and zygote is not None and not self._closed:
+            zygote.started(handle.pid, False)
+
     def _zygote_start_waits(self, cls: type[Worker], grants: Mapping[str, Capability] | None) -> bool:
-        """Would ``_start`` wait for the zygote: to fork a worker given grants
-        on request (1-4 ms, when its spare was made ahead for a start without
-        them), or to be started again (about 90 ms) after it died? For
-        ``aspawn()``, which has such a start made on the broker's threads.
-        (An exec'd or forked worker is started where it is asked for: from
-        the main thread, it gets PDEATHSIG.)"""
+        """Would ``_start`` wait for the zygote: to fork a worker on request
+        (1-4 ms: one given grants, when its spare was made ahead for a start
+        without them; any, when no spare is made or coming), or to be started
+        again (about 90 ms) after it died? For ``aspawn()``, which has such a
+        start made on the broker's threads. (An exec'd or forked worker is
+        started where it is asked for: from the main thread, it gets
+        PDEATHSIG.)"""
         method = self._auto_method(cls) if self.spawn_method == "auto" else self.spawn_method
         zygote = self._zygote
-        return method == "zygote" and (bool(grants) or zygote is None or not zygote.alive())
+        return method == "zygote" and (
+            bool(grants) or zygote is None or zygote.forks_next() or not zygote.alive())
 
     def _auto_method(self, cls: type[Worker]) -> str:
         """What ``spawn="auto"`` starts ``cls`` with."""
@@ -1131,6 +1149,9 @@ class Broker:
         return self._starts_opener(rights | int(Rights.WRITE) if op.endswith("create") else rights)
 
     def _opener(self) -> Opener:
+        opener = self._opener_proc
+        if opener is not None and opener.alive():
+            return opener  # (not behind the spawn lock, which a start on another thread may hold a while)
         with self._spawn_lock:
             if self._opener_proc is not None and not self._opener_proc.alive():
                 log.warning("the restricted opener has exited; starting a new one")
@@ -1213,9 +1234,8 @@ class Broker:
             self._audit(handle, "pass", obj.name, obj.rights, "granted", f"an argument of {handle._call_what[0]}()")
             return out
         if isinstance(obj, list | tuple | dict):
-            if plain(obj.values() if isinstance(obj, dict) else obj):
-                check_sendable(obj, depth)  # nothing to turn into what travels: sent as it is
-                return obj
+            if check_plain(obj, depth):
+                return obj  # nothing to turn into what travels: sent as it is
             if depth >= MAX_DEPTH:
                 check_sendable(obj, depth)
         if isinstance(obj, list | tuple):

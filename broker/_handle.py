@@ -392,29 +392,34 @@ class WorkerHandle:
         """Would sending these arguments hold the loop? Big buffers (packed
         and copied into the wire's memfd: 60 MiB took 140 ms), at the top or
         nested, or a file that starts the restricted opener (90 ms). The
-        walk is bounded: past ``_WALK`` items of lists, tuples and dicts the
-        arguments count as heavy, since the walk would cost what packing does."""
+        walk is bounded: past ``_WALK`` items the arguments count as heavy,
+        since the walk would cost what packing does; so does a subclass of a
+        buffer or a container (its ``__len__`` or ``__iter__`` is the
+        program's code, which the packer never runs: not run on the loop)."""
         pending: list[Any] = [*args, *kwargs.values()] if kwargs else list(args)
-        size = items = 0
+        size, items = 0, len(pending)
         while pending:
             x = pending.pop()
             t = type(x)
             if t is int or t is float or t is bool or x is None:
                 continue
-            if isinstance(x, _TEXTS):
+            if t is bytes or t is str or t is bytearray:
                 size += len(x)
-            elif isinstance(x, memoryview):
+            elif t is memoryview:
                 size += x.nbytes
-            elif isinstance(x, _CONTAINERS):
+            elif t is list or t is tuple or t is dict:
                 items += len(x)
                 if items > _WALK:
                     return True
-                if isinstance(x, dict):
+                if t is dict:
                     pending.extend(x.keys())
                     pending.extend(x.values())
                 else:
                     pending.extend(x)
-            elif t is Capability and x.kind == KIND_FILE and self._broker._starts_opener(int(x.rights)):
+            elif t is Capability:
+                if x.kind == KIND_FILE and self._broker._starts_opener(int(x.rights)):
+                    return True
+            elif isinstance(x, _BUFFERS_AND_CONTAINERS):
                 return True
             if size > _HEAVY_ARG:
                 return True
@@ -1624,8 +1629,7 @@ _SCANS = frozenset({"listdir", "dlist"})  # requests that may read a whole direc
 _QUEUED_AT_END = 16  # messages read once the channel's end is found (a queue holds 10 by default)
 _HEAVY_ARG = 1 << 20  # bytes of arguments that an awaited call packs on one of the broker's threads
 _WALK = 256  # items of nested arguments looked at on the loop, at most (about 60 us)
-_TEXTS = (bytes, str, bytearray)
-_CONTAINERS = (list, tuple, dict)
+_BUFFERS_AND_CONTAINERS = (bytes, str, bytearray, memoryview, list, tuple, dict)
 _TURN = 0.002  # seconds an awaited call may hold the loop before it lets the others run
 
 

@@ -516,12 +516,22 @@ class Zygote:
         self._asked_cgroup = None  # the parent's
 
     def ready_now(self) -> bool:
-        """Would a spawn now find its spare made and no other request of the
-        zygote's in flight (a status being asked for)? A hint: read without
-        the lock, for a spawn made from an event loop, which must not wait."""
+        """Would a spawn now find its spare made (or none coming: it forks
+        one on request) and no other request of the zygote's in flight (a
+        status being asked for)? A hint: read without the lock, for a spawn
+        made from an event loop, which must not wait. (With none coming it
+        said no, and the first aspawn() of a main script's class, whose
+        import let the spare go, waited spawn_timeout; red-team round 23.)"""
         if self._lock.locked():
             return False
-        return self._spare is not None or (self._pending and self._spares.wait_readable(0))
+        if self._spare is not None or not self._pending:
+            return True
+        return self._spares.wait_readable(0)
+
+    def forks_next(self) -> bool:
+        """Would the next spawn be forked on request, no spare made or
+        coming? A hint, read without the lock."""
+        return self._spare is None and not self._pending
 
     def waiting_spare(self) -> tuple[int, int] | None:
         """(pid, fd) of the spare waiting now, after reading a pending answer.

@@ -195,6 +195,13 @@ def _ints_fit(items: Iterable[Any], kinds: set[type]) -> bool:
     return min(ints) >= INT_MIN and max(ints) <= INT_MAX
 
 
+def _unpacked_ints_fit(items: Iterable[Any], kinds: set[type]) -> bool:
+    """``_ints_fit`` for ints msgpack unpacked, which are never below
+    INT_MIN (its signed formats are 64 bits at most): only the largest can
+    be too large (a uint64)."""
+    return max(items if len(kinds) == 1 else [x for x in items if type(x) is int]) <= INT_MAX
+
+
 def _flat(items: Collection[Any]) -> bool:
     """All leaves? A long run of items is looked at in C: the set of their
     types, then the range of their ints."""
@@ -202,7 +209,7 @@ def _flat(items: Collection[Any]) -> bool:
         kinds = set(map(type, items))
         if kinds <= _FLAT:
             return True
-        return int in kinds and kinds <= _FLAT_OR_INT and _ints_fit(items, kinds)
+        return int in kinds and kinds <= _FLAT_OR_INT and _unpacked_ints_fit(items, kinds)
     for x in items:
         t = type(x)
         if not (t in _FLAT or (t is int and INT_MIN <= x <= INT_MAX)):
@@ -211,8 +218,8 @@ def _flat(items: Collection[Any]) -> bool:
 
 
 def _validate(obj: Any) -> None:
-    """Bound nesting depth and integer width, and allow only plain types.
-    Container by container: the types of a container's items are taken in C
+    """Bound nesting depth and integer width, and allow only plain types,
+    in a message msgpack unpacked. Container by container: the types of a container's items are taken in C
     (a set of them), so a list of 2,000 ints costs about what a few items do."""
     if type(obj) is dict:  # most messages: a map of scalars and flat containers, checked in one pass
         for k, v in obj.items():
@@ -237,7 +244,7 @@ def _validate(obj: Any) -> None:
             raise ProtocolError(f"message nested deeper than {MAX_DEPTH}")
         if len(items) > FEW_ITEMS:
             kinds = set(map(type, items))
-            if int in kinds and not _ints_fit(items, kinds):
+            if int in kinds and not _unpacked_ints_fit(items, kinds):
                 raise ProtocolError("integer wider than 64 bits")
             if kinds <= _FLAT_OR_INT:
                 continue
@@ -287,7 +294,7 @@ def check_sendable(obj: Any, depth: int = 0) -> None:
             if d > MAX_DEPTH:
                 stack.extend((x, d) for x in values)  # (refused below, the way that says why)
                 continue
-            if len(values) > FEW_ITEMS:
+            if type(item) in _CONTAINER_TYPES and len(values) > FEW_ITEMS:  # (a subclass: its own len, never run)
                 kinds = set(map(type, values))
                 if kinds <= _SIMPLE and _plain_fits(values, kinds):
                     continue
@@ -304,6 +311,22 @@ def check_sendable(obj: Any, depth: int = 0) -> None:
                 stack.append((x, d))
         elif (isinstance(item, (str, bytes, bytearray)) and len(item) > CHECK_BLOB_LEN) or isinstance(item, memoryview):
             check_blob_size(item)
+
+
+def check_plain(obj: list[Any] | tuple[Any, ...] | dict[Any, Any], depth: int) -> bool:
+    """For a container about to be sent (``depth``: where it sits in its
+    message): if it holds plain values only (of SCALAR_TYPES: nothing to
+    turn into what travels), check it as ``check_sendable`` does, raising
+    the same way, and return True. Else return False, nothing checked."""
+    if type(obj) not in _CONTAINER_TYPES:
+        return False  # (a subclass: item by item, as before)
+    items = obj.values() if type(obj) is dict else obj
+    kinds = set(map(type, items))
+    if not kinds <= SCALAR_TYPES:
+        return False
+    if isinstance(obj, dict) or depth >= MAX_DEPTH or not _plain_fits(items, kinds):
+        check_sendable(obj, depth)  # (its keys; or what is wrong, said)
+    return True
 
 
 def _plain_fits(items: Iterable[Any], kinds: set[type]) -> bool:

@@ -1344,13 +1344,119 @@ def test_an_aspawn_cancelled_while_its_start_runs_on_a_thread_leaves_no_worker(
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-        assert len(spawned) == 1 and not os.path.exists(f"/proc/{spawned[0]}")
         assert not b._workers and not list(b._starting)
+        assert b._background.wait_idle(10)  # (killed at once, reaped by a broker thread)
+        assert len(spawned) == 1 and not os.path.exists(f"/proc/{spawned[0]}")
+        t0 = time.monotonic()
         w = await b.aspawn(AsyncJob)  # (the spawn lock was let go)
         assert await w.aio.ping() == "pong"
+        assert time.monotonic() - t0 < 5  # (no wait for a spare the zygote would never make)
 
     with Broker(Policy().allow("data/", READ), root=tree) as b:
         asyncio.run(main(b))
+
+
+@pytest.fixture
+def slow_zygote_spawns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker the zygote starts takes 0.3 s more: a start that runs on
+    a broker's thread is still running a while after it began."""
+    from broker import _zygote
+
+    spawn = _zygote.Zygote.spawn
+
+    def slow(self: _zygote.Zygote, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return spawn(self, *args, **kwargs)
+
+    monkeypatch.setattr(_zygote.Zygote, "spawn", slow)
+
+
+def _in_a_thread(main: Any, seconds: float = 20.0) -> None:
+    """asyncio.run(main()) on a thread of its own, which must end within
+    ``seconds``: a loop blocked for good fails the test, not the run."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the event loop was still blocked after {seconds} s"
+    if failed:
+        raise failed[0]
+
+
+def test_aclose_while_an_aspawn_starts_on_a_thread_ends_it(tree: Path, slow_zygote_spawns: None) -> None:
+    """aspawn() held the broker's spawn lock while its start ran on a
+    thread: an aclose() on the loop meanwhile waited for that lock, which
+    only the awaiting task could let go, and the loop was blocked for good
+    (red-team round 23). The spawn now raises: the broker was closed."""
+    b = Broker(Policy().allow("data/", READ), root=tree)
+
+    async def main() -> None:
+        with b.open("data/a.txt", READ) as cap:
+            task = asyncio.create_task(b.aspawn(AsyncJob, grants={"a": cap}))
+            await asyncio.sleep(0.1)
+            await b.aclose()
+            with pytest.raises(RuntimeError, match="closed while this worker started"):
+                await task
+
+    try:
+        _in_a_thread(main)
+    finally:
+        b.close()
+    assert not b._workers and not list(b._starting)
+
+
+def test_an_awaited_call_opening_a_file_while_an_aspawn_starts_on_a_thread(
+    tree: Path, slow_zygote_spawns: None
+) -> None:
+    """A worker's request that the restricted opener serves took the spawn
+    lock on the loop, which aspawn() held across its thread's start: the
+    loop was blocked for good (red-team round 23). Both go on; the request
+    does not even wait for the start."""
+    rights = Rights.WRITE | Rights.SEEK | Rights.FSTAT
+    (tree / "out" / "log").write_bytes(b"")
+
+    async def main() -> None:
+        async with Broker(Policy().allow("data/", READ).allow("out/", rights), root=tree) as b:
+            w = await b.aspawn(AsyncJob)
+            assert await w.aio.append("log", b"a") == 1  # (starts the opener)
+            with b.open("data/a.txt", READ) as cap:
+                spawning = asyncio.create_task(b.aspawn(AsyncJob, grants={"a": cap}))
+                await asyncio.sleep(0.1)
+                t0 = time.monotonic()
+                assert await w.aio.append("log", b"b") == 1
+                assert time.monotonic() - t0 < 0.15  # (the start holds the spawn lock 0.2 s more)
+                w2 = await spawning
+            assert await w2.aio.ping() == "pong"
+
+    _in_a_thread(main)
+    assert (tree / "out" / "log").read_bytes() == b"ab"
+
+
+class LenRaises(list):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        raise RuntimeError("the program's __len__")
+
+
+def test_an_awaited_call_runs_no_code_of_an_arguments_subclass_on_the_loop(tree: Path) -> None:
+    """Looking for big data, an awaited call ran a list or dict subclass's
+    own __len__ or keys(), which the packer never runs: an argument a
+    synchronous call sent raised there (red-team round 23). A subclass is
+    sent from the broker's threads, as a synchronous call sends it."""
+
+    async def main(b: Broker) -> list[int]:
+        w = await b.aspawn(AsyncJob)
+        return [await w.aio.weigh(LenRaises([b"ab", [b"c"]])), await w.aio.weigh({"k": LenRaises([b"d"])})]
+
+    with Broker(Policy(), root=tree) as b:
+        assert b.spawn(AsyncJob).weigh(LenRaises([b"ab", [b"c"]])) == 3
+        assert asyncio.run(main(b)) == [3, 1]
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from protocol._wire import (
     _no_ext_hook,
     _unpack,
     _validate,
+    check_plain,
     check_sendable,
     decode,
     encode,
@@ -675,15 +676,27 @@ def test_long_containers_are_checked_as_each_item_would_be(value: object, tiny_b
     saved = wire.CHECK_BLOB_LEN, wire.MAX_BLOB
     if tiny_blobs:
         wire.CHECK_BLOB_LEN, wire.MAX_BLOB = 1, 4
+    said = ""  # what check_plain said of a container: "plain" (checked), "other" (not looked at), "refused"
     try:
         try:
             check_sendable(value, 1)
             sendable = True
         except (TypeError, ValueError):
             sendable = False
+        if isinstance(value, list | tuple | dict):
+            try:
+                said = "plain" if check_plain(value, 1) else "other"
+            except (TypeError, ValueError):
+                said = "refused"
     finally:
         wire.CHECK_BLOB_LEN, wire.MAX_BLOB = saved
     assert sendable == _sendable_ok(value, 1, 4 if tiny_blobs else MAX_BLOB)
+    if isinstance(value, list | tuple | dict):  # (the broker's export sends a plain container as it is)
+        items = value.values() if isinstance(value, dict) else value
+        if all(type(x) in (str, bytes, int, float, bool, type(None)) for x in items):
+            assert said == ("plain" if sendable else "refused")
+        else:
+            assert said == "other"
     try:
         packed = msgpack.packb({"t": "ret", "id": 1, "v": value}, use_bin_type=True)
     except (OverflowError, TypeError, ValueError):
