@@ -1235,7 +1235,11 @@ class Broker:
             return out
         if isinstance(obj, list | tuple | dict):
             if check_plain(obj, depth):
-                return obj  # nothing to turn into what travels: sent as it is
+                # Nothing to turn into what travels. A copy (in C) is sent, never the caller's own
+                # list: one changed before the packing (another thread, another task while a long
+                # list is sent from a broker thread) sent unchecked what was added, a capability
+                # as its raw fd (red-team round 24).
+                return obj.copy() if isinstance(obj, list | dict) else obj  # (a tuple of scalars cannot change)
             if depth >= MAX_DEPTH:
                 check_sendable(obj, depth)
         if isinstance(obj, list | tuple):

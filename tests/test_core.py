@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import READ, default_policy
 
-from broker import Broker, Capability, Policy
+from broker import Broker, Capability, Policy, WorkerHandle
 from protocol import (
     MessageTooLarge,
     NotCapable,
@@ -1647,3 +1647,32 @@ def test_files_nested_in_arguments_and_answers_travel_with_their_rights(
               if e["request"] == "pass"]
     assert [(e["path"], e["rights"]) for e in passes] == [("data/a.txt", "READ")] * n + [
         ("data/a.txt", "READ|SEEK|FSTAT")]
+
+
+def test_a_plain_list_changed_after_its_check_sends_what_was_checked(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list of plain values was sent as the caller's own list: a capability
+    added to it between the broker's check and the packing (another thread,
+    or another task while a long list is sent from a broker thread) reached
+    the worker as the broker's raw fd, with no audit event (red-team round
+    24). The list sent is a copy of the one checked."""
+    sent: list[Any] = []
+    added: list[Capability] = []
+    send = WorkerHandle._send
+
+    def racing(self: WorkerHandle, msg: Any, *args: Any, **kwargs: Any) -> Any:
+        if msg.get("t") == "call" and not added:  # (what another thread does meanwhile)
+            added.append(b.open("data/a.txt", READ))
+            for value in sent:
+                value["files"].append(added[0]) if isinstance(value, dict) else value.append(added[0])
+        return send(self, msg, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerHandle, "_send", racing)
+    with Broker(default_policy(), root=tree) as b:
+        w = b.spawn(NestedFiles)
+        for value in ([0] * 20, {"files": [0] * 20}):
+            sent[:] = [value]
+            del added[:]
+            assert w.kinds(value) == []  # (no file reached the worker)
+            added[0].close()

@@ -652,7 +652,8 @@ _long = st.one_of(
     st.dictionaries(st.text(max_size=4), _plain_leaves, min_size=FEW_ITEMS + 1, max_size=30),
 )
 _bulk = st.recursive(
-    st.one_of(_plain_leaves, _long, st.builds(_nest, _long, st.integers(27, 33))),
+    st.one_of(_plain_leaves, _long, st.builds(_nest, _long, st.integers(27, 33)),
+              st.builds(_nest, st.sampled_from([[], {}, [[]], [{}]]), st.integers(29, 34))),
     lambda inner: st.one_of(
         st.lists(inner, max_size=3),
         st.lists(inner, min_size=FEW_ITEMS + 1, max_size=24),
