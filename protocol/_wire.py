@@ -173,8 +173,6 @@ _FLAT = frozenset({str, bytes, float, bool, type(None), ReceivedFd, DirRef})
 
 
 _FLAT_OR_INT = _FLAT | {int}
-# Plain values a sender checks no further than this: ints for their width, str and bytes for their length.
-_SIMPLE = SCALAR_TYPES
 _TEXT_KINDS = frozenset({str, bytes})
 _CONTAINER_TYPES = (list, tuple, dict)
 #: Items up to which a loop over a container costs less than taking the set of their types in C.
@@ -217,8 +215,9 @@ def _flat(items: Collection[Any]) -> bool:
 
 def _validate(obj: Any) -> None:
     """Bound nesting depth and integer width, and allow only plain types,
-    in a message msgpack unpacked. Container by container: the types of a container's items are taken in C
-    (a set of them), so a list of 2,000 ints costs about what a few items do."""
+    in a message msgpack unpacked. Container by container: the types of a
+    long container's items are taken in C (a set of them), so a list of
+    2,000 ints costs about what a few items do."""
     if type(obj) is dict:  # most messages: a map of scalars and flat containers, checked in one pass
         for k, v in obj.items():
             t = type(v)
@@ -296,7 +295,7 @@ def check_sendable(obj: Any, depth: int = 0) -> None:
                 continue
             if type(item) in _CONTAINER_TYPES and len(values) > FEW_ITEMS:  # (a subclass: its own len, never run)
                 kinds = set(map(type, values))
-                if kinds <= _SIMPLE and _plain_fits(values, kinds):
+                if kinds <= SCALAR_TYPES and _plain_fits(values, kinds):
                     continue
             for x in values:
                 t = type(x)
@@ -330,7 +329,7 @@ def check_plain(obj: list[Any] | tuple[Any, ...] | dict[Any, Any], depth: int) -
 
 
 def _plain_fits(items: Iterable[Any], kinds: set[type]) -> bool:
-    """Do plain items (of ``kinds``, all in ``_SIMPLE``) need no further
+    """Do plain items (of ``kinds``, all in SCALAR_TYPES) need no further
     check: ints within signed 64 bits, no str or bytes long enough to be
     measured against MAX_BLOB?"""
     if int in kinds and not _ints_fit(items, kinds):
