@@ -1319,23 +1319,32 @@ def test_aspawn_starts_a_zygote_that_died_off_the_loop(tree: Path, zygote_starts
     assert zygote_starts[1][1] != loop_thread and zygote_starts[2][1] != loop_thread
 
 
-def test_an_aspawn_cancelled_while_its_start_runs_on_a_thread_leaves_no_worker(
-    tree: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The cancel waits for the start the broker's thread makes, then ends
-    the worker it made: never left running, nor counted among the broker's."""
+@pytest.fixture
+def slow_zygote_spawns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each worker the zygote starts takes 0.3 s more: a start that runs on
+    a broker's thread is still running a while after it began. The pids of
+    the workers started."""
     from broker import _zygote
 
-    spawned: list[int] = []
+    pids: list[int] = []
     spawn = _zygote.Zygote.spawn
 
     def slow(self: _zygote.Zygote, *args: Any, **kwargs: Any) -> Any:
         time.sleep(0.3)
         pid, chan = spawn(self, *args, **kwargs)
-        spawned.append(pid)
+        pids.append(pid)
         return pid, chan
 
     monkeypatch.setattr(_zygote.Zygote, "spawn", slow)
+    return pids
+
+
+def test_an_aspawn_cancelled_while_its_start_runs_on_a_thread_leaves_no_worker(
+    tree: Path, slow_zygote_spawns: list[int]
+) -> None:
+    """The cancel waits for the start the broker's thread makes, then ends
+    the worker it made: never left running, nor counted among the broker's."""
+    spawned = slow_zygote_spawns
 
     async def main(b: Broker) -> None:
         with b.open("data/a.txt", READ) as cap:
@@ -1354,21 +1363,6 @@ def test_an_aspawn_cancelled_while_its_start_runs_on_a_thread_leaves_no_worker(
 
     with Broker(Policy().allow("data/", READ), root=tree) as b:
         asyncio.run(main(b))
-
-
-@pytest.fixture
-def slow_zygote_spawns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each worker the zygote starts takes 0.3 s more: a start that runs on
-    a broker's thread is still running a while after it began."""
-    from broker import _zygote
-
-    spawn = _zygote.Zygote.spawn
-
-    def slow(self: _zygote.Zygote, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(0.3)
-        return spawn(self, *args, **kwargs)
-
-    monkeypatch.setattr(_zygote.Zygote, "spawn", slow)
 
 
 def _in_a_thread(main: Any, seconds: float = 20.0) -> None:
@@ -1390,7 +1384,7 @@ def _in_a_thread(main: Any, seconds: float = 20.0) -> None:
         raise failed[0]
 
 
-def test_aclose_while_an_aspawn_starts_on_a_thread_ends_it(tree: Path, slow_zygote_spawns: None) -> None:
+def test_aclose_while_an_aspawn_starts_on_a_thread_ends_it(tree: Path, slow_zygote_spawns: list[int]) -> None:
     """aspawn() held the broker's spawn lock while its start ran on a
     thread: an aclose() on the loop meanwhile waited for that lock, which
     only the awaiting task could let go, and the loop was blocked for good
@@ -1413,7 +1407,7 @@ def test_aclose_while_an_aspawn_starts_on_a_thread_ends_it(tree: Path, slow_zygo
 
 
 def test_an_awaited_call_opening_a_file_while_an_aspawn_starts_on_a_thread(
-    tree: Path, slow_zygote_spawns: None
+    tree: Path, slow_zygote_spawns: list[int]
 ) -> None:
     """A worker's request that the restricted opener serves took the spawn
     lock on the loop, which aspawn() held across its thread's start: the
