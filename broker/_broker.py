@@ -642,7 +642,12 @@ class Broker:
         with self._lock:
             workers = list(self._workers.values())
         await asyncio.gather(*(w.astop(timeout) for w in workers), return_exceptions=True)
-        await asyncio.to_thread(self._background.wait_idle, 5.0)  # (workers still being reaped)
+        # Workers still being reaped by the background thread: polled, with no thread of the loop's
+        # default executor (the program's, which it may fill: aclose() waited for one to come free).
+        deadline, pause = time.monotonic() + 5.0, 0.001
+        while not self._background.wait_idle(0) and time.monotonic() < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
         self.close(timeout)  # the rest; a worker that would not stop is dealt with here
 
     def _start(

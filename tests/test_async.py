@@ -1453,6 +1453,31 @@ def test_an_awaited_call_runs_no_code_of_an_arguments_subclass_on_the_loop(tree:
         assert asyncio.run(main(b)) == [3, 1]
 
 
+def test_aclose_needs_no_thread_of_the_loops_default_executor(tree: Path) -> None:
+    """aclose() waited for the background reaps on a thread of the loop's
+    default executor: with the program's own work filling it (two 3 s
+    sleeps here), aclose() waited for one of them to end."""
+
+    async def main(b: Broker) -> float:
+        w = await b.aspawn(AsyncJob)
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(2))
+        hold = [loop.run_in_executor(None, time.sleep, 3) for _ in range(2)]  # (the program's own)
+        with pytest.raises(WorkerCrashed):
+            await w.aio.exit_after(0.0, 3)  # (a worker ended during a call, as aclose() finds some)
+        t0 = time.monotonic()
+        await b.aclose()
+        took = time.monotonic() - t0
+        await asyncio.gather(*hold)
+        return took
+
+    b = Broker(Policy(), root=tree)
+    try:
+        assert asyncio.run(main(b)) < 1.5
+    finally:
+        b.close()
+
+
 @pytest.fixture
 def opener_starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The threads on which a restricted opener was started."""
