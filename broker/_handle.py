@@ -425,14 +425,19 @@ class WorkerHandle:
                 return True
         return False
 
-    async def _lock_from_loop(self) -> None:
+    async def _lock_from_loop(self, timeout: float | None = None) -> bool:
         """Take the call lock, which a call of another thread or event loop
         holds, without blocking this loop: polled, a few ms apart at most
-        (no helper thread, whose acquire a cancellation could not undo)."""
+        (no helper thread, whose acquire a cancellation could not undo).
+        False if ``timeout`` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.0005
         while not self._lock.acquire(blocking=False):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.005)
+        return True
 
     async def _event(self, deadline: float | None) -> str:
         """The next event for an awaited call: "chan", "notify", "timeout", or
@@ -1421,7 +1426,22 @@ class WorkerHandle:
             if self.exit is not None:
                 return self.exit
             if not self._lock.acquire(blocking=False):  # a synchronous call on another thread
-                return await asyncio.to_thread(self.stop, timeout)
+                # Its grace, then the kill, awaited here: no thread of the loop's default executor,
+                # which the program may fill (astop() waited for one to come free).
+                try:
+                    if not await self._lock_from_loop(timeout):
+                        self._ending = WorkerExit("ok", "stopped during a call (killed after the grace period)",
+                                                  signal=signal.SIGKILL)
+                        self._kill()  # the in-flight call sees EOF, reaps and records the exit
+                        if not await self._lock_from_loop(10.0):
+                            raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
+                except asyncio.CancelledError:
+                    # The stop goes on on a thread of the broker's, once the call ends (as stop() would).
+                    self._broker._background.executor().submit(self.stop, timeout)
+                    raise
+                if self.exit is not None:  # (the call, or the kill under it, recorded the end)
+                    self._lock.release()
+                    return self.exit
             # Held across awaits: a kill() or stop() of another task on this loop must not
             # wait for it (the loop would be blocked); as with an awaited call, they end the
             # worker at once, waiting for nothing of it on the loop, and the wait below sees it go.

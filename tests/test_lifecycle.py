@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -1249,6 +1250,37 @@ def test_an_astop_cancelled_in_its_grace_still_ends_the_worker(tree: Path, where
         assert w not in b.workers
         assert b._background.wait_idle(10)
         assert open_fds(b) == before
+
+
+@pytest.mark.parametrize(("call_takes", "grace", "end"), [
+    (0.3, 5.0, ("ok", "stopped, exit status 0")),
+    (10.0, 0.3, ("ok", "stopped during a call (killed after the grace period)")),
+])
+def test_astop_under_another_threads_call_needs_no_thread_of_the_loops_default_executor(
+    tree: Path, call_takes: float, grace: float, end: tuple[str, str]
+) -> None:
+    """astop() of a worker in a synchronous call on another thread ran
+    stop() on a thread of the loop's default executor: with the program's
+    own work filling it (two 3 s sleeps here), the stop waited for one to
+    come free. The call's grace and the kill are awaited on the loop."""
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(Sleeper)
+
+        async def main() -> float:
+            loop = asyncio.get_running_loop()
+            loop.set_default_executor(ThreadPoolExecutor(2))
+            hold = [loop.run_in_executor(None, time.sleep, 3) for _ in range(2)]  # (the program's own)
+            t, _ = in_flight(lambda: w.sleep(call_takes))
+            await asyncio.sleep(0.1)  # (its call in flight)
+            t0 = time.monotonic()
+            assert await w.astop(grace) is w.exit
+            took = time.monotonic() - t0
+            await asyncio.gather(*hold)
+            t.join(10)
+            return took
+
+        assert asyncio.run(main()) < 1.5
+        assert w.exit is not None and (w.exit.kind, w.exit.reason) == end
 
 
 class Ender(Sleeper):
