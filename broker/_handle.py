@@ -425,19 +425,14 @@ class WorkerHandle:
                 return True
         return False
 
-    async def _lock_from_loop(self, timeout: float | None = None) -> bool:
+    async def _lock_from_loop(self) -> None:
         """Take the call lock, which a call of another thread or event loop
         holds, without blocking this loop: polled, a few ms apart at most
-        (no helper thread, whose acquire a cancellation could not undo).
-        False if ``timeout`` seconds passed first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        (no helper thread, whose acquire a cancellation could not undo)."""
         pause = 0.0005
         while not self._lock.acquire(blocking=False):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.005)
-        return True
 
     async def _event(self, deadline: float | None) -> str:
         """The next event for an awaited call: "chan", "notify", "timeout", or
@@ -1426,22 +1421,7 @@ class WorkerHandle:
             if self.exit is not None:
                 return self.exit
             if not self._lock.acquire(blocking=False):  # a synchronous call on another thread
-                # Its grace, then the kill, awaited here: no thread of the loop's default executor,
-                # which the program may fill (astop() waited for one to come free).
-                try:
-                    if not await self._lock_from_loop(timeout):
-                        self._ending = WorkerExit("ok", "stopped during a call (killed after the grace period)",
-                                                  signal=signal.SIGKILL)
-                        self._kill()  # the in-flight call sees EOF, reaps and records the exit
-                        if not await self._lock_from_loop(10.0):
-                            raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
-                except asyncio.CancelledError:
-                    # The stop goes on on a thread of the broker's, once the call ends (as stop() would).
-                    self._broker._background.executor().submit(self.stop, timeout)
-                    raise
-                if self.exit is not None:  # (the call, or the kill under it, recorded the end)
-                    self._lock.release()
-                    return self.exit
+                return await _on_a_thread_of_its_own(functools.partial(self.stop, timeout), f"astop {self.name}")
             # Held across awaits: a kill() or stop() of another task on this loop must not
             # wait for it (the loop would be blocked); as with an awaited call, they end the
             # worker at once, waiting for nothing of it on the loop, and the wait below sees it go.
@@ -1683,6 +1663,35 @@ async def _off_loop(
             undo(done.result())
         raise asyncio.CancelledError
     return done.result()
+
+
+async def _on_a_thread_of_its_own(work: Callable[[], _T], name: str) -> _T:
+    """``work()`` on a new thread, awaited: never one of the loop's default
+    executor (the program's, which it may fill) nor of the broker's pool
+    (its awaited calls need those). A cancel is raised at once; the work
+    goes on to its end, as it would on an executor's thread."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, exc: BaseException | None) -> None:
+        if not done.done():
+            if exc is None:
+                done.set_result(result)  # type: ignore[arg-type]
+            else:
+                done.set_exception(exc)
+
+    def run() -> None:
+        result: _T | None = None
+        failed: BaseException | None = None
+        try:
+            result = work()
+        except BaseException as exc:
+            failed = exc
+        with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile: nobody waits)
+            loop.call_soon_threadsafe(settle, result, failed)
+
+    threading.Thread(target=run, name=f"privsep-{name}", daemon=True).start()
+    return await done
 
 
 def _release(objs: list[Any]) -> None:
