@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,15 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     if bad:
         print("\nCI: skips that do not come from a kernel/platform probe:\n  " + "\n  ".join(bad))
         session.exitstatus = 1
+
+
+def fill_default_executor(seconds: float = 3.0) -> list[asyncio.Future[None]]:
+    """Give the running loop a default executor of two threads, both busy
+    ``seconds`` with the program's own work; await what is returned before
+    the loop ends."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(2))
+    return [loop.run_in_executor(None, time.sleep, seconds) for _ in range(2)]
 
 
 def close_later(fds: list[int], seconds: float) -> None:

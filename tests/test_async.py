@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import READ, close_later
+from conftest import READ, close_later, fill_default_executor
 
 from broker import Broker, Policy, WorkerHandle
 from broker._loop import readable
@@ -1460,9 +1460,7 @@ def test_aclose_needs_no_thread_of_the_loops_default_executor(tree: Path) -> Non
 
     async def main(b: Broker) -> float:
         w = await b.aspawn(AsyncJob)
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(2))
-        hold = [loop.run_in_executor(None, time.sleep, 3) for _ in range(2)]  # (the program's own)
+        hold = fill_default_executor()
         with pytest.raises(WorkerCrashed):
             await w.aio.exit_after(0.0, 3)  # (a worker ended during a call, as aclose() finds some)
         t0 = time.monotonic()
@@ -1561,9 +1559,7 @@ def test_ending_a_worker_needs_no_thread_of_the_loops_default_executor(
 
     async def main(b: Broker) -> list[float]:
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(2)
-        loop.set_default_executor(executor)
-        hold = [loop.run_in_executor(None, time.sleep, 3) for _ in range(2)]  # (the program's own)
+        hold = fill_default_executor()
         times = []
         w1, w2, w3, w4 = [await b.aspawn(AsyncJob) for _ in range(4)]
         t0 = time.monotonic()
@@ -1588,8 +1584,7 @@ def test_ending_a_worker_needs_no_thread_of_the_loops_default_executor(
             await call
         await killing
         times.append(time.monotonic() - t0)
-        await asyncio.gather(*hold)
-        executor.shutdown()
+        await asyncio.gather(*hold)  # (the loop's end shuts its default executor down)
         for w, end in ((w1, ("crashed", 3, None)), (w2, ("signal", None, signal.SIGKILL)),
                        (w3, ("ok", 0, None)), (w4, ("signal", None, signal.SIGKILL))):
             assert w.exit is not None and (w.exit.kind, w.exit.exit_code, w.exit.signal) == end, w.exit

@@ -17,12 +17,11 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
 import pytest
-from conftest import READ, open_fds, spare_of
+from conftest import READ, fill_default_executor, open_fds, spare_of
 
 from broker import Broker, Policy, WorkerHandle
 from protocol import Rights, WorkerCrashed, WorkerTimeout
@@ -1267,9 +1266,7 @@ def test_astop_under_another_threads_call_needs_no_thread_of_the_loops_default_e
         w = b.spawn(Sleeper)
 
         async def main() -> float:
-            loop = asyncio.get_running_loop()
-            loop.set_default_executor(ThreadPoolExecutor(2))
-            hold = [loop.run_in_executor(None, time.sleep, 3) for _ in range(2)]  # (the program's own)
+            hold = fill_default_executor()
             t, _ = in_flight(lambda: w.sleep(call_takes))
             await asyncio.sleep(0.1)  # (its call in flight)
             t0 = time.monotonic()
