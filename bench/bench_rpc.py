@@ -32,12 +32,17 @@ per-worker request rate limit is measured on its own at the end (its cost,
 and a low limit holding a worker to its rate), and so is
 the audit log: pinned grant calls (one event each) with the
 ``privsep.audit`` logger off, into a NullHandler, and into a FileHandler.
-Last, a worker's own ``self.broker.open()`` timed inside the worker (pinned
+Then a worker's own ``self.broker.open()`` timed inside the worker (pinned
 and unpinned), against a raw child whose request is answered with the fd
 attached (the parent opening it beneath a directory fd), and against the
 same raw child answered through privsep's own policy check and secure open
 (``Resolver.locate`` and ``Resolver.open``, no RPC layer): what the security
-work costs, and what the RPC layer adds on top of it. Grants
+work costs, and what the RPC layer adds on top of it. Last, pinned, where
+the code sits: grant and ping in the headline worker against a worker
+forked from this process (``spawn="fork"``, its interpreter at the
+broker's addresses; the exec'd zygote's is elsewhere under address-space
+randomisation), and the raw floor's forked peer against an exec'd one
+(``setarch -R`` runs it all without randomisation). Grants
 carry READ|SEEK|FSTAT (delivered as the file itself); ``take-pipe`` passes
 a READ-only grant, which privsep delivers as a pipe fed by a broker thread.
 
@@ -54,6 +59,7 @@ import os
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -90,6 +96,7 @@ from protocol import Rights
 BUF = 256 * 1024
 ANC = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag: setarch -R
 OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
@@ -135,16 +142,33 @@ def _echo(sock: socket.socket, held: int) -> NoReturn:
         os._exit(0)
 
 
-class RawPeer:
-    """The floor: a forked child echoing msgpack over a SEQPACKET socketpair."""
+_EXEC_ECHO = (
+    "import socket, sys; sys.path.insert(0, sys.argv[1]); from bench.bench_rpc import _echo; "
+    "_echo(socket.socket(fileno=int(sys.argv[2])), int(sys.argv[3]))"
+)
 
-    def __init__(self, root: str):
+
+class RawPeer:
+    """The floor: a forked child echoing msgpack over a SEQPACKET socketpair.
+
+    ``exec_peer``: the child is a fresh interpreter instead (exec'd, as
+    privsep's zygote is), so its code sits at other addresses than this
+    process's (address-space randomisation), as a zygote worker's does."""
+
+    def __init__(self, root: str, *, exec_peer: bool = False):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.fd = os.open(os.path.join(root, DATA_FILE), OPEN_FLAGS)
-        pid = os.fork()
-        if pid == 0:
-            self.sock.close()
-            _echo(child, self.fd)
+        self.proc: subprocess.Popen[bytes] | None = None
+        if exec_peer:
+            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            argv = [sys.executable, "-c", _EXEC_ECHO, here, str(child.fileno()), str(self.fd)]
+            self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(), self.fd))
+            pid = self.proc.pid
+        else:
+            pid = os.fork()
+            if pid == 0:
+                self.sock.close()
+                _echo(child, self.fd)
         child.close()
         self.pid = pid
         self.dirfd = os.open(os.path.join(root, DATA_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -193,7 +217,10 @@ class RawPeer:
         self.sock.close()
         os.close(self.fd)
         os.close(self.dirfd)
-        os.waitpid(self.pid, 0)
+        if self.proc is not None:
+            self.proc.wait()
+        else:
+            os.waitpid(self.pid, 0)
 
 
 #: (privsep case, raw floor case, what it is)
@@ -321,6 +348,8 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
         _rate_limit_note(root, ok, limited, limited_worker, handles[brokers[0][0]], n, rounds)
         _audit_note(handles[brokers[0][0]], n, rounds)
         _worker_open_note(root, brokers[0][1].policy, handles[brokers[0][0]], n, rounds, placements)
+        if "pinned" in placements:
+            _layout_note(root, ok, handles[brokers[0][0]], n, rounds, warmup)
     finally:
         limited.close()
         for cap in caps:
@@ -425,6 +454,66 @@ def _worker_open_note(root: str, policy: Policy, w: Any, n: int, rounds: int, pl
         resolver.close()
         os.sched_setaffinity(0, saved[0])
         os.sched_setaffinity(w.pid, saved[1])
+
+
+def _layout_note(root: str, sandboxed: bool, w: Any, n: int, rounds: int, warmup: int) -> None:
+    """Where the two interpreters' code sits, pinned: the headline worker
+    ``w`` (the zygote's, whose interpreter was exec'd, so address-space
+    randomisation put its code elsewhere than the broker's) against a worker
+    forked from this process (``spawn="fork"``: its code at this process's
+    addresses), and the raw floor's forked peer against an exec'd one. Two
+    processes taking turns on one CPU share what its branch predictors and
+    caches learned only where their code sits at the same addresses."""
+    saved = (os.sched_getaffinity(0), os.sched_getaffinity(w.pid))
+    peers = [RawPeer(root), RawPeer(root, exec_peer=True)]
+    try:
+        with make_broker(root, sandboxed=sandboxed, spawn="fork", request_rate=None) as fb:
+            forked = fb.spawn(BenchWorker)
+            assert forked.spawn_method == "fork" and forked.grant() == peers[1].grant() == b"\x00\x01\x02\x03"
+            place([p.pid for p in peers] + [w.pid, forked.pid], "pinned")
+            res = interleave(
+                {
+                    "raw forked ping": peers[0].ping, "raw exec ping": peers[1].ping,
+                    "raw forked grant": peers[0].grant, "raw exec grant": peers[1].grant,
+                    "ours ping": w.ping, "forked ping": forked.ping,
+                    "ours grant": w.grant, "forked grant": forked.grant,
+                },
+                n, rounds, warmup,
+            )
+    finally:
+        for p in peers:
+            p.close()
+        os.sched_setaffinity(0, saved[0])
+        os.sched_setaffinity(w.pid, saved[1])
+    m = {k: v.median for k, v in res.items()}
+    floor, gap = m["raw forked grant"], m["ours grant"] - m["raw forked grant"]
+    print(
+        f"Code addresses, pinned: the {w.spawn_method} worker's grant calls take {us(m['ours grant'])} us "
+        f"({ratio(m['ours grant'], floor)} the raw floor), a worker forked from the broker (spawn=\"fork\", its "
+        f"interpreter's code at the broker's addresses) {us(m['forked grant'])} us "
+        f"({ratio(m['forked grant'], floor)}): {us(m['ours grant'] - m['forked grant'])} us more, "
+        f"{(m['ours grant'] - m['forked grant']) / gap:.0%} of the gap to the floor (ping: {us(m['ours ping'])} "
+        f"against {us(m['forked ping'])} us). The raw floor with its peer exec'd instead of forked: grant "
+        f"{us(m['raw exec grant'])} against {us(floor)} us, ping {us(m['raw exec ping'])} against "
+        f"{us(m['raw forked ping'])} us. "
+        + ("Address-space randomisation is on: the exec'd zygote's code sits elsewhere than the broker's, and two "
+           "interpreters taking turns on one CPU share what its branch predictors and caches learned only at "
+           "the same addresses (run under `setarch -R` to see the difference vanish)."
+           if _randomised() else
+           "Address-space randomisation is off in this run: the zygote's code sits at the broker's addresses too.")
+    )
+
+
+def _randomised() -> bool:
+    """Are this process's addresses randomised (and so its exec'd children's)?"""
+    try:
+        with open("/proc/sys/kernel/randomize_va_space") as f:
+            if f.read().strip() == "0":
+                return False
+        with open("/proc/self/personality") as f:
+            return not int(f.read(), 16) & ADDR_NO_RANDOMIZE
+    except (OSError, ValueError):
+        return True
 
 
 def _audit_note(w: Any, n: int, rounds: int) -> None:

@@ -37,6 +37,8 @@ def test_bench_rpc_prints_every_case() -> None:
     assert "Audit log, pinned:" in out
     assert "A worker's own open() answered with an fd (self.broker.open(), timed inside the worker), pinned:" in out
     assert "answered through privsep's policy check and secure open" in out and "privsep against it:" in out
+    assert "Code addresses, pinned: the zygote worker's grant calls take" in out
+    assert "a worker forked from the broker" in out and "with its peer exec'd instead of forked" in out
 
 
 def test_bench_spawn_prints_every_case() -> None:
