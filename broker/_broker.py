@@ -90,6 +90,7 @@ audit_log = logging.getLogger("privsep.audit")
 _WRITES = Rights.WRITE | Rights.APPEND | Rights.FTRUNCATE  # what an open may not ask for in a with_outputs() call
 log = logging.getLogger("privsep.broker")
 _OPEN_BASE = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+_EXISTED = object()  # _dispatch's answer to a mkdir(exist_ok=True) that found the directory there
 MAX_SPAWN_GRANTS = 64
 
 
@@ -1000,6 +1001,9 @@ class Broker:
         except OSError as exc:
             self._audit(handle, op, _audited(handle, op, args, target), rights, "failed", exc.strerror or str(exc))
             raise
+        if value is _EXISTED:
+            self._audit(handle, op, target.display, rights, "granted", "the directory exists already (exist_ok)")
+            return None
         self._audit(handle, op, target.display, rights, "granted", "")
         return value
 
@@ -1091,9 +1095,24 @@ class Broker:
             r.unlink(target)
             return None
         if op == "mkdir":
-            r.mkdir(target)
+            try:
+                r.mkdir(target)
+            except FileExistsError:
+                if not args["exist_ok"] or not self._existing_dir(handle, args):
+                    raise
+                return _EXISTED
             return None
         raise NotCapable(f"unknown request {op!r}")
+
+    def _existing_dir(self, handle: WorkerHandle, args: dict[str, Any]) -> bool:
+        """mkdir(exist_ok=True) found something at its path: is it a directory,
+        seen as the worker's own ``stat`` request would see it (which takes
+        FSTAT: without it, what exists stays FileExistsError, as before)?"""
+        try:
+            target = self._locate_request(handle, "dstat" if "dir" in args else "stat", args, None)
+            return bool(self._resolver.stat(target)["type"] == "dir")
+        except OSError:  # (NotCapable too)
+            return False
 
     def _list(self, handle: WorkerHandle, key: tuple[int, str], target: Any, at: int) -> dict[str, Any]:
         """One page of a listing. The first (``at`` 0) lists the directory; the

@@ -39,7 +39,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "create": {"path": str, "rights": int},
     "stat": {"path": str},
     "listdir": {"path": str, "at": int},  # at: where the page starts (0: a new listing)
-    "mkdir": {"path": str},
+    "mkdir": {"path": str, "exist_ok": bool},  # exist_ok: an existing directory answers as made
     "opendir": {"path": str, "rights": int},
     # beneath a directory proxy (a directory granted after entry), by its id
     "dopen": {"dir": int, "path": str, "rights": int},
@@ -47,7 +47,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "dstat": {"dir": int, "path": str},
     "dlist": {"dir": int, "path": str, "at": int},
     "dunlink": {"dir": int, "path": str},
-    "dmkdir": {"dir": int, "path": str},
+    "dmkdir": {"dir": int, "path": str, "exist_ok": bool},
     "dclose": {"dir": int},  # the worker is done with a proxy it asked for: the broker lets it go
 }
 

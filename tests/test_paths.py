@@ -6,6 +6,7 @@ raw requests."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -801,3 +802,47 @@ def test_mkdir_takes_parents_and_exist_ok_as_pathlib_does(tree: Path, how: str) 
         assert w.make(how, "out/file", True, True) == "FileExistsError"  # a file, not a directory
         assert w.make(how, "out/file/x", True, True) == "NotADirectoryError"
     assert (tree / "out" / "file").read_text() == "a file"
+
+
+def _mkdir_events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
+    return [(e["path"], e["decision"], e["reason"]) for e in  # type: ignore[attr-defined]
+            (r.privsep for r in caplog.records if r.name == "privsep.audit") if e["request"] in ("mkdir", "dmkdir")]
+
+
+@pytest.mark.parametrize("how", ["broker", "proxy"])
+def test_mkdir_exist_ok_on_a_directory_is_a_granted_request(
+    tree: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mkdir(exist_ok=True) on a directory that exists was a "failed" mkdir in
+    the audit log (then a stat request): whoever watches the log for
+    failures saw one for every such mkdir, and one per existing level with
+    parents=True. The broker answers exist_ok itself now."""
+    (tree / "out" / "a" / "b").mkdir(parents=True)
+    (tree / "out" / "file").write_text("a file")
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(Policy().allow("out/", Rights.LOOKUP | Rights.MKDIRAT | Rights.FSTAT), root=tree) as b:
+        w = b.spawn(DirMaker)
+        assert w.make(how, "out/a/b", False, True) == "made"
+        assert w.make(how, "out/a/b/c/d", True, True) == "made"
+        assert w.make(how, "out/file", False, True) == "FileExistsError"  # a file, not a directory
+        assert w.make(how, "out/a/b", False, False) == "FileExistsError"
+    exists = "the directory exists already (exist_ok)"
+    assert _mkdir_events(caplog) == [
+        ("out/a/b", "granted", exists),
+        ("out/a/b/c/d", "failed", "No such file or directory"),  # parents=True: the level above first
+        ("out/a/b/c", "granted", ""),
+        ("out/a/b/c/d", "granted", ""),
+        ("out/file", "failed", "File exists"),
+        ("out/a/b", "failed", "File exists"),
+    ]
+    assert (tree / "out" / "a" / "b" / "c" / "d").is_dir() and (tree / "out" / "file").read_text() == "a file"
+
+
+def test_mkdir_exist_ok_without_fstat_still_raises(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker looks at what exists only as a stat request would: without
+    FSTAT in the grant, an existing directory stays FileExistsError."""
+    (tree / "out" / "a").mkdir()
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(Policy().allow("out/", Rights.LOOKUP | Rights.MKDIRAT), root=tree) as b:
+        assert b.spawn(DirMaker).make("broker", "out/a", False, True) == "FileExistsError"
+    assert _mkdir_events(caplog) == [("out/a", "failed", "File exists")]

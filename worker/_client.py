@@ -186,9 +186,10 @@ class BrokerClient:
     def mkdir(self, path: str | os.PathLike[str], *, parents: bool = False, exist_ok: bool = False) -> None:
         """Make a directory beneath a grant with MKDIRAT. ``parents`` and
         ``exist_ok`` as ``pathlib.Path.mkdir`` has them (one request a level;
-        ``exist_ok`` needs FSTAT to see that what exists is a directory)."""
+        ``exist_ok`` needs FSTAT to see that what exists is a directory; the
+        broker looks, so an existing directory is a granted request)."""
         path = _checked(path)
-        make_dirs(lambda p: self._request("mkdir", path=p), self.stat, path.rstrip("/"), parents, exist_ok)
+        make_dirs(lambda p, ok: self._request("mkdir", path=p, exist_ok=ok), path.rstrip("/"), parents, exist_ok)
 
     def _end_call(self) -> None:
         created, self._created = self._created, []

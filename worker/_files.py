@@ -216,13 +216,16 @@ class FdDirectory(Directory):
         path, parts = self._check(Rights.MKDIRAT, path)
         if not parts:
             raise NotCapable("mkdir needs a name", filename=path)
-        make_dirs(self._mkdir_one, self.stat, "/".join(parts), parents, exist_ok)
+        make_dirs(self._mkdir_one, "/".join(parts), parents, exist_ok)
 
-    def _mkdir_one(self, path: str) -> None:
+    def _mkdir_one(self, path: str, exist_ok: bool) -> None:
         parts = path.split("/")
         parent = self._openat("/".join(parts[:-1]), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.mkdir(parts[-1], 0o755, dir_fd=parent)
+        except FileExistsError:
+            if not exist_ok or _type_of(self.stat, path) != "dir":
+                raise
         finally:
             os.close(parent)
 
@@ -281,29 +284,27 @@ class ProxyDirectory(Directory):
 
     def mkdir(self, path: str | os.PathLike[str], *, parents: bool = False, exist_ok: bool = False) -> None:
         path, parts = self._check(Rights.MKDIRAT, path)
-        make_dirs(lambda p: self._client._request("dmkdir", dir=self.id, path=p), self.stat, "/".join(parts) or path,
-                  parents, exist_ok)  # fmt: skip
+        make_dirs(lambda p, ok: self._client._request("dmkdir", dir=self.id, path=p, exist_ok=ok),
+                  "/".join(parts) or path, parents, exist_ok)  # fmt: skip
 
     def __repr__(self) -> str:
         return f"<ProxyDirectory {self.id} {self.rights.describe()}>"
 
 
-def make_dirs(mkdir: Callable[[str], Any], stat: Callable[[str], Any], path: str, parents: bool, exist_ok: bool
-              ) -> None:  # fmt: skip
+def make_dirs(mkdir: Callable[[str, bool], Any], path: str, parents: bool, exist_ok: bool) -> None:
     """``pathlib.Path.mkdir(parents=, exist_ok=)`` made of one-level
-    ``mkdir`` requests (each checked, and audited, as any other). ``exist_ok``
-    holds for a directory only: a file of that name still raises."""
+    ``mkdir(path, exist_ok)`` requests (each checked, and audited, as any
+    other; the broker answers ``exist_ok`` itself, so an existing directory
+    is not a failed request in its audit). ``exist_ok`` holds for a
+    directory only: a file of that name still raises."""
     try:
-        mkdir(path)
+        mkdir(path, bool(exist_ok))  # (a bool on the wire, whatever the caller passed)
     except FileNotFoundError:
         above = path.rsplit("/", 1)[0] if "/" in path else ""
         if not parents or not above:
             raise
-        make_dirs(mkdir, stat, above, parents, True)
-        make_dirs(mkdir, stat, path, False, exist_ok)
-    except FileExistsError:
-        if not exist_ok or _type_of(stat, path) != "dir":
-            raise
+        make_dirs(mkdir, above, parents, True)
+        make_dirs(mkdir, path, False, exist_ok)
 
 
 def _type_of(stat: Callable[[str], Any], path: str) -> str | None:
