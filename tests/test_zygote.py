@@ -64,6 +64,10 @@ class Alarmed(Echo):
             time.sleep(0.01)
         return [bool(fired), sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ()))]
 
+    @rpc
+    def sigchld(self) -> int:
+        return int(signal.getsignal(signal.SIGCHLD))  # type: ignore[arg-type]  # (SIGCHLD's is never a handler here)
+
 
 class EchoWithSetup(Echo):
     """A setup() of its own and no promise about it: never made ahead."""
@@ -625,6 +629,28 @@ def test_a_broker_that_ignores_sigchld_still_learns_how_zygote_workers_end() -> 
     zygote, fork = out.stdout.splitlines()
     assert zygote == "zygote 3 exited with status 3"
     assert fork.startswith("fork None channel closed; exit status unknown: this process ignores SIGCHLD")
+
+
+_SIGCHLD_DISPOSITION_SCRIPT = """
+import signal, sys, tempfile
+sys.path.insert(0, {tests!r})
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+from broker import Broker, Policy
+from test_zygote import Alarmed
+for method in ("zygote", "fork", "exec"):
+    with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
+        print(method, b.spawn(Alarmed).sigchld(), flush=True)
+"""
+
+
+def test_a_brokers_ignored_sigchld_is_not_its_workers() -> None:
+    """A forked worker kept the broker's ignored SIGCHLD (the zygote and an
+    exec'd worker reset it): a subprocess.run() of its own (allow-fork, no
+    sandbox) found its child reaped by the kernel (a README audit)."""
+    script = _SIGCHLD_DISPOSITION_SCRIPT.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{m} {int(signal.SIG_DFL)}" for m in ("zygote", "fork", "exec")]
 
 
 _SIGMASK_SCRIPT = """

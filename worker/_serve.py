@@ -228,6 +228,9 @@ def child_main(
         # Signals the broker's forking thread blocked stay blocked in a fork (and through exec):
         # a worker's own signal.alarm() bounding a parse would never go off.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        # Nor does a broker's ignored SIGCHLD (a server's way to have its children reaped for it):
+        # a worker's own subprocess.run() (allow-fork, or no sandbox) would find its child gone.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if from_main_thread:
             # PDEATHSIG follows the forking thread; only the main thread lives
             # as long as the broker does.
