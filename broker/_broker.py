@@ -84,7 +84,7 @@ from ._policy import Policy
 from ._pool import WorkerPool
 from ._resolve import Resolver, Target
 from ._spawn import fork_worker
-from ._zygote import SPAWN_METHODS, CannotImport, Zygote, exec_worker, importable
+from ._zygote import SPAWN_METHODS, CannotImport, ExecLaunch, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
 _WRITES = Rights.WRITE | Rights.APPEND | Rights.FTRUNCATE  # what an open may not ask for in a with_outputs() call
@@ -477,14 +477,15 @@ class Broker:
                                             self._background.executor()):
                     # Given here, not on the executor's thread: there its line was threading.py's.
                     warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
-            if self._zygote_start_waits(cls, grants):
+            launched = self._launch_exec(cls)
+            if launched is not None or self._zygote_start_waits(cls, grants):
                 # Made on one of the broker's threads, which takes the spawn lock itself: held
                 # across an await of this loop, it deadlocked a close() or an opener start made
                 # on the loop meanwhile (red-team round 23).
                 unwanted: list[WorkerHandle] = []
                 try:
-                    handle = await _off_loop(functools.partial(self._start, cls, timeout, grants),
-                                             self._background.executor(), undo=unwanted.append)
+                    start = functools.partial(self._start, cls, timeout, grants, launched=launched)
+                    handle = await _off_loop(start, self._background.executor(), undo=unwanted.append)
                 finally:
                     for started in unwanted:  # (made for a task cancelled meanwhile)
                         self._drop_unready(started)
@@ -508,6 +509,17 @@ class Broker:
             return self._finish_spawn(handle, lambda: ready)
         finally:
             handle._awaited = False
+
+    def _launch_exec(self, cls: type[Worker]) -> ExecLaunch | None:
+        """For aspawn() with ``spawn="exec"``: the worker's interpreter,
+        launched on this (the loop's) thread, as spawn() would launch it
+        (about 0.3 ms; its parent-death signal follows the launching
+        thread); its start-up (about 100 ms) is waited for on a broker
+        thread. None for any other spawn, or a class ``_start`` refuses."""
+        if self.spawn_method != "exec" or not (isinstance(cls, type) and issubclass(cls, Worker)):
+            return None
+        self._check_open()
+        return ExecLaunch(self._environ) if importable(cls) else None
 
     def _drop_unready(self, handle: WorkerHandle) -> None:
         """End a worker whose aspawn() was cancelled before its handshake was
@@ -658,6 +670,24 @@ class Broker:
         grants_in: Mapping[str, Capability] | None = None,
         *,
         spawn_lock_held: bool = False,
+        launched: ExecLaunch | None = None,
+    ) -> WorkerHandle:
+        """Start a worker (the handshake is the caller's). ``launched``: the
+        interpreter of a ``spawn="exec"`` worker, launched already; ended
+        here if the start fails before it is taken."""
+        try:
+            return self._start_worker(cls, timeout, grants_in, spawn_lock_held, launched)
+        finally:
+            if launched is not None:
+                launched.drop()  # (a no-op once exec_worker took it)
+
+    def _start_worker(
+        self,
+        cls: type[Worker],
+        timeout: float | None,
+        grants_in: Mapping[str, Capability] | None,
+        spawn_lock_held: bool,
+        launched: ExecLaunch | None,
     ) -> WorkerHandle:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
@@ -719,7 +749,7 @@ class Broker:
                                                    before=place if limit is not None else None, memory_limit=limit)
                     reaper = self._zygote.reap
                 elif method == "exec":
-                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ)
+                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ, launched)
                     chan = Channel(sock)
                     reaper = _popen_reaper(proc)
                 else:

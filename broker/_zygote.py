@@ -647,12 +647,39 @@ class Zygote:
             self._proc.wait()
 
 
+class ExecLaunch:
+    """A fresh interpreter launched to become one worker, not yet asked to:
+    launched where its parent-death signal should follow (aspawn(): the
+    loop's thread, about 0.3 ms), asked on another thread, where its start
+    (about 100 ms) waits. Owns the process until ``exec_worker`` takes it;
+    ``drop()`` ends one never taken (a no-op after)."""
+
+    def __init__(self, environ: dict[str, str] | None = None):
+        self._launched: tuple[subprocess.Popen[bytes], Channel] | None = _start(["--exec"], environ=environ)[:2]
+        self.pid = self._launched[0].pid
+
+    def take(self) -> tuple[subprocess.Popen[bytes], Channel]:
+        launched, self._launched = self._launched, None
+        if launched is None:
+            raise RuntimeError("this launch was taken or dropped already")
+        return launched
+
+    def drop(self) -> None:
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            proc, chan = launched
+            chan.close()
+            proc.kill()
+            proc.wait()
+
+
 def exec_worker(
     cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
-    environ: dict[str, str] | None = None,
+    environ: dict[str, str] | None = None, launched: ExecLaunch | None = None,
 ) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
-    """Start a fresh interpreter that becomes the worker. It is our child."""
-    proc, chan, _ = _start(["--exec"], environ=environ)
+    """Start a fresh interpreter that becomes the worker (or have ``launched``
+    become it, taking ownership). It is our child."""
+    proc, chan = (launched or ExecLaunch(environ)).take()
     try:
         pid, sock = _request_spawn(chan, cls, spec_wire, timeout, grants)
     except BaseException:

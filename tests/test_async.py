@@ -1320,6 +1320,102 @@ def test_aspawn_starts_a_zygote_that_died_off_the_loop(tree: Path, zygote_starts
 
 
 @pytest.fixture
+def exec_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, int]]:
+    """Each interpreter launched for a spawn="exec" worker (its ExecLaunch,
+    and the thread that launched it); its start-up request takes 0.3 s
+    more, so that a test can cancel or close meanwhile."""
+    from broker import _zygote
+
+    launches: list[tuple[Any, int]] = []
+    init, request = _zygote.ExecLaunch.__init__, _zygote._request_spawn
+
+    def launching(self: _zygote.ExecLaunch, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        launches.append((self, threading.get_ident()))
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return request(*args, **kwargs)
+
+    monkeypatch.setattr(_zygote.ExecLaunch, "__init__", launching)
+    monkeypatch.setattr(_zygote, "_request_spawn", slow)
+    return launches
+
+
+def _ended(launch: Any) -> bool:
+    """The launched interpreter was ended and reaped (taken and ended, or dropped)."""
+    return launch._launched is None and not [p for p in _children() if p == launch.pid]
+
+
+def _children() -> list[int]:
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def test_aspawn_of_an_exec_worker_waits_for_its_start_off_the_loop(
+    tree: Path, zygote_starts: list[tuple[str, int]], exec_launches: list[tuple[Any, int]]
+) -> None:
+    """With spawn="exec", aspawn() ran the whole start on the loop: a fresh
+    interpreter's start-up, about 100 ms, held it. The interpreter is
+    launched on the loop's thread (its parent-death signal follows the
+    thread that launched it, as for spawn()), and its start-up is waited for
+    on a broker's thread."""
+    gaps: list[float] = []
+
+    async def main(b: Broker) -> int:
+        ticker = asyncio.create_task(_ticker(gaps, 0.005))
+        try:
+            w = await b.aspawn(AsyncJob)
+            assert await w.aio.ping() == "pong"
+            await w.astop()
+        finally:
+            ticker.cancel()
+        return threading.get_ident()
+
+    with Broker(Policy(), root=tree, spawn="exec") as b:
+        loop_thread = asyncio.run(main(b))
+    assert [on == loop_thread for _, on in exec_launches] == [True]
+    asked = [on for what, on in zygote_starts if what == "fork"]  # (_request_spawn: the start-up waited for)
+    assert len(asked) == 1 and asked[0] != loop_thread
+    assert max(gaps) < 0.2, gaps  # (the request alone takes 0.3 s here)
+
+
+def test_an_exec_worker_whose_aspawn_is_cancelled_or_refused_leaves_no_process(
+    tree: Path, exec_launches: list[tuple[Any, int]]
+) -> None:
+    """A launched interpreter is the broker's to end: when aspawn() is
+    cancelled during its start-up, when the broker is closed meanwhile, and
+    when the start refuses what it was given."""
+
+    async def main(b: Broker) -> None:
+        task = asyncio.create_task(b.aspawn(AsyncJob))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not b._workers and not list(b._starting)
+        with pytest.raises(TypeError, match="must be an open Capability"):
+            await b.aspawn(AsyncJob, grants={"a": "not a capability"})  # type: ignore[dict-item]
+        task = asyncio.create_task(b.aspawn(AsyncJob))
+        await asyncio.sleep(0.1)
+        await b.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await task
+
+    b = Broker(Policy(), root=tree, spawn="exec")
+    try:
+        _in_a_thread(lambda: main(b))
+    finally:
+        b.close()
+    assert len(exec_launches) == 3
+    deadline = time.monotonic() + 10
+    while not all(_ended(launch) for launch, _ in exec_launches) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_ended(launch) for launch, _ in exec_launches), [launch.pid for launch, _ in exec_launches]
+    assert not b._workers and not list(b._starting)
+
+
+@pytest.fixture
 def slow_zygote_spawns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Each worker the zygote starts takes 0.3 s more: a start that runs on
     a broker's thread is still running a while after it began. The pids of
