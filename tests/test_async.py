@@ -977,6 +977,59 @@ def test_a_worker_killed_while_its_listing_is_read_off_the_loop_keeps_its_fds_un
                 r.getMessage()]
 
 
+class Pipeliner(Worker):
+    @rpc
+    def pipeline(self, n: int, batch: int) -> int:
+        """Requests sent ``batch`` at a time before their answers are read, as
+        a compromised worker may: the broker always finds the next waiting."""
+        client, done = self.broker, 0
+        with client._lock:
+            while done < n:
+                ids = [next(client._ids) for _ in range(batch)]
+                for rid in ids:
+                    client._chan.send({"t": "req", "id": rid, "op": "stat", "a": {"path": "data/a.txt"}})
+                for _ in ids:
+                    assert client._chan.recv()["t"] == "rep"
+                    done += 1
+        return done
+
+
+def test_a_worker_pipelining_requests_gets_one_message_a_turn(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that keeps its channel full had eight messages served per
+    turn of the loop: three such workers held other calls 2.0 ms at the
+    median, against 0.42 ms with none (red-team round 26). Now one a turn:
+    another task runs between any two of its requests."""
+    trace: list[str] = []
+    answer = WorkerHandle._answer
+
+    def traced(self: WorkerHandle, *args: Any, **kwargs: Any) -> None:
+        trace.append("req")
+        answer(self, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerHandle, "_answer", traced)
+
+    async def main(b: Broker) -> None:
+        w = await b.aspawn(Pipeliner)
+        running = True
+
+        async def other() -> None:
+            while running:
+                trace.append("tick")
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        assert await w.aio.pipeline(400, 16) == 400
+        running = False
+        await task
+
+    with Broker(Policy().allow("data/", READ | Rights.FSTAT), root=tree, request_rate=None) as b:
+        asyncio.run(main(b))
+    runs = [len(run) for run in "".join("r" if x == "req" else "." for x in trace).split(".") if run]
+    assert sum(runs) == 400
+    assert max(runs) == 1, sorted(runs)[-10:]
+
+
 class Asker(Worker):
     @rpc
     def ask(self, n: int) -> int:
