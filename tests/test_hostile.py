@@ -29,6 +29,7 @@ from protocol._wire import (
     MAX_FDS,
     MAX_PACKET,
     Channel,
+    Deferred,
     _no_ext_hook,
     _unpack,
     _validate,
@@ -465,6 +466,48 @@ def test_a_text_blob_that_is_not_utf8_is_refused() -> None:
     with pytest.raises(ProtocolError, match="text blob is not UTF-8"):
         decode(payload, [fd])
     assert open_fds() == before - {fd}  # taken, and closed
+
+
+def test_a_message_with_blobs_can_be_finished_later() -> None:
+    """``defer``: a message carrying blobs comes back unread (its blobs are
+    up to 64 MiB to copy and decode: an awaited call has that done off the
+    event loop), and finishing it gives what decode() would have, with the
+    same errors and every fd taken; one with none is decoded at once."""
+    def packet(value: object, data: bytes) -> tuple[bytes, list[int]]:
+        fd = os.memfd_create("blob", os.MFD_CLOEXEC)
+        os.write(fd, data)
+        return msgpack.packb({"t": "ret", "id": 1, "v": value}), [fd]
+
+    tags = frozenset({"ret"})
+    text = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 0, 6))
+    before = open_fds()
+    later = decode(*packet([text, 1], "é".encode() * 3), blob_tags=tags, defer=True)
+    assert type(later) is Deferred and open_fds() != before  # (the memfd, until finished)
+    assert later.finish() == {"t": "ret", "id": 1, "v": ["é" * 3, 1]}
+    assert open_fds() == before
+    bad = decode(*packet(text, b"\xff\xfe\xfd\xfc\xfb\xfa"), blob_tags=tags, defer=True)
+    with pytest.raises(ProtocolError, match="text blob is not UTF-8"):
+        bad.finish()
+    assert open_fds() == before
+    decode(*packet(text, b"abcdef"), blob_tags=tags, defer=True).discard()
+    assert open_fds() == before
+    payload, fds = packet(_fd_ref(0), b"")  # an fd, no blob: nothing to defer
+    got = decode(payload, fds, blob_tags=tags, defer=True)
+    assert type(got) is dict
+    got["v"].close()
+    assert open_fds() == before
+    a, b = Channel.pair()  # the one-fd fast path of a channel hands the blob on too
+    b.blob_tags = tags
+    try:
+        payload, fds = packet(text, "é".encode() * 3)
+        a.send_raw(payload, fds)
+        os.close(fds[0])
+        later = b.recv(defer_blobs=True)
+        assert type(later) is Deferred and later.finish()["v"] == "é" * 3
+    finally:
+        a.close()
+        b.close()
+    assert open_fds() == before
 
 
 def test_the_blobs_of_one_packet_are_bounded_together() -> None:
