@@ -18,6 +18,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -199,6 +200,12 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def _close_on_a_thread(broker: Broker) -> None:
+    """Close a broker nobody will use (its astart() was cancelled) without
+    waiting for it here."""
+    threading.Thread(target=broker.close, name="privsep-close", daemon=True).start()
 
 
 def _warn_hidden(cls: type[Worker]) -> None:
@@ -631,11 +638,17 @@ class Broker:
 
     @classmethod
     async def astart(cls, *args: Any, **kwargs: Any) -> Broker:
-        """``Broker(...)`` for asyncio: made on a thread of the loop's
-        executor, so that starting the zygote and its first spare (about
-        90 ms) does not hold the loop. ``async with await
-        Broker.astart(policy, root=...) as broker:``."""
-        return await asyncio.to_thread(cls, *args, **kwargs)
+        """``Broker(...)`` for asyncio: made on a thread of its own, so that
+        starting the zygote and its first spare (about 90 ms) does not hold
+        the loop, nor waits for the loop's default executor (the program's,
+        which it may fill). A cancel meanwhile waits for the broker to be
+        made, then closes it (on another thread) and is raised. ``async with
+        await Broker.astart(policy, root=...) as broker:``."""
+        thread = ThreadPoolExecutor(1, thread_name_prefix="privsep-astart")
+        try:
+            return await _off_loop(functools.partial(cls, *args, **kwargs), thread, undo=_close_on_a_thread)
+        finally:
+            thread.shutdown(wait=False)
 
     async def __aenter__(self) -> Broker:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -524,6 +525,42 @@ def test_astart_makes_a_broker_without_holding_the_loop(tree: Path) -> None:
         assert b._closed
 
     asyncio.run(main())
+
+
+def test_astart_needs_no_thread_of_the_loops_default_executor(tree: Path) -> None:
+    """Broker.astart() ran on the loop's default executor: a program that
+    filled it with work of its own held the broker's start until a thread
+    came free."""
+
+    async def main() -> None:
+        busy = fill_default_executor()
+        t0 = time.monotonic()
+        async with await Broker.astart(Policy(), root=tree) as b:
+            assert time.monotonic() - t0 < 1.5
+            w = await b.aspawn(AsyncJob)
+            assert await w.aio.ping() == "pong"
+        await asyncio.gather(*busy)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_astart_leaves_no_broker_running(tree: Path) -> None:
+    """A cancel waits for the broker being made, closes it, and is raised:
+    no zygote is left behind."""
+    before = set(_children())
+
+    async def main() -> None:
+        task = asyncio.create_task(Broker.astart(Policy(), root=tree))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while set(_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(_children()) - before
 
 
 def test_a_wait_on_the_loop_survives_its_fd_closed_and_the_number_reused() -> None:
@@ -1401,8 +1438,12 @@ def _ended(launch: Any) -> bool:
 
 
 def _children() -> list[int]:
-    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-        return [int(x) for x in f.read().split()]
+    """This process's children, whichever of its threads made them."""
+    pids: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{task}/children") as f:
+            pids += [int(x) for x in f.read().split()]
+    return pids
 
 
 def test_aspawn_of_an_exec_worker_waits_for_its_start_off_the_loop(
