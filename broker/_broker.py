@@ -493,6 +493,10 @@ class Broker:
                 try:
                     start = functools.partial(self._start, cls, timeout, grants, launched=launched)
                     handle = await _off_loop(start, self._background.executor(), undo=unwanted.append)
+                except BaseException:
+                    if launched is not None:
+                        launched.drop()  # (a no-op unless the thread never took it: _start drops or takes it)
+                    raise
                 finally:
                     for started in unwanted:  # (made for a task cancelled meanwhile)
                         self._drop_unready(started)

@@ -98,7 +98,10 @@ def _request_cost(msg: dict[str, Any]) -> float:
 # How long a worker whose channel hit EOF gets to end before it is killed (an awaited
 # call's driver waits for it on the loop).
 _EXIT_GRACE = 1.0
-_BLOB_TAGS = frozenset({"ret", "err", "fail", "ready"})
+# Only an answer may carry data too big for one packet: an error (its fields bounded by
+# exception_to_wire) or a handshake never needs to, and a crafted one (64 MiB of text in an
+# error's message) was read and decoded, holding the GIL 140 ms, at every call (red-team round 27).
+_BLOB_TAGS = frozenset({"ret"})
 _KILLED = signal.SIGKILL  # the wait status of a process killed by SIGKILL
 # Asked of a worker at stop, without waiting for room: one that keeps its queue full of
 # answers it never reads held stop() 10 s past its grace, and astop() the loop with it.
@@ -363,8 +366,14 @@ class WorkerHandle:
                             self._resumed = time.monotonic()
                             op = steps.send(answered)
                         elif kind == "finish":
-                            finished = await _off_loop(functools.partial(_finished, self._to_finish),
-                                                       self._broker._background.executor(), undo=close_fds_in)
+                            deferred = self._to_finish
+                            try:
+                                finished = await _off_loop(functools.partial(_finished, deferred),
+                                                           self._broker._background.executor(), undo=close_fds_in)
+                            except BaseException:
+                                if deferred is not None:
+                                    deferred.discard()  # (a no-op unless the thread never took it)
+                                raise
                             self._resumed = time.monotonic()
                             op = steps.send(finished)
                         else:

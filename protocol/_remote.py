@@ -58,10 +58,11 @@ def exception_to_wire(exc: BaseException, with_traceback: bool = True) -> dict[s
     except Exception:
         msg = "<exception str() failed>"
     return {
-        "type": type(exc).__name__,
+        # Each field bounded, so that any error fits one packet (the broker refuses blobs in one).
+        "type": type(exc).__name__[:_MAX_NAME],
         "msg": msg[:4096],
         "errno": errno if type(errno) is int and -(1 << 31) <= errno < (1 << 31) else None,
-        "filename": filename if isinstance(filename, str) else None,
+        "filename": filename[:4096] if isinstance(filename, str) else None,
         "tb": tb[-32768:],
         "base": _nearest_known(exc),
     }

@@ -676,17 +676,25 @@ class Deferred:
     __slots__ = ("_fds", "_got", "_obj")
 
     def __init__(self, obj: Any, fds: list[int], got: list[Any]):
-        self._obj, self._fds, self._got = obj, fds, got
+        self._obj, self._got = obj, got
+        self._fds: list[int] | None = fds  # None once finished or discarded
 
     def finish(self) -> Any:
         """The message, as ``decode()`` would have returned it (or its error)."""
+        fds, self._fds = self._fds, None
+        if fds is None:
+            raise RuntimeError("this message was finished or discarded already")
         obj, self._obj = self._obj, None
-        fds, self._fds = self._fds, []
         return _finish(obj, fds, self._got, True)
 
     def discard(self) -> None:
-        fds, self._fds = self._fds, []
-        _drop(fds, self._got)
+        """Close its fds unread (nothing, once finished or discarded)."""
+        fds, self._fds = self._fds, None
+        if fds is not None:
+            _drop(fds, self._got)
+
+    def __del__(self) -> None:
+        self.discard()
 
 
 def _drop(fds: list[int], got: list[Any]) -> None:

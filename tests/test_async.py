@@ -1642,6 +1642,28 @@ class BigAnswers(Worker):
         self.broker._chan.send_raw(msgpack.packb({"t": "ret", "id": 1, "v": text}), [fd])
         time.sleep(10)
 
+    @rpc
+    def fail_with_a_blob(self) -> None:
+        """An error whose message is a text blob: no honest error needs one."""
+        import msgpack
+
+        from protocol._remote import exception_to_wire
+        from protocol._wire import _BLOB_EXT, EXT_TEXT
+
+        data = b"x" * 1000
+        fd = os.memfd_create("text", os.MFD_CLOEXEC)
+        os.write(fd, data)
+        err = exception_to_wire(ValueError("short"))
+        err["msg"] = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 0, len(data)))
+        self.broker._chan.send_raw(msgpack.packb({"t": "err", "id": 1, "e": err}), [fd])
+        time.sleep(10)
+
+    @rpc
+    def raise_big(self) -> None:
+        """An honest error with every field as long as it can be."""
+        big = type("E" * 100_000, (OSError,), {})
+        raise big(2, "\U0001F600" * 100_000, "\U0001F600" * 100_000)
+
 
 @pytest.fixture
 def blob_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -1678,6 +1700,30 @@ def test_an_awaited_calls_big_answer_is_read_off_the_loop(tree: Path, blob_reads
         del blob_reads[:]
         assert w.make("bytes", size) == b"x" * size
         assert blob_reads == [threading.get_ident()]
+
+
+@pytest.mark.parametrize("awaited", [False, True])
+def test_only_an_answer_may_carry_a_blob(tree: Path, awaited: bool) -> None:
+    """An error's message sent as 64 MiB of text was read and decoded at
+    every call (140 ms holding the GIL, and so the loop; the worker served
+    on: red-team round 27). No honest error needs a blob: its fields are
+    bounded to fit one packet. One that carries a blob ends the worker."""
+    with Broker(Policy(), root=tree, sandbox=UNSANDBOXED) as b:
+        w = b.spawn(BigAnswers)
+        with pytest.raises(OSError) as raised:
+            if awaited:
+                asyncio.run(w.aio.raise_big())
+            else:
+                w.raise_big()
+        assert raised.value.errno == 2 and raised.value.filename == "\U0001F600" * 4096
+        assert len(raised.value.strerror or "") <= 4096
+        with pytest.raises(WorkerCrashed):
+            if awaited:
+                asyncio.run(w.aio.fail_with_a_blob())
+            else:
+                w.fail_with_a_blob()
+        assert w.exit is not None and w.exit.kind == "protocol"
+        assert "a 'err' message carries no out-of-band value" in w.exit.reason, w.exit.reason
 
 
 @pytest.mark.parametrize("awaited", [False, True])

@@ -496,6 +496,21 @@ def test_a_message_with_blobs_can_be_finished_later() -> None:
     assert type(got) is dict
     got["v"].close()
     assert open_fds() == before
+    r, w = os.pipe()  # a file next to a blob: still the message's after a late discard()
+    fd = os.memfd_create("blob", os.MFD_CLOEXEC)
+    os.write(fd, b"abcdef")
+    second = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(1, 0, 6))
+    later = decode(msgpack.packb({"t": "ret", "id": 1, "v": [_fd_ref(0, kind=2), second]}), [r, fd],
+                   blob_tags=tags, defer=True)
+    got = later.finish()
+    later.discard()
+    with pytest.raises(RuntimeError, match="finished or discarded already"):
+        later.finish()
+    os.write(w, b"ok")
+    assert got["v"][1] == "abcdef" and os.read(got["v"][0].fd, 2) == b"ok"
+    got["v"][0].close()
+    os.close(w)
+    assert open_fds() == before
     a, b = Channel.pair()  # the one-fd fast path of a channel hands the blob on too
     b.blob_tags = tags
     try:
