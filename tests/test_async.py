@@ -1702,6 +1702,40 @@ def test_an_awaited_calls_big_answer_is_read_off_the_loop(tree: Path, blob_reads
         assert blob_reads == [threading.get_ident()]
 
 
+class FailsWithABlob(Worker):
+    def setup(self) -> None:
+        """A handshake's failure whose message is a text blob."""
+        import msgpack
+
+        from protocol._remote import exception_to_wire
+        from protocol._wire import _BLOB_EXT, EXT_TEXT
+
+        data = b"x" * 1000
+        fd = os.memfd_create("text", os.MFD_CLOEXEC)
+        os.write(fd, data)
+        err = exception_to_wire(RuntimeError("short"))
+        err["msg"] = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 0, len(data)))
+        self.broker._chan.send_raw(msgpack.packb({"t": "fail", "e": err}), [fd])
+        os._exit(1)
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+@pytest.mark.parametrize("awaited", [False, True])
+def test_a_handshake_carrying_a_blob_is_refused_unread(tree: Path, awaited: bool) -> None:
+    """aspawn() read a failing setup()'s 64 MiB text on the loop (215-257 ms,
+    red-team round 27); a handshake never needs a blob, and one is refused
+    before anything is read."""
+    refused = "a 'fail' message carries no out-of-band value"
+    with Broker(Policy(), root=tree) as b, pytest.raises(WorkerCrashed, match=refused):
+        if awaited:
+            asyncio.run(b.aspawn(FailsWithABlob))
+        else:
+            b.spawn(FailsWithABlob)
+
+
 @pytest.mark.parametrize("awaited", [False, True])
 def test_only_an_answer_may_carry_a_blob(tree: Path, awaited: bool) -> None:
     """An error's message sent as 64 MiB of text was read and decoded at
