@@ -10,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -1623,6 +1623,26 @@ def test_an_awaited_call_opening_a_file_while_an_aspawn_starts_on_a_thread(
     assert (tree / "out" / "log").read_bytes() == b"ab"
 
 
+def _send_with_text_blob(worker: Worker, data: bytes, message: Callable[[Any], dict[str, Any]]) -> None:
+    """Send ``message(blob)``, ``blob`` naming ``data`` as text in a memfd,
+    as a compromised worker may (in a call, or in setup())."""
+    import msgpack
+
+    from protocol._wire import _BLOB_EXT, EXT_TEXT
+
+    fd = os.memfd_create("text", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    blob = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 0, len(data)))
+    worker.broker._chan.send_raw(msgpack.packb(message(blob)), [fd])
+
+
+def _error_saying(blob: Any) -> dict[str, Any]:
+    """An error in its wire form, its message a blob."""
+    from protocol._remote import exception_to_wire
+
+    return {**exception_to_wire(ValueError("short")), "msg": blob}
+
+
 class BigAnswers(Worker):
     @rpc
     def make(self, kind: str, size: int) -> Any:
@@ -1631,31 +1651,13 @@ class BigAnswers(Worker):
     @rpc
     def answer_badly(self) -> None:
         """An answer whose text blob is not UTF-8, as a compromised worker may send."""
-        import msgpack
-
-        from protocol._wire import _BLOB_EXT, EXT_TEXT
-
-        data = b"\xff\xfe not UTF-8"
-        fd = os.memfd_create("text", os.MFD_CLOEXEC)
-        os.write(fd, data)
-        text = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 0, len(data)))
-        self.broker._chan.send_raw(msgpack.packb({"t": "ret", "id": 1, "v": text}), [fd])
+        _send_with_text_blob(self, b"\xff\xfe not UTF-8", lambda blob: {"t": "ret", "id": 1, "v": blob})
         time.sleep(10)
 
     @rpc
     def fail_with_a_blob(self) -> None:
         """An error whose message is a text blob: no honest error needs one."""
-        import msgpack
-
-        from protocol._remote import exception_to_wire
-        from protocol._wire import _BLOB_EXT, EXT_TEXT
-
-        data = b"x" * 1000
-        fd = os.memfd_create("text", os.MFD_CLOEXEC)
-        os.write(fd, data)
-        err = exception_to_wire(ValueError("short"))
-        err["msg"] = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 0, len(data)))
-        self.broker._chan.send_raw(msgpack.packb({"t": "err", "id": 1, "e": err}), [fd])
+        _send_with_text_blob(self, b"x" * 1000, lambda blob: {"t": "err", "id": 1, "e": _error_saying(blob)})
         time.sleep(10)
 
     @rpc
@@ -1705,17 +1707,7 @@ def test_an_awaited_calls_big_answer_is_read_off_the_loop(tree: Path, blob_reads
 class FailsWithABlob(Worker):
     def setup(self) -> None:
         """A handshake's failure whose message is a text blob."""
-        import msgpack
-
-        from protocol._remote import exception_to_wire
-        from protocol._wire import _BLOB_EXT, EXT_TEXT
-
-        data = b"x" * 1000
-        fd = os.memfd_create("text", os.MFD_CLOEXEC)
-        os.write(fd, data)
-        err = exception_to_wire(RuntimeError("short"))
-        err["msg"] = msgpack.ExtType(EXT_TEXT, _BLOB_EXT.pack(0, 0, len(data)))
-        self.broker._chan.send_raw(msgpack.packb({"t": "fail", "e": err}), [fd])
+        _send_with_text_blob(self, b"x" * 1000, lambda blob: {"t": "fail", "e": _error_saying(blob)})
         os._exit(1)
 
     @rpc
