@@ -1573,8 +1573,14 @@ class WorkerHandle:
         call lock: awaited on the event loop (recording the exit wakes it) or
         interrupted by a signal handler. That call then raises the exit."""
         if self.exit is None:
+            running = self._pidfd >= 0 and not select.select([self._pidfd], [], [], 0)[0]
             self._kill()
             status = self._reap(5.0)
+            if status is None and running and self._awaited:
+                # It ran when this SIGKILL was sent, which it cannot outlive; dead before _reap
+                # looked, its zygote is not asked for its status on the loop (half the akill()s
+                # of a sleeping worker read "signal None" here).
+                status = _KILLED
             sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
             self._set_exit(WorkerExit(kind, reason, signal=sig))
         assert self.exit is not None
