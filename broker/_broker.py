@@ -85,7 +85,7 @@ from ._policy import Policy
 from ._pool import WorkerPool
 from ._resolve import Resolver, Target
 from ._spawn import fork_worker
-from ._zygote import SPAWN_METHODS, CannotImport, ExecLaunch, Zygote, exec_worker, importable
+from ._zygote import SPAWN_METHODS, CannotImport, Zygote, exec_worker, importable
 
 audit_log = logging.getLogger("privsep.audit")
 _WRITES = Rights.WRITE | Rights.APPEND | Rights.FTRUNCATE  # what an open may not ask for in a with_outputs() call
@@ -484,19 +484,14 @@ class Broker:
                                             self._background.executor()):
                     # Given here, not on the executor's thread: there its line was threading.py's.
                     warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
-            launched = self._launch_exec(cls)
-            if launched is not None or self._zygote_start_waits(cls, grants):
+            if self._start_waits(cls, grants):
                 # Made on one of the broker's threads, which takes the spawn lock itself: held
                 # across an await of this loop, it deadlocked a close() or an opener start made
                 # on the loop meanwhile (red-team round 23).
                 unwanted: list[WorkerHandle] = []
                 try:
-                    start = functools.partial(self._start, cls, timeout, grants, launched=launched)
+                    start = functools.partial(self._start, cls, timeout, grants)
                     handle = await _off_loop(start, self._background.executor(), undo=unwanted.append)
-                except BaseException:
-                    if launched is not None:
-                        launched.drop()  # (a no-op unless the thread never took it: _start drops or takes it)
-                    raise
                 finally:
                     for started in unwanted:  # (made for a task cancelled meanwhile)
                         self._drop_unready(started)
@@ -521,17 +516,6 @@ class Broker:
         finally:
             handle._awaited = False
 
-    def _launch_exec(self, cls: type[Worker]) -> ExecLaunch | None:
-        """For aspawn() with ``spawn="exec"``: the worker's interpreter,
-        launched on this (the loop's) thread, as spawn() would launch it
-        (about 0.3 ms; its parent-death signal follows the launching
-        thread); its start-up (about 100 ms) is waited for on a broker
-        thread. None for any other spawn, or a class ``_start`` refuses."""
-        if self.spawn_method != "exec" or not (isinstance(cls, type) and issubclass(cls, Worker)):
-            return None
-        self._check_open()
-        return ExecLaunch(self._environ) if importable(cls) else None
-
     def _drop_unready(self, handle: WorkerHandle) -> None:
         """End a worker whose aspawn() was cancelled before its handshake was
         done: killed, reaped in the background (nothing waited for on the
@@ -546,18 +530,20 @@ class Broker:
         if handle.spawn_method == "zygote" and zygote is not None and not self._closed:
             zygote.started(handle.pid, False)
 
-    def _zygote_start_waits(self, cls: type[Worker], grants: Mapping[str, Capability] | None) -> bool:
-        """Would ``_start`` wait for the zygote: to fork a worker on request
+    def _start_waits(self, cls: type[Worker], grants: Mapping[str, Capability] | None) -> bool:
+        """Would ``_start`` wait: for the zygote to fork a worker on request
         (1-4 ms: one given grants, when its spare was made ahead for a start
         without them; any, when no spare is made or coming), or to be started
-        again (about 90 ms) after it died? For ``aspawn()``, which has such a
-        start made on the broker's threads. (An exec'd or forked worker is
-        started where it is asked for: from the main thread, it gets
-        PDEATHSIG.)"""
+        again (about 90 ms) after it died; for a fresh interpreter's start-up
+        (``spawn="exec"``, about 100 ms); for a fork of the broker (about
+        30 ms here)? For ``aspawn()``, which has such a
+        start made on the broker's threads (every child is started from a
+        thread that lives as long as the process: see ``_parent``)."""
         method = self._auto_method(cls) if self.spawn_method == "auto" else self.spawn_method
+        if method != "zygote":
+            return True
         zygote = self._zygote
-        return method == "zygote" and (
-            bool(grants) or zygote is None or zygote.forks_next() or not zygote.alive())
+        return bool(grants) or zygote is None or zygote.forks_next() or not zygote.alive()
 
     def _auto_method(self, cls: type[Worker]) -> str:
         """What ``spawn="auto"`` starts ``cls`` with."""
@@ -687,25 +673,8 @@ class Broker:
         grants_in: Mapping[str, Capability] | None = None,
         *,
         spawn_lock_held: bool = False,
-        launched: ExecLaunch | None = None,
     ) -> WorkerHandle:
-        """Start a worker (the handshake is the caller's). ``launched``: the
-        interpreter of a ``spawn="exec"`` worker, launched already; ended
-        here if the start fails before it is taken."""
-        try:
-            return self._start_worker(cls, timeout, grants_in, spawn_lock_held, launched)
-        finally:
-            if launched is not None:
-                launched.drop()  # (a no-op once exec_worker took it)
-
-    def _start_worker(
-        self,
-        cls: type[Worker],
-        timeout: float | None,
-        grants_in: Mapping[str, Capability] | None,
-        spawn_lock_held: bool,
-        launched: ExecLaunch | None,
-    ) -> WorkerHandle:
+        """Start a worker (the handshake is the caller's)."""
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
             raise TypeError("spawn() takes a Worker subclass")
@@ -766,7 +735,7 @@ class Broker:
                                                    before=place if limit is not None else None, memory_limit=limit)
                     reaper = self._zygote.reap
                 elif method == "exec":
-                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ, launched)
+                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ)
                     chan = Channel(sock)
                     reaper = _popen_reaper(proc)
                 else:

@@ -19,11 +19,11 @@ from typing import Any
 
 from protocol import NotCapable, Rights
 from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd, seqpacket_pair
-from worker._serve import forked_from_main_thread
 from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, later_file_plan
 
 from ._capability import Capability
 from ._interp import child_env, interpreter
+from ._parent import as_parent
 
 _CHUNK = 1 << 16
 _SMALL = 60 * 1024  # below the default 64 KiB pipe buffer: written at once
@@ -164,17 +164,22 @@ class Opener:
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         ours, theirs = seqpacket_pair()
-        # The kernel sends the parent-death signal when the starting thread ends: from a
-        # pool's thread, it killed the opener (mid-request for another thread) at shutdown.
-        pdeathsig = ["--pdeathsig"] if forked_from_main_thread() else []
-        self._proc = subprocess.Popen(
-            interpreter("worker._opener", str(theirs.fileno()), *pdeathsig),
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=child_env(environ),
-            process_group=0,  # a Ctrl-C at the terminal is the broker's to handle, as for the zygote
-        )
-        theirs.close()
+        # The kernel sends the parent-death signal when the starting thread ends (from a pool's
+        # thread, it killed the opener mid-request for another thread at shutdown): as_parent
+        # starts it from a thread that lives as long as this process.
+        try:
+            self._proc = as_parent(lambda: subprocess.Popen(
+                interpreter("worker._opener", str(theirs.fileno()), "--pdeathsig"),
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=child_env(environ),
+                process_group=0,  # a Ctrl-C at the terminal is the broker's to handle, as for the zygote
+            ))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         self._chan = Channel(ours, send_timeout=10.0)
         self._lock = threading.Lock()
         answered = self._chan.wait_readable(30.0)

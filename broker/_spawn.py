@@ -8,6 +8,7 @@ otherwise close an fd number the child has reused.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import socket
@@ -17,7 +18,9 @@ from typing import Any
 from protocol._wire import seqpacket_pair
 from worker import Worker
 from worker._preload import preload
-from worker._serve import child_main, forked_from_main_thread
+from worker._serve import child_main
+
+from ._parent import as_parent
 
 
 def fork_worker(
@@ -26,10 +29,25 @@ def fork_worker(
 ) -> tuple[int, socket.socket]:
     """Fork a worker. Returns (pid, the broker's end of its channel).
     ``environ``: its environment, replacing the broker's (in ``os.environ``;
-    the memory it forked with still holds the broker's)."""
+    the memory it forked with still holds the broker's). The fork is made
+    from a thread that lives as long as this process (``as_parent``), so
+    the worker takes the parent-death signal whichever thread asked."""
     preload()  # (once, here in the broker: the child inherits the modules)
     parent_sock, child_sock = seqpacket_pair()
-    main = forked_from_main_thread()
+    try:
+        pid = as_parent(functools.partial(_fork, cls, prepared, grants, environ, parent_sock, child_sock))
+    except BaseException:
+        parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    return pid, parent_sock
+
+
+def _fork(
+    cls: type[Worker], prepared: Any, grants: Sequence[tuple[str, int, int, Any]], environ: dict[str, str] | None,
+    parent_sock: socket.socket, child_sock: socket.socket,
+) -> int:
     ppid = os.getpid()
     was_enabled = gc.isenabled()
     gc.disable()
@@ -42,7 +60,7 @@ def fork_worker(
                 if environ is not None:
                     os.environ.clear()
                     os.environ.update(environ)
-                child_main(cls, child_sock.detach(), prepared, grants, from_main_thread=main, parent_pid=ppid)
+                child_main(cls, child_sock.detach(), prepared, grants, pdeathsig=True, parent_pid=ppid)
             finally:
                 os._exit(70)
     finally:
@@ -50,5 +68,4 @@ def fork_worker(
             gc.unfreeze()
             if was_enabled:
                 gc.enable()
-    child_sock.close()
-    return pid, parent_sock
+    return pid

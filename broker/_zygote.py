@@ -28,13 +28,13 @@ from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd,
 from worker import Worker
 from worker._mainref import main_refs, module_ref
 from worker._priority import may_raise, process_to_foreground, to_background, to_foreground
-from worker._serve import forked_from_main_thread
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
 from ._interp import child_env, interpreter
 from ._loop import readable
 from ._pagemap import asleep, owned, writable
+from ._parent import as_parent
 
 log = logging.getLogger("privsep.broker")
 
@@ -69,10 +69,9 @@ def _start(
         spares, spares_theirs = seqpacket_pair()
         args += ["--spares", str(spares_theirs.fileno())]
         passed.append(spares_theirs)
-    if forked_from_main_thread():
-        args.append("--pdeathsig")
+    args.append("--pdeathsig")  # (started by as_parent: from a thread that lives as long as this process)
     try:
-        proc = subprocess.Popen(
+        proc = as_parent(lambda: subprocess.Popen(
             args,
             pass_fds=[s.fileno() for s in passed],
             stdin=subprocess.DEVNULL,
@@ -81,7 +80,7 @@ def _start(
             # Out of the broker's process group: a Ctrl-C at the terminal is the broker's to
             # handle (it ends the zygote); reaching a zygote still importing, it printed a traceback.
             process_group=0,
-        )
+        ))
     except BaseException:
         ours.close()
         if spares is not None:
@@ -647,39 +646,12 @@ class Zygote:
             self._proc.wait()
 
 
-class ExecLaunch:
-    """A fresh interpreter launched to become one worker, not yet asked to:
-    launched where its parent-death signal should follow (aspawn(): the
-    loop's thread, about 0.3 ms), asked on another thread, where its start
-    (about 100 ms) waits. Owns the process until ``exec_worker`` takes it;
-    ``drop()`` ends one never taken (a no-op after)."""
-
-    def __init__(self, environ: dict[str, str] | None = None):
-        self._launched: tuple[subprocess.Popen[bytes], Channel] | None = _start(["--exec"], environ=environ)[:2]
-        self.pid = self._launched[0].pid
-
-    def take(self) -> tuple[subprocess.Popen[bytes], Channel]:
-        launched, self._launched = self._launched, None
-        if launched is None:
-            raise RuntimeError("this launch was taken or dropped already")
-        return launched
-
-    def drop(self) -> None:
-        launched, self._launched = self._launched, None
-        if launched is not None:
-            proc, chan = launched
-            chan.close()
-            proc.kill()
-            proc.wait()
-
-
 def exec_worker(
     cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
-    environ: dict[str, str] | None = None, launched: ExecLaunch | None = None,
+    environ: dict[str, str] | None = None,
 ) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
-    """Start a fresh interpreter that becomes the worker (or have ``launched``
-    become it, taking ownership). It is our child."""
-    proc, chan = (launched or ExecLaunch(environ)).take()
+    """Start a fresh interpreter that becomes the worker. It is our child."""
+    proc, chan, _ = _start(["--exec"], environ=environ)
     try:
         pid, sock = _request_spawn(chan, cls, spec_wire, timeout, grants)
     except BaseException:

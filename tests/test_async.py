@@ -1411,30 +1411,32 @@ def test_aspawn_starts_a_zygote_that_died_off_the_loop(tree: Path, zygote_starts
 
 @pytest.fixture
 def exec_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, int]]:
-    """Each interpreter launched for a spawn="exec" worker (its ExecLaunch,
-    and the thread that launched it); its start-up request takes 0.3 s
-    more, so that a test can cancel or close meanwhile."""
+    """Each interpreter started for a spawn="exec" worker (its Popen, and the
+    thread that asked for it); its start-up request takes 0.3 s more, so
+    that a test can cancel or close meanwhile."""
     from broker import _zygote
 
     launches: list[tuple[Any, int]] = []
-    init, request = _zygote.ExecLaunch.__init__, _zygote._request_spawn
+    start, request = _zygote._start, _zygote._request_spawn
 
-    def launching(self: _zygote.ExecLaunch, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        launches.append((self, threading.get_ident()))
+    def starting(extra: list[str], *args: Any, **kwargs: Any) -> Any:
+        got = start(extra, *args, **kwargs)
+        if "--exec" in extra:
+            launches.append((got[0], threading.get_ident()))
+        return got
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.3)
         return request(*args, **kwargs)
 
-    monkeypatch.setattr(_zygote.ExecLaunch, "__init__", launching)
+    monkeypatch.setattr(_zygote, "_start", starting)
     monkeypatch.setattr(_zygote, "_request_spawn", slow)
     return launches
 
 
-def _ended(launch: Any) -> bool:
-    """The launched interpreter was ended and reaped (taken and ended, or dropped)."""
-    return launch._launched is None and not [p for p in _children() if p == launch.pid]
+def _ended(proc: Any) -> bool:
+    """The launched interpreter was ended and reaped (no child of ours by that pid)."""
+    return proc.pid not in _children()
 
 
 def _children() -> list[int]:
@@ -1450,10 +1452,10 @@ def test_aspawn_of_an_exec_worker_waits_for_its_start_off_the_loop(
     tree: Path, zygote_starts: list[tuple[str, int]], exec_launches: list[tuple[Any, int]]
 ) -> None:
     """With spawn="exec", aspawn() ran the whole start on the loop: a fresh
-    interpreter's start-up, about 100 ms, held it. The interpreter is
-    launched on the loop's thread (its parent-death signal follows the
-    thread that launched it, as for spawn()), and its start-up is waited for
-    on a broker's thread."""
+    interpreter's start-up, about 100 ms, held it. It is started on a
+    broker's thread (the interpreter itself from a thread that lives as long
+    as the process, so its parent-death signal holds: see the lifecycle
+    tests), and its start-up is waited for there."""
     gaps: list[float] = []
 
     async def main(b: Broker) -> int:
@@ -1468,7 +1470,7 @@ def test_aspawn_of_an_exec_worker_waits_for_its_start_off_the_loop(
 
     with Broker(Policy(), root=tree, spawn="exec") as b:
         loop_thread = asyncio.run(main(b))
-    assert [on == loop_thread for _, on in exec_launches] == [True]
+    assert [on == loop_thread for _, on in exec_launches] == [False]
     asked = [on for what, on in zygote_starts if what == "fork"]  # (_request_spawn: the start-up waited for)
     assert len(asked) == 1 and asked[0] != loop_thread
     assert max(gaps) < 0.2, gaps  # (the request alone takes 0.3 s here)
@@ -1478,8 +1480,8 @@ def test_an_exec_worker_whose_aspawn_is_cancelled_or_refused_leaves_no_process(
     tree: Path, exec_launches: list[tuple[Any, int]]
 ) -> None:
     """A launched interpreter is the broker's to end: when aspawn() is
-    cancelled during its start-up, when the broker is closed meanwhile, and
-    when the start refuses what it was given."""
+    cancelled during its start-up, and when the broker is closed meanwhile.
+    A start that refuses what it was given launches none."""
 
     async def main(b: Broker) -> None:
         task = asyncio.create_task(b.aspawn(AsyncJob))
@@ -1501,12 +1503,63 @@ def test_an_exec_worker_whose_aspawn_is_cancelled_or_refused_leaves_no_process(
         _in_a_thread(lambda: main(b))
     finally:
         b.close()
-    assert len(exec_launches) == 3
+    assert len(exec_launches) == 2  # (none for the refused grants)
     deadline = time.monotonic() + 10
     while not all(_ended(launch) for launch, _ in exec_launches) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_ended(launch) for launch, _ in exec_launches), [launch.pid for launch, _ in exec_launches]
     assert not b._workers and not list(b._starting)
+
+
+@pytest.fixture
+def slow_forks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Each worker forked from the broker (spawn="fork") takes 0.3 s more, as
+    the fork of a broker of some GiB would: (its pid, the thread that asked)."""
+    from broker import _broker
+
+    forks: list[tuple[int, int]] = []
+    fork = _broker.fork_worker
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        pid, sock = fork(*args, **kwargs)
+        forks.append((pid, threading.get_ident()))
+        return pid, sock
+
+    monkeypatch.setattr(_broker, "fork_worker", slow)
+    return forks
+
+
+def test_aspawn_of_a_forked_worker_forks_off_the_loop(tree: Path, slow_forks: list[tuple[int, int]]) -> None:
+    """With spawn="fork", aspawn() forked the broker on the loop's thread
+    (about 30 ms here), as its parent-death signal
+    followed the thread that forked. Every child is now started from a
+    thread that lives as long as the process (broker._parent), so the start
+    is made on a broker's thread; a cancel meanwhile ends the worker made."""
+    gaps: list[float] = []
+
+    async def main(b: Broker) -> int:
+        ticker = asyncio.create_task(_ticker(gaps, 0.005))
+        try:
+            w = await b.aspawn(AsyncJob)
+            assert await w.aio.ping() == "pong"
+            await w.astop()
+            task = asyncio.create_task(b.aspawn(AsyncJob))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            ticker.cancel()
+        return threading.get_ident()
+
+    with Broker(Policy(), root=tree, spawn="fork") as b:
+        loop_thread = asyncio.run(main(b))
+        assert not b._workers and not list(b._starting)
+        assert b._background.wait_idle(10)  # (the cancelled one: killed at once, reaped by a broker thread)
+        assert len(slow_forks) == 2 and all(on != loop_thread for _, on in slow_forks)
+        assert slow_forks[1][0] not in _children()
+    assert max(gaps) < 0.2, gaps  # (each fork alone takes 0.3 s here)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 from conftest import READ, fill_default_executor, open_fds, spare_of
@@ -721,9 +721,8 @@ OPENER_ON_A_THREAD_SCRIPT = textwrap.dedent(
 
 
 def test_an_opener_started_on_a_thread_ends_with_its_broker(tree: Path) -> None:
-    """Without the parent-death signal (not sent for a process started from
-    a thread other than the main one), EOF on its channel ends the opener
-    when the broker dies."""
+    """An opener first needed on another thread ends when the broker dies
+    (its parent-death signal, and EOF on its channel)."""
     (tree / "out" / "log").write_bytes(b"")
     script = OPENER_ON_A_THREAD_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -741,6 +740,96 @@ def test_an_opener_started_on_a_thread_ends_with_its_broker(tree: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+THREAD_SPAWN_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    sys.path.insert(0, {tests!r})
+    from broker import Broker, Policy
+    from test_lifecycle import Sleeper
+    made = []
+    # The broker made, and its worker spawned, on threads that end before it dies.
+    t = threading.Thread(target=lambda: made.append(Broker(Policy(), root={root!r}, spawn={method!r})))
+    t.start(); t.join()
+    b = made[0]
+    t = threading.Thread(target=lambda: made.append(b.spawn(Sleeper)))
+    t.start(); t.join()
+    w = made[1]
+    pid = w.getpid()
+    threading.Thread(target=w.sleep, args=(600,), daemon=True).start()  # busy: never reads its channel
+    time.sleep(0.3)
+    print(pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "exec", "zygote"])
+def test_a_worker_spawned_on_a_thread_that_ended_dies_with_its_broker(tree: Path, method: str) -> None:
+    """The parent-death signal follows the thread that started a process. A
+    worker forked or exec'd from a thread other than the main one went
+    without it and ended only at EOF on its channel, which a worker busy in
+    a call never reads: it outlived its broker (10 minutes here). Every
+    child of the broker is started from a thread that lives as long as the
+    broker's process (broker._parent)."""
+    script = THREAD_SPAWN_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree), method=method)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = -1
+    try:
+        assert proc.stdout is not None
+        worker = int(proc.stdout.readline())
+        assert alive(worker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(worker), "a busy worker outlived its broker"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if worker > 0 and alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_children_are_started_from_a_thread_that_lives_as_long_as_the_process() -> None:
+    """``as_parent`` runs a start on the main thread where it is asked on the
+    main thread, and on one long-lived thread otherwise (its result and its
+    exception the caller's); a forked copy of the process starts its own."""
+    from broker import _parent
+    from broker._parent import as_parent, lives_with_process
+
+    here = threading.get_ident()
+    assert as_parent(threading.get_ident) == here and lives_with_process()
+    seen: list[Any] = []
+
+    def elsewhere() -> None:
+        seen.append(lives_with_process())
+        seen.append(as_parent(lambda: (threading.get_ident(), threading.current_thread().name,
+                                       lives_with_process(), as_parent(threading.get_ident))))
+        with pytest.raises(ZeroDivisionError):
+            as_parent(lambda: 1 // 0)
+
+    for _ in range(2):
+        t = threading.Thread(target=elsewhere)
+        t.start()
+        t.join(10)
+    (off1, (ident1, name1, lives1, nested1), off2, (ident2, _, _, _)) = seen
+    assert off1 is False and off2 is False  # (the asking threads end)
+    assert name1 == "privsep-parent" and lives1 and nested1 == ident1  # (a start there runs there)
+    assert ident1 == ident2 != here  # one thread, kept
+    copied = _parent._parent
+    pid = os.fork()
+    if pid == 0:  # the thread was not copied: a start asked on a thread makes a new one (it would wait for ever)
+        got: list[int] = []
+        t = threading.Thread(target=lambda: got.append(as_parent(threading.get_ident)))
+        t.start()
+        t.join(10)
+        os._exit(0 if got and _parent._parent not in (None, copied) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])

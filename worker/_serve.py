@@ -202,7 +202,7 @@ def child_main(
     prepared: Any,
     grants: Sequence[tuple[str, int, int, Rights]] = (),
     *,
-    from_main_thread: bool,
+    pdeathsig: bool,
     parent_pid: int,
     net_fd: int | None = None,
     chan_ready: Channel | None = None,
@@ -231,9 +231,9 @@ def child_main(
         # Nor does a broker's ignored SIGCHLD (a server's way to have its children reaped for it):
         # a worker's own subprocess.run() (allow-fork, or no sandbox) would find its child gone.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        if from_main_thread:
-            # PDEATHSIG follows the forking thread; only the main thread lives
-            # as long as the broker does.
+        if pdeathsig:
+            # The signal follows the forking thread: ``pdeathsig`` says that one lives as
+            # long as its process (the broker's: see broker._parent; the zygote's main thread).
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(0)
@@ -570,7 +570,3 @@ class _Listener:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
-
-
-def forked_from_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()

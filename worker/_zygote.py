@@ -262,7 +262,7 @@ def _spare_main(
     if made is not None:
         made.serve()
     grants = [(name, g.fd, kind, rights) for name, g, kind, rights in grant_fds]
-    child_main(cls, CHANNEL_FD, prepared, grants, from_main_thread=True, parent_pid=zygote, net_fd=net_fd,
+    child_main(cls, CHANNEL_FD, prepared, grants, pdeathsig=True, parent_pid=zygote, net_fd=net_fd,
                chan_ready=chan)
 
 
@@ -354,7 +354,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             chan.send({"t": "spawned", "pid": me})
             ctl = chan.sock.detach()
             os.close(ctl)
-            child_main(cls, fd, prepared, grants, from_main_thread=pdeathsig, parent_pid=os.getppid())
+            child_main(cls, fd, prepared, grants, pdeathsig=pdeathsig, parent_pid=os.getppid())
         gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
         pid = os.fork()
         if pid == 0:
@@ -363,7 +363,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
                 chan.close()  # (its buffer too)
                 if spares is not None:
                     spares.close()
-                child_main(cls, fd, prepared, grants, from_main_thread=True, parent_pid=me)
+                child_main(cls, fd, prepared, grants, pdeathsig=True, parent_pid=me)
             finally:
                 os._exit(70)
         rfd.close()
