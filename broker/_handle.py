@@ -802,6 +802,14 @@ class WorkerHandle:
                     if failed_drain is not None:  # its write failed (EPIPE) because the broker stopped reading
                         raise failed_drain from remote
                     raise remote
+        except BaseException:
+            # The exception's traceback holds this frame, which a finished generator keeps with
+            # its locals: one naming the exception made a cycle for the collector (a rejected
+            # input, the common error, left 15-38 objects a call; gen-2 collections of 20 ms
+            # held an event loop serving them; a user trial).
+            event = msg = failed = failed_drain = None
+            remote = None
+            raise
         finally:
             self._drains.clear()
             for out in outputs:  # (those committed were cleared from the list)

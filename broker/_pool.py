@@ -412,6 +412,9 @@ class AsyncPool:
                 raise CancelledError("the pool was shut down before this task ran") from None
             self._pool._cancel(fut)
             raise
+        except BaseException:
+            fut = None  # type: ignore[assignment]  # (it holds the exception, whose traceback holds this frame)
+            raise
 
     async def map(self, fn: Callable[..., Any] | str, *iterables: Any) -> list[Any]:
         """The results of ``fn`` over ``iterables``, in order; the first
@@ -427,7 +430,10 @@ class AsyncPool:
             raise
         for result in done:
             if isinstance(result, BaseException):
-                raise result
+                try:
+                    raise result
+                finally:
+                    done = result = tasks = None  # type: ignore[assignment]  # (no cycle through this frame: see submit)
         return done
 
 
