@@ -148,10 +148,13 @@ class Background:
                         os.close(fd)
 
     def _close_wake(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
+        # Let go of the numbers first: os.close releases the GIL, and a fork of the process
+        # meanwhile had the copy close them again (EBADF in its at-fork hook, or an fd of its
+        # own that reused the number; red-team round 29).
+        fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
+        for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     @staticmethod
     def _do(work: Callable[[], None]) -> None:

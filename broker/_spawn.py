@@ -12,6 +12,7 @@ import functools
 import gc
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,28 +45,56 @@ def fork_worker(
     return pid, parent_sock
 
 
+#: One fork at a time (the main thread's and the parent thread's, for two
+#: brokers): the collector's state is the process's.
+_forking = threading.Lock()
+#: While a fork is made: (the forking thread, whether the collector was on).
+_collector_off: tuple[int, bool] | None = None
+
+
 def _fork(
     cls: type[Worker], prepared: Any, grants: Sequence[tuple[str, int, int, Any]], environ: dict[str, str] | None,
     parent_sock: socket.socket, child_sock: socket.socket,
 ) -> int:
+    global _collector_off
     ppid = os.getpid()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    gc.freeze()
-    try:
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            try:
-                parent_sock.detach()
-                if environ is not None:
-                    os.environ.clear()
-                    os.environ.update(environ)
-                child_main(cls, child_sock.detach(), prepared, grants, pdeathsig=True, parent_pid=ppid)
-            finally:
-                os._exit(70)
-    finally:
-        if os.getpid() == ppid:
-            gc.unfreeze()
-            if was_enabled:
-                gc.enable()
+    with _forking:
+        _collector_off = (threading.get_ident(), gc.isenabled())
+        gc.disable()
+        gc.freeze()
+        try:
+            pid = os.fork()
+            if pid == 0:  # child: never returns
+                try:
+                    parent_sock.detach()
+                    if environ is not None:
+                        os.environ.clear()
+                        os.environ.update(environ)
+                    child_main(cls, child_sock.detach(), prepared, grants, pdeathsig=True, parent_pid=ppid)
+                finally:
+                    os._exit(70)
+        finally:
+            if os.getpid() == ppid:
+                was_enabled, _collector_off = _collector_off[1], None
+                gc.unfreeze()
+                if was_enabled:
+                    gc.enable()
     return pid
+
+
+def _after_fork_in_child() -> None:
+    """A fork of the whole process by another thread (a pre-forking server)
+    that came while ``_fork`` had the collector off and the heap frozen: the
+    copy is a process like its parent, whose collector must run (it ran
+    without one for good; red-team round 29). A worker ``_fork`` made keeps
+    the freeze, on purpose (see the module's docstring)."""
+    global _forking, _collector_off
+    state, _collector_off = _collector_off, None
+    _forking = threading.Lock()  # (held by the forking thread, which did not come along)
+    if state is not None and state[0] != threading.get_ident():
+        gc.unfreeze()
+        if state[1]:
+            gc.enable()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

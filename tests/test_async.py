@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import READ, close_later, fill_default_executor, open_fds
 
-from broker import UNSANDBOXED, Broker, Policy, WorkerHandle
+from broker import UNSANDBOXED, Broker, Policy, WorkerExit, WorkerHandle
 from broker._loop import readable
 from protocol import NotCapable, Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
@@ -824,6 +825,42 @@ def test_an_output_kept_open_after_an_awaited_call_fails_it_without_blocking_the
     assert took < 0.8, f"the call took {took:.2f} s"
     assert stall < 0.3, f"the loop stalled {stall * 1000:.0f} ms"
     assert pong == "pong"
+
+
+@pytest.mark.parametrize("spawn", ["zygote", "fork"])
+def test_akill_of_a_worker_that_ended_by_itself_first_records_its_own_end(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, spawn: str
+) -> None:
+    """akill() of a worker whose call another task of this loop awaits recorded
+    the end at once, as "killed by the broker", whatever the worker's status:
+    one that had ended by itself just before the SIGKILL (os._exit(3)) read
+    as killed (red-team round 29; here its SIGKILL is held back until it
+    has). The awaiting call now records the end from the status, learnt off
+    the loop, as for a call of another thread."""
+    target: list[WorkerHandle] = []
+    kill = WorkerHandle._kill
+
+    def late(self: WorkerHandle) -> None:
+        if self in target and self._pidfd >= 0:
+            select.select([self._pidfd], [], [], 5.0)  # (the worker ends by itself first)
+        kill(self)
+
+    async def main() -> WorkerExit:
+        async with Broker(Policy(), root=str(tree), spawn=spawn) as b:
+            w = await b.aspawn(AsyncJob)
+            target.append(w)
+            task = asyncio.create_task(w.aio.exit_after(0.3, 3))
+            await asyncio.sleep(0.1)
+            ex = await w.akill()
+            with pytest.raises(WorkerCrashed) as info:
+                await task
+            assert info.value.exit is ex
+            return ex
+
+    monkeypatch.setattr(WorkerHandle, "_kill", late)
+    ex = asyncio.run(main())
+    assert (ex.exit_code, ex.signal) == (3, None), ex
+    assert "broker" not in ex.reason, ex
 
 
 def test_awaited_spawns_take_spares_in_the_order_they_came(tree: Path) -> None:
