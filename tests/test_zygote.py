@@ -171,7 +171,9 @@ def test_a_spawn_is_served_by_the_waiting_spare_which_holds_nothing(tree: Path) 
             return set(held) - set(reads), sorted(held[n] for n in reads)
 
         def settled_yet(held: dict[int, str]) -> bool:
-            return fds_and_reads(held)[0] == settled and held.get(2, "").startswith("pipe:")
+            # (both read ends: between its two pipes, fd 2 is still the pipe the zygote gave it)
+            others, reads = fds_and_reads(held)
+            return others == settled and held.get(2, "").startswith("pipe:") and len(set(reads)) == 2
 
         deadline = time.monotonic() + 5
         while not settled_yet(held := _fd_targets_of(pid)) and time.monotonic() < deadline:
