@@ -535,8 +535,8 @@ class Broker:
         (1-4 ms: one given grants, when its spare was made ahead for a start
         without them; any, when no spare is made or coming), or to be started
         again (about 90 ms) after it died; for a fresh interpreter's start-up
-        (``spawn="exec"``, about 100 ms); for a fork of the broker (about
-        30 ms here)? For ``aspawn()``, which has such a
+        (``spawn="exec"``, about 100 ms); for a fork of the broker (whose
+        copy of the page tables still holds the GIL)? For ``aspawn()``, which has such a
         start made on the broker's threads (every child is started from a
         thread that lives as long as the process: see ``_parent``)."""
         method = self._auto_method(cls) if self.spawn_method == "auto" else self.spawn_method

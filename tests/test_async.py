@@ -1536,6 +1536,12 @@ def _children() -> list[int]:
     return pids
 
 
+async def _aspawn_ping_stop(b: Broker) -> None:
+    w = await b.aspawn(AsyncJob)
+    assert await w.aio.ping() == "pong"
+    await w.astop()
+
+
 def test_aspawn_of_an_exec_worker_waits_for_its_start_off_the_loop(
     tree: Path, zygote_starts: list[tuple[str, int]], exec_launches: list[tuple[Any, int]]
 ) -> None:
@@ -1549,9 +1555,7 @@ def test_aspawn_of_an_exec_worker_waits_for_its_start_off_the_loop(
     async def main(b: Broker) -> int:
         ticker = asyncio.create_task(_ticker(gaps, 0.005))
         try:
-            w = await b.aspawn(AsyncJob)
-            assert await w.aio.ping() == "pong"
-            await w.astop()
+            await _aspawn_ping_stop(b)
         finally:
             ticker.cancel()
         return threading.get_ident()
@@ -1619,19 +1623,18 @@ def slow_forks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
 
 def test_aspawn_of_a_forked_worker_forks_off_the_loop(tree: Path, slow_forks: list[tuple[int, int]]) -> None:
-    """With spawn="fork", aspawn() forked the broker on the loop's thread
-    (about 30 ms here), as its parent-death signal
-    followed the thread that forked. Every child is now started from a
-    thread that lives as long as the process (broker._parent), so the start
-    is made on a broker's thread; a cancel meanwhile ends the worker made."""
+    """With spawn="fork", aspawn() forked the broker on the loop's thread,
+    as its parent-death signal followed the thread that forked. Every child
+    is now started from a thread that lives as long as the process
+    (broker._parent), so the start is made on a broker's thread (the fork
+    itself still holds the GIL while it copies the broker's page tables);
+    a cancel meanwhile ends the worker made."""
     gaps: list[float] = []
 
     async def main(b: Broker) -> int:
         ticker = asyncio.create_task(_ticker(gaps, 0.005))
         try:
-            w = await b.aspawn(AsyncJob)
-            assert await w.aio.ping() == "pong"
-            await w.astop()
+            await _aspawn_ping_stop(b)
             task = asyncio.create_task(b.aspawn(AsyncJob))
             await asyncio.sleep(0.1)
             task.cancel()
