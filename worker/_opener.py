@@ -8,10 +8,10 @@ later: that is how a worker can get a writable fd without FTRUNCATE after
 its own sandbox was entered. The opener holds nothing but its channel and
 the fds the broker sends for one request at a time.
 
-Run as ``python3 -m worker._opener FD [--pdeathsig]``: the parent-death
-signal only when the broker started it from its main thread, since the
-kernel sends it when the starting *thread* ends (a pool's thread, say).
-Without it, EOF on the channel ends the opener when the broker dies.
+Run as ``python3 -m worker._opener FD [--pdeathsig]``: the broker always
+asks for the parent-death signal, since it starts the opener from a thread
+that lives as long as its process (``broker._parent``; the kernel sends the
+signal when the starting *thread* ends). EOF on the channel ends it too.
 """
 
 from __future__ import annotations
