@@ -725,21 +725,31 @@ def test_an_opener_started_on_a_thread_ends_with_its_broker(tree: Path) -> None:
     (its parent-death signal, and EOF on its channel)."""
     (tree / "out" / "log").write_bytes(b"")
     script = OPENER_ON_A_THREAD_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree))
+    assert not _outlives_its_killed_broker(script, 10.0), "the opener outlived its broker"
+
+
+def _outlives_its_killed_broker(script: str, seconds: float) -> bool:
+    """Run the broker ``script``, which prints the pid of one of its
+    processes, SIGKILL the broker, and say whether that process was still
+    alive ``seconds`` later (it is killed then)."""
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = -1
     try:
         assert proc.stdout is not None
-        opener = int(proc.stdout.readline())
-        assert alive(opener)
+        child = int(proc.stdout.readline())
+        assert alive(child)
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 10
-        while alive(opener) and time.monotonic() < deadline:
+        deadline = time.monotonic() + seconds
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not alive(opener)
+        return alive(child)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if child > 0 and alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 THREAD_SPAWN_SCRIPT = textwrap.dedent(
@@ -774,24 +784,7 @@ def test_a_worker_spawned_on_a_thread_that_ended_dies_with_its_broker(tree: Path
     child of the broker is started from a thread that lives as long as the
     broker's process (broker._parent)."""
     script = THREAD_SPAWN_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree), method=method)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    worker = -1
-    try:
-        assert proc.stdout is not None
-        worker = int(proc.stdout.readline())
-        assert alive(worker)
-        proc.kill()
-        proc.wait()
-        deadline = time.monotonic() + 5
-        while alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not alive(worker), "a busy worker outlived its broker"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if worker > 0 and alive(worker):
-            os.kill(worker, signal.SIGKILL)
+    assert not _outlives_its_killed_broker(script, 5.0), "a busy worker outlived its broker"
 
 
 def test_children_are_started_from_a_thread_that_lives_as_long_as_the_process() -> None:
