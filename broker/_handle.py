@@ -1422,7 +1422,9 @@ class WorkerHandle:
 
     def _stopped(self, status: int | None) -> WorkerExit:
         """Record the end of a worker that was asked to stop."""
-        ex = self._exit_of(status) if status is not None else WorkerExit("ok", "stopped")
+        if status is None:  # (not "exit status None": a zygote killed from outside, say)
+            return self._set_exit(WorkerExit("ok", "stopped; " + _unknown_end(self.spawn_method)))
+        ex = self._exit_of(status)
         if ex.kind == "ok":
             ex = WorkerExit("ok", f"stopped, exit status {ex.exit_code}", exit_code=ex.exit_code)
         if ex.kind != "ok" and ex.signal == signal.SIGKILL:

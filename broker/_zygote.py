@@ -620,6 +620,11 @@ class Zygote:
                 return None
             reply = self._chan.recv()
         except (OSError, ProtocolError):
+            reply = None
+        if reply is None:
+            # Gone (killed from outside; its workers died with it, which is why we ask): reaped
+            # now, not left a zombie of the broker until the next spawn or close().
+            self._kill_now()
             return None
         if type(reply) is dict and reply.get("t") == "status" and reply.get("pid") == pid:
             status = reply.get("status")

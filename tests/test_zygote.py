@@ -311,6 +311,35 @@ def test_a_dead_zygote_is_replaced_and_its_workers_end_cleanly(tree: Path) -> No
         assert fresh.ping() == "pong" and b._zygote is not zygote
 
 
+def test_a_zygote_killed_from_outside_is_reaped_when_its_workers_end_is_asked_for(tree: Path) -> None:
+    """Killed from outside (an administrator, the OOM killer), the zygote was
+    left a zombie of the broker until the next spawn or close(), even after
+    a call had found its worker dead and asked it how the worker ended."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        w, idle = b.spawn(Echo), b.spawn(Echo)
+        assert w.ping() == "pong"
+        assert b._zygote is not None
+        zygote = b._zygote._proc.pid
+        os.kill(zygote, signal.SIGKILL)  # (not waited for here: that is the broker's job)
+        deadline = time.monotonic() + 10
+        while _state(zygote) != "Z":  # dead, its workers sent their parent-death signal
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(WorkerCrashed, match="the zygote that reaps it"):
+            w.ping()
+        assert not os.path.exists(f"/proc/{zygote}"), _state(zygote)
+        # A stop() of another of its workers cannot know how that one ended either (it read
+        # "stopped, exit status None").
+        ended = idle.stop()
+        assert ended.kind == "ok" and ended.exit_code is None and ended.signal is None, ended
+        assert ended.reason.startswith("stopped; channel closed; exit status unknown: the zygote"), ended
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
     """A spare's answer waits in its own channel's queue until the next spawn
     takes it, so a plain fd count right after Broker() equals one after any
