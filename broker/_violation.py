@@ -48,6 +48,12 @@ _SOCK_FLAGS = ((int(socket.SOCK_NONBLOCK), "SOCK_NONBLOCK"), (int(socket.SOCK_CL
 _ARITY = {"socket": 3, "socketpair": 4, "kill": 2, "tkill": 2, "tgkill": 3, "rt_sigqueueinfo": 3,
           "rt_tgsigqueueinfo": 4, "pidfd_send_signal": 4, "clock_gettime": 2, "clock_getres": 2,
           "clock_nanosleep": 4, "timer_create": 3}
+_ARITY.update({"ptrace": 4, "process_vm_readv": 6, "process_vm_writev": 6, "pidfd_open": 2})
+# linux/ptrace.h (the requests a compromised worker would try first)
+_PTRACE_REQUESTS = {0: "PTRACE_TRACEME", 1: "PTRACE_PEEKTEXT", 2: "PTRACE_PEEKDATA", 4: "PTRACE_POKETEXT",
+                    5: "PTRACE_POKEDATA", 12: "PTRACE_GETREGS", 13: "PTRACE_SETREGS", 16: "PTRACE_ATTACH",
+                    17: "PTRACE_DETACH", 0x4206: "PTRACE_SEIZE", 0x4207: "PTRACE_INTERRUPT"}  # fmt: skip
+_PID_ARG = {"ptrace": 1, "process_vm_readv": 0, "process_vm_writev": 0, "pidfd_open": 0}
 _CLOCK_CALLS = frozenset({"clock_gettime", "clock_getres", "clock_nanosleep", "timer_create"})
 _CPU_CLOCKS = ("PROF", "VIRT", "SCHED", "FD")  # (the registers past them hold what was left there)
 _SIGNAL_ARG = {"kill": 1, "tkill": 1, "tgkill": 2, "rt_sigqueueinfo": 1, "rt_tgsigqueueinfo": 2, "pidfd_send_signal": 1}
@@ -71,15 +77,24 @@ def _named(name: str, i: int, value: int) -> str | None:
         clock = value - (1 << 32) if value < (1 << 32) else value - (1 << 64)
         whose = "thread" if clock & 4 else "process"
         return f"<{_CPU_CLOCKS[clock & 3]} CPU clock of {whose} {~(clock >> 3)}>"
+    if name == "ptrace" and i == 0:
+        return _PTRACE_REQUESTS.get(value)
+    if _PID_ARG.get(name) == i:
+        return _signed32(value)
     at = _SIGNAL_ARG.get(name)
     if at == i:
         try:
             return signal.Signals(value).name
         except ValueError:
             return None
-    if at is not None and i < at:  # a pid or tid, as the kernel reads it (an int)
-        return str(value - (1 << 32) if value & 0x80000000 and value < (1 << 32) else value)
+    if at is not None and i < at:
+        return _signed32(value)
     return None
+
+
+def _signed32(value: int) -> str:
+    """A pid or tid, as the kernel reads it (an int)."""
+    return str(value - (1 << 32) if value & 0x80000000 and value < (1 << 32) else value)
 
 
 def read_memory(pid: int, addr: int, size: int) -> bytes | None:

@@ -3,6 +3,7 @@ the zygote giving exactly the sandbox the other spawn methods give."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -263,6 +264,11 @@ class Dialer(Worker):
     def kill_init(self) -> None:
         os.kill(1, signal.SIGKILL)
 
+    @rpc
+    def attach(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(101, 16, 1, 0, 0)  # ptrace(PTRACE_ATTACH, init)
+
 
 def test_socket_and_signal_arguments_are_shown_by_name(tree: Path) -> None:
     """The report read 'socket(0x2, 0x80001)' and 'kill(0x1b7b, 0x9)' (a
@@ -274,6 +280,10 @@ def test_socket_and_signal_arguments_are_shown_by_name(tree: Path) -> None:
         with pytest.raises(PolicyViolation) as kill:
             b.spawn(Dialer).kill_init()
         assert str(kill.value).split("for syscall ")[1].startswith("kill(1, SIGKILL)")
+        w = b.spawn(Dialer)
+        with pytest.raises(PolicyViolation) as trace:
+            w.attach()  # (it read 'ptrace(0x10, 0x64e1, 0x0, 0x0, ...)'; a user trial)
+        assert str(trace.value).split("for syscall ")[1].startswith("ptrace(PTRACE_ATTACH, 1)")
 
 
 def test_socket_addresses_read_as_strace_shows_them() -> None:
