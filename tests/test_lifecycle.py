@@ -526,7 +526,11 @@ def test_a_spawn_the_broker_is_closed_under_says_so_and_leaves_nothing(tree: Pat
     got: list[object] = []
     t = threading.Thread(target=_spawn_into, args=(b, got, SlowSetup))
     t.start()
-    time.sleep(0.2)  # in setup()
+    deadline = time.monotonic() + 10
+    while not b._starting:  # started, its handshake to come (a fixed 0.2 s failed on a busy machine)
+        assert time.monotonic() < deadline and t.is_alive(), got
+        time.sleep(0.005)
+    time.sleep(0.05)  # in its setup() of 0.5 s
     b.close()
     t.join(10)
     (exc,) = got
