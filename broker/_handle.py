@@ -1227,11 +1227,12 @@ class WorkerHandle:
 
         self._broker._background.after_exit(pidfd, reap)
 
-    def _set_exit(self, ex: WorkerExit) -> WorkerExit:
+    def _set_exit(self, ex: WorkerExit, asked: bool = False) -> WorkerExit:
         """Record how the worker ended, once: the loop's thread (akill) and
         the executor thread answering a request for an awaited call may both
         learn of it. Returns the end recorded (``ex``, with the worker's last
-        words when they were read, or the end recorded before)."""
+        words when they were read, or the end recorded before). Logged as a
+        WARNING unless it is ok or ``asked`` (the program ended it)."""
         with self._exit_lock:
             if self.exit is not None:
                 return self.exit
@@ -1249,7 +1250,7 @@ class WorkerHandle:
         for name, value in list(self.__dict__.items()):
             if type(value) is functools.partial and value.func == self._call_known:
                 del self.__dict__[name]
-        level = logging.INFO if ex.kind == "ok" else logging.WARNING
+        level = logging.INFO if ex.kind == "ok" or asked else logging.WARNING
         if log.isEnabledFor(level):  # the same end, for a program reading the log (record.privsep)
             end = {"worker": self.id, "pid": self.pid, "class": self.cls.__qualname__, **dataclasses.asdict(ex)}
             log.log(level, "worker %s ended: %s (%s)", self.name, ex.kind, printable(ex.reason),
@@ -1382,15 +1383,55 @@ class WorkerHandle:
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
         if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None:
             ex = self._ending  # (kill() or stop() on another thread, while this call was in flight)
-        elif ex.kind == "signal" and ex.signal == signal.SIGKILL and self._maybe_oom():
-            assert self._cgroup is not None
-            limit = _size(self._cgroup.limit)
-            ex = WorkerExit("oom", f"killed by the OOM killer at its memory cgroup's limit ({limit})", signal=ex.signal)
+        else:
+            ex = self._outside_kill(ex)
         return self._set_exit(ex).error(self.name)
 
     def _maybe_oom(self) -> bool:
         """Was a SIGKILL the kernel's OOM killer, acting on the worker's memory cgroup?"""
         return self._cgroup is not None and self._cgroup.oom_killed()
+
+    def _outside_kill(self, ex: WorkerExit) -> WorkerExit:
+        """``ex``, or the OOM killer's end where its SIGKILL came from that."""
+        if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._maybe_oom():
+            assert self._cgroup is not None
+            limit = _size(self._cgroup.limit)
+            ex = WorkerExit("oom", f"killed by the OOM killer at its memory cgroup's limit ({limit})", signal=ex.signal)
+        return ex
+
+    def _own_end(self, status: int | None) -> WorkerExit:
+        """How a worker that ended without the broker's doing ended, by its status."""
+        if status is None:
+            return WorkerExit("crashed", _unknown_end(self.spawn_method))
+        return self._outside_kill(self._exit_of(status))
+
+    def _record_kill(self, ending: WorkerExit, status: int | None, ended_before: bool) -> None:
+        """Record the end of a worker the broker killed: as ``ending`` (its
+        reason), unless it had ended by itself first, its process gone before
+        the SIGKILL (``ended_before``) or its status another than that SIGKILL
+        (kill() of a worker that had called os._exit(3) read "killed by the
+        broker" with exit status 3). An end the program asked for is logged
+        as INFO, not as a WARNING."""
+        killed = status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        if ended_before or (status is not None and not killed):
+            self._set_exit(self._own_end(status))
+        else:
+            self._set_exit(dataclasses.replace(ending, signal=signal.SIGKILL if killed else None), asked=True)
+
+    def _ended_by_itself(self) -> bool:
+        """Has this worker ended while no call of the broker ran (killed from
+        outside, the OOM killer, a thread of its own that exited)? Then its end
+        is recorded (waiting for a call of another thread to end first). One
+        poll of its pidfd: a pool asks before each task, which would
+        otherwise fail on a worker that died while idle."""
+        if self.exit is not None:
+            return True
+        if self._pidfd < 0 or not ready_now(self._pidfd):
+            return False
+        with self._lock:
+            if self.exit is None:
+                self._set_exit(self._own_end(self._reap(0.0)))
+        return True
 
     # -- lifecycle --------------------------------------------------------
     def stop(self, timeout: float = 2.0) -> WorkerExit:
@@ -1521,7 +1562,8 @@ class WorkerHandle:
         if self._call_thread == threading.get_ident() and self._pending_call is None:
             # astop() of this loop holds the lock, waiting for the end it asked for: recorded here.
             return self._end_during_call(ending.kind, ending.reason)
-        if self._ending is None:  # (a call in flight records its end as this)
+        ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
+        if self._ending is None and not ended_before:  # (a call in flight records its end as this)
             self._ending = ending
         self._kill()
         try:
@@ -1545,8 +1587,7 @@ class WorkerHandle:
                     status = self._reap(5.0)
                 finally:
                     self._awaited = False
-                sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
-                self._set_exit(dataclasses.replace(self._ending or ending, signal=sig))
+                self._record_kill(self._ending or ending, status, ended_before)
             assert self.exit is not None
             return self.exit
         finally:
@@ -1571,7 +1612,10 @@ class WorkerHandle:
             return self.exit
         if self._call_thread == threading.get_ident():
             return self._end_during_call("signal", "killed by the broker")
-        self._ending = WorkerExit("signal", "killed by the broker", signal=signal.SIGKILL)
+        ending = WorkerExit("signal", "killed by the broker", signal=signal.SIGKILL)
+        ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
+        if not ended_before:  # (a call in flight records its end as this; one gone already, as it ended)
+            self._ending = ending
         self._kill()
         # A call in flight on another thread sees the channel end and records
         # the exit itself; its fds must not close under it.
@@ -1579,12 +1623,7 @@ class WorkerHandle:
             raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
         try:
             if self.exit is None:
-                status = self._reap(5.0)
-                self._set_exit(
-                    WorkerExit.from_status(status, kind="signal", reason="killed by the broker")
-                    if status is not None
-                    else WorkerExit("signal", "killed by the broker")
-                )
+                self._record_kill(ending, self._reap(5.0), ended_before)
             assert self.exit is not None
             return self.exit
         finally:
@@ -1595,10 +1634,9 @@ class WorkerHandle:
         call lock: awaited on the event loop (recording the exit wakes it) or
         interrupted by a signal handler. That call then raises the exit."""
         if self.exit is None:
+            ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
             self._kill()
-            status = self._reap(5.0)
-            sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
-            self._set_exit(WorkerExit(kind, reason, signal=sig))
+            self._record_kill(WorkerExit(kind, reason), self._reap(5.0), ended_before)
         assert self.exit is not None
         return self.exit
 

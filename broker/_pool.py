@@ -192,12 +192,13 @@ class WorkerPool(Executor):
         broker's ``close()`` does). The broker keeps the pool until its
         threads end, so that what is queued still runs at interpreter exit."""
         with self._lock:
-            if cancel_futures:
-                self._drain(cancel=True)
+            queued = self._take_queued() if cancel_futures else []
             if not self._shutdown:
                 self._shutdown = True
                 for _ in self._threads:
                     self._queue.put(None)
+        for fut in queued:  # (not under the lock: its done-callbacks run here, and may submit)
+            fut.cancel()
         if wait:
             for t in self._threads:
                 t.join()
@@ -227,19 +228,24 @@ class WorkerPool(Executor):
             raise TypeError(f"{fn!r} is not {self.cls.__name__}.{name}")
         return name
 
-    def _drain(self, cancel: bool, error: BaseException | None = None) -> None:
+    def _take_queued(self) -> list[Future[Any]]:
+        """Take every queued task off the queue (its end markers left)."""
+        taken: list[Future[Any]] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
+                return taken
             if item is None:
                 self._queue.put(None)
-                return
-            fut = item[0]
-            if cancel:
-                fut.cancel()
-            elif error is not None and fut.set_running_or_notify_cancel():
+                return taken
+            taken.append(item[0])
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """Fail every queued task with ``error`` (never under the lock: a
+        future's done-callbacks run here, and may submit)."""
+        for fut in self._take_queued():
+            if fut.set_running_or_notify_cancel():
                 fut.set_exception(error)
 
     def _ran(self, fut: Future[Any], handle: WorkerHandle) -> bool:
@@ -250,31 +256,48 @@ class WorkerPool(Executor):
             return ending is not None and ending.kind == "cancelled"
 
     def _handle_for(self, slot: int) -> WorkerHandle:
+        """The slot's worker for its next task: a new one in place of one that
+        ended (a crash, a kill from outside while it was idle: the task is not
+        sent to a dead worker), or PoolBroken."""
         handle = self._handles[slot]
-        if handle is not None and handle.alive:
-            return handle
-        if self._crashed[slot]:
-            self._crashed[slot] = False
-            with self._lock:
-                if self.restart == "never":
-                    self._broken = f"worker in slot {slot} ended and restart='never'"
-                elif self.max_restarts is not None and self.restarts >= self.max_restarts:
-                    self._broken = f"gave up after {self.restarts} restarts"
-                else:
-                    self.restarts += 1
+        if handle is not None:
+            if not handle._ended_by_itself():
+                return handle
+            self._retire(slot, handle, crashed=True)
+        with self._lock:
             if self._broken:
                 raise PoolBroken(self._broken)
+            if self._crashed[slot]:
+                self._crashed[slot] = False
+                self.restarts += 1
         handle = self._broker._spawn(self.cls, self.timeout)  # (called by name: no clash with its attributes)
         self._handles[slot] = handle
         return handle
 
     def _retire(self, slot: int, handle: WorkerHandle, crashed: bool) -> None:
+        """Let the slot's ended worker go. One that crashed with no restart
+        left (``restart="never"``, ``max_restarts``) breaks the pool now:
+        every queued task and every later submit raises PoolBroken."""
         assert handle.exit is not None
-        self._crashed[slot] = crashed
         self.exits.append(handle.exit)
         self.ended += 1
         self._handles[slot] = None
         log.info("pool %s slot %d: worker %s ended (%s)", self.cls.__name__, slot, handle.name, handle.exit.kind)
+        if not crashed:
+            return
+        with self._lock:
+            # (slots whose replacement is still to start count: two crashes at once must not
+            # both take the last restart)
+            due = self.restarts + sum(self._crashed)
+            if self.restart == "never":
+                self._broken = self._broken or f"worker in slot {slot} ended and restart='never'"
+            elif self.max_restarts is not None and due >= self.max_restarts:
+                self._broken = self._broken or f"gave up after {due} restarts"
+            else:
+                self._crashed[slot] = True
+            broken = self._broken
+        if broken:
+            self._fail_queued(PoolBroken(broken))
 
     def _slot(self, slot: int) -> None:
         try:
@@ -301,7 +324,7 @@ class WorkerPool(Executor):
                         self._abandoned.discard(fut)
                     fut.set_exception(exc)
                     if isinstance(exc, PoolBroken):
-                        self._drain(cancel=False, error=exc)
+                        self._fail_queued(exc)
                     continue
                 with self._lock:
                     abandoned = fut in self._abandoned
@@ -319,6 +342,10 @@ class WorkerPool(Executor):
                 except BaseException as exc:
                     del item, args, kwargs
                     cancelled = self._ran(fut, handle)
+                    if handle.exit is not None:
+                        # Retired before its caller hears: a pool with no restart left is broken by
+                        # then, and a submit made on hearing of the crash is refused.
+                        self._retire(slot, handle, crashed=True)
                     fut.set_exception(exc)
                 else:
                     del item, args, kwargs
@@ -336,7 +363,8 @@ class WorkerPool(Executor):
                             assert handle._ending is not None
                             handle._set_exit(handle._ending)
                 if handle.exit is not None:
-                    self._retire(slot, handle, crashed=True)
+                    if self._handles[slot] is handle:
+                        self._retire(slot, handle, crashed=True)
                 elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
                     self.max_rss is not None and (rss_bytes(handle.pid) or self.max_rss + 1) > self.max_rss
                 ):  # (a live worker whose memory cannot be read is past any bound)
@@ -349,7 +377,7 @@ class WorkerPool(Executor):
             with self._lock:
                 self._broken = self._broken or f"the thread of slot {slot} failed: {type(exc).__name__}: {exc}"
                 broken = PoolBroken(self._broken)
-            self._drain(cancel=False, error=broken)  # (the log has the traceback; the thread ends)
+            self._fail_queued(broken)  # (the log has the traceback; the thread ends)
         finally:
             handle_left = self._handles[slot]
             if handle_left is not None and handle_left.alive:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import gc
+import logging
 import math
 import os
 import pickle
@@ -1455,6 +1456,40 @@ class Ender(Sleeper):
     def exit_after(self, t: float, code: int) -> None:
         time.sleep(t)
         os._exit(code)
+
+
+class SelfEnder(Sleeper):
+    @rpc
+    def exit_soon(self, code: int) -> None:
+        """Exit with ``code`` a moment after this call has returned."""
+        threading.Thread(target=lambda: (time.sleep(0.05), os._exit(code)), daemon=True).start()
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
+def test_a_kill_of_a_worker_that_ended_by_itself_says_how_it_ended(
+    tree: Path, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill() and akill() of a worker that had already exited read "killed
+    by the broker" (kind signal, with exit status 3 and no signal). A kill
+    the program asked for is logged as INFO (it was a WARNING; a user trial)."""
+    caplog.set_level(logging.INFO, logger="privsep.broker")
+    with Broker(Policy(), root=tree, spawn=method) as b:
+        ends = []
+        for end in (lambda w: w.kill(), lambda w: asyncio.run(w.akill())):
+            w = b.spawn(SelfEnder)
+            w.exit_soon(3)
+            deadline = time.monotonic() + 10
+            while not select.select([w._pidfd], [], [], 0)[0]:  # (no call of ours sees it end)
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            ends.append(end(w))
+        for ended in ends:
+            assert (ended.kind, ended.exit_code, ended.signal) == ("crashed", 3, None), ended
+            assert ended.reason == "exited with status 3", ended
+        killed = b.spawn(SelfEnder).kill()  # (and one that was running is killed by the broker)
+        assert (killed.kind, killed.reason, killed.signal) == ("signal", "killed by the broker", signal.SIGKILL)
+    ended = [(r.levelname, r.privsep["reason"]) for r in caplog.records if hasattr(r, "privsep")]  # type: ignore[attr-defined]
+    assert ended == [("WARNING", "exited with status 3")] * 2 + [("INFO", "killed by the broker")], ended
 
 
 def test_no_fd_process_or_thread_leak_over_500_awaited_cycles(tree: Path) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import concurrent.futures
 import os
 import re
+import signal
+import threading
 import time
 from concurrent.futures import CancelledError, Executor, wait
 from pathlib import Path
@@ -114,6 +116,102 @@ def test_restart_never_breaks_the_pool(broker: Broker) -> None:
     with pytest.raises(concurrent.futures.BrokenExecutor):
         pool.submit(Calc.square, 1)
     pool.shutdown()
+
+
+def test_restart_never_breaks_the_pool_at_the_crash(broker: Broker) -> None:
+    """The tasks queued behind a crash fail at once with PoolBroken, as
+    every later submit does; they waited for the dead worker's slot to take
+    its next task, and meanwhile a task submitted after the crash was
+    accepted and ran on another worker (a conformance audit)."""
+    pool = broker.pool(Calc, size=2, restart="never")
+    assert pool.submit(Calc.square, 2).result(10) == 4
+    with pytest.raises(WorkerCrashed):
+        pool.submit(Calc.die).result(10)
+    with pytest.raises(PoolBroken, match="restart='never'"):
+        pool.submit(Calc.square, 1)  # (it ran on the other worker)
+    pool.shutdown()
+
+
+def test_restart_never_fails_the_queue_at_the_crash(broker: Broker) -> None:
+    pool = broker.pool(Calc, size=2, restart="never")
+    other = pool.submit(Calc.sleep, 1.0)  # holds the other worker while the queue waits
+    dying = pool.submit(Calc.die)
+    queued = [pool.submit(Calc.square, i) for i in range(4)]
+    with pytest.raises(WorkerCrashed):
+        dying.result(10)
+    done, _ = wait(queued, timeout=0.5)  # well before `other` frees its worker
+    assert len(done) == 4 and all(type(f.exception()) is PoolBroken for f in queued), queued
+    with pytest.raises(PoolBroken, match="restart='never'"):
+        pool.submit(Calc.square, 1)
+    assert other.result(10) == 1.0  # a task running elsewhere ends as it would have
+    pool.shutdown()
+
+
+@pytest.mark.parametrize("restart", ["always", "never"])
+def test_a_worker_killed_while_idle_is_not_handed_the_next_task(broker: Broker, restart: str) -> None:
+    """A pool worker killed from outside between tasks (an administrator,
+    the OOM killer) was given the next task, which failed with WorkerCrashed
+    even with restart="always" (a conformance audit)."""
+    with broker.pool(Calc, size=1, restart=restart) as pool:
+        first = pool.submit(Calc.pid).result(10)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{first}") and _state(first) != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        if restart == "always":
+            second = pool.submit(Calc.pid).result(10)
+            assert second != first and pool.restarts == 1
+        else:
+            with pytest.raises(PoolBroken, match="restart='never'"):
+                pool.submit(Calc.pid).result(10)
+        assert pool.ended == 1
+        assert (pool.exits[0].kind, pool.exits[0].signal) == ("signal", signal.SIGKILL), pool.exits[0]
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+@pytest.mark.parametrize("how", ["cancel_futures", "close"])
+def test_a_done_callback_may_submit_while_the_pool_cancels_its_queue(tmp_path: Path, how: str) -> None:
+    """The queue was cancelled under the pool's lock, and a queued future's
+    done-callback that submitted (or shut down) waited for that lock for
+    ever: shutdown(cancel_futures=True) and the broker's close() hung (a
+    conformance audit). It is told the pool is shut down, as
+    ProcessPoolExecutor's is."""
+    b = Broker(Policy(), root=tmp_path)
+    pool = b.pool(Calc, size=1)
+    running = pool.submit(Calc.sleep, 0.3)
+    queued = [pool.submit(Calc.square, i) for i in range(3)]
+    told: list[BaseException] = []
+
+    def resubmit(fut: concurrent.futures.Future[Any]) -> None:
+        try:
+            pool.submit(Calc.square, 1)
+        except BaseException as exc:
+            told.append(exc)
+        pool.shutdown(wait=False)
+
+    for fut in queued:
+        fut.add_done_callback(resubmit)
+    deadline = time.monotonic() + 10
+    while not running.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ender = threading.Thread(
+        target=b.close if how == "close" else lambda: pool.shutdown(wait=True, cancel_futures=True), daemon=True)
+    ender.start()
+    ender.join(15)
+    assert not ender.is_alive(), "deadlocked"
+    assert all(f.cancelled() for f in queued)
+    assert [str(e) for e in told] == ["cannot submit to a pool that was shut down"] * 3, told
+    assert running.result(5) == 0.3
+    b.close()
 
 
 def test_cancel_and_shutdown(broker: Broker) -> None:
