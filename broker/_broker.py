@@ -338,6 +338,10 @@ class Broker:
         if self._closed:
             return
         self._closed = True
+        self._close_rest(timeout)
+
+    def _close_rest(self, timeout: float) -> None:
+        """``close()`` once ``_closed`` is set (no spawn starts after that)."""
         for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
@@ -348,7 +352,13 @@ class Broker:
                 w._ending = WorkerExit("ok", "stopped by the broker's close() during a call")
             w._chan.try_send(STOP_MESSAGE)
         for w in workers:
-            w.stop(max(0.05, deadline - time.monotonic()))
+            try:
+                w.stop(max(0.05, deadline - time.monotonic()))
+            except RuntimeError as exc:
+                # Killed, but a call holds its handle for ever (awaited on an event loop closed
+                # without cancelling the task): the rest is closed all the same, never left
+                # running (an audit: the zygote and its spare were).
+                log.warning("close(): %s", exc)
         self._background.wait_idle(5.0)  # (workers killed during awaited calls: reaped before their zygote ends)
         self._background.shutdown()
         with self._spawn_lock:  # after a zygote spawn in progress; later ones see _closed
@@ -644,7 +654,10 @@ class Broker:
         return self
 
     async def __aexit__(self, exc_type: object, *exc: object) -> None:
-        await self.aclose(0.0 if exc_type is KeyboardInterrupt else 2.0)  # (see __exit__)
+        # (see __exit__) Under asyncio.run() a Ctrl-C reaches the block as the main task's
+        # cancel, and a task being cancelled is not to wait either: its calls' workers are killed.
+        leave_now = isinstance(exc_type, type) and issubclass(exc_type, (KeyboardInterrupt, asyncio.CancelledError))
+        await self.aclose(0.0 if leave_now else 2.0)
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """``close()`` for asyncio: the workers are stopped together and their
@@ -657,13 +670,21 @@ class Broker:
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())
-        await asyncio.gather(*(w.astop(timeout) for w in workers), return_exceptions=True)
-        # Workers still being reaped by the background thread: polled, with no thread of the loop's
-        # default executor (the program's, which it may fill: aclose() waited for one to come free).
-        deadline, pause = time.monotonic() + 5.0, 0.001
-        while not self._background.wait_idle(0) and time.monotonic() < deadline:
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.02)
+        try:
+            await asyncio.gather(*(w.astop(timeout) for w in workers), return_exceptions=True)
+            # Workers still being reaped by the background thread: polled, with no thread of the loop's
+            # default executor (the program's, which it may fill: aclose() waited for one to come free).
+            deadline, pause = time.monotonic() + 5.0, 0.001
+            while not self._background.wait_idle(0) and time.monotonic() < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.02)
+        except BaseException:
+            # Cancelled (a timeout around `async with`): the broker is closed all the same, its
+            # workers killed, on a thread of its own (it left the broker open, spawning; an audit).
+            if not self._closed:
+                self._closed = True
+                threading.Thread(target=self._close_rest, args=(0.0,), name="privsep-close", daemon=True).start()
+            raise
         self.close(timeout)  # the rest; a worker that would not stop is dealt with here
 
     def _start(

@@ -1381,11 +1381,13 @@ class WorkerHandle:
             ex = dataclasses.replace(self._ending, exit_code=ex.exit_code)  # (stopped by the broker's close())
         elif ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
-        if ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None:
+        asked = ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None
+        if asked:
+            assert self._ending is not None
             ex = self._ending  # (kill() or stop() on another thread, while this call was in flight)
         else:
             ex = self._outside_kill(ex)
-        return self._set_exit(ex).error(self.name)
+        return self._set_exit(ex, asked=asked).error(self.name)
 
     def _maybe_oom(self) -> bool:
         """Was a SIGKILL the kernel's OOM killer, acting on the worker's memory cgroup?"""
@@ -1456,14 +1458,21 @@ class WorkerHandle:
         try:
             if self.exit is not None:
                 return self.exit
+            ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
             self._chan.try_send(STOP_MESSAGE)
-            return self._stopped(self._reap(timeout))
+            return self._stopped(self._reap(timeout), ended_before)
         finally:
             self._lock.release()
 
-    def _stopped(self, status: int | None) -> WorkerExit:
-        """Record the end of a worker that was asked to stop."""
-        if status is None:  # (not "exit status None": a zygote killed from outside, say)
+    def _stopped(self, status: int | None, ended_before: bool) -> WorkerExit:
+        """Record the end of a worker that was asked to stop. One whose process
+        had ended before (``ended_before``), other than by exiting 0 (a stop
+        the broker's close() sent first), ended by itself: killed from outside
+        or by the OOM killer, say (it read "stopped (killed after the grace
+        period)" when no grace had run; red-team round 30)."""
+        if ended_before and status != 0:
+            return self._set_exit(self._own_end(status))
+        if status is None:  # (not "exit status None": its zygote killed from outside, say)
             return self._set_exit(WorkerExit("ok", "stopped; " + _unknown_end(self.spawn_method)))
         ex = self._exit_of(status)
         if ex.kind == "ok":
@@ -1515,6 +1524,7 @@ class WorkerHandle:
             self._call_thread = threading.get_ident()
             self._awaited = True
             try:
+                ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
                 self._chan.try_send(STOP_MESSAGE)
                 try:
                     if not await self._exited(timeout):
@@ -1529,7 +1539,7 @@ class WorkerHandle:
                         self._set_exit(WorkerExit("ok", "stopped (killed: its astop() was cancelled)",
                                                   signal=signal.SIGKILL))
                     raise
-                return self._stopped(self._reap(0.0))
+                return self._stopped(self._reap(0.0), ended_before)
             finally:
                 self._awaited = False
                 self._call_thread = None

@@ -279,23 +279,26 @@ class WorkerPool(Executor):
         left (``restart="never"``, ``max_restarts``) breaks the pool now:
         every queued task and every later submit raises PoolBroken."""
         assert handle.exit is not None
+        self._handles[slot] = None
+        broken = None
+        if crashed:
+            with self._lock:
+                # (slots whose replacement is still to start count: two crashes at once must not
+                # both take the last restart)
+                due = self.restarts + sum(self._crashed)
+                if self.restart == "never":
+                    self._broken = self._broken or f"worker in slot {slot} ended and restart='never'"
+                elif self.max_restarts is not None and due >= self.max_restarts:
+                    self._broken = self._broken or (
+                        f"worker in slot {slot} ended with no restart left (max_restarts={self.max_restarts}: "
+                        f"{self.restarts} made, {due - self.restarts} more due)")
+                else:
+                    self._crashed[slot] = True
+                broken = self._broken
+        # Counted once the pool's state says what the end did to it (a reader of `ended` sees it).
         self.exits.append(handle.exit)
         self.ended += 1
-        self._handles[slot] = None
         log.info("pool %s slot %d: worker %s ended (%s)", self.cls.__name__, slot, handle.name, handle.exit.kind)
-        if not crashed:
-            return
-        with self._lock:
-            # (slots whose replacement is still to start count: two crashes at once must not
-            # both take the last restart)
-            due = self.restarts + sum(self._crashed)
-            if self.restart == "never":
-                self._broken = self._broken or f"worker in slot {slot} ended and restart='never'"
-            elif self.max_restarts is not None and due >= self.max_restarts:
-                self._broken = self._broken or f"gave up after {due} restarts"
-            else:
-                self._crashed[slot] = True
-            broken = self._broken
         if broken:
             self._fail_queued(PoolBroken(broken))
 
@@ -316,60 +319,51 @@ class WorkerPool(Executor):
                 if not fut.set_running_or_notify_cancel():
                     del item, args, kwargs
                     continue
-                try:
-                    handle = self._handle_for(slot)
-                except BaseException as exc:
-                    del item, args, kwargs
+                seconds = self.timeout if timeout is _POOLS else cast("float | None", timeout)
+                while True:  # (again only for a worker that ended before the call was sent)
+                    try:
+                        handle = self._handle_for(slot)
+                    except BaseException as exc:
+                        del item, args, kwargs
+                        with self._lock:
+                            self._abandoned.discard(fut)
+                        fut.set_exception(exc)
+                        if isinstance(exc, PoolBroken):
+                            self._fail_queued(exc)
+                        break
                     with self._lock:
-                        self._abandoned.discard(fut)
-                    fut.set_exception(exc)
-                    if isinstance(exc, PoolBroken):
-                        self._fail_queued(exc)
-                    continue
-                with self._lock:
-                    abandoned = fut in self._abandoned
+                        abandoned = fut in self._abandoned
+                        if abandoned:
+                            self._abandoned.discard(fut)
+                        else:
+                            self._running[fut] = handle
                     if abandoned:
-                        self._abandoned.discard(fut)
+                        del item, args, kwargs
+                        fut.set_exception(CancelledError())
+                        break
+                    sent = handle.calls
+                    try:
+                        result = handle._call(method, args, kwargs, seconds, outputs)
+                    except BaseException as exc:
+                        cancelled = self._ran(fut, handle)
+                        if handle.exit is not None and handle.calls == sent and not cancelled:
+                            # Ended before the call was sent (a kill() of another thread, after
+                            # _handle_for looked): the task never ran, and goes to the next worker.
+                            self._retire(slot, handle, crashed=True)
+                            continue
+                        del item, args, kwargs
+                        if handle.exit is not None:
+                            # Retired before its caller hears: a pool with no restart left is broken by
+                            # then, and a submit made on hearing of the crash is refused.
+                            self._retire(slot, handle, crashed=True)
+                        fut.set_exception(exc)
                     else:
-                        self._running[fut] = handle
-                if abandoned:
-                    del item, args, kwargs
-                    fut.set_exception(CancelledError())
-                    continue
-                try:
-                    seconds = self.timeout if timeout is _POOLS else cast("float | None", timeout)
-                    result = handle._call(method, args, kwargs, seconds, outputs)
-                except BaseException as exc:
-                    del item, args, kwargs
-                    cancelled = self._ran(fut, handle)
-                    if handle.exit is not None:
-                        # Retired before its caller hears: a pool with no restart left is broken by
-                        # then, and a submit made on hearing of the crash is refused.
-                        self._retire(slot, handle, crashed=True)
-                    fut.set_exception(exc)
-                else:
-                    del item, args, kwargs
-                    cancelled = self._ran(fut, handle)
-                    fut.set_result(result)
-                    del result
-                with self._lock:
-                    self._abandoned.discard(fut)  # (a cancel between the two steps above)
-                if cancelled and handle.exit is None:
-                    # A cancel that came as its call ended: it may be dying; ended here, not reused.
-                    with handle._lock:
-                        if handle.exit is None:
-                            handle._kill()
-                            handle._reap(5.0)
-                            assert handle._ending is not None
-                            handle._set_exit(handle._ending)
-                if handle.exit is not None:
-                    if self._handles[slot] is handle:
-                        self._retire(slot, handle, crashed=True)
-                elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
-                    self.max_rss is not None and (rss_bytes(handle.pid) or self.max_rss + 1) > self.max_rss
-                ):  # (a live worker whose memory cannot be read is past any bound)
-                    handle.stop()
-                    self._retire(slot, handle, crashed=False)
+                        del item, args, kwargs
+                        cancelled = self._ran(fut, handle)
+                        fut.set_result(result)
+                        del result
+                    self._after_task(slot, fut, handle, cancelled)
+                    break
         except BaseException as exc:
             # A bug, not a worker's end: say so to every future still queued
             # rather than leave them waiting for a thread that is gone.
@@ -382,6 +376,29 @@ class WorkerPool(Executor):
             handle_left = self._handles[slot]
             if handle_left is not None and handle_left.alive:
                 handle_left.stop()
+
+    def _after_task(self, slot: int, fut: Future[Any], handle: WorkerHandle, cancelled: bool) -> None:
+        """Retire the worker that ran a task if it ended, or is due to be recycled."""
+        with self._lock:
+            self._abandoned.discard(fut)  # (a cancel between the two steps above)
+        if cancelled and handle.exit is None:
+            # A cancel that came as its call ended: it may be dying; ended here, not reused.
+            with handle._lock:
+                if handle.exit is None:
+                    handle._kill()
+                    handle._reap(5.0)
+                    assert handle._ending is not None
+                    handle._set_exit(handle._ending, asked=True)
+        if handle.exit is not None:
+            if self._handles[slot] is handle:
+                self._retire(slot, handle, crashed=True)
+        elif (self.recycle_after is not None and handle.calls >= self.recycle_after) or (
+            self.max_rss is not None and (rss_bytes(handle.pid) or self.max_rss + 1) > self.max_rss
+        ):  # (a live worker whose memory cannot be read is past any bound)
+            # One that ended by itself meanwhile (right after answering) is a crash, not a recycle:
+            # it counts against restart= and max_restarts (red-team round 30).
+            ended = handle.stop()
+            self._retire(slot, handle, crashed=ended.kind != "ok")
 
 
 class PoolView(Executor):

@@ -2216,3 +2216,53 @@ def test_aspawn_waits_for_another_threads_spawn_without_blocking_the_loop(tree: 
         w = asyncio.run(main(b, b._spawn_lock if held == "spawn lock" else b._zygote._lock))
         assert w.exit is None
     assert max(gaps) < 0.25, max(gaps)
+
+
+def test_a_cancelled_aclose_still_closes_the_broker(tree: Path) -> None:
+    """A timeout around `async with Broker` that fired during aclose()'s grace
+    for a call in flight left the broker open: its zygote ran on, and a
+    later aspawn() worked (an audit)."""
+
+    async def main() -> int:
+        b = await Broker.astart(Policy(), root=tree)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                async with b:
+                    w = await b.aspawn(AsyncJob)
+                    busy = asyncio.ensure_future(w.aio.nap(10))
+                    await asyncio.sleep(0.1)  # (left with the call in flight: aclose() gives it 2 s)
+        assert b._closed
+        with pytest.raises(RuntimeError, match="broker is closed"):
+            await b.aspawn(AsyncJob)
+        with pytest.raises(WorkerCrashed):
+            await busy
+        return w.pid
+
+    pid = asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while _children() and time.monotonic() < deadline:  # the zygote, its spare, the worker: all ended
+        time.sleep(0.02)
+    assert _children() == [] and _gone(pid)
+
+
+def test_ctrl_c_under_asyncio_run_leaves_async_with_broker_at_once(tree: Path) -> None:
+    """asyncio.run() turns a Ctrl-C into a cancel of the main task, so `async
+    with Broker` was left by CancelledError, not KeyboardInterrupt, and gave
+    a call of another task its 2 s grace (an audit: 2.0 s to exit)."""
+    left: list[float] = []
+
+    async def main() -> None:
+        async with await Broker.astart(Policy(), root=tree) as b:
+            w = await b.aspawn(AsyncJob)
+            busy = asyncio.ensure_future(w.aio.nap(10))  # (another task's call: aclose() gave it grace)
+            await asyncio.sleep(0.1)
+            assert not busy.done()
+            try:
+                signal.raise_signal(signal.SIGINT)  # (asyncio.run's handler cancels this task)
+                await asyncio.sleep(10)
+            finally:
+                left.append(time.monotonic())
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    assert time.monotonic() - left[0] < 1.0, time.monotonic() - left[0]

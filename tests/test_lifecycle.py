@@ -1492,6 +1492,55 @@ def test_a_kill_of_a_worker_that_ended_by_itself_says_how_it_ended(
     assert ended == [("WARNING", "exited with status 3")] * 2 + [("INFO", "killed by the broker")], ended
 
 
+@pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
+def test_a_stop_of_a_worker_killed_from_outside_says_so(tree: Path, method: str) -> None:
+    """stop(), astop() and the broker's close() of a worker SIGKILLed from
+    outside while idle (an administrator, the OOM killer) read "stopped
+    (killed after the grace period)", kind ok, though no grace ran (red-team
+    round 30). A kill() the program made during another thread's call is
+    logged as INFO, as one made between calls is."""
+    b = Broker(Policy(), root=tree, spawn=method)
+    try:
+        ends = []
+        for end in (lambda w: w.stop(), lambda w: asyncio.run(w.astop()), lambda w: (b.close(), w.exit)[1]):
+            w = b.spawn(Sleeper)
+            assert w.ping() == "pong"
+            os.kill(w.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not select.select([w._pidfd], [], [], 0)[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            ends.append(end(w))
+        for ended in ends:
+            assert (ended.kind, ended.reason, ended.signal) == ("signal", "killed by SIGKILL", signal.SIGKILL), ended
+    finally:
+        b.close()
+
+
+def test_a_kill_during_another_threads_call_is_logged_as_asked(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="privsep.broker")
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Sleeper)
+        got: list[BaseException] = []
+
+        def call() -> None:
+            with pytest.raises(WorkerCrashed) as crashed:
+                w.sleep(30)
+            got.append(crashed.value)
+
+        t = threading.Thread(target=call)
+        t.start()
+        deadline = time.monotonic() + 10
+        while w._pending_call is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        ended = w.kill()
+        t.join(10)
+    assert (ended.kind, ended.reason) == ("signal", "killed by the broker") and len(got) == 1
+    levels = [r.levelname for r in caplog.records if getattr(r, "privsep", {}).get("worker") == w.id]
+    assert levels == ["INFO"], levels
+
+
 def test_no_fd_process_or_thread_leak_over_500_awaited_cycles(tree: Path) -> None:
     """The soak's asyncio counterpart: 500 workers spawned and called on an
     event loop, then ended in turn by akill(), astop(), a crash the awaited

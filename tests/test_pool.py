@@ -147,6 +147,70 @@ def test_restart_never_fails_the_queue_at_the_crash(broker: Broker) -> None:
     pool.shutdown()
 
 
+@pytest.mark.parametrize("options", [{"restart": "never"}, {"max_restarts": 0}])
+def test_a_worker_that_ends_as_it_is_recycled_is_a_crash(
+    broker: Broker, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that ended between its answer and the recycle (killed from
+    outside, here as the pool reads its memory) was stopped, "stopped
+    (killed after the grace period)", and retired as recycled:
+    restart="never" and max_restarts never saw the crash (red-team round 30;
+    there a worker that exited right after answering)."""
+    read = _pool.rss_bytes
+
+    def killed_as_it_is_read(pid: int) -> int | None:
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+            time.sleep(0.001)
+        return read(pid)
+
+    monkeypatch.setattr(_pool, "rss_bytes", killed_as_it_is_read)
+    with broker.pool(Calc, size=1, max_rss=1 << 40, **options) as pool:
+        assert pool.submit(Calc.square, 3).result(10) == 9
+        deadline = time.monotonic() + 10
+        while pool.ended == 0:  # (its end is seen after its answer was given)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(PoolBroken, match=r"restart='never'|no restart left"):
+            pool.submit(Calc.square, 2).result(10)
+        assert [(e.kind, e.signal) for e in pool.exits] == [("signal", signal.SIGKILL)], pool.exits
+        assert pool.restarts == 0
+
+
+def test_max_restarts_says_what_it_gave_up_on(broker: Broker) -> None:
+    with broker.pool(Calc, size=1, max_restarts=1) as pool:
+        for _ in range(2):
+            with pytest.raises(WorkerCrashed):
+                pool.submit(Calc.die).result(10)
+        with pytest.raises(PoolBroken) as broken:
+            pool.submit(Calc.square, 2)
+        assert str(broken.value) == "worker in slot 0 ended with no restart left (max_restarts=1: 1 made, 0 more due)"
+        assert pool.restarts == 1
+
+
+def test_a_task_goes_to_a_new_worker_if_its_own_is_killed_before_the_call_is_sent(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill() of the pool's worker from another thread, landing after the
+    slot had found it alive, failed the task ("has already ended (killed by
+    the broker)") in 25 of 30 runs (red-team round 30). The window is forced
+    here: the worker is killed as the slot finds it alive."""
+    with broker.pool(Calc, size=1) as pool:
+        assert pool.submit(Calc.square, 2).result(10) == 4
+        first = pool.workers[0]
+        looked = first._ended_by_itself
+
+        def killed_as_it_looks() -> bool:
+            alive = not looked()
+            first.kill()
+            return not alive
+
+        monkeypatch.setattr(first, "_ended_by_itself", killed_as_it_looks)
+        assert pool.submit(Calc.pid).result(10) not in (None, first.pid)
+        assert first.exit is not None and first.exit.reason == "killed by the broker"
+        assert pool.ended == 1 and pool.restarts == 1
+
+
 @pytest.mark.parametrize("restart", ["always", "never"])
 def test_a_worker_killed_while_idle_is_not_handed_the_next_task(broker: Broker, restart: str) -> None:
     """A pool worker killed from outside between tasks (an administrator,
