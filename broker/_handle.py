@@ -1761,16 +1761,16 @@ async def _off_loop(
     end (it is not interruptible), then is raised, after ``undo(result)``
     when the work succeeded (what it made is the caller's, who is not told)."""
     done = asyncio.get_running_loop().run_in_executor(threads, work)
-    cancelled = False
+    cancelled: tuple[Any, ...] | None = None  # the cancel's args (its message), not the exception: no cycle
     while not done.done():
         try:
             await asyncio.wait({done})
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc.args
+    if cancelled is not None:
         if undo is not None and done.exception() is None:
             undo(done.result())
-        raise asyncio.CancelledError
+        raise asyncio.CancelledError(*cancelled)
     return done.result()
 
 

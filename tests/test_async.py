@@ -2266,3 +2266,22 @@ def test_ctrl_c_under_asyncio_run_leaves_async_with_broker_at_once(tree: Path) -
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(main())
     assert time.monotonic() - left[0] < 1.0, time.monotonic() - left[0]
+
+
+def test_a_cancel_during_off_loop_work_keeps_its_message(tree: Path) -> None:
+    """task.cancel("...") landing while a big argument was packed on a broker
+    thread raised a CancelledError without its message (an audit)."""
+
+    async def main() -> tuple[Any, ...]:
+        async with await Broker.astart(Policy(), root=tree) as b:
+            w = await b.aspawn(AsyncJob)
+            task = asyncio.ensure_future(w.aio.write("never", b"a" * (40 << 20)))
+            await asyncio.sleep(0.002)  # (40 MiB take about 90 ms to pack and copy)
+            task.cancel("client went away")
+            try:
+                await task
+            except asyncio.CancelledError as exc:
+                return exc.args
+            return ()
+
+    assert asyncio.run(main()) == ("client went away",)
