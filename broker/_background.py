@@ -13,10 +13,22 @@ import os
 import select
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 log = logging.getLogger("privsep.broker")
 _OFFLOAD_THREADS = 4
+_T = TypeVar("_T")
+
+
+class _OneShot(ThreadPoolExecutor):
+    """An executor whose thread ends once the work submitted to it is done
+    (shut down as it is submitted): for work asked of a closed broker."""
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        fut = super().submit(fn, *args, **kwargs)
+        self.shutdown(wait=False)
+        return fut
 
 
 class Background:
@@ -31,6 +43,7 @@ class Background:
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._status: ThreadPoolExecutor | None = None
+        self._shut = False  # shutdown() was called: the broker is closed
 
     def after_exit(self, pidfd: int, then: Callable[[], None]) -> None:
         """Run ``then`` once the process of ``pidfd`` has ended. Takes
@@ -51,6 +64,8 @@ class Background:
         the loop's default executor, which the program may fill (a kill() run
         there waits for the call, which would wait for a free thread)."""
         with self._lock:
+            if self._shut:
+                return _OneShot(1, thread_name_prefix="privsep-offload")
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(_OFFLOAD_THREADS, thread_name_prefix="privsep-offload")
             return self._executor
@@ -60,13 +75,19 @@ class Background:
         anyway), apart from ``executor()``: a commit copying gigabytes there
         held an astop() a second (red-team round 22)."""
         with self._lock:
+            if self._shut:
+                return _OneShot(1, thread_name_prefix="privsep-status")
             if self._status is None:
                 self._status = ThreadPoolExecutor(1, thread_name_prefix="privsep-status")
             return self._status
 
     def shutdown(self) -> None:
-        """Let the executors' threads go once their work is done."""
+        """Let the executors' threads go once their work is done. Work asked
+        for later (an aspawn() racing the close, to be refused) gets a thread
+        that ends with it: a new executor kept here was never shut down, one
+        thread left per closed broker (red-team round 31)."""
         with self._lock:
+            self._shut = True
             executors = (self._executor, self._status)
             self._executor = self._status = None
         for executor in executors:

@@ -77,7 +77,7 @@ from ._handle import (
 )
 from ._interp import checked_environ, child_env
 from ._logtext import bounded, printable, short_repr
-from ._loop import PerLoopLock
+from ._loop import PerLoopLock, ready_now
 from ._options import call_timeout as checked_call_timeout
 from ._options import count, rate, wait_timeout
 from ._outputs import PendingOutput
@@ -131,7 +131,11 @@ def _close_at_exit() -> None:
     finishes it (a Ctrl-C meanwhile gives it up), then every Broker of this
     process left open is closed, so its workers end and are waited for rather
     than orphaned."""
-    live = [b for b in list(_brokers) if not b._closed and b._pid == os.getpid()]
+    mine = [b for b in list(_brokers) if b._pid == os.getpid()]
+    for b in mine:  # a close left to a thread (a cancelled aclose()): finished, not cut off by the exit
+        if b._closed and not b._wait_closed(10.0):
+            log.warning("at exit: a Broker's close did not finish within 10 s")
+    live = [b for b in mine if not b._closed]
     try:
         for b in live:
             for pool in list(b._pools):
@@ -305,6 +309,8 @@ class Broker:
         self._cgroup_parent = cgroup_parent
         self._cgroups: CgroupSupport | None = None
         self._closed = False
+        self._close_done = threading.Event()  # set once a close has finished
+        self._closer: int | None = None  # the thread closing
         self._pid = os.getpid()
         _brokers.add(self)
         if spawn in ("zygote", "auto"):
@@ -336,20 +342,40 @@ class Broker:
         ``timeout``) and release the broker's directory fds."""
         timeout = wait_timeout(timeout, "timeout", zero=True)
         if self._closed:
+            self._wait_closed()
             return
         self._closed = True
         self._close_rest(timeout)
 
+    def _wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait for a close in progress (another thread's, or the one a
+        cancelled aclose() left to a thread) to finish: a close() that returns
+        has closed. Not on the closing thread itself (a callback it runs)."""
+        if self._closer == threading.get_ident():
+            return True
+        return self._close_done.wait(timeout)
+
     def _close_rest(self, timeout: float) -> None:
         """``close()`` once ``_closed`` is set (no spawn starts after that)."""
+        self._closer = threading.get_ident()
+        try:
+            self._close_workers_and_zygote(timeout)
+        finally:
+            self._closer = None
+            self._close_done.set()
+
+    def _close_workers_and_zygote(self, timeout: float) -> None:
         for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())
         deadline = time.monotonic() + timeout
         for w in workers:
+            if w._pidfd >= 0 and ready_now(w._pidfd):
+                continue  # ended by itself already: its stop() records how
             if w._ending is None:  # (a worker mid-call that reads the stop in a request's place ends then)
                 w._ending = WorkerExit("ok", "stopped by the broker's close() during a call")
+            w._stop_sent = True
             w._chan.try_send(STOP_MESSAGE)
         for w in workers:
             try:
@@ -400,7 +426,10 @@ class Broker:
         self._background.forked_copy()
         self._resolver.after_fork()
         parent, self._pid = self._pid, os.getpid()
+        self._closer = None  # (a close of the parent's in progress is not this copy's to wait for)
+        self._close_done = threading.Event()
         if self._closed:
+            self._close_done.set()
             return
         reason = _forked_reason(parent)
         for pool in self._pools:
@@ -665,6 +694,10 @@ class Broker:
         ``timeout`` to finish. (Ending the zygote, the last step, is not.)"""
         timeout = wait_timeout(timeout, "timeout", zero=True)
         if self._closed:
+            pause = 0.001
+            while not self._wait_closed(0):  # (another's close in progress: polled, not waited for on the loop)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.02)
             return
         for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)

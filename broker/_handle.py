@@ -142,6 +142,7 @@ class WorkerHandle:
         self._reap_lock = threading.Lock()
         self._status: Any = _NOTHING
         self._undelivered = False  # the call's send found the channel's end
+        self._stop_sent = False  # the broker's close() has sent the stop message
         self._may_fork = False  # it may have processes of its own, in its process group
         self._chan = chan
         # Out-of-band values (memfd blobs) only in what ends a call or a start: a request or
@@ -520,6 +521,8 @@ class WorkerHandle:
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             loop, fut, fds = waiting
+            if loop.is_closed():  # (closed with the call's task kept: nobody waits, nothing is watched)
+                return
             for fd in fds:
                 loop.remove_reader(fd)
             if not fut.done():
@@ -614,7 +617,8 @@ class WorkerHandle:
             self._drains.clear()
             raise
         self._pending_call = cid
-        self.calls += 1
+        if not self._undelivered:  # (one that never reached the worker never ran: a pool sends it again)
+            self.calls += 1
         return cid, deadline
 
     def _early_answer(self, cid: int) -> tuple[Any, _Received | None]:
@@ -1458,7 +1462,8 @@ class WorkerHandle:
         try:
             if self.exit is not None:
                 return self.exit
-            ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
+            # (the broker's close() sent its stop first: an exit 0 since then obeyed it)
+            ended_before = not self._stop_sent and self._pidfd >= 0 and ready_now(self._pidfd)
             self._chan.try_send(STOP_MESSAGE)
             return self._stopped(self._reap(timeout), ended_before)
         finally:
@@ -1466,11 +1471,11 @@ class WorkerHandle:
 
     def _stopped(self, status: int | None, ended_before: bool) -> WorkerExit:
         """Record the end of a worker that was asked to stop. One whose process
-        had ended before (``ended_before``), other than by exiting 0 (a stop
-        the broker's close() sent first), ended by itself: killed from outside
-        or by the OOM killer, say (it read "stopped (killed after the grace
-        period)" when no grace had run; red-team round 30)."""
-        if ended_before and status != 0:
+        had ended before it was asked (``ended_before``) ended by itself:
+        killed from outside or by the OOM killer, say (it read "stopped
+        (killed after the grace period)" when no grace had run; red-team
+        round 30), or by its own exit."""
+        if ended_before:
             return self._set_exit(self._own_end(status))
         if status is None:  # (not "exit status None": its zygote killed from outside, say)
             return self._set_exit(WorkerExit("ok", "stopped; " + _unknown_end(self.spawn_method)))

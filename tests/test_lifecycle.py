@@ -1517,6 +1517,50 @@ def test_a_stop_of_a_worker_killed_from_outside_says_so(tree: Path, method: str)
         b.close()
 
 
+def test_close_on_the_thread_of_a_closed_loop_ends_a_call_that_loop_left(
+    tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An awaited call whose loop was closed with its task kept can never end.
+    close() on that loop's thread then stopped half way: "Event loop is
+    closed" at taking the call's fds off the loop, the handle kept among the
+    broker's workers with its fds open (red-team round 31)."""
+    b = Broker(Policy(), root=tree)
+    w = b.spawn(Sleeper)
+    loop = asyncio.new_event_loop()
+
+    async def start() -> asyncio.Future[Any]:
+        return asyncio.ensure_future(w.aio.sleep(100))
+
+    kept = loop.run_until_complete(start())
+    loop.run_until_complete(asyncio.sleep(0.2))
+    loop.close()
+    b.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert w.exit is not None and w.exit.reason == "stopped during a call (killed)", w.exit
+    assert b.workers == [] and (w._chan.fileno(), w._pidfd, w._notify_fd, w._stderr_fd) == (-1, -1, -1, -1)
+    del kept
+
+
+def test_a_stop_of_a_worker_that_exited_by_itself_says_so(tree: Path) -> None:
+    """stop(), astop() and close() of a worker that had exited 0 by itself
+    read "stopped, exit status 0", as though they had stopped it; kill() and
+    a call said it had ended by itself (red-team round 31)."""
+    b = Broker(Policy(), root=tree)
+    try:
+        ends = []
+        for end in (lambda w: w.stop(), lambda w: asyncio.run(w.astop()), lambda w: (b.close(), w.exit)[1]):
+            w = b.spawn(SelfEnder)
+            w.exit_soon(0)
+            deadline = time.monotonic() + 10
+            while not select.select([w._pidfd], [], [], 0)[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            ends.append(end(w))
+        assert [(e.kind, e.reason) for e in ends] == [("ok", "exited with status 0")] * 3, ends
+    finally:
+        b.close()
+
+
 def test_a_kill_during_another_threads_call_is_logged_as_asked(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="privsep.broker")
     with Broker(Policy(), root=tree) as b:
