@@ -716,7 +716,11 @@ class Broker:
             # workers killed, on a thread of its own (it left the broker open, spawning; an audit).
             if not self._closed:
                 self._closed = True
-                threading.Thread(target=self._close_rest, args=(0.0,), name="privsep-close", daemon=True).start()
+                closer = threading.Thread(target=self._close_rest, args=(0.0,), name="privsep-close", daemon=True)
+                try:
+                    closer.start()
+                except RuntimeError:  # (no thread to be had, at interpreter exit: closed here)
+                    self._close_rest(0.0)
             raise
         self.close(timeout)  # the rest; a worker that would not stop is dealt with here
 
