@@ -1458,6 +1458,14 @@ class Ender(Sleeper):
         os._exit(code)
 
 
+def _wait_for_its_end(w: WorkerHandle) -> None:
+    """Until the worker's process has ended (its pidfd readable)."""
+    deadline = time.monotonic() + 10
+    while not select.select([w._pidfd], [], [], 0)[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 class SelfEnder(Sleeper):
     @rpc
     def exit_soon(self, code: int) -> None:
@@ -1478,10 +1486,7 @@ def test_a_kill_of_a_worker_that_ended_by_itself_says_how_it_ended(
         for end in (lambda w: w.kill(), lambda w: asyncio.run(w.akill())):
             w = b.spawn(SelfEnder)
             w.exit_soon(3)
-            deadline = time.monotonic() + 10
-            while not select.select([w._pidfd], [], [], 0)[0]:  # (no call of ours sees it end)
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            _wait_for_its_end(w)  # (no call of ours sees it end)
             ends.append(end(w))
         for ended in ends:
             assert (ended.kind, ended.exit_code, ended.signal) == ("crashed", 3, None), ended
@@ -1506,10 +1511,7 @@ def test_a_stop_of_a_worker_killed_from_outside_says_so(tree: Path, method: str)
             w = b.spawn(Sleeper)
             assert w.ping() == "pong"
             os.kill(w.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while not select.select([w._pidfd], [], [], 0)[0]:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            _wait_for_its_end(w)  # (no call of ours sees it end)
             ends.append(end(w))
         for ended in ends:
             assert (ended.kind, ended.reason, ended.signal) == ("signal", "killed by SIGKILL", signal.SIGKILL), ended
@@ -1551,10 +1553,7 @@ def test_a_stop_of_a_worker_that_exited_by_itself_says_so(tree: Path) -> None:
         for end in (lambda w: w.stop(), lambda w: asyncio.run(w.astop()), lambda w: (b.close(), w.exit)[1]):
             w = b.spawn(SelfEnder)
             w.exit_soon(0)
-            deadline = time.monotonic() + 10
-            while not select.select([w._pidfd], [], [], 0)[0]:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            _wait_for_its_end(w)  # (no call of ours sees it end)
             ends.append(end(w))
         assert [(e.kind, e.reason) for e in ends] == [("ok", "exited with status 0")] * 3, ends
     finally:
