@@ -694,10 +694,7 @@ class Broker:
         ``timeout`` to finish. (Ending the zygote, the last step, is not.)"""
         timeout = wait_timeout(timeout, "timeout", zero=True)
         if self._closed:
-            pause = 0.001
-            while not self._wait_closed(0):  # (another's close in progress: polled, not waited for on the loop)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.02)
+            await self._closed_meanwhile()
             return
         for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
@@ -722,7 +719,17 @@ class Broker:
                 except RuntimeError:  # (no thread to be had, at interpreter exit: closed here)
                     self._close_rest(0.0)
             raise
+        if self._closed:  # (by another thread meanwhile)
+            await self._closed_meanwhile()
+            return
         self.close(timeout)  # the rest; a worker that would not stop is dealt with here
+
+    async def _closed_meanwhile(self) -> None:
+        """Wait on the loop, polling, for a close in progress elsewhere."""
+        pause = 0.001
+        while not self._wait_closed(0):
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     def _start(
         self,
