@@ -77,7 +77,7 @@ from ._handle import (
 )
 from ._interp import checked_environ, child_env
 from ._logtext import bounded, printable, short_repr
-from ._loop import PerLoopLock, ready_now
+from ._loop import PerLoopLock
 from ._options import call_timeout as checked_call_timeout
 from ._options import count, rate, wait_timeout
 from ._outputs import PendingOutput
@@ -371,7 +371,7 @@ class Broker:
             workers = list(self._workers.values())
         deadline = time.monotonic() + timeout
         for w in workers:
-            if w._pidfd >= 0 and ready_now(w._pidfd):
+            if w._ended_unasked():
                 continue  # ended by itself already: its stop() records how
             if w._ending is None:  # (a worker mid-call that reads the stop in a request's place ends then)
                 w._ending = WorkerExit("ok", "stopped by the broker's close() during a call")

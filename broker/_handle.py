@@ -142,7 +142,8 @@ class WorkerHandle:
         self._reap_lock = threading.Lock()
         self._status: Any = _NOTHING
         self._undelivered = False  # the call's send found the channel's end
-        self._stop_sent = False  # the broker's close() has sent the stop message
+        self._stop_sent = False  # the broker has sent the stop message (stop(), astop(), close())
+        self._sigkilled = False  # the broker has sent SIGKILL
         self._may_fork = False  # it may have processes of its own, in its process group
         self._chan = chan
         # Out-of-band values (memfd blobs) only in what ends a call or a start: a request or
@@ -1143,6 +1144,7 @@ class WorkerHandle:
     def _kill(self) -> None:
         if self._pidfd < 0:
             return  # reaped already
+        self._sigkilled = True
         try:
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -1419,10 +1421,20 @@ class WorkerHandle:
         broker" with exit status 3). An end the program asked for is logged
         as INFO, not as a WARNING."""
         killed = status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        if ended_before or (status is not None and not killed):
+        if status == 0 and self._stop_sent and not ended_before:  # (a stop that raced this kill ended it)
+            self._set_exit(WorkerExit("ok", "stopped, exit status 0", exit_code=0))
+        elif ended_before or (status is not None and not killed):
             self._set_exit(self._own_end(status))
         else:
             self._set_exit(dataclasses.replace(ending, signal=signal.SIGKILL if killed else None), asked=True)
+
+    def _ended_unasked(self) -> bool:
+        """Has the process ended though the broker asked it nothing (no stop
+        message, no SIGKILL)? Then it ended by itself, or from outside. One
+        the broker asked ended as asked, also where two end requests race
+        (the second found the first's SIGKILL done and read it as an outside
+        kill; red-team round 32)."""
+        return not (self._stop_sent or self._sigkilled) and self._pidfd >= 0 and ready_now(self._pidfd)
 
     def _ended_by_itself(self) -> bool:
         """Has this worker ended while no call of the broker ran (killed from
@@ -1436,7 +1448,11 @@ class WorkerHandle:
             return False
         with self._lock:
             if self.exit is None:
-                self._set_exit(self._own_end(self._reap(0.0)))
+                status = self._reap(0.0)
+                if self._sigkilled and self._ending is not None:  # (a kill() of another thread, mid-way)
+                    self._record_kill(self._ending, status, ended_before=False)
+                else:
+                    self._set_exit(self._own_end(status))
         return True
 
     # -- lifecycle --------------------------------------------------------
@@ -1463,20 +1479,30 @@ class WorkerHandle:
             if self.exit is not None:
                 return self.exit
             # (the broker's close() sent its stop first: an exit 0 since then obeyed it)
-            ended_before = not self._stop_sent and self._pidfd >= 0 and ready_now(self._pidfd)
+            ended_before, before = self._ended_unasked(), (self._ending, self._sigkilled)
+            self._stop_sent = True
             self._chan.try_send(STOP_MESSAGE)
-            return self._stopped(self._reap(timeout), ended_before)
+            return self._stopped(self._reap(timeout), ended_before, before)
         finally:
             self._lock.release()
 
-    def _stopped(self, status: int | None, ended_before: bool) -> WorkerExit:
+    def _stopped(self, status: int | None, ended_before: bool, before: tuple[WorkerExit | None, bool]) -> WorkerExit:
         """Record the end of a worker that was asked to stop. One whose process
         had ended before it was asked (``ended_before``) ended by itself:
         killed from outside or by the OOM killer, say (it read "stopped
         (killed after the grace period)" when no grace had run; red-team
-        round 30), or by its own exit."""
+        round 30), or by its own exit. One that a kill of another request
+        ended (``before``: ``_ending`` and ``_sigkilled`` as the stop began;
+        that kill's ``_ending`` set since, or its SIGKILL sent already) ended
+        as that kill says, not as a stop's grace run out (red-team round 32)."""
         if ended_before:
             return self._set_exit(self._own_end(status))
+        killed = status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        other_kill = self._ending is not None and (self._ending is not before[0] or before[1])
+        if other_kill and (status is None or killed):
+            assert self._ending is not None
+            sig = signal.SIGKILL if killed else None
+            return self._set_exit(dataclasses.replace(self._ending, signal=sig), asked=True)
         if status is None:  # (not "exit status None": its zygote killed from outside, say)
             return self._set_exit(WorkerExit("ok", "stopped; " + _unknown_end(self.spawn_method)))
         ex = self._exit_of(status)
@@ -1529,7 +1555,8 @@ class WorkerHandle:
             self._call_thread = threading.get_ident()
             self._awaited = True
             try:
-                ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
+                ended_before, before = self._ended_unasked(), (self._ending, self._sigkilled)
+                self._stop_sent = True
                 self._chan.try_send(STOP_MESSAGE)
                 try:
                     if not await self._exited(timeout):
@@ -1544,7 +1571,7 @@ class WorkerHandle:
                         self._set_exit(WorkerExit("ok", "stopped (killed: its astop() was cancelled)",
                                                   signal=signal.SIGKILL))
                     raise
-                return self._stopped(self._reap(0.0), ended_before)
+                return self._stopped(self._reap(0.0), ended_before, before)
             finally:
                 self._awaited = False
                 self._call_thread = None
@@ -1577,7 +1604,7 @@ class WorkerHandle:
         if self._call_thread == threading.get_ident() and self._pending_call is None:
             # astop() of this loop holds the lock, waiting for the end it asked for: recorded here.
             return self._end_during_call(ending.kind, ending.reason)
-        ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
+        ended_before = self._ended_unasked()
         if self._ending is None and not ended_before:  # (a call in flight records its end as this)
             self._ending = ending
         self._kill()
@@ -1628,7 +1655,7 @@ class WorkerHandle:
         if self._call_thread == threading.get_ident():
             return self._end_during_call("signal", "killed by the broker")
         ending = WorkerExit("signal", "killed by the broker", signal=signal.SIGKILL)
-        ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
+        ended_before = self._ended_unasked()
         if not ended_before:  # (a call in flight records its end as this; one gone already, as it ended)
             self._ending = ending
         self._kill()
@@ -1649,7 +1676,7 @@ class WorkerHandle:
         call lock: awaited on the event loop (recording the exit wakes it) or
         interrupted by a signal handler. That call then raises the exit."""
         if self.exit is None:
-            ended_before = self._pidfd >= 0 and ready_now(self._pidfd)
+            ended_before = self._ended_unasked()
             self._kill()
             self._record_kill(WorkerExit(kind, reason), self._reap(5.0), ended_before)
         assert self.exit is not None

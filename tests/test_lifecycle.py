@@ -1560,6 +1560,53 @@ def test_a_stop_of_a_worker_that_exited_by_itself_says_so(tree: Path) -> None:
         b.close()
 
 
+@pytest.mark.parametrize(("first", "second"), [("akill", "stop"), ("astop", "akill"), ("akill", "kill")])
+def test_two_ends_asked_at_once_read_as_asked(
+    tree: Path, caplog: pytest.LogCaptureFixture, first: str, second: str
+) -> None:
+    """Two end requests racing on one idle worker: the second found the
+    first's SIGKILL done and read it as an outside kill ("killed by SIGKILL",
+    WARNING), a zygote that reaped it as one that had died ("exit status
+    unknown"), or a kill as a stop's grace run out (red-team round 32: 4-13
+    in 40). Every end reads as one of those asked, at INFO."""
+    caplog.set_level(logging.INFO, logger="privsep.broker")
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    ends = []
+    try:
+        with Broker(Policy().with_limits(memory=64 << 20), root=tree) as b:
+            for i in range(30):
+                w = b.spawn(Sleeper)
+                assert w.ping() == "pong"
+                start = threading.Barrier(2)
+
+                def end(how: str, pause: float, w: WorkerHandle = w, start: threading.Barrier = start) -> None:
+                    start.wait()
+                    time.sleep(pause)
+                    if how.startswith("a"):
+                        asyncio.run_coroutine_threadsafe(getattr(w, how)(), loop).result(20)
+                    else:
+                        getattr(w, how)()
+
+                both = [threading.Thread(target=end, args=(first, 0.0)),
+                        threading.Thread(target=end, args=(second, 0.001 * (i % 5)))]
+                for t in both:
+                    t.start()
+                for t in both:
+                    t.join(30)
+                assert w.exit is not None
+                ends.append((w.exit.kind, w.exit.reason))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+    asked = {("signal", "killed by the broker"), ("ok", "stopped, exit status 0")}
+    assert set(ends) <= asked, [e for e in ends if e not in asked]
+    levels = {r.levelname for r in caplog.records if "ended:" in r.getMessage()}
+    assert levels == {"INFO"}, levels
+
+
 def test_a_kill_during_another_threads_call_is_logged_as_asked(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="privsep.broker")
     with Broker(Policy(), root=tree) as b:
