@@ -1338,11 +1338,18 @@ class WorkerHandle:
         self.__copy__()
 
     def _fail(self, kind: str, reason: str) -> WorkerCrashed:
-        """Stop a worker that misbehaved or overran; return the error to raise."""
+        """Stop a worker that misbehaved or overran; return the error to raise.
+        One that had ended by itself already (its own exit, an outside kill,
+        the OOM killer) is recorded as it ended: a call cancelled after that
+        read "cancelled", its exit status lost (red-team round 33)."""
+        ended_before = self._ended_unasked()
         self._kill()
         status = self._reap(timeout=5.0)
-        sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
-        self._set_exit(WorkerExit(kind, reason, signal=sig))
+        if ended_before:
+            self._set_exit(self._own_end(status))
+        else:
+            sig = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+            self._set_exit(WorkerExit(kind, reason, signal=sig))
         assert self.exit is not None
         return self.exit.error(self.name)
 
@@ -1387,7 +1394,9 @@ class WorkerHandle:
             ex = dataclasses.replace(self._ending, exit_code=ex.exit_code)  # (stopped by the broker's close())
         elif ex.kind == "ok":
             ex = WorkerExit("crashed", "worker closed its channel during a call", exit_code=ex.exit_code)
-        asked = ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None
+        # (the broker's own SIGKILL: an end asked for, set before it was sent; close() sets one before
+        # its grace, in which the OOM killer's or an outside SIGKILL is not the broker's; round 33)
+        asked = ex.kind == "signal" and ex.signal == signal.SIGKILL and self._ending is not None and self._sigkilled
         if asked:
             assert self._ending is not None
             ex = self._ending  # (kill() or stop() on another thread, while this call was in flight)

@@ -1607,6 +1607,54 @@ def test_two_ends_asked_at_once_read_as_asked(
     assert levels == {"INFO"}, levels
 
 
+def test_a_cancel_of_a_call_whose_worker_had_ended_says_how_it_ended(tree: Path) -> None:
+    """An awaited call cancelled after its worker had exited by itself (the
+    loop busy meanwhile, so the cancel came before the channel's end was
+    read) recorded "cancelled", exit status lost (red-team round 33)."""
+
+    async def main() -> Any:
+        async with Broker(Policy(), root=tree, spawn="fork") as b:
+            w = await b.aspawn(SelfEnder)
+            await w.aio.exit_soon(3)  # (0.05 s after this answer)
+            call = asyncio.ensure_future(w.aio.sleep(30))
+            await asyncio.sleep(0.01)
+            _wait_for_its_end(w)  # (the loop held here: nothing of ours reads the end)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            return w.exit
+
+    ended = asyncio.run(main())
+    assert (ended.kind, ended.exit_code, ended.reason) == ("crashed", 3, "exited with status 3"), ended
+
+
+def test_a_busy_worker_killed_from_outside_during_closes_grace_says_so(tree: Path) -> None:
+    """close() names its end for workers mid-call before their grace, and a
+    SIGKILL from outside (or the OOM killer) in that grace read as that
+    orderly stop, at INFO (red-team round 33)."""
+    b = Broker(Policy(), root=tree)
+    w = b.spawn(Sleeper)
+    got: list[BaseException] = []
+
+    def call() -> None:
+        with pytest.raises(WorkerCrashed) as crashed:
+            w.sleep(30)
+        got.append(crashed.value)
+
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 10
+    while w._pending_call is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    threading.Timer(0.2, os.kill, (w.pid, signal.SIGKILL)).start()  # (within close()'s 2 s)
+    b.close(2.0)
+    t.join(10)
+    assert w.exit is not None
+    assert (w.exit.kind, w.exit.reason, w.exit.signal) == ("signal", "killed by SIGKILL", signal.SIGKILL), w.exit
+    assert got[0].exit == w.exit  # type: ignore[attr-defined]
+
+
 def test_a_kill_during_another_threads_call_is_logged_as_asked(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="privsep.broker")
     with Broker(Policy(), root=tree) as b:
