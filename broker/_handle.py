@@ -1139,7 +1139,8 @@ class WorkerHandle:
         self._pending_call = None
         if self.exit is None:
             how = "cancelled" if isinstance(exc, asyncio.CancelledError) else f"interrupted ({type(exc).__name__})"
-            self._fail("cancelled", f"call {method}() was {how} before it answered, so the worker was stopped")
+            self._fail("cancelled", f"call {method}() was {how} before it answered, so the worker was stopped",
+                       unless_ended=True)
 
     def _kill(self) -> None:
         if self._pidfd < 0:
@@ -1337,12 +1338,14 @@ class WorkerHandle:
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         self.__copy__()
 
-    def _fail(self, kind: str, reason: str) -> WorkerCrashed:
+    def _fail(self, kind: str, reason: str, *, unless_ended: bool = False) -> WorkerCrashed:
         """Stop a worker that misbehaved or overran; return the error to raise.
-        One that had ended by itself already (its own exit, an outside kill,
-        the OOM killer) is recorded as it ended: a call cancelled after that
-        read "cancelled", its exit status lost (red-team round 33)."""
-        ended_before = self._ended_unasked()
+        ``unless_ended``: one that had ended by itself already (its own exit,
+        an outside kill, the OOM killer) is recorded as it ended (a call
+        cancelled after that read "cancelled", its exit status lost; red-team
+        round 33). (Not for an end whose reason the broker read from the
+        worker, a protocol breach or its last words: that reason says more.)"""
+        ended_before = unless_ended and self._ended_unasked()
         self._kill()
         status = self._reap(timeout=5.0)
         if ended_before:
