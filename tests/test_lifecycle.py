@@ -1628,12 +1628,9 @@ def test_a_cancel_of_a_call_whose_worker_had_ended_says_how_it_ended(tree: Path)
     assert (ended.kind, ended.exit_code, ended.reason) == ("crashed", 3, "exited with status 3"), ended
 
 
-def test_a_busy_worker_killed_from_outside_during_closes_grace_says_so(tree: Path) -> None:
-    """close() names its end for workers mid-call before their grace, and a
-    SIGKILL from outside (or the OOM killer) in that grace read as that
-    orderly stop, at INFO (red-team round 33)."""
-    b = Broker(Policy(), root=tree)
-    w = b.spawn(Sleeper)
+def _crashing_call_on_a_thread(w: WorkerHandle) -> tuple[threading.Thread, list[BaseException]]:
+    """A 30 s call on a thread of its own, in flight when this returns, that
+    must raise WorkerCrashed (kept in the list)."""
     got: list[BaseException] = []
 
     def call() -> None:
@@ -1647,6 +1644,16 @@ def test_a_busy_worker_killed_from_outside_during_closes_grace_says_so(tree: Pat
     while w._pending_call is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    return t, got
+
+
+def test_a_busy_worker_killed_from_outside_during_closes_grace_says_so(tree: Path) -> None:
+    """close() names its end for workers mid-call before their grace, and a
+    SIGKILL from outside (or the OOM killer) in that grace read as that
+    orderly stop, at INFO (red-team round 33)."""
+    b = Broker(Policy(), root=tree)
+    w = b.spawn(Sleeper)
+    t, got = _crashing_call_on_a_thread(w)
     threading.Timer(0.2, os.kill, (w.pid, signal.SIGKILL)).start()  # (within close()'s 2 s)
     b.close(2.0)
     t.join(10)
@@ -1659,19 +1666,7 @@ def test_a_kill_during_another_threads_call_is_logged_as_asked(tree: Path, caplo
     caplog.set_level(logging.INFO, logger="privsep.broker")
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
-        got: list[BaseException] = []
-
-        def call() -> None:
-            with pytest.raises(WorkerCrashed) as crashed:
-                w.sleep(30)
-            got.append(crashed.value)
-
-        t = threading.Thread(target=call)
-        t.start()
-        deadline = time.monotonic() + 10
-        while w._pending_call is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        t, got = _crashing_call_on_a_thread(w)
         ended = w.kill()
         t.join(10)
     assert (ended.kind, ended.reason) == ("signal", "killed by the broker") and len(got) == 1
