@@ -21,6 +21,15 @@ from worker import Worker, rpc
 READ = Rights.READ | Rights.FSTAT | Rights.SEEK
 
 
+def proc_state(pid: int) -> str:
+    """The process's state letter in /proc ("Z": a zombie), or "gone"."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
 def open_fds(broker: Broker | None = None) -> set[int]:
     """The fds this process holds right now (excluding the listing's own).
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from conftest import READ, fill_default_executor, open_fds, spare_of
+from conftest import READ, fill_default_executor, open_fds, proc_state, spare_of
 
 from broker import Broker, Policy, WorkerHandle
 from protocol import Rights, WorkerCrashed, WorkerTimeout
@@ -432,22 +432,15 @@ def test_forked_workers_of_a_broker_dropped_unclosed_are_not_left_zombies(tree: 
         assert all(w.ping() == "pong" for w in ws)
         return [w.pid for w in ws]
 
-    def state(pid: int) -> str:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return "gone"
-
     with pytest.warns(ResourceWarning, match="a Broker was never closed"):
         pids = use_and_drop()
         gc.collect()
     deadline = time.monotonic() + 5
-    while any(state(p) not in ("Z", "gone") for p in pids) and time.monotonic() < deadline:
+    while any(proc_state(p) not in ("Z", "gone") for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert {state(p) for p in pids} <= {"Z", "gone"}  # each ended as its channel closed
+    assert {proc_state(p) for p in pids} <= {"Z", "gone"}  # each ended as its channel closed
     with Broker(Policy(), root=tree, spawn="fork") as b:
-        assert [state(p) for p in pids] == ["gone"] * 3  # waited for by the next broker
+        assert [proc_state(p) for p in pids] == ["gone"] * 3  # waited for by the next broker
         assert not _unwaited  # (and the pidfds they were waited for by are closed)
         assert b.spawn(Sleeper).ping() == "pong"
 

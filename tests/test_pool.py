@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import default_policy
+from conftest import default_policy, proc_state
 
 from broker import Broker, Policy, PoolBroken, _pool
 from broker._pool import WorkerPool
@@ -160,7 +160,7 @@ def test_a_worker_that_ends_as_it_is_recycled_is_a_crash(
 
     def killed_as_it_is_read(pid: int) -> int | None:
         os.kill(pid, signal.SIGKILL)
-        while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+        while os.path.exists(f"/proc/{pid}") and proc_state(pid) != "Z":
             time.sleep(0.001)
         return read(pid)
 
@@ -224,7 +224,7 @@ def test_a_task_goes_to_a_new_worker_if_its_own_died_before_the_call_reached_it(
 
         def dies_as_it_looks() -> bool:
             os.kill(first.pid, signal.SIGKILL)
-            while _state(first.pid) not in ("Z", "gone"):
+            while proc_state(first.pid) not in ("Z", "gone"):
                 time.sleep(0.001)
             return False  # (looked before it died)
 
@@ -243,7 +243,7 @@ def test_a_worker_killed_while_idle_is_not_handed_the_next_task(broker: Broker, 
         first = pool.submit(Calc.pid).result(10)
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{first}") and _state(first) != "Z":
+        while os.path.exists(f"/proc/{first}") and proc_state(first) != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         if restart == "always":
@@ -254,14 +254,6 @@ def test_a_worker_killed_while_idle_is_not_handed_the_next_task(broker: Broker, 
                 pool.submit(Calc.pid).result(10)
         assert pool.ended == 1
         assert (pool.exits[0].kind, pool.exits[0].signal) == ("signal", signal.SIGKILL), pool.exits[0]
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone"
 
 
 @pytest.mark.parametrize("how", ["cancel_futures", "close"])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import READ, default_policy, fd_targets, open_fds, spare_made_ahead, spare_of
+from conftest import READ, default_policy, fd_targets, open_fds, proc_state, spare_made_ahead, spare_of
 
 from broker import Broker, Policy
 from protocol import Rights, WorkerCrashed
@@ -129,11 +129,6 @@ def _may_make_netns() -> bool:
     return True
 
 
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 def _fd_targets_of(pid: int) -> dict[int, str]:
     out = {}
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -203,7 +198,9 @@ def test_a_dead_spare_is_reaped_and_the_spawn_forks_instead(tree: Path) -> None:
         spare = spare_of(b)
         assert spare is not None
         os.kill(spare[0], signal.SIGKILL)
-        while _state(spare[0]) != "Z":  # dead, its socket closed, not reaped: the zygote reaps only when told
+        # dead, its socket closed, not reaped: the zygote reaps only when told
+        while (state := proc_state(spare[0])) != "Z":
+            assert state != "gone"
             time.sleep(0.005)
         before = open_fds(b)
         w = b.spawn(Echo)
@@ -322,22 +319,17 @@ def test_a_zygote_killed_from_outside_is_reaped_when_its_workers_end_is_asked_fo
         zygote = b._zygote._proc.pid
         os.kill(zygote, signal.SIGKILL)  # (not waited for here: that is the broker's job)
         deadline = time.monotonic() + 10
-        while _state(zygote) != "Z":  # dead, its workers sent their parent-death signal
+        while proc_state(zygote) != "Z":  # dead, its workers sent their parent-death signal
             assert time.monotonic() < deadline
             time.sleep(0.01)
         with pytest.raises(WorkerCrashed, match="the zygote that reaps it"):
             w.ping()
-        assert not os.path.exists(f"/proc/{zygote}"), _state(zygote)
+        assert not os.path.exists(f"/proc/{zygote}"), proc_state(zygote)
         # A stop() of another of its workers, dead before the stop, cannot know how that one ended
         # either: as a call or kill() says (it read "stopped, exit status None", kind ok).
         ended = idle.stop()
         assert ended.kind == "crashed" and ended.exit_code is None and ended.signal is None, ended
         assert ended.reason.startswith("channel closed; exit status unknown: the zygote"), ended
-
-
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
