@@ -412,6 +412,9 @@ class BlobRegion:
         return self.fds[self._turn]
 
 
+_SEALED = 0x1 | 0x2 | 0x4 | 0x8  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+
+
 def _sealed_memfd(size: int) -> int:
     import fcntl
 
@@ -438,12 +441,19 @@ def use_blob_region() -> BlobRegion:
 
 
 def _make_blob_fd(data: bytes) -> int:
-    fd = os.memfd_create("privsep-blob", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 2))
+    """A memfd holding ``data``, sealed against any change: the receiver
+    (a worker, from the broker) gets it read-write, and could otherwise keep
+    it and grow it with ``ftruncate`` into memory outside its RLIMIT_AS and
+    its RSS (a red-team worker held 4 GiB so, RSS 21 MiB)."""
+    import fcntl
+
+    fd = os.memfd_create("privsep-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALED)
         return fd
     except BaseException:
         os.close(fd)

@@ -503,6 +503,63 @@ def test_a_sandboxed_workers_large_values_go_through_its_own_two_memfds(ro_broke
         assert got == {"args": parts, "kwargs": {"text": "t" * 300_000}}
         assert w.big(5 << 20) == b"z" * (5 << 20)
 
+class BlobKeeper(Worker):
+    """A compromised worker that keeps the memfds the broker's large values
+    come in, to grow them later into memory outside its RLIMIT_AS."""
+
+    @rpc
+    def keep_blobs(self) -> None:
+        import protocol._wire as wire
+
+        read, self.kept = wire._read_blob, []
+
+        def keeping(fd: int, offset: int, length: int) -> bytes:
+            self.kept.append(os.dup(fd))
+            return read(fd, offset, length)
+
+        wire._read_blob = keeping
+
+    @rpc
+    def size(self, value: bytes) -> int:
+        return len(value)
+
+    @rpc
+    def tamper(self) -> list[list[object]]:
+        import fcntl
+
+        def attempt(op: Callable[..., object], *args: object) -> object:
+            try:
+                op(*args)
+            except OSError as exc:
+                return errno.errorcode[exc.errno]
+            return "done"
+
+        return [
+            [
+                fcntl.fcntl(fd, fcntl.F_GET_SEALS),
+                attempt(os.ftruncate, fd, 1 << 30),
+                attempt(os.ftruncate, fd, 0),
+                attempt(os.pwrite, fd, b"x", 0),
+                os.pread(fd, 3, 0),
+            ]
+            for fd in self.kept
+        ]
+
+
+def test_the_brokers_large_values_come_in_memfds_sealed_against_change(ro_broker: Broker) -> None:
+    """The broker sends its large values in memfds of its own, which the
+    worker gets read-write: unsealed, a worker kept them and grew each to a
+    GiB with ftruncate, memory outside its RLIMIT_AS and its RSS (a red-team
+    worker held 4 GiB so, RSS 21 MiB; open_files x file_size was the bound)."""
+    import fcntl
+
+    w = ro_broker.spawn(BlobKeeper)
+    w.keep_blobs()
+    assert w.size(b"abc" * 100_000) == 300_000 and w.size(b"def" * 100_000) == 300_000
+    sealed = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+    assert w.tamper() == [[sealed, "EPERM", "EPERM", "EPERM", b"abc"], [sealed, "EPERM", "EPERM", "EPERM", b"def"]]
+
+
 def test_values_over_the_blob_limit_are_an_error_not_a_crash(ro_broker: Broker) -> None:
     from protocol._wire import MAX_BLOB
 
