@@ -658,6 +658,23 @@ def test_kill_other_process_denied_self_allowed() -> None:
 
 
 @needs_notify
+@pytest.mark.parametrize("cmd", [1, 2, 4], ids=["GLOBAL", "GLOBAL_EXPEDITED", "REGISTER_GLOBAL_EXPEDITED"])
+def test_membarrier_only_on_its_own_threads(cmd: int) -> None:
+    """QUERY and the private commands are the worker's own business; the
+    global ones reach every CPU (an RCU grace period of the whole system a
+    call, or IPIs to processes registered for them)."""
+
+    def attempt(ctx: dict[str, Any]) -> Any:
+        assert sys(324, 0, 0, 0) & 0x8  # QUERY: PRIVATE_EXPEDITED is offered
+        assert sys(324, 16, 0, 0) == 0  # REGISTER_PRIVATE_EXPEDITED
+        assert sys(324, 8, 0, 0) == 0  # PRIVATE_EXPEDITED
+        return sys(324, cmd, 0, 0)
+
+    note = assert_notified(run(attempt), "membarrier")
+    assert note.args[0] == cmd
+
+
+@needs_notify
 def test_prctl_limited() -> None:
     def attempt(ctx: dict[str, Any]) -> Any:
         assert lib.prctl(15, int(ffi.cast("long", ffi.new("char[]", b"w"))), 0, 0, 0) == 0  # PR_SET_NAME

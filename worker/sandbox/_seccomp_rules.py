@@ -48,6 +48,9 @@ PROT_WRITE = 0x2
 MAP_SHARED = 0x01  # bit 0 is set in MAP_SHARED and MAP_SHARED_VALIDATE (0x03): both write through to the file
 MAP_ANONYMOUS = 0x20
 RWF_NOAPPEND = 0x20  # pwritev2 flag (6.9+): write at the given offset even on an O_APPEND fd
+# membarrier commands that reach beyond the worker: GLOBAL (a grace period of the whole system's RCU per
+# call) and GLOBAL_EXPEDITED with its registration (IPIs to every CPU running a registered process)
+MEMBARRIER_GLOBAL = 0x1 | 0x2 | 0x4
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 F_DUPFD, F_DUPFD_CLOEXEC = 0, 1030
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
@@ -119,7 +122,8 @@ _UNIX_SOCK = [[Cond(0, AF_UNIX), Cond(1, SOCK_STREAM, mask=0xF)], [Cond(0, AF_UN
 
 BASE: dict[str, Rule] = {
     # memory
-    **dict.fromkeys(["brk", "munmap", "mremap", "msync", "mincore", "membarrier"]),
+    **dict.fromkeys(["brk", "munmap", "mremap", "msync", "mincore"]),
+    "membarrier": [[Cond(0, 0, mask=MEMBARRIER_GLOBAL)]],  # QUERY and the commands on its own threads
     # anonymous memory only: a file mapping needs a pinned fd holding MMAP_R (see pinned_rule). CPython and
     # glibc map no file after entry (imports and dlopen would need open-by-path, which is denied anyway).
     "mmap": [[_ANON, Cond(2, 0, mask=PROT_EXEC)]],
