@@ -1482,8 +1482,7 @@ class WorkerHandle:
             return self._end_during_call("ok", "stopped during a call (killed)")
         got = self._lock.acquire(timeout=timeout)
         if not got:
-            self._ending = WorkerExit("ok", "stopped during a call (killed after the grace period)",
-                                      signal=signal.SIGKILL)
+            self._ending = WorkerExit("ok", f"stopped during a call ({_killed_after(timeout)})", signal=signal.SIGKILL)
             self._kill()  # the in-flight call sees EOF, reaps and records the exit
             if not self._lock.acquire(timeout=10.0):
                 raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
@@ -1494,11 +1493,12 @@ class WorkerHandle:
             ended_before, before = self._ended_unasked(), (self._ending, self._sigkilled)
             self._stop_sent = True
             self._chan.try_send(STOP_MESSAGE)
-            return self._stopped(self._reap(timeout), ended_before, before)
+            return self._stopped(self._reap(timeout), ended_before, before, timeout)
         finally:
             self._lock.release()
 
-    def _stopped(self, status: int | None, ended_before: bool, before: tuple[WorkerExit | None, bool]) -> WorkerExit:
+    def _stopped(self, status: int | None, ended_before: bool, before: tuple[WorkerExit | None, bool], grace: float
+                 ) -> WorkerExit:
         """Record the end of a worker that was asked to stop. One whose process
         had ended before it was asked (``ended_before``) ended by itself:
         killed from outside or by the OOM killer, say (it read "stopped
@@ -1506,7 +1506,7 @@ class WorkerHandle:
         round 30), or by its own exit. One that a kill of another request
         ended (``before``: ``_ending`` and ``_sigkilled`` as the stop began;
         that kill's ``_ending`` set since, or its SIGKILL sent already) ended
-        as that kill says, not as a stop's grace run out (red-team round 32)."""
+        as that kill says, not as a stop's ``grace`` run out (red-team round 32)."""
         if ended_before:
             return self._set_exit(self._own_end(status))
         killed = status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
@@ -1521,7 +1521,7 @@ class WorkerHandle:
         if ex.kind == "ok":
             ex = WorkerExit("ok", f"stopped, exit status {ex.exit_code}", exit_code=ex.exit_code)
         if ex.kind != "ok" and ex.signal == signal.SIGKILL:
-            ex = WorkerExit("ok", "stopped (killed after the grace period)", signal=ex.signal)
+            ex = WorkerExit("ok", f"stopped ({_killed_after(grace)})", signal=ex.signal)
         self._set_exit(ex)  # (unless it was recorded meanwhile)
         assert self.exit is not None
         return self.exit
@@ -1541,7 +1541,7 @@ class WorkerHandle:
         except TimeoutError:
             # The loop's lock is held by a task of this loop: its awaited call (the call lock this
             # thread's), or one waiting for the call lock that another thread's or loop's call holds.
-            return await self._aend(WorkerExit("ok", "stopped during a call (killed after the grace period)",
+            return await self._aend(WorkerExit("ok", f"stopped during a call ({_killed_after(timeout)})",
                                                signal=signal.SIGKILL))
         except BaseException:
             # Cancelled during the grace it gave a call in flight: the worker still ends (left
@@ -1583,7 +1583,7 @@ class WorkerHandle:
                         self._set_exit(WorkerExit("ok", "stopped (killed: its astop() was cancelled)",
                                                   signal=signal.SIGKILL))
                     raise
-                return self._stopped(self._reap(0.0), ended_before, before)
+                return self._stopped(self._reap(0.0), ended_before, before, timeout)
             finally:
                 self._awaited = False
                 self._call_thread = None
@@ -1740,6 +1740,14 @@ _GONE = (_errno.EPIPE, _errno.ECONNRESET, _errno.ENOTCONN)  # the worker closed 
 class _ChannelGone(Exception):
     """A send found the worker's end of the channel closed: the worker is
     ending, and is treated as at EOF (see ``_ended``)."""
+
+
+def _killed_after(grace: float) -> str:
+    """How a stop that had to kill ended: with no grace given (a cancelled
+    ``async with Broker`` closes so), there was none to run out."""
+    return "killed after the grace period" if grace > 0 else "killed"
+
+
 def _unknown_end(spawn_method: str) -> str:
     if spawn_method == "zygote":
         return ("channel closed; exit status unknown: the zygote that reaps it did not report one"

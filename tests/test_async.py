@@ -887,19 +887,21 @@ def test_awaited_spawns_take_spares_in_the_order_they_came(tree: Path) -> None:
 @pytest.mark.parametrize(
     "how, kind, reason",
     [("akill", "signal", "killed by the broker"),
-     ("astop", "ok", "stopped during a call (killed after the grace period)")],
+     ("astop", "ok", "stopped during a call (killed after the grace period)"),
+     ("astop(0)", "ok", "stopped during a call (killed)")],
 )
 def test_ending_a_worker_whose_call_is_awaited_says_who_ended_it(tree: Path, how: str, kind: str, reason: str) -> None:
     """As for a call on another thread: akill() of a worker whose call a task
     awaited read "killed by SIGKILL" (kill() says "killed by the broker"), and
-    the signal was a plain int there, a signal.Signals elsewhere."""
+    the signal was a plain int there, a signal.Signals elsewhere. A stop that
+    gave no grace had none run out (a user trial)."""
 
     async def main() -> None:
         async with Broker(Policy(), root=str(tree)) as b:
             w = await b.aspawn(AsyncJob)
             task = asyncio.create_task(w.aio.nap(5))
             await asyncio.sleep(0.2)
-            ex = await (w.akill() if how == "akill" else w.astop(timeout=0.2))
+            ex = await (w.akill() if how == "akill" else w.astop(timeout=0.2 if how == "astop" else 0))
             with pytest.raises(WorkerCrashed) as info:
                 await task
             assert (ex.kind, ex.reason) == (kind, reason)
@@ -2291,12 +2293,16 @@ def test_a_program_that_ends_during_the_close_a_cancelled_aclose_left_leaves_no_
 def test_ctrl_c_under_asyncio_run_leaves_async_with_broker_at_once(tree: Path) -> None:
     """asyncio.run() turns a Ctrl-C into a cancel of the main task, so `async
     with Broker` was left by CancelledError, not KeyboardInterrupt, and gave
-    a call of another task its 2 s grace (an audit: 2.0 s to exit)."""
+    a call of another task its 2 s grace (an audit: 2.0 s to exit). That
+    worker's end said "killed after the grace period" though none was given
+    (a user trial)."""
     left: list[float] = []
+    workers: list[WorkerHandle] = []
 
     async def main() -> None:
         async with await Broker.astart(Policy(), root=tree) as b:
             w = await b.aspawn(AsyncJob)
+            workers.append(w)
             busy = asyncio.ensure_future(w.aio.nap(10))  # (another task's call: aclose() gave it grace)
             await asyncio.sleep(0.1)
             assert not busy.done()
@@ -2309,6 +2315,8 @@ def test_ctrl_c_under_asyncio_run_leaves_async_with_broker_at_once(tree: Path) -
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(main())
     assert time.monotonic() - left[0] < 1.0, time.monotonic() - left[0]
+    (w,) = workers
+    assert w.exit is not None and (w.exit.kind, w.exit.reason) == ("ok", "stopped during a call (killed)")
 
 
 def test_a_cancel_during_off_loop_work_keeps_its_message(tree: Path) -> None:

@@ -137,6 +137,7 @@ def test_a_call_on_an_ended_worker_says_it_has_ended_and_why(tree: Path) -> None
     [
         ("kill", "signal", "killed by the broker"),
         ("stop", "ok", "stopped during a call (killed after the grace period)"),
+        ("stop(0)", "ok", "stopped during a call (killed)"),
     ],
 )
 def test_ending_a_worker_whose_call_runs_on_another_thread_says_who_ended_it(
@@ -144,12 +145,13 @@ def test_ending_a_worker_whose_call_runs_on_another_thread_says_who_ended_it(
 ) -> None:
     """The call in flight records the end it sees: it read "killed by
     SIGKILL", as if from the OOM killer or a stranger, and a stop() then
-    returned kind 'signal' (awaited, astop() said 'ok', as documented)."""
+    returned kind 'signal' (awaited, astop() said 'ok', as documented). A
+    stop that gave no grace had none run out (a user trial)."""
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
         t, raised = in_flight(lambda: w.sleep(5))
         time.sleep(0.2)
-        ex = w.kill() if how == "kill" else w.stop(timeout=0.2)
+        ex = w.kill() if how == "kill" else w.stop(timeout=0.2 if how == "stop" else 0)
         t.join(10)
         assert (ex.kind, ex.reason) == (kind, reason)
         (exc,) = raised
