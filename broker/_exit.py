@@ -47,7 +47,8 @@ class WorkerExit:
             sig = os.WTERMSIG(status)
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             if kind is None and sig == signal.SIGXCPU:
-                return cls("timeout", "CPU time limit reached (SIGXCPU)", signal=sig)
+                return cls("timeout", "CPU time limit reached (SIGXCPU; Limits.cpu_seconds bounds the CPU time of "
+                                      "the worker's whole life, not of one call)", signal=sig)
             if kind is None:
                 kind = "violation" if sig == signal.SIGSYS else "signal"
             return cls(kind, reason or f"killed by {name}", signal=sig)
