@@ -25,7 +25,7 @@ from worker import Worker
 from worker._rpc import is_rpc
 
 from ._exit import WorkerExit
-from ._handle import WorkerHandle, output_paths
+from ._handle import WorkerHandle, _on_a_thread_of_its_own, output_paths
 from ._options import call_timeout, count, optional_count
 
 if TYPE_CHECKING:
@@ -200,8 +200,29 @@ class WorkerPool(Executor):
         for fut in queued:  # (not under the lock: its done-callbacks run here, and may submit)
             fut.cancel()
         if wait:
-            for t in self._threads:
-                t.join()
+            self._join()
+
+    async def aclose(self, *, cancel_futures: bool = False) -> None:
+        """``shutdown()`` for asyncio: no more submits, and the queued work
+        (unless ``cancel_futures``) and the running tasks end, awaited on the
+        loop, which is never blocked for them (``shutdown(wait=True)`` held
+        it). Cancelled, it raises at once and the shutdown goes on."""
+        self.shutdown(wait=False, cancel_futures=cancel_futures)
+        if not self._finished():
+            await _on_a_thread_of_its_own(self._join, f"pool-close-{self.cls.__name__}")
+
+    async def __aenter__(self) -> WorkerPool:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """``aclose()``; left by a cancel or Ctrl-C, the queued tasks are
+        cancelled (the running ones end their call)."""
+        stopping = exc_type is not None and issubclass(exc_type, (asyncio.CancelledError, KeyboardInterrupt))
+        await self.aclose(cancel_futures=stopping)
+
+    def _join(self) -> None:
+        for t in self._threads:
+            t.join()
 
     def _finished(self) -> bool:
         """Shut down, and every slot's thread has ended."""

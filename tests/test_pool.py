@@ -615,6 +615,55 @@ def test_a_cancel_landing_as_a_task_ends_touches_no_other_task(
             assert pool.ended == 0
 
 
+def test_a_pool_closes_on_the_loop_without_blocking_it(tmp_path: Path) -> None:
+    """`async with broker.pool(...)` and `await pool.aclose()`: a shutdown
+    awaited on the loop (shutdown(wait=True) held it 1.3 s in a user
+    trial, who found no async way). Its queued and running tasks end, the
+    loop runs on meanwhile; left by a cancel, the queued tasks are
+    cancelled and the running one ends its call."""
+
+    async def main(b: Broker) -> tuple[list[Any], float, list[BaseException | float]]:
+        lags: list[float] = []
+
+        async def beat() -> None:
+            while True:
+                t = time.monotonic()
+                await asyncio.sleep(0.005)
+                lags.append(time.monotonic() - t - 0.005)
+
+        beating = asyncio.ensure_future(beat())
+        async with b.pool(Calc, size=1) as pool:
+            tasks = [asyncio.ensure_future(pool.aio.submit(Calc.sleep, 0.3)) for _ in range(2)]
+            await asyncio.sleep(0.05)
+        assert pool._finished() and all(t.done() for t in tasks)
+        with pytest.raises(RuntimeError, match="shut down"):
+            pool.submit(Calc.square, 1)
+        beating.cancel()
+        done = [t.result() for t in tasks]
+        # A second pool, left by a cancel with one task running and two queued.
+        pool = b.pool(Calc, size=1)
+        other: list[asyncio.Future[Any]] = []
+
+        async def owner() -> None:
+            async with pool:
+                other.extend(asyncio.ensure_future(pool.aio.submit(Calc.sleep, 0.3)) for _ in range(3))
+                await asyncio.sleep(10)
+
+        task = asyncio.ensure_future(owner())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool._finished()
+        return done, max(lags), list(await asyncio.gather(*other, return_exceptions=True))
+
+    with Broker(Policy(), root=tmp_path) as b:
+        done, lag, left = asyncio.run(main(b))
+    assert done == [0.3, 0.3]
+    assert lag < 0.25, lag  # (waiting for 0.6 s of tasks on the loop would have stalled it that long)
+    assert left[0] == 0.3 and all(type(o) is CancelledError for o in left[1:]), left
+
+
 def test_an_awaited_task_the_pool_cancels_raises_the_executors_cancelled_error(tmp_path: Path) -> None:
     """Queued tasks that the pool's shutdown cancels raise what the Executor
     says (concurrent.futures.CancelledError, an Exception) to those awaiting
