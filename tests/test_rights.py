@@ -54,6 +54,8 @@ OPS: dict[str, Callable[[Any], Any]] = {
     "FCNTL": lambda f: fcntl.fcntl(_fd(f), fcntl.F_SETFL, os.O_NONBLOCK),
     "IOCTL": lambda f: fcntl.ioctl(_fd(f), FS_IOC_GETFLAGS, b"\0" * 8) and True,
     "APPEND": lambda f: fcntl.fcntl(_fd(f), fcntl.F_SETFL, 0),  # try to clear O_APPEND
+    # status flags of the open file, which the broker's capability shares
+    "O_DIRECT": lambda f: fcntl.fcntl(_fd(f), fcntl.F_SETFL, os.O_APPEND | os.O_DIRECT),
 }
 
 
@@ -283,6 +285,22 @@ def test_append_cannot_be_cleared(run: Runner, shared: tuple[Broker, Path, Worke
         got = run("APPEND", Rights.APPEND | S | F | T, phase)
         assert got == {"errno": "EPERM"}, (phase, got)
     assert (shared[1] / "data" / "f.bin").read_bytes() == b"0123456789"
+
+
+@pytest.mark.parametrize("phase", ["spawn", "later"])
+def test_the_open_files_status_flags_are_not_the_workers_to_change(root: Path, phase: str) -> None:
+    """A worker without FCNTL set O_DIRECT (with O_APPEND, which the filter
+    allowed on any fd) on a file it was given: the open file is the
+    broker's capability's too, whose reads then failed with EINVAL, as did
+    a sibling's given the same capability (red-team round 35)."""
+    with _broker(root) as b:
+        cap = b.open("data/f.bin", R | S | F)
+        flags = fcntl.fcntl(cap.fileno(), fcntl.F_GETFL)
+        w = b.spawn(Prober, grants={"f": cap}) if phase == "spawn" else b.spawn(Prober)
+        assert (w.probe("O_DIRECT") if phase == "spawn" else w.probe("O_DIRECT", cap)) == {"errno": "EPERM"}
+        assert fcntl.fcntl(cap.fileno(), fcntl.F_GETFL) == flags
+        assert os.pread(cap.fileno(), 4, 0) == b"0123"
+        assert b.spawn(Prober).probe("READ", cap) == {"ok": repr(b"0")}  # (a sibling given it)
 
 
 def test_pinned_slot_cannot_be_reused(root: Path) -> None:

@@ -400,6 +400,45 @@ def test_fcntl_right_sets_any_flags_without_append(tmp_path: Path) -> None:
 
 
 @needs_notify
+@pytest.mark.parametrize("flag", [os.O_DIRECT, os.O_NOATIME, os.O_ASYNC], ids=["O_DIRECT", "O_NOATIME", "O_ASYNC"])
+@pytest.mark.parametrize("pinned_fd", [True, False], ids=["pinned", "later"])
+def test_status_flags_of_the_shared_open_file_need_fcntl(tmp_path: Path, flag: int, pinned_fd: bool) -> None:
+    """The status flags are the open file's, which the broker and other
+    workers share: F_SETFL of O_APPEND|O_DIRECT, allowed on any fd, made
+    the broker's and a sibling's reads fail with EINVAL (red-team round
+    35). Without FCNTL, F_SETFL may add O_APPEND and O_NONBLOCK only."""
+
+    def attempt(ctx: dict[str, Any]) -> Any:
+        fd = ctx["fd"] if pinned_fd else scratch()
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND | os.O_NONBLOCK)  # (what the filter allowed before: still)
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND | flag)
+
+    note = assert_notified(pinned(tmp_path, [("f", RO, R.READ | R.SEEK | R.FSTAT)], attempt), "fcntl")
+    assert note.args[1:3] == (fcntl.F_SETFL, os.O_APPEND | flag)
+
+
+@needs_notify
+@pytest.mark.parametrize("rights", [R.READ | R.FCNTL, APPEND_W | R.FCNTL], ids=["FCNTL", "FCNTL+APPEND"])
+def test_fcntl_right_sets_the_shared_status_flags(tmp_path: Path, rights: Rights) -> None:
+    """FCNTL is the right to change them (as Capsicum's CAP_FCNTL with
+    F_SETFL), keeping O_APPEND where APPEND was granted."""
+
+    def attempt(ctx: dict[str, Any]) -> Any:
+        fd = ctx["fd"]
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND | os.O_NOATIME)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NOATIME
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NOATIME)  # without O_APPEND: only where APPEND was not granted
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_APPEND | os.O_NOATIME)
+
+    flags = os.O_WRONLY | os.O_APPEND if R.APPEND in rights else RO
+    out = pinned(tmp_path, [("f", flags, rights)], attempt)
+    if R.APPEND in rights:
+        assert assert_notified(out, "fcntl").args[1:3] == (fcntl.F_SETFL, os.O_NOATIME)
+    else:
+        assert ok(out) == os.O_NOATIME
+
+
+@needs_notify
 def test_pwritev2_noappend_denied_on_every_fd(tmp_path: Path) -> None:
     # RWF_NOAPPEND (6.9+) writes at the offset even on an O_APPEND fd: denied for pinned and unpinned fds
     def attempt(ctx: dict[str, Any]) -> Any:

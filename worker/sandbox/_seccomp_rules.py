@@ -44,6 +44,7 @@ AF_UNIX = 1
 SOCK_STREAM = 1
 SOCK_SEQPACKET = 5
 O_APPEND = 0x400
+O_ASYNC, O_DIRECT, O_NOATIME = 0x2000, 0x4000, 0x40000  # the status flags F_SETFL sets besides O_APPEND, O_NONBLOCK
 PROT_WRITE = 0x2
 MAP_SHARED = 0x01  # bit 0 is set in MAP_SHARED and MAP_SHARED_VALIDATE (0x03): both write through to the file
 MAP_ANONYMOUS = 0x20
@@ -75,12 +76,17 @@ IOCTLS = {
 }
 # fcntl commands. F_SETFL is allowed only with O_APPEND in the new flags, so a
 # worker can never clear O_APPEND on an append-only grant (set O_NONBLOCK on
-# sockets with FIONBIO instead). No F_SETOWN/F_SETSIG/F_SETLEASE/F_NOTIFY
+# sockets with FIONBIO instead), and never with O_DIRECT, O_NOATIME or O_ASYNC
+# (without FCNTL): status flags are the open file's, which the broker and other
+# workers share (O_DIRECT made their reads fail with EINVAL; red-team round
+# 35). O_NONBLOCK changes nothing of a regular file. No F_SETOWN/F_SETSIG/F_SETLEASE/F_NOTIFY
 # (signals or notifications to other processes), no locks (they reach the
 # broker's files).
 FCNTLS = {"F_DUPFD": 0, "F_GETFD": 1, "F_SETFD": 2, "F_GETFL": 3, "F_DUPFD_CLOEXEC": 1030, "F_GETPIPE_SZ": 1032,
           "F_ADD_SEALS": 1033, "F_GET_SEALS": 1034}
 F_SETFL = 4
+_SETFL_KEEPS_APPEND = [Cond(1, F_SETFL), Cond(2, O_APPEND, mask=O_APPEND)]
+_SETFL_PLAIN = [Cond(1, F_SETFL), Cond(2, O_APPEND, mask=O_APPEND | O_ASYNC | O_DIRECT | O_NOATIME)]  # (none of those)
 # Record locks: only on a pinned fd holding FLOCK (Capsicum's CAP_FLOCK covers them too).
 LOCK_FCNTLS = {"F_GETLK": 5, "F_SETLK": 6, "F_SETLKW": 7, "F_OFD_GETLK": 36, "F_OFD_SETLK": 37, "F_OFD_SETLKW": 38}
 # prctl options that only read state or name the thread.
@@ -176,7 +182,7 @@ BASE: dict[str, Rule] = {
     "newfstatat": [[_FD_NONNEG, Cond(3, AT_EMPTY_PATH, mask=AT_EMPTY_PATH)]],
     "statx": [[_FD_NONNEG, Cond(2, AT_EMPTY_PATH, mask=AT_EMPTY_PATH)]],
     "ioctl": _one_of(1, IOCTLS),
-    "fcntl": [*_one_of(1, FCNTLS), [Cond(1, F_SETFL), Cond(2, O_APPEND, mask=O_APPEND)]],
+    "fcntl": [*_one_of(1, FCNTLS), _SETFL_PLAIN],
     # (no memfd_create: each memfd is memory outside RLIMIT_AS; the wire's large values go into the
     # one BlobRegion made before entry, protocol/_wire.py)
     # sockets: only AF_UNIX stream/seqpacket (no datagrams: sendto a path needs none)
@@ -404,8 +410,8 @@ def pinned_rule(name: str, rights: int, base: Rule, *, groups: Iterable[str] = (
     if name == "fcntl":
         rule = base if dup_safe(r, groups) else _without_cmds(base, 1, (F_DUPFD, F_DUPFD_CLOEXEC))
         extra: list[list[Cond]] = []
-        if Rights.FCNTL in r and Rights.APPEND not in r:
-            extra.append([Cond(1, F_SETFL)])  # any flags; with APPEND the base rule keeps O_APPEND set
+        if Rights.FCNTL in r:  # any flags; with APPEND, never clearing O_APPEND
+            extra.append(_SETFL_KEEPS_APPEND if Rights.APPEND in r else [Cond(1, F_SETFL)])
         if Rights.FLOCK in r:
             extra += _one_of(1, LOCK_FCNTLS)
         return _or(rule, extra)
