@@ -25,7 +25,7 @@ from worker import Worker
 from worker._rpc import is_rpc
 
 from ._exit import WorkerExit
-from ._handle import WorkerHandle, _on_a_thread_of_its_own, output_paths
+from ._handle import WorkerHandle, output_paths
 from ._options import call_timeout, count, optional_count
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ class WorkerPool(Executor):
         self._handles: list[WorkerHandle | None] = [None] * size
         self._crashed = [False] * size
         self._shutdown = False
+        self._closed: Future[None] | None = None  # (aclose's wait for the slots' threads)
         self._broken: str | None = None
         self._threads = [
             threading.Thread(target=self._slot, args=(i,), name=f"privsep-pool-{cls.__name__}-{i}", daemon=True)
@@ -206,10 +207,28 @@ class WorkerPool(Executor):
         """``shutdown()`` for asyncio: no more submits, and the queued work
         (unless ``cancel_futures``) and the running tasks end, awaited on the
         loop, which is never blocked for them (``shutdown(wait=True)`` held
-        it). Cancelled, it raises at once and the shutdown goes on."""
+        it). Cancelled, it raises at once and the shutdown goes on. One
+        thread waits for the pool's, however many ``aclose()`` there are
+        (each cancelled one left a thread until the tasks ended; red-team
+        round 35)."""
         self.shutdown(wait=False, cancel_futures=cancel_futures)
         if not self._finished():
-            await _on_a_thread_of_its_own(self._join, f"pool-close-{self.cls.__name__}")
+            await asyncio.wrap_future(self._closing())
+
+    def _closing(self) -> Future[None]:
+        """Done when every slot's thread has ended; never cancelled (a
+        cancelled await of it leaves it to the others)."""
+        with self._lock:
+            if self._closed is None:
+                closed = self._closed = Future()
+                closed.set_running_or_notify_cancel()
+
+                def join() -> None:
+                    self._join()
+                    closed.set_result(None)
+
+                threading.Thread(target=join, name=f"privsep-pool-close-{self.cls.__name__}", daemon=True).start()
+            return self._closed
 
     async def __aenter__(self) -> WorkerPool:
         return self

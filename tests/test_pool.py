@@ -664,6 +664,36 @@ def test_a_pool_closes_on_the_loop_without_blocking_it(tmp_path: Path) -> None:
     assert left[0] == 0.3 and all(type(o) is CancelledError for o in left[1:]), left
 
 
+def test_cancelled_acloses_share_one_thread(tmp_path: Path) -> None:
+    """Each aclose() waited on a thread of its own, which a cancel left
+    waiting until the tasks ended: 20 cancelled aclose()s of a pool with a
+    hung task held 20 threads (red-team round 35). One thread waits now."""
+
+    def closers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("privsep-pool-close-")]
+
+    async def main(pool: WorkerPool) -> tuple[int, float]:
+        running = asyncio.ensure_future(pool.aio.submit(Calc.sleep, 1.0))
+        await asyncio.sleep(0.2)
+        for _ in range(20):
+            closing = asyncio.ensure_future(pool.aclose())
+            await asyncio.sleep(0.01)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        waiting = len(closers())
+        await pool.aclose()
+        return waiting, await running
+
+    with Broker(Policy(), root=tmp_path) as b:
+        pool = b.pool(Calc, size=1)
+        assert asyncio.run(main(pool)) == (1, 1.0)
+        assert pool._finished()
+        for t in closers():
+            t.join(5)
+        assert closers() == []
+
+
 def test_an_awaited_task_the_pool_cancels_raises_the_executors_cancelled_error(tmp_path: Path) -> None:
     """Queued tasks that the pool's shutdown cancels raise what the Executor
     says (concurrent.futures.CancelledError, an Exception) to those awaiting
