@@ -180,7 +180,6 @@ _EXECUTOR_OPTIONS = {
     "initargs": "the worker class's setup() runs in each worker before its first task",
     "mp_context": "workers are started by privsep's zygote (Broker(spawn=...) chooses how)",
     "max_tasks_per_child": "recycle_after=N replaces a worker after N calls",
-    "grants": "pool workers take no spawn-time grants: pass a capability with each task",
 }
 LISTING_PAGE = 60 * 1024  # bytes of names in one reply (a packet holds 64 KiB)
 MAX_LISTINGS = 2  # listings of one worker the broker keeps between its pages, during a call
@@ -653,7 +652,9 @@ class Broker:
         """A pool of ``size`` workers (default: CPU count) with Executor
         semantics. Options: ``timeout`` (seconds, every task), ``recycle_after``
         (calls), ``max_rss`` (bytes), ``restart`` ("always"/"never"),
-        ``max_restarts``."""
+        ``max_restarts``, ``grants`` (as ``spawn()`` takes them: every worker
+        of the pool holds them from its start; the pool keeps copies of its
+        own until it ends, so the caller may close theirs)."""
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Worker)):
             raise TypeError(f"pool() takes a Worker subclass, not {cls!r}")

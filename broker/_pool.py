@@ -11,12 +11,13 @@ calls or when their memory grows past a bound.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,6 +25,7 @@ from protocol import PrivsepError
 from worker import Worker
 from worker._rpc import is_rpc
 
+from ._capability import Capability
 from ._exit import WorkerExit
 from ._handle import WorkerHandle, output_paths
 from ._options import call_timeout, count, optional_count
@@ -96,6 +98,7 @@ class WorkerPool(Executor):
         max_rss: int | None = None,
         restart: str = "always",
         max_restarts: int | None = None,
+        grants: Mapping[str, Capability] | None = None,
     ):
         size = count(size, "pool size")
         recycle_after = optional_count(recycle_after, "recycle_after")
@@ -103,6 +106,10 @@ class WorkerPool(Executor):
         max_restarts = optional_count(max_restarts, "max_restarts", zero=True)
         if restart not in ("always", "never"):
             raise ValueError("restart must be 'always' or 'never'")
+        # Each worker's spawn-time grants: the pool's own copies (dups), so that the caller may
+        # close theirs; let go when the last slot's thread ends.
+        checked = broker._check_spawn_grants(grants)
+        self._grants: dict[str, Capability] | None = {name: copy.copy(cap) for name, cap in checked} or None
         self._broker = broker
         self.cls = cls
         self.size = size
@@ -125,6 +132,7 @@ class WorkerPool(Executor):
         self._shutdown = False
         self._closed: Future[None] | None = None  # (aclose's wait for the slots' threads)
         self._broken: str | None = None
+        self._slots_left = size  # slots whose thread has not ended (the last lets the grants go)
         self._threads = [
             threading.Thread(target=self._slot, args=(i,), name=f"privsep-pool-{cls.__name__}-{i}", daemon=True)
             for i in range(size)
@@ -310,7 +318,8 @@ class WorkerPool(Executor):
             if self._crashed[slot]:
                 self._crashed[slot] = False
                 self.restarts += 1
-        handle = self._broker._spawn(self.cls, self.timeout)  # (called by name: no clash with its attributes)
+        # (called by name: no clash with its attributes)
+        handle = self._broker._spawn(self.cls, self.timeout, self._grants)
         self._handles[slot] = handle
         return handle
 
@@ -416,6 +425,14 @@ class WorkerPool(Executor):
             handle_left = self._handles[slot]
             if handle_left is not None and handle_left.alive:
                 handle_left.stop()
+            self._slot_ended()
+
+    def _slot_ended(self) -> None:
+        with self._lock:
+            self._slots_left -= 1
+            grants = self._grants if self._slots_left == 0 else None
+        for cap in (grants or {}).values():
+            cap.close()
 
     def _after_task(self, slot: int, fut: Future[Any], handle: WorkerHandle, cancelled: bool) -> None:
         """Retire the worker that ran a task if it ended, or is due to be recycled."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import os
 import re
 import signal
@@ -14,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import default_policy, proc_state
+from conftest import default_policy, open_fds, proc_state
 
 from broker import Broker, Policy, PoolBroken, _pool
 from broker._pool import WorkerPool
-from protocol import NotCapable, RemoteError, WorkerCrashed, WorkerTimeout
+from protocol import NotCapable, RemoteError, Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
 
@@ -60,6 +61,55 @@ _hoard = bytearray()
 def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     with Broker(Policy(), root=tmp_path) as b:
         yield b
+
+
+class Reader(Worker):
+    """A pool worker holding a directory from its start (``grants``)."""
+
+    @rpc
+    def read(self, name: str) -> bytes:
+        with self.grants["src"].open(name) as f:
+            return f.read()
+
+    @rpc
+    def escape(self) -> str:
+        try:
+            os.open("../secret", os.O_RDONLY, dir_fd=self.grants["src"].fileno())
+        except OSError as exc:
+            return errno.errorcode[exc.errno or 0]
+        return "opened"
+
+    @rpc
+    def die(self) -> None:
+        os._exit(9)
+
+
+def test_pool_workers_hold_spawn_time_grants(tmp_path: Path) -> None:
+    """grants= as spawn() takes them, for every worker a pool starts, its
+    replacements included (pools took none: every task had to carry its
+    capability). The pool keeps copies of its own: the caller may close
+    theirs at once, and the copies go when the pool ends."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_bytes(b"alpha")
+    (tmp_path / "secret").write_bytes(b"outside")
+    rights = Rights.READ | Rights.SEEK | Rights.FSTAT | Rights.LOOKUP
+    with Broker(Policy().allow("data/", rights), root=tmp_path) as b:
+        before = open_fds(b)
+        with b.opendir("data/", rights) as src:
+            pool = b.pool(Reader, size=2, grants={"src": src})
+        assert pool.submit(Reader.read, "a.txt").result() == b"alpha"
+        assert pool.submit(Reader.escape).result() == "EACCES"  # a Landlock rule, as at spawn
+        with pytest.raises(WorkerCrashed):
+            pool.submit(Reader.die).result()
+        assert list(pool.map(Reader.read, ["a.txt"] * 4)) == [b"alpha"] * 4  # the replacement holds it too
+        assert pool.restarts == 1
+        pool.shutdown()
+        assert open_fds(b) == before
+        with pytest.raises(TypeError, match="grant 'src' must be an open Capability"):
+            b.pool(Reader, size=1, grants={"src": src})  # (closed)
+        with pytest.raises(TypeError, match="grants must map names to capabilities"):
+            b.pool(Reader, size=1, grants=[src])
+        assert open_fds(b) == before
 
 
 def test_pool_is_an_executor(broker: Broker) -> None:
@@ -491,8 +541,8 @@ def test_a_pools_task_may_write_only_the_outputs_named_for_it(tree: Path) -> Non
 
 @pytest.mark.parametrize(
     ("name", "hint"),
-    [("max_workers", "size="), ("initializer", "setup()"), ("max_tasks_per_child", "recycle_after="),
-     ("grants", "capability with each task")],
+    [("max_workers", "size="), ("initializer", "setup()"), ("initargs", "setup()"),
+     ("max_tasks_per_child", "recycle_after=")],
 )
 def test_process_pool_executor_options_say_what_to_use_instead(broker: Broker, name: str, hint: str) -> None:
     with pytest.raises(TypeError, match=rf"takes no {name}= .*{re.escape(hint)}"):
