@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import fcntl
 import io
 import mmap
 import os
@@ -416,8 +417,6 @@ _SEALED = 0x1 | 0x2 | 0x4 | 0x8  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F
 
 
 def _sealed_memfd(size: int) -> int:
-    import fcntl
-
     fd = os.memfd_create("privsep-blobs", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
@@ -445,8 +444,6 @@ def _make_blob_fd(data: bytes) -> int:
     (a worker, from the broker) gets it read-write, and could otherwise keep
     it and grow it with ``ftruncate`` into memory outside its RLIMIT_AS and
     its RSS (a red-team worker held 4 GiB so, RSS 21 MiB)."""
-    import fcntl
-
     fd = os.memfd_create("privsep-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(data)

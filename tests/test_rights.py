@@ -303,6 +303,22 @@ def test_the_open_files_status_flags_are_not_the_workers_to_change(root: Path, p
         assert b.spawn(Prober).probe("READ", cap) == {"ok": repr(b"0")}  # (a sibling given it)
 
 
+@pytest.mark.parametrize("spawn", ["zygote", "exec"])
+def test_a_directory_grant_works_in_a_worker_whose_module_imports_only_worker(root: Path, spawn: str) -> None:
+    """Each operation of a spawn-time directory grant imported openat2's
+    module on first use, after sandbox entry: a violation (a file-system
+    access) in every worker whose module did not import `broker`, which
+    loads it first (red-team round 36; the tests' modules all did)."""
+    from _lone_worker import Lone
+
+    rights = R | S | F | Rights.LOOKUP | Rights.CREATE | Rights.WRITE | Rights.UNLINKAT | Rights.MKDIRAT
+    policy = Policy().allow("data/", rights)
+    with Broker(policy, root=root, spawn=spawn) as b, b.opendir("data/", rights) as d:
+        w = b.spawn(Lone, grants={"d": d})
+        assert not any(name.startswith("broker") for name in w.loaded())
+        assert w.use_grant() == {"read": b"inside", "stat": 6, "listdir": ["a.txt", "f.bin", "sub", "victim.txt"]}
+
+
 def test_pinned_slot_cannot_be_reused(root: Path) -> None:
     """Close a pinned read-only grant, land a stronger fd in its slot: denied."""
     with _broker(root) as b:

@@ -23,6 +23,10 @@ from protocol._paths import ESCAPES, is_utf8, local_path, split_relative
 from protocol._rights import rights_arg
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_MEMFD, DirRef, ReceivedFd, kind_of_mode, type_name, unsendable
 
+# (imported here, before any sandbox entry: an import after it is a file-system access, which stopped
+# every worker whose own module did not happen to import it first, through `broker`; red-team round 36)
+from .sandbox._openat2 import openat2
+
 if TYPE_CHECKING:
     from ._client import BrokerClient, StatResult
 
@@ -151,8 +155,6 @@ class FdDirectory(Directory):
         return self.fileno(), KIND_DIR, self.rights
 
     def _openat(self, path: str, flags: int, mode: int = 0) -> int:
-        from .sandbox._openat2 import openat2
-
         try:
             return openat2(self.fileno(), path or ".", flags, mode)
         except OSError as exc:
