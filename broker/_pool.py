@@ -22,6 +22,7 @@ from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from typing import TYPE_CHECKING, Any, cast
 
 from protocol import PrivsepError
+from protocol._wire import KIND_DIR, KIND_FILE
 from worker import Worker
 from worker._rpc import is_rpc
 
@@ -106,8 +107,8 @@ class WorkerPool(Executor):
         max_restarts = optional_count(max_restarts, "max_restarts", zero=True)
         if restart not in ("always", "never"):
             raise ValueError("restart must be 'always' or 'never'")
-        # Each worker's spawn-time grants: the pool's own copies (dups), so that the caller may
-        # close theirs; let go when the last slot's thread ends.
+        # Each worker's spawn-time grants are opened anew from the pool's own copies (dups, so that
+        # the caller may close theirs; let go when the last slot's thread ends).
         checked = broker._check_spawn_grants(grants)
         self._grants: dict[str, Capability] | None = {name: copy.copy(cap) for name, cap in checked} or None
         self._broker = broker
@@ -318,10 +319,33 @@ class WorkerPool(Executor):
             if self._crashed[slot]:
                 self._crashed[slot] = False
                 self.restarts += 1
-        # (called by name: no clash with its attributes)
-        handle = self._broker._spawn(self.cls, self.timeout, self._grants)
+        grants = self._worker_grants()
+        try:
+            # (called by name: no clash with its attributes)
+            handle = self._broker._spawn(self.cls, self.timeout, grants)
+        finally:
+            for cap in (grants or {}).values():
+                cap.close()  # (the worker has its own)
         self._handles[slot] = handle
         return handle
+
+    def _worker_grants(self) -> dict[str, Capability] | None:
+        """A worker's own open files of the pool's grants: with one shared by
+        every worker (a dup), one that read a file without SEEK drained it for
+        all the others and their replacements, and one's O_APPEND or
+        directory position was theirs too (red-team round 36)."""
+        if self._grants is None:
+            return None
+        reopen = self._broker._resolver.reopen
+        fresh: dict[str, Capability] = {}
+        try:
+            for name, cap in self._grants.items():
+                fresh[name] = reopen(cap) if cap.kind in (KIND_FILE, KIND_DIR) else copy.copy(cap)
+        except BaseException:
+            for cap in fresh.values():
+                cap.close()
+            raise
+        return fresh
 
     def _retire(self, slot: int, handle: WorkerHandle, crashed: bool) -> None:
         """Let the slot's ended worker go. One that crashed with no restart

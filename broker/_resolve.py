@@ -279,6 +279,18 @@ class Resolver:
             os.close(pathfd)
         return Capability(fd, rights, KIND_FILE, t.display)
 
+    def reopen(self, cap: Capability) -> Capability:
+        """The file or directory of ``cap``, opened anew with its rights: an
+        open file of its own (offset, status flags, a directory's position),
+        not a second fd on ``cap``'s, as a dup would be."""
+        if cap.kind == KIND_DIR:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        elif cap.kind == KIND_FILE:
+            flags = access_flags(cap.rights) | _BASE
+        else:
+            raise ValueError(f"only files and directories are opened anew, not {cap!r}")
+        return Capability(self._reopen(cap.fileno(), flags, cap.name), cap.rights, cap.kind, cap.name)
+
     def opendir(self, t: Target, rights: Rights) -> Capability:
         """A directory capability. One that may be written in (create, make a
         directory, unlink) is reached through no symlink, as a write's path

@@ -72,6 +72,19 @@ class Reader(Worker):
             return f.read()
 
     @rpc
+    def read_granted(self) -> bytes:
+        return os.read(self.grants["f"].fileno(), 100)  # (no SEEK: no tell() of a buffered read)
+
+    @rpc
+    def listdir_raw(self) -> list[str]:
+        """The directory's fd listed as it stands (os.listdir(fd) reads on
+        from the fd's position), after moving it to the end."""
+        fd = self.grants["src"].fileno()
+        listed = sorted(os.listdir(fd))
+        os.lseek(fd, 0, os.SEEK_END)
+        return listed
+
+    @rpc
     def escape(self) -> str:
         try:
             os.open("../secret", os.O_RDONLY, dir_fd=self.grants["src"].fileno())
@@ -104,6 +117,29 @@ def test_pool_workers_hold_spawn_time_grants(tmp_path: Path) -> None:
         assert list(pool.map(Reader.read, ["a.txt"] * 4)) == [b"alpha"] * 4  # the replacement holds it too
         assert pool.restarts == 1
         pool.shutdown()
+        assert open_fds(b) == before
+
+
+def test_each_pool_worker_has_its_grants_open_files_of_its_own(tmp_path: Path) -> None:
+    """The pool's workers shared one open file per grant (dups of one fd):
+    one that read a file granted without SEEK drained it for every other
+    worker and every replacement, and one that moved a directory's position
+    moved theirs (red-team round 36). Each worker's grants are opened anew."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_bytes(b"alpha")
+    rights = Rights.READ | Rights.SEEK | Rights.FSTAT | Rights.LOOKUP
+    with Broker(Policy().allow("data/", rights), root=tmp_path) as b:
+        before = open_fds(b)
+        with b.opendir("data/", rights) as src, b.open("data/a.txt", Rights.READ) as f:
+            with b.pool(Reader, size=1, grants={"src": src, "f": f}) as pool:
+                assert pool.submit(Reader.read_granted).result() == b"alpha"
+                assert pool.submit(Reader.read_granted).result() == b""  # (its own, read to its end)
+                assert pool.submit(Reader.listdir_raw).result() == ["a.txt"]
+                with pytest.raises(WorkerCrashed):
+                    pool.submit(Reader.die).result()
+                assert pool.submit(Reader.read_granted).result() == b"alpha"  # the replacement's own
+                assert pool.submit(Reader.listdir_raw).result() == ["a.txt"]
+            assert os.read(f.fileno(), 5) == b"alpha"  # the caller's own was never read
         assert open_fds(b) == before
         with pytest.raises(TypeError, match="grant 'src' must be an open Capability"):
             b.pool(Reader, size=1, grants={"src": src})  # (closed)
