@@ -251,11 +251,21 @@ class Zygote:
         self._learn = True  # pagemaps readable, so far
         #: (pid, what it was made for, its writable mappings before its request) of the worker learned from
         self._learning: tuple[int, tuple[str, str, Any], list[tuple[int, int]]] | None = None
-        self._ask_spare(None)
-        # Return once the zygote and its first spare exist (the answer is left
-        # queued), so the broker's processes and fds are the same now as
-        # between any two later spawns: what a soak test counts before and after.
-        self._spares.wait_readable(_BOOT_TIMEOUT)
+        try:
+            self._ask_spare(None)
+            # Return once the zygote and its first spare exist (the answer is left
+            # queued), so the broker's processes and fds are the same now as
+            # between any two later spawns: what a soak test counts before and after.
+            self._spares.wait_readable(_BOOT_TIMEOUT)
+        except BaseException:
+            # A Ctrl-C during Broker(): the zygote may not have set its parent-death signal
+            # yet, and ran on, orphaned, for seconds after the program had exited (a user
+            # trial, 12 of 12 runs). Its spare dies with it.
+            self._proc.kill()
+            self._proc.wait()
+            self._chan.close()
+            self._spares.close()
+            raise
 
     def spawn(
         self,

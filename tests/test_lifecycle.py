@@ -1198,7 +1198,10 @@ def test_ctrl_c_while_the_broker_starts_reaches_the_broker_alone(tmp_path: Path)
     """A Ctrl-C at the terminal goes to the whole foreground process group.
     The zygote was in it, and one that was still importing printed a
     KeyboardInterrupt traceback under the user's own clean "interrupted"
-    (a user trial). The zygote now has a process group of its own."""
+    (a user trial). The zygote now has a process group of its own. It also
+    ran on, orphaned, for seconds after the program had exited, when the
+    Ctrl-C came before it had set its parent-death signal (user trial 15):
+    no process of the program's session may outlive it but a zombie."""
     repo = str(Path(__file__).resolve().parent.parent)
     code = textwrap.dedent("""
         import sys, time
@@ -1210,14 +1213,39 @@ def test_ctrl_c_while_the_broker_starts_reaches_the_broker_alone(tmp_path: Path)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
     """)
+    (tmp_path / "prog.py").write_text(code)  # (a script: under -c the zygote booted too fast to be left)
     for delay in (0.02, 0.05, 0.1):  # while the zygote boots (about 0.1-0.3 s here)
-        proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        proc = subprocess.Popen([sys.executable, "prog.py"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                 start_new_session=True, env={**os.environ, "PYTHONPATH": repo})
         assert proc.stderr is not None and proc.stderr.readline() == "imported\n"
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
-        _, err = proc.communicate(timeout=60)
+        line = proc.stderr.readline()
+        proc.wait(60)  # (not for its stderr's end: a zygote left running holds that pipe open too)
+        # A spare killed by its parent-death signal dies within a few ms; a zygote left running
+        # lived on 60-90 ms past the program here, as it booted, to find its broker gone.
+        deadline = time.monotonic() + 0.04
+        while (left := _alive_in_session(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        err = line + proc.stderr.read()
         assert err == "interrupted\n", f"after {delay} s: {err[-2000:]}"
+        assert not left, f"after {delay} s: {left}"
+
+
+def _alive_in_session(sid: int) -> list[str]:
+    """The processes of session ``sid`` that are not zombies (pid: command)."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace")
+                alive.append(f"{pid}: {command[:120]}")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return alive
 
 
 def test_a_zygote_killed_with_a_spawn_request_unread_is_worker_crashed(tree: Path) -> None:
