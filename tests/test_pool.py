@@ -706,7 +706,7 @@ def test_a_pool_closes_on_the_loop_without_blocking_it(tmp_path: Path) -> None:
     awaited on the loop (shutdown(wait=True) held it 1.3 s in a user
     trial, who found no async way). Its queued and running tasks end, the
     loop runs on meanwhile; left by a cancel, the queued tasks are
-    cancelled and the running one ends its call."""
+    cancelled and the running one's worker stopped at once."""
 
     async def main(b: Broker) -> tuple[list[Any], float, list[BaseException | float]]:
         lags: list[float] = []
@@ -747,7 +747,31 @@ def test_a_pool_closes_on_the_loop_without_blocking_it(tmp_path: Path) -> None:
         done, lag, left = asyncio.run(main(b))
     assert done == [0.3, 0.3]
     assert lag < 0.25, lag  # (waiting for 0.6 s of tasks on the loop would have stalled it that long)
-    assert left[0] == 0.3 and all(type(o) is CancelledError for o in left[1:]), left
+    assert isinstance(left[0], WorkerCrashed) and left[0].exit.reason == "stopped during a call (killed)", left
+    assert all(type(o) is CancelledError for o in left[1:]), left
+
+
+def test_a_pool_block_left_by_ctrl_c_gives_its_tasks_up(tmp_path: Path) -> None:
+    """A Ctrl-C at the terminal never reaches the workers (each leads its
+    own process group), and `with broker.pool(...)` left by it waited for
+    every queued task, as an Executor's shutdown does: 5.3 s in a user
+    trial, all its outputs written after the user's "interrupted". As
+    leaving `with Broker` by Ctrl-C does, the queued tasks are cancelled and
+    the running ones' workers stopped at once."""
+    futures: list[concurrent.futures.Future[Any]] = []
+    with Broker(Policy(), root=tmp_path) as b:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), b.pool(Calc, size=2) as pool:
+            futures += [pool.submit(Calc.sleep, 1.0) for _ in range(10)]
+            time.sleep(0.3)
+            signal.raise_signal(signal.SIGINT)
+        assert time.monotonic() - t0 < 1.0, time.monotonic() - t0
+        running, queued = futures[:2], futures[2:]
+        for fut in running:
+            exc = fut.exception(0)
+            assert isinstance(exc, WorkerCrashed) and exc.exit.reason == "stopped during a call (killed)", exc
+        assert all(fut.cancelled() for fut in queued)
+        assert pool._finished() and b.workers == []
 
 
 def test_cancelled_acloses_share_one_thread(tmp_path: Path) -> None:
