@@ -259,8 +259,8 @@ class Zygote:
             self._spares.wait_readable(_BOOT_TIMEOUT)
         except BaseException:
             # A Ctrl-C during Broker(): the zygote may not have set its parent-death signal
-            # yet, and ran on, orphaned, for seconds after the program had exited (a user
-            # trial, 12 of 12 runs). Its spare dies with it.
+            # yet, and ran on, orphaned, 60-90 ms past the program's exit here, then was left
+            # to init with its spare (a user trial, 12 of 12 runs). Its spare dies with it.
             self._proc.kill()
             self._proc.wait()
             self._chan.close()

@@ -86,7 +86,8 @@ FCNTLS = {"F_DUPFD": 0, "F_GETFD": 1, "F_SETFD": 2, "F_GETFL": 3, "F_DUPFD_CLOEX
           "F_ADD_SEALS": 1033, "F_GET_SEALS": 1034}
 F_SETFL = 4
 _SETFL_KEEPS_APPEND = [Cond(1, F_SETFL), Cond(2, O_APPEND, mask=O_APPEND)]
-_SETFL_PLAIN = [Cond(1, F_SETFL), Cond(2, O_APPEND, mask=O_APPEND | O_ASYNC | O_DIRECT | O_NOATIME)]  # (none of those)
+# O_APPEND among the new flags, and none of the three that FCNTL alone may set
+_SETFL_PLAIN = [Cond(1, F_SETFL), Cond(2, O_APPEND, mask=O_APPEND | O_ASYNC | O_DIRECT | O_NOATIME)]
 # Record locks: only on a pinned fd holding FLOCK (Capsicum's CAP_FLOCK covers them too).
 LOCK_FCNTLS = {"F_GETLK": 5, "F_SETLK": 6, "F_SETLKW": 7, "F_OFD_GETLK": 36, "F_OFD_SETLK": 37, "F_OFD_SETLKW": 38}
 # prctl options that only read state or name the thread.
