@@ -224,6 +224,25 @@ def test_a_forked_copy_of_the_broker_reopens_through_its_own_fd_table(broker: Br
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+
+def test_openat2_is_refused_off_linux(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It made syscall 437 whatever the platform: on FreeBSD, where a
+    spawn-time directory grant resolves through it too, that number is not
+    openat2. Elsewhere it now raises ENOSYS (docs/freebsd.md)."""
+    import errno
+    import os
+
+    from worker.sandbox import _openat2
+
+    monkeypatch.setattr(_openat2, "_LINUX", False)
+    top = os.open(tree / "data", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(OSError) as info:
+            _openat2.openat2(top, "a.txt", os.O_RDONLY | os.O_CLOEXEC)
+        assert info.value.errno == errno.ENOSYS and not _openat2.available()
+    finally:
+        os.close(top)
+
 @pytest.mark.parametrize("call", ["fixed", "variadic"])
 def test_openat2_wrapper_stays_beneath_under_both_call_forms(
     tree: Path, monkeypatch: pytest.MonkeyPatch, call: str

@@ -39,6 +39,7 @@ _FIXED = (
     if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64") and sys.maxsize > 2**32
     else None
 )
+_LINUX = sys.platform == "linux"
 _hows: dict[tuple[int, int, int], object] = {}  # read-only once made: shared by every call and thread
 
 
@@ -63,6 +64,8 @@ def openat2(
     Retries the bounded number of ``EAGAIN`` the kernel may give when a
     rename races a ``..`` walk; raises ``OSError`` otherwise.
     """
+    if not _LINUX:  # (437 is another call's number elsewhere, or none)
+        raise OSError(errno.ENOSYS, "openat2(2) is Linux's; this platform has no such call", path)
     how = _how(flags, mode, resolve)
     raw = os.fsencode(path)
     if b"\0" in raw:
