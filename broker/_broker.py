@@ -1157,10 +1157,19 @@ class Broker:
             except BaseException:
                 self._fds.give_back(handle, 2)
                 raise
+            after.append(cap)
+            try:
+                value = self._deliver(handle, cap, after, pending, request=True)
+            except BaseException:
+                # Refused (rights Linux cannot hold to after entry, the fd share spent on its
+                # pipe): no output. Kept among the call's outputs, it was committed at the call's
+                # end, an empty file in place of the one it named (red-team round 37).
+                pending.discard()
+                self._fds.give_back(handle, 2)
+                raise
             handle._held_call += 2
             outputs.append(pending)
-            after.append(cap)
-            return self._deliver(handle, cap, after, pending, request=True)
+            return value
         if op == "opendir":
             assert rights is not None
             self._fds.take(handle, 1, "a directory", len(self._workers))

@@ -137,6 +137,38 @@ def test_create_cannot_escape_or_clobber_specials(broker: Broker, tree: Path) ->
     assert (tree / "secret").read_text() == "top secret"
 
 
+class Creator(Worker):
+    @rpc
+    def create_refused(self, path: str, rights: int) -> str:
+        """Ask for an output with rights that cannot be granted; go on."""
+        try:
+            self.broker.create(path, Rights(rights))
+        except Exception as exc:
+            return type(exc).__name__
+        return "created"
+
+
+def test_a_refused_create_leaves_no_output(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A create the broker refused after making its output (rights Linux
+    cannot hold to after entry: FSTAT without SEEK) stayed among the call's
+    outputs and was committed as the call returned: an empty file in place
+    of the one it named, the audit saying "denied" then "commit granted"
+    (red-team round 37). A retry with rights that can be granted was
+    refused as a second create of it."""
+    (tree / "out" / "report.txt").write_text("IMPORTANT")
+    policy = Policy().allow("out/", Rights.WRITE | Rights.CREATE | Rights.FSTAT | Rights.LOOKUP)
+    with Broker(policy, root=tree) as b, caplog.at_level(logging.INFO, logger="privsep.audit"):
+        before = set(os.listdir(tree / "out"))
+        w = b.spawn(Creator)
+        assert w.create_refused("out/report.txt", int(Rights.WRITE | Rights.FSTAT)) == "UnsupportedRights"
+        assert (tree / "out" / "report.txt").read_text() == "IMPORTANT"
+        assert set(os.listdir(tree / "out")) == before  # (no hidden name left either)
+        decisions = [(r.privsep["request"], r.privsep["decision"]) for r in caplog.records if hasattr(r, "privsep")]
+        assert decisions == [("spawn", "granted"), ("create", "denied")], decisions
+        assert w.with_outputs("out/report.txt").create_refused("out/report.txt", int(Rights.WRITE)) == "created"
+        assert (tree / "out" / "report.txt").read_text() == ""  # (created, and left empty by the worker)
+
+
 class Namer(Worker):
     @rpc
     def write_each(self, names: list, rights: int) -> int:
