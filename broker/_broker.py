@@ -1060,16 +1060,20 @@ class Broker:
 
     # -- requests from workers --------------------------------------------
     def _serve_request(
-        self, handle: WorkerHandle, op: str, args: dict[str, Any], outputs: list[PendingOutput], after: list[Any]
+        self, handle: WorkerHandle, op: str, args: dict[str, Any], outputs: list[PendingOutput], after: list[Any],
+        over_quota: bool = False,
     ) -> Any:
         """Answer one request. Returns the reply value; ``after`` collects
-        what to release once it is sent."""
-        if op == "dclose":  # the worker is done with a directory proxy it asked for
+        what to release once it is sent. ``over_quota``: past the call's
+        ``max_requests_per_call``, refused (and audited, as any refusal)."""
+        if op == "dclose" and not over_quota:  # the worker is done with a directory proxy it asked for
             handle._release_dir(args["dir"])
             return None
         rights: Rights | None = None
         target: Target | None = None
         try:
+            if over_quota:
+                raise NotCapable(f"more than {self.max_requests_per_call} requests in one call")
             if "rights" in args:
                 try:
                     rights = rights_from_wire(args["rights"])

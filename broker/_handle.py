@@ -942,9 +942,7 @@ class WorkerHandle:
         one_fd = -1
         try:
             try:
-                if over_quota:
-                    raise NotCapable(f"more than {self._broker.max_requests_per_call} requests in one call")
-                value = self._broker._serve_request(self, msg["op"], msg["a"], outputs, after)
+                value = self._broker._serve_request(self, msg["op"], msg["a"], outputs, after, over_quota)
                 if type(value) is Outgoing:  # a file: the reply's one fd, sent without a walk for fds
                     one_fd, kind, rights = value.__privsep_fd__()
                     value = fd_marker(0, kind, int(rights))
