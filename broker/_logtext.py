@@ -27,10 +27,12 @@ def printable(text: str) -> str:
     """``text`` (cut by :func:`bounded`) with every character
     ``str.isprintable`` refuses (controls, line and paragraph separators,
     bidirectional overrides, ...) escaped as Python writes it (``\\n``,
-    ``\\x1b``, ``\\u2028``), and backslashes doubled where anything was
-    escaped, so no escape can be forged either."""
+    ``\\x1b``, ``\\u2028``), and every backslash doubled, so no escape can
+    be forged either: a name holding a backslash and an ``n`` read the same
+    as one holding a newline while only the newline was escaped (red-team
+    round 37). Text with neither is left as it is."""
     text = bounded(text)
-    if text.isprintable():
+    if text.isprintable() and "\\" not in text:
         return text
     return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
 

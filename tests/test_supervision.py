@@ -960,8 +960,9 @@ def test_what_code_writes_to_fds_1_and_2_goes_nowhere_unless_asked_for(
 def test_log_text_escapes_exactly_what_is_not_printable() -> None:
     from broker._logtext import printable
 
-    assert printable("data/é€😀 x.png") == "data/é€😀 x.png"  # printable text untouched, backslashes too
-    assert printable("a\\b") == "a\\b"
+    assert printable("data/é€😀 x.png") == "data/é€😀 x.png"  # printable text untouched
+    assert printable("a\\b") == "a\\\\b"  # a backslash doubled, even where nothing else is escaped:
+    assert printable("a\\nb") != printable("a\nb")  # a backslash and an n read as a newline (red-team round 37)
     assert printable("a\nb\\n") == "a\\nb\\\\n"  # escaped, and then no escape can be forged
     assert printable("\u202egnp.exe\x00\t") == "\\u202egnp.exe\\x00\\t"
 
