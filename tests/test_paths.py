@@ -855,6 +855,23 @@ def test_mkdir_takes_parents_and_exist_ok_as_pathlib_does(tree: Path, how: str) 
     assert (tree / "out" / "file").read_text() == "a file"
 
 
+@pytest.mark.parametrize("how", ["broker", "spawn-grant"])
+def test_mkdir_with_parents_makes_as_many_levels_as_a_path_can_hold(tree: Path, how: str) -> None:
+    """make_dirs was a recursion: 980 levels raised RecursionError in the
+    worker (red-team round 37), where a path of 4096 bytes holds about
+    2,000."""
+    deep = "out/" + "/".join(["d"] * 1500)
+    rights = Rights.LOOKUP | Rights.MKDIRAT | Rights.FSTAT | Rights.SEEK
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        if how == "broker":
+            w = b.spawn(DirMaker)
+        else:
+            w = b.spawn(DirMaker, grants={"out": b.opendir("out/", rights)})
+        assert w.make(how, deep, True, False) == "made"
+        assert w.make(how, deep, True, True) == "made"
+    assert (tree / deep).is_dir()
+
+
 def _mkdir_events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
     return [(e["path"], e["decision"], e["reason"]) for e in  # type: ignore[attr-defined]
             (r.privsep for r in caplog.records if r.name == "privsep.audit") if e["request"] in ("mkdir", "dmkdir")]
