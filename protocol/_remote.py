@@ -80,11 +80,21 @@ def _is_plain_key_error(exc: BaseException) -> bool:
 _STDLIB_OK: dict[str, type[BaseException]] = {"UnsupportedOperation": io.UnsupportedOperation}
 
 
+# Builtins whose constructor wants more than a message (encoding, object, positions): they come
+# back as a RemoteError that is also one of them (see _remote_unicode_error), so that `except
+# UnicodeDecodeError` catches a worker's (it came back as a UnicodeError only; user trial 16).
+_UNICODE: dict[str, type[UnicodeError]] = {
+    c.__name__: c for c in (UnicodeDecodeError, UnicodeEncodeError, UnicodeTranslateError)
+}
+
+
 def _local_class(name: str) -> type[BaseException] | None:
     if name in _OURS:
         return _OURS[name]
     if name in _STDLIB_OK:
         return _STDLIB_OK[name]
+    if name in _UNICODE:
+        return _UNICODE[name]
     obj = getattr(builtins, name, None)
     if isinstance(obj, type) and (issubclass(obj, OSError) or name in _BUILTIN_OK):
         return obj
@@ -120,6 +130,19 @@ def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.Remot
     return cls
 
 
+def _remote_unicode_error(cls: type[_errors.RemoteError], name: str, msg: str, tb: str) -> _errors.RemoteError:
+    """A ``RemoteError`` that is also a ``UnicodeDecodeError`` (or encode,
+    translate) error. Its encoding, object and positions do not travel, its
+    message does: they are set to "", an empty object and 0, and ``str()``
+    is the worker's message."""
+    kind = next(k for k in cls.__mro__ if k in _UNICODE.values())
+    empty: bytes | str = b"" if kind is UnicodeDecodeError else ""
+    exc = cls.__new__(cls)
+    kind.__init__(exc, *(() if kind is UnicodeTranslateError else ("",)), empty, 0, 0, msg)  # type: ignore[misc]
+    exc.type_name, exc.remote_message, exc.remote_traceback = name, msg, tb
+    return exc
+
+
 def _remote_os_error(cls: type[_errors.RemoteError], name: str, msg: str, tb: str, errno: int | None,
                      filename: str | None) -> _errors.RemoteError:
     """A ``RemoteError`` that is also an ``OSError`` subclass (a worker's own
@@ -146,8 +169,12 @@ def exception_from_wire(err: dict[str, Any]) -> BaseException:
             exc = _errors.RemoteError(name, msg, tb)
         elif issubclass(base, OSError):
             exc = _remote_os_error(_remote_subclass(name, base), name, msg, tb, err["errno"], err["filename"])
+        elif base in _UNICODE.values():
+            exc = _remote_unicode_error(_remote_subclass(name, base), name, msg, tb)
         else:
             exc = _remote_subclass(name, base)(name, msg, tb)
+    elif cls in _UNICODE.values():
+        exc = _remote_unicode_error(_remote_subclass(name, cls), name, msg, tb)
     elif issubclass(cls, _errors.NotCapable):
         exc = cls(msg, err["errno"] or 13, err["filename"])
     elif issubclass(cls, OSError):

@@ -971,6 +971,10 @@ class _StrSubclass(Exception):
         return _Text("a message")
 
 
+class _OwnDecodeError(UnicodeDecodeError):
+    pass
+
+
 class OddErrors(Worker):
     @rpc
     def raise_(self, kind: str) -> None:
@@ -988,6 +992,12 @@ class OddErrors(Worker):
             ElementTree.fromstring("<a>")  # ParseError, a SyntaxError (the module: imported at the top)
         if kind == "name":
             return undefined_name  # type: ignore[name-defined,no-any-return] # noqa: F821
+        if kind == "decode":
+            b"abc\xff".decode()
+        if kind == "encode":
+            "é".encode("ascii")
+        if kind == "own-decode":
+            raise _OwnDecodeError("utf-8", b"x", 0, 1, "not this one")
         if kind == "notes-not-a-list":
             exc = ValueError("noted")
             exc.__notes__ = 5  # type: ignore[attr-defined]
@@ -1019,6 +1029,24 @@ def test_a_remote_builtin_exception_keeps_its_args(ro_broker: Broker) -> None:
     assert str(syntax.value) == "no element found: line 1, column 3"
     with pytest.raises(NameError, match="name 'undefined_name' is not defined"):
         w.raise_("name")
+
+
+def test_a_remote_unicode_error_is_caught_as_its_builtin(ro_broker: Broker) -> None:
+    """A worker's UnicodeDecodeError came back as a UnicodeError only (its
+    constructor wants encoding, object and positions, which do not travel):
+    `except UnicodeDecodeError`, the usual guard against bad input, missed
+    it (user trial 16). It is a RemoteError that is also the builtin, its
+    str() the worker's message."""
+    w = ro_broker.spawn(OddErrors)
+    with pytest.raises(UnicodeDecodeError) as decode:
+        w.raise_("decode")
+    assert str(decode.value) == "'utf-8' codec can't decode byte 0xff in position 3: invalid start byte"
+    assert isinstance(decode.value, RemoteError) and decode.value.type_name == "UnicodeDecodeError"
+    with pytest.raises(UnicodeEncodeError, match="'ascii' codec can't encode character"):
+        w.raise_("encode")
+    with pytest.raises(UnicodeDecodeError) as own:  # a class of the worker's own: its nearest builtin
+        w.raise_("own-decode")
+    assert own.value.type_name == "_OwnDecodeError" and str(own.value).endswith("not this one")
 
 
 class _OwnIOError(OSError):
