@@ -63,7 +63,7 @@ from ._capability import Capability
 from ._cgroup import CgroupSupport, WorkerCgroup
 from ._cgroup import probe as cgroup_probe
 from ._deliver import Drain, Opener, Outgoing, deliver
-from ._exit import WorkerExit
+from ._exit import SETUP_FAILED, WorkerExit
 from ._handle import (
     _EXIT_GRACE,
     HANDLE_NAMES,
@@ -953,14 +953,14 @@ class Broker:
             hint = "" if limits.address_space is None else (
                 f"; Limits.address_space ({_size(limits.address_space)}) is too small for this worker"
             )
-            return WorkerExit("oom", f"setup or sandbox entry ran out of memory ({text}){hint}")
+            return WorkerExit("oom", f"{SETUP_FAILED} ran out of memory ({text}){hint}")
         emfile = getattr(cause, "errno", None) == errno.EMFILE or os.strerror(errno.EMFILE) in str(cause)
         if emfile and limits.open_files is not None:  # (a SandboxError carries the errno's text only)
-            return WorkerExit("crashed", f"setup or sandbox entry failed: {text}; Limits.open_files "
+            return WorkerExit("crashed", f"{SETUP_FAILED} failed: {text}; Limits.open_files "
                                          f"({limits.open_files}) leaves the worker no fd to make")
         if isinstance(cause, TypeError) and "__init__() missing" in str(cause):
             text += " (a worker is made with no arguments: give it settings as class attributes or in a call)"
-        return WorkerExit("crashed", f"setup or sandbox entry failed: {text}")
+        return WorkerExit("crashed", f"{SETUP_FAILED} failed: {text}")
 
     def _await_ready(self, handle: WorkerHandle) -> None:
         """Read and check the worker's handshake (the channel is readable)."""

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 
 from protocol import PolicyViolation, WorkerCrashed, WorkerTimeout
 
+#: How the reason of a worker that could not start begins: its setup() or its
+#: sandbox entry raised (reported by the worker itself), which a pool takes for
+#: its initializer failing.
+SETUP_FAILED = "setup or sandbox entry"
+
 
 @dataclass(frozen=True)
 class WorkerExit:

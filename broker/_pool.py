@@ -21,13 +21,13 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from typing import TYPE_CHECKING, Any, cast
 
-from protocol import PrivsepError
+from protocol import PrivsepError, WorkerCrashed
 from protocol._wire import KIND_DIR, KIND_FILE
 from worker import Worker
 from worker._rpc import is_rpc
 
 from ._capability import Capability
-from ._exit import WorkerExit
+from ._exit import SETUP_FAILED, WorkerExit
 from ._handle import WorkerHandle, output_paths
 from ._options import call_timeout, count, optional_count
 
@@ -345,6 +345,19 @@ class WorkerPool(Executor):
         try:
             # (called by name: no clash with its attributes)
             handle = self._broker._spawn(self.cls, self.timeout, grants)
+        except WorkerCrashed as exc:
+            if exc.exit is not None and exc.exit.reason.startswith(SETUP_FAILED):
+                # Its setup(), the pool's initializer, or its sandbox entry raised: so will the
+                # next one's. As ProcessPoolExecutor's pool breaks when its initializer fails;
+                # a new worker per task, each failing alike, hid it (user trial 16).
+                with self._lock:
+                    first = self._broken is None
+                    self._broken = self._broken or f"a new worker could not start: {exc.exit.reason}"
+                    broken = PoolBroken(self._broken)
+                if first:
+                    log.warning("pool %s: broken: %s", self.cls.__name__, self._broken)
+                self._fail_queued(broken)
+            raise
         finally:
             for cap in (grants or {}).values():
                 cap.close()  # (the worker has its own)

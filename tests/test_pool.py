@@ -148,6 +148,34 @@ def test_each_pool_worker_has_its_grants_open_files_of_its_own(tmp_path: Path) -
         assert open_fds(b) == before
 
 
+class BadSetup(Worker):
+    def setup(self) -> None:
+        raise RuntimeError("init failed")
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_pool_whose_workers_cannot_set_up_is_broken(tmp_path: Path) -> None:
+    """setup() is the pool's initializer: one that raises breaks the pool,
+    as ProcessPoolExecutor's initializer does. Each task started a new
+    worker that failed alike, and the pool's counters said nothing of them
+    (user trial 16)."""
+    with Broker(Policy(), root=tmp_path) as b:
+        before = b.spawn(Reader).id  # (ids count every worker started in this process)
+        pool = b.pool(BadSetup, size=2)
+        futures = [pool.submit(BadSetup.ping) for _ in range(5)]
+        for fut in futures:  # (queued behind the slots' first starts, or taken by one)
+            exc = fut.exception(30)
+            assert isinstance(exc, (PoolBroken, WorkerCrashed)) and "RuntimeError: init failed" in str(exc), exc
+        with pytest.raises(PoolBroken, match=r"could not start: setup or sandbox entry failed: RuntimeError: init "):
+            pool.submit(BadSetup.ping)
+        pool.shutdown()
+        probe = b.spawn(Reader)
+        assert probe.id - before == 3, (before, probe.id)  # the two slots' workers, each started once
+
+
 def test_pool_is_an_executor(broker: Broker) -> None:
     with broker.pool(Calc, size=2) as pool:
         assert isinstance(pool, Executor)
