@@ -1399,7 +1399,9 @@ class Broker:
                 __file__,
                 0,
                 "%s %s %s %s%s",
-                (handle.name, op, printable(shown), decision, f" ({printable(reason)})" if reason else ""),
+                # The path quoted (a Python literal: escaped, and its quotes too), so that no path
+                # reads as more fields: "secret granted (ok)" denied read as granted (red-team round 38).
+                (handle.name, op, repr(shown), decision, f" ({printable(reason)})" if reason else ""),
                 None,
                 extra={"privsep": event},
             )

@@ -29,6 +29,7 @@ from worker._rpc import is_rpc
 from ._capability import Capability
 from ._exit import SETUP_FAILED, WorkerExit
 from ._handle import WorkerHandle, output_paths
+from ._logtext import printable
 from ._options import call_timeout, count, optional_count
 
 if TYPE_CHECKING:
@@ -268,7 +269,7 @@ class WorkerPool(Executor):
             try:
                 handle.stop(0.0)
             except RuntimeError as exc:  # (its call did not end after the kill: logged, the rest go on)
-                log.warning("pool %s: %s", self.cls.__name__, exc)
+                log.warning("pool %s: %s", self.cls.__name__, printable(str(exc)))
 
     def _join(self) -> None:
         for t in self._threads:
@@ -354,8 +355,8 @@ class WorkerPool(Executor):
                     first = self._broken is None
                     self._broken = self._broken or f"a new worker could not start: {exc.exit.reason}"
                     broken = PoolBroken(self._broken)
-                if first:
-                    log.warning("pool %s: broken: %s", self.cls.__name__, self._broken)
+                if first:  # (the worker's setup() wrote the reason's text: escaped)
+                    log.warning("pool %s: broken: %s", self.cls.__name__, printable(self._broken))
                 self._fail_queued(broken)
             raise
         finally:

@@ -386,7 +386,7 @@ def test_audit_events_beneath_a_directory_proxy_name_the_file(tree: Path, caplog
         ("pass", "data/secret", "granted"),
         ("dstat", "data/secret/x.txt", "granted"),
     ]
-    assert "dopen data/secret/x.txt granted" in caplog.text
+    assert "dopen 'data/secret/x.txt' granted" in caplog.text  # (the line quotes the path)
 
 
 class Speller(Worker):
@@ -486,6 +486,14 @@ class Forger(Worker):
             return type(exc).__name__
         return "opened"
 
+    @rpc
+    def open_named(self, path: str) -> str:
+        try:
+            self.broker.open(path, READ)
+        except OSError as exc:
+            return type(exc).__name__
+        return "opened"
+
 
 class ForgingSetup(Worker):
     def setup(self) -> None:
@@ -506,12 +514,18 @@ def test_worker_text_cannot_start_a_log_line_of_its_own(tree: Path, caplog: pyte
         assert b.spawn(Forger).forge_audit(forged) == "FileNotFoundError"
         with pytest.raises(WorkerCrashed):
             b.spawn(ForgingSetup)
+        pool = b.pool(ForgingSetup, size=1)  # broken by its setup(), and its log line says why (round 38)
+        deadline = time.monotonic() + 30
+        while pool._broken is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pool.shutdown()
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("privsep")]
     assert lines and all(line.isprintable() for line in lines), lines
+    assert [r for r in caplog.records if r.name == "privsep.pool" and "broken" in r.getMessage()]
     asked = [r for r in caplog.records if r.name == "privsep.audit" and r.privsep["request"] == "open"]  # type: ignore[attr-defined]
     assert [r.privsep["path"] for r in asked] == [f"data/x\n{forged}"]  # type: ignore[attr-defined]
-    assert asked[0].getMessage().endswith(f"open data/x\\n{forged} failed (No such file or directory)")
-    (end,) = [r for r in caplog.records if r.name == "privsep.broker" and "ForgingSetup" in r.getMessage()]
+    assert asked[0].getMessage().endswith(f"open {'data/x' + chr(10) + forged!r} failed (No such file or directory)")
+    end = next(r for r in caplog.records if r.name == "privsep.broker" and "ForgingSetup" in r.getMessage())
     assert "boom\\rINFO privsep.broker worker #1 ended: ok (stopped)\\u2028\\x1b[2K" in end.getMessage()
     assert "boom\rINFO" in end.privsep["reason"]  # type: ignore[attr-defined]
 
@@ -955,6 +969,22 @@ def test_what_code_writes_to_fds_1_and_2_goes_nowhere_unless_asked_for(
         for _ in range(3):  # from the first call, fds 1 and 2 are /dev/null: every write succeeds
             assert w.mixed() == "done" and w.flood(1 << 20) == [1 << 20, ""]
         assert _printed(caplog) == [] and w.alive
+
+
+def test_an_audit_lines_path_reads_as_one_field(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Spaces are printable: a refused request for "nope granted (ok)" read
+    "open data/nope granted (ok) failed (...)", a grant to whoever reads the
+    line by its fields (red-team round 38). The path is quoted."""
+    caplog.set_level(logging.INFO, logger="privsep.audit")
+    with Broker(default_policy(), root=tree) as b:
+        w = b.spawn(Forger)
+        assert w.open_named("data/nope granted (ok)") == "FileNotFoundError"
+        assert w.open_named("data/it's \"both\"") == "FileNotFoundError"
+    opens = [r.getMessage() for r in caplog.records if r.privsep["request"] == "open"]  # type: ignore[attr-defined]
+    assert [m.split(" open ", 1)[1] for m in opens] == [
+        "'data/nope granted (ok)' failed (No such file or directory)",
+        "'data/it\\'s \"both\"' failed (No such file or directory)",
+    ]
 
 
 def test_log_text_escapes_exactly_what_is_not_printable() -> None:
