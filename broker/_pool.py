@@ -132,6 +132,7 @@ class WorkerPool(Executor):
         self._handles: list[WorkerHandle | None] = [None] * size
         self._crashed = [False] * size
         self._shutdown = False
+        self._given_up = False  # left by Ctrl-C or a cancel: no task starts any more (see _give_up)
         self._closed: Future[None] | None = None  # (aclose's wait for the slots' threads)
         self._broken: str | None = None
         self._slots_left = size  # slots whose thread has not ended (the last lets the grants go)
@@ -262,6 +263,9 @@ class WorkerPool(Executor):
         does: a Ctrl-C at the terminal never reaches them (each leads its own
         process group), and the block waited for every task still queued (5.3
         s after a Ctrl-C in a user trial)."""
+        with self._lock:
+            # (a task its slot took but has not started yet, its worker being made, is not started)
+            self._given_up = True
         self.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             running = list(self._running.values())
@@ -339,6 +343,8 @@ class WorkerPool(Executor):
         with self._lock:
             if self._broken:
                 raise PoolBroken(self._broken)
+            if self._given_up:  # (no worker is made for a task that will not run)
+                raise CancelledError("the pool was given up (Ctrl-C or a cancel) before this task ran")
             if self._crashed[slot]:
                 self._crashed[slot] = False
                 self.restarts += 1
@@ -441,7 +447,7 @@ class WorkerPool(Executor):
                             self._fail_queued(exc)
                         break
                     with self._lock:
-                        abandoned = fut in self._abandoned
+                        abandoned = fut in self._abandoned or self._given_up
                         if abandoned:
                             self._abandoned.discard(fut)
                         else:

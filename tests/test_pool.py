@@ -802,6 +802,34 @@ def test_a_pool_block_left_by_ctrl_c_gives_its_tasks_up(tmp_path: Path) -> None:
         assert pool._finished() and b.workers == []
 
 
+class SlowStart(Worker):
+    def setup(self) -> None:
+        time.sleep(1.0)
+
+    @rpc
+    def nap(self, t: float) -> float:
+        time.sleep(t)
+        return t
+
+
+def test_a_ctrl_c_while_a_slot_makes_a_worker_starts_no_task(tmp_path: Path) -> None:
+    """A task its slot had taken while it made a new worker (a recycle, a
+    crash) was in neither the queue nor the running tasks: a Ctrl-C then
+    let it run to its end once the worker was made, and the block waited
+    for it (red-team round 38, 3 of 3 runs)."""
+    with Broker(Policy(), root=tmp_path) as b:
+        with pytest.raises(KeyboardInterrupt), b.pool(SlowStart, size=1, recycle_after=1) as pool:
+            first, second, third = (pool.submit(SlowStart.nap, 0.1) for _ in range(3))
+            assert first.result(30) == 0.1
+            time.sleep(0.3)  # (the slot has taken `second`, and waits for the next worker's setup())
+            t0 = time.monotonic()
+            signal.raise_signal(signal.SIGINT)
+        assert time.monotonic() - t0 < 1.5, time.monotonic() - t0  # (the worker being made is waited for)
+        assert isinstance(second.exception(0), CancelledError), second.exception(0)
+        assert third.cancelled()
+        assert pool._finished()
+
+
 def test_cancelled_acloses_share_one_thread(tmp_path: Path) -> None:
     """Each aclose() waited on a thread of its own, which a cancel left
     waiting until the tasks ended: 20 cancelled aclose()s of a pool with a
