@@ -74,8 +74,9 @@ TABLE: tuple[Enforcement, ...] = (
                 REFUSED),
     Enforcement("FSTATFS", f"fstatfs: {_PIN}", FILTER, "denied for every later fd; asking is refused", REFUSED),
     Enforcement("FCNTL", f"F_SETFL (never clearing O_APPEND): {_PIN}", FILTER,
-                "F_SETFL for every later fd only to add O_APPEND or O_NONBLOCK (status flags are the open file's, "
-                "which the broker's capability shares); asking is refused", REFUSED),
+                "F_SETFL for every later fd only with O_APPEND among the new flags and nothing but O_NONBLOCK "
+                "besides (status flags are the open file's, which the broker's capability shares; CPython sets "
+                "O_NONBLOCK with ioctl(FIONBIO), which is allowed); asking is refused", REFUSED),
     Enforcement("IOCTL", f"any ioctl but TIOCSTI/TIOCLINUX: {_PIN}; device ioctls also need Landlock IOCTL_DEV",
                 FILTER, "only the harmless allowlist (FIONREAD, FIOCLEX, ...) for every fd; asking is refused",
                 REFUSED),
