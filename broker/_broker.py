@@ -1055,8 +1055,11 @@ class Broker:
 
     @property
     def workers(self) -> list[WorkerHandle]:
+        """The workers running: not one whose end is recorded, though the
+        thread that recorded it has not let it go yet (a reader who saw
+        ``handle.exit`` set then found the handle still listed here)."""
         with self._lock:
-            return list(self._workers.values())
+            return [h for h in self._workers.values() if h.exit is None]
 
     # -- requests from workers --------------------------------------------
     def _serve_request(
