@@ -89,6 +89,9 @@ _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _BAD_FLAGS = _MSG_CTRUNC | _MSG_TRUNC
+# recv() returns None at the channel's end only: a message of nil is not that.
+_NIL = "a message must be a map, not nil"
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # the peer shut its end for writing (or closed it)
 _RECV_FLAGS = (_MSG_CMSG_CLOEXEC, _MSG_CMSG_CLOEXEC | _MSG_DONTWAIT)  # by nowait
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
@@ -1100,8 +1103,18 @@ class Channel:
                 os.close(fd)
             raise ProtocolError(bad)
         if n == 0 and not fds:
+            if self._peer_connected():
+                raise ProtocolError("empty packet")
             return None
         return self._view[:n], fds
+
+    def _peer_connected(self) -> bool:
+        """After a read of 0 bytes: was it an empty packet, sent by a peer
+        still connected, or the end of the channel? (SEQPACKET reads both as
+        0; only the end leaves the socket hung up.)"""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | _POLLRDHUP)
+        return not any(ev & (select.POLLHUP | _POLLRDHUP) for _, ev in poller.poll(0))
 
     def recv(self, nowait: bool = False, defer_blobs: bool = False) -> Any:
         """Receive and decode one message. Returns None on EOF. With
@@ -1113,6 +1126,8 @@ class Channel:
         if not flags & _BAD_FLAGS and 0 < n <= MAX_PACKET:
             if not anc:  # fast path: a packet without fds
                 obj = _unpack(self._view[:n], _dirref_hook if self.allow_dirref else _no_ext_hook)
+                if obj is None:
+                    raise ProtocolError(_NIL)
                 _validate(obj)
                 return obj
             if len(anc) == 1:  # fast path: exactly one fd
@@ -1124,7 +1139,10 @@ class Channel:
         if got is None:
             return None
         payload, fds = got
-        return decode(payload, fds, allow_dirref=self.allow_dirref, blob_tags=self.blob_tags, defer=defer_blobs)
+        obj = decode(payload, fds, allow_dirref=self.allow_dirref, blob_tags=self.blob_tags, defer=defer_blobs)
+        if obj is None:
+            raise ProtocolError(_NIL)
+        return obj
 
     def wait_readable(self, timeout: float | None) -> bool:
         poller = select.poll()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -138,9 +139,8 @@ def test_random_packets_cost_only_the_sender(hostile_env, pkts) -> None:  # type
     try:
         result = evil.blast([list(p) for p in pkts])
     except WorkerCrashed as exc:
-        # A packet that breaks the wire rules ends it ("protocol"); an empty one reads as
-        # its channel closed ("crashed").
-        assert exc.exit.kind in ("protocol", "crashed"), exc.exit
+        # A packet that breaks the wire rules ends it ("protocol"), an empty one included.
+        assert exc.exit.kind == "protocol", exc.exit
     except Exception:
         if forged != "err":
             raise  # only an 'err' the worker forged as the call's answer raises a remote exception
@@ -188,6 +188,8 @@ BOUND_CASES = [
     ),
     (msgpack.packb([1, 2, 3]), 0, "must be a map"),
     (b"\xa3ab", 0, "malformed"),
+    (b"", 0, "empty packet"),  # (not the channel's end: the worker is still connected)
+    (msgpack.packb(None), 0, "not nil"),  # (recv() says None at the channel's end only)
 ]
 
 
@@ -224,6 +226,34 @@ def test_channel_round_trip_and_fd_close_on_error() -> None:
         os.close(r)
         os.close(w)
         a.close()
+        b.close()
+
+
+def test_an_empty_packet_is_not_the_channels_end() -> None:
+    """SEQPACKET reads an empty packet and the peer's close both as 0 bytes:
+    only a peer that hung up is the end (None); one still connected broke the
+    wire rules. A message of nil is not the end either."""
+    a, b = Channel.pair()
+    try:
+        a.send_raw(b"")
+        with pytest.raises(ProtocolError, match="empty packet"):
+            b.recv()
+        a.send_raw(msgpack.packb(None))
+        with pytest.raises(ProtocolError, match="not nil"):
+            b.recv()
+        a.send_raw(msgpack.packb({"k": 1}))
+        assert b.recv() == {"k": 1}  # the channel goes on
+        a.sock.shutdown(socket.SHUT_WR)
+        assert b.recv() is None
+    finally:
+        a.close()
+        b.close()
+    a, b = Channel.pair()
+    a.close()
+    try:
+        assert b.recv() is None
+        assert b.recv_raw() is None
+    finally:
         b.close()
 
 
