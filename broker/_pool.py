@@ -82,9 +82,10 @@ class WorkerPool(Executor):
 
     ``exits`` holds how the last ``EXITS_KEPT`` workers it retired ended
     (oldest first; a long-lived pool of hostile input retires many, and
-    must not keep them all); ``ended`` counts them all. ``restarts`` counts
-    the workers started to replace a crashed one, when its slot's next task
-    comes (a recycled worker's successor is no restart).
+    must not keep them all); ``ended`` counts them all, one whose
+    ``setup()`` failed included. ``restarts`` counts the workers started to
+    replace a crashed one, when its slot's next task comes (a recycled
+    worker's successor is no restart).
     """
 
     EXITS_KEPT = 1000
@@ -353,6 +354,9 @@ class WorkerPool(Executor):
             # (called by name: no clash with its attributes)
             handle = self._broker._spawn(self.cls, self.timeout, grants)
         except WorkerCrashed as exc:
+            if exc.exit is not None:  # a worker it started ended, if only in setup(): counted as any other
+                self.exits.append(exc.exit)
+                self.ended += 1
             if exc.exit is not None and exc.exit.reason.startswith(SETUP_FAILED):
                 # Its setup(), the pool's initializer, or its sandbox entry raised: so will the
                 # next one's. As ProcessPoolExecutor's pool breaks when its initializer fails;

@@ -174,6 +174,10 @@ def test_a_pool_whose_workers_cannot_set_up_is_broken(tmp_path: Path) -> None:
         pool.shutdown()
         probe = b.spawn(Reader)
         assert probe.id - before == 3, (before, probe.id)  # the two slots' workers, each started once
+        # Both ended, and the pool's counters say so (they said nothing of a worker whose setup() failed).
+        assert pool.ended == 2 and len(pool.exits) == 2, (pool.ended, pool.exits)
+        assert all(e.kind == "crashed" and "RuntimeError: init failed" in e.reason for e in pool.exits), pool.exits
+        assert pool.restarts == 0
 
 
 def test_pool_is_an_executor(broker: Broker) -> None:
