@@ -31,8 +31,8 @@ class NotCapable(PrivsepError, PermissionError):
         base = self.strerror or "not capable"
         return f"{base}: {self.filename!r}" if self.filename is not None else base
 
-    def __reduce__(self) -> Any:  # never pickled over the wire; only for copy/pytest
-        return (type(self), (self.strerror, self.errno, self.filename))
+    def __reduce__(self) -> Any:  # never pickled over the wire; for copy, and pickle between the caller's processes
+        return (type(self), (self.strerror, self.errno, self.filename), self.__dict__ or None)
 
 
 class UnsupportedRights(NotCapable):
@@ -69,6 +69,33 @@ class RemoteError(PrivsepError):
         self.type_name = type_name
         self.remote_message = message
         self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> Any:
+        """Made again from what came over the wire, so that ``copy`` and
+        ``pickle`` (between the caller's own processes: never over a channel)
+        work for the classes made on arrival too, which no module holds."""
+        cls = type(self)
+        if cls is not RemoteError and cls.__module__ != _REMOTE_MODULE:
+            return super().__reduce__()  # a subclass of the caller's own
+        bases = cls.__bases__
+        wire = {
+            "type": self.type_name,
+            "msg": self.remote_message,
+            "errno": self.errno if isinstance(self, OSError) else None,
+            "filename": self.filename if isinstance(self, OSError) else None,
+            "tb": self.remote_traceback,
+            "base": bases[1].__name__ if len(bases) == 2 else "Exception",
+        }
+        return (_remote_from_wire, (wire,), self.__dict__)
+
+
+_REMOTE_MODULE = "privsep.remote"  # the module named by the classes made for a worker's exceptions
+
+
+def _remote_from_wire(wire: dict[str, Any]) -> BaseException:
+    from ._remote import exception_from_wire  # (it imports this module)
+
+    return exception_from_wire(wire)
 
 
 class WorkerCrashed(PrivsepError):

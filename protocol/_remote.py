@@ -124,7 +124,7 @@ def _remote_subclass(name: str, base: type[BaseException]) -> type[_errors.Remot
         label = name if name.isidentifier() else "RemoteException"
         # Named as the worker's class, so its str() is the message alone, as the
         # original's was: "JSONDecodeError: JSONDecodeError: ..." said the name twice.
-        cls = type(label, (_errors.RemoteError, base), {"__module__": "privsep.remote", "__str__": _message_only})
+        cls = type(label, (_errors.RemoteError, base), {"__module__": _errors._REMOTE_MODULE, "__str__": _message_only})
         if len(_remote_classes) < MAX_REMOTE_CLASSES:
             _remote_classes[key] = cls
     return cls

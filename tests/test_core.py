@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -1049,6 +1050,55 @@ def test_a_remote_unicode_error_is_caught_as_its_builtin(ro_broker: Broker) -> N
     assert own.value.type_name == "_OwnDecodeError" and str(own.value).endswith("not this one")
 
 
+def _unpickled_elsewhere(data: bytes) -> str:
+    """What a fresh interpreter (none of the classes made on arrival) makes of a pickle."""
+    code = (
+        "import pickle, sys; e = pickle.loads(sys.stdin.buffer.read()); "
+        "print(type(e).__name__, [k.__name__ for k in type(e).__mro__[1:3]], repr(str(e)), "
+        "getattr(e, 'errno', None), 'Traceback in the worker' in ''.join(e.__notes__))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().strip()
+
+
+def test_a_remote_exception_copies_and_pickles(ro_broker: Broker) -> None:
+    """A worker's exception of a class made on arrival could not be copied
+    (copy calls the class with its args) nor pickled (no module holds the
+    class): the caller could not hand it to another process of its own, as
+    ProcessPoolExecutor does with a task's exception. Each is made again from
+    what came over the wire, with its notes and fields."""
+    w = ro_broker.spawn(OddErrors)
+    caught: list[BaseException] = []
+    for call in (lambda: w.raise_named("ParseFailure"), lambda: w.raise_("decode"), lambda: w.raise_("str-fails"),
+                 lambda: w.raise_("xml")):
+        with pytest.raises(Exception) as info:
+            call()
+        caught.append(info.value)
+    for exc in caught:
+        assert isinstance(exc, RemoteError), exc
+        for twin in (copy.copy(exc), copy.deepcopy(exc), pickle.loads(pickle.dumps(exc))):
+            assert type(twin) is type(exc) and str(twin) == str(exc), (twin, exc)
+            assert twin.type_name == exc.type_name and twin.remote_traceback == exc.remote_traceback
+            assert twin.__notes__ == exc.__notes__ and len(twin.__notes__) == 1
+    named, decode = caught[0], caught[1]
+    assert isinstance(pickle.loads(pickle.dumps(named)), ValueError)
+    assert _unpickled_elsewhere(pickle.dumps(named)) == "ParseFailure ['RemoteError', 'PrivsepError'] 'named' None True"
+    assert _unpickled_elsewhere(pickle.dumps(decode)).startswith("UnicodeDecodeError ['RemoteError', 'PrivsepError']")
+    own = ro_broker.spawn(OsErrors)
+    with pytest.raises(OSError) as oserror:
+        own.raise_("own")
+    assert _unpickled_elsewhere(pickle.dumps(oserror.value)) == (
+        "_OwnIOError ['RemoteError', 'PrivsepError'] 'disk trouble' 5 True")
+    refused = ro_broker.spawn(OsErrors)
+    with pytest.raises(NotCapable) as denied:
+        refused.raise_("denied")
+    twin = pickle.loads(pickle.dumps(denied.value))
+    assert (type(twin), str(twin), twin.errno, twin.__notes__) == (
+        NotCapable, str(denied.value), denied.value.errno, denied.value.__notes__)
+
+
 class _OwnIOError(OSError):
     pass
 
@@ -1068,6 +1118,8 @@ class OsErrors(Worker):
             raise _OwnNotFound(errno.ENOENT, "gone", "data/b.txt")
         if kind == "own-bare":
             raise _OwnIOError("no errno")
+        if kind == "denied":
+            self.broker.open("elsewhere/x")  # (no grant)
 
 
 def test_a_workers_own_oserror_comes_back_as_one(ro_broker: Broker) -> None:
