@@ -15,6 +15,14 @@ def ready_now(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def notified_now(fd: int) -> bool:
+    """Has ``fd`` (a seccomp listener) a notification now? Not merely hung up:
+    a receive then would wait for one that never comes."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(ev & select.POLLIN for _, ev in poller.poll(0))
+
+
 async def readable(fd: int, timeout: float) -> bool:
     """Wait until ``fd`` is readable (a pidfd: its process has ended); False
     after ``timeout`` seconds.

@@ -3,8 +3,10 @@ the zygote giving exactly the sandbox the other spawn methods give."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -216,6 +218,111 @@ def test_violation_names_the_syscall_and_path(tree: Path) -> None:
                                         "argument, or ask the broker (self.broker.open('relative/path')), or read "
                                         "it in setup(), which runs before sandbox entry")
         assert w.exit is not None and w.exit.kind == "violation"
+
+
+class LateOffender(Worker):
+    """Answers, then makes a forbidden syscall on a thread of its own, while
+    no call runs."""
+
+    got: Any = None
+
+    @rpc
+    def violate_later(self, delay: float, times: int = 1) -> str:
+        def offend() -> None:
+            time.sleep(delay)
+            t0, errors = time.monotonic(), []
+            for _ in range(times):
+                try:
+                    os.open("/etc/hostname", os.O_RDONLY)
+                    errors.append("opened")
+                except OSError as exc:
+                    errors.append(exc.errno)
+            LateOffender.got = errors[0] if times == 1 else (errors, time.monotonic() - t0)
+
+        threading.Thread(target=offend, daemon=True).start()
+        return "returned"
+
+    @rpc
+    def result(self) -> Any:
+        return LateOffender.got
+
+    @rpc
+    def ping(self) -> str:
+        return "pong"
+
+
+def _wait_for_end(w: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while w.exit is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_violation_between_calls_ends_the_worker_at_once(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a call waited on the sandbox's notifications: a forbidden syscall
+    made after the call had answered left its thread blocked and the worker
+    serving, unreported; stop() recorded an ok end, or a later call (another
+    task's, in a pool) took the blame (red-team round 39)."""
+    with Broker(Policy(), root=tree) as b, caplog.at_level(logging.INFO, logger="privsep.audit"):
+        w = b.spawn(LateOffender)
+        assert w.violate_later(0.05) == "returned"
+        _wait_for_end(w)  # no call, no stop: the broker sees it by itself
+        assert w.exit is not None and w.exit.kind == "violation", w.exit
+        assert w.exit.syscall in ("openat", "open") and "/etc/hostname" in w.exit.reason
+        assert not w.alive
+        with pytest.raises(PolicyViolation):
+            w.ping()
+        assert w.stop().kind == "violation"
+        witness = b.spawn(LateOffender)  # the broker serves on
+        assert witness.ping() == "pong"
+    events = [r.privsep for r in caplog.records if r.name == "privsep.audit" and r.privsep["decision"] == "denied"]
+    assert [e["request"] for e in events] == ["violation"], events
+
+
+def test_a_violation_between_awaited_calls_ends_the_worker(tree: Path) -> None:
+    async def run() -> Any:
+        async with Broker(Policy(), root=tree) as b:
+            w = await b.aspawn(LateOffender)
+            assert await w.aio.violate_later(0.05) == "returned"
+            await asyncio.sleep(0.3)
+            return await w.astop()
+
+    end = asyncio.run(run())
+    assert end.kind == "violation" and end.syscall in ("openat", "open"), end
+
+
+def test_a_violation_between_calls_is_answered_in_errno_mode(tree: Path) -> None:
+    with Broker(Policy().with_sandbox(violation="errno"), root=tree) as b:
+        w = b.spawn(LateOffender)
+        assert w.violate_later(0.05) == "returned"
+        deadline = time.monotonic() + 10
+        while w.result() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert w.result() == errno.EPERM  # answered while idle: its thread went on
+        assert w.alive and w.exit is None
+
+
+def test_violations_between_calls_answered_with_an_errno_are_throttled(tree: Path) -> None:
+    """As in a call: each is work a worker asks of the broker, and an audit event."""
+    with Broker(Policy().with_sandbox(violation="errno"), root=tree, request_rate=200.0) as b:
+        w = b.spawn(LateOffender)
+        assert w.violate_later(0.0, 600) == "returned"
+        deadline = time.monotonic() + 30
+        while w.result() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        errors, elapsed = w.result()
+        assert errors == [errno.EPERM] * 600
+        assert elapsed > 1.5, elapsed  # 600 at 200/s after a burst of 200
+
+
+def test_a_pool_worker_that_offends_between_tasks_is_replaced(tree: Path) -> None:
+    with Broker(Policy(), root=tree) as b, b.pool(LateOffender, size=1) as pool:
+        assert pool.submit(LateOffender.violate_later, 0.05).result() == "returned"
+        deadline = time.monotonic() + 10
+        while pool.ended == 0 and time.monotonic() < deadline:
+            assert pool.submit(LateOffender.ping).result() == "pong"  # never blamed on this task
+            time.sleep(0.02)
+        assert pool.ended == 1 and pool.exits[0].kind == "violation", list(pool.exits)
+        assert pool.submit(LateOffender.ping).result() == "pong"
 
 
 class Mapper(Worker):
