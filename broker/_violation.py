@@ -83,8 +83,10 @@ def _named(name: str, i: int, value: int) -> str | None:
         return _signed32(value)
     at = _SIGNAL_ARG.get(name)
     if at == i:
+        if value & 0xFFFFFFFF == 0:
+            return "0"  # (the probe of whether a process exists: no signal, and shown, never dropped as a 0x0)
         try:
-            return signal.Signals(value).name
+            return signal.Signals(value & 0xFFFFFFFF).name
         except ValueError:
             return None
     if at is not None and i < at:
@@ -93,8 +95,11 @@ def _named(name: str, i: int, value: int) -> str | None:
 
 
 def _signed32(value: int) -> str:
-    """A pid or tid, as the kernel reads it (an int)."""
-    return str(value - (1 << 32) if value & 0x80000000 and value < (1 << 32) else value)
+    """A pid or tid, as the kernel reads it: an int, the register's low 32
+    bits (kill(-1, 0) read kill(18446744073709551615), and a pid with junk
+    above them a pid that is not the one the kernel used; red-team round 39)."""
+    low = value & 0xFFFFFFFF
+    return str(low - (1 << 32) if low & 0x80000000 else low)
 
 
 def read_memory(pid: int, addr: int, size: int) -> bytes | None:

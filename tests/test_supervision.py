@@ -377,6 +377,11 @@ class Dialer(Worker):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall(101, 16, 1, 0, 0)  # ptrace(PTRACE_ATTACH, init)
 
+    @rpc
+    def raw_kill(self, pid: int, sig: int) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(62, ctypes.c_uint64(pid % 2**64), ctypes.c_uint64(sig))  # (-1: all 64 bits set)
+
 
 def test_socket_and_signal_arguments_are_shown_by_name(tree: Path) -> None:
     """The report read 'socket(0x2, 0x80001)' and 'kill(0x1b7b, 0x9)' (a
@@ -392,6 +397,12 @@ def test_socket_and_signal_arguments_are_shown_by_name(tree: Path) -> None:
         with pytest.raises(PolicyViolation) as trace:
             w.attach()  # (it read 'ptrace(0x10, 0x64e1, 0x0, 0x0, ...)'; a user trial)
         assert str(trace.value).split("for syscall ")[1].startswith("ptrace(PTRACE_ATTACH, 1)")
+        # A pid as the kernel reads it, the register's low 32 bits: kill(-1, 0) read
+        # 'kill(18446744073709551615)', the probe's 0 dropped as a trailing 0x0 (red-team round 39).
+        for pid, sig, shown in ((-1, 0, "kill(-1, 0)"), ((5 << 32) | 1, 9, "kill(1, SIGKILL)")):
+            with pytest.raises(PolicyViolation) as raw:
+                b.spawn(Dialer).raw_kill(pid, sig)
+            assert str(raw.value).split("for syscall ")[1].startswith(shown), str(raw.value)
 
 
 def test_socket_addresses_read_as_strace_shows_them() -> None:
