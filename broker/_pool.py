@@ -129,6 +129,8 @@ class WorkerPool(Executor):
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running: dict[Future[Any], WorkerHandle] = {}  # task -> the worker running it (see .aio)
+        self._pending = 0  # tasks submitted and not done
+        self._count_lock = threading.Lock()
         self._abandoned: set[Future[Any]] = set()  # cancelled as it started, before it was in _running
         self._handles: list[WorkerHandle | None] = [None] * size
         self._crashed = [False] * size
@@ -196,8 +198,15 @@ class WorkerPool(Executor):
             if self._broken:
                 raise PoolBroken(self._broken)
             fut: Future[Any] = Future()
+            with self._count_lock:
+                self._pending += 1
             self._queue.put((fut, method, args, kwargs, outputs, timeout))
-            return fut
+        fut.add_done_callback(self._task_done)
+        return fut
+
+    def _task_done(self, fut: Future[Any]) -> None:
+        with self._count_lock:  # (its own: a future may end under the pool's lock)
+            self._pending -= 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """As ``Executor.shutdown``: no more submits; the queued work runs
@@ -287,12 +296,31 @@ class WorkerPool(Executor):
     # -- introspection ----------------------------------------------------
     @property
     def workers(self) -> list[WorkerHandle]:
+        """The live workers. Each slot starts its first as the pool is made,
+        on its own thread (``pool()`` returns before they are up), and a
+        replacement when its next task comes."""
         return [h for h in self._handles if h is not None and h.alive]
+
+    @property
+    def broken(self) -> str | None:
+        """Why the pool is broken (every submit raises ``PoolBroken``), or None."""
+        return self._broken
+
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not done: queued, or running on a worker."""
+        return self._pending
+
+    @property
+    def running(self) -> int:
+        """Tasks running on a worker now."""
+        return len(self._running)
 
     # -- internals --------------------------------------------------------
     def _forked_copy(self, reason: str) -> None:
         """In a forked child: its threads did not come along; refuse work."""
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._broken = f"not this process's pool: {reason}, and its threads did not come along (make a pool here)"
         self._handles = [None] * self.size
 

@@ -180,6 +180,27 @@ def test_a_pool_whose_workers_cannot_set_up_is_broken(tmp_path: Path) -> None:
         assert pool.restarts == 0
 
 
+def test_a_pools_state_is_public(broker: Broker) -> None:
+    """What a health endpoint reads: tasks pending and running, and whether
+    (and why) the pool is broken, which only a failing submit said (a user
+    trial)."""
+    with broker.pool(Calc, size=1, restart="never") as pool:
+        assert (pool.pending, pool.running, pool.broken) == (0, 0, None)
+        futures = [pool.submit(Calc.sleep, 0.3)] + [pool.submit(Calc.square, i) for i in range(3)]
+        assert pool.pending == 4
+        deadline = time.monotonic() + 10
+        while pool.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.running == 1 and pool.pending == 4
+        assert [f.result() for f in futures[1:]] == [0, 1, 4]
+        futures[0].result()
+        assert (pool.pending, pool.running) == (0, 0)
+        with pytest.raises(WorkerCrashed):
+            pool.submit(Calc.die).result()
+        assert pool.broken is not None and "restart='never'" in pool.broken
+        assert pool.pending == 0
+
+
 def test_pool_is_an_executor(broker: Broker) -> None:
     with broker.pool(Calc, size=2) as pool:
         assert isinstance(pool, Executor)
