@@ -75,7 +75,7 @@ from ._handle import (
     close_fds_in,
     reap_dropped,
 )
-from ._idle_watch import IdleWatch
+from ._idle_watch import idle_watch
 from ._interp import checked_environ, child_env
 from ._logtext import bounded, printable, short_repr
 from ._loop import PerLoopLock
@@ -303,7 +303,6 @@ class Broker:
         self._abi: int | None = None
         self._pools: list[WorkerPool] = []
         self._background = Background()  # reaping that an event loop must not wait for
-        self._idle_watch = IdleWatch()  # forbidden syscalls of workers between calls
         self._fds = FdBudget(policy.limits.open_files)  # broker fds held for workers' requests
         self._aspawn_lock = PerLoopLock()  # orders this broker's awaited spawns, per loop
         self._spawn_lock = threading.Lock()
@@ -388,7 +387,7 @@ class Broker:
                 log.warning("close(): %s", exc)
         self._background.wait_idle(5.0)  # (workers killed during awaited calls: reaped before their zygote ends)
         self._background.shutdown()
-        self._idle_watch.wait_idle(1.0)  # (its thread ends with the last worker's watch)
+        idle_watch.settle(1.0)  # (its thread ends with the last worker's watch, in any broker)
         with self._spawn_lock:  # after a zygote spawn in progress; later ones see _closed
             if self._zygote is not None:
                 self._zygote.close()
@@ -426,7 +425,6 @@ class Broker:
         self._lock = threading.Lock()  # (another thread may have held one at the fork)
         self._spawn_lock = threading.Lock()
         self._background.forked_copy()
-        self._idle_watch.forked_copy()  # (before the handles let go of theirs)
         self._resolver.after_fork()
         parent, self._pid = self._pid, os.getpid()
         self._closer = None  # (a close of the parent's in progress is not this copy's to wait for)

@@ -37,6 +37,7 @@ from ._capability import Capability
 from ._cgroup import WorkerCgroup
 from ._deliver import Outgoing
 from ._exit import WorkerExit
+from ._idle_watch import idle_watch
 from ._logtext import printable
 from ._loop import PerLoopLock, notified_now, readable, ready_now
 from ._options import call_timeout, wait_timeout
@@ -151,7 +152,7 @@ class WorkerHandle:
         # before its refusal, at the request rate.
         chan.blob_tags = _BLOB_TAGS
         self._notify_fd = -1
-        self._watch = -1  # the idle watch's token for the listener (see _idle_watch)
+        self._watched = False  # the listener is on the idle watch (see _idle_watch)
         self._idle_due: float | None = None  # when an EPERM held to the request rate is due, between calls
         self._cpu_limited = False  # set by the broker: its RLIMIT_CPU is set (SIGXCPU can be the limit's)
         self._stderr_fd = -1  # the read end of its stderr pipe (worker_output), read when it ends
@@ -564,17 +565,18 @@ class WorkerHandle:
         """The listener hung up without a notification: no task of the worker
         is left (its channel ends too). Stop watching it; a hung-up fd would
         wake every poll at once."""
+        self._unwatch()
         fd, self._notify_fd = self._notify_fd, -1
         if fd >= 0:
             if self._poller is not None:
                 self._poller.unregister(fd)
-            self._unwatch()
             os.close(fd)
 
     def _unwatch(self) -> None:
-        token, self._watch = self._watch, -1
-        if token >= 0:
-            self._broker._idle_watch.unwatch(token)
+        """Take the listener off the idle watch (before it is closed)."""
+        if self._watched:
+            self._watched = False
+            idle_watch.unwatch(self._notify_fd)
 
     def _check_method(self, method: str) -> None:
         if method not in getattr(self.cls, "rpc_methods", ()):
@@ -1740,7 +1742,8 @@ class WorkerHandle:
     def _adopt_notify(self, fd: int) -> None:
         self._notify_fd = fd
         self._poller = None
-        self._watch = self._broker._idle_watch.watch(fd, self)
+        idle_watch.watch(fd, self)
+        self._watched = True
 
     def _exit_of(self, status: int) -> WorkerExit:
         """How a worker that ended by ``status`` ended, by what the broker knows

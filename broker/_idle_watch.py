@@ -5,10 +5,18 @@ first forbidden syscall. Between calls nobody did: a thread of a worker that
 made one after its call had answered stayed blocked, unreported and alive
 (no audit event; a ``stop()`` recorded an ``ok`` end, or the next call,
 another task's in a pool, took the blame; red-team round 39). One thread per
-broker watches every worker's listener while it has workers, and hands a
+process watches every worker's listener while there are workers, and hands a
 notification to its handle, which ends the worker (or answers EPERM) as a
 call would, if no call holds it; a call that does sees it itself, or the
-watch tries again once the call has let go.
+watch asks again once the call has let go.
+
+The watch polls the handles' own listener fds and never reads, answers or
+closes one: a handle takes its fd off the watch before closing it, and the
+handle re-checks its own fd under its call lock before acting, so an event
+for a number closed and reused meanwhile (a handle dropped unclosed) costs
+one spurious wake-up, nothing else. Its wake-up pipe is the process's for
+good (made at import; anew in a forked child): a thread that closed it when
+idle could close it under its own poll, and a dropped broker lose two fds.
 """
 
 from __future__ import annotations
@@ -31,61 +39,55 @@ class _Watched(Protocol):
 
 
 class IdleWatch:
-    """One thread, started with the first watch and ending with the last.
-    Each watch holds a duplicate of the listener, owned here: the handle
-    closes its own at the worker's end, and a number reused meanwhile must
-    not be polled in its place. A watch ends when its listener hangs up (no
-    task of the worker is left) or its handle is gone or has ended."""
+    """One thread, started with the first watch and ending with the last."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)
-        self._watched: dict[int, weakref.ref[_Watched]] = {}  # our dup -> the handle
-        self._unwatched: list[int] = []  # dups to close: by the thread, which may be polling them
+        self._watched: dict[int, weakref.ref[_Watched]] = {}  # listener fd -> its handle
         self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def after_fork_in_child(self) -> None:
+        """The thread did not come along, and the workers are the parent's;
+        the pipe is shared with the parent, whose wake-ups a read here would
+        take. (A new one is made at the child's first watch: a forked worker
+        keeps no fd of ours.)"""
+        self._lock = threading.Lock()
+        self._watched = {}
+        self._thread = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
         self._wake_r = self._wake_w = -1
 
-    def watch(self, listener: int, handle: _Watched) -> int:
-        """Watch ``listener`` (not taken: a duplicate is) for ``handle``.
-        Returns the watch's token, for ``unwatch``."""
-        own = os.dup(listener)  # (close-on-exec, as os.dup makes it)
+    def watch(self, listener: int, handle: _Watched) -> None:
+        """Watch ``listener``, the handle's own, until ``unwatch``: call
+        that before closing it."""
         with self._lock:
-            self._watched[own] = weakref.ref(handle)
-            if self._thread is None:
+            self._watched[listener] = weakref.ref(handle)
+            if self._wake_r < 0:
                 self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="privsep-idle-watch", daemon=True)
                 self._thread.start()
             else:
                 self._wake()
-        return own
 
-    def unwatch(self, token: int) -> None:
-        """End a watch (its worker ended). Its duplicate is closed by the
-        thread, never under a poll of it: the number cannot be reused until
-        the thread has let go of it."""
+    def unwatch(self, listener: int) -> None:
         with self._lock:
-            if self._watched.pop(token, None) is not None:
-                self._unwatched.append(token)
+            if self._watched.pop(listener, None) is not None:
                 self._wake()
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until the thread has ended (no watch left); False after ``timeout`` seconds."""
+    def settle(self, timeout: float) -> None:
+        """If nothing is watched any more, wait (at most ``timeout``
+        seconds) for the thread to end, as a broker's close() waits for its
+        own threads: a program that closed its brokers has none left."""
         with self._lock:
-            return self._done.wait_for(lambda: self._thread is None, timeout)
+            thread = self._thread if not self._watched else None
+        if thread is not None:
+            thread.join(timeout)
 
-    def forked_copy(self) -> None:
-        """In a forked child: the thread did not come along, and the workers
-        are the parent's. Close this copy's duplicates."""
-        self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)
-        for fd in [*self._watched, *self._unwatched]:
-            os.close(fd)
-        self._watched.clear()
-        self._unwatched.clear()
-        self._thread = None
-        self._close_wake()
-
-    def _wake(self) -> None:  # (holding the lock, the thread running)
+    def _wake(self) -> None:  # (holding the lock)
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
@@ -97,40 +99,34 @@ class IdleWatch:
         except BaseException:  # (a bug: said; the next watch starts a new thread)
             log.exception("privsep idle-watch thread failed")
             with self._lock:
-                for fd in [*self._watched, *self._unwatched]:
-                    os.close(fd)
                 self._watched.clear()
-                self._unwatched.clear()
                 self._thread = None
-                self._close_wake()
-                self._done.notify_all()
 
     def _serve(self) -> None:
         # Listeners to look at again at a time, not polled meanwhile (a level-triggered poll would
         # spin): notified while a call held the handle, or an errno answer held to the request rate.
-        later: dict[int, float] = {}
+        later: dict[int, tuple[float, weakref.ref[_Watched]]] = {}
         while True:
             with self._lock:
-                for fd in self._unwatched:
-                    later.pop(fd, None)
-                    os.close(fd)
-                self._unwatched.clear()
                 if not self._watched:
                     self._thread = None
-                    self._close_wake()
-                    self._done.notify_all()
                     return
-                watched = list(self._watched)
+                watched = dict(self._watched)
                 wake = self._wake_r
+            for fd in list(later):
+                if watched.get(fd) is not later[fd][1]:
+                    del later[fd]  # (unwatched, or its number now another worker's)
             poller = select.poll()
             poller.register(wake, select.POLLIN)
             for fd in watched:
                 if fd not in later:
                     poller.register(fd, select.POLLIN)
-            timeout = None if not later else max(0, math.ceil((min(later.values()) - time.monotonic()) * 1000))
+            timeout = None
+            if later:
+                timeout = max(0, math.ceil((min(when for when, _ in later.values()) - time.monotonic()) * 1000))
             events = poller.poll(timeout)
             now = time.monotonic()
-            events += [(fd, select.POLLIN) for fd, when in later.items() if when <= now]
+            events += [(fd, select.POLLIN) for fd, (when, _) in later.items() if when <= now]
             for fd, ev in events:
                 if fd == wake:
                     self._drain_wake()
@@ -139,15 +135,25 @@ class IdleWatch:
                 with self._lock:
                     ref = self._watched.get(fd)
                 if ref is None:
-                    continue  # unwatched meanwhile: closed at the top of the loop
+                    continue  # unwatched meanwhile
                 handle = ref()
-                if handle is None or (ev & _GONE and not ev & select.POLLIN):
-                    self.unwatch(fd)  # (no task of the worker left, or nobody holds its handle)
+                if handle is None:  # (dropped unclosed: its fd closed, not unwatched)
+                    self._forget(fd, ref)
+                    continue
+                if ev & _GONE and not ev & select.POLLIN:
+                    # Hung up: no task of the worker is left to make a syscall (or an fd closed
+                    # without unwatch). Polled on, it would wake every poll.
+                    self._forget(fd, ref)
                     continue
                 again = handle._idle_notification()
                 del handle
                 if again is not None:
-                    later[fd] = again
+                    later[fd] = (again, ref)
+
+    def _forget(self, fd: int, ref: weakref.ref[_Watched]) -> None:
+        with self._lock:
+            if self._watched.get(fd) is ref:
+                del self._watched[fd]
 
     def _drain_wake(self) -> None:
         while True:
@@ -157,8 +163,7 @@ class IdleWatch:
             except BlockingIOError:
                 return
 
-    def _close_wake(self) -> None:
-        fds, (self._wake_r, self._wake_w) = (self._wake_r, self._wake_w), (-1, -1)
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+
+#: The process's watch, shared by its brokers.
+idle_watch = IdleWatch()
+os.register_at_fork(after_in_child=idle_watch.after_fork_in_child)
