@@ -895,7 +895,9 @@ def test_an_awaited_task_the_pool_cancels_raises_the_executors_cancelled_error(t
     async def main(b: Broker) -> tuple[list[BaseException | float], BaseException | None]:
         pool = b.pool(Calc, size=1)
         running = asyncio.ensure_future(pool.aio.submit(Calc.sleep, 0.5))
-        await asyncio.sleep(0.2)  # (running)
+        deadline = time.monotonic() + 30
+        while pool.running == 0 and time.monotonic() < deadline:  # (a fixed 0.2 s was too short under load)
+            await asyncio.sleep(0.01)
         queued = [asyncio.ensure_future(pool.aio.submit(Calc.square, i)) for i in range(3)]
         mine = asyncio.ensure_future(pool.aio.submit(Calc.square, 9))
         await asyncio.sleep(0.05)
