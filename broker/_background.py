@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ._loop import drain, poke
+
 log = logging.getLogger("privsep.broker")
 _OFFLOAD_THREADS = 4
 _T = TypeVar("_T")
@@ -118,10 +120,7 @@ class Background:
             self._thread = threading.Thread(target=self._run, name="privsep-background", daemon=True)
             self._thread.start()
         else:
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass  # (woken already)
+            poke(self._wake_w)
 
     def _run(self) -> None:
         try:
@@ -153,12 +152,7 @@ class Background:
                 poller.register(pidfd, select.POLLIN)
             for fd, _ in poller.poll():
                 if fd == self._wake_r:
-                    while True:
-                        try:
-                            if not os.read(self._wake_r, 64):
-                                break
-                        except BlockingIOError:
-                            break
+                    drain(self._wake_r)
                     continue
                 with self._lock:
                     then = self._after_exit.pop(fd, None)

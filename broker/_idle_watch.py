@@ -30,6 +30,8 @@ import time
 import weakref
 from typing import Protocol
 
+from ._loop import drain, poke
+
 log = logging.getLogger("privsep.broker")
 _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -88,10 +90,7 @@ class IdleWatch:
             thread.join(timeout)
 
     def _wake(self) -> None:  # (holding the lock)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # (woken already)
+        poke(self._wake_w)
 
     def _run(self) -> None:
         try:
@@ -129,7 +128,7 @@ class IdleWatch:
             events += [(fd, select.POLLIN) for fd, (when, _) in later.items() if when <= now]
             for fd, ev in events:
                 if fd == wake:
-                    self._drain_wake()
+                    drain(wake)
                     continue
                 later.pop(fd, None)
                 with self._lock:
@@ -154,14 +153,6 @@ class IdleWatch:
         with self._lock:
             if self._watched.get(fd) is ref:
                 del self._watched[fd]
-
-    def _drain_wake(self) -> None:
-        while True:
-            try:
-                if not os.read(self._wake_r, 64):
-                    return
-            except BlockingIOError:
-                return
 
 
 #: The process's watch, shared by its brokers.

@@ -15,6 +15,25 @@ def ready_now(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def poke(fd: int) -> None:
+    """Wake the thread that polls the read end of the non-blocking pipe
+    whose write end is ``fd``."""
+    try:
+        os.write(fd, b"\0")
+    except BlockingIOError:
+        pass  # (woken already)
+
+
+def drain(fd: int) -> None:
+    """Read what pokes left in the non-blocking pipe whose read end is ``fd``."""
+    while True:
+        try:
+            if not os.read(fd, 64):
+                return
+        except BlockingIOError:
+            return
+
+
 def notified_now(fd: int) -> bool:
     """Has ``fd`` (a seccomp listener) a notification now? Not merely hung up:
     a receive then would wait for one that never comes."""
