@@ -212,7 +212,10 @@ class WorkerHandle:
 
     @property
     def alive(self) -> bool:
-        return self.exit is None
+        """Is the worker's process running? One that ended while no call or
+        stop was made has no ``exit`` recorded yet: the next call, stop or
+        kill records it (nothing watches idle workers' deaths)."""
+        return self.exit is None and (self._pidfd < 0 or not ready_now(self._pidfd))
 
     # -- calling ----------------------------------------------------------
     def __getattr__(self, name: str) -> Callable[..., Any]:

@@ -199,6 +199,16 @@ def test_a_pools_state_is_public(broker: Broker) -> None:
             pool.submit(Calc.die).result()
         assert pool.broken is not None and "restart='never'" in pool.broken
         assert pool.pending == 0
+    with broker.pool(Calc, size=2) as pool:
+        deadline = time.monotonic() + 10  # (each slot starts its worker as the pool is made)
+        while len(pool.workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim = pool.workers[0]
+        os.kill(victim.pid, signal.SIGKILL)  # while idle: nothing records it yet
+        while victim.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not victim.alive and victim.exit is None
+        assert victim not in pool.workers and len(pool.workers) == 1  # (it listed the dead one)
 
 
 def test_pool_is_an_executor(broker: Broker) -> None:
