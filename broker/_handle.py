@@ -546,14 +546,24 @@ class WorkerHandle:
     def _ready_now(self) -> str | None:
         """The event already pending, if any (no waiting, no event loop)."""
         chan_fd = self._chan.fileno()
-        chan = False
+        chan = notify = False
         for fd, ev in self._poll_set().poll(0):
             if fd == chan_fd:
                 chan = True
             elif ev & select.POLLIN:
-                return "notify"
+                notify = True
             else:
                 self._drop_notify()
+        return self._first(chan, notify)
+
+    def _first(self, chan: bool, notify: bool) -> str | None:
+        """Which of two ready events a call takes first. A violation, before
+        the answer that may come with it; but one answered with an errno
+        leaves the worker running, and a worker whose threads always had one
+        waiting held its call, which never read its answer (for minutes, or
+        until its timeout; red-team round 41): the channel first then."""
+        if notify and not (chan and self.violation == "errno"):
+            return "notify"
         return "chan" if chan else None
 
     def _poll_set(self) -> select.poll:
@@ -1074,16 +1084,17 @@ class WorkerHandle:
                     if left <= 0:
                         return "timeout"
                     events = poller.poll(max(1, int(left * 1000 + 0.999)))
-                chan = False
+                chan = notify = False
                 for fd, ev in events:
                     if fd == chan_fd:
                         chan = True
                     elif ev & select.POLLIN:
-                        return "notify"
+                        notify = True
                     else:
                         self._drop_notify()
-                if chan:
-                    return "chan"
+                first = self._first(chan, notify)
+                if first is not None:
+                    return first
         polled = set(self._drains)
         for fd in polled:
             poller.register(fd, select.POLLIN)
@@ -1093,16 +1104,18 @@ class WorkerHandle:
                 if remaining is not None and remaining <= 0:
                     return "timeout"
                 events = poller.poll(None if remaining is None else max(1, int(remaining * 1000 + 0.999)))
+                notify = False
                 for fd, ev in events:
                     if fd == self._notify_fd:
                         if ev & select.POLLIN:
-                            return "notify"
-                        self._drop_notify()
-                chan = False
+                            notify = True
+                        else:
+                            self._drop_notify()
+                chan = any(fd == chan_fd for fd, _ in events)
+                if notify and self._first(chan, notify) == "notify":
+                    return "notify"
                 for fd, _ in events:
-                    if fd == chan_fd:
-                        chan = True
-                    elif fd in self._drains and not self._drains[fd].step():
+                    if fd != chan_fd and fd in self._drains and not self._drains[fd].step():
                         poller.unregister(fd)
                         polled.discard(fd)
                         del self._drains[fd]
@@ -1555,23 +1568,38 @@ class WorkerHandle:
         for a forbidden syscall made meanwhile, as a call would: the idle
         watch cannot, the stop holding the call lock, and the end read
         "stopped", with no audit event (red-team round 40). True if that
-        recorded its end."""
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)
-        poller.register(self._notify_fd, select.POLLIN)
+        recorded its end. In errno mode the answers are spaced as between
+        calls, and the grace ends at ``timeout`` however many the worker
+        makes (a flood held stop() and close() for minutes; round 41)."""
         listener = self._notify_fd
+        everything, pid_only = select.poll(), select.poll()
+        for poller in (everything, pid_only):
+            poller.register(self._pidfd, select.POLLIN)
+        everything.register(listener, select.POLLIN)
+        hung_up, next_answer = False, 0.0
         deadline = time.monotonic() + timeout
         while True:
-            events = dict(poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000))))
-            if not events or self._pidfd in events:
+            now = time.monotonic()
+            if now >= deadline:
+                if self.violation != "errno" and not hung_up and notified_now(listener):
+                    with contextlib.suppress(WorkerCrashed):
+                        self._on_notification()  # (made as the grace ran out: still its end)
+                return self.exit is not None
+            pacing = now < next_answer
+            poller = pid_only if hung_up or pacing else everything
+            until = min(deadline, next_answer) if pacing else deadline
+            events = dict(poller.poll(max(0, math.ceil((until - now) * 1000))))
+            if self._pidfd in events:
                 return False
-            if events.get(listener, 0) & select.POLLIN:
+            ready = events.get(listener, 0)
+            if ready & select.POLLIN:
                 try:
-                    self._on_notification()  # (errno: answered, and the wait goes on)
+                    self._on_notification()
                 except WorkerCrashed:
                     return True
-            else:
-                poller.unregister(listener)  # hung up: no task of it left to make one
+                next_answer = time.monotonic() + _IDLE_ERRNO_GAP  # (errno: answered, and the wait goes on)
+            elif ready:
+                hung_up = True  # no task of it left to make one
 
     def _stopped(self, status: int | None, ended_before: bool, before: tuple[WorkerExit | None, bool], grace: float
                  ) -> WorkerExit:

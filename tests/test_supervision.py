@@ -261,6 +261,30 @@ class LateOffender(Worker):
         return "armed"
 
     @rpc
+    def flood_and_ignore_stop(self, threads: int) -> str:
+        """Threads that make forbidden syscalls without end, and a stop message never obeyed."""
+        chan = self.broker._chan
+        real = chan.recv
+
+        def recv(*args: Any, **kwargs: Any) -> Any:
+            msg = real(*args, **kwargs)
+            while isinstance(msg, dict) and msg.get("t") == "stop":
+                time.sleep(3600)
+            return msg
+
+        def offend() -> None:
+            while True:
+                try:
+                    os.open("/etc/hostname", os.O_RDONLY)
+                except OSError:
+                    pass
+
+        chan.recv = recv  # type: ignore[method-assign]
+        for _ in range(threads):
+            threading.Thread(target=offend, daemon=True).start()
+        return "flooding"
+
+    @rpc
     def result(self) -> Any:
         return LateOffender.got
 
@@ -354,6 +378,24 @@ def test_a_violation_while_a_worker_stops_is_its_end(tree: Path, caplog: pytest.
     assert end is not None and end.kind == "violation" and end.syscall in ("openat", "open"), end
     events = [r.privsep for r in caplog.records if r.name == "privsep.audit" and r.privsep["decision"] == "denied"]
     assert [e["request"] for e in events] == ["violation"], events
+
+
+def test_a_flood_of_violations_does_not_hold_a_stop_past_its_timeout(tree: Path) -> None:
+    """In errno mode each is answered, and the worker lives on: stop() waited
+    until the worker left a gap between them, which 32 threads never did
+    (15-49 s, or for ever, for a timeout of 1 s), and a call took the
+    violations first, never its answer (red-team round 41)."""
+    with Broker(Policy().with_sandbox(violation="errno"), root=tree) as b:
+        w = b.spawn(LateOffender)
+        assert w.with_timeout(10).flood_and_ignore_stop(32) == "flooding"
+        for _ in range(20):  # a call reads its answer though a violation is always waiting (round 41)
+            t0 = time.monotonic()
+            assert w.with_timeout(10).ping() == "pong"
+            assert time.monotonic() - t0 < 1.0, time.monotonic() - t0
+        t0 = time.monotonic()
+        end = w.stop(timeout=0.5)
+        assert time.monotonic() - t0 < 1.5, time.monotonic() - t0
+        assert end.kind == "ok" and end.signal == signal.SIGKILL, end  # (killed after its grace)
 
 
 def test_a_pool_ends_a_worker_with_a_violation_pending_before_its_next_task(tree: Path) -> None:
