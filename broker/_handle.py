@@ -1554,7 +1554,7 @@ class WorkerHandle:
             ended_before, before = self._ended_unasked(), (self._ending, self._sigkilled)
             self._stop_sent = True
             self._chan.try_send(STOP_MESSAGE)
-            if self._notify_fd < 0:
+            if self._notify_fd < 0 or self._pidfd < 0:
                 return self._stopped(self._reap(timeout), ended_before, before, timeout)
             if self._wait_end_or_violation(timeout):
                 assert self.exit is not None

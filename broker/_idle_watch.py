@@ -15,8 +15,9 @@ closes one: a handle takes its fd off the watch before closing it, and the
 handle re-checks its own fd under its call lock before acting, so an event
 for a number closed and reused meanwhile (a handle dropped unclosed) costs
 one spurious wake-up, nothing else. Its wake-up pipe is the process's for
-good (made at import; anew in a forked child): a thread that closed it when
-idle could close it under its own poll, and a dropped broker lose two fds.
+good (made at import; in a forked child, anew at its first watch): a thread
+that closed it when idle could close it under its own poll, and a dropped
+broker would lose two fds.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class IdleWatch:
 
     def _serve(self) -> None:
         # Listeners to look at again at a time, not polled meanwhile (a level-triggered poll would
-        # spin): notified while a call held the handle, or an errno answer held to the request rate.
+        # spin): notified while a call held the handle, or an errno answer held back (its rates).
         later: dict[int, tuple[float, weakref.ref[_Watched]]] = {}
         while True:
             with self._lock:

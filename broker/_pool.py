@@ -296,9 +296,9 @@ class WorkerPool(Executor):
     # -- introspection ----------------------------------------------------
     @property
     def workers(self) -> list[WorkerHandle]:
-        """The live workers. Each slot starts its first as the pool is made,
-        on its own thread (``pool()`` returns before they are up), and a
-        replacement when its next task comes."""
+        """The workers whose process runs. Each slot starts its first as the
+        pool is made, on its own thread (``broker.pool()`` returns before
+        they are up), and a replacement when its next task comes."""
         return [h for h in self._handles if h is not None and h.alive]
 
     @property
