@@ -156,6 +156,7 @@ class WorkerHandle:
         self._watched = False  # the listener is on the idle watch (see _idle_watch)
         self._idle_due: float | None = None  # when an EPERM held to the request rate is due, between calls
         self._idle_last = 0.0  # when the last one between calls was answered
+        self._chan_turn = False  # errno mode, both ready: the channel's turn was last (see _first)
         self._cpu_limited = False  # set by the broker: its RLIMIT_CPU is set (SIGXCPU can be the limit's)
         self._stderr_fd = -1  # the read end of its stderr pipe (worker_output), read when it ends
         self._lock = threading.Lock()
@@ -559,10 +560,15 @@ class WorkerHandle:
     def _first(self, chan: bool, notify: bool) -> str | None:
         """Which of two ready events a call takes first. A violation, before
         the answer that may come with it; but one answered with an errno
-        leaves the worker running, and a worker whose threads always had one
-        waiting held its call, which never read its answer (for minutes, or
-        until its timeout; red-team round 41): the channel first then."""
-        if notify and not (chan and self.violation == "errno"):
+        leaves the worker running, and then each waits its turn: a worker
+        whose threads always had one waiting held its call, which never read
+        its answer (for minutes, or until its timeout; red-team round 41),
+        and one that always had a message waiting (printed lines) held its
+        violations unanswered and unaudited for the whole call (round 42)."""
+        if chan and notify and self.violation == "errno":
+            self._chan_turn = not self._chan_turn
+            return "chan" if self._chan_turn else "notify"
+        if notify:
             return "notify"
         return "chan" if chan else None
 

@@ -285,6 +285,33 @@ class LateOffender(Worker):
         return "flooding"
 
     @rpc
+    def print_while_offending(self, seconds: float) -> int:
+        """Threads keep the channel full of printed lines while others make
+        forbidden syscalls; returns how many of those were answered meanwhile."""
+        from protocol._wire import _plain_packer
+
+        chan, line = self.broker._chan, _plain_packer.pack({"t": "out", "s": "stdout", "x": "x"})
+        answered, until = [0], time.monotonic() + seconds
+
+        def offend() -> None:
+            while time.monotonic() < until:
+                try:
+                    os.open("/etc/hostname", os.O_RDONLY)
+                except OSError:
+                    answered[0] += 1
+
+        def flood() -> None:
+            while time.monotonic() < until:
+                chan.send_raw(line)
+
+        threads = [threading.Thread(target=f) for f in (offend, offend, flood, flood)]
+        for t in threads:
+            t.start()
+        for t in threads[2:]:
+            t.join()
+        return answered[0]
+
+    @rpc
     def result(self) -> Any:
         return LateOffender.got
 
@@ -396,6 +423,15 @@ def test_a_flood_of_violations_does_not_hold_a_stop_past_its_timeout(tree: Path)
         end = w.stop(timeout=0.5)
         assert time.monotonic() - t0 < 1.5, time.monotonic() - t0
         assert end.kind == "ok" and end.signal == signal.SIGKILL, end  # (killed after its grace)
+
+
+def test_violations_answered_with_an_errno_take_turns_with_a_calls_messages(tree: Path) -> None:
+    """Taking the channel first whenever it had a message let a worker that
+    kept it full hold its violations unanswered, and unaudited, for the
+    whole call (round 42)."""
+    with Broker(Policy().with_sandbox(violation="errno"), root=tree, worker_output=True) as b:
+        w = b.spawn(LateOffender)
+        assert w.with_timeout(20).print_while_offending(1.0) > 20
 
 
 def test_a_pool_ends_a_worker_with_a_violation_pending_before_its_next_task(tree: Path) -> None:
