@@ -521,7 +521,7 @@ class WorkerPool(Executor):
             self._fail_queued(broken)  # (the log has the traceback; the thread ends)
         finally:
             handle_left = self._handles[slot]
-            if handle_left is not None and handle_left.alive:
+            if handle_left is not None and handle_left.exit is None:  # (dead but unrecorded too: stop() records it)
                 handle_left.stop()
             self._slot_ended()
 

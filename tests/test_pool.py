@@ -209,6 +209,9 @@ def test_a_pools_state_is_public(broker: Broker) -> None:
             time.sleep(0.01)
         assert not victim.alive and victim.exit is None
         assert victim not in pool.workers and len(pool.workers) == 1  # (it listed the dead one)
+    # The pool's end still records that worker's end, and lets go of it.
+    assert victim.exit is not None and victim.exit.signal == signal.SIGKILL, victim.exit
+    assert victim not in broker.workers
 
 
 def test_pool_is_an_executor(broker: Broker) -> None:
