@@ -475,6 +475,42 @@ def test_at_fdcwd_denied_even_with_fs_at() -> None:
     assert note.args[0] & 0xFFFFFFFF == AT_FDCWD_32
 
 
+_NR = {name: nr for nr, name in NAMES.items()}
+_PATH = ffi.new("char[]", b"x")
+
+
+@needs_notify
+@pytest.mark.parametrize(("name", "args", "dirfd_at"), [
+    ("renameat", (3, _PATH, -100, _PATH), 2),
+    ("renameat2", (3, _PATH, -100, _PATH, 0), 2),
+    ("linkat", (3, _PATH, -100, _PATH, 0), 2),
+    # (target, newdirfd, linkpath): the rule read the target's pointer as the dirfd, so a target below
+    # 2 GiB passed (here an address nothing is mapped at: EFAULT, had seccomp let it through)
+    ("symlinkat", (0x10000000, -100, _PATH), 1),
+])
+def test_at_fdcwd_denied_as_every_dirfd_with_fs_at(name: str, args: tuple[Any, ...], dirfd_at: int) -> None:
+    """With a directory granted at spawn (@fs-at), a rename's or link's
+    second dirfd went unchecked, and symlinkat's dirfd was read from the
+    wrong argument: AT_FDCWD got past seccomp (a claims audit; Landlock
+    still refused)."""
+    note = assert_notified(run(lambda ctx: sys(_NR[name], *args), SandboxSpec(syscall_groups=("@fs-at",))), name)
+    assert note.args[dirfd_at] & 0xFFFFFFFF == AT_FDCWD_32
+
+
+@needs_landlock
+def test_rename_and_link_within_a_granted_directory(tree: str) -> None:
+    """Both dirfds a held directory: allowed, as its rights say."""
+    def attempt(ctx: dict[str, Any]) -> Any:
+        d = ctx["dir"]
+        os.rename("f.txt", "g.txt", src_dir_fd=d, dst_dir_fd=d)
+        os.link("g.txt", "h.txt", src_dir_fd=d, dst_dir_fd=d)
+        return "done"
+
+    rights = READ_DIR | Rights.CREATE | Rights.UNLINKAT | Rights.RENAMEAT
+    assert run_with_grant(f"{tree}/granted", rights, attempt).result == {"ok": "done"}
+    assert sorted(os.listdir(f"{tree}/granted")) == ["g.txt", "h.txt"]
+
+
 @needs_notify
 def test_at_fdcwd_with_junk_high_bits_denied() -> None:
     # the kernel reads dirfd as an int: 0x1234_5678_ffff_ff9c is AT_FDCWD too

@@ -179,7 +179,8 @@ BASE: dict[str, Rule] = {
     # past Limits.file_size); punch/collapse/zero/insert ranges rewrite or shrink the file (Landlock's TRUNCATE
     # right does not cover fallocate). Every mode but 0 needs a pinned fd holding FTRUNCATE (PINNED_EXTRA).
     "fallocate": [[Cond(1, 0)]],
-    # fstat() in glibc is newfstatat(fd, "", AT_EMPTY_PATH); relative path walks need @fs-at
+    # fstat() in glibc is newfstatat(fd, "", AT_EMPTY_PATH). AT_EMPTY_PATH with a path given walks it: a
+    # stat relative to any held directory fd (Landlock does not cover stat: README, "not enforced")
     "newfstatat": [[_FD_NONNEG, Cond(3, AT_EMPTY_PATH, mask=AT_EMPTY_PATH)]],
     "statx": [[_FD_NONNEG, Cond(2, AT_EMPTY_PATH, mask=AT_EMPTY_PATH)]],
     "ioctl": _one_of(1, IOCTLS),
@@ -200,12 +201,16 @@ ERRNO: dict[str, int] = {"clone3": ENOSYS}  # glibc falls back to clone(), whose
 # Named groups a policy may add. None may contain an ALWAYS_DENIED syscall
 # (checked at import and by a test).
 GROUPS: dict[str, dict[str, Rule]] = {
-    # Path walks relative to held directory fds (never AT_FDCWD or any negative
-    # fd). Landlock confines where they reach, so entry fails closed without it.
+    # Path walks relative to held directory fds: every dirfd argument, never AT_FDCWD or any negative fd.
+    # seccomp cannot read a path, so an absolute one passes through any held fd: Landlock confines where
+    # they reach (and the empty root), so entry fails closed without it.
     "@fs-at": {
-        name: [[_FD_NONNEG]]
-        for name in ["openat", "openat2", "newfstatat", "statx", "mkdirat", "mknodat", "unlinkat", "renameat",
-                     "renameat2", "linkat", "symlinkat"]
+        **{name: [[_FD_NONNEG]]
+           for name in ["openat", "openat2", "newfstatat", "statx", "mkdirat", "mknodat", "unlinkat"]},
+        # (olddirfd, oldpath, newdirfd, newpath): the second dirfd passed unchecked (a claims audit)
+        **{name: [[_FD_NONNEG, Cond(2, 0, mask=0x80000000)]] for name in ["renameat", "renameat2", "linkat"]},
+        # (target, newdirfd, linkpath): arg 0 is the target's pointer, which passed for an address below 2 GiB
+        "symlinkat": [[Cond(1, 0, mask=0x80000000)]],
     },
     # Metadata changes on held fds only (Landlock does not cover chmod/chown/utime). Opens them for EVERY fd
     # not pinned at entry: FCHMOD/FCHOWN/FUTIMES are then no longer enforced per fd (GROUPS_WEAKEN).
