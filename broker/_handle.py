@@ -147,6 +147,7 @@ class WorkerHandle:
         self._stop_sent = False  # the broker has sent the stop message (stop(), astop(), close())
         self._sigkilled = False  # the broker has sent SIGKILL
         self._may_fork = False  # it may have processes of its own, in its process group
+        self._foreign = False  # a forked child's copy of the parent's handle (_forked_copy)
         self._chan = chan
         # Out-of-band values (memfd blobs) only in what ends a call or a start: a request or
         # a printed line never needs one, and each would cost the broker a read of up to 64 MiB
@@ -607,7 +608,8 @@ class WorkerHandle:
                ) -> tuple[int, float | None]:
         """Send the call; returns its id and deadline."""
         if self.exit is not None:
-            raise self.exit.error(self.name, later=True)
+            # (a forked copy's worker has not ended: it is the parent's, which it serves on; a user trial)
+            raise self.exit.error(self.name, later=not self._foreign)
         cid = next(self._call_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         # A send to this worker (the call, an answer to one of its requests) waits for room no
@@ -1836,6 +1838,7 @@ class WorkerHandle:
         self._alock = PerLoopLock()
         self._waiting = None
         self._cgroup = None  # never removed from here
+        self._foreign = True
         self._close_fds()
         self.exit = WorkerExit("crashed", f"not this process's worker: {reason} (spawn workers of its own here)")
 

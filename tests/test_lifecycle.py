@@ -970,6 +970,7 @@ def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_int
             assert len(seen) == 5, seen
             for refused in seen[:2]:
                 assert refused.startswith("WorkerCrashed: ") and "not this process's worker: process " in refused
+                assert "ended" not in refused  # (it has not: it serves the parent on)
                 assert f"this process ({child}) is a fork of that one" in refused
             assert seen[2].startswith("PoolBroken: not this process's pool"), seen[2]
             assert seen[3:] == ["hello", "pong zygote True"]
