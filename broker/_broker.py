@@ -635,6 +635,7 @@ class Broker:
                     ok = True
             if not ok:
                 raise RuntimeError(_CLOSED_WHILE_STARTING)
+            handle._watch_exit()  # (once it is the broker's: an end recorded now forgets it)
         except BaseException as exc:
             with self._lock:
                 self._starting.discard(handle)

@@ -155,6 +155,9 @@ class WorkerHandle:
         chan.blob_tags = _BLOB_TAGS
         self._notify_fd = -1
         self._watched = False  # the listener is on the idle watch (see _idle_watch)
+        self._exit_watched = False  # and the pidfd
+        # Told, on the idle watch's thread, of an end the watch recorded (a pool counts it).
+        self._on_idle_end: Callable[[WorkerHandle], None] | None = None
         self._idle_due: float | None = None  # when an EPERM held to the request rate is due, between calls
         self._idle_last = 0.0  # when the last one between calls was answered
         self._chan_turn = False  # errno mode, both ready: the channel's turn was last (see _first)
@@ -214,9 +217,9 @@ class WorkerHandle:
 
     @property
     def alive(self) -> bool:
-        """Is the worker's process running? One that ended while no call or
-        stop was made has no ``exit`` recorded yet: the next call, stop or
-        kill records it (nothing watches idle workers' deaths)."""
+        """Is the worker's process running? (One that ended while no call or
+        stop was made has its ``exit`` recorded by the idle watch within
+        moments; this sees the end at once.)"""
         return self.exit is None and (self._pidfd < 0 or not ready_now(self._pidfd))
 
     # -- calling ----------------------------------------------------------
@@ -1309,6 +1312,7 @@ class WorkerHandle:
                     ex = dataclasses.replace(ex, last_output=words)
             self.exit = ex
         # (only the thread that recorded the end gets here)
+        self._on_idle_end = None  # (a pool's: no cycle left through an ended handle)
         self._release()
         self._broker._forget(self)
         # The methods __getattr__ cached hold this handle: let go of them, so that a handle
@@ -1371,6 +1375,9 @@ class WorkerHandle:
             self._broker._fds.give_back(self, len(self._held_dirs))
             self._held_dirs.clear()
         self._unwatch()
+        if self._exit_watched:
+            self._exit_watched = False
+            idle_watch.unwatch(self._pidfd)
         for attr in ("_notify_fd", "_pidfd", "_stderr_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
@@ -1529,12 +1536,42 @@ class WorkerHandle:
             return False
         with self._lock:
             if self.exit is None:
-                status = self._reap(0.0)
-                if self._sigkilled and self._ending is not None:  # (a kill() of another thread, mid-way)
-                    self._record_kill(self._ending, status, ended_before=False)
-                else:
-                    self._set_exit(self._own_end(status))
+                self._record_idle_end()
         return True
+
+    def _idle_exit(self) -> float | None:
+        """On the idle watch's thread: the process has ended. Its end is
+        recorded (logged, its fds closed, its pool told) here, unless a call,
+        stop or kill holds the worker: that records it; the watch asks again
+        in a moment (``later``) or lets it be (None). An end the broker asked
+        for (a stop, a kill) is its asker's to record."""
+        if not self._lock.acquire(blocking=False):
+            return time.monotonic() + _IDLE_RETRY
+        try:
+            if self._awaited:  # (an aspawn() finishing: its status is asked for off the loop)
+                return time.monotonic() + _IDLE_RETRY
+            if self.exit is not None or self._pidfd < 0 or self._stop_sent or self._sigkilled:
+                return None
+            hook = self._on_idle_end
+            self._record_idle_end()
+        finally:
+            self._lock.release()
+        if hook is not None:
+            hook(self)
+        return None
+
+    def _record_idle_end(self) -> None:
+        """(Holding the lock.) Record the end of a worker whose process ended
+        while no call ran: a kill() of another thread, mid-way, as that; else
+        as it ended. An exit status 0 is no stop it was asked for: crashed."""
+        status = self._reap(0.0)
+        if self._sigkilled and self._ending is not None:
+            self._record_kill(self._ending, status, ended_before=False)
+            return
+        ex = self._own_end(status)
+        if ex.kind == "ok" and not self._stop_sent:
+            ex = WorkerExit("crashed", "exited with status 0 while idle, unasked", exit_code=ex.exit_code)
+        self._set_exit(ex)
 
     # -- lifecycle --------------------------------------------------------
     def stop(self, timeout: float = 2.0) -> WorkerExit:
@@ -1847,6 +1884,13 @@ class WorkerHandle:
         self._poller = None
         idle_watch.watch(fd, self)
         self._watched = True
+
+    def _watch_exit(self) -> None:
+        """Ready: from now on an end while idle is recorded at once."""
+        with self._lock:
+            if self.exit is None and self._pidfd >= 0 and not self._exit_watched:
+                idle_watch.watch(self._pidfd, self, pidfd=True)
+                self._exit_watched = True
 
     def _exit_of(self, status: int) -> WorkerExit:
         """How a worker that ended by ``status`` ended, by what the broker knows

@@ -1,4 +1,4 @@
-"""Sandbox notifications of workers no call is waiting on.
+"""Sandbox notifications and deaths of workers no call is waiting on.
 
 A call waits on its worker's seccomp listener and ends the worker at its
 first forbidden syscall. Between calls nobody did: a thread of a worker that
@@ -8,10 +8,13 @@ another task's in a pool, took the blame; red-team round 39). One thread per
 process watches every worker's listener while there are workers, and hands a
 notification to its handle, which ends the worker (or answers EPERM) as a
 call would, if no call holds it; a call that does sees it itself, or the
-watch asks again once the call has let go.
+watch asks again once the call has let go. It watches each worker's pidfd
+too: a worker that died while idle (killed from outside, the OOM killer, a
+thread of its own that exited) had its end recorded, logged and counted by
+its pool only at its next call, stop or kill; now at once, by its handle.
 
-The watch polls the handles' own listener fds and never reads, answers or
-closes one: a handle takes its fd off the watch before closing it, and the
+The watch polls the handles' own fds and never reads, answers or closes
+one: a handle takes its fds off the watch before closing them, and the
 handle re-checks its own fd under its call lock before acting, so an event
 for a number closed and reused meanwhile (a handle dropped unclosed) costs
 one spurious wake-up, nothing else. Its wake-up pipe is the process's for
@@ -39,6 +42,18 @@ _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 class _Watched(Protocol):
     def _idle_notification(self) -> float | None: ...
+    def _idle_exit(self) -> float | None: ...
+
+
+class _Entry:
+    """A watched fd: its handle, and whether it is the pidfd (readable for
+    good once the process has ended) or the listener."""
+
+    __slots__ = ("pidfd", "ref")
+
+    def __init__(self, handle: _Watched, pidfd: bool) -> None:
+        self.ref = weakref.ref(handle)
+        self.pidfd = pidfd
 
 
 class IdleWatch:
@@ -46,7 +61,7 @@ class IdleWatch:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._watched: dict[int, weakref.ref[_Watched]] = {}  # listener fd -> its handle
+        self._watched: dict[int, _Entry] = {}  # fd -> its handle
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -63,11 +78,11 @@ class IdleWatch:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
 
-    def watch(self, listener: int, handle: _Watched) -> None:
-        """Watch ``listener``, the handle's own, until ``unwatch``: call
-        that before closing it."""
+    def watch(self, fd: int, handle: _Watched, *, pidfd: bool = False) -> None:
+        """Watch ``fd``, the handle's own listener (or its pidfd), until
+        ``unwatch``: call that before closing it."""
         with self._lock:
-            self._watched[listener] = weakref.ref(handle)
+            self._watched[fd] = _Entry(handle, pidfd)
             if self._wake_r < 0:
                 self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             if self._thread is None:
@@ -76,9 +91,9 @@ class IdleWatch:
             else:
                 self._wake()
 
-    def unwatch(self, listener: int) -> None:
+    def unwatch(self, fd: int) -> None:
         with self._lock:
-            if self._watched.pop(listener, None) is not None:
+            if self._watched.pop(fd, None) is not None:
                 self._wake()
 
     def settle(self, timeout: float) -> None:
@@ -104,8 +119,9 @@ class IdleWatch:
 
     def _serve(self) -> None:
         # Listeners to look at again at a time, not polled meanwhile (a level-triggered poll would
-        # spin): notified while a call held the handle, or an errno answer held back (its rates).
-        later: dict[int, tuple[float, weakref.ref[_Watched]]] = {}
+        # spin): notified while a call held the handle, or an errno answer held back (its rates);
+        # a process ended while a call held the handle.
+        later: dict[int, tuple[float, _Entry]] = {}
         while True:
             with self._lock:
                 if not self._watched:
@@ -133,26 +149,34 @@ class IdleWatch:
                     continue
                 later.pop(fd, None)
                 with self._lock:
-                    ref = self._watched.get(fd)
-                if ref is None:
+                    entry = self._watched.get(fd)
+                if entry is None:
                     continue  # unwatched meanwhile
-                handle = ref()
+                handle = entry.ref()
                 if handle is None:  # (dropped unclosed: its fd closed, not unwatched)
-                    self._forget(fd, ref)
+                    self._forget(fd, entry)
+                    continue
+                if entry.pidfd:
+                    again = handle._idle_exit()
+                    del handle
+                    if again is not None:
+                        later[fd] = (again, entry)
+                    else:  # (recorded: its handle unwatched it; or a stop or kill records it)
+                        self._forget(fd, entry)
                     continue
                 if ev & _GONE and not ev & select.POLLIN:
                     # Hung up: no task of the worker is left to make a syscall (or an fd closed
                     # without unwatch). Polled on, it would wake every poll.
-                    self._forget(fd, ref)
+                    self._forget(fd, entry)
                     continue
                 again = handle._idle_notification()
                 del handle
                 if again is not None:
-                    later[fd] = (again, ref)
+                    later[fd] = (again, entry)
 
-    def _forget(self, fd: int, ref: weakref.ref[_Watched]) -> None:
+    def _forget(self, fd: int, entry: _Entry) -> None:
         with self._lock:
-            if self._watched.get(fd) is ref:
+            if self._watched.get(fd) is entry:
                 del self._watched[fd]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import os
 import queue
@@ -401,7 +402,15 @@ class WorkerPool(Executor):
             for cap in (grants or {}).values():
                 cap.close()  # (the worker has its own)
         self._handles[slot] = handle
+        handle._on_idle_end = functools.partial(self._ended_while_idle, slot)
         return handle
+
+    def _ended_while_idle(self, slot: int, handle: WorkerHandle) -> None:
+        """On the idle watch's thread: the slot's worker ended between tasks
+        (its end recorded). Retired now, on a thread of the broker's (a pool
+        it breaks fails its queued futures, whose callbacks run there); its
+        replacement starts with the slot's next task."""
+        self._broker._background.soon(functools.partial(self._retire, slot, handle, True))
 
     def _worker_grants(self) -> dict[str, Capability] | None:
         """A worker's own open files of the pool's grants: with one shared by
@@ -426,10 +435,12 @@ class WorkerPool(Executor):
         left (``restart="never"``, ``max_restarts``) breaks the pool now:
         every queued task and every later submit raises PoolBroken."""
         assert handle.exit is not None
-        self._handles[slot] = None
         broken = None
-        if crashed:
-            with self._lock:
+        with self._lock:
+            if self._handles[slot] is not handle:
+                return  # retired already: the idle watch's report and the slot's own raced
+            self._handles[slot] = None
+            if crashed:
                 # (slots whose replacement is still to start count: two crashes at once must not
                 # both take the last restart)
                 due = self.restarts + sum(self._crashed)
@@ -442,9 +453,9 @@ class WorkerPool(Executor):
                 else:
                     self._crashed[slot] = True
                 broken = self._broken
-        # Counted once the pool's state says what the end did to it (a reader of `ended` sees it).
-        self.exits.append(handle.exit)
-        self.ended += 1
+            # Counted once the pool's state says what the end did to it (a reader of `ended` sees it).
+            self.exits.append(handle.exit)
+            self.ended += 1
         log.info("pool %s slot %d: worker %s ended (%s)", self.cls.__name__, slot, handle.name, handle.exit.kind)
         if broken:
             self._fail_queued(PoolBroken(broken))

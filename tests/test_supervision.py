@@ -244,6 +244,12 @@ class LateOffender(Worker):
         return "returned"
 
     @rpc
+    def exit_later(self, delay: float, status: int) -> str:
+        """A thread of its own ends the process once the call has answered."""
+        threading.Thread(target=lambda: (time.sleep(delay), os._exit(status)), daemon=True).start()
+        return "returned"
+
+    @rpc
     def offend_at_stop(self) -> str:
         """At the stop message: a thread makes a forbidden syscall, and the
         worker takes a second to end."""
@@ -345,6 +351,51 @@ def test_a_violation_between_calls_ends_the_worker_at_once(tree: Path, caplog: p
         assert witness.ping() == "pong"
     events = [r.privsep for r in caplog.records if r.name == "privsep.audit" and r.privsep["decision"] == "denied"]
     assert [e["request"] for e in events] == ["violation"], events
+
+
+def test_a_worker_that_dies_between_calls_has_its_end_recorded_at_once(
+    tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker killed from outside (or by the OOM killer, or a thread of its
+    own that ended the process) while no call ran had no end recorded, logged
+    or counted until its next call, stop or kill; its fds stayed open until
+    then. The idle watch records it at once, as it ended."""
+    with Broker(Policy(), root=tree) as b, caplog.at_level(logging.WARNING, logger="privsep.broker"):
+        killed, zero, three = b.spawn(LateOffender), b.spawn(LateOffender), b.spawn(LateOffender)
+        os.kill(killed.pid, signal.SIGKILL)
+        assert zero.exit_later(0.05, 0) == "returned"
+        assert three.exit_later(0.05, 3) == "returned"
+        for w in (killed, zero, three):
+            _wait_for_end(w)  # no call, no stop
+        assert killed.exit is not None and (killed.exit.kind, killed.exit.signal) == ("signal", signal.SIGKILL)
+        # An exit status 0 it was not asked for is no clean stop.
+        assert zero.exit is not None and (zero.exit.kind, zero.exit.exit_code) == ("crashed", 0), zero.exit
+        assert "while idle" in zero.exit.reason
+        assert three.exit is not None and (three.exit.kind, three.exit.exit_code) == ("crashed", 3), three.exit
+        for w in (killed, zero, three):
+            assert w not in b.workers and w._pidfd == -1 and w._notify_fd == -1  # its fds let go
+            with pytest.raises(WorkerCrashed, match="already ended"):
+                w.ping()
+            assert w.stop() is w.exit
+        witness = b.spawn(LateOffender)
+        assert witness.ping() == "pong"
+    ends = {r.privsep["pid"]: r.privsep["kind"] for r in caplog.records if hasattr(r, "privsep")}
+    assert ends == {killed.pid: "signal", zero.pid: "crashed", three.pid: "crashed"}, ends
+
+
+def test_a_worker_that_dies_between_awaited_calls_has_its_end_recorded(tree: Path) -> None:
+    async def run() -> Any:
+        async with Broker(Policy(), root=tree) as b:
+            w = await b.aspawn(LateOffender)
+            assert await w.aio.ping() == "pong"
+            os.kill(w.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while w.exit is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # (the loop runs on: nothing of the end is waited for on it)
+            return w.exit
+
+    end = asyncio.run(run())
+    assert end is not None and (end.kind, end.signal) == ("signal", signal.SIGKILL), end
 
 
 def test_a_violation_between_awaited_calls_ends_the_worker(tree: Path) -> None:

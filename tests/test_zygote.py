@@ -319,7 +319,9 @@ def test_a_zygote_killed_from_outside_is_reaped_when_its_workers_end_is_asked_fo
         zygote = b._zygote._proc.pid
         os.kill(zygote, signal.SIGKILL)  # (not waited for here: that is the broker's job)
         deadline = time.monotonic() + 10
-        while proc_state(zygote) != "Z":  # dead, its workers sent their parent-death signal
+        # Dead, its workers sent their parent-death signal, and reaped with no call made: the idle
+        # watch records their ends, asking the dead zygote how they ended.
+        while proc_state(zygote) != "gone":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         with pytest.raises(WorkerCrashed, match="the zygote that reaps it"):
