@@ -1488,10 +1488,17 @@ class WorkerHandle:
         return ex
 
     def _own_end(self, status: int | None) -> WorkerExit:
-        """How a worker that ended without the broker's doing ended, by its status."""
+        """How a worker that ended without the broker's doing ended, by its
+        status. An exit status 0 is no stop (``ok`` is one the broker asked
+        for): a worker gone by itself mid-life, whatever its status, is a
+        crash to the program that used it, as it is to ProcessPoolExecutor;
+        it read ``ok`` (and a pool counted it a recycle, not a crash)."""
         if status is None:
             return WorkerExit("crashed", _unknown_end(self.spawn_method))
-        return self._outside_kill(self._exit_of(status))
+        ex = self._outside_kill(self._exit_of(status))
+        if ex.kind == "ok":
+            return WorkerExit("crashed", "exited with status 0 by itself", exit_code=ex.exit_code)
+        return ex
 
     def _record_kill(self, ending: WorkerExit, status: int | None, ended_before: bool) -> None:
         """Record the end of a worker the broker killed: as ``ending`` (its
@@ -1563,15 +1570,12 @@ class WorkerHandle:
     def _record_idle_end(self) -> None:
         """(Holding the lock.) Record the end of a worker whose process ended
         while no call ran: a kill() of another thread, mid-way, as that; else
-        as it ended. An exit status 0 is no stop it was asked for: crashed."""
+        as it ended."""
         status = self._reap(0.0)
         if self._sigkilled and self._ending is not None:
             self._record_kill(self._ending, status, ended_before=False)
             return
-        ex = self._own_end(status)
-        if ex.kind == "ok" and not self._stop_sent:
-            ex = WorkerExit("crashed", "exited with status 0 while idle, unasked", exit_code=ex.exit_code)
-        self._set_exit(ex)
+        self._set_exit(self._own_end(status))
 
     # -- lifecycle --------------------------------------------------------
     def stop(self, timeout: float = 2.0) -> WorkerExit:

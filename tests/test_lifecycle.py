@@ -25,6 +25,7 @@ import pytest
 from conftest import READ, fill_default_executor, open_fds, proc_state, spare_of
 
 from broker import Broker, Policy, WorkerHandle
+from broker._idle_watch import idle_watch
 from protocol import Rights, WorkerCrashed, WorkerTimeout
 from worker import Worker, rpc
 
@@ -1512,11 +1513,28 @@ class Ender(Sleeper):
 
 
 def _wait_for_its_end(w: WorkerHandle) -> None:
-    """Until the worker's process has ended (its pidfd readable)."""
+    """Until the worker's process has ended (its pidfd readable), or its end
+    is recorded (by the idle watch: its pidfd closed)."""
     deadline = time.monotonic() + 10
-    while not select.select([w._pidfd], [], [], 0)[0]:
+    while w.exit is None:
+        fd = w._pidfd
+        with contextlib.suppress(ValueError, OSError):  # (closed as we looked: recorded)
+            if fd >= 0 and select.select([fd], [], [], 0)[0]:
+                return
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def _off_the_idle_watch(w: WorkerHandle, watched: bool) -> None:
+    """Unless ``watched``, take the worker's pidfd off the idle watch, which
+    records an end while idle within moments: what stop(), kill() and close()
+    make of a worker they find ended by itself (it ended just before they
+    looked) is then the test. Either way the end must read the same."""
+    if not watched:
+        with w._lock:
+            assert w._exit_watched
+            w._exit_watched = False
+            idle_watch.unwatch(w._pidfd)
 
 
 class SelfEnder(Sleeper):
@@ -1526,9 +1544,10 @@ class SelfEnder(Sleeper):
         threading.Thread(target=lambda: (time.sleep(0.05), os._exit(code)), daemon=True).start()
 
 
+@pytest.mark.parametrize("watched", [False, True])
 @pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
 def test_a_kill_of_a_worker_that_ended_by_itself_says_how_it_ended(
-    tree: Path, method: str, caplog: pytest.LogCaptureFixture
+    tree: Path, method: str, watched: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """kill() and akill() of a worker that had already exited read "killed
     by the broker" (kind signal, with exit status 3 and no signal). A kill
@@ -1538,6 +1557,7 @@ def test_a_kill_of_a_worker_that_ended_by_itself_says_how_it_ended(
         ends = []
         for end in (lambda w: w.kill(), lambda w: asyncio.run(w.akill())):
             w = b.spawn(SelfEnder)
+            _off_the_idle_watch(w, watched)
             w.exit_soon(3)
             _wait_for_its_end(w)  # (no call of ours sees it end)
             ends.append(end(w))
@@ -1550,8 +1570,9 @@ def test_a_kill_of_a_worker_that_ended_by_itself_says_how_it_ended(
     assert ended == [("WARNING", "exited with status 3")] * 2 + [("INFO", "killed by the broker")], ended
 
 
+@pytest.mark.parametrize("watched", [False, True])
 @pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
-def test_a_stop_of_a_worker_killed_from_outside_says_so(tree: Path, method: str) -> None:
+def test_a_stop_of_a_worker_killed_from_outside_says_so(tree: Path, method: str, watched: bool) -> None:
     """stop(), astop() and the broker's close() of a worker SIGKILLed from
     outside while idle (an administrator, the OOM killer) read "stopped
     (killed after the grace period)", kind ok, though no grace ran (red-team
@@ -1562,6 +1583,7 @@ def test_a_stop_of_a_worker_killed_from_outside_says_so(tree: Path, method: str)
         ends = []
         for end in (lambda w: w.stop(), lambda w: asyncio.run(w.astop()), lambda w: (b.close(), w.exit)[1]):
             w = b.spawn(Sleeper)
+            _off_the_idle_watch(w, watched)
             assert w.ping() == "pong"
             os.kill(w.pid, signal.SIGKILL)
             _wait_for_its_end(w)  # (no call of ours sees it end)
@@ -1596,19 +1618,24 @@ def test_close_on_the_thread_of_a_closed_loop_ends_a_call_that_loop_left(
     del kept
 
 
-def test_a_stop_of_a_worker_that_exited_by_itself_says_so(tree: Path) -> None:
+@pytest.mark.parametrize("watched", [False, True])
+def test_a_stop_of_a_worker_that_exited_by_itself_says_so(tree: Path, watched: bool) -> None:
     """stop(), astop() and close() of a worker that had exited 0 by itself
     read "stopped, exit status 0", as though they had stopped it; kill() and
-    a call said it had ended by itself (red-team round 31)."""
+    a call said it had ended by itself (red-team round 31). Ended by itself,
+    it is no clean stop: a crash, as the idle watch records it (it read
+    "ok", and a pool counted it a recycle)."""
     b = Broker(Policy(), root=tree)
     try:
         ends = []
         for end in (lambda w: w.stop(), lambda w: asyncio.run(w.astop()), lambda w: (b.close(), w.exit)[1]):
             w = b.spawn(SelfEnder)
+            _off_the_idle_watch(w, watched)
             w.exit_soon(0)
             _wait_for_its_end(w)  # (no call of ours sees it end)
             ends.append(end(w))
-        assert [(e.kind, e.reason) for e in ends] == [("ok", "exited with status 0")] * 3, ends
+        assert [(e.kind, e.reason, e.exit_code) for e in ends] == [
+            ("crashed", "exited with status 0 by itself", 0)] * 3, ends
     finally:
         b.close()
 
