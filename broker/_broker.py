@@ -379,7 +379,7 @@ class Broker:
             w._chan.try_send(STOP_MESSAGE)
         for w in workers:
             try:
-                w.stop(max(0.05, deadline - time.monotonic()))
+                w._stop(max(0.05, deadline - time.monotonic()), timeout)  # (an idle one has a moment to obey)
             except RuntimeError as exc:
                 # Killed, but a call holds its handle for ever (awaited on an event loop closed
                 # without cancelling the task): the rest is closed all the same, never left

@@ -1588,11 +1588,18 @@ class WorkerHandle:
         the worker is killed at once. On an event loop, ``await astop()``.
         """
         timeout = wait_timeout(timeout, "timeout", zero=True)
+        return self._stop(timeout, timeout)
+
+    def _stop(self, timeout: float, grace: float) -> WorkerExit:
+        """``stop(timeout)``; ``grace`` is the one its caller gave, which an
+        end by kill names: the broker's close(0) gives each worker a moment
+        to obey (a kill is no clean stop), and its ends read "killed after
+        the grace period" though it gave none (a claims audit)."""
         if self._call_thread == threading.get_ident():
             return self._end_during_call("ok", "stopped during a call (killed)")
         got = self._lock.acquire(timeout=timeout)
         if not got:
-            self._ending = WorkerExit("ok", f"stopped during a call ({_killed_after(timeout)})", signal=signal.SIGKILL)
+            self._ending = WorkerExit("ok", f"stopped during a call ({_killed_after(grace)})", signal=signal.SIGKILL)
             self._kill()  # the in-flight call sees EOF, reaps and records the exit
             if not self._lock.acquire(timeout=10.0):
                 raise RuntimeError(f"worker {self.name}: in-flight call did not end after SIGKILL")
@@ -1604,11 +1611,11 @@ class WorkerHandle:
             self._stop_sent = True
             self._chan.try_send(STOP_MESSAGE)
             if self._notify_fd < 0 or self._pidfd < 0:
-                return self._stopped(self._reap(timeout), ended_before, before, timeout)
+                return self._stopped(self._reap(timeout), ended_before, before, grace)
             if self._wait_end_or_violation(timeout):
                 assert self.exit is not None
                 return self.exit
-            return self._stopped(self._reap(0.0), ended_before, before, timeout)
+            return self._stopped(self._reap(0.0), ended_before, before, grace)
         finally:
             self._lock.release()
 
@@ -1674,6 +1681,11 @@ class WorkerHandle:
         if ex.kind == "ok":
             ex = WorkerExit("ok", f"stopped, exit status {ex.exit_code}", exit_code=ex.exit_code)
         if ex.kind != "ok" and ex.signal == signal.SIGKILL:
+            if not self._sigkilled:
+                # Not the broker's SIGKILL: one from outside (an administrator, the OOM killer) while
+                # the stop waited read as the grace run out, and a pool's recycle took the crash for a
+                # clean end, restart="never" unbroken (red-team round 43).
+                return self._set_exit(self._outside_kill(ex))
             ex = WorkerExit("ok", f"stopped ({_killed_after(grace)})", signal=ex.signal)
         self._set_exit(ex)  # (unless it was recorded meanwhile)
         assert self.exit is not None

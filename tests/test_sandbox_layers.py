@@ -497,18 +497,31 @@ def test_at_fdcwd_denied_as_every_dirfd_with_fs_at(name: str, args: tuple[Any, .
     assert note.args[dirfd_at] & 0xFFFFFFFF == AT_FDCWD_32
 
 
+@needs_notify
+def test_a_rename_that_leaves_a_whiteout_is_denied_with_fs_at() -> None:
+    """RENAME_WHITEOUT leaves a character device (0:0) in the source's
+    place, which Landlock does not check against MAKE_CHAR: a worker whose
+    grant refused mknodat(S_IFCHR) made one (red-team round 43)."""
+    note = assert_notified(run(lambda ctx: sys(_NR["renameat2"], 3, _PATH, 3, _PATH, 4),
+                               SandboxSpec(syscall_groups=("@fs-at",))), "renameat2")
+    assert note.args[4] == 4  # RENAME_WHITEOUT
+
+
 @needs_landlock
 def test_rename_and_link_within_a_granted_directory(tree: str) -> None:
-    """Both dirfds a held directory: allowed, as its rights say."""
+    """Both dirfds a held directory: allowed, as its rights say (and
+    renameat2's other flags)."""
+    names = [ffi.new("char[]", name) for name in (b"h.txt", b"i.txt")]
+
     def attempt(ctx: dict[str, Any]) -> Any:
         d = ctx["dir"]
         os.rename("f.txt", "g.txt", src_dir_fd=d, dst_dir_fd=d)
         os.link("g.txt", "h.txt", src_dir_fd=d, dst_dir_fd=d)
-        return "done"
+        return sys(_NR["renameat2"], d, names[0], d, names[1], 1)  # RENAME_NOREPLACE
 
     rights = READ_DIR | Rights.CREATE | Rights.UNLINKAT | Rights.RENAMEAT
-    assert run_with_grant(f"{tree}/granted", rights, attempt).result == {"ok": "done"}
-    assert sorted(os.listdir(f"{tree}/granted")) == ["g.txt", "h.txt"]
+    assert run_with_grant(f"{tree}/granted", rights, attempt).result == {"ok": 0}
+    assert sorted(os.listdir(f"{tree}/granted")) == ["g.txt", "i.txt"]
 
 
 @needs_notify

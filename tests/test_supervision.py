@@ -244,6 +244,21 @@ class LateOffender(Worker):
         return "returned"
 
     @rpc
+    def linger_at_stop(self, seconds: float) -> str:
+        """At the stop message, take ``seconds`` before obeying it."""
+        chan = self.broker._chan
+        real = chan.recv
+
+        def recv(*args: Any, **kwargs: Any) -> Any:
+            msg = real(*args, **kwargs)
+            if isinstance(msg, dict) and msg.get("t") == "stop":
+                time.sleep(seconds)
+            return msg
+
+        chan.recv = recv  # type: ignore[method-assign]
+        return "armed"
+
+    @rpc
     def exit_later(self, delay: float, status: int) -> str:
         """A thread of its own ends the process once the call has answered."""
         threading.Thread(target=lambda: (time.sleep(delay), os._exit(status)), daemon=True).start()
@@ -381,6 +396,47 @@ def test_a_worker_that_dies_between_calls_has_its_end_recorded_at_once(
         assert witness.ping() == "pong"
     ends = {r.privsep["pid"]: r.privsep["kind"] for r in caplog.records if hasattr(r, "privsep")}
     assert ends == {killed.pid: "signal", zero.pid: "crashed", three.pid: "crashed"}, ends
+
+
+def _kill_in(pid: int, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (pid, signal.SIGKILL))
+    timer.start()
+    return timer
+
+
+def test_an_outside_kill_while_a_stop_waits_is_no_stop(tree: Path) -> None:
+    """A SIGKILL from outside (an administrator, the OOM killer) while a stop
+    waited for the worker to obey read "stopped (killed after the grace
+    period)", kind ok, though the broker had killed nothing and the grace had
+    not run out (red-team round 43)."""
+    with Broker(Policy(), root=tree) as b:
+        for stop in (lambda w: w.stop(3.0), lambda w: asyncio.run(w.astop(3.0))):
+            w = b.spawn(LateOffender)
+            assert w.linger_at_stop(2.0) == "armed"
+            _kill_in(w.pid, 0.2)
+            t0 = time.monotonic()
+            ended = stop(w)
+            assert time.monotonic() - t0 < 1.5
+            assert (ended.kind, ended.reason, ended.signal) == ("signal", "killed by SIGKILL", signal.SIGKILL), ended
+        w = b.spawn(LateOffender)  # (the broker's own kill, the grace run out, still reads so)
+        assert w.linger_at_stop(2.0) == "armed"
+        assert w.stop(0.2).reason == "stopped (killed after the grace period)"
+
+
+def test_a_pool_worker_killed_from_outside_as_it_is_recycled_is_a_crash(tree: Path) -> None:
+    """The recycle's stop took an outside SIGKILL for its own grace run out:
+    a clean end, so restart="never" left the pool unbroken (red-team round
+    43: 13 in 20)."""
+    with Broker(Policy(), root=tree) as b, b.pool(LateOffender, size=1, recycle_after=1, restart="never") as pool:
+        deadline = time.monotonic() + 10
+        while not pool.workers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _kill_in(pool.workers[0].pid, 0.3)
+        assert pool.submit(LateOffender.linger_at_stop, 2.0).result() == "armed"  # (then recycled: stopped)
+        while pool.ended == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [(e.kind, e.signal) for e in pool.exits] == [("signal", signal.SIGKILL)], list(pool.exits)
+        assert pool.broken is not None and "restart='never'" in pool.broken
 
 
 def test_a_worker_that_dies_between_awaited_calls_has_its_end_recorded(tree: Path) -> None:

@@ -48,6 +48,7 @@ O_ASYNC, O_DIRECT, O_NOATIME = 0x2000, 0x4000, 0x40000  # the status flags F_SET
 PROT_WRITE = 0x2
 MAP_SHARED = 0x01  # bit 0 is set in MAP_SHARED and MAP_SHARED_VALIDATE (0x03): both write through to the file
 MAP_ANONYMOUS = 0x20
+RENAME_WHITEOUT = 0x4
 RWF_NOAPPEND = 0x20  # pwritev2 flag (6.9+): write at the given offset even on an O_APPEND fd
 # membarrier commands that reach beyond the worker: GLOBAL (a grace period of the whole system's RCU per
 # call) and GLOBAL_EXPEDITED with its registration (IPIs to every CPU running a registered process)
@@ -208,7 +209,10 @@ GROUPS: dict[str, dict[str, Rule]] = {
         **{name: [[_FD_NONNEG]]
            for name in ["openat", "openat2", "newfstatat", "statx", "mkdirat", "mknodat", "unlinkat"]},
         # (olddirfd, oldpath, newdirfd, newpath): the second dirfd passed unchecked (a claims audit)
-        **{name: [[_FD_NONNEG, Cond(2, 0, mask=0x80000000)]] for name in ["renameat", "renameat2", "linkat"]},
+        **{name: [[_FD_NONNEG, Cond(2, 0, mask=0x80000000)]] for name in ["renameat", "linkat"]},
+        # RENAME_WHITEOUT leaves a character device (0:0) where the source was, which Landlock does not
+        # check against MAKE_CHAR (red-team round 43); RENAME_EXCHANGE Landlock checks both ways
+        "renameat2": [[_FD_NONNEG, Cond(2, 0, mask=0x80000000), Cond(4, 0, mask=RENAME_WHITEOUT)]],
         # (target, newdirfd, linkpath): arg 0 is the target's pointer, which passed for an address below 2 GiB
         "symlinkat": [[Cond(1, 0, mask=0x80000000)]],
     },
