@@ -1149,18 +1149,22 @@ class WorkerHandle:
         if not self._lock.acquire(blocking=False):
             return time.monotonic() + _IDLE_RETRY
         try:
-            if self.exit is None and self._notify_fd >= 0 and notified_now(self._notify_fd):
-                if self.violation == "errno":
-                    now = time.monotonic()
-                    if self._idle_due is None:
-                        self._idle_due = max(self._throttle(1.0) or now, self._idle_last + _IDLE_ERRNO_GAP)
-                    if now < self._idle_due:
-                        return self._idle_due
-                    self._idle_due, self._idle_last = None, now
-                with contextlib.suppress(WorkerCrashed):  # (its end: recorded, logged, audited)
-                    self._on_notification()
+            return self._idle_notification_held()
         finally:
             self._lock.release()
+
+    def _idle_notification_held(self) -> float | None:
+        """``_idle_notification``, holding the call lock."""
+        if self.exit is None and self._notify_fd >= 0 and notified_now(self._notify_fd):
+            if self.violation == "errno":
+                now = time.monotonic()
+                if self._idle_due is None:
+                    self._idle_due = max(self._throttle(1.0) or now, self._idle_last + _IDLE_ERRNO_GAP)
+                if now < self._idle_due:
+                    return self._idle_due
+                self._idle_due, self._idle_last = None, now
+            with contextlib.suppress(WorkerCrashed):  # (its end: recorded, logged, audited)
+                self._on_notification()
         return None
 
     def _on_notification(self) -> None:
@@ -1531,19 +1535,22 @@ class WorkerHandle:
         otherwise fail on a worker that died while idle."""
         if self.exit is not None:
             return True
-        if self._pidfd < 0:
-            return False
-        if self._notify_fd >= 0 and notified_now(self._notify_fd):
-            # A forbidden syscall of a thread the last call left running, that the idle watch
-            # has not ended it for yet: ended now, not blamed on the next task (red-team round 40).
-            self._idle_notification()
+        # Under the call lock: the idle watch, which records ends holding it, closed the fds this
+        # looked at in between (ValueError on a pidfd of -1; a CI run).
+        with self._lock:
             if self.exit is not None:
                 return True
-        if not ready_now(self._pidfd):
-            return False
-        with self._lock:
-            if self.exit is None:
-                self._record_idle_end()
+            if self._pidfd < 0:
+                return False
+            if self._notify_fd >= 0 and notified_now(self._notify_fd):
+                # A forbidden syscall of a thread the last call left running, that the idle watch
+                # has not ended it for yet: ended now, not blamed on the next task (red-team round 40).
+                self._idle_notification_held()
+                if self.exit is not None:
+                    return True
+            if not ready_now(self._pidfd):
+                return False
+            self._record_idle_end()
         return True
 
     def _idle_exit(self) -> float | None:
