@@ -105,7 +105,9 @@ class Prober(Worker):
             return {"denied": f"broker {errno.errorcode[exc.errno or 0]}"}
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            return {"denied": f"kernel {name}"} if name in ("EACCES", "EXDEV", "EPERM") else {"errno": name}
+            # (an escape by '..' from a grant held from spawn ends in the empty root: nothing there)
+            denials = ("EACCES", "EXDEV", "EPERM", "ENOENT") if op == "escape" else ("EACCES", "EXDEV", "EPERM")
+            return {"denied": f"kernel {name}"} if name in denials else {"errno": name}
         raise ValueError(op)
 
 
@@ -362,6 +364,41 @@ def test_directory_grants(root: Path, phase: str) -> None:
                 assert gone.get("denied", "").startswith(layer), gone
         assert (root / "secret").read_text() == "outside"
         assert not (root / "data" / "victim.txt").exists()
+
+
+class Mover(Worker):
+    @rpc
+    def move_and_look(self) -> dict[str, Any]:
+        src, dst = self.grants["src"].fileno(), self.grants["dst"].fileno()
+        os.rename("a.txt", "moved.txt", src_dir_fd=src, dst_dir_fd=dst)  # (Landlock REFER: one mount)
+        seen: dict[str, Any] = {}
+        for path in ("../secret", "../../../../../../../etc/passwd", "../out/moved.txt"):
+            try:
+                seen[path] = os.stat(path, dir_fd=src).st_size
+            except OSError as exc:
+                seen[path] = errno.errorcode[exc.errno or 0]
+        return seen
+
+
+def test_grants_held_from_spawn_are_moved_into_the_empty_root(tmp_path: Path) -> None:
+    """A directory granted at spawn is bind-mounted into the worker's empty
+    root (with every grant on the same host mount, beneath their deepest
+    common directory): a stat by '..' reaches no host path above them (it
+    reached the whole host's tree; a claims audit), and a rename between
+    two grants stays within one mount (no EXDEV)."""
+    (tmp_path / "app" / "in").mkdir(parents=True)
+    (tmp_path / "app" / "out").mkdir()
+    (tmp_path / "app" / "in" / "a.txt").write_text("x")
+    (tmp_path / "secret").write_text("outside")
+    moving = R | S | F | Rights.LOOKUP | Rights.CREATE | Rights.UNLINKAT | Rights.RENAMEAT | Rights.WRITE
+    with Broker(Policy().allow("app/", moving), root=tmp_path) as b:
+        w = b.spawn(Mover, grants={"src": b.opendir("app/in/", moving), "dst": b.opendir("app/out/", moving)})
+        assert "grantroot" in w.sandbox["namespaces"], w.sandbox["namespaces"]
+        seen = w.move_and_look()
+    assert (tmp_path / "app" / "out" / "moved.txt").read_text() == "x"
+    # ('..' from app/in is app; above app, only the empty root)
+    assert seen == {"../secret": "ENOENT", "../../../../../../../etc/passwd": "ENOENT",
+                    "../out/moved.txt": 1}, seen
 
 
 def test_table_covers_every_right_and_renders() -> None:

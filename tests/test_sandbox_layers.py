@@ -14,6 +14,7 @@ import resource
 import select
 import signal
 import socket
+import stat as stat_module
 import tempfile
 import threading
 import time
@@ -340,11 +341,39 @@ def test_landlock_write_denied_on_read_grant(tree: str) -> None:
 
 @needs_landlock
 def test_landlock_dotdot_escape_denied(tree: str) -> None:
-    out = run_with_grant(f"{tree}/granted", READ_DIR, open_at("../outside.txt"))
+    # Landlock alone (without namespaces the grant is where the host has it)
+    out = run_with_grant(f"{tree}/granted", READ_DIR, open_at("../outside.txt"), namespaces=False)
     assert out.result == {"errno": "EACCES"}
     # control: the same walk works with Landlock off and the group forced on
-    out = run_with_grant(f"{tree}/granted", READ_DIR, open_at("../outside.txt"), landlock=False, seccomp=False)
+    out = run_with_grant(f"{tree}/granted", READ_DIR, open_at("../outside.txt"), landlock=False, seccomp=False,
+                         namespaces=False)
     assert out.result == {"ok": "outside"}
+
+
+@needs_userns
+def test_a_grant_held_from_spawn_is_moved_into_the_empty_root(tree: str) -> None:
+    """``..`` from a directory granted at spawn walked up the host's tree
+    (its fd was outside the empty root), so a worker could stat any host
+    path, stat being no Landlock right (a claims audit). The grant is
+    bind-mounted into the empty root: the walk ends there, the empty root
+    alone stopping it."""
+    def attempt(ctx: dict[str, Any]) -> Any:
+        d = ctx["dir"]
+        seen = {}
+        for path in ("../outside.txt", "../../../../../etc/passwd", "f.txt"):
+            try:
+                seen[path] = stat_module.S_IFMT(os.stat(path, dir_fd=d).st_mode)
+            except OSError as exc:
+                seen[path] = errno.errorcode[exc.errno]
+        return seen
+
+    out = run_with_grant(f"{tree}/granted", READ_DIR, attempt, landlock=False, seccomp=False)
+    assert "grantroot" in out.report["namespaces"], out.report
+    assert out.result == {"ok": {"../outside.txt": "ENOENT", "../../../../../etc/passwd": "ENOENT",
+                                 "f.txt": stat_module.S_IFREG}}
+    out = run_with_grant(f"{tree}/granted", READ_DIR, open_at("../outside.txt"), landlock=False, seccomp=False)
+    assert out.result == {"errno": "ENOENT"}
+    assert run_with_grant(f"{tree}/granted", READ_DIR, open_at("f.txt")).result == {"ok": "inside"}
 
 
 @needs_landlock

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -149,6 +150,19 @@ def _pin_cpu_count() -> None:
     os.cpu_count = _cpu_count
 
 
+def _directories(fds: Sequence[int]) -> list[int]:
+    """The fds of ``fds`` that are directories (one that is not open is
+    Landlock's to refuse, as before)."""
+    dirs = []
+    for fd in fds:
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                dirs.append(fd)
+        except OSError:
+            pass
+    return dirs
+
+
 def _cpu_count() -> int:
     return _CPUS
 
@@ -189,7 +203,8 @@ def enter(prepared: Prepared, keep_fds: Sequence[int], *, net_fd: int | None = N
     report["real_uid"] = _namespaces.own_real_uid()
 
     if spec.namespaces:
-        entered = _namespaces.apply(net_fd)
+        # (the directories granted at spawn: their fds are moved into the empty root)
+        entered = _namespaces.apply(net_fd, _directories([fd for fd, _ in spec.fs_rules]))
         report["namespaces"] = entered
         if entered:
             report["layers"].append("namespaces:" + ",".join(entered))

@@ -13,15 +13,29 @@ the same empty "/" to path lookups, and ``pivot_root`` + lazy unmount costs
 ~1.4 ms against ~0.1 ms. ``chroot``'s classic escapes need ``chroot``,
 ``fchdir`` or ``mount`` again, all denied by seccomp.
 
+Directories granted at spawn are held fds on the host's tree, outside that
+root: ``..`` from one walked up to the host's ``/``, and stat is no Landlock
+right, so a worker could stat any host path (a claims audit). Each is
+bind-mounted into the empty root before the chroot (one mount per
+filesystem holding grants: their deepest common directory, so that a
+rename between two grants on one filesystem is not EXDEV) and its fd reopened
+there: ``..`` from a grant now stops at that directory, then at the empty
+root. The reopened fd must be the same directory as the one granted (its
+device and inode), else the grant keeps its fd; ``grantroot`` is reported
+when every grant was moved.
+
 Failure of any step is not fatal: the layer is skipped and reported.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
+from collections.abc import Sequence
 
 from ._libc import ffi, lib
+from ._openat2 import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 
 ffi.cdef(
     """
@@ -43,8 +57,9 @@ _ORDER = [("user", CLONE_NEWUSER), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC),
 ALL = sum(flag for _, flag in _ORDER)
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 1 << 18
 _MOUNTPOINTS = (b"/tmp", b"/mnt", b"/dev", b"/proc")
+_NO_LINKS = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
 
 def _unshare(flags: int) -> bool:
@@ -107,18 +122,103 @@ def _map_ids(uid: int, gid: int) -> None:
     write_file("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
-def _empty_root(own_userns: bool) -> bool:
+def _grant_groups(dirs: Sequence[int]) -> list[tuple[str, list[tuple[int, str]]]] | None:
+    """The granted directories by the filesystem holding them: (their
+    deepest common directory, [(fd, path)]); None where one's place cannot
+    be read (deleted, or not reachable from this mount namespace). (Two
+    mounts of one filesystem share a group: its directory's mounts come
+    along with it, and a rename between them is EXDEV, as on the host.)"""
+    by_device: dict[int, list[tuple[int, str]]] = {}
+    try:
+        for fd in dirs:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if not path.startswith("/") or path.endswith(" (deleted)"):
+                return None
+            by_device.setdefault(os.fstat(fd).st_dev, []).append((fd, path))
+    except (OSError, ValueError):
+        return None
+    return [(os.path.commonpath([p for _, p in grants]), grants) for grants in by_device.values()]
+
+
+def _rebase(groups: list[tuple[str, list[tuple[int, str]]]]) -> bool:
+    """(In the empty root, just entered, where /0, /1, ... are the groups'
+    bind mounts.) Reopen each grant there, in its fd's place. False if any
+    is not the directory granted: that one keeps its fd."""
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    every = True
+    try:
+        for i, (top, grants) in enumerate(groups):
+            for fd, path in grants:
+                rel = os.path.relpath(path, top)
+                mode = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_PATH | os.O_NONBLOCK)
+                try:
+                    # (no symlink on the way: the host's tree may change under a spawn)
+                    new = openat2(root, str(i) if rel == "." else f"{i}/{rel}",
+                                  mode | os.O_DIRECTORY | os.O_CLOEXEC, resolve=_NO_LINKS)
+                except OSError:
+                    every = False
+                    continue
+                was, now = os.fstat(fd), os.fstat(new)
+                if (was.st_dev, was.st_ino) == (now.st_dev, now.st_ino):
+                    os.dup2(new, fd, inheritable=os.get_inheritable(fd))
+                else:
+                    every = False  # (renamed or replaced on the host since the broker opened it)
+                os.close(new)
+    finally:
+        os.close(root)
+    return every
+
+
+def _empty_root(own_userns: bool, dirs: Sequence[int]) -> tuple[bool, bool]:
+    """Enter the empty root: (entered, every grant in ``dirs`` moved into it)."""
     # In a new user namespace the copied mounts are already slaves of the
     # host's; without one (privileged fallback) stop propagation explicitly.
     if not own_userns and int(lib.mount(ffi.NULL, b"/", ffi.NULL, MS_REC | MS_PRIVATE, ffi.NULL)) != 0:
-        return False
+        return False, False
+    groups = _grant_groups(dirs) if dirs else None
+    # Held before the empty root is mounted (on /tmp, say, hiding the grants' paths), and bound
+    # through /proc/self/fd (the host's tree may change meanwhile: _rebase checks what it finds).
+    tops: list[int] = []
+    for top, _ in groups or ():
+        try:
+            tops.append(os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError:
+            break
+    try:
+        return _enter_empty_root(groups, tops)
+    finally:
+        for fd in tops:
+            os.close(fd)
+
+
+def _enter_empty_root(groups: list[tuple[str, list[tuple[int, str]]]] | None, tops: list[int]
+                      ) -> tuple[bool, bool]:
     flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    # (writable until the mountpoints are made; one inode each, the root's, and one the kernel keeps)
+    options = f"size=4k,nr_inodes={2 + len(groups or ())},mode=0555".encode()
     for target in _MOUNTPOINTS:
-        if int(lib.mount(b"privsep-empty", target, b"tmpfs", flags, b"size=4k,nr_inodes=2,mode=0555")) == 0:
+        if int(lib.mount(b"privsep-empty", target, b"tmpfs", flags & ~MS_RDONLY if groups else flags, options)) == 0:
             break
     else:
-        return False
-    return int(lib.chdir(target)) == 0 and int(lib.chroot(b".")) == 0 and int(lib.chdir(b"/")) == 0
+        return False, False
+    bound = groups is not None and len(tops) == len(groups)
+    for i, top_fd in enumerate(tops if bound else ()):
+        point = target + b"/%d" % i
+        try:
+            os.mkdir(point, 0o555)
+        except OSError:
+            bound = False
+            break
+        # (MS_REC: the host's mounts beneath it come along, as a walk from the grant saw them)
+        source = b"/proc/self/fd/%d" % top_fd
+        if int(lib.mount(source, point, ffi.NULL, MS_BIND | MS_REC, ffi.NULL)) != 0:
+            bound = False
+            break
+    if groups and int(lib.mount(ffi.NULL, target, ffi.NULL, MS_REMOUNT | flags, ffi.NULL)) != 0:
+        return False, False  # (a writable root is no empty root)
+    if not (int(lib.chdir(target)) == 0 and int(lib.chroot(b".")) == 0 and int(lib.chdir(b"/")) == 0):
+        return False, False
+    return True, bound and groups is not None and _rebase(groups)
 
 
 def fresh_net() -> int | None:
@@ -144,9 +244,10 @@ def fresh_net() -> int | None:
         os.close(here)
 
 
-def apply(net_fd: int | None = None) -> list[str]:
+def apply(net_fd: int | None = None, dirs: Sequence[int] = ()) -> list[str]:
     """Enter what namespaces the kernel allows. Returns the names entered
-    (``user``, ``net``, ``ipc``, ``uts``, ``mount``, ``emptyroot``).
+    (``user``, ``net``, ``ipc``, ``uts``, ``mount``, ``emptyroot``, and
+    ``grantroot`` when every directory fd in ``dirs`` was moved into it).
 
     ``net_fd``: a fresh network namespace from :func:`fresh_net`, joined
     instead of creating one (closed here either way)."""
@@ -174,8 +275,9 @@ def apply(net_fd: int | None = None) -> list[str]:
             _map_ids(uid, gid)
         except OSError:
             pass  # unmapped ids: files cannot be created beneath grants, nothing weaker
-    if "mount" in entered and _empty_root("user" in entered):
-        entered.append("emptyroot")
+    if "mount" in entered:
+        rooted, rebased = _empty_root("user" in entered, dirs)
+        entered += ["emptyroot"] * rooted + ["grantroot"] * rebased
     return entered
 
 
