@@ -369,7 +369,9 @@ class Broker:
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             workers = list(self._workers.values())
-        deadline = time.monotonic() + timeout
+        # One moment for all to obey the stop sent to each below, even close(0)'s: given to each
+        # in turn, 40 workers that ignored it held a Ctrl-C'd close 2.1 s (red-team round 44).
+        deadline = time.monotonic() + max(timeout, 0.05)
         for w in workers:
             if w._ended_unasked():
                 continue  # ended by itself already: its stop() records how
@@ -379,7 +381,7 @@ class Broker:
             w._chan.try_send(STOP_MESSAGE)
         for w in workers:
             try:
-                w._stop(max(0.05, deadline - time.monotonic()), timeout)  # (an idle one has a moment to obey)
+                w._stop(max(0.0, deadline - time.monotonic()), timeout)
             except RuntimeError as exc:
                 # Killed, but a call holds its handle for ever (awaited on an event loop closed
                 # without cancelling the task): the rest is closed all the same, never left

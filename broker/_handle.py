@@ -1754,7 +1754,13 @@ class WorkerHandle:
                     # Cancelled (a client gone, a wait_for): the worker still ends, killed and reaped
                     # in the background, never left with its fds and its place among the broker's
                     # workers (a user trial: 50 cancelled astop()s, 150 fds and 50 handles kept).
-                    if self.exit is None:
+                    if self.exit is None and self._pidfd >= 0 and ready_now(self._pidfd) and not self._sigkilled:
+                        # Ended before the cancel (obeying, or by itself: an exit 3, a SIGSEGV, the OOM
+                        # killer), unseen: recorded as it ended, once its status is asked for off the
+                        # loop. It read "killed: its astop() was cancelled", SIGKILL (red-team round 44).
+                        self._broker._background.soon(
+                            functools.partial(self._record_stop, ended_before, before, timeout))
+                    elif self.exit is None:
                         self._kill_now_reap_later()
                         self._set_exit(WorkerExit("ok", "stopped (killed: its astop() was cancelled)",
                                                   signal=signal.SIGKILL))
@@ -1766,6 +1772,13 @@ class WorkerHandle:
                 self._lock.release()
         finally:
             alock.release()
+
+    def _record_stop(self, ended_before: bool, before: tuple[WorkerExit | None, bool], grace: float) -> None:
+        """On a thread of the broker's: record the end of a worker that ended
+        while a cancelled astop() waited (once that has let go of the lock)."""
+        with self._lock:
+            if self.exit is None:
+                self._stopped(self._reap(0.0), ended_before, before, grace)
 
     def _loop_lock(self) -> asyncio.Lock:
         """The lock that orders this handle's awaited calls on the running loop."""

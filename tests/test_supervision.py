@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import select
 import signal
 import socket
 import threading
@@ -259,6 +260,22 @@ class LateOffender(Worker):
         return "armed"
 
     @rpc
+    def exit_at_stop(self, delay: float, status: int) -> str:
+        """At the stop message, exit with ``status`` ``delay`` seconds later."""
+        chan = self.broker._chan
+        real = chan.recv
+
+        def recv(*args: Any, **kwargs: Any) -> Any:
+            msg = real(*args, **kwargs)
+            if isinstance(msg, dict) and msg.get("t") == "stop":
+                time.sleep(delay)
+                os._exit(status)
+            return msg
+
+        chan.recv = recv  # type: ignore[method-assign]
+        return "armed"
+
+    @rpc
     def exit_later(self, delay: float, status: int) -> str:
         """A thread of its own ends the process once the call has answered."""
         threading.Thread(target=lambda: (time.sleep(delay), os._exit(status)), daemon=True).start()
@@ -421,6 +438,48 @@ def test_an_outside_kill_while_a_stop_waits_is_no_stop(tree: Path) -> None:
         w = b.spawn(LateOffender)  # (the broker's own kill, the grace run out, still reads so)
         assert w.linger_at_stop(2.0) == "armed"
         assert w.stop(0.2).reason == "stopped (killed after the grace period)"
+
+
+@pytest.mark.parametrize("spawn", ["zygote", "fork"])
+def test_a_cancelled_astop_of_a_worker_that_ended_meanwhile_says_how_it_ended(tree: Path, spawn: str) -> None:
+    """An astop() cancelled after its worker had ended by itself (exit 3
+    here), before it looked (the loop busy), recorded "stopped (killed: its
+    astop() was cancelled)", kind ok, SIGKILL: every field wrong (red-team
+    round 44, 10 of 10). The end is recorded as it was, its status asked
+    for off the loop."""
+    with Broker(Policy(), root=tree, spawn=spawn) as b:
+        w = b.spawn(LateOffender)
+        assert w.exit_at_stop(0.2, 3) == "armed"
+
+        async def main() -> None:
+            stopping = asyncio.ensure_future(w.astop(5))
+            await asyncio.sleep(0.05)  # (the stop sent; astop() waits for the end)
+            assert select.select([w._pidfd], [], [], 10)[0]  # the loop held until the worker has ended
+            stopping.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stopping
+
+        asyncio.run(main())
+        _wait_for_end(w)
+        assert w.exit is not None and (w.exit.kind, w.exit.exit_code, w.exit.signal) == ("crashed", 3, None), w.exit
+
+
+def test_close_gives_the_workers_that_ignore_its_stop_one_moment_together(tree: Path) -> None:
+    """close(0) (and a `with Broker` left by Ctrl-C) gave each worker that
+    ignored the stop 50 ms in turn: 40 such workers held it 2.1 s (red-team
+    round 44). They share the one moment, the stop sent to all at once."""
+    b = Broker(Policy(), root=tree)
+    try:
+        workers = [b.spawn(LateOffender) for _ in range(16)]
+        for w in workers:
+            assert w.linger_at_stop(30.0) == "armed"
+        t0 = time.monotonic()
+        b.close(0)
+        took = time.monotonic() - t0
+    finally:
+        b.close()
+    assert took < 0.5, took  # (16 x 50 ms before)
+    assert {(w.exit.kind, w.exit.reason) for w in workers if w.exit} == {("ok", "stopped (killed)")}
 
 
 def test_a_pool_worker_killed_from_outside_as_it_is_recycled_is_a_crash(tree: Path) -> None:
