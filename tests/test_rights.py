@@ -9,11 +9,14 @@ check (``worker.sandbox._rights_table``).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -399,6 +402,96 @@ def test_grants_held_from_spawn_are_moved_into_the_empty_root(tmp_path: Path) ->
     # ('..' from app/in is app; above app, only the empty root)
     assert seen == {"../secret": "ENOENT", "../../../../../../../etc/passwd": "ENOENT",
                     "../out/moved.txt": 1}, seen
+
+
+class Looker(Worker):
+    @rpc
+    def look(self) -> dict[str, Any]:
+        """Each grant's stat of a host file far above it (its size, or the errno)."""
+        seen: dict[str, Any] = {}
+        for name, grant in sorted(self.grants.items()):
+            try:
+                seen[name] = os.stat("../../../../../../../etc/passwd", dir_fd=grant.fileno()).st_size
+            except OSError as exc:
+                seen[name] = errno.errorcode[exc.errno or 0]
+        return seen
+
+    @rpc
+    def create(self, grant: str) -> str:
+        try:
+            os.close(os.open("new.txt", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=self.grants[grant].fileno()))
+        except OSError as exc:
+            return errno.errorcode[exc.errno or 0]
+        return "created"
+
+
+def test_grants_whose_common_directory_holds_the_empty_roots_mountpoint_are_moved_too() -> None:
+    """Grants right beneath /tmp, where the empty root is mounted: a copy of
+    /tmp's mounts made after that held the empty root itself, so no grant
+    moved (red-team round 45, 3 of 3). And a grant whose place cannot be
+    read (deleted since opendir) kept every other one from moving: now only
+    that one keeps its place."""
+    tops = [Path(tempfile.mkdtemp(dir="/tmp")) for _ in range(2)]
+    rights = R | S | F | Rights.LOOKUP
+    policy = Policy()
+    for top in tops:
+        policy = policy.allow(f"{top.name}/", rights)
+    try:
+        with Broker(policy, root="/tmp") as b:
+            w = b.spawn(Looker, grants={"a": b.opendir(f"{tops[0].name}/", rights),
+                                        "b": b.opendir(f"{tops[1].name}/", rights)})
+            assert "grantroot" in w.sandbox["namespaces"], w.sandbox["namespaces"]
+            assert w.look() == {"a": "ENOENT", "b": "ENOENT"}
+            grants = {"a": b.opendir(f"{tops[0].name}/", rights), "b": b.opendir(f"{tops[1].name}/", rights)}
+            tops.pop().rmdir()
+            w = b.spawn(Looker, grants=grants)
+            assert "grantroot" not in w.sandbox["namespaces"], w.sandbox["namespaces"]
+            seen = w.look()
+            assert seen["a"] == "ENOENT" and isinstance(seen["b"], int), seen  # (b kept its place: the host's)
+    finally:
+        for top in tops:
+            shutil.rmtree(top)
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def test_a_grant_through_a_read_only_mount_stays_read_only_when_one_is_stacked_over_it(tmp_path: Path) -> None:
+    """The reopen in the empty root found the grant's directory by its path:
+    a writable mount of it stacked on the host over the read-only one the
+    broker opened it through made the grant writable (red-team round 45,
+    4 of 4). The reopened directory must be seen through mounts of the
+    same flags, else the grant keeps its fd."""
+    MS_BIND, MS_REMOUNT, MS_RDONLY = 0x1000, 0x20, 0x1
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "ro").mkdir()
+    ro = str(tmp_path / "ro")
+    try:
+        _mount(str(tmp_path / "data"), ro, MS_BIND)
+    except OSError as exc:
+        pytest.skip(f"this test mounts on the host, which this process may not: {exc}")
+    mounted = 1
+    try:
+        _mount("", ro, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        rights = R | S | F | Rights.LOOKUP | Rights.CREATE | Rights.WRITE
+        with Broker(Policy().allow("ro/", rights), root=tmp_path) as b:
+            with b.opendir("ro/x/", rights) as grant:
+                assert b.spawn(Looker, grants={"g": grant}).create("g") == "EROFS"
+            with b.opendir("ro/x/", rights) as grant:  # (through the read-only mount)
+                _mount(str(tmp_path / "data"), ro, MS_BIND)  # a writable one over it
+                mounted += 1
+                w = b.spawn(Looker, grants={"g": grant})
+                assert w.create("g") == "EROFS"
+                assert "grantroot" not in w.sandbox["namespaces"]
+        assert not (tmp_path / "data" / "x" / "new.txt").exists()
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for _ in range(mounted):
+            libc.umount2(ro.encode(), 2)  # (MNT_DETACH: whatever still holds it, nothing is left mounted)
 
 
 def test_table_covers_every_right_and_renders() -> None:

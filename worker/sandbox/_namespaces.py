@@ -16,13 +16,13 @@ the same empty "/" to path lookups, and ``pivot_root`` + lazy unmount costs
 Directories granted at spawn are held fds on the host's tree, outside that
 root: ``..`` from one walked up to the host's ``/``, and stat is no Landlock
 right, so a worker could stat any host path (a claims audit). Each is
-bind-mounted into the empty root before the chroot (one mount per
-filesystem holding grants: their deepest common directory, so that a
-rename between two grants on one filesystem is not EXDEV) and its fd reopened
-there: ``..`` from a grant now stops at that directory, then at the empty
-root. The reopened fd must be the same directory as the one granted (its
-device and inode), else the grant keeps its fd; ``grantroot`` is reported
-when every grant was moved.
+put into the empty root before the chroot (one recursive copy of the
+mounts per filesystem holding grants, at their deepest common directory,
+so that a rename between two grants on one filesystem is not EXDEV) and
+its fd reopened there: ``..`` from a grant now stops at that directory,
+then at the empty root. The reopened fd must be the same directory as the
+one granted (device, inode and mount flags), else the grant keeps its fd;
+``grantroot`` is reported when every grant was moved.
 
 Failure of any step is not fatal: the layer is skipped and reported.
 """
@@ -34,7 +34,7 @@ import os
 import resource
 from collections.abc import Sequence
 
-from ._libc import ffi, lib
+from ._libc import ffi, lib, syscall
 from ._openat2 import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 
 ffi.cdef(
@@ -57,7 +57,11 @@ _ORDER = [("user", CLONE_NEWUSER), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC),
 ALL = sum(flag for _, flag in _ORDER)
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 1 << 18
+MS_REMOUNT, MS_REC, MS_PRIVATE = 0x20, 0x4000, 1 << 18
+# The new mount API (5.2+), numbered alike on every architecture
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
+OPEN_TREE_CLONE, AT_RECURSIVE, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 0x4
+AT_FDCWD = -100
 _MOUNTPOINTS = (b"/tmp", b"/mnt", b"/dev", b"/proc")
 _NO_LINKS = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
@@ -122,32 +126,56 @@ def _map_ids(uid: int, gid: int) -> None:
     write_file("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
-def _grant_groups(dirs: Sequence[int]) -> list[tuple[str, list[tuple[int, str]]]] | None:
+def _grant_groups(dirs: Sequence[int]) -> tuple[list[tuple[str, list[tuple[int, str]]]], bool]:
     """The granted directories by the filesystem holding them: (their
-    deepest common directory, [(fd, path)]); None where one's place cannot
-    be read (deleted, or not reachable from this mount namespace). (Two
+    deepest common directory, [(fd, path)]); and whether every one is
+    there (one whose place cannot be read, deleted or not reachable from
+    this mount namespace, keeps its fd; the rest move all the same). (Two
     mounts of one filesystem share a group: its directory's mounts come
     along with it, and a rename between them is EXDEV, as on the host.)"""
     by_device: dict[int, list[tuple[int, str]]] = {}
-    try:
-        for fd in dirs:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            if not path.startswith("/") or path.endswith(" (deleted)"):
-                return None
-            by_device.setdefault(os.fstat(fd).st_dev, []).append((fd, path))
-    except (OSError, ValueError):
-        return None
-    return [(os.path.commonpath([p for _, p in grants]), grants) for grants in by_device.values()]
+    every = True
+    for fd in dirs:
+        try:
+            path, device = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_dev
+        except OSError:
+            every = False
+            continue
+        if not path.startswith("/") or path.endswith(" (deleted)"):
+            every = False
+            continue
+        by_device.setdefault(device, []).append((fd, path))
+    return [(os.path.commonpath([p for _, p in grants]), grants) for grants in by_device.values()], every
 
 
-def _rebase(groups: list[tuple[str, list[tuple[int, str]]]]) -> bool:
-    """(In the empty root, just entered, where /0, /1, ... are the groups'
-    bind mounts.) Reopen each grant there, in its fd's place. False if any
-    is not the directory granted: that one keeps its fd."""
+def _clone_tree(path: str) -> int:
+    """A detached copy of the mounts at and beneath ``path`` (open_tree), or
+    -1. Taken before the empty root is mounted: a copy made after, of /tmp
+    or /, held the empty root itself where the grants were (red-team round
+    45: no grant under /tmp moved)."""
+    return syscall(SYS_OPEN_TREE, AT_FDCWD, ffi.new("char[]", os.fsencode(path)),
+                   OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+
+
+def _same_place(was: int, now: int) -> bool:
+    """The same directory (device, inode), seen through mounts of the same
+    flags: a writable mount of it stacked on the host over a read-only one
+    would otherwise make a read-only grant writable (red-team round 45)."""
+    a, b = os.fstat(was), os.fstat(now)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and os.fstatvfs(was).f_flag == os.fstatvfs(now).f_flag
+
+
+def _rebase(groups: list[tuple[str, list[tuple[int, str]]]], attached: list[bool]) -> bool:
+    """(In the empty root, just entered, where /0, /1, ... are the attached
+    groups' trees.) Reopen each grant there, in its fd's place. False if any
+    is not moved: that one keeps its fd."""
     root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     every = True
     try:
         for i, (top, grants) in enumerate(groups):
+            if not attached[i]:
+                every = False
+                continue
             for fd, path in grants:
                 rel = os.path.relpath(path, top)
                 mode = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_PATH | os.O_NONBLOCK)
@@ -158,11 +186,10 @@ def _rebase(groups: list[tuple[str, list[tuple[int, str]]]]) -> bool:
                 except OSError:
                     every = False
                     continue
-                was, now = os.fstat(fd), os.fstat(new)
-                if (was.st_dev, was.st_ino) == (now.st_dev, now.st_ino):
+                if _same_place(fd, new):
                     os.dup2(new, fd, inheritable=os.get_inheritable(fd))
                 else:
-                    every = False  # (renamed or replaced on the host since the broker opened it)
+                    every = False  # (renamed, replaced or remounted on the host since the broker opened it)
                 os.close(new)
     finally:
         os.close(root)
@@ -175,50 +202,41 @@ def _empty_root(own_userns: bool, dirs: Sequence[int]) -> tuple[bool, bool]:
     # host's; without one (privileged fallback) stop propagation explicitly.
     if not own_userns and int(lib.mount(ffi.NULL, b"/", ffi.NULL, MS_REC | MS_PRIVATE, ffi.NULL)) != 0:
         return False, False
-    groups = _grant_groups(dirs) if dirs else None
-    # Held before the empty root is mounted (on /tmp, say, hiding the grants' paths), and bound
-    # through /proc/self/fd (the host's tree may change meanwhile: _rebase checks what it finds).
-    tops: list[int] = []
-    for top, _ in groups or ():
-        try:
-            tops.append(os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        except OSError:
-            break
+    groups, every = _grant_groups(dirs) if dirs else ([], False)
+    trees = [_clone_tree(top) for top, _ in groups]
     try:
-        return _enter_empty_root(groups, tops)
+        return _enter_empty_root(groups, trees, every)
     finally:
-        for fd in tops:
-            os.close(fd)
+        for fd in trees:
+            if fd >= 0:
+                os.close(fd)
 
 
-def _enter_empty_root(groups: list[tuple[str, list[tuple[int, str]]]] | None, tops: list[int]
+def _enter_empty_root(groups: list[tuple[str, list[tuple[int, str]]]], trees: list[int], every: bool
                       ) -> tuple[bool, bool]:
     flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
     # (writable until the mountpoints are made; one inode each, the root's, and one the kernel keeps)
-    options = f"size=4k,nr_inodes={2 + len(groups or ())},mode=0555".encode()
+    options = f"size=4k,nr_inodes={2 + len(groups)},mode=0555".encode()
     for target in _MOUNTPOINTS:
         if int(lib.mount(b"privsep-empty", target, b"tmpfs", flags & ~MS_RDONLY if groups else flags, options)) == 0:
             break
     else:
         return False, False
-    bound = groups is not None and len(tops) == len(groups)
-    for i, top_fd in enumerate(tops if bound else ()):
+    attached = [False] * len(groups)
+    for i, tree in enumerate(trees):
         point = target + b"/%d" % i
         try:
             os.mkdir(point, 0o555)
         except OSError:
-            bound = False
             break
-        # (MS_REC: the host's mounts beneath it come along, as a walk from the grant saw them)
-        source = b"/proc/self/fd/%d" % top_fd
-        if int(lib.mount(source, point, ffi.NULL, MS_BIND | MS_REC, ffi.NULL)) != 0:
-            bound = False
-            break
+        if tree >= 0:
+            attached[i] = syscall(SYS_MOVE_MOUNT, tree, ffi.new("char[]", b""), AT_FDCWD, ffi.new("char[]", point),
+                                  MOVE_MOUNT_F_EMPTY_PATH) == 0
     if groups and int(lib.mount(ffi.NULL, target, ffi.NULL, MS_REMOUNT | flags, ffi.NULL)) != 0:
         return False, False  # (a writable root is no empty root)
     if not (int(lib.chdir(target)) == 0 and int(lib.chroot(b".")) == 0 and int(lib.chdir(b"/")) == 0):
         return False, False
-    return True, bound and groups is not None and _rebase(groups)
+    return True, bool(groups) and _rebase(groups, attached) and every
 
 
 def fresh_net() -> int | None:
