@@ -430,8 +430,10 @@ def test_grants_whose_common_directory_holds_the_empty_roots_mountpoint_are_move
     /tmp's mounts made after that held the empty root itself, so no grant
     moved (red-team round 45, 3 of 3). And a grant whose place cannot be
     read (deleted since opendir) kept every other one from moving: now only
-    that one keeps its place."""
-    tops = [Path(tempfile.mkdtemp(dir="/tmp")) for _ in range(2)]
+    that one keeps its place. A name that merely ends in " (deleted)" (as
+    /proc shows a deleted directory's) is no deleted directory (red-team
+    round 46: such a grant kept its host place)."""
+    tops = [Path(tempfile.mkdtemp(dir="/tmp")), Path(tempfile.mkdtemp(dir="/tmp", suffix=" (deleted)"))]
     rights = R | S | F | Rights.LOOKUP
     policy = Policy()
     for top in tops:

@@ -137,14 +137,16 @@ def _grant_groups(dirs: Sequence[int]) -> tuple[list[tuple[str, list[tuple[int, 
     every = True
     for fd in dirs:
         try:
-            path, device = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_dev
+            path, st = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd)
         except OSError:
             every = False
             continue
-        if not path.startswith("/") or path.endswith(" (deleted)"):
+        # (deleted: no link left; a name that merely ends in " (deleted)", which whoever names
+        # the directory chooses, kept a grant on the host: red-team round 46)
+        if not path.startswith("/") or st.st_nlink == 0:
             every = False
             continue
-        by_device.setdefault(device, []).append((fd, path))
+        by_device.setdefault(st.st_dev, []).append((fd, path))
     return [(os.path.commonpath([p for _, p in grants]), grants) for grants in by_device.values()], every
 
 
