@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -244,36 +245,29 @@ class LateOffender(Worker):
         threading.Thread(target=offend, daemon=True).start()
         return "returned"
 
-    @rpc
-    def linger_at_stop(self, seconds: float) -> str:
-        """At the stop message, take ``seconds`` before obeying it."""
+    def _at_stop(self, action: Callable[[], object]) -> str:
+        """Run ``action`` when the stop message is read (before obeying it)."""
         chan = self.broker._chan
         real = chan.recv
 
         def recv(*args: Any, **kwargs: Any) -> Any:
             msg = real(*args, **kwargs)
             if isinstance(msg, dict) and msg.get("t") == "stop":
-                time.sleep(seconds)
+                action()
             return msg
 
         chan.recv = recv  # type: ignore[method-assign]
         return "armed"
+
+    @rpc
+    def linger_at_stop(self, seconds: float) -> str:
+        """At the stop message, take ``seconds`` before obeying it."""
+        return self._at_stop(lambda: time.sleep(seconds))
 
     @rpc
     def exit_at_stop(self, delay: float, status: int) -> str:
         """At the stop message, exit with ``status`` ``delay`` seconds later."""
-        chan = self.broker._chan
-        real = chan.recv
-
-        def recv(*args: Any, **kwargs: Any) -> Any:
-            msg = real(*args, **kwargs)
-            if isinstance(msg, dict) and msg.get("t") == "stop":
-                time.sleep(delay)
-                os._exit(status)
-            return msg
-
-        chan.recv = recv  # type: ignore[method-assign]
-        return "armed"
+        return self._at_stop(lambda: (time.sleep(delay), os._exit(status)))
 
     @rpc
     def exit_later(self, delay: float, status: int) -> str:
@@ -285,18 +279,12 @@ class LateOffender(Worker):
     def offend_at_stop(self) -> str:
         """At the stop message: a thread makes a forbidden syscall, and the
         worker takes a second to end."""
-        chan = self.broker._chan
-        real = chan.recv
 
-        def recv(*args: Any, **kwargs: Any) -> Any:
-            msg = real(*args, **kwargs)
-            if isinstance(msg, dict) and msg.get("t") == "stop":
-                threading.Thread(target=os.open, args=("/etc/hostname", os.O_RDONLY), daemon=True).start()
-                time.sleep(1.0)
-            return msg
+        def offend() -> None:
+            threading.Thread(target=os.open, args=("/etc/hostname", os.O_RDONLY), daemon=True).start()
+            time.sleep(1.0)
 
-        chan.recv = recv  # type: ignore[method-assign]
-        return "armed"
+        return self._at_stop(offend)
 
     @rpc
     def flood_and_ignore_stop(self, threads: int) -> str:
