@@ -550,9 +550,13 @@ class WorkerHandle:
 
     def _ready_now(self) -> str | None:
         """The event already pending, if any (no waiting, no event loop)."""
-        chan_fd = self._chan.fileno()
+        return self._pick(self._poll_set().poll(0), self._chan.fileno())
+
+    def _pick(self, events: list[tuple[int, int]], chan_fd: int) -> str | None:
+        """The event a call takes of those polled on the channel and the
+        listener (a listener hung up is dropped)."""
         chan = notify = False
-        for fd, ev in self._poll_set().poll(0):
+        for fd, ev in events:
             if fd == chan_fd:
                 chan = True
             elif ev & select.POLLIN:
@@ -1095,15 +1099,7 @@ class WorkerHandle:
                     if left <= 0:
                         return "timeout"
                     events = poller.poll(max(1, int(left * 1000 + 0.999)))
-                chan = notify = False
-                for fd, ev in events:
-                    if fd == chan_fd:
-                        chan = True
-                    elif ev & select.POLLIN:
-                        notify = True
-                    else:
-                        self._drop_notify()
-                first = self._first(chan, notify)
+                first = self._pick(events, chan_fd)
                 if first is not None:
                     return first
         polled = set(self._drains)
