@@ -24,7 +24,8 @@ Cases, each timed call by call (``perf_counter_ns``), median and p90:
 
 Headline: privsep with the default sandbox (whatever the default spawn and
 sandbox settings are), with the unsandboxed framework (``UNSANDBOXED``)
-alongside. Every case runs pinned (all processes on CPU 0), unpinned, and split
+alongside. Every case runs pinned (all processes and threads on CPU 0, the
+zygotes too: as under ``taskset -c 0``), unpinned, and split
 (this process on CPU 0, the peers on CPU 1: what an unpinned run costs when
 the scheduler puts the two ends on different cores).
 The grant latency is measured with ``request_rate=None``; the default

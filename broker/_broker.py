@@ -389,7 +389,10 @@ class Broker:
                 log.warning("close(): %s", exc)
         self._background.wait_idle(5.0)  # (workers killed during awaited calls: reaped before their zygote ends)
         self._background.shutdown()
-        idle_watch.settle(1.0)  # (its thread ends with the last worker's watch, in any broker)
+        zygote = self._zygote
+        if zygote is not None:
+            zygote.drop_check()  # (it would hold the watch's thread up to its time)
+        idle_watch.settle(1.0)  # (its thread ends with the last worker's watch and timer, in any broker)
         with self._spawn_lock:  # after a zygote spawn in progress; later ones see _closed
             if self._zygote is not None:
                 self._zygote.close()

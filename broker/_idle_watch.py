@@ -21,6 +21,11 @@ one spurious wake-up, nothing else. Its wake-up pipe is the process's for
 good (made at import; in a forked child, anew at its first watch): a thread
 that closed it when idle could close it under its own poll, and a dropped
 broker would lose two fds.
+
+It also runs the odd short check at a set time (``call_at``): a zygote
+lowered to SCHED_IDLE to make a spare must be raised again from outside if
+the CPUs never fall idle (see ``broker._zygote``), and this thread is there
+whenever workers are.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import select
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from ._loop import drain, poke
@@ -56,12 +62,21 @@ class _Entry:
         self.pidfd = pidfd
 
 
+class _Timer:
+    __slots__ = ("fn", "when")
+
+    def __init__(self, when: float, fn: Callable[[], None]) -> None:
+        self.when, self.fn = when, fn
+
+
 class IdleWatch:
-    """One thread, started with the first watch and ending with the last."""
+    """One thread, started with the first watch (or timer) and ending with
+    the last."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._watched: dict[int, _Entry] = {}  # fd -> its handle
+        self._timers: list[_Timer] = []  # (a few: one per zygote at most)
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -72,6 +87,7 @@ class IdleWatch:
         keeps no fd of ours.)"""
         self._lock = threading.Lock()
         self._watched = {}
+        self._timers = []  # (the parent's zygotes)
         self._thread = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
@@ -83,27 +99,48 @@ class IdleWatch:
         ``unwatch``: call that before closing it."""
         with self._lock:
             self._watched[fd] = _Entry(handle, pidfd)
-            if self._wake_r < 0:
-                self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="privsep-idle-watch", daemon=True)
-                self._thread.start()
-            else:
-                self._wake()
+            self._run_or_wake()
 
     def unwatch(self, fd: int) -> None:
         with self._lock:
             if self._watched.pop(fd, None) is not None:
                 self._wake()
 
-    def settle(self, timeout: float) -> None:
-        """If nothing is watched any more, wait (at most ``timeout``
-        seconds) for the thread to end, as a broker's close() waits for its
-        own threads: a program that closed its brokers has none left."""
+    def call_at(self, when: float, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn`` on the watch's thread once ``time.monotonic()`` has
+        reached ``when``; returns what cancels it. ``fn`` must be short and
+        never wait: the watch waits for it. (Its exceptions are logged.)"""
+        timer = _Timer(when, fn)
         with self._lock:
-            thread = self._thread if not self._watched else None
+            self._timers.append(timer)
+            self._run_or_wake()
+
+        def cancel() -> None:
+            with self._lock:
+                if timer in self._timers:
+                    self._timers.remove(timer)
+                    self._wake()  # (its thread may be waiting for that time alone: let it end)
+
+        return cancel
+
+    def settle(self, timeout: float) -> None:
+        """If nothing is watched and no timer is set any more, wait (at most
+        ``timeout`` seconds) for the thread to end, as a broker's close()
+        waits for its own threads: a program that closed its brokers has
+        none left."""
+        with self._lock:
+            thread = self._thread if not self._watched and not self._timers else None
         if thread is not None:
             thread.join(timeout)
+
+    def _run_or_wake(self) -> None:  # (holding the lock)
+        if self._wake_r < 0:
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="privsep-idle-watch", daemon=True)
+            self._thread.start()
+        else:
+            self._wake()
 
     def _wake(self) -> None:  # (holding the lock)
         poke(self._wake_w)
@@ -115,6 +152,7 @@ class IdleWatch:
             log.exception("privsep idle-watch thread failed")
             with self._lock:
                 self._watched.clear()
+                self._timers.clear()
                 self._thread = None
 
     def _serve(self) -> None:
@@ -124,11 +162,12 @@ class IdleWatch:
         later: dict[int, tuple[float, _Entry]] = {}
         while True:
             with self._lock:
-                if not self._watched:
+                if not self._watched and not self._timers:
                     self._thread = None
                     return
                 watched = dict(self._watched)
                 wake = self._wake_r
+                times = [t.when for t in self._timers]
             for fd in list(later):
                 if watched.get(fd) is not later[fd][1]:
                     del later[fd]  # (unwatched, or its number now another worker's)
@@ -137,11 +176,13 @@ class IdleWatch:
             for fd in watched:
                 if fd not in later:
                     poller.register(fd, select.POLLIN)
+            times += [when for when, _ in later.values()]
             timeout = None
-            if later:
-                timeout = max(0, math.ceil((min(when for when, _ in later.values()) - time.monotonic()) * 1000))
+            if times:
+                timeout = max(0, math.ceil((min(times) - time.monotonic()) * 1000))
             events = poller.poll(timeout)
             now = time.monotonic()
+            self._run_timers(now)
             events += [(fd, select.POLLIN) for fd, (when, _) in later.items() if when <= now]
             for fd, ev in events:
                 if fd == wake:
@@ -173,6 +214,18 @@ class IdleWatch:
                 del handle
                 if again is not None:
                     later[fd] = (again, entry)
+
+    def _run_timers(self, now: float) -> None:
+        with self._lock:
+            due = [t for t in self._timers if t.when <= now]
+            if not due:
+                return
+            self._timers = [t for t in self._timers if t.when > now]
+        for timer in due:
+            try:
+                timer.fn()
+            except Exception:  # (a bug: said, and the watch goes on)
+                log.exception("privsep idle-watch timer failed")
 
     def _forget(self, fd: int, entry: _Entry) -> None:
         with self._lock:

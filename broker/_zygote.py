@@ -27,10 +27,11 @@ from protocol._remote import exception_from_wire
 from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd, seqpacket_pair
 from worker import Worker
 from worker._mainref import main_refs, module_ref
-from worker._priority import may_raise, process_to_foreground, to_background, to_foreground
+from worker._priority import cpu_state, may_raise, process_to_foreground, to_background, to_foreground
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
+from ._idle_watch import idle_watch
 from ._interp import child_env, interpreter
 from ._loop import readable
 from ._pagemap import asleep, owned, writable
@@ -41,6 +42,11 @@ log = logging.getLogger("privsep.broker")
 SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
 _LEARNED_KEEP = 16  # (class, spec) pairs whose start-up pages are kept
 _BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; one that hangs is found by the first spawn
+#: How long a spare may take at SCHED_IDLE before the broker raises the zygote
+#: and the spare (it takes 1-3 ms of CPU when a CPU falls idle now and then).
+_STARVED_AFTER = 0.05
+_FAIR_SHARE = 0.1  # of a CPU between two looks: less is starved
+_CHECK_FOR = 10.0  # s: a spare request unread this long is left to the next spawn
 
 
 def importable(cls: type[Worker]) -> bool:
@@ -220,7 +226,14 @@ class Zygote:
     Where this process may raise a task's priority again (CAP_SYS_NICE),
     spares are made at SCHED_IDLE (see ``worker._priority``): each is moved
     back to SCHED_OTHER before it gets its request, and the zygote whenever
-    the broker is to wait for it.
+    the broker is to wait for it. A task at SCHED_IDLE does not run at all
+    while its CPUs are kept busy: a broker and its worker taking turns on one
+    CPU (a one-CPU container) never let the zygote make the spare, and there
+    it waited runnable until the next spawn, for ever in a long run (which on
+    this VM made each of their context switches dearer: a ping 20 -> 33 us).
+    So while the answer is unread, the idle watch's thread looks at the
+    zygote (then at the spare it made) every ``_STARVED_AFTER`` seconds and
+    raises it if it is starved (``_unstarve``).
 
     The first spare handed out for a (class, spec) it was made for teaches
     which inherited pages such a worker has made its own by the time it is
@@ -247,6 +260,8 @@ class Zygote:
         self._idle = may_raise()  # spares made at background priority
         self._zygote_idles = False  # the zygote said it goes back to normal priority by itself
         self._asked_idle = False  # the pending spare was asked for at background priority
+        self._asked_n = 0  # spare requests sent: which one a starvation check is for
+        self._cancel_check: Callable[[], None] | None = None  # the pending starvation check's
         self._learned: list[tuple[tuple[str, str, Any], list[tuple[int, int]]]] = []
         self._learn = True  # pagemaps readable, so far
         #: (pid, what it was made for, its writable mappings before its request) of the worker learned from
@@ -434,6 +449,7 @@ class Zygote:
         # raises it, it would start its move then, and that spawn would wait
         # for the kernel's cgroup lock (~10 ms) instead of a fork.
         idle = self._idle and cgroup is None
+        lowered = False
         if idle:
             msg["idle"] = True
             if self._zygote_idles and self._proc.returncode is None:
@@ -442,6 +458,7 @@ class Zygote:
                 # target: the CPU this spawn ran on). It rises again itself.
                 try:
                     to_background(self._proc.pid)
+                    lowered = True
                 except OSError:
                     pass
         try:
@@ -454,12 +471,74 @@ class Zygote:
         self._asked = preload
         self._asked_cgroup = cgroup
         self._asked_idle = idle
+        self._asked_n += 1
+        if lowered:
+            self._check_later(self._asked_n, time.monotonic())
+
+    def _check_later(self, asked: int, since: float, last: tuple[int, int, float] | None = None) -> None:
+        """Have ``_unstarve`` look at spare request number ``asked`` (sent at
+        ``since``) soon. ``last``: (pid, CPU time, when) as it last saw them."""
+        self.drop_check()
+        if time.monotonic() - since < _CHECK_FOR:
+            self._cancel_check = idle_watch.call_at(
+                time.monotonic() + _STARVED_AFTER, lambda: self._unstarve(asked, since, last)
+            )
+
+    def drop_check(self) -> None:
+        """Cancel the pending starvation check (a closing broker: the idle
+        watch's thread should end with its last worker)."""
+        cancel, self._cancel_check = self._cancel_check, None
+        if cancel is not None:
+            cancel()
+
+    def _unstarve(self, asked: int, since: float, last: tuple[int, int, float] | None) -> None:
+        """On the idle watch's thread, while spare request number ``asked``
+        is unread: the zygote making the spare, then the spare (both at
+        SCHED_IDLE), back to normal priority if it is starved (runnable, and
+        it got less than a tenth of a CPU since the last look). Never waits:
+        with the lock taken (a spawn, which raises them itself if it waits
+        for them; a status, a close) it looks again later."""
+        if not self._lock.acquire(blocking=False):
+            self._check_later(asked, since, last)
+            return
+        try:
+            self._cancel_check = None
+            if asked != self._asked_n or not self._pending or self._proc.returncode is not None:
+                return  # read, or another request since; or the zygote is gone
+            answer = self._spares.peek()  # (read by the next spawn only: see the class)
+            making = answer is None
+            # The spare is the zygote's child, which it reaps only when asked (under this lock): its pid is its own.
+            pid: Any = self._proc.pid if making else answer.get("pid") if type(answer) is dict else None
+            if type(pid) is not int or pid <= 0:
+                return  # (an error answer: no spare)
+            now, state = time.monotonic(), cpu_state(pid)
+            if state is not None:
+                runnable, ran = state
+                if not runnable:  # waiting (a spare made), or blocked (reading a module): not starved
+                    if making:
+                        self._check_later(asked, since)
+                    return
+                if last is None or last[0] != pid or ran - last[1] > _FAIR_SHARE * (now - last[2]) * 1e9:
+                    self._check_later(asked, since, (pid, ran, now))  # it runs: look again
+                    return
+            # Starved (or /proc does not say).
+            if making:
+                self._hurry()
+                self._check_later(asked, since)  # (a spare forked just before is at SCHED_IDLE still)
+                return
+            try:
+                process_to_foreground(pid)  # (made ahead, it may have started threads: its setup())
+            except OSError:
+                pass  # gone: the spawn that takes it finds out
+        finally:
+            self._lock.release()
 
     def _collect(self, timeout: float) -> None:
         """Read the answer to a pending spare request, if any."""
         if not self._pending:
             return
         self._pending = False
+        self.drop_check()
         cgroup, self._asked_cgroup = self._asked_cgroup, None
         try:
             ready = self._spares.wait_readable(0)  # usually: the spare was made between spawns
@@ -523,6 +602,7 @@ class Zygote:
             self._spare = None
         self._pending = False
         self._asked_cgroup = None  # the parent's
+        self._cancel_check = None  # (the copy's watch has no timer: see IdleWatch.after_fork_in_child)
 
     def ready_now(self) -> bool:
         """Would a spawn now find its spare made (or none coming: it forks

@@ -1144,6 +1144,22 @@ class Channel:
             raise ProtocolError(_NIL)
         return obj
 
+    def peek(self) -> Any:
+        """The next message, decoded but left queued with its fds (None if
+        none is waiting, or if it cannot be read as a message): its fd
+        references come as ``msgpack.ExtType``. A peek with no room for
+        control data installs no fd (the kernel drops its copies)."""
+        try:
+            data = self.sock.recv(MAX_PACKET + 1, socket.MSG_PEEK | _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if not data or len(data) > MAX_PACKET:
+            return None
+        try:
+            return _unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return None
+
     def wait_readable(self, timeout: float | None) -> bool:
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)

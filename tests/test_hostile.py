@@ -229,6 +229,34 @@ def test_channel_round_trip_and_fd_close_on_error() -> None:
         b.close()
 
 
+def test_a_peek_leaves_the_message_and_its_fds_queued() -> None:
+    """What a zygote's starvation check reads of a spare's answer: decoded,
+    no fd installed, and the message still there for the spawn that takes it."""
+    a, b = Channel.pair()
+    r, w = os.pipe()
+    try:
+        assert b.peek() is None  # nothing waiting: no wait either
+        before = open_fds()
+        a.send_raw(msgpack.packb({"t": "spare", "pid": 7, "chan": msgpack.ExtType(1, b"\x00")}), [r])
+        for _ in range(2):
+            assert b.peek() == {"t": "spare", "pid": 7, "chan": msgpack.ExtType(1, b"\x00")}
+            assert open_fds() == before  # the kernel's copy of the fd was dropped, not installed
+        payload, fds = b.recv_raw()
+        assert msgpack.unpackb(payload) == {"t": "spare", "pid": 7, "chan": msgpack.ExtType(1, b"\x00")}
+        assert len(fds) == 1 and os.fstat(fds[0]).st_ino == os.fstat(r).st_ino  # it travelled all the same
+        os.close(fds[0])
+        for bad in (b"\xc1", msgpack.packb([1, 2]) + b"\x00", b"\x92\x01"):  # never-used byte, extra data, short
+            a.send_raw(bad)
+            assert b.peek() is None  # (what is not one message is none)
+            b.recv_raw()
+        assert b.peek() is None
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+
+
 def test_an_empty_packet_is_not_the_channels_end() -> None:
     """SEQPACKET reads an empty packet and the peer's close both as 0 bytes:
     only a peer that hung up is the end (None); one still connected broke the

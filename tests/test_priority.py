@@ -265,3 +265,68 @@ def test_busy_cpus_do_not_starve_a_spawn_waiting_for_a_spare(tree: Path, cls: ty
     # thousandths of a CPU: up to seconds. Raised, it shares the CPUs like any task.
     print("TIMES", [round(t * 1000, 1) for t in times])
     assert statistics.median(times) < 0.5, times
+
+
+# A broker and its worker taking turns on one CPU (a one-CPU container): the
+# CPU is never idle, so the zygote lowered to SCHED_IDLE to make the next
+# spare never runs. Prints how long the spare took to be made while the
+# calls went on (or that it was not), and the policies after.
+_TAKING_TURNS = r"""
+import os, sys, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # the zygote and its workers inherit it
+from broker import Broker, Policy
+from bench._common import BenchWorker
+with Broker(Policy(), root=sys.argv[1], spawn="zygote") as b:
+    z = b._zygote
+    w = b.spawn(BenchWorker)
+    assert w.ping() == 1
+    assert z._pending and z._zygote_idles  # the next spare was asked for, the zygote lowered
+    t0 = time.monotonic()
+    calls = 0
+    while not z._spares.wait_readable(0) and time.monotonic() - t0 < 3.0:
+        w.ping()
+        calls += 1
+    made = z._spares.wait_readable(0)
+    took = time.monotonic() - t0
+    spare = z.waiting_spare() if made else None
+    print(int(made), round(took, 3), calls, os.sched_getscheduler(z._proc.pid),
+          os.sched_getscheduler(spare[0]) if spare else -1)
+"""
+
+
+@needs_renice
+def test_a_zygote_starved_at_background_priority_on_a_busy_cpu_is_raised(tmp_path: Path) -> None:
+    """SCHED_IDLE yields to the spawn's handshake and first call; it must
+    not leave the next spare unmade for as long as the CPU stays busy."""
+    out = subprocess.run(
+        [sys.executable, "-c", _TAKING_TURNS, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    made, took, calls, zygote_policy, spare_policy = out.stdout.split()
+    assert made == "1", f"no spare made in {took} s of calls ({calls} calls): the zygote starved"
+    # Looked at every 50 ms, raised once starved over a look (about 0.1 s), then a fork.
+    assert float(took) < 1.0, out.stdout
+    assert int(calls) > 100  # the CPU was kept busy all that time
+    assert int(zygote_policy) == OTHER and int(spare_policy) in (OTHER, IDLE)
+
+
+@needs_renice
+def test_a_zygote_that_runs_at_background_priority_is_left_there(tree: Path) -> None:
+    """The starvation check raises only what does not run: a zygote busy
+    making a spare on a free CPU stays at SCHED_IDLE, as designed."""
+    from _busy_import_worker import BusyToImport
+
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        zygote = b._zygote
+        assert zygote is not None
+        w = b.spawn(BusyToImport)  # the zygote then imports it for the next spare: 0.8 s of CPU
+        assert w.ping() == "pong"
+        pid = zygote._proc.pid
+        seen = set()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.5:  # ten looks of the check's
+            seen.add(_policy(pid))
+            time.sleep(0.01)
+        assert not zygote._spares.wait_readable(0)  # still importing: the test looked while it ran
+        assert seen == {IDLE}, seen
+        w.stop()

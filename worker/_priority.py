@@ -76,6 +76,19 @@ def process_to_foreground(pid: int) -> None:
             return
 
 
+def cpu_state(pid: int) -> tuple[bool, int] | None:
+    """(is it runnable, the CPU time it has had in ns) for task ``pid``;
+    None if it is gone or /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            ran = int(f.read().split()[0])
+        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R", ran
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Background:
     """The zygote making a spare at background priority (``enabled``: the
     broker asked for it, and we may come back). The broker lowered us to
@@ -103,4 +116,4 @@ class Background:
             to_foreground()
 
 
-__all__ = ["Background", "may_raise", "process_to_foreground", "to_background", "to_foreground"]
+__all__ = ["Background", "cpu_state", "may_raise", "process_to_foreground", "to_background", "to_foreground"]
