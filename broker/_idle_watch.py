@@ -109,7 +109,8 @@ class IdleWatch:
     def call_at(self, when: float, fn: Callable[[], None]) -> Callable[[], None]:
         """Call ``fn`` on the watch's thread once ``time.monotonic()`` has
         reached ``when``; returns what cancels it. ``fn`` must be short and
-        never wait: the watch waits for it. (Its exceptions are logged.)"""
+        never wait: the watch waits for it. (Its exceptions are logged.) It
+        is held until then: what it refers to strongly lives as long."""
         timer = _Timer(when, fn)
         with self._lock:
             self._timers.append(timer)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -480,9 +481,14 @@ class Zygote:
         ``since``) soon. ``last``: (pid, CPU time, when) as it last saw them."""
         self.drop_check()
         if time.monotonic() - since < _CHECK_FOR:
-            self._cancel_check = idle_watch.call_at(
-                time.monotonic() + _STARVED_AFTER, lambda: self._unstarve(asked, since, last)
-            )
+            ref = weakref.ref(self)  # (a broker dropped unclosed: its zygote's fds go with it, not at the check)
+
+            def check() -> None:
+                zygote = ref()
+                if zygote is not None:
+                    zygote._unstarve(asked, since, last)
+
+            self._cancel_check = idle_watch.call_at(time.monotonic() + _STARVED_AFTER, check)
 
     def drop_check(self) -> None:
         """Cancel the pending starvation check (a closing broker: the idle
