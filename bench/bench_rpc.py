@@ -39,7 +39,7 @@ attached (the parent opening it beneath a directory fd), and against the
 same raw child answered through privsep's own policy check and secure open
 (``Resolver.locate`` and ``Resolver.open``, no RPC layer): what the security
 work costs, and what the RPC layer adds on top of it. Last, pinned, where
-the code sits: grant and ping in the headline worker against a worker
+the code sits: grant, take and ping in the headline worker against a worker
 forked from this process (``spawn="fork"``, its interpreter at the
 broker's addresses; the exec'd zygote's is elsewhere under address-space
 randomisation), and the raw floor's forked peer against an exec'd one
@@ -350,7 +350,7 @@ def bench(root: str, n: int, rounds: int, warmup: int, placements: Sequence[str]
         _audit_note(handles[brokers[0][0]], n, rounds)
         _worker_open_note(root, brokers[0][1].policy, handles[brokers[0][0]], n, rounds, placements)
         if "pinned" in placements:
-            _layout_note(root, ok, handles[brokers[0][0]], n, rounds, warmup)
+            _layout_note(root, ok, handles[brokers[0][0]], caps[0], n, rounds, warmup)
     finally:
         limited.close()
         for cap in caps:
@@ -457,30 +457,36 @@ def _worker_open_note(root: str, policy: Policy, w: Any, n: int, rounds: int, pl
         os.sched_setaffinity(w.pid, saved[1])
 
 
-def _layout_note(root: str, sandboxed: bool, w: Any, n: int, rounds: int, warmup: int) -> None:
+def _layout_note(root: str, sandboxed: bool, w: Any, cap: Any, n: int, rounds: int, warmup: int) -> None:
     """Where the two interpreters' code sits, pinned: the headline worker
     ``w`` (the zygote's, whose interpreter was exec'd, so address-space
     randomisation put its code elsewhere than the broker's) against a worker
     forked from this process (``spawn="fork"``: its code at this process's
     addresses), and the raw floor's forked peer against an exec'd one. Two
     processes taking turns on one CPU share what its branch predictors and
-    caches learned only where their code sits at the same addresses."""
+    caches learned only where their code sits at the same addresses.
+    ``cap``: a file of ``w``'s broker, for ``take``."""
     saved = (os.sched_getaffinity(0), os.sched_getaffinity(w.pid))
     peers = [RawPeer(root), RawPeer(root, exec_peer=True)]
     try:
         with make_broker(root, sandboxed=sandboxed, spawn="fork", request_rate=None) as fb:
             forked = fb.spawn(BenchWorker)
             assert forked.spawn_method == "fork" and forked.grant() == peers[1].grant() == b"\x00\x01\x02\x03"
+            forked_cap = fb.open(DATA_FILE, GRANT_RIGHTS)
             place([p.pid for p in peers] + [w.pid, forked.pid], "pinned")
-            res = interleave(
-                {
-                    "raw forked ping": peers[0].ping, "raw exec ping": peers[1].ping,
-                    "raw forked grant": peers[0].grant, "raw exec grant": peers[1].grant,
-                    "ours ping": w.ping, "forked ping": forked.ping,
-                    "ours grant": w.grant, "forked grant": forked.grant,
-                },
-                n, rounds, warmup,
-            )
+            with forked_cap:
+                res = interleave(
+                    {
+                        "raw forked ping": peers[0].ping, "raw exec ping": peers[1].ping,
+                        "raw forked take": peers[0].take, "raw exec take": peers[1].take,
+                        "raw forked grant": peers[0].grant, "raw exec grant": peers[1].grant,
+                        "ours ping": w.ping, "forked ping": forked.ping,
+                        "ours take": functools.partial(w.take, cap),
+                        "forked take": functools.partial(forked.take, forked_cap),
+                        "ours grant": w.grant, "forked grant": forked.grant,
+                    },
+                    n, rounds, warmup,
+                )
     finally:
         for p in peers:
             p.close()
@@ -493,9 +499,13 @@ def _layout_note(root: str, sandboxed: bool, w: Any, n: int, rounds: int, warmup
         f"({ratio(m['ours grant'], floor)} the raw floor), a worker forked from the broker (spawn=\"fork\", its "
         f"interpreter's code at the broker's addresses) {us(m['forked grant'])} us "
         f"({ratio(m['forked grant'], floor)}): {us(m['ours grant'] - m['forked grant'])} us more, "
-        f"{(m['ours grant'] - m['forked grant']) / gap:.0%} of the gap to the floor (ping: {us(m['ours ping'])} "
-        f"against {us(m['forked ping'])} us). The raw floor with its peer exec'd instead of forked: grant "
-        f"{us(m['raw exec grant'])} against {us(floor)} us, ping {us(m['raw exec ping'])} against "
+        f"{(m['ours grant'] - m['forked grant']) / gap:.0%} of the gap to the floor (take: {us(m['ours take'])} "
+        f"against {us(m['forked take'])} us, {ratio(m['ours take'], m['raw forked take'])} and "
+        f"{ratio(m['forked take'], m['raw forked take'])} its floor, "
+        f"{(m['ours take'] - m['forked take']) / (m['ours take'] - m['raw forked take']):.0%} of its gap; "
+        f"ping: {us(m['ours ping'])} against {us(m['forked ping'])} us). The raw floor with its peer exec'd "
+        f"instead of forked: grant {us(m['raw exec grant'])} against {us(floor)} us, take "
+        f"{us(m['raw exec take'])} against {us(m['raw forked take'])} us, ping {us(m['raw exec ping'])} against "
         f"{us(m['raw forked ping'])} us. "
         + ("Address-space randomisation is on: the exec'd zygote's code sits elsewhere than the broker's, and two "
            "interpreters taking turns on one CPU share what its branch predictors and caches learned only at "
