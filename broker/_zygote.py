@@ -43,10 +43,12 @@ log = logging.getLogger("privsep.broker")
 SPAWN_METHODS = ("auto", "zygote", "fork", "exec")
 _LEARNED_KEEP = 16  # (class, spec) pairs whose start-up pages are kept
 _BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; one that hangs is found by the first spawn
-#: How long a spare may take at SCHED_IDLE before the broker raises the zygote
-#: and the spare (it takes 1-3 ms of CPU when a CPU falls idle now and then).
+#: How often the idle watch looks at a zygote making a spare at SCHED_IDLE
+#: (then at the spare), while the answer is unread: one that is runnable and
+#: got less than ``_FAIR_SHARE`` of a CPU since the last look is starved, and
+#: raised. (Making a spare takes 1-3 ms of CPU.)
 _STARVED_AFTER = 0.05
-_FAIR_SHARE = 0.1  # of a CPU between two looks: less is starved
+_FAIR_SHARE = 0.1
 _CHECK_FOR = 10.0  # s: a spare request unread this long is left to the next spawn
 
 

@@ -1151,7 +1151,7 @@ class Channel:
         control data installs no fd (the kernel drops its copies)."""
         try:
             data = self.sock.recv(MAX_PACKET + 1, socket.MSG_PEEK | _MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # (nothing waiting, a signal, a channel closed or broken: nothing to see)
             return None
         if not data or len(data) > MAX_PACKET:
             return None

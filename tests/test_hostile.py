@@ -250,6 +250,10 @@ def test_a_peek_leaves_the_message_and_its_fds_queued() -> None:
             assert b.peek() is None  # (what is not one message is none)
             b.recv_raw()
         assert b.peek() is None
+        a.close()
+        assert b.peek() is None  # the peer gone
+        b.close()
+        assert b.peek() is None  # this end closed
     finally:
         os.close(r)
         os.close(w)
