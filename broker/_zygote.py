@@ -49,6 +49,7 @@ _BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; on
 #: raised. (Making a spare takes 1-3 ms of CPU.)
 _STARVED_AFTER = 0.05
 _FAIR_SHARE = 0.1
+_BLOCKED_MAX = 1.0  # s: one found blocked (a setup() asleep) is looked at again after twice as long, up to this
 _CHECK_FOR = 10.0  # s: a spare request unread this long is left to the next spawn
 
 
@@ -236,7 +237,9 @@ class Zygote:
     this VM made each of their context switches dearer: a ping 20 -> 33 us).
     So while the answer is unread, the idle watch's thread looks at the
     zygote (then at the spare it made) every ``_STARVED_AFTER`` seconds and
-    raises it if it is starved (``_unstarve``).
+    raises it if it is starved (``_unstarve``); one found blocked (a spare
+    waiting for its request, or a ``setup()`` made ahead that sleeps before
+    it computes) is looked at again less and less often.
 
     The first spare handed out for a (class, spec) it was made for teaches
     which inherited pages such a worker has made its own by the time it is
@@ -478,9 +481,12 @@ class Zygote:
         if lowered:
             self._check_later(self._asked_n, time.monotonic())
 
-    def _check_later(self, asked: int, since: float, last: tuple[int, int, float] | None = None) -> None:
+    def _check_later(
+        self, asked: int, since: float, last: tuple[int, int, float] | None = None, delay: float = _STARVED_AFTER
+    ) -> None:
         """Have ``_unstarve`` look at spare request number ``asked`` (sent at
-        ``since``) soon. ``last``: (pid, CPU time, when) as it last saw them."""
+        ``since``) ``delay`` seconds from now. ``last``: (pid, CPU time,
+        when) as it last saw them."""
         self.drop_check()
         if time.monotonic() - since < _CHECK_FOR:
             ref = weakref.ref(self)  # (a broker dropped unclosed: its zygote's fds go with it, not at the check)
@@ -488,9 +494,9 @@ class Zygote:
             def check() -> None:
                 zygote = ref()
                 if zygote is not None:
-                    zygote._unstarve(asked, since, last)
+                    zygote._unstarve(asked, since, last, delay)
 
-            self._cancel_check = idle_watch.call_at(time.monotonic() + _STARVED_AFTER, check)
+            self._cancel_check = idle_watch.call_at(time.monotonic() + delay, check)
 
     def drop_check(self) -> None:
         """Cancel the pending starvation check (a closing broker: the idle
@@ -499,15 +505,16 @@ class Zygote:
         if cancel is not None:
             cancel()
 
-    def _unstarve(self, asked: int, since: float, last: tuple[int, int, float] | None) -> None:
+    def _unstarve(self, asked: int, since: float, last: tuple[int, int, float] | None, delay: float) -> None:
         """On the idle watch's thread, while spare request number ``asked``
         is unread: the zygote making the spare, then the spare (both at
         SCHED_IDLE), back to normal priority if it is starved (runnable, and
         it got less than a tenth of a CPU since the last look). Never waits:
         with the lock taken (a spawn, which raises them itself if it waits
-        for them; a status, a close) it looks again later."""
+        for them; a status, a close) it looks again later. ``delay``: since
+        the last look."""
         if not self._lock.acquire(blocking=False):
-            self._check_later(asked, since, last)
+            self._check_later(asked, since, last, delay)
             return
         try:
             self._cancel_check = None
@@ -522,9 +529,10 @@ class Zygote:
             now, state = time.monotonic(), cpu_state(pid)
             if state is not None:
                 runnable, ran = state
-                if not runnable:  # waiting (a spare made), or blocked (reading a module): not starved
-                    if making:
-                        self._check_later(asked, since)
+                if not runnable:
+                    # Blocked: a spare waiting for its request, or reading a module, or a setup()
+                    # made ahead that sleeps before it computes: not starved now; again, later.
+                    self._check_later(asked, since, None, min(delay * 2, _BLOCKED_MAX))
                     return
                 if last is None or last[0] != pid or ran - last[1] > _FAIR_SHARE * (now - last[2]) * 1e9:
                     self._check_later(asked, since, (pid, ran, now))  # it runs: look again

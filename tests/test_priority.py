@@ -330,3 +330,44 @@ def test_a_zygote_that_runs_at_background_priority_is_left_there(tree: Path) -> 
         assert not zygote._spares.wait_readable(0)  # still importing: the test looked while it ran
         assert seen == {IDLE}, seen
         w.stop()
+
+
+# The same, with a class set up ahead whose setup() sleeps before it
+# computes: the spare is blocked at the first looks, then starved.
+_SPARE_TAKING_TURNS = r"""
+import os, sys, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from broker import Broker, Policy
+from _sleepy_setup_worker import SleepThenCompute
+with Broker(Policy(), root=sys.argv[1], spawn="zygote") as b:
+    z = b._zygote
+    w = b.spawn(SleepThenCompute)  # set up on request: the spare at boot was made for no class
+    assert w.ping() == 1
+    t0 = time.monotonic()
+    calls, raised = 0, None
+    while time.monotonic() - t0 < 5.0:
+        w.ping()
+        calls += 1
+        if calls % 200 == 0 and z._spares.wait_readable(0):
+            pid = z._spares.peek()["pid"]
+            if os.sched_getscheduler(pid) == os.SCHED_OTHER:
+                raised = time.monotonic() - t0
+                break
+    print(-1 if raised is None else round(raised, 3), calls)
+"""
+
+
+@needs_renice
+def test_a_spare_made_ahead_blocked_at_first_then_starved_is_raised(tmp_path: Path) -> None:
+    """Found blocked, a spare is looked at again (less and less often), not
+    left starved at SCHED_IDLE until the next spawn (red-team, 3 of 3)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SPARE_TAKING_TURNS, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    raised, calls = out.stdout.split()
+    assert float(raised) >= 0, f"the spare was left at SCHED_IDLE through {calls} calls in 5 s"
+    # Made (0.1 s), blocked in its sleep (0.2 s: looks at 0.05, 0.1, 0.2 s apart), then starved over a look.
+    assert float(raised) < 2.0, out.stdout

@@ -77,16 +77,26 @@ def process_to_foreground(pid: int) -> None:
 
 
 def cpu_state(pid: int) -> tuple[bool, int] | None:
-    """(is it runnable, the CPU time it has had in ns) for task ``pid``;
-    None if it is gone or /proc does not say."""
+    """(is any thread of process ``pid`` runnable, the CPU time its threads
+    have had in ns); None if it is gone or /proc does not say."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/schedstat", "rb") as f:
-            ran = int(f.read().split()[0])
-        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R", ran
-    except (OSError, ValueError, IndexError):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return None
+    runnable, ran = False, 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                ran += int(f.read().split()[0])
+            end = stat.rindex(b")")
+        except FileNotFoundError:
+            continue  # (a thread that ended meanwhile)
+        except (OSError, ValueError, IndexError):
+            return None
+        runnable = runnable or stat[end + 2 : end + 3] == b"R"
+    return runnable, ran
 
 
 class Background:
