@@ -482,12 +482,14 @@ class Zygote:
             self._check_later(self._asked_n, time.monotonic())
 
     def _check_later(
-        self, asked: int, since: float, last: tuple[int, int, float] | None = None, delay: float = _STARVED_AFTER
+        self, asked: int, since: float, last: tuple[int, int, float] | None = None, delay: float | None = None
     ) -> None:
         """Have ``_unstarve`` look at spare request number ``asked`` (sent at
-        ``since``) ``delay`` seconds from now. ``last``: (pid, CPU time,
-        when) as it last saw them."""
+        ``since``) ``delay`` seconds from now (default ``_STARVED_AFTER``).
+        ``last``: (pid, CPU time, when) as it last saw them."""
         self.drop_check()
+        if delay is None:
+            delay = _STARVED_AFTER
         if time.monotonic() - since < _CHECK_FOR:
             ref = weakref.ref(self)  # (a broker dropped unclosed: its zygote's fds go with it, not at the check)
 
