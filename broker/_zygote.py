@@ -267,7 +267,10 @@ class Zygote:
         self._zygote_idles = False  # the zygote said it goes back to normal priority by itself
         self._asked_idle = False  # the pending spare was asked for at background priority
         self._asked_n = 0  # spare requests sent: which one a starvation check is for
-        self._cancel_check: Callable[[], None] | None = None  # the pending starvation check's
+        #: (the request number, its cancel) of the pending starvation check; its own lock, since a
+        #: check that finds self._lock taken sets itself again without it
+        self._check: tuple[int, Callable[[], None]] | None = None
+        self._check_lock = threading.Lock()
         self._learned: list[tuple[tuple[str, str, Any], list[tuple[int, int]]]] = []
         self._learn = True  # pagemaps readable, so far
         #: (pid, what it was made for, its writable mappings before its request) of the worker learned from
@@ -487,25 +490,31 @@ class Zygote:
         """Have ``_unstarve`` look at spare request number ``asked`` (sent at
         ``since``) ``delay`` seconds from now (default ``_STARVED_AFTER``).
         ``last``: (pid, CPU time, when) as it last saw them."""
-        self.drop_check()
         if delay is None:
             delay = _STARVED_AFTER
-        if time.monotonic() - since < _CHECK_FOR:
-            ref = weakref.ref(self)  # (a broker dropped unclosed: its zygote's fds go with it, not at the check)
+        ref = weakref.ref(self)  # (a broker dropped unclosed: its zygote's fds go with it, not at the check)
 
-            def check() -> None:
-                zygote = ref()
-                if zygote is not None:
-                    zygote._unstarve(asked, since, last, delay)
+        def check() -> None:
+            zygote = ref()
+            if zygote is not None:
+                zygote._unstarve(asked, since, last, delay)
 
-            self._cancel_check = idle_watch.call_at(time.monotonic() + delay, check)
+        with self._check_lock:
+            if self._check is not None and self._check[0] > asked:
+                return  # a later request's check is set (by a spawn, while this one found the lock taken)
+            old, self._check = self._check, None
+            if time.monotonic() - since < _CHECK_FOR:
+                self._check = (asked, idle_watch.call_at(time.monotonic() + delay, check))
+        if old is not None:
+            old[1]()  # (a no-op for the check that is running now)
 
     def drop_check(self) -> None:
         """Cancel the pending starvation check (a closing broker: the idle
         watch's thread should end with its last worker)."""
-        cancel, self._cancel_check = self._cancel_check, None
-        if cancel is not None:
-            cancel()
+        with self._check_lock:
+            old, self._check = self._check, None
+        if old is not None:
+            old[1]()
 
     def _unstarve(self, asked: int, since: float, last: tuple[int, int, float] | None, delay: float) -> None:
         """On the idle watch's thread, while spare request number ``asked``
@@ -519,7 +528,6 @@ class Zygote:
             self._check_later(asked, since, last, delay)
             return
         try:
-            self._cancel_check = None
             if asked != self._asked_n or not self._pending or self._proc.returncode is not None:
                 return  # read, or another request since; or the zygote is gone
             answer = self._spares.peek()  # (read by the next spawn only: see the class)
@@ -620,7 +628,8 @@ class Zygote:
             self._spare = None
         self._pending = False
         self._asked_cgroup = None  # the parent's
-        self._cancel_check = None  # (the copy's watch has no timer: see IdleWatch.after_fork_in_child)
+        self._check = None  # (the copy's watch has no timer: see IdleWatch.after_fork_in_child)
+        self._check_lock = threading.Lock()
 
     def ready_now(self) -> bool:
         """Would a spawn now find its spare made (or none coming: it forks

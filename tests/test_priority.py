@@ -381,3 +381,34 @@ def test_a_spare_made_ahead_blocked_at_first_then_starved_is_raised(tmp_path: Pa
     assert float(raised) >= 0, f"the spare was left at SCHED_IDLE through {calls} calls in 5 s"
     # Made (0.1 s), blocked in its sleep (0.2 s: looks at 0.05, 0.1, 0.2 s apart), then starved over a look.
     assert float(raised) < 2.0, out.stdout
+
+
+@needs_renice
+def test_a_look_that_found_the_lock_taken_does_not_cancel_the_next_requests_look(tree: Path) -> None:
+    """A look that finds the zygote's lock taken sets itself again, without
+    the lock. A spawn holding it may meanwhile have read the answer and asked
+    for the next spare, with a look of its own: the stale look must not
+    replace that one (red-team, with sleeps widening the window: the next
+    request got no look at all)."""
+    from broker._idle_watch import idle_watch
+
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        zygote = b._zygote
+        assert zygote is not None
+        zygote.drop_check()
+        others = set(idle_watch._timers)  # (any other broker's in this process)
+        n = zygote._asked_n
+        since = time.monotonic()
+        zygote._check_later(n + 1, since, delay=30.0)  # the spawn's, for its new request
+        ours = set(idle_watch._timers) - others
+        assert len(ours) == 1
+        zygote._check_later(n, since)  # the stale look setting itself again
+        assert set(idle_watch._timers) - others == ours  # the spawn's look kept, still set
+        newer = zygote._check
+        assert newer is not None and newer[0] == n + 1
+        zygote._check_later(n + 1, since, delay=30.0)  # a look for the same request replaces it
+        assert zygote._check is not newer and zygote._check[0] == n + 1
+        replaced = set(idle_watch._timers) - others
+        assert len(replaced) == 1 and replaced != ours
+        zygote.drop_check()
+        assert zygote._check is None and not set(idle_watch._timers) - others
