@@ -50,7 +50,11 @@ _BOOT_TIMEOUT = 10.0  # a zygote that crashes at boot closes its end at once; on
 _STARVED_AFTER = 0.05
 _FAIR_SHARE = 0.1
 _BLOCKED_MAX = 1.0  # s: one found blocked (a setup() asleep) is looked at again after twice as long, up to this
-_CHECK_FOR = 10.0  # s: a spare request unread this long is left to the next spawn
+#: s: the last look at a spare request still unread comes this long after it
+#: asked, and raises what is still at SCHED_IDLE whatever it is doing (a
+#: setup() made ahead that sleeps longer than this before it computes): by
+#: then the spawn that asked is long done, and the looks must end.
+_CHECK_FOR = 10.0
 
 
 def importable(cls: type[Worker]) -> bool:
@@ -239,7 +243,9 @@ class Zygote:
     zygote (then at the spare it made) every ``_STARVED_AFTER`` seconds and
     raises it if it is starved (``_unstarve``); one found blocked (a spare
     waiting for its request, or a ``setup()`` made ahead that sleeps before
-    it computes) is looked at again less and less often.
+    it computes) is looked at again less and less often. The last look,
+    ``_CHECK_FOR`` after the request, raises whichever is still pending, so
+    that a ``setup()`` asleep for longer does not starve once it computes.
 
     The first spare handed out for a (class, spec) it was made for teaches
     which inherited pages such a worker has made its own by the time it is
@@ -503,8 +509,12 @@ class Zygote:
             if self._check is not None and self._check[0] > asked:
                 return  # a later request's check is set (by a spawn, while this one found the lock taken)
             old, self._check = self._check, None
-            if time.monotonic() - since < _CHECK_FOR:
-                self._check = (asked, idle_watch.call_at(time.monotonic() + delay, check))
+            now, end = time.monotonic(), since + _CHECK_FOR
+            # The last look lands at the window's end; past it, only the zygote raised there is looked
+            # at again (for the spare it then makes), for as long again at most.
+            if now < end + (_CHECK_FOR if now >= end else 0):
+                when = now + delay if now >= end else min(now + delay, end)
+                self._check = (asked, idle_watch.call_at(when, check))
         if old is not None:
             old[1]()  # (a no-op for the check that is running now)
 
@@ -520,7 +530,8 @@ class Zygote:
         """On the idle watch's thread, while spare request number ``asked``
         is unread: the zygote making the spare, then the spare (both at
         SCHED_IDLE), back to normal priority if it is starved (runnable, and
-        it got less than a tenth of a CPU since the last look). Never waits:
+        it got less than a tenth of a CPU since the last look), and at the
+        last look (``_CHECK_FOR``) whatever it is doing. Never waits:
         with the lock taken (a spawn, which raises them itself if it waits
         for them; a status, a close) it looks again later. ``delay``: since
         the last look."""
@@ -537,6 +548,9 @@ class Zygote:
             if type(pid) is not int or pid <= 0:
                 return  # (an error answer: no spare)
             now, state = time.monotonic(), cpu_state(pid)
+            late = now >= since + _CHECK_FOR
+            if late:
+                state = None  # the last look: raised, whatever it does (see _CHECK_FOR)
             if state is not None:
                 runnable, ran = state
                 if not runnable:
@@ -547,10 +561,12 @@ class Zygote:
                 if last is None or last[0] != pid or ran - last[1] > _FAIR_SHARE * (now - last[2]) * 1e9:
                     self._check_later(asked, since, (pid, ran, now))  # it runs: look again
                     return
-            # Starved (or /proc does not say).
+            # Starved (or /proc does not say, or the last look).
             if making:
                 self._hurry()
-                self._check_later(asked, since)  # (a spare forked just before is at SCHED_IDLE still)
+                # (a spare forked just before is at SCHED_IDLE still; past the window, a zygote that has
+                # not answered yet is blocked or hung: looked at less and less often)
+                self._check_later(asked, since, None, min(delay * 2, _BLOCKED_MAX) if late else None)
                 return
             try:
                 process_to_foreground(pid)  # (made ahead, it may have started threads: its setup())

@@ -4,6 +4,7 @@ blocked when it is first looked at and starved later (test_priority)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from worker import Worker, rpc
@@ -15,6 +16,34 @@ class SleepThenCompute(Worker):
     def setup(self) -> None:
         time.sleep(0.2)
         end = time.thread_time() + 0.3  # CPU time: a starved spare never gets there
+        while time.thread_time() < end:
+            pass
+        self.ready = True
+
+    @rpc
+    def ping(self) -> int:
+        return 1
+
+
+class SleepLongThenCompute(Worker):
+    """The same, asleep for longer than the broker's looks last (the test
+    shortens them, ``broker._zygote._CHECK_FOR``). The setup() that finds
+    the file named by $PRIVSEP_TEST_FIRST removes it, sleeps a little and
+    returns: the first spawn, set up on request, leaves the CPU free for the
+    zygote to make the next spare (at SCHED_IDLE), and that spare is the one
+    that sleeps long, then computes."""
+
+    setup_ahead = True
+
+    def setup(self) -> None:
+        try:
+            os.unlink(os.environ["PRIVSEP_TEST_FIRST"])
+            time.sleep(0.3)
+            return
+        except (KeyError, FileNotFoundError):
+            pass
+        time.sleep(1.0)
+        end = time.thread_time() + 0.3
         while time.thread_time() < end:
             pass
         self.ready = True

@@ -75,8 +75,10 @@ def test_spares_wait_at_idle_priority_and_every_worker_serves_at_normal(
     tree: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The starvation check raises a spare that waits runnable for a CPU (on one CPU, behind the
-    # zygote and the new worker): tested below, kept out of this test's way.
+    # zygote and the new worker), and its last look raises a spare whatever it does: tested below,
+    # kept out of this test's way.
     monkeypatch.setattr(zygote_module, "_STARVED_AFTER", 60.0)
+    monkeypatch.setattr(zygote_module, "_CHECK_FOR", 600.0)
     policy = default_policy()
     if kind == "memory cgroup":
         support = cgroup_probe()
@@ -177,6 +179,7 @@ def test_threads_a_spare_started_while_it_waited_serve_at_normal_priority_too(
     from broker import UNSANDBOXED
 
     monkeypatch.setattr(zygote_module, "_STARVED_AFTER", 60.0)  # (as above)
+    monkeypatch.setattr(zygote_module, "_CHECK_FOR", 600.0)
 
     with Broker(default_policy(), root=tree, spawn="zygote", sandbox=UNSANDBOXED) as b:
         zygote = b._zygote
@@ -343,26 +346,40 @@ def test_a_zygote_that_runs_at_background_priority_is_left_there(tree: Path) -> 
 
 
 # The same, with a class set up ahead whose setup() sleeps before it
-# computes: the spare is blocked at the first looks, then starved.
+# computes: the spare is blocked at the first looks, then starved. argv:
+# the tree, the class (of _sleepy_setup_worker), the looks' window (s).
+# Prints when the spare was seen raised, in seconds after the broker asked
+# for it (or -1), and the calls made meanwhile.
 _SPARE_TAKING_TURNS = r"""
 import os, sys, time
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+import broker._zygote
 from broker import Broker, Policy
-from _sleepy_setup_worker import SleepThenCompute
+import _sleepy_setup_worker
+broker._zygote._CHECK_FOR = float(sys.argv[3])
+first = os.path.join(sys.argv[1], "first")
+open(first, "w").close()
+os.environ["PRIVSEP_TEST_FIRST"] = first  # (SleepLongThenCompute: the first setup() is quick)
+asked = {}  # request number -> when it was sent (the looks' `since`)
+check_later = broker._zygote.Zygote._check_later
+def record(self, n, since, *args, **kwargs):
+    asked.setdefault(n, since)
+    return check_later(self, n, since, *args, **kwargs)
+broker._zygote.Zygote._check_later = record
 with Broker(Policy(), root=sys.argv[1], spawn="zygote") as b:
     z = b._zygote
-    w = b.spawn(SleepThenCompute)  # set up on request: the spare at boot was made for no class
+    w = b.spawn(getattr(_sleepy_setup_worker, sys.argv[2]))  # set up on request: the spare at boot was for no class
     assert w.ping() == 1
     t0 = time.monotonic()
     calls, raised = 0, None
     while time.monotonic() - t0 < 5.0:
         w.ping()
         calls += 1
-        if calls % 200 == 0 and z._spares.wait_readable(0):
+        if calls % 20 == 0 and z._spares.wait_readable(0):
             pid = z._spares.peek()["pid"]
             if os.sched_getscheduler(pid) == os.SCHED_OTHER:
-                raised = time.monotonic() - t0
+                raised = time.monotonic() - asked[z._asked_n]
                 break
     print(-1 if raised is None else round(raised, 3), calls)
 """
@@ -373,14 +390,32 @@ def test_a_spare_made_ahead_blocked_at_first_then_starved_is_raised(tmp_path: Pa
     """Found blocked, a spare is looked at again (less and less often), not
     left starved at SCHED_IDLE until the next spawn (red-team, 3 of 3)."""
     out = subprocess.run(
-        [sys.executable, "-c", _SPARE_TAKING_TURNS, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
+        [sys.executable, "-c", _SPARE_TAKING_TURNS, str(tmp_path), "SleepThenCompute", "10"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
     raised, calls = out.stdout.split()
     assert float(raised) >= 0, f"the spare was left at SCHED_IDLE through {calls} calls in 5 s"
     # Made (0.1 s), blocked in its sleep (0.2 s: looks at 0.05, 0.1, 0.2 s apart), then starved over a look.
     assert float(raised) < 2.0, out.stdout
+
+
+@needs_renice
+def test_a_spare_asleep_past_the_last_look_is_raised_at_it(tmp_path: Path) -> None:
+    """A setup() made ahead that sleeps for longer than the looks last, then
+    computes: the last look raises the spare even though it is blocked, or
+    it would starve once it computes, until the next spawn (red-team: past
+    the 10 s window it did). The window is shortened to 0.5 s here; the
+    setup() sleeps 1 s."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SPARE_TAKING_TURNS, str(tmp_path), "SleepLongThenCompute", "0.5"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    raised, calls = out.stdout.split()
+    assert float(raised) >= 0, f"the spare was left at SCHED_IDLE through {calls} calls in 5 s"
+    # Blocked at every look before the last (0.5 s after the request, while it sleeps): raised there.
+    assert 0.5 <= float(raised) < 1.0, out.stdout
 
 
 @needs_renice
