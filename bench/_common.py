@@ -296,8 +296,23 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     sys.stdout.flush()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or "" where none is given: the
+    same code's ratios moved when this VM landed on another host CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def machine_line() -> str:
+    model = cpu_model()
     return (
         f"python {sys.version.split()[0]}, {os.uname().sysname} {os.uname().release}, "
-        f"{os.cpu_count()} CPUs (affinity {sorted(ALL_CPUS)})"
+        f"{os.cpu_count()} CPUs{f' ({model})' if model else ''}, affinity {sorted(ALL_CPUS)}"
     )

@@ -2231,11 +2231,14 @@ def test_a_cancelled_aclose_still_closes_the_broker(tree: Path) -> None:
     async def main() -> int:
         b = await Broker.astart(Policy(), root=tree)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.5):
+            async with asyncio.timeout(None) as timeout:
                 async with b:
                     w = await b.aspawn(AsyncJob)
                     busy = asyncio.ensure_future(w.aio.nap(10))
-                    await asyncio.sleep(0.1)  # (left with the call in flight: aclose() gives it 2 s)
+                    await asyncio.sleep(0.1)
+                    # Fires during aclose(), which gives the call in flight 2 s. (Set only now: on a
+                    # slow machine, loaded, a timeout of 0.5 s from the start fired in aspawn().)
+                    timeout.reschedule(asyncio.get_running_loop().time() + 0.4)
         assert b._closed
         with pytest.raises(RuntimeError, match="broker is closed"):
             await b.aspawn(AsyncJob)
