@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +21,26 @@ from protocol import Rights
 from worker import Worker, rpc
 
 READ = Rights.READ | Rights.FSTAT | Rights.SEEK
+
+
+@pytest.fixture(autouse=True)
+def _cpus_to_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Run in parallel (pytest-xdist), each test holds a lock on a file
+    that the run's test processes share: shared, or, for a test marked
+    ``exclusive`` (one that reads the scheduler's policies, or pins itself to
+    a CPU it expects to find free), exclusive, so that no other test runs
+    beside it. Run in one process, nothing to share."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None or not run.isalnum():
+        yield
+        return
+    path = os.path.join(tempfile.gettempdir(), f"privsep-tests-{run}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if request.node.get_closest_marker("exclusive") else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # (the lock goes with it)
 
 
 def proc_state(pid: int) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# They pin their processes to a CPU, and keep it busy: no other test beside them (conftest).
+pytestmark = pytest.mark.exclusive
 
 
 def run_bench(name: str, *args: str) -> str:

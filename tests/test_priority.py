@@ -26,6 +26,8 @@ OTHER, IDLE = os.SCHED_OTHER, os.SCHED_IDLE
 needs_renice = pytest.mark.skipif(
     not may_raise(), reason="no CAP_SYS_NICE: spares are made at normal priority here (worker._priority.may_raise)"
 )
+# Scheduler policies, and CPUs found busy or free: no other test beside these (conftest).
+pytestmark = pytest.mark.exclusive
 
 
 class Echo(Worker):
