@@ -28,7 +28,7 @@ from protocol._remote import exception_from_wire
 from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd, seqpacket_pair
 from worker import Worker
 from worker._mainref import main_refs, module_ref
-from worker._priority import cpu_state, may_raise, process_to_foreground, to_background, to_foreground
+from worker._priority import cpu_state, may_raise, parent_of, process_to_foreground, to_background, to_foreground
 
 from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
@@ -567,6 +567,11 @@ class Zygote:
                 # (a spare forked just before is at SCHED_IDLE still; past the window, a zygote that has
                 # not answered yet is blocked or hung: looked at less and less often)
                 self._check_later(asked, since, None, min(delay * 2, _BLOCKED_MAX) if late else None)
+                return
+            # Still the zygote's child, so its pid is its own: the zygote reaps a spare only when asked
+            # (under this lock). A zygote killed meanwhile has left it to init, which may have reaped
+            # it, and its pid may be another process's by now (red-team round 49).
+            if parent_of(pid) != self._proc.pid:
                 return
             try:
                 process_to_foreground(pid)  # (made ahead, it may have started threads: its setup())

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,24 +23,45 @@ from worker import Worker, rpc
 READ = Rights.READ | Rights.FSTAT | Rights.SEEK
 
 
-@pytest.fixture(autouse=True)
-def _cpus_to_share(request: pytest.FixtureRequest) -> Iterator[None]:
+_lock_fd = -1  # the run's lock file while a test holds it (see pytest_runtest_protocol)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """Run in parallel (pytest-xdist), each test holds a lock on a file
-    that the run's test processes share: shared, or, for a test marked
-    ``exclusive`` (one that reads the scheduler's policies, or pins itself to
-    a CPU it expects to find free), exclusive, so that no other test runs
-    beside it. Run in one process, nothing to share."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None or not run.isalnum():
+    that the run's test processes share (in the run's temporary directory):
+    shared, or, for a test marked ``exclusive`` (one that reads the
+    scheduler's policies, or pins itself to a CPU it expects to find free),
+    exclusive, so that no other test runs beside it. Held around the whole
+    protocol, so that a module's fixtures, set up in its first test and torn
+    down in its last, are inside it too. Run in one process: no lock."""
+    global _lock_fd
+    basetemp = item.config.option.basetemp  # (xdist gives each worker <the run's directory>/popen-gwN)
+    if "PYTEST_XDIST_WORKER" not in os.environ or not basetemp:
         yield
         return
-    path = os.path.join(tempfile.gettempdir(), f"privsep-tests-{run}.lock")
+    path = os.path.join(os.path.dirname(os.path.abspath(basetemp)), "cpus.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if request.node.get_closest_marker("exclusive") else fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_EX if item.get_closest_marker("exclusive") else fcntl.LOCK_SH)
+        _lock_fd = fd
         yield
     finally:
-        os.close(fd)  # (the lock goes with it)
+        _lock_fd = -1
+        os.close(fd)  # (the lock goes with the last fd on it)
+
+
+def _no_lock_in_child() -> None:
+    """A process a test forks (and may leave running) must not hold the
+    lock for it: the lock is the open file's, and a fork shares it."""
+    global _lock_fd
+    if _lock_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(_lock_fd)
+        _lock_fd = -1
+
+
+os.register_at_fork(after_in_child=_no_lock_in_child)
 
 
 def proc_state(pid: int) -> str:

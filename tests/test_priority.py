@@ -4,6 +4,7 @@ serves at normal priority: real scheduler policies, read from the kernel."""
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -449,3 +450,35 @@ def test_a_look_that_found_the_lock_taken_does_not_cancel_the_next_requests_look
         assert len(replaced) == 1 and replaced != ours
         zygote.drop_check()
         assert zygote._check is None and not set(idle_watch._timers) - others
+
+
+def test_a_look_leaves_alone_a_spare_its_zygote_no_longer_holds(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look raises the spare by pid. Once its zygote is killed (and not yet
+    reaped by the broker, so the request still reads as pending), the spare
+    is init's to reap, and its pid may soon be another process's: the look,
+    the last one included, must not touch it (red-team round 49: it raised a
+    pid whose process had ended)."""
+    from worker._priority import parent_of
+
+    raised: list[int] = []
+    monkeypatch.setattr(zygote_module, "process_to_foreground", raised.append)
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        zygote = b._zygote
+        assert zygote is not None
+        zygote.drop_check()
+        answer = zygote._spares.peek()
+        assert type(answer) is dict and zygote._pending
+        pid = answer["pid"]
+        long_ago = time.monotonic() - 2 * zygote_module._CHECK_FOR  # (the last look: raised, whatever it does)
+        zygote._unstarve(zygote._asked_n, long_ago, None, 0.05)
+        assert raised == [pid]  # while its zygote holds it
+        os.kill(zygote._proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while parent_of(pid) == zygote._proc.pid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert parent_of(pid) != zygote._proc.pid
+        assert zygote._proc.returncode is None and zygote._spares.peek() == answer  # (as a look then finds it)
+        zygote._unstarve(zygote._asked_n, long_ago, None, 0.05)
+        assert raised == [pid]

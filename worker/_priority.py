@@ -76,6 +76,17 @@ def process_to_foreground(pid: int) -> None:
             return
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid`` (None if it is gone or /proc does
+    not say)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def cpu_state(pid: int) -> tuple[bool, int] | None:
     """(is any thread of process ``pid`` runnable, the CPU time its threads
     have had in ns); None if it is gone or /proc does not say."""
@@ -126,4 +137,6 @@ class Background:
             to_foreground()
 
 
-__all__ = ["Background", "cpu_state", "may_raise", "process_to_foreground", "to_background", "to_foreground"]
+__all__ = [
+    "Background", "cpu_state", "may_raise", "parent_of", "process_to_foreground", "to_background", "to_foreground",
+]
