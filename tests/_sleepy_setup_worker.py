@@ -10,14 +10,18 @@ import time
 from worker import Worker, rpc
 
 
+def _sleep_then_compute(sleep: float) -> None:
+    time.sleep(sleep)
+    end = time.thread_time() + 0.3  # CPU time: a starved spare never gets there
+    while time.thread_time() < end:
+        pass
+
+
 class SleepThenCompute(Worker):
     setup_ahead = True
 
     def setup(self) -> None:
-        time.sleep(0.2)
-        end = time.thread_time() + 0.3  # CPU time: a starved spare never gets there
-        while time.thread_time() < end:
-            pass
+        _sleep_then_compute(0.2)
         self.ready = True
 
     @rpc
@@ -42,10 +46,7 @@ class SleepLongThenCompute(Worker):
             return
         except (KeyError, FileNotFoundError):
             pass
-        time.sleep(1.0)
-        end = time.thread_time() + 0.3
-        while time.thread_time() < end:
-            pass
+        _sleep_then_compute(1.0)
         self.ready = True
 
     @rpc
