@@ -512,8 +512,8 @@ class Zygote:
             now, end = time.monotonic(), since + _CHECK_FOR
             # The last look lands at the window's end; past it, only the zygote raised there is looked
             # at again (for the spare it then makes), for as long again at most.
-            if now < end + (_CHECK_FOR if now >= end else 0):
-                when = now + delay if now >= end else min(now + delay, end)
+            when = min(now + delay, end) if now < end else now + delay if now < end + _CHECK_FOR else None
+            if when is not None:
                 self._check = (asked, idle_watch.call_at(when, check))
         if old is not None:
             old[1]()  # (a no-op for the check that is running now)
@@ -547,10 +547,9 @@ class Zygote:
             pid: Any = self._proc.pid if making else answer.get("pid") if type(answer) is dict else None
             if type(pid) is not int or pid <= 0:
                 return  # (an error answer: no spare)
-            now, state = time.monotonic(), cpu_state(pid)
-            late = now >= since + _CHECK_FOR
-            if late:
-                state = None  # the last look: raised, whatever it does (see _CHECK_FOR)
+            now = time.monotonic()
+            late = now >= since + _CHECK_FOR  # the last look: raised, whatever it does (see _CHECK_FOR)
+            state = None if late else cpu_state(pid)
             if state is not None:
                 runnable, ran = state
                 if not runnable:

@@ -76,13 +76,19 @@ def process_to_foreground(pid: int) -> None:
             return
 
 
+def _stat_fields(path: str) -> list[bytes]:
+    """The fields of a /proc .../stat file after the command name (state,
+    parent pid, ...): the name is in parentheses and may hold anything."""
+    with open(path, "rb") as f:
+        stat = f.read()
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
 def parent_of(pid: int) -> int | None:
     """The parent pid of process ``pid`` (None if it is gone or /proc does
     not say)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2 :].split()[1])
+        return int(_stat_fields(f"/proc/{pid}/stat")[1])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -97,16 +103,14 @@ def cpu_state(pid: int) -> tuple[bool, int] | None:
     runnable, ran = False, 0
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
+            state = _stat_fields(f"/proc/{pid}/task/{tid}/stat")[0]
             with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
                 ran += int(f.read().split()[0])
-            end = stat.rindex(b")")
         except FileNotFoundError:
             continue  # (a thread that ended meanwhile)
         except (OSError, ValueError, IndexError):
             return None
-        runnable = runnable or stat[end + 2 : end + 3] == b"R"
+        runnable = runnable or state == b"R"
     return runnable, ran
 
 
