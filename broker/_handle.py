@@ -134,6 +134,10 @@ class WorkerHandle:
         self._broker = broker
         self.cls = cls
         self.pid = pid
+        # Held to signal the pidfd and to take it away (to close it, or to hand it to the reaper):
+        # a kill on one thread read the number, a stop on another closed it, and the number, reused
+        # by the next spawn, named another worker, which the SIGKILL then ended.
+        self._pidfd_lock = threading.Lock()
         self._pidfd = os.pidfd_open(pid)
         self._cgroup: WorkerCgroup | None = None  # set by the broker right after
         self._cgroup_report: dict[str, Any] | None = None
@@ -1206,13 +1210,14 @@ class WorkerHandle:
                        unless_ended=True)
 
     def _kill(self) -> None:
-        if self._pidfd < 0:
-            return  # reaped already
-        self._sigkilled = True
-        try:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        with self._pidfd_lock:  # (the fd is not closed meanwhile: see __init__)
+            if self._pidfd < 0:
+                return  # reaped already
+            self._sigkilled = True
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _reap(self, timeout: float) -> int | None:
         """Wait for the process to end; SIGKILL it if it does not in time.
@@ -1287,7 +1292,8 @@ class WorkerHandle:
 
     def _reap_in_background(self) -> None:
         """Hand the pidfd, the reaping and the cgroup to the broker's thread."""
-        pidfd, self._pidfd = self._pidfd, -1
+        with self._pidfd_lock:
+            pidfd, self._pidfd = self._pidfd, -1
         cgroup, self._cgroup = self._cgroup, None
 
         def reap() -> None:
@@ -1378,7 +1384,11 @@ class WorkerHandle:
         if self._exit_watched:
             self._exit_watched = False
             idle_watch.unwatch(self._pidfd)
-        for attr in ("_notify_fd", "_pidfd", "_stderr_fd"):
+        with self._pidfd_lock:
+            pidfd, self._pidfd = self._pidfd, -1
+        if pidfd >= 0:
+            os.close(pidfd)
+        for attr in ("_notify_fd", "_stderr_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 setattr(self, attr, -1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import fcntl
 import gc
 import logging
 import math
@@ -1874,3 +1875,61 @@ def test_a_worker_stopped_by_close_during_a_call_reads_as_stopped(tree: Path) ->
     assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed), outcome
     assert w.exit is not None
     assert (w.exit.kind, w.exit.reason, w.exit.exit_code) == ("ok", "stopped by the broker's close() during a call", 0)
+
+
+def test_a_kill_never_signals_the_process_a_reused_fd_number_names(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill() read the worker's pidfd number, then sent SIGKILL to it; a stop
+    on another thread could record the end and close that fd in between,
+    and the number, reused, named another process: twice in ten CI runs a
+    fresh worker of the next spawn was found killed by SIGKILL, and a stress
+    of two end requests racing read "killed by SIGKILL" 4 times in 80 runs
+    (the kernel's signal trace named the broker's own thread as the sender).
+    Here the kill is held between the read and the send, as a preemption
+    would hold it, while a stop ends the worker; the number, if closed, is
+    given to a process of the test's own. That process lives on."""
+    real_send = signal.pidfd_send_signal
+    held, release = threading.Event(), threading.Event()
+    killer: list[threading.Thread] = []
+
+    def send_later(fd: int, sig: int, *args: Any) -> None:
+        if killer and threading.current_thread() is killer[0] and not held.is_set():
+            held.set()
+            release.wait(10)
+        real_send(fd, sig, *args)
+
+    monkeypatch.setattr(signal, "pidfd_send_signal", send_later)
+    bystander = subprocess.Popen(["sleep", "60"])
+    bystander_fd = os.pidfd_open(bystander.pid)
+    placed = -1
+    try:
+        with Broker(Policy(), root=tree) as b:
+            w = b.spawn(Sleeper)
+            assert w.ping() == "pong"
+            number = w._pidfd
+            killer.append(threading.Thread(target=w.kill))
+            killer[0].start()
+            assert held.wait(10)
+            stopper = threading.Thread(target=w.stop)
+            stopper.start()
+            deadline = time.monotonic() + 1.0  # (held, with the fix: the stop cannot close the fd now)
+            while w._pidfd == number and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if w._pidfd != number:  # closed under the held kill: the number goes to the bystander
+                placed = fcntl.fcntl(bystander_fd, fcntl.F_DUPFD_CLOEXEC, number)
+                assert placed == number
+            release.set()
+            killer[0].join(15)
+            stopper.join(15)
+            assert not killer[0].is_alive() and not stopper.is_alive()
+            assert w.exit is not None and w.exit.reason in ("killed by the broker", "stopped, exit status 0"), w.exit
+        time.sleep(0.1)
+        assert bystander.poll() is None, f"the bystander ended: {bystander.returncode}"
+    finally:
+        release.set()
+        bystander.kill()
+        bystander.wait()
+        os.close(bystander_fd)
+        if placed >= 0:
+            os.close(placed)
