@@ -1572,6 +1572,11 @@ class WorkerHandle:
                 return time.monotonic() + _IDLE_RETRY
             if self.exit is not None or self._pidfd < 0 or self._stop_sent or self._sigkilled:
                 return None
+            if not ready_now(self._pidfd):
+                # Not ended (the watch said so of another fd: never expected): watched on, never
+                # killed here (the look at an end reaps at once, and kills what has not ended).
+                idle_watch.watch(self._pidfd, self, pidfd=True)  # (a new entry: the watch forgets the old)
+                return None
             hook = self._on_idle_end
             self._record_idle_end()
         finally:

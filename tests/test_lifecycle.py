@@ -1882,10 +1882,9 @@ def test_a_kill_never_signals_the_process_a_reused_fd_number_names(
 ) -> None:
     """kill() read the worker's pidfd number, then sent SIGKILL to it; a stop
     on another thread could record the end and close that fd in between,
-    and the number, reused, named another process: twice in ten CI runs a
-    fresh worker of the next spawn was found killed by SIGKILL, and a stress
-    of two end requests racing read "killed by SIGKILL" 4 times in 80 runs
-    (the kernel's signal trace named the broker's own thread as the sender).
+    and the number, reused, could name another process by the send (seen
+    while looking for why fresh workers were killed: a kill() found the fd
+    closed under it; the killer there was the idle watch, tested below).
     Here the kill is held between the read and the send, as a preemption
     would hold it, while a stop ends the worker; the number, if closed, is
     given to a process of the test's own. That process lives on."""
@@ -1933,3 +1932,94 @@ def test_a_kill_never_signals_the_process_a_reused_fd_number_names(
         os.close(bystander_fd)
         if placed >= 0:
             os.close(placed)
+
+
+def test_the_idle_watch_gives_an_event_to_the_fd_it_polled_not_to_the_next_holder_of_its_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch polled a worker's pidfd, saw it end, then looked up who held
+    that fd number: by then the handle had recorded the end and closed the
+    fd, and the next worker's pidfd, watched under the same number, got the
+    event. Its look at the "end" killed that fresh worker, read "killed by
+    SIGKILL" (a stress of two end requests racing: 4 in about 80 runs; the
+    kernel's signal trace named a thread of the broker's, a logging run the
+    watch's look; very likely also a soak's fresh worker, twice in ten CI
+    runs). Here the watch is held between its poll and the
+    lookup while the number changes hands, with two stand-in handles over
+    real processes."""
+    import types
+
+    import broker._idle_watch as watch_module
+
+    class StandIn:
+        def __init__(self) -> None:
+            self.looks = 0
+
+        def _idle_exit(self) -> float | None:
+            self.looks += 1
+            return None
+
+        def _idle_notification(self) -> float | None:
+            return None
+
+    held, release = threading.Event(), threading.Event()
+    number = -1
+
+    class HeldPoll:
+        def __init__(self) -> None:
+            self._poller = select.poll()
+
+        def register(self, fd: int, events: int = select.POLLIN) -> None:
+            self._poller.register(fd, events)
+
+        def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
+            events = self._poller.poll(timeout)
+            if not held.is_set() and any(fd == number for fd, _ in events):
+                held.set()
+                release.wait(10)
+            return events
+
+    fake_select = types.SimpleNamespace(**{k: getattr(select, k) for k in dir(select) if k.isupper()}, poll=HeldPoll)
+    monkeypatch.setattr(watch_module, "select", fake_select)
+    ended, alive = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    first, second = StandIn(), StandIn()
+    number = os.pidfd_open(ended.pid)
+    alive_fd = os.pidfd_open(alive.pid)
+    try:
+        idle_watch.watch(number, first, pidfd=True)
+        ended.kill()
+        assert held.wait(10)  # the watch saw the end, and is held before its lookup
+        idle_watch.unwatch(number)  # as the handle does, recording the end
+        os.close(number)
+        assert fcntl.fcntl(alive_fd, fcntl.F_DUPFD_CLOEXEC, number) == number  # the next worker's
+        idle_watch.watch(number, second, pidfd=True)
+        release.set()
+        time.sleep(0.3)
+        assert (first.looks, second.looks) == (0, 0)  # the live process's pidfd was never taken for ended
+        assert alive.poll() is None
+    finally:
+        release.set()
+        idle_watch.unwatch(number)
+        with contextlib.suppress(OSError):
+            os.close(number)
+        os.close(alive_fd)
+        for p in (ended, alive):
+            p.kill()
+            p.wait()
+
+
+def test_a_look_at_an_idle_end_that_has_not_happened_leaves_the_worker_running_and_watched(tree: Path) -> None:
+    """The idle watch's look at an end (``_idle_exit``) reaped at once, which
+    kills a process that has not ended: a look wrongly asked (the bug above)
+    ended a healthy worker. Now it looks at the pidfd first: the worker
+    answers on, and an end of it later is still recorded while idle."""
+    with Broker(Policy(), root=tree) as b:
+        w = b.spawn(Sleeper)
+        assert w.ping() == "pong"
+        assert w._idle_exit() is None
+        assert w.exit is None and w.ping() == "pong"
+        os.kill(w.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while w.exit is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.exit is not None and w.exit.reason == "killed by SIGKILL", w.exit
