@@ -321,7 +321,6 @@ def _descendants() -> tuple[set[int], int]:
     return below, sum(1 for pid, _, state in table if pid in below and state == "Z")
 
 
-@pytest.mark.exclusive  # (see the README on a failure seen only beside another test)
 def test_no_fd_or_process_leak_over_1000_spawn_kill_cycles(tree: Path) -> None:
     """The issue's soak: 1000 sandboxed workers spawned, called once and
     killed (every tenth stopped instead). Counted as a soak outside privsep
@@ -1763,7 +1762,6 @@ def test_a_kill_during_another_threads_call_is_logged_as_asked(tree: Path, caplo
     assert levels == ["INFO"], levels
 
 
-@pytest.mark.exclusive  # (see the README on a failure seen only beside another test)
 def test_no_fd_process_or_thread_leak_over_500_awaited_cycles(tree: Path) -> None:
     """The soak's asyncio counterpart: 500 workers spawned and called on an
     event loop, then ended in turn by akill(), astop(), a crash the awaited
