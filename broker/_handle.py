@@ -135,8 +135,8 @@ class WorkerHandle:
         self.cls = cls
         self.pid = pid
         # Held to signal the pidfd and to take it away (to close it, or to hand it to the reaper):
-        # a kill on one thread read the number, a stop on another closed it, and the number, reused
-        # by the next spawn, named another worker, which the SIGKILL then ended.
+        # else a kill on one thread could read the number, a stop on another close it, and the
+        # SIGKILL go to whatever process the number, reused meanwhile, then named.
         self._pidfd_lock = threading.Lock()
         self._pidfd = os.pidfd_open(pid)
         self._cgroup: WorkerCgroup | None = None  # set by the broker right after
