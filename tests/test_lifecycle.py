@@ -1947,8 +1947,6 @@ def test_the_idle_watch_gives_an_event_to_the_fd_it_polled_not_to_the_next_holde
     real processes."""
     import types
 
-    import broker._idle_watch as watch_module
-
     class StandIn:
         def __init__(self) -> None:
             self.looks = 0
@@ -1978,7 +1976,7 @@ def test_the_idle_watch_gives_an_event_to_the_fd_it_polled_not_to_the_next_holde
             return events
 
     fake_select = types.SimpleNamespace(**{k: getattr(select, k) for k in dir(select) if k.isupper()}, poll=HeldPoll)
-    monkeypatch.setattr(watch_module, "select", fake_select)
+    monkeypatch.setattr("broker._idle_watch.select", fake_select)
     ended, alive = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
     first, second = StandIn(), StandIn()
     number = os.pidfd_open(ended.pid)
