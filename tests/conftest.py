@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import os
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _common import READ, Witness, close_later  # noqa: F401  (READ and close_later: for the tests)
 
 from broker import Broker, Policy
 from protocol import Rights
-from worker import Worker, rpc
-
-READ = Rights.READ | Rights.FSTAT | Rights.SEEK
-
 
 _lock_fd = -1  # the run's lock file while a test holds it (see pytest_runtest_protocol)
 
@@ -168,12 +164,6 @@ def broker(tree: Path) -> Iterator[Broker]:
         yield b
 
 
-class _Witness(Worker):
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
     """Every entry beneath ``root``: its mode, mtime and bytes (a symlink: its
     target; a FIFO: nothing, it is never opened)."""
@@ -189,7 +179,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
 def _shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Path, Any]]:
     root = make_tree(tmp_path_factory.mktemp("shared"))
     with Broker(default_policy(), root=root, call_timeout=30) as b:
-        yield b, root, b.spawn(_Witness)  # (made first: the zygote is up before a case counts fds)
+        yield b, root, b.spawn(Witness)  # (made first: the zygote is up before a case counts fds)
 
 
 @pytest.fixture
@@ -253,18 +243,6 @@ def fill_default_executor(seconds: float = 3.0) -> list[asyncio.Future[None]]:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(2))
     return [loop.run_in_executor(None, time.sleep, seconds) for _ in range(2)]
-
-
-def close_later(fds: list[int], seconds: float) -> None:
-    """Close ``fds`` from a thread ``seconds`` from now (a worker keeping
-    copies of its outputs' write ends past its answer)."""
-
-    def run() -> None:
-        time.sleep(seconds)
-        for fd in fds:
-            os.close(fd)
-
-    threading.Thread(target=run, daemon=True).start()
 
 
 @pytest.fixture

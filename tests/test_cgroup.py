@@ -12,45 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+from _cgroup_workers import BALLAST, Ballast, BallastAhead, Eater
 from conftest import READ, default_policy
 
 from broker import Broker
 from broker._cgroup import WorkerCgroup, probe
 from protocol import WorkerCrashed
-from worker import Worker, rpc
 
 LIMIT = 64 << 20
 SUPPORT = probe()
 needs_cgroup = pytest.mark.skipif(not SUPPORT.version, reason=f"cgroup probe: no memory cgroup here: {SUPPORT.reason}")
-
-
-class Eater(Worker):
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-    @rpc
-    def eat(self, mib: int) -> int:
-        block = b"\x01" * (mib << 20)  # every page written: charged, not just reserved
-        return len(block)
-
-    @rpc
-    def where(self) -> int:
-        return os.getpid()
-
-
-BALLAST = 24 << 20  # what setup() below writes: well above what a worker's own start touches
-
-
-class Ballast(Eater):
-    """A setup() of its own: its spare gets the request first, then runs it."""
-
-    def setup(self) -> None:
-        self.ballast = b"\x01" * BALLAST
-
-
-class BallastAhead(Ballast):
-    setup_ahead = True  # its spare runs setup() while it waits
 
 
 def _procs(path: str) -> list[int]:

@@ -19,32 +19,17 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from _chaos_workers import Chaos
 from conftest import open_fds
 
 from broker import Broker, Policy
 from protocol import WorkerCrashed, WorkerTimeout
-from worker import Worker, rpc
 
 SECONDS = 4.0
 # The longest one operation may take: a stop() waits up to its 2 s grace for a
 # call on another thread, then kills; the stalls found were 10 s and 30 s.
 BOUND = 6.0
 EXPECTED = (WorkerCrashed, WorkerTimeout, TimeoutError)  # (WorkerTimeout is a WorkerCrashed)
-
-
-class Chaos(Worker):
-    @rpc
-    def square(self, x: int) -> int:
-        return x * x
-
-    @rpc
-    def nap(self, t: float) -> float:
-        time.sleep(t)
-        return t
-
-    @rpc
-    def fail(self) -> None:
-        raise ValueError("as asked")
 
 
 class Tally:

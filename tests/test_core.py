@@ -13,16 +13,36 @@ import pickle
 import re
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import warnings
-import xml.etree.ElementTree as ElementTree
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _core_workers import (
+    _UNSENDABLE,
+    EXPECTED,
+    BlobKeeper,
+    Exits,
+    Forger,
+    Hoard,
+    Liar,
+    NestedFiles,
+    OddErrors,
+    OsErrors,
+    PathWriter,
+    Player,
+    Returner,
+    Sizes,
+    Sprayer,
+    Statics,
+    Threaded,
+    Untidy,
+    Upper,
+    _nested,
+)
 from conftest import READ, default_policy
 
 from broker import Broker, Capability, Policy, WorkerHandle
@@ -33,179 +53,10 @@ from protocol import (
     RemoteError,
     Rights,
     WorkerCrashed,
-    WorkerTimeout,
     _remote,
 )
 from protocol._wire import KIND_DIR, KIND_FILE, KIND_STREAM
 from worker import Worker, rpc
-
-
-class CustomError(Exception):
-    pass
-
-
-class Upper(Worker):
-    def setup(self) -> None:
-        self.ready = True
-
-    @rpc
-    def shout(self, text: str) -> str:
-        return text.upper()
-
-    @rpc
-    def echo(self, *args: object, **kwargs: object) -> dict:
-        return {"args": list(args), "kwargs": kwargs}
-
-    @rpc
-    def was_setup(self) -> bool:
-        return self.ready
-
-    @rpc
-    def count_bytes(self, f: io.BufferedReader) -> int:
-        return len(f.read())
-
-    @rpc
-    def describe(self, f: io.IOBase) -> dict:
-        return {"mode": f.mode, "readable": f.readable(), "writable": f.writable()}
-
-    @rpc
-    def try_write(self, f: io.BufferedIOBase) -> str:
-        try:
-            os.write(f.fileno(), b"x")
-        except OSError as exc:
-            return errno.errorcode[exc.errno]
-        return "wrote"
-
-    @rpc
-    def read_named(self, name: str) -> bytes:
-        with self.broker.open(f"data/{name}", Rights.READ) as f:
-            return f.read()
-
-    @rpc
-    def open_mode(self, path: str, rights: int) -> str:
-        with self.broker.open(path, Rights(rights)) as f:
-            return f.mode
-
-    @rpc
-    def stat_it(self, path: str) -> dict:
-        st = self.broker.stat(path)
-        return {"type": st.type, "size": st.size}
-
-    @rpc
-    def ls(self, path: str) -> list:
-        return self.broker.listdir(path)
-
-    @rpc
-    def ls_joined(self, path: str) -> str:
-        return "\n".join(self.broker.listdir(path))  # (one string: a list of 20,000 would not fit an answer)
-
-    @rpc
-    def ls_in_joined(self, d: Any, path: str) -> str:
-        return "\n".join(d.listdir(path))
-
-    @rpc
-    def ls_raw(self, path: str, times: int) -> list:
-        """As a compromised worker may: ask for a listing's first page ``times`` over, taking each
-        answer with recvmsg and keeping any fd it carries. What came: [bytes, fds] per answer."""
-        import array
-        import socket
-
-        chan, got = self.broker._chan, []
-        for i in range(times):
-            chan.send({"t": "req", "id": 1 << 30 | i, "op": "listdir", "a": {"path": path, "at": 0}})
-            data, anc, _, _ = chan.sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
-            fds = array.array("i")
-            for _, _, cdata in anc:
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % 4])
-            self.kept_fds = [*getattr(self, "kept_fds", []), *fds]
-            got.append([len(data), len(fds)])
-        return got
-
-    @rpc
-    def count_in(self, d: Any) -> int:
-        self.last_arg = d  # (kept past its call: closed when the call ends, as file arguments are)
-        return len(d.listdir(""))
-
-    @rpc
-    def count_in_last_arg(self) -> int:
-        return len(self.last_arg.listdir(""))
-
-    @rpc
-    def ask_dir(self, path: str, keep: bool) -> int:
-        d = self.broker.opendir(path, READ)
-        n = len(d.listdir(""))
-        if keep:
-            self.kept = d
-        else:
-            d.close()
-        return n
-
-    @rpc
-    def close_kept_after_return(self) -> None:
-        def later() -> None:
-            time.sleep(0.2)
-            self.kept.close()  # outside a call: let go with the next request
-
-        threading.Thread(target=later).start()
-
-    @rpc
-    def count(self, values: list) -> int:
-        return len(values)
-
-    @rpc
-    def numbers(self, n: int) -> list:
-        return list(range(n))
-
-    @rpc
-    def write_out(self, name: str, data: bytes, fail: bool = False) -> int:
-        with self.broker.create(f"out/{name}") as f:
-            f.write(data)
-        if fail:
-            raise CustomError("failed after writing")
-        return len(data)
-
-    @rpc
-    def write_then_die(self, name: str) -> None:
-        with self.broker.create(f"out/{name}") as f:
-            f.write(b"partial")
-            f.flush()
-        os.kill(os.getpid(), 9)
-
-    @rpc
-    def write_sparse(self, name: str, size: int, pieces: list) -> None:
-        """An output of ``size`` bytes with only ``pieces`` (offset, data) written: the rest holes."""
-        rights = Rights.WRITE | Rights.SEEK | Rights.FSTAT | Rights.FTRUNCATE  # the file itself, not a pipe
-        f = self.broker.create(f"out/{name}", rights)
-        os.ftruncate(f.fileno(), size)
-        for offset, data in pieces:
-            os.pwrite(f.fileno(), data, offset)
-
-    @rpc
-    def make_pipe(self) -> object:
-        r, w = os.pipe()
-        os.write(w, b"from the worker")
-        os.close(w)
-        return os.fdopen(r, "rb")
-
-    @rpc
-    def give_back(self, value: object) -> object:
-        return value
-
-    @rpc
-    def unsendable(self, name: str) -> object:
-        return _UNSENDABLE[name][0]()
-
-    @rpc
-    def big(self, n: int) -> bytes:
-        return b"z" * n
-
-    @rpc
-    def raise_oserror(self) -> None:
-        raise FileNotFoundError(errno.ENOENT, "no such thing", "missing.txt")
-
-    @rpc
-    def raise_custom(self) -> None:
-        raise CustomError("custom failure")
 
 
 def test_snippet_from_the_issue(ro_broker: Broker) -> None:
@@ -261,23 +112,6 @@ def test_methods_that_cannot_answer_with_a_value_are_refused_where_they_are_writ
         assert not hasattr(fn, "__privsep_rpc__")
 
 
-class Statics(Worker):
-    @staticmethod
-    @rpc
-    def double(x: int) -> int:
-        return 2 * x
-
-    @classmethod
-    @rpc
-    def kind(cls) -> str:
-        return cls.__name__
-
-    @rpc
-    @staticmethod
-    def triple(x: int) -> int:
-        return 3 * x
-
-
 def test_rpc_with_staticmethod_or_classmethod_in_either_order(broker: Broker) -> None:
     """@staticmethod or @classmethod above @rpc hid the mark: the method was
     silently no @rpc method ("has no @rpc method 'double'"); with @rpc above,
@@ -295,16 +129,6 @@ def test_rpc_with_staticmethod_or_classmethod_in_either_order(broker: Broker) ->
             @rpc
             def value(self) -> int:
                 return 1
-
-
-class Player(Worker):
-    @rpc
-    def stop(self) -> str:  # the worker's own "stop": of the playback, say
-        return "stopped playing"
-
-    @rpc
-    def name(self) -> str:
-        return "player"
 
 
 def test_rpc_methods_named_like_handle_attributes_are_pointed_out(broker: Broker) -> None:
@@ -504,49 +328,6 @@ def test_a_sandboxed_workers_large_values_go_through_its_own_two_memfds(ro_broke
         assert got == {"args": parts, "kwargs": {"text": "t" * 300_000}}
         assert w.big(5 << 20) == b"z" * (5 << 20)
 
-class BlobKeeper(Worker):
-    """A compromised worker that keeps the memfds the broker's large values
-    come in, to grow them later into memory outside its RLIMIT_AS."""
-
-    @rpc
-    def keep_blobs(self) -> None:
-        import protocol._wire as wire
-
-        read, self.kept = wire._read_blob, []
-
-        def keeping(fd: int, offset: int, length: int) -> bytes:
-            self.kept.append(os.dup(fd))
-            return read(fd, offset, length)
-
-        wire._read_blob = keeping
-
-    @rpc
-    def size(self, value: bytes) -> int:
-        return len(value)
-
-    @rpc
-    def tamper(self) -> list[list[object]]:
-        import fcntl
-
-        def attempt(op: Callable[..., object], *args: object) -> object:
-            try:
-                op(*args)
-            except OSError as exc:
-                return errno.errorcode[exc.errno]
-            return "done"
-
-        return [
-            [
-                fcntl.fcntl(fd, fcntl.F_GET_SEALS),
-                attempt(os.ftruncate, fd, 1 << 30),
-                attempt(os.ftruncate, fd, 0),
-                attempt(os.pwrite, fd, b"x", 0),
-                os.pread(fd, 3, 0),
-            ]
-            for fd in self.kept
-        ]
-
-
 def test_the_brokers_large_values_come_in_memfds_sealed_against_change(ro_broker: Broker) -> None:
     """The broker sends its large values in memfds of its own, which the
     worker gets read-write: unsealed, a worker kept them and grew each to a
@@ -568,16 +349,6 @@ def test_values_over_the_blob_limit_are_an_error_not_a_crash(ro_broker: Broker) 
     with pytest.raises(MessageTooLarge, match=r"big\(\) returned a value too large to send: .*pass a file instead"):
         w.big(MAX_BLOB + 1)
     assert w.shout("alive") == "ALIVE"
-
-
-class Hoard(Worker):
-    @rpc
-    def make(self, n: int, text: bool = False) -> object:
-        return "t" * n if text else [b"b" * n]
-
-    @rpc
-    def length(self, *args: object, **kwargs: object) -> int:
-        return len(args) + len(kwargs)
 
 
 def test_a_value_too_large_is_refused_before_it_is_packed(tree: Path) -> None:
@@ -604,20 +375,6 @@ def test_a_value_too_large_is_refused_before_it_is_packed(tree: Path) -> None:
         with pytest.raises(MessageTooLarge, match="in all"):  # the blobs of one message, together
             w.length(half, half)
         assert w.length(half) == 1 and w.alive
-
-
-class Sizes(Worker):
-    @rpc
-    def make(self, n: int) -> bytes:
-        return b"m" * n
-
-    @rpc
-    def dicts(self, n: int) -> list:
-        return [{"k": i} for i in range(n)]
-
-    @rpc
-    def length(self, value: object) -> int:
-        return len(value)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("spawn", ["zygote", "fork", "exec"])
@@ -664,23 +421,6 @@ def test_a_packet_larger_than_the_socket_can_send_is_message_too_large() -> None
         peer.close()
 
 
-def _nested(n: int) -> list:
-    x: list = []
-    for _ in range(n):
-        x = [x]
-    return x
-
-
-# What the wire refuses: (make it, the error, what the error says).
-_UNSENDABLE: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
-    "int-key": (lambda: {1: "a"}, TypeError, "map keys must be str, not int"),
-    "tuple-key-deep-inside": (lambda: [{"a": {(1, 2): 3}}], TypeError, "map keys must be str, not tuple"),
-    "2**63": (lambda: 1 << 63, ValueError, "outside signed 64 bits"),
-    "below-int64": (lambda: [-(1 << 63) - 1], ValueError, "outside signed 64 bits"),
-    "nested-600": (lambda: _nested(600), ValueError, "nested deeper than the wire allows"),
-}
-
-
 @pytest.mark.parametrize("name", list(_UNSENDABLE))
 def test_what_the_wire_refuses_is_refused_by_the_sender_not_fatal(ro_broker: Broker, name: str) -> None:
     """The receiving side ends a peer for these (it is assumed hostile). An
@@ -699,91 +439,6 @@ def test_what_the_wire_refuses_is_refused_by_the_sender_not_fatal(ro_broker: Bro
     # The limits themselves go through, both ways.
     edge = [(1 << 63) - 1, -(1 << 63), {"k": _nested(28)}]
     assert w.give_back(edge) == edge
-
-
-class Untidy(Worker):
-    @rpc
-    def thread_raises(self) -> str:
-        def run() -> None:
-            raise ValueError("in a thread")
-
-        t = threading.Thread(target=run)
-        t.start()
-        t.join()
-        return "survived"
-
-    @rpc
-    def del_raises(self) -> str:
-        class Bad:
-            def __del__(self) -> None:
-                raise ValueError("in __del__")
-
-            def __repr__(self) -> str:
-                raise RuntimeError("and in __repr__")
-
-        Bad()
-        return "survived"
-
-    @rpc
-    def hooks_fail(self, where: str) -> str:
-        """A hook that fails itself, as near RLIMIT_AS a MemoryError makes it
-        (here: the first write to stderr raises)."""
-        real = sys.stderr
-
-        class Flaky:
-            failed = False
-
-            def write(self, text: str) -> int:
-                if not Flaky.failed:
-                    Flaky.failed = True
-                    raise KeyboardInterrupt
-                return real.write(text)
-
-            def flush(self) -> None:
-                real.flush()
-
-        class Bad:
-            def __del__(self) -> None:
-                raise ValueError("in __del__")
-
-        def run() -> None:
-            raise ValueError("in a thread")
-
-        sys.stderr = Flaky()  # type: ignore[assignment]
-        try:
-            if where == "del":
-                Bad()
-            else:
-                t = threading.Thread(target=run)
-                t.start()
-                t.join()
-        finally:
-            sys.stderr = real
-        return "survived"
-
-    @rpc
-    def forgets_to_await(self) -> str:
-        async def fetch() -> int:
-            return 1
-
-        fetch()  # never awaited: Python warns, and names where the coroutine was made
-        return "survived"
-
-    @rpc
-    def warns_about(self, what: str) -> str:
-        warnings.warn(f"{what} left open", RuntimeWarning, stacklevel=1, source=self)
-        return "survived"
-
-    @rpc
-    def cpu_count(self) -> int | None:
-        return os.cpu_count()
-
-    @rpc
-    def chatty(self, mib: int) -> None:
-        line = "x" * 1023
-        for _ in range(mib * 1024):
-            print(line)
-            print(line, file=sys.stderr)
 
 
 def rss_kib(pid: int) -> int:
@@ -835,43 +490,6 @@ def test_what_a_worker_prints_costs_it_no_memory(ro_broker: Broker) -> None:
     assert after - before < 8 * 1024, (before, after)  # it used to keep every byte
 
 
-class Threaded(Worker):
-    def setup(self) -> None:
-        try:  # no call runs yet: nobody is listening
-            self.broker.stat("data/a.txt")
-            self.early = "answered"
-        except RuntimeError as exc:
-            self.early = str(exc)
-
-    @rpc
-    def read_in_threads(self, names: list[str], rounds: int) -> list[int]:
-        """Each thread reads its own file over and over: it must get that one."""
-        wrong = [0] * len(names)
-
-        def run(i: int) -> None:
-            for _ in range(rounds):
-                try:
-                    with self.broker.open(f"data/{names[i]}", READ) as f:
-                        got: bytes | None = f.read()
-                except Exception:  # (a reply taken by another thread, typically)
-                    got = None
-                wrong[i] += got != EXPECTED[names[i]]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(names))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return wrong
-
-    @rpc
-    def asked_in_setup(self) -> str:
-        return self.early
-
-
-EXPECTED = {"a.txt": b"hello", "b.bin": bytes(range(256)) * 4, "sub/c.txt": b"deep"}  # the tree fixture's
-
-
 def test_worker_threads_may_ask_the_broker_at_once(broker: Broker, tree: Path) -> None:
     """Requests from several threads of a worker each get their own answer
     (they were not serialized, and threads took each other's replies and
@@ -911,12 +529,6 @@ def test_remote_exceptions_map_to_real_classes(ro_broker: Broker) -> None:
     assert w.shout("still alive") == "STILL ALIVE"
 
 
-class Forger(Worker):
-    @rpc
-    def refuse(self) -> None:
-        raise NotCapable("no grant in the policy covers this path", filename="data/a.txt")
-
-
 def test_a_refusal_the_worker_made_up_is_told_from_the_brokers_own(broker: Broker) -> None:
     """A worker can raise NotCapable as though the broker had refused it (a
     red-team finding, documented): what came from the worker carries
@@ -927,19 +539,6 @@ def test_a_refusal_the_worker_made_up_is_told_from_the_brokers_own(broker: Broke
     with pytest.raises(NotCapable) as own:
         broker.open("secret/x", READ)
     assert not hasattr(own.value, "remote_traceback")
-
-
-class Liar(Worker):
-    @rpc
-    def lie(self, kind: str) -> None:
-        from protocol import PolicyViolation
-
-        cls = {"violation": PolicyViolation, "timeout": WorkerTimeout, "crashed": WorkerCrashed}[kind]
-        raise cls("worker #1 Liar (pid 1) was stopped by the sandbox for syscall execve('/bin/sh')")
-
-    @rpc
-    def ping(self) -> str:
-        return "pong"
 
 
 @pytest.mark.parametrize("kind", ["violation", "timeout", "crashed"])
@@ -955,62 +554,6 @@ def test_a_worker_cannot_make_its_call_read_as_its_own_end(ro_broker: Broker, ki
     names = {"violation": "PolicyViolation", "timeout": "WorkerTimeout", "crashed": "WorkerCrashed"}
     assert info.value.type_name == names[kind]
     assert w.exit is None and w.ping() == "pong"
-
-
-class _StrFails(Exception):
-    def __str__(self) -> str:
-        return f"line {self.line}"  # type: ignore[attr-defined]  # (never set: the bug in a parser's error class)
-
-
-class _Text(str):
-    def __getitem__(self, index: Any) -> str:
-        raise RuntimeError("a str subclass's own code")
-
-
-class _StrSubclass(Exception):
-    def __str__(self) -> str:
-        return _Text("a message")
-
-
-class _OwnDecodeError(UnicodeDecodeError):
-    pass
-
-
-class OddErrors(Worker):
-    @rpc
-    def raise_(self, kind: str) -> None:
-        if kind == "str-fails":
-            raise _StrFails()
-        if kind == "str-subclass":
-            raise _StrSubclass()
-        if kind == "strerror-not-str":
-            raise OSError(errno.EIO, 6)
-        if kind == "key-error":
-            return {"present": 1}["missing"]  # type: ignore[return-value]
-        if kind == "bare":
-            raise ValueError
-        if kind == "xml":
-            ElementTree.fromstring("<a>")  # ParseError, a SyntaxError (the module: imported at the top)
-        if kind == "name":
-            return undefined_name  # type: ignore[name-defined,no-any-return] # noqa: F821
-        if kind == "decode":
-            b"abc\xff".decode()
-        if kind == "encode":
-            "é".encode("ascii")
-        if kind == "own-decode":
-            raise _OwnDecodeError("utf-8", b"x", 0, 1, "not this one")
-        if kind == "notes-not-a-list":
-            exc = ValueError("noted")
-            exc.__notes__ = 5  # type: ignore[attr-defined]
-            raise exc
-
-    @rpc
-    def raise_named(self, name: str) -> None:
-        raise type(name, (ValueError,), {})("named")
-
-    @rpc
-    def ping(self) -> str:
-        return "pong"
 
 
 def test_a_remote_builtin_exception_keeps_its_args(ro_broker: Broker) -> None:
@@ -1097,29 +640,6 @@ def test_a_remote_exception_copies_and_pickles(ro_broker: Broker) -> None:
     twin = pickle.loads(pickle.dumps(denied.value))
     assert (type(twin), str(twin), twin.errno, twin.__notes__) == (
         NotCapable, str(denied.value), denied.value.errno, denied.value.__notes__)
-
-
-class _OwnIOError(OSError):
-    pass
-
-
-class _OwnNotFound(FileNotFoundError):
-    pass
-
-
-class OsErrors(Worker):
-    @rpc
-    def raise_(self, kind: str, f: Any = None) -> None:
-        if kind == "unsupported":
-            f.write(b"x")  # a read-only file: io.UnsupportedOperation
-        if kind == "own":
-            raise _OwnIOError(errno.EIO, "disk trouble", "data/a.txt")
-        if kind == "own-not-found":
-            raise _OwnNotFound(errno.ENOENT, "gone", "data/b.txt")
-        if kind == "own-bare":
-            raise _OwnIOError("no errno")
-        if kind == "denied":
-            self.broker.open("elsewhere/x")  # (no grant)
 
 
 def test_a_workers_own_oserror_comes_back_as_one(ro_broker: Broker) -> None:
@@ -1461,28 +981,6 @@ def test_a_capability_from_a_worker_reads_its_rights_when_first_asked(tree: Path
         unread.no_such_attribute  # type: ignore[attr-defined]  # noqa: B018
 
 
-class Returner(Worker):
-    @rpc
-    def held(self) -> io.BufferedReader:
-        return self.grants["data"]  # type: ignore[no-any-return]
-
-    @rpc
-    def close_held(self) -> None:
-        self.grants["data"].close()  # pinned: the object closes, the fd slot stays
-
-    @rpc
-    def in_memory(self) -> io.BytesIO:
-        return io.BytesIO(b"made here")
-
-    @rpc
-    def writer(self) -> io.BufferedWriter:
-        r, w = os.pipe()
-        os.close(r)
-        f = os.fdopen(w, "wb")
-        self.keep = f  # returned as is: the broker gets its own copy of the fd
-        return f
-
-
 def test_a_file_returned_again_and_again_is_described_each_time(ro_broker: Broker) -> None:
     """The worker remembers how to name a reader it returned before; the
     broker still derives each copy's rights from the fd, and a reader closed
@@ -1523,20 +1021,6 @@ def test_a_file_object_of_the_brokers_is_refused_with_the_way_to_pass_it(broker:
     assert w.count_bytes(broker.open("data/a.txt")) == 5
 
 
-class Exits(Worker):
-    @rpc
-    def quit(self, code: int) -> None:
-        raise SystemExit(code)  # a library calling sys.exit()
-
-    @rpc
-    def interrupt(self) -> None:
-        raise KeyboardInterrupt
-
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-
 def test_sys_exit_in_a_method_comes_back_as_an_error_that_cannot_end_the_broker(ro_broker: Broker) -> None:
     w = ro_broker.spawn(Exits)
     for call, name in ((lambda: w.quit(4), "SystemExit"), (w.interrupt, "KeyboardInterrupt")):
@@ -1563,43 +1047,6 @@ def test_what_spawn_and_pool_take_is_checked_where_it_is_given(broker: Broker) -
 
     with pytest.raises(TypeError, match="spawn\\(\\) takes a Worker subclass"):
         asyncio.run(aspawn())
-
-
-class Sprayer(Worker):
-    @rpc
-    def other_writes(self) -> list[str]:
-        """Writes that are no create(): each refused in a with_outputs() call."""
-        refused = []
-        for what, ask in (
-            ("open", lambda: self.broker.open("out/keep.txt", Rights.WRITE).write(b"X")),
-            ("append", lambda: self.broker.open("out/keep.txt", Rights.APPEND).write(b"X")),
-            ("unlink", lambda: self.broker.opendir("out", Rights.UNLINKAT | Rights.LOOKUP).unlink("keep.txt")),
-            ("mkdir", lambda: self.broker.mkdir("out/newdir")),
-        ):
-            try:
-                ask()
-            except NotCapable as exc:
-                refused.append(f"{what}: {exc.strerror}")
-        return refused
-
-    @rpc
-    def fail_after_creating(self, name: str) -> None:
-        with self.broker.create(f"out/{name}") as f:
-            f.write(b"half")
-        raise ValueError("failed after creating an output")
-
-    @rpc
-    def write(self, names: list[str]) -> list[str]:
-        """Create each output it can; say which were refused (as a compromised
-        worker would try, past the one it was asked for)."""
-        refused = []
-        for name in names:
-            try:
-                with self.broker.create(f"out/{name}") as f:
-                    f.write(name.encode())
-            except NotCapable as exc:
-                refused.append(f"{name}: {exc.strerror}")
-        return refused
 
 
 def test_a_call_may_create_only_the_outputs_its_caller_named(tree: Path) -> None:
@@ -1668,35 +1115,6 @@ def test_one_call_creates_an_output_once_and_discarded_ones_are_audited(
     assert not (tree / "out" / "lost.txt").exists()
 
 
-class PathWriter(Worker):
-    @rpc
-    def attempt(self, op: str, path: str) -> str:
-        try:
-            if op == "create":
-                with self.broker.create(path) as f:
-                    f.write(b"x")
-            elif op == "mkdir":
-                self.broker.mkdir(path)
-            elif op == "unlink":  # beneath a directory the worker asks for
-                where, _, name = path.partition("/")
-                with self.broker.opendir(where, Rights.LOOKUP | Rights.UNLINKAT) as d:
-                    d.unlink(name)
-            else:  # "proxy-create", "proxy-mkdir", "proxy-unlink": the directory itself asked for
-                where, _, name = path.rpartition("/")
-                rights = Rights.LOOKUP | Rights.WRITE | Rights.CREATE | Rights.MKDIRAT | Rights.UNLINKAT
-                with self.broker.opendir(where, rights) as d:
-                    if op == "proxy-create":
-                        with d.create(name) as f:
-                            f.write(b"x")
-                    elif op == "proxy-mkdir":
-                        d.mkdir(name)
-                    else:
-                        d.unlink(name)
-        except NotCapable as exc:
-            return str(exc)
-        return "ok"
-
-
 def test_writes_go_through_no_symlink_beneath_the_grant(tree: Path) -> None:
     """A symlink beneath the root was followed on the way to an output: a worker that may write only
     in out/h/ planted out/h/sub -> .., and the output another worker (or a caller's with_outputs)
@@ -1724,31 +1142,6 @@ def test_writes_go_through_no_symlink_beneath_the_grant(tree: Path) -> None:
         assert w.attempt("mkdir", "out/real/d") == "ok" and w.attempt("unlink", "out/real/new.txt") == "ok"
     assert sorted(os.listdir(tree / "out")) == ["h", "real"]
     assert sorted(os.listdir(tree / "out" / "real")) == ["d", "old.txt"]
-
-
-class NestedFiles(Worker):
-    @rpc
-    def kinds(self, value: Any) -> list[str]:
-        """What each file in ``value`` is here, however it was nested: the
-        file itself ("file") or a pipe a broker thread fills ("pipe")."""
-        import stat as st
-
-        found: list[str] = []
-        pending = [value]
-        while pending:
-            x = pending.pop(0)
-            if isinstance(x, list):
-                pending[:0] = x
-            elif isinstance(x, dict):
-                pending[:0] = x.values()
-            elif hasattr(x, "fileno"):
-                found.append("pipe" if st.S_ISFIFO(os.fstat(x.fileno()).st_mode) else "file")
-        return found
-
-    @rpc
-    def files_back(self, n: int) -> dict[str, Any]:
-        files = [self.broker.open("data/a.txt", READ) for _ in range(n)]
-        return {"files": [*files, 7], "one": {"f": self.broker.open("data/a.txt", READ)}}
 
 
 @pytest.mark.parametrize("n", [2, 20])

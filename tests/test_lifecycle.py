@@ -20,50 +20,28 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+from _lifecycle_workers import (
+    Appender,
+    Asker,
+    BadSetup,
+    Ender,
+    Farewell,
+    Forking,
+    NeedsArgs,
+    Refuser,
+    SelfEnder,
+    Sleeper,
+    SlowSetup,
+)
 from conftest import READ, fill_default_executor, open_fds, proc_state, spare_of
 
 from broker import Broker, Policy, WorkerHandle
 from broker._idle_watch import idle_watch
 from protocol import Rights, WorkerCrashed, WorkerTimeout
-from worker import Worker, rpc
-
-
-class Sleeper(Worker):
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-    @rpc
-    def sleep(self, seconds: float) -> str:
-        time.sleep(seconds)
-        return "slept"
-
-    @rpc
-    def exit_now(self, code: int) -> None:
-        os._exit(code)
-
-    @rpc
-    def getpid(self) -> int:
-        return os.getpid()
-
-
-class Appender(Sleeper):
-    @rpc
-    def append(self, f: IO[bytes], data: bytes) -> int:
-        f.seek(0, os.SEEK_END)
-        return f.write(data)
-
-
-class BadSetup(Worker):
-    def setup(self) -> None:
-        raise ImportError("no such module: nonexistent")
-
-    @rpc
-    def ping(self) -> str:
-        return "pong"
+from worker import Worker
 
 
 def in_flight(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
@@ -225,16 +203,6 @@ def test_setup_failure_is_reported(tree: Path) -> None:
         assert isinstance(info.value.__cause__, ImportError)
 
 
-class NeedsArgs(Worker):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-
 def test_a_worker_whose_init_wants_arguments_is_told_there_are_none(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b, pytest.raises(WorkerCrashed) as info:
         b.spawn(NeedsArgs)
@@ -362,7 +330,7 @@ BROKER_SCRIPT = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {tests!r})
     from broker import Broker, Policy
-    from test_lifecycle import Sleeper
+    from _lifecycle_workers import Sleeper
     b = Broker(Policy(), root={root!r})
     ws = [b.spawn(Sleeper) for _ in range(3)]
     helpers = [b._zygote._proc.pid, b._zygote.waiting_spare()[0]]
@@ -379,7 +347,8 @@ CTRL_C_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from broker import Broker, Policy
     from protocol import Rights
-    from test_lifecycle import Appender, alive
+    from _lifecycle_workers import Appender
+    from test_lifecycle import alive
     R = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no FTRUNCATE: the restricted opener reopens it)
     with Broker(Policy().allow("out/", R), root={root!r}) as b:
         w = b.spawn(Appender)
@@ -449,21 +418,13 @@ def test_forked_workers_of_a_broker_dropped_unclosed_are_not_left_zombies(tree: 
         assert b.spawn(Sleeper).ping() == "pong"
 
 
-class SlowWriter(Worker):
-    @rpc
-    def write(self, name: str, seconds: float) -> None:
-        time.sleep(seconds)
-        with self.broker.create(f"out/{name}") as f:
-            f.write(b"done")
-
-
 LEFT_OPEN_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {tests!r})
     from broker import Broker, Policy
     from protocol import Rights
-    from test_lifecycle import Sleeper, SlowWriter
+    from _lifecycle_workers import Sleeper, SlowWriter
     b = Broker(Policy().allow("out/", Rights.WRITE | Rights.CREATE), root={root!r})
     assert b.spawn(Sleeper).ping() == "pong"
     pool = b.pool(SlowWriter, size=2)
@@ -507,11 +468,6 @@ def test_at_exit_queued_pool_work_finishes_and_open_brokers_close(tree: Path, sh
     assert out.stdout.splitlines() == ["submitted", "rc 0 left"], out.stderr
     assert sorted(p.name for p in (tree / "out").iterdir()) == [f"f{i}" for i in range(8)]
     assert all(p.read_bytes() == b"done" for p in (tree / "out").iterdir())
-
-
-class SlowSetup(Sleeper):
-    def setup(self) -> None:
-        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
@@ -580,20 +536,6 @@ def _spawn_into(b: Broker, got: list[object], cls: type[Worker] = Sleeper) -> No
         got.append(b.spawn(cls))
     except Exception as exc:
         got.append(exc)
-
-
-class Forking(Worker):
-    @rpc
-    def child(self) -> int:
-        pid = os.fork()
-        if pid == 0:
-            while True:
-                time.sleep(0.05)
-        return pid
-
-    @rpc
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 @pytest.mark.parametrize("end", ["stop", "kill", "timeout", "close"])
@@ -706,7 +648,7 @@ OPENER_ON_A_THREAD_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from broker import Broker, Policy
     from protocol import Rights
-    from test_lifecycle import Appender
+    from _lifecycle_workers import Appender
     R = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT
     b = Broker(Policy().allow("out/", R), root={root!r})
     w = b.spawn(Appender)
@@ -759,7 +701,7 @@ THREAD_SPAWN_SCRIPT = textwrap.dedent(
     import sys, threading, time
     sys.path.insert(0, {tests!r})
     from broker import Broker, Policy
-    from test_lifecycle import Sleeper
+    from _lifecycle_workers import Sleeper
     made = []
     # The broker made, and its worker spawned, on threads that end before it dies.
     t = threading.Thread(target=lambda: made.append(Broker(Policy(), root={root!r}, spawn={method!r})))
@@ -993,7 +935,7 @@ LOW_FD_LIMIT_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
     from broker import Broker, Policy
-    from test_lifecycle import Sleeper
+    from _lifecycle_workers import Sleeper
     with Broker(Policy(), root={root!r}, spawn={method!r}) as b:
         ws = [b.spawn(Sleeper) for _ in range(3)]
         print(" ".join(w.ping() for w in ws), ws[0].spawn_method)
@@ -1018,7 +960,7 @@ FD_EXHAUSTION_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))
     from broker import Broker, Policy
-    from test_lifecycle import Sleeper
+    from _lifecycle_workers import Sleeper
     with Broker(Policy(), root={root!r}) as b:
         ws = []
         try:
@@ -1046,12 +988,6 @@ def test_running_out_of_fds_says_so_and_passes(tree: Path, limit: int) -> None:
     assert "control data truncated" not in failure
     spawned, pong, others = after.split()
     assert int(spawned) > 4 and pong == "pong" and others == "True", after
-
-
-class Refuser(Worker):
-    @rpc
-    def refuse(self, f: IO[bytes]) -> None:
-        raise ValueError("not this one")
 
 
 def test_a_kept_exception_does_not_keep_its_calls_arguments_open(tree: Path) -> None:
@@ -1513,13 +1449,6 @@ def test_astop_of_a_worker_another_thread_calls_back_to_back_stops_it_between_tw
         assert w.exit is not None and (w.exit.kind, w.exit.reason) == ("ok", "stopped, exit status 0")
 
 
-class Ender(Sleeper):
-    @rpc
-    def exit_after(self, t: float, code: int) -> None:
-        time.sleep(t)
-        os._exit(code)
-
-
 def _wait_for_its_end(w: WorkerHandle) -> None:
     """Until the worker's process has ended (its pidfd readable), or its end
     is recorded (by the idle watch: its pidfd closed)."""
@@ -1543,13 +1472,6 @@ def _off_the_idle_watch(w: WorkerHandle, watched: bool) -> None:
             assert w._exit_watched
             w._exit_watched = False
             idle_watch.unwatch(w._pidfd)
-
-
-class SelfEnder(Sleeper):
-    @rpc
-    def exit_soon(self, code: int) -> None:
-        """Exit with ``code`` a moment after this call has returned."""
-        threading.Thread(target=lambda: (time.sleep(0.05), os._exit(code)), daemon=True).start()
 
 
 @pytest.mark.parametrize("watched", [False, True])
@@ -1813,27 +1735,6 @@ def test_no_fd_process_or_thread_leak_over_500_awaited_cycles(tree: Path) -> Non
     assert threading.active_count() == threads_before, threading.enumerate()
 
 
-class Farewell(Worker):
-    @rpc
-    def fail_unread(self, lines: bool) -> None:
-        """Leave answers of the broker's unread, say why it fails (as its serve
-        loop would) and exit, while the broker is held back by the request
-        rate (2/s: the third request or line waits half a second)."""
-        from protocol._remote import exception_to_wire
-
-        chan = self.broker._chan
-        req = {"t": "req", "op": "stat", "a": {"path": "data/a.txt"}}
-        if lines:  # the broker next receives (its answer to the request unread): a reset
-            chan.send({**req, "id": 1})
-            chan.send({"t": "out", "s": "stdout", "x": "one"})
-            chan.send({"t": "out", "s": "stdout", "x": "two"})
-        else:  # the broker next sends (the third answer): that fails
-            for i in (1, 2, 3):
-                chan.send({**req, "id": i})
-        chan.send({"t": "fail", "e": exception_to_wire(RuntimeError("out of luck"))})
-        os._exit(70)
-
-
 @pytest.mark.parametrize("awaited", [False, True])
 @pytest.mark.parametrize("lines", [False, True], ids=["send-fails", "receive-reset"])
 def test_what_a_worker_said_before_its_channel_ended_is_read(tree: Path, lines: bool, awaited: bool) -> None:
@@ -1851,13 +1752,6 @@ def test_what_a_worker_said_before_its_channel_ended_is_read(tree: Path, lines: 
                 w.fail_unread(lines)
     assert w.exit is not None and w.exit.kind == "crashed"
 
-
-
-class Asker(Sleeper):
-    @rpc
-    def ask_forever(self) -> None:
-        while True:
-            self.broker.stat("data/a.txt")
 
 
 def test_a_worker_stopped_by_close_during_a_call_reads_as_stopped(tree: Path) -> None:

@@ -12,6 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _paths_workers import (
+    _LOOKUP,
+    Asker,
+    Creator,
+    DirMaker,
+    Maker,
+    ModeString,
+    Namer,
+    Nested,
+    PathUser,
+    ProxyMaker,
+    ProxyReturner,
+    SpawnGrantOpener,
+    Writer,
+)
 from conftest import READ, default_policy
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,32 +34,6 @@ from hypothesis import strategies as st
 from broker import Broker, Policy
 from protocol import NotCapable, PolicyError, Rights
 from protocol._remote import exception_from_wire
-from worker import Worker, rpc
-
-
-class Asker(Worker):
-    @rpc
-    def open_raw(self, path: str, rights: int = int(Rights.READ)) -> bytes:
-        # Skip the client's local checks: talk to the broker directly, as a
-        # compromised worker would.
-        value = self.broker._request("open", path=path, rights=rights)
-        from worker._files import wrap_received
-
-        with wrap_received(value) as f:
-            return f.read()
-
-    @rpc
-    def open_checked(self, path: str) -> bytes:
-        with self.broker.open(path, Rights.READ) as f:
-            return f.read()
-
-    @rpc
-    def raw(self, op: str, args: dict) -> object:
-        try:
-            return self.broker._request(op, **args)
-        except Exception as exc:
-            return {"error": type(exc).__name__, "errno": getattr(exc, "errno", None)}
-
 
 _DOTDOT = "'..' is not allowed in a path"
 _ESCAPED = "path escapes its granted directory (symlink, magic link or '..')"
@@ -137,17 +126,6 @@ def test_create_cannot_escape_or_clobber_specials(broker: Broker, tree: Path) ->
     assert (tree / "secret").read_text() == "top secret"
 
 
-class Creator(Worker):
-    @rpc
-    def create_refused(self, path: str, rights: int) -> str:
-        """Ask for an output with rights that cannot be granted; go on."""
-        try:
-            self.broker.create(path, Rights(rights))
-        except Exception as exc:
-            return type(exc).__name__
-        return "created"
-
-
 def test_a_refused_create_leaves_no_output(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A create the broker refused after making its output (rights Linux
     cannot hold to after entry: FSTAT without SEEK) stayed among the call's
@@ -167,15 +145,6 @@ def test_a_refused_create_leaves_no_output(tree: Path, caplog: pytest.LogCapture
         assert decisions == [("spawn", "granted"), ("create", "denied")], decisions
         assert w.with_outputs("out/report.txt").create_refused("out/report.txt", int(Rights.WRITE)) == "created"
         assert (tree / "out" / "report.txt").read_text() == ""  # (created, and left empty by the worker)
-
-
-class Namer(Worker):
-    @rpc
-    def write_each(self, names: list, rights: int) -> int:
-        for name in names:
-            with self.broker.create(f"out/{name}", Rights(rights)) as f:
-                f.write(name.encode())
-        return len(names)
 
 
 LONG_NAMES = [
@@ -383,57 +352,6 @@ def test_a_remembered_check_grants_no_more_rights_and_forgets_at_close(tree: Pat
         r.locate("data/a.txt", READ)
 
 
-# -- pathlib paths, and names the wire cannot carry --------------------------
-class PathUser(Worker):
-    """Uses pathlib paths everywhere a path is taken."""
-
-    @rpc
-    def via_broker(self, name: str) -> bytes:
-        from pathlib import PurePosixPath
-
-        with self.broker.open(PurePosixPath("data") / name, Rights.READ) as f:
-            return f.read()
-
-    @rpc
-    def via_directory(self, d: Any, name: str) -> list[object]:
-        from pathlib import PurePosixPath
-
-        with d.open(PurePosixPath(name)) as f:
-            got: list[object] = [f.read()]
-        got.append(d.stat(PurePosixPath(name)).size)
-        got.append(d.listdir(PurePosixPath("sub")))
-        return got
-
-    @rpc
-    def via_spawn_grant(self, name: str) -> list[object]:
-        from pathlib import PurePosixPath
-
-        d = self.grants["data"]
-        with d.open(PurePosixPath(name)) as f:
-            return [f.read(), d.listdir(PurePosixPath("sub"))]
-
-    @rpc
-    def listing(self, d: Any = None) -> list[str]:
-        return (d if d is not None else self.grants["data"]).listdir()
-
-    @rpc
-    def listing_via_broker(self) -> list[str]:
-        return self.broker.listdir("data")
-
-    @rpc
-    def bad_type(self, d: Any = None) -> list[str]:
-        out = []
-        for call in (lambda: self.broker.open(b"data/a.txt"), lambda: (d or self.grants["data"]).open(3)):
-            try:
-                call()
-            except TypeError as exc:
-                out.append(str(exc))
-        return out
-
-
-_LOOKUP = Rights.READ | Rights.SEEK | Rights.FSTAT | Rights.LOOKUP
-
-
 def test_pathlib_paths_are_taken_on_both_sides(tree: Path) -> None:
     with Broker(Policy().allow("data/", _LOOKUP), root=tree) as b:
         with b.open(Path("data/a.txt")) as cap:
@@ -447,12 +365,6 @@ def test_pathlib_paths_are_taken_on_both_sides(tree: Path) -> None:
         assert w.via_broker("a.txt") == b"hello"
         assert w.via_directory(b.opendir(Path("data"), _LOOKUP), "a.txt") == [b"hello", 5, ["c.txt"]]
         assert len(w.bad_type(b.opendir("data", _LOOKUP))) == 2
-
-
-class ProxyReturner(Worker):
-    @rpc
-    def proxy(self) -> Any:
-        return self.broker.opendir("data", _LOOKUP)
 
 
 def test_a_directory_proxy_cannot_be_sent_back_and_says_why(tree: Path) -> None:
@@ -494,22 +406,6 @@ def test_names_that_are_not_utf8_are_left_out_of_every_listing(tree: Path) -> No
             b.open("data/\udcff.txt")
 
 
-class Writer(Worker):
-    @rpc
-    def write(self, name: str, nap: float = 0.0) -> str:
-        import time
-
-        with self.broker.create(f"out/{name}") as f:
-            f.write(b"payload")
-        time.sleep(nap)
-        return "written"
-
-    @rpc
-    def read(self, name: str) -> bytes:
-        with self.broker.open(f"data/{name}") as f:
-            return f.read()
-
-
 def test_a_granted_directory_removed_under_the_broker_is_named_as_such(tree: Path) -> None:
     """The broker keeps the directories it opened; one removed (and made
     anew by the same name) is not reached any more. That read 'Operation not
@@ -539,16 +435,6 @@ def test_a_granted_directory_removed_under_the_broker_is_named_as_such(tree: Pat
         assert b.spawn(Writer).write("d") == "written" and (tree / "out" / "d").exists()
 
 
-class Maker(Worker):
-    @rpc
-    def mkdir(self, path: str) -> None:
-        self.broker.mkdir(path)
-
-    @rpc
-    def unlink_in(self, d: Any, name: str) -> None:
-        d.unlink(name)
-
-
 def test_a_failed_mkdir_or_unlink_names_the_path_asked_for(tree: Path) -> None:
     """They named the last component only ('File exists: sub'), and the
     error was raised from itself (its __cause__ was the exception)."""
@@ -569,13 +455,6 @@ def test_a_failed_mkdir_or_unlink_names_the_path_asked_for(tree: Path) -> None:
         assert info.value.__cause__ is not info.value and isinstance(info.value.__cause__, FileExistsError)
     finally:
         local.close()
-
-
-class Nested(Asker):
-    @rpc
-    def write(self, path: str, data: bytes) -> None:
-        with self.broker.create(path) as f:
-            f.write(data)
 
 
 def test_a_narrower_grant_adds_rights_and_takes_none_away(tree: Path) -> None:
@@ -639,24 +518,6 @@ def test_allow_only_adds(
             assert not (rights & ~grant.rights)
             assert (parts[: len(grant.parts)] == grant.parts and rest == parts[len(grant.parts):]) if grant.is_dir \
                 else (parts == grant.parts and rest == ())
-
-
-class ModeString(Worker):
-    @rpc
-    def open_with(self, rights: object) -> str:
-        try:
-            self.broker.open("data/a.txt", rights)  # type: ignore[arg-type]
-        except TypeError as exc:
-            return str(exc)
-        return "opened"
-
-    @rpc
-    def mkdir_grant(self) -> str:
-        try:
-            self.broker.mkdir("out")
-        except NotCapable as exc:
-            return str(exc)
-        return "made"
 
 
 def test_rights_given_as_a_mode_string_say_what_rights_are(tree: Path) -> None:
@@ -730,17 +591,6 @@ def test_the_walk_without_symlinks_refuses_any_symlink_component(tmp_path: Path)
         os.close(top)
 
 
-class ProxyMaker(Worker):
-    @rpc
-    def mkdir_via_proxy(self, where: str, rights: int, name: str) -> None:
-        with self.broker.opendir(where, Rights(rights)) as d:
-            d.mkdir(name)
-
-    @rpc
-    def stat_size(self, path: str) -> int:
-        return self.broker.stat(path).size
-
-
 def test_mkdir_beneath_a_directory_the_worker_asked_for(tree: Path) -> None:
     """A proxy's mkdir() reached the broker as 'dmkdir', which had no rights
     entry: a KeyError in the broker, raised into the caller's call."""
@@ -771,16 +621,6 @@ def test_a_fault_of_the_broker_fails_the_request_not_the_call(tree: Path, monkey
             w.stat_size("data/a.txt")
         monkeypatch.undo()
         assert w.alive and w.stat_size("data/a.txt") == 5
-
-
-class SpawnGrantOpener(Worker):
-    @rpc
-    def open_in(self, name: str) -> object:
-        try:
-            with self.grants["data"].open(name) as f:
-                return f.read()
-        except NotCapable as exc:
-            return {"errno": exc.errno, "msg": exc.strerror, "filename": exc.filename}
 
 
 def test_a_directory_granted_at_spawn_refuses_as_the_broker_does(tree: Path) -> None:
@@ -815,24 +655,6 @@ def test_a_path_beneath_a_proxy_of_the_root_is_named_as_beneath_the_root(tree: P
         target = b._resolver.locate_in(root, "out/a.txt", Rights.WRITE)
         assert target.display == "out/a.txt"
         root.close()
-
-
-class DirMaker(Worker):
-    @rpc
-    def make(self, how: str, path: str, parents: bool, exist_ok: bool) -> str:
-        if how == "broker":
-            mkdir = self.broker.mkdir
-        elif how == "proxy":
-            mkdir = self.broker.opendir("out", Rights.LOOKUP | Rights.MKDIRAT | Rights.FSTAT).mkdir
-            path = path.removeprefix("out/")
-        else:
-            mkdir = self.grants["out"].mkdir
-            path = path.removeprefix("out/")
-        try:
-            mkdir(path, parents=parents, exist_ok=exist_ok)
-        except OSError as exc:
-            return type(exc).__name__
-        return "made"
 
 
 @pytest.mark.parametrize("how", ["broker", "proxy", "spawn-grant"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import os
 import re
 import signal
@@ -15,44 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pool_workers import BadSetup, Calc, Creator, Reader, SlowStart
 from conftest import default_policy, open_fds, proc_state
 
 from broker import Broker, Policy, PoolBroken, _pool
 from broker._pool import WorkerPool
-from protocol import NotCapable, RemoteError, Rights, WorkerCrashed, WorkerTimeout
-from worker import Worker, rpc
-
-
-class Calc(Worker):
-    @rpc
-    def square(self, x: int) -> int:
-        return x * x
-
-    @rpc
-    def pid(self) -> int:
-        return os.getpid()
-
-    @rpc
-    def fail(self, msg: str) -> None:
-        raise ValueError(msg)
-
-    @rpc
-    def die(self) -> None:
-        os._exit(9)
-
-    @rpc
-    def sleep(self, t: float) -> float:
-        time.sleep(t)
-        return t
-
-    @rpc
-    def grow(self, mib: int) -> int:
-        global _hoard
-        _hoard = bytearray(mib << 20)
-        for i in range(0, len(_hoard), 4096):
-            _hoard[i] = 1
-        return len(_hoard)
-
+from protocol import RemoteError, Rights, WorkerCrashed, WorkerTimeout
 
 _hoard = bytearray()
 
@@ -61,45 +28,6 @@ _hoard = bytearray()
 def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     with Broker(Policy(), root=tmp_path) as b:
         yield b
-
-
-class Reader(Worker):
-    """A pool worker holding a directory from its start (``grants``)."""
-
-    @rpc
-    def read(self, name: str) -> bytes:
-        with self.grants["src"].open(name) as f:
-            return f.read()
-
-    @rpc
-    def read_granted(self) -> bytes:
-        return os.read(self.grants["f"].fileno(), 100)  # (no SEEK: no tell() of a buffered read)
-
-    @rpc
-    def listdir_raw(self) -> list[str]:
-        """The directory's fd listed as it stands (os.listdir(fd) reads on
-        from the fd's position), after moving it to the end."""
-        fd = self.grants["src"].fileno()
-        listed = sorted(os.listdir(fd))
-        os.lseek(fd, 0, os.SEEK_END)
-        return listed
-
-    @rpc
-    def escape(self) -> str:
-        try:
-            os.open("../secret", os.O_RDONLY, dir_fd=self.grants["src"].fileno())
-        except OSError as exc:
-            return errno.errorcode[exc.errno or 0]
-        return "opened"
-
-    @rpc
-    def die(self) -> None:
-        os._exit(9)
-
-    @rpc
-    def slow_read(self, name: str) -> bytes:
-        time.sleep(0.2)  # (two at once take both slots)
-        return self.read(name)
 
 
 def test_pool_workers_hold_spawn_time_grants(tmp_path: Path) -> None:
@@ -154,15 +82,6 @@ def test_each_pool_worker_has_its_grants_open_files_of_its_own(tmp_path: Path) -
         with pytest.raises(TypeError, match="grants must map names to capabilities"):
             b.pool(Reader, size=1, grants=[src])
         assert open_fds(b) == before
-
-
-class BadSetup(Worker):
-    def setup(self) -> None:
-        raise RuntimeError("init failed")
-
-    @rpc
-    def ping(self) -> str:
-        return "pong"
 
 
 def test_a_pool_whose_workers_cannot_set_up_is_broken(tmp_path: Path) -> None:
@@ -628,19 +547,6 @@ def test_remote_error_type(broker: Broker) -> None:
     assert ", in fail\n    raise ValueError(msg)\n" in tb and tb.endswith("ValueError: x\n"), tb
 
 
-class Creator(Worker):
-    @rpc
-    def create(self, names: list[str]) -> list[str]:
-        refused = []
-        for name in names:
-            try:
-                with self.broker.create(f"out/{name}") as f:
-                    f.write(b"x")
-            except NotCapable:
-                refused.append(name)
-        return refused
-
-
 def test_a_pools_task_may_write_only_the_outputs_named_for_it(tree: Path) -> None:
     with Broker(default_policy(), root=tree) as b, b.pool(Creator, size=2) as pool:
         named = pool.with_outputs("out/a.txt")
@@ -850,16 +756,6 @@ def test_a_pool_block_left_by_ctrl_c_gives_its_tasks_up(tmp_path: Path) -> None:
             assert isinstance(exc, WorkerCrashed) and exc.exit.reason == "stopped during a call (killed)", exc
         assert all(fut.cancelled() for fut in queued)
         assert pool._finished() and b.workers == []
-
-
-class SlowStart(Worker):
-    def setup(self) -> None:
-        time.sleep(1.0)
-
-    @rpc
-    def nap(self, t: float) -> float:
-        time.sleep(t)
-        return t
 
 
 def test_a_ctrl_c_while_a_slot_makes_a_worker_starts_no_task(tmp_path: Path) -> None:

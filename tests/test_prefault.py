@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _prefault_workers import Flaky, Starter
 from conftest import default_policy, open_fds, spare_of
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,29 +23,10 @@ from hypothesis import strategies as st
 from broker import Broker
 from broker._pagemap import owned, writable
 from protocol import WorkerCrashed
-from worker import Worker, rpc
+from worker import Worker
 from worker._prefault import MAX_PAGES, MAX_RANGES, populate, ranges_of
 
 PAGE = mmap.PAGESIZE
-
-
-class Starter(Worker):
-    """A setup() of its own and no promise about it: set up on request."""
-
-    def setup(self) -> None:
-        self.ready = True
-
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-
-class Flaky(Starter):
-    """Its setup() fails while the file named by the environment exists."""
-
-    def setup(self) -> None:
-        if os.path.exists(os.environ.get("PRIVSEP_TEST_FAIL_SETUP", "/nonexistent")):
-            raise RuntimeError("told to fail")
 
 
 def _minflt(pid: int) -> int:

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _priority_workers import Echo, EchoWithSetup, Threaded
 from conftest import READ, default_policy
 
 import broker._zygote as zygote_module
 from broker import Broker
 from broker._cgroup import probe as cgroup_probe
-from worker import Worker, rpc
+from worker import Worker
 from worker._priority import Background, may_raise, to_background
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,19 +30,6 @@ needs_renice = pytest.mark.skipif(
 )
 # Scheduler policies, and CPUs found busy or free: no other test beside these (conftest).
 pytestmark = pytest.mark.exclusive
-
-
-class Echo(Worker):
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-
-class EchoWithSetup(Echo):
-    """A setup() of its own and no promise about it: set up once asked."""
-
-    def setup(self) -> None:
-        self.ready = True
 
 
 def _policy(pid: int) -> int:
@@ -158,17 +146,6 @@ def test_a_broker_that_waits_for_the_zygote_raises_it_from_background_priority(t
             assert stopped.is_alive()  # raised while the import went on, not after it
         finally:
             stopped.join()
-
-
-class Threaded(Echo):
-    """Starts a thread in setup(), which runs ahead: only unsandboxed (sandbox
-    entry needs a single thread)."""
-
-    setup_ahead = True
-
-    def setup(self) -> None:
-        self.stop_helper = threading.Event()
-        threading.Thread(target=self.stop_helper.wait, daemon=True).start()
 
 
 def _threads(pid: int) -> list[int]:

@@ -12,9 +12,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from _zygote_workers import (
+    Appender,
+    Eager,
+    Echo,
+    EchoWithSetup,
+    Environ,
+    FailsAhead,
+    SlowAhead,
+    Snoop,
+)
 from conftest import READ, default_policy, fd_targets, open_fds, proc_state, spare_made_ahead, spare_of
 
 from broker import Broker, Policy
@@ -22,83 +31,6 @@ from protocol import Rights, WorkerCrashed
 from worker import Worker, rpc
 from worker._serve import CHANNEL_FD, NET_FD
 from worker.sandbox._namespaces import fresh_net
-
-
-class Echo(Worker):
-    @rpc
-    def ping(self) -> str:
-        return "pong"
-
-    @rpc
-    def where(self) -> int:
-        return os.getpid()
-
-
-class Appender(Echo):
-    @rpc
-    def append(self, f: Any, data: bytes) -> int:
-        return int(f.write(data))
-
-
-class Flags(Echo):
-    @rpc
-    def flags(self) -> list[Any]:
-        return [sys.flags.optimize, sys.flags.dev_mode, sys.flags.no_user_site, sys.flags.safe_path]
-
-
-class Quitter(Echo):
-    @rpc
-    def quit(self, code: int) -> None:
-        os._exit(code)
-
-
-class Alarmed(Echo):
-    @rpc
-    def alarm_goes_off(self) -> list[Any]:
-        """A worker bounding its own work with an interval timer (as parsers do)."""
-        fired: list[int] = []
-        signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
-        deadline = time.monotonic() + 2
-        while not fired and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return [bool(fired), sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ()))]
-
-    @rpc
-    def sigchld(self) -> int:
-        return int(signal.getsignal(signal.SIGCHLD))  # type: ignore[arg-type]  # (SIGCHLD's is never a handler here)
-
-
-class EchoWithSetup(Echo):
-    """A setup() of its own and no promise about it: never made ahead."""
-
-    def setup(self) -> None:
-        self.set_up_in = os.getpid()
-
-
-class Eager(Echo):
-    setup_ahead = True
-
-    def setup(self) -> None:
-        self.set_up_at = time.monotonic()
-
-    @rpc
-    def when_set_up(self) -> float:
-        return self.set_up_at
-
-
-class SlowAhead(Echo):
-    setup_ahead = True
-
-    def setup(self) -> None:
-        time.sleep(1.5)  # a model to load, say
-
-
-class FailsAhead(Worker):
-    setup_ahead = True
-
-    def setup(self) -> None:
-        raise RuntimeError("the model file is missing")
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -565,15 +497,6 @@ def test_nothing_is_imported_from_the_directory_the_broker_runs_in(
     assert not marker.exists(), f"{marker.read_text()} was imported from the broker's directory"
 
 
-class Environ(Echo):
-    def setup(self) -> None:
-        self.at_setup = dict(os.environ)
-
-    @rpc
-    def environ(self) -> dict[str, Any]:
-        return {"setup": self.at_setup, "serving": dict(os.environ)}
-
-
 @pytest.mark.parametrize("method", ["zygote", "exec", "fork"])
 def test_environ_is_all_of_the_environment_workers_get(
     tree: Path, monkeypatch: pytest.MonkeyPatch, method: str
@@ -610,7 +533,7 @@ _FLAGS_SCRIPT = """
 import sys, tempfile
 sys.path.insert(0, {tests!r})
 from broker import Broker, Policy
-from test_zygote import Flags
+from _zygote_workers import Flags
 for method in ("zygote", "exec"):
     with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
         print(method, *b.spawn(Flags).flags(), flush=True)
@@ -632,7 +555,7 @@ sys.path.insert(0, {tests!r})
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # a server's way to have its children reaped for it
 from broker import Broker, Policy
 from protocol import WorkerCrashed
-from test_zygote import Quitter
+from _zygote_workers import Quitter
 for method in ("zygote", "fork"):
     with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
         w = b.spawn(Quitter)
@@ -661,7 +584,7 @@ import signal, sys, tempfile
 sys.path.insert(0, {tests!r})
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 from broker import Broker, Policy
-from test_zygote import Alarmed
+from _zygote_workers import Alarmed
 for method in ("zygote", "fork", "exec"):
     with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
         print(method, b.spawn(Alarmed).sigchld(), flush=True)
@@ -683,7 +606,7 @@ import signal, sys, tempfile
 sys.path.insert(0, {tests!r})
 signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGALRM, signal.SIGTERM, signal.SIGUSR1}})  # the broker's own affair
 from broker import Broker, Policy
-from test_zygote import Alarmed
+from _zygote_workers import Alarmed
 for method in ("zygote", "fork", "exec"):
     with Broker(Policy(), root=tempfile.mkdtemp(), spawn=method) as b:
         print(method, *b.spawn(Alarmed).alarm_goes_off(), flush=True)
@@ -740,41 +663,6 @@ def test_a_class_no_interpreter_can_find_is_forked_and_said_so_once(tree: Path) 
     with warnings.catch_warnings(), Broker(Policy(), root=tree, spawn="fork") as b:
         warnings.simplefilter("error")
         assert b.spawn(_local_class()).spawn_method == "fork"  # asked for: nothing to say
-
-
-class Snoop(Worker):
-    """A compromised worker looking for the buffers in which the zygote it
-    was forked from receives the broker's messages."""
-
-    @rpc
-    def snoop(self) -> dict[str, int]:
-        import gc
-
-        from protocol._wire import Channel
-
-        # The zygote's loop that forked this process is still on its stack (and
-        # its objects are frozen out of gc.get_objects()): look there too.
-        candidates: list[object] = list(gc.get_objects())
-        frame = sys._getframe()
-        while frame is not None:
-            for value in frame.f_locals.values():
-                candidates.append(value)
-                if isinstance(value, (list, tuple)):
-                    candidates.extend(value)
-            frame = frame.f_back  # type: ignore[assignment]
-        channels = {id(c): c for c in candidates if type(c) is Channel and c.fileno() != CHANNEL_FD}
-        found = readable = nonzero = 0
-        for obj in channels.values():
-            found += 1
-            try:
-                buf = obj._buf
-                data = buf[:]
-            except ValueError:  # unmapped
-                continue
-            readable += 1
-            nonzero += len(data) - data.count(0)
-            buf[:] = b"\xc1" * len(buf)  # never a msgpack first byte: a zygote reading it would die
-        return {"found": found, "readable": readable, "nonzero": nonzero}
 
 
 def test_a_worker_shares_no_buffer_with_its_zygote(tree: Path) -> None:
