@@ -1,4 +1,8 @@
-"""Shared fixtures: a file tree with escape bait, and fd accounting."""
+"""Shared fixtures: a file tree with escape bait, and fd accounting.
+
+A test module's worker classes go in ``tests/_<name>_workers.py``, which
+must import neither pytest nor a test module (nor this one): every broker's
+zygote imports the module of each class it spawns (README, Layout)."""
 
 from __future__ import annotations
 
