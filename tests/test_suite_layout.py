@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-# Modules whose worker classes stay in them: test_escape's attackers look up the
-# module's attack functions by name; test_main_script's are about classes of a main
-# script. (The example tests' classes are the examples'.)
-_KEEP_THEIR_CLASSES = {"test_escape.py", "test_main_script.py"}
+# The one module whose worker classes stay in it: test_main_script's are about classes
+# of a main script. (The example tests' classes are the examples'.)
+_KEEP_THEIR_CLASSES = {"test_main_script.py"}
 
 
 def _worker_classes(path: Path) -> list[str]:
