@@ -192,9 +192,9 @@ class IdleWatch:
                 later.pop(fd, None)
                 with self._lock:
                     entry = self._watched.get(fd)
-                if entry is not watched.get(fd):  # (every fd polled, or held for later, is in it)
-                    # Unwatched meanwhile (None); or its number closed and now another worker's, who
-                    # has not been polled yet: the event was the old fd's. Given to the new one, it
+                if entry is None or entry is not watched.get(fd):
+                    # Unwatched meanwhile; or its number closed and now another worker's, who has
+                    # not been polled yet: the event was the old fd's. Given to the new one, it
                     # read a fresh worker as ended, and the look at its end killed it.
                     continue
                 handle = entry.ref()
