@@ -8,6 +8,7 @@ otherwise close an fd number the child has reused.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gc
 import os
@@ -21,7 +22,7 @@ from worker import Worker
 from worker._preload import preload
 from worker._serve import child_main
 
-from ._parent import as_parent
+from ._parent import as_parent, lifeline
 
 
 def fork_worker(
@@ -58,6 +59,9 @@ def _fork(
 ) -> int:
     global _collector_off
     ppid = os.getpid()
+    life = lifeline()
+    # A copy of our lifeline's read end for the child: the fork hooks close ours there (broker._parent).
+    life_copy = None if life is None else fcntl.fcntl(life, fcntl.F_DUPFD_CLOEXEC, 3)
     with _forking:
         _collector_off = (threading.get_ident(), gc.isenabled())
         gc.disable()
@@ -70,11 +74,14 @@ def _fork(
                     if environ is not None:
                         os.environ.clear()
                         os.environ.update(environ)
-                    child_main(cls, child_sock.detach(), prepared, grants, pdeathsig=True, parent_pid=ppid)
+                    child_main(cls, child_sock.detach(), prepared, grants, pdeathsig=True, parent_pid=ppid,
+                               lifeline=life_copy)
                 finally:
                     os._exit(70)
         finally:
             if os.getpid() == ppid:
+                if life_copy is not None:
+                    os.close(life_copy)
                 was_enabled, _collector_off = _collector_off[1], None
                 gc.unfreeze()
                 if was_enabled:

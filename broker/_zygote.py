@@ -27,6 +27,7 @@ from protocol import ProtocolError, WorkerCrashed
 from protocol._remote import exception_from_wire
 from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd, seqpacket_pair
 from worker import Worker
+from worker._lifeline import AVAILABLE as LIFELINE
 from worker._mainref import main_refs, module_ref
 from worker._priority import cpu_state, may_raise, parent_of, process_to_foreground, to_background, to_foreground
 
@@ -37,6 +38,7 @@ from ._interp import child_env, interpreter
 from ._loop import readable
 from ._pagemap import asleep, owned, writable
 from ._parent import as_parent
+from ._parent import lifeline as process_lifeline
 
 log = logging.getLogger("privsep.broker")
 
@@ -71,23 +73,34 @@ def _ref(cls: type[Worker]) -> str:
 
 def _start(
     extra: list[str], with_spares: bool = False, environ: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], Channel, Channel | None]:
-    """Exec a zygote. With ``with_spares``, a second channel carries the
-    answers to spare requests alone, so they never sit between the broker and
-    the answer to anything else."""
+) -> tuple[subprocess.Popen[bytes], Channel, Channel | None, _Lifeline | None]:
+    """Exec a zygote. With ``with_spares`` (a zygote that forks workers), a
+    second channel carries the answers to spare requests alone, so they
+    never sit between the broker and the answer to anything else, and the
+    zygote gets the read end of a lifeline of its own, whose write end is
+    returned (``worker._lifeline``). Else (``--exec``: it becomes the
+    worker) it gets this process's lifeline (``broker._parent``)."""
     ours, theirs = seqpacket_pair()
     args = interpreter("worker._zygote", str(theirs.fileno()), *extra, "--main-refs", *main_refs(), "--")
-    passed = [theirs]
-    spares = None
+    passed: list[Any] = [theirs]
+    spares = lifeline = None
+    kept = None if with_spares else process_lifeline()  # (stays open here)
+    if kept is not None:
+        args += ["--lifeline", str(kept)]
     if with_spares:
         spares, spares_theirs = seqpacket_pair()
         args += ["--spares", str(spares_theirs.fileno())]
         passed.append(spares_theirs)
+        if LIFELINE:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            lifeline = _Lifeline(w)
+            passed.append(_Fd(r))
+            args += ["--lifeline", str(r)]
     args.append("--pdeathsig")  # (started by as_parent: from a thread that lives as long as this process)
     try:
         proc = as_parent(lambda: subprocess.Popen(
             args,
-            pass_fds=[s.fileno() for s in passed],
+            pass_fds=[s.fileno() for s in passed] + ([] if kept is None else [kept]),
             stdin=subprocess.DEVNULL,
             env=child_env(environ),  # it imports what the broker imports
             close_fds=True,
@@ -99,11 +112,43 @@ def _start(
         ours.close()
         if spares is not None:
             spares.close()
+        if lifeline is not None:
+            lifeline.close()
         raise
     finally:
         for s in passed:
             s.close()
-    return proc, Channel(ours, send_timeout=30.0), None if spares is None else Channel(spares, send_timeout=30.0)
+    return (proc, Channel(ours, send_timeout=30.0), None if spares is None else Channel(spares, send_timeout=30.0),
+            lifeline)
+
+
+class _Fd:
+    """A raw fd passed to a child: closed once it has it."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class _Lifeline(_Fd):
+    """The write end of a zygote's lifeline pipe, never written: closing it
+    (``close()``, this object's collection, or the broker's exit) SIGKILLs
+    every worker and spare the zygote forked (``worker._lifeline``). Close it
+    only once they should die: after the zygote is told to end, or is dead."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _request_spawn(
@@ -262,7 +307,7 @@ class Zygote:
         while it waits (None where workers get none)."""
         self._spare_cgroup = spare_cgroup
         self._asked_cgroup: WorkerCgroup | None = None  # made for the pending spare
-        self._proc, self._chan, spares = _start([], with_spares=True, environ=environ)
+        self._proc, self._chan, spares, self._lifeline = _start([], with_spares=True, environ=environ)
         assert spares is not None
         self._spares = spares
         self._lock = threading.Lock()
@@ -295,6 +340,8 @@ class Zygote:
             self._proc.wait()
             self._chan.close()
             self._spares.close()
+            if self._lifeline is not None:
+                self._lifeline.close()
             raise
 
     def spawn(
@@ -643,6 +690,8 @@ class Zygote:
         self._lock = threading.Lock()
         self._chan.close()
         self._spares.close()
+        if self._lifeline is not None:
+            self._lifeline.close()  # (else the parent's workers would outlive it while this copy lives)
         if self._spare is not None:
             self._spare.chan.close()
             self._spare = None
@@ -781,6 +830,8 @@ class Zygote:
                 self._spare = None
         self._chan.close()
         self._spares.close()
+        if self._lifeline is not None:
+            self._lifeline.close()  # what the zygote forked and is still running dies now, not with it
         try:
             self._proc.wait(2.0)
         except subprocess.TimeoutExpired:
@@ -793,7 +844,7 @@ def exec_worker(
     environ: dict[str, str] | None = None,
 ) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
     """Start a fresh interpreter that becomes the worker. It is our child."""
-    proc, chan, _ = _start(["--exec"], environ=environ)
+    proc, chan, _, _ = _start(["--exec"], environ=environ)  # (it becomes the worker: our child)
     try:
         pid, sock = _request_spawn(chan, cls, spec_wire, timeout, grants)
     except BaseException:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker import Worker, rpc
+from worker._lifeline import PREFERRED_SLOT
 from worker.sandbox._libc import ffi, lib
 
 AT_FDCWD = -100
@@ -374,6 +375,11 @@ def _setuid(w: Worker, arg: Any) -> Any:
 
 def _fcntl_setown(w: Worker, arg: Any) -> Any:
     return sc(72, 0, 8, os.getppid())  # F_SETOWN: SIGIO to the broker
+
+
+def _lifeline_setsig(w: Worker, arg: Any) -> Any:
+    # F_SETSIG on its lifeline (worker._lifeline): SIGIO, not SIGKILL, once the broker dies
+    return sc(72, PREFERRED_SLOT, 10, 0)
 
 
 def _madvise_hwpoison(w: Worker, arg: Any) -> Any:

@@ -30,3 +30,11 @@ class Threaded(Echo):
     def setup(self) -> None:
         self.stop_helper = threading.Event()
         threading.Thread(target=self.stop_helper.wait, daemon=True).start()
+
+
+class Spinner(Echo):
+    @rpc
+    def spin(self) -> None:
+        """Busy until killed: a parse that never reads its channel."""
+        while True:
+            pass

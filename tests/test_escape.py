@@ -124,6 +124,7 @@ CASES = [
     Case("clear_pdeathsig", "seccomp (prctl allowlist)", V("prctl")),
     Case("setuid", "seccomp", V("setuid")),
     Case("fcntl_setown", "seccomp (fcntl allowlist)", V("fcntl")),
+    Case("lifeline_setsig", "seccomp (fcntl allowlist)", V("fcntl")),
     Case("madvise_hwpoison", "seccomp (madvise advice)", V("madvise")),
     Case("future_syscall", "seccomp (unknown -> default action)", V("syscall_470")),
     Case("clone3", "seccomp (ENOSYS)", ("check", lambda r: r == {"ok": str(-errno.ENOSYS)})),

@@ -569,6 +569,35 @@ def test_processes_a_worker_made_end_with_it(tree: Path, end: str, sandboxed: bo
     assert not alive(child)
 
 
+FORKING_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from broker import UNSANDBOXED, Broker, Policy
+    from _lifecycle_workers import Forking
+    if {sandboxed!r}:
+        b = Broker(Policy().with_sandbox(dangerous=("allow-fork",)), root={root!r}, spawn={method!r})
+    else:
+        b = Broker(Policy(), root={root!r}, sandbox=UNSANDBOXED, spawn={method!r})
+    w = b.spawn(Forking)
+    print(w.child(), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_processes_a_worker_made_end_when_its_broker_dies(tree: Path, sandboxed: bool, method: str) -> None:
+    """A worker's parent-death signal ended the worker, not what it forked
+    (allow-fork, or no sandbox): those ran on, orphans. The lifeline kills
+    the worker's whole process group from the broker's exit
+    (worker._lifeline)."""
+    script = FORKING_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree), sandboxed=sandboxed,
+                                   method=method)
+    assert not _outlives_its_killed_broker(script, 2.0), "a worker's own process outlived the broker"
+
+
 def test_a_worker_handle_cannot_be_copied(tree: Path) -> None:
     with Broker(Policy(), root=tree) as b:
         w = b.spawn(Sleeper)
@@ -883,11 +912,22 @@ def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_int
         time.sleep(0.2)
         zygote = b._zygote
         assert zygote is not None
+        assert zygote._lifeline is not None
+        from broker._parent import lifeline as process_lifeline
+
+        # The zygote's lifeline and the process's (either end names the pipe; worker._lifeline).
+        process_life = process_lifeline()
+        assert process_life is not None
+        lifelines = {os.readlink(f"/proc/self/fd/{fd}") for fd in (zygote._lifeline.fileno(), process_life)}
         r, wr = os.pipe()
         child = os.fork()
         if child == 0:  # (no pytest machinery from here on: report through the pipe)
             try:
                 os.close(r)
+                held = []
+                for n in os.listdir("/proc/self/fd"):
+                    with contextlib.suppress(OSError):  # (the listing's own fd, closed by now)
+                        held.append(os.readlink(f"/proc/self/fd/{n}"))
                 seen = []
                 for attempt in (w.ping, busy.ping, lambda: pool.submit(Sleeper.ping)):
                     try:
@@ -900,6 +940,7 @@ def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_int
                 own = b.spawn(Sleeper)
                 seen.append(f"{own.ping()} {own.spawn_method} {b._zygote._proc.pid != zygote._proc.pid}")
                 b.close()
+                seen.append(f"holds the parent's lifelines: {sorted(lifelines & set(held))}")
                 os.write(wr, "\n".join(seen).encode())
                 os.close(wr)
                 time.sleep(5)  # still holding whatever it did not let go of while the parent closes
@@ -911,13 +952,13 @@ def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_int
             assert select.select([r], [], [], 20)[0], "the child is stuck (a lock held at the fork?)"
             with os.fdopen(r, "rb") as f:
                 seen = f.read().decode().split("\n")
-            assert len(seen) == 5, seen
+            assert len(seen) == 6, seen
             for refused in seen[:2]:
                 assert refused.startswith("WorkerCrashed: ") and "not this process's worker: process " in refused
                 assert "ended" not in refused  # (it has not: it serves the parent on)
                 assert f"this process ({child}) is a fork of that one" in refused
             assert seen[2].startswith("PoolBroken: not this process's pool"), seen[2]
-            assert seen[3:] == ["hello", "pong zygote True"]
+            assert seen[3:] == ["hello", "pong zygote True", "holds the parent's lifelines: []"]
             assert w.ping() == "pong" and w.alive  # the parent's worker and zygote are untouched
             assert b.spawn(Sleeper).ping() == "pong"
             assert pool.submit(Sleeper.ping).result(timeout=30) == "pong"

@@ -4,6 +4,7 @@ serves at normal priority: real scheduler policies, read from the kernel."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import statistics
 import subprocess
@@ -460,3 +461,83 @@ def test_a_look_leaves_alone_a_spare_its_zygote_no_longer_holds(
         assert zygote._proc.returncode is None and zygote._spares.peek() == answer  # (as a look then finds it)
         zygote._unstarve(zygote._asked_n, long_ago, None, 0.05)
         assert raised == [pid]
+
+
+# A broker whose worker is busy, and whose zygote is too (importing a class
+# for the next spawn: 10 s of computing): prints the worker's, the zygote's
+# pids, then sleeps until killed.
+_BUSY_BROKER = r"""
+import os, sys, threading, time
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from broker import Broker, Policy
+from _priority_workers import Spinner
+from _long_busy_import_worker import LongBusyToImport
+b = Broker(Policy(), root=sys.argv[1], spawn="zygote")
+w = b.spawn(Spinner)
+assert w.ping() == "pong"
+threading.Thread(target=w.spin, daemon=True).start()
+threading.Thread(target=b.spawn, args=(LongBusyToImport,), daemon=True).start()
+time.sleep(0.3)  # the zygote is importing it (the spare made for Spinner was let go)
+print(w.pid, b._zygote._proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _ended(pidfd: int) -> bool:
+    """Has the process exited (a zombie counts)?"""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+@needs_renice
+def test_a_zygotes_worker_dies_with_its_broker_while_the_zygote_is_starved(tmp_path: Path) -> None:
+    """A zygote's worker used to die only once its zygote had died: the
+    parent-death signal comes from the forking process's exit. A zygote at
+    SCHED_IDLE (making a spare) on a busy CPU took seconds to finish dying,
+    and a busy worker ran on all that time. Its lifeline now kills it from
+    the broker's own exit (worker._lifeline)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: one for the busy worker, one for the starved zygote")
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_BROKER, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    hog = None
+    fds: list[int] = []
+    try:
+        assert proc.stdout is not None
+        worker, zygote = map(int, proc.stdout.readline().split())
+        fds = [os.pidfd_open(pid) for pid in (worker, zygote)]
+        # The busy zygote on one CPU behind a task at the highest nice, at SCHED_IDLE, as
+        # the broker leaves it while it makes a spare; the busy worker on the other CPU.
+        hog = subprocess.Popen([sys.executable, "-c",
+                                f"import os\nos.sched_setaffinity(0, {{{cpus[1]}}})\nos.nice(-20)\nwhile True: pass"])
+        os.sched_setaffinity(zygote, {cpus[1]})
+        os.sched_setscheduler(zygote, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setaffinity(worker, {cpus[0]})
+        time.sleep(0.2)  # the hog runs
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        while not _ended(fds[0]) and time.monotonic() - t0 < 5.0:
+            time.sleep(0.005)
+        took = time.monotonic() - t0
+        zygote_ended = _ended(fds[1])
+        print(f"the worker ended {took * 1000:.1f} ms after its broker; the zygote had ended: {zygote_ended}")
+        assert _ended(fds[0]), "the busy worker outlived its broker by 5 s"
+        assert took < 1.0, f"the busy worker outlived its broker by {took:.2f} s"
+        # The case at hand: the worker did not wait for its zygote, which is still dying.
+        assert not zygote_ended, "the zygote was not starved: this test saw nothing"
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for fd in fds:  # nothing left behind, once the CPU is free again
+            for _ in range(500):
+                if _ended(fd):
+                    break
+                time.sleep(0.01)
+            else:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)

@@ -29,6 +29,7 @@ from conftest import READ, default_policy, fd_targets, open_fds, proc_state, spa
 from broker import Broker, Policy
 from protocol import Rights, WorkerCrashed
 from worker import Worker, rpc
+from worker._lifeline import PREFERRED_SLOT
 from worker._serve import CHANNEL_FD, NET_FD
 from worker.sandbox._namespaces import fresh_net
 
@@ -90,7 +91,7 @@ def test_a_spawn_is_served_by_the_waiting_spare_which_holds_nothing(tree: Path) 
         assert spare is not None
         pid, fd = spare
         assert _ppid(pid) == b._zygote._proc.pid  # type: ignore[union-attr]
-        settled = {0, 1, 2, CHANNEL_FD, *([NET_FD] if _may_make_netns() else [])}
+        settled = {0, 1, 2, CHANNEL_FD, *([NET_FD] if _may_make_netns() else []), PREFERRED_SLOT}
 
         def fds_and_reads(held: dict[int, str]) -> tuple[set[int], list[str]]:
             """The fds it holds but the read ends of the pipes on its fds 1 and 2, and those read ends."""
@@ -105,6 +106,10 @@ def test_a_spawn_is_served_by_the_waiting_spare_which_holds_nothing(tree: Path) 
         deadline = time.monotonic() + 5
         while not settled_yet(held := _fd_targets_of(pid)) and time.monotonic() < deadline:
             time.sleep(0.005)  # it is still moving what fork gave it to its slots, and closing the rest
+        assert settled_yet(held), held
+        # Its own description of the lifeline, whose write end is the broker's (worker._lifeline).
+        lifeline = held[PREFERRED_SLOT]
+        assert lifeline.startswith("pipe:") and lifeline in _fd_targets_of(b._zygote._proc.pid).values()  # type: ignore[union-attr]
         # fd 0 /dev/null, fds 1 and 2 pipes whose read ends it holds (worker._output), its one socket
         # and (where the zygote may make one: a root broker) the empty network namespace made for it:
         # no grant, no directory, no other channel

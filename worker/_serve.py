@@ -33,6 +33,7 @@ from protocol._wire import (
     plain,
 )
 
+from . import _lifeline
 from ._client import BrokerClient, BrokerGone
 from ._files import FdDirectory, ProxyDirectory, fd_of, open_fd, wrap_received
 from ._output import Output, capture_stdio, captured_fds
@@ -179,14 +180,25 @@ def grant_slots(grants: Sequence[tuple[str, int, Rights]]) -> tuple[tuple[int, i
     return tuple((GRANT_BASE + i, int(rights)) for i, (_, _, rights) in enumerate(grants))
 
 
-def _settle_fds(sock_fd: int, grant_fds: Sequence[int], net_fd: int | None = None) -> None:
-    """Move the channel to CHANNEL_FD, grant i to GRANT_BASE + i and a network
-    namespace fd to NET_FD, and close everything else. Two steps, so that no
-    source is clobbered."""
+def _settle_fds(sock_fd: int, grant_fds: Sequence[int], net_fd: int | None = None, lifeline: int | None = None
+                ) -> None:  # fmt: skip
+    """Move the channel to CHANNEL_FD, grant i to GRANT_BASE + i, a network
+    namespace fd to NET_FD and a lifeline (``lifeline``, or the one settled
+    before) above them all (``worker._lifeline``), and close everything
+    else. Two steps, so that no source is clobbered."""
     import fcntl
 
     sources = [sock_fd, *grant_fds, *([] if net_fd is None else [net_fd])]
     targets = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grant_fds))), *([] if net_fd is None else [NET_FD])]
+    if lifeline is None and _lifeline.slot >= 0:
+        lifeline = _lifeline.slot  # settled before (a spare's), settled again with its grants
+    _lifeline.slot = -1
+    if lifeline is not None:
+        slot = _lifeline.place(max(targets), len(sources) + 1)
+        if slot >= 0:  # (else no room under the fd limit: closed below, the parent-death signal alone)
+            sources.append(lifeline)
+            targets.append(slot)
+            _lifeline.slot = slot
     # Above every target, so no dup2 below lands on a temp (and within any fd limit that fits the targets).
     temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, max(targets) + 1) for fd in sources]
     _close_all_but([0, 1, 2, *temps])  # stdio stays until _quiet_stdio replaces it
@@ -206,6 +218,7 @@ def child_main(
     parent_pid: int,
     net_fd: int | None = None,
     chan_ready: Channel | None = None,
+    lifeline: int | None = None,
 ) -> NoReturn:
     """Entry point of a freshly forked worker. Never returns.
 
@@ -214,7 +227,9 @@ def child_main(
     fresh network namespace to join at sandbox entry (taken over).
     ``chan_ready``: a Channel already on CHANNEL_FD (a spare made it while it
     waited, after ``while_waiting()``: with no grants to move, there is
-    nothing left to settle).
+    nothing left to settle). ``lifeline``: a read end of one of the
+    broker's lifelines, from which this worker arms its own
+    (worker._lifeline).
     """
     chan: Channel | None = None
     try:
@@ -237,13 +252,14 @@ def child_main(
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:
                 os._exit(0)
+        armed = None if lifeline is None else _lifeline.arm(lifeline)
         if chan_ready is not None and not grants and _waited:
             chan = chan_ready  # the spare settled its fds and stdio while it waited
             if prepared is None and net_fd is not None:
                 os.close(net_fd)  # unsandboxed: no namespace to join
                 net_fd = None
         else:
-            _settle_fds(sock_fd, [g[1] for g in grants], net_fd if prepared is not None else None)
+            _settle_fds(sock_fd, [g[1] for g in grants], net_fd if prepared is not None else None, armed)
             # (unsandboxed: settling closed the namespace fd with everything else)
             net_fd = NET_FD if net_fd is not None and prepared is not None else None
             _quiet_stdio()
@@ -262,7 +278,8 @@ def _become(
 ) -> tuple[Worker, dict[str, Any], _Listener | None]:
     """Make the worker: its instance, ``setup()``, then sandbox entry (when
     ``prepared``). The channel is on CHANNEL_FD and grant i on GRANT_BASE + i."""
-    keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants))), *captured_fds()]
+    keep = [CHANNEL_FD, *(GRANT_BASE + i for i in range(len(grants))), *captured_fds(),
+            *([_lifeline.slot] if _lifeline.slot >= 0 else [])]
     sys.stdout, sys.stderr = _take_streams()  # never the real fds (setup()'s prints included)
     instance = cls()
     instance.broker = output.client = BrokerClient(chan)

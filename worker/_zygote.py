@@ -3,9 +3,10 @@
 It imports worker classes once, prepares each sandbox once (the seccomp
 filter is compiled here, before any fork) and forks a worker per request
 (or, usually, a spare ahead of time: below). It holds no grants: its only
-fds are its two channels to the broker and, briefly, each new worker's
-channel end and network namespace. It reaps its children only when the
-broker asks, so a pid is never reused while the broker still refers to it.
+fds are its two channels to the broker, the read end of the broker's
+lifeline pipe and, briefly, each new worker's channel end and network
+namespace. It reaps its children only when the broker asks, so a pid is
+never reused while the broker still refers to it.
 
 On request it forks a **spare**: a child that holds nothing but one end of
 a fresh socketpair, whose other end goes to the broker with the spare's
@@ -37,9 +38,13 @@ forkserver imports it (``worker._mainref``); the broker first asks for that
 import on its own ("load"), so a script that cannot be imported here is
 found out before any spawn depends on it.
 
-Run as ``python3 -m worker._zygote FD [--spares FD] [--exec] [--pdeathsig]``. With
-``--exec`` it serves exactly one spawn request by becoming that worker (the
-"fresh interpreter" spawn method).
+Run as ``python3 -m worker._zygote FD [--spares FD] [--lifeline FD] [--exec]
+[--pdeathsig]``. With ``--exec`` it serves exactly one spawn request by
+becoming that worker (the "fresh interpreter" spawn method). With
+``--lifeline``, the read end of a lifeline pipe of the broker's: each child
+it forks (or, with ``--exec``, the worker it becomes) arms its own from it,
+and dies the moment the broker does, with what it forks, without waiting
+for the zygote to finish dying (``worker._lifeline``).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from protocol import ProtocolError, Rights
 from protocol._remote import exception_to_wire
 from protocol._wire import Channel, ReceivedFd, SocketEnd, seqpacket_pair
 
+from . import _lifeline
 from ._importpath import adopt_import_path
 from ._mainref import allow_main_only, import_ref
 from ._prefault import populate, ranges_of
@@ -82,6 +88,8 @@ from .sandbox._namespaces import fresh_net, write_file
 from .sandbox._spec import SandboxSpec
 
 _classes: dict[tuple[str, str], type[Worker]] = {}
+#: our end of the broker's lifeline pipe, from which each child arms its own (worker._lifeline)
+_lifeline_fd: int | None = None
 _prepared: dict[Any, Any] = {}
 
 
@@ -221,6 +229,7 @@ def _spare_main(
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != zygote:
         os._exit(0)
+    lifeline = None if _lifeline_fd is None else _lifeline.arm(_lifeline_fd)
     if cgroup_procs is not None:
         # Into the worker's memory cgroup now, before it touches memory: a move
         # can wait for the kernel's cgroup lock (an RCU grace period, ~10 ms
@@ -234,7 +243,7 @@ def _spare_main(
     # While waiting, do what does not depend on the request: the socket goes to
     # the worker's channel slot (and the namespace fd to its own), and the
     # worker's Channel is made; with a plan, the whole worker is.
-    _settle_fds(sock.detach(), [], net_fd)
+    _settle_fds(sock.detach(), [], net_fd, lifeline)
     net_fd = None if net_fd is None else NET_FD
     chan = Channel(socket.socket(fileno=CHANNEL_FD))
     while_waiting()
@@ -354,7 +363,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             chan.send({"t": "spawned", "pid": me})
             ctl = chan.sock.detach()
             os.close(ctl)
-            child_main(cls, fd, prepared, grants, pdeathsig=pdeathsig, parent_pid=os.getppid())
+            child_main(cls, fd, prepared, grants, pdeathsig=pdeathsig, parent_pid=os.getppid(), lifeline=_lifeline_fd)
         gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
         pid = os.fork()
         if pid == 0:
@@ -363,7 +372,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
                 chan.close()  # (its buffer too)
                 if spares is not None:
                     spares.close()
-                child_main(cls, fd, prepared, grants, pdeathsig=True, parent_pid=me)
+                child_main(cls, fd, prepared, grants, pdeathsig=True, parent_pid=me, lifeline=_lifeline_fd)
             finally:
                 os._exit(70)
         rfd.close()
@@ -373,12 +382,14 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
 
 
 def main(argv: list[str]) -> None:
+    global _lifeline_fd
     adopt_import_path()  # (before the program's modules: the main script's, the classes')
     fd = int(argv[0])
     if "--main-refs" in argv:  # the broker's main script, the only one this zygote may load
         start = argv.index("--main-refs") + 1
         allow_main_only(argv[start:argv.index("--", start)])
     spare_fd = int(argv[argv.index("--spares") + 1]) if "--spares" in argv else None
+    _lifeline_fd = int(argv[argv.index("--lifeline") + 1]) if "--lifeline" in argv else None
     if "--pdeathsig" in argv:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -386,7 +397,7 @@ def main(argv: list[str]) -> None:
     # through exec; the zygote must reap its workers itself to report how each one ended.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())  # nor does a signal mask of the broker's thread hold here
-    _close_all_but([0, 1, 2, fd, *([] if spare_fd is None else [spare_fd])])
+    _close_all_but([0, 1, 2, fd, *(x for x in (spare_fd, _lifeline_fd) if x is not None)])
     preload()  # before any worker is forked: each inherits what it imported
     chan = Channel(socket.socket(fileno=fd))
     spares = None if spare_fd is None else Channel(socket.socket(fileno=spare_fd))
