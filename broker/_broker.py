@@ -77,6 +77,7 @@ from ._handle import (
 )
 from ._idle_watch import idle_watch
 from ._interp import checked_environ, child_env
+from ._lifeline import new_lifeline
 from ._logtext import bounded, printable, short_repr
 from ._loop import PerLoopLock
 from ._options import call_timeout as checked_call_timeout
@@ -282,6 +283,9 @@ class Broker:
             raise ValueError(f"spawn must be one of {SPAWN_METHODS}")
         self.spawn_method = spawn
         self._zygote: Zygote | None = None
+        # Workers forked or exec'd from here arm on it (worker._lifeline): made with the broker,
+        # not at the first such spawn, so its fds are the same from now on to close().
+        self._lifeline = new_lifeline() if spawn in ("fork", "exec", "auto") else None
         self._zygote_loaded: weakref.WeakSet[type[Worker]] = weakref.WeakSet()  # main-script classes it imported
         self._fork_only: weakref.WeakSet[type[Worker]] = weakref.WeakSet()  # main-script classes it could not
         # per worker, requests/s (burst = 1 s worth); None = unlimited
@@ -398,7 +402,17 @@ class Broker:
                 self._zygote.close()
             if self._opener_proc is not None:
                 self._opener_proc.close()
+            if self._lifeline is not None:
+                self._lifeline.close()  # (its workers have ended: what they forked goes with them)
+                self._lifeline = None
         self._resolver.close()
+
+    def _lifeline_read_end(self) -> int | None:
+        """For a worker forked or exec'd from here (under the spawn lock). Made
+        now only in a forked copy of a broker, which let go of its parent's."""
+        if self._lifeline is None:
+            self._lifeline = new_lifeline()
+        return None if self._lifeline is None else self._lifeline.read_end()
 
     # -- authority --------------------------------------------------------
     def open(self, path: str | os.PathLike[str], rights: Rights = Rights.READ) -> Capability:
@@ -452,6 +466,9 @@ class Broker:
         if self._opener_proc is not None:
             self._opener_proc.forked_copy()
             self._opener_proc = None
+        if self._lifeline is not None:  # (held here, it would keep the parent's workers alive past the parent)
+            self._lifeline.close()
+            self._lifeline = None
 
     # -- workers ----------------------------------------------------------
     def _prepare(self, spec: SandboxSpec) -> Any:
@@ -809,13 +826,14 @@ class Broker:
                                                    before=place if limit is not None else None, memory_limit=limit)
                     reaper = self._zygote.reap
                 elif method == "exec":
-                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ)
+                    pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ,
+                                                  self._lifeline_read_end())
                     chan = Channel(sock)
                     reaper = _popen_reaper(proc)
                 else:
                     fork_grants = [(name, cap.fileno(), cap.kind, cap.rights) for name, cap in grants]
                     environ = None if self._environ is None else child_env(self._environ)  # as zygote workers get it
-                    pid, sock = fork_worker(cls, self._prepare(spec), fork_grants, environ)
+                    pid, sock = fork_worker(cls, self._prepare(spec), fork_grants, environ, self._lifeline_read_end())
                     chan = Channel(sock)
         except BaseException:
             if cgroup is not None:

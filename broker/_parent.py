@@ -14,15 +14,12 @@ get the signal, and get it only when the broker's process dies.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
-
-from worker._lifeline import AVAILABLE as LIFELINE
 
 T = TypeVar("T")
 
@@ -50,39 +47,13 @@ class _ParentThread:
 
 _lock = threading.Lock()
 _parent: _ParentThread | None = None
-#: (read end, write end) of this process's lifeline, made on first use and
-#: held for as long as the process lives: see ``lifeline()``.
-_life: tuple[int, int] | None = None
-
-
-def lifeline() -> int | None:
-    """The read end of this process's lifeline: a child that arms itself
-    from it (``worker._lifeline``) is killed, with its process group, the
-    moment this process ends, however it ends. For workers forked or exec'd
-    from the broker, whose own parent-death signal already comes from here:
-    what they fork dies with the broker too. (A zygote's children have a
-    lifeline of the zygote's own: ``broker._zygote``.) None where there is
-    none (not Linux). The caller passes it on; it stays open here."""
-    global _life
-    if not LIFELINE:
-        return None
-    with _lock:
-        if _life is None:
-            _life = os.pipe2(os.O_CLOEXEC)
-        return _life[0]
 
 
 def _forget() -> None:
-    """In a forked copy of this process: the thread was not copied, and the
-    lifeline is the parent's (held here, it would keep the parent's workers
-    alive past the parent for as long as this copy lives)."""
-    global _parent, _lock, _life
+    """In a forked copy of this process: the thread was not copied."""
+    global _parent, _lock
     _parent = None
     _lock = threading.Lock()
-    life, _life = _life, None
-    for fd in life or ():
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 os.register_at_fork(after_in_child=_forget)

@@ -22,22 +22,24 @@ from worker import Worker
 from worker._preload import preload
 from worker._serve import child_main
 
-from ._parent import as_parent, lifeline
+from ._parent import as_parent
 
 
 def fork_worker(
     cls: type[Worker], prepared: Any, grants: Sequence[tuple[str, int, int, Any]] = (),
-    environ: dict[str, str] | None = None,
+    environ: dict[str, str] | None = None, lifeline: int | None = None,
 ) -> tuple[int, socket.socket]:
     """Fork a worker. Returns (pid, the broker's end of its channel).
     ``environ``: its environment, replacing the broker's (in ``os.environ``;
     the memory it forked with still holds the broker's). The fork is made
     from a thread that lives as long as this process (``as_parent``), so
-    the worker takes the parent-death signal whichever thread asked."""
+    the worker takes the parent-death signal whichever thread asked.
+    ``lifeline``: a read end of the broker's lifeline, for it to arm from
+    (``worker._lifeline``)."""
     preload()  # (once, here in the broker: the child inherits the modules)
     parent_sock, child_sock = seqpacket_pair()
     try:
-        pid = as_parent(functools.partial(_fork, cls, prepared, grants, environ, parent_sock, child_sock))
+        pid = as_parent(functools.partial(_fork, cls, prepared, grants, environ, parent_sock, child_sock, lifeline))
     except BaseException:
         parent_sock.close()
         raise
@@ -55,13 +57,12 @@ _collector_off: tuple[int, bool] | None = None
 
 def _fork(
     cls: type[Worker], prepared: Any, grants: Sequence[tuple[str, int, int, Any]], environ: dict[str, str] | None,
-    parent_sock: socket.socket, child_sock: socket.socket,
+    parent_sock: socket.socket, child_sock: socket.socket, lifeline: int | None,
 ) -> int:
     global _collector_off
     ppid = os.getpid()
-    life = lifeline()
-    # A copy of our lifeline's read end for the child: the fork hooks close ours there (broker._parent).
-    life_copy = None if life is None else fcntl.fcntl(life, fcntl.F_DUPFD_CLOEXEC, 3)
+    # A copy of the lifeline's read end for the child: the broker's fork hook closes the broker's there.
+    life_copy = None if lifeline is None else fcntl.fcntl(lifeline, fcntl.F_DUPFD_CLOEXEC, 3)
     with _forking:
         _collector_off = (threading.get_ident(), gc.isenabled())
         gc.disable()

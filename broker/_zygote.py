@@ -27,7 +27,6 @@ from protocol import ProtocolError, WorkerCrashed
 from protocol._remote import exception_from_wire
 from protocol._wire import DEFAULT_SEND_TIMEOUT, Channel, ReceivedFd, SocketEnd, seqpacket_pair
 from worker import Worker
-from worker._lifeline import AVAILABLE as LIFELINE
 from worker._mainref import main_refs, module_ref
 from worker._priority import cpu_state, may_raise, parent_of, process_to_foreground, to_background, to_foreground
 
@@ -35,10 +34,10 @@ from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit
 from ._idle_watch import idle_watch
 from ._interp import child_env, interpreter
+from ._lifeline import Lifeline, new_lifeline
 from ._loop import readable
 from ._pagemap import asleep, owned, writable
 from ._parent import as_parent
-from ._parent import lifeline as process_lifeline
 
 log = logging.getLogger("privsep.broker")
 
@@ -72,35 +71,33 @@ def _ref(cls: type[Worker]) -> str:
 
 
 def _start(
-    extra: list[str], with_spares: bool = False, environ: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], Channel, Channel | None, _Lifeline | None]:
+    extra: list[str], with_spares: bool = False, environ: dict[str, str] | None = None,
+    lifeline: int | None = None,
+) -> tuple[subprocess.Popen[bytes], Channel, Channel | None, Lifeline | None]:
     """Exec a zygote. With ``with_spares`` (a zygote that forks workers), a
     second channel carries the answers to spare requests alone, so they
     never sit between the broker and the answer to anything else, and the
-    zygote gets the read end of a lifeline of its own, whose write end is
-    returned (``worker._lifeline``). Else (``--exec``: it becomes the
-    worker) it gets this process's lifeline (``broker._parent``)."""
+    zygote gets a lifeline of its own, returned (``worker._lifeline``).
+    Else (``--exec``: it becomes the worker) it arms itself from
+    ``lifeline``, a read end the broker keeps."""
     ours, theirs = seqpacket_pair()
     args = interpreter("worker._zygote", str(theirs.fileno()), *extra, "--main-refs", *main_refs(), "--")
-    passed: list[Any] = [theirs]
-    spares = lifeline = None
-    kept = None if with_spares else process_lifeline()  # (stays open here)
-    if kept is not None:
-        args += ["--lifeline", str(kept)]
+    passed = [theirs]
+    spares = own = None
     if with_spares:
         spares, spares_theirs = seqpacket_pair()
         args += ["--spares", str(spares_theirs.fileno())]
         passed.append(spares_theirs)
-        if LIFELINE:
-            r, w = os.pipe2(os.O_CLOEXEC)
-            lifeline = _Lifeline(w)
-            passed.append(_Fd(r))
-            args += ["--lifeline", str(r)]
+        own = new_lifeline()
+        if own is not None:
+            lifeline = own.read_end()
+    if lifeline is not None:
+        args += ["--lifeline", str(lifeline)]
     args.append("--pdeathsig")  # (started by as_parent: from a thread that lives as long as this process)
     try:
         proc = as_parent(lambda: subprocess.Popen(
             args,
-            pass_fds=[s.fileno() for s in passed] + ([] if kept is None else [kept]),
+            pass_fds=[s.fileno() for s in passed] + ([] if lifeline is None else [lifeline]),
             stdin=subprocess.DEVNULL,
             env=child_env(environ),  # it imports what the broker imports
             close_fds=True,
@@ -112,43 +109,16 @@ def _start(
         ours.close()
         if spares is not None:
             spares.close()
-        if lifeline is not None:
-            lifeline.close()
+        if own is not None:
+            own.close()
         raise
     finally:
         for s in passed:
             s.close()
+        if own is not None:
+            own.drop_read_end()  # (the zygote's now)
     return (proc, Channel(ours, send_timeout=30.0), None if spares is None else Channel(spares, send_timeout=30.0),
-            lifeline)
-
-
-class _Fd:
-    """A raw fd passed to a child: closed once it has it."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-class _Lifeline(_Fd):
-    """The write end of a zygote's lifeline pipe, never written: closing it
-    (``close()``, this object's collection, or the broker's exit) SIGKILLs
-    every worker and spare the zygote forked (``worker._lifeline``). Close it
-    only once they should die: after the zygote is told to end, or is dead."""
-
-    __slots__ = ()
-
-    def __del__(self) -> None:
-        self.close()
+            own)
 
 
 def _request_spawn(
@@ -841,10 +811,11 @@ class Zygote:
 
 def exec_worker(
     cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
-    environ: dict[str, str] | None = None,
+    environ: dict[str, str] | None = None, lifeline: int | None = None,
 ) -> tuple[int, socket.socket, subprocess.Popen[bytes]]:
-    """Start a fresh interpreter that becomes the worker. It is our child."""
-    proc, chan, _, _ = _start(["--exec"], environ=environ)  # (it becomes the worker: our child)
+    """Start a fresh interpreter that becomes the worker. It is our child.
+    ``lifeline``: a read end of the broker's lifeline, for it to arm from."""
+    proc, chan, _, _ = _start(["--exec"], environ=environ, lifeline=lifeline)
     try:
         pid, sock = _request_spawn(chan, cls, spec_wire, timeout, grants)
     except BaseException:

@@ -912,13 +912,9 @@ def test_a_forked_copy_of_the_broker_is_the_childs_own_and_leaves_the_parent_int
         time.sleep(0.2)
         zygote = b._zygote
         assert zygote is not None
-        assert zygote._lifeline is not None
-        from broker._parent import lifeline as process_lifeline
-
-        # The zygote's lifeline and the process's (either end names the pipe; worker._lifeline).
-        process_life = process_lifeline()
-        assert process_life is not None
-        lifelines = {os.readlink(f"/proc/self/fd/{fd}") for fd in (zygote._lifeline.fileno(), process_life)}
+        # The zygote's lifeline and the broker's own (either end names the pipe; worker._lifeline).
+        assert zygote._lifeline is not None and b._lifeline is not None
+        lifelines = {os.readlink(f"/proc/self/fd/{life._w}") for life in (zygote._lifeline, b._lifeline)}
         r, wr = os.pipe()
         child = os.fork()
         if child == 0:  # (no pytest machinery from here on: report through the pipe)

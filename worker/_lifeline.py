@@ -17,7 +17,8 @@ of every reader's description: each worker's process group (the worker and
 what it forked, which cannot leave the group under the filter) is killed
 from the broker's own exit. A zygote has a lifeline of its own, which its
 ``close()`` ends (``broker._zygote``); workers forked or exec'd from the
-broker share one of the broker process's (``broker._parent.lifeline``).
+broker share one of the broker's (``broker._lifeline``), which the
+broker's ``close()`` ends.
 The parent-death signal stays as the second way for the worker itself.
 
 What it is not: a compromised worker may clear ``O_ASYNC`` on its own
