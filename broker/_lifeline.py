@@ -19,6 +19,10 @@ class Lifeline:
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        # Read-only for its owner too: a worker without CAP_DAC_OVERRIDE that can reach its read
+        # end through /proc (a sandbox without seccomp and namespaces) cannot reopen it to write,
+        # which would kill every worker armed on it. Our write end was opened before.
+        os.fchmod(self._w, 0o400)
 
     def read_end(self) -> int:
         return self._r

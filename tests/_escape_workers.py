@@ -382,6 +382,11 @@ def _lifeline_setsig(w: Worker, arg: Any) -> Any:
     return sc(72, PREFERRED_SLOT, 10, 0)
 
 
+def _lifeline_reopen(w: Worker, arg: Any) -> Any:
+    # A write end of the pipe its lifeline is on (worker._lifeline): one write would kill every worker armed on it
+    return os.open(f"/proc/self/fd/{PREFERRED_SLOT}", os.O_WRONLY | os.O_NONBLOCK)
+
+
 def _madvise_hwpoison(w: Worker, arg: Any) -> Any:
     m = mmap.mmap(-1, 4096)
     w._keep = m  # type: ignore[attr-defined]

@@ -125,6 +125,7 @@ CASES = [
     Case("setuid", "seccomp", V("setuid")),
     Case("fcntl_setown", "seccomp (fcntl allowlist)", V("fcntl")),
     Case("lifeline_setsig", "seccomp (fcntl allowlist)", V("fcntl")),
+    Case("lifeline_reopen", "seccomp (openat AT_FDCWD) + empty root", V("openat")),
     Case("madvise_hwpoison", "seccomp (madvise advice)", V("madvise")),
     Case("future_syscall", "seccomp (unknown -> default action)", V("syscall_470")),
     Case("clone3", "seccomp (ENOSYS)", ("check", lambda r: r == {"ok": str(-errno.ENOSYS)})),
@@ -265,6 +266,7 @@ ABLATION = [
     ("symlink_abs", "fresh", E("EACCES"), V("symlink", "symlinkat")),
     ("openat_dotdot", "dir", E("EACCES"), V("openat")),
     ("proc_reopen", "ro_file", E("EACCES"), V("openat")),
+    ("lifeline_reopen", None, E("EACCES"), V("openat")),  # Landlock: the pipe is 0400 (broker._lifeline)
     ("write_ro", "ro_file", E("EBADF"), E("EBADF")),  # access mode holds with either
     ("execve", None, E("EACCES"), V("execve")),  # Landlock: EXECUTE handled, no rule
     ("connect_abstract", "abstract", E("EPERM"), V("connect")),

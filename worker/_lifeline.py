@@ -25,10 +25,17 @@ What it is not: a compromised worker may clear ``O_ASYNC`` on its own
 description (``F_SETFL`` is allowed with ``O_APPEND``) or close it, which
 only gives up its own early death (and its children's): it still dies with
 its parent. It cannot point the signal at another process or change it
-(the filter denies ``F_SETOWN`` and ``F_SETSIG``). A copy of the broker
-made by ``fork()`` holds the write ends too: the broker's fork hooks close
-them there. Linux only (``F_SETSIG``); where a worker cannot arm (no
-``/proc``, no fd left under its limit), the parent-death signal alone.
+(the filter denies ``F_SETOWN`` and ``F_SETSIG``). Only the broker may
+hold a write end: a write into the pipe would signal every armed reader
+(the kernel's ``POLL_IN`` notice) and so kill them all. It is close-on-exec
+and passed to no one; a copy of the broker made by ``fork()`` (a worker
+forked from it among them) closes its copies in the broker's fork hooks,
+before any code of the user's runs there; a sandboxed worker cannot reopen
+its read end for writing: no ``/proc`` in its namespace, ``openat`` only
+beneath a granted directory under the filter, and the pipe is mode 0400
+to workers, which lack CAP_DAC_OVERRIDE (escape and ablation cases).
+Linux only (``F_SETSIG``); where a worker cannot arm (no ``/proc``, no fd
+left under its limit), the parent-death signal alone.
 """
 
 from __future__ import annotations
