@@ -18,18 +18,32 @@ one: a handle takes its fds off the watch before closing them, and the
 handle re-checks its own fd under its call lock before acting, so an event
 for a number closed and reused meanwhile (a handle dropped unclosed) costs
 one spurious wake-up, nothing else. Its wake-up pipe is the process's for
-good (made at import; in a forked child, anew at its first watch): a thread
-that closed it when idle could close it under its own poll, and a dropped
-broker would lose two fds.
+good (made at import, with the epoll set below; in a forked child, anew at
+its first watch): a thread that closed it when idle could close it under
+its own poll, and a dropped broker would lose two fds.
 
 It also runs the odd short check at a set time (``call_at``): a zygote
 lowered to SCHED_IDLE to make a spare must be raised again from outside if
 the CPUs never fall idle (see ``broker._zygote``), and this thread is there
 whenever workers are.
+
+A spawn adds two fds, cancels a timer and sets one: waking the thread for
+each, to poll anew, cost a spawn and its first call about 1 ms here (the
+thread took the GIL on another CPU each time; spawn plus first call 3.7-3.8
+ms, now 2.6-2.8). So a new fd goes into an epoll set that the thread's poll
+includes, which sees it at once with no wake-up; the thread moves it into
+its own poll set at its next turn (the epoll set's readiness is one), so an
+event is still checked against the fd it polled. A timer wakes the thread
+only if its time comes before the thread's own wake-up; a cancel never
+(``settle()`` does, for the thread to end). An ``unwatch`` always wakes it:
+a closed fd it still polled stays open in the kernel until its poll returns
+(a listener so kept makes the worker's next forbidden syscall wait instead
+of failing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -79,6 +93,9 @@ class IdleWatch:
         self._timers: list[_Timer] = []  # (a few: one per zygote at most)
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._pending = _new_epoll()  # fds watched since the thread last looked (None: wake it instead)
+        self._pending_fds: set[int] = set()
+        self._sleeps_until = math.inf  # when the thread's wait ends by itself (under the lock)
 
     def after_fork_in_child(self) -> None:
         """The thread did not come along, and the workers are the parent's;
@@ -93,16 +110,48 @@ class IdleWatch:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+        if self._pending is not None:
+            self._pending.close()
+        self._pending, self._pending_fds = None, set()
+        self._sleeps_until = math.inf
 
     def watch(self, fd: int, handle: _Watched, *, pidfd: bool = False) -> None:
         """Watch ``fd``, the handle's own listener (or its pidfd), until
         ``unwatch``: call that before closing it."""
         with self._lock:
             self._watched[fd] = _Entry(handle, pidfd)
+            if self._thread is not None and self._pend(fd):
+                return  # (seen through the epoll set: no wake-up)
             self._run_or_wake()
+
+    def _pend(self, fd: int) -> bool:  # (holding the lock)
+        """Add ``fd`` to the epoll set the thread polls; False if there is none."""
+        if self._pending is None:
+            return False
+        try:
+            if fd in self._pending_fds:
+                self._pending.modify(fd, select.EPOLLIN)
+            else:
+                self._pending.register(fd, select.EPOLLIN)
+        except OSError:
+            try:  # (the number's earlier file, closed unwatched: a new file now)
+                self._pending.unregister(fd)
+                self._pending.register(fd, select.EPOLLIN)
+            except OSError:
+                return False
+        self._pending_fds.add(fd)
+        return True
+
+    def _unpend(self, fd: int) -> None:  # (holding the lock)
+        if fd in self._pending_fds:
+            self._pending_fds.discard(fd)
+            if self._pending is not None:
+                with contextlib.suppress(OSError):  # (closed unwatched: the kernel dropped it)
+                    self._pending.unregister(fd)
 
     def unwatch(self, fd: int) -> None:
         with self._lock:
+            self._unpend(fd)
             if self._watched.pop(fd, None) is not None:
                 self._wake()
 
@@ -114,13 +163,15 @@ class IdleWatch:
         timer = _Timer(when, fn)
         with self._lock:
             self._timers.append(timer)
-            self._run_or_wake()
+            if self._thread is None or when < self._sleeps_until:
+                self._run_or_wake()
 
         def cancel() -> None:
+            # No wake-up (a spawn cancels one): the thread wakes at that time for nothing, or
+            # settle() wakes it to end.
             with self._lock:
                 if timer in self._timers:
                     self._timers.remove(timer)
-                    self._wake()  # (its thread may be waiting for that time alone: let it end)
 
         return cancel
 
@@ -131,12 +182,15 @@ class IdleWatch:
         none left."""
         with self._lock:
             thread = self._thread if not self._watched and not self._timers else None
+            if thread is not None:
+                self._wake()  # (it may be waiting for a cancelled timer's time)
         if thread is not None:
             thread.join(timeout)
 
     def _run_or_wake(self) -> None:  # (holding the lock)
-        if self._wake_r < 0:
+        if self._wake_r < 0:  # (a forked child's first watch)
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._pending = _new_epoll()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="privsep-idle-watch", daemon=True)
             self._thread.start()
@@ -165,23 +219,34 @@ class IdleWatch:
             with self._lock:
                 if not self._watched and not self._timers:
                     self._thread = None
+                    self._sleeps_until = math.inf
                     return
+                for fd in self._pending_fds:  # (polled below from now on, as the fd it is now)
+                    if self._pending is not None:
+                        with contextlib.suppress(OSError):
+                            self._pending.unregister(fd)
+                self._pending_fds.clear()
                 watched = dict(self._watched)
                 wake = self._wake_r
-                times = [t.when for t in self._timers]
-            for fd in list(later):
-                if watched.get(fd) is not later[fd][1]:
-                    del later[fd]  # (unwatched, or its number now another worker's)
+                pending = -1 if self._pending is None else self._pending.fileno()
+                for fd in list(later):
+                    if watched.get(fd) is not later[fd][1]:
+                        del later[fd]  # (unwatched, or its number now another worker's)
+                times = [t.when for t in self._timers] + [when for when, _ in later.values()]
+                self._sleeps_until = min(times, default=math.inf)
             poller = select.poll()
             poller.register(wake, select.POLLIN)
+            if pending >= 0:
+                poller.register(pending, select.POLLIN)
             for fd in watched:
                 if fd not in later:
                     poller.register(fd, select.POLLIN)
-            times += [when for when, _ in later.values()]
             timeout = None
             if times:
                 timeout = max(0, math.ceil((min(times) - time.monotonic()) * 1000))
             events = poller.poll(timeout)
+            with self._lock:
+                self._sleeps_until = -math.inf  # (running: it looks at the timers again before it waits)
             now = time.monotonic()
             self._run_timers(now)
             events += [(fd, select.POLLIN) for fd, (when, _) in later.items() if when <= now]
@@ -189,6 +254,8 @@ class IdleWatch:
                 if fd == wake:
                     drain(wake)
                     continue
+                if fd == pending:
+                    continue  # (a new fd has an event: polled itself at the next turn)
                 later.pop(fd, None)
                 with self._lock:
                     entry = self._watched.get(fd)
@@ -235,6 +302,10 @@ class IdleWatch:
         with self._lock:
             if self._watched.get(fd) is entry:
                 del self._watched[fd]
+
+
+def _new_epoll() -> select.epoll | None:
+    return select.epoll(sizehint=8, flags=select.EPOLL_CLOEXEC) if hasattr(select, "epoll") else None
 
 
 #: The process's watch, shared by its brokers.

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 from conftest import open_fds
@@ -91,3 +92,96 @@ def test_a_failing_timer_is_logged_and_the_watch_goes_on(caplog: pytest.LogCaptu
         time.sleep(0.01)
     assert ran == ["next"]
     assert "idle-watch timer failed" in caplog.text and "a bug" in caplog.text
+
+
+class _Counting:
+    """An IdleWatch whose wake-ups are counted."""
+
+    def __new__(cls) -> Any:
+        from broker._idle_watch import IdleWatch
+
+        class Watch(IdleWatch):
+            wakes = 0
+
+            def _wake(self) -> None:
+                type(self).wakes += 1
+                super()._wake()
+
+        return Watch()
+
+
+class _Listener:
+    """A stand-in handle: records the watch's looks at its "listener"."""
+
+    def __init__(self) -> None:
+        self.looked = threading.Event()
+
+    def _idle_notification(self) -> float | None:
+        self.looked.set()
+        return None
+
+    def _idle_exit(self) -> float | None:
+        return None
+
+
+def test_a_new_fd_is_watched_without_waking_the_thread_and_its_event_is_seen() -> None:
+    """A spawn's two watches woke the thread each time (about 0.6 ms of a
+    spawn and its first call here): a new fd now reaches the thread's poll
+    through an epoll set it polls, with no wake-up."""
+    watch = _Counting()
+    first, second = os.pipe(), os.pipe()
+    a, b = _Listener(), _Listener()
+    try:
+        watch.watch(first[0], a)  # starts the thread
+        time.sleep(0.1)  # (waiting in its poll)
+        woken = watch.wakes
+        watch.watch(second[0], b)
+        assert watch.wakes == woken
+        time.sleep(0.05)
+        assert not b.looked.is_set()
+        os.write(second[1], b"x")  # readable: as a listener with a notification
+        assert b.looked.wait(5), "the event on the fd watched without a wake-up was never seen"
+        assert not a.looked.is_set()
+        watch.unwatch(first[0])
+        watch.unwatch(second[0])
+        watch.settle(5)
+        assert watch._thread is None
+    finally:
+        for fd in (*first, *second):
+            os.close(fd)
+        if watch._pending is not None:
+            watch._pending.close()
+        os.close(watch._wake_r)
+        os.close(watch._wake_w)
+
+
+def test_a_timer_wakes_the_thread_only_if_due_before_its_own_wake_up() -> None:
+    watch = _Counting()
+    r, w = os.pipe()
+    try:
+        watch.watch(r, _Listener())
+        t0 = time.monotonic()
+        ran: list[str] = []
+        cancel_late = watch.call_at(t0 + 0.6, lambda: ran.append("late"))  # it waited for nothing: woken
+        time.sleep(0.05)
+        woken = watch.wakes
+        watch.call_at(t0 + 0.8, lambda: ran.append("later"))  # after the thread's own wake-up: none
+        assert watch.wakes == woken
+        watch.call_at(t0 + 0.2, lambda: ran.append("soon"))  # before it: woken
+        assert watch.wakes == woken + 1
+        cancel_late()  # no wake-up: the thread wakes at its time for nothing
+        assert watch.wakes == woken + 1
+        deadline = time.monotonic() + 5
+        while len(ran) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ran == ["soon", "later"]
+        watch.unwatch(r)
+        watch.settle(5)
+        assert watch._thread is None
+    finally:
+        os.close(r)
+        os.close(w)
+        if watch._pending is not None:
+            watch._pending.close()
+        os.close(watch._wake_r)
+        os.close(watch._wake_w)
