@@ -133,9 +133,10 @@ class IdleWatch:
                 self._pending.modify(fd, select.EPOLLIN)
             else:
                 self._pending.register(fd, select.EPOLLIN)
-        except OSError:
-            try:  # (the number's earlier file, closed unwatched: a new file now)
+        except OSError:  # (the number's earlier file, closed unwatched: a new file now)
+            with contextlib.suppress(OSError):
                 self._pending.unregister(fd)
+            try:
                 self._pending.register(fd, select.EPOLLIN)
             except OSError:
                 return False
