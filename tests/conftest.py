@@ -42,13 +42,56 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return
     path = os.path.join(os.path.dirname(os.path.abspath(basetemp)), "cpus.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    exclusive = item.get_closest_marker("exclusive") is not None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if item.get_closest_marker("exclusive") else fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         _lock_fd = fd
+        if exclusive:
+            # What tests before it left running (a zygote finishing its next spare) is outside
+            # their locks: wait for it to settle. (Our parent is the run's controller.)
+            wait_until_quiet(os.getppid(), 1.0)
         yield
     finally:
         _lock_fd = -1
         os.close(fd)  # (the lock goes with the last fd on it)
+
+
+def running_below(root: int) -> list[int]:
+    """The processes below ``root``, this one aside, that are running or
+    waiting for a CPU now (state R of their main thread, from /proc)."""
+    table: list[tuple[int, int, str]] = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone while listed
+            table.append((int(name), int(fields[1]), fields[0]))
+    children: dict[int, list[tuple[int, str]]] = {}
+    for pid, ppid, state in table:
+        children.setdefault(ppid, []).append((pid, state))
+    running, stack = [], [root]
+    while stack:
+        for pid, state in children.get(stack.pop(), []):
+            stack.append(pid)
+            if state == "R" and pid != os.getpid():
+                running.append(pid)
+    return running
+
+
+def wait_until_quiet(root: int, timeout: float) -> bool:
+    """Wait until no process below ``root`` but this one runs, in two looks
+    20 ms apart, for at most ``timeout`` seconds; whether it came to that."""
+    deadline = time.monotonic() + timeout
+    quiet_looks = 0
+    while True:
+        quiet_looks = quiet_looks + 1 if not running_below(root) else 0
+        if quiet_looks == 2:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _no_lock_in_child() -> None:

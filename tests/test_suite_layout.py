@@ -4,8 +4,10 @@ them cheaply (conftest's docstring; README, Layout)."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -48,3 +50,26 @@ def test_the_worker_modules_import_neither_pytest_nor_a_test_module() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_an_exclusive_test_waits_for_what_runs_below_the_run_to_settle() -> None:
+    """conftest's wait before an exclusive test: a process below the given
+    root that keeps a CPU busy holds it up to its timeout; once it is gone,
+    the wait ends at once."""
+    from conftest import running_below, wait_until_quiet
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 5
+        while spinner.pid not in running_below(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spinner.pid in running_below(os.getpid())
+        t0 = time.monotonic()
+        assert not wait_until_quiet(os.getpid(), 0.3)
+        assert 0.3 <= time.monotonic() - t0 < 2.0
+    finally:
+        spinner.kill()
+        spinner.wait()
+    t0 = time.monotonic()
+    assert wait_until_quiet(os.getpid(), 5.0)
+    assert time.monotonic() - t0 < 1.0
