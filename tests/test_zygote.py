@@ -110,9 +110,9 @@ def test_a_spawn_is_served_by_the_waiting_spare_which_holds_nothing(tree: Path) 
         # Its own description of the lifeline, whose write end is the broker's (worker._lifeline).
         lifeline = held[PREFERRED_SLOT]
         assert lifeline.startswith("pipe:") and lifeline in _fd_targets_of(b._zygote._proc.pid).values()  # type: ignore[union-attr]
-        # fd 0 /dev/null, fds 1 and 2 pipes whose read ends it holds (worker._output), its one socket
-        # and (where the zygote may make one: a root broker) the empty network namespace made for it:
-        # no grant, no directory, no other channel
+        # fd 0 /dev/null, fds 1 and 2 pipes whose read ends it holds (worker._output), its one socket,
+        # its lifeline (above) and (where the zygote may make one: a root broker) the empty network
+        # namespace made for it: no grant, no directory, no other channel
         assert held[0] == "/dev/null" and held[1].startswith("pipe:") and held[2].startswith("pipe:")
         assert held[1] != held[2] and fds_and_reads(held)[1] == sorted([held[1], held[2]]), held
         beyond_stdio = sorted(t for n, t in held.items() if n > 2 and not t.startswith("pipe:"))
