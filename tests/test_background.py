@@ -163,7 +163,9 @@ def test_a_timer_wakes_the_thread_only_if_due_before_its_own_wake_up() -> None:
         t0 = time.monotonic()
         ran: list[str] = []
         cancel_late = watch.call_at(t0 + 0.6, lambda: ran.append("late"))  # it waited for nothing: woken
-        time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while watch._sleeps_until != t0 + 0.6 and time.monotonic() < deadline:
+            time.sleep(0.005)  # (until it waits for that time)
         woken = watch.wakes
         watch.call_at(t0 + 0.8, lambda: ran.append("later"))  # after the thread's own wake-up: none
         assert watch.wakes == woken
