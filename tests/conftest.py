@@ -56,9 +56,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         os.close(fd)  # (the lock goes with the last fd on it)
 
 
-def running_below(root: int) -> list[int]:
-    """The processes below ``root``, this one aside, that are running or
-    waiting for a CPU now (state R of their main thread, from /proc)."""
+def proc_table() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, state letter) of every process, from /proc."""
     table: list[tuple[int, int, str]] = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -68,8 +67,14 @@ def running_below(root: int) -> list[int]:
             except OSError:
                 continue  # gone while listed
             table.append((int(name), int(fields[1]), fields[0]))
+    return table
+
+
+def running_below(root: int) -> list[int]:
+    """The processes below ``root``, this one aside, that are running or
+    waiting for a CPU now (state R of their main thread, from /proc)."""
     children: dict[int, list[tuple[int, str]]] = {}
-    for pid, ppid, state in table:
+    for pid, ppid, state in proc_table():
         children.setdefault(ppid, []).append((pid, state))
     running, stack = [], [root]
     while stack:

@@ -36,7 +36,7 @@ from _lifecycle_workers import (
     Sleeper,
     SlowSetup,
 )
-from conftest import READ, fill_default_executor, open_fds, proc_state, spare_of
+from conftest import READ, fill_default_executor, open_fds, proc_state, proc_table, spare_of
 
 from broker import Broker, Policy, WorkerHandle
 from broker._idle_watch import idle_watch
@@ -269,15 +269,7 @@ def test_exit_stops_every_worker_in_bounded_time(tree: Path) -> None:
 
 def _descendants() -> tuple[set[int], int]:
     """(processes below this one, how many of them are zombies), from /proc."""
-    table = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # gone while listed
-            table.append((int(name), int(fields[1]), fields[0]))
+    table = proc_table()
     below, grew = {os.getpid()}, True
     while grew:
         grew = False

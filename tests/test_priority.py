@@ -471,12 +471,13 @@ import os, sys, threading, time
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 from broker import Broker, Policy
 from _priority_workers import Spinner
-from _long_busy_import_worker import LongBusyToImport
+os.environ["PRIVSEP_TEST_BUSY_IMPORT"] = "10"  # (the zygote gets the broker's environment)
+from _busy_import_worker import BusyToImport
 b = Broker(Policy(), root=sys.argv[1], spawn="zygote")
 w = b.spawn(Spinner)
 assert w.ping() == "pong"
 threading.Thread(target=w.spin, daemon=True).start()
-threading.Thread(target=b.spawn, args=(LongBusyToImport,), daemon=True).start()
+threading.Thread(target=b.spawn, args=(BusyToImport,), daemon=True).start()
 time.sleep(0.3)  # the zygote is importing it (the spare made for Spinner was let go)
 print(w.pid, b._zygote._proc.pid, flush=True)
 time.sleep(600)
