@@ -783,7 +783,7 @@ class Broker:
                 "(not defined in a function, or in a main module that is no file)"
             )
         spec_wire = None if self._unsandboxed else _wire_of(spec)
-        reaper = None
+        reaper = parent_gone = None
         limit = None if self._unsandboxed else spec.limits.memory
         cgroup: WorkerCgroup | None = None
         cgroup_report: dict[str, Any] | None = None
@@ -824,7 +824,7 @@ class Broker:
                     # a spare goes into the cgroup before it is given its request
                     pid, chan = self._zygote.spawn(cls, spec_wire, self.spawn_timeout, grants,
                                                    before=place if limit is not None else None, memory_limit=limit)
-                    reaper = self._zygote.reap
+                    reaper, parent_gone = self._zygote.reap, self._zygote.gone
                 elif method == "exec":
                     pid, sock, proc = exec_worker(cls, spec_wire, self.spawn_timeout, grants, self._environ,
                                                   self._lifeline_read_end())
@@ -848,6 +848,7 @@ class Broker:
                 timeout=call_limit,
                 violation=self.policy.sandbox.violation,
                 reaper=reaper,
+                parent_gone=parent_gone,
             )
         except ProcessLookupError:  # gone before it could be watched (its zygote died with it)
             chan.close()

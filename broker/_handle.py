@@ -129,6 +129,7 @@ class WorkerHandle:
         timeout: float | None,
         violation: str = "kill",
         reaper: Callable[[int], int | None] | None = None,
+        parent_gone: Callable[[], bool] | None = None,
     ):
         self.id = next(_ids)
         self._broker = broker
@@ -143,6 +144,8 @@ class WorkerHandle:
         self._cgroup_report: dict[str, Any] | None = None
         self._spawn_grants: tuple[tuple[str, str, Rights], ...] = ()  # (name, path, rights): audited when ready
         self._reaper = reaper or _waitpid
+        # Has the process that forked it (a zygote) died? Then so does it, unasked.
+        self._parent_gone = parent_gone
         # The reaper is asked once: a second ask could name a process given the pid since
         # (the zygote would wait for it). Its answer is kept here.
         self._reap_lock = threading.Lock()
@@ -1530,8 +1533,12 @@ class WorkerHandle:
         message, no SIGKILL)? Then it ended by itself, or from outside. One
         the broker asked ended as asked, also where two end requests race
         (the second found the first's SIGKILL done and read it as an outside
-        kill; red-team round 32)."""
-        return not (self._stop_sent or self._sigkilled) and self._pidfd >= 0 and ready_now(self._pidfd)
+        kill; red-team round 32). One whose zygote has died is ending: its
+        parent-death signal is on its way, if not yet acted on (a worker slow
+        to run read "stopped" though dead before its stop; a CI run)."""
+        if self._stop_sent or self._sigkilled or self._pidfd < 0:
+            return False
+        return ready_now(self._pidfd) or (self._parent_gone is not None and self._parent_gone())
 
     def _ended_by_itself(self) -> bool:
         """Has this worker ended while no call of the broker ran (killed from

@@ -707,6 +707,19 @@ class Zygote:
             return False
         return True
 
+    def gone(self) -> bool:
+        """Has the zygote died, or begun to? Its workers then die with it (the
+        parent-death signal), whatever the broker asks them meanwhile. Unlike
+        ``alive()``, waits for nothing and kills nothing."""
+        if self._proc.returncode is not None:
+            return True
+        fd = self._chan.sock.fileno()
+        if fd < 0:  # closed: close() or a forked copy let it go
+            return True
+        hup = select.poll()
+        hup.register(fd, select.POLLHUP)  # (a dying process closes its sockets before it can be waited for)
+        return bool(hup.poll(0))
+
     def _kill_now(self) -> None:
         """Kill the zygote and wait for it, so that ``alive()`` says so at once."""
         self._proc.kill()

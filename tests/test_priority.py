@@ -542,3 +542,43 @@ def test_a_zygotes_worker_dies_with_its_broker_while_the_zygote_is_starved(tmp_p
             else:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             os.close(fd)
+
+
+@needs_renice
+@pytest.mark.parametrize("end", ["stop", "kill"])
+def test_a_worker_whose_zygote_died_before_its_end_was_asked_ended_unasked_though_slow_to_die(
+    tree: Path, end: str
+) -> None:
+    """A zygote's worker dies with its zygote (parent-death signal), but only
+    once it runs. One slow to run, its zygote dead, read "stopped" (kind
+    ok) when stopped, "killed by the broker" when killed: its pidfd had not
+    fired yet (a CI run, under load). Its end is its zygote's: crashed."""
+    cpus = sorted(os.sched_getaffinity(0))
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        idle = b.spawn(Echo)
+        assert idle.ping() == "pong"
+        assert b._zygote is not None
+        zygote = b._zygote._proc.pid
+        fds = [os.pidfd_open(pid) for pid in (idle.pid, zygote)]
+        # The worker starved: at SCHED_IDLE on one CPU, behind a task at the highest nice.
+        hog = subprocess.Popen([sys.executable, "-c",
+                                f"import os\nos.sched_setaffinity(0, {{{cpus[-1]}}})\nos.nice(-20)\nwhile True: pass"])
+        try:
+            os.sched_setaffinity(idle.pid, {cpus[-1]})
+            os.sched_setscheduler(idle.pid, os.SCHED_IDLE, os.sched_param(0))
+            time.sleep(0.2)  # the hog runs
+            os.kill(zygote, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not _ended(fds[1]):  # exited: the parent-death signal is sent
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            assert not _ended(fds[0]), "the worker was not starved: this test saw nothing"
+            threading.Timer(0.3, hog.kill).start()  # then it runs, and dies
+            ended = idle.stop(timeout=0.1) if end == "stop" else idle.kill()
+        finally:
+            hog.kill()
+            hog.wait()
+            for fd in fds:
+                os.close(fd)
+        assert ended.kind == "crashed" and ended.exit_code is None and ended.signal is None, ended
+        assert ended.reason.startswith("channel closed; exit status unknown: the zygote"), ended
