@@ -1538,14 +1538,20 @@ class WorkerHandle:
         to run read "stopped" though dead before its stop; a CI run)."""
         if self._stop_sent or self._sigkilled or self._pidfd < 0:
             return False
-        return ready_now(self._pidfd) or (self._parent_gone is not None and self._parent_gone())
+        return ready_now(self._pidfd) or self._orphaned()
+
+    def _orphaned(self) -> bool:
+        """Has its zygote died? Then so does it, once it runs."""
+        return self._parent_gone is not None and self._parent_gone()
 
     def _ended_by_itself(self) -> bool:
         """Has this worker ended while no call of the broker ran (killed from
         outside, the OOM killer, a thread of its own that exited)? Then its end
-        is recorded (waiting for a call of another thread to end first). One
-        poll of its pidfd: a pool asks before each task, which would
-        otherwise fail on a worker that died while idle."""
+        is recorded (waiting for a call of another thread to end first). So
+        is that of one whose zygote has died, which it is dying with. One
+        poll of its pidfd (and one of its zygote's channel): a pool asks
+        before each task, which would otherwise fail on a worker that died
+        while idle."""
         if self.exit is not None:
             return True
         # Under the call lock: the idle watch, which records ends holding it, closed the fds this
@@ -1561,7 +1567,7 @@ class WorkerHandle:
                 self._idle_notification_held()
                 if self.exit is not None:
                     return True
-            if not ready_now(self._pidfd):
+            if not ready_now(self._pidfd) and not self._orphaned():  # (dying: a task sent to it would fail)
                 return False
             self._record_idle_end()
         return True

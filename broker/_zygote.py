@@ -716,7 +716,7 @@ class Zygote:
         fd = self._chan.sock.fileno()
         if fd < 0:  # closed: close() or a forked copy let it go
             return True
-        hup = select.poll()
+        hup = select.poll()  # (one per ask: a poll object refuses two threads at once, as pool slots ask)
         hup.register(fd, select.POLLHUP)  # (a dying process closes its sockets before it can be waited for)
         return bool(hup.poll(0))
 

@@ -3,6 +3,7 @@ serves at normal priority: real scheduler policies, read from the kernel."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -544,6 +545,37 @@ def test_a_zygotes_worker_dies_with_its_broker_while_the_zygote_is_starved(tmp_p
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _orphaned_while_starved(b: Broker, pid: int) -> Iterator[None]:
+    """Kill the broker's zygote while its worker ``pid`` cannot run (at
+    SCHED_IDLE on one CPU, behind a task at the highest nice): the zygote
+    has exited, its worker's parent-death signal sent and not yet acted on.
+    The CPU is freed 0.3 s into the block, and the worker then dies."""
+    assert b._zygote is not None
+    zygote = b._zygote._proc.pid
+    cpu = max(os.sched_getaffinity(0))
+    fds = [os.pidfd_open(p) for p in (pid, zygote)]
+    hog = subprocess.Popen([sys.executable, "-c",
+                            f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nos.nice(-20)\nwhile True: pass"])
+    try:
+        os.sched_setaffinity(pid, {cpu})
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        time.sleep(0.2)  # the hog runs
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not _ended(fds[1]):  # exited: the parent-death signal is sent
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert not _ended(fds[0]), "the worker was not starved: this test saw nothing"
+        threading.Timer(0.3, hog.kill).start()
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+        for fd in fds:
+            os.close(fd)
+
+
 @needs_renice
 @pytest.mark.parametrize("end", ["stop", "kill"])
 def test_a_worker_whose_zygote_died_before_its_end_was_asked_ended_unasked_though_slow_to_die(
@@ -553,32 +585,24 @@ def test_a_worker_whose_zygote_died_before_its_end_was_asked_ended_unasked_thoug
     once it runs. One slow to run, its zygote dead, read "stopped" (kind
     ok) when stopped, "killed by the broker" when killed: its pidfd had not
     fired yet (a CI run, under load). Its end is its zygote's: crashed."""
-    cpus = sorted(os.sched_getaffinity(0))
     with Broker(default_policy(), root=tree, spawn="zygote") as b:
         idle = b.spawn(Echo)
         assert idle.ping() == "pong"
-        assert b._zygote is not None
-        zygote = b._zygote._proc.pid
-        fds = [os.pidfd_open(pid) for pid in (idle.pid, zygote)]
-        # The worker starved: at SCHED_IDLE on one CPU, behind a task at the highest nice.
-        hog = subprocess.Popen([sys.executable, "-c",
-                                f"import os\nos.sched_setaffinity(0, {{{cpus[-1]}}})\nos.nice(-20)\nwhile True: pass"])
-        try:
-            os.sched_setaffinity(idle.pid, {cpus[-1]})
-            os.sched_setscheduler(idle.pid, os.SCHED_IDLE, os.sched_param(0))
-            time.sleep(0.2)  # the hog runs
-            os.kill(zygote, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while not _ended(fds[1]):  # exited: the parent-death signal is sent
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
-            assert not _ended(fds[0]), "the worker was not starved: this test saw nothing"
-            threading.Timer(0.3, hog.kill).start()  # then it runs, and dies
+        with _orphaned_while_starved(b, idle.pid):
             ended = idle.stop(timeout=0.1) if end == "stop" else idle.kill()
-        finally:
-            hog.kill()
-            hog.wait()
-            for fd in fds:
-                os.close(fd)
         assert ended.kind == "crashed" and ended.exit_code is None and ended.signal is None, ended
         assert ended.reason.startswith("channel closed; exit status unknown: the zygote"), ended
+
+
+@needs_renice
+def test_a_pool_sends_no_task_to_a_worker_whose_zygote_died(tree: Path) -> None:
+    """A pool sends no task to a worker that ended while idle; nor to one
+    whose zygote died, which is dying: the task failed with WorkerCrashed
+    where the worker was slow to run."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b, b.pool(Echo, size=1) as pool:
+        assert pool.submit(Echo.ping).result() == "pong"
+        first = pool.workers[0]
+        with _orphaned_while_starved(b, first.pid):
+            assert pool.submit(Echo.ping).result(timeout=30) == "pong"
+        assert first.exit is not None and first.exit.kind == "crashed", first.exit
+        assert pool.workers != [first] and pool.ended == 1 and pool.restarts == 1
