@@ -3,6 +3,7 @@ serves at normal priority: real scheduler policies, read from the kernel."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -577,7 +578,7 @@ def _orphaned_while_starved(b: Broker, pid: int) -> Iterator[None]:
 
 
 @needs_renice
-@pytest.mark.parametrize("end", ["stop", "kill"])
+@pytest.mark.parametrize("end", ["stop", "kill", "astop", "akill"])
 def test_a_worker_whose_zygote_died_before_its_end_was_asked_ended_unasked_though_slow_to_die(
     tree: Path, end: str
 ) -> None:
@@ -589,7 +590,10 @@ def test_a_worker_whose_zygote_died_before_its_end_was_asked_ended_unasked_thoug
         idle = b.spawn(Echo)
         assert idle.ping() == "pong"
         with _orphaned_while_starved(b, idle.pid):
-            ended = idle.stop(timeout=0.1) if end == "stop" else idle.kill()
+            if end.startswith("a"):
+                ended = asyncio.run(idle.astop(0.1) if end == "astop" else idle.akill())
+            else:
+                ended = idle.stop(timeout=0.1) if end == "stop" else idle.kill()
         assert ended.kind == "crashed" and ended.exit_code is None and ended.signal is None, ended
         assert ended.reason.startswith("channel closed; exit status unknown: the zygote"), ended
 
