@@ -125,9 +125,11 @@ def _request_spawn(
     chan: Channel, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
     sent: Callable[[], None] | None = None,
     on_timeout: Callable[[], None] | None = None,
+    died: Callable[[], bool] | None = None,
 ) -> tuple[int, socket.socket]:
     """``sent()`` runs once the request is on its way (before the wait);
-    ``on_timeout()`` if no answer came in time (the zygote is then ended)."""
+    ``on_timeout()`` if no answer came in time (the zygote is then ended);
+    ``died()`` says whether the zygote has died, ending the wait then."""
     parent, child = seqpacket_pair()
     try:
         chan.send(
@@ -148,10 +150,12 @@ def _request_spawn(
     if sent is not None:
         sent()
     try:
-        if not chan.wait_readable(timeout):
+        if not _answer_within(chan, timeout, died):
             parent.close()
             if on_timeout is not None:
                 on_timeout()  # its late answer would be read as the next request's
+            if died is not None and died():
+                raise _zygote_gone()
             why = f"zygote did not answer a spawn request within {timeout:g} s"
             raise WorkerCrashed(why, WorkerExit("crashed", why))
         reply = chan.recv()
@@ -169,6 +173,23 @@ def _request_spawn(
         why = f"cannot start {cls.__qualname__}: {cause}"
         raise WorkerCrashed(why, WorkerExit("crashed", why)) from cause
     raise ProtocolError("zygote sent a malformed reply")
+
+
+def _answer_within(chan: Channel, timeout: float, died: Callable[[], bool] | None) -> bool:
+    """Wait up to ``timeout`` for the zygote's answer on ``chan``; False as
+    soon as ``died()`` says it has died. Its channels then hang up, unless a
+    spare it had just forked holds copies, not yet run to close them (at
+    background priority, on busy CPUs): each reap of a worker of a dead
+    zygote waited its 10 s, a spawn its spawn_timeout."""
+    if died is None:
+        return chan.wait_readable(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if chan.wait_readable(min(max(left, 0.0), 0.05)):
+            return True
+        if left <= 0 or died():
+            return False
 
 
 def _zygote_gone() -> WorkerCrashed:
@@ -358,7 +379,7 @@ class Zygote:
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
             pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry,
-                                       on_timeout=self._proc.kill)
+                                       on_timeout=self._proc.kill, died=self._died)
             self._ask_spare(expect)
             return pid, Channel(sock)
 
@@ -607,9 +628,12 @@ class Zygote:
             ready = self._spares.wait_readable(0)  # usually: the spare was made between spawns
             if not ready:
                 self._hurry()  # still being made, maybe at SCHED_IDLE
-                ready = self._spares.wait_readable(timeout)
+                ready = _answer_within(self._spares, timeout, self._died)
             if not ready:
+                gone = self._died()
                 self._kill_now()  # its late answer would be taken for the next request's: start anew
+                if gone:
+                    raise _zygote_gone()
                 why = f"zygote did not answer within {timeout:g} s"
                 raise WorkerCrashed(why, WorkerExit("crashed", why))
             try:
@@ -711,13 +735,15 @@ class Zygote:
         """Has the zygote died, or begun to? Its workers then die with it (the
         parent-death signal), whatever the broker asks them meanwhile. Unlike
         ``alive()``, waits for nothing and kills nothing."""
-        if self._proc.returncode is not None:
+        if self._proc.poll() is not None:  # (reaped now if it had exited: its workers are sent their signal first)
             return True
         fd = self._chan.sock.fileno()
         if fd < 0:  # closed: close() or a forked copy let it go
             return True
         hup = select.poll()  # (one per ask: a poll object refuses two threads at once, as pool slots ask)
-        hup.register(fd, select.POLLHUP)  # (a dying process closes its sockets before it can be waited for)
+        # A dying process closes its sockets before it can be waited for; but a spare it has just
+        # forked holds a copy of this one until it runs to close it, at background priority.
+        hup.register(fd, select.POLLHUP)
         return bool(hup.poll(0))
 
     def _kill_now(self) -> None:
@@ -781,10 +807,12 @@ class Zygote:
             return self._reap_locked(pid, 10.0)
 
     def _reap_locked(self, pid: int, timeout: float) -> int | None:
+        if self._died():
+            return None  # its children died with it, and were reaped by init
         try:
             self._chan.send({"t": "reap", "pid": pid})
             self._hurry()
-            if not self._chan.wait_readable(timeout):
+            if not _answer_within(self._chan, timeout, self._died):
                 self._kill_now()  # its late answer would be read as the next request's: start anew
                 return None
             reply = self._chan.recv()
@@ -799,6 +827,9 @@ class Zygote:
             status = reply.get("status")
             return status if isinstance(status, int) else None
         return None
+
+    def _died(self) -> bool:
+        return self._proc.poll() is not None
 
     def close(self) -> None:
         """End the spare (killed and reaped by the zygote, so nothing of it

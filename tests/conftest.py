@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import os
 import stat
@@ -119,6 +120,26 @@ def proc_state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):  # (reaped between the open and the read: ESRCH)
         return "gone"
+
+
+def zygote_channel_copy(broker: Broker, which: str = "worker._zygote") -> int:
+    """A copy, in this process, of the broker's zygote's end of their
+    channel (pidfd_getfd: root has ptrace access to the broker's child), as
+    a spare the zygote had just forked holds one until it runs to close it.
+    ``which``: the zygote's argument before its fd ("--spares": the channel
+    its spares come through). The caller closes it."""
+    assert broker._zygote is not None
+    proc = broker._zygote._proc
+    args = [str(a) for a in proc.args]  # type: ignore[union-attr]
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = libc.syscall(438, pidfd, int(args[args.index(which) + 1]), 0)  # pidfd_getfd
+        if got < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return int(got)
+    finally:
+        os.close(pidfd)
 
 
 def open_fds(broker: Broker | None = None) -> set[int]:

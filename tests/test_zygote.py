@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -24,7 +25,16 @@ from _zygote_workers import (
     SlowAhead,
     Snoop,
 )
-from conftest import READ, default_policy, fd_targets, open_fds, proc_state, spare_made_ahead, spare_of
+from conftest import (
+    READ,
+    default_policy,
+    fd_targets,
+    open_fds,
+    proc_state,
+    spare_made_ahead,
+    spare_of,
+    zygote_channel_copy,
+)
 
 from broker import Broker, Policy
 from protocol import Rights, WorkerCrashed
@@ -269,6 +279,69 @@ def test_a_zygote_killed_from_outside_is_reaped_when_its_workers_end_is_asked_fo
         ended = idle.stop()
         assert ended.kind == "crashed" and ended.exit_code is None and ended.signal is None, ended
         assert ended.reason.startswith("channel closed; exit status unknown: the zygote"), ended
+
+
+def test_a_reap_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: Path) -> None:
+    """A spare the zygote has just forked holds a copy of the zygote's end of
+    its channel until it runs to close it (at background priority, on busy
+    CPUs, a while): a zygote that died meanwhile never hung up, and a reap
+    asked of it waited its whole 10 s, each one of its workers' in turn."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        w = b.spawn(Echo)
+        assert w.ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        held = zygote_channel_copy(b)
+        try:
+            os.kill(zygote._proc.pid, signal.SIGSTOP)  # the reap's answer will not come
+            killer = threading.Timer(0.3, os.kill, (zygote._proc.pid, signal.SIGKILL))
+            killer.start()
+            t0 = time.monotonic()
+            assert zygote.reap(w.pid) is None  # (its workers' statuses died with it)
+            took = time.monotonic() - t0
+            killer.join()
+            assert 0.25 < took < 2.0, f"the reap took {took:.2f} s"
+            # Its request waits in the channel's queue, which our copy shares.
+            assert select.select([held], [], [], 0)[0] and os.read(held, 65536)
+            assert zygote.reap(w.pid) is None
+            assert not select.select([held], [], [], 0)[0], "a dead zygote was asked again"
+        finally:
+            os.close(held)
+        with pytest.raises(WorkerCrashed, match="the zygote that reaps it"):
+            w.ping()
+
+
+@pytest.mark.parametrize("waits_for", ["a spare", "a fork on request"])
+def test_a_spawn_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: Path, waits_for: str) -> None:
+    """As a reap above: a spawn waiting for the spare it had asked for, or
+    for the worker it asked the zygote to fork (one with grants, where the
+    spare was made ahead for none), waited its whole spawn_timeout for a
+    zygote that had died meanwhile."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        assert b.spawn(Echo).ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        zygote.waiting_spare()  # made: the next spawn takes it, and asks for another
+        held = zygote_channel_copy(b, "--spares" if waits_for == "a spare" else "worker._zygote")
+        try:
+            os.kill(zygote._proc.pid, signal.SIGSTOP)  # no answer will come
+            if waits_for == "a spare":
+                assert b.spawn(Echo).ping() == "pong"  # (the spare made: then asks for another)
+            killer = threading.Timer(0.3, os.kill, (zygote._proc.pid, signal.SIGKILL))
+            killer.start()
+            t0 = time.monotonic()
+            with pytest.raises(WorkerCrashed, match="the zygote has exited"):
+                if waits_for == "a spare":
+                    b.spawn(Echo)
+                else:
+                    with b.opendir("data", READ) as d:
+                        b.spawn(Echo, grants={"d": d})
+            took = time.monotonic() - t0
+            killer.join()
+            assert 0.25 < took < 2.0, f"the spawn took {took:.2f} s"
+        finally:
+            os.close(held)
+        assert b.spawn(Echo).ping() == "pong"  # a new zygote
 
 
 def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
