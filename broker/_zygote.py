@@ -769,8 +769,12 @@ class Zygote:
             try:
                 self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__})
                 self._hurry()
-                if not self._chan.wait_readable(timeout):
+                if not _answer_within(self._chan, timeout, self._died):
+                    died = self._died()
                     self._kill_now()  # (stuck in the script's top-level code)
+                    if died:  # (killed from outside: see below)
+                        why = f"the zygote has exited while importing {cls.__qualname__}"
+                        raise WorkerCrashed(why, WorkerExit("crashed", why))
                     raise CannotImport(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
                 reply = self._chan.recv()
             except OSError as exc:  # (ECONNRESET, EPIPE: it died)

@@ -16,6 +16,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 GUARDED = """
 import json, os, sys
 from broker import Broker, Policy
@@ -409,23 +411,36 @@ if __name__ == "__main__":
     out = {}
     with Broker(Policy(), root=os.environ["ROOT"]) as b:
         zygote = b._zygote._proc.pid
+        if os.environ.get("HOLD"):  # its channel held open, as by a spare it had just forked
+            import sys
+            sys.path.insert(0, os.environ["HOLD"])
+            from conftest import zygote_channel_copy
+            held = zygote_channel_copy(b)
         threading.Timer(0.4, os.kill, (zygote, signal.SIGKILL)).start()  # the OOM killer, an admin
+        t0 = time.monotonic()
         try:
             b.spawn(Job)
             out["first"] = "spawned"
         except WorkerCrashed as exc:
             out["first"] = str(exc)
+        out["took"] = time.monotonic() - t0
         w = b.spawn(Job)
         out["then"] = [w.spawn_method, w.parent() != os.getpid()]
     print(json.dumps(out))
 """
 
 
-def test_a_zygote_killed_while_importing_the_script_is_no_reason_to_fork_from_the_broker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("held", [False, True], ids=["channel closed", "channel held"])
+def test_a_zygote_killed_while_importing_the_script_is_no_reason_to_fork_from_the_broker(
+    tmp_path: Path, held: bool
+) -> None:
     """A zygote killed from outside while it imported the main script made every later worker of that
-    class a fork of the broker (its memory, secrets included), for the broker's life."""
-    out, err = run_script(tmp_path, ZYGOTE_KILLED_WHILE_IMPORTING)
+    class a fork of the broker (its memory, secrets included), for the broker's life. Where a spare it
+    had just forked held its channel, the broker waited its spawn_timeout (30 s), then did so."""
+    hold = {"HOLD": str(Path(__file__).parent)} if held else {}  # (where conftest is)
+    out, err = run_script(tmp_path, ZYGOTE_KILLED_WHILE_IMPORTING, **hold)
     assert out["first"].endswith("the zygote has exited while importing Job"), out
+    assert out["took"] < 5.0, out
     assert out["then"] == ["zygote", True], out  # a new zygote, which imported the script again
     assert "forked from the broker" not in err, err
 
