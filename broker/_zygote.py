@@ -152,9 +152,10 @@ def _request_spawn(
     try:
         if not _answer_within(chan, timeout, died):
             parent.close()
+            dead = died is not None and died()  # (asked first: on_timeout() may kill it now)
             if on_timeout is not None:
                 on_timeout()  # its late answer would be read as the next request's
-            if died is not None and died():
+            if dead:
                 raise _zygote_gone()
             why = f"zygote did not answer a spawn request within {timeout:g} s"
             raise WorkerCrashed(why, WorkerExit("crashed", why))
@@ -735,7 +736,7 @@ class Zygote:
         """Has the zygote died, or begun to? Its workers then die with it (the
         parent-death signal), whatever the broker asks them meanwhile. Unlike
         ``alive()``, waits for nothing and kills nothing."""
-        if self._proc.poll() is not None:  # (reaped now if it had exited: its workers are sent their signal first)
+        if self._died():
             return True
         fd = self._chan.sock.fileno()
         if fd < 0:  # closed: close() or a forked copy let it go
@@ -833,6 +834,8 @@ class Zygote:
         return None
 
     def _died(self) -> bool:
+        """Has the process exited? (Reaped now if so: by then its children
+        have been sent their parent-death signal.)"""
         return self._proc.poll() is not None
 
     def close(self) -> None:

@@ -344,6 +344,23 @@ def test_a_spawn_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: P
         assert b.spawn(Echo).ping() == "pong"  # a new zygote
 
 
+def test_a_spawn_from_a_zygote_that_lives_but_does_not_answer_says_so(tree: Path) -> None:
+    """The other side of the two tests above: a zygote alive but not answering
+    (stopped, here) is ended at spawn_timeout, and the spawn says it did not
+    answer, not that it had exited (it is killed then, which a look after the
+    kill would have read as its own death)."""
+    with Broker(default_policy(), root=tree, spawn="zygote", spawn_timeout=0.5) as b:
+        assert b.spawn(Echo).ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        zygote.waiting_spare()
+        os.kill(zygote._proc.pid, signal.SIGSTOP)
+        assert b.spawn(Echo).ping() == "pong"  # (the spare made: then asks for another)
+        with pytest.raises(WorkerCrashed, match=r"zygote did not answer within 0\.5 s"):
+            b.spawn(Echo)
+        assert b.spawn(Echo).ping() == "pong"  # a new zygote
+
+
 def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
     """A spare's answer waits in its own channel's queue until the next spawn
     takes it, so a plain fd count right after Broker() equals one after any
