@@ -668,7 +668,7 @@ class Zygote:
         hurried = False
         while self._pending:
             fd = self._spares.fileno()
-            if fd < 0 or self._spares.wait_readable(0):
+            if fd < 0 or self._spares.wait_readable(0) or self._died():
                 return
             if not hurried:
                 self._hurry()  # (the spare may be made at SCHED_IDLE)
@@ -706,7 +706,9 @@ class Zygote:
             return False
         if self._spare is not None or not self._pending:
             return True
-        return self._spares.wait_readable(0)
+        # (dead, with its channels held by a spare it had just forked: none is coming either, and
+        # an aspawn() waited its spawn_timeout for one)
+        return self._spares.wait_readable(0) or self._died()
 
     def forks_next(self) -> bool:
         """Would the next spawn be forked on request, no spare made or

@@ -4,6 +4,7 @@ spare that makes its worker ahead (``Worker.setup_ahead``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -311,31 +312,36 @@ def test_a_reap_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: Pa
             w.ping()
 
 
-@pytest.mark.parametrize("waits_for", ["a spare", "a fork on request"])
+@pytest.mark.parametrize("waits_for", ["a spare", "a spare, awaited", "a fork on request"])
 def test_a_spawn_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: Path, waits_for: str) -> None:
     """As a reap above: a spawn waiting for the spare it had asked for, or
     for the worker it asked the zygote to fork (one with grants, where the
     spare was made ahead for none), waited its whole spawn_timeout for a
-    zygote that had died meanwhile."""
+    zygote that had died meanwhile. An aspawn() waits for the spare on the
+    loop, before its turn: it then starts a new zygote, at once."""
     with Broker(default_policy(), root=tree, spawn="zygote") as b:
         assert b.spawn(Echo).ping() == "pong"
         zygote = b._zygote
         assert zygote is not None
         zygote.waiting_spare()  # made: the next spawn takes it, and asks for another
-        held = zygote_channel_copy(b, "--spares" if waits_for == "a spare" else "worker._zygote")
+        held = zygote_channel_copy(b, "worker._zygote" if waits_for == "a fork on request" else "--spares")
         try:
             os.kill(zygote._proc.pid, signal.SIGSTOP)  # no answer will come
-            if waits_for == "a spare":
+            if waits_for.startswith("a spare"):
                 assert b.spawn(Echo).ping() == "pong"  # (the spare made: then asks for another)
             killer = threading.Timer(0.3, os.kill, (zygote._proc.pid, signal.SIGKILL))
             killer.start()
             t0 = time.monotonic()
-            with pytest.raises(WorkerCrashed, match="the zygote has exited"):
-                if waits_for == "a spare":
-                    b.spawn(Echo)
-                else:
-                    with b.opendir("data", READ) as d:
-                        b.spawn(Echo, grants={"d": d})
+            if waits_for == "a spare, awaited":
+                w = asyncio.run(b.aspawn(Echo))
+                assert w.ping() == "pong" and b._zygote is not zygote
+            else:
+                with pytest.raises(WorkerCrashed, match="the zygote has exited"):
+                    if waits_for == "a spare":
+                        b.spawn(Echo)
+                    else:
+                        with b.opendir("data", READ) as d:
+                            b.spawn(Echo, grants={"d": d})
             took = time.monotonic() - t0
             killer.join()
             assert 0.25 < took < 2.0, f"the spawn took {took:.2f} s"
