@@ -723,16 +723,12 @@ class Zygote:
             return None if self._spare is None else (self._spare.pid, self._spare.chan.fileno())
 
     def alive(self) -> bool:
-        if self._proc.poll() is not None:
-            return False
+        if not self.gone():
+            return True
         # A killed zygote closes its sockets before it can be waited for: for a moment poll()
         # said "running" after a spawn had seen it gone, and the next spawn used the dead one.
-        hup = select.poll()
-        hup.register(self._chan.sock, select.POLLHUP)
-        if hup.poll(0):
-            self._kill_now()
-            return False
-        return True
+        self._kill_now()  # (reaped, so that this says so at once; nothing to do if it was)
+        return False
 
     def gone(self) -> bool:
         """Has the zygote died, or begun to? Its workers then die with it (the

@@ -222,12 +222,15 @@ def test_without_cap_sys_nice_spares_are_made_at_normal_priority(tmp_path: Path)
     assert all(policy == OTHER for row in rows for policy in row), rows
 
 
+def _hog(cpu: int, nice: int = 0) -> subprocess.Popen[bytes]:
+    """A busy loop on ``cpu``, at ``nice`` (-20: ahead of everything else there)."""
+    return subprocess.Popen([sys.executable, "-c",
+                             f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nos.nice({nice})\nwhile True: pass"])
+
+
 def _hogs() -> list[subprocess.Popen[bytes]]:
     """One busy loop at normal priority per CPU we may run on."""
-    return [
-        subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
-        for cpu in sorted(os.sched_getaffinity(0))
-    ]
+    return [_hog(cpu) for cpu in sorted(os.sched_getaffinity(0))]
 
 
 @needs_renice
@@ -511,8 +514,7 @@ def test_a_zygotes_worker_dies_with_its_broker_while_the_zygote_is_starved(tmp_p
         fds = [os.pidfd_open(pid) for pid in (worker, zygote)]
         # The busy zygote on one CPU behind a task at the highest nice, at SCHED_IDLE, as
         # the broker leaves it while it makes a spare; the busy worker on the other CPU.
-        hog = subprocess.Popen([sys.executable, "-c",
-                                f"import os\nos.sched_setaffinity(0, {{{cpus[1]}}})\nos.nice(-20)\nwhile True: pass"])
+        hog = _hog(cpus[1], nice=-20)
         os.sched_setaffinity(zygote, {cpus[1]})
         os.sched_setscheduler(zygote, os.SCHED_IDLE, os.sched_param(0))
         os.sched_setaffinity(worker, {cpus[0]})
@@ -561,8 +563,7 @@ def _orphaned_while_starved(b: Broker, pid: int, channel_held: bool = False) -> 
     fds = [os.pidfd_open(p) for p in (pid, zygote)]
     if channel_held:
         fds.append(zygote_channel_copy(b))
-    hog = subprocess.Popen([sys.executable, "-c",
-                            f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nos.nice(-20)\nwhile True: pass"])
+    hog = _hog(cpu, nice=-20)
     try:
         os.sched_setaffinity(pid, {cpu})
         os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
