@@ -380,7 +380,7 @@ class Zygote:
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
             pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry,
-                                       on_timeout=self._proc.kill, died=self._died)
+                                       on_timeout=self._kill_now, died=self._died)
             self._ask_spare(expect)
             return pid, Channel(sock)
 

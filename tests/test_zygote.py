@@ -350,19 +350,31 @@ def test_a_spawn_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: P
         assert b.spawn(Echo).ping() == "pong"  # a new zygote
 
 
-def test_a_spawn_from_a_zygote_that_lives_but_does_not_answer_says_so(tree: Path) -> None:
+@pytest.mark.parametrize("path", ["a spare", "a fork on request"])
+def test_a_spawn_from_a_zygote_that_lives_but_does_not_answer_says_so(tree: Path, path: str) -> None:
     """The other side of the two tests above: a zygote alive but not answering
     (stopped, here) is ended at spawn_timeout, and the spawn says it did not
     answer, not that it had exited (it is killed then, which a look after the
-    kill would have read as its own death)."""
+    kill would have read as its own death). Both ways a spawn waits on the
+    zygote: for its next spare, and for a worker it forks on request."""
     with Broker(default_policy(), root=tree, spawn="zygote", spawn_timeout=0.5) as b:
         assert b.spawn(Echo).ping() == "pong"
         zygote = b._zygote
         assert zygote is not None
         zygote.waiting_spare()
-        os.kill(zygote._proc.pid, signal.SIGSTOP)
-        assert b.spawn(Echo).ping() == "pong"  # (the spare made: then asks for another)
-        with pytest.raises(WorkerCrashed, match=r"zygote did not answer within 0\.5 s"):
+        if path == "a spare":
+            os.kill(zygote._proc.pid, signal.SIGSTOP)
+            assert b.spawn(Echo).ping() == "pong"  # (the spare made: then asks for another)
+            expected = r"zygote did not answer within 0\.5 s"
+        else:
+            with zygote._lock:  # (let the spare go while the zygote can still reap it)
+                spare, zygote._spare = zygote._spare, None
+                assert spare is not None
+                zygote._discard(spare)
+            assert zygote.forks_next()
+            os.kill(zygote._proc.pid, signal.SIGSTOP)
+            expected = r"zygote did not answer a spawn request within 0\.5 s"
+        with pytest.raises(WorkerCrashed, match=expected):
             b.spawn(Echo)
         assert b.spawn(Echo).ping() == "pong"  # a new zygote
 
