@@ -162,6 +162,8 @@ class Outgoing:
 class Opener:
     """The broker's side of the restricted opener process (started lazily)."""
 
+    answer_timeout = 10.0  # (seconds; a class setting, for tests)
+
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         ours, theirs = seqpacket_pair()
         # The kernel sends the parent-death signal when the starting thread ends (from a pool's
@@ -193,8 +195,16 @@ class Opener:
         the opener's domain. Returns a new fd the caller owns."""
         with self._lock:
             self._chan.send({"t": "open", "fd": Outgoing(fd, KIND_FILE, Rights.NONE, False), "flags": flags})
-            if not self._chan.wait_readable(10.0):
-                raise OSError(errno.ETIMEDOUT, "restricted opener did not answer")
+            if not self._chan.wait_readable(self.answer_timeout):
+                # Its late answer would be taken for the next request's: another file, maybe
+                # for another worker. Ended here; _opener() starts a new one for the next.
+                self._proc.kill()
+                self._proc.wait()
+                raise OSError(
+                    errno.ETIMEDOUT,
+                    f"restricted opener did not answer within {self.answer_timeout:g} s (ended; the next "
+                    "file it must reopen starts a new one)",
+                )
             reply = self._chan.recv()
         if type(reply) is dict and reply.get("t") == "opened" and isinstance(reply.get("fd"), ReceivedFd):
             return int(reply["fd"].detach())

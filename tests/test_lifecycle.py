@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import fcntl
 import gc
 import logging
@@ -637,6 +638,39 @@ def test_a_dead_restricted_opener_is_replaced(tree: Path, caplog: pytest.LogCapt
             assert w.append(f, b"b") == 1
         assert b._opener_proc._proc.pid != first.pid
     assert (tree / "out" / "log").read_bytes() == b"ab"
+    assert "the restricted opener has exited; starting a new one" in caplog.text
+
+
+def test_a_restricted_opener_that_does_not_answer_is_ended(
+    tree: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An opener that does not answer in time is ended, not left with the
+    request: its late answer, an fd for the first file, was taken for the
+    next request's, and the next worker got the wrong file (here: the write
+    meant for ``b`` went into ``a``)."""
+    from broker._deliver import Opener
+
+    monkeypatch.setattr(Opener, "answer_timeout", 0.5)
+    for name in ("a", "b", "c"):
+        (tree / "out" / name).write_bytes(b"")
+    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no TRUNCATE: reopened by the opener)
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        w = b.spawn(Appender)
+        with b.open("out/c", rights) as f:
+            assert w.append(f, b"c") == 1  # (the opener started)
+        assert b._opener_proc is not None
+        first = b._opener_proc._proc
+        first.send_signal(signal.SIGSTOP)
+        with b.open("out/a", rights) as f, pytest.raises(OSError, match=r"did not answer within 0\.5 s") as err:
+            w.append(f, b"a")
+        assert err.value.errno == errno.ETIMEDOUT
+        first.send_signal(signal.SIGCONT)  # (a no-op once it is reaped)
+        assert first.poll() is not None  # ended
+        with b.open("out/b", rights) as f:
+            assert w.append(f, b"b") == 1
+        assert b._opener_proc._proc.pid != first.pid
+        assert w.ping() == "pong"  # the worker lives on
+    assert [(tree / "out" / n).read_bytes() for n in ("a", "b", "c")] == [b"", b"b", b"c"]
     assert "the restricted opener has exited; starting a new one" in caplog.text
 
 
