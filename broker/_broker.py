@@ -369,6 +369,9 @@ class Broker:
             self._close_done.set()
 
     def _close_workers_and_zygote(self, timeout: float) -> None:
+        zygote = self._zygote
+        if zygote is not None:
+            zygote.closing()  # (a stuck zygote cannot hold the reaps of its workers' ends long)
         for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:

@@ -318,6 +318,7 @@ class Zygote:
         self._learn = True  # pagemaps readable, so far
         #: (pid, what it was made for, its writable mappings before its request) of the worker learned from
         self._learning: tuple[int, tuple[str, str, Any], list[tuple[int, int]]] | None = None
+        self._reap_within = 10.0  # (seconds) a reap's wait for the zygote's answer: see closing()
         try:
             self._ask_spare(None)
             # Return once the zygote and its first spare exist (the answer is left
@@ -482,7 +483,7 @@ class Zygote:
         long setup(); then reaped by the zygote."""
         spare.chan.close()
         _kill_child_of(self._proc, spare.pid)
-        self._reap_locked(spare.pid, 10.0)
+        self._reap_locked(spare.pid, self._reap_within)
         if spare.cgroup is not None:
             spare.cgroup.discard()
 
@@ -807,7 +808,13 @@ class Zygote:
         fired); None if unknown (the zygote is gone: its children died with it
         and were reaped by init)."""
         with self._lock:
-            return self._reap_locked(pid, 10.0)
+            return self._reap_locked(pid, self._reap_within)
+
+    def closing(self) -> None:
+        """The broker is closing: from now on a reap waits at most 2 s for the
+        zygote's answer, then ends it. A stopped or stuck zygote held close(),
+        even a Ctrl-C'd close(0), 10 s."""
+        self._reap_within = 2.0
 
     def _reap_locked(self, pid: int, timeout: float) -> int | None:
         if self._died():
@@ -839,6 +846,7 @@ class Zygote:
     def close(self) -> None:
         """End the spare (killed and reaped by the zygote, so nothing of it
         outlives this call), then the zygote."""
+        self.closing()
         with self._lock:
             try:
                 self._collect(2.0)

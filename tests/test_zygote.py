@@ -379,6 +379,35 @@ def test_a_spawn_from_a_zygote_that_lives_but_does_not_answer_says_so(tree: Path
         assert b.spawn(Echo).ping() == "pong"  # a new zygote
 
 
+@pytest.mark.parametrize("timeout", [2.0, 0.0])
+def test_a_stopped_zygote_holds_close_no_more_than_its_reap_budget(tree: Path, timeout: float) -> None:
+    """close() asks the zygote for the end of each of its workers. One
+    stopped (or stuck) does not answer: each such ask gave up after 10 s,
+    even in a Ctrl-C'd close(0). While closing, it waits 2 s, then ends the
+    zygote; its worker and spare end too."""
+    b = Broker(default_policy(), root=tree, spawn="zygote")
+    try:
+        w = b.spawn(Echo)
+        assert w.ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        spare = zygote.waiting_spare()
+        assert spare is not None
+        os.kill(zygote._proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+    finally:
+        b.close(timeout)
+    took = time.monotonic() - t0
+    assert took < 5.0, took
+    assert zygote._proc.returncode is not None
+    assert w.exit is not None
+    # (the spare, killed at background priority, may take a moment to run to its end)
+    deadline = time.monotonic() + 5.0
+    while any(proc_state(pid) not in ("gone", "Z") for pid in (w.pid, spare[0])) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [proc_state(pid) in ("gone", "Z") for pid in (w.pid, spare[0])] == [True, True]
+
+
 def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
     """A spare's answer waits in its own channel's queue until the next spawn
     takes it, so a plain fd count right after Broker() equals one after any
