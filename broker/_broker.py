@@ -549,7 +549,7 @@ class Broker:
                                             self._background.executor()):
                     # Given here, not on the executor's thread: there its line was threading.py's.
                     warnings.warn(text, RuntimeWarning, stacklevel=user_stacklevel())
-            if self._start_waits(cls, grants):
+            if self._start_waits(cls, grants) or not await self._spawn_turn_from_loop():
                 # Made on one of the broker's threads, which takes the spawn lock itself: held
                 # across an await of this loop, it deadlocked a close() or an opener start made
                 # on the loop meanwhile (red-team round 23).
@@ -561,7 +561,6 @@ class Broker:
                     for started in unwanted:  # (made for a task cancelled meanwhile)
                         self._drop_unready(started)
             else:
-                await self._spawn_turn_from_loop()
                 try:
                     handle = self._start(cls, timeout, grants, spawn_lock_held=True)
                 finally:
@@ -614,13 +613,16 @@ class Broker:
         """What ``spawn="auto"`` starts ``cls`` with."""
         return "zygote" if importable(cls) and cls not in self._fork_only else "fork"
 
-    async def _spawn_turn_from_loop(self) -> None:
+    async def _spawn_turn_from_loop(self) -> bool:
         """Take the spawn lock once the zygote has a spare made and nothing
         else in flight, without blocking the loop: a pool's thread holds the
         lock while it waits for its own spare (an aspawn() beside a pool that
         was starting held the loop 50-95 ms; user trial 10), and a status
-        being asked for holds the zygote. Polled, a few ms apart at most; past
-        ``spawn_timeout`` the spawn waits as spawn() does."""
+        being asked for holds the zygote. Polled, a few ms apart at most.
+        True: taken. False, past ``spawn_timeout``: not taken, and the spawn
+        is to wait off the loop, as one that forks on request does (it went
+        on with the loop blocked, which a stopped zygote held spawn_timeout
+        more: the spare's own wait)."""
         deadline = time.monotonic() + self.spawn_timeout
         pause = 0.0005
         while True:
@@ -629,13 +631,10 @@ class Broker:
                 await zygote.spare_made(max(0.0, deadline - time.monotonic()))  # not with the loop blocked
             if self._spawn_lock.acquire(blocking=False):
                 if zygote is None or zygote is not self._zygote or zygote.ready_now():
-                    return
-                if time.monotonic() >= deadline:
-                    return
+                    return True
                 self._spawn_lock.release()
-            elif time.monotonic() >= deadline:
-                self._spawn_lock.acquire()
-                return
+            if time.monotonic() >= deadline:
+                return False
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.005)
 

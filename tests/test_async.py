@@ -282,6 +282,35 @@ class _Ticker:
         self._task.cancel()
 
 
+def test_an_aspawn_from_a_stopped_zygote_does_not_hold_the_loop(tree: Path) -> None:
+    """An aspawn() waits on the loop for the zygote's spare, up to
+    spawn_timeout. Past it, the spawn went on with the loop blocked, and waited
+    for the spare once more: a stopped (or stuck) zygote stalled every other
+    task a whole spawn_timeout (30 s by default). The spawn fails, the loop
+    running all along, and the next one is served by a new zygote."""
+
+    async def main(b: Broker) -> tuple[float, float]:
+        assert await (await b.aspawn(AsyncJob)).aio.ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        zygote.waiting_spare()
+        os.kill(zygote._proc.pid, signal.SIGSTOP)
+        assert await (await b.aspawn(AsyncJob)).aio.ping() == "pong"  # (the spare made; the next is not)
+        with _Ticker() as ticker:
+            start = time.monotonic()
+            with pytest.raises(WorkerCrashed, match=r"zygote did not answer within 1 s"):
+                await b.aspawn(AsyncJob)
+            took = time.monotonic() - start
+            await asyncio.sleep(0.02)
+        assert await (await b.aspawn(AsyncJob)).aio.ping() == "pong"  # a new zygote
+        return ticker.longest, took
+
+    with Broker(Policy().allow("data/", READ), root=tree, spawn="zygote", spawn_timeout=1.0) as b:
+        stall, took = asyncio.run(main(b))
+    assert stall < 0.3, f"the loop stalled {stall * 1000:.0f} ms"
+    assert took < 2.8, f"the spawn took {took:.2f} s"
+
+
 def test_astop_and_aclose_wait_for_a_worker_on_the_loop(tree: Path) -> None:
     """A worker that does not stop when asked (here: SIGSTOPped) is waited for
     on the event loop, which keeps running, then killed."""
