@@ -368,10 +368,14 @@ class Broker:
             self._closer = None
             self._close_done.set()
 
-    def _close_workers_and_zygote(self, timeout: float) -> None:
+    def _zygote_closing(self) -> None:
+        """The reaps of the workers' ends from here on wait less for a stuck zygote (Zygote.closing)."""
         zygote = self._zygote
         if zygote is not None:
-            zygote.closing()  # (a stuck zygote cannot hold the reaps of its workers' ends long)
+            zygote.closing()
+
+    def _close_workers_and_zygote(self, timeout: float) -> None:
+        self._zygote_closing()
         for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
@@ -726,6 +730,7 @@ class Broker:
             return
         for pool in list(self._pools):  # (those shut down already too: their queued work is cancelled)
             pool.shutdown(wait=False, cancel_futures=True)
+        self._zygote_closing()
         with self._lock:
             workers = list(self._workers.values())
         try:
