@@ -194,23 +194,37 @@ class Opener:
         """Reopen ``fd`` (or create an O_TMPFILE in directory ``fd``) inside
         the opener's domain. Returns a new fd the caller owns."""
         with self._lock:
-            self._chan.send({"t": "open", "fd": Outgoing(fd, KIND_FILE, Rights.NONE, False), "flags": flags})
-            if not self._chan.wait_readable(self.answer_timeout):
-                # Its late answer would be taken for the next request's: another file, maybe
-                # for another worker. Ended here; _opener() starts a new one for the next.
-                self._proc.kill()
-                self._proc.wait()
+            try:
+                self._chan.send({"t": "open", "fd": Outgoing(fd, KIND_FILE, Rights.NONE, False), "flags": flags})
+                if not self._chan.wait_readable(self.answer_timeout):
+                    # Its late answer would be taken for the next request's: another file, maybe
+                    # for another worker. Ended here; _opener() starts a new one for the next.
+                    self._end()
+                    raise OSError(
+                        errno.ETIMEDOUT,
+                        f"restricted opener did not answer within {self.answer_timeout:g} s (ended; the next "
+                        "file it must reopen starts a new one)",
+                    )
+                reply = self._chan.recv()
+            except (BrokenPipeError, ConnectionResetError):  # (it died before it read the request)
+                reply = None
+            if reply is None:
+                self._end()
                 raise OSError(
-                    errno.ETIMEDOUT,
-                    f"restricted opener did not answer within {self.answer_timeout:g} s (ended; the next "
-                    "file it must reopen starts a new one)",
+                    errno.EPIPE,
+                    f"the restricted opener has exited ({_status(self._proc.returncode)}; the next file it must "
+                    "reopen starts a new one)",
                 )
-            reply = self._chan.recv()
         if type(reply) is dict and reply.get("t") == "opened" and isinstance(reply.get("fd"), ReceivedFd):
             return int(reply["fd"].detach())
         if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("errno"), int):
             raise OSError(reply["errno"], os.strerror(reply["errno"]))
         raise OSError(errno.EPROTO, "restricted opener sent a malformed reply")
+
+    def _end(self) -> None:
+        """Kill and reap the opener, so that alive() says so at once."""
+        self._proc.kill()
+        self._proc.wait()
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -227,6 +241,10 @@ class Opener:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+
+
+def _status(code: int | None) -> str:
+    return "status unknown" if code is None else f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
 
 def _fill_small(src: int, w: int) -> bool:

@@ -674,6 +674,48 @@ def test_a_restricted_opener_that_does_not_answer_is_ended(
     assert "the restricted opener has exited; starting a new one" in caplog.text
 
 
+def test_a_restricted_opener_that_dies_during_a_request_says_so(tree: Path) -> None:
+    """An opener killed while it holds a request: the call fails saying the
+    opener exited (it said "sent a malformed reply"), and the next file is
+    reopened by a new one."""
+    for name in ("a", "b"):
+        (tree / "out" / name).write_bytes(b"")
+    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no TRUNCATE: reopened by the opener)
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        w = b.spawn(Appender)
+        with b.open("out/b", rights) as f:
+            assert w.append(f, b"b") == 1  # (the opener started)
+        assert b._opener_proc is not None
+        first = b._opener_proc._proc
+        first.send_signal(signal.SIGSTOP)
+        failed: list[BaseException] = []
+
+        def append_a() -> None:
+            with b.open("out/a", rights) as f:
+                try:
+                    w.append(f, b"a")
+                except OSError as exc:
+                    failed.append(exc)
+
+        t = threading.Thread(target=append_a)
+        t.start()
+        deadline = time.monotonic() + 5.0
+        while not b._opener_proc._lock.locked() and time.monotonic() < deadline:  # (the request in flight)
+            time.sleep(0.005)
+        time.sleep(0.05)
+        first.kill()
+        t.join(10.0)
+        assert not t.is_alive()
+        assert [str(e) for e in failed] == [
+            "[Errno 32] the restricted opener has exited (killed by signal 9; the next file it must reopen "
+            "starts a new one)"
+        ]
+        with b.open("out/b", rights) as f:
+            assert w.append(f, b"b") == 1
+        assert b._opener_proc._proc.pid != first.pid
+    assert [(tree / "out" / n).read_bytes() for n in ("a", "b")] == [b"", b"bb"]
+
+
 def test_the_restricted_opener_outlives_the_thread_that_started_it(tree: Path, caplog: pytest.LogCaptureFixture
                                                                    ) -> None:  # fmt: skip
     """The kernel sends the parent-death signal when the *thread* that
