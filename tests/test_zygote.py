@@ -411,6 +411,89 @@ def test_a_stopped_zygote_holds_close_no_more_than_its_reap_budget(tree: Path, h
     assert [proc_state(pid) in ("gone", "Z") for pid in (w.pid, spare[0])] == [True, True]
 
 
+def _pids_cgroup_parent() -> str | None:
+    """A directory where a pids cgroup can be made: the v1 pids hierarchy's
+    root, or the v2 root with the pids controller enabled for its children."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split(" - ") for line in f]
+    for head, tail in mounts:
+        point = head.split()[4]
+        fstype, _, options = tail.split()[:3]
+        if fstype == "cgroup" and "pids" in options.split(","):
+            return point
+        if fstype == "cgroup2":
+            try:
+                with open(os.path.join(point, "cgroup.subtree_control")) as ctl:
+                    if "pids" in ctl.read().split():
+                        return point
+            except OSError:
+                pass
+    return None
+
+
+_PROCESS_LIMIT_SCRIPT = """
+import os, sys, tempfile
+sys.path.insert(0, {tests!r})
+with open(os.path.join({cgroup!r}, "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+from broker import Broker, Policy
+from protocol import WorkerCrashed
+from _zygote_workers import Echo
+
+def limit(value):
+    with open(os.path.join({cgroup!r}, "pids.max"), "w") as f:
+        f.write(value)
+
+with Broker(Policy(), root=tempfile.mkdtemp(), spawn="zygote") as b:
+    w = b.spawn(Echo)
+    zygote = b._zygote._proc.pid
+    b._zygote.waiting_spare()
+    with open(os.path.join({cgroup!r}, "pids.current")) as f:
+        limit(f.read().strip())  # no process more
+    print("spare", b.spawn(Echo).ping(), flush=True)  # (the spare made before: the next one cannot be)
+    for _ in range(2):
+        try:
+            b.spawn(Echo)
+            print("spawned", flush=True)
+        except WorkerCrashed as exc:
+            print("failed", exc, flush=True)
+    print("the first worker", w.ping(), b._zygote._proc.pid == zygote, flush=True)
+    limit("max")
+    print("lifted", b.spawn(Echo).ping(), b._zygote._proc.pid == zygote, w.ping(), flush=True)
+"""
+
+
+def test_a_zygote_that_cannot_fork_fails_the_spawn_and_keeps_its_workers(tmp_path: Path) -> None:
+    """At a process limit (here a pids cgroup's), the zygote's fork on request
+    raised in the zygote, which exited: the spawn failed as "the zygote has
+    exited", and every worker it had made died with it. It answers with the
+    error; the workers live on, and the same zygote serves once the limit is
+    lifted."""
+    parent = _pids_cgroup_parent()
+    if parent is None:
+        pytest.skip("no pids cgroup controller to set a process limit with")
+    cgroup = os.path.join(parent, f"privsep-test-{os.getpid()}-{time.monotonic_ns()}")
+    os.mkdir(cgroup)
+    try:
+        script = _PROCESS_LIMIT_SCRIPT.format(tests=str(Path(__file__).parent), cgroup=cgroup)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    finally:
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                os.rmdir(cgroup)
+                break
+            except OSError:  # (EBUSY: a process that just exited leaves the cgroup a moment later)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+    assert out.returncode == 0, out.stderr
+    failed = "failed cannot start Echo: [Errno 11] the zygote cannot fork: Resource temporarily unavailable"
+    assert out.stdout.splitlines() == [
+        "spare pong", failed, failed, "the first worker pong True", "lifted pong True pong"
+    ], out.stderr
+
+
 def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
     """A spare's answer waits in its own channel's queue until the next spawn
     takes it, so a plain fd count right after Broker() equals one after any

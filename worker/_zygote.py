@@ -365,7 +365,15 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             os.close(ctl)
             child_main(cls, fd, prepared, grants, pdeathsig=pdeathsig, parent_pid=os.getppid(), lifeline=_lifeline_fd)
         gc.freeze()  # inherited objects stay out of the child's collector: fewer copy-on-write faults
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN at a process limit, ENOMEM: this spawn fails, we and our workers go on
+            rfd.close()
+            for _, g, _, _ in grant_fds:
+                g.close()
+            failed = OSError(exc.errno, f"the zygote cannot fork: {exc.strerror}")
+            chan.send({"t": "error", "e": exception_to_wire(failed)})
+            continue
         if pid == 0:
             try:
                 fd = rfd.detach()
