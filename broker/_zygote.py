@@ -198,18 +198,23 @@ def _zygote_gone() -> WorkerCrashed:
     return WorkerCrashed(why, WorkerExit("crashed", why))
 
 
-def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
+def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int, foreground: bool = False) -> None:
     """SIGKILL the zygote's child ``pid``, never a stranger that reused the pid.
     The zygote reaps a child only when the broker asks, so while it lives the
     pid stays its child's: the pidfd is opened first, and used only if the
     zygote is still alive after that. A dead zygote's children got the
-    parent-death signal already."""
+    parent-death signal already. ``foreground``: first back to normal
+    priority (a spare waiting at SCHED_IDLE), so that it dies now: killed at
+    background priority on busy CPUs, it took seconds to run to its end,
+    which the zygote's reap waited for (10 s with 12 busy tasks a CPU, and
+    the zygote was ended, its workers with it)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
     except (AttributeError, OSError):  # no pidfd_open here: the liveness check alone
         if zygote.poll() is None:
+            _to_foreground_to_die(pid, foreground)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -217,11 +222,20 @@ def _kill_child_of(zygote: subprocess.Popen[bytes], pid: int) -> None:
         return
     try:
         if zygote.poll() is None:
+            _to_foreground_to_die(pid, foreground)
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
         pass
     finally:
         os.close(pidfd)
+
+
+def _to_foreground_to_die(pid: int, foreground: bool) -> None:
+    if foreground:
+        try:
+            process_to_foreground(pid)  # (every thread: one made ahead may have started some)
+        except OSError:
+            pass  # gone, or the kernel refuses: it dies at the priority it has
 
 
 class _Spare:
@@ -482,7 +496,7 @@ class Zygote:
         Killed, not left to notice EOF, since one made ahead may still be in a
         long setup(); then reaped by the zygote."""
         spare.chan.close()
-        _kill_child_of(self._proc, spare.pid)
+        _kill_child_of(self._proc, spare.pid, foreground=self._idle)
         self._reap_locked(spare.pid, self._reap_within)
         if spare.cgroup is not None:
             spare.cgroup.discard()
@@ -748,6 +762,7 @@ class Zygote:
 
     def _kill_now(self) -> None:
         """Kill the zygote and wait for it, so that ``alive()`` says so at once."""
+        self._hurry()  # (lowered to make a spare, on busy CPUs it took seconds to die: the wait below ran out)
         self._proc.kill()
         try:
             self._proc.wait(2.0)

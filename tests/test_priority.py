@@ -621,3 +621,62 @@ def test_a_pool_sends_no_task_to_a_worker_whose_zygote_died(tree: Path) -> None:
             assert pool.submit(Echo.ping).result(timeout=30) == "pong"
         assert first.exit is not None and first.exit.kind == "crashed", first.exit
         assert pool.workers != [first] and pool.ended == 1 and pool.restarts == 1
+
+
+@needs_renice
+def test_a_spare_made_ahead_and_let_go_on_busy_cpus_dies_at_once(tree: Path) -> None:
+    """A spawn given grants lets the spare made ahead go: it is killed, and
+    the zygote reaps it. Killed at background priority, with four busy tasks
+    on each CPU, it took 3.3 s to run to its end, which the spawn waited for
+    (with twelve, the reap's 10 s ran out: the zygote was ended, every worker
+    with it, and the spawn failed). It is raised to die."""
+    (tree / "data" / "f").write_bytes(b"x")
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        b.spawn(Echo).stop()
+        zygote = b._zygote
+        assert zygote is not None
+        first = b.spawn(Echo)
+        spare = zygote.waiting_spare()
+        assert spare is not None and zygote._spare is not None and zygote._spare.ahead is not None
+        assert _policy(spare[0]) == IDLE
+        hogs = [_hog(cpu) for cpu in sorted(os.sched_getaffinity(0)) for _ in range(4)]
+        try:
+            with b.open("data/f", READ) as cap:
+                t0 = time.monotonic()
+                w = b.spawn(Echo, grants={"f": cap})
+                took = time.monotonic() - t0
+            assert w.ping() == "pong"
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        assert b._zygote is zygote and zygote._proc.returncode is None
+        assert first.ping() == "pong"
+    assert took < 1.5, f"the spawn took {took:.2f} s"
+
+
+@needs_renice
+def test_a_zygote_the_broker_ends_at_background_priority_on_busy_cpus_dies_at_once(tree: Path) -> None:
+    """The broker ends a zygote that does not answer, and waits 2 s for it.
+    Lowered to SCHED_IDLE (as while it makes a spare) on busy CPUs, it took
+    longer than that to die. It is raised first."""
+    with Broker(default_policy(), root=tree, spawn="zygote") as b:
+        assert b.spawn(Echo).ping() == "pong"
+        zygote = b._zygote
+        assert zygote is not None
+        zygote.waiting_spare()
+        to_background(zygote._proc.pid)
+        hogs = [_hog(cpu) for cpu in sorted(os.sched_getaffinity(0)) for _ in range(4)]
+        try:
+            with zygote._lock:
+                t0 = time.monotonic()
+                zygote._kill_now()
+                took = time.monotonic() - t0
+                dead = zygote._proc.returncode is not None
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        assert dead, f"not dead after {took:.2f} s"
+        assert took < 1.0, f"it took {took:.2f} s to die"
+        assert b.spawn(Echo).ping() == "pong"  # a new zygote
