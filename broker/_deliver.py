@@ -215,11 +215,13 @@ class Opener:
                     f"the restricted opener has exited ({_status(self._proc.returncode)}; the next file it must "
                     "reopen starts a new one)",
                 )
-        if type(reply) is dict and reply.get("t") == "opened" and isinstance(reply.get("fd"), ReceivedFd):
-            return int(reply["fd"].detach())
-        if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("errno"), int):
-            raise OSError(reply["errno"], os.strerror(reply["errno"]))
-        raise OSError(errno.EPROTO, "restricted opener sent a malformed reply")
+            if type(reply) is dict and reply.get("t") == "opened" and isinstance(reply.get("fd"), ReceivedFd):
+                return int(reply["fd"].detach())
+            if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("errno"), int):
+                raise OSError(reply["errno"], os.strerror(reply["errno"]))
+            self._end()  # (out of step with us: what it says next cannot be trusted either)
+            raise OSError(errno.EPROTO, "restricted opener sent a malformed reply (ended; the next file it must "
+                          "reopen starts a new one)")
 
     def _end(self) -> None:
         """Kill and reap the opener, so that alive() says so at once."""

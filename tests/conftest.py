@@ -131,10 +131,16 @@ def zygote_channel_copy(broker: Broker, which: str = "worker._zygote") -> int:
     assert broker._zygote is not None
     proc = broker._zygote._proc
     args = [str(a) for a in proc.args]  # type: ignore[union-attr]
-    pidfd = os.pidfd_open(proc.pid)
+    return fd_copy(proc.pid, int(args[args.index(which) + 1]))
+
+
+def fd_copy(pid: int, fd: int) -> int:
+    """A copy, in this process, of process ``pid``'s fd ``fd`` (pidfd_getfd:
+    root has ptrace access to the broker's children). The caller closes it."""
+    pidfd = os.pidfd_open(pid)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        got = libc.syscall(438, pidfd, int(args[args.index(which) + 1]), 0)  # pidfd_getfd
+        got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
         if got < 0:
             raise OSError(ctypes.get_errno(), "pidfd_getfd")
         return int(got)

@@ -14,6 +14,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from _lifecycle_workers import (
     Appender,
@@ -37,7 +39,7 @@ from _lifecycle_workers import (
     Sleeper,
     SlowSetup,
 )
-from conftest import READ, fill_default_executor, open_fds, proc_state, proc_table, spare_of
+from conftest import READ, fd_copy, fill_default_executor, open_fds, proc_state, proc_table, spare_of
 
 from broker import Broker, Policy, WorkerHandle
 from broker._idle_watch import idle_watch
@@ -672,6 +674,33 @@ def test_a_restricted_opener_that_does_not_answer_is_ended(
         assert w.ping() == "pong"  # the worker lives on
     assert [(tree / "out" / n).read_bytes() for n in ("a", "b", "c")] == [b"", b"b", b"c"]
     assert "the restricted opener has exited; starting a new one" in caplog.text
+
+
+def test_a_restricted_opener_out_of_step_is_ended(tree: Path) -> None:
+    """An answer that is no answer to the request (here one put in the
+    opener's channel from outside, while it is stopped) fails the request and
+    ends the opener, whose real answer would be taken for the next request's
+    (the write meant for ``b`` went into ``a``)."""
+    for name in ("a", "b"):
+        (tree / "out" / name).write_bytes(b"")
+    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no TRUNCATE: reopened by the opener)
+    with Broker(Policy().allow("out/", rights), root=tree) as b:
+        w = b.spawn(Appender)
+        with b.open("out/b", rights) as f:
+            assert w.append(f, b"b") == 1  # (the opener started)
+        assert b._opener_proc is not None
+        first = b._opener_proc._proc
+        first.send_signal(signal.SIGSTOP)
+        args = [str(a) for a in first.args]  # type: ignore[union-attr]
+        with socket.socket(fileno=fd_copy(first.pid, int(args[args.index("worker._opener") + 1]))) as theirs:
+            theirs.send(msgpack.packb({"t": "nonsense"}))
+        with b.open("out/a", rights) as f, pytest.raises(OSError, match="sent a malformed reply"):
+            w.append(f, b"a")
+        first.send_signal(signal.SIGCONT)  # (a no-op once it is reaped)
+        assert first.poll() is not None  # ended
+        with b.open("out/b", rights) as f:
+            assert w.append(f, b"b") == 1
+    assert [(tree / "out" / n).read_bytes() for n in ("a", "b")] == [b"", b"bb"]
 
 
 def test_a_restricted_opener_that_dies_during_a_request_says_so(tree: Path) -> None:
