@@ -227,7 +227,16 @@ class WorkerHandle:
         """Is the worker's process running? (One that ended while no call or
         stop was made has its ``exit`` recorded by the idle watch within
         moments; this sees the end at once.)"""
-        return self.exit is None and (self._pidfd < 0 or not ready_now(self._pidfd))
+        return self.exit is None and not self._pidfd_ready()
+
+    def _pidfd_ready(self) -> bool | None:
+        """Has the process ended, by its pidfd? None once the pidfd is gone
+        (reaped). Under the pidfd's lock, for a caller that does not hold the
+        call lock: a stop on another thread may close the pidfd meanwhile (an
+        akill() racing a stop() dup'ed it closed: EBADF; its number reused, it
+        would have looked at another file)."""
+        with self._pidfd_lock:
+            return None if self._pidfd < 0 else ready_now(self._pidfd)
 
     # -- calling ----------------------------------------------------------
     def __getattr__(self, name: str) -> Callable[..., Any]:
@@ -1536,9 +1545,10 @@ class WorkerHandle:
         kill; red-team round 32). One whose zygote has died is ending: its
         parent-death signal is on its way, if not yet acted on (a worker slow
         to run read "stopped" though dead before its stop; a CI run)."""
-        if self._stop_sent or self._sigkilled or self._pidfd < 0:
+        if self._stop_sent or self._sigkilled:
             return False
-        return ready_now(self._pidfd) or self._orphaned()
+        ended = self._pidfd_ready()
+        return ended is not None and (ended or self._orphaned())
 
     def _orphaned(self) -> bool:
         """Has its zygote died? Then so does it, once it runs."""
@@ -1826,13 +1836,20 @@ class WorkerHandle:
         worker's own os._exit(3) read "killed by the broker"; red-team round 29)."""
         if self.exit is not None:
             return self.exit
-        if self._call_thread == threading.get_ident() and self._pending_call is None:
-            # astop() of this loop holds the lock, waiting for the end it asked for: recorded here.
-            return self._end_during_call(ending.kind, ending.reason)
         ended_before = self._ended_unasked()
         if self._ending is None and not ended_before:  # (a call in flight records its end as this)
             self._ending = ending
         self._kill()
+        if self._call_thread == threading.get_ident() and self._pending_call is None:
+            # astop() of this loop holds the lock, waiting for the end it asked for. The status is
+            # asked for off the loop first: recorded at once, the end of one that died before the
+            # look read signal None (a CI run). Whichever records it, this or that astop() once its
+            # wait sees the end, records it as this kill (_ending; _stopped).
+            await self._aended(5.0)
+            if self.exit is None:
+                self._record_kill(self._ending or ending, self._reap(5.0), ended_before)
+            assert self.exit is not None
+            return self.exit
         try:
             await self._aended(5.0)
             async with asyncio.timeout(10.0):
@@ -1888,8 +1905,17 @@ class WorkerHandle:
                 return False
 
     async def _exited(self, timeout: float) -> bool:
-        """Wait on the event loop until the process has ended; False after ``timeout``."""
-        return self._pidfd < 0 or await readable(self._pidfd, timeout)
+        """Wait on the event loop until the process has ended; False after
+        ``timeout``. On a copy of the pidfd, taken under its lock: akill()
+        waits here without the call lock (see _pidfd_ready)."""
+        with self._pidfd_lock:
+            if self._pidfd < 0 or ready_now(self._pidfd):
+                return True
+            own = os.dup(self._pidfd)
+        try:
+            return await readable(own, timeout)
+        finally:
+            os.close(own)
 
     def kill(self) -> WorkerExit:
         """Kill the worker now. A call in flight raises ``WorkerCrashed``."""

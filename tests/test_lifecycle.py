@@ -1718,6 +1718,7 @@ def test_two_ends_asked_at_once_read_as_asked(
     runner = threading.Thread(target=loop.run_forever, daemon=True)
     runner.start()
     ends = []
+    errors: list[BaseException] = []  # (an akill() racing a stop() raised EBADF: its pidfd closed under it)
     try:
         with Broker(Policy().with_limits(memory=64 << 20), root=tree) as b:
             for i in range(30):
@@ -1728,10 +1729,13 @@ def test_two_ends_asked_at_once_read_as_asked(
                 def end(how: str, pause: float, w: WorkerHandle = w, start: threading.Barrier = start) -> None:
                     start.wait()
                     time.sleep(pause)
-                    if how.startswith("a"):
-                        asyncio.run_coroutine_threadsafe(getattr(w, how)(), loop).result(20)
-                    else:
-                        getattr(w, how)()
+                    try:
+                        if how.startswith("a"):
+                            asyncio.run_coroutine_threadsafe(getattr(w, how)(), loop).result(20)
+                        else:
+                            getattr(w, how)()
+                    except BaseException as exc:
+                        errors.append(exc)
 
                 both = [threading.Thread(target=end, args=(first, 0.0)),
                         threading.Thread(target=end, args=(second, 0.001 * (i % 5)))]
@@ -1745,6 +1749,7 @@ def test_two_ends_asked_at_once_read_as_asked(
         loop.call_soon_threadsafe(loop.stop)
         runner.join(5)
         loop.close()
+    assert errors == []
     asked = {("signal", "killed by the broker"), ("ok", "stopped, exit status 0")}
     assert set(ends) <= asked, [e for e in ends if e not in asked]
     levels = {r.levelname for r in caplog.records if "ended:" in r.getMessage()}
