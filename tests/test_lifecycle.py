@@ -20,7 +20,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -643,6 +643,27 @@ def test_a_dead_restricted_opener_is_replaced(tree: Path, caplog: pytest.LogCapt
     assert "the restricted opener has exited; starting a new one" in caplog.text
 
 
+_REOPENED = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no TRUNCATE: reopened by the opener)
+
+
+@contextlib.contextmanager
+def _stopped_opener(tree: Path, names: str) -> Iterator[tuple[Broker, WorkerHandle, subprocess.Popen[bytes]]]:
+    """A broker whose restricted opener has reopened a first file and is now
+    stopped: (the broker, its worker, the opener's process). ``names``: the
+    files made empty in ``out/``; the first is written its own name, through
+    the opener."""
+    for name in names:
+        (tree / "out" / name).write_bytes(b"")
+    with Broker(Policy().allow("out/", _REOPENED), root=tree) as b:
+        w = b.spawn(Appender)
+        with b.open(f"out/{names[0]}", _REOPENED) as f:
+            assert w.append(f, names[0].encode()) == 1  # (the opener started)
+        assert b._opener_proc is not None
+        first = b._opener_proc._proc
+        first.send_signal(signal.SIGSTOP)
+        yield b, w, first
+
+
 def test_a_restricted_opener_that_does_not_answer_is_ended(
     tree: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -653,24 +674,15 @@ def test_a_restricted_opener_that_does_not_answer_is_ended(
     from broker._deliver import Opener
 
     monkeypatch.setattr(Opener, "answer_timeout", 0.5)
-    for name in ("a", "b", "c"):
-        (tree / "out" / name).write_bytes(b"")
-    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no TRUNCATE: reopened by the opener)
-    with Broker(Policy().allow("out/", rights), root=tree) as b:
-        w = b.spawn(Appender)
-        with b.open("out/c", rights) as f:
-            assert w.append(f, b"c") == 1  # (the opener started)
-        assert b._opener_proc is not None
-        first = b._opener_proc._proc
-        first.send_signal(signal.SIGSTOP)
-        with b.open("out/a", rights) as f, pytest.raises(OSError, match=r"did not answer within 0\.5 s") as err:
+    with _stopped_opener(tree, "cab") as (b, w, first):
+        with b.open("out/a", _REOPENED) as f, pytest.raises(OSError, match=r"did not answer within 0\.5 s") as err:
             w.append(f, b"a")
         assert err.value.errno == errno.ETIMEDOUT
         first.send_signal(signal.SIGCONT)  # (a no-op once it is reaped)
         assert first.poll() is not None  # ended
-        with b.open("out/b", rights) as f:
+        with b.open("out/b", _REOPENED) as f:
             assert w.append(f, b"b") == 1
-        assert b._opener_proc._proc.pid != first.pid
+        assert b._opener_proc is not None and b._opener_proc._proc.pid != first.pid
         assert w.ping() == "pong"  # the worker lives on
     assert [(tree / "out" / n).read_bytes() for n in ("a", "b", "c")] == [b"", b"b", b"c"]
     assert "the restricted opener has exited; starting a new one" in caplog.text
@@ -681,46 +693,28 @@ def test_a_restricted_opener_out_of_step_is_ended(tree: Path) -> None:
     opener's channel from outside, while it is stopped) fails the request and
     ends the opener, whose real answer would be taken for the next request's
     (the write meant for ``b`` went into ``a``)."""
-    for name in ("a", "b"):
-        (tree / "out" / name).write_bytes(b"")
-    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no TRUNCATE: reopened by the opener)
-    with Broker(Policy().allow("out/", rights), root=tree) as b:
-        w = b.spawn(Appender)
-        with b.open("out/b", rights) as f:
-            assert w.append(f, b"b") == 1  # (the opener started)
-        assert b._opener_proc is not None
-        first = b._opener_proc._proc
-        first.send_signal(signal.SIGSTOP)
+    with _stopped_opener(tree, "ba") as (b, w, first):
         args = [str(a) for a in first.args]  # type: ignore[union-attr]
         with socket.socket(fileno=fd_copy(first.pid, int(args[args.index("worker._opener") + 1]))) as theirs:
             theirs.send(msgpack.packb({"t": "nonsense"}))
-        with b.open("out/a", rights) as f, pytest.raises(OSError, match="sent a malformed reply"):
+        with b.open("out/a", _REOPENED) as f, pytest.raises(OSError, match="sent a malformed reply"):
             w.append(f, b"a")
         first.send_signal(signal.SIGCONT)  # (a no-op once it is reaped)
         assert first.poll() is not None  # ended
-        with b.open("out/b", rights) as f:
+        with b.open("out/b", _REOPENED) as f:
             assert w.append(f, b"b") == 1
     assert [(tree / "out" / n).read_bytes() for n in ("a", "b")] == [b"", b"bb"]
 
 
 def test_a_restricted_opener_that_dies_during_a_request_says_so(tree: Path) -> None:
     """An opener killed while it holds a request: the call fails saying the
-    opener exited (it said "sent a malformed reply"), and the next file is
-    reopened by a new one."""
-    for name in ("a", "b"):
-        (tree / "out" / name).write_bytes(b"")
-    rights = Rights.READ | Rights.WRITE | Rights.SEEK | Rights.FSTAT  # (no TRUNCATE: reopened by the opener)
-    with Broker(Policy().allow("out/", rights), root=tree) as b:
-        w = b.spawn(Appender)
-        with b.open("out/b", rights) as f:
-            assert w.append(f, b"b") == 1  # (the opener started)
-        assert b._opener_proc is not None
-        first = b._opener_proc._proc
-        first.send_signal(signal.SIGSTOP)
+    opener exited (it raised a bare ConnectionResetError), and the next file
+    is reopened by a new one."""
+    with _stopped_opener(tree, "ba") as (b, w, first):
         failed: list[BaseException] = []
 
         def append_a() -> None:
-            with b.open("out/a", rights) as f:
+            with b.open("out/a", _REOPENED) as f:
                 try:
                     w.append(f, b"a")
                 except OSError as exc:
@@ -729,6 +723,7 @@ def test_a_restricted_opener_that_dies_during_a_request_says_so(tree: Path) -> N
         t = threading.Thread(target=append_a)
         t.start()
         deadline = time.monotonic() + 5.0
+        assert b._opener_proc is not None
         while not b._opener_proc._lock.locked() and time.monotonic() < deadline:  # (the request in flight)
             time.sleep(0.005)
         time.sleep(0.05)
@@ -739,7 +734,7 @@ def test_a_restricted_opener_that_dies_during_a_request_says_so(tree: Path) -> N
             "[Errno 32] the restricted opener has exited (killed by signal 9; the next file it must reopen "
             "starts a new one)"
         ]
-        with b.open("out/b", rights) as f:
+        with b.open("out/b", _REOPENED) as f:
             assert w.append(f, b"b") == 1
         assert b._opener_proc._proc.pid != first.pid
     assert [(tree / "out" / n).read_bytes() for n in ("a", "b")] == [b"", b"bb"]

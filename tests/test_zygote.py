@@ -450,7 +450,8 @@ with Broker(Policy(), root=tempfile.mkdtemp(), spawn="zygote") as b:
     b._zygote.waiting_spare()
     with open(os.path.join({cgroup!r}, "pids.current")) as f:
         limit(f.read().strip())  # no process more
-    print("spare", b.spawn(Echo).ping(), flush=True)  # (the spare made before: the next one cannot be)
+    spare = b.spawn(Echo)  # (the spare made before: the next one cannot be; kept, so that no end is reaped now)
+    print("spare", spare.ping(), flush=True)
     for _ in range(2):
         try:
             b.spawn(Echo)
