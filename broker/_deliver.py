@@ -159,6 +159,11 @@ class Outgoing:
             os.close(fd)
 
 
+class _OpenerExited(BrokenPipeError):
+    """The restricted opener ended before it answered (killed from outside,
+    say): nothing of the request took effect."""
+
+
 class Opener:
     """The broker's side of the restricted opener process (started lazily)."""
 
@@ -194,6 +199,8 @@ class Opener:
         """Reopen ``fd`` (or create an O_TMPFILE in directory ``fd``) inside
         the opener's domain. Returns a new fd the caller owns."""
         with self._lock:
+            if self._chan.sock.fileno() < 0:  # closed since the caller got us: replaced once we had exited
+                raise self._exited()
             try:
                 self._chan.send({"t": "open", "fd": Outgoing(fd, KIND_FILE, Rights.NONE, False), "flags": flags})
                 if not self._chan.wait_readable(self.answer_timeout):
@@ -210,11 +217,7 @@ class Opener:
                 reply = None
             if reply is None:
                 self._end()
-                raise OSError(
-                    errno.EPIPE,
-                    f"the restricted opener has exited ({_status(self._proc.returncode)}; the next file it must "
-                    "reopen starts a new one)",
-                )
+                raise self._exited()
             if type(reply) is dict and reply.get("t") == "opened" and isinstance(reply.get("fd"), ReceivedFd):
                 return int(reply["fd"].detach())
             if type(reply) is dict and reply.get("t") == "error" and isinstance(reply.get("errno"), int):
@@ -228,6 +231,13 @@ class Opener:
         self._proc.kill()
         self._proc.wait()
 
+    def _exited(self) -> _OpenerExited:
+        return _OpenerExited(
+            errno.EPIPE,
+            f"the restricted opener has exited ({_status(self._proc.returncode)}; the next file it must reopen "
+            "starts a new one)",
+        )
+
     def alive(self) -> bool:
         return self._proc.poll() is None
 
@@ -237,7 +247,8 @@ class Opener:
         self._chan.close()
 
     def close(self) -> None:
-        self._chan.close()
+        with self._lock:  # (after a request of another thread's: the next one finds the channel closed)
+            self._chan.close()
         try:
             self._proc.wait(2.0)
         except subprocess.TimeoutExpired:
@@ -269,6 +280,18 @@ def _fill_small(src: int, w: int) -> bool:
     return True
 
 
+def _reopened(opener: Callable[[], Opener], fd: int, flags: int) -> int:
+    """``fd`` reopened by the restricted opener; once more, by a new one, if
+    it had exited (killed from outside, say: the requests of other threads
+    then failed, with EBADF where they held it as the broker replaced it).
+    Nothing of the first request took effect: a reopen has no other effect,
+    and an O_TMPFILE it made went with it."""
+    try:
+        return opener().open(fd, flags)
+    except _OpenerExited:
+        return opener().open(fd, flags)
+
+
 def deliver(
     cap: Capability,
     plan: str,
@@ -288,7 +311,7 @@ def deliver(
     if plan not in (NO_TRUNCATE, PIPE_READ, PIPE_WRITE):
         raise ValueError(f"deliver() has nothing to make for plan {plan!r}")
     if plan == NO_TRUNCATE:
-        return Outgoing(opener().open(cap.fileno(), flags), KIND_FILE, rights, owned=True), None
+        return Outgoing(_reopened(opener, cap.fileno(), flags), KIND_FILE, rights, owned=True), None
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         src = os.dup(cap.fileno())
