@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 from _zygote_workers import (
     Appender,
@@ -292,6 +293,9 @@ def test_a_reap_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: Pa
         assert w.ping() == "pong"
         zygote = b._zygote
         assert zygote is not None
+        # Its next spare made: the request for it read (under load it was still queued when the zygote
+        # stopped, and was taken below for the reap's, the reap's for a second ask; a CI run).
+        assert zygote.waiting_spare() is not None
         held = zygote_channel_copy(b)
         try:
             os.kill(zygote._proc.pid, signal.SIGSTOP)  # the reap's answer will not come
@@ -303,7 +307,7 @@ def test_a_reap_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: Pa
             killer.join()
             assert 0.25 < took < 2.0, f"the reap took {took:.2f} s"
             # Its request waits in the channel's queue, which our copy shares.
-            assert select.select([held], [], [], 0)[0] and os.read(held, 65536)
+            assert select.select([held], [], [], 0)[0] and msgpack.unpackb(os.read(held, 65536))["t"] == "reap"
             assert zygote.reap(w.pid) is None
             assert not select.select([held], [], [], 0)[0], "a dead zygote was asked again"
         finally:
