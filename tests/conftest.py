@@ -122,6 +122,17 @@ def proc_state(pid: int) -> str:
         return "gone"
 
 
+def wait_stopped(pid: int) -> None:
+    """Wait (at most 5 s) until the kernel shows the process as stopped: kill()
+    returns before a SIGSTOP has taken effect, and a process blocked in a
+    receive is woken by it, so it could still take a packet that comes then."""
+    deadline = time.monotonic() + 5.0
+    while proc_state(pid) != "T":
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} did not stop within 5 s of SIGSTOP")
+        time.sleep(0.001)
+
+
 def zygote_channel_copy(broker: Broker, which: str = "worker._zygote") -> int:
     """A copy, in this process, of the broker's zygote's end of their
     channel (pidfd_getfd: root has ptrace access to the broker's child), as

@@ -40,7 +40,7 @@ from _supervision_workers import (
     SelfSignaller,
     Speller,
 )
-from conftest import READ, default_policy
+from conftest import READ, default_policy, wait_stopped
 
 from broker import Broker, Policy
 from broker._loop import notified_now
@@ -656,16 +656,6 @@ def test_a_call_timeout_holds_while_the_broker_waits_to_answer_a_deaf_worker(tre
     assert took < 3.0, f"a 0.5 s call took {took:.1f} s"
 
 
-def _wait_stopped(pid: int) -> None:
-    """Wait (at most 5 s) until the kernel shows the process as stopped."""
-    for _ in range(500):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.01)
-    pytest.fail(f"process {pid} did not stop within 5 s of SIGSTOP")
-
-
 def test_a_calls_timeout_holds_when_the_call_itself_cannot_be_sent(tree: Path) -> None:
     """The send of the call waited for room for the channel's 10 s, whatever
     the call's timeout said, and the end was recorded as a protocol error
@@ -674,7 +664,7 @@ def test_a_calls_timeout_holds_when_the_call_itself_cannot_be_sent(tree: Path) -
         w = b.spawn(Asker)
         assert w.ping() == "pong"
         os.kill(w.pid, signal.SIGSTOP)  # it reads nothing from now on
-        _wait_stopped(w.pid)  # (kill() returns before the worker has stopped: it could still read a packet)
+        wait_stopped(w.pid)  # (kill() returns before the worker has stopped: it could still read a packet)
         chan = w._chan.sock
         with pytest.raises(BlockingIOError):
             for _ in range(100_000):  # what a worker leaves unread: the queue to it is full

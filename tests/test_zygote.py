@@ -35,6 +35,7 @@ from conftest import (
     proc_state,
     spare_made_ahead,
     spare_of,
+    wait_stopped,
     zygote_channel_copy,
 )
 
@@ -299,11 +300,7 @@ def test_a_reap_ends_when_the_zygote_dies_though_its_channel_stays_open(tree: Pa
         held = zygote_channel_copy(b)
         try:
             os.kill(zygote._proc.pid, signal.SIGSTOP)  # the reap's answer will not come
-            # Stopped, not stopping: one woken by the request as the signal came took it first (a CI run).
-            deadline = time.monotonic() + 5.0
-            while proc_state(zygote._proc.pid) != "T" and time.monotonic() < deadline:
-                time.sleep(0.001)
-            assert proc_state(zygote._proc.pid) == "T"
+            wait_stopped(zygote._proc.pid)  # (not stopping: woken by the signal, it took the request first; a CI run)
             killer = threading.Timer(0.3, os.kill, (zygote._proc.pid, signal.SIGKILL))
             killer.start()
             t0 = time.monotonic()
