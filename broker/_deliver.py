@@ -22,6 +22,7 @@ from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd, seqpacke
 from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, later_file_plan
 
 from ._capability import Capability
+from ._exit import returncode_text
 from ._interp import child_env, interpreter
 from ._parent import as_parent
 
@@ -234,7 +235,7 @@ class Opener:
     def _exited(self) -> _OpenerExited:
         return _OpenerExited(
             errno.EPIPE,
-            f"the restricted opener has exited ({_status(self._proc.returncode)}; the next file it must reopen "
+            f"the restricted opener has exited ({returncode_text(self._proc.returncode)}; the next file it must reopen "
             "starts a new one)",
         )
 
@@ -254,10 +255,6 @@ class Opener:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-
-
-def _status(code: int | None) -> str:
-    return "status unknown" if code is None else f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
 
 def _fill_small(src: int, w: int) -> bool:

@@ -73,3 +73,11 @@ class WorkerExit:
         if self.kind == "timeout":
             return WorkerTimeout(text, self)
         return WorkerCrashed(text, self)
+
+
+def returncode_text(code: int | None) -> str:
+    """How a helper process (the zygote, the restricted opener) ended, from
+    its ``Popen.returncode``."""
+    if code is None:
+        return "status unknown"
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"

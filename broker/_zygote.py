@@ -31,7 +31,7 @@ from worker._mainref import main_refs, module_ref
 from worker._priority import cpu_state, may_raise, parent_of, process_to_foreground, to_background, to_foreground
 
 from ._cgroup import WorkerCgroup
-from ._exit import WorkerExit
+from ._exit import WorkerExit, returncode_text
 from ._idle_watch import idle_watch
 from ._interp import child_env, interpreter
 from ._lifeline import Lifeline, new_lifeline
@@ -124,12 +124,13 @@ def _start(
 def _request_spawn(
     chan: Channel, cls: type[Worker], spec_wire: Any, timeout: float, grants: list[tuple[str, Any]],
     sent: Callable[[], None] | None = None,
-    on_timeout: Callable[[], None] | None = None,
+    on_timeout: Callable[[], bool] | None = None,
     died: Callable[[], bool] | None = None,
 ) -> tuple[int, socket.socket]:
     """``sent()`` runs once the request is on its way (before the wait);
-    ``on_timeout()`` if no answer came in time (the zygote is then ended);
-    ``died()`` says whether the zygote has died, ending the wait then."""
+    ``on_timeout()`` if no answer came in time: it ends the zygote, and says
+    whether it had died by itself; ``died()`` says whether the zygote has
+    died, ending the wait then."""
     parent, child = seqpacket_pair()
     try:
         chan.send(
@@ -152,10 +153,7 @@ def _request_spawn(
     try:
         if not _answer_within(chan, timeout, died):
             parent.close()
-            dead = died is not None and died()  # (asked first: on_timeout() may kill it now)
-            if on_timeout is not None:
-                on_timeout()  # its late answer would be read as the next request's
-            if dead:
+            if on_timeout is not None and on_timeout():  # (ended: its late answer would be the next's)
                 raise _zygote_gone()
             why = f"zygote did not answer a spawn request within {timeout:g} s"
             raise WorkerCrashed(why, WorkerExit("crashed", why))
@@ -395,7 +393,7 @@ class Zygote:
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
             pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry,
-                                       on_timeout=self._kill_now, died=self._died)
+                                       on_timeout=self._end_unanswered, died=self._died)
             self._ask_spare(expect)
             return pid, Channel(sock)
 
@@ -646,9 +644,7 @@ class Zygote:
                 self._hurry()  # still being made, maybe at SCHED_IDLE
                 ready = _answer_within(self._spares, timeout, self._died)
             if not ready:
-                gone = self._died()
-                self._kill_now()  # its late answer would be taken for the next request's: start anew
-                if gone:
+                if self._end_unanswered():
                     raise _zygote_gone()
                 why = f"zygote did not answer within {timeout:g} s"
                 raise WorkerCrashed(why, WorkerExit("crashed", why))
@@ -760,6 +756,16 @@ class Zygote:
         hup.register(fd, select.POLLHUP)
         return bool(hup.poll(0))
 
+    def _end_unanswered(self) -> bool:
+        """After a wait for its answer that ran out or found it dead: end the
+        zygote (its late answer would be taken for the next request's, so the
+        next spawn starts a new one) and say whether it had died by itself.
+        Asked before the kill, which a look after it would read as its own
+        death ("exited" for one stopped or stuck)."""
+        died = self._died()
+        self._kill_now()
+        return died
+
     def _kill_now(self) -> None:
         """Kill the zygote and wait for it, so that ``alive()`` says so at once."""
         self._hurry()  # (lowered to make a spare, on busy CPUs it took seconds to die: the wait below ran out)
@@ -771,9 +777,7 @@ class Zygote:
 
     def exit_reason(self) -> str:
         code = self._proc.poll()
-        if code is None:
-            return "running"
-        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        return "running" if code is None else returncode_text(code)
 
     def load(self, cls: type[Worker], timeout: float) -> None:
         """Have the zygote import ``cls`` now and say whether it could: asked
@@ -785,11 +789,10 @@ class Zygote:
                 self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__})
                 self._hurry()
                 if not _answer_within(self._chan, timeout, self._died):
-                    died = self._died()
-                    self._kill_now()  # (stuck in the script's top-level code)
-                    if died:  # (killed from outside: see below)
+                    if self._end_unanswered():  # (killed from outside: see below)
                         why = f"the zygote has exited while importing {cls.__qualname__}"
                         raise WorkerCrashed(why, WorkerExit("crashed", why))
+                    # (stuck in the script's top-level code)
                     raise CannotImport(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
                 reply = self._chan.recv()
             except OSError as exc:  # (ECONNRESET, EPIPE: it died)

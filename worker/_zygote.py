@@ -353,9 +353,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             cls = load_class(module, qualname)
             prepared = prepared_for(spec)
         except BaseException as exc:  # a module's sys.exit() at import too: the zygote goes on
-            rfd.close()
-            for _, g, _, _ in grant_fds:
-                g.close()
+            _let_go(rfd, grant_fds)
             chan.send({"t": "error", "e": exception_to_wire(exc)})
             continue
         if once:
@@ -368,9 +366,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN at a process limit, ENOMEM: this spawn fails, we and our workers go on
-            rfd.close()
-            for _, g, _, _ in grant_fds:
-                g.close()
+            _let_go(rfd, grant_fds)
             failed = OSError(exc.errno, f"the zygote cannot fork: {exc.strerror}")
             chan.send({"t": "error", "e": exception_to_wire(failed)})
             continue
@@ -383,10 +379,15 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
                 child_main(cls, fd, prepared, grants, pdeathsig=True, parent_pid=me, lifeline=_lifeline_fd)
             finally:
                 os._exit(70)
-        rfd.close()
-        for _, g, _, _ in grant_fds:
-            g.close()
+        _let_go(rfd, grant_fds)
         chan.send({"t": "spawned", "pid": pid})
+
+
+def _let_go(rfd: ReceivedFd, grant_fds: list[tuple[str, ReceivedFd, int, Rights]]) -> None:
+    """Close our copies of a spawn request's fds: the worker has its own, or none was made."""
+    rfd.close()
+    for _, g, _, _ in grant_fds:
+        g.close()
 
 
 def main(argv: list[str]) -> None:
