@@ -126,41 +126,47 @@ def _request_spawn(
     sent: Callable[[], None] | None = None,
     on_timeout: Callable[[], bool] | None = None,
     died: Callable[[], bool] | None = None,
+    numbered: tuple[int, Callable[[Any], None]] | None = None,
 ) -> tuple[int, socket.socket]:
     """``sent()`` runs once the request is on its way (before the wait);
     ``on_timeout()`` if no answer came in time: it ends the zygote, and says
     whether it had died by itself; ``died()`` says whether the zygote has
-    died, ending the wait then."""
+    died, ending the wait then. ``numbered``: the request's number and what
+    to do with an earlier request's answer met on the way (``_answer``)."""
     parent, child = seqpacket_pair()
+    msg = {
+        "t": "spawn",
+        "module": _ref(cls),
+        "qualname": cls.__qualname__,
+        "spec": spec_wire,
+        "chan": SocketEnd(child),
+        "grants": [[name, cap] for name, cap in grants],
+    }
+    if numbered is not None:
+        msg["n"] = numbered[0]
     try:
-        chan.send(
-            {
-                "t": "spawn",
-                "module": _ref(cls),
-                "qualname": cls.__qualname__,
-                "spec": spec_wire,
-                "chan": SocketEnd(child),
-                "grants": [[name, cap] for name, cap in grants],
-            }
-        )
-    except (BrokenPipeError, ConnectionResetError) as exc:  # it died since it was last seen alive
-        parent.close()
-        raise _zygote_gone() from exc
-    finally:
-        child.close()
-    if sent is not None:
-        sent()
-    try:
-        if not _answer_within(chan, timeout, died):
-            parent.close()
+        try:
+            chan.send(msg)
+        except (BrokenPipeError, ConnectionResetError) as exc:  # it died since it was last seen alive
+            raise _zygote_gone() from exc
+        finally:
+            child.close()
+        if sent is not None:
+            sent()
+        try:
+            reply = _answer(chan, timeout, died, numbered)
+        except OSError as exc:  # ECONNRESET: it died with the request unread (a red team: 2 spawns in 100)
+            raise _zygote_gone() from exc
+        if reply is _UNANSWERED:
             if on_timeout is not None and on_timeout():  # (ended: its late answer would be the next's)
                 raise _zygote_gone()
             why = f"zygote did not answer a spawn request within {timeout:g} s"
             raise WorkerCrashed(why, WorkerExit("crashed", why))
-        reply = chan.recv()
-    except OSError as exc:  # ECONNRESET: it died with the request unread (a red team: 2 spawns in 100)
+    except BaseException:
+        # (a Ctrl-C too: a worker made for an answer left unread gets EOF, and is ended
+        # when that answer is read: see Zygote._stale)
         parent.close()
-        raise _zygote_gone() from exc
+        raise
     if reply is None:
         parent.close()
         raise _zygote_gone()
@@ -172,6 +178,34 @@ def _request_spawn(
         why = f"cannot start {cls.__qualname__}: {cause}"
         raise WorkerCrashed(why, WorkerExit("crashed", why)) from cause
     raise ProtocolError("zygote sent a malformed reply")
+
+
+_UNANSWERED: Any = object()  # (no answer within the time given)
+
+
+def _answer(
+    chan: Channel, timeout: float, died: Callable[[], bool] | None,
+    numbered: tuple[int, Callable[[Any], None]] | None = None,
+) -> Any:
+    """The answer on ``chan`` (None at EOF), or ``_UNANSWERED`` if none came
+    within ``timeout`` (see ``_answer_within``). With ``numbered`` (n,
+    stale): the answer numbered ``n``; one to an earlier request, left
+    unread by a broker call that was interrupted (a Ctrl-C) while it
+    waited, goes to ``stale()``. Taken for the next request's answer, it
+    told a stop "exit status unknown" for good, and handed a spawn the pid
+    of another worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not _answer_within(chan, max(0.0, deadline - time.monotonic()), died):
+            return _UNANSWERED
+        reply = chan.recv()
+        if numbered is None or type(reply) is not dict:
+            return reply
+        n, stale = numbered
+        got = reply.get("n")
+        if type(got) is not int or got >= n:
+            return reply  # (ours; or malformed, which the caller says)
+        stale(reply)
 
 
 def _answer_within(chan: Channel, timeout: float, died: Callable[[], bool] | None) -> bool:
@@ -331,6 +365,8 @@ class Zygote:
         #: (pid, what it was made for, its writable mappings before its request) of the worker learned from
         self._learning: tuple[int, tuple[str, str, Any], list[tuple[int, int]]] | None = None
         self._reap_within = 10.0  # (seconds) a reap's wait for the zygote's answer: see closing()
+        self._n = 0  # the number of the last request sent (see _answer)
+        self._spare_n = 0  # the number of the pending spare request
         try:
             self._ask_spare(None)
             # Return once the zygote and its first spare exist (the answer is left
@@ -393,7 +429,8 @@ class Zygote:
                     spare.chan.send_timeout = DEFAULT_SEND_TIMEOUT  # from now on, a worker's channel
                     return spare.pid, spare.chan
             pid, sock = _request_spawn(self._chan, cls, spec_wire, timeout, grants, sent=self._hurry,
-                                       on_timeout=self._end_unanswered, died=self._died)
+                                       on_timeout=self._end_unanswered, died=self._died,
+                                       numbered=(self._number(), self._stale))
             self._ask_spare(expect)
             return pid, Channel(sock)
 
@@ -503,7 +540,8 @@ class Zygote:
         """Ask for the next spare (answer read later). Caller holds the lock or is __init__."""
         if self._pending:
             return
-        msg: dict[str, Any] = {"t": "spare"}
+        msg: dict[str, Any] = {"t": "spare", "n": self._number()}
+        self._spare_n = msg["n"]
         if preload is not None:
             msg["preload"] = list(preload)
             runs = self._touched(preload)
@@ -639,20 +677,18 @@ class Zygote:
         self.drop_check()
         cgroup, self._asked_cgroup = self._asked_cgroup, None
         try:
-            ready = self._spares.wait_readable(0)  # usually: the spare was made between spawns
-            if not ready:
+            if not self._spares.wait_readable(0):  # usually: the spare was made between spawns
                 self._hurry()  # still being made, maybe at SCHED_IDLE
-                ready = _answer_within(self._spares, timeout, self._died)
-            if not ready:
+            try:
+                reply = _answer(self._spares, timeout, self._died, (self._spare_n, self._stale))
+            except OSError as exc:  # (ECONNRESET: it died with the request unread)
+                self._kill_now()
+                raise _zygote_gone() from exc
+            if reply is _UNANSWERED:
                 if self._end_unanswered():
                     raise _zygote_gone()
                 why = f"zygote did not answer within {timeout:g} s"
                 raise WorkerCrashed(why, WorkerExit("crashed", why))
-            try:
-                reply = self._spares.recv()
-            except OSError as exc:  # (ECONNRESET: it died with the request unread)
-                self._kill_now()
-                raise _zygote_gone() from exc
             if reply is None:
                 self._kill_now()
                 raise _zygote_gone()
@@ -786,15 +822,16 @@ class Zygote:
         answer within ``timeout`` is killed (it is stuck in that code)."""
         with self._lock:
             try:
-                self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__})
+                n = self._number()
+                self._chan.send({"t": "load", "module": _ref(cls), "qualname": cls.__qualname__, "n": n})
                 self._hurry()
-                if not _answer_within(self._chan, timeout, self._died):
+                reply = _answer(self._chan, timeout, self._died, (n, self._stale))
+                if reply is _UNANSWERED:
                     if self._end_unanswered():  # (killed from outside: see below)
                         why = f"the zygote has exited while importing {cls.__qualname__}"
                         raise WorkerCrashed(why, WorkerExit("crashed", why))
                     # (stuck in the script's top-level code)
                     raise CannotImport(f"the zygote did not import {cls.__qualname__} within {timeout:g} s")
-                reply = self._chan.recv()
             except OSError as exc:  # (ECONNRESET, EPIPE: it died)
                 self._kill_now()  # (see below)
                 why = f"the zygote has exited while importing {cls.__qualname__}"
@@ -838,12 +875,13 @@ class Zygote:
         if self._died():
             return None  # its children died with it, and were reaped by init
         try:
-            self._chan.send({"t": "reap", "pid": pid})
+            n = self._number()
+            self._chan.send({"t": "reap", "pid": pid, "n": n})
             self._hurry()
-            if not _answer_within(self._chan, timeout, self._died):
-                self._kill_now()  # its late answer would be read as the next request's: start anew
+            reply = _answer(self._chan, timeout, self._died, (n, self._stale))
+            if reply is _UNANSWERED:
+                self._kill_now()  # not answering: the next spawn starts anew
                 return None
-            reply = self._chan.recv()
         except (OSError, ProtocolError):
             reply = None
         if reply is None:
@@ -855,6 +893,27 @@ class Zygote:
             status = reply.get("status")
             return status if isinstance(status, int) else None
         return None
+
+    def _number(self) -> int:
+        """A new request's number (see ``_answer``). Caller holds the lock."""
+        self._n += 1
+        return self._n
+
+    def _stale(self, reply: dict[Any, Any]) -> None:
+        """An answer to a request whose call was interrupted before it read
+        it: a worker made for it (a spawn on request; a spare) is ended, and
+        the zygote asked to reap it, whose answer the next request passes
+        over in turn. Caller holds the lock."""
+        fd = reply.get("chan")
+        if isinstance(fd, ReceivedFd):
+            fd.close()
+        pid = reply.get("pid")
+        if reply.get("t") in ("spawned", "spare") and type(pid) is int:
+            _kill_child_of(self._proc, pid, foreground=self._idle)
+            try:
+                self._chan.send({"t": "reap", "pid": pid, "n": self._number()})
+            except OSError:
+                pass  # gone: its children went with it
 
     def _died(self) -> bool:
         """Has the process exited? (Reaped now if so: by then its children

@@ -125,6 +125,9 @@ def prepared_for(spec_wire: Any) -> Any:
     return got
 
 
+_NUMBER = {"n"}  # a request's number, given back with its answer: see ``serve``
+
+
 def _check_spawn(
     msg: Any, *, with_chan: bool = True
 ) -> tuple[str, str, Any, ReceivedFd | None, list[tuple[str, ReceivedFd, int, Rights]]]:
@@ -134,7 +137,7 @@ def _check_spawn(
     if (
         type(msg) is not dict
         or msg.get("t") != "spawn"
-        or set(msg) != keys
+        or set(msg) - _NUMBER != keys
         or not isinstance(msg["module"], str)
         or not isinstance(msg["qualname"], str)
         or (with_chan and not isinstance(msg["chan"], ReceivedFd))
@@ -303,7 +306,10 @@ def _cgroup_procs(msg: dict[str, Any]) -> str | None:
 
 def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None = None) -> None:
     """Answer the broker: spawn and reap requests on ``chan``; spare requests
-    are answered on ``spares`` when given (else on ``chan``)."""
+    are answered on ``spares`` when given (else on ``chan``). Each answer
+    carries its request's number ``n``, when it has one: a broker call
+    interrupted (a Ctrl-C) between its request and the answer leaves that
+    answer unread, and the broker must not take it for a later request's."""
     spare_out = spares or chan
     me = os.getpid()
     may_idle = may_raise()  # else the broker must not lower us: we could not come back
@@ -311,20 +317,22 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
         msg = chan.recv()
         if msg is None:
             return
+        n = msg.get("n") if type(msg) is dict else None
+        tag = {"n": n} if type(n) is int else {}
         if type(msg) is dict and msg.get("t") == "reap" and isinstance(msg.get("pid"), int):
             try:
                 _, status = os.waitpid(msg["pid"], 0)
-                chan.send({"t": "status", "pid": msg["pid"], "status": status})
+                chan.send({"t": "status", "pid": msg["pid"], "status": status, **tag})
             except ChildProcessError:
-                chan.send({"t": "status", "pid": msg["pid"], "status": None})
+                chan.send({"t": "status", "pid": msg["pid"], "status": None, **tag})
             continue
         if type(msg) is dict and msg.get("t") == "load" and isinstance(msg.get("module"), str) \
                 and isinstance(msg.get("qualname"), str):
             try:  # the broker asks before it first relies on a class from its main script
                 load_class(msg["module"], msg["qualname"])
-                chan.send({"t": "loaded"})
+                chan.send({"t": "loaded", **tag})
             except BaseException as exc:  # SystemExit too: a script's sys.exit() must not end the zygote
-                chan.send({"t": "error", "e": exception_to_wire(exc)})
+                chan.send({"t": "error", "e": exception_to_wire(exc), **tag})
             continue
         if type(msg) is dict and msg.get("t") == "spare" and not once:
             # At background priority where the broker lowered us (see worker._priority).
@@ -337,12 +345,12 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
                 except OSError as exc:
                     forked = exc
             if isinstance(forked, OSError):
-                spare_out.send({"t": "error", "e": exception_to_wire(forked)})
+                spare_out.send({"t": "error", "e": exception_to_wire(forked), **tag})
                 continue
             pid, sock = forked
             try:
                 spare_out.send({"t": "spare", "pid": pid, "chan": SocketEnd(sock), "ahead": plan is not None,
-                                "idle": bg.enabled})
+                                "idle": bg.enabled, **tag})
             finally:
                 sock.close()
             continue
@@ -354,7 +362,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             prepared = prepared_for(spec)
         except BaseException as exc:  # a module's sys.exit() at import too: the zygote goes on
             _let_go(rfd, grant_fds)
-            chan.send({"t": "error", "e": exception_to_wire(exc)})
+            chan.send({"t": "error", "e": exception_to_wire(exc), **tag})
             continue
         if once:
             fd = rfd.detach()
@@ -368,7 +376,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
         except OSError as exc:  # EAGAIN at a process limit, ENOMEM: this spawn fails, we and our workers go on
             _let_go(rfd, grant_fds)
             failed = OSError(exc.errno, f"the zygote cannot fork: {exc.strerror}")
-            chan.send({"t": "error", "e": exception_to_wire(failed)})
+            chan.send({"t": "error", "e": exception_to_wire(failed), **tag})
             continue
         if pid == 0:
             try:
@@ -380,7 +388,7 @@ def serve(chan: Channel, *, once: bool, pdeathsig: bool, spares: Channel | None 
             finally:
                 os._exit(70)
         _let_go(rfd, grant_fds)
-        chan.send({"t": "spawned", "pid": pid})
+        chan.send({"t": "spawned", "pid": pid, **tag})
 
 
 def _let_go(rfd: ReceivedFd, grant_fds: list[tuple[str, ReceivedFd, int, Rights]]) -> None:
