@@ -110,6 +110,10 @@ _KILLED = signal.SIGKILL  # the wait status of a process killed by SIGKILL
 STOP_MESSAGE = {"t": "stop"}
 
 
+#: What a send raises before anything is sent (an argument that cannot be
+#: packed, a message too large): the call is not on its way.
+_RAISED_BEFORE_SENDING = (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError, PrivsepError)
+
 class WorkerHandle:
     """Call a worker's ``@rpc`` methods as if they were local.
 
@@ -639,6 +643,7 @@ class WorkerHandle:
         # longer than the call may last (_call_ended lets it go).
         self._chan.send_deadline = deadline
         self._call_what = (method, timeout)
+        sending = False
         try:
             if args or kwargs:
                 after: list[Any] = []
@@ -660,18 +665,27 @@ class WorkerHandle:
                     if type(arg) is Outgoing:  # one file, the commonest argument with an fd: no walk for it
                         fd, kind, rights = arg.__privsep_fd__()
                         call["a"] = [fd_marker(0, kind, int(rights))]
+                        sending = True
                         self._send(call, "could not deliver the call", one_fd=fd)
                     else:
+                        sending = True
                         self._send(call, "could not deliver the call", with_fds=bool(after))
                 finally:
                     _release(after)
             else:
+                sending = True
                 self._send({"t": "call", "id": cid, "m": method, "a": [], "k": {}}, "could not deliver the call")
         except _ChannelGone:
             self._undelivered = True  # the channel's end: the worker's, as at EOF (_early_answer)
-        except BaseException:
+        except BaseException as exc:
             args, kwargs, call, arg = (), {}, {}, None  # (kept by the traceback otherwise: see _call_known)
             self._drains.clear()
+            if sending and not isinstance(exc, _RAISED_BEFORE_SENDING):
+                # A Ctrl-C (or a signal handler's own exception) during the send: maybe just
+                # after it, raised once the syscall had returned, so the call may be on its way.
+                # Pending, so that the caller ends the worker as for any call it stopped waiting
+                # for: its answer, out of turn, ended it as a protocol breaker at the next call.
+                self._pending_call = cid
             raise
         self._pending_call = cid
         if not self._undelivered:  # (one that never reached the worker never ran: a pool sends it again)

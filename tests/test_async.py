@@ -182,6 +182,50 @@ def test_cancelling_an_awaited_call_stops_its_worker_and_keeps_nothing(tree: Pat
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("argument", ["none", "a file"])
+def test_a_call_interrupted_right_after_its_send_ends_its_worker_as_cancelled(tree: Path, argument: str) -> None:
+    """A Ctrl-C that comes while a call is sent is raised once the send's
+    syscall has returned (the interpreter looks for signals after each C
+    call): the call was on its way, but not yet pending, so the worker was
+    not ended, and its answer, out of turn, ended it at the next call as a
+    protocol breaker (a probe: 46 of 100 interrupted pings). The exception
+    is raised here exactly there, by a profile hook on the socket's send."""
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        cap = b.open("data/a.txt", READ)
+        sock = w._chan.sock
+
+        def after_the_send(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_return" and getattr(arg, "__self__", None) is sock:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+        sys.setprofile(after_the_send)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                if argument == "none":
+                    w.ping()
+                else:
+                    w.weigh(cap)
+        finally:
+            sys.setprofile(None)
+        assert w.exit is not None and (w.exit.kind, w.exit.reason) == (
+            "cancelled", f"call {'ping' if argument == 'none' else 'weigh'}() was interrupted (KeyboardInterrupt) "
+                         "before it answered, so the worker was stopped")
+        assert b.spawn(AsyncJob).weigh(cap) == 0
+
+
+def test_a_call_that_cannot_be_sent_leaves_its_worker_serving(tree: Path) -> None:
+    """An argument refused before anything is sent does not end the worker."""
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        with pytest.raises(TypeError):
+            w.weigh(object())
+        with pytest.raises(ValueError, match="outside signed 64 bits"):
+            w.weigh(1 << 70)
+        assert w.exit is None and w.ping() == "pong"
+
+
 def test_a_synchronous_call_interrupted_by_a_signal_handler_ends_its_worker(tree: Path) -> None:
     class Interrupted(Exception):
         pass
