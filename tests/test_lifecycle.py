@@ -1910,6 +1910,58 @@ def test_what_a_worker_said_before_its_channel_ended_is_read(tree: Path, lines: 
 
 
 
+_INTERRUPTED_CLOSE_SCRIPT = """
+import os, signal, sys, threading, time
+sys.path.insert(0, {tests!r})
+from conftest import proc_table
+from broker import Broker, Policy
+from _lifecycle_workers import Sleeper
+
+b = Broker(Policy(), root={root!r})
+busy, idle = b.spawn(Sleeper), b.spawn(Sleeper)
+zygote = b._zygote._proc.pid
+def sleep():
+    try:
+        busy.sleep(5)
+    except Exception:  # (stopped by the close)
+        pass
+
+call = threading.Thread(target=sleep, daemon=True)
+call.start()
+time.sleep(0.2)
+ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+ctrl_c.start()
+began = time.monotonic()
+try:
+    {close}
+    print("not interrupted", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", time.monotonic() - began < 2.0, flush=True)
+ctrl_c.join()
+call.join(5)
+print("ends", [w.exit.kind if w.exit else None for w in (busy, idle)], flush=True)
+print("left", [(pid, state) for pid, ppid, state in proc_table() if ppid in (os.getpid(), zygote)], flush=True)
+began = time.monotonic()
+b.close()
+print("closed again", time.monotonic() - began < 0.5, flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", ["b.close(10)", "b.__exit__(None, None, None)"])
+def test_an_interrupted_close_ends_what_is_left_at_once(tree: Path, close: str) -> None:
+    """A Ctrl-C during close() (a worker busy in a call, given 10 s to obey
+    the stop) left the zygote, its spare and the workers running, the
+    workers' ends unrecorded, and the next close() did nothing (a probe: 40
+    of 40). What is left is now ended at once, as by close(0), and the
+    interrupt goes on."""
+    script = _INTERRUPTED_CLOSE_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tree), close=close)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "interrupted True", "ends ['ok', 'ok']", "left []", "closed again True"
+    ], out.stderr
+
+
 def test_a_worker_stopped_by_close_during_a_call_reads_as_stopped(tree: Path) -> None:
     """close() sends each worker its stop: one in a call reads it in place of
     a request's answer and exits. That end read as the worker's own fault
