@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -213,6 +214,35 @@ def test_a_call_interrupted_right_after_its_send_ends_its_worker_as_cancelled(tr
             "cancelled", f"call {'ping' if argument == 'none' else 'weigh'}() was interrupted (KeyboardInterrupt) "
                          "before it answered, so the worker was stopped")
         assert b.spawn(AsyncJob).weigh(cap) == 0
+
+
+@pytest.mark.parametrize("end", ["kill", "stop"])
+def test_an_end_interrupted_while_it_closes_the_workers_fds_closes_them_all(tree: Path, end: str) -> None:
+    """A Ctrl-C raised as the end closed the worker's channel (once the close
+    had returned) left its pidfd and its seccomp listener open for good: the
+    end was recorded, so nothing closed them again (a probe: 5 of 200)."""
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        fds = [w._pidfd, w._notify_fd]
+        assert min(fds) >= 0
+        sock = w._chan.sock
+
+        def after_the_close(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_return" and getattr(arg, "__self__", None) is sock and arg.__name__ == "close":
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+        sys.setprofile(after_the_close)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                getattr(w, end)()
+        finally:
+            sys.setprofile(None)
+        assert (w._pidfd, w._notify_fd) == (-1, -1)
+        for fd in fds:
+            with pytest.raises(OSError) as closed:
+                os.fstat(fd)
+            assert closed.value.errno == errno.EBADF
 
 
 def test_a_call_that_cannot_be_sent_leaves_its_worker_serving(tree: Path) -> None:
