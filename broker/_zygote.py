@@ -367,6 +367,8 @@ class Zygote:
         self._reap_within = 10.0  # (seconds) a reap's wait for the zygote's answer: see closing()
         self._n = 0  # the number of the last request sent (see _answer)
         self._spare_n = 0  # the number of the pending spare request
+        #: exit statuses met in answers left unread (see _stale), for the reap asked again
+        self._statuses: dict[int, int] = {}
         try:
             self._ask_spare(None)
             # Return once the zygote and its first spare exist (the answer is left
@@ -889,10 +891,12 @@ class Zygote:
             # now, not left a zombie of the broker until the next spawn or close().
             self._kill_now()
             return None
+        kept = self._statuses.pop(pid, None)  # (reaped by a request whose answer was left unread)
         if type(reply) is dict and reply.get("t") == "status" and reply.get("pid") == pid:
             status = reply.get("status")
-            return status if isinstance(status, int) else None
-        return None
+            if isinstance(status, int):
+                return status
+        return kept
 
     def _number(self) -> int:
         """A new request's number (see ``_answer``). Caller holds the lock."""
@@ -903,11 +907,14 @@ class Zygote:
         """An answer to a request whose call was interrupted before it read
         it: a worker made for it (a spawn on request; a spare) is ended, and
         the zygote asked to reap it, whose answer the next request passes
-        over in turn. Caller holds the lock."""
+        over in turn; a worker's exit status is kept for the reap asked again
+        (the zygote has reaped it). Caller holds the lock."""
         fd = reply.get("chan")
         if isinstance(fd, ReceivedFd):
             fd.close()
-        pid = reply.get("pid")
+        pid, status = reply.get("pid"), reply.get("status")
+        if reply.get("t") == "status" and type(pid) is int and type(status) is int and len(self._statuses) < 64:
+            self._statuses[pid] = status
         if reply.get("t") in ("spawned", "spare") and type(pid) is int:
             _kill_child_of(self._proc, pid, foreground=self._idle)
             try:
