@@ -231,6 +231,8 @@ def _warn_hidden(cls: type[Worker]) -> None:
         )
 
 
+_NO_ROOM = (errno.EAGAIN, errno.ENOMEM)  # what a spawn's fork or exec meets at a process or memory limit
+
 class Broker:
     """Keeps the process's authority and hands out what the policy allows.
 
@@ -856,9 +858,14 @@ class Broker:
                     environ = None if self._environ is None else child_env(self._environ)  # as zygote workers get it
                     pid, sock = fork_worker(cls, self._prepare(spec), fork_grants, environ, self._lifeline_read_end())
                     chan = Channel(sock)
-        except BaseException:
+        except BaseException as exc:
             if cgroup is not None:
                 cgroup.discard()
+            if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+                # A process limit (EAGAIN) or no memory for a fork, a zygote, an interpreter: a
+                # WorkerCrashed as when the zygote cannot fork (it was a bare BlockingIOError).
+                why = f"cannot start {cls.__qualname__}: {exc}"
+                raise WorkerCrashed(why, WorkerExit("crashed", why)) from exc
             raise
         try:
             handle = WorkerHandle(

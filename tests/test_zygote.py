@@ -470,20 +470,17 @@ with Broker(Policy(), root=tempfile.mkdtemp(), spawn="zygote") as b:
 """
 
 
-def test_a_zygote_that_cannot_fork_fails_the_spawn_and_keeps_its_workers(tmp_path: Path) -> None:
-    """At a process limit (here a pids cgroup's), the zygote's fork on request
-    raised in the zygote, which exited: the spawn failed as "the zygote has
-    exited", and every worker it had made died with it. It answers with the
-    error; the workers live on, and the same zygote serves once the limit is
-    lifted."""
+def _run_in_pids_cgroup(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (formatted with ``tests`` and ``cgroup``) in a new pids
+    cgroup of its own, which it moves itself into; skips where none can be made."""
     parent = _pids_cgroup_parent()
     if parent is None:
         pytest.skip("no pids cgroup controller to set a process limit with")
     cgroup = os.path.join(parent, f"privsep-test-{os.getpid()}-{time.monotonic_ns()}")
     os.mkdir(cgroup)
     try:
-        script = _PROCESS_LIMIT_SCRIPT.format(tests=str(Path(__file__).parent), cgroup=cgroup)
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        text = script.format(tests=str(Path(__file__).parent), cgroup=cgroup)
+        return subprocess.run([sys.executable, "-c", text, *args], capture_output=True, text=True, timeout=120)
     finally:
         deadline = time.monotonic() + 5.0
         while True:
@@ -494,6 +491,61 @@ def test_a_zygote_that_cannot_fork_fails_the_spawn_and_keeps_its_workers(tmp_pat
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+
+
+_NO_PROCESS_LEFT_SCRIPT = """
+import os, signal, sys, tempfile, time
+sys.path.insert(0, {tests!r})
+with open(os.path.join({cgroup!r}, "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+from broker import Broker, Policy
+from protocol import WorkerCrashed
+from _zygote_workers import Echo
+
+def limit(value):
+    with open(os.path.join({cgroup!r}, "pids.max"), "w") as f:
+        f.write(value)
+
+with Broker(Policy(), root=tempfile.mkdtemp(), spawn=sys.argv[1]) as b:
+    w = b.spawn(Echo)
+    if b._zygote is not None:  # gone: the next spawn must start a new one
+        b._zygote.waiting_spare()
+        os.kill(b._zygote._proc.pid, signal.SIGKILL)
+        b._zygote._proc.wait()
+        while len(open(os.path.join({cgroup!r}, "cgroup.procs")).read().split()) > 2:
+            time.sleep(0.01)  # (its spare dies with it)
+    with open(os.path.join({cgroup!r}, "pids.current")) as f:
+        limit(f.read().strip())  # no process more
+    try:
+        b.spawn(Echo)
+        print("spawned", flush=True)
+    except WorkerCrashed as exc:
+        print("failed", exc, type(exc.__cause__).__name__, flush=True)
+    limit("max")
+    print("lifted", b.spawn(Echo).ping(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork", "exec"])
+def test_a_spawn_at_a_process_limit_says_it_cannot_start_the_worker(method: str) -> None:
+    """At a process limit, starting a new zygote (the last one gone), forking
+    a worker from the broker, or exec'ing one raised a bare BlockingIOError;
+    now a WorkerCrashed that names the class, as when the zygote cannot
+    fork, with the OSError as its cause."""
+    out = _run_in_pids_cgroup(_NO_PROCESS_LEFT_SCRIPT, method)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "failed cannot start Echo: [Errno 11] Resource temporarily unavailable BlockingIOError", "lifted pong"
+    ], out.stderr
+
+
+def test_a_zygote_that_cannot_fork_fails_the_spawn_and_keeps_its_workers(tmp_path: Path) -> None:
+    """At a process limit (here a pids cgroup's), the zygote's fork on request
+    raised in the zygote, which exited: the spawn failed as "the zygote has
+    exited", and every worker it had made died with it. It answers with the
+    error; the workers live on, and the same zygote serves once the limit is
+    lifted."""
+    out = _run_in_pids_cgroup(_PROCESS_LIMIT_SCRIPT)
     assert out.returncode == 0, out.stderr
     failed = "failed cannot start Echo: [Errno 11] the zygote cannot fork: Resource temporarily unavailable"
     assert out.stdout.splitlines() == [
