@@ -34,6 +34,7 @@ from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit, returncode_text
 from ._idle_watch import idle_watch
 from ._interp import child_env, interpreter
+from ._interrupt import ctrl_c_held
 from ._lifeline import Lifeline, new_lifeline
 from ._loop import readable
 from ._pagemap import asleep, owned, writable
@@ -186,6 +187,7 @@ _UNANSWERED: Any = object()  # (no answer within the time given)
 def _answer(
     chan: Channel, timeout: float, died: Callable[[], bool] | None,
     numbered: tuple[int, Callable[[Any], None]] | None = None,
+    receive: Callable[[], Any] | None = None,
 ) -> Any:
     """The answer on ``chan`` (None at EOF), or ``_UNANSWERED`` if none came
     within ``timeout`` (see ``_answer_within``). With ``numbered`` (n,
@@ -193,12 +195,12 @@ def _answer(
     unread by a broker call that was interrupted (a Ctrl-C) while it
     waited, goes to ``stale()``. Taken for the next request's answer, it
     told a stop "exit status unknown" for good, and handed a spawn the pid
-    of another worker."""
+    of another worker. ``receive``: what reads it (default ``chan.recv``)."""
     deadline = time.monotonic() + timeout
     while True:
         if not _answer_within(chan, max(0.0, deadline - time.monotonic()), died):
             return _UNANSWERED
-        reply = chan.recv()
+        reply = chan.recv() if receive is None else receive()
         if numbered is None or type(reply) is not dict:
             return reply
         n, stale = numbered
@@ -682,7 +684,7 @@ class Zygote:
             if not self._spares.wait_readable(0):  # usually: the spare was made between spawns
                 self._hurry()  # still being made, maybe at SCHED_IDLE
             try:
-                reply = _answer(self._spares, timeout, self._died, (self._spare_n, self._stale))
+                reply = _answer(self._spares, timeout, self._died, (self._spare_n, self._stale), self._receive_spare)
             except OSError as exc:  # (ECONNRESET: it died with the request unread)
                 self._kill_now()
                 raise _zygote_gone() from exc
@@ -696,12 +698,16 @@ class Zygote:
                 raise _zygote_gone()
             if type(reply) is dict and reply.get("t") == "spare" and isinstance(reply.get("pid"), int) \
                     and isinstance(reply.get("chan"), ReceivedFd):
-                fd = reply["chan"].detach()
-                ahead = self._asked if reply.get("ahead") is True else None
-                if self._asked_idle:
-                    self._zygote_idles = reply.get("idle") is True
-                chan = Channel(socket.socket(fileno=fd), send_timeout=5.0)
-                self._spare, cgroup = _Spare(reply["pid"], chan, ahead, cgroup, self._asked), None
+                try:
+                    ahead = self._asked if reply.get("ahead") is True else None
+                    if self._asked_idle:
+                        self._zygote_idles = reply.get("idle") is True
+                    chan = Channel(socket.socket(fileno=reply["chan"].detach()), send_timeout=5.0)
+                    self._spare, cgroup = _Spare(reply["pid"], chan, ahead, cgroup, self._asked), None
+                except BaseException:
+                    if self._spare is None or self._spare.pid != reply["pid"]:
+                        self._stale(reply)  # (a Ctrl-C: the spare ended, not left waiting for no one)
+                    raise
             elif not (type(reply) is dict and reply.get("t") == "error"):
                 raise ProtocolError("zygote sent a malformed reply")
             # an "error" answer (fork failed) just leaves us without a spare
@@ -897,6 +903,19 @@ class Zygote:
             if isinstance(status, int):
                 return status
         return kept
+
+    def _receive_spare(self) -> Any:
+        """Read a spare's answer, a Ctrl-C held off until its fd has an owner
+        (``ctrl_c_held``); one that came meanwhile ends the spare."""
+        reply = None
+        try:
+            with ctrl_c_held():
+                reply = self._spares.recv()
+        except BaseException:
+            if type(reply) is dict:
+                self._stale(reply)
+            raise
+        return reply
 
     def _number(self) -> int:
         """A new request's number (see ``_answer``). Caller holds the lock."""
