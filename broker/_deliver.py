@@ -216,6 +216,11 @@ class Opener:
                 reply = self._chan.recv()
             except (BrokenPipeError, ConnectionResetError):  # (it died before it read the request)
                 reply = None
+            except BaseException:
+                # A Ctrl-C during the wait (or the send: it may be on its way): ended too, for the
+                # same reason. Its answer, an fd for this file, went to the next request.
+                self._end()
+                raise
             if reply is None:
                 self._end()
                 raise self._exited()

@@ -688,6 +688,27 @@ def test_a_restricted_opener_that_does_not_answer_is_ended(
     assert "the restricted opener has exited; starting a new one" in caplog.text
 
 
+def test_a_restricted_opener_whose_request_was_interrupted_is_ended(tree: Path) -> None:
+    """A Ctrl-C while the broker waited for the opener's answer left it with
+    the request: its answer, an fd for that file, was taken for the next
+    request's (the write meant for ``b`` went into ``a``). It is ended, as
+    one that does not answer in time is."""
+    with _stopped_opener(tree, "cab") as (b, w, first):
+        ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        ctrl_c.start()
+        try:
+            with b.open("out/a", _REOPENED) as f, pytest.raises(KeyboardInterrupt):
+                w.append(f, b"a")
+        finally:
+            ctrl_c.join()
+        first.send_signal(signal.SIGCONT)  # (a no-op once it is reaped)
+        assert first.poll() is not None  # ended
+        with b.open("out/b", _REOPENED) as f:
+            assert w.append(f, b"b") == 1
+        assert w.ping() == "pong"  # the worker lives on: the call was never sent
+    assert [(tree / "out" / n).read_bytes() for n in ("a", "b", "c")] == [b"", b"b", b"c"]
+
+
 def test_a_restricted_opener_out_of_step_is_ended(tree: Path) -> None:
     """An answer that is no answer to the request (here one put in the
     opener's channel from outside, while it is stopped) fails the request and
