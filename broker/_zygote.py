@@ -34,7 +34,6 @@ from ._cgroup import WorkerCgroup
 from ._exit import WorkerExit, returncode_text
 from ._idle_watch import idle_watch
 from ._interp import child_env, interpreter
-from ._interrupt import ctrl_c_held
 from ._lifeline import Lifeline, new_lifeline
 from ._loop import readable
 from ._pagemap import asleep, owned, writable
@@ -187,7 +186,6 @@ _UNANSWERED: Any = object()  # (no answer within the time given)
 def _answer(
     chan: Channel, timeout: float, died: Callable[[], bool] | None,
     numbered: tuple[int, Callable[[Any], None]] | None = None,
-    receive: Callable[[], Any] | None = None,
 ) -> Any:
     """The answer on ``chan`` (None at EOF), or ``_UNANSWERED`` if none came
     within ``timeout`` (see ``_answer_within``). With ``numbered`` (n,
@@ -195,12 +193,12 @@ def _answer(
     unread by a broker call that was interrupted (a Ctrl-C) while it
     waited, goes to ``stale()``. Taken for the next request's answer, it
     told a stop "exit status unknown" for good, and handed a spawn the pid
-    of another worker. ``receive``: what reads it (default ``chan.recv``)."""
+    of another worker."""
     deadline = time.monotonic() + timeout
     while True:
         if not _answer_within(chan, max(0.0, deadline - time.monotonic()), died):
             return _UNANSWERED
-        reply = chan.recv() if receive is None else receive()
+        reply = chan.recv()
         if numbered is None or type(reply) is not dict:
             return reply
         n, stale = numbered
@@ -684,7 +682,7 @@ class Zygote:
             if not self._spares.wait_readable(0):  # usually: the spare was made between spawns
                 self._hurry()  # still being made, maybe at SCHED_IDLE
             try:
-                reply = _answer(self._spares, timeout, self._died, (self._spare_n, self._stale), self._receive_spare)
+                reply = _answer(self._spares, timeout, self._died, (self._spare_n, self._stale))
             except OSError as exc:  # (ECONNRESET: it died with the request unread)
                 self._kill_now()
                 raise _zygote_gone() from exc
@@ -903,19 +901,6 @@ class Zygote:
             if isinstance(status, int):
                 return status
         return kept
-
-    def _receive_spare(self) -> Any:
-        """Read a spare's answer, a Ctrl-C held off until its fd has an owner
-        (``ctrl_c_held``); one that came meanwhile ends the spare."""
-        reply = None
-        try:
-            with ctrl_c_held():
-                reply = self._spares.recv()
-        except BaseException:
-            if type(reply) is dict:
-                self._stale(reply)
-            raise
-        return reply
 
     def _number(self) -> int:
         """A new request's number (see ``_answer``). Caller holds the lock."""

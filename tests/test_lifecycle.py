@@ -2142,32 +2142,3 @@ def test_a_look_at_an_idle_end_that_has_not_happened_leaves_the_worker_running_a
         while w.exit is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert w.exit is not None and w.exit.reason == "killed by SIGKILL", w.exit
-
-
-def test_a_ctrl_c_held_is_handled_once_the_block_ends() -> None:
-    """``ctrl_c_held`` (a spawn's receive of its spare's fd): a SIGINT in the
-    block runs its handler once the block has ended, the program's own
-    handler too; after an exception of the block's, as its cause."""
-    from broker._interrupt import ctrl_c_held
-
-    ran: list[str] = []
-    with pytest.raises(KeyboardInterrupt), ctrl_c_held():
-        signal.raise_signal(signal.SIGINT)
-        ran.append("block ended")
-    assert ran == ["block ended"]
-    with pytest.raises(KeyboardInterrupt) as raised, ctrl_c_held():
-        signal.raise_signal(signal.SIGINT)
-        raise OSError("the receive failed")
-    assert isinstance(raised.value.__cause__, OSError)
-    def mine(signum: int, frame: Any) -> None:
-        ran.append("the program's handler")
-
-    saved = signal.signal(signal.SIGINT, mine)
-    try:
-        with ctrl_c_held():
-            signal.raise_signal(signal.SIGINT)
-            ran.append("block ended again")
-        assert signal.getsignal(signal.SIGINT) is mine
-    finally:
-        signal.signal(signal.SIGINT, saved)
-    assert ran == ["block ended", "block ended again", "the program's handler"]

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
@@ -34,7 +33,6 @@ from conftest import (
     fd_targets,
     open_fds,
     proc_state,
-    proc_table,
     spare_made_ahead,
     spare_of,
     wait_stopped,
@@ -629,42 +627,6 @@ def test_a_call_interrupted_while_it_waits_for_the_zygote_leaves_its_answer_to_n
         stopped,
         "left []",
     ], out.stderr
-
-
-def test_a_ctrl_c_as_a_spawn_reads_its_spare_leaves_no_fd_and_no_spare(tree: Path) -> None:
-    """A Ctrl-C that came during the receive of the spare's answer was
-    raised once the receive had returned, before anything owned the fd it
-    installed: the spare's socket stayed open for good, and the spare waited
-    for a request until close() (a probe: 14 of 150 interrupted spawns). The
-    receive holds the Ctrl-C off now, then ends that spare. The signal is
-    raised here exactly there, by a profile hook on the receive."""
-    with Broker(default_policy(), root=tree, spawn="zygote") as b:
-        assert b._zygote is not None
-        spares = b._zygote._spares.sock
-
-        def ctrl_c_in_the_receive(frame: Any, event: str, arg: Any) -> None:
-            if event == "c_return" and getattr(arg, "__self__", None) is spares:
-                sys.setprofile(None)
-                signal.raise_signal(signal.SIGINT)
-
-        b.spawn(Echo)  # takes the spare; asks for the next, whose answer the next spawn reads
-        before = open_fds()
-        sys.setprofile(ctrl_c_in_the_receive)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                b.spawn(Echo)
-        finally:
-            sys.setprofile(None)
-        assert open_fds() == before
-        zygote = b._zygote._proc.pid
-        deadline = time.monotonic() + 5.0
-        while True:
-            children = {pid for pid, ppid, _ in proc_table() if ppid == zygote}
-            if children == {w.pid for w in b.workers}:
-                break
-            assert time.monotonic() < deadline, (children, [w.pid for w in b.workers])
-            time.sleep(0.01)
-        assert b.spawn(Echo).ping() == "pong"
 
 
 def test_between_spawns_the_broker_holds_the_same_fds_from_the_start(tree: Path) -> None:
