@@ -351,7 +351,7 @@ class WorkerPool(Executor):
         """Fail every queued task with ``error`` (never under the lock: a
         future's done-callbacks run here, and may submit)."""
         for fut in self._take_queued():
-            if not fut.cancelled():
+            if fut.set_running_or_notify_cancel():  # (cancelled: wait() and as_completed() told)
                 _settle(fut, exc=error)
 
     def _ran(self, fut: Future[Any], handle: WorkerHandle) -> bool:
@@ -475,6 +475,7 @@ class WorkerPool(Executor):
                 # frame is in a failed future's traceback, and waits for the
                 # next task.
                 if fut.cancelled():
+                    fut.set_running_or_notify_cancel()  # (wait() and as_completed() told)
                     del item, args, kwargs
                     continue
                 seconds = self.timeout if timeout is _POOLS else cast("float | None", timeout)
@@ -488,7 +489,9 @@ class WorkerPool(Executor):
                         del item, args, kwargs
                         with self._lock:
                             self._abandoned.discard(fut)
-                        if not fut.cancelled():  # (given up: cancelled, as the queued ones are)
+                        if fut.cancelled():  # (by its owner, meanwhile)
+                            fut.set_running_or_notify_cancel()
+                        else:  # (given up: cancelled, as the queued ones are)
                             _settle(fut, exc=exc, cancel=isinstance(exc, CancelledError) and not started)
                         if isinstance(exc, PoolBroken):
                             self._fail_queued(exc)
@@ -582,7 +585,8 @@ def _settle(fut: Future[Any], *, result: Any = None, exc: BaseException | None =
     never ended (a probe: 3 of 4 tasks left waiting for ever)."""
     try:
         if cancel:
-            fut.cancel()
+            if fut.cancel():
+                fut.set_running_or_notify_cancel()  # (what tells wait() and as_completed())
         elif exc is not None:
             fut.set_exception(exc)
         else:

@@ -791,6 +791,21 @@ def test_a_done_callback_that_raises_system_exit_leaves_no_task_waiting(tmp_path
             assert isinstance(crashed.exception(10), WorkerCrashed)
 
 
+def test_a_task_whose_worker_is_being_made_can_be_cancelled(tmp_path: Path) -> None:
+    """A task its slot has taken, its worker being made (a recycle), has not
+    started: cancel() succeeds, as for a queued task, and wait() and
+    as_completed() see it done. (It was running from the moment it was taken.)"""
+    with Broker(Policy(), root=tmp_path) as b, b.pool(SlowStart, size=1, recycle_after=1) as pool:
+        first, second, third = (pool.submit(SlowStart.nap, 0.1) for _ in range(3))
+        assert first.result(30) == 0.1
+        time.sleep(0.3)  # (the slot has taken `second`, and waits for the next worker's setup())
+        assert not second.running()
+        assert second.cancel() and second.cancelled()
+        assert wait([second], timeout=5).not_done == set()
+        assert list(concurrent.futures.as_completed([second], timeout=5)) == [second]
+        assert third.result(30) == 0.1  # (the worker made goes to the next task)
+
+
 def test_a_ctrl_c_while_a_slot_makes_a_worker_starts_no_task(tmp_path: Path) -> None:
     """A task its slot had taken while it made a new worker (a recycle, a
     crash) was in neither the queue nor the running tasks: a Ctrl-C then
@@ -804,8 +819,10 @@ def test_a_ctrl_c_while_a_slot_makes_a_worker_starts_no_task(tmp_path: Path) -> 
             t0 = time.monotonic()
             signal.raise_signal(signal.SIGINT)
         assert time.monotonic() - t0 < 1.5, time.monotonic() - t0  # (the worker being made is waited for)
-        # Cancelled as the queued one is (it raised CancelledError with cancelled() False: a probe)
+        # Cancelled as the queued one is (it raised CancelledError with cancelled() False: a probe),
+        # and wait() is told
         assert second.cancelled() and third.cancelled()
+        assert wait([second], timeout=5).not_done == set()
         assert pool._finished()
 
 
