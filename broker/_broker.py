@@ -233,6 +233,7 @@ def _warn_hidden(cls: type[Worker]) -> None:
 
 _NO_ROOM = (errno.EAGAIN, errno.ENOMEM)  # what a spawn's fork or exec meets at a process or memory limit
 
+
 class Broker:
     """Keeps the process's authority and hands out what the policy allows.
 

@@ -127,6 +127,7 @@ STOP_MESSAGE = {"t": "stop"}
 #: packed, a message too large): the call is not on its way.
 _RAISED_BEFORE_SENDING = (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError, PrivsepError)
 
+
 class WorkerHandle:
     """Call a worker's ``@rpc`` methods as if they were local.
 
