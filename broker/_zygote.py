@@ -369,6 +369,7 @@ class Zygote:
         self._spare_n = 0  # the number of the pending spare request
         #: exit statuses met in answers left unread (see _stale), for the reap asked again
         self._statuses: dict[int, int] = {}
+        self._let_go: set[int] = set()  # spares and workers let go, whose status no one asks for again
         try:
             self._ask_spare(None)
             # Return once the zygote and its first spare exist (the answer is left
@@ -534,7 +535,7 @@ class Zygote:
         long setup(); then reaped by the zygote."""
         spare.chan.close()
         _kill_child_of(self._proc, spare.pid, foreground=self._idle)
-        self._reap_locked(spare.pid, self._reap_within)
+        self._reap_locked(spare.pid, self._reap_within, let_go=True)
         if spare.cgroup is not None:
             spare.cgroup.discard()
 
@@ -877,9 +878,13 @@ class Zygote:
         even a Ctrl-C'd close(0), 10 s."""
         self._reap_within = 2.0
 
-    def _reap_locked(self, pid: int, timeout: float) -> int | None:
+    def _reap_locked(self, pid: int, timeout: float, let_go: bool = False) -> int | None:
+        """``let_go``: a spare's, whose status no one asks for again (an
+        answer left unread is passed over, not kept)."""
         if self._died():
             return None  # its children died with it, and were reaped by init
+        if let_go:
+            self._let_go.add(pid)
         try:
             n = self._number()
             self._chan.send({"t": "reap", "pid": pid, "n": n})
@@ -895,6 +900,7 @@ class Zygote:
             # now, not left a zombie of the broker until the next spawn or close().
             self._kill_now()
             return None
+        self._let_go.discard(pid)
         kept = self._statuses.pop(pid, None)  # (reaped by a request whose answer was left unread)
         if type(reply) is dict and reply.get("t") == "status" and reply.get("pid") == pid:
             status = reply.get("status")
@@ -917,12 +923,16 @@ class Zygote:
         if isinstance(fd, ReceivedFd):
             fd.close()
         pid, status = reply.get("pid"), reply.get("status")
-        if reply.get("t") == "status" and type(pid) is int and type(status) is int and len(self._statuses) < 64:
-            self._statuses[pid] = status
+        if reply.get("t") == "status" and type(pid) is int:
+            if pid in self._let_go:
+                self._let_go.discard(pid)  # (reaped; nothing asks for it)
+            elif type(status) is int and len(self._statuses) < 64:
+                self._statuses[pid] = status
         if reply.get("t") in ("spawned", "spare") and type(pid) is int:
             _kill_child_of(self._proc, pid, foreground=self._idle)
             try:
                 self._chan.send({"t": "reap", "pid": pid, "n": self._number()})
+                self._let_go.add(pid)
             except OSError:
                 pass  # gone: its children went with it
 
