@@ -438,18 +438,6 @@ def _pids_cgroup_parent() -> str | None:
 
 
 _PROCESS_LIMIT_SCRIPT = """
-import os, sys, tempfile
-sys.path.insert(0, {tests!r})
-with open(os.path.join({cgroup!r}, "cgroup.procs"), "w") as f:
-    f.write(str(os.getpid()))
-from broker import Broker, Policy
-from protocol import WorkerCrashed
-from _zygote_workers import Echo
-
-def limit(value):
-    with open(os.path.join({cgroup!r}, "pids.max"), "w") as f:
-        f.write(value)
-
 with Broker(Policy(), root=tempfile.mkdtemp(), spawn="zygote") as b:
     w = b.spawn(Echo)
     zygote = b._zygote._proc.pid
@@ -470,16 +458,32 @@ with Broker(Policy(), root=tempfile.mkdtemp(), spawn="zygote") as b:
 """
 
 
+_IN_PIDS_CGROUP = """
+import os, signal, sys, tempfile, time
+sys.path.insert(0, {tests!r})
+with open(os.path.join({cgroup!r}, "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+from broker import Broker, Policy
+from protocol import WorkerCrashed
+from _zygote_workers import Echo
+
+def limit(value):
+    with open(os.path.join({cgroup!r}, "pids.max"), "w") as f:
+        f.write(value)
+"""
+
+
 def _run_in_pids_cgroup(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``script`` (formatted with ``tests`` and ``cgroup``) in a new pids
-    cgroup of its own, which it moves itself into; skips where none can be made."""
+    cgroup of its own, which it moves itself into first (``_IN_PIDS_CGROUP``:
+    ``limit(value)`` sets the cgroup's limit); skips where none can be made."""
     parent = _pids_cgroup_parent()
     if parent is None:
         pytest.skip("no pids cgroup controller to set a process limit with")
     cgroup = os.path.join(parent, f"privsep-test-{os.getpid()}-{time.monotonic_ns()}")
     os.mkdir(cgroup)
     try:
-        text = script.format(tests=str(Path(__file__).parent), cgroup=cgroup)
+        text = (_IN_PIDS_CGROUP + script).format(tests=str(Path(__file__).parent), cgroup=cgroup)
         return subprocess.run([sys.executable, "-c", text, *args], capture_output=True, text=True, timeout=120)
     finally:
         deadline = time.monotonic() + 5.0
@@ -494,18 +498,6 @@ def _run_in_pids_cgroup(script: str, *args: str) -> subprocess.CompletedProcess[
 
 
 _NO_PROCESS_LEFT_SCRIPT = """
-import os, signal, sys, tempfile, time
-sys.path.insert(0, {tests!r})
-with open(os.path.join({cgroup!r}, "cgroup.procs"), "w") as f:
-    f.write(str(os.getpid()))
-from broker import Broker, Policy
-from protocol import WorkerCrashed
-from _zygote_workers import Echo
-
-def limit(value):
-    with open(os.path.join({cgroup!r}, "pids.max"), "w") as f:
-        f.write(value)
-
 with Broker(Policy(), root=tempfile.mkdtemp(), spawn=sys.argv[1]) as b:
     w = b.spawn(Echo)
     if b._zygote is not None:  # gone: the next spawn must start a new one
