@@ -693,11 +693,12 @@ def test_a_restricted_opener_whose_request_was_interrupted_is_ended(tree: Path) 
     the request: its answer, an fd for that file, was taken for the next
     request's (the write meant for ``b`` went into ``a``). It is ended, as
     one that does not answer in time is."""
-    with _stopped_opener(tree, "cab") as (b, w, first):
+    with _stopped_opener(tree, "cab") as (b, w, first), b.open("out/a", _REOPENED) as f:
+        # (the Ctrl-C comes 0.3 s into the call, which waits up to 10 s for the stopped opener)
         ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
         ctrl_c.start()
         try:
-            with b.open("out/a", _REOPENED) as f, pytest.raises(KeyboardInterrupt):
+            with pytest.raises(KeyboardInterrupt):
                 w.append(f, b"a")
         finally:
             ctrl_c.join()
