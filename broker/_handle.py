@@ -904,7 +904,11 @@ class WorkerHandle:
             self._drains.clear()
             for out in outputs:  # (those committed were cleared from the list)
                 out.discard()
-                self._broker._audit(self, "commit", out.display, None, "failed", "discarded: its call failed")
+                if out.placed:  # (the commit finished, then an interrupt that came during it was raised)
+                    self._broker._audit(self, "commit", out.display, None, "granted",
+                                        "output committed (then the call was interrupted)")
+                else:
+                    self._broker._audit(self, "commit", out.display, None, "failed", "discarded: its call failed")
 
     def _ended(self, deadline: float | None) -> Generator[tuple[str, float | None], Any, NoReturn]:
         """The channel's end (EOF, or a send found it closed): the worker is
