@@ -190,8 +190,16 @@ class Opener:
             theirs.close()
         self._chan = Channel(ours, send_timeout=10.0)
         self._lock = threading.Lock()
-        answered = self._chan.wait_readable(30.0)
-        if not answered or self._chan.recv() != {"t": "ready"}:
+        try:
+            answered = self._chan.wait_readable(30.0)
+            ready = answered and self._chan.recv() == {"t": "ready"}
+        except BaseException:
+            # A Ctrl-C while it started: ended, not left running with no one to end it (the
+            # broker never got this object): a probe left one opener per interrupted start.
+            self._chan.close()
+            self._end()
+            raise
+        if not ready:
             self.close()
             why = f"exit status {self._proc.returncode}; its stderr says why" if answered else "no answer in 30 s"
             raise NotCapable(f"the restricted opener failed to start ({why}): it needs Landlock ABI 3 or later")
@@ -233,9 +241,19 @@ class Opener:
                           "reopen starts a new one)")
 
     def _end(self) -> None:
-        """Kill and reap the opener, so that alive() says so at once."""
+        """Kill and reap the opener, so that alive() says so at once; an
+        interrupt meanwhile (a Ctrl-C) is raised once it is reaped, not left
+        a zombie of the broker's."""
         self._proc.kill()
-        self._proc.wait()
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._proc.wait()
+                break
+            except BaseException as exc:
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def _exited(self) -> _OpenerExited:
         return _OpenerExited(

@@ -710,6 +710,45 @@ def test_a_restricted_opener_whose_request_was_interrupted_is_ended(tree: Path) 
     assert [(tree / "out" / n).read_bytes() for n in ("a", "b", "c")] == [b"", b"b", b"c"]
 
 
+def test_a_restricted_opener_whose_start_was_interrupted_is_ended(tree: Path) -> None:
+    """A Ctrl-C while the broker waited for a new opener to say it was ready
+    left that process running (or a zombie), one more at each interrupted
+    start, with no one to end it: the broker never got its object (a probe:
+    6 of 6). It is ended now. The interrupt is raised here exactly there, by
+    a profile hook on the start's wait."""
+
+    def openers() -> list[tuple[int, str]]:
+        found = []
+        for pid, ppid, state in proc_table():
+            if ppid == os.getpid():
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"worker._opener" in f.read():
+                        found.append((pid, state))
+        return found
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        back = frame.f_back
+        if event == "call" and frame.f_code.co_name == "wait_readable" and back is not None \
+                and back.f_code.co_name == "__init__" and back.f_code.co_filename.endswith("_deliver.py"):
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    (tree / "out" / "a").write_bytes(b"")
+    with Broker(Policy().allow("out/", _REOPENED), root=tree) as b:
+        w = b.spawn(Appender)
+        with b.open("out/a", _REOPENED) as f:
+            sys.setprofile(interrupt)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    w.append(f, b"a")
+            finally:
+                sys.setprofile(None)
+            assert b._opener_proc is None and openers() == []
+            assert w.append(f, b"a") == 1  # (a new one started)
+            assert len(openers()) == 1
+    assert (tree / "out" / "a").read_bytes() == b"a"
+
+
 def test_a_restricted_opener_out_of_step_is_ended(tree: Path) -> None:
     """An answer that is no answer to the request (here one put in the
     opener's channel from outside, while it is stopped) fails the request and
