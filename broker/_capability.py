@@ -107,7 +107,9 @@ class Capability:
         self.close()
 
     def __del__(self) -> None:
-        if self._fd >= 0:  # (checked here first: most are closed already, and this runs for each one)
+        # (checked here first: most are closed already, and this runs for each one; no _fd: its
+        # __init__ was interrupted, a signal handler's exception in it)
+        if getattr(self, "_fd", -1) >= 0:
             try:
                 self.close()
             except OSError:

@@ -43,6 +43,7 @@ from ._logtext import printable
 from ._loop import PerLoopLock, notified_now, readable, ready_now
 from ._options import call_timeout, wait_timeout
 from ._outputs import KEPT_GRACE, PendingOutput, all_closed, commit_all, drain_failed, kept
+from ._signals import raised_by_a_signal_handler
 from ._violation import report
 
 if TYPE_CHECKING:
@@ -971,6 +972,8 @@ class WorkerHandle:
                 # ECONNRESET: it closed its end with a message of ours unread. The kernel says so
                 # before giving what the worker sent before it closed, which is still read.
                 return self._queued(defer)
+            if raised_by_a_signal_handler(exc):
+                raise  # (a TimeoutError of the program's: its call is interrupted)
             raise self._fail("crashed", f"channel error: {exc}") from exc
 
     def _queued(self, defer: bool = False) -> Any:
@@ -1036,9 +1039,13 @@ class WorkerHandle:
                     value = fd_marker(0, kind, int(rights))
                 reply = {"t": "rep", "id": msg["id"], "v": value}
             except (PrivsepError, OSError) as exc:
+                if raised_by_a_signal_handler(exc):
+                    raise  # (the program's: its call is interrupted, not the worker's request refused)
                 one_fd = -1
                 reply = {"t": "rerr", "id": msg["id"], "e": exception_to_wire(exc, with_traceback=False)}
             except Exception as exc:
+                if raised_by_a_signal_handler(exc):
+                    raise
                 # A fault of the broker's own: the request fails and says so; the
                 # call and the worker go on (the log has the traceback).
                 log.exception("worker %s: serving its %s request failed", self.name, printable(str(msg["op"])))
@@ -1089,6 +1096,8 @@ class WorkerHandle:
         except OSError as exc:
             if exc.errno in _GONE:
                 raise _ChannelGone from exc
+            if raised_by_a_signal_handler(exc):
+                raise
             raise self._fail("crashed", f"channel error: {exc}") from exc
 
     def _register_dir(
@@ -1178,7 +1187,10 @@ class WorkerHandle:
                     return "chan"
         finally:
             for fd in polled:
-                poller.unregister(fd)
+                # (one unregistered above, the interrupt raised before it was taken off `polled`:
+                # a KeyError here hid the interrupt)
+                with contextlib.suppress(KeyError):
+                    poller.unregister(fd)
 
     # -- sandbox violations -----------------------------------------------
     def _idle_notification(self) -> float | None:

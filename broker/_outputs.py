@@ -22,6 +22,7 @@ from typing import Any
 from protocol import Rights
 
 from ._capability import Capability
+from ._signals import raised_by_a_signal_handler
 
 #: How long the write pipes of a call's outputs may stay open once it has
 #: answered (never past the call's own deadline). An honest worker closed
@@ -219,8 +220,13 @@ def commit_all(outputs: list[PendingOutput]) -> None:
     hidden: list[str | None] = []
     interrupted: BaseException | None = None
     try:
-        for out in outputs:
-            hidden.append(out.stage())
+        try:
+            for out in outputs:
+                hidden.append(out.stage())
+        except OSError as exc:
+            if raised_by_a_signal_handler(exc) and exc.__cause__ is not None:
+                raise exc.__cause__  # (the program's own TimeoutError, not "output not committed")
+            raise
         interrupted = _place_all(outputs, hidden)
     finally:
         for out, name in zip(outputs, hidden, strict=False):  # (hidden: those staged, None once renamed)
@@ -251,6 +257,9 @@ def _place_all(outputs: list[PendingOutput], hidden: list[str | None]) -> BaseEx
                 hidden[i] = None  # (after the rename: a failed one leaves its hidden file to unstage)
                 i += 1
         except OSError as exc:
+            if raised_by_a_signal_handler(exc):  # (a TimeoutError of the program's: an interrupt too)
+                interrupted = interrupted or (exc.__cause__ if exc.__cause__ is not None else exc)
+                continue
             if interrupted is not None:
                 raise interrupted from exc
             raise
