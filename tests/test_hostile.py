@@ -961,6 +961,40 @@ def test_a_commit_interrupted_between_renames_puts_every_output_in_place(
                        ("out/d.txt", "granted")]
 
 
+@pytest.mark.parametrize("during", ["link", "rename"])
+def test_a_signal_handlers_timeout_during_a_commit_reaches_the_caller(tmp_path: Path, during: str) -> None:
+    """A SIGALRM handler's TimeoutError raised during a commit read as a
+    failure of the filesystem: "output not committed" (EIO) to the caller,
+    or, between two renames, a commit cut short. It is the caller's own
+    TimeoutError now; the outputs all or none: none while they are staged
+    (linked under hidden names), all once the renames have begun."""
+    import signal
+    import sys
+
+    def deadline(signum: int, frame: Any) -> None:
+        raise TimeoutError("deadline")
+
+    target = os.link if during == "link" else os.rename
+
+    def alarm_in_the_commit(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and arg is target:
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGALRM)
+
+    (tmp_path / "out").mkdir()
+    with Broker(Policy().allow("out/", Rights.WRITE | Rights.CREATE), root=tmp_path) as b:
+        w = b.spawn(KeepsOutputs)
+        saved = signal.signal(signal.SIGALRM, deadline)
+        sys.setprofile(alarm_in_the_commit)
+        try:
+            with pytest.raises(TimeoutError, match=r"^deadline"):  # (not "[Errno 5] output not committed: ...")
+                w.outputs(["a.txt", "b.txt", "c.txt"], [], 0.0)
+        finally:
+            sys.setprofile(None)
+            signal.signal(signal.SIGALRM, saved)
+    assert sorted(os.listdir(tmp_path / "out")) == ([] if during == "link" else ["a.txt", "b.txt", "c.txt"])
+
+
 def test_a_rename_that_fails_leaves_no_hidden_file(tmp_path: Path) -> None:
     """The second phase of commit_all: a rename failing (a filesystem error,
     or a directory made at the name between the phases) left its staged
