@@ -537,6 +537,29 @@ def test_a_worker_that_writes_nothing_is_reported_not_a_crash(tmp_path: Path) ->
     assert report["refused"] and all(r["reason"] == "the worker did not produce the file" for r in report["refused"])
 
 
+@pytest.mark.parametrize("compression", ["gz", "xz"])
+def test_a_tar_members_ratio_counts_what_was_read_with_its_header(tmp_path: Path, compression: str) -> None:
+    """Reading a compressed tar member's header pulls a block of compressed
+    input, which may hold all of the member's data; it was counted from after
+    that read, so a 4 MiB member of zeros expanded "from 0 B compressed" and
+    was refused at any --max-ratio (a probe), and a 3 MiB member of 83:1 at
+    the default 100:1."""
+    import tarfile
+
+    archive = tmp_path / f"zeros.tar.{compression}"
+    size = 4 << 20
+    with tarfile.open(archive, f"w:{compression}") as tf:
+        member = tarfile.TarInfo("zeros.bin")
+        member.size = size
+        tf.addfile(member, io.BytesIO(bytes(size)))
+    status, report, _ = _run(archive, tmp_path / "a", "--max-ratio", "1000000")
+    assert status == cli.EXIT_OK, report
+    assert (tmp_path / "a" / "zeros.bin").stat().st_size == size
+    status, report, _ = _run(archive, tmp_path / "b")  # (about 1000:1 or more: a bomb at 100:1)
+    assert status == cli.EXIT_REFUSED and report["stopped"]["kind"] == "bomb", report
+    assert "from 0 B compressed" not in report["stopped"]["reason"]
+
+
 def test_the_data_of_a_refused_tar_member_counts_against_the_ratio(tmp_path: Path) -> None:
     """Skipping a member the broker refused decompresses its data to reach the
     next header, and those bytes were not counted: a 2.7 KB .tar.bz2 kept the

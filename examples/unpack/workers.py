@@ -103,6 +103,10 @@ class Unpacker(Worker):
         self._current: Any = None
         self._reader: CountingReader | None = None
         self._size = 0
+        #: the compressed bytes read before the current tar member's header: its own are counted
+        #: from there (reading the header pulled a block of compressed input, which may hold all
+        #: of the member's data: counted from after it, a 4 MiB member read "from 0 B compressed")
+        self._member_start = 0
 
     @rpc
     def open_archive(self, path: str) -> dict[str, Any]:
@@ -130,6 +134,7 @@ class Unpacker(Worker):
                 self._infos = self._zip.infolist()
                 return {"format": "zip", "size": self._size, "members": len(self._infos)}
             reader.seek(0)
+            self._member_start = reader.count  # (opening it reads the first member's header)
             self._tar = tarfile.open(fileobj=cast(Any, reader), mode="r:*")  # noqa: SIM115 (kept across calls)
             return {"format": _tar_format(self._tar), "size": self._size, "members": None}
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
@@ -163,6 +168,8 @@ class Unpacker(Worker):
                 self._current = info = self._infos[self._index]
                 return _describe_zip(self._zip, info)
             if self._tar is not None:
+                if self._tar.firstmember is None and self._reader is not None:  # (else read at the open)
+                    self._member_start = self._reader.count
                 self._current = member = self._tar.next()
                 return None if member is None else _describe_tar(member)
         except Exception as exc:
@@ -181,7 +188,7 @@ class Unpacker(Worker):
             raise ValueError("no current member")
         budget = Budget(Limits.from_wire(limits), self._size)
         budget.total_out = int(total_so_far)
-        start = self._reader.count
+        start = self._member_start if self._tar is not None else self._reader.count
         written = 0
         try:
             stream = self._zip.open(self._current) if self._zip is not None else self._tar.extractfile(self._current)
