@@ -168,7 +168,10 @@ def test_main_all_good_exits_zero_and_output_inside_input(tmp_path: Path) -> Non
     assert status == cli.EXIT_OK, stdout.getvalue()
     assert sorted(p.name for p in out.iterdir()) == ["a.png.webp", "a.webp"]
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["skipped"] == [{"input": "notes.txt", "reason": "not an image file name"}]
+    assert report["skipped"] == [  # (the output directory said, not left out in silence: a probe)
+        {"input": "thumbs/", "reason": "the output directory: left out of the walk"},
+        {"input": "notes.txt", "reason": "not an image file name"},
+    ]
     status = cli.main([str(inp), "-o", str(out), "-f", "webp"], stdout=io.StringIO(), stderr=io.StringIO())
     assert status == cli.EXIT_OK  # a second run replaces, and does not pick up its own outputs
     assert sorted(p.name for p in out.iterdir()) == ["a.png.webp", "a.webp"]
@@ -743,6 +746,11 @@ def test_an_output_dir_that_contains_the_input_is_refused(tmp_path: Path) -> Non
         status = cli.main([str(inp), "-o", str(tmp_path)], stdout=io.StringIO(), stderr=io.StringIO())
     assert status == 2 and "must not contain INPUT_DIR" in stderr.getvalue()
     assert (inp / "holiday.jpg").read_bytes() == before
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):  # the bundled samples: named, not "None" (a probe)
+        status = cli.main(["-o", "/"], stdout=io.StringIO(), stderr=io.StringIO())
+    samples = os.path.realpath(make_samples.SAMPLES_DIR)
+    assert status == 2 and f"must not contain INPUT_DIR {samples!r}" in stderr.getvalue()
 
 
 class Overreaching(Thumbnailer):

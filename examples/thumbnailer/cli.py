@@ -586,7 +586,7 @@ def run(
     if os.path.commonpath([output_dir, input_dir]) == output_dir:
         # Thumbnails mirror the input tree beneath OUTPUT_DIR: one could land on an input
         # (photos/photos/a.png -> ./photos/a.jpg), and the output grant would cover the inputs.
-        build_parser(prog).error(f"OUTPUT_DIR {args.output!r} must not contain INPUT_DIR {args.input!r}")
+        build_parser(prog).error(f"OUTPUT_DIR {args.output!r} must not contain INPUT_DIR {args.input or input_dir!r}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         build_parser(prog).error(f"OUTPUT_DIR {args.output!r} exists and is not a directory")
     created_output = not os.path.lexists(output_dir)
@@ -605,6 +605,10 @@ def run(
     out_st = os.stat(output_dir)
 
     the_plan = plan(input_dir, args.format, exclude=(out_st.st_dev, out_st.st_ino))
+    if os.path.commonpath([output_dir, input_dir]) == input_dir:
+        # Said, not left out in silence: images already in it are not converted (a probe).
+        inside = _printable(os.path.relpath(output_dir, input_dir)) + "/"
+        the_plan.skipped.insert(0, {"input": inside, "reason": "the output directory: left out of the walk"})
     root = _common_root(input_dir, output_dir)
     in_rel, out_rel = _rel(root, input_dir), _rel(root, output_dir)
 
