@@ -103,6 +103,23 @@ def json_target_problem(json_target: str | None) -> str | None:
     return None
 
 
+def json_report_path(json_target: str | None) -> str | None:
+    """The file ``--json FILE`` replaces (resolved), or None when the report
+    replaces no file (``-``, none, or a device or FIFO written into)."""
+    if not json_target or json_target == "-" or _written_in_place(json_target):
+        return None
+    return os.path.realpath(_replaced_path(json_target))
+
+
+def json_replaces_input(json_target: str | None, inputs: list[str]) -> str | None:
+    """Why ``--json FILE`` must not be used (it would replace one of the run's
+    ``inputs``, resolved paths; a message for ``parser.error``), or None."""
+    path = json_report_path(json_target)
+    if path is not None and path in inputs:
+        return f"--json {json_target!r} is an input of this run: the report would replace it"
+    return None
+
+
 def _written_in_place(json_target: str) -> bool:
     """An existing target that is no regular file (``/dev/null``, a FIFO, a
     terminal) is written into, as a shell's ``>`` would: there is no file to

@@ -753,6 +753,24 @@ def test_an_output_dir_that_contains_the_input_is_refused(tmp_path: Path) -> Non
     assert status == 2 and f"must not contain INPUT_DIR {samples!r}" in stderr.getvalue()
 
 
+def test_a_json_report_never_replaces_an_input_or_a_thumbnail(tmp_path: Path) -> None:
+    """`--json` naming a thumbnail the run makes (or an input image) replaced
+    it with the report, which listed that thumbnail as converted (a probe)."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(make_samples.SAMPLES_DIR / "harbour.jpg", inp / "a.jpg")
+    before = (inp / "a.jpg").read_bytes()
+    for target in (tmp_path / "out" / "a.jpg", inp / "a.jpg"):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            status = cli.main([str(inp), "-o", str(tmp_path / "out"), "--json", str(target)],
+                              stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+        assert status == 2, stderr.getvalue()
+        assert "thumbnail this run makes" in stderr.getvalue() or "is an input of this run" in stderr.getvalue()
+        assert not (tmp_path / "out").exists()  # (made by the run, and removed: nothing was done)
+    assert (inp / "a.jpg").read_bytes() == before
+
+
 class Overreaching(Thumbnailer):
     """A compromised worker: for its image it writes over another thumbnail,
     plants a file and rewrites a user's, then claims a result for an output

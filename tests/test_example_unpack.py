@@ -8,6 +8,7 @@ output directory or was left half-written inside it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -558,6 +559,27 @@ def test_a_tar_members_ratio_counts_what_was_read_with_its_header(tmp_path: Path
     status, report, _ = _run(archive, tmp_path / "b")  # (about 1000:1 or more: a bomb at 100:1)
     assert status == cli.EXIT_REFUSED and report["stopped"]["kind"] == "bomb", report
     assert "from 0 B compressed" not in report["stopped"]["reason"]
+
+
+def test_a_json_report_never_replaces_the_archive_or_an_extracted_file(tmp_path: Path) -> None:
+    """`--json` naming the archive replaced it with the report; naming a
+    member's path in OUTDIR replaced the extracted file (a probe). The first
+    is a usage error; the member at the report's name is refused."""
+    archive = tmp_path / "g.zip"
+    archive.write_bytes((SAMPLES / "good.zip").read_bytes())
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = cli.main([str(archive), str(tmp_path / "a"), "--json", str(archive)],
+                          stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert status == 2 and "is an input of this run" in stderr.getvalue()
+    assert archive.read_bytes() == (SAMPLES / "good.zip").read_bytes()
+    out = tmp_path / "b"
+    status = cli.main([str(archive), str(out), "--json", str(out / "hello.txt")],
+                      stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    report = json.loads((out / "hello.txt").read_text())
+    assert status == cli.EXIT_REFUSED
+    assert report["refused"] == [{"kind": "conflict", "name": "hello.txt",
+                                  "reason": "the --json report is written at this name; not extracted"}]
 
 
 def test_the_data_of_a_refused_tar_member_counts_against_the_ratio(tmp_path: Path) -> None:

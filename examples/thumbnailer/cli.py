@@ -21,6 +21,8 @@ from examples._report import (
     emit,
     interrupted_by,
     interrupted_status,
+    json_replaces_input,
+    json_report_path,
     json_target_problem,
     missing_module,
     sigterm_stops_as_ctrl_c,
@@ -167,7 +169,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--json", metavar="FILE",
-        help="also write a machine-readable report to FILE ('-' for stdout; the human summary then goes to stderr)",
+        help="also write a machine-readable report to FILE ('-' for stdout; the human summary then goes to stderr); "
+             "never an input image or a thumbnail of the run",
     )  # fmt: skip
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display, only the summary")
     parser.add_argument(
@@ -605,6 +608,15 @@ def run(
     out_st = os.stat(output_dir)
 
     the_plan = plan(input_dir, args.format, exclude=(out_st.st_dev, out_st.st_ino))
+    inputs = [os.path.join(input_dir, job.rel) for job in the_plan.jobs]
+    outputs = [os.path.join(output_dir, job.out) for job in the_plan.jobs]
+    problem = json_replaces_input(args.json, inputs)
+    if problem is None and json_report_path(args.json) in outputs:
+        problem = f"--json {args.json!r} is the name of a thumbnail this run makes: one would replace the other"
+    if problem:
+        if created_output:
+            rmdir_if_empty(output_dir)
+        build_parser(prog).error(problem)
     if os.path.commonpath([output_dir, input_dir]) == input_dir:
         # Said, not left out in silence: images already in it are not converted (a probe).
         inside = _printable(os.path.relpath(output_dir, input_dir)) + "/"

@@ -22,6 +22,8 @@ from examples._report import (
     emit,
     interrupted_by,
     interrupted_status,
+    json_replaces_input,
+    json_report_path,
     json_target_problem,
     missing_module,
     sigterm_stops_as_ctrl_c,
@@ -112,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="time limit for each step of the worker (default: %(default)g)",
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty OUTDIR (files are replaced)")
-    parser.add_argument("--json", metavar="FILE", help="write a machine-readable report to FILE ('-' for stdout)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write a machine-readable report to FILE ('-' for stdout); never the ARCHIVE, and a "
+                             "member at FILE's name in OUTDIR is refused")  # fmt: skip
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true",
                       help="list every member as it is extracted (else, on a terminal, a line counts them)")
@@ -212,6 +216,7 @@ class Extraction:
         self.dirs: set[tuple[str, ...]] = {()}
         self.refused: list[dict[str, str]] = []
         self.total = 0
+        self.reserved: tuple[str, ...] | None = None  # the --json report's path in OUTDIR, if it is there
 
     def refuse(self, name: str, kind: str, reason: str) -> None:
         self.refused.append({"name": name, "kind": kind, "reason": reason})
@@ -231,6 +236,8 @@ class Extraction:
             self.dirs.add(parts[:i])
 
     def plan_file(self, parts: tuple[str, ...]) -> None:
+        if parts == self.reserved:
+            raise Refused(safety.CONFLICT, "the --json report is written at this name; not extracted")
         if parts in self.files:
             raise Refused(safety.DUPLICATE, "a member of the same name was extracted earlier; not overwritten")
         if parts in self.dirs:
@@ -330,8 +337,8 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     problem = writable_dir_problem(outdir)  # (else every member would be refused, one by one)
     if problem:
         parser.error(f"cannot write in OUTDIR {args.outdir!r}: {problem}")
-    problem = json_target_problem(args.json)  # (after OUTDIR is made: the report may go in it)
-    if problem:
+    problem = json_target_problem(args.json) or json_replaces_input(args.json, [archive])
+    if problem:  # (after OUTDIR is made: the report may go in it)
         remove_made_dirs(made_dirs)
         parser.error(problem)
     limits = Limits(max_total=args.max_total, max_ratio=args.max_ratio, max_members=args.max_members)
@@ -348,6 +355,9 @@ def run(args: argparse.Namespace, *, worker_cls: type | None = None, stdout: Tex
     started = time.monotonic()
     out_fd = os.open(outdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     ex = Extraction(out_fd, limits, os.stat(archive).st_size)
+    report_path = json_report_path(args.json)
+    if report_path is not None and os.path.commonpath([outdir, report_path]) == outdir:
+        ex.reserved = tuple(os.path.relpath(report_path, outdir).split(os.sep))  # (no member lands on it)
     members = 0
     extracting = False  # the sandboxed worker is up
     try:
