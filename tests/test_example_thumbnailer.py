@@ -604,7 +604,7 @@ def test_ctrl_c_while_the_broker_starts_is_one_line_and_a_report(
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["interrupted"] is True and report["exit_status"] == cli.EXIT_INTERRUPTED
     assert report["counts"] == {"converted": 0, "rejected": 0, "skipped": 0}
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # (made by the run and left empty: removed, as unpack removes its OUTDIR)
 
 
 _CTRL_C_ON_IMPORT = """
@@ -751,6 +751,45 @@ def test_an_output_dir_that_contains_the_input_is_refused(tmp_path: Path) -> Non
         status = cli.main(["-o", "/"], stdout=io.StringIO(), stderr=io.StringIO())
     samples = os.path.realpath(make_samples.SAMPLES_DIR)
     assert status == 2 and f"must not contain INPUT_DIR {samples!r}" in stderr.getvalue()
+
+
+def test_the_writable_check_interrupted_leaves_no_file(tmp_path: Path) -> None:
+    """Checking that OUTPUT_DIR can be written made a named file there and
+    removed it: a Ctrl-C between the two left a `.probe-` file in a new
+    directory (a probe: 1 of 90 early interrupts). The file has no name now
+    (O_TMPFILE). The Ctrl-C is raised here as the open returns."""
+    import sys
+
+    from examples._report import writable_dir_problem
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and arg is os.open:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    sys.setprofile(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            writable_dir_problem(str(tmp_path))
+    finally:
+        sys.setprofile(None)
+    assert os.listdir(tmp_path) == []
+    assert writable_dir_problem(str(tmp_path)) is None
+
+
+def test_an_empty_input_leaves_no_empty_output_dir_behind(tmp_path: Path) -> None:
+    """An OUTPUT_DIR the run made and left empty (an empty INPUT_DIR) was left
+    behind (a probe); it is removed, and the report says so. One that was
+    there before is kept."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    status = cli.main([str(inp), "-o", str(tmp_path / "new"), "--json", str(tmp_path / "r.json")],
+                      stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert status == cli.EXIT_OK and not (tmp_path / "new").exists()
+    assert any("this run made was removed" in n for n in json.loads((tmp_path / "r.json").read_text())["notes"])
+    (tmp_path / "old").mkdir()
+    assert cli.main([str(inp), "-o", str(tmp_path / "old")], stdout=io.StringIO(), stderr=io.StringIO()) == 0
+    assert (tmp_path / "old").is_dir()
 
 
 def test_a_json_report_never_replaces_an_input_or_a_thumbnail(tmp_path: Path) -> None:

@@ -684,6 +684,9 @@ def run(
     progress.finish()
 
     elapsed = time.monotonic() - started
+    if created_output and not report["converted"] and rmdir_if_empty(output_dir):
+        # (as unpack removes an OUTDIR it made and left empty: an empty INPUT_DIR, say)
+        notes.append(f"nothing was converted: the empty {safe(output_dir)} this run made was removed")
     report["rejected"].sort(key=lambda r: r["input"])
     report["converted"].sort(key=lambda r: r["input"])
     report["counts"] = {
