@@ -695,7 +695,7 @@ class WorkerHandle:
         except BaseException as exc:
             args, kwargs, call, arg = (), {}, {}, None  # (kept by the traceback otherwise: see _call_known)
             self._drains.clear()
-            if sending and not isinstance(exc, _RAISED_BEFORE_SENDING):
+            if sending and (not isinstance(exc, _RAISED_BEFORE_SENDING) or raised_by_a_signal_handler(exc)):
                 # A Ctrl-C (or a signal handler's own exception) during the send: maybe just
                 # after it, raised once the syscall had returned, so the call may be on its way.
                 # Pending, so that the caller ends the worker as for any call it stopped waiting

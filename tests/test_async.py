@@ -245,6 +245,35 @@ def test_an_end_interrupted_while_it_closes_the_workers_fds_closes_them_all(tree
             assert closed.value.errno == errno.EBADF
 
 
+def test_a_signal_handlers_value_error_right_after_a_send_ends_the_worker_as_cancelled(tree: Path) -> None:
+    """A signal handler's exception of a kind a send raises before sending
+    (a ValueError) was taken for one, though the call was on its way: the
+    worker answered out of turn and was ended as a protocol breaker at the
+    next call. The signal comes here as the socket's send returns."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise ValueError("the program's own")
+
+    with Broker(Policy().allow("data/", READ), root=tree) as b:
+        w = b.spawn(AsyncJob)
+        sock = w._chan.sock
+
+        def after_the_send(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_return" and getattr(arg, "__self__", None) is sock:
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGALRM)
+
+        saved = signal.signal(signal.SIGALRM, handler)
+        sys.setprofile(after_the_send)
+        try:
+            with pytest.raises(ValueError, match="the program's own"):
+                w.ping()
+        finally:
+            sys.setprofile(None)
+            signal.signal(signal.SIGALRM, saved)
+        assert w.exit is not None and w.exit.kind == "cancelled", w.exit
+
+
 def test_a_call_that_cannot_be_sent_leaves_its_worker_serving(tree: Path) -> None:
     """An argument refused before anything is sent does not end the worker."""
     with Broker(Policy().allow("data/", READ), root=tree) as b:
