@@ -19,6 +19,7 @@ from typing import Any
 
 from protocol import NotCapable, Rights
 from protocol._wire import KIND_FILE, KIND_STREAM, Channel, ReceivedFd, seqpacket_pair
+from worker._interrupts import through_interrupts
 from worker.sandbox._rights_table import NO_TRUNCATE, PIPE_READ, PIPE_WRITE, later_file_plan
 
 from ._capability import Capability
@@ -245,15 +246,7 @@ class Opener:
         interrupt meanwhile (a Ctrl-C) is raised once it is reaped, not left
         a zombie of the broker's."""
         self._proc.kill()
-        interrupted: BaseException | None = None
-        while True:
-            try:
-                self._proc.wait()
-                break
-            except BaseException as exc:
-                interrupted = interrupted or exc
-        if interrupted is not None:
-            raise interrupted
+        through_interrupts(self._proc.wait)
 
     def _exited(self) -> _OpenerExited:
         return _OpenerExited(

@@ -10,10 +10,11 @@ import json
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a service manager's stop
@@ -42,6 +43,16 @@ def sigterm_stops_as_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def exit_as_reported(status: int) -> NoReturn:
+    """Exit with ``status``, the one the report gave. A second Ctrl-C (or a
+    SIGTERM) as the program exits, after its report, is ignored: with the
+    default handlers back, the process died of the signal, -2 to a waitpid
+    (5 of 6 double Ctrl-Cs of a probe)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(status)
 
 
 def interrupted_status() -> int:

@@ -13,6 +13,7 @@ import os
 import platform
 from typing import Any
 
+from .._interrupts import through_interrupts
 from . import _landlock, _seccomp
 from ._libc import PR_GET_NO_NEW_PRIVS, PR_GET_SECCOMP, ffi, lib
 
@@ -88,17 +89,7 @@ def _wait_for(pid: int) -> None:
     raised in the wait (or in the close before it), it left the child a
     zombie of the broker's for good, one more at each call that probed
     again (a probe: 8 after 40 interrupted calls)."""
-    interrupted: BaseException | None = None
-    while True:
-        try:
-            os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            break
-        except BaseException as exc:
-            interrupted = interrupted or exc
-    if interrupted is not None:
-        raise interrupted
+    through_interrupts(lambda: os.waitpid(pid, 0), done_on=(ChildProcessError,))
 
 
 @functools.cache
